@@ -1,0 +1,129 @@
+"""Operator commands. Thin: parse, call, print, exit code.
+
+Exit codes: 0 success, 2 bad usage or configuration (one line naming the key), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from engine import __version__
+from engine.config import Config, ConfigError, load_config, resolve_config_path
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _fail_config(err: ConfigError) -> None:
+    click.echo(f"cancel-scanner: configuration error: {err}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+class _Ctx:
+    def __init__(self, config_path: str | None, log_json: bool | None, log_level: str | None):
+        self.config_path = config_path
+        self.log_json = log_json
+        self.log_level = log_level
+        self._config: Config | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(resolve_config_path(self.config_path))
+            except ConfigError as err:
+                _fail_config(err)
+            self.setup_logging()
+        return self._config
+
+    def setup_logging(self) -> None:
+        from engine.logs import setup_logging
+
+        cfg = self._config
+        json_lines = self.log_json if self.log_json is not None else (cfg.log_json if cfg else False)
+        level = self.log_level or (cfg.log_level if cfg else "INFO")
+        setup_logging(json_lines=json_lines, level=level)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="cancel-scanner")
+@click.option("--config", "config_path", metavar="PATH", help="jobs.yaml to use (default: $CANCEL_SCANNER_CONFIG, then ./jobs.yaml).")
+@click.option("--log-json/--no-log-json", default=None, help="One JSON object per log line.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default=None)
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_json: bool | None, log_level: str | None) -> None:
+    """cancel-scanner: merchants' cancel requests to WeChat Pay refunds, stock and sales, exactly once."""
+    ctx.obj = _Ctx(config_path, log_json, log_level.upper() if log_level else None)
+
+
+@main.command()
+@click.pass_obj
+def initdb(obj: _Ctx) -> None:
+    """Create the schema (MySQL: sql/schema.sql). Safe to run twice."""
+    from engine.db import init_schema, make_engine
+
+    cfg = obj.config()
+    engine = make_engine(cfg.database_url)
+    try:
+        tables = init_schema(engine)
+    except Exception as exc:  # noqa: BLE001 - the operator needs one readable line, not a traceback
+        click.echo(f"cancel-scanner: initdb failed: {type(exc).__name__}: {_short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        engine.dispose()
+    click.echo(f"schema ready on {engine.url.render_as_string(hide_password=True)}: {', '.join(tables)}")
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else ""
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run the stages until no row is ready, then exit 0.")
+@click.pass_obj
+def run(obj: _Ctx, once: bool) -> None:
+    """The daemon: every enabled stage on its interval until SIGTERM/SIGINT."""
+    click.echo("cancel-scanner run: not yet implemented", err=True)
+    sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(obj: _Ctx, as_json: bool) -> None:
+    """Per stage: pending, waiting to retry, failed, done, oldest pending age."""
+    click.echo("cancel-scanner status: not yet implemented", err=True)
+    sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.pass_obj
+def demo(obj: _Ctx) -> None:
+    """The embedded default: SQLite + sandbox gateway + sample orders, the whole flow."""
+    click.echo("cancel-scanner demo: not yet implemented", err=True)
+    sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
+@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--key-dir", type=click.Path(file_okay=False, path_type=Path), help="Where to write generated key material.")
+@click.option("--success-delay", default=2.0, show_default=True, type=click.FloatRange(0), help="Seconds from PROCESSING to SUCCESS.")
+@click.pass_obj
+def emulator(obj: _Ctx, host: str, port: int, key_dir: Path | None, success_delay: float) -> None:
+    """Serve the WeChat Pay v3 refund emulator on a loopback port."""
+    from engine.config import _is_loopback
+    from engine.logs import setup_logging
+
+    if not _is_loopback(host):
+        click.echo(f"cancel-scanner: --host: the emulator serves loopback addresses only, got {host!r}", err=True)
+        sys.exit(EXIT_CONFIG)
+    setup_logging(json_lines=bool(obj.log_json), level=obj.log_level or "INFO")
+    from gateway.emulator import serve
+
+    sys.exit(serve(host=host, port=port, key_dir=key_dir, success_delay=success_delay))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Logging: loguru for our events; the stdlib loggers of APScheduler and SQLAlchemy routed into it.
+
+Records are events with bound fields (stage, row_id, out_refund_no, action).
+Human-readable by default, one JSON object per line with ``--log-json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import TextIO
+
+from loguru import logger
+
+_HUMAN = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[stage]}</cyan> {message}{extra_text}"
+)
+_QUIET_FIELDS = {"stage"}
+
+
+class _InterceptHandler(logging.Handler):
+    """Send a stdlib record to loguru at the same level, naming its logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).bind(stage=record.name).log(level, record.getMessage())
+
+
+def _extra_text(record) -> str:
+    fields = {k: v for k, v in record["extra"].items() if k not in _QUIET_FIELDS}
+    return "".join(f" {k}={v}" for k, v in fields.items())
+
+
+def _human_format(record) -> str:
+    record["extra"].setdefault("stage", "-")
+    record["extra_text"] = _extra_text(record).replace("{", "{{").replace("}", "}}").replace("<", r"\<")
+    return _HUMAN + "\n{exception}"
+
+
+def _json_sink(stream: TextIO):
+    def write(message) -> None:
+        record = message.record
+        doc = {
+            "time": record["time"].isoformat(),
+            "level": record["level"].name,
+            "message": record["message"],
+            **{k: v for k, v in record["extra"].items()},
+        }
+        if record["exception"] is not None:
+            doc["exception"] = repr(record["exception"].value)
+        stream.write(json.dumps(doc, default=str, ensure_ascii=False) + "\n")
+        stream.flush()
+
+    return write
+
+
+def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    logger.remove()
+    if json_lines:
+        logger.add(_json_sink(stream), level=level, enqueue=False)
+    else:
+        logger.add(stream, level=level, format=_human_format, colorize=stream.isatty(), enqueue=False)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    # APScheduler's INFO lines ("Job executed successfully") every two seconds are noise;
+    # its warnings (missed runs, max instances) are what an operator needs.
+    for name, lvl in (("apscheduler", logging.WARNING), ("sqlalchemy", logging.WARNING)):
+        logging.getLogger(name).setLevel(lvl)

@@ -1,0 +1,54 @@
+"""What a stage says about each row of its batch. The engine turns these into flag flips."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+MAX_ERROR_LEN = 255
+
+
+@dataclass(frozen=True)
+class Done:
+    """The stage's work for this row is done: flip ``scanned=1, success=1``."""
+
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A permanent failure: flip ``scanned=1, success=0`` with the reason; an operator must look."""
+
+    code: str
+    message: str
+
+    def describe(self) -> str:
+        return clip(f"{self.code}: {self.message}")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A transient failure: the row stays pending; the retry policy picks when, or gives up."""
+
+    code: str
+    message: str
+    give_up_after: int | None = None  # a tighter cap than the job's max_attempts (e.g. a 404 right after payment)
+
+    def describe(self) -> str:
+        return clip(f"{self.code}: {self.message}")
+
+
+@dataclass(frozen=True)
+class Later:
+    """Not a failure: nothing to do yet, look again at ``at`` (a refund still PROCESSING)."""
+
+    at: datetime
+    note: str | None = None
+
+
+Outcome = Done | Failed | Retry | Later
+
+
+def clip(text: str, limit: int = MAX_ERROR_LEN) -> str:
+    """Fit a message into a VARCHAR(255) column, counting characters as MySQL does."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

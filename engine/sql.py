@@ -1,0 +1,30 @@
+"""Set-based SQL helpers the stages share: row locks that suit the dialect, and the oplog."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from sqlalchemy import Column, Connection, Select, case, insert
+
+from engine.outcome import clip
+from models import oplog
+
+
+def locked(conn: Connection, query: Select, *, skip_locked: bool = False) -> Select:
+    """``query`` FOR UPDATE on MySQL/MariaDB. SQLite has one writer, which already holds the lock."""
+    if conn.dialect.name in ("mysql", "mariadb"):
+        return query.with_for_update(skip_locked=skip_locked)
+    return query
+
+
+def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]]) -> int:
+    """One multi-row INSERT. The unique key (order_id, event) makes a second write of an event fail."""
+    rows = [{"order_id": order_id, "event": event, "detail": clip(detail) if detail else None} for order_id, event, detail in events]
+    if rows:
+        conn.execute(insert(oplog), rows)
+    return len(rows)
+
+
+def by_id(id_column: Column, values: Mapping[int, object], else_=None):
+    """``CASE id WHEN .. THEN .. END``: one UPDATE writes a different value per row."""
+    return case(values, value=id_column, else_=else_)

@@ -1,0 +1,74 @@
+"""The shape of a stage, as the engine sees it.
+
+A stage answers three questions and no more: which rows are ready (``ready``),
+what to do with a batch of them (``process``, or ``call`` + ``apply`` for a
+stage that talks to the gateway), and which flags it flips (``flags``). It gets
+a connection inside a transaction the engine opened; it never commits, sleeps,
+loops, counts attempts or decides a backoff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+from sqlalchemy import Column, Connection, Row, Select, Table
+
+from engine.outcome import Done, Failed, Outcome
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The columns through which a stage reports its progress on a row."""
+
+    table: Table
+    scanned: Column
+    success: Column
+    attempts: Column
+    next_attempt_at: Column
+    last_error: Column
+    # Gateway stages only: who is calling the gateway for the row, and until when.
+    lease_owner: Column | None = None
+    lease_until: Column | None = None
+
+    @property
+    def id(self) -> Column:
+        return self.table.c.id
+
+
+class Stage(Protocol):
+    name: ClassVar[str]
+    flags: ClassVar[Flags]
+
+    def ready(self, now: datetime, limit: int) -> Select:
+        """A bounded query for the rows ready now; it must select ``id`` and the attempts column."""
+
+    def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
+        """Extra columns set when a row is done (on the polled table)."""
+
+    def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
+        """Extra columns set when a row fails for good (on the polled table)."""
+
+
+class DbStage(Stage, Protocol):
+    def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> Mapping[int, Outcome]:
+        """Do the stage's writes for the batch; return an outcome for every row id."""
+
+
+class GatewayStage(Stage, Protocol):
+    def call(self, gateway: Any, row: Row) -> Any:
+        """One gateway call for one row; runs outside any transaction."""
+
+    def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> Mapping[int, Outcome]:
+        """Write what the gateway said; return an outcome for every row id."""
+
+
+class StageDefaults:
+    """No extra columns unless a stage says so."""
+
+    def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
+        return {}
+
+    def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
+        return {}

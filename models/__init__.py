@@ -1,0 +1,31 @@
+"""Typed SQLAlchemy 2.0 tables of the contract; ``sql/schema.sql`` is their MySQL twin."""
+
+from models.tables import (
+    Base,
+    Goods,
+    GoodsOrder,
+    OrderOpLog,
+    OrderOpRequest,
+    RefundOrder,
+    goods,
+    goods_order2,
+    metadata,
+    oplog,
+    refund_order,
+    req_order_ops,
+)
+
+__all__ = [
+    "Base",
+    "Goods",
+    "GoodsOrder",
+    "OrderOpLog",
+    "OrderOpRequest",
+    "RefundOrder",
+    "goods",
+    "goods_order2",
+    "metadata",
+    "oplog",
+    "refund_order",
+    "req_order_ops",
+]

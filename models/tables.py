@@ -1,0 +1,232 @@
+"""The five tables of the contract (../shared/design/contract.md), typed.
+
+No behaviour lives here. Column comments are what a DBA reads; index names are
+stable because ``sql/schema.sql`` and the drift test name them too.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import CheckConstraint, Index, MetaData, String, UniqueConstraint, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from models.types import Flag, Id, RefId, SignedInt, Timestamp3, UInt, now3
+
+NAMING = {
+    "ix": "idx_%(table_name)s_%(column_0_name)s",
+    "uq": "uk_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _flag(comment: str) -> Mapped[int]:
+    return mapped_column(Flag, nullable=False, default=0, server_default=text("0"), comment=comment)
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(Timestamp3, nullable=False, server_default=now3(), comment="row inserted (UTC)")
+
+
+def _updated() -> Mapped[datetime]:
+    return mapped_column(
+        Timestamp3, nullable=False, server_default=now3(), onupdate=now3(), comment="row last changed (UTC)"
+    )
+
+
+class Goods(Base):
+    __tablename__ = "goods"
+    __table_args__ = (
+        CheckConstraint("stock >= 0", name="stock_not_negative"),
+        CheckConstraint("sales >= 0", name="sales_not_negative"),
+        {"comment": "Sellable goods; stock and sales are unsigned, the last guard against overselling."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    stock: Mapped[int] = mapped_column(UInt, nullable=False, default=0, server_default=text("0"))
+    sales: Mapped[int] = mapped_column(UInt, nullable=False, default=0, server_default=text("0"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class GoodsOrder(Base):
+    __tablename__ = "goods_order2"
+    __table_args__ = (
+        UniqueConstraint("order_no", name="uk_goods_order2_order_no"),
+        # Stage 5 (restore_stock) polls: stock_scanned=0 AND order_status='CANCELLED' AND refund_status IN (...)
+        Index("idx_goods_order2_stock_pending", "stock_scanned", "order_status", "refund_status", "is_deleted"),
+        # Stage 6 (decrement_sales) polls: sales_scanned=0 AND order_status='CANCELLED' AND refund_status='REFUNDED'
+        Index("idx_goods_order2_sales_pending", "sales_scanned", "order_status", "refund_status", "is_deleted"),
+        Index("idx_goods_order2_goods_id", "goods_id"),
+        {"comment": "One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_no: Mapped[str] = mapped_column(String(32), nullable=False, comment="sent to WeChat as out_trade_no")
+    user_id: Mapped[int] = mapped_column(RefId, nullable=False)
+    merchant_id: Mapped[int] = mapped_column(RefId, nullable=False)
+    goods_id: Mapped[int] = mapped_column(RefId, nullable=False)
+    quantity: Mapped[int] = mapped_column(UInt, nullable=False)
+    total_amount: Mapped[int] = mapped_column(UInt, nullable=False, comment="what the user paid, in fen")
+    pay_status: Mapped[int] = mapped_column(
+        Flag, nullable=False, default=0, server_default=text("0"), comment="0 unpaid, 1 paid"
+    )
+    transaction_id: Mapped[str | None] = mapped_column(String(32), comment="WeChat Pay transaction id of the payment")
+    paid_at: Mapped[datetime | None] = mapped_column(Timestamp3)
+    order_status: Mapped[str] = mapped_column(
+        String(16),
+        nullable=False,
+        default="UNPAID",
+        server_default=text("'UNPAID'"),
+        comment="UNPAID|PAID|SHIPPED|COMPLETED|CANCELLED",
+    )
+    cancel_source: Mapped[str | None] = mapped_column(String(16), comment="MERCHANT|USER, set when cancelled")
+    refund_status: Mapped[str] = mapped_column(
+        String(16),
+        nullable=False,
+        default="NONE",
+        server_default=text("'NONE'"),
+        comment="NONE|REFUNDING|REFUNDED|FAILED",
+    )
+    wx_progress_scanned: Mapped[int] = _flag("1 once the refund's final WeChat status was written to this order")
+    stock_scanned: Mapped[int] = _flag("restore_stock: 0 pending, 1 finished (see stock_success)")
+    stock_success: Mapped[int] = _flag("restore_stock: 1 stock given back exactly once; 0 with stock_scanned=1 failed")
+    sales_scanned: Mapped[int] = _flag("decrement_sales: 0 pending, 1 finished (see sales_success)")
+    sales_success: Mapped[int] = _flag("decrement_sales: 1 sales decremented exactly once; 0 with sales_scanned=1 failed")
+    is_deleted: Mapped[int] = _flag("1 soft-deleted: never cancelled, never touched by the scanner")
+    cancelled_at: Mapped[datetime | None] = mapped_column(Timestamp3)
+    refunded_at: Mapped[datetime | None] = mapped_column(Timestamp3)
+    stock_attempts: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=0, server_default=text("0"), comment="restore_stock: failed tries so far"
+    )
+    stock_next_attempt_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="restore_stock: not retried before this time (UTC)"
+    )
+    stock_last_error: Mapped[str | None] = mapped_column(String(255), comment="restore_stock: why the last try failed")
+    sales_attempts: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=0, server_default=text("0"), comment="decrement_sales: failed tries so far"
+    )
+    sales_next_attempt_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="decrement_sales: not retried before this time (UTC)"
+    )
+    sales_last_error: Mapped[str | None] = mapped_column(
+        String(255), comment="decrement_sales: why the last try failed"
+    )
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class OrderOpRequest(Base):
+    __tablename__ = "req_order_ops"
+    __table_args__ = (
+        # Stage 1 (intake) polls: scanned=0 ORDER BY id
+        Index("idx_req_order_ops_pending", "scanned", "id"),
+        Index("idx_req_order_ops_order_id", "order_id"),
+        {"comment": "Merchants' requests; their tools insert order_id, op_type, operator, reason only."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(RefId, nullable=False, comment="goods_order2.id")
+    op_type: Mapped[str] = mapped_column(String(32), nullable=False, comment="MERCHANT_CANCEL|USER_CANCEL")
+    operator: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(String(255))
+    scanned: Mapped[int] = _flag("intake: 0 pending, 1 handled (see success and result_code)")
+    success: Mapped[int] = _flag("intake: 1 accepted (result_code OK); 0 with scanned=1 rejected or failed")
+    result_code: Mapped[str | None] = mapped_column(String(32), comment="OK or a stable rejection code")
+    result_msg: Mapped[str | None] = mapped_column(String(255), comment="what happened, for the merchant")
+    scanned_at: Mapped[datetime | None] = mapped_column(Timestamp3)
+    attempts: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=0, server_default=text("0"), comment="intake: failed tries so far"
+    )
+    next_attempt_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="intake: not retried before this time (UTC)"
+    )
+    last_error: Mapped[str | None] = mapped_column(String(255), comment="intake: why the last try failed")
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class RefundOrder(Base):
+    __tablename__ = "refund_order"
+    __table_args__ = (
+        UniqueConstraint("out_refund_no", name="uk_refund_order_out_refund_no"),
+        # One refund per order and sequence number: intake only ever creates seq 1, so a replayed
+        # intake can never create a second refund for the same order.
+        UniqueConstraint("order_id", "refund_seq", name="uk_refund_order_order_seq"),
+        # Stage 2 (submit_refund) polls: submit_scanned=0 AND next_attempt_at<=now
+        Index("idx_refund_order_submit_pending", "submit_scanned", "next_attempt_at"),
+        # Stage 3 (poll_refund) polls: submit_success=1 AND progress_scanned=0 AND next_attempt_at<=now
+        Index("idx_refund_order_poll_pending", "submit_success", "progress_scanned", "next_attempt_at"),
+        # Stage 4 (sync_result) polls: progress_scanned=1 AND sync_scanned=0
+        Index("idx_refund_order_sync_pending", "progress_scanned", "sync_scanned"),
+        CheckConstraint("refund_amount <= total_amount", name="refund_within_total"),
+        {"comment": "One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(RefId, nullable=False, comment="goods_order2.id")
+    req_id: Mapped[int | None] = mapped_column(RefId, comment="req_order_ops.id that caused it")
+    refund_seq: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=1, server_default=text("1"), comment="1 for the first refund of an order"
+    )
+    out_refund_no: Mapped[str] = mapped_column(String(64), nullable=False, comment="our refund number, [0-9A-Za-z_-]")
+    out_trade_no: Mapped[str] = mapped_column(String(32), nullable=False, comment="goods_order2.order_no")
+    transaction_id: Mapped[str | None] = mapped_column(String(32))
+    refund_amount: Mapped[int] = mapped_column(UInt, nullable=False, comment="fen")
+    total_amount: Mapped[int] = mapped_column(UInt, nullable=False, comment="fen paid")
+    reason: Mapped[str | None] = mapped_column(String(80))
+    submit_scanned: Mapped[int] = _flag("submit_refund: 0 pending, 1 finished (see submit_success)")
+    submit_success: Mapped[int] = _flag("submit_refund: 1 WeChat accepted the refund; 0 with submit_scanned=1 rejected")
+    wx_refund_id: Mapped[str | None] = mapped_column(String(64), comment="WeChat's refund_id")
+    wx_status: Mapped[str | None] = mapped_column(String(16), comment="PROCESSING|SUCCESS|CLOSED|ABNORMAL")
+    progress_scanned: Mapped[int] = _flag("poll_refund: 1 once WeChat said SUCCESS or CLOSED")
+    progress_success: Mapped[int] = _flag("poll_refund: 1 SUCCESS (money returned), 0 with progress_scanned=1 CLOSED")
+    sync_scanned: Mapped[int] = _flag("sync_result: 1 once the result was written to goods_order2")
+    sync_success: Mapped[int] = _flag("sync_result: 1 written exactly once; 0 with sync_scanned=1 failed")
+    attempts: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=0, server_default=text("0"), comment="failed tries of the current stage"
+    )
+    next_attempt_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="current stage: not tried or polled before this time (UTC)"
+    )
+    last_error: Mapped[str | None] = mapped_column(String(255), comment="why the last try failed, CODE: message")
+    lease_owner: Mapped[str | None] = mapped_column(String(64), comment="daemon calling WeChat for this row now")
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp3, comment="lease expiry (UTC); then others may take over")
+    submitted_at: Mapped[datetime | None] = mapped_column(Timestamp3, comment="when WeChat accepted the refund")
+    success_time: Mapped[datetime | None] = mapped_column(Timestamp3, comment="WeChat's success_time (UTC)")
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class OrderOpLog(Base):
+    __tablename__ = "goods_order2_oplog"
+    __table_args__ = (
+        # Each event at most once per order, enforced by the database itself.
+        UniqueConstraint("order_id", "event", name="uk_goods_order2_oplog_order_event"),
+        {"comment": "What the scanner did to each order, one row per event."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(RefId, nullable=False, comment="goods_order2.id")
+    event: Mapped[str] = mapped_column(
+        String(32),
+        nullable=False,
+        comment="CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED",
+    )
+    detail: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+goods = Goods.__table__
+goods_order2 = GoodsOrder.__table__
+req_order_ops = OrderOpRequest.__table__
+refund_order = RefundOrder.__table__
+oplog = OrderOpLog.__table__
+metadata = Base.metadata

@@ -1,0 +1,198 @@
+"""Stage 1, intake: a merchant's cancel request becomes a cancelled order and, if paid, a refund.
+
+Ready: ``req_order_ops.scanned = 0`` and not waiting for a retry (idx_req_order_ops_pending).
+Does: validates the order; cancels it; inserts ``refund_order`` for a paid order with its
+``out_refund_no`` fixed now, before any call; writes oplog CANCELLED.
+Flips: ``req_order_ops.scanned=1, success=1/0`` with ``result_code``/``result_msg``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Mapping, Sequence
+
+from sqlalchemy import Connection, Row, insert, or_, select, update
+
+from engine.outcome import Done, Failed, Later, Outcome
+from engine.sql import locked, write_oplog
+from engine.stage import Flags, StageDefaults
+from models import goods_order2, refund_order, req_order_ops
+
+CANCEL_SOURCES = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER"}
+REFUND_WINDOW = timedelta(days=365)  # WeChat refunds only within one year of payment
+BUSY_RETRY = timedelta(seconds=1)
+WECHAT_REASON_MAX_BYTES = 80
+DEFAULT_REASONS = {"MERCHANT": "merchant cancelled the order", "USER": "user cancelled the order"}
+
+# result codes (stable: merchants' tools match on them) and the messages they read
+OK = "OK"
+MESSAGES = {
+    "ORDER_NOT_FOUND": "no order with this order_id",
+    "ALREADY_CANCELLED": "the order was already cancelled",
+    "ORDER_SHIPPED": "the order has shipped or completed: use after-sales, not cancel",
+    "ORDER_DELETED": "the order is deleted",
+    "UNSUPPORTED_OP": "op_type must be MERCHANT_CANCEL or USER_CANCEL",
+    "BAD_AMOUNT": "the order is marked paid but has amount 0 or no payment record: not refundable, check the order",
+    "DUPLICATE_REQUEST": "another request already cancelled this order",
+    "BAD_ORDER_STATE": "the order's status is not one the scanner knows: check the order",
+    "REFUND_WINDOW_EXPIRED": "paid more than a year ago: WeChat Pay no longer accepts a refund",
+}
+
+
+def out_refund_no_for(order_id: int, seq: int = 1) -> str:
+    """Deterministic, so a replayed intake names the same refund; only [0-9A-Za-z_-]."""
+    return f"CSR{order_id}-{seq}"
+
+
+def wechat_reason(text: str | None, source: str) -> str:
+    """The refund reason WeChat shows the user: at most 80 bytes, cut on a character boundary."""
+    reason = (text or "").strip() or DEFAULT_REASONS[source]
+    encoded = reason.encode("utf-8")[:WECHAT_REASON_MAX_BYTES]
+    return encoded.decode("utf-8", errors="ignore")
+
+
+def reject(code: str) -> Failed:
+    return Failed(code, MESSAGES[code])
+
+
+class Intake(StageDefaults):
+    name = "intake"
+    flags = Flags(
+        table=req_order_ops,
+        scanned=req_order_ops.c.scanned,
+        success=req_order_ops.c.success,
+        attempts=req_order_ops.c.attempts,
+        next_attempt_at=req_order_ops.c.next_attempt_at,
+        last_error=req_order_ops.c.last_error,
+    )
+    rejections_are_routine = True
+
+    def ready(self, now: datetime, limit: int):
+        r = req_order_ops.c
+        return (
+            select(r.id, r.order_id, r.op_type, r.operator, r.reason, r.attempts)
+            .where(r.scanned == 0, or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now))
+            .order_by(r.id)
+            .limit(limit)
+        )
+
+    def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
+        return {"result_code": OK, "result_msg": outcome.detail, "scanned_at": now}
+
+    def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
+        return {"result_code": outcome.code[:32], "result_msg": outcome.message[:255], "scanned_at": now}
+
+    def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        wanted = [r for r in rows if r.op_type in CANCEL_SOURCES]
+        for r in rows:
+            if r.op_type not in CANCEL_SOURCES:
+                outcomes[r.id] = reject("UNSUPPORTED_OP")
+        order_ids = sorted({r.order_id for r in wanted})
+        if not order_ids:
+            return outcomes
+
+        o = goods_order2.c
+        orders = {
+            row.id: row
+            for row in conn.execute(
+                locked(conn, select(goods_order2).where(o.id.in_(order_ids)), skip_locked=True)
+            ).all()
+        }
+        unlocked = [i for i in order_ids if i not in orders]
+        busy = set(conn.execute(select(o.id).where(o.id.in_(unlocked))).scalars()) if unlocked else set()
+        accepted_before = set(
+            conn.execute(
+                select(req_order_ops.c.order_id).where(
+                    req_order_ops.c.order_id.in_(order_ids), req_order_ops.c.success == 1
+                )
+            ).scalars()
+        )
+
+        cancels: list[tuple[Row, Row]] = []  # (request, order)
+        seen_in_batch: set[int] = set()
+        for req in wanted:  # rows come in id order: the first request for an order wins
+            if req.order_id in busy:
+                # Someone else holds the order row (the shop's own system, or another stage);
+                # not an error: look again shortly, without spending an attempt.
+                outcomes[req.id] = Later(now + BUSY_RETRY, "ORDER_BUSY: the order row is locked; will retry")
+                continue
+            order = orders.get(req.order_id)
+            if order is None:
+                outcomes[req.id] = reject("ORDER_NOT_FOUND")
+            elif req.order_id in seen_in_batch:
+                outcomes[req.id] = reject("DUPLICATE_REQUEST")
+            else:
+                outcomes[req.id] = self._judge(order, now, accepted_before)
+                if isinstance(outcomes[req.id], Done):
+                    seen_in_batch.add(req.order_id)
+                    cancels.append((req, order))
+        self._cancel(conn, cancels, now)
+        return outcomes
+
+    @staticmethod
+    def _judge(order: Row, now: datetime, accepted_before: set[int]) -> Outcome:
+        if order.is_deleted:
+            return reject("ORDER_DELETED")
+        if order.order_status == "CANCELLED":
+            return reject("DUPLICATE_REQUEST" if order.id in accepted_before else "ALREADY_CANCELLED")
+        if order.order_status in ("SHIPPED", "COMPLETED"):
+            return reject("ORDER_SHIPPED")
+        if order.order_status not in ("UNPAID", "PAID"):
+            return reject("BAD_ORDER_STATE")
+        if order.pay_status == 1:
+            if not order.total_amount or not order.transaction_id:
+                return reject("BAD_AMOUNT")
+            if order.paid_at is not None and now - order.paid_at > REFUND_WINDOW:
+                return reject("REFUND_WINDOW_EXPIRED")
+            return Done(f"cancelled; full refund of {order.total_amount} fen started")
+        return Done("cancelled; the order was not paid, so no refund; stock will be restored")
+
+    @staticmethod
+    def _cancel(conn: Connection, cancels: list[tuple[Row, Row]], now: datetime) -> None:
+        if not cancels:
+            return
+        o = goods_order2.c
+        groups: dict[tuple[str, bool], list[int]] = {}
+        refunds: list[dict[str, Any]] = []
+        for req, order in cancels:
+            source = CANCEL_SOURCES[req.op_type]
+            paid = order.pay_status == 1
+            groups.setdefault((source, paid), []).append(order.id)
+            if paid:
+                refunds.append(
+                    {
+                        "order_id": order.id,
+                        "req_id": req.id,
+                        "refund_seq": 1,
+                        "out_refund_no": out_refund_no_for(order.id),
+                        "out_trade_no": order.order_no,
+                        "transaction_id": order.transaction_id,
+                        "refund_amount": order.total_amount,
+                        "total_amount": order.total_amount,
+                        "reason": wechat_reason(req.reason, source),
+                        "next_attempt_at": now,
+                    }
+                )
+        for (source, paid), ids in groups.items():
+            result = conn.execute(
+                update(goods_order2)
+                .where(o.id.in_(ids), o.order_status.in_(("UNPAID", "PAID")), o.is_deleted == 0)
+                .values(
+                    order_status="CANCELLED",
+                    cancel_source=source,
+                    cancelled_at=now,
+                    refund_status="REFUNDING" if paid else "NONE",
+                )
+            )
+            if result.rowcount != len(ids):
+                raise RuntimeError(f"intake: {len(ids)} orders locked but {result.rowcount} cancelled")
+        if refunds:
+            conn.execute(insert(refund_order), refunds)
+        write_oplog(
+            conn,
+            (
+                (order.id, "CANCELLED", f"req {req.id} {req.op_type} by {req.operator or '-'}")
+                for req, order in cancels
+            ),
+        )

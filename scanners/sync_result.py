@@ -1,0 +1,98 @@
+"""Stage 4, sync_result: write the refund's final result back to its order.
+
+Ready: ``refund_order.progress_scanned = 1, sync_scanned = 0`` (idx_refund_order_sync_pending).
+Does: SUCCESS makes the order REFUNDED with ``refunded_at`` (WeChat's success_time) and writes
+oplog REFUND_SUCCEEDED; CLOSED makes it FAILED and writes REFUND_FAILED (stock and sales are
+then left alone). Sets the order's ``wx_progress_scanned = 1``.
+Flips: ``sync_scanned=1, sync_success=1``; ``1/0`` if the refund's state is unknown (its poll
+gave up) or the order is no longer REFUNDING, so a person looks before any money state is claimed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Sequence
+
+from sqlalchemy import Connection, Row, select, update
+
+from engine.outcome import Done, Failed, Later, Outcome
+from engine.sql import by_id, locked, write_oplog
+from engine.stage import Flags, StageDefaults
+from models import goods_order2, refund_order
+
+r = refund_order.c
+o = goods_order2.c
+BUSY_RETRY = timedelta(seconds=1)
+
+
+class SyncResult(StageDefaults):
+    name = "sync_result"
+    flags = Flags(
+        table=refund_order,
+        scanned=r.sync_scanned,
+        success=r.sync_success,
+        attempts=r.attempts,
+        next_attempt_at=r.next_attempt_at,
+        last_error=r.last_error,
+    )
+
+    def ready(self, now: datetime, limit: int):
+        return (
+            select(r.id, r.order_id, r.out_refund_no, r.refund_amount, r.wx_status, r.progress_success, r.success_time, r.attempts)
+            .where(r.progress_scanned == 1, r.sync_scanned == 0)
+            .order_by(r.id)
+            .limit(limit)
+        )
+
+    def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        order_ids = sorted({row.order_id for row in rows})
+        orders = {
+            row.id: row
+            for row in conn.execute(
+                locked(conn, select(o.id, o.refund_status).where(o.id.in_(order_ids)), skip_locked=True)
+            ).all()
+        }
+        unlocked = [i for i in order_ids if i not in orders]
+        busy = set(conn.execute(select(o.id).where(o.id.in_(unlocked))).scalars()) if unlocked else set()
+
+        refunded: dict[int, datetime] = {}
+        failed: list[int] = []
+        events = []
+        for row in rows:
+            order = orders.get(row.order_id)
+            if row.order_id in busy:
+                outcomes[row.id] = Later(now + BUSY_RETRY, "ORDER_BUSY: the order row is locked; will retry")
+            elif order is None:
+                outcomes[row.id] = Failed("ORDER_NOT_FOUND", f"order {row.order_id} is gone; refund result not written")
+            elif order.refund_status != "REFUNDING":
+                outcomes[row.id] = Failed(
+                    "ORDER_STATE_CHANGED", f"order refund_status is {order.refund_status}, expected REFUNDING"
+                )
+            elif row.progress_success == 1 and row.wx_status == "SUCCESS":
+                refunded[row.order_id] = row.success_time or now
+                events.append((row.order_id, "REFUND_SUCCEEDED", f"{row.out_refund_no} {row.refund_amount} fen"))
+                outcomes[row.id] = Done()
+            elif row.progress_success == 0 and row.wx_status == "CLOSED":
+                failed.append(row.order_id)
+                events.append((row.order_id, "REFUND_FAILED", f"{row.out_refund_no} closed by WeChat Pay"))
+                outcomes[row.id] = Done()
+            else:
+                outcomes[row.id] = Failed(
+                    "REFUND_STATE_UNKNOWN",
+                    f"polling gave up with WeChat status {row.wx_status}: check the refund by hand",
+                )
+        if refunded:
+            conn.execute(
+                update(goods_order2)
+                .where(o.id.in_(list(refunded)), o.refund_status == "REFUNDING")
+                .values(refund_status="REFUNDED", refunded_at=by_id(o.id, refunded), wx_progress_scanned=1)
+            )
+        if failed:
+            conn.execute(
+                update(goods_order2)
+                .where(o.id.in_(failed), o.refund_status == "REFUNDING")
+                .values(refund_status="FAILED", wx_progress_scanned=1)
+            )
+        write_oplog(conn, events)
+        return outcomes

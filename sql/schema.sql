@@ -1,0 +1,163 @@
+-- cancel-scanner: canonical schema for MySQL 8.0+ / MariaDB 10.6+ (InnoDB, utf8mb4).
+--
+-- The contract is ../shared/design/contract.md; models/tables.py is the typed twin
+-- of this file and tests/integration/test_schema_drift.py fails if they disagree.
+-- Safe to run twice: every statement is IF NOT EXISTS / OR REPLACE.
+--
+-- Flags, the same for every X_scanned / X_success pair:
+--   0/0  pending, or waiting for a retry (attempts, next attempt time, last error on the row)
+--   1/1  done, exactly once
+--   1/0  finished with a permanent failure: an operator must look; the reason is on the row
+-- All times are UTC: the daemon sets time_zone='+00:00' on its sessions.
+
+CREATE TABLE IF NOT EXISTS goods (
+  id          BIGINT NOT NULL AUTO_INCREMENT,
+  name        VARCHAR(128) NOT NULL,
+  stock       INT UNSIGNED NOT NULL DEFAULT 0,
+  sales       INT UNSIGNED NOT NULL DEFAULT 0,
+  created_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_goods PRIMARY KEY (id),
+  CONSTRAINT ck_goods_stock_not_negative CHECK (stock >= 0),
+  CONSTRAINT ck_goods_sales_not_negative CHECK (sales >= 0)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='Sellable goods; stock and sales are unsigned, the last guard against overselling.';
+
+CREATE TABLE IF NOT EXISTS goods_order2 (
+  id                     BIGINT NOT NULL AUTO_INCREMENT,
+  order_no               VARCHAR(32) NOT NULL COMMENT 'sent to WeChat as out_trade_no',
+  user_id                BIGINT NOT NULL,
+  merchant_id            BIGINT NOT NULL,
+  goods_id               BIGINT NOT NULL,
+  quantity               INT UNSIGNED NOT NULL,
+  total_amount           INT UNSIGNED NOT NULL COMMENT 'what the user paid, in fen',
+  pay_status             TINYINT NOT NULL DEFAULT 0 COMMENT '0 unpaid, 1 paid',
+  transaction_id         VARCHAR(32) NULL COMMENT 'WeChat Pay transaction id of the payment',
+  paid_at                DATETIME(3) NULL,
+  order_status           VARCHAR(16) NOT NULL DEFAULT 'UNPAID' COMMENT 'UNPAID|PAID|SHIPPED|COMPLETED|CANCELLED',
+  cancel_source          VARCHAR(16) NULL COMMENT 'MERCHANT|USER, set when cancelled',
+  refund_status          VARCHAR(16) NOT NULL DEFAULT 'NONE' COMMENT 'NONE|REFUNDING|REFUNDED|FAILED',
+  wx_progress_scanned    TINYINT NOT NULL DEFAULT 0 COMMENT '1 once the refund''s final WeChat status was written to this order',
+  stock_scanned          TINYINT NOT NULL DEFAULT 0 COMMENT 'restore_stock: 0 pending, 1 finished (see stock_success)',
+  stock_success          TINYINT NOT NULL DEFAULT 0 COMMENT 'restore_stock: 1 stock given back exactly once; 0 with stock_scanned=1 failed',
+  sales_scanned          TINYINT NOT NULL DEFAULT 0 COMMENT 'decrement_sales: 0 pending, 1 finished (see sales_success)',
+  sales_success          TINYINT NOT NULL DEFAULT 0 COMMENT 'decrement_sales: 1 sales decremented exactly once; 0 with sales_scanned=1 failed',
+  is_deleted             TINYINT NOT NULL DEFAULT 0 COMMENT '1 soft-deleted: never cancelled, never touched by the scanner',
+  cancelled_at           DATETIME(3) NULL,
+  refunded_at            DATETIME(3) NULL,
+  stock_attempts         INT NOT NULL DEFAULT 0 COMMENT 'restore_stock: failed tries so far',
+  stock_next_attempt_at  DATETIME(3) NULL COMMENT 'restore_stock: not retried before this time (UTC)',
+  stock_last_error       VARCHAR(255) NULL COMMENT 'restore_stock: why the last try failed',
+  sales_attempts         INT NOT NULL DEFAULT 0 COMMENT 'decrement_sales: failed tries so far',
+  sales_next_attempt_at  DATETIME(3) NULL COMMENT 'decrement_sales: not retried before this time (UTC)',
+  sales_last_error       VARCHAR(255) NULL COMMENT 'decrement_sales: why the last try failed',
+  created_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_goods_order2 PRIMARY KEY (id),
+  CONSTRAINT uk_goods_order2_order_no UNIQUE KEY (order_no),
+  -- restore_stock polls: stock_scanned=0 AND order_status='CANCELLED' AND refund_status IN ('NONE','REFUNDED')
+  INDEX idx_goods_order2_stock_pending (stock_scanned, order_status, refund_status, is_deleted),
+  -- decrement_sales polls: sales_scanned=0 AND order_status='CANCELLED' AND refund_status='REFUNDED'
+  INDEX idx_goods_order2_sales_pending (sales_scanned, order_status, refund_status, is_deleted),
+  INDEX idx_goods_order2_goods_id (goods_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed.';
+
+CREATE TABLE IF NOT EXISTS req_order_ops (
+  id               BIGINT NOT NULL AUTO_INCREMENT,
+  order_id         BIGINT NOT NULL COMMENT 'goods_order2.id',
+  op_type          VARCHAR(32) NOT NULL COMMENT 'MERCHANT_CANCEL|USER_CANCEL',
+  operator         VARCHAR(64) NULL,
+  reason           VARCHAR(255) NULL,
+  scanned          TINYINT NOT NULL DEFAULT 0 COMMENT 'intake: 0 pending, 1 handled (see success and result_code)',
+  success          TINYINT NOT NULL DEFAULT 0 COMMENT 'intake: 1 accepted (result_code OK); 0 with scanned=1 rejected or failed',
+  result_code      VARCHAR(32) NULL COMMENT 'OK or a stable rejection code',
+  result_msg       VARCHAR(255) NULL COMMENT 'what happened, for the merchant',
+  scanned_at       DATETIME(3) NULL,
+  attempts         INT NOT NULL DEFAULT 0 COMMENT 'intake: failed tries so far',
+  next_attempt_at  DATETIME(3) NULL COMMENT 'intake: not retried before this time (UTC)',
+  last_error       VARCHAR(255) NULL COMMENT 'intake: why the last try failed',
+  created_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_req_order_ops PRIMARY KEY (id),
+  -- intake polls: scanned=0 ORDER BY id
+  INDEX idx_req_order_ops_pending (scanned, id),
+  INDEX idx_req_order_ops_order_id (order_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='Merchants'' requests; their tools insert order_id, op_type, operator, reason only.';
+
+CREATE TABLE IF NOT EXISTS refund_order (
+  id                BIGINT NOT NULL AUTO_INCREMENT,
+  order_id          BIGINT NOT NULL COMMENT 'goods_order2.id',
+  req_id            BIGINT NULL COMMENT 'req_order_ops.id that caused it',
+  refund_seq        INT NOT NULL DEFAULT 1 COMMENT '1 for the first refund of an order',
+  out_refund_no     VARCHAR(64) NOT NULL COMMENT 'our refund number, [0-9A-Za-z_-]',
+  out_trade_no      VARCHAR(32) NOT NULL COMMENT 'goods_order2.order_no',
+  transaction_id    VARCHAR(32) NULL,
+  refund_amount     INT UNSIGNED NOT NULL COMMENT 'fen',
+  total_amount      INT UNSIGNED NOT NULL COMMENT 'fen paid',
+  reason            VARCHAR(80) NULL,
+  submit_scanned    TINYINT NOT NULL DEFAULT 0 COMMENT 'submit_refund: 0 pending, 1 finished (see submit_success)',
+  submit_success    TINYINT NOT NULL DEFAULT 0 COMMENT 'submit_refund: 1 WeChat accepted the refund; 0 with submit_scanned=1 rejected',
+  wx_refund_id      VARCHAR(64) NULL COMMENT 'WeChat''s refund_id',
+  wx_status         VARCHAR(16) NULL COMMENT 'PROCESSING|SUCCESS|CLOSED|ABNORMAL',
+  progress_scanned  TINYINT NOT NULL DEFAULT 0 COMMENT 'poll_refund: 1 once WeChat said SUCCESS or CLOSED',
+  progress_success  TINYINT NOT NULL DEFAULT 0 COMMENT 'poll_refund: 1 SUCCESS (money returned), 0 with progress_scanned=1 CLOSED',
+  sync_scanned      TINYINT NOT NULL DEFAULT 0 COMMENT 'sync_result: 1 once the result was written to goods_order2',
+  sync_success      TINYINT NOT NULL DEFAULT 0 COMMENT 'sync_result: 1 written exactly once; 0 with sync_scanned=1 failed',
+  attempts          INT NOT NULL DEFAULT 0 COMMENT 'failed tries of the current stage',
+  next_attempt_at   DATETIME(3) NULL COMMENT 'current stage: not tried or polled before this time (UTC)',
+  last_error        VARCHAR(255) NULL COMMENT 'why the last try failed, CODE: message',
+  lease_owner       VARCHAR(64) NULL COMMENT 'daemon calling WeChat for this row now',
+  lease_until       DATETIME(3) NULL COMMENT 'lease expiry (UTC); then others may take over',
+  submitted_at      DATETIME(3) NULL COMMENT 'when WeChat accepted the refund',
+  success_time      DATETIME(3) NULL COMMENT 'WeChat''s success_time (UTC)',
+  created_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_refund_order PRIMARY KEY (id),
+  CONSTRAINT uk_refund_order_out_refund_no UNIQUE KEY (out_refund_no),
+  -- intake only creates refund_seq 1, so a replayed intake can never add a second refund to an order
+  CONSTRAINT uk_refund_order_order_seq UNIQUE KEY (order_id, refund_seq),
+  -- submit_refund polls: submit_scanned=0 AND next_attempt_at<=now
+  INDEX idx_refund_order_submit_pending (submit_scanned, next_attempt_at),
+  -- poll_refund polls: submit_success=1 AND progress_scanned=0 AND next_attempt_at<=now
+  INDEX idx_refund_order_poll_pending (submit_success, progress_scanned, next_attempt_at),
+  -- sync_result polls: progress_scanned=1 AND sync_scanned=0
+  INDEX idx_refund_order_sync_pending (progress_scanned, sync_scanned),
+  CONSTRAINT ck_refund_order_refund_within_total CHECK (refund_amount <= total_amount)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call.';
+
+CREATE TABLE IF NOT EXISTS goods_order2_oplog (
+  id          BIGINT NOT NULL AUTO_INCREMENT,
+  order_id    BIGINT NOT NULL COMMENT 'goods_order2.id',
+  event       VARCHAR(32) NOT NULL COMMENT 'CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED',
+  detail      VARCHAR(255) NULL,
+  created_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_goods_order2_oplog PRIMARY KEY (id),
+  -- each event at most once per order, enforced by the database itself
+  CONSTRAINT uk_goods_order2_oplog_order_event UNIQUE KEY (order_id, event)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='What the scanner did to each order, one row per event.';
+
+-- For DBAs: every row that finished with a permanent failure (X_scanned=1, X_success=0).
+CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
+  SELECT 'intake' AS stage, 'req_order_ops' AS table_name, id AS row_id, order_id,
+         CONCAT_WS(': ', result_code, result_msg) AS reason, updated_at
+    FROM req_order_ops WHERE scanned = 1 AND success = 0
+  UNION ALL
+  SELECT 'submit_refund', 'refund_order', id, order_id, last_error, updated_at
+    FROM refund_order WHERE submit_scanned = 1 AND submit_success = 0
+  UNION ALL
+  SELECT 'poll_refund', 'refund_order', id, order_id, CONCAT('refund CLOSED by WeChat: ', out_refund_no), updated_at
+    FROM refund_order WHERE progress_scanned = 1 AND progress_success = 0
+  UNION ALL
+  SELECT 'sync_result', 'refund_order', id, order_id, last_error, updated_at
+    FROM refund_order WHERE sync_scanned = 1 AND sync_success = 0
+  UNION ALL
+  SELECT 'restore_stock', 'goods_order2', id, id, stock_last_error, updated_at
+    FROM goods_order2 WHERE stock_scanned = 1 AND stock_success = 0
+  UNION ALL
+  SELECT 'decrement_sales', 'goods_order2', id, id, sales_last_error, updated_at
+    FROM goods_order2 WHERE sales_scanned = 1 AND sales_success = 0;

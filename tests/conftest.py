@@ -1,0 +1,93 @@
+"""Fixtures shared by every test: the databases (SQLite and a real MariaDB) and the gateway.
+
+MariaDB comes from ``testbed.mariadb`` (a throwaway server started once per session),
+or from ``CANCEL_SCANNER_TEST_MYSQL_URL``. Without one, MariaDB tests skip locally and
+FAIL under ``CI=true``: a green CI must have run them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from engine.db import init_schema, make_engine
+
+pytest_plugins = ["tests.gateway_fixtures"]
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ENV_MYSQL_URL = "CANCEL_SCANNER_TEST_MYSQL_URL"
+
+
+def _unavailable(reason: str):
+    if IN_CI:
+        pytest.fail(f"MariaDB is required under CI=true: {reason}", pytrace=False)
+    pytest.skip(f"no MariaDB: {reason}")
+
+
+@pytest.fixture(scope="session")
+def mysql_admin_url():
+    """A server URL without a database; tests get a fresh database each."""
+    if os.environ.get(ENV_MYSQL_URL):
+        yield make_url(os.environ[ENV_MYSQL_URL]).set(database="").render_as_string(hide_password=False)
+        return
+    from testbed.mariadb import MariaDBServer, MariaDBUnavailable, find_mariadbd
+
+    if find_mariadbd() is None:
+        _unavailable("mariadbd not found (install mariadb-server, or set CANCEL_SCANNER_TEST_MYSQL_URL)")
+    server = MariaDBServer()
+    try:
+        server.start()
+    except MariaDBUnavailable as exc:
+        server.cleanup()
+        _unavailable(str(exc).splitlines()[0])
+    try:
+        yield server.admin_url
+    finally:
+        server.stop()
+        server.cleanup()
+
+
+@pytest.fixture
+def mysql_url(mysql_admin_url):
+    name = f"cs_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(mysql_admin_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
+    try:
+        yield make_url(mysql_admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'cancel-scanner.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def db_url(request):
+    """Each test that takes it runs twice: on SQLite and on MariaDB."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def db(db_url):
+    """An engine on a fresh database holding the schema."""
+    engine = make_engine(db_url)
+    init_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def mysql_db(mysql_url):
+    engine = make_engine(mysql_url)
+    init_schema(engine)
+    yield engine
+    engine.dispose()

@@ -1,0 +1,194 @@
+"""Given/when/then helpers that let tests read like the flow.
+
+Rows are written with plain SQL and only the columns the shop's systems write,
+exactly as a merchant's tool or the order system would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from engine.config import Config, parse_config
+from engine.runner import Hooks, Runner
+from scanners import build_stages
+
+T0 = datetime(2026, 11, 1, 12, 0, 0)
+TABLES = ("goods", "goods_order2", "req_order_ops", "refund_order", "goods_order2_oplog")
+
+FAST_JOBS = {
+    "intake": {"batch_size": 50},
+    "submit_refund": {"batch_size": 40, "concurrency": 8, "retry_delays_seconds": [1, 2, 4], "lease_seconds": 60},
+    "poll_refund": {"batch_size": 40, "concurrency": 8, "poll_delays_seconds": [1, 2], "retry_delays_seconds": [1, 2]},
+    "sync_result": {"batch_size": 50},
+    "restore_stock": {"batch_size": 50},
+    "decrement_sales": {"batch_size": 50},
+}
+
+
+def test_config(db_url: str, jobs: dict | None = None, **top: Any) -> Config:
+    raw = {
+        "database_url": db_url,
+        "wechat": {"mode": "sandbox", "timeout_seconds": [2, 2]},
+        "jobs": {**FAST_JOBS, **(jobs or {})},
+        **top,
+    }
+    return parse_config(raw, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+
+
+test_config.__test__ = False  # not a test, despite the name
+
+
+def add_goods(db: Engine, goods_id: int, *, stock: int = 100, sales: int = 50, name: str | None = None) -> None:
+    with db.begin() as conn:
+        conn.execute(
+            text("INSERT INTO goods (id, name, stock, sales) VALUES (:id, :name, :stock, :sales)"),
+            {"id": goods_id, "name": name or f"goods {goods_id}", "stock": stock, "sales": sales},
+        )
+
+
+def add_order(
+    db: Engine,
+    order_id: int,
+    *,
+    goods_id: int = 1,
+    quantity: int = 1,
+    amount: int = 1280,
+    paid: bool = True,
+    status: str | None = None,
+    transaction_id: str | None | bool = True,
+    paid_at: datetime | None = None,
+    deleted: bool = False,
+) -> None:
+    """An order as the shop's own order system inserts it: no flag columns."""
+    if transaction_id is True:
+        transaction_id = f"4200{order_id:012d}" if paid else None
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount,"
+                " pay_status, transaction_id, paid_at, order_status, is_deleted)"
+                " VALUES (:id, :no, 7, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted)"
+            ),
+            {
+                "id": order_id,
+                "no": f"SO{order_id:010d}",
+                "goods": goods_id,
+                "qty": quantity,
+                "amount": amount,
+                "pay": 1 if paid else 0,
+                "txn": transaction_id or None,
+                "paid_at": paid_at or (T0 - timedelta(days=1) if paid else None),
+                "status": status or ("PAID" if paid else "UNPAID"),
+                "deleted": 1 if deleted else 0,
+            },
+        )
+
+
+def request_cancel(db: Engine, order_id: int, *, op_type: str = "MERCHANT_CANCEL", operator: str | None = "clerk-1",
+                   reason: str | None = "out of stock") -> int:
+    """What a merchant's tool does: insert four columns, nothing else."""
+    with db.begin() as conn:
+        result = conn.execute(
+            text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)"),
+            {"o": order_id, "t": op_type, "op": operator, "r": reason},
+        )
+        return result.lastrowid
+
+
+def row(db: Engine, table: str, row_id: int) -> Any:
+    with db.connect() as conn:
+        return conn.execute(text(f"SELECT * FROM {table} WHERE id = :id"), {"id": row_id}).mappings().one()
+
+
+def rows(db: Engine, sql: str, **params: Any) -> list:
+    with db.connect() as conn:
+        return list(conn.execute(text(sql), params).mappings().all())
+
+
+def scalar(db: Engine, sql: str, **params: Any) -> Any:
+    with db.connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def checksum(db: Engine) -> str:
+    """One digest of every row of the five tables, for "a second run changes nothing"."""
+    digest = hashlib.sha256()
+    with db.connect() as conn:
+        for table in TABLES:
+            for r in conn.execute(text(f"SELECT * FROM {table} ORDER BY id")).all():
+                digest.update(repr(tuple(r)).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Clock:
+    """The time the stages see; tests move it instead of sleeping."""
+
+    now: datetime = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+    def epoch(self) -> float:
+        return (self.now - datetime(1970, 1, 1)).total_seconds()
+
+
+@dataclass
+class World:
+    """A database, the emulator with its real HTTP client, and runners over them."""
+
+    db: Engine
+    config: Config
+    sandbox: Any
+    clock: Clock = field(default_factory=Clock)
+
+    @property
+    def emulator(self):
+        return self.sandbox.emulator
+
+    def runner(self, hooks: Hooks | None = None, owner: str | None = None) -> Runner:
+        return Runner(self.db, self.config, build_stages(self.config), self.sandbox.gateway,
+                      clock=self.clock, hooks=hooks, owner=owner)
+
+    def settle(self, runner: Runner | None = None, *, rounds: int = 30, step_seconds: float = 5) -> None:
+        """Run every stage until idle, move the clock on, and again, until nothing is pending."""
+        runner = runner or self.runner()
+        try:
+            for _ in range(rounds):
+                runner.run_until_idle(self.clock.now)
+                if not pending(self.db):
+                    return
+                self.clock.advance(step_seconds)
+            raise AssertionError(f"still pending after {rounds} rounds: {pending(self.db)}")
+        finally:
+            runner.close()
+
+
+def pending(db: Engine) -> dict[str, int]:
+    """Rows some stage will still act on (the definition `status` uses)."""
+    counts = {
+        "intake": scalar(db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0"),
+        "submit_refund": scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 0"),
+        "poll_refund": scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1 AND progress_scanned = 0"),
+        "sync_result": scalar(db, "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND sync_scanned = 0"),
+        "restore_stock": scalar(
+            db,
+            "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 0 AND order_status = 'CANCELLED' AND is_deleted = 0"
+            " AND ((pay_status = 1 AND refund_status = 'REFUNDED') OR (pay_status = 0 AND refund_status = 'NONE'))",
+        ),
+        "decrement_sales": scalar(
+            db,
+            "SELECT COUNT(*) FROM goods_order2 WHERE sales_scanned = 0 AND order_status = 'CANCELLED' AND is_deleted = 0"
+            " AND pay_status = 1 AND refund_status = 'REFUNDED'",
+        ),
+    }
+    return {k: v for k, v in counts.items() if v}

@@ -1,0 +1,128 @@
+"""Bad configuration is one line naming the key; good configuration is frozen objects."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+NO_ENV: dict[str, str] = {}
+
+
+def test_the_shipped_jobs_yaml_is_valid_and_enables_all_six_stages():
+    config = load_config(ROOT / "jobs.yaml", env=NO_ENV)
+    assert config.wechat.mode == "sandbox"
+    assert config.is_sqlite
+    assert [j.name for j in config.jobs.values() if j.enabled] == [
+        "intake", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales",
+    ]
+    assert config.job("submit_refund").concurrency == 16
+    assert config.job("poll_refund").poll_delays_seconds == (60, 300, 600, 1200, 1800)
+
+
+def test_config_objects_are_frozen():
+    config = parse_config({}, env=NO_ENV)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.database_url = "sqlite://"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"databse_url": "sqlite://"}, "databse_url"),
+        ({"jobs": {"intake": {"batch_sise": 5}}}, "jobs.intake.batch_sise"),
+        ({"jobs": {"refund": {}}}, "jobs.refund"),
+        ({"jobs": {"intake": {"batch_size": "many"}}}, "jobs.intake.batch_size"),
+        ({"jobs": {"intake": {"batch_size": 0}}}, "jobs.intake.batch_size"),
+        ({"jobs": {"intake": {"enabled": "yes please"}}}, "jobs.intake.enabled"),
+        ({"jobs": {"intake": {"concurrency": 4}}}, "jobs.intake.concurrency"),
+        ({"jobs": {"poll_refund": {"poll_delays_seconds": []}}}, "jobs.poll_refund.poll_delays_seconds"),
+        ({"jobs": {"submit_refund": {"retry_delays_seconds": [1, -1]}}}, "jobs.submit_refund.retry_delays_seconds[1]"),
+        ({"wechat": {"mode": "prod"}}, "wechat.mode"),
+        ({"wechat": {"timeout_seconds": 5}}, "wechat.timeout_seconds"),
+        ({"wechat": {"notify_url": "http://shop.example.com/n"}}, "wechat.notify_url"),
+        ({"database_url": "mysql+pymysql://u@db.example.com/shop"}, "wechat.mode"),
+        ({"database_url": "postgresql://u@h/db"}, "database_url"),
+        ({"log_level": "LOUD"}, "log_level"),
+    ],
+)
+def test_each_bad_value_names_its_key(raw, key):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, env=NO_ENV)
+    assert caught.value.key == key
+    assert "\n" not in str(caught.value)
+
+
+def test_sandbox_on_mysql_is_allowed_only_when_asked_for():
+    raw = {"database_url": "mysql+pymysql://u@127.0.0.1/shop"}
+    config = parse_config(raw, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    assert config.wechat.mode == "sandbox"
+
+
+def test_database_url_from_the_environment_wins():
+    config = parse_config({"database_url": "sqlite:///a.db"}, env={"CANCEL_SCANNER_DB_URL": "sqlite:///b.db"})
+    assert config.database_url == "sqlite:///b.db"
+
+
+def _live(tmp_path, **over):
+    key = tmp_path / "apiclient_key.pem"
+    pub = tmp_path / "pub_key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n")
+    pub.write_text("-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----\n")
+    wechat = {
+        "mode": "live",
+        "merchant_serial_no": "ABC123",
+        "merchant_private_key_file": str(key),
+        "platform_public_key_file": str(pub),
+        "platform_public_key_id": "PUB_KEY_ID_0000",
+        **over,
+    }
+    return {"database_url": "sqlite:///x.db", "wechat": wechat}
+
+
+GOOD_APIV3 = {"WECHATPAY_APIV3_KEY": "k" * 32}
+
+
+def test_live_mode_with_keys_and_apiv3_key_is_accepted(tmp_path):
+    config = parse_config(_live(tmp_path), env=GOOD_APIV3)
+    assert config.wechat.base_url == "https://api.mch.weixin.qq.com"
+
+
+@pytest.mark.parametrize(
+    ("over", "env", "key"),
+    [
+        ({"merchant_private_key_file": "/nonexistent/key.pem"}, GOOD_APIV3, "wechat.merchant_private_key_file"),
+        ({"platform_public_key_file": None}, GOOD_APIV3, "wechat.platform_public_key_file"),
+        ({"base_url": "http://pay.example.com"}, GOOD_APIV3, "wechat.base_url"),
+        ({}, {}, "WECHATPAY_APIV3_KEY"),
+        ({}, {"WECHATPAY_APIV3_KEY": "short"}, "WECHATPAY_APIV3_KEY"),
+    ],
+)
+def test_live_mode_problems_name_their_key(tmp_path, over, env, key):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_live(tmp_path, **over), env=env)
+    assert caught.value.key == key
+
+
+def test_plain_http_is_fine_for_a_loopback_gateway(tmp_path):
+    config = parse_config(_live(tmp_path, base_url="http://127.0.0.1:8080/"), env=GOOD_APIV3)
+    assert config.wechat.base_url == "http://127.0.0.1:8080"
+
+
+def test_a_wrong_apiv3_key_is_never_echoed(tmp_path):
+    secret = "s3cr3t-not-32-bytes"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_live(tmp_path), env={"WECHATPAY_APIV3_KEY": secret})
+    assert secret not in str(caught.value)
+
+
+def test_unreadable_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs: [unclosed\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad, env=NO_ENV)
+    assert caught.value.key == str(bad)
