@@ -91,3 +91,27 @@ def mysql_db(mysql_url):
     init_schema(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def sandbox():
+    """The emulator and the real WeChat Pay client over HTTP; refunds succeed on their first poll."""
+    from gateway.sandbox import start_sandbox
+
+    sb = start_sandbox(
+        success_delay=0,
+        timeout=(2, 2),
+        apply_qps=2000,
+        query_qps=2000,
+        emulator_apply_qps=None,
+        emulator_query_qps=None,
+    )
+    yield sb
+    sb.close()
+
+
+@pytest.fixture
+def world(db, db_url, sandbox):
+    from tests.flow import World, test_config
+
+    return World(db=db, config=test_config(db_url), sandbox=sandbox)

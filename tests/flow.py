@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
+
+import models
 
 from engine.config import Config, parse_config
 from engine.runner import Hooks, Runner
@@ -101,8 +103,16 @@ def request_cancel(db: Engine, order_id: int, *, op_type: str = "MERCHANT_CANCEL
 
 
 def row(db: Engine, table: str, row_id: int) -> Any:
+    """One row, typed through the models (datetimes are datetimes on SQLite too)."""
+    t = models.metadata.tables[table]
     with db.connect() as conn:
-        return conn.execute(text(f"SELECT * FROM {table} WHERE id = :id"), {"id": row_id}).mappings().one()
+        return conn.execute(select(t).where(t.c.id == row_id)).mappings().one()
+
+
+def refunds(db: Engine) -> dict[int, Any]:
+    """Every refund_order row by order id, typed."""
+    with db.connect() as conn:
+        return {r["order_id"]: r for r in conn.execute(select(models.refund_order)).mappings().all()}
 
 
 def rows(db: Engine, sql: str, **params: Any) -> list:

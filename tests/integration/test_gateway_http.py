@@ -1,0 +1,388 @@
+"""The real WeChatPayGateway and SDK, over HTTP, against the emulator.
+
+Status changes are driven by moving the emulator's clock. The only wall-clock
+waits are the ones the behaviour is about: a read timeout, and the pacing test.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from base64 import b64decode, b64encode
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from loguru import logger
+
+from gateway.contract import Accepted, ConfigError, Permanent, RefundRequest, RetryLater, UnknownOutcome
+from gateway.emulator import REFUNDS_PATH, FaultPlan
+from gateway.keys import generate_key_material
+
+PAID = 1280
+
+
+def refund(number: str = "R1", order: str = "O1", amount: int = PAID, total: int = PAID) -> RefundRequest:
+    return RefundRequest(out_refund_no=number, out_trade_no=order, refund_amount=amount, total_amount=total)
+
+
+def post_count(emulator) -> int:
+    return sum(count for (method, _), count in emulator.requests.items() if method == "POST")
+
+
+# -- the happy path and idempotency ---------------------------------------------------
+
+
+def test_an_accepted_refund_succeeds_once_its_delay_has_passed(gateway, emulator, emulator_clock):
+    applied = gateway.apply(refund())
+
+    assert isinstance(applied, Accepted)
+    assert applied.refund.status == "PROCESSING"
+    assert applied.request_id == emulator.last_request_id
+    assert gateway.query("R1").refund.status == "PROCESSING"
+
+    emulator_clock.advance(1)
+    queried = gateway.query("R1")
+
+    assert isinstance(queried, Accepted)
+    assert queried.refund.status == "SUCCESS"
+    assert queried.refund.refund_id == applied.refund.refund_id
+    assert queried.refund.success_time is not None and queried.refund.success_time.tzinfo is None
+    assert queried.refund.user_received_account == "支付用户零钱"  # non-ASCII survives signing both ways
+    assert emulator.fen_refunded["O1"] == PAID
+
+
+def test_a_replayed_refund_moves_money_once(gateway, emulator):
+    first = gateway.apply(refund())
+    second = gateway.apply(refund())
+
+    assert isinstance(first, Accepted) and isinstance(second, Accepted)
+    assert second.refund.refund_id == first.refund.refund_id
+    assert emulator.refunds_created["R1"] == 1
+    assert emulator.fen_refunded["O1"] == PAID
+    assert emulator.max_in_flight["R1"] == 1
+
+
+def test_reusing_a_number_with_another_amount_is_permanent_and_moves_no_money(gateway, emulator):
+    gateway.apply(refund(amount=1000))
+
+    result = gateway.apply(refund(amount=1200))
+
+    assert isinstance(result, Permanent)
+    assert result.code == "INVALID_REQUEST"
+    assert emulator.refunds_created["R1"] == 1
+    assert emulator.fen_refunded["O1"] == 1000
+
+
+def test_refunds_of_one_order_never_exceed_what_was_paid(gateway, emulator):
+    assert isinstance(gateway.apply(refund("R1", amount=1000)), Accepted)
+
+    result = gateway.apply(refund("R2", amount=281))
+
+    assert isinstance(result, Permanent) and result.code == "INVALID_REQUEST"
+    assert emulator.fen_refunded["O1"] == 1000
+
+
+def test_with_strict_payments_an_unknown_order_is_retried_then_given_up(gateway, emulator):
+    emulator.strict_payments = True
+
+    result = gateway.apply(refund(order="NEVER-PAID"))
+
+    assert isinstance(result, RetryLater)
+    assert (result.code, result.give_up_after) == ("RESOURCE_NOT_EXISTS", 3)
+    assert emulator.refunds_created["R1"] == 0
+
+
+def test_with_strict_payments_a_total_other_than_the_paid_one_is_refused(gateway, emulator):
+    emulator.strict_payments = True
+    emulator.register_payment("O1", 1000)
+
+    result = gateway.apply(refund(total=PAID, amount=PAID))
+
+    assert isinstance(result, Permanent) and result.code == "INVALID_REQUEST"
+    assert isinstance(gateway.apply(refund("R2", total=1000, amount=1000)), Accepted)
+
+
+def test_querying_an_unknown_number_says_retry_later(gateway):
+    result = gateway.query("NO-SUCH-REFUND")
+
+    assert isinstance(result, RetryLater)
+    assert result.code == "RESOURCE_NOT_EXISTS"
+
+
+# -- faults: never Accepted, and the retry moves money once ------------------------------------
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before-commit", "after-commit"])
+@pytest.mark.parametrize(
+    ("kind", "code"),
+    [
+        ("500", "SYSTEM_ERROR"),
+        ("503", "SERVICE_UNAVAILABLE"),
+        ("429", "FREQUENCY_LIMITED"),
+        ("drop", "CONNECTION_ERROR"),
+        ("bad_signature", "BAD_SIGNATURE"),
+    ],
+)
+def test_a_failed_apply_is_unknown_and_its_retry_moves_money_once(gateway, emulator, kind, code, after_commit):
+    emulator.fail_next("R1", kind, after_commit=after_commit)
+
+    failed = gateway.apply(refund())
+    retried = gateway.apply(refund())
+
+    assert isinstance(failed, UnknownOutcome)
+    assert failed.code == code
+    assert isinstance(retried, Accepted)
+    assert emulator.refunds_created["R1"] == 1
+    assert emulator.fen_refunded["O1"] == PAID
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["queued", "slow-answer"])
+def test_an_answer_slower_than_the_read_timeout_is_unknown_and_the_retry_moves_money_once(
+    make_gateway, emulator, after_commit
+):
+    gateway = make_gateway(timeout=(1.0, 0.3))
+    emulator.fail_next("R1", "slow", after_commit=after_commit, slow_seconds=0.8)
+
+    failed = gateway.apply(refund())
+    retried = gateway.apply(refund())
+
+    assert isinstance(failed, UnknownOutcome) and failed.code == "TIMEOUT"
+    assert isinstance(retried, Accepted)
+    # The slow request is still being served while the retry arrives: that is the race to survive.
+    assert emulator.wait_for(lambda: post_count(emulator) == 2, timeout=5)
+    assert emulator.max_in_flight["R1"] == 2
+    assert emulator.refunds_created["R1"] == 1
+    assert emulator.fen_refunded["O1"] == PAID
+
+
+@pytest.mark.parametrize("kind", ["500", "429", "drop", "bad_signature"])
+def test_a_failed_query_is_unknown(gateway, emulator, kind):
+    gateway.apply(refund())
+    emulator.fail_next("R1", kind, call="query")
+
+    assert isinstance(gateway.query("R1"), UnknownOutcome)
+    assert isinstance(gateway.query("R1"), Accepted)
+
+
+def test_under_random_faults_every_refund_lands_exactly_once(make_gateway, emulator):
+    gateway = make_gateway(apply_qps=None, query_qps=None)
+    emulator.faults = FaultPlan(p_5xx=0.25, p_429=0.05, p_drop=0.05, p_bad_signature=0.05, after_commit=0.5, seed=7)
+    results = {}
+
+    for i in range(40):
+        for _attempt in range(50):
+            result = gateway.apply(refund(f"R{i}", f"O{i}"))
+            if not isinstance(result, UnknownOutcome):
+                break
+        results[i] = result
+
+    assert all(isinstance(result, Accepted) for result in results.values())
+    assert all(emulator.refunds_created[f"R{i}"] == 1 for i in range(40))
+    assert all(emulator.fen_refunded[f"O{i}"] == PAID for i in range(40))
+    assert emulator.requests[("POST", 500)] + emulator.requests[("POST", 503)] > 0
+
+
+# -- business refusals ------------------------------------------------------------------------
+
+
+def test_a_merchant_balance_too_low_is_retry_later(gateway, emulator, emulator_clock):
+    emulator.fail_next("R1", "not_enough")
+
+    assert isinstance(gateway.apply(refund()), RetryLater)
+    assert emulator.refunds_created["R1"] == 0
+
+
+def test_a_balance_outage_ends_at_its_time(gateway, emulator, emulator_clock):
+    emulator.not_enough_until(emulator_clock() + 60)
+
+    during = gateway.apply(refund())
+    emulator_clock.advance(61)
+    after = gateway.apply(refund())
+
+    assert isinstance(during, RetryLater) and during.code == "NOT_ENOUGH"
+    assert isinstance(after, Accepted)
+
+
+def test_a_merchant_key_the_gateway_does_not_know_is_a_sign_error(key_material, emulator, make_gateway):
+    stranger = generate_key_material()
+
+    result = make_gateway(merchant_private_key_pem=stranger.merchant_private_key_pem).apply(refund())
+
+    assert isinstance(result, ConfigError)
+    assert result.code == "SIGN_ERROR"
+    assert emulator.refunds_created["R1"] == 0
+
+
+def test_an_unknown_mchid_is_a_configuration_error(make_gateway, emulator):
+    result = make_gateway(mchid="1900009999").apply(refund())
+
+    assert isinstance(result, ConfigError)
+    assert result.code == "MCH_NOT_EXISTS"
+
+
+def test_a_closed_refund_comes_back_closed_and_gives_the_money_back(gateway, emulator, emulator_clock):
+    emulator.close_refunds_for("O1")
+    gateway.apply(refund())
+    emulator_clock.advance(1)
+
+    result = gateway.query("R1")
+
+    assert isinstance(result, Accepted)
+    assert result.refund.status == "CLOSED"
+    assert result.refund.success_time is None
+    assert emulator.fen_refunded["O1"] == 0
+
+
+def test_an_abnormal_refund_stays_abnormal_until_the_merchant_acts(gateway, emulator, emulator_clock):
+    emulator.abnormal_for("R1")
+    gateway.apply(refund())
+    emulator_clock.advance(1)
+
+    assert gateway.query("R1").refund.status == "ABNORMAL"
+    emulator_clock.advance(3600)
+    assert gateway.query("R1").refund.status == "ABNORMAL"
+
+    assert emulator.resolve_abnormal("R1") == 1
+    resolved = gateway.query("R1").refund
+
+    assert resolved.status == "SUCCESS"
+    assert resolved.success_time is not None
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+
+def test_the_emulator_answers_429_over_its_qps(make_gateway, emulator):
+    emulator.apply_qps = 2
+    gateway = make_gateway(apply_qps=None)
+    frozen = time.monotonic()
+    emulator._monotonic = lambda: frozen  # every request lands in the same second
+
+    results = [gateway.apply(refund(f"R{i}", f"O{i}")) for i in range(3)]
+
+    assert [type(r) for r in results] == [Accepted, Accepted, UnknownOutcome]
+    assert results[2].code == "FREQUENCY_LIMITED"
+    assert emulator.refunds_created["R2"] == 0
+
+
+def _max_in_any_second(times: list[float]) -> int:
+    times = sorted(times)
+    best, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] >= 1.0:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def test_paced_applies_from_several_threads_never_trip_the_limit(make_gateway, emulator):
+    qps = 100
+    emulator.apply_qps = 110  # WeChat's limit, a little above our pace
+    gateway = make_gateway(apply_qps=qps)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: gateway.apply(refund(f"R{i}", f"O{i}")), range(300)))
+
+    arrivals = [arrived for arrived, method, _call, _status in emulator.request_log if method == "POST"]
+    assert all(isinstance(result, Accepted) for result in results)
+    assert emulator.requests[("POST", 429)] == 0
+    # Slots leave the client exactly 10 ms apart; thread scheduling can bunch a
+    # couple of arrivals at the server, hence a margin of 2 in any one second.
+    assert _max_in_any_second(arrivals) <= qps + 2
+    assert (len(arrivals) - 1) / (max(arrivals) - min(arrivals)) <= qps * 1.01
+
+
+# -- the emulator's own checks, with hand-made requests -------------------------------------
+
+
+def _authorization(keys, method: str, path: str, body: str, timestamp: int, sign_body: str | None = None) -> str:
+    private_key = serialization.load_pem_private_key(keys.merchant_private_key_pem.encode(), password=None)
+    nonce = "NONCE123"
+    message = f"{method}\n{path}\n{timestamp}\n{nonce}\n{body if sign_body is None else sign_body}\n"
+    signature = b64encode(private_key.sign(message.encode(), padding.PKCS1v15(), hashes.SHA256())).decode()
+    return (
+        f'WECHATPAY2-SHA256-RSA2048 mchid="{keys.mchid}",nonce_str="{nonce}",signature="{signature}",'
+        f'timestamp="{timestamp}",serial_no="{keys.merchant_serial_no}"'
+    )
+
+
+def _raw_apply(emulator, keys, timestamp: int, sign_body: str | None = None) -> requests.Response:
+    body = '{"out_refund_no":"RAW1","out_trade_no":"O1","amount":{"refund":1,"total":1,"currency":"CNY"}}'
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": _authorization(keys, "POST", REFUNDS_PATH, body, timestamp, sign_body),
+    }
+    return requests.post(emulator.base_url + REFUNDS_PATH, data=body.encode(), headers=headers, timeout=2)
+
+
+def _verify_answer(keys, response: requests.Response) -> None:
+    public_key = serialization.load_pem_public_key(keys.platform_public_key_pem.encode())
+    h = response.headers
+    message = f"{h['Wechatpay-Timestamp']}\n{h['Wechatpay-Nonce']}\n{response.text}\n".encode()
+    public_key.verify(b64decode(h["Wechatpay-Signature"]), message, padding.PKCS1v15(), hashes.SHA256())
+    assert h["Wechatpay-Serial"] == keys.platform_public_key_id
+    assert h["Request-ID"]
+
+
+def test_a_correctly_signed_hand_made_request_is_accepted(emulator, key_material):
+    response = _raw_apply(emulator, key_material, int(time.time()))
+
+    assert response.status_code == 200
+    _verify_answer(key_material, response)
+
+
+def test_the_emulator_refuses_a_stale_timestamp_with_a_signed_sign_error(emulator, key_material):
+    response = _raw_apply(emulator, key_material, int(time.time()) - 301)
+
+    assert (response.status_code, response.json()["code"]) == (401, "SIGN_ERROR")
+    _verify_answer(key_material, response)
+    assert emulator.refunds_created["RAW1"] == 0
+
+
+def test_the_emulator_refuses_a_signature_over_another_body(emulator, key_material):
+    response = _raw_apply(emulator, key_material, int(time.time()), sign_body="{}")
+
+    assert (response.status_code, response.json()["code"]) == (401, "SIGN_ERROR")
+    assert emulator.refunds_created["RAW1"] == 0
+
+
+def test_a_tampered_answer_fails_verification_by_hand_too(emulator, key_material):
+    emulator.fail_next("RAW1", "bad_signature", after_commit=True)
+
+    response = _raw_apply(emulator, key_material, int(time.time()))
+
+    assert response.status_code == 200
+    with pytest.raises(InvalidSignature):
+        _verify_answer(key_material, response)
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_no_secret_reaches_logs_or_reprs(gateway, emulator, key_material):
+    lines: list[str] = []
+    lock = threading.Lock()
+
+    def sink(message) -> None:
+        with lock:
+            lines.append(str(message) + repr(message.record["extra"]))
+
+    sink_id = logger.add(sink, level="DEBUG")
+    try:
+        emulator.fail_next("R2", "500")
+        gateway.apply(refund())
+        gateway.apply(refund("R2", "O2"))
+        gateway.query("R1")
+        gateway.query("NOPE")
+    finally:
+        logger.remove(sink_id)
+    private_key_body = key_material.merchant_private_key_pem.splitlines()[1]
+    everything = "\n".join(lines) + repr(gateway) + repr(key_material)
+
+    assert len(lines) >= 4
+    for secret in (key_material.apiv3_key, private_key_body, "PRIVATE KEY", "WECHATPAY2-SHA256-RSA2048 mchid", 'signature="'):
+        assert secret not in everything
