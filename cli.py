@@ -84,8 +84,50 @@ def _short(exc: BaseException) -> str:
 @click.pass_obj
 def run(obj: _Ctx, once: bool) -> None:
     """The daemon: every enabled stage on its interval until SIGTERM/SIGINT."""
-    click.echo("cancel-scanner run: not yet implemented", err=True)
-    sys.exit(EXIT_FAILURE)
+    from contextlib import ExitStack
+
+    from engine.app import build_app, missing_tables
+    from engine.errors import is_transient_db_error
+
+    cfg = obj.config()
+    with ExitStack() as stack:
+        try:
+            app = build_app(cfg, stack)
+        except ConfigError as err:
+            _fail_config(err)
+        try:
+            missing = missing_tables(app.db)
+        except Exception as exc:  # noqa: BLE001
+            if once or not is_transient_db_error(exc):
+                click.echo(f"cancel-scanner: database unavailable: {_short(exc)}", err=True)
+                sys.exit(EXIT_FAILURE)
+            missing = []  # the daemon waits for the database to come back
+        if missing:
+            click.echo(
+                f"cancel-scanner: configuration error: database_url: no cancel-scanner schema ({', '.join(missing)} missing);"
+                " run `cancel-scanner initdb`",
+                err=True,
+            )
+            sys.exit(EXIT_CONFIG)
+        if once:
+            totals = app.runner.run_until_idle()
+            for name, report in totals.items():
+                click.echo(f"{name:16} done {report.done:6}  failed {report.failed:5}  retrying {report.retried:5}  waiting {report.later:5}")
+            return
+        from engine.daemon import Daemon, poll_soon
+
+        daemon = Daemon(app)
+        daemon.install_signal_handlers()
+        if cfg.wechat.notify_listen:
+            from gateway.notify import NotifyServer
+
+            host, _, port = cfg.wechat.notify_listen.rpartition(":")
+            notify = NotifyServer(app.gateway, lambda res: poll_soon(app, daemon, res["out_refund_no"]), host=host, port=int(port))
+            notify.start()
+            stack.callback(notify.stop)
+        daemon.start()
+        daemon.wait()
+        daemon.shutdown()
 
 
 @main.command()

@@ -1,0 +1,91 @@
+"""Wiring: configuration in, a database engine, a gateway and a runner out.
+
+Sandbox mode starts the emulator in this process and points the very same
+WeChat Pay client at it: there is no separate fake code path.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+from sqlalchemy import Engine, inspect
+
+from engine.config import ENV_APIV3_KEY, Config, ConfigError
+from engine.db import make_engine
+from engine.runner import Hooks, Runner
+from models import metadata
+from scanners import build_stages
+
+
+def build_gateway(config: Config, stack: ExitStack) -> Any:
+    wechat = config.wechat
+    if wechat.mode == "sandbox":
+        from gateway.sandbox import start_sandbox
+
+        sandbox = start_sandbox(
+            success_delay=wechat.sandbox.success_delay_seconds,
+            port=wechat.sandbox.port,
+            apply_qps=wechat.apply_qps,
+            query_qps=wechat.query_qps,
+            timeout=wechat.timeout_seconds,
+            notify_url=wechat.notify_url,
+        )
+        stack.callback(sandbox.close)
+        logger.bind(stage="gateway", action="sandbox").info(
+            "sandbox gateway: emulator at {} (no money moves)", sandbox.emulator.base_url
+        )
+        return sandbox
+    from gateway.wechat import WeChatPayGateway
+
+    try:
+        gateway = WeChatPayGateway(
+            mchid=wechat.mchid,
+            appid=wechat.appid,
+            merchant_serial_no=wechat.merchant_serial_no,
+            merchant_private_key_pem=wechat.merchant_private_key_file.read_text(encoding="utf-8"),
+            platform_public_key_pem=wechat.platform_public_key_file.read_text(encoding="utf-8"),
+            platform_public_key_id=wechat.platform_public_key_id,
+            apiv3_key=os.environ.get(ENV_APIV3_KEY, ""),
+            base_url=wechat.base_url,
+            timeout=wechat.timeout_seconds,
+            apply_qps=wechat.apply_qps,
+            query_qps=wechat.query_qps,
+            notify_url=wechat.notify_url,
+        )
+    except ValueError as exc:
+        # The gateway's messages never contain key material.
+        raise ConfigError("wechat.merchant_private_key_file", str(exc)) from None
+    stack.callback(gateway.close)
+    return gateway
+
+
+@dataclass
+class App:
+    config: Config
+    db: Engine
+    gateway: Any  # a RefundGateway
+    runner: Runner
+    sandbox: Any = None  # the Sandbox in sandbox mode (its emulator, for the demo and tests)
+
+
+def missing_tables(db: Engine) -> list[str]:
+    present = set(inspect(db).get_table_names())
+    return sorted(set(metadata.tables) - present)
+
+
+def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None) -> App:
+    db = make_engine(config.database_url)
+    stack.callback(db.dispose)
+    built = build_gateway(config, stack)
+    sandbox = built if config.wechat.mode == "sandbox" else None
+    gateway = sandbox.gateway if sandbox else built
+    kwargs = {"hooks": hooks}
+    if clock is not None:
+        kwargs["clock"] = clock
+    runner = Runner(db, config, build_stages(config), gateway, **kwargs)
+    stack.callback(runner.close)
+    return App(config=config, db=db, gateway=gateway, runner=runner, sandbox=sandbox)
