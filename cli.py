@@ -135,8 +135,30 @@ def run(obj: _Ctx, once: bool) -> None:
 @click.pass_obj
 def status(obj: _Ctx, as_json: bool) -> None:
     """Per stage: pending, waiting to retry, failed, done, oldest pending age."""
-    click.echo("cancel-scanner status: not yet implemented", err=True)
-    sys.exit(EXIT_FAILURE)
+    import json
+
+    from engine.app import missing_tables
+    from engine.db import make_engine
+    from engine.runner import utcnow
+    from engine.status import collect_status, format_status
+    from scanners import build_stages
+
+    cfg = obj.config()
+    db = make_engine(cfg.database_url)
+    try:
+        missing = missing_tables(db)
+        if missing:
+            click.echo(f"cancel-scanner: configuration error: database_url: no cancel-scanner schema; run `cancel-scanner initdb`", err=True)
+            sys.exit(EXIT_CONFIG)
+        report = collect_status(db, build_stages(cfg), utcnow())
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        click.echo(f"cancel-scanner: database unavailable: {_short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        db.dispose()
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_status(report))
 
 
 @main.command()

@@ -41,8 +41,15 @@ class Stage(Protocol):
     name: ClassVar[str]
     flags: ClassVar[Flags]
 
+    # Conditions that are always true of a finished row and lead the stage's index, so that
+    # `status` can count done/failed rows from the index alone.
+    index_prefix: ClassVar[tuple] = ()
+
+    def pending(self) -> list:
+        """WHERE clauses for rows this stage will still act on, whenever they are due."""
+
     def ready(self, now: datetime, limit: int) -> Select:
-        """A bounded query for the rows ready now; it must select ``id`` and the attempts column."""
+        """A bounded query for the rows due now (pending and due); selects ``id`` and the attempts column."""
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         """Extra columns set when a row is done (on the polled table)."""
@@ -66,6 +73,8 @@ class GatewayStage(Stage, Protocol):
 
 class StageDefaults:
     """No extra columns unless a stage says so."""
+
+    index_prefix: ClassVar[tuple] = ()
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {}

@@ -59,10 +59,15 @@ class GoodsOrder(Base):
     __tablename__ = "goods_order2"
     __table_args__ = (
         UniqueConstraint("order_no", name="uk_goods_order2_order_no"),
-        # Stage 5 (restore_stock) polls: stock_scanned=0 AND order_status='CANCELLED' AND refund_status IN (...)
-        Index("idx_goods_order2_stock_pending", "stock_scanned", "order_status", "refund_status", "is_deleted"),
-        # Stage 6 (decrement_sales) polls: sales_scanned=0 AND order_status='CANCELLED' AND refund_status='REFUNDED'
-        Index("idx_goods_order2_sales_pending", "sales_scanned", "order_status", "refund_status", "is_deleted"),
+        # Stage 5 (restore_stock) polls: stock_scanned=0 AND stock_success=0 AND order_status='CANCELLED' AND ...;
+        # `status` counts done/failed on the first two columns alone.
+        Index(
+            "idx_goods_order2_stock_pending", "stock_scanned", "stock_success", "order_status", "refund_status", "is_deleted"
+        ),
+        # Stage 6 (decrement_sales) polls: sales_scanned=0 AND sales_success=0 AND order_status='CANCELLED' AND ...
+        Index(
+            "idx_goods_order2_sales_pending", "sales_scanned", "sales_success", "order_status", "refund_status", "is_deleted"
+        ),
         Index("idx_goods_order2_goods_id", "goods_id"),
         {"comment": "One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed."},
     )
@@ -125,8 +130,8 @@ class GoodsOrder(Base):
 class OrderOpRequest(Base):
     __tablename__ = "req_order_ops"
     __table_args__ = (
-        # Stage 1 (intake) polls: scanned=0 ORDER BY id
-        Index("idx_req_order_ops_pending", "scanned", "id"),
+        # Stage 1 (intake) polls: scanned=0 AND success=0 ORDER BY id
+        Index("idx_req_order_ops_pending", "scanned", "success", "id"),
         Index("idx_req_order_ops_order_id", "order_id"),
         {"comment": "Merchants' requests; their tools insert order_id, op_type, operator, reason only."},
     )
@@ -159,12 +164,14 @@ class RefundOrder(Base):
         # One refund per order and sequence number: intake only ever creates seq 1, so a replayed
         # intake can never create a second refund for the same order.
         UniqueConstraint("order_id", "refund_seq", name="uk_refund_order_order_seq"),
-        # Stage 2 (submit_refund) polls: submit_scanned=0 AND next_attempt_at<=now
-        Index("idx_refund_order_submit_pending", "submit_scanned", "next_attempt_at"),
-        # Stage 3 (poll_refund) polls: submit_success=1 AND progress_scanned=0 AND next_attempt_at<=now
-        Index("idx_refund_order_poll_pending", "submit_success", "progress_scanned", "next_attempt_at"),
-        # Stage 4 (sync_result) polls: progress_scanned=1 AND sync_scanned=0
-        Index("idx_refund_order_sync_pending", "progress_scanned", "sync_scanned"),
+        # Stage 2 (submit_refund) polls: submit_scanned=0 AND submit_success=0 AND next_attempt_at<=now
+        Index("idx_refund_order_submit_pending", "submit_scanned", "submit_success", "next_attempt_at"),
+        # Stage 3 (poll_refund) polls: submit_success=1 AND progress_scanned=0 AND progress_success=0 AND next_attempt_at<=now
+        Index(
+            "idx_refund_order_poll_pending", "submit_success", "progress_scanned", "progress_success", "next_attempt_at"
+        ),
+        # Stage 4 (sync_result) polls: progress_scanned=1 AND sync_scanned=0 AND sync_success=0
+        Index("idx_refund_order_sync_pending", "progress_scanned", "sync_scanned", "sync_success"),
         CheckConstraint("refund_amount <= total_amount", name="refund_within_total"),
         {"comment": "One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call."},
     )

@@ -35,15 +35,23 @@ class DecrementSales(StageDefaults):
         last_error=o.sales_last_error,
     )
 
+    pending_since = o.refunded_at
+
+    def pending(self):
+        return [
+            o.sales_scanned == 0,
+            o.sales_success == 0,
+            o.order_status == "CANCELLED",
+            o.refund_status == "REFUNDED",
+            o.is_deleted == 0,
+            o.pay_status == 1,
+        ]
+
     def ready(self, now: datetime, limit: int):
         return (
             select(o.id, o.goods_id, o.quantity, o.sales_attempts)
             .where(
-                o.sales_scanned == 0,
-                o.order_status == "CANCELLED",
-                o.refund_status == "REFUNDED",
-                o.is_deleted == 0,
-                o.pay_status == 1,
+                *self.pending(),
                 or_(o.sales_next_attempt_at.is_(None), o.sales_next_attempt_at <= now),
             )
             .order_by(o.id)

@@ -66,12 +66,17 @@ class Intake(StageDefaults):
         last_error=req_order_ops.c.last_error,
     )
     rejections_are_routine = True
+    pending_since = req_order_ops.c.created_at
+
+    def pending(self):
+        r = req_order_ops.c
+        return [r.scanned == 0, r.success == 0]
 
     def ready(self, now: datetime, limit: int):
         r = req_order_ops.c
         return (
             select(r.id, r.order_id, r.op_type, r.operator, r.reason, r.attempts)
-            .where(r.scanned == 0, or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now))
+            .where(*self.pending(), or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now))
             .order_by(r.id)
             .limit(limit)
         )

@@ -56,12 +56,17 @@ class PollRefund(StageDefaults):
     def __init__(self, poll_delays_seconds: Sequence[float]):
         self.poll_delays = tuple(poll_delays_seconds)
 
+    pending_since = r.submitted_at
+    index_prefix = (r.submit_success == 1,)  # lets `status` count on idx_refund_order_poll_pending
+
+    def pending(self):
+        return [r.submit_success == 1, r.progress_scanned == 0, r.progress_success == 0]
+
     def ready(self, now: datetime, limit: int):
         return (
             select(refund_order)
             .where(
-                r.submit_success == 1,
-                r.progress_scanned == 0,
+                *self.pending(),
                 r.next_attempt_at <= now,
                 or_(r.lease_until.is_(None), r.lease_until < now),
             )

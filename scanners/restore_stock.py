@@ -35,15 +35,23 @@ class RestoreStock(StageDefaults):
         last_error=o.stock_last_error,
     )
 
+    pending_since = o.cancelled_at
+
+    def pending(self):
+        return [
+            o.stock_scanned == 0,
+            o.stock_success == 0,
+            o.order_status == "CANCELLED",
+            o.refund_status.in_(("NONE", "REFUNDED")),
+            o.is_deleted == 0,
+            or_(and_(o.pay_status == 1, o.refund_status == "REFUNDED"), and_(o.pay_status == 0, o.refund_status == "NONE")),
+        ]
+
     def ready(self, now: datetime, limit: int):
         return (
             select(o.id, o.goods_id, o.quantity, o.stock_attempts)
             .where(
-                o.stock_scanned == 0,
-                o.order_status == "CANCELLED",
-                o.refund_status.in_(("NONE", "REFUNDED")),
-                o.is_deleted == 0,
-                or_(and_(o.pay_status == 1, o.refund_status == "REFUNDED"), and_(o.pay_status == 0, o.refund_status == "NONE")),
+                *self.pending(),
                 or_(o.stock_next_attempt_at.is_(None), o.stock_next_attempt_at <= now),
             )
             .order_by(o.id)

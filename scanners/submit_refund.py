@@ -57,14 +57,19 @@ class SubmitRefund(StageDefaults):
         lease_until=r.lease_until,
     )
 
+    pending_since = r.created_at
+
     def __init__(self, first_poll_delay_seconds: float):
         self.first_poll_delay = timedelta(seconds=first_poll_delay_seconds)
+
+    def pending(self):
+        return [r.submit_scanned == 0, r.submit_success == 0]
 
     def ready(self, now: datetime, limit: int):
         return (
             select(refund_order)
             .where(
-                r.submit_scanned == 0,
+                *self.pending(),
                 or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
                 or_(r.lease_until.is_(None), r.lease_until < now),
             )

@@ -36,10 +36,16 @@ class SyncResult(StageDefaults):
         last_error=r.last_error,
     )
 
+    pending_since = r.updated_at
+    index_prefix = (r.progress_scanned == 1,)  # lets `status` count on idx_refund_order_sync_pending
+
+    def pending(self):
+        return [r.progress_scanned == 1, r.sync_scanned == 0, r.sync_success == 0]
+
     def ready(self, now: datetime, limit: int):
         return (
             select(r.id, r.order_id, r.out_refund_no, r.refund_amount, r.wx_status, r.progress_success, r.success_time, r.attempts)
-            .where(r.progress_scanned == 1, r.sync_scanned == 0)
+            .where(*self.pending())
             .order_by(r.id)
             .limit(limit)
         )

@@ -55,10 +55,11 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   updated_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_goods_order2 PRIMARY KEY (id),
   CONSTRAINT uk_goods_order2_order_no UNIQUE KEY (order_no),
-  -- restore_stock polls: stock_scanned=0 AND order_status='CANCELLED' AND refund_status IN ('NONE','REFUNDED')
-  INDEX idx_goods_order2_stock_pending (stock_scanned, order_status, refund_status, is_deleted),
-  -- decrement_sales polls: sales_scanned=0 AND order_status='CANCELLED' AND refund_status='REFUNDED'
-  INDEX idx_goods_order2_sales_pending (sales_scanned, order_status, refund_status, is_deleted),
+  -- restore_stock polls: stock_scanned=0 AND stock_success=0 AND order_status='CANCELLED' AND refund_status IN ('NONE','REFUNDED');
+  -- `status` counts done (1/1) and failed (1/0) on the first two columns alone
+  INDEX idx_goods_order2_stock_pending (stock_scanned, stock_success, order_status, refund_status, is_deleted),
+  -- decrement_sales polls: sales_scanned=0 AND sales_success=0 AND order_status='CANCELLED' AND refund_status='REFUNDED'
+  INDEX idx_goods_order2_sales_pending (sales_scanned, sales_success, order_status, refund_status, is_deleted),
   INDEX idx_goods_order2_goods_id (goods_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed.';
@@ -80,8 +81,8 @@ CREATE TABLE IF NOT EXISTS req_order_ops (
   created_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_req_order_ops PRIMARY KEY (id),
-  -- intake polls: scanned=0 ORDER BY id
-  INDEX idx_req_order_ops_pending (scanned, id),
+  -- intake polls: scanned=0 AND success=0 ORDER BY id
+  INDEX idx_req_order_ops_pending (scanned, success, id),
   INDEX idx_req_order_ops_order_id (order_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='Merchants'' requests; their tools insert order_id, op_type, operator, reason only.';
@@ -118,12 +119,12 @@ CREATE TABLE IF NOT EXISTS refund_order (
   CONSTRAINT uk_refund_order_out_refund_no UNIQUE KEY (out_refund_no),
   -- intake only creates refund_seq 1, so a replayed intake can never add a second refund to an order
   CONSTRAINT uk_refund_order_order_seq UNIQUE KEY (order_id, refund_seq),
-  -- submit_refund polls: submit_scanned=0 AND next_attempt_at<=now
-  INDEX idx_refund_order_submit_pending (submit_scanned, next_attempt_at),
-  -- poll_refund polls: submit_success=1 AND progress_scanned=0 AND next_attempt_at<=now
-  INDEX idx_refund_order_poll_pending (submit_success, progress_scanned, next_attempt_at),
-  -- sync_result polls: progress_scanned=1 AND sync_scanned=0
-  INDEX idx_refund_order_sync_pending (progress_scanned, sync_scanned),
+  -- submit_refund polls: submit_scanned=0 AND submit_success=0 AND next_attempt_at<=now
+  INDEX idx_refund_order_submit_pending (submit_scanned, submit_success, next_attempt_at),
+  -- poll_refund polls: submit_success=1 AND progress_scanned=0 AND progress_success=0 AND next_attempt_at<=now
+  INDEX idx_refund_order_poll_pending (submit_success, progress_scanned, progress_success, next_attempt_at),
+  -- sync_result polls: progress_scanned=1 AND sync_scanned=0 AND sync_success=0
+  INDEX idx_refund_order_sync_pending (progress_scanned, sync_scanned, sync_success),
   CONSTRAINT ck_refund_order_refund_within_total CHECK (refund_amount <= total_amount)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call.';

@@ -17,6 +17,7 @@ import models
 
 from engine.config import Config, parse_config
 from engine.runner import Hooks, Runner
+from engine.status import collect_status
 from scanners import build_stages
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
@@ -183,22 +184,8 @@ class World:
             runner.close()
 
 
-def pending(db: Engine) -> dict[str, int]:
-    """Rows some stage will still act on (the definition `status` uses)."""
-    counts = {
-        "intake": scalar(db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0"),
-        "submit_refund": scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 0"),
-        "poll_refund": scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1 AND progress_scanned = 0"),
-        "sync_result": scalar(db, "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND sync_scanned = 0"),
-        "restore_stock": scalar(
-            db,
-            "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 0 AND order_status = 'CANCELLED' AND is_deleted = 0"
-            " AND ((pay_status = 1 AND refund_status = 'REFUNDED') OR (pay_status = 0 AND refund_status = 'NONE'))",
-        ),
-        "decrement_sales": scalar(
-            db,
-            "SELECT COUNT(*) FROM goods_order2 WHERE sales_scanned = 0 AND order_status = 'CANCELLED' AND is_deleted = 0"
-            " AND pay_status = 1 AND refund_status = 'REFUNDED'",
-        ),
-    }
-    return {k: v for k, v in counts.items() if v}
+def pending(db: Engine, config: Config | None = None) -> dict[str, int]:
+    """Rows some stage will still act on, by stage: what `status` reports as pending."""
+    config = config or parse_config({}, env={})
+    report = collect_status(db, build_stages(config), T0)
+    return {s.stage: s.pending for s in report.stages if s.pending}

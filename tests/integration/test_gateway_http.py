@@ -290,10 +290,13 @@ def test_paced_applies_from_several_threads_never_trip_the_limit(make_gateway, e
     arrivals = [arrived for arrived, method, _call, _status in emulator.request_log if method == "POST"]
     assert all(isinstance(result, Accepted) for result in results)
     assert emulator.requests[("POST", 429)] == 0
-    # Slots leave the client exactly 10 ms apart; thread scheduling can bunch a
-    # couple of arrivals at the server, hence a margin of 2 in any one second.
-    assert _max_in_any_second(arrivals) <= qps + 2
-    assert (len(arrivals) - 1) / (max(arrivals) - min(arrivals)) <= qps * 1.01
+    # Slots leave the client exactly 10 ms apart, but scheduling jitter (client,
+    # server and GIL share one process here) can bunch a few arrivals, so a
+    # single second may see slightly more than `qps`: never more than the limit.
+    # The same jitter on the first arrival (new connections) skews the mean by
+    # a few tens of ms over 3 s; unpaced, these calls run at 5-10x the pace.
+    assert _max_in_any_second(arrivals) <= emulator.apply_qps
+    assert len(arrivals) / (max(arrivals) - min(arrivals) + 1 / qps) <= qps * 1.03
 
 
 # -- the emulator's own checks, with hand-made requests -------------------------------------

@@ -1,0 +1,98 @@
+"""What `cancel-scanner status` shows: per stage, pending / waiting / failed / done / oldest pending.
+
+Every figure is one query that an index of sql/schema.sql serves: the stages'
+indexes lead with their flag columns (and ``index_prefix``), so counting done
+and failed rows reads the index only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Mapping
+
+from sqlalchemy import Connection, Engine, func, select
+
+from engine.stage import Stage
+from models import refund_order
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage: str
+    pending: int  # rows the stage will still act on: due now, or waiting
+    waiting: int  # of those, not due yet (a retry after a failure, or the next poll)
+    failed: int  # X_scanned=1, X_success=0: an operator must look
+    done: int  # X_scanned=1, X_success=1
+    oldest_pending_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Status:
+    now: datetime
+    stages: tuple[StageStatus, ...]
+    abnormal_refunds: int  # WeChat says ABNORMAL: the user's account is frozen, the merchant must act
+
+    def as_dict(self) -> dict:
+        return {
+            "now": self.now.isoformat(),
+            "stages": {s.stage: {k: v for k, v in asdict(s).items() if k != "stage"} for s in self.stages},
+            "abnormal_refunds": self.abnormal_refunds,
+        }
+
+
+def _count(conn: Connection, table, *where) -> int:
+    return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+
+def stage_status(conn: Connection, stage: Stage, now: datetime) -> StageStatus:
+    flags = stage.flags
+    table = flags.table
+    pending = stage.pending()
+    oldest = conn.execute(select(func.min(stage.pending_since)).where(*pending)).scalar()
+    if isinstance(oldest, str):  # SQLite hands back text for an aggregate
+        oldest = datetime.fromisoformat(oldest)
+    return StageStatus(
+        stage=stage.name,
+        pending=_count(conn, table, *pending),
+        waiting=_count(conn, table, *pending, flags.next_attempt_at > now),
+        failed=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 0),
+        done=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 1),
+        oldest_pending_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else None,
+    )
+
+
+def collect_status(db: Engine, stages: Mapping[str, Stage], now: datetime) -> Status:
+    r = refund_order.c
+    with db.connect() as conn:
+        per_stage = tuple(stage_status(conn, stage, now) for stage in stages.values())
+        abnormal = _count(
+            conn, refund_order, r.submit_success == 1, r.progress_scanned == 0, r.progress_success == 0, r.wx_status == "ABNORMAL"
+        )
+    return Status(now=now, stages=per_stage, abnormal_refunds=abnormal)
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def format_status(status: Status) -> str:
+    lines = [f"{'stage':16} {'pending':>8} {'waiting':>8} {'failed':>8} {'done':>10}  oldest pending"]
+    for s in status.stages:
+        lines.append(
+            f"{s.stage:16} {s.pending:8d} {s.waiting:8d} {s.failed:8d} {s.done:10d}  {format_age(s.oldest_pending_seconds)}"
+        )
+    if status.abnormal_refunds:
+        lines.append(f"ABNORMAL refunds needing the merchant's action: {status.abnormal_refunds}")
+    failed = sum(s.failed for s in status.stages)
+    if failed:
+        lines.append(f"{failed} row(s) failed for good: see the view v_cancel_scanner_failed (MySQL) or last_error on the rows")
+    return "\n".join(lines)
