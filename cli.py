@@ -110,7 +110,11 @@ def run(obj: _Ctx, once: bool) -> None:
             )
             sys.exit(EXIT_CONFIG)
         if once:
-            totals = app.runner.run_until_idle()
+            try:
+                totals = app.runner.run_until_idle()
+            except Exception as exc:  # noqa: BLE001 - cron wants one line and a non-zero code
+                click.echo(f"cancel-scanner: run --once stopped: {_short(exc)}", err=True)
+                sys.exit(EXIT_FAILURE)
             for name, report in totals.items():
                 click.echo(f"{name:16} done {report.done:6}  failed {report.failed:5}  retrying {report.retried:5}  waiting {report.later:5}")
             return
