@@ -126,7 +126,11 @@ def run(obj: _Ctx, once: bool) -> None:
             from gateway.notify import NotifyServer
 
             host, _, port = cfg.wechat.notify_listen.rpartition(":")
-            notify = NotifyServer(app.gateway, lambda res: poll_soon(app, daemon, res["out_refund_no"]), host=host, port=int(port))
+            def on_refund(resource: dict) -> None:
+                if poll_soon(app.db, resource["out_refund_no"], app.runner.clock()):
+                    daemon.wake("poll_refund")
+
+            notify = NotifyServer(app.gateway, on_refund, host=host, port=int(port))
             notify.start()
             stack.callback(notify.stop)
         daemon.start()

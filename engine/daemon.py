@@ -203,24 +203,24 @@ class Daemon:
             pass
 
 
-def poll_soon(app: App, daemon: Daemon | None, out_refund_no: str) -> None:
-    """A refund notification arrived: poll that refund now instead of at its scheduled time.
+
+def poll_soon(db, out_refund_no: str, now: datetime) -> int:
+    """A refund notification arrived: make that refund due for polling now.
 
     The notification itself changes no money state: the poll stage reads the refund
-    from WeChat and stays the only writer, so a forged or replayed notification can
-    at most cause one extra query.
+    from WeChat and stays its only writer, so a forged or replayed notification can
+    at most cause one extra query. Returns how many rows were moved (0 or 1).
     """
     from sqlalchemy import update
 
     from models import refund_order
 
     r = refund_order.c
-    with app.db.begin() as conn:
+    with db.begin() as conn:
         moved = conn.execute(
             update(refund_order)
-            .where(r.out_refund_no == out_refund_no, r.submit_success == 1, r.progress_scanned == 0)
-            .values(next_attempt_at=app.runner.clock())
+            .where(r.out_refund_no == out_refund_no, r.submit_success == 1, r.progress_scanned == 0, r.progress_success == 0)
+            .values(next_attempt_at=now)
         ).rowcount
     logger.bind(stage="notify", action="poll_soon", out_refund_no=out_refund_no, rows=moved).info("refund notification")
-    if moved and daemon is not None:
-        daemon.wake("poll_refund")
+    return moved

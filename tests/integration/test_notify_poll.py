@@ -1,0 +1,45 @@
+"""A WeChat refund notification makes the refund due for polling at once; it never changes money state itself."""
+
+from __future__ import annotations
+
+import threading
+
+from engine.daemon import poll_soon
+from gateway.notify import NotifyServer
+from scanners.intake import out_refund_no_for
+from tests.flow import add_goods, add_order, refunds, request_cancel
+
+
+def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
+    add_goods(world.db, 1)
+    add_order(world.db, 401)
+    request_cancel(world.db, 401)
+    arrived = threading.Event()
+
+    def on_refund(resource):
+        poll_soon(world.db, resource["out_refund_no"], world.clock.now)
+        arrived.set()
+
+    with NotifyServer(world.sandbox.gateway, on_refund).start() as server:
+        world.emulator.notify_url = server.url
+        runner = world.runner()
+        runner.run_stage("intake", world.clock.now)
+        runner.run_stage("submit_refund", world.clock.now)
+        scheduled = refunds(world.db)[401]["next_attempt_at"]
+        assert scheduled > world.clock.now  # the first poll would be a second later
+        assert runner.run_stage("poll_refund", world.clock.now).claimed == 0
+
+        assert arrived.wait(10), "no notification within 10 s"
+        assert refunds(world.db)[401]["next_attempt_at"] == world.clock.now
+        assert refunds(world.db)[401]["progress_scanned"] == 0  # the notification alone decides nothing
+        report = runner.run_stage("poll_refund", world.clock.now)
+        runner.close()
+
+    assert report.done == 1
+    refund = refunds(world.db)[401]
+    assert (refund["progress_scanned"], refund["progress_success"], refund["wx_status"]) == (1, 1, "SUCCESS")
+    assert world.emulator.refunds_created[out_refund_no_for(401)] == 1
+
+
+def test_a_notification_for_an_unknown_or_finished_refund_moves_nothing(world):
+    assert poll_soon(world.db, "CSR999-1", world.clock.now) == 0
