@@ -40,6 +40,7 @@ Choices a test writer should know:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
@@ -331,9 +332,7 @@ class Emulator:
         self._wire_clock = wire_clock or clock
         self._monotonic = monotonic
         self._merchant_key = serialization.load_pem_public_key(keys.merchant_public_key_pem.encode("ascii"))
-        self._platform_key = serialization.load_pem_private_key(
-            keys.platform_private_key_pem.encode("ascii"), password=None
-        )
+        self._platform_key = _load_private_key(keys.platform_private_key_pem)
         self._aes = AESGCM(keys.apiv3_key.encode("utf-8"))
 
         # One lock for all state; the condition wakes wait_for(), the ticker and the sender.
@@ -382,7 +381,7 @@ class Emulator:
         self._stopping.clear()
         self._server = _Server((self.host, self.port), self)
         self._threads = [
-            threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="emulator-http", daemon=True),
+            threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="emulator-http", daemon=True),
             threading.Thread(target=self._tick_loop, name="emulator-ticker", daemon=True),
             threading.Thread(target=self._send_loop, name="emulator-notify", daemon=True),
         ]
@@ -708,7 +707,8 @@ class Emulator:
                 return _Reply(drop=True)
             return None
         if fault.kind == "bad_signature" and kind == "apply":
-            return _Reply(200, self._forged_refund(body), tamper=True)
+            forged = self._forged_refund(body)
+            return None if forged is None else _Reply(200, forged, tamper=True)
         return None
 
     @staticmethod
@@ -723,16 +723,21 @@ class Emulator:
             reply.tamper = True
         return reply
 
-    def _forged_refund(self, body: bytes) -> dict[str, Any]:
-        data = json.loads(body)
-        amount = data.get("amount") or {}
+    def _forged_refund(self, body: bytes) -> dict[str, Any] | None:
+        """A refund object echoing the request that was never recorded; None if the request is malformed."""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        if _invalid_apply_fields(data) is not None:
+            return None
         forged = _Refund(
             refund_id=_digits("50", 32),
-            out_refund_no=str(data.get("out_refund_no")),
+            out_refund_no=data["out_refund_no"],
             out_trade_no=str(data.get("out_trade_no") or ""),
             transaction_id=str(data.get("transaction_id") or ""),
-            refund=int(amount.get("refund") or 0),
-            total=int(amount.get("total") or 0),
+            refund=data["amount"]["refund"],
+            total=data["amount"]["total"],
             notify_url=None,
             created_at=self._clock(),
         )
@@ -988,6 +993,12 @@ class Emulator:
             status=status,
             attempt=delivery.attempt,
         ).debug("emulator sent a notification")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_private_key(pem: str) -> Any:
+    # Loading validates the RSA key (~50 ms); tests start an emulator per test with the same keys.
+    return serialization.load_pem_private_key(pem.encode("ascii"), password=None)
 
 
 def _digits(prefix: str, length: int) -> str:

@@ -84,7 +84,12 @@ class _Handler(BaseHTTPRequestHandler):
         if length <= 0 or length > MAX_BODY_BYTES:
             self._answer(400, "FAIL", "missing or oversized body")
             return
-        status, message = self.server.owner.handle(self.headers, self.rfile.read(length))
+        try:
+            status, message = self.server.owner.handle(self.headers, self.rfile.read(length))
+        except Exception:
+            # Answer anyway: without an answer WeChat waits out its timeout before retrying.
+            _log.opt(exception=True).warning("refund notification could not be handled; WeChat will retry")
+            status, message = 500, "internal error"
         self._answer(status, "SUCCESS" if status < 300 else "FAIL", message)
 
     def _answer(self, status: int, code: str, message: str) -> None:
@@ -135,7 +140,7 @@ class NotifyServer:
         if self._server is None:
             self._server = _Server((self.host, self.port), self)
             self._thread = threading.Thread(
-                target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="notify-http", daemon=True
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="notify-http", daemon=True
             )
             self._thread.start()
         return self

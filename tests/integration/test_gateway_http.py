@@ -6,10 +6,16 @@ waits are the ones the behaviour is about: a read timeout, and the pacing test.
 
 from __future__ import annotations
 
+import os
+import signal
+import stat
+import subprocess
+import sys
 import threading
 import time
 from base64 import b64decode, b64encode
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -19,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from loguru import logger
 
 from gateway.contract import Accepted, ConfigError, Permanent, RefundRequest, RetryLater, UnknownOutcome
-from gateway.emulator import REFUNDS_PATH, FaultPlan
+from gateway.emulator import REFUNDS_PATH, Emulator, FaultPlan
 from gateway.keys import generate_key_material
+from tests.gateway_fixtures import build_gateway
 
 PAID = 1280
 
@@ -256,17 +263,28 @@ def test_an_abnormal_refund_stays_abnormal_until_the_merchant_acts(gateway, emul
 # -- rate limits ------------------------------------------------------------------------------
 
 
-def test_the_emulator_answers_429_over_its_qps(make_gateway, emulator):
-    emulator.apply_qps = 2
-    gateway = make_gateway(apply_qps=None)
+def test_the_emulator_answers_429_over_its_qps(key_material):
     frozen = time.monotonic()
-    emulator._monotonic = lambda: frozen  # every request lands in the same second
-
-    results = [gateway.apply(refund(f"R{i}", f"O{i}")) for i in range(3)]
+    # A standing monotonic clock: every request lands in the same second.
+    with Emulator(key_material, apply_qps=2, monotonic=lambda: frozen) as emulator:
+        gateway = build_gateway(key_material, emulator.base_url, apply_qps=None)
+        try:
+            results = [gateway.apply(refund(f"R{i}", f"O{i}")) for i in range(3)]
+        finally:
+            gateway.close()
 
     assert [type(r) for r in results] == [Accepted, Accepted, UnknownOutcome]
     assert results[2].code == "FREQUENCY_LIMITED"
     assert emulator.refunds_created["R2"] == 0
+
+
+def test_an_answer_signed_under_another_key_id_is_unknown_and_fetches_no_certificates(make_gateway, emulator):
+    gateway = make_gateway(platform_public_key_id="PUB_KEY_ID_" + "9" * 32)
+
+    result = gateway.apply(refund())
+
+    assert isinstance(result, UnknownOutcome) and result.code == "BAD_SIGNATURE"
+    assert emulator.requests == {("POST", 200): 1}  # no GET /v3/certificates behind our back
 
 
 def _max_in_any_second(times: list[float]) -> int:
@@ -389,3 +407,53 @@ def test_no_secret_reaches_logs_or_reprs(gateway, emulator, key_material):
     assert len(lines) >= 4
     for secret in (key_material.apiv3_key, private_key_body, "PRIVATE KEY", "WECHATPAY2-SHA256-RSA2048 mchid", 'signature="'):
         assert secret not in everything
+
+
+@pytest.mark.parametrize(
+    ("overrides", "complaint"),
+    [
+        (dict(base_url="http://api.example.com"), "https"),
+        (dict(notify_url="https://shop.example.com/notify?x=1"), "query"),
+        (dict(apiv3_key="short"), "32 bytes"),
+        (dict(merchant_private_key_pem="-----BEGIN PRIVATE KEY-----\nSECRETSTUFF\n-----END PRIVATE KEY-----"), "PEM"),
+    ],
+)
+def test_a_misconfigured_gateway_fails_at_construction_without_echoing_secrets(key_material, overrides, complaint):
+    params = {"base_url": "https://api.mch.weixin.qq.com", **overrides}
+    with pytest.raises(ValueError) as raised:
+        build_gateway(key_material, **params)
+
+    assert complaint in str(raised.value)
+    assert "SECRETSTUFF" not in str(raised.value) and raised.value.__cause__ is None
+
+
+# -- the `emulator` command's entry point ----------------------------------------------------------
+
+
+def test_the_emulator_command_prints_where_things_are_and_stops_cleanly_on_sigterm(tmp_path):
+    key_dir = tmp_path / "keys"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; from gateway.emulator import serve; sys.exit(serve(key_dir={str(key_dir)!r}))"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(8)]
+        facts = dict(line.split(" ", 1) for line in lines)
+        base_url = facts["listening"].removeprefix("on ")
+        answer = requests.get(base_url + REFUNDS_PATH + "/R1", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=10)
+
+    assert returncode == 0
+    assert answer.status_code == 401  # unsigned
+    apiv3_key_file = Path(facts["apiv3_key_file"])
+    for path in (apiv3_key_file, Path(facts["merchant_private_key_file"]), Path(facts["platform_public_key_file"])):
+        assert path.parent == key_dir
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert apiv3_key_file.read_text() not in "\n".join(lines)
+    assert "PRIVATE KEY" not in "\n".join(lines)
