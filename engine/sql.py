@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from sqlalchemy import Column, Connection, Select, case, insert
+from sqlalchemy import Column, Connection, Select, case, insert, select, update
 
 from engine.outcome import clip
-from models import oplog
+from models import goods, oplog
 
 
 def locked(conn: Connection, query: Select, *, skip_locked: bool = False) -> Select:
@@ -28,3 +28,19 @@ def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]])
 def by_id(id_column: Column, values: Mapping[int, object], else_=None):
     """``CASE id WHEN .. THEN .. END``: one UPDATE writes a different value per row."""
     return case(values, value=id_column, else_=else_)
+
+
+def lock_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> dict[int, int]:
+    """Current ``column`` (stock or sales) of these goods, locked.
+
+    Always in id order: restore_stock and decrement_sales both lock goods rows, and the
+    same order in every transaction means they can wait for each other but never deadlock.
+    """
+    query = select(goods.c.id, column).where(goods.c.id.in_(sorted(set(goods_ids)))).order_by(goods.c.id)
+    return dict(conn.execute(locked(conn, query)).all())
+
+
+def adjust_goods(conn: Connection, column: Column, deltas: Mapping[int, int]) -> None:
+    """One aggregated UPDATE for the whole batch: ``column += delta`` per goods row."""
+    if deltas:
+        conn.execute(update(goods).where(goods.c.id.in_(list(deltas))).values({column: column + by_id(goods.c.id, dict(deltas), else_=0)}))

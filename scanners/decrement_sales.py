@@ -13,10 +13,10 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import Connection, Row, or_, select, update
+from sqlalchemy import Connection, Row, or_, select
 
 from engine.outcome import Done, Failed, Outcome
-from engine.sql import by_id, locked, write_oplog
+from engine.sql import adjust_goods, lock_goods, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import goods, goods_order2
 
@@ -59,11 +59,7 @@ class DecrementSales(StageDefaults):
         )
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
-        goods_ids = sorted({row.goods_id for row in rows})
-        # Same lock order as restore_stock: goods by id.
-        sales = dict(
-            conn.execute(locked(conn, select(g.id, g.sales).where(g.id.in_(goods_ids)).order_by(g.id))).all()
-        )
+        sales = lock_goods(conn, (row.goods_id for row in rows), g.sales)
         outcomes: dict[int, Outcome] = {}
         take: dict[int, int] = defaultdict(int)
         events = []
@@ -79,7 +75,6 @@ class DecrementSales(StageDefaults):
                 take[row.goods_id] += row.quantity
                 events.append((row.id, "SALES_DECREMENTED", f"goods {row.goods_id} -{row.quantity}"))
                 outcomes[row.id] = Done()
-        if take:
-            conn.execute(update(goods).where(g.id.in_(list(take))).values(sales=g.sales - by_id(g.id, dict(take), else_=0)))
+        adjust_goods(conn, g.sales, {goods_id: -n for goods_id, n in take.items()})
         write_oplog(conn, events)
         return outcomes

@@ -12,10 +12,10 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Sequence
 
-from sqlalchemy import Connection, Row, and_, or_, select, update
+from sqlalchemy import Connection, Row, and_, or_, select
 
 from engine.outcome import Done, Failed, Outcome
-from engine.sql import by_id, locked, write_oplog
+from engine.sql import adjust_goods, lock_goods, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import goods, goods_order2
 
@@ -59,11 +59,7 @@ class RestoreStock(StageDefaults):
         )
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
-        goods_ids = sorted({row.goods_id for row in rows})
-        # Goods rows are locked in id order by this stage and by decrement_sales, so the two never deadlock.
-        stock = dict(
-            conn.execute(locked(conn, select(g.id, g.stock).where(g.id.in_(goods_ids)).order_by(g.id))).all()
-        )
+        stock = lock_goods(conn, (row.goods_id for row in rows), g.stock)
         outcomes: dict[int, Outcome] = {}
         add: dict[int, int] = defaultdict(int)
         events = []
@@ -76,7 +72,6 @@ class RestoreStock(StageDefaults):
                 add[row.goods_id] += row.quantity
                 events.append((row.id, "STOCK_RESTORED", f"goods {row.goods_id} +{row.quantity}"))
                 outcomes[row.id] = Done()
-        if add:
-            conn.execute(update(goods).where(g.id.in_(list(add))).values(stock=g.stock + by_id(g.id, dict(add), else_=0)))
+        adjust_goods(conn, g.stock, add)
         write_oplog(conn, events)
         return outcomes
