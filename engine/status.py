@@ -92,7 +92,13 @@ def format_status(status: Status) -> str:
         )
     if status.abnormal_refunds:
         lines.append(f"ABNORMAL refunds needing the merchant's action: {status.abnormal_refunds}")
-    failed = sum(s.failed for s in status.stages)
+    rejected = sum(s.failed for s in status.stages if s.stage == "intake")
+    failed = sum(s.failed for s in status.stages if s.stage != "intake")
+    if rejected:
+        lines.append(f"intake failed = {rejected} request(s) rejected with a result code (req_order_ops.result_code)")
     if failed:
-        lines.append(f"{failed} row(s) failed for good: see the view v_cancel_scanner_failed (MySQL) or last_error on the rows")
+        lines.append(
+            f"{failed} row(s) failed for good and need a person: their reason is in last_error"
+            " (on MySQL, SELECT * FROM v_cancel_scanner_failed)"
+        )
     return "\n".join(lines)
