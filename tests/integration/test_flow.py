@@ -238,3 +238,29 @@ def test_a_processing_refund_is_polled_on_schedule_and_an_abnormal_one_waits_for
     world.emulator.resolve_abnormal("SO0000000305")
     world.settle(runner)
     assert {o: row(world.db, "goods_order2", o)["refund_status"] for o in (304, 305)} == {304: "REFUNDED", 305: "REFUNDED"}
+
+
+def test_a_daemon_whose_lease_was_taken_over_drops_its_answer_and_the_new_holder_finishes(world):
+    add_goods(world.db, 1)
+    add_order(world.db, 306)
+    request_cancel(world.db, 306)
+    world.runner().run_stage("intake", world.clock.now)
+    lease = world.config.job("submit_refund").lease_seconds
+
+    def stalled_past_the_lease(stage, row, result):
+        # While "slow" holds the answer, its lease expires and "fast" takes the row over.
+        world.clock.advance(lease + 1)
+        with world.db.begin() as conn:
+            conn.exec_driver_sql("UPDATE refund_order SET lease_owner = 'fast', lease_until = NULL")
+
+    slow = world.runner(owner="slow", hooks=Hooks(after_gateway_call=stalled_past_the_lease))
+    report = slow.run_stage("submit_refund", world.clock.now)
+    slow.close()
+    assert report.done == 0  # its answer was dropped, not written over the new holder's row
+    assert refunds(world.db)[306]["submit_scanned"] == 0
+
+    with world.db.begin() as conn:
+        conn.exec_driver_sql("UPDATE refund_order SET lease_owner = NULL")  # "fast" died too; its lease lapses
+    world.settle()
+    assert world.emulator.refunds_created[out_refund_no_for(306)] == 1
+    assert row(world.db, "goods_order2", 306)["refund_status"] == "REFUNDED"
