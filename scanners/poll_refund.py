@@ -91,6 +91,10 @@ class PollRefund(StageDefaults):
                 outcomes[row.id] = outcome
                 continue
             refund = result.refund
+            if refund.out_refund_no != row.out_refund_no or refund.refund_amount != row.refund_amount:
+                # Never record a success for money we did not ask to move.
+                outcomes[row.id] = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")
+                continue
             seen.append({"b_id": row.id, "b_status": refund.status, "b_success_time": refund.success_time})
             log = logger.bind(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, wx_status=refund.status)
             if refund.status == "SUCCESS":
