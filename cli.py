@@ -5,13 +5,14 @@ Exit codes: 0 success, 2 bad usage or configuration (one line naming the key), 1
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from engine import __version__
-from engine.config import Config, ConfigError, load_config, resolve_config_path
+from engine.config import STAGES, Config, ConfigError, load_config, resolve_config_path
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -167,6 +168,30 @@ def status(obj: _Ctx, as_json: bool) -> None:
     finally:
         db.dispose()
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_status(report))
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(list(STAGES)))
+@click.argument("row_ids", nargs=-1, required=True, type=int)
+@click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), help="Who requeues (kept in last_error).")
+@click.pass_obj
+def requeue(obj: _Ctx, stage: str, row_ids: tuple[int, ...], who: str) -> None:
+    """Give rows of STAGE that failed for good (X_scanned=1, X_success=0) another go."""
+    from engine.db import make_engine
+    from engine.requeue import requeue as requeue_rows
+    from engine.runner import utcnow
+    from scanners import build_stages
+
+    cfg = obj.config()
+    db = make_engine(cfg.database_url)
+    try:
+        count = requeue_rows(db, build_stages(cfg)[stage], row_ids, utcnow(), who)
+    except Exception as exc:  # noqa: BLE001
+        click.echo(f"cancel-scanner: requeue failed: {_short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        db.dispose()
+    click.echo(f"{stage}: {count} of {len(set(row_ids))} row(s) requeued (only rows that had failed for good are)")
 
 
 @main.command()

@@ -264,3 +264,31 @@ def test_a_daemon_whose_lease_was_taken_over_drops_its_answer_and_the_new_holder
     world.settle()
     assert world.emulator.refunds_created[out_refund_no_for(306)] == 1
     assert row(world.db, "goods_order2", 306)["refund_status"] == "REFUNDED"
+
+
+def test_an_operator_requeues_a_refund_that_gave_up_and_it_completes_with_the_same_number(world):
+    from engine.requeue import requeue
+
+    add_goods(world.db, 1)
+    add_order(world.db, 307)
+    request_cancel(world.db, 307)
+    number = out_refund_no_for(307)
+    world.emulator.fail_next(number, "503", times=100, after_commit=True)  # accepted, but every answer is lost
+    runner = world.runner()
+    runner.run_until_idle(world.clock.now)
+    for _ in range(world.config.job("submit_refund").max_attempts):
+        world.clock.advance(60)
+        runner.run_until_idle(world.clock.now)
+    refund = refunds(world.db)[307]
+    assert (refund["submit_scanned"], refund["submit_success"]) == (1, 0)
+    assert "gave up" in refund["last_error"]
+    assert row(world.db, "goods_order2", 307)["refund_status"] == "REFUNDING"  # never guessed
+
+    world.emulator.clear_rules()
+    stages = runner.stages
+    assert requeue(world.db, stages["submit_refund"], [refund["id"]], world.clock.now, "ops-anna") == 1
+    assert requeue(world.db, stages["submit_refund"], [refund["id"]], world.clock.now, "ops-anna") == 0  # pending now
+    world.settle(runner)
+    assert world.emulator.refunds_created[number] == 1
+    assert refunds(world.db)[307]["out_refund_no"] == number
+    assert row(world.db, "goods_order2", 307)["refund_status"] == "REFUNDED"
