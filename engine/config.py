@@ -37,6 +37,7 @@ DEFAULT_GATEWAY_MAX_ATTEMPTS = 20
 DEFAULT_RETRY_DELAYS_SECONDS = (5.0, 15.0, 60.0, 300.0, 900.0)
 DEFAULT_POLL_DELAYS_SECONDS = (60.0, 300.0, 600.0, 1200.0, 1800.0)
 DEFAULT_LEASE_SECONDS = 120.0
+LEASE_SAFETY_MARGIN_SECONDS = 5.0  # a gateway call starts only if it can end this long before its lease
 DEFAULT_APPLY_QPS = 150.0
 DEFAULT_QUERY_QPS = 300.0
 DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)
@@ -359,6 +360,14 @@ def parse_config(raw: Any, *, source: str = "<memory>", base_dir: Path | None = 
     jobs_raw = _mapping(data.get("jobs"), "jobs")
     _reject_unknown(jobs_raw, set(STAGES), "jobs")
     kw["jobs"] = {name: _parse_job(name, jobs_raw.get(name)) for name in STAGES}
+    for name in GATEWAY_STAGES:
+        # A call starts only if it can finish inside the lease; a shorter lease would start none.
+        need = sum(wechat.timeout_seconds) + LEASE_SAFETY_MARGIN_SECONDS
+        if kw["jobs"][name].lease_seconds <= need:
+            raise ConfigError(
+                f"jobs.{name}.lease_seconds",
+                f"must be more than wechat.timeout_seconds (connect + read) + {LEASE_SAFETY_MARGIN_SECONDS:g} s = {need:g}",
+            )
     return Config(**kw)
 
 

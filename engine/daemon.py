@@ -114,11 +114,18 @@ class Daemon:
 
         threading.Thread(target=finish, daemon=True, name="cs-shutdown").start()
         clean = done.wait(max(0.0, deadline - time.monotonic()))
-        try:
-            released = self.runner.release_leases()
-        except Exception as exc:  # the database may be the reason we stop; leases expire anyway
-            released = 0
-            logger.bind(stage="daemon", action="release_failed").warning("could not release leases: {}", exc)
+        released = 0
+        if clean:
+            try:
+                released = self.runner.release_leases()
+            except Exception as exc:  # the database may be the reason we stop; leases expire anyway
+                logger.bind(stage="daemon", action="release_failed").warning("could not release leases: {}", exc)
+        else:
+            # A gateway call may still be in flight: its lease must stay until it expires, or
+            # another daemon could call WeChat for the same refund at the same time.
+            logger.bind(stage="daemon", action="stop_timeout").warning(
+                "batches still running after {:.0f}s; leaving their leases to expire", self.config.shutdown_timeout_seconds
+            )
         logger.bind(stage="daemon", action="stopped", clean=clean, leases_released=released).info("cancel-scanner stopped")
         return clean
 

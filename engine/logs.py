@@ -59,6 +59,19 @@ def _json_sink(stream: TextIO):
     return write
 
 
+class _RoutineSchedulerNotice(logging.Filter):
+    """APScheduler warns when a run is skipped because the stage is still busy with the last one.
+
+    The daemon coalesces those on purpose (a busy stage re-runs at once when it finishes),
+    so for us it is routine: DEBUG, not a WARNING an operator should chase.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "maximum number of running instances reached" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: TextIO | None = None) -> None:
     stream = stream or sys.stderr
     logger.remove()
@@ -71,3 +84,6 @@ def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: Text
     # its warnings (missed runs, max instances) are what an operator needs.
     for name, lvl in (("apscheduler", logging.WARNING), ("sqlalchemy", logging.WARNING)):
         logging.getLogger(name).setLevel(lvl)
+    scheduler_log = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _RoutineSchedulerNotice) for f in scheduler_log.filters):
+        scheduler_log.addFilter(_RoutineSchedulerNotice())

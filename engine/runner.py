@@ -34,15 +34,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from loguru import logger
 from sqlalchemy import Connection, Engine, Row, select, update
 
-from engine.config import Config, JobConfig
+from engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from engine.db import is_mysql
 from engine.errors import is_transient_db_error
 from engine.outcome import Done, Failed, Later, Outcome, Retry, clip
 from engine.retry import GiveUp, decide
 from engine.stage import Flags, Stage
 
-# A call starts only if it can finish (connect + read timeout) this long before the lease ends.
-LEASE_SAFETY_MARGIN_SECONDS = 5.0
 MAX_IDLE_ROUNDS = 10_000
 
 
@@ -75,8 +73,12 @@ class BatchReport:
 
     @property
     def full(self) -> bool:
-        """The batch was full: more rows are probably ready, run again at once."""
-        return self.error is None and self.batch_size > 0 and self.claimed >= self.batch_size
+        """The batch was full and all of it was worked: more rows are probably ready, run again at once."""
+        return self.error is None and self.batch_size > 0 and self.claimed >= self.batch_size and not self.skipped
+
+    @property
+    def progressed(self) -> bool:
+        return bool(self.done or self.failed or self.retried or self.later)
 
     @property
     def finished(self) -> int:
@@ -141,7 +143,8 @@ class Runner:
             if not is_transient_db_error(exc) and not isinstance(exc, LostClaim):
                 raise
             report.error = f"{type(exc).__name__}: {_first_line(exc)}"
-            log.bind(action="batch_aborted").warning("batch rolled back, will retry: {}", report.error)
+            # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
+            log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error)
         if report.claimed:
             log.bind(
                 action="batch",
@@ -168,9 +171,9 @@ class Runner:
                     _accumulate(totals[name], report)
                     if report.error:
                         raise RuntimeError(f"stage {name} failed: {report.error}")
-                    if report.claimed:
+                    if report.progressed:
                         progressed = True
-                    if not report.full or report.skipped == report.claimed:
+                    if not report.full:
                         break
             if not progressed or self.stopping.is_set():
                 return totals
@@ -319,6 +322,10 @@ class Runner:
             outcomes.update(crashed)
             fresh_rows = [owned[i] for i in outcomes]
             self._apply_outcomes(conn, stage, job, fresh_rows, outcomes, now, report, owner=self.owner)
+            if skipped and not self.stopping.is_set():
+                log.bind(action="calls_skipped", rows=len(skipped)).warning(
+                    "{} call(s) not started: the lease would have run out before they could finish", len(skipped)
+                )
             if skipped:
                 conn.execute(
                     update(flags.table)

@@ -64,6 +64,9 @@ class _SeenIds:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 refuses a burst of new connections (16 worker
+    # threads opening theirs at once) with connect timeouts the real gateway never shows.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], owner: NotifyServer) -> None:
         self.owner = owner

@@ -1,0 +1,892 @@
+"""Acceptance harness: the real `cancel-scanner` CLI in subprocesses, a WeChat Pay emulator in the test process.
+
+The emulator lives here, not in the daemon, so its counters (refunds created per
+out_refund_no, fen refunded per order, requests in flight at once) survive every
+kill of a daemon. Daemons run in wechat ``mode: live`` against it: the same
+configuration path, key files and APIv3 key from the environment as production.
+
+Waiting is always on a condition with a deadline (``wait_until``), never a fixed
+sleep to "let work happen". ``check_invariants`` is the end-state proof every
+scenario shares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pytest
+import yaml
+from loguru import logger
+from sqlalchemy import Engine, text
+
+from gateway.emulator import Emulator, FaultPlan
+from gateway.keys import KeyMaterial, generate_key_material
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = REPO / "cli.py"
+SOAK = os.environ.get("CANCEL_SCANNER_SOAK") == "1"
+
+STAGES = ("intake", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales")
+SHUTDOWN_TIMEOUT_SECONDS = 10
+INTERVAL_SECONDS = 0.3
+RETRY_DELAYS_SECONDS = [0.2, 0.5, 1]
+POLL_DELAYS_SECONDS = [0.3, 0.6]
+READ_TIMEOUT_SECONDS = [1, 1]  # connect, read
+LEASE_SECONDS = 10  # calls start only within lease - (connect + read) - 5 s of the claim
+MAX_ATTEMPTS = 100_000  # hostile scenarios retry a lot; nothing here may give up
+# Environment a developer's shell may carry that would change what the daemon under test does.
+_SCRUBBED_ENV = ("CANCEL_SCANNER_CONFIG", "CANCEL_SCANNER_DB_URL", "CANCEL_SCANNER_ALLOW_SANDBOX", "WECHATPAY_APIV3_KEY")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# --- waiting ---------------------------------------------------------------------------------------
+
+
+def wait_until(
+    probe: Callable[[], Any],
+    timeout: float,
+    what: str,
+    *,
+    until: Callable[[Any], bool] = bool,
+    interval: float = 0.1,
+    daemons: Sequence["DaemonProcess"] = (),
+) -> Any:
+    """Poll ``probe()`` until ``until(value)`` holds; return the value.
+
+    Raises AssertionError naming ``what`` and the last value seen when the deadline
+    passes, or at once if one of ``daemons`` died meanwhile (with its log tail).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if until(value):
+            return value
+        for daemon in daemons:
+            if daemon.started and not daemon.alive and not daemon.exit_expected:
+                raise AssertionError(
+                    f"{daemon.name} exited with {daemon.returncode} while waiting for {what}; last seen: {value!r}\n"
+                    + daemon.tail()
+                )
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {value!r}")
+        time.sleep(interval)
+
+
+def hold(seconds: float, check: Callable[[], None], interval: float = 0.2) -> None:
+    """Keep a condition the test imposes (an outage) for ``seconds``, checking ``check()`` all along."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        check()
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    check()
+
+
+# --- the external emulator -------------------------------------------------------------------------
+
+
+class CountingEmulator(Emulator):
+    """The emulator, plus what a report needs: faults injected by kind, and optional network latency."""
+
+    def __init__(self, keys: KeyMaterial, *, latency: tuple[float, float] | None = None, **kwargs: Any) -> None:
+        super().__init__(keys, **kwargs)
+        self.latency = latency
+        self._latency_rng = random.Random(7)
+        self.faults_injected: Counter[str] = Counter()  # "500/after", "slow/before", ...
+
+    def _draw_fault(self, kind: str, number: str | None):
+        fault = super()._draw_fault(kind, number)
+        if fault is not None:
+            with self._lock:
+                self.faults_injected[f"{fault.kind}/{'after' if fault.after_commit else 'before'}"] += 1
+        return fault
+
+    def _handle(self, kind, number, method, raw_path, headers, body):
+        if self.latency and kind != "other":
+            # The network and WeChat's own work: every call takes a while, so calls overlap.
+            with self._lock:
+                delay = self._latency_rng.uniform(*self.latency)
+            time.sleep(delay)
+        return super()._handle(kind, number, method, raw_path, headers, body)
+
+    def recorded(self, out_refund_no: str) -> tuple[str, str, int] | None:
+        """(refund_id, status, fen) of the refund WeChat recorded under this number, or None."""
+        with self._lock:
+            refund = self._refunds.get(out_refund_no)
+            if refund is None:
+                return None
+            self._advance(refund, self._clock())
+            return refund.refund_id, refund.status, refund.refund
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "refunds_created": dict(self.refunds_created),
+                "fen_refunded": dict(self.fen_refunded),
+                "max_in_flight": dict(self.max_in_flight),
+                "requests": dict(self.requests),
+                "faults_injected": dict(self.faults_injected),
+            }
+
+
+@dataclass
+class ExternalEmulator:
+    """An emulator on 127.0.0.1 in the test process and the key files a live-mode daemon reads."""
+
+    emulator: CountingEmulator
+    keys: KeyMaterial
+
+    @classmethod
+    def start(
+        cls,
+        key_dir: Path,
+        *,
+        faults: FaultPlan | None = None,
+        latency: tuple[float, float] | None = None,
+        success_delay: float = 0.2,
+        apply_qps: int | None = None,
+        query_qps: int | None = None,
+    ) -> "ExternalEmulator":
+        keys = generate_key_material(key_dir)
+        emulator = CountingEmulator(
+            keys,
+            host="127.0.0.1",
+            latency=latency,
+            success_delay=success_delay,
+            faults=faults,
+            apply_qps=apply_qps,
+            query_qps=query_qps,
+        ).start()
+        return cls(emulator=emulator, keys=keys)
+
+    def stop(self) -> None:
+        self.emulator.stop()
+
+    @property
+    def base_url(self) -> str:
+        return self.emulator.base_url
+
+    def wechat_config(self, **overrides: Any) -> dict[str, Any]:
+        """The `wechat:` section of a live-mode jobs.yaml pointing at this emulator (no secret in it)."""
+        paths = self.keys.paths
+        assert paths is not None
+        section = {
+            "mode": "live",
+            "base_url": self.base_url,
+            "mchid": self.keys.mchid,
+            "appid": self.keys.appid,
+            "merchant_serial_no": self.keys.merchant_serial_no,
+            "merchant_private_key_file": str(paths.merchant_private_key),
+            "platform_public_key_file": str(paths.platform_public_key),
+            "platform_public_key_id": self.keys.platform_public_key_id,
+            "apply_qps": 400,
+            "query_qps": 800,
+            "timeout_seconds": list(READ_TIMEOUT_SECONDS),
+        }
+        section.update(overrides)
+        return section
+
+    def env(self) -> dict[str, str]:
+        """The only place the APIv3 key goes: the daemon's environment."""
+        return {"WECHATPAY_APIV3_KEY": self.keys.apiv3_key}
+
+
+# --- configuration and the CLI ---------------------------------------------------------------------
+
+
+def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every stage on a short interval and retry schedule, with attempts enough for hostile runs."""
+    common = {"interval_seconds": INTERVAL_SECONDS, "max_attempts": MAX_ATTEMPTS, "retry_delays_seconds": list(RETRY_DELAYS_SECONDS)}
+    gateway = {"batch_size": 100, "concurrency": 16, "lease_seconds": LEASE_SECONDS}
+    jobs = {
+        "intake": {**common, "batch_size": 200},
+        "submit_refund": {**common, **gateway},
+        "poll_refund": {**common, **gateway, "poll_delays_seconds": list(POLL_DELAYS_SECONDS)},
+        "sync_result": {**common, "batch_size": 200},
+        "restore_stock": {**common, "batch_size": 200},
+        "decrement_sales": {**common, "batch_size": 200},
+    }
+    for name, extra in overrides.items():
+        jobs[name] = {**jobs[name], **extra}
+    return jobs
+
+
+def daemon_config(database_url: str, emulator: ExternalEmulator, *, jobs: Mapping | None = None, wechat: Mapping | None = None,
+                  **top: Any) -> dict[str, Any]:
+    return {
+        "database_url": database_url,
+        "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_SECONDS,
+        "wechat": emulator.wechat_config(**(wechat or {})),
+        "jobs": dict(jobs or fast_jobs()),
+        **top,
+    }
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: Sequence[str], *, config: Path | None, env: Mapping[str, str] | None = None, cwd: Path,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """`cancel-scanner [--config PATH] ARGS...` to completion, stdout and stderr captured apart."""
+    cmd = [sys.executable, str(CLI)] + (["--config", str(config)] if config else []) + list(args)
+    return subprocess.run(cmd, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def status_json(config: Path, env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
+    """What an operator sees from `cancel-scanner status --json`."""
+    done = run_cli(["status", "--json"], config=config, env=env, cwd=cwd, timeout=60)
+    assert done.returncode == 0, f"status exited {done.returncode}: {done.stderr}"
+    return json.loads(done.stdout)
+
+
+# --- a daemon in a subprocess ----------------------------------------------------------------------
+
+
+@dataclass
+class _Life:
+    """One incarnation of a daemon: its process, its log file, and how we expected it to end."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    started_at: float
+    expected: str | None = None  # "sigterm" or "kill9" once we signalled it
+
+
+class DaemonProcess:
+    """`cancel-scanner --config PATH --log-json run` as a subprocess; restartable, every life logged apart."""
+
+    def __init__(self, workdir: Path, config: Mapping[str, Any], env: Mapping[str, str], *, name: str = "daemon",
+                 log_level: str | None = None, args: Sequence[str] = ("run",)):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.config = dict(config)
+        self.config_path = write_config(self.workdir / f"{name}.yaml", self.config)
+        self.env = dict(env)
+        self.log_level = log_level
+        self.args = list(args)
+        self.lives: list[_Life] = []
+
+    # lifecycle
+
+    def start(self) -> "DaemonProcess":
+        assert not self.alive, f"{self.name} is already running"
+        log_path = self.workdir / f"{self.name}.{len(self.lives) + 1}.log"
+        cmd = [sys.executable, str(CLI), "--config", str(self.config_path), "--log-json"]
+        if self.log_level:
+            cmd += ["--log-level", self.log_level]
+        cmd += self.args
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=self.workdir, env=cli_env(self.env), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self.lives.append(_Life(proc=proc, log_path=log_path, started_at=time.monotonic()))
+        return self
+
+    def wait_started(self, timeout: float = 30) -> None:
+        """Until this life logged that it runs (configuration read, scheduler up)."""
+        life = self._life
+        wait_until(lambda: any(r.get("action") == "started" for r in self._records(life)), timeout,
+                   f"{self.name} to start", daemons=[self])
+
+    def wait_started_or_exit(self, timeout: float = 30) -> int | None:
+        """None once this life logged that it runs; its exit code if it ended first (a refused configuration)."""
+        life = self._life
+        state = wait_until(
+            lambda: ("exited", life.proc.poll()) if life.proc.poll() is not None
+            else ("started", None) if any(r.get("action") == "started" for r in self._records(life)) else None,
+            timeout, f"{self.name} to start or exit",
+        )
+        return state[1]
+
+    def sigterm(self) -> None:
+        self._life.expected = "sigterm"
+        self._life.proc.send_signal(signal.SIGTERM)
+
+    def kill9(self) -> None:
+        life = self._life
+        life.expected = "kill9"
+        life.proc.kill()
+        life.proc.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code of this life; AssertionError (and a kill) if it is still running after ``timeout``."""
+        try:
+            return self._life.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            raise AssertionError(f"{self.name} did not exit within {timeout:.1f}s\n{self.tail()}") from None
+
+    def close(self) -> None:
+        """Teardown: nothing may outlive the test."""
+        for life in self.lives:
+            if life.proc.poll() is None:
+                life.expected = life.expected or "teardown"
+                life.proc.kill()
+                life.proc.wait(10)
+
+    # state
+
+    @property
+    def _life(self) -> _Life:
+        assert self.lives, f"{self.name} was never started"
+        return self.lives[-1]
+
+    @property
+    def started(self) -> bool:
+        return bool(self.lives)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.lives) and self._life.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._life.proc.poll()
+
+    @property
+    def exit_expected(self) -> bool:
+        return self._life.expected is not None
+
+    @property
+    def pid(self) -> int:
+        return self._life.proc.pid
+
+    def check_alive(self) -> None:
+        assert self.alive, f"{self.name} exited with {self.returncode}\n{self.tail()}"
+
+    def unexpected_exits(self) -> list[str]:
+        """Lives that ended without us asking, or that a SIGTERM did not end with 0."""
+        found = []
+        for i, life in enumerate(self.lives, 1):
+            code = life.proc.poll()
+            if code is None:
+                continue
+            if life.expected is None:
+                found.append(f"{self.name} life {i} exited on its own with {code}")
+            elif life.expected == "sigterm" and code != 0:
+                found.append(f"{self.name} life {i} exited with {code} after SIGTERM")
+        return found
+
+    # logs
+
+    @staticmethod
+    def _read(life: _Life) -> list[str]:
+        try:
+            return life.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def _records(self, life: _Life) -> list[dict[str, Any]]:
+        out = []
+        for line in self._read(life):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def logs(self, life: int | None = None) -> list[dict[str, Any]]:
+        """Parsed JSON log records of every life (or of life number ``life``, 1-based)."""
+        lives = self.lives if life is None else [self.lives[life - 1]]
+        return [r for lf in lives for r in self._records(lf)]
+
+    def log_text(self) -> str:
+        return "\n".join("\n".join(self._read(life)) for life in self.lives)
+
+    def stray_output(self) -> list[str]:
+        """Lines that are not JSON log records (a traceback printed past the logger).
+
+        The last line of a life we killed with SIGKILL may be cut short: not a finding.
+        """
+        found = []
+        for life in self.lives:
+            lines = self._read(life)
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                if life.expected == "kill9" and i == len(lines) - 1:
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError:
+                    found.append(line[:300])
+        return found
+
+    def tail(self, lines: int = 30) -> str:
+        if not self.lives:
+            return ""
+        got = self._read(self._life)[-lines:]
+        return f"--- {self._life.log_path} (last {len(got)} lines) ---\n" + "\n".join(got)
+
+
+class LogFollower:
+    """Reads a daemon life's log as it grows, for "kill it the moment it logs X"."""
+
+    def __init__(self, daemon: DaemonProcess):
+        self.path = daemon._life.log_path
+        self.offset = 0
+        self.partial = ""
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, interval: float = 0.005) -> bool:
+        """True as soon as a new record satisfies ``predicate``; False once ``timeout`` passed without one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(predicate(r) for r in self.new_records()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+
+    def new_records(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "r", encoding="utf-8", errors="replace") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return []
+        text_ = self.partial + chunk
+        lines = text_.split("\n")
+        self.partial = lines.pop()
+        out = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+
+def quiet_emulator_logs() -> None:
+    """The emulator logs every request at DEBUG, and a traceback for every client killed mid-request:
+    thousands of lines in the test's own output. Daemons keep their logs in files; this is only the far end."""
+    logger.disable("gateway.emulator")
+
+
+def loud_emulator_logs() -> None:
+    logger.enable("gateway.emulator")
+
+
+@pytest.fixture
+def external_emulators():
+    """Factory: ExternalEmulator.start(...) on tmp key dirs; every one stopped at teardown."""
+    started: list[ExternalEmulator] = []
+    quiet_emulator_logs()
+
+    def start(key_dir: Path, **kwargs: Any) -> ExternalEmulator:
+        emu = ExternalEmulator.start(key_dir, **kwargs)
+        started.append(emu)
+        return emu
+
+    yield start
+    for emu in started:
+        emu.stop()
+    loud_emulator_logs()
+
+
+@pytest.fixture
+def daemons():
+    """Factory: DaemonProcess(...); every life still running at teardown is killed."""
+    made: list[DaemonProcess] = []
+
+    def make(*args: Any, **kwargs: Any) -> DaemonProcess:
+        d = DaemonProcess(*args, **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+# --- the shop's rows, written as the shop writes them ---------------------------------------------
+
+
+def order_row(order_id: int, *, goods_id: int = 1, quantity: int = 1, amount: int = 1280, paid: bool = True,
+              status: str | None = None, transaction_id: str | None | bool = True, paid_at: datetime | None = None,
+              deleted: bool = False) -> dict[str, Any]:
+    """One order as the shop's own order system inserts it: no flag columns."""
+    if transaction_id is True:
+        transaction_id = f"4200{order_id:012d}" if paid else None
+    return {
+        "id": order_id,
+        "no": f"SO{order_id:010d}",
+        "goods": goods_id,
+        "qty": quantity,
+        "amount": amount,
+        "pay": 1 if paid else 0,
+        "txn": transaction_id,
+        "paid_at": paid_at or (utcnow() - timedelta(days=1) if paid else None),
+        "status": status or ("PAID" if paid else "UNPAID"),
+        "deleted": 1 if deleted else 0,
+    }
+
+
+def insert_goods(db: Engine, goods: Mapping[int, tuple[int, int]]) -> None:
+    """goods id -> (stock, sales)."""
+    with db.begin() as conn:
+        conn.execute(
+            text("INSERT INTO goods (id, name, stock, sales) VALUES (:id, :name, :stock, :sales)"),
+            [{"id": i, "name": f"goods {i}", "stock": s, "sales": q} for i, (s, q) in goods.items()],
+        )
+
+
+def insert_orders(db: Engine, orders: Iterable[Mapping[str, Any]]) -> None:
+    rows = list(orders)
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount,"
+                " pay_status, transaction_id, paid_at, order_status, is_deleted)"
+                " VALUES (:id, :no, 7, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted)"
+            ),
+            rows,
+        )
+
+
+def insert_requests(db: Engine, requests: Iterable[tuple[int, str, str | None, str | None]]) -> None:
+    """What merchants' tools do: (order_id, op_type, operator, reason), four columns and nothing else."""
+    rows = [{"o": o, "t": t, "op": op, "r": r} for o, t, op, r in requests]
+    if not rows:
+        return
+    with db.begin() as conn:
+        conn.execute(text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)"), rows)
+
+
+def request_cancel(db: Engine, order_id: int, op_type: str = "MERCHANT_CANCEL", operator: str | None = "clerk-1",
+                   reason: str | None = "out of stock") -> int:
+    with db.begin() as conn:
+        return conn.execute(
+            text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)"),
+            {"o": order_id, "t": op_type, "op": operator, "r": reason},
+        ).lastrowid
+
+
+def q_rows(db: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
+    with db.connect() as conn:
+        return [dict(r) for r in conn.execute(text(sql), params).mappings().all()]
+
+
+def q_scalar(db: Engine, sql: str, **params: Any) -> Any:
+    with db.connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+# What each stage still has to do, straight from the contract's "picks rows where" column.
+PENDING_SQL = {
+    "intake": "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0",
+    "submit_refund": "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 0",
+    "poll_refund": "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1 AND progress_scanned = 0",
+    "sync_result": "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND sync_scanned = 0",
+    "restore_stock": "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 0 AND order_status = 'CANCELLED'"
+    " AND is_deleted = 0 AND ((pay_status = 1 AND refund_status = 'REFUNDED') OR (pay_status = 0 AND refund_status = 'NONE'))",
+    "decrement_sales": "SELECT COUNT(*) FROM goods_order2 WHERE sales_scanned = 0 AND order_status = 'CANCELLED'"
+    " AND is_deleted = 0 AND pay_status = 1 AND refund_status = 'REFUNDED'",
+}
+
+
+def pending_counts(db: Engine) -> dict[str, int]:
+    """Rows some stage will still act on, by stage (only the non-zero ones): {} means settled."""
+    with db.connect() as conn:
+        counts = {stage: conn.execute(text(sql)).scalar() for stage, sql in PENDING_SQL.items()}
+    return {k: v for k, v in counts.items() if v}
+
+
+def wait_settled(db: Engine, timeout: float, daemons: Sequence[DaemonProcess] = (), what: str = "every row to settle") -> None:
+    wait_until(lambda: pending_counts(db), timeout, what, until=lambda p: p == {}, daemons=daemons)
+
+
+# --- the end state every scenario must reach -------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    """Goods and orders as they were before the daemon touched anything."""
+
+    goods: dict[int, dict[str, Any]]
+    orders: dict[int, dict[str, Any]]
+
+    @classmethod
+    def take(cls, db: Engine) -> "Baseline":
+        return cls(
+            goods={r["id"]: r for r in q_rows(db, "SELECT * FROM goods")},
+            orders={r["id"]: r for r in q_rows(db, "SELECT * FROM goods_order2")},
+        )
+
+
+@dataclass
+class Scenario:
+    name: str
+    baseline: Baseline
+    daemons: Sequence[DaemonProcess] = ()
+    expected_codes: Mapping[int, str] = field(default_factory=dict)  # req id -> result_code; others must be OK
+    closed_orders: set[int] = field(default_factory=set)  # refunds WeChat closes: the order ends FAILED
+    # (stage, order id) -> code for restore_stock / decrement_sales failures meant to happen
+    # beyond GOODS_NOT_FOUND, which follows from the baseline.
+    expected_failures: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    daemons_alive_at_end: bool = False
+
+
+_UNCHANGED_ORDER_COLUMNS = (
+    "order_status", "refund_status", "cancel_source", "wx_progress_scanned", "stock_scanned", "stock_success",
+    "sales_scanned", "sales_success", "cancelled_at", "refunded_at", "is_deleted", "pay_status", "total_amount",
+)
+
+
+def check_invariants(db: Engine, emulator: ExternalEmulator | CountingEmulator, scenario: Scenario) -> dict[str, int]:
+    """Assert the six invariants; returns a few totals for the scenario's report line."""
+    emu = emulator.emulator if isinstance(emulator, ExternalEmulator) else emulator
+    snap = emu.snapshot()
+    created, fen = snap["refunds_created"], snap["fen_refunded"]
+    base = scenario.baseline
+    v: dict[str, list[str]] = defaultdict(list)
+
+    reqs = q_rows(db, "SELECT * FROM req_order_ops ORDER BY id")
+    orders = {r["id"]: r for r in q_rows(db, "SELECT * FROM goods_order2")}
+    goods = {r["id"]: r for r in q_rows(db, "SELECT * FROM goods")}
+    refunds_by_order: dict[int, list[dict]] = defaultdict(list)
+    for r in q_rows(db, "SELECT * FROM refund_order ORDER BY id"):
+        refunds_by_order[r["order_id"]].append(r)
+    oplog = q_rows(db, "SELECT order_id, event, COUNT(*) AS n FROM goods_order2_oplog GROUP BY order_id, event")
+
+    # 5 (requests part): every request scanned, with the code it should have.
+    accepted: dict[int, dict] = {}
+    for req in reqs:
+        want = scenario.expected_codes.get(req["id"], "OK")
+        got = (req["scanned"], req["success"], req["result_code"])
+        if got != (1, 1 if want == "OK" else 0, want):
+            v["5 requests"].append(f"req {req['id']} (order {req['order_id']}): (scanned, success, code)={got}, want {want}")
+        if req["scanned"] == 1 and (not req["result_msg"] or req["scanned_at"] is None):
+            v["5 requests"].append(f"req {req['id']}: no result_msg/scanned_at")
+        if req["result_code"] == "OK":
+            if req["order_id"] in accepted:
+                v["1 money"].append(f"order {req['order_id']}: two requests accepted ({accepted[req['order_id']]['id']}, {req['id']})")
+            accepted[req["order_id"]] = req
+    missing_codes = set(scenario.expected_codes) - {r["id"] for r in reqs}
+    if missing_codes:
+        v["5 requests"].append(f"requests lost: {sorted(missing_codes)}")
+    pend = pending_counts(db)
+    if pend:
+        v["5 pending"].append(f"still pending: {pend}")
+
+    if set(orders) != set(base.orders):
+        v["2 orders"].append(f"orders appeared or vanished: {sorted(set(orders) ^ set(base.orders))[:20]}")
+    if set(goods) != set(base.goods):
+        v["3 goods"].append(f"goods appeared or vanished: {sorted(set(goods) ^ set(base.goods))[:20]}")
+
+    expected_events: dict[int, set[str]] = {}
+    stock_back: Counter[int] = Counter()
+    sales_down: Counter[int] = Counter()
+    our_numbers: set[str] = set()
+    expected_stage_failures = dict(scenario.expected_failures)
+    for oid, before in base.orders.items():
+        now_ = orders.get(oid)
+        if now_ is None:
+            continue
+        refunds = refunds_by_order.get(oid, [])
+        our_numbers.update(r["out_refund_no"] for r in refunds)
+        req = accepted.get(oid)
+        if req is None:
+            # Not cancelled by us: not a column the scanner owns may have moved, no money, no log.
+            changed = {c: (before[c], now_[c]) for c in _UNCHANGED_ORDER_COLUMNS if before[c] != now_[c]}
+            if changed:
+                v["2 orders"].append(f"order {oid} was not cancelled by a request but changed: {changed}")
+            if refunds:
+                v["1 money"].append(f"order {oid} has refunds without an accepted request")
+            if fen.get(before["order_no"], 0):
+                v["1 money"].append(f"order {oid}: {fen[before['order_no']]} fen refunded without an accepted request")
+            expected_events[oid] = set()
+            continue
+
+        paid = before["pay_status"] == 1
+        closed = oid in scenario.closed_orders
+        source = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER"}[req["op_type"]]
+        events = {"CANCELLED"}
+        if (now_["order_status"], now_["cancel_source"]) != ("CANCELLED", source) or now_["cancelled_at"] is None:
+            v["2 orders"].append(f"order {oid}: status {now_['order_status']}/{now_['cancel_source']}/{now_['cancelled_at']}")
+        if paid:
+            # 1: exactly one refund, of exactly what was paid, created once at WeChat.
+            amount = before["total_amount"]
+            if len(refunds) != 1:
+                v["1 money"].append(f"order {oid}: {len(refunds)} refund rows")
+            for r in refunds:
+                number = r["out_refund_no"]
+                if (r["refund_amount"], r["total_amount"]) != (amount, amount):
+                    v["1 money"].append(f"order {oid}: refund of {r['refund_amount']}/{r['total_amount']} fen, paid {amount}")
+                if created.get(number) != 1:
+                    v["1 money"].append(f"{number}: created {created.get(number, 0)} times at WeChat")
+                rec = emu.recorded(number)
+                want_status = "CLOSED" if closed else "SUCCESS"
+                if rec is None or rec[1] != want_status or r["wx_refund_id"] != rec[0]:
+                    v["1 money"].append(f"{number}: WeChat has {rec}, row says {r['wx_refund_id']}/{r['wx_status']}, want {want_status}")
+                flags = (r["submit_scanned"], r["submit_success"], r["progress_scanned"], r["progress_success"],
+                         r["sync_scanned"], r["sync_success"])
+                want_flags = (1, 1, 1, 0 if closed else 1, 1, 1)
+                if flags != want_flags or r["wx_status"] != want_status:
+                    v["2 refunds"].append(f"{number}: flags {flags} {r['wx_status']}, want {want_flags} {want_status}")
+                if r["lease_owner"] is not None or r["submitted_at"] is None:
+                    v["2 refunds"].append(f"{number}: lease {r['lease_owner']}, submitted_at {r['submitted_at']}")
+                if not closed and r["success_time"] is None:
+                    v["2 refunds"].append(f"{number}: SUCCESS without success_time")
+            got_fen = fen.get(before["order_no"], 0)
+            if got_fen != (0 if closed else amount):
+                v["1 money"].append(f"order {oid}: {got_fen} fen refunded at WeChat, want {0 if closed else amount}")
+            events.add("REFUND_SUBMITTED")
+            if closed:
+                events.add("REFUND_FAILED")
+                want = ("FAILED", 1)
+                if (now_["refund_status"], now_["wx_progress_scanned"]) != want or now_["refunded_at"] is not None:
+                    v["2 orders"].append(f"order {oid}: {now_['refund_status']}/{now_['wx_progress_scanned']}/{now_['refunded_at']}, want FAILED")
+            else:
+                events.add("REFUND_SUCCEEDED")
+                if (now_["refund_status"], now_["wx_progress_scanned"]) != ("REFUNDED", 1) or now_["refunded_at"] is None:
+                    v["2 orders"].append(f"order {oid}: {now_['refund_status']}/{now_['wx_progress_scanned']}/{now_['refunded_at']}, want REFUNDED")
+                elif refunds and now_["refunded_at"] != refunds[0]["success_time"]:
+                    v["2 orders"].append(f"order {oid}: refunded_at {now_['refunded_at']} is not WeChat's {refunds[0]['success_time']}")
+                elif now_["refunded_at"] < now_["cancelled_at"].replace(microsecond=0):  # success_time has whole seconds
+                    v["2 orders"].append(f"order {oid}: refunded {now_['refunded_at']} before cancelled {now_['cancelled_at']}")
+        else:
+            if refunds or fen.get(before["order_no"], 0):
+                v["1 money"].append(f"unpaid order {oid} has a refund")
+            if (now_["refund_status"], now_["refunded_at"]) != ("NONE", None):
+                v["2 orders"].append(f"unpaid order {oid}: {now_['refund_status']}/{now_['refunded_at']}")
+
+        # 2/3: stock and sales, from what the order went through.
+        goods_known = before["goods_id"] in base.goods
+        stock_due = not paid or not closed
+        sales_due = paid and not closed
+        for stage, due, scanned, success, last_error, counter in (
+            ("restore_stock", stock_due, "stock_scanned", "stock_success", "stock_last_error", stock_back),
+            ("decrement_sales", sales_due, "sales_scanned", "sales_success", "sales_last_error", sales_down),
+        ):
+            got = (now_[scanned], now_[success])
+            if not due:
+                want_code = None
+                want = (0, 0)
+            else:
+                want_code = "GOODS_NOT_FOUND" if not goods_known else expected_stage_failures.get((stage, oid))
+                want = (1, 0) if want_code else (1, 1)
+            if got != want:
+                v["2 orders"].append(f"order {oid}: {stage} flags {got}, want {want}")
+            elif want_code and not (now_[last_error] or "").startswith(want_code):
+                v["2 orders"].append(f"order {oid}: {stage} failed with {now_[last_error]!r}, want {want_code}")
+            if want == (1, 1):
+                counter[before["goods_id"]] += before["quantity"]
+                events.add("STOCK_RESTORED" if stage == "restore_stock" else "SALES_DECREMENTED")
+        expected_events[oid] = events
+
+    # 1: nothing at WeChat that we did not mean, nothing twice, nothing over what was paid.
+    twice = {n: c for n, c in created.items() if c != 1}
+    if twice:
+        v["1 money"].append(f"refund numbers created more than once: {twice}")
+    strangers = set(created) - our_numbers
+    if strangers:
+        v["1 money"].append(f"refunds at WeChat the database does not know: {sorted(strangers)[:10]}")
+    paid_by_no = {o["order_no"]: o["total_amount"] for o in base.orders.values()}
+    over = {no: f for no, f in fen.items() if f > paid_by_no.get(no, 0) or f < 0}
+    if over:
+        v["1 money"].append(f"fen refunded beyond what was paid: {over}")
+
+    # 3: goods moved by exactly the sums, nothing negative.
+    for gid, before in base.goods.items():
+        after = goods.get(gid)
+        if after is None:
+            continue
+        want = (before["stock"] + stock_back[gid], before["sales"] - sales_down[gid])
+        if (after["stock"], after["sales"]) != want:
+            v["3 goods"].append(f"goods {gid}: stock/sales {(after['stock'], after['sales'])}, want {want}")
+        if after["stock"] < 0 or after["sales"] < 0:
+            v["3 goods"].append(f"goods {gid} negative: {after}")
+
+    # 4: each event once per order that reached it, and no other.
+    got_events: dict[int, set[str]] = defaultdict(set)
+    for r in oplog:
+        got_events[r["order_id"]].add(r["event"])
+        if r["n"] != 1:
+            v["4 oplog"].append(f"order {r['order_id']}: {r['event']} written {r['n']} times")
+    for oid in set(expected_events) | set(got_events):
+        if got_events.get(oid, set()) != expected_events.get(oid, set()):
+            v["4 oplog"].append(f"order {oid}: events {sorted(got_events.get(oid, set()))}, want {sorted(expected_events.get(oid, set()))}")
+
+    # 5: no 1/0 anywhere except where the scenario meant one (already checked per order and request);
+    # refund_order failures are only the CLOSED ones.
+    failed_refunds = q_rows(
+        db,
+        "SELECT id, order_id, out_refund_no, last_error, submit_scanned, submit_success, progress_scanned, progress_success,"
+        " sync_scanned, sync_success FROM refund_order WHERE (submit_scanned = 1 AND submit_success = 0)"
+        " OR (progress_scanned = 1 AND progress_success = 0) OR (sync_scanned = 1 AND sync_success = 0)",
+    )
+    for r in failed_refunds:
+        if not (r["order_id"] in scenario.closed_orders and r["submit_success"] == 1 and r["sync_success"] == 1):
+            v["5 failed rows"].append(f"refund {r['out_refund_no']} failed: {r['last_error']}")
+    leased = q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL")
+    if leased:
+        v["5 pending"].append(f"{leased} refund rows still leased")
+
+    # 6: the daemons.
+    for d in scenario.daemons:
+        v["6 daemons"].extend(d.unexpected_exits())
+        v["6 daemons"].extend(f"{d.name}: stray output: {line}" for line in d.stray_output()[:5])
+        if scenario.daemons_alive_at_end and not d.alive:
+            v["6 daemons"].append(f"{d.name} is not running at the end")
+
+    v = {k: lines for k, lines in v.items() if lines}
+    if v:
+        report = "\n".join(f"[{k}] " + "\n    ".join(lines[:15]) + (f"\n    ... {len(lines) - 15} more" if len(lines) > 15 else "")
+                           for k, lines in sorted(v.items()))
+        raise AssertionError(f"{scenario.name}: invariants violated\n{report}")
+    return {
+        "requests": len(reqs),
+        "refunds": sum(1 for rs in refunds_by_order.values() for _ in rs),
+        "apply_calls": sum(c for (m, _s), c in snap["requests"].items() if m == "POST"),
+        "query_calls": sum(c for (m, _s), c in snap["requests"].items() if m == "GET"),
+    }
+
+
+def report(scenario: str, **facts: Any) -> None:
+    """One line per scenario in the captured output (pytest -s shows it): N, kills, faults, time."""
+    print(f"\n[acceptance] {scenario}: " + ", ".join(f"{k}={v}" for k, v in facts.items()), flush=True)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.t0, 1)
+
+
+__all__ = [
+    "Baseline", "DaemonProcess", "ExternalEmulator", "FaultPlan", "LogFollower", "REPO", "SOAK", "Scenario", "Stopwatch",
+    "check_invariants", "daemon_config", "daemons", "external_emulators", "fast_jobs", "hold", "insert_goods",
+    "insert_orders", "insert_requests", "loud_emulator_logs", "order_row", "pending_counts", "q_rows", "q_scalar",
+    "quiet_emulator_logs", "report", "request_cancel", "run_cli", "status_json", "utcnow", "wait_settled", "wait_until",
+    "write_config",
+]
