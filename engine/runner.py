@@ -39,6 +39,7 @@ from engine.db import is_mysql
 from engine.errors import is_transient_db_error
 from engine.outcome import Done, Failed, Later, Outcome, Retry, clip
 from engine.retry import GiveUp, decide
+from engine.sql import update_rows
 from engine.stage import Flags, Stage
 
 MAX_IDLE_ROUNDS = 10_000
@@ -362,7 +363,7 @@ class Runner:
             raise RuntimeError(f"stage {stage.name} returned no outcome for rows {sorted(missing)[:10]}")
         attempts_col = flags.attempts.name
         release = {flags.lease_owner.name: None, flags.lease_until.name: None} if owner else {}
-        groups: dict[frozenset, list[int]] = defaultdict(list)
+        groups: dict[frozenset, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         log = logger.bind(stage=stage.name)
         for row in rows:
             outcome = outcomes[row.id]
@@ -412,15 +413,16 @@ class Runner:
                 }
                 report.later += 1
             report.outcomes[row.id] = outcome
-            groups[frozenset({**values, **release}.items())].append(row.id)
+            values.update(release)
+            groups[frozenset(values)].append((row.id, values))
 
-        for key, ids in groups.items():
-            stmt = update(flags.table).where(flags.id.in_(ids), flags.scanned == 0)
-            if owner:
-                stmt = stmt.where(flags.lease_owner == owner)
-            result = conn.execute(stmt.values(dict(key)))
-            if result.rowcount != len(ids):
-                raise LostClaim(f"{stage.name}: {len(ids)} rows claimed, {result.rowcount} still ours")
+        # One UPDATE per kind of outcome, however many rows and whatever their values:
+        # a column whose value differs between rows is written with CASE id WHEN ... END.
+        guard = [flags.scanned == 0] + ([flags.lease_owner == owner] if owner else [])
+        for members in groups.values():
+            matched = update_rows(conn, flags.table, dict(members), *guard)
+            if matched != len(members):
+                raise LostClaim(f"{stage.name}: {len(members)} rows claimed, {matched} still ours")
 
 
 def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):

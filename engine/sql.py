@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from sqlalchemy import Column, Connection, Select, case, insert, select, update
+from sqlalchemy import Column, Connection, Select, case, insert, literal, select, update
 
 from engine.outcome import clip
 from models import goods, oplog
@@ -28,6 +28,26 @@ def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]])
 def by_id(id_column: Column, values: Mapping[int, object], else_=None):
     """``CASE id WHEN .. THEN .. END``: one UPDATE writes a different value per row."""
     return case(values, value=id_column, else_=else_)
+
+
+def update_rows(conn: Connection, table, rows: Mapping[int, Mapping[str, Any]], *where) -> int:
+    """One UPDATE that gives each row (by id) its own values; returns the rows matched.
+
+    A column with one value for all rows is a plain SET; a column whose value differs is
+    written with ``CASE id WHEN .. THEN .. END``. Every row must name the same columns.
+    """
+    if not rows:
+        return 0
+    first = next(iter(rows.values()))
+    values: dict[str, Any] = {}
+    for name in first:
+        column = table.c[name]
+        distinct = {row[name] for row in rows.values()}
+        if len(distinct) == 1:
+            values[name] = distinct.pop()
+        else:
+            values[name] = by_id(table.c.id, {rid: literal(row[name], column.type) for rid, row in rows.items()})
+    return conn.execute(update(table).where(table.c.id.in_(list(rows)), *where).values(values)).rowcount
 
 
 def lock_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> dict[int, int]:

@@ -52,6 +52,7 @@ DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)  # connect, read; the SDK's own default is
 DEFAULT_APPLY_QPS = 150  # WeChat's per-merchant limits
 DEFAULT_QUERY_QPS = 300
 APIV3_KEY_BYTES = 32
+PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 SIGNATURE_HEADERS = (
     "Wechatpay-Signature",
@@ -189,8 +190,10 @@ class WeChatPayGateway:
         self._mchid = mchid
         self._merchant_serial_no = merchant_serial_no
         self._public_key_id = platform_public_key_id
-        self._apply_limiter = RateLimiter(apply_qps)
-        self._query_limiter = RateLimiter(query_qps)
+        # Pace a little under the limit: calls leave on their slots, but thread wake-ups and
+        # the network jitter their arrival, and WeChat counts arrivals per second.
+        self._apply_limiter = RateLimiter(apply_qps * PACING_HEADROOM if apply_qps else None)
+        self._query_limiter = RateLimiter(query_qps * PACING_HEADROOM if query_qps else None)
         self._reuse_connections = reuse_connections
         _install_transport()
         try:

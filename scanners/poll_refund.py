@@ -14,10 +14,11 @@ from itertools import accumulate
 from typing import Any, Mapping, Sequence
 
 from loguru import logger
-from sqlalchemy import Connection, Row, bindparam, or_, select, update
+from sqlalchemy import Connection, Row, or_, select
 
 import gateway.contract as gw
 from engine.outcome import Done, Failed, Later, Outcome
+from engine.sql import update_rows
 from engine.stage import Flags, StageDefaults
 from models import refund_order
 from scanners.submit_refund import classify
@@ -82,7 +83,7 @@ class PollRefund(StageDefaults):
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
-        seen: list[dict[str, Any]] = []
+        seen: dict[int, dict[str, Any]] = {}
         for row, result in results:
             if not isinstance(result, gw.Accepted):
                 outcome = classify(result)
@@ -95,7 +96,7 @@ class PollRefund(StageDefaults):
                 # Never record a success for money we did not ask to move.
                 outcomes[row.id] = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")
                 continue
-            seen.append({"b_id": row.id, "b_status": refund.status, "b_success_time": refund.success_time})
+            seen[row.id] = {"wx_status": refund.status, "success_time": refund.success_time}
             log = logger.bind(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, wx_status=refund.status)
             if refund.status == "SUCCESS":
                 outcomes[row.id] = Done("SUCCESS")
@@ -108,11 +109,5 @@ class PollRefund(StageDefaults):
                 log.bind(action="abnormal").warning("refund ABNORMAL: needs the merchant's action")
             else:
                 outcomes[row.id] = Later(next_poll_at(row.submitted_at, now, self.poll_delays))
-        if seen:
-            conn.execute(
-                update(refund_order)
-                .where(r.id == bindparam("b_id"))
-                .values(wx_status=bindparam("b_status"), success_time=bindparam("b_success_time")),
-                seen,
-            )
+        update_rows(conn, refund_order, seen)
         return outcomes

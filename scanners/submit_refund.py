@@ -15,11 +15,11 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping, Sequence
 
 from loguru import logger
-from sqlalchemy import Connection, Row, bindparam, or_, select, update
+from sqlalchemy import Connection, Row, or_, select
 
 import gateway.contract as gw
 from engine.outcome import Done, Failed, Outcome, Retry
-from engine.sql import write_oplog
+from engine.sql import update_rows, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import refund_order
 
@@ -95,7 +95,7 @@ class SubmitRefund(StageDefaults):
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
-        accepted: list[dict[str, Any]] = []
+        accepted: dict[int, dict[str, Any]] = {}
         events = []
         for row, result in results:
             if isinstance(result, gw.Accepted):
@@ -105,7 +105,7 @@ class SubmitRefund(StageDefaults):
                         "MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand"
                     )
                     continue
-                accepted.append({"b_id": row.id, "b_refund_id": refund.refund_id, "b_status": refund.status, "b_at": now})
+                accepted[row.id] = {"wx_refund_id": refund.refund_id, "wx_status": refund.status, "submitted_at": now}
                 events.append(
                     (row.order_id, "REFUND_SUBMITTED", f"{row.out_refund_no} {row.refund_amount} fen refund_id={refund.refund_id}")
                 )
@@ -119,12 +119,6 @@ class SubmitRefund(StageDefaults):
                 if outcome is None:
                     raise TypeError(f"unexpected gateway result {type(result).__name__}")
                 outcomes[row.id] = outcome
-        if accepted:
-            conn.execute(
-                update(refund_order)
-                .where(r.id == bindparam("b_id"))
-                .values(wx_refund_id=bindparam("b_refund_id"), wx_status=bindparam("b_status"), submitted_at=bindparam("b_at")),
-                accepted,
-            )
+        update_rows(conn, refund_order, accepted)
         write_oplog(conn, events)
         return outcomes
