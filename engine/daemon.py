@@ -165,7 +165,13 @@ class Daemon:
                 logger.bind(stage=name, action="recovered", failures=self._failures[name]).info("stage recovered")
                 self._failures[name] = 0
             handed_off += report.finished
-            if not report.full or time.monotonic() - started > TICK_BUDGET_SECONDS:
+            if not report.full:
+                break
+            if time.monotonic() - started > TICK_BUDGET_SECONDS:
+                # Still full: go round again at once (the loop in _tick checks for a stop first)
+                # instead of waiting for the next interval.
+                with self._lock:
+                    self._rerun[name] = True
                 break
         if handed_off:
             for consumer in HANDOFFS[name]:
