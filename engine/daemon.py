@@ -22,7 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from engine.app import App
-from engine.config import STAGES
+from engine.config import GATEWAY_STAGES, STAGES
 from engine.errors import is_transient_db_error
 
 # Who consumes what a stage finishes.
@@ -150,30 +150,53 @@ class Daemon:
                 self._running[name] = False
 
     def _run_batches(self, name: str) -> None:
+        """Batches back to back while they come full; then hand off to the consumers.
+
+        A gateway stage with a backlog runs a second lane: while one lane writes its answers
+        and claims its next batch, the other is calling, so the shared pacer never idles.
+        The lanes cannot collide: each claims with SKIP LOCKED and leases what it claimed.
+        """
         started = time.monotonic()
-        handed_off = 0
-        while not self.runner.stopping.is_set():
-            try:
-                report = self.runner.run_stage(name)
-            except Exception as exc:
-                self._back_off(name, exc)
-                return
-            if report.error:
-                self._back_off(name, report.error)
-                return
-            if self._failures[name]:
-                logger.bind(stage=name, action="recovered", failures=self._failures[name]).info("stage recovered")
-                self._failures[name] = 0
-            handed_off += report.finished
-            if not report.full:
-                break
-            if time.monotonic() - started > TICK_BUDGET_SECONDS:
-                # Still full: go round again at once (the loop in _tick checks for a stop first)
-                # instead of waiting for the next interval.
-                with self._lock:
-                    self._rerun[name] = True
-                break
-        if handed_off:
+        tally = {"handed_off": 0, "failed": False}
+        tally_lock = threading.Lock()
+        second_lane: threading.Thread | None = None
+
+        def lane() -> None:
+            nonlocal second_lane
+            while not self.runner.stopping.is_set():
+                try:
+                    report = self.runner.run_stage(name)
+                    error = report.error
+                except Exception as exc:
+                    report, error = None, exc
+                if error is not None:
+                    with tally_lock:
+                        first_failure = not tally["failed"]
+                        tally["failed"] = True
+                    if first_failure:  # one backoff step per tick, whichever lane saw it
+                        self._back_off(name, error)
+                    return
+                with tally_lock:
+                    tally["handed_off"] += report.finished
+                    if self._failures[name]:
+                        logger.bind(stage=name, action="recovered", failures=self._failures[name]).info("stage recovered")
+                        self._failures[name] = 0
+                    if tally["failed"] or not report.full:
+                        return
+                    if second_lane is None and name in GATEWAY_STAGES:
+                        second_lane = threading.Thread(target=lane, name=f"cs-{name}-lane2", daemon=True)
+                        second_lane.start()
+                if time.monotonic() - started > TICK_BUDGET_SECONDS:
+                    # Still full: go round again at once (the loop in _tick checks for a stop
+                    # first) instead of waiting for the next interval.
+                    with self._lock:
+                        self._rerun[name] = True
+                    return
+
+        lane()
+        if second_lane is not None:
+            second_lane.join()
+        if tally["handed_off"]:
             for consumer in HANDOFFS[name]:
                 self.wake(consumer)
             if name == "submit_refund":

@@ -26,8 +26,24 @@ def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]])
 
 
 def by_id(id_column: Column, values: Mapping[int, object], else_=None):
-    """``CASE id WHEN .. THEN .. END``: one UPDATE writes a different value per row."""
-    return case(values, value=id_column, else_=else_)
+    """``CASE id WHEN .. THEN .. END``: one UPDATE writes a different value per row.
+
+    SQLAlchemy caches one compiled statement per shape, and every count of WHENs is a new
+    shape (about 2 KB per WHEN): batches of every size from 1 to 500 would grow a long-running
+    daemon by hundreds of MB. So the WHENs are padded to the next power of two by repeating
+    the last one (the first match wins, so a repeat changes nothing): at most ten shapes.
+    """
+    whens = list(values.items())
+    if whens:
+        whens += [whens[-1]] * (_bucket(len(whens)) - len(whens))
+    return case(*whens, value=id_column, else_=else_)
+
+
+def _bucket(n: int) -> int:
+    size = 1
+    while size < n:
+        size *= 2
+    return size
 
 
 def update_rows(conn: Connection, table, rows: Mapping[int, Mapping[str, Any]], *where) -> int:

@@ -39,6 +39,14 @@ MESSAGES = {
 }
 
 
+ORDER_COLUMNS = [
+    goods_order2.c[name]
+    for name in ("id", "order_no", "pay_status", "transaction_id", "paid_at", "order_status", "total_amount", "is_deleted")
+]
+ACCEPTED_PAID = "cancelled; a full refund was started (see refund_order for its progress)"
+ACCEPTED_UNPAID = "cancelled; the order was not paid, so no refund; stock will be restored"
+
+
 def out_refund_no_for(order_id: int, seq: int = 1) -> str:
     """Deterministic, so a replayed intake names the same refund; only [0-9A-Za-z_-]."""
     return f"CSR{order_id}-{seq}"
@@ -101,7 +109,7 @@ class Intake(StageDefaults):
         orders = {
             row.id: row
             for row in conn.execute(
-                locked(conn, select(goods_order2).where(o.id.in_(order_ids)), skip_locked=True)
+                locked(conn, select(*ORDER_COLUMNS).where(o.id.in_(order_ids)), skip_locked=True)
             ).all()
         }
         unlocked = [i for i in order_ids if i not in orders]
@@ -150,8 +158,8 @@ class Intake(StageDefaults):
                 return reject("BAD_AMOUNT")
             if order.paid_at is not None and now - order.paid_at > REFUND_WINDOW:
                 return reject("REFUND_WINDOW_EXPIRED")
-            return Done(f"cancelled; full refund of {order.total_amount} fen started")
-        return Done("cancelled; the order was not paid, so no refund; stock will be restored")
+            return Done(ACCEPTED_PAID)
+        return Done(ACCEPTED_UNPAID)
 
     @staticmethod
     def _cancel(conn: Connection, cancels: list[tuple[Row, Row]], now: datetime) -> None:
