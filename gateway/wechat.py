@@ -25,6 +25,7 @@ the middle of a refund and fail in odd ways.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -291,6 +292,7 @@ class WeChatPayGateway:
             # once per session instead: the environment of a running daemon does not change.
             session.trust_env = False
             session.proxies = requests.utils.get_environ_proxies(self._base_url)
+            session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
             with self._sessions_lock:
                 self._sessions.append(session)
             self._local.session = session
