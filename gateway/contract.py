@@ -137,8 +137,8 @@ class Accepted:
 
 
 @dataclass(frozen=True)
-class UnknownOutcome:
-    """The refund may or may not exist. Retry with the SAME out_refund_no and body; never count as success."""
+class _Coded:
+    """An answer that is not a refund object: WeChat's error code and message."""
 
     code: str
     message: str
@@ -149,44 +149,29 @@ class UnknownOutcome:
 
 
 @dataclass(frozen=True)
-class RetryLater:
+class UnknownOutcome(_Coded):
+    """The refund may or may not exist. Retry with the SAME out_refund_no and body; never count as success."""
+
+
+@dataclass(frozen=True)
+class RetryLater(_Coded):
     """WeChat refused for now (NOT_ENOUGH, RESOURCE_NOT_EXISTS...); no money moved. Retry the same number later.
 
     give_up_after: how many such answers in a row make it permanent; None means
     keep retrying until the stage's own max_attempts.
     """
 
-    code: str
-    message: str
-    request_id: str | None = None
     give_up_after: int | None = None
 
-    def describe(self) -> str:
-        return _truncate(f"{self.code}: {self.message}")
-
 
 @dataclass(frozen=True)
-class Permanent:
+class Permanent(_Coded):
     """WeChat refused this refund for good; no money moved. An operator must look at the row."""
 
-    code: str
-    message: str
-    request_id: str | None = None
-
-    def describe(self) -> str:
-        return _truncate(f"{self.code}: {self.message}")
-
 
 @dataclass(frozen=True)
-class ConfigError:
+class ConfigError(_Coded):
     """Our side is misconfigured (keys, serial, mchid, clock skew): permanent for the row, and alert loudly."""
-
-    code: str
-    message: str
-    request_id: str | None = None
-
-    def describe(self) -> str:
-        return _truncate(f"{self.code}: {self.message}")
 
 
 GatewayResult: TypeAlias = Accepted | UnknownOutcome | RetryLater | Permanent | ConfigError
