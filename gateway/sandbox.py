@@ -9,6 +9,7 @@ never touch the disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
 from gateway.keys import KeyMaterial, generate_key_material
@@ -30,6 +31,24 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def client_for(keys: KeyMaterial, base_url: str, **options: Any) -> WeChatPayGateway:
+    """The live client, holding the merchant side of ``keys``, pointed at ``base_url``.
+
+    ``options`` may also replace any of the keys' fields (a test's wrong merchant key).
+    """
+    params: dict[str, Any] = dict(
+        mchid=keys.mchid,
+        appid=keys.appid,
+        merchant_serial_no=keys.merchant_serial_no,
+        merchant_private_key_pem=keys.merchant_private_key_pem,
+        platform_public_key_pem=keys.platform_public_key_pem,
+        platform_public_key_id=keys.platform_public_key_id,
+        apiv3_key=keys.apiv3_key,
+        base_url=base_url,
+    )
+    return WeChatPayGateway(**{**params, **options})
 
 
 def start_sandbox(
@@ -56,15 +75,9 @@ def start_sandbox(
         query_qps=emulator_query_qps,
     ).start()
     try:
-        gateway = WeChatPayGateway(
-            mchid=keys.mchid,
-            appid=keys.appid,
-            merchant_serial_no=keys.merchant_serial_no,
-            merchant_private_key_pem=keys.merchant_private_key_pem,
-            platform_public_key_pem=keys.platform_public_key_pem,
-            platform_public_key_id=keys.platform_public_key_id,
-            apiv3_key=keys.apiv3_key,
-            base_url=emulator.base_url,
+        gateway = client_for(
+            keys,
+            emulator.base_url,
             timeout=timeout,
             apply_qps=apply_qps,
             query_qps=query_qps,

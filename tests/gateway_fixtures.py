@@ -17,6 +17,7 @@ import pytest
 
 from gateway.emulator import Emulator
 from gateway.keys import KeyMaterial, generate_key_material
+from gateway.sandbox import client_for
 from gateway.wechat import WeChatPayGateway
 
 TEST_TIMEOUT_SECONDS = (1.0, 1.0)  # connect, read: a lost answer fails a test in a second, not fifteen
@@ -55,19 +56,7 @@ def emulator(key_material: KeyMaterial, emulator_clock: FakeClock) -> Iterator[E
 
 
 def build_gateway(keys: KeyMaterial, base_url: str, **overrides: Any) -> WeChatPayGateway:
-    params: dict[str, Any] = dict(
-        mchid=keys.mchid,
-        appid=keys.appid,
-        merchant_serial_no=keys.merchant_serial_no,
-        merchant_private_key_pem=keys.merchant_private_key_pem,
-        platform_public_key_pem=keys.platform_public_key_pem,
-        platform_public_key_id=keys.platform_public_key_id,
-        apiv3_key=keys.apiv3_key,
-        base_url=base_url,
-        timeout=TEST_TIMEOUT_SECONDS,
-    )
-    params.update(overrides)
-    return WeChatPayGateway(**params)
+    return client_for(keys, base_url, **{"timeout": TEST_TIMEOUT_SECONDS, **overrides})
 
 
 @pytest.fixture
