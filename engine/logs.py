@@ -59,16 +59,26 @@ def _json_sink(stream: TextIO):
     return write
 
 
-class _RoutineSchedulerNotice(logging.Filter):
-    """APScheduler warns when a run is skipped because the stage is still busy with the last one.
+class _RoutineNotice(logging.Filter):
+    """Lowers to DEBUG library messages that are routine for this daemon.
 
-    The daemon coalesces those on purpose (a busy stage re-runs at once when it finishes),
-    so for us it is routine: DEBUG, not a WARNING an operator should chase.
+    - APScheduler warns when a run is skipped because the stage is still busy with the last
+      one; the daemon coalesces those on purpose (a busy stage re-runs when it finishes).
+    - SQLAlchemy's pool logs an ERROR when it cannot roll back or close a connection whose
+      server has gone away; during an outage the daemon already reports it once per backoff
+      step, and the pool drops the dead connection (pre-ping heals the rest).
     """
 
+    ROUTINE = (
+        "maximum number of running instances reached",
+        "Exception during reset or similar",
+        "Exception closing connection",
+    )
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if "maximum number of running instances reached" in record.getMessage():
+        if any(text in record.getMessage() for text in self.ROUTINE):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = None
         return True
 
 
@@ -79,11 +89,11 @@ def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: Text
         logger.add(_json_sink(stream), level=level, enqueue=False)
     else:
         logger.add(stream, level=level, format=_human_format, colorize=stream.isatty(), enqueue=False)
-    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    handler = _InterceptHandler()
+    handler.addFilter(_RoutineNotice())
+    logging.basicConfig(handlers=[handler], level=logging.WARNING, force=True)
     # APScheduler's INFO lines ("Job executed successfully") every two seconds are noise;
-    # its warnings (missed runs, max instances) are what an operator needs.
+    # its warnings (missed runs) are what an operator needs.
     for name, lvl in (("apscheduler", logging.WARNING), ("sqlalchemy", logging.WARNING)):
         logging.getLogger(name).setLevel(lvl)
-    scheduler_log = logging.getLogger("apscheduler.scheduler")
-    if not any(isinstance(f, _RoutineSchedulerNotice) for f in scheduler_log.filters):
-        scheduler_log.addFilter(_RoutineSchedulerNotice())
+
