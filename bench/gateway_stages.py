@@ -113,54 +113,25 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
 
     pyinstrument samples the main thread: the claim, the wait for the calls, the write-back.
     """
-    from loguru import logger
+    import os
+    from contextlib import ExitStack
 
-    from bench.common import OUT_DIR, parse_config
+    from bench.common import parse_config, profiled_drain
     from engine.app import build_gateway
     from engine.db import make_engine
     from engine.runner import Runner
     from scanners import build_stages
-    from contextlib import ExitStack
 
     env = emulator.env()
     config = parse_config({"database_url": url, "wechat": emulator.wechat(), "jobs": jobs(enabled=[stage])}, env=env)
-    log_path = OUT_DIR / f"profile-{stage}.log"
-    sink = logger.add(log_path, level="INFO")
-    try:
-        from pyinstrument import Profiler
-    except ImportError:
-        Profiler = None
-    profiler = Profiler(interval=0.001) if Profiler else None
-    done = 0
     with ExitStack() as stack:
-        import os
-
         os.environ.update(env)
         gateway = build_gateway(config, stack)
         engine = make_engine(url)
         stack.callback(engine.dispose)
         runner = Runner(engine, config, build_stages(config), gateway)
         stack.callback(runner.close)
-        started = time.perf_counter()
-        if profiler:
-            profiler.start()
-        try:
-            while True:
-                report = runner.run_stage(stage)
-                done += report.done
-                if not report.claimed:
-                    break
-        finally:
-            elapsed = time.perf_counter() - started
-            if profiler:
-                profiler.stop()
-            logger.remove(sink)
-    out = None
-    if profiler:
-        out = OUT_DIR / f"profile-{stage}.txt"
-        out.write_text(profiler.output_text(unicode=False, color=False), encoding="utf-8")
-        (OUT_DIR / f"profile-{stage}.html").write_text(profiler.output_html(), encoding="utf-8")
-    return done / elapsed, out
+        return profiled_drain(runner, stage, counted="done")
 
 
 def main() -> int:

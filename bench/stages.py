@@ -31,7 +31,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    OUT_DIR,
     Bench,
     DaemonProcess,
     EmulatorProcess,
@@ -205,47 +204,20 @@ def drain_with_daemon(
 
 def profile_in_process(url: str, stage: str, n: int) -> tuple[float, Path | None]:
     """Drain again in this process (a Runner, as the daemon's tick does), under pyinstrument if installed."""
-    from loguru import logger
-
     from engine.db import make_engine
     from engine.runner import Runner
     from scanners import build_stages
 
-    from bench.common import sandbox_config
+    from bench.common import profiled_drain, sandbox_config
 
     config = sandbox_config(url, jobs(enabled=[stage]))
     engine = make_engine(url)
     runner = Runner(engine, config, build_stages(config), None)
-    log_path = OUT_DIR / f"profile-{stage}.log"
-    sink = logger.add(log_path, level="INFO")  # the daemon logs at INFO too
     try:
-        from pyinstrument import Profiler
-    except ImportError:
-        Profiler = None
-    profiler = Profiler(interval=0.001) if Profiler else None
-    done = 0
-    started = time.perf_counter()
-    if profiler:
-        profiler.start()
-    try:
-        while True:
-            report = runner.run_stage(stage)
-            done += report.claimed
-            if not report.claimed:
-                break
+        return profiled_drain(runner, stage, counted="claimed")
     finally:
-        elapsed = time.perf_counter() - started
-        if profiler:
-            profiler.stop()
-        logger.remove(sink)
         runner.close()
         engine.dispose()
-    out = None
-    if profiler:
-        out = OUT_DIR / f"profile-{stage}.txt"
-        out.write_text(profiler.output_text(unicode=False, color=False, show_all=False), encoding="utf-8")
-        (OUT_DIR / f"profile-{stage}.html").write_text(profiler.output_html(), encoding="utf-8")
-    return done / elapsed, out
 
 
 def main() -> int:
