@@ -113,6 +113,7 @@ def run(obj: _Ctx, once: bool) -> None:
         if once:
             try:
                 totals = app.runner.run_until_idle()
+                app.runner.release_leases()  # and leave the process registry
             except Exception as exc:  # noqa: BLE001 - cron wants one line and a non-zero code
                 click.echo(f"cancel-scanner: run --once stopped: {_short(exc)}", err=True)
                 sys.exit(EXIT_FAILURE)
@@ -153,7 +154,7 @@ def status(obj: _Ctx, as_json: bool) -> None:
 
     from engine.app import missing_tables
     from engine.db import make_engine
-    from engine.runner import utcnow
+    from engine.clock import DbClock
     from engine.status import collect_status, format_status
     from scanners import build_stages
 
@@ -164,7 +165,7 @@ def status(obj: _Ctx, as_json: bool) -> None:
         if missing:
             click.echo(f"cancel-scanner: configuration error: database_url: no cancel-scanner schema; run `cancel-scanner initdb`", err=True)
             sys.exit(EXIT_CONFIG)
-        report = collect_status(db, build_stages(cfg), utcnow())
+        report = collect_status(db, build_stages(cfg), DbClock(db)())
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -183,14 +184,14 @@ def status(obj: _Ctx, as_json: bool) -> None:
 def requeue(obj: _Ctx, stage: str, row_ids: tuple[int, ...], who: str) -> None:
     """Give rows of STAGE that failed for good (X_scanned=1, X_success=0) another go."""
     from engine.db import make_engine
+    from engine.clock import DbClock
     from engine.requeue import requeue as requeue_rows
-    from engine.runner import utcnow
     from scanners import build_stages
 
     cfg = obj.config()
     db = make_engine(cfg.database_url)
     try:
-        count = requeue_rows(db, build_stages(cfg)[stage], row_ids, utcnow(), who)
+        count = requeue_rows(db, build_stages(cfg)[stage], row_ids, DbClock(db)(), who)
     except Exception as exc:  # noqa: BLE001
         click.echo(f"cancel-scanner: requeue failed: {_short(exc)}", err=True)
         sys.exit(EXIT_FAILURE)

@@ -37,7 +37,9 @@ DEFAULT_GATEWAY_MAX_ATTEMPTS = 20
 DEFAULT_RETRY_DELAYS_SECONDS = (5.0, 15.0, 60.0, 300.0, 900.0)
 DEFAULT_POLL_DELAYS_SECONDS = (60.0, 300.0, 600.0, 1200.0, 1800.0)
 DEFAULT_LEASE_SECONDS = 120.0
-LEASE_SAFETY_MARGIN_SECONDS = 5.0  # a gateway call starts only if it can end this long before its lease
+LEASE_SAFETY_MARGIN_SECONDS = 2.0  # every gateway call is over this long before its lease ends
+DEFAULT_TAKEOVER_SECONDS = 10.0  # a process silent this long is dead: survivors release its leases
+DEFAULT_HEARTBEAT_SECONDS = 1.0
 DEFAULT_APPLY_QPS = 150.0
 DEFAULT_QUERY_QPS = 300.0
 DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)
@@ -101,6 +103,8 @@ class Config:
     log_json: bool = False
     log_level: str = "INFO"
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    takeover_seconds: float = DEFAULT_TAKEOVER_SECONDS
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     source: str = "<defaults>"
 
     def job(self, name: str) -> JobConfig:
@@ -314,7 +318,10 @@ def _parse_wechat(raw: Any, base: Path, env: Mapping[str, str]) -> WeChatConfig:
     return WeChatConfig(**kw)
 
 
-_TOP_KEYS = {"database_url", "wechat", "jobs", "log_json", "log_level", "shutdown_timeout_seconds"}
+_TOP_KEYS = {
+    "database_url", "wechat", "jobs", "log_json", "log_level", "shutdown_timeout_seconds", "takeover_seconds",
+    "heartbeat_seconds",
+}
 _LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR")
 
 
@@ -348,6 +355,14 @@ def parse_config(raw: Any, *, source: str = "<memory>", base_dir: Path | None = 
         kw["log_level"] = level
     if "shutdown_timeout_seconds" in data:
         kw["shutdown_timeout_seconds"] = _number(data["shutdown_timeout_seconds"], "shutdown_timeout_seconds", 1, 3600)
+
+    if "takeover_seconds" in data:
+        kw["takeover_seconds"] = _number(data["takeover_seconds"], "takeover_seconds", 3, 3600)
+    if "heartbeat_seconds" in data:
+        kw["heartbeat_seconds"] = _number(data["heartbeat_seconds"], "heartbeat_seconds", 0.1, 600)
+    takeover = kw.get("takeover_seconds", DEFAULT_TAKEOVER_SECONDS)
+    if kw.get("heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS) > takeover / 3:
+        raise ConfigError("heartbeat_seconds", f"must be at most a third of takeover_seconds ({takeover:g} s)")
 
     wechat = _parse_wechat(data.get("wechat"), base, env)
     if wechat.mode == "sandbox" and not url.startswith("sqlite") and env.get(ENV_ALLOW_SANDBOX) != "1":

@@ -22,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from engine.app import App
+from engine.clock import ClockWatch
 from engine.config import GATEWAY_STAGES, STAGES
 from engine.errors import is_transient_db_error
 
@@ -35,9 +36,18 @@ HANDOFFS = {
     "decrement_sales": (),
 }
 MAX_BACKOFF_SECONDS = 60.0
+CLOCK_CHECK_SECONDS = 60.0
 # A tick runs full batches back to back, but yields after this long so a busy stage
 # cannot hold its thread (and delay shutdown) indefinitely.
 TICK_BUDGET_SECONDS = 10.0
+
+
+class Blocked(Exception):
+    """The environment stops a stage (see BatchReport.blocked)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _utc() -> datetime:
@@ -60,10 +70,18 @@ class Daemon:
             timezone=timezone.utc,
         )
         self._signals = 0
+        self.clock_watch = ClockWatch(app.runner.clock.offset_seconds) if hasattr(app.runner.clock, "offset_seconds") else None
+        self._clock_checked = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._check_clock()
+        try:
+            self.runner.registry.beat()
+        except Exception as exc:  # the database may be down at start: the heartbeat thread retries
+            logger.bind(stage="daemon", action="register_failed").warning("could not register yet: {}", type(exc).__name__)
+        self.runner.registry.start(on_reaped=self._on_reaped, on_tick=self._check_clock)
         for name in self.stages:
             job = self.config.job(name)
             self.scheduler.add_job(
@@ -82,6 +100,18 @@ class Daemon:
         logger.bind(stage="daemon", action="started", owner=self.runner.owner, stages=",".join(self.stages)).info(
             "cancel-scanner running"
         )
+
+    def _on_reaped(self, owners: list[str]) -> None:
+        # Their leases are free now: take the work over at once rather than at the next interval.
+        for name in self.stages:
+            if name in GATEWAY_STAGES:
+                self.wake(name)
+
+    def _check_clock(self) -> None:
+        if self.clock_watch is None or time.monotonic() - self._clock_checked < CLOCK_CHECK_SECONDS:
+            return
+        self._clock_checked = time.monotonic()
+        self.clock_watch.check()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -114,6 +144,7 @@ class Daemon:
 
         threading.Thread(target=finish, daemon=True, name="cs-shutdown").start()
         clean = done.wait(max(0.0, deadline - time.monotonic()))
+        self.runner.registry.stop()
         released = 0
         if clean:
             try:
@@ -167,6 +198,8 @@ class Daemon:
                 try:
                     report = self.runner.run_stage(name)
                     error = report.error
+                    if report.blocked:
+                        error = Blocked(report.blocked)
                 except Exception as exc:
                     report, error = None, exc
                 if error is not None:
@@ -229,7 +262,11 @@ class Daemon:
         transient = isinstance(error, str) or is_transient_db_error(error)
         log = logger.bind(stage=name, action="backoff", failures=n, retry_in_s=round(delay, 1))
         text = error if isinstance(error, str) else f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-        if transient:
+        if isinstance(error, Blocked):
+            # Not a blip: privileges, schema or credentials. Loud on the first step, then once a minute.
+            if n == 1 or delay >= MAX_BACKOFF_SECONDS:
+                log.bind(action="blocked").error("stage blocked, a person must fix: {}; next try in {:.0f}s", error.reason, delay)
+        elif transient:
             log.warning("stage unavailable ({}); next try in {:.0f}s", text, delay)
         else:
             log.opt(exception=error if n == 1 else None).error("stage failed ({}); next try in {:.0f}s", text, delay)

@@ -479,7 +479,7 @@ def _route_logs(log_file: TextIO, display: Display, json_lines: bool, level: str
         # APScheduler's own chatter (a skipped overlapping run) stays in the file.
         return not str(record["extra"].get("stage", "")).startswith("apscheduler")
 
-    return logger.add(display.log_sink, level="WARNING", filter=on_screen, format="{message}", enqueue=False)
+    return logger.add(display.log_sink, level="WARNING", filter=on_screen, format="{message}", enqueue=False, diagnose=False)
 
 
 def _wx_states(db: Engine) -> Counter:

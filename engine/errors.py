@@ -1,4 +1,5 @@
-"""Classifies database errors once: transient (retry the batch later) or not."""
+"""Classifies database errors once: transient (retry the batch later), environment (a person must fix
+the database's setup; no row is at fault), or neither (a bug, or one row's data)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,46 @@ def is_transient_db_error(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.InterfaceError):
         return True
     return False
+
+
+# The database refuses the work for reasons no row can fix: privileges, a schema that lacks a
+# table or column (an upgrade not migrated), a read-only server. The stage backs off and alerts;
+# no row spends an attempt or ends 1/0 for it.
+_ENVIRONMENT_MYSQL_CODES = {
+    1044,  # access denied to database
+    1045,  # access denied for user (password)
+    1142,  # command denied to user for table (a revoked privilege)
+    1143,  # column command denied
+    1146,  # table doesn't exist
+    1054,  # unknown column
+    1290,  # running with --read-only (or another option that prevents this statement)
+    1036,  # table is read only
+    1792,  # cannot execute statement in a READ ONLY transaction
+    1836,  # running in read-only mode
+    1227,  # access denied; you need the SUPER privilege (or similar)
+    1370,  # execute command denied
+}
+_ENVIRONMENT_SQLITE_TEXT = ("no such table", "no such column", "readonly database", "read-only", "unable to open database")
+
+
+def is_environment_db_error(exc: BaseException) -> bool:
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    code = mysql_code(exc)
+    if code is not None:
+        return code in _ENVIRONMENT_MYSQL_CODES
+    text = str(exc.orig).lower() if exc.orig is not None else ""
+    return any(fragment in text for fragment in _ENVIRONMENT_SQLITE_TEXT)
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """One line for logs and status: the server's code and message, never the statement or parameters.
+
+    SQLAlchemy's own str() appends the SQL and its bound values; those may hold merchant
+    input, and a connection error's text must never be able to echo a URL.
+    """
+    orig = getattr(exc, "orig", None)
+    code = mysql_code(exc)
+    message = str(orig.args[1] if code is not None and len(orig.args) > 1 else (orig or exc))
+    first = message.splitlines()[0] if message else type(exc).__name__
+    return f"{type(exc).__name__}" + (f" {code}" if code is not None else "") + f": {first[:200]}"

@@ -85,10 +85,16 @@ class _RoutineNotice(logging.Filter):
 def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: TextIO | None = None) -> None:
     stream = stream or sys.stderr
     logger.remove()
+    # diagnose=False at every level and in every format: loguru's diagnose prints the value of
+    # every variable in a traceback's frames, and those include database URLs with passwords,
+    # key material and bank details.
     if json_lines:
-        logger.add(_json_sink(stream), level=level, enqueue=False)
+        logger.add(_json_sink(stream), level=level, enqueue=False, diagnose=False, backtrace=False)
     else:
-        logger.add(stream, level=level, format=_human_format, colorize=stream.isatty(), enqueue=False)
+        logger.add(
+            stream, level=level, format=_human_format, colorize=stream.isatty(), enqueue=False, diagnose=False,
+            backtrace=False,
+        )
     handler = _InterceptHandler()
     handler.addFilter(_RoutineNotice())
     logging.basicConfig(handlers=[handler], level=logging.WARNING, force=True)

@@ -33,6 +33,9 @@ class Retry:
     code: str
     message: str
     give_up_after: int | None = None  # a tighter cap than the job's max_attempts (e.g. a 404 right after payment)
+    # The code a row ends with when the policy gives up, if not ``code``: a refund that may have
+    # reached WeChat ends OUTCOME_UNKNOWN ("check by hand"), never as a rejection.
+    give_up_code: str | None = None
 
     def describe(self) -> str:
         return clip(f"{self.code}: {self.message}")
@@ -46,7 +49,21 @@ class Later:
     note: str | None = None
 
 
-Outcome = Done | Failed | Retry | Later
+@dataclass(frozen=True)
+class Blocked:
+    """Not this row's fault: the environment stops the stage (credentials refused, clock, privileges).
+
+    The row stays as it is, spends no attempt, and the stage backs off and alerts until a person fixes it.
+    """
+
+    code: str
+    message: str
+
+    def describe(self) -> str:
+        return clip(f"{self.code}: {self.message}")
+
+
+Outcome = Done | Failed | Retry | Later | Blocked
 
 
 def clip(text: str, limit: int = MAX_ERROR_LEN) -> str:

@@ -17,6 +17,7 @@ class RetryAt:
 
 @dataclass(frozen=True)
 class GiveUp:
+    code: str
     reason: str
     attempts: int
 
@@ -30,5 +31,6 @@ def decide(error: Retry, attempts_before: int, now: datetime, job: JobConfig) ->
     attempts = attempts_before + 1
     cap = job.max_attempts if error.give_up_after is None else min(job.max_attempts, error.give_up_after)
     if attempts >= cap:
-        return GiveUp(f"{error.describe()} (gave up after {attempts} attempts)", attempts)
+        code = error.give_up_code or error.code
+        return GiveUp(code, f"{error.describe()} (gave up after {attempts} attempts)", attempts)
     return RetryAt(now + timedelta(seconds=delay_for(attempts, job.retry_delays_seconds)), attempts)

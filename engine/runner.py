@@ -3,56 +3,55 @@
 Database stages: claim (FOR UPDATE SKIP LOCKED on MySQL; SQLite has one writer
 and BEGIN IMMEDIATE), run the stage, flip the flags, commit: one transaction.
 
-Gateway stages: three steps, and no transaction is open during an HTTP call.
-1. claim and lease the rows (lease_owner, lease_until), commit;
-2. call the gateway with bounded concurrency, each call only if it can finish
-   before the lease runs out, so two daemons never call for the same refund at
-   once;
-3. re-read the rows still leased to us, write what the gateway said and flip the
-   flags, release the lease, commit. A crash before 3 leaves the row leased; when
-   the lease expires, any daemon retries it with the same out_refund_no, which
-   the gateway answers with the original refund.
+Gateway stages: named steps, and no transaction is open during an HTTP call.
+1. ``_lease``: claim as many rows as the pacer can send within the lease, lease
+   them (lease_owner, lease_until, both on the database's clock), commit;
+2. ``_call_all``: call the gateway with bounded concurrency. Every call carries a
+   deadline (the lease, and the registry's heartbeat window, whichever ends
+   first): the gateway sends it only if it can still finish by then, re-checks
+   right before the bytes leave, and cuts it off at the deadline. So a process
+   paused past its lease sends nothing when it resumes, and no two processes
+   ever have a call in flight for the same refund;
+3. ``_write_answers``: re-read the rows still leased to us (the fencing check:
+   a row taken over by another process drops our answer), write what the gateway
+   said, flip the flags, release the leases, commit. A crash before 3 leaves the
+   row leased until the registry releases it; any process then retries it with
+   the same out_refund_no, which the gateway answers with the original refund.
 
 Every flag flip is guarded by the value it expects (``scanned = 0``, and our
 lease for gateway stages); if fewer rows match than we claimed the whole
 transaction rolls back, so a stray second runner changes nothing.
+
+Time: every time the engine compares (due times, leases, heartbeats) comes from
+one clock, the database's (``engine.clock.DbClock``), read once per batch.
+Tests inject their own clock in its place.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
-import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, Row, select, update
 
+from engine.clock import DbClock, local_utcnow
 from engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from engine.db import is_mysql
-from engine.errors import is_transient_db_error
-from engine.outcome import Done, Failed, Later, Outcome, Retry, clip
+from engine.errors import describe_db_error, is_environment_db_error, is_transient_db_error
+from engine.outcome import Blocked, Done, Failed, Later, Outcome, Retry, clip
+from engine.registry import Registry
 from engine.retry import GiveUp, decide
 from engine.sql import update_rows
-from engine.stage import Flags, Stage
+from engine.stage import Stage
 
 MAX_IDLE_ROUNDS = 10_000
-
-
-def utcnow() -> datetime:
-    """Naive UTC with millisecond precision, as DATETIME(3) stores it."""
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def new_owner_id() -> str:
-    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+utcnow = local_utcnow  # this host's clock: for display only, never for a comparison the engine makes
 
 
 class LostClaim(Exception):
@@ -68,14 +67,22 @@ class BatchReport:
     retried: int = 0
     later: int = 0
     skipped: int = 0
+    blocked_rows: int = 0
     batch_size: int = 0
-    error: str | None = None
+    error: str | None = None  # the batch rolled back (a transient database error): back off, retry
+    blocked: str | None = None  # the environment stops the stage (privileges, credentials): back off, alert
     outcomes: dict[int, Outcome] = field(default_factory=dict, repr=False)
 
     @property
     def full(self) -> bool:
         """The batch was full and all of it was worked: more rows are probably ready, run again at once."""
-        return self.error is None and self.batch_size > 0 and self.claimed >= self.batch_size and not self.skipped
+        return (
+            self.error is None
+            and self.blocked is None
+            and self.batch_size > 0
+            and self.claimed >= self.batch_size
+            and not self.skipped
+        )
 
     @property
     def progressed(self) -> bool:
@@ -99,7 +106,11 @@ class _CallCrashed:
         self.exc = exc
 
 
-_SKIPPED = object()
+class _NotStarted:
+    """The runner stopped before this row's call began."""
+
+
+_NOT_STARTED = _NotStarted()
 
 
 class Runner:
@@ -110,20 +121,39 @@ class Runner:
         stages: Mapping[str, Stage],
         gateway: Any = None,
         *,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Callable[[], datetime] | None = None,
         owner: str | None = None,
         hooks: Hooks | None = None,
+        registry: Registry | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self.db = db
         self.config = config
         self.stages = dict(stages)
         self.gateway = gateway
-        self.clock = clock
-        self.owner = owner or new_owner_id()
+        self.clock = clock or DbClock(db)
         self.hooks = hooks or Hooks()
+        self.monotonic = monotonic
+        self.registry = registry or Registry(
+            db,
+            self.clock,
+            self.lease_tables(),
+            takeover_seconds=config.takeover_seconds,
+            heartbeat_seconds=config.heartbeat_seconds,
+            monotonic=monotonic,
+            owner=owner,
+        )
         self.stopping = threading.Event()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._mysql = is_mysql(db)
+
+    @property
+    def owner(self) -> str:
+        """The lease owner this process writes now (a new one after it was declared dead)."""
+        return self.registry.owner
+
+    def lease_tables(self) -> list:
+        return sorted({s.flags.table for s in self.stages.values() if s.flags.lease_owner is not None}, key=lambda t: t.name)
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -141,11 +171,14 @@ class Runner:
             else:
                 self._run_db_stage(stage, job, now, report)
         except Exception as exc:
-            if not is_transient_db_error(exc) and not isinstance(exc, LostClaim):
+            if is_environment_db_error(exc):
+                report.blocked = describe_db_error(exc)
+            elif is_transient_db_error(exc) or isinstance(exc, LostClaim):
+                report.error = describe_db_error(exc) if not isinstance(exc, LostClaim) else f"LostClaim: {exc}"
+            else:
                 raise
-            report.error = f"{type(exc).__name__}: {_first_line(exc)}"
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
-            log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error)
+            log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked)
         if report.claimed:
             log.bind(
                 action="batch",
@@ -170,8 +203,8 @@ class Runner:
                 while not self.stopping.is_set():
                     report = self.run_stage(name, now)
                     _accumulate(totals[name], report)
-                    if report.error:
-                        raise RuntimeError(f"stage {name} failed: {report.error}")
+                    if report.error or report.blocked:
+                        raise RuntimeError(f"stage {name} stopped: {report.error or report.blocked}")
                     if report.progressed:
                         progressed = True
                     if not report.full:
@@ -185,15 +218,15 @@ class Runner:
         self.stopping.set()
 
     def release_leases(self) -> int:
-        """Give back every lease this runner holds (clean shutdown)."""
+        """Give back every lease this runner holds (clean shutdown), and leave the registry."""
         released = 0
-        tables = {s.flags.table for s in self.stages.values() if s.flags.lease_owner is not None}
-        for table in tables:
+        for table in self.lease_tables():
             with self.db.begin() as conn:
                 res = conn.execute(
                     update(table).where(table.c.lease_owner == self.owner).values(lease_owner=None, lease_until=None)
                 )
                 released += res.rowcount or 0
+        self.registry.deregister()
         return released
 
     def close(self) -> None:
@@ -221,18 +254,18 @@ class Runner:
                     return
                 ids = [r.id for r in rows]
                 outcomes = dict(stage.process(conn, rows, now))
-                self._apply_outcomes(conn, stage, job, rows, outcomes, now, report)
+                self._write_outcomes(conn, stage, job, rows, outcomes, now, report)
                 if self.hooks.before_commit:
                     self.hooks.before_commit(stage.name, ids)
         except Exception as exc:
-            if is_transient_db_error(exc) or not ids:
+            if _not_a_row_fault(exc) or not ids:
                 raise
             # Not the database's fault: some row trips the stage. Find it one row at a time
             # so the rest of the batch is not held hostage.
             logger.bind(stage=stage.name, action="isolate", rows=len(ids)).warning(
                 "batch failed ({}), retrying its rows one by one", _first_line(exc)
             )
-            self._reset_report(report)
+            _reset(report)
             self._run_rows_one_by_one(stage, job, ids, now, report)
 
     def _run_rows_one_by_one(self, stage, job: JobConfig, ids: list[int], now: datetime, report: BatchReport) -> None:
@@ -243,11 +276,11 @@ class Runner:
                     if not rows:
                         continue
                     outcomes = dict(stage.process(conn, rows, now))
-                    self._apply_outcomes(conn, stage, job, rows, outcomes, now, report)
+                    self._write_outcomes(conn, stage, job, rows, outcomes, now, report)
                     if self.hooks.before_commit:
                         self.hooks.before_commit(stage.name, [rid])
             except Exception as exc:
-                if is_transient_db_error(exc):
+                if _not_a_row_fault(exc):
                     raise
                 logger.opt(exception=exc).bind(stage=stage.name, row_id=rid, action="row_crashed").warning(
                     "row raised {}", type(exc).__name__
@@ -256,40 +289,70 @@ class Runner:
                     rows = self._claim(conn, stage, now, 1, only_id=rid)
                     if rows:
                         error = Retry("INTERNAL_ERROR", f"{type(exc).__name__}: {_first_line(exc)}")
-                        self._apply_outcomes(conn, stage, job, rows, {rid: error}, now, report)
-
-    @staticmethod
-    def _reset_report(report: BatchReport) -> None:
-        report.claimed = report.done = report.failed = report.retried = report.later = report.skipped = 0
-        report.outcomes.clear()
+                        self._write_outcomes(conn, stage, job, rows, {rid: error}, now, report)
 
     # --- gateway stages -------------------------------------------------------------------------
 
     def _run_gateway_stage(self, stage, job: JobConfig, fixed_now: datetime | None, report: BatchReport) -> None:
+        registry = self.registry
+        if not registry.threaded and registry.beat_due():
+            registry.tick()  # no heartbeat thread (run --once, tests): beat and reap here
+        owner = registry.owner
+        limit = self._claim_limit(stage, job)
+        if limit <= 0:
+            return  # the pacer is booked for longer than a lease: claiming now would only idle rows
+        leased_at = self.monotonic()
+        rows = self._lease(stage, job, fixed_now or self.clock(), limit, owner)
+        if not rows:
+            return
+        lease_deadline = leased_at + job.lease_seconds - LEASE_SAFETY_MARGIN_SECONDS
+
+        def deadline() -> float:
+            # Read right before each call is sent: a process that was declared dead (or paused past
+            # its heartbeat window) gets -inf or a past instant, and sends nothing.
+            if registry.owner != owner:
+                return float("-inf")
+            return min(lease_deadline, registry.safe_until())
+
+        results = self._call_all(stage, job, rows, deadline)
+        self._write_answers(stage, job, [r.id for r in rows], results, fixed_now or self.clock(), owner, report)
+
+    def _claim_limit(self, stage, job: JobConfig) -> int:
+        """Lease no more rows than the pacer can send inside the lease, so N processes at any QPS progress."""
+        if self.gateway is None:
+            return job.batch_size  # nothing to call: the claim finds no ready row or fails loudly later
+        window = min(job.lease_seconds, self.registry.takeover_seconds) - LEASE_SAFETY_MARGIN_SECONDS
+        capacity = self.gateway.calls_within(stage.endpoint, max(0.0, window))
+        return job.batch_size if capacity is None else min(job.batch_size, capacity)
+
+    def _lease(self, stage, job: JobConfig, now: datetime, limit: int, owner: str) -> list[Row]:
         flags = stage.flags
-        now = fixed_now or self.clock()
-        lease_until = now + timedelta(seconds=job.lease_seconds)
         with self.db.begin() as conn:
-            rows = self._claim(conn, stage, now, job.batch_size)
-            if not rows:
-                return
-            ids = [r.id for r in rows]
-            conn.execute(
-                update(flags.table)
-                .where(flags.id.in_(ids))
-                .values({flags.lease_owner: self.owner, flags.lease_until: lease_until})
-            )
+            rows = self._claim(conn, stage, now, limit)
+            if rows:
+                conn.execute(
+                    update(flags.table)
+                    .where(flags.id.in_([r.id for r in rows]))
+                    .values(
+                        {
+                            flags.lease_owner: owner,
+                            flags.lease_until: now + timedelta(seconds=job.lease_seconds),
+                            **stage.lease_values(),
+                        }
+                    )
+                )
+        if rows:
+            logger.bind(stage=stage.name, action="leased", rows=len(rows)).debug("rows leased for {:g}s", job.lease_seconds)
+        return rows
+
+    def _call_all(self, stage, job: JobConfig, rows: Sequence[Row], deadline: Callable[[], float]) -> list[tuple[Row, Any]]:
         log = logger.bind(stage=stage.name)
-        log.bind(action="leased", rows=len(ids)).debug("rows leased until {}", lease_until)
 
-        connect, read = self.config.wechat.timeout_seconds
-        call_deadline = time.monotonic() + job.lease_seconds - (connect + read) - LEASE_SAFETY_MARGIN_SECONDS
-
-        def call_one(row: Row):
-            if self.stopping.is_set() or time.monotonic() > call_deadline:
-                return row, _SKIPPED
+        def call_one(row: Row) -> tuple[Row, Any]:
+            if self.stopping.is_set():
+                return row, _NOT_STARTED
             try:
-                result = stage.call(self.gateway, row)
+                result = stage.call(self.gateway, row, deadline)
             except Exception as exc:  # a bug in the client: the outcome is unknown, never success
                 log.opt(exception=exc).bind(row_id=row.id, action="call_crashed").warning("gateway call raised")
                 result = _CallCrashed(exc)
@@ -297,46 +360,54 @@ class Runner:
                 self.hooks.after_gateway_call(stage.name, row, result)
             return row, result
 
-        results = list(self._pool(stage.name, job.concurrency).map(call_one, rows))
-        now = fixed_now or self.clock()
+        return list(self._pool(stage.name, job.concurrency).map(call_one, rows))
+
+    def _write_answers(
+        self, stage, job: JobConfig, ids: list[int], results: list[tuple[Row, Any]], now: datetime, owner: str,
+        report: BatchReport,
+    ) -> None:
+        flags = stage.flags
+        log = logger.bind(stage=stage.name)
         with self.db.begin() as conn:
-            # Only rows still leased to us: if our lease expired and another daemon took the
-            # row over, its answer wins and ours is dropped (the gateway call was idempotent).
-            owned = {
-                r.id: r
-                for r in conn.execute(_owned_query(stage, ids, self.owner, self._mysql)).all()
-            }
+            # The fencing check: only rows still leased to this owner. If our lease was released
+            # (we were declared dead) or taken over, the other holder's answer wins and ours is dropped.
+            owned = {r.id: r for r in conn.execute(_owned_query(stage, ids, owner, self._mysql)).all()}
             called: list[tuple[Row, Any]] = []
-            skipped: list[int] = []
+            unsent: list[Row] = []
             crashed: dict[int, Outcome] = {}
             for row, result in results:
                 if row.id not in owned:
-                    log.bind(row_id=row.id, action="lease_lost").warning("lease lost before the answer was written")
+                    log.bind(row_id=row.id, action="lease_lost").warning("lease lost before the answer was written; answer dropped")
                     continue
-                if result is _SKIPPED:
-                    skipped.append(row.id)
+                if result is _NOT_STARTED or stage.not_sent(result):
+                    unsent.append(row)  # the row as leased: its values from before the lease
                 elif isinstance(result, _CallCrashed):
                     crashed[row.id] = Retry("CLIENT_ERROR", f"{type(result.exc).__name__}: {_first_line(result.exc)}")
                 else:
                     called.append((owned[row.id], result))
             outcomes = dict(stage.apply(conn, called, now)) if called else {}
             outcomes.update(crashed)
-            fresh_rows = [owned[i] for i in outcomes]
-            self._apply_outcomes(conn, stage, job, fresh_rows, outcomes, now, report, owner=self.owner)
-            if skipped and not self.stopping.is_set():
-                log.bind(action="calls_skipped", rows=len(skipped)).warning(
-                    "{} call(s) not started: the lease would have run out before they could finish", len(skipped)
-                )
-            if skipped:
-                conn.execute(
-                    update(flags.table)
-                    .where(flags.id.in_(skipped), flags.lease_owner == self.owner)
-                    .values({flags.lease_owner: None, flags.lease_until: None})
-                )
-                report.skipped += len(skipped)
-                report.claimed += len(skipped)
+            self._write_outcomes(conn, stage, job, [owned[i] for i in outcomes], outcomes, now, report, owner=owner)
+            self._release_unsent(conn, stage, unsent, owner, report)
             if self.hooks.before_commit:
                 self.hooks.before_commit(stage.name, list(outcomes))
+
+    def _release_unsent(self, conn: Connection, stage, unsent: list[Row], owner: str, report: BatchReport) -> None:
+        """Rows whose call never left: give them back as they were, no attempt spent."""
+        if not unsent:
+            return
+        flags = stage.flags
+        values = {
+            row.id: {flags.lease_owner.name: None, flags.lease_until.name: None, **stage.unlease_values(row)}
+            for row in unsent
+        }
+        update_rows(conn, flags.table, values, flags.lease_owner == owner)
+        report.skipped += len(unsent)
+        report.claimed += len(unsent)
+        if not self.stopping.is_set():
+            logger.bind(stage=stage.name, action="calls_not_sent", rows=len(unsent)).info(
+                "{} call(s) not sent: they could not have finished inside the lease", len(unsent)
+            )
 
     def _pool(self, name: str, size: int) -> ThreadPoolExecutor:
         pool = self._pools.get(name)
@@ -346,7 +417,7 @@ class Runner:
 
     # --- outcomes -> flag flips -----------------------------------------------------------------
 
-    def _apply_outcomes(
+    def _write_outcomes(
         self,
         conn: Connection,
         stage: Stage,
@@ -357,72 +428,98 @@ class Runner:
         report: BatchReport,
         owner: str | None = None,
     ) -> None:
-        flags = stage.flags
         missing = {r.id for r in rows} - set(outcomes)
         if missing:
             raise RuntimeError(f"stage {stage.name} returned no outcome for rows {sorted(missing)[:10]}")
-        attempts_col = flags.attempts.name
+        flags = stage.flags
         release = {flags.lease_owner.name: None, flags.lease_until.name: None} if owner else {}
-        groups: dict[frozenset, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
-        log = logger.bind(stage=stage.name)
+        groups: dict[frozenset, dict[int, dict[str, Any]]] = defaultdict(dict)
         for row in rows:
-            outcome = outcomes[row.id]
-            report.claimed += 1
-            values: dict[str, Any]
-            if isinstance(outcome, Retry):
-                decision = decide(outcome, getattr(row, attempts_col), now, job)
-                if isinstance(decision, GiveUp):
-                    outcome = Failed(outcome.code, decision.reason)
-                else:
-                    values = {
-                        attempts_col: decision.attempts,
-                        flags.next_attempt_at.name: decision.at,
-                        flags.last_error.name: outcome.describe(),
-                    }
-                    report.retried += 1
-                    log.bind(row_id=row.id, action="retry", attempt=decision.attempts, at=decision.at).warning(
-                        "will retry: {}", outcome.describe()
-                    )
-            if isinstance(outcome, Done):
-                values = {
-                    flags.scanned.name: 1,
-                    flags.success.name: 1,
-                    attempts_col: 0,
-                    flags.next_attempt_at.name: None,
-                    flags.last_error.name: None,
-                    **stage.done_values(outcome, now),
-                }
-                report.done += 1
-            elif isinstance(outcome, Failed):
-                values = {
-                    flags.scanned.name: 1,
-                    flags.success.name: 0,
-                    flags.next_attempt_at.name: None,
-                    flags.last_error.name: outcome.describe(),
-                    **stage.failed_values(outcome, now),
-                }
-                report.failed += 1
-                # A rejected merchant request is business as usual; anything else needs a person.
-                level = "INFO" if getattr(stage, "rejections_are_routine", False) else "ERROR"
-                log.bind(row_id=row.id, action="failed", code=outcome.code).log(level, "{}", outcome.describe())
-            elif isinstance(outcome, Later):
-                values = {
-                    attempts_col: 0,
-                    flags.next_attempt_at.name: outcome.at,
-                    flags.last_error.name: clip(outcome.note) if outcome.note else None,
-                }
-                report.later += 1
+            outcome, values = flip_for(stage, job, outcomes[row.id], getattr(row, flags.attempts.name), now)
+            _count(report, outcome)
             report.outcomes[row.id] = outcome
+            _log_outcome(stage, row.id, outcomes[row.id], outcome, values)
+            if isinstance(outcome, Blocked):
+                report.blocked = report.blocked or outcome.describe()
             values.update(release)
-            groups[frozenset(values)].append((row.id, values))
+            groups[frozenset(values)][row.id] = values
 
         # One UPDATE per kind of outcome, however many rows and whatever their values:
         # a column whose value differs between rows is written with CASE id WHEN ... END.
         guard = [flags.scanned == 0] + ([flags.lease_owner == owner] if owner else [])
         for members in groups.values():
-            matched = update_rows(conn, flags.table, dict(members), *guard)
+            matched = update_rows(conn, flags.table, members, *guard)
             if matched != len(members):
                 raise LostClaim(f"{stage.name}: {len(members)} rows claimed, {matched} still ours")
+
+
+def flip_for(stage: Stage, job: JobConfig, outcome: Outcome, attempts_before: int, now: datetime) -> tuple[Outcome, dict[str, Any]]:
+    """The final outcome of a row and the columns its flag flip writes. Pure: no database, no clock."""
+    flags = stage.flags
+    attempts = flags.attempts.name
+    if isinstance(outcome, Retry):
+        decision = decide(outcome, attempts_before, now, job)
+        if isinstance(decision, GiveUp):
+            outcome = Failed(decision.code, decision.reason)
+        else:
+            return outcome, {
+                attempts: decision.attempts,
+                flags.next_attempt_at.name: decision.at,
+                flags.last_error.name: outcome.describe(),
+            }
+    if isinstance(outcome, Done):
+        return outcome, {
+            flags.scanned.name: 1,
+            flags.success.name: 1,
+            attempts: 0,
+            flags.next_attempt_at.name: None,
+            flags.last_error.name: None,
+            **stage.done_values(outcome, now),
+        }
+    if isinstance(outcome, Failed):
+        return outcome, {
+            flags.scanned.name: 1,
+            flags.success.name: 0,
+            flags.next_attempt_at.name: None,
+            flags.last_error.name: outcome.describe(),
+            **stage.failed_values(outcome, now),
+        }
+    if isinstance(outcome, Later):
+        return outcome, {
+            attempts: 0,
+            flags.next_attempt_at.name: outcome.at,
+            flags.last_error.name: clip(outcome.note) if outcome.note else None,
+        }
+    if isinstance(outcome, Blocked):
+        # Untouched but for the reason, so a DBA sees why the row waits; no attempt spent.
+        return outcome, {flags.last_error.name: outcome.describe()}
+    raise TypeError(f"not an outcome: {outcome!r}")
+
+
+def _count(report: BatchReport, outcome: Outcome) -> None:
+    report.claimed += 1
+    if isinstance(outcome, Done):
+        report.done += 1
+    elif isinstance(outcome, Failed):
+        report.failed += 1
+    elif isinstance(outcome, Retry):
+        report.retried += 1
+    elif isinstance(outcome, Later):
+        report.later += 1
+    elif isinstance(outcome, Blocked):
+        report.blocked_rows += 1
+
+
+def _log_outcome(stage: Stage, row_id: int, said: Outcome, final: Outcome, values: Mapping[str, Any]) -> None:
+    log = logger.bind(stage=stage.name, row_id=row_id)
+    if isinstance(final, Retry):
+        log.bind(action="retry", attempt=values[stage.flags.attempts.name], at=values[stage.flags.next_attempt_at.name]).warning(
+            "will retry: {}", final.describe()
+        )
+    elif isinstance(final, Failed):
+        # A rejected merchant request is business as usual; anything else needs a person.
+        level = "INFO" if stage.rejections_are_routine and not isinstance(said, Retry) else "ERROR"
+        log.bind(action="failed", code=final.code).log(level, "{}", final.describe())
 
 
 def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):
@@ -431,8 +528,19 @@ def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):
     return query.with_for_update() if mysql else query
 
 
+def _not_a_row_fault(exc: BaseException) -> bool:
+    """The database, not a row, failed the batch: roll back and back off instead of isolating rows."""
+    return is_transient_db_error(exc) or is_environment_db_error(exc) or isinstance(exc, LostClaim)
+
+
+def _reset(report: BatchReport) -> None:
+    report.claimed = report.done = report.failed = report.retried = report.later = report.skipped = 0
+    report.blocked_rows = 0
+    report.outcomes.clear()
+
+
 def _accumulate(total: BatchReport, report: BatchReport) -> None:
-    for attr in ("claimed", "done", "failed", "retried", "later", "skipped"):
+    for attr in ("claimed", "done", "failed", "retried", "later", "skipped", "blocked_rows"):
         setattr(total, attr, getattr(total, attr) + getattr(report, attr))
     total.outcomes.update(report.outcomes)
 

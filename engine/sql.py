@@ -66,14 +66,21 @@ def update_rows(conn: Connection, table, rows: Mapping[int, Mapping[str, Any]], 
     return conn.execute(update(table).where(table.c.id.in_(list(rows)), *where).values(values)).rowcount
 
 
-def lock_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> dict[int, int]:
-    """Current ``column`` (stock or sales) of these goods, locked.
+def lock_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> tuple[dict[int, int], set[int]]:
+    """Current ``column`` (stock or sales) of the goods we could lock now, and the ids someone else holds.
 
-    Always in id order: restore_stock and decrement_sales both lock goods rows, and the
-    same order in every transaction means they can wait for each other but never deadlock.
+    SKIP LOCKED: a goods row the shop holds (a checkout, a long admin transaction) delays only
+    the orders of that goods, never the batch; the caller answers those rows Later. Always in
+    id order: restore_stock and decrement_sales both lock goods rows, and the same order in
+    every transaction means they never deadlock.
     """
-    query = select(goods.c.id, column).where(goods.c.id.in_(sorted(set(goods_ids)))).order_by(goods.c.id)
-    return dict(conn.execute(locked(conn, query)).all())
+    ids = sorted(set(goods_ids))
+    query = select(goods.c.id, column).where(goods.c.id.in_(ids)).order_by(goods.c.id)
+    got = dict(conn.execute(locked(conn, query, skip_locked=True)).all())
+    missing = [i for i in ids if i not in got]
+    # A plain read takes no lock and waits for none: it only tells "locked" from "not there".
+    busy = set(conn.execute(select(goods.c.id).where(goods.c.id.in_(missing))).scalars()) if missing else set()
+    return got, busy
 
 
 def adjust_goods(conn: Connection, column: Column, deltas: Mapping[int, int]) -> None:

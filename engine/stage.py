@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Mapping, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 from sqlalchemy import Column, Connection, Row, Select, Table
 
@@ -44,6 +44,8 @@ class Stage(Protocol):
     # Conditions that are always true of a finished row and lead the stage's index, so that
     # `status` can count done/failed rows from the index alone.
     index_prefix: ClassVar[tuple] = ()
+    # True when a 1/0 row is business as usual (a rejected merchant request), logged at INFO.
+    rejections_are_routine: ClassVar[bool] = False
 
     def pending(self) -> list:
         """WHERE clauses for rows this stage will still act on, whenever they are due."""
@@ -64,8 +66,23 @@ class DbStage(Stage, Protocol):
 
 
 class GatewayStage(Stage, Protocol):
-    def call(self, gateway: Any, row: Row) -> Any:
-        """One gateway call for one row; runs outside any transaction."""
+    # The gateway endpoint whose pace bounds how many rows one batch may lease ("apply", "query").
+    endpoint: ClassVar[str]
+
+    def call(self, gateway: Any, row: Row, deadline: Callable[[], float]) -> Any:
+        """One gateway call for one row; runs outside any transaction.
+
+        ``deadline()`` is the monotonic instant by which the call must be over; pass it to the gateway.
+        """
+
+    def not_sent(self, result: Any) -> bool:
+        """True when the result says the call never left (nothing reached the gateway)."""
+
+    def lease_values(self) -> Mapping[str, Any]:
+        """Extra columns set when rows are leased (before any call)."""
+
+    def unlease_values(self, row: Row) -> Mapping[str, Any]:
+        """Columns to restore on a leased row whose call never left (``row`` is as it was before the lease)."""
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> Mapping[int, Outcome]:
         """Write what the gateway said; return an outcome for every row id."""
@@ -75,6 +92,13 @@ class StageDefaults:
     """No extra columns unless a stage says so."""
 
     index_prefix: ClassVar[tuple] = ()
+    rejections_are_routine: ClassVar[bool] = False
+
+    def lease_values(self) -> Mapping[str, Any]:
+        return {}
+
+    def unlease_values(self, row: Row) -> Mapping[str, Any]:
+        return {}
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {}

@@ -7,12 +7,14 @@ from models.tables import (
     OrderOpLog,
     OrderOpRequest,
     RefundOrder,
+    ScannerProcess,
     goods,
     goods_order2,
     metadata,
     oplog,
     refund_order,
     req_order_ops,
+    scanner_process,
 )
 
 __all__ = [
@@ -22,10 +24,12 @@ __all__ = [
     "OrderOpLog",
     "OrderOpRequest",
     "RefundOrder",
+    "ScannerProcess",
     "goods",
     "goods_order2",
     "metadata",
     "oplog",
     "refund_order",
     "req_order_ops",
+    "scanner_process",
 ]

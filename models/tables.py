@@ -172,6 +172,8 @@ class RefundOrder(Base):
         ),
         # Stage 4 (sync_result) polls: progress_scanned=1 AND sync_scanned=0 AND sync_success=0
         Index("idx_refund_order_sync_pending", "progress_scanned", "sync_scanned", "sync_success"),
+        # The reaper releases a dead process's leases by owner.
+        Index("idx_refund_order_lease_owner", "lease_owner"),
         CheckConstraint("refund_amount <= total_amount", name="refund_within_total"),
         {"comment": "One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call."},
     )
@@ -205,6 +207,9 @@ class RefundOrder(Base):
     last_error: Mapped[str | None] = mapped_column(String(255), comment="why the last try failed, CODE: message")
     lease_owner: Mapped[str | None] = mapped_column(String(64), comment="daemon calling WeChat for this row now")
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp3, comment="lease expiry (UTC); then others may take over")
+    submit_sent: Mapped[int] = _flag(
+        "submit_refund: 1 once an apply call may have reached WeChat; a later refusal is then checked by a query"
+    )
     submitted_at: Mapped[datetime | None] = mapped_column(Timestamp3, comment="when WeChat accepted the refund")
     success_time: Mapped[datetime | None] = mapped_column(Timestamp3, comment="WeChat's success_time (UTC)")
     created_at: Mapped[datetime] = _created()
@@ -231,9 +236,30 @@ class OrderOpLog(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class ScannerProcess(Base):
+    __tablename__ = "cancel_scanner_process"
+    __table_args__ = (
+        UniqueConstraint("owner", name="uk_cancel_scanner_process_owner"),
+        Index("idx_cancel_scanner_process_heartbeat_at", "heartbeat_at"),
+        {"comment": "Running cancel-scanner processes and their heartbeats (database time); leases of a silent one are released."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64), nullable=False, comment="the lease_owner this process writes")
+    hostname: Mapped[str] = mapped_column(String(64), nullable=False)
+    pid: Mapped[int] = mapped_column(SignedInt, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, comment="registered at (database time, UTC)")
+    heartbeat_at: Mapped[datetime] = mapped_column(
+        Timestamp3, nullable=False, comment="last heartbeat (database time, UTC); silent past takeover_seconds = dead"
+    )
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
 goods = Goods.__table__
 goods_order2 = GoodsOrder.__table__
 req_order_ops = OrderOpRequest.__table__
 refund_order = RefundOrder.__table__
 oplog = OrderOpLog.__table__
+scanner_process = ScannerProcess.__table__
 metadata = Base.metadata

@@ -10,18 +10,19 @@ sales are lower than the quantity (never a negative number).
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Sequence
 
 from sqlalchemy import Connection, Row, or_, select
 
-from engine.outcome import Done, Failed, Outcome
+from engine.outcome import Done, Failed, Later, Outcome
 from engine.sql import adjust_goods, lock_goods, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import goods, goods_order2
 
 o = goods_order2.c
 g = goods.c
+BUSY_RETRY = timedelta(seconds=1)
 
 
 class DecrementSales(StageDefaults):
@@ -59,12 +60,14 @@ class DecrementSales(StageDefaults):
         )
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
-        sales = lock_goods(conn, (row.goods_id for row in rows), g.sales)
+        sales, busy = lock_goods(conn, (row.goods_id for row in rows), g.sales)
         outcomes: dict[int, Outcome] = {}
         take: dict[int, int] = defaultdict(int)
         events = []
         for row in rows:
-            if row.goods_id not in sales:
+            if row.goods_id in busy:
+                outcomes[row.id] = Later(now + BUSY_RETRY, f"GOODS_BUSY: goods {row.goods_id} is locked by another transaction; will retry")
+            elif row.goods_id not in sales:
                 outcomes[row.id] = Failed("GOODS_NOT_FOUND", f"goods {row.goods_id} does not exist; sales not decremented")
             elif sales[row.goods_id] - take[row.goods_id] < row.quantity:
                 left = sales[row.goods_id] - take[row.goods_id]

@@ -36,6 +36,10 @@ MESSAGES = {
     "DUPLICATE_REQUEST": "another request already cancelled this order",
     "BAD_ORDER_STATE": "the order's status is not one the scanner knows: check the order",
     "REFUND_WINDOW_EXPIRED": "paid more than a year ago: WeChat Pay no longer accepts a refund",
+    "INCONSISTENT_PAYMENT": (
+        "the order's payment fields disagree (pay_status, transaction_id, paid_at, order_status):"
+        " not cancelled; correct the order, then send the request again"
+    ),
 }
 
 
@@ -57,6 +61,15 @@ def wechat_reason(text: str | None, source: str) -> str:
     reason = (text or "").strip() or DEFAULT_REASONS[source]
     encoded = reason.encode("utf-8")[:WECHAT_REASON_MAX_BYTES]
     return encoded.decode("utf-8", errors="ignore")
+
+
+def payment_is_consistent(order: Row) -> bool:
+    """Paid and unpaid each have one shape; anything between is not ours to guess."""
+    if order.pay_status == 1:
+        return order.order_status == "PAID"  # a missing transaction_id is BAD_AMOUNT, checked later
+    if order.pay_status == 0:
+        return order.order_status == "UNPAID" and not order.transaction_id and order.paid_at is None
+    return False
 
 
 def reject(code: str) -> Failed:
@@ -147,6 +160,10 @@ class Intake(StageDefaults):
     def _judge(order: Row, now: datetime, accepted_before: set[int]) -> Outcome:
         if order.is_deleted:
             return reject("ORDER_DELETED")
+        if order.order_status in ("UNPAID", "PAID") and not payment_is_consistent(order):
+            # Guessing "unpaid" would cancel a paid order without a refund; guessing "paid" would
+            # refund money nobody paid. Neither: the merchant fixes the order first.
+            return reject("INCONSISTENT_PAYMENT")
         if order.order_status == "CANCELLED":
             return reject("DUPLICATE_REQUEST" if order.id in accepted_before else "ALREADY_CANCELLED")
         if order.order_status in ("SHIPPED", "COMPLETED"):

@@ -5,13 +5,17 @@ Does: GET /v3/refund/domestic/refunds/{out_refund_no}, outside any transaction.
 Flips: ``progress_scanned=1, progress_success=1`` on SUCCESS; ``1/0`` on CLOSED.
 PROCESSING and ABNORMAL stay pending and are polled again on the configured schedule;
 ABNORMAL is written on the row as needing a merchant's action.
+
+A status WeChat proved once is not overwritten by a contradicting one: a refund whose
+verified answer said SUCCESS and a later one says PROCESSING or CLOSED ends ``1/0`` with
+``CONFLICTING_ANSWERS``, for a person, and its order is never marked "no money moved".
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from itertools import accumulate
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from loguru import logger
 from sqlalchemy import Connection, Row, or_, select
@@ -21,10 +25,11 @@ from engine.outcome import Done, Failed, Later, Outcome
 from engine.sql import update_rows
 from engine.stage import Flags, StageDefaults
 from models import refund_order
-from scanners.submit_refund import classify
+from scanners.submit_refund import MISMATCHED, classify, matches
 
 r = refund_order.c
 ABNORMAL_NOTE = "ABNORMAL: the user's bank card or account is frozen or closed; the merchant must act"
+CONFLICTING_ANSWERS = "CONFLICTING_ANSWERS"
 
 
 def next_poll_at(submitted_at: datetime | None, now: datetime, delays: Sequence[float]) -> datetime:
@@ -43,6 +48,7 @@ def next_poll_at(submitted_at: datetime | None, now: datetime, delays: Sequence[
 
 class PollRefund(StageDefaults):
     name = "poll_refund"
+    endpoint = "query"
     flags = Flags(
         table=refund_order,
         scanned=r.progress_scanned,
@@ -75,8 +81,11 @@ class PollRefund(StageDefaults):
             .limit(limit)
         )
 
-    def call(self, gateway: gw.RefundGateway, row: Row) -> gw.GatewayResult:
-        return gateway.query(row.out_refund_no)
+    def call(self, gateway: gw.RefundGateway, row: Row, deadline: Callable[[], float]) -> gw.GatewayResult:
+        return gateway.query(row.out_refund_no, deadline=deadline)
+
+    def not_sent(self, result: Any) -> bool:
+        return isinstance(result, gw.NotSent)
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {}
@@ -86,23 +95,28 @@ class PollRefund(StageDefaults):
         seen: dict[int, dict[str, Any]] = {}
         for row, result in results:
             if not isinstance(result, gw.Accepted):
-                outcome = classify(result)
-                if outcome is None:
-                    raise TypeError(f"unexpected gateway result {type(result).__name__}")
-                outcomes[row.id] = outcome
+                # A query moves no money, so an unknown answer is just asked again.
+                outcomes[row.id] = classify(result, may_have_reached=False)
                 continue
             refund = result.refund
-            if refund.out_refund_no != row.out_refund_no or refund.refund_amount != row.refund_amount:
+            if not matches(refund, row):
                 # Never record a success for money we did not ask to move.
-                outcomes[row.id] = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")
+                outcomes[row.id] = MISMATCHED
                 continue
-            seen[row.id] = {"wx_status": refund.status, "success_time": refund.success_time}
             log = logger.bind(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, wx_status=refund.status)
+            if row.wx_status == "SUCCESS" and refund.status != "SUCCESS":
+                outcomes[row.id] = Failed(
+                    CONFLICTING_ANSWERS,
+                    f"WeChat said SUCCESS for {row.out_refund_no}, now says {refund.status}: check the refund by hand",
+                )
+                log.bind(action="conflict").error("WeChat contradicts itself about this refund")
+                continue  # wx_status keeps what was proven first
+            seen[row.id] = {"wx_status": refund.status, "success_time": refund.success_time}
             if refund.status == "SUCCESS":
                 outcomes[row.id] = Done("SUCCESS")
                 log.bind(action="succeeded").info("refund succeeded: money returned")
             elif refund.status == "CLOSED":
-                outcomes[row.id] = Failed("REFUND_CLOSED", "WeChat closed the refund: no money moved")
+                outcomes[row.id] = Failed("REFUND_CLOSED", f"WeChat closed refund {row.out_refund_no}; no money moved")
                 log.bind(action="closed").warning("refund closed by WeChat Pay")
             elif refund.status == "ABNORMAL":
                 outcomes[row.id] = Later(next_poll_at(row.submitted_at, now, self.poll_delays), ABNORMAL_NOTE)

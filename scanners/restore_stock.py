@@ -9,18 +9,19 @@ Flips: ``stock_scanned=1, stock_success=1``; ``1/0`` when the goods row is missi
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Sequence
 
 from sqlalchemy import Connection, Row, and_, or_, select
 
-from engine.outcome import Done, Failed, Outcome
+from engine.outcome import Done, Failed, Later, Outcome
 from engine.sql import adjust_goods, lock_goods, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import goods, goods_order2
 
 o = goods_order2.c
 g = goods.c
+BUSY_RETRY = timedelta(seconds=1)
 UINT_MAX = 2**32 - 1
 
 
@@ -61,12 +62,14 @@ class RestoreStock(StageDefaults):
         )
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
-        stock = lock_goods(conn, (row.goods_id for row in rows), g.stock)
+        stock, busy = lock_goods(conn, (row.goods_id for row in rows), g.stock)
         outcomes: dict[int, Outcome] = {}
         add: dict[int, int] = defaultdict(int)
         events = []
         for row in rows:
-            if row.goods_id not in stock:
+            if row.goods_id in busy:
+                outcomes[row.id] = Later(now + BUSY_RETRY, f"GOODS_BUSY: goods {row.goods_id} is locked by another transaction; will retry")
+            elif row.goods_id not in stock:
                 outcomes[row.id] = Failed("GOODS_NOT_FOUND", f"goods {row.goods_id} does not exist; stock not restored")
             elif stock[row.goods_id] + add[row.goods_id] + row.quantity > UINT_MAX:
                 outcomes[row.id] = Failed("STOCK_OVERFLOW", f"goods {row.goods_id} stock would exceed {UINT_MAX}")

@@ -4,48 +4,87 @@ Ready: ``refund_order.submit_scanned = 0``, due, and not leased (idx_refund_orde
 Does: POST /v3/refund/domestic/refunds (outside any transaction: the engine calls ``call``
 between two short ones); on acceptance stores WeChat's refund id and status and writes
 oplog REFUND_SUBMITTED.
-Flips: ``submit_scanned=1, submit_success=1`` on acceptance; ``1/0`` on a permanent refusal.
-An unknown outcome (timeout, 5xx, 429, bad signature) or "retry later" (NOT_ENOUGH) keeps the
-row pending, to be retried with the SAME out_refund_no: WeChat refunds a number at most once.
+Flips: ``submit_scanned=1, submit_success=1`` on acceptance; ``1/0`` on a proven refusal.
+
+Unknown stays unknown. Leasing a row sets ``submit_sent = 1`` before its call. Once a number
+may have reached WeChat (an earlier call whose outcome was not a proven refusal), only a
+verified refund object ends the row: a later refusal (4xx) is checked by querying the number,
+and believed only if WeChat has no refund under it. An unknown outcome (timeout, 5xx, 429,
+redirect, bad signature) keeps the row pending, retried with the SAME out_refund_no, which
+WeChat refunds at most once; if it must end, it ends ``OUTCOME_UNKNOWN``, never as a rejection.
+Credentials refused (401, MCH_NOT_EXISTS) block the stage: no row is at fault.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from loguru import logger
 from sqlalchemy import Connection, Row, or_, select
 
 import gateway.contract as gw
-from engine.outcome import Done, Failed, Outcome, Retry
+from engine.outcome import Blocked, Done, Failed, Outcome, Retry
 from engine.sql import update_rows, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import refund_order
 
 r = refund_order.c
+OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
+MISMATCHED = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")
 
 
-def classify(result: Any) -> Outcome | None:
-    """The engine's outcome for a gateway answer that is not an acceptance."""
+def credentials_refused(result: gw.ConfigError) -> Blocked:
+    return Blocked(
+        result.code,
+        f"WeChat Pay refused our credentials ({result.message}): check merchant key, serial number, mchid"
+        " and this host's clock (more than 5 minutes off is refused)",
+    )
+
+
+def classify(result: Any, *, may_have_reached: bool) -> Outcome:
+    """The outcome for an answer that is not a verified refund object.
+
+    ``may_have_reached``: the number may already exist at WeChat, so giving up must not say
+    "rejected" but "unknown".
+    """
+    give_up_code = OUTCOME_UNKNOWN if may_have_reached else None
     if isinstance(result, gw.UnknownOutcome):
-        return Retry(result.code, f"outcome unknown, will retry with the same number: {result.message}")
+        return Retry(result.code, f"outcome unknown, will retry with the same number: {result.message}", give_up_code=OUTCOME_UNKNOWN)
     if isinstance(result, gw.RetryLater):
-        return Retry(result.code, result.message, give_up_after=result.give_up_after)
+        return Retry(result.code, result.message, give_up_after=result.give_up_after, give_up_code=give_up_code)
     if isinstance(result, gw.ConfigError):
-        # Keys, serial or clock are wrong: every call will fail the same way until a person fixes it.
-        logger.bind(action="config_alert", code=result.code).error(
-            "WeChat Pay rejected our credentials ({}): check merchant key, serial number, mchid and clock",
-            result.code,
-        )
-        return Failed(result.code, result.message)
+        return credentials_refused(result)
     if isinstance(result, gw.Permanent):
+        if may_have_reached:
+            return Retry(result.code, f"refused, but an earlier call may have reached WeChat: {result.message}",
+                         give_up_code=OUTCOME_UNKNOWN)
         return Failed(result.code, result.message)
-    return None
+    raise TypeError(f"unexpected gateway result {type(result).__name__}")
+
+
+def matches(refund: gw.Refund, row: Row) -> bool:
+    """A verified answer counts only if it is about this refund and this amount."""
+    return refund.out_refund_no == row.out_refund_no and refund.refund_amount == row.refund_amount
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One apply call's answer, whether an earlier call may have reached WeChat, and the check by query."""
+
+    answer: gw.GatewayResult
+    earlier: bool  # submit_sent was already 1 before this call's lease
+    query: gw.GatewayResult | None = None  # asked when a refusal came for a number that may exist
+
+
+def _is_refusal(result: Any) -> bool:
+    return isinstance(result, (gw.Permanent, gw.RetryLater))
 
 
 class SubmitRefund(StageDefaults):
     name = "submit_refund"
+    endpoint = "apply"
     flags = Flags(
         table=refund_order,
         scanned=r.submit_scanned,
@@ -77,18 +116,35 @@ class SubmitRefund(StageDefaults):
             .limit(limit)
         )
 
-    def call(self, gateway: gw.RefundGateway, row: Row) -> gw.GatewayResult:
+    def lease_values(self) -> Mapping[str, Any]:
+        # Before the call, not after: a crash between send and answer must leave the mark.
+        return {"submit_sent": 1}
+
+    def unlease_values(self, row: Row) -> Mapping[str, Any]:
+        return {"submit_sent": row.submit_sent}
+
+    def not_sent(self, result: Any) -> bool:
+        return isinstance(result.answer, gw.NotSent)
+
+    def call(self, gateway: gw.RefundGateway, row: Row, deadline: Callable[[], float]) -> Any:
         # Only out_trade_no, never also transaction_id: the body of every retry must be
         # byte-for-byte the body of the first try.
-        return gateway.apply(
+        result = gateway.apply(
             gw.RefundRequest(
                 out_refund_no=row.out_refund_no,
                 out_trade_no=row.out_trade_no,
                 refund_amount=row.refund_amount,
                 total_amount=row.total_amount,
                 reason=row.reason,
-            )
+            ),
+            deadline=deadline,
         )
+        earlier = bool(row.submit_sent)  # the row as claimed, before its lease set the mark
+        if earlier and _is_refusal(result):
+            # An earlier call may have been accepted: a refusal now (a replay WeChat handles
+            # differently, a proxy's 4xx) proves nothing until WeChat's record says so.
+            return Attempt(result, earlier, gateway.query(row.out_refund_no, deadline=deadline))
+        return Attempt(result, earlier)
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {"next_attempt_at": now + self.first_poll_delay}
@@ -97,28 +153,55 @@ class SubmitRefund(StageDefaults):
         outcomes: dict[int, Outcome] = {}
         accepted: dict[int, dict[str, Any]] = {}
         events = []
+        blocked: Blocked | None = None
         for row, result in results:
-            if isinstance(result, gw.Accepted):
-                refund = result.refund
-                if refund.out_refund_no != row.out_refund_no or refund.refund_amount != row.refund_amount:
-                    outcomes[row.id] = Failed(
-                        "MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand"
-                    )
-                    continue
+            refund, request_id, outcome = self._judge(row, result)
+            if refund is not None:
                 accepted[row.id] = {"wx_refund_id": refund.refund_id, "wx_status": refund.status, "submitted_at": now}
                 events.append(
                     (row.order_id, "REFUND_SUBMITTED", f"{row.out_refund_no} {row.refund_amount} fen refund_id={refund.refund_id}")
                 )
-                outcomes[row.id] = Done(refund.status)
                 logger.bind(
                     stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, action="accepted",
-                    wx_status=refund.status, request_id=result.request_id,
+                    wx_status=refund.status, request_id=request_id,
                 ).info("refund accepted by WeChat Pay")
-            else:
-                outcome = classify(result)
-                if outcome is None:
-                    raise TypeError(f"unexpected gateway result {type(result).__name__}")
-                outcomes[row.id] = outcome
+            if isinstance(outcome, Blocked):
+                blocked = outcome
+            outcomes[row.id] = outcome
+        if blocked is not None:
+            logger.bind(stage=self.name, action="config_alert", code=blocked.code).error("{}", blocked.message)
         update_rows(conn, refund_order, accepted)
         write_oplog(conn, events)
         return outcomes
+
+    def _judge(self, row: Row, attempt: Attempt) -> tuple[gw.Refund | None, str | None, Outcome]:
+        """(the accepted refund or None, its Request-ID, the row's outcome)."""
+        answer = attempt.answer
+        if isinstance(answer, gw.Accepted):
+            if not matches(answer.refund, row):
+                return None, None, MISMATCHED
+            return answer.refund, answer.request_id, Done(answer.refund.status)
+        if attempt.query is not None:
+            return self._judge_checked(row, answer, attempt.query)
+        return None, None, classify(answer, may_have_reached=attempt.earlier)
+
+    def _judge_checked(self, row: Row, refusal: Any, query: Any) -> tuple[gw.Refund | None, str | None, Outcome]:
+        log = logger.bind(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, refusal=refusal.code)
+        if isinstance(query, gw.Accepted):
+            if not matches(query.refund, row):
+                return None, None, MISMATCHED
+            log.bind(action="refusal_overruled", wx_status=query.refund.status).warning(
+                "WeChat refused a replay, but its record shows the refund accepted: recorded as accepted"
+            )
+            return query.refund, query.request_id, Done(query.refund.status)
+        if isinstance(query, gw.RetryLater) and query.code == "RESOURCE_NOT_EXISTS":
+            # WeChat has no refund under this number: the refusal is proven.
+            return None, None, classify(refusal, may_have_reached=False)
+        if isinstance(query, gw.ConfigError):
+            return None, None, credentials_refused(query)
+        return None, None, Retry(
+            OUTCOME_UNKNOWN,
+            f"refused ({refusal.code}) after an earlier call may have reached WeChat, and the check by"
+            f" query failed ({query.code}): will ask again",
+            give_up_code=OUTCOME_UNKNOWN,
+        )

@@ -19,6 +19,7 @@ from engine.outcome import Done, Failed, Later, Outcome
 from engine.sql import by_id, locked, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import goods_order2, refund_order
+from scanners.poll_refund import CONFLICTING_ANSWERS
 
 r = refund_order.c
 o = goods_order2.c
@@ -44,7 +45,10 @@ class SyncResult(StageDefaults):
 
     def ready(self, now: datetime, limit: int):
         return (
-            select(r.id, r.order_id, r.out_refund_no, r.refund_amount, r.wx_status, r.progress_success, r.success_time, r.attempts)
+            select(
+                r.id, r.order_id, r.out_refund_no, r.refund_amount, r.wx_status, r.progress_success, r.success_time,
+                r.attempts, r.last_error,
+            )
             .where(*self.pending())
             .order_by(r.id)
             .limit(limit)
@@ -79,6 +83,9 @@ class SyncResult(StageDefaults):
                 refunded[row.order_id] = row.success_time or now
                 events.append((row.order_id, "REFUND_SUCCEEDED", f"{row.out_refund_no} {row.refund_amount} fen"))
                 outcomes[row.id] = Done()
+            elif row.progress_success == 0 and (row.last_error or "").startswith(CONFLICTING_ANSWERS):
+                # WeChat said SUCCESS and then something else: neither is written to the order.
+                outcomes[row.id] = Failed(CONFLICTING_ANSWERS, row.last_error[len(CONFLICTING_ANSWERS) + 2:])
             elif row.progress_success == 0 and row.wx_status == "CLOSED":
                 failed.append(row.order_id)
                 events.append((row.order_id, "REFUND_FAILED", f"{row.out_refund_no} closed by WeChat Pay"))
@@ -86,7 +93,8 @@ class SyncResult(StageDefaults):
             else:
                 outcomes[row.id] = Failed(
                     "REFUND_STATE_UNKNOWN",
-                    f"polling gave up with WeChat status {row.wx_status}: check the refund by hand",
+                    f"polling gave up with WeChat status {row.wx_status} ({row.last_error or 'no reason'}):"
+                    " check the refund by hand",
                 )
         if refunded:
             conn.execute(

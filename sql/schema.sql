@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS refund_order (
   last_error        VARCHAR(255) NULL COMMENT 'why the last try failed, CODE: message',
   lease_owner       VARCHAR(64) NULL COMMENT 'daemon calling WeChat for this row now',
   lease_until       DATETIME(3) NULL COMMENT 'lease expiry (UTC); then others may take over',
+  submit_sent       TINYINT NOT NULL DEFAULT 0 COMMENT 'submit_refund: 1 once an apply call may have reached WeChat; a later refusal is then checked by a query',
   submitted_at      DATETIME(3) NULL COMMENT 'when WeChat accepted the refund',
   success_time      DATETIME(3) NULL COMMENT 'WeChat''s success_time (UTC)',
   created_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
@@ -125,6 +126,8 @@ CREATE TABLE IF NOT EXISTS refund_order (
   INDEX idx_refund_order_poll_pending (submit_success, progress_scanned, progress_success, next_attempt_at),
   -- sync_result polls: progress_scanned=1 AND sync_scanned=0 AND sync_success=0
   INDEX idx_refund_order_sync_pending (progress_scanned, sync_scanned, sync_success),
+  -- the reaper releases a dead process's leases by owner
+  INDEX idx_refund_order_lease_owner (lease_owner),
   CONSTRAINT ck_refund_order_refund_within_total CHECK (refund_amount <= total_amount)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call.';
@@ -142,6 +145,21 @@ CREATE TABLE IF NOT EXISTS goods_order2_oplog (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='What the scanner did to each order, one row per event.';
 
+CREATE TABLE IF NOT EXISTS cancel_scanner_process (
+  id            BIGINT NOT NULL AUTO_INCREMENT,
+  owner         VARCHAR(64) NOT NULL COMMENT 'the lease_owner this process writes',
+  hostname      VARCHAR(64) NOT NULL,
+  pid           INT NOT NULL,
+  started_at    DATETIME(3) NOT NULL COMMENT 'registered at (database time, UTC)',
+  heartbeat_at  DATETIME(3) NOT NULL COMMENT 'last heartbeat (database time, UTC); silent past takeover_seconds = dead',
+  created_at    DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at    DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_cancel_scanner_process PRIMARY KEY (id),
+  CONSTRAINT uk_cancel_scanner_process_owner UNIQUE KEY (owner),
+  INDEX idx_cancel_scanner_process_heartbeat_at (heartbeat_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='Running cancel-scanner processes and their heartbeats (database time); leases of a silent one are released.';
+
 -- For DBAs: every row that finished with a permanent failure (X_scanned=1, X_success=0).
 CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'intake' AS stage, 'req_order_ops' AS table_name, id AS row_id, order_id,
@@ -151,7 +169,11 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'submit_refund', 'refund_order', id, order_id, last_error, updated_at
     FROM refund_order WHERE submit_scanned = 1 AND submit_success = 0
   UNION ALL
-  SELECT 'poll_refund', 'refund_order', id, order_id, CONCAT('refund CLOSED by WeChat: ', out_refund_no), updated_at
+  -- sync_result clears last_error when it writes a CLOSED refund to its order: the reason is then wx_status
+  SELECT 'poll_refund', 'refund_order', id, order_id,
+         COALESCE(last_error, CASE WHEN wx_status = 'CLOSED'
+                                   THEN CONCAT('REFUND_CLOSED: WeChat closed refund ', out_refund_no, '; no money moved') END),
+         updated_at
     FROM refund_order WHERE progress_scanned = 1 AND progress_success = 0
   UNION ALL
   SELECT 'sync_result', 'refund_order', id, order_id, last_error, updated_at

@@ -11,7 +11,7 @@ from gateway.contract import Accepted, Refund
 from models import refund_order
 from scanners import build_stages
 from scanners.poll_refund import PollRefund
-from scanners.submit_refund import SubmitRefund
+from scanners.submit_refund import Attempt, SubmitRefund
 from tests.flow import T0, add_goods, add_order, request_cancel, test_config
 
 
@@ -33,7 +33,7 @@ def test_an_answer_with_another_amount_fails_the_row_instead_of_recording_it(sql
     Runner(db, config, build_stages(config), None).run_stage("intake", T0)
     with db.begin() as conn:
         row = conn.execute(select(refund_order)).one()
-        submitted = SubmitRefund(1).apply(conn, [(row, Accepted(_refund(99, "PROCESSING")))], T0)
+        submitted = SubmitRefund(1).apply(conn, [(row, Attempt(Accepted(_refund(99, "PROCESSING")), earlier=False))], T0)
         polled = PollRefund((1,)).apply(conn, [(row, Accepted(_refund(99, "SUCCESS")))], T0)
         after = conn.execute(select(refund_order)).one()
     assert submitted[row.id] == polled[row.id]
