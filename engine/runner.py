@@ -97,6 +97,7 @@ class BatchReport:
 class Hooks:
     """Test seams. Each is called inside the engine at the named moment; raising aborts the step."""
 
+    after_lease: Callable[[str, list[int]], None] | None = None
     after_gateway_call: Callable[[str, Row, Any], None] | None = None
     before_commit: Callable[[str, list[int]], None] | None = None
 
@@ -309,11 +310,14 @@ class Runner:
 
         def deadline() -> float:
             # Read right before each call is sent: a process that was declared dead (or paused past
-            # its heartbeat window) gets -inf or a past instant, and sends nothing.
+            # its heartbeat window) gets -inf or a past instant, and sends nothing. Handed to the
+            # gateway on time.monotonic(), whatever clock this runner was given.
             if registry.owner != owner:
                 return float("-inf")
-            return min(lease_deadline, registry.safe_until())
+            return time.monotonic() + min(lease_deadline, registry.safe_until()) - self.monotonic()
 
+        if self.hooks.after_lease:
+            self.hooks.after_lease(stage.name, [r.id for r in rows])
         results = self._call_all(stage, job, rows, deadline)
         self._write_answers(stage, job, [r.id for r in rows], results, fixed_now or self.clock(), owner, report)
 

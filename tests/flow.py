@@ -166,9 +166,9 @@ class World:
     def emulator(self):
         return self.sandbox.emulator
 
-    def runner(self, hooks: Hooks | None = None, owner: str | None = None) -> Runner:
-        return Runner(self.db, self.config, build_stages(self.config), self.sandbox.gateway,
-                      clock=self.clock, hooks=hooks, owner=owner)
+    def runner(self, hooks: Hooks | None = None, owner: str | None = None, *, gateway: Any = None, **options: Any) -> Runner:
+        return Runner(self.db, self.config, build_stages(self.config), gateway or self.sandbox.gateway,
+                      clock=self.clock, hooks=hooks, owner=owner, **options)
 
     def settle(self, runner: Runner | None = None, *, rounds: int = 30, step_seconds: float = 5) -> None:
         """Run every stage until idle, move the clock on, and again, until nothing is pending."""

@@ -203,10 +203,14 @@ def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db,
                         wechat={"merchant_private_key_file": str(stranger.paths.merchant_private_key)})
     once = run_cli(["--log-json", "--log-level", "DEBUG", "run", "--once"], config=write_config(tmp_path / "stranger.yaml", cfg),
                    env=emu.env(), cwd=tmp_path, timeout=120)
-    assert once.returncode == 0, once.stderr[-2000:]
-    failed = q_rows(mysql_db, "SELECT submit_scanned, submit_success, last_error FROM refund_order WHERE order_id > 100")
-    assert len(failed) == 3
-    assert all((r["submit_scanned"], r["submit_success"]) == (1, 0) and r["last_error"].startswith("SIGN_ERROR") for r in failed)
+    # Credentials refused are no row's fault: the stage stops with the reason, and every refund
+    # waits, untouched, for the key to be fixed (then it goes through without a requeue).
+    assert once.returncode == 1, once.stderr[-2000:]
+    assert "run --once stopped" in once.stderr and "SIGN_ERROR" in once.stderr
+    waiting = q_rows(mysql_db, "SELECT submit_scanned, submit_success, attempts, last_error FROM refund_order WHERE order_id > 100")
+    assert len(waiting) == 3
+    assert all((r["submit_scanned"], r["submit_success"]) == (0, 0) for r in waiting)
+    assert any(r["last_error"] and r["last_error"].startswith("SIGN_ERROR") for r in waiting)
     assert '"config_alert"' in once.stderr  # the operator is told to check keys, serial, mchid and clock
     for material in (emu.keys, stranger):
         assert leaked(once.stdout + once.stderr, material) == []
@@ -232,3 +236,67 @@ def test_a_lease_too_short_for_the_gateway_timeouts_is_refused_or_still_works(tm
         return
     assert done.returncode == 0, done.stderr[-2000:]
     assert q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1") == 3
+
+
+@pytest.mark.parametrize("log_format", ["--no-log-json", "--log-json"])
+def test_a_rejected_database_password_appears_in_no_output_at_any_level(tmp_path, mysql_db, mysql_url, log_format):
+    """A password rotation: the server refuses the one in the file. Every command says why in one
+    line and exits non-zero; the password is nowhere, not even at DEBUG with tracebacks."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(mysql_url)
+    user, password = "rotated", "Pw-4f9c2e81d7-rotated"
+    with mysql_db.begin() as conn:
+        conn.execute(text(f"CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY 'the-new-one'"))
+    wrong = url.set(username=user, password=password).render_as_string(hide_password=False)
+    config = write_config(tmp_path / "rotated.yaml", {"database_url": wrong, "wechat": {"mode": "sandbox"}})
+    env = {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
+    try:
+        for args in (["run", "--once"], ["status"], ["initdb"], ["requeue", "intake", "1"]):
+            done = run_cli([log_format, "--log-level", "DEBUG", *args], config=config, env=env, cwd=tmp_path, timeout=60)
+            output = done.stdout + done.stderr
+            assert done.returncode == 1, (args, output[-2000:])
+            assert "Access denied" in output, (args, output[-2000:])
+            assert password not in output and password[3:15] not in output, args
+    finally:
+        with mysql_db.begin() as conn:
+            conn.execute(text(f"DROP USER IF EXISTS '{user}'@'%'"))
+
+
+@pytest.mark.parametrize("log_format", ["--no-log-json", "--log-json"])
+def test_a_password_rotated_under_a_running_daemon_never_shows_in_its_debug_output(
+    tmp_path, mysql_db, mysql_url, daemons, log_format
+):
+    """The daemon runs; the DBA rotates its password and kills its sessions. Every reconnect is
+    refused: the daemon says so and keeps trying, and the old password appears nowhere."""
+    from sqlalchemy.engine import make_url
+
+    from tests.acceptance.harness import wait_until
+
+    url = make_url(mysql_url)
+    user, old, new = "rotating", "Pw-old-93b1f0c2aa", "Pw-new-5d7e11c0bb"
+    with mysql_db.begin() as conn:
+        conn.execute(text(f"CREATE USER '{user}'@'%' IDENTIFIED BY '{old}'"))
+        conn.execute(text(f"GRANT ALL ON `{url.database}`.* TO '{user}'@'%'"))
+    shop_url = url.set(username=user, password=old).render_as_string(hide_password=False)
+    config = {"database_url": shop_url, "wechat": {"mode": "sandbox"}, "jobs": {"intake": {"interval_seconds": 0.2}}}
+    daemon = daemons(tmp_path / "rotating", config, {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}, log_level="DEBUG",
+                     args=(log_format, "run"))
+    try:
+        daemon.start()
+        wait_until(daemon.log_text, 30, "the daemon running", until=lambda t: "cancel-scanner running" in t, daemons=[daemon])
+        with mysql_db.begin() as conn:
+            conn.execute(text(f"ALTER USER '{user}'@'%' IDENTIFIED BY '{new}'"))
+            for (pid,) in conn.execute(text("SELECT id FROM information_schema.processlist WHERE user = :u"), {"u": user}):
+                conn.execute(text(f"KILL {int(pid)}"))
+        wait_until(daemon.log_text, 60, "the refused reconnect reported", until=lambda t: "Access denied" in t,
+                   daemons=[daemon])
+        daemon.sigterm()
+        assert daemon.wait(SHUTDOWN_TIMEOUT_SECONDS + 5) == 0
+        output = daemon.log_text()
+        assert old not in output and old[3:14] not in output
+    finally:
+        if daemon.alive:
+            daemon.kill9()
+        with mysql_db.begin() as conn:
+            conn.execute(text(f"DROP USER IF EXISTS '{user}'@'%'"))

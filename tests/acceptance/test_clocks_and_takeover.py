@@ -1,0 +1,173 @@
+"""Issue 10: daemons whose clocks drift, that are killed -9 or paused, on one MariaDB.
+
+Real processes: `cancel-scanner run` in subprocesses (one under Debian's `faketime`, which shifts
+the wall clock the process sees, signatures included), the emulator in the test process counting
+every call in flight per out_refund_no. Every scenario ends with the harness's invariants.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import time
+
+import pytest
+
+from tests.acceptance.harness import (  # noqa: F401 - fixtures
+    Baseline,
+    Scenario,
+    Stopwatch,
+    check_invariants,
+    daemon_config,
+    daemons,
+    external_emulators,
+    fast_jobs,
+    hold,
+    insert_goods,
+    insert_orders,
+    insert_requests,
+    order_row,
+    q_rows,
+    q_scalar,
+    report,
+    wait_settled,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.mysql, pytest.mark.slow]
+TAKEOVER_BOUND_SECONDS = 15
+
+
+def faketime_env(offset: str) -> dict[str, str]:
+    """The environment that makes a process see its wall clock shifted by ``offset`` (e.g. "+4m")."""
+    libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1"))
+    if not libs:
+        pytest.fail("libfaketime is required (Debian package faketime; scripts/test installs it)", pytrace=False)
+    # Only the wall clock: the daemon's monotonic pacing and deadlines stay real.
+    return {"LD_PRELOAD": libs[0], "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+
+
+def seed(db, first: int, n: int) -> list[dict]:
+    orders = [order_row(i, goods_id=1 + i % 3, quantity=1, amount=100 + i % 50, paid=True) for i in range(first, first + n)]
+    insert_orders(db, orders)
+    insert_requests(db, [(o["id"], "MERCHANT_CANCEL", "ops", "clock test") for o in orders])
+    return orders
+
+
+def accepted_not_recorded(db, emu) -> set[str]:
+    created = set(emu.emulator.snapshot()["refunds_created"])
+    recorded = {r["out_refund_no"] for r in q_rows(db, "SELECT out_refund_no FROM refund_order WHERE submit_success = 1")}
+    return created - recorded
+
+
+def stop(*procs) -> None:
+    for d in procs:
+        if d.alive:
+            d.sigterm()
+    for d in procs:
+        assert d.wait(30) == 0, d.tail()
+
+
+@pytest.mark.parametrize("offset", ["+4m", "+10m"])
+def test_two_daemons_one_with_a_fast_clock_never_call_one_number_twice_and_record_every_acceptance(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons, offset
+):
+    watch = Stopwatch()
+    emu = external_emulators(tmp_path / "keys", latency=(0.02, 0.08))
+    insert_goods(mysql_db, {g: (1000, 100_000) for g in (1, 2, 3)})
+    baseline_orders = seed(mysql_db, 1, 80)
+    baseline = Baseline.take(mysql_db)
+    jobs = fast_jobs(submit_refund={"batch_size": 20}, poll_refund={"batch_size": 20})
+    config = daemon_config(mysql_url, emu, jobs=jobs)
+    honest = daemons(tmp_path / "honest", config, emu.env(), name="honest")
+    fast = daemons(tmp_path / "fast", config, {**emu.env(), **faketime_env(offset)}, name="fast")
+    fast.start()
+    honest.start()
+
+    wait_settled(mysql_db, 180, [honest, fast])
+    stop(honest, fast)
+
+    totals = check_invariants(mysql_db, emu, Scenario(f"clock {offset}", baseline, daemons=[honest, fast]))
+    snap = emu.emulator.snapshot()
+    assert {no: n for no, n in snap["max_in_flight"].items() if n > 1} == {}
+    assert accepted_not_recorded(mysql_db, emu) == set()
+    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 0") == 0
+    fast_logs = fast.logs()
+    offsets = [r for r in fast_logs if r.get("action") == "clock_offset"]
+    assert offsets and abs(offsets[0]["offset_seconds"]) > 200, "the fast daemon must say its clock is off"
+    if offset == "+10m":
+        assert offsets[0]["level"] == "ERROR"
+        assert any(r.get("action") == "blocked" for r in fast_logs), "SIGN_ERROR must block its gateway stages"
+    else:
+        worked = sum(1 for r in fast_logs if r.get("action") == "accepted")
+        assert worked > 0, "4 minutes is within WeChat's window: the fast daemon does its share"
+    report(f"clock {offset}", n=len(baseline_orders), seconds=watch.elapsed, **totals)
+
+
+def leased_by_someone(db) -> int:
+    return q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL AND submit_scanned = 0")
+
+
+def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
+    emu = external_emulators(tmp_path / "keys", latency=(0.3, 0.6))
+    insert_goods(mysql_db, {g: (1000, 100_000) for g in (1, 2, 3)})
+    seed(mysql_db, 1, 120)
+    baseline = Baseline.take(mysql_db)
+    jobs = fast_jobs(submit_refund={"batch_size": 40, "concurrency": 4, "lease_seconds": 120},
+                     poll_refund={"lease_seconds": 120})
+    config = daemon_config(mysql_url, emu, jobs=jobs)
+    victim = daemons(tmp_path / "victim", config, emu.env(), name="victim").start()
+    wait_until(lambda: leased_by_someone(mysql_db), 60, "the victim holds leases", until=lambda n: n > 0,
+               daemons=[victim], interval=0.02)
+    victim.kill9()
+    killed_at = time.monotonic()
+    survivor = daemons(tmp_path / "survivor", config, emu.env(), name="survivor").start()
+
+    owner = next(r["owner"] for r in victim.logs() if r.get("action") == "started")
+    held = q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner)
+    wait_until(lambda: q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner),
+               TAKEOVER_BOUND_SECONDS + 10, "the dead daemon's leases released", until=lambda n: n == 0,
+               daemons=[survivor], interval=0.05)
+    took = time.monotonic() - killed_at
+    assert took < TAKEOVER_BOUND_SECONDS, f"took over {held} lease(s) after {took:.1f}s"
+    wait_settled(mysql_db, 180, [survivor])
+    stop(survivor)
+    totals = check_invariants(mysql_db, emu, Scenario("kill -9 takeover", baseline, daemons=[survivor]))
+    assert {no: n for no, n in emu.emulator.snapshot()["max_in_flight"].items() if n > 1} == {}
+    report("kill -9 takeover", takeover_seconds=round(took, 1), **totals)
+
+
+def test_a_daemon_paused_past_its_lease_sends_nothing_when_it_resumes(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
+    emu = external_emulators(tmp_path / "keys", latency=(0.2, 0.4))
+    insert_goods(mysql_db, {g: (1000, 100_000) for g in (1, 2, 3)})
+    seed(mysql_db, 1, 60)
+    baseline = Baseline.take(mysql_db)
+    jobs = fast_jobs(submit_refund={"batch_size": 30, "concurrency": 2, "lease_seconds": 15})
+    config = daemon_config(mysql_url, emu, jobs=jobs, wechat={"apply_qps": 5})
+    paused = daemons(tmp_path / "paused", config, emu.env(), name="paused").start()
+    wait_until(lambda: leased_by_someone(mysql_db), 60, "leases held", until=lambda n: n > 0, daemons=[paused],
+               interval=0.02)
+    os.kill(paused.pid, signal.SIGSTOP)
+    try:
+        other = daemons(tmp_path / "other", config, emu.env(), name="other").start()
+        wait_settled(mysql_db, 180, [other])
+        calls_before = sum(emu.emulator.snapshot()["requests"].values())
+    finally:
+        os.kill(paused.pid, signal.SIGCONT)
+    wait_until(lambda: [r for r in paused.logs() if r.get("action") == "declared_dead"], 30,
+               "the paused daemon finds it was declared dead", until=bool, interval=0.1)
+    # Whatever it still held from before the pause: not one more call.
+    hold(3, lambda: assert_no_more_calls(emu, calls_before))
+    stop(paused, other)
+    check_invariants(mysql_db, emu, Scenario("paused", baseline, daemons=[paused, other]))
+    assert {no: n for no, n in emu.emulator.snapshot()["max_in_flight"].items() if n > 1} == {}
+
+
+def assert_no_more_calls(emu, before: int) -> None:
+    now = sum(emu.emulator.snapshot()["requests"].values())
+    assert now == before, f"{now - before} call(s) after the paused daemon resumed"
