@@ -5,10 +5,14 @@ do". The rule behind the table: anything that might have reached WeChat and
 might have been accepted is UnknownOutcome, because the only safe move then is
 to retry with the same out_refund_no, which WeChat deduplicates.
 
-Lookup order: 2xx -> parse the refund object; 429 and every 5xx -> unknown
+Lookup order: 2xx -> parse the refund object; 3xx -> unknown (REDIRECT: the
+client never follows one, see gateway.wechat); 429 and every 5xx -> unknown
 whatever the code; 401 -> ConfigError whatever the code (authentication fails
 only on our keys, serial or clock); other 4xx -> the (status, code) table,
-else Permanent; anything else (1xx, 3xx) -> unknown.
+else Permanent; anything else (1xx) -> unknown.
+
+The one outcome that is not about an answer at all, NotSent, comes from
+CallNotSent: the client gave up before a single byte left.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from gateway.contract import (
     Accepted,
     ConfigError,
     GatewayResult,
+    NotSent,
     Permanent,
     Refund,
     RetryLater,
@@ -52,6 +57,19 @@ _BY_STATUS_AND_CODE: dict[tuple[int, str], type] = {
 
 class UnverifiedResponse(Exception):
     """A 2xx answer that cannot be trusted (e.g. signed with a key we were not given)."""
+
+
+class AnswerTooLarge(Exception):
+    """The answer's body went over the client's cap; the client stopped reading it."""
+
+
+class CallNotSent(Exception):
+    """The client gave up before sending: the caller's deadline could not be met. Nothing reached WeChat."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def _text(body: str | bytes | None) -> str:
@@ -86,6 +104,10 @@ def classify(http_status: int, body: str | bytes | None, request_id: str | None)
             # Signed but not a refund object: WeChat did answer, but we cannot tell what it did.
             return UnknownOutcome("BAD_RESPONSE", f"HTTP {http_status} without a readable refund object: {exc}", request_id)
 
+    if 300 <= http_status < 400:
+        # Never followed (the signed request would go wherever Location points), and
+        # whether WeChat, or whoever answered, recorded the original is unknown.
+        return UnknownOutcome("REDIRECT", f"HTTP {http_status} redirect, not followed", request_id)
     code, message = _error_fields(http_status, text)
     if http_status == 429 or http_status >= 500:
         return UnknownOutcome(code, message, request_id)
@@ -108,8 +130,13 @@ def is_sdk_signature_error(exc: BaseException) -> bool:
     return message in SDK_SIGNATURE_MESSAGES or message.startswith(SDK_SIGNATURE_MESSAGE_PREFIXES)
 
 
-def classify_exception(exc: BaseException, request_id: str | None = None) -> UnknownOutcome | None:
-    """UnknownOutcome for transport and signature failures; None for anything else (a bug: let it raise)."""
+def classify_exception(exc: BaseException, request_id: str | None = None) -> UnknownOutcome | NotSent | None:
+    """UnknownOutcome for transport and signature failures, NotSent for a call given up before sending;
+    None for anything else (a bug: let it raise)."""
+    if isinstance(exc, CallNotSent):
+        return NotSent(exc.code, exc.message, request_id)
+    if isinstance(exc, AnswerTooLarge):
+        return UnknownOutcome("ANSWER_TOO_LARGE", str(exc), request_id)
     if is_sdk_signature_error(exc) or isinstance(exc, UnverifiedResponse):
         return UnknownOutcome("BAD_SIGNATURE", "answer failed signature verification", request_id)
     if isinstance(exc, requests.ConnectTimeout):

@@ -1,4 +1,4 @@
-"""The refund gateway contract: what the stages send, and the five outcomes they get back.
+"""The refund gateway contract: what the stages send, and the six outcomes they get back.
 
 Stages depend on this module only, never on the WeChat Pay SDK, so the live
 client, the sandbox and any test double are interchangeable.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Protocol, TypeAlias
+from typing import Any, Callable, Mapping, Protocol, TypeAlias
 
 # WeChat allows any 64 bytes, but the SDK signs the path unencoded while
 # `requests` percent-encodes characters such as `|`: the two would disagree and
@@ -174,14 +174,36 @@ class ConfigError(_Coded):
     """Our side is misconfigured (keys, serial, mchid, clock skew): permanent for the row, and alert loudly."""
 
 
-GatewayResult: TypeAlias = Accepted | UnknownOutcome | RetryLater | Permanent | ConfigError
+@dataclass(frozen=True)
+class NotSent(_Coded):
+    """The call was never sent: nothing reached WeChat (its deadline could not be met); not an attempt.
+
+    Safe to retry with the same number whenever the caller likes; it says
+    nothing about the refund and should not count towards max_attempts.
+    """
+
+
+GatewayResult: TypeAlias = Accepted | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
 
 
 class RefundGateway(Protocol):
-    """What the submit and poll stages call. Implementations never raise for a gateway answer or a network error."""
+    """What the submit and poll stages call. Implementations never raise for a gateway answer or a network error.
 
-    def apply(self, req: RefundRequest) -> GatewayResult: ...
+    deadline: called (possibly several times: before pacing, and again just
+    before the bytes leave) for the time.monotonic() instant by which the
+    whole call (pacing wait, connect, request, the complete answer) must be
+    over. A call that cannot start early enough is NotSent; one whose answer
+    is not complete by then is UnknownOutcome("TIMEOUT"). None: the client's
+    own timeouts only.
+    """
 
-    def query(self, out_refund_no: str) -> GatewayResult: ...
+    def apply(self, req: RefundRequest, *, deadline: Callable[[], float] | None = None) -> GatewayResult: ...
+
+    def query(self, out_refund_no: str, *, deadline: Callable[[], float] | None = None) -> GatewayResult: ...
+
+    def calls_within(self, endpoint: str, seconds: float) -> int | None:
+        """How many calls of `endpoint` ("apply" or "query") the client's pacer can still start within
+        `seconds` from now, counting slots already reserved by other threads; None when unpaced."""
+        ...
 
     def close(self) -> None: ...

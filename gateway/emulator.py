@@ -12,15 +12,21 @@ Choices a test writer should know:
 * Wrong mchid in the Authorization header answers 404 MCH_NOT_EXISTS (the
   client's ConfigError path); wrong serial, signature or a timestamp more
   than `max_clock_skew` seconds from `clock()` answers 401 SIGN_ERROR.
-* Faults strike before the refund is recorded (no money moves: the client's
-  retry creates it) or, with `after_commit`, after it (money moved but the
-  client hears 5xx, 429, silence, a dropped connection or a tampered
-  signature: the dangerous case). A "slow" fault before commit means the
-  request sat in a queue: it is still processed after the wait, so the
+* Faults (`fail_next`, or a random `FaultPlan`) are described in
+  gateway.faults: errors, slow answers, dropped connections, bad signatures,
+  redirects, answers trickled a byte at a time, huge answers. They strike
+  before the refund is recorded (no money moves: the client's retry creates
+  it) or, with `after_commit`, after it (money moved but the client hears
+  something else: the dangerous case). A "slow" fault before commit means
+  the request sat in a queue: it is still processed after the wait, so the
   client times out and money moves anyway, which is also what real gateways
-  do. "bad_signature" before commit answers 200 with a refund object that was
-  never recorded (a forged answer); "not_enough" and "sign_error" only strike
-  before commit.
+  do.
+* `force_status(out_refund_no, status)` rewrites a recorded refund's status
+  (e.g. CLOSED after SUCCESS) for good, so later answers contradict earlier ones.
+* `max_in_flight[out_refund_no]` is the most requests (applies and queries
+  alike, from arrival until the answer has left) ever in progress at once
+  for that number: the proof that two callers never raced on one refund.
+  `in_flight(out_refund_no)` is the count right now (for `wait_for`).
 * Three clocks. `clock` (epoch seconds) drives refund status and the times
   in refund objects; tests inject one and move it instead of sleeping.
   `wire_clock` (default: `clock`) is the one the timestamps on the wire are
@@ -61,16 +67,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import requests
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from loguru import logger
 
+from gateway import faults
+from gateway.faults import FAULT_KINDS, FaultPlan  # noqa: F401  (re-exported: tests and the sandbox import them from here)
+from gateway.faults import DEFAULT_SLOW_SECONDS, ERRORS, Fault
+from gateway.faults import Reply as _Reply
+from gateway.faults import error_reply as _error
 from gateway.keys import KeyMaterial, generate_key_material
 
 REFUNDS_PATH = "/v3/refund/domestic/refunds"
@@ -81,7 +93,6 @@ APPLY_QPS = 150
 QUERY_QPS = 300
 QPS_WINDOW_SECONDS = 1.0
 MAX_REFUNDS_PER_ORDER = 50
-DEFAULT_SLOW_SECONDS = 2.0
 TICK_SECONDS = 0.05
 # WeChat retries over 24 h (15 s ... 6 h); compressed so a test sees retries.
 NOTIFY_RETRY_DELAYS_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -91,16 +102,6 @@ MAX_BODY_BYTES = 64 * 1024
 BEIJING = timezone(timedelta(hours=8))
 USER_RECEIVED_ACCOUNT = "支付用户零钱"
 
-FAULT_KINDS = frozenset({"500", "503", "429", "slow", "drop", "bad_signature", "not_enough", "sign_error"})
-_BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error"})
-_FAULT_CALLS = frozenset({"apply", "query", "any"})
-_ERRORS = {
-    "500": (500, "SYSTEM_ERROR", "system error, please retry with the same out_refund_no"),
-    "503": (503, "SERVICE_UNAVAILABLE", "service unavailable, please retry"),
-    "429": (429, "FREQUENCY_LIMITED", "requests are too frequent"),
-    "not_enough": (403, "NOT_ENOUGH", "merchant balance is not enough"),
-    "sign_error": (401, "SIGN_ERROR", "signature verification failed"),
-}
 _AUTH_FIELD = re.compile(r'(\w+)="([^"]*)"')
 # What WeChat accepts; wider than what our client sends (see gateway.contract).
 _OUT_REFUND_NO = re.compile(r"^[0-9A-Za-z_\-|*@]{1,64}$")
@@ -116,38 +117,6 @@ _EVENTS = {
 _log = logger.bind(component="emulator")
 
 Matcher = str | Callable[[dict[str, Any]], bool]
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """Random faults, drawn per request. Probabilities are per request and must sum to at most 1.
-
-    after_commit: the share of drawn faults that strike after the refund was
-    recorded (0 = always before, 1 = always after; a bool works too).
-    """
-
-    p_5xx: float = 0.0
-    p_429: float = 0.0
-    p_slow: float = 0.0
-    p_drop: float = 0.0
-    p_bad_signature: float = 0.0
-    slow_seconds: float = DEFAULT_SLOW_SECONDS
-    after_commit: float = 0.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        chances = (self.p_5xx, self.p_429, self.p_slow, self.p_drop, self.p_bad_signature, float(self.after_commit))
-        if any(p < 0 or p > 1 for p in chances) or sum(chances[:5]) > 1:
-            raise ValueError("fault probabilities must be within 0..1 and sum to at most 1")
-
-
-@dataclass
-class _Fault:
-    kind: str
-    after_commit: bool
-    slow_seconds: float
-    call: str = "apply"
-    times: int = 1
 
 
 @dataclass
@@ -191,19 +160,6 @@ class _Delivery:
     body: bytes = field(compare=False)
     attempt: int = field(compare=False, default=0)
     duplicate: bool = field(compare=False, default=False)
-
-
-@dataclass
-class _Reply:
-    status: int = 200
-    payload: dict[str, Any] | None = None
-    tamper: bool = False
-    delay: float = 0.0
-    drop: bool = False
-
-
-def _error(status: int, code: str, message: str) -> _Reply:
-    return _Reply(status, {"code": code, "message": message})
 
 
 def _rfc3339(epoch: float) -> str:
@@ -350,6 +306,7 @@ class Emulator:
         self._refunds: dict[str, _Refund] = {}
         self._refunds_by_order: dict[str, list[_Refund]] = {}
         self._processing: set[str] = set()
+        self._pinned: set[str] = set()  # forced statuses: the status machine leaves them alone
         self._close_rules: list[Matcher] = []
         self._abnormal_rules: list[Matcher] = []
         self._windows: dict[str, deque[float]] = {"apply": deque(), "query": deque()}
@@ -441,22 +398,37 @@ class Emulator:
         after_commit: bool = False,
         call: str = "apply",
         slow_seconds: float | None = None,
+        **options: Any,
     ) -> None:
-        """Make the next `times` calls (`call`: apply, query or any) for this number fail with `kind`."""
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(FAULT_KINDS)}")
-        if call not in _FAULT_CALLS:
-            raise ValueError(f"call must be one of {sorted(_FAULT_CALLS)}")
-        if after_commit and kind in _BEFORE_COMMIT_ONLY:
-            raise ValueError(f"{kind} refuses the refund, so it cannot strike after it was recorded")
-        if kind == "not_enough" and call != "apply":
-            raise ValueError("not_enough only answers refund applications")
+        """Make the next `times` calls (`call`: apply, query or any) for this number fail with `kind`.
+
+        `options` are the kind's own (gateway.faults): redirect_status, redirect_to,
+        trickle_gap, trickle_bytes, huge_bytes, huge_status, huge_chunked.
+        """
         if slow_seconds is None:
             slow_seconds = self._faults.slow_seconds if self._faults else DEFAULT_SLOW_SECONDS
+        fault = Fault(kind, after_commit, slow_seconds, call=call, times=times, **options)
         with self._lock:
-            self._targeted.setdefault(out_refund_no, []).append(
-                _Fault(kind, after_commit, slow_seconds, call=call, times=times)
-            )
+            self._targeted.setdefault(out_refund_no, []).append(fault)
+
+    def force_status(self, out_refund_no: str, status: str) -> None:
+        """Rewrite a recorded refund's status for good (e.g. CLOSED after SUCCESS), so that later
+        answers contradict earlier ones. No notification; time no longer moves it. KeyError if unknown."""
+        if status not in _EVENTS and status != STATUS_PROCESSING:
+            raise ValueError(f"not a refund status: {status!r}")
+        with self._changed:
+            refund = self._refunds[out_refund_no]
+            self._advance(refund, self._clock())  # what time had done already stays done first
+            if (refund.status == STATUS_CLOSED) != (status == STATUS_CLOSED):
+                # fen_refunded counts refunds that are not CLOSED, whatever history says.
+                sign = -1 if status == STATUS_CLOSED else 1
+                self.fen_refunded[refund.out_trade_no] += sign * refund.refund
+            refund.status = status
+            if status == STATUS_SUCCESS and refund.success_at is None:
+                refund.success_at = self._clock()
+            self._processing.discard(out_refund_no)
+            self._pinned.add(out_refund_no)
+            self._changed.notify_all()
 
     def not_enough_until(self, epoch: float | None) -> None:
         """Answer every new application 403 NOT_ENOUGH until clock() reaches epoch (None ends it)."""
@@ -505,6 +477,11 @@ class Emulator:
             self._advance(refund, self._clock())
             return refund.status
 
+    def in_flight(self, out_refund_no: str) -> int:
+        """Requests for this number in progress right now (max_in_flight keeps the most ever)."""
+        with self._lock:
+            return self._in_flight[out_refund_no]
+
     def tick(self) -> None:
         """Move every due PROCESSING refund on; the background ticker calls this every TICK_SECONDS."""
         with self._changed:
@@ -532,10 +509,11 @@ class Emulator:
         arrived = self._monotonic()
         raw_path = handler.path
         kind, number = self._route(method, raw_path, body)
-        with self._lock:
+        with self._changed:
             if number:
                 self._in_flight[number] += 1
                 self.max_in_flight[number] = max(self.max_in_flight.get(number, 0), self._in_flight[number])
+                self._changed.notify_all()  # wait_for(lambda: in_flight(n) == 1) wakes on arrival
         request_id = uuid.uuid4().hex.upper()
         recorded = False
         try:
@@ -551,8 +529,7 @@ class Emulator:
             if reply.drop:
                 handler.drop()
             else:
-                payload = json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-                handler.write_reply(reply.status, payload, self._signed_headers(payload, request_id, reply.tamper))
+                self._write(handler, reply, request_id)
         finally:
             with self._changed:
                 if number:
@@ -560,6 +537,32 @@ class Emulator:
                 self._changed.notify_all()
             if not recorded:
                 self._record(method, kind, number, 0, arrived, request_id)
+
+    def _write(self, handler: _Handler, reply: _Reply, request_id: str) -> None:
+        if 300 <= reply.status < 400:
+            # As a proxy would send it: no body, no signature.
+            base = reply.redirect_to or f"http://127.0.0.2:{handler.server.server_address[1]}"
+            handler.write_reply(reply.status, b"", {"Location": base + handler.path, "Request-ID": request_id})
+            return
+        payload = json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if reply.huge is not None:
+            length, pieces = faults.padded(payload, reply.huge.size)
+            # Only a 2xx is signed (over the whole stream); a huge error is a proxy's page.
+            if 200 <= reply.status < 300:
+                headers = self._signed_headers(pieces(), request_id)
+            else:
+                headers = {"Content-Type": "application/json", "Request-ID": request_id}
+            faults.write_streamed(handler, reply.status, headers, length, pieces(), reply.huge.chunked)
+            return
+        headers = self._signed_headers([payload], request_id, reply.tamper)
+
+        def write() -> None:
+            handler.write_reply(reply.status, payload, headers)
+
+        if reply.trickle is not None:
+            faults.write_trickled(handler, reply.trickle, self._stopping, write)
+        else:
+            write()
 
     def _record(self, method: str, kind: str, number: str | None, status: int, arrived: float, request_id: str) -> None:
         with self._changed:
@@ -593,10 +596,12 @@ class Emulator:
         if refused is not None:
             return refused
         if self._over_limit(kind):
-            return _error(*_ERRORS["429"])
+            return _error(*ERRORS["429"])
         fault = self._draw_fault(kind, number)
         if fault is not None and not fault.after_commit:
-            early = self._strike_before(fault, kind, number, body)
+            # A forged answer only makes sense for an application: a query records nothing to forge.
+            forge = (lambda: self._forged_refund(body)) if kind == "apply" else (lambda: None)
+            early = faults.strike_before(fault, forge, self._stopping)
             if early is not None:
                 return early
         if kind == "apply":
@@ -608,7 +613,7 @@ class Emulator:
             fault.after_commit or (kind == "query" and fault.kind == "bad_signature")
         )
         if strike_after and reply.status == 200:
-            return self._strike_after(fault, reply)
+            return faults.strike_after(fault, reply)
         return reply
 
     # -- authentication and signing -----------------------------------------------
@@ -643,11 +648,17 @@ class Emulator:
         signature = self._platform_key.sign(text.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
         return b64encode(signature).decode("ascii")
 
-    def _signed_headers(self, body: bytes, request_id: str, tamper: bool) -> dict[str, str]:
+    def _signed_headers(self, body: Iterable[bytes], request_id: str, tamper: bool = False) -> dict[str, str]:
+        """Headers signing `body`, given piece by piece (a huge body is never held whole)."""
         timestamp, nonce = str(int(self._wire_clock())), _nonce()
-        signed = f"{timestamp}\n{nonce}\n{body.decode('utf-8')}\n"
+        digest = hashes.Hash(hashes.SHA256())
+        digest.update(f"{timestamp}\n{nonce}\n".encode("ascii"))
+        for piece in body:
+            digest.update(piece)
         # A well-formed signature over other bytes: only verification can tell.
-        signature = self._sign(signed + "tampered" if tamper else signed)
+        digest.update(b"\ntampered" if tamper else b"\n")
+        signed = self._platform_key.sign(digest.finalize(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        signature = b64encode(signed).decode("ascii")
         return {
             "Content-Type": "application/json",
             "Request-ID": request_id,
@@ -674,7 +685,7 @@ class Emulator:
             window.append(now)
             return False
 
-    def _draw_fault(self, kind: str, number: str | None) -> _Fault | None:
+    def _draw_fault(self, kind: str, number: str | None) -> Fault | None:
         with self._lock:
             for fault in self._targeted.get(number or "", []):
                 if fault.call in (kind, "any"):
@@ -682,49 +693,7 @@ class Emulator:
                     if fault.times <= 0:
                         self._targeted[number or ""].remove(fault)
                     return fault
-            plan = self._faults
-            if plan is None:
-                return None
-            draw = self._rng.random()
-            after = self._rng.random() < float(plan.after_commit)
-            for chance, name in (
-                (plan.p_5xx, "500" if self._rng.random() < 0.5 else "503"),
-                (plan.p_429, "429"),
-                (plan.p_slow, "slow"),
-                (plan.p_drop, "drop"),
-                (plan.p_bad_signature, "bad_signature"),
-            ):
-                if draw < chance:
-                    return _Fault(name, after, plan.slow_seconds, call="any")
-                draw -= chance
-            return None
-
-    def _strike_before(self, fault: _Fault, kind: str, number: str | None, body: bytes) -> _Reply | None:
-        if fault.kind in _ERRORS:
-            return _error(*_ERRORS[fault.kind])
-        if fault.kind == "drop":
-            return _Reply(drop=True)
-        if fault.kind == "slow":
-            # Queued, then processed anyway: the caller has long given up by then.
-            if self._stopping.wait(fault.slow_seconds):
-                return _Reply(drop=True)
-            return None
-        if fault.kind == "bad_signature" and kind == "apply":
-            forged = self._forged_refund(body)
-            return None if forged is None else _Reply(200, forged, tamper=True)
-        return None
-
-    @staticmethod
-    def _strike_after(fault: _Fault, reply: _Reply) -> _Reply:
-        if fault.kind in _ERRORS:
-            return _error(*_ERRORS[fault.kind])
-        if fault.kind == "drop":
-            return _Reply(drop=True)
-        if fault.kind == "slow":
-            reply.delay = fault.slow_seconds
-        elif fault.kind == "bad_signature":
-            reply.tamper = True
-        return reply
+            return self._faults.draw(self._rng) if self._faults is not None else None
 
     def _forged_refund(self, body: bytes) -> dict[str, Any] | None:
         """A refund object echoing the request that was never recorded; None if the request is malformed."""
@@ -764,7 +733,7 @@ class Emulator:
             if existing is not None:
                 return self._replay(existing, data, now)
             if self._not_enough_until is not None and now < self._not_enough_until:
-                return _error(*_ERRORS["not_enough"])
+                return _error(*ERRORS["not_enough"])
             payment, refused = self._payment_for(data)
             if refused is not None:
                 return refused
@@ -838,6 +807,8 @@ class Emulator:
     def _advance(self, refund: _Refund, now: float) -> bool:
         """Lazily apply the status machine; True if the refund moved. Caller holds the lock."""
         if refund.status != STATUS_PROCESSING or now < refund.created_at + self.success_delay:
+            return False
+        if refund.out_refund_no in self._pinned:
             return False
         due = refund.created_at + self.success_delay
         if any(self._matches(rule, refund) for rule in self._close_rules):

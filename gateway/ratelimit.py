@@ -5,17 +5,26 @@ apart and an idle period banks no credit. A bucket would allow a burst of up
 to `qps` calls at once after a pause, and WeChat counts per second window, so
 a burst straddling a window edge could exceed the limit. Over a 429 on apply
 is an UnknownOutcome (a retry and a query later), so pacing is cheaper.
+
+A caller with a deadline books a slot only if it is early enough
+(`try_acquire`): a slot booked by a call that then gives up is a slot every
+later caller waits behind for nothing.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Callable
 
+# Slots are sums of float intervals; without a little slack, a slot that lands
+# exactly on a horizon could be counted out by rounding.
+_EPSILON = 1e-9
+
 
 class RateLimiter:
-    """Thread-safe: each acquire() reserves the next free slot, then sleeps outside the lock until it."""
+    """Thread-safe: each caller reserves the next free slot under the lock, then sleeps outside it until the slot."""
 
     def __init__(
         self,
@@ -34,17 +43,48 @@ class RateLimiter:
 
     def acquire(self) -> float:
         """Block until this caller may go; returns the slot time (on `clock`)."""
-        if self.qps is None:
-            return self._clock()
+        slot = self.try_acquire(math.inf)
+        assert slot is not None
+        return slot
+
+    def try_acquire(self, latest_start: float) -> float | None:
+        """Book the next free slot and sleep until it, but only if it is not later than `latest_start`.
+
+        Returns the slot time (on `clock`), or None, having booked nothing and
+        slept not at all, when the next free slot is later than `latest_start`.
+        """
         with self._lock:
             now = self._clock()
-            slot = now if self._next_slot is None else max(now, self._next_slot)
-            self._next_slot = slot + self._interval
+            slot = self._free_slot(now)
+            if slot > latest_start:
+                return None
+            if self.qps is not None:
+                self._next_slot = slot + self._interval
         # Sleeping outside the lock lets other threads reserve their later slots meanwhile.
         wait = slot - now
         if wait > 0:
             self._sleep(wait)
         return slot
+
+    def calls_within(self, seconds: float) -> int | None:
+        """How many calls could still start within `seconds` from now, after the slots already booked.
+
+        None when unpaced (no limit). Books nothing: another thread may take
+        those slots first.
+        """
+        if self.qps is None:
+            return None
+        with self._lock:
+            now = self._clock()
+            first = self._free_slot(now)
+        horizon = now + seconds
+        if first > horizon + _EPSILON:
+            return 0
+        return int((horizon - first) / self._interval + _EPSILON) + 1
+
+    def _free_slot(self, now: float) -> float:
+        # The caller holds the lock.
+        return now if self._next_slot is None else max(now, self._next_slot)
 
     def __repr__(self) -> str:
         return f"RateLimiter(qps={self.qps!r})"

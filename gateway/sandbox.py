@@ -1,9 +1,9 @@
 """Sandbox mode: the emulator plus a real WeChatPayGateway pointed at it.
 
 The gateway is the very class used live, so sandbox runs exercise signing,
-verification, pacing, timeouts and classification exactly as production
-does; only the far end is ours. Keys are generated in memory per sandbox and
-never touch the disk.
+verification, pacing, timeouts, deadlines (NotSent), answer caps and
+classification exactly as production does; only the far end is ours. Keys
+are generated in memory per sandbox and never touch the disk.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from typing import Any
 
 from gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
 from gateway.keys import KeyMaterial, generate_key_material
-from gateway.wechat import DEFAULT_APPLY_QPS, DEFAULT_QUERY_QPS, DEFAULT_TIMEOUT_SECONDS, WeChatPayGateway
+from gateway.wechat import (
+    DEFAULT_APPLY_QPS,
+    DEFAULT_QUERY_QPS,
+    DEFAULT_TIMEOUT_SECONDS,
+    MIN_CALL_SECONDS,
+    WeChatPayGateway,
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ def start_sandbox(
     timeout: tuple[float, float] = DEFAULT_TIMEOUT_SECONDS,
     notify_url: str | None = None,
     reuse_connections: bool = True,
+    min_call_seconds: float = MIN_CALL_SECONDS,
 ) -> Sandbox:
     """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both."""
     keys = generate_key_material()
@@ -83,6 +90,7 @@ def start_sandbox(
             query_qps=query_qps,
             notify_url=notify_url,
             reuse_connections=reuse_connections,
+            min_call_seconds=min_call_seconds,
         )
     except BaseException:
         emulator.stop()

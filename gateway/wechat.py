@@ -1,7 +1,8 @@
 """The live RefundGateway: WeChat Pay API v3 refunds through the `wechatpayv3` SDK (pinned to 2.0.4).
 
-The SDK signs requests and verifies 2xx answers; we pace calls, time them out,
-classify every answer into a GatewayResult and keep secrets out of logs.
+The SDK signs requests and verifies 2xx answers; we pace calls, bound them
+in time and size, classify every answer into a GatewayResult and keep secrets
+out of logs.
 
 Transport decision (connection reuse and the Request-ID header). The sync
 SDK calls the module-level `requests.get/post` from `wechatpayv3.core` and
@@ -21,11 +22,21 @@ opens a new connection per call, as the SDK does. The same stand-in refuses a
 2xx signed under a serial other than our platform public key id: the SDK would
 otherwise try to download platform certificates (GET /v3/certificates) in
 the middle of a refund and fail in odd ways.
+
+Bounds (gateway.transport does the HTTP side). A call may carry a
+`deadline`: a callable returning the time.monotonic() instant by which the
+whole call must be over, e.g. the end of the caller's lease on the row. The
+stand-in books a pacing slot only if the call can still finish after it
+(`min_call_seconds`), looks at the deadline again once the slot has come and
+the SDK has signed, and gives up before a single byte leaves (NotSent) if
+too little time is left; the answer must then be complete by
+min(now + connect + read timeouts, deadline), or the call is a TIMEOUT. Every
+answer is read within MAX_ANSWER_BYTES, and no redirect is ever followed: a
+redirect is an unknown outcome like any answer we cannot read.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -38,15 +49,17 @@ import wechatpayv3.core as sdk_core
 from loguru import logger
 from wechatpayv3 import WeChatPay, WeChatPayType
 
-from gateway.classify import UnverifiedResponse, classify, classify_exception, is_sdk_signature_error
+from gateway.classify import CallNotSent, UnverifiedResponse, classify, classify_exception, is_sdk_signature_error
 from gateway.contract import (
     OUT_REFUND_NO_PATTERN,
     Accepted,
     GatewayResult,
+    NotSent,
     RefundRequest,
     UnknownOutcome,
 )
 from gateway.ratelimit import RateLimiter
+from gateway.transport import new_session, send_within
 
 LIVE_BASE_URL = "https://api.mch.weixin.qq.com"
 DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)  # connect, read; the SDK's own default is to wait forever
@@ -54,6 +67,11 @@ DEFAULT_APPLY_QPS = 150  # WeChat's per-merchant limits
 DEFAULT_QUERY_QPS = 300
 APIV3_KEY_BYTES = 32
 PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
+# A call is not started with less time than this left before its deadline: it
+# could only end as a timeout, an unknown outcome, where not sending is a known one.
+MIN_CALL_SECONDS = 1.0
+MAX_ANSWER_BYTES = 1024 * 1024  # a refund object is ~1 KB; anything near this is not WeChat's answer
+ENDPOINTS = ("apply", "query")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 SIGNATURE_HEADERS = (
     "Wechatpay-Signature",
@@ -71,12 +89,51 @@ class _Capture:
     status: int | None = None
     request_id: str | None = None
 
+    def record(self, response: requests.Response) -> None:
+        self.status = response.status_code
+        self.request_id = response.headers.get("Request-ID")
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """When one call may leave, and by when it must be over."""
+
+    timeout: tuple[float, float]
+    min_call_seconds: float
+    limiter: RateLimiter | None = None
+    deadline: Callable[[], float] | None = None
+
+    def check_time_left(self, now: float) -> float | None:
+        """The caller's deadline, or None without one; CallNotSent if the call could no longer finish."""
+        if self.deadline is None:
+            return None
+        deadline = self.deadline()
+        if deadline - now < self.min_call_seconds:
+            raise CallNotSent("DEADLINE", f"less than {self.min_call_seconds:g} s left before the caller's deadline")
+        return deadline
+
+    def take_slot(self) -> None:
+        """Wait for a pacing slot; with a deadline, book one only if the call can still finish after it."""
+        if self.limiter is None:
+            return
+        if self.deadline is None:
+            self.limiter.acquire()
+        elif self.limiter.try_acquire(self.deadline() - self.min_call_seconds) is None:
+            raise CallNotSent("DEADLINE", "no pacing slot early enough to finish before the caller's deadline")
+
+    def end_of_call(self) -> float:
+        """Right before sending: the instant the complete answer must be in by."""
+        now = time.monotonic()
+        own = now + sum(self.timeout)
+        deadline = self.check_time_left(now)
+        return own if deadline is None else min(own, deadline)
+
 
 @dataclass
 class _Binding:
-    session: requests.Session | None
+    session: requests.Session
     expected_serial: str
-    limiter: RateLimiter | None = None
+    budget: _Budget
     capture: _Capture = field(default_factory=_Capture)
 
 
@@ -87,11 +144,11 @@ class _SdkTransport:
         self._local = threading.local()
 
     @contextmanager
-    def bound(self, binding: _Binding) -> Iterator[_Capture]:
+    def bound(self, binding: _Binding) -> Iterator[None]:
         previous = getattr(self._local, "binding", None)
         self._local.binding = binding
         try:
-            yield binding.capture
+            yield
         finally:
             self._local.binding = previous
 
@@ -99,14 +156,22 @@ class _SdkTransport:
         binding: _Binding | None = getattr(self._local, "binding", None)
         if binding is None:
             return getattr(requests, method)(**kwargs)
-        sender = binding.session if binding.session is not None else requests
-        if binding.limiter is not None:
-            # Paced here, after the SDK has signed and just before the bytes leave: the
-            # closer the slot is to the wire, the less jitter between our pace and WeChat's count.
-            binding.limiter.acquire()
-        response = getattr(sender, method)(**kwargs)
-        binding.capture.status = response.status_code
-        binding.capture.request_id = response.headers.get("Request-ID")
+        budget = binding.budget
+        # Paced here, after the SDK has signed and just before the bytes leave: the
+        # closer the slot is to the wire, the less jitter between our pace and WeChat's count.
+        budget.take_slot()
+        # The deadline again: the pacing wait may have eaten it, or the caller's lease ended meanwhile.
+        end = budget.end_of_call()
+        kwargs.pop("timeout", None)  # the SDK's copy of ours; send_within cuts it to the deadline
+        response = send_within(
+            binding.session,
+            method,
+            deadline=end,
+            timeout=budget.timeout,
+            max_bytes=MAX_ANSWER_BYTES,
+            on_headers=binding.capture.record,
+            **kwargs,
+        )
         if 200 <= response.status_code < 300 and response.headers.get("Wechatpay-Serial") != binding.expected_serial:
             raise UnverifiedResponse("2xx answer signed under an unexpected serial")
         return response
@@ -185,12 +250,17 @@ class WeChatPayGateway:
         query_qps: float | None = DEFAULT_QUERY_QPS,
         notify_url: str | None = None,
         reuse_connections: bool = True,
+        min_call_seconds: float = MIN_CALL_SECONDS,
     ) -> None:
         if len(apiv3_key.encode("utf-8")) != APIV3_KEY_BYTES:
             raise ValueError(f"the APIv3 key must be {APIV3_KEY_BYTES} bytes")
         connect_timeout, read_timeout = timeout
         if connect_timeout <= 0 or read_timeout <= 0:
             raise ValueError(f"timeout must be two positive numbers (connect, read): {timeout!r}")
+        if min_call_seconds <= 0:
+            raise ValueError(f"min_call_seconds must be positive: {min_call_seconds!r}")
+        self._timeout = (float(connect_timeout), float(read_timeout))
+        self._min_call_seconds = min_call_seconds
         self._base_url = _check_base_url(base_url)
         notify_url = _check_notify_url(notify_url)
         self._mchid = mchid
@@ -231,13 +301,12 @@ class WeChatPayGateway:
 
     # -- RefundGateway -------------------------------------------------------
 
-    def apply(self, req: RefundRequest) -> GatewayResult:
+    def apply(self, req: RefundRequest, *, deadline: Callable[[], float] | None = None) -> GatewayResult:
         # Always out_trade_no, never transaction_id: the SDK sends only one of
         # them, and a replay must carry the very body of the first attempt even
         # if the row learned its transaction_id in between.
         return self._call(
             "apply",
-            self._apply_limiter,
             req.out_refund_no,
             lambda: self._wxpay.refund(
                 out_refund_no=req.out_refund_no,
@@ -245,14 +314,18 @@ class WeChatPayGateway:
                 out_trade_no=req.out_trade_no,
                 reason=req.reason,
             ),
+            deadline,
         )
 
-    def query(self, out_refund_no: str) -> GatewayResult:
+    def query(self, out_refund_no: str, *, deadline: Callable[[], float] | None = None) -> GatewayResult:
         if not OUT_REFUND_NO_PATTERN.match(out_refund_no):
             raise ValueError(f"out_refund_no must match {OUT_REFUND_NO_PATTERN.pattern}: {out_refund_no!r}")
-        return self._call(
-            "query", self._query_limiter, out_refund_no, lambda: self._wxpay.query_refund(out_refund_no)
-        )
+        return self._call("query", out_refund_no, lambda: self._wxpay.query_refund(out_refund_no), deadline)
+
+    def calls_within(self, endpoint: str, seconds: float) -> int | None:
+        """How many `endpoint` calls ("apply" or "query") the pacer can still start within `seconds`
+        from now, after the slots other threads have booked; None when unpaced. Books nothing."""
+        return self._limiter(endpoint).calls_within(seconds)
 
     def close(self) -> None:
         self._closed = True
@@ -287,47 +360,65 @@ class WeChatPayGateway:
 
     # -- internals ---------------------------------------------------------------
 
-    def _session(self) -> requests.Session | None:
+    def _limiter(self, endpoint: str) -> RateLimiter:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS}: {endpoint!r}")
+        return self._apply_limiter if endpoint == "apply" else self._query_limiter
+
+    @contextmanager
+    def _session(self) -> Iterator[requests.Session]:
         if not self._reuse_connections:
-            return None
+            with new_session(self._base_url) as session:  # one connection per call, as the SDK does
+                yield session
+            return
         session = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
-            # requests re-reads the proxy environment on every call (~0.35 ms each); read it
-            # once per session instead: the environment of a running daemon does not change.
-            session.trust_env = False
-            session.proxies = requests.utils.get_environ_proxies(self._base_url)
-            session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+            session = new_session(self._base_url)
             with self._sessions_lock:
                 self._sessions.append(session)
             self._local.session = session
-        return session
+        yield session
 
     def _call(
         self,
         action: str,
-        limiter: RateLimiter,
         out_refund_no: str,
         send: Callable[[], tuple[int, str | bytes]],
+        deadline: Callable[[], float] | None,
     ) -> GatewayResult:
         if self._closed:
             raise RuntimeError("the gateway is closed")
         started = time.perf_counter()
-        result: GatewayResult | None
-        with _TRANSPORT.bound(_Binding(self._session(), self._public_key_id, limiter)) as capture:
+        budget = _Budget(self._timeout, self._min_call_seconds, self._limiter(action), deadline)
+        capture = _Capture()
+        try:
+            # Checked before the SDK signs too: a call that cannot finish costs no RSA signature.
+            budget.check_time_left(time.monotonic())
+        except CallNotSent as exc:
+            result: GatewayResult = NotSent(exc.code, exc.message)
+        else:
+            result = self._send(budget, capture, send)
+        if isinstance(result, Accepted) and result.refund.out_refund_no != out_refund_no:
+            # A verified answer about another refund means we cannot tell what happened to ours.
+            result = UnknownOutcome(
+                "RESPONSE_MISMATCH", f"answer is about {result.refund.out_refund_no!r}", result.request_id
+            )
+        self._log_call(action, out_refund_no, capture, started, result)
+        return result
+
+    def _send(self, budget: _Budget, capture: _Capture, send: Callable[[], tuple[int, str | bytes]]) -> GatewayResult:
+        with self._session() as session, _TRANSPORT.bound(_Binding(session, self._public_key_id, budget, capture)):
             try:
                 status, body = send()
             except Exception as exc:
                 result = classify_exception(exc, capture.request_id)
                 if result is None:
                     raise
-            else:
-                result = classify(status, body, capture.request_id)
-        if isinstance(result, Accepted) and result.refund.out_refund_no != out_refund_no:
-            # A verified answer about another refund means we cannot tell what happened to ours.
-            result = UnknownOutcome(
-                "RESPONSE_MISMATCH", f"answer is about {result.refund.out_refund_no!r}", result.request_id
-            )
+                return result
+        return classify(status, body, capture.request_id)
+
+    @staticmethod
+    def _log_call(action: str, out_refund_no: str, capture: _Capture, started: float, result: GatewayResult) -> None:
         _log.bind(
             action=action,
             out_refund_no=out_refund_no,
@@ -337,7 +428,6 @@ class WeChatPayGateway:
             outcome=type(result).__name__,
             code=getattr(result, "code", None),
         ).debug("refund {} answered: {}", action, result.describe())
-        return result
 
     def __repr__(self) -> str:
         return (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -21,6 +22,7 @@ from gateway.sandbox import client_for
 from gateway.wechat import WeChatPayGateway
 
 TEST_TIMEOUT_SECONDS = (1.0, 1.0)  # connect, read: a lost answer fails a test in a second, not fifteen
+STRAY_HOST = "127.0.0.2"  # another loopback host: where a redirect points, and where nothing may arrive
 
 
 class FakeClock:
@@ -77,3 +79,52 @@ def make_gateway(key_material: KeyMaterial, emulator: Emulator) -> Iterator[Call
 @pytest.fixture
 def gateway(make_gateway: Callable[..., WeChatPayGateway]) -> WeChatPayGateway:
     return make_gateway()
+
+
+class StrayServer(ThreadingHTTPServer):
+    """A tiny HTTP server that records every request it gets (method, path) and answers 200."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str = STRAY_HOST) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.seen_lock = threading.Lock()
+        super().__init__((host, 0), _StrayHandler)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class _StrayHandler(BaseHTTPRequestHandler):
+    server: StrayServer
+
+    def _record(self) -> None:
+        with self.server.seen_lock:
+            self.server.seen.append((self.command, self.path))
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _record
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def stray_server() -> Iterator[StrayServer]:
+    """A server on another loopback host, e.g. for a redirect to point at; tests assert what it saw."""
+    server = StrayServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

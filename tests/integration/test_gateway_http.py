@@ -1,13 +1,18 @@
 """The real WeChatPayGateway and SDK, over HTTP, against the emulator.
 
 Status changes are driven by moving the emulator's clock. The only wall-clock
-waits are the ones the behaviour is about: a read timeout, and the pacing test.
+waits are the ones the behaviour is about: read timeouts, deadlines, trickled
+answers and pacing; anything else waits on a condition with a deadline.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import signal
+import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -20,13 +25,17 @@ from pathlib import Path
 import pytest
 import requests
 from cryptography.exceptions import InvalidSignature
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.x509.oid import NameOID
 from loguru import logger
 
-from gateway.contract import Accepted, ConfigError, Permanent, RefundRequest, RetryLater, UnknownOutcome
+from gateway.contract import Accepted, ConfigError, NotSent, Permanent, RefundRequest, RetryLater, UnknownOutcome
 from gateway.emulator import REFUNDS_PATH, Emulator, FaultPlan
 from gateway.keys import generate_key_material
+from gateway.transport import new_session, send_within
+from gateway.wechat import MAX_ANSWER_BYTES
 from tests.gateway_fixtures import build_gateway
 
 PAID = 1280
@@ -315,6 +324,306 @@ def test_paced_applies_from_several_threads_never_trip_the_limit(make_gateway, e
     # a few tens of ms over 3 s; unpaced, these calls run at 5-10x the pace.
     assert _max_in_any_second(arrivals) <= emulator.apply_qps
     assert len(arrivals) / (max(arrivals) - min(arrivals) + 1 / qps) <= qps * 1.03
+
+
+# -- bounds: redirects, trickles, floods and deadlines ----------------------------------------
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll a condition the code under test offers no event for; False when the deadline passes first."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        tick.wait(0.002)
+    return True
+
+
+def vm_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class PeakRss:
+    """The highest VmRSS seen while the block runs, sampled every few milliseconds."""
+
+    def __enter__(self) -> PeakRss:
+        self.before = vm_rss_mb()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, vm_rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, vm_rss_mb())
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak - self.before
+
+
+def timed(call):
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("status", [302, 307])
+@pytest.mark.parametrize("call", ["apply", "query"])
+def test_a_redirect_is_unknown_and_the_other_host_hears_nothing(gateway, emulator, stray_server, status, call):
+    if call == "query":
+        gateway.apply(refund())
+    emulator.fail_next("R1", "redirect", call=call, redirect_status=status, redirect_to=stray_server.base_url)
+
+    result = gateway.apply(refund()) if call == "apply" else gateway.query("R1")
+
+    assert isinstance(result, UnknownOutcome) and result.code == "REDIRECT"
+    assert stray_server.seen == []
+    # The other host was listening all along: it would have seen a followed redirect.
+    assert requests.get(stray_server.base_url + "/ping", timeout=2).status_code == 200
+    assert stray_server.seen == [("GET", "/ping")]
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before-commit", "after-commit"])
+def test_after_a_redirect_the_retry_moves_money_once(gateway, emulator, after_commit):
+    emulator.fail_next("R1", "redirect", after_commit=after_commit)  # to 127.0.0.2, where nothing listens
+
+    failed = gateway.apply(refund())
+    retried = gateway.apply(refund())
+
+    assert isinstance(failed, UnknownOutcome) and failed.code == "REDIRECT"
+    assert isinstance(retried, Accepted)
+    assert emulator.refunds_created["R1"] == 1
+    assert emulator.fen_refunded["O1"] == PAID
+
+
+@pytest.mark.parametrize(("deadline_in", "ends_after"), [(None, 2.0), (1.4, 1.4)], ids=["own-timeouts", "deadline"])
+def test_a_trickled_answer_times_out_on_the_whole_call_not_per_read(make_gateway, emulator, deadline_in, ends_after):
+    # One byte every 0.5 s never trips a 1 s read timeout; only a deadline for the whole call stops it.
+    gateway = make_gateway(timeout=(1.0, 1.0))
+    emulator.fail_next("R1", "trickle", after_commit=True, trickle_gap=0.5, trickle_bytes=30)
+    deadline = None if deadline_in is None else time.monotonic() + deadline_in
+
+    failed, elapsed = timed(lambda: gateway.apply(refund(), deadline=deadline and (lambda: deadline)))
+    retried = gateway.apply(refund())
+
+    assert isinstance(failed, UnknownOutcome) and failed.code == "TIMEOUT"
+    assert ends_after - 0.1 <= elapsed < ends_after + 0.5, elapsed
+    assert isinstance(retried, Accepted)
+    assert emulator.refunds_created["R1"] == 1
+
+
+def test_a_trickled_query_times_out_too(make_gateway, emulator):
+    gateway = make_gateway(timeout=(1.0, 1.0))
+    gateway.apply(refund())
+    emulator.fail_next("R1", "trickle", call="query", after_commit=True, trickle_gap=0.5, trickle_bytes=30)
+
+    failed, elapsed = timed(lambda: gateway.query("R1"))
+
+    assert isinstance(failed, UnknownOutcome) and failed.code == "TIMEOUT"
+    assert elapsed < 2.5, elapsed
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared-length", "chunked"])
+def test_a_200_mb_error_body_is_refused_without_holding_it(gateway, emulator, chunked):
+    emulator.fail_next("R1", "huge", huge_status=500, huge_bytes=200_000_000, huge_chunked=chunked)
+
+    with PeakRss() as rss:
+        failed, elapsed = timed(lambda: gateway.apply(refund()))
+
+    assert isinstance(failed, UnknownOutcome) and failed.code == "ANSWER_TOO_LARGE"
+    assert failed.request_id  # the headers were read: support can still find the call
+    assert rss.growth_mb < 50, rss.growth_mb
+    assert elapsed < 2, elapsed
+    assert isinstance(gateway.apply(refund()), Accepted)  # the client is fine, and no money moved twice
+    assert emulator.refunds_created["R1"] == 1
+
+
+def _self_signed_loopback_cert(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def test_the_whole_call_deadline_also_cuts_a_trickling_tls_answer(tmp_path):
+    # Live traffic is https: the watchdog must interrupt a read inside TLS too.
+    cert_file, key_file = _self_signed_loopback_cert(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve_one_trickled_answer() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
+                tls.sendall(bytes([byte]))
+                if stop.wait(0.3):
+                    return
+
+    server = threading.Thread(target=serve_one_trickled_answer, daemon=True)
+    server.start()
+    session = new_session(f"https://127.0.0.1:{listener.getsockname()[1]}")
+    session.verify = str(cert_file)
+    started = time.monotonic()
+    try:
+        with pytest.raises(requests.Timeout):
+            send_within(
+                session,
+                "get",
+                url=f"https://127.0.0.1:{listener.getsockname()[1]}/v3/refund/domestic/refunds/R1",
+                deadline=started + 1.5,
+                timeout=(1.0, 1.0),
+                max_bytes=MAX_ANSWER_BYTES,
+                on_headers=lambda response: None,
+            )
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        session.close()
+        server.join(timeout=5)
+        listener.close()
+
+    assert 1.4 <= elapsed < 2.0, elapsed
+
+
+def test_a_signed_2xx_over_the_cap_is_unknown_and_the_retry_moves_money_once(gateway, emulator):
+    emulator.fail_next("R1", "huge", huge_status=200, huge_bytes=5_000_000, huge_chunked=True, after_commit=True)
+
+    failed = gateway.apply(refund())
+    retried = gateway.apply(refund())
+
+    assert isinstance(failed, UnknownOutcome) and failed.code == "ANSWER_TOO_LARGE"
+    assert isinstance(retried, Accepted)
+    assert emulator.refunds_created["R1"] == 1
+
+
+def test_a_signed_2xx_within_the_cap_is_still_verified_and_accepted(gateway, emulator):
+    gateway.apply(refund())
+    emulator.fail_next("R1", "huge", call="query", huge_status=200, huge_bytes=MAX_ANSWER_BYTES - 1000, after_commit=True)
+
+    result = gateway.query("R1")
+
+    assert isinstance(result, Accepted) and result.refund.out_refund_no == "R1"
+
+
+@pytest.mark.parametrize("call", ["apply", "query"])
+def test_a_deadline_already_past_is_not_sent_and_nothing_reaches_the_gateway(gateway, emulator, call):
+    past = lambda: time.monotonic() - 1  # noqa: E731
+
+    result = gateway.apply(refund(), deadline=past) if call == "apply" else gateway.query("R1", deadline=past)
+
+    assert isinstance(result, NotSent) and result.code == "DEADLINE"
+    assert emulator.requests == {}
+    assert len(emulator.request_log) == 0
+
+
+def test_with_one_pacing_slot_before_the_deadline_one_call_goes_and_the_other_books_nothing(make_gateway, emulator):
+    gateway = make_gateway(apply_qps=1, min_call_seconds=0.2)
+    deadline = time.monotonic() + 0.5
+    start = threading.Barrier(2)
+
+    def apply(i: int):
+        start.wait()
+        return gateway.apply(refund(f"R{i}", f"O{i}"), deadline=lambda: deadline)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(apply, range(2)))
+
+    assert sorted(type(r).__name__ for r in results) == ["Accepted", "NotSent"]
+    assert post_count(emulator) == 1
+    # The slot after the first call's is still free: the refused call booked nothing.
+    assert gateway.calls_within("apply", 0.5) == 0
+    assert gateway.calls_within("apply", 1.1) == 1
+
+
+def test_a_deadline_that_runs_out_during_the_pacing_wait_stops_the_call_before_it_leaves(make_gateway, emulator):
+    gateway = make_gateway(apply_qps=2, min_call_seconds=0.2)
+    lease_until = [time.monotonic() + 30]
+    assert isinstance(gateway.apply(refund("R0", "O0")), Accepted)  # takes the current slot
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(gateway.apply, refund("R1", "O1"), deadline=lambda: lease_until[0])
+        # Once R1 has booked the next slot (~0.53 s away), none is left within 0.6 s.
+        assert wait_until(lambda: gateway.calls_within("apply", 0.6) == 0, timeout=0.4)
+        lease_until[0] = time.monotonic()  # the lease on R1's row runs out while it waits
+        result = pending.result(timeout=5)
+
+    assert isinstance(result, NotSent) and result.code == "DEADLINE"
+    assert emulator.refunds_created["R1"] == 0
+    assert post_count(emulator) == 1
+
+
+def test_calls_within_counts_the_pacers_free_slots(make_gateway):
+    gateway = make_gateway(apply_qps=10, query_qps=20)  # paced at 95 %: 9.5 and 19 per second
+    unpaced = make_gateway(apply_qps=None, query_qps=None)
+
+    assert gateway.calls_within("apply", 1.0) == 10  # slots at 0, 0.105 ... 0.947 s
+    assert gateway.calls_within("query", 1.0) == 20
+    assert gateway.calls_within("query", 0.0) == 1
+    assert gateway.apply(refund()) is not None
+    assert gateway.calls_within("apply", 0.0) == 0  # the next apply slot is ~0.1 s away
+    assert unpaced.calls_within("apply", 1.0) is None
+    with pytest.raises(ValueError):
+        gateway.calls_within("refund", 1.0)
+
+
+def test_a_forced_status_contradicts_earlier_answers_for_good(gateway, emulator, emulator_clock):
+    gateway.apply(refund())
+    emulator_clock.advance(1)
+    assert gateway.query("R1").refund.status == "SUCCESS"
+
+    emulator.force_status("R1", "CLOSED")
+    emulator_clock.advance(3600)
+    later = gateway.query("R1")
+
+    assert isinstance(later, Accepted) and later.refund.status == "CLOSED"
+    assert later.refund.success_time is None
+    assert emulator.fen_refunded["O1"] == 0
+
+
+def test_max_in_flight_counts_concurrent_queries_of_one_number(gateway, emulator):
+    gateway.apply(refund())
+    emulator.fail_next("R1", "slow", call="query", after_commit=True, slow_seconds=0.5)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(gateway.query, "R1")
+        assert emulator.wait_for(lambda: emulator.in_flight("R1") == 1, timeout=2)
+        fast = gateway.query("R1")
+        assert isinstance(slow.result(timeout=5), Accepted) and isinstance(fast, Accepted)
+
+    assert emulator.max_in_flight["R1"] == 2
+    assert emulator.in_flight("R1") == 0
 
 
 # -- the emulator's own checks, with hand-made requests -------------------------------------

@@ -8,10 +8,11 @@ from datetime import datetime
 import pytest
 import requests
 
-from gateway.classify import UnverifiedResponse, classify, classify_exception
+from gateway.classify import AnswerTooLarge, CallNotSent, UnverifiedResponse, classify, classify_exception
 from gateway.contract import (
     Accepted,
     ConfigError,
+    NotSent,
     Permanent,
     Refund,
     RefundRequest,
@@ -107,6 +108,15 @@ def test_a_status_outside_2xx_4xx_5xx_is_unknown(status):
     assert isinstance(classify(status, "", None), UnknownOutcome)
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_unknown_whatever_its_body_says(status):
+    result = classify(status, error_body("SUCCESS"), "REQ-3")
+
+    assert isinstance(result, UnknownOutcome)
+    assert (result.code, result.request_id) == ("REDIRECT", "REQ-3")
+    assert str(status) in result.message
+
+
 @pytest.mark.parametrize(
     ("exc", "code"),
     [
@@ -118,6 +128,7 @@ def test_a_status_outside_2xx_4xx_5xx_is_unknown(status):
         (Exception("failed to verify the signature"), "BAD_SIGNATURE"),
         (Exception("wechatpayv3 does not support this algorithm: "), "BAD_SIGNATURE"),
         (UnverifiedResponse("unexpected serial"), "BAD_SIGNATURE"),
+        (AnswerTooLarge("over the cap"), "ANSWER_TOO_LARGE"),
     ],
 )
 def test_transport_and_signature_failures_are_unknown(exc, code):
@@ -125,6 +136,13 @@ def test_transport_and_signature_failures_are_unknown(exc, code):
 
     assert isinstance(result, UnknownOutcome)
     assert (result.code, result.request_id) == (code, "REQ-9")
+
+
+def test_a_call_given_up_before_sending_is_not_sent():
+    result = classify_exception(CallNotSent("DEADLINE", "no pacing slot early enough"))
+
+    assert isinstance(result, NotSent)
+    assert (result.code, result.message, result.request_id) == ("DEADLINE", "no pacing slot early enough", None)
 
 
 class _LookAlike(Exception):

@@ -109,3 +109,101 @@ def test_no_qps_means_no_waiting():
 def test_a_non_positive_rate_is_refused(qps):
     with pytest.raises(ValueError):
         RateLimiter(qps)
+
+
+# -- try_acquire: a caller with a deadline books a slot only if it is early enough ---------------
+
+
+def test_try_acquire_books_and_waits_for_a_slot_early_enough():
+    fake = FakeTime()
+    limiter = RateLimiter(5, clock=fake.clock, sleep=fake.sleep)
+    limiter.acquire()  # slot 100.0
+
+    slot = limiter.try_acquire(latest_start=100.5)
+
+    assert slot == pytest.approx(100.2)
+    assert fake.slept == pytest.approx([0.2])
+    assert limiter.acquire() == pytest.approx(100.4)
+
+
+def test_try_acquire_refuses_a_slot_too_late_and_books_nothing():
+    fake = FakeTime()
+    limiter = RateLimiter(5, clock=fake.clock, sleep=fake.sleep)
+    limiter.acquire()  # slot 100.0; the next free one is 100.2
+
+    assert limiter.try_acquire(latest_start=100.1) is None
+
+    assert fake.slept == []  # refused at once, no waiting
+    assert limiter.acquire() == pytest.approx(100.2)  # the refused slot is still the next one
+
+
+def test_try_acquire_takes_a_slot_exactly_at_the_latest_start():
+    fake = FakeTime()
+    limiter = RateLimiter(4, clock=fake.clock, sleep=fake.sleep)
+    limiter.acquire()
+
+    assert limiter.try_acquire(latest_start=100.25) == pytest.approx(100.25)
+
+
+def test_try_acquire_unpaced_goes_now_unless_now_is_already_too_late():
+    fake = FakeTime()
+    limiter = RateLimiter(None, clock=fake.clock, sleep=fake.sleep)
+
+    assert limiter.try_acquire(latest_start=100.0) == 100.0
+    assert limiter.try_acquire(latest_start=99.9) is None
+    assert fake.slept == []
+
+
+def test_concurrent_try_acquire_books_only_the_slots_before_the_latest_start():
+    # Frozen clock, instant sleep: 8 threads race for slots 0.0, 0.1 ... of which 0.0 .. 0.4 qualify.
+    limiter = RateLimiter(10, clock=lambda: 0.0, sleep=lambda seconds: None)
+    slots: list[float] = []
+    refused: list[None] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(10):
+            slot = limiter.try_acquire(latest_start=0.45)
+            with lock:
+                if slot is None:
+                    refused.append(slot)
+                else:
+                    slots.append(slot)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(slots) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert len(refused) == 75
+    assert limiter.acquire() == pytest.approx(0.5)  # refusals booked nothing
+
+
+# -- calls_within: what is left for a caller planning a batch --------------------------------------
+
+
+def test_calls_within_counts_free_slots_after_those_already_booked():
+    fake = FakeTime()
+    limiter = RateLimiter(10, clock=fake.clock, sleep=lambda seconds: None)
+
+    assert limiter.calls_within(1.0) == 11  # 100.0, 100.1 ... 101.0
+    assert limiter.calls_within(0.05) == 1
+    for _ in range(3):
+        limiter.acquire()  # another thread books 100.0 .. 100.2; the clock has not moved
+    assert limiter.calls_within(1.0) == 8  # 100.3 ... 101.0
+    assert limiter.calls_within(0.25) == 0
+    fake.now += 5  # an idle spell banks nothing
+    assert limiter.calls_within(1.0) == 11
+
+
+def test_calls_within_books_nothing_and_is_none_when_unpaced():
+    fake = FakeTime()
+    limiter = RateLimiter(10, clock=fake.clock, sleep=fake.sleep)
+
+    limiter.calls_within(1.0)
+
+    assert limiter.acquire() == 100.0
+    assert limiter.calls_within(-1.0) == 0
+    assert RateLimiter(None).calls_within(1.0) is None
