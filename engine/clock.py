@@ -27,8 +27,8 @@ from engine.db import is_mysql
 # Past this our leases are still safe (they use the database's clock) but logs and anything
 # stamped locally drift from the database's: worth a warning.
 CLOCK_OFFSET_WARN_SECONDS = 2.0
-# WeChat refuses signatures more than 300 s off its clock; warn well before that.
-CLOCK_OFFSET_SIGNATURE_SECONDS = 240.0
+# WeChat refuses signatures more than 300 s off its clock: loud from 30 s before that.
+CLOCK_OFFSET_SIGNATURE_SECONDS = 270.0
 
 _log = logger.bind(stage="clock")
 

@@ -51,6 +51,7 @@ from engine.sql import update_rows
 from engine.stage import Stage
 
 MAX_IDLE_ROUNDS = 10_000
+MIN_CALL_SECONDS = 1.0  # a call is not started with less time than this before its deadline
 utcnow = local_utcnow  # this host's clock: for display only, never for a comparison the engine makes
 
 
@@ -296,17 +297,18 @@ class Runner:
 
     def _run_gateway_stage(self, stage, job: JobConfig, fixed_now: datetime | None, report: BatchReport) -> None:
         registry = self.registry
-        if not registry.threaded and registry.beat_due():
-            registry.tick()  # no heartbeat thread (run --once, tests): beat and reap here
+        if not registry.threaded:
+            registry.tick()  # no heartbeat thread (run --once, tests): beat and reap before every lease
         owner = registry.owner
-        limit = self._claim_limit(stage, job)
+        leased_at = self.monotonic()
+        lease_deadline = leased_at + job.lease_seconds - LEASE_SAFETY_MARGIN_SECONDS
+        limit = self._claim_limit(stage, job, min(lease_deadline, registry.safe_until()) - leased_at)
         if limit <= 0:
             return  # the pacer is booked for longer than a lease: claiming now would only idle rows
-        leased_at = self.monotonic()
+        report.batch_size = limit  # "full" means: got all it asked for, so look again at once
         rows = self._lease(stage, job, fixed_now or self.clock(), limit, owner)
         if not rows:
             return
-        lease_deadline = leased_at + job.lease_seconds - LEASE_SAFETY_MARGIN_SECONDS
 
         def deadline() -> float:
             # Read right before each call is sent: a process that was declared dead (or paused past
@@ -321,12 +323,12 @@ class Runner:
         results = self._call_all(stage, job, rows, deadline)
         self._write_answers(stage, job, [r.id for r in rows], results, fixed_now or self.clock(), owner, report)
 
-    def _claim_limit(self, stage, job: JobConfig) -> int:
-        """Lease no more rows than the pacer can send inside the lease, so N processes at any QPS progress."""
+    def _claim_limit(self, stage, job: JobConfig, window: float) -> int:
+        """Lease no more rows than the pacer can start calls for within ``window`` seconds (the lease or
+        the heartbeat window, less the time one call needs), so N processes at any QPS progress."""
         if self.gateway is None:
             return job.batch_size  # nothing to call: the claim finds no ready row or fails loudly later
-        window = min(job.lease_seconds, self.registry.takeover_seconds) - LEASE_SAFETY_MARGIN_SECONDS
-        capacity = self.gateway.calls_within(stage.endpoint, max(0.0, window))
+        capacity = self.gateway.calls_within(stage.endpoint, max(0.0, window - MIN_CALL_SECONDS))
         return job.batch_size if capacity is None else min(job.batch_size, capacity)
 
     def _lease(self, stage, job: JobConfig, now: datetime, limit: int, owner: str) -> list[Row]:
