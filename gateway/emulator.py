@@ -477,6 +477,12 @@ class Emulator:
             self._advance(refund, self._clock())
             return refund.status
 
+    def refund_id(self, out_refund_no: str) -> str | None:
+        """WeChat's refund_id for the refund recorded under this number, or None."""
+        with self._lock:
+            refund = self._refunds.get(out_refund_no)
+            return refund.refund_id if refund is not None else None
+
     def in_flight(self, out_refund_no: str) -> int:
         """Requests for this number in progress right now (max_in_flight keeps the most ever)."""
         with self._lock:

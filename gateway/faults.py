@@ -10,6 +10,8 @@ Kinds, for `Emulator.fail_next(out_refund_no, kind, times=1, *, after_commit=Fal
 * "bad_signature": a well-formed signature over other bytes. Before commit
   on apply: a refund object that was never recorded (a forged answer).
 * "not_enough" (apply only), "sign_error": 403 NOT_ENOUGH, 401 SIGN_ERROR; before commit only.
+* "invalid_request" (apply only): 400 INVALID_REQUEST, before commit only, also for a number
+  WeChat already refunded: the refusal of a replay that the client must not believe blindly.
 * "redirect": a `redirect_status` (301, 302, 303, 307 or 308; default 302)
   whose Location is `redirect_to` (a base URL; default: the emulator's own
   port on 127.0.0.2, where nothing listens) plus the request's path.
@@ -47,9 +49,12 @@ DEFAULT_HUGE_BYTES = 200 * 1000 * 1000
 PIECE_BYTES = 64 * 1024
 
 FAULT_KINDS = frozenset(
-    {"500", "503", "429", "slow", "drop", "bad_signature", "not_enough", "sign_error", "redirect", "trickle", "huge"}
+    {
+        "500", "503", "429", "slow", "drop", "bad_signature", "not_enough", "sign_error", "invalid_request", "redirect",
+        "trickle", "huge",
+    }
 )
-BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error"})
+BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error", "invalid_request"})
 FAULT_CALLS = frozenset({"apply", "query", "any"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ERRORS = {
@@ -58,6 +63,7 @@ ERRORS = {
     "429": (429, "FREQUENCY_LIMITED", "requests are too frequent"),
     "not_enough": (403, "NOT_ENOUGH", "merchant balance is not enough"),
     "sign_error": (401, "SIGN_ERROR", "signature verification failed"),
+    "invalid_request": (400, "INVALID_REQUEST", "the request does not match the refund on record"),
 }
 _RESHAPED = frozenset({"redirect", "trickle", "huge"})  # faults about how an answer is delivered
 _PAD = b"x" * PIECE_BYTES
@@ -123,8 +129,8 @@ class Fault:
             raise ValueError(f"call must be one of {sorted(FAULT_CALLS)}")
         if self.after_commit and self.kind in BEFORE_COMMIT_ONLY:
             raise ValueError(f"{self.kind} refuses the refund, so it cannot strike after it was recorded")
-        if self.kind == "not_enough" and self.call != "apply":
-            raise ValueError("not_enough only answers refund applications")
+        if self.kind in ("not_enough", "invalid_request") and self.call != "apply":
+            raise ValueError(f"{self.kind} only answers refund applications")
         if self.redirect_status not in REDIRECT_STATUSES:
             raise ValueError(f"redirect_status must be one of {sorted(REDIRECT_STATUSES)}")
         if self.kind == "huge" and 200 <= self.huge_status < 300 and not self.after_commit:

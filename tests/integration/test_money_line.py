@@ -90,7 +90,7 @@ def test_a_refusal_of_a_number_that_may_have_reached_wechat_is_checked_and_the_r
     assert report.done == 1
     refund = submit_row(world, 702)
     assert (refund["submit_scanned"], refund["submit_success"]) == (1, 1)
-    assert refund["wx_refund_id"] == world.emulator.recorded_refund_id(number)
+    assert refund["wx_refund_id"] == world.emulator.refund_id(number)
     world.settle()
     assert world.emulator.refunds_created[number] == 1
     assert row(world.db, "goods_order2", 702)["refund_status"] == "REFUNDED"
