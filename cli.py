@@ -111,6 +111,9 @@ def run(obj: _Ctx, once: bool) -> None:
             )
             sys.exit(EXIT_CONFIG)
         if once:
+            from engine.clock import ClockWatch
+
+            ClockWatch(app.runner.clock.offset_seconds).check()  # says so if this host's clock is off
             try:
                 totals = app.runner.run_until_idle()
                 app.runner.release_leases()  # and leave the process registry

@@ -194,7 +194,8 @@ class Registry:
                     # gateway stages send nothing, which is exactly what must happen.
                     failures += 1
                     if failures == 1:
-                        _log.bind(action="heartbeat_failed").warning(
+                        # INFO: the stages report the database being away, once per backoff step.
+                        _log.bind(action="heartbeat_failed").info(
                             "heartbeat failed ({}); gateway calls pause until it succeeds", type(exc).__name__
                         )
                 self._stop.wait(self.heartbeat_seconds)
