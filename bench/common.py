@@ -343,6 +343,11 @@ _ORDER_STATES: dict[str, dict[str, str]] = {
         "order_status": "'CANCELLED'", "cancel_source": "'MERCHANT'", "refund_status": "'REFUNDED'",
         "wx_progress_scanned": "1", "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE", "refunded_at": "NOW(3) - INTERVAL 5 MINUTE",
     },
+    # cancelled before it was paid: restore_stock gives the goods back, no refund, no sales
+    "cancelled_unpaid": {
+        "pay_status": "0", "transaction_id": "NULL", "paid_at": "NULL", "order_status": "'CANCELLED'",
+        "cancel_source": "'MERCHANT'", "refund_status": "'NONE'", "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE",
+    },
     # every stage done
     "finished": {
         "order_status": "'CANCELLED'", "cancel_source": "'MERCHANT'", "refund_status": "'REFUNDED'",
@@ -352,14 +357,15 @@ _ORDER_STATES: dict[str, dict[str, str]] = {
 }
 
 
-def seed_orders(conn, lo: int, hi: int, state: str, n_goods: int = N_GOODS) -> None:
-    """Paid orders ``lo..hi`` (id = seq) in ``state``; one goods line each, quantity 1..3."""
+def seed_orders(conn, lo: int, hi: int, state: str, n_goods: int = N_GOODS, goods_sql: str | None = None) -> None:
+    """Orders ``lo..hi`` (id = seq) in ``state`` (paid unless the state says not); one goods line each,
+    quantity 1..3, goods ``1 + seq % n_goods`` unless ``goods_sql`` (an SQL expression over seq) says."""
     columns = {
         "id": "seq",
         "order_no": ORDER_NO_SQL,
         "user_id": "1000 + seq % 5000",
         "merchant_id": "9",
-        "goods_id": f"1 + seq % {n_goods}",
+        "goods_id": goods_sql or f"1 + seq % {n_goods}",
         "quantity": "1 + seq % 3",
         "total_amount": AMOUNT_SQL,
         "pay_status": "1",
