@@ -71,7 +71,7 @@ class Daemon:
         )
         self._signals = 0
         self.clock_watch = ClockWatch(app.runner.clock.offset_seconds) if hasattr(app.runner.clock, "offset_seconds") else None
-        self._clock_checked = 0.0
+        self._clock_checked = float("-inf")
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 MAX_ERROR_LEN = 255
+# The code a row that may have reached the gateway ends with when it gives up: "check by hand",
+# never a rejection.
+OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
 
 
 @dataclass(frozen=True)

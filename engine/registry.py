@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
 from loguru import logger
-from sqlalchemy import Engine, Table, delete, insert, select, update
+from sqlalchemy import Engine, Table, delete, func, insert, select, update
 
 from engine.sql import locked
 from models import scanner_process
@@ -72,87 +72,118 @@ class Registry:
         self.takeover_seconds = takeover_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.monotonic = monotonic
-        self.owner = owner or new_owner_id()
-        self._beat_started: float | None = None  # monotonic start of the last successful beat
+        # (owner, monotonic start of its last successful beat), replaced as one value so that a
+        # reader never pairs a new owner's heartbeat with an old owner's leases.
+        self._state: tuple[str, float | None] = (owner or new_owner_id(), None)
         self._registered = False
+        self.last_error: str | None = None  # why the last heartbeat failed, None once one succeeds
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    @property
+    def owner(self) -> str:
+        return self._state[0]
+
     # --- the deadline every gateway call obeys ---------------------------------------------------
 
-    def safe_until(self) -> float:
-        """Monotonic instant until which no survivor can have declared this process dead."""
-        started = self._beat_started
-        if started is None:
+    def safe_until(self, owner: str | None = None) -> float:
+        """Monotonic instant until which no survivor can have declared ``owner`` (default: us now) dead."""
+        current, started = self._state
+        if started is None or (owner is not None and owner != current):
             return float("-inf")
         return started + self.takeover_seconds - HEARTBEAT_MARGIN_SECONDS
-
-    def beat_due(self) -> bool:
-        started = self._beat_started
-        return started is None or self.monotonic() - started >= self.heartbeat_seconds
 
     # --- heartbeat ----------------------------------------------------------------------------------
 
     def beat(self) -> None:
         """Register or refresh this process's entry. A missing entry means we were declared dead."""
         with self._lock:
-            started = self.monotonic()
-            now = self.clock()
-            with self.db.begin() as conn:
-                if self._registered:
-                    found = conn.execute(
-                        update(scanner_process).where(p.owner == self.owner).values(heartbeat_at=now)
-                    ).rowcount
-                    if not found:
-                        self._lost(started)
+            try:
+                self._beat()
+                self.last_error = None
+            except Exception as exc:
+                self.last_error = f"heartbeat failed: {type(exc).__name__}"
                 if not self._registered:
-                    conn.execute(
-                        insert(scanner_process).values(
-                            owner=self.owner,
-                            hostname=socket.gethostname()[:64],
-                            pid=os.getpid(),
-                            started_at=now,
-                            heartbeat_at=now,
-                        )
-                    )
-            self._registered = True
-            self._beat_started = started
+                    # The INSERT may have committed although we saw an error: a fresh id never collides.
+                    self._state = (new_owner_id(), None)
+                raise
 
-    def _lost(self, started: float) -> None:
-        old = self.owner
-        self.owner = new_owner_id()
+    def _beat(self) -> None:
+        started = self.monotonic()
+        now = self.clock()
+        owner = self.owner
+        with self.db.begin() as conn:
+            if self._registered:
+                found = conn.execute(update(scanner_process).where(p.owner == owner).values(heartbeat_at=now)).rowcount
+                if not found:
+                    owner = self._lost(owner)
+            if not self._registered:
+                conn.execute(
+                    insert(scanner_process).values(
+                        owner=owner, hostname=socket.gethostname()[:64], pid=os.getpid(), started_at=now, heartbeat_at=now
+                    )
+                )
+        self._registered = True
+        self._state = (owner, started)
+
+    def _lost(self, old: str) -> str:
+        new = new_owner_id()
         self._registered = False
-        self._beat_started = None
-        _log.bind(action="declared_dead", old_owner=old, owner=self.owner).error(
+        self._state = (new, None)
+        _log.bind(action="declared_dead", old_owner=old, owner=new).error(
             "this process was silent for more than {:.0f}s (paused, or cut off from the database) and other"
             " processes took over its leases; the work it still holds is dropped, it goes on as {}",
             self.takeover_seconds,
-            self.owner,
+            new,
         )
+        return new
 
     def reap(self) -> list[str]:
-        """Delete the entries of processes silent for takeover_seconds and release their leases."""
-        now = self.clock()
-        cutoff = now - timedelta(seconds=self.takeover_seconds)
-        with self.db.begin() as conn:
+        """Release the leases of processes silent for takeover_seconds; returns the owners reaped.
+
+        SKIP LOCKED throughout: a frozen process may sit in a transaction holding some of its rows;
+        those wait for it, and the rest of its work (and every other dead process's) is taken over
+        now. Its entry goes only when none of its leases is left, so the next pass tries again.
+        """
+        cutoff = self.clock() - timedelta(seconds=self.takeover_seconds)
+        with self.db.connect() as conn:
             dead = list(
                 conn.execute(
-                    locked(conn, select(p.owner).where(p.heartbeat_at < cutoff, p.owner != self.owner).order_by(p.id))
+                    select(p.owner).where(p.heartbeat_at < cutoff, p.owner != self.owner).order_by(p.id)
                 ).scalars()
             )
-            if not dead:
-                return []
-            released = 0
+        reaped = []
+        for owner in dead:
+            released, left = self._reap_one(owner, cutoff)
+            if left is not None:
+                reaped.append(owner)
+                _log.bind(action="reaped", dead_owner=owner, leases_released=released, leases_locked=left).warning(
+                    "took over from a process silent for {:.0f}s: {} lease(s) released", self.takeover_seconds, released
+                )
+        return reaped
+
+    def _reap_one(self, owner: str, cutoff: datetime) -> tuple[int, int | None]:
+        """(leases released, leases still locked by it), or (0, None) if it beat meanwhile."""
+        with self.db.begin() as conn:
+            entry = conn.execute(
+                locked(conn, select(p.id).where(p.owner == owner, p.heartbeat_at < cutoff), skip_locked=True)
+            ).first()
+            if entry is None:
+                return 0, None  # it beat just now (or another survivor is reaping it)
+            released = left = 0
             for table in self.lease_tables:
-                released += conn.execute(
-                    update(table).where(table.c.lease_owner.in_(dead)).values(lease_owner=None, lease_until=None)
-                ).rowcount or 0
-            conn.execute(delete(scanner_process).where(p.owner.in_(dead)))
-        _log.bind(action="reaped", processes=len(dead), leases_released=released).warning(
-            "took over from {} silent process(es): {} lease(s) released ({})", len(dead), released, ", ".join(dead)
-        )
-        return dead
+                held = select(table.c.id).where(table.c.lease_owner == owner)
+                ids = list(conn.execute(locked(conn, held, skip_locked=True)).scalars())
+                if ids:
+                    released += conn.execute(
+                        update(table).where(table.c.id.in_(ids), table.c.lease_owner == owner)
+                        .values(lease_owner=None, lease_until=None)
+                    ).rowcount or 0
+                left += conn.execute(select(func.count()).select_from(table).where(table.c.lease_owner == owner)).scalar_one()
+            if not left:
+                conn.execute(delete(scanner_process).where(p.id == entry.id))
+        return released, left
 
     def tick(self) -> list[str]:
         """One heartbeat, then reap; returns the owners reaped."""
@@ -167,7 +198,7 @@ class Registry:
             with self.db.begin() as conn:
                 conn.execute(delete(scanner_process).where(p.owner == self.owner))
             self._registered = False
-            self._beat_started = None
+            self._state = (self.owner, None)
 
     # --- the background heartbeat of a daemon -------------------------------------------------
 

@@ -44,7 +44,7 @@ from engine.clock import DbClock, local_utcnow
 from engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from engine.db import is_mysql
 from engine.errors import describe_db_error, is_environment_db_error, is_transient_db_error
-from engine.outcome import Blocked, Done, Failed, Later, Outcome, Retry, clip
+from engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Later, Outcome, Retry, clip
 from engine.registry import Registry
 from engine.retry import GiveUp, decide
 from engine.sql import update_rows
@@ -301,8 +301,14 @@ class Runner:
             registry.tick()  # no heartbeat thread (run --once, tests): beat and reap before every lease
         owner = registry.owner
         leased_at = self.monotonic()
+        safe_until = registry.safe_until(owner)
+        if safe_until - leased_at < MIN_CALL_SECONDS:
+            # No fresh heartbeat: whatever we leased could not be called, and survivors may be
+            # about to take our rows. Back off until the heartbeat lands again.
+            report.error = registry.last_error or "no fresh heartbeat in the process registry"
+            return
         lease_deadline = leased_at + job.lease_seconds - LEASE_SAFETY_MARGIN_SECONDS
-        limit = self._claim_limit(stage, job, min(lease_deadline, registry.safe_until()) - leased_at)
+        limit = self._claim_limit(stage, job, min(lease_deadline, safe_until) - leased_at)
         if limit <= 0:
             return  # the pacer is booked for longer than a lease: claiming now would only idle rows
         report.batch_size = limit  # "full" means: got all it asked for, so look again at once
@@ -314,14 +320,30 @@ class Runner:
             # Read right before each call is sent: a process that was declared dead (or paused past
             # its heartbeat window) gets -inf or a past instant, and sends nothing. Handed to the
             # gateway on time.monotonic(), whatever clock this runner was given.
-            if registry.owner != owner:
-                return float("-inf")
-            return time.monotonic() + min(lease_deadline, registry.safe_until()) - self.monotonic()
+            return time.monotonic() + min(lease_deadline, registry.safe_until(owner)) - self.monotonic()
 
-        if self.hooks.after_lease:
-            self.hooks.after_lease(stage.name, [r.id for r in rows])
-        results = self._call_all(stage, job, rows, deadline)
-        self._write_answers(stage, job, [r.id for r in rows], results, fixed_now or self.clock(), owner, report)
+        try:
+            if self.hooks.after_lease:
+                self.hooks.after_lease(stage.name, [r.id for r in rows])
+            results = self._call_all(stage, job, rows, deadline)
+            self._write_answers(stage, job, [r.id for r in rows], results, fixed_now or self.clock(), owner, report)
+        except Exception:
+            # Every call of the batch is over (or never started): give the rows back now rather than
+            # at lease expiry. Their answers are lost, and the replay with the same number is safe.
+            self._release_after_failure(stage, rows, owner)
+            raise
+
+    def _release_after_failure(self, stage, rows: Sequence[Row], owner: str) -> None:
+        flags = stage.flags
+        try:
+            with self.db.begin() as conn:
+                update_rows(
+                    conn, flags.table,
+                    {r.id: {flags.lease_owner.name: None, flags.lease_until.name: None} for r in rows},
+                    flags.lease_owner == owner,
+                )
+        except Exception as exc:  # the database is the reason: the reaper or lease expiry frees them
+            logger.bind(stage=stage.name, action="release_failed").debug("leases not released: {}", type(exc).__name__)
 
     def _claim_limit(self, stage, job: JobConfig, window: float) -> int:
         """Lease no more rows than the pacer can start calls for within ``window`` seconds (the lease or
@@ -385,10 +407,13 @@ class Runner:
                 if row.id not in owned:
                     log.bind(row_id=row.id, action="lease_lost").warning("lease lost before the answer was written; answer dropped")
                     continue
-                if result is _NOT_STARTED or stage.not_sent(result):
+                if isinstance(result, _CallCrashed):
+                    # The client raised: the bytes may have left, so this is an unknown outcome.
+                    crashed[row.id] = Retry(
+                        "CLIENT_ERROR", f"{type(result.exc).__name__}: {_first_line(result.exc)}", give_up_code=OUTCOME_UNKNOWN
+                    )
+                elif result is _NOT_STARTED or stage.not_sent(result):
                     unsent.append(row)  # the row as leased: its values from before the lease
-                elif isinstance(result, _CallCrashed):
-                    crashed[row.id] = Retry("CLIENT_ERROR", f"{type(result.exc).__name__}: {_first_line(result.exc)}")
                 else:
                     called.append((owned[row.id], result))
             outcomes = dict(stage.apply(conn, called, now)) if called else {}

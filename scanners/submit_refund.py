@@ -8,10 +8,11 @@ Flips: ``submit_scanned=1, submit_success=1`` on acceptance; ``1/0`` on a proven
 
 Unknown stays unknown. Leasing a row sets ``submit_sent = 1`` before its call. Once a number
 may have reached WeChat (an earlier call whose outcome was not a proven refusal), only a
-verified refund object ends the row: a later refusal (4xx) is checked by querying the number,
-and believed only if WeChat has no refund under it. An unknown outcome (timeout, 5xx, 429,
-redirect, bad signature) keeps the row pending, retried with the SAME out_refund_no, which
-WeChat refunds at most once; if it must end, it ends ``OUTCOME_UNKNOWN``, never as a rejection.
+verified refund object ends the row: a later refusal (4xx) is checked by querying the number;
+a refund found there is recorded as accepted, anything else is retried. An unknown outcome
+(timeout, 5xx, 429, redirect, bad signature) keeps the row pending, retried with the SAME
+out_refund_no, which WeChat refunds at most once; if it must end, it ends ``OUTCOME_UNKNOWN``,
+never as a rejection.
 Credentials refused (401, MCH_NOT_EXISTS) block the stage: no row is at fault.
 """
 
@@ -25,13 +26,12 @@ from loguru import logger
 from sqlalchemy import Connection, Row, or_, select
 
 import gateway.contract as gw
-from engine.outcome import Blocked, Done, Failed, Outcome, Retry
+from engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
 from engine.sql import update_rows, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import refund_order
 
 r = refund_order.c
-OUTCOME_UNKNOWN = "OUTCOME_UNKNOWN"
 MISMATCHED = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")
 
 
@@ -124,7 +124,7 @@ class SubmitRefund(StageDefaults):
         return {"submit_sent": row.submit_sent}
 
     def not_sent(self, result: Any) -> bool:
-        return isinstance(result.answer, gw.NotSent)
+        return isinstance(result, Attempt) and isinstance(result.answer, gw.NotSent)
 
     def call(self, gateway: gw.RefundGateway, row: Row, deadline: Callable[[], float]) -> Any:
         # Only out_trade_no, never also transaction_id: the body of every retry must be
@@ -194,14 +194,13 @@ class SubmitRefund(StageDefaults):
                 "WeChat refused a replay, but its record shows the refund accepted: recorded as accepted"
             )
             return query.refund, query.request_id, Done(query.refund.status)
-        if isinstance(query, gw.RetryLater) and query.code == "RESOURCE_NOT_EXISTS":
-            # WeChat has no refund under this number: the refusal is proven.
-            return None, None, classify(refusal, may_have_reached=False)
         if isinstance(query, gw.ConfigError):
             return None, None, credentials_refused(query)
+        # Even "no such refund" is not proof: WeChat's own replication lags behind an acceptance.
+        # Only a verified refund object ends this row; giving up says "unknown", not "rejected".
         return None, None, Retry(
-            OUTCOME_UNKNOWN,
-            f"refused ({refusal.code}) after an earlier call may have reached WeChat, and the check by"
-            f" query failed ({query.code}): will ask again",
+            refusal.code,
+            f"refused after an earlier call may have reached WeChat, and the query answered {query.code}:"
+            f" will ask again ({refusal.message})",
             give_up_code=OUTCOME_UNKNOWN,
         )

@@ -72,7 +72,9 @@ class SyncResult(StageDefaults):
         for row in rows:
             order = orders.get(row.order_id)
             if row.order_id in busy:
-                outcomes[row.id] = Later(now + BUSY_RETRY, "ORDER_BUSY: the order row is locked; will retry")
+                # Keep a conflict's reason on the row: it is what this stage will act on next time.
+                keep = row.last_error if (row.last_error or "").startswith(CONFLICTING_ANSWERS) else None
+                outcomes[row.id] = Later(now + BUSY_RETRY, keep or "ORDER_BUSY: the order row is locked; will retry")
             elif order is None:
                 outcomes[row.id] = Failed("ORDER_NOT_FOUND", f"order {row.order_id} is gone; refund result not written")
             elif order.refund_status != "REFUNDING":

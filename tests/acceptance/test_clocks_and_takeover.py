@@ -136,6 +136,7 @@ def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
 
     owner = next(r["owner"] for r in victim.logs() if r.get("action") == "started")
     held = q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner)
+    assert held > 0, "the victim released its leases before the kill: nothing to take over"
     wait_until(lambda: q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner),
                TAKEOVER_BOUND_SECONDS + 10, "the dead daemon's leases released", until=lambda n: n == 0,
                daemons=[survivor], interval=0.05)

@@ -163,7 +163,7 @@ def test_a_goods_row_the_shop_keeps_locked_delays_only_its_own_orders(mysql_db, 
         took = time.monotonic() - started
 
         assert (report.done, report.later) == (450, 50)
-        assert took < 3, f"the batch waited {took:.1f}s on a row it could not lock"  # lock wait timeout is 5 s
+        assert took < 4.5, f"the batch waited {took:.1f}s on a row it could not lock"  # lock wait timeout is 5 s
         busy = rows(mysql_db, "SELECT goods_id, stock_scanned, stock_attempts, stock_last_error FROM goods_order2 WHERE goods_id = 1")
         assert {(r["stock_scanned"], r["stock_attempts"]) for r in busy} == {(0, 0)}
         assert all(r["stock_last_error"].startswith("GOODS_BUSY") for r in busy)
