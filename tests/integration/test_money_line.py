@@ -293,3 +293,54 @@ def test_a_paused_process_that_comes_back_after_a_takeover_drops_its_answer_and_
     assert apply_calls(world) == 1 + 3
     assert set(world.emulator.refunds_created.values()) == {1}
     assert scalar(world.db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1 AND lease_owner IS NULL") == 3
+
+
+class CrashingClient:
+    """The real client, except that it raises for one number after sending it: a bug in the client."""
+
+    def __init__(self, real, number: str):
+        self.real, self.number = real, number
+
+    def apply(self, req, *, deadline=None):
+        result = self.real.apply(req, deadline=deadline)
+        if req.out_refund_no == self.number:
+            raise RuntimeError("client bug after the bytes left")
+        return result
+
+    def query(self, out_refund_no, *, deadline=None):
+        return self.real.query(out_refund_no, deadline=deadline)
+
+    def calls_within(self, endpoint, seconds):
+        return self.real.calls_within(endpoint, seconds)
+
+
+def test_a_client_that_raises_loses_no_other_answer_and_its_row_ends_outcome_unknown(world, db_url):
+    from tests.flow import test_config
+
+    world.config = test_config(db_url, jobs={"submit_refund": {"max_attempts": 2, "retry_delays_seconds": [1]}})
+    numbers = [cancelled(world, order_id) for order_id in range(781, 786)]
+    crashing = CrashingClient(world.sandbox.gateway, numbers[0])
+
+    first = submit(world, world.runner(gateway=crashing))
+    world.clock.advance(5)
+    second = submit(world, world.runner(gateway=crashing))
+
+    assert (first.done, first.retried) == (4, 1)
+    assert second.failed == 1
+    crashed = submit_row(world, 781)
+    assert (crashed["submit_scanned"], crashed["submit_success"], crashed["lease_owner"]) == (1, 0, None)
+    assert crashed["last_error"].startswith("OUTCOME_UNKNOWN")  # WeChat did take it: never "rejected"
+    assert scalar(world.db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1") == 4
+
+
+def test_without_a_heartbeat_nothing_is_leased_and_the_stage_says_why(world):
+    for order_id in range(791, 794):
+        cancelled(world, order_id)
+    with world.db.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE cancel_scanner_process")  # a half-done upgrade
+
+    report = submit(world)
+
+    assert report.blocked and "cancel_scanner_process" in report.blocked
+    assert apply_calls(world) == 0
+    assert scalar(world.db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL OR attempts > 0") == 0
