@@ -350,7 +350,8 @@ class Runner:
         the heartbeat window, less the time one call needs), so N processes at any QPS progress."""
         if self.gateway is None:
             return job.batch_size  # nothing to call: the claim finds no ready row or fails loudly later
-        capacity = self.gateway.calls_within(stage.endpoint, max(0.0, window - MIN_CALL_SECONDS))
+        # A fifth of the window is slack for the lease's own transaction and thread wake-ups.
+        capacity = self.gateway.calls_within(stage.endpoint, max(0.0, window * 0.8 - MIN_CALL_SECONDS))
         return job.batch_size if capacity is None else min(job.batch_size, capacity)
 
     def _lease(self, stage, job: JobConfig, now: datetime, limit: int, owner: str) -> list[Row]:
