@@ -465,10 +465,10 @@ def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float,
         f"{', shoppers hot idle, shoppers hot busy' if n_shoppers else ''}; InnoDB purge waited out before each."
     )
     report.note(
-        "checkout: why the hot row waits: restore_stock locks the goods rows of its batch with FOR UPDATE SKIP LOCKED, so "
-        "the daemon never waits for a checkout (a goods row a checkout holds is skipped, its orders answered Later); "
-        "but a checkout that comes while the daemon holds the row waits for that batch's commit (the row is held from "
-        "the goods lock to the commit of a 500-row batch)."
+        "checkout: why the hot row still waits: restore_stock takes its goods rows last (FOR UPDATE SKIP LOCKED in the "
+        "batch's final statement, after its oplog and flag writes), so the daemon never waits for a checkout (a goods row a "
+        "checkout holds is skipped, its orders answered Later) and a checkout waits at most for the goods UPDATE and the "
+        "commit of one batch."
     )
     return fig
 

@@ -72,3 +72,17 @@ Outcome = Done | Failed | Retry | Later | Blocked
 def clip(text: str, limit: int = MAX_ERROR_LEN) -> str:
     """Fit a message into a VARCHAR(255) column, counting characters as MySQL does."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Contended(Exception):
+    """Raised by a stage's ``finish``: rows whose shared row (a goods row) someone else holds.
+
+    The engine rolls the batch back to before ``process``, answers these rows Later (no attempt
+    spent) and runs the rest again; the rest of the batch never waits for them.
+    """
+
+    def __init__(self, row_ids: set[int], note: str, retry_in_seconds: float = 1.0):
+        super().__init__(note)
+        self.row_ids = set(row_ids)
+        self.note = note
+        self.retry_in_seconds = retry_in_seconds

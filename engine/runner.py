@@ -44,13 +44,14 @@ from engine.clock import DbClock, local_utcnow
 from engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from engine.db import is_mysql
 from engine.errors import describe_db_error, is_environment_db_error, is_transient_db_error
-from engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Later, Outcome, Retry, clip
+from engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Done, Failed, Later, Outcome, Retry, clip
 from engine.registry import Registry
 from engine.retry import GiveUp, decide
 from engine.sql import update_rows
 from engine.stage import Stage
 
 MAX_IDLE_ROUNDS = 10_000
+MAX_CONTENTION_ROUNDS = 4  # a batch re-done without newly contended rows at most this often
 MIN_CALL_SECONDS = 1.0  # a call is not started with less time than this before its deadline
 utcnow = local_utcnow  # this host's clock: for display only, never for a comparison the engine makes
 
@@ -255,8 +256,7 @@ class Runner:
                 if not rows:
                     return
                 ids = [r.id for r in rows]
-                outcomes = dict(stage.process(conn, rows, now))
-                self._write_outcomes(conn, stage, job, rows, outcomes, now, report)
+                self._process(conn, stage, job, rows, now, report)
                 if self.hooks.before_commit:
                     self.hooks.before_commit(stage.name, ids)
         except Exception as exc:
@@ -277,8 +277,7 @@ class Runner:
                     rows = self._claim(conn, stage, now, 1, only_id=rid)
                     if not rows:
                         continue
-                    outcomes = dict(stage.process(conn, rows, now))
-                    self._write_outcomes(conn, stage, job, rows, outcomes, now, report)
+                    self._process(conn, stage, job, rows, now, report)
                     if self.hooks.before_commit:
                         self.hooks.before_commit(stage.name, [rid])
             except Exception as exc:
@@ -292,6 +291,32 @@ class Runner:
                     if rows:
                         error = Retry("INTERNAL_ERROR", f"{type(exc).__name__}: {_first_line(exc)}")
                         self._write_outcomes(conn, stage, job, rows, {rid: error}, now, report)
+
+    def _process(self, conn: Connection, stage, job: JobConfig, rows: Sequence[Row], now: datetime, report: BatchReport) -> None:
+        """process, flip the flags, finish; rows that finish finds contended go round again as Later.
+
+        ``finish`` takes the shop's rows (goods) last, so they are locked only from there to the
+        commit. When some are held by someone else, a savepoint takes the batch back to before
+        ``process``: those rows are answered Later and the rest is done again, without them.
+        """
+        contended: dict[int, Outcome] = {}
+        for _ in range(MAX_CONTENTION_ROUNDS):
+            work = [r for r in rows if r.id not in contended]
+            attempt = BatchReport(stage=stage.name)
+            savepoint = conn.begin_nested()
+            outcomes = {**(dict(stage.process(conn, work, now)) if work else {}), **contended}
+            self._write_outcomes(conn, stage, job, rows, outcomes, now, attempt)
+            try:
+                stage.finish(conn, work, outcomes, now)
+            except Contended as busy:
+                savepoint.rollback()
+                later = Later(now + timedelta(seconds=busy.retry_in_seconds), busy.note)
+                contended.update({rid: later for rid in busy.row_ids})
+                continue
+            savepoint.commit()
+            _accumulate(report, attempt)
+            return
+        raise LostClaim(f"{stage.name}: shared rows still contended after {MAX_CONTENTION_ROUNDS} rounds")
 
     # --- gateway stages -------------------------------------------------------------------------
 

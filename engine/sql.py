@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
 from sqlalchemy import Column, Connection, Select, case, insert, literal, select, update
 
-from engine.outcome import clip
+from engine.outcome import Contended, clip
 from models import goods, oplog
 
 
@@ -66,13 +67,18 @@ def update_rows(conn: Connection, table, rows: Mapping[int, Mapping[str, Any]], 
     return conn.execute(update(table).where(table.c.id.in_(list(rows)), *where).values(values)).rowcount
 
 
+def read_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> dict[int, int]:
+    """Current ``column`` (stock or sales) of these goods, read without a lock (the decisions of ``process``)."""
+    return dict(conn.execute(select(goods.c.id, column).where(goods.c.id.in_(sorted(set(goods_ids))))).all())
+
+
 def lock_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> tuple[dict[int, int], set[int]]:
-    """Current ``column`` (stock or sales) of the goods we could lock now, and the ids someone else holds.
+    """Current ``column`` of the goods we could lock now, and the ids someone else holds.
 
     SKIP LOCKED: a goods row the shop holds (a checkout, a long admin transaction) delays only
-    the orders of that goods, never the batch; the caller answers those rows Later. Always in
-    id order: restore_stock and decrement_sales both lock goods rows, and the same order in
-    every transaction means they never deadlock.
+    the orders of that goods, never the batch. Always in id order: restore_stock and
+    decrement_sales both lock goods rows, and the same order in every transaction means they
+    never deadlock.
     """
     ids = sorted(set(goods_ids))
     query = select(goods.c.id, column).where(goods.c.id.in_(ids)).order_by(goods.c.id)
@@ -81,6 +87,29 @@ def lock_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> tu
     # A plain read takes no lock and waits for none: it only tells "locked" from "not there".
     busy = set(conn.execute(select(goods.c.id).where(goods.c.id.in_(missing))).scalars()) if missing else set()
     return got, busy
+
+
+def settle_goods(conn: Connection, column: Column, moves: Mapping[int, tuple[int, int]], fits) -> None:
+    """Lock the goods of ``moves`` (row id -> (goods id, delta)) and apply the deltas in one UPDATE.
+
+    Called last in a batch, so the goods rows are held only until the commit. Rows whose goods
+    someone else holds, or whose locked value no longer ``fits(current, total_delta)`` (it moved
+    since ``process`` read it), are Contended: the batch is done again without them.
+    """
+    deltas: dict[int, int] = defaultdict(int)
+    for goods_id, delta in moves.values():
+        deltas[goods_id] += delta
+    if not deltas:
+        return
+    current, busy = lock_goods(conn, deltas, column)
+    moved = {g for g, d in deltas.items() if g not in busy and (g not in current or not fits(current[g], d))}
+    if busy or moved:
+        held = busy | moved
+        raise Contended(
+            {rid for rid, (goods_id, _) in moves.items() if goods_id in held},
+            f"GOODS_BUSY: goods {', '.join(map(str, sorted(held)[:5]))} locked by another transaction; will retry",
+        )
+    adjust_goods(conn, column, deltas)
 
 
 def adjust_goods(conn: Connection, column: Column, deltas: Mapping[int, int]) -> None:

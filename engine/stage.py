@@ -64,6 +64,13 @@ class DbStage(Stage, Protocol):
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> Mapping[int, Outcome]:
         """Do the stage's writes for the batch; return an outcome for every row id."""
 
+    def finish(self, conn: Connection, rows: Sequence[Row], outcomes: Mapping[int, Outcome], now: datetime) -> None:
+        """The batch's last writes, after its flags are flipped, just before the commit.
+
+        For rows shared with the shop (goods): locks taken here are held only until the commit.
+        Raise ``Contended`` for rows whose shared row someone else holds.
+        """
+
 
 class GatewayStage(Stage, Protocol):
     # The gateway endpoint whose pace bounds how many rows one batch may lease ("apply", "query").
@@ -93,6 +100,9 @@ class StageDefaults:
 
     index_prefix: ClassVar[tuple] = ()
     rejections_are_routine: ClassVar[bool] = False
+
+    def finish(self, conn: Connection, rows: Sequence[Row], outcomes: Mapping[int, Outcome], now: datetime) -> None:
+        return None
 
     def lease_values(self) -> Mapping[str, Any]:
         return {}

@@ -2,7 +2,9 @@
 
 Ready: ``goods_order2.sales_scanned = 0``, cancelled, not deleted, paid and REFUNDED
 (idx_goods_order2_sales_pending). Unpaid orders never counted as sales.
-Does: ``goods.sales -= quantity`` in one aggregated UPDATE per batch; oplog SALES_DECREMENTED.
+Does: ``goods.sales -= quantity`` in one aggregated UPDATE per batch, the batch's
+last statement (``finish``): the goods rows are locked from there to the commit only, and
+the orders of a goods row someone else holds wait (Later, no attempt) while the rest go on; oplog SALES_DECREMENTED.
 Flips: ``sales_scanned=1, sales_success=1``; ``1/0`` when the goods row is missing or its
 sales are lower than the quantity (never a negative number).
 """
@@ -10,19 +12,18 @@ sales are lower than the quantity (never a negative number).
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Sequence
 
 from sqlalchemy import Connection, Row, or_, select
 
-from engine.outcome import Done, Failed, Later, Outcome
-from engine.sql import adjust_goods, lock_goods, write_oplog
+from engine.outcome import Done, Failed, Outcome
+from engine.sql import read_goods, settle_goods, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import goods, goods_order2
 
 o = goods_order2.c
 g = goods.c
-BUSY_RETRY = timedelta(seconds=1)
 
 
 class DecrementSales(StageDefaults):
@@ -60,14 +61,12 @@ class DecrementSales(StageDefaults):
         )
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
-        sales, busy = lock_goods(conn, (row.goods_id for row in rows), g.sales)
+        sales = read_goods(conn, (row.goods_id for row in rows), g.sales)
         outcomes: dict[int, Outcome] = {}
         take: dict[int, int] = defaultdict(int)
         events = []
         for row in rows:
-            if row.goods_id in busy:
-                outcomes[row.id] = Later(now + BUSY_RETRY, f"GOODS_BUSY: goods {row.goods_id} is locked by another transaction; will retry")
-            elif row.goods_id not in sales:
+            if row.goods_id not in sales:
                 outcomes[row.id] = Failed("GOODS_NOT_FOUND", f"goods {row.goods_id} does not exist; sales not decremented")
             elif sales[row.goods_id] - take[row.goods_id] < row.quantity:
                 left = sales[row.goods_id] - take[row.goods_id]
@@ -78,6 +77,10 @@ class DecrementSales(StageDefaults):
                 take[row.goods_id] += row.quantity
                 events.append((row.id, "SALES_DECREMENTED", f"goods {row.goods_id} -{row.quantity}"))
                 outcomes[row.id] = Done()
-        adjust_goods(conn, g.sales, {goods_id: -n for goods_id, n in take.items()})
         write_oplog(conn, events)
         return outcomes
+
+    def finish(self, conn: Connection, rows: Sequence[Row], outcomes, now: datetime) -> None:
+        # The goods rows last: the shop's checkouts wait for us only from here to the commit.
+        moves = {row.id: (row.goods_id, -row.quantity) for row in rows if isinstance(outcomes[row.id], Done)}
+        settle_goods(conn, g.sales, moves, fits=lambda current, delta: current + delta >= 0)

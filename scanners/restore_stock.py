@@ -2,26 +2,27 @@
 
 Ready: ``goods_order2.stock_scanned = 0``, cancelled, not deleted, and either paid and
 REFUNDED or never paid (idx_goods_order2_stock_pending). A refund that FAILED leaves stock alone.
-Does: ``goods.stock += quantity`` in one aggregated UPDATE per batch; oplog STOCK_RESTORED.
+Does: ``goods.stock += quantity`` in one aggregated UPDATE per batch, the batch's
+last statement (``finish``): the goods rows are locked from there to the commit only, and
+the orders of a goods row someone else holds wait (Later, no attempt) while the rest go on; oplog STOCK_RESTORED.
 Flips: ``stock_scanned=1, stock_success=1``; ``1/0`` when the goods row is missing.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Sequence
 
 from sqlalchemy import Connection, Row, and_, or_, select
 
-from engine.outcome import Done, Failed, Later, Outcome
-from engine.sql import adjust_goods, lock_goods, write_oplog
+from engine.outcome import Done, Failed, Outcome
+from engine.sql import read_goods, settle_goods, write_oplog
 from engine.stage import Flags, StageDefaults
 from models import goods, goods_order2
 
 o = goods_order2.c
 g = goods.c
-BUSY_RETRY = timedelta(seconds=1)
 UINT_MAX = 2**32 - 1
 
 
@@ -62,14 +63,12 @@ class RestoreStock(StageDefaults):
         )
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
-        stock, busy = lock_goods(conn, (row.goods_id for row in rows), g.stock)
+        stock = read_goods(conn, (row.goods_id for row in rows), g.stock)
         outcomes: dict[int, Outcome] = {}
         add: dict[int, int] = defaultdict(int)
         events = []
         for row in rows:
-            if row.goods_id in busy:
-                outcomes[row.id] = Later(now + BUSY_RETRY, f"GOODS_BUSY: goods {row.goods_id} is locked by another transaction; will retry")
-            elif row.goods_id not in stock:
+            if row.goods_id not in stock:
                 outcomes[row.id] = Failed("GOODS_NOT_FOUND", f"goods {row.goods_id} does not exist; stock not restored")
             elif stock[row.goods_id] + add[row.goods_id] + row.quantity > UINT_MAX:
                 outcomes[row.id] = Failed("STOCK_OVERFLOW", f"goods {row.goods_id} stock would exceed {UINT_MAX}")
@@ -77,6 +76,10 @@ class RestoreStock(StageDefaults):
                 add[row.goods_id] += row.quantity
                 events.append((row.id, "STOCK_RESTORED", f"goods {row.goods_id} +{row.quantity}"))
                 outcomes[row.id] = Done()
-        adjust_goods(conn, g.stock, add)
         write_oplog(conn, events)
         return outcomes
+
+    def finish(self, conn: Connection, rows: Sequence[Row], outcomes, now: datetime) -> None:
+        # The goods rows last: the shop's checkouts wait for us only from here to the commit.
+        moves = {row.id: (row.goods_id, row.quantity) for row in rows if isinstance(outcomes[row.id], Done)}
+        settle_goods(conn, g.stock, moves, fits=lambda current, delta: current + delta <= UINT_MAX)

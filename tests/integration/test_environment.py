@@ -206,3 +206,48 @@ def test_the_failed_view_gives_each_row_its_own_reason(mysql_db, mysql_url):
         ("poll_refund", 3): "REFUND_CLOSED: WeChat closed refund CSR13-1; no money moved",
         ("poll_refund", 4): "CONFLICTING_ANSWERS: SUCCESS then CLOSED",
     }
+
+
+@pytest.mark.mysql
+def test_goods_rows_are_locked_only_at_the_end_and_a_row_taken_meanwhile_sends_its_orders_round_again(mysql_db, mysql_url):
+    """While restore_stock works out its batch the shop can still lock a goods row at once; when it
+    does, that goods' orders are answered Later and the batch is done again without them."""
+    from scanners.restore_stock import RestoreStock
+
+    add_goods(mysql_db, 1, stock=0)
+    add_goods(mysql_db, 2, stock=0)
+    cancelled_unpaid_orders(mysql_db, 40, lambda i: 1 + i % 2)
+    shop_holds = threading.Event()
+    release = threading.Event()
+    waited: list[float] = []
+
+    def shop_takes_goods_2() -> None:
+        with mysql_db.connect() as conn, conn.begin():
+            started = time.monotonic()
+            conn.execute(text("SELECT stock FROM goods WHERE id = 2 FOR UPDATE"))
+            waited.append(time.monotonic() - started)
+            shop_holds.set()
+            release.wait(30)
+
+    class ShopArrivesMidBatch(RestoreStock):
+        def process(self, conn, rows, now):
+            outcomes = super().process(conn, rows, now)
+            if not shop_holds.is_set():
+                threading.Thread(target=shop_takes_goods_2, daemon=True).start()
+                assert shop_holds.wait(3), "the shop waited for a goods row the daemon should not hold yet"
+            return outcomes
+
+    config = test_config(mysql_url)
+    runner = Runner(mysql_db, config, {"restore_stock": ShopArrivesMidBatch()}, None, clock=lambda: T0)
+    try:
+        report = runner.run_stage("restore_stock", T0)
+    finally:
+        release.set()
+
+    assert waited and waited[0] < 1
+    assert (report.done, report.later, report.failed) == (20, 20, 0)
+    stock = {r["id"]: r["stock"] for r in rows(mysql_db, "SELECT id, stock FROM goods")}
+    assert stock == {1: 20, 2: 0}
+    assert scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE event = 'STOCK_RESTORED'") == 20
+    busy = rows(mysql_db, "SELECT stock_scanned, stock_attempts, stock_last_error FROM goods_order2 WHERE goods_id = 2")
+    assert all((r["stock_scanned"], r["stock_attempts"]) == (0, 0) and r["stock_last_error"].startswith("GOODS_BUSY") for r in busy)
