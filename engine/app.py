@@ -39,7 +39,7 @@ def build_gateway(config: Config, stack: ExitStack) -> Any:
             "sandbox gateway: emulator at {} (no money moves)", sandbox.emulator.base_url
         )
         return sandbox
-    from gateway.wechat import WeChatPayGateway
+    from gateway.wechat import GatewaySetupError, WeChatPayGateway
 
     try:
         gateway = WeChatPayGateway(
@@ -56,9 +56,11 @@ def build_gateway(config: Config, stack: ExitStack) -> Any:
             query_qps=wechat.query_qps,
             notify_url=wechat.notify_url,
         )
-    except ValueError as exc:
+    except GatewaySetupError as exc:
         # The gateway's messages never contain key material.
-        raise ConfigError("wechat.merchant_private_key_file", str(exc)) from None
+        raise ConfigError(exc.key, str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError("wechat", str(exc)) from None
     stack.callback(gateway.close)
     return gateway
 

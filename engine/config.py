@@ -8,7 +8,6 @@ ever echoed in an error.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import yaml
+
+from engine.net import is_safe_gateway_url
 
 ENV_CONFIG = "CANCEL_SCANNER_CONFIG"
 ENV_DB_URL = "CANCEL_SCANNER_DB_URL"
@@ -210,17 +211,6 @@ def _parse_job(name: str, raw: Any) -> JobConfig:
     return JobConfig(**kw)
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _readable_file(value: Any, key: str, base: Path) -> Path:
     path = Path(_str(value, key)).expanduser()
     if not path.is_absolute():
@@ -299,7 +289,7 @@ def _parse_wechat(raw: Any, base: Path, env: Mapping[str, str]) -> WeChatConfig:
         parts = urlsplit(base_url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ConfigError("wechat.base_url", f"must be an http(s) URL, got {base_url!r}")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if not is_safe_gateway_url(base_url):
             raise ConfigError("wechat.base_url", "plain http is allowed only for loopback hosts; use https")
         kw["base_url"] = base_url.rstrip("/")
         for name in ("merchant_serial_no", "platform_public_key_id"):

@@ -49,6 +49,7 @@ import wechatpayv3.core as sdk_core
 from loguru import logger
 from wechatpayv3 import WeChatPay, WeChatPayType
 
+from engine.net import is_safe_gateway_url
 from gateway.classify import CallNotSent, UnverifiedResponse, classify, classify_exception, is_sdk_signature_error
 from gateway.contract import (
     OUT_REFUND_NO_PATTERN,
@@ -72,7 +73,6 @@ PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
 MIN_CALL_SECONDS = 1.0
 MAX_ANSWER_BYTES = 1024 * 1024  # a refund object is ~1 KB; anything near this is not WeChat's answer
 ENDPOINTS = ("apply", "query")
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 SIGNATURE_HEADERS = (
     "Wechatpay-Signature",
     "Wechatpay-Timestamp",
@@ -206,13 +206,19 @@ def _install_transport() -> None:
         sdk_core.requests = _TRANSPORT
 
 
-def _check_base_url(base_url: str) -> str:
-    parts = urlsplit(base_url)
-    if parts.scheme == "https" and parts.hostname:
-        return base_url.rstrip("/")
-    if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
-        return base_url.rstrip("/")  # the emulator; plain http elsewhere would expose refunds to the path
-    raise ValueError(f"URL must be https (plain http only for loopback hosts): {base_url!r}")
+class GatewaySetupError(ValueError):
+    """The client cannot be built from this configuration; ``key`` names the configuration key at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _check_base_url(base_url: str, key: str = "wechat.base_url") -> str:
+    # Plain http elsewhere than loopback would expose refunds to the path.
+    if not is_safe_gateway_url(base_url):
+        raise GatewaySetupError(key, f"URL must be https (plain http only for loopback hosts): {base_url!r}")
+    return base_url.rstrip("/")
 
 
 def _check_notify_url(notify_url: str | None) -> str | None:
@@ -220,8 +226,8 @@ def _check_notify_url(notify_url: str | None) -> str | None:
         return None
     parts = urlsplit(notify_url)
     if parts.query:
-        raise ValueError(f"notify_url must not carry a query string: {notify_url!r}")
-    _check_base_url(f"{parts.scheme}://{parts.netloc}")  # https, or http on loopback for the sandbox
+        raise GatewaySetupError("wechat.notify_url", f"notify_url must not carry a query string: {notify_url!r}")
+    _check_base_url(f"{parts.scheme}://{parts.netloc}", "wechat.notify_url")  # https, or http on loopback for the sandbox
     return notify_url
 
 
@@ -253,10 +259,10 @@ class WeChatPayGateway:
         min_call_seconds: float = MIN_CALL_SECONDS,
     ) -> None:
         if len(apiv3_key.encode("utf-8")) != APIV3_KEY_BYTES:
-            raise ValueError(f"the APIv3 key must be {APIV3_KEY_BYTES} bytes")
+            raise GatewaySetupError("WECHATPAY_APIV3_KEY", f"the APIv3 key must be {APIV3_KEY_BYTES} bytes")
         connect_timeout, read_timeout = timeout
         if connect_timeout <= 0 or read_timeout <= 0:
-            raise ValueError(f"timeout must be two positive numbers (connect, read): {timeout!r}")
+            raise GatewaySetupError("wechat.timeout_seconds", f"timeout must be two positive numbers (connect, read): {timeout!r}")
         if min_call_seconds <= 0:
             raise ValueError(f"min_call_seconds must be positive: {min_call_seconds!r}")
         self._timeout = (float(connect_timeout), float(read_timeout))
@@ -290,7 +296,9 @@ class WeChatPayGateway:
             )
         except Exception:
             # The SDK's message is generic; ours must not echo the PEM it could not parse.
-            raise ValueError("the merchant private key or the platform public key is not a valid PEM") from None
+            raise GatewaySetupError(
+                "wechat.merchant_private_key_file", "the merchant private key or the platform public key is not a valid PEM"
+            ) from None
         # Core hard-codes the live host; the signed path carries no host, so
         # pointing it at the emulator (or a proxy) leaves signatures valid.
         self._wxpay._core._gate_way = self._base_url

@@ -126,3 +126,35 @@ def test_unreadable_yaml_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(bad, env=NO_ENV)
     assert caught.value.key == str(bad)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "127.1.2.3", "localhost", "[::1]"])
+def test_every_loopback_address_the_config_accepts_the_gateway_accepts_too(tmp_path, host, monkeypatch):
+    """One rule for "plain http only on loopback": the config and the client used to disagree
+    about 127.0.0.2 and blamed the merchant private key."""
+    from contextlib import ExitStack
+
+    from engine.app import build_gateway
+    from gateway.keys import generate_key_material
+
+    keys = generate_key_material(tmp_path / "keys")
+    raw = {
+        "database_url": "sqlite:///x.db",
+        "wechat": {
+            "mode": "live", "base_url": f"http://{host}:8080", "mchid": keys.mchid, "appid": keys.appid,
+            "merchant_serial_no": keys.merchant_serial_no, "merchant_private_key_file": str(keys.paths.merchant_private_key),
+            "platform_public_key_file": str(keys.paths.platform_public_key),
+            "platform_public_key_id": keys.platform_public_key_id,
+        },
+    }
+    monkeypatch.setenv("WECHATPAY_APIV3_KEY", keys.apiv3_key)
+    config = parse_config(raw)
+    with ExitStack() as stack:
+        gateway = build_gateway(config, stack)
+        assert f"http://{host}:8080" in repr(gateway)
+
+
+def test_plain_http_to_another_host_is_refused_naming_the_url_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_config(_live(tmp_path, base_url="http://10.1.2.3:8080"), env=GOOD_APIV3)
+    assert err.value.key == "wechat.base_url"
