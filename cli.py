@@ -222,7 +222,7 @@ def demo(obj: _Ctx, db_path: Path | None, orders: int, seed: int | None) -> None
     to a file next to the database; --log-json and --log-level shape that file.
     Exits 0 when everything settled and every check passed.
     """
-    from engine.demo import DemoError, run_demo
+    from demo import DemoError, run_demo
 
     try:
         ok = run_demo(db_path=db_path, orders=orders, seed=seed, log_json=bool(obj.log_json), log_level=obj.log_level or "INFO")

@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from engine.db import make_engine
-from engine.demo import DEFAULT_ORDERS, plan_demo
+from demo import DEFAULT_ORDERS, plan_demo
 from tests.flow import pending
 
 REPO = Path(__file__).resolve().parents[2]
