@@ -44,9 +44,9 @@ from engine.clock import DbClock, local_utcnow
 from engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from engine.db import is_mysql
 from engine.errors import describe_db_error, is_environment_db_error, is_transient_db_error
-from engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Done, Failed, Later, Outcome, Retry, clip
+from engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Later, Outcome, Retry, clip
+from engine.flips import count_outcome, flip_for, log_outcome
 from engine.registry import Registry
-from engine.retry import GiveUp, decide
 from engine.sql import update_rows
 from engine.stage import Stage
 
@@ -420,7 +420,6 @@ class Runner:
         self, stage, job: JobConfig, ids: list[int], results: list[tuple[Row, Any]], now: datetime, owner: str,
         report: BatchReport,
     ) -> None:
-        flags = stage.flags
         log = logger.bind(stage=stage.name)
         with self.db.begin() as conn:
             # The fencing check: only rows still leased to this owner. If our lease was released
@@ -493,9 +492,9 @@ class Runner:
         groups: dict[frozenset, dict[int, dict[str, Any]]] = defaultdict(dict)
         for row in rows:
             outcome, values = flip_for(stage, job, outcomes[row.id], getattr(row, flags.attempts.name), now)
-            _count(report, outcome)
+            count_outcome(report, outcome)
             report.outcomes[row.id] = outcome
-            _log_outcome(stage, row.id, outcomes[row.id], outcome, values)
+            log_outcome(stage, row.id, outcomes[row.id], outcome, values)
             if isinstance(outcome, Blocked):
                 report.blocked = report.blocked or outcome.describe()
             values.update(release)
@@ -508,75 +507,6 @@ class Runner:
             matched = update_rows(conn, flags.table, members, *guard)
             if matched != len(members):
                 raise LostClaim(f"{stage.name}: {len(members)} rows claimed, {matched} still ours")
-
-
-def flip_for(stage: Stage, job: JobConfig, outcome: Outcome, attempts_before: int, now: datetime) -> tuple[Outcome, dict[str, Any]]:
-    """The final outcome of a row and the columns its flag flip writes. Pure: no database, no clock."""
-    flags = stage.flags
-    attempts = flags.attempts.name
-    if isinstance(outcome, Retry):
-        decision = decide(outcome, attempts_before, now, job)
-        if isinstance(decision, GiveUp):
-            outcome = Failed(decision.code, decision.reason)
-        else:
-            return outcome, {
-                attempts: decision.attempts,
-                flags.next_attempt_at.name: decision.at,
-                flags.last_error.name: outcome.describe(),
-            }
-    if isinstance(outcome, Done):
-        return outcome, {
-            flags.scanned.name: 1,
-            flags.success.name: 1,
-            attempts: 0,
-            flags.next_attempt_at.name: None,
-            flags.last_error.name: None,
-            **stage.done_values(outcome, now),
-        }
-    if isinstance(outcome, Failed):
-        return outcome, {
-            flags.scanned.name: 1,
-            flags.success.name: 0,
-            flags.next_attempt_at.name: None,
-            flags.last_error.name: outcome.describe(),
-            **stage.failed_values(outcome, now),
-        }
-    if isinstance(outcome, Later):
-        return outcome, {
-            attempts: 0,
-            flags.next_attempt_at.name: outcome.at,
-            flags.last_error.name: clip(outcome.note) if outcome.note else None,
-        }
-    if isinstance(outcome, Blocked):
-        # Untouched but for the reason, so a DBA sees why the row waits; no attempt spent.
-        return outcome, {flags.last_error.name: outcome.describe()}
-    raise TypeError(f"not an outcome: {outcome!r}")
-
-
-def _count(report: BatchReport, outcome: Outcome) -> None:
-    report.claimed += 1
-    if isinstance(outcome, Done):
-        report.done += 1
-    elif isinstance(outcome, Failed):
-        report.failed += 1
-    elif isinstance(outcome, Retry):
-        report.retried += 1
-    elif isinstance(outcome, Later):
-        report.later += 1
-    elif isinstance(outcome, Blocked):
-        report.blocked_rows += 1
-
-
-def _log_outcome(stage: Stage, row_id: int, said: Outcome, final: Outcome, values: Mapping[str, Any]) -> None:
-    log = logger.bind(stage=stage.name, row_id=row_id)
-    if isinstance(final, Retry):
-        log.bind(action="retry", attempt=values[stage.flags.attempts.name], at=values[stage.flags.next_attempt_at.name]).warning(
-            "will retry: {}", final.describe()
-        )
-    elif isinstance(final, Failed):
-        # A rejected merchant request is business as usual; anything else needs a person.
-        level = "INFO" if stage.rejections_are_routine and not isinstance(said, Retry) else "ERROR"
-        log.bind(action="failed", code=final.code).log(level, "{}", final.describe())
 
 
 def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):
