@@ -240,10 +240,10 @@ def demo(obj: _Ctx, db_path: Path | None, orders: int, seed: int | None) -> None
 @click.pass_obj
 def emulator(obj: _Ctx, host: str, port: int, key_dir: Path | None, success_delay: float) -> None:
     """Serve the WeChat Pay v3 refund emulator on a loopback port."""
-    from engine.config import _is_loopback
+    from engine.net import is_loopback_host
     from engine.logs import setup_logging
 
-    if not _is_loopback(host):
+    if not is_loopback_host(host):
         click.echo(f"cancel-scanner: --host: the emulator serves loopback addresses only, got {host!r}", err=True)
         sys.exit(EXIT_CONFIG)
     setup_logging(json_lines=bool(obj.log_json), level=obj.log_level or "INFO")

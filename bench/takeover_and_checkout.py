@@ -166,7 +166,7 @@ def one_kill(conn, db, emu: ExternalEmulator, config: dict, survivor: DaemonProc
                           "((submit_scanned = 1 AND submit_success = 0) OR (progress_scanned = 1 AND progress_success = 0))")
     # The round is over when every stage is (the next victim finds nothing of this one's left).
     wait_until(lambda: pending_counts(db), 180, f"round {k} to settle", until=lambda p: p == {}, daemons=[survivor])
-    reaped = [r for r in survivor.logs() if r.get("action") == "reaped" and owner in str(r.get("message", ""))]
+    reaped = [r for r in survivor.logs() if r.get("action") == "reaped" and r.get("dead_owner") == owner]
     out = {
         "round": k, "held": len(held), "held_submit": len(submit_ids), "held_poll": len(poll_ids),
         "released": released, "done": done, "failed": int(failed or 0),
