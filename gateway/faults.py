@@ -139,6 +139,44 @@ class Fault:
             raise ValueError("trickle_gap, trickle_bytes and huge_bytes cannot be negative")
 
 
+class FaultBook:
+    """The faults waiting to strike: those aimed at one refund number first, else a draw from the plan.
+
+    Not locked: the emulator calls it under its own lock.
+    """
+
+    def __init__(self, plan: FaultPlan | None = None) -> None:
+        self._aimed: dict[str, list[Fault]] = {}
+        self.replace_plan(plan)
+
+    def replace_plan(self, plan: FaultPlan | None) -> None:
+        """Draw from `plan` from now on (None: no random faults), reseeded with its seed."""
+        self.plan = plan
+        self._rng = random.Random(plan.seed if plan else None)
+
+    @property
+    def slow_seconds(self) -> float:
+        """How long a "slow" fault waits unless told: the plan's, else the default."""
+        return self.plan.slow_seconds if self.plan else DEFAULT_SLOW_SECONDS
+
+    def aim(self, out_refund_no: str, fault: Fault) -> None:
+        """`fault` strikes the next `fault.times` calls of `fault.call` for this number."""
+        self._aimed.setdefault(out_refund_no, []).append(fault)
+
+    def clear_aimed(self) -> None:
+        self._aimed.clear()
+
+    def draw(self, call: str, number: str | None) -> Fault | None:
+        """The fault that strikes this call (apply or query) for this number, if any."""
+        for fault in self._aimed.get(number or "", []):
+            if fault.call in (call, "any"):
+                fault.times -= 1
+                if fault.times <= 0:
+                    self._aimed[number or ""].remove(fault)
+                return fault
+        return self.plan.draw(self._rng) if self.plan is not None else None
+
+
 @dataclass(frozen=True)
 class Trickle:
     gap: float

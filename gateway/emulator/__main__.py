@@ -1,0 +1,5 @@
+import sys
+
+from gateway.emulator.command import serve
+
+sys.exit(serve())
