@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from engine import __version__
-from engine.config import STAGES, Config, ConfigError, load_config, resolve_config_path
+from engine.config import Config, ConfigError, load_config, resolve_config_path
+from scanners import REGISTRY
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -32,7 +33,7 @@ class _Ctx:
     def config(self) -> Config:
         if self._config is None:
             try:
-                self._config = load_config(resolve_config_path(self.config_path))
+                self._config = load_config(resolve_config_path(self.config_path), REGISTRY)
             except ConfigError as err:
                 _fail_config(err)
             self.setup_logging()
@@ -123,7 +124,7 @@ def run(obj: _Ctx, once: bool) -> None:
             for name, report in totals.items():
                 click.echo(f"{name:16} done {report.done:6}  failed {report.failed:5}  retrying {report.retried:5}  waiting {report.later:5}")
             return
-        from engine.daemon import Daemon, poll_soon
+        from engine.daemon import Daemon
 
         daemon = Daemon(app)
         daemon.install_signal_handlers()
@@ -132,7 +133,7 @@ def run(obj: _Ctx, once: bool) -> None:
 
             host, _, port = cfg.wechat.notify_listen.rpartition(":")
             def on_refund(resource: dict) -> None:
-                if poll_soon(app.db, resource["out_refund_no"], app.runner.clock()):
+                if app.runner.stages["poll_refund"].poll_soon(app.db, resource["out_refund_no"], app.runner.clock()):
                     daemon.wake("poll_refund")
 
             notify = NotifyServer(app.gateway, on_refund, host=host, port=int(port))
@@ -180,7 +181,7 @@ def status(obj: _Ctx, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(list(STAGES)))
+@click.argument("stage", type=click.Choice(list(REGISTRY.names)))
 @click.argument("row_ids", nargs=-1, required=True, type=int)
 @click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), help="Who requeues (kept in last_error).")
 @click.pass_obj

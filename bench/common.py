@@ -40,6 +40,7 @@ import yaml  # noqa: E402
 from sqlalchemy import Engine  # noqa: E402
 
 from engine.config import Config, parse_config  # noqa: E402
+from scanners import REGISTRY  # noqa: E402
 from engine.db import init_schema, make_engine  # noqa: E402
 from testbed.mariadb import MariaDBServer  # noqa: E402
 
@@ -481,7 +482,7 @@ def jobs(enabled: Iterable[str] | None = None, **overrides: dict) -> dict:
 def sandbox_config(url: str, job_settings: dict | None = None) -> Config:
     """An in-process Config (sandbox gateway) for a Runner the bench drives itself."""
     raw = {"database_url": url, "wechat": {"mode": "sandbox"}, "jobs": job_settings or jobs()}
-    return parse_config(raw, env=ALLOW_SANDBOX_ENV)
+    return parse_config(raw, REGISTRY, env=ALLOW_SANDBOX_ENV)
 
 
 # --- the emulator and the daemon as subprocesses -----------------------------------------------
@@ -605,7 +606,7 @@ class DaemonProcess:
     def __enter__(self) -> "DaemonProcess":
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         # Validate here first: a typo should fail with the key's name, not a silent daemon exit.
-        parse_config(self.raw, env={**os.environ, **self.env})
+        parse_config(self.raw, REGISTRY, env={**os.environ, **self.env})
         self.config_path.write_text(yaml.safe_dump(self.raw, sort_keys=False), encoding="utf-8")
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

@@ -116,14 +116,14 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
     import os
     from contextlib import ExitStack
 
-    from bench.common import parse_config, profiled_drain
+    from bench.common import REGISTRY, parse_config, profiled_drain
     from engine.app import build_gateway
     from engine.db import make_engine
     from engine.runner import Runner
     from scanners import build_stages
 
     env = emulator.env()
-    config = parse_config({"database_url": url, "wechat": emulator.wechat(), "jobs": jobs(enabled=[stage])}, env=env)
+    config = parse_config({"database_url": url, "wechat": emulator.wechat(), "jobs": jobs(enabled=[stage])}, REGISTRY, env=env)
     with ExitStack() as stack:
         os.environ.update(env)
         gateway = build_gateway(config, stack)

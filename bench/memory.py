@@ -68,7 +68,7 @@ def main() -> int:
             start = rss_mb()
             checkpoints = {}
             for k, size in enumerate(sizes, 1):
-                job = replace(config.jobs[stage], batch_size=size)
+                job = config.jobs[stage].model_copy(update={"batch_size": size})
                 runner.config = replace(config, jobs={**config.jobs, stage: job})
                 runner.run_stage(stage)
                 if k in (batches // 4, batches // 2, batches):

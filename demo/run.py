@@ -20,6 +20,7 @@ from demo.screen import Display, Frame, route_logs
 from demo.seed import goods_snapshot, insert_requests, seed_shop
 from demo.summary import summarize, where_to_look
 from engine.config import Config, parse_config
+from scanners import REGISTRY
 from engine.db import init_schema
 from engine.runner import utcnow
 from engine.status import Status, collect_status, format_status
@@ -54,7 +55,7 @@ def demo_config(db_url: str) -> Config:
         "jobs": DEMO_JOBS,
     }
     # An empty env: CANCEL_SCANNER_DB_URL must not send the demo's orders to another database.
-    return parse_config(raw, source="<demo>", env={})
+    return parse_config(raw, REGISTRY, source="<demo>", env={})
 
 
 def prepare_paths(db_path: Path | None) -> tuple[Path, Path]:

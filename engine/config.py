@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from engine.net import is_safe_gateway_url
+from engine.settings import ConfigError, GatewayJobSettings, JobSettings, validate_job
 
 ENV_CONFIG = "CANCEL_SCANNER_CONFIG"
 ENV_DB_URL = "CANCEL_SCANNER_DB_URL"
@@ -24,20 +26,8 @@ ENV_ALLOW_SANDBOX = "CANCEL_SCANNER_ALLOW_SANDBOX"
 ENV_APIV3_KEY = "WECHATPAY_APIV3_KEY"
 DEFAULT_CONFIG_PATH = Path("jobs.yaml")
 
-STAGES = ("intake", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales")
-GATEWAY_STAGES = ("submit_refund", "poll_refund")
-
 # Defaults, each with its unit in the name.
 DEFAULT_DATABASE_URL = "sqlite:///cancel-scanner.db"
-DEFAULT_INTERVAL_SECONDS = 2.0
-DEFAULT_BATCH_SIZE = 500
-DEFAULT_GATEWAY_BATCH_SIZE = 200
-DEFAULT_CONCURRENCY = 16
-DEFAULT_MAX_ATTEMPTS = 8
-DEFAULT_GATEWAY_MAX_ATTEMPTS = 20
-DEFAULT_RETRY_DELAYS_SECONDS = (5.0, 15.0, 60.0, 300.0, 900.0)
-DEFAULT_POLL_DELAYS_SECONDS = (60.0, 300.0, 600.0, 1200.0, 1800.0)
-DEFAULT_LEASE_SECONDS = 120.0
 LEASE_SAFETY_MARGIN_SECONDS = 2.0  # every gateway call is over this long before its lease ends
 DEFAULT_TAKEOVER_SECONDS = 10.0  # a process silent this long is dead: survivors release its leases
 DEFAULT_HEARTBEAT_SECONDS = 1.0
@@ -47,29 +37,9 @@ DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
 DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS = 2.0
 WECHAT_DEFAULT_BASE_URL = "https://api.mch.weixin.qq.com"
-MAX_BATCH_SIZE = 10_000
 
 
-class ConfigError(Exception):
-    """A bad configuration: ``key`` is the dotted path of the offending key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    name: str
-    enabled: bool = True
-    interval_seconds: float = DEFAULT_INTERVAL_SECONDS
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    retry_delays_seconds: tuple[float, ...] = DEFAULT_RETRY_DELAYS_SECONDS
-    concurrency: int = 1
-    lease_seconds: float = DEFAULT_LEASE_SECONDS
-    poll_delays_seconds: tuple[float, ...] = DEFAULT_POLL_DELAYS_SECONDS
+JobConfig = JobSettings  # what the engine reads of a stage's job; each stage may declare a richer model
 
 
 @dataclass(frozen=True)
@@ -100,7 +70,7 @@ class WeChatConfig:
 class Config:
     database_url: str = DEFAULT_DATABASE_URL
     wechat: WeChatConfig = field(default_factory=WeChatConfig)
-    jobs: Mapping[str, JobConfig] = field(default_factory=dict)
+    jobs: Mapping[str, JobSettings] = field(default_factory=lambda: MappingProxyType({}))
     log_json: bool = False
     log_level: str = "INFO"
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
@@ -108,7 +78,7 @@ class Config:
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     source: str = "<defaults>"
 
-    def job(self, name: str) -> JobConfig:
+    def job(self, name: str) -> JobSettings:
         return self.jobs[name]
 
     @property
@@ -172,44 +142,6 @@ def _delays(value: Any, key: str) -> tuple[float, ...]:
 
 
 # --- sections -----------------------------------------------------------------------------------
-
-_JOB_KEYS = {"enabled", "interval_seconds", "batch_size", "max_attempts", "retry_delays_seconds"}
-_GATEWAY_JOB_KEYS = _JOB_KEYS | {"concurrency", "lease_seconds"}
-
-
-def _parse_job(name: str, raw: Any) -> JobConfig:
-    key = f"jobs.{name}"
-    data = _mapping(raw, key)
-    gateway = name in GATEWAY_STAGES
-    allowed = set(_GATEWAY_JOB_KEYS if gateway else _JOB_KEYS)
-    if name == "poll_refund":
-        allowed.add("poll_delays_seconds")
-    _reject_unknown(data, allowed, key)
-    kw: dict[str, Any] = {"name": name}
-    if gateway:
-        kw.update(
-            batch_size=DEFAULT_GATEWAY_BATCH_SIZE,
-            max_attempts=DEFAULT_GATEWAY_MAX_ATTEMPTS,
-            concurrency=DEFAULT_CONCURRENCY,
-        )
-    if "enabled" in data:
-        kw["enabled"] = _bool(data["enabled"], f"{key}.enabled")
-    if "interval_seconds" in data:
-        kw["interval_seconds"] = _number(data["interval_seconds"], f"{key}.interval_seconds", 0, 86400, lo_open=True)
-    if "batch_size" in data:
-        kw["batch_size"] = _int(data["batch_size"], f"{key}.batch_size", 1, MAX_BATCH_SIZE)
-    if "max_attempts" in data:
-        kw["max_attempts"] = _int(data["max_attempts"], f"{key}.max_attempts", 1, 1_000_000)
-    if "retry_delays_seconds" in data:
-        kw["retry_delays_seconds"] = _delays(data["retry_delays_seconds"], f"{key}.retry_delays_seconds")
-    if "concurrency" in data:
-        kw["concurrency"] = _int(data["concurrency"], f"{key}.concurrency", 1, 256)
-    if "lease_seconds" in data:
-        kw["lease_seconds"] = _number(data["lease_seconds"], f"{key}.lease_seconds", 1, 86400)
-    if "poll_delays_seconds" in data:
-        kw["poll_delays_seconds"] = _delays(data["poll_delays_seconds"], f"{key}.poll_delays_seconds")
-    return JobConfig(**kw)
-
 
 def _readable_file(value: Any, key: str, base: Path) -> Path:
     path = Path(_str(value, key)).expanduser()
@@ -315,8 +247,10 @@ _TOP_KEYS = {
 _LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR")
 
 
-def parse_config(raw: Any, *, source: str = "<memory>", base_dir: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Validate a loaded YAML document. ``env`` defaults to ``os.environ``."""
+def parse_config(
+    raw: Any, stages: Any, *, source: str = "<memory>", base_dir: Path | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a loaded YAML document for ``stages`` (a StageRegistry). ``env`` defaults to ``os.environ``."""
     env = os.environ if env is None else env
     base = base_dir or Path.cwd()
     data = _mapping(raw, "<top level>")
@@ -363,16 +297,18 @@ def parse_config(raw: Any, *, source: str = "<memory>", base_dir: Path | None = 
     kw["wechat"] = wechat
 
     jobs_raw = _mapping(data.get("jobs"), "jobs")
-    _reject_unknown(jobs_raw, set(STAGES), "jobs")
-    kw["jobs"] = {name: _parse_job(name, jobs_raw.get(name)) for name in STAGES}
-    for name in GATEWAY_STAGES:
-        # A call starts only if it can finish inside the lease; a shorter lease would start none.
-        need = sum(wechat.timeout_seconds) + LEASE_SAFETY_MARGIN_SECONDS
-        if kw["jobs"][name].lease_seconds <= need:
-            raise ConfigError(
-                f"jobs.{name}.lease_seconds",
-                f"must be more than wechat.timeout_seconds (connect + read) + {LEASE_SAFETY_MARGIN_SECONDS:g} s = {need:g}",
-            )
+    _reject_unknown(jobs_raw, set(stages.names), "jobs")
+    jobs = {name: validate_job(stages.settings(name), name, jobs_raw.get(name)) for name in stages.names}
+    kw["jobs"] = MappingProxyType(jobs)
+    for name, job in jobs.items():
+        if isinstance(job, GatewayJobSettings):
+            # A call starts only if it can finish inside the lease; a shorter lease would start none.
+            need = sum(wechat.timeout_seconds) + LEASE_SAFETY_MARGIN_SECONDS
+            if job.lease_seconds <= need:
+                raise ConfigError(
+                    f"jobs.{name}.lease_seconds",
+                    f"must be more than wechat.timeout_seconds (connect + read) + {LEASE_SAFETY_MARGIN_SECONDS:g} s = {need:g}",
+                )
     return Config(**kw)
 
 
@@ -385,10 +321,10 @@ def resolve_config_path(cli_path: str | None, env: Mapping[str, str] | None = No
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
-def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: Path | None, stages: Any, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate ``path``; with no path, the built-in defaults (sandbox, SQLite)."""
     if path is None:
-        return parse_config({}, source="<defaults>", env=env)
+        return parse_config({}, stages, source="<defaults>", env=env)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -401,4 +337,4 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Conf
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(str(path), f"is not valid YAML{where}") from None
-    return parse_config(raw, source=str(path), base_dir=Path(path).resolve().parent, env=env)
+    return parse_config(raw, stages, source=str(path), base_dir=Path(path).resolve().parent, env=env)

@@ -21,20 +21,9 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
-from engine.app import App
 from engine.clock import ClockWatch
-from engine.config import GATEWAY_STAGES, STAGES
 from engine.errors import is_transient_db_error
 
-# Who consumes what a stage finishes.
-HANDOFFS = {
-    "intake": ("submit_refund", "restore_stock"),
-    "submit_refund": (),  # the first poll waits for poll_delays_seconds[0] anyway
-    "poll_refund": ("sync_result",),
-    "sync_result": ("restore_stock", "decrement_sales"),
-    "restore_stock": (),
-    "decrement_sales": (),
-}
 MAX_BACKOFF_SECONDS = 60.0
 CLOCK_CHECK_SECONDS = 60.0
 # A tick runs full batches back to back, but yields after this long so a busy stage
@@ -55,11 +44,11 @@ def _utc() -> datetime:
 
 
 class Daemon:
-    def __init__(self, app: App):
+    def __init__(self, app):  # anything with .runner and .config: the composition root's App
         self.app = app
         self.runner = app.runner
         self.config = app.config
-        self.stages = [n for n in STAGES if self.config.job(n).enabled]
+        self.stages = [n for n in self.runner.stages if self.config.job(n).enabled]
         self.stopped = threading.Event()
         self._lock = threading.Lock()
         self._running: dict[str, bool] = {n: False for n in self.stages}
@@ -104,7 +93,7 @@ class Daemon:
     def _on_reaped(self, owners: list[str]) -> None:
         # Their leases are free now: take the work over at once rather than at the next interval.
         for name in self.stages:
-            if name in GATEWAY_STAGES:
+            if self.runner.stages[name].kind == "gateway":
                 self.wake(name)
 
     def _check_clock(self) -> None:
@@ -216,7 +205,7 @@ class Daemon:
                         self._failures[name] = 0
                     if tally["failed"] or not report.full:
                         return
-                    if second_lane is None and name in GATEWAY_STAGES:
+                    if second_lane is None and self.runner.stages[name].kind == "gateway":
                         second_lane = threading.Thread(target=lane, name=f"cs-{name}-lane2", daemon=True)
                         second_lane.start()
                 if time.monotonic() - started > TICK_BUDGET_SECONDS:
@@ -230,12 +219,8 @@ class Daemon:
         if second_lane is not None:
             second_lane.join()
         if tally["handed_off"]:
-            for consumer in HANDOFFS[name]:
-                self.wake(consumer)
-            if name == "submit_refund":
-                # The first poll is due poll_delays_seconds[0] after acceptance, which may
-                # come before the poll stage's next tick.
-                self.wake("poll_refund", after=self.config.job("poll_refund").poll_delays_seconds[0])
+            for consumer, after in self.runner.stages[name].handoffs().items():
+                self.wake(consumer, after=after)
 
     def wake(self, name: str, after: float = 0.0) -> None:
         """Run ``name`` now, or ``after`` seconds from now if that is sooner than its next run."""
@@ -274,26 +259,3 @@ class Daemon:
             self.scheduler.modify_job(name, next_run_time=_utc() + timedelta(seconds=delay))
         except Exception:
             pass
-
-
-
-def poll_soon(db, out_refund_no: str, now: datetime) -> int:
-    """A refund notification arrived: make that refund due for polling now.
-
-    The notification itself changes no money state: the poll stage reads the refund
-    from WeChat and stays its only writer, so a forged or replayed notification can
-    at most cause one extra query. Returns how many rows were moved (0 or 1).
-    """
-    from sqlalchemy import update
-
-    from models import refund_order
-
-    r = refund_order.c
-    with db.begin() as conn:
-        moved = conn.execute(
-            update(refund_order)
-            .where(r.out_refund_no == out_refund_no, r.submit_success == 1, r.progress_scanned == 0, r.progress_success == 0)
-            .values(next_attempt_at=now)
-        ).rowcount
-    logger.bind(stage="notify", action="poll_soon", out_refund_no=out_refund_no, rows=moved).info("refund notification")
-    return moved

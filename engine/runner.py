@@ -156,7 +156,7 @@ class Runner:
         return self.registry.owner
 
     def lease_tables(self) -> list:
-        return sorted({s.flags.table for s in self.stages.values() if s.flags.lease_owner is not None}, key=lambda t: t.name)
+        return sorted({s.flags.table for s in self.stages.values() if s.kind == "gateway"}, key=lambda t: t.name)
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -169,7 +169,7 @@ class Runner:
             return report
         log = logger.bind(stage=name)
         try:
-            if stage.flags.lease_owner is not None:
+            if stage.kind == "gateway":
                 self._run_gateway_stage(stage, job, now, report)
             else:
                 self._run_db_stage(stage, job, now, report)

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 from sqlalchemy import Column, Connection, Row, Select, Table
 
 from engine.outcome import Done, Failed, Outcome
+from engine.settings import JobSettings
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,12 @@ class Flags:
 
 class Stage(Protocol):
     name: ClassVar[str]
+    kind: ClassVar[str]  # "database" or "gateway"
     flags: ClassVar[Flags]
+    settings: ClassVar[type]  # its job's settings model
+    feeds: ClassVar[tuple[str, ...]]
+    failed_note: ClassVar[str | None]  # how `status` describes its 1/0 rows (None: "need a person")
+    pending_since: ClassVar[Column]  # the column `status` measures the oldest pending row's age by
 
     # Conditions that are always true of a finished row and lead the stage's index, so that
     # `status` can count done/failed rows from the index alone.
@@ -96,10 +102,26 @@ class GatewayStage(Stage, Protocol):
 
 
 class StageDefaults:
-    """No extra columns unless a stage says so."""
+    """No extra columns, hand-offs or notes unless a stage says so."""
 
+    kind: ClassVar[str] = "database"
+    settings: ClassVar[type] = JobSettings
+    feeds: ClassVar[tuple[str, ...]] = ()
+    failed_note: ClassVar[str | None] = None
     index_prefix: ClassVar[tuple] = ()
     rejections_are_routine: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> Any:
+        return cls()
+
+    def handoffs(self) -> Mapping[str, float]:
+        """Consumers to wake when rows were finished, and after how many seconds."""
+        return {name: 0.0 for name in self.feeds}
+
+    def status_counts(self, conn: Connection) -> Sequence[tuple[str, str, int]]:
+        """Extra figures for `status`: (key, label, count). Each a bounded, indexed query."""
+        return ()
 
     def finish(self, conn: Connection, rows: Sequence[Row], outcomes: Mapping[int, Outcome], now: datetime) -> None:
         return None
@@ -115,3 +137,45 @@ class StageDefaults:
 
     def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
         return {}
+
+
+class StageRegistry:
+    """The stages in flow order, each declared once in its own module. Everything else iterates over this.
+
+    A stage class declares: ``name``; ``kind`` ("database" or "gateway"); ``flags``; ``settings``
+    (its job's settings model: keys, types, defaults); ``feeds`` (the stages that consume what it
+    finishes, woken at once); ``failed_note`` (how `status` describes its 1/0 rows); and
+    ``from_config(config)`` to build it.
+    """
+
+    def __init__(self, classes: Sequence[type]):
+        names = [cls.name for cls in classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two stages share a name: {names}")
+        self.classes = tuple(classes)
+        self.names = tuple(names)
+        for cls in classes:
+            unknown = set(getattr(cls, "feeds", ())) - set(names)
+            if unknown:
+                raise ValueError(f"stage {cls.name} feeds unknown stages {sorted(unknown)}")
+            if cls.kind not in ("database", "gateway"):
+                raise ValueError(f"stage {cls.name}: kind must be 'database' or 'gateway', not {cls.kind!r}")
+            if cls.kind == "gateway" and cls.flags.lease_owner is None:
+                raise ValueError(f"gateway stage {cls.name} needs lease columns in its flags")
+
+    def settings(self, name: str) -> type:
+        return self._by_name(name).settings
+
+    def build(self, config: Any) -> dict[str, Any]:
+        """Every stage, in flow order, configured from ``config``."""
+        return {cls.name: cls.from_config(config) for cls in self.classes}
+
+    def with_stage(self, cls: type) -> StageRegistry:
+        """This registry with one more stage at the end (a plug-in, a test's throwaway stage)."""
+        return StageRegistry([*self.classes, cls])
+
+    def _by_name(self, name: str) -> type:
+        for cls in self.classes:
+            if cls.name == name:
+                return cls
+        raise KeyError(name)

@@ -14,7 +14,6 @@ from typing import Mapping
 from sqlalchemy import Connection, Engine, func, select
 
 from engine.stage import Stage
-from models import refund_order
 
 
 @dataclass(frozen=True)
@@ -31,13 +30,20 @@ class StageStatus:
 class Status:
     now: datetime
     stages: tuple[StageStatus, ...]
-    abnormal_refunds: int  # WeChat says ABNORMAL: the user's account is frozen, the merchant must act
+    # Figures the stages add (key, label, count): e.g. abnormal_refunds, ABNORMAL refunds needing
+    # the merchant's action.
+    counts: tuple[tuple[str, str, int], ...] = ()
+    failed_notes: tuple[tuple[str, str], ...] = ()  # (stage, how its 1/0 rows read), for stages that say
+
+    @property
+    def abnormal_refunds(self) -> int:
+        return sum(n for key, _label, n in self.counts if key == "abnormal_refunds")
 
     def as_dict(self) -> dict:
         return {
             "now": self.now.isoformat(),
             "stages": {s.stage: {k: v for k, v in asdict(s).items() if k != "stage"} for s in self.stages},
-            "abnormal_refunds": self.abnormal_refunds,
+            **{key: n for key, _label, n in self.counts},
         }
 
 
@@ -63,13 +69,11 @@ def stage_status(conn: Connection, stage: Stage, now: datetime) -> StageStatus:
 
 
 def collect_status(db: Engine, stages: Mapping[str, Stage], now: datetime) -> Status:
-    r = refund_order.c
     with db.connect() as conn:
         per_stage = tuple(stage_status(conn, stage, now) for stage in stages.values())
-        abnormal = _count(
-            conn, refund_order, r.submit_success == 1, r.progress_scanned == 0, r.progress_success == 0, r.wx_status == "ABNORMAL"
-        )
-    return Status(now=now, stages=per_stage, abnormal_refunds=abnormal)
+        counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn))
+    notes = tuple((s.name, s.failed_note) for s in stages.values() if s.failed_note)
+    return Status(now=now, stages=per_stage, counts=counts, failed_notes=notes)
 
 
 def format_age(seconds: float | None) -> str:
@@ -90,12 +94,14 @@ def format_status(status: Status) -> str:
         lines.append(
             f"{s.stage:16} {s.pending:8d} {s.waiting:8d} {s.failed:8d} {s.done:10d}  {format_age(s.oldest_pending_seconds)}"
         )
-    if status.abnormal_refunds:
-        lines.append(f"ABNORMAL refunds needing the merchant's action: {status.abnormal_refunds}")
-    rejected = sum(s.failed for s in status.stages if s.stage == "intake")
-    failed = sum(s.failed for s in status.stages if s.stage != "intake")
-    if rejected:
-        lines.append(f"intake failed = {rejected} request(s) rejected with a result code (req_order_ops.result_code)")
+    for _key, label, n in status.counts:
+        if n:
+            lines.append(f"{label}: {n}")
+    noted = dict(status.failed_notes)
+    for s in status.stages:
+        if s.failed and s.stage in noted:
+            lines.append(f"{s.stage} failed = {s.failed} {noted[s.stage]}")
+    failed = sum(s.failed for s in status.stages if s.stage not in noted)
     if failed:
         lines.append(
             f"{failed} row(s) failed for good and need a person: their reason is in last_error"

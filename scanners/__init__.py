@@ -1,8 +1,8 @@
-"""One module per stage of the flow, in flow order. Nothing else lives here."""
+"""One module per stage of the flow; the registry below lists them in flow order. Nothing else lives here."""
 
 from __future__ import annotations
 
-from engine.config import Config
+from engine.stage import StageRegistry
 from scanners.decrement_sales import DecrementSales
 from scanners.intake import Intake
 from scanners.poll_refund import PollRefund
@@ -10,9 +10,9 @@ from scanners.restore_stock import RestoreStock
 from scanners.submit_refund import SubmitRefund
 from scanners.sync_result import SyncResult
 
+REGISTRY = StageRegistry([Intake, SubmitRefund, PollRefund, SyncResult, RestoreStock, DecrementSales])
 
-def build_stages(config: Config) -> dict:
+
+def build_stages(config) -> dict:
     """Every stage, in flow order, configured from ``config``."""
-    poll = config.job("poll_refund").poll_delays_seconds
-    stages = (Intake(), SubmitRefund(first_poll_delay_seconds=poll[0]), PollRefund(poll), SyncResult(), RestoreStock(), DecrementSales())
-    return {s.name: s for s in stages}
+    return REGISTRY.build(config)

@@ -86,6 +86,8 @@ class Intake(StageDefaults):
         next_attempt_at=req_order_ops.c.next_attempt_at,
         last_error=req_order_ops.c.last_error,
     )
+    feeds = ("submit_refund", "restore_stock")
+    failed_note = "request(s) rejected with a result code (req_order_ops.result_code)"
     rejections_are_routine = True
     pending_since = req_order_ops.c.created_at
 

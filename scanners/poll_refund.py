@@ -18,11 +18,12 @@ from itertools import accumulate
 from typing import Any, Callable, Mapping, Sequence
 
 from loguru import logger
-from sqlalchemy import Connection, Row, or_, select
+from sqlalchemy import Connection, Row, func, or_, select, update
 
 import gateway.contract as gw
 from engine.outcome import Done, Failed, Later, Outcome
 from engine.sql import update_rows
+from engine.settings import Delays, GatewayJobSettings
 from engine.stage import Flags, StageDefaults
 from models import refund_order
 from scanners.submit_refund import MISMATCHED, classify, matches
@@ -30,6 +31,7 @@ from scanners.submit_refund import MISMATCHED, classify, matches
 r = refund_order.c
 ABNORMAL_NOTE = "ABNORMAL: the user's bank card or account is frozen or closed; the merchant must act"
 CONFLICTING_ANSWERS = "CONFLICTING_ANSWERS"
+DEFAULT_POLL_DELAYS_SECONDS = (60.0, 300.0, 600.0, 1200.0, 1800.0)  # about a minute after applying, then back off
 
 
 def next_poll_at(submitted_at: datetime | None, now: datetime, delays: Sequence[float]) -> datetime:
@@ -46,8 +48,18 @@ def next_poll_at(submitted_at: datetime | None, now: datetime, delays: Sequence[
     return now + timedelta(seconds=delays[-1])
 
 
+class PollSettings(GatewayJobSettings):
+    """The polling schedule: the first value is the wait after acceptance, the last repeats."""
+
+    poll_delays_seconds: Delays = DEFAULT_POLL_DELAYS_SECONDS
+
+
 class PollRefund(StageDefaults):
     name = "poll_refund"
+    kind = "gateway"
+    settings = PollSettings
+    feeds = ("sync_result",)
+    failed_note = None
     endpoint = "query"
     flags = Flags(
         table=refund_order,
@@ -62,6 +74,30 @@ class PollRefund(StageDefaults):
 
     def __init__(self, poll_delays_seconds: Sequence[float]):
         self.poll_delays = tuple(poll_delays_seconds)
+
+    @classmethod
+    def from_config(cls, config) -> PollRefund:
+        return cls(config.job(cls.name).poll_delays_seconds)
+
+    def poll_soon(self, db, out_refund_no: str, now: datetime) -> int:
+        """A refund notification arrived: make that refund due for polling now (0 or 1 rows).
+
+        The notification itself changes no money state: this stage reads the refund from WeChat
+        and stays its only writer, so a forged or replayed notification can at most cause one
+        extra query.
+        """
+        with db.begin() as conn:
+            moved = conn.execute(
+                update(refund_order).where(r.out_refund_no == out_refund_no, *self.pending()).values(next_attempt_at=now)
+            ).rowcount
+        logger.bind(stage=self.name, action="poll_soon", out_refund_no=out_refund_no, rows=moved).info("refund notification")
+        return moved
+
+    def status_counts(self, conn: Connection):
+        abnormal = conn.execute(
+            select(func.count()).select_from(refund_order).where(*self.pending(), r.wx_status == "ABNORMAL")
+        ).scalar_one()
+        return (("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", abnormal),)
 
     pending_since = r.submitted_at
     index_prefix = (r.submit_success == 1,)  # lets `status` count on idx_refund_order_poll_pending

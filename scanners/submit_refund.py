@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Row, or_, select
 import gateway.contract as gw
 from engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
 from engine.sql import update_rows, write_oplog
+from engine.settings import GatewayJobSettings
 from engine.stage import Flags, StageDefaults
 from models import refund_order
 
@@ -84,6 +85,8 @@ def _is_refusal(result: Any) -> bool:
 
 class SubmitRefund(StageDefaults):
     name = "submit_refund"
+    kind = "gateway"
+    settings = GatewayJobSettings
     endpoint = "apply"
     flags = Flags(
         table=refund_order,
@@ -100,6 +103,15 @@ class SubmitRefund(StageDefaults):
 
     def __init__(self, first_poll_delay_seconds: float):
         self.first_poll_delay = timedelta(seconds=first_poll_delay_seconds)
+
+    @classmethod
+    def from_config(cls, config) -> SubmitRefund:
+        # An accepted refund is first polled after the poll stage's first delay.
+        return cls(first_poll_delay_seconds=config.job("poll_refund").poll_delays_seconds[0])
+
+    def handoffs(self) -> Mapping[str, float]:
+        # The first poll is due that long after acceptance, which may come before its next tick.
+        return {"poll_refund": self.first_poll_delay.total_seconds()}
 
     def pending(self):
         return [r.submit_scanned == 0, r.submit_success == 0]

@@ -28,6 +28,7 @@ BUSY_RETRY = timedelta(seconds=1)
 
 class SyncResult(StageDefaults):
     name = "sync_result"
+    feeds = ("restore_stock", "decrement_sales")
     flags = Flags(
         table=refund_order,
         scanned=r.sync_scanned,

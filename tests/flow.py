@@ -18,7 +18,7 @@ import models
 from engine.config import Config, parse_config
 from engine.runner import Hooks, Runner
 from engine.status import collect_status
-from scanners import build_stages
+from scanners import REGISTRY, build_stages
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
 TABLES = ("goods", "goods_order2", "req_order_ops", "refund_order", "goods_order2_oplog")
@@ -40,7 +40,7 @@ def test_config(db_url: str, jobs: dict | None = None, **top: Any) -> Config:
         "jobs": {**FAST_JOBS, **(jobs or {})},
         **top,
     }
-    return parse_config(raw, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    return parse_config(raw, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
 
 
 test_config.__test__ = False  # not a test, despite the name
@@ -186,6 +186,6 @@ class World:
 
 def pending(db: Engine, config: Config | None = None) -> dict[str, int]:
     """Rows some stage will still act on, by stage: what `status` reports as pending."""
-    config = config or parse_config({}, env={})
+    config = config or parse_config({}, REGISTRY, env={})
     report = collect_status(db, build_stages(config), T0)
     return {s.stage: s.pending for s in report.stages if s.pending}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from engine.daemon import poll_soon
+from scanners.poll_refund import PollRefund
 from gateway.notify import NotifyServer
 from scanners.intake import out_refund_no_for
 from tests.flow import add_goods, add_order, refunds, request_cancel
@@ -17,7 +17,7 @@ def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
     arrived = threading.Event()
 
     def on_refund(resource):
-        poll_soon(world.db, resource["out_refund_no"], world.clock.now)
+        PollRefund((1,)).poll_soon(world.db, resource["out_refund_no"], world.clock.now)
         arrived.set()
 
     with NotifyServer(world.sandbox.gateway, on_refund).start() as server:
@@ -42,4 +42,4 @@ def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
 
 
 def test_a_notification_for_an_unknown_or_finished_refund_moves_nothing(world):
-    assert poll_soon(world.db, "CSR999-1", world.clock.now) == 0
+    assert PollRefund((1,)).poll_soon(world.db, "CSR999-1", world.clock.now) == 0

@@ -7,10 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config, parse_config
+from engine.config import ConfigError
+from engine.config import load_config as _load_config
+from engine.config import parse_config as _parse_config
+from scanners import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_ENV: dict[str, str] = {}
+
+
+def parse_config(raw, **kw):
+    return _parse_config(raw, REGISTRY, **kw)
+
+
+def load_config(path, **kw):
+    return _load_config(path, REGISTRY, **kw)
 
 
 def test_the_shipped_jobs_yaml_is_valid_and_enables_all_six_stages():
@@ -28,6 +39,10 @@ def test_config_objects_are_frozen():
     config = parse_config({}, env=NO_ENV)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.database_url = "sqlite://"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.jobs["intake"] = None  # type: ignore[index]
+    with pytest.raises(ValueError):
+        config.job("intake").batch_size = 1
 
 
 @pytest.mark.parametrize(
