@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Protocol, TypeAlias
 
+from engine.outcome import clip  # one rule for fitting a message into a VARCHAR(255)
+
 # WeChat allows any 64 bytes, but the SDK signs the path unencoded while
 # `requests` percent-encodes characters such as `|`: the two would disagree and
 # every query of such a number would fail with SIGN_ERROR. So we allow only
@@ -21,7 +23,6 @@ from typing import Any, Callable, Mapping, Protocol, TypeAlias
 OUT_REFUND_NO_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 OUT_TRADE_NO_MAX_CHARS = 32
 REASON_MAX_BYTES = 80
-LAST_ERROR_MAX_CHARS = 255  # refund_order.last_error / req_order_ops.result_msg
 
 STATUS_PROCESSING = "PROCESSING"
 STATUS_SUCCESS = "SUCCESS"
@@ -121,10 +122,6 @@ class Refund:
         )
 
 
-def _truncate(text: str) -> str:
-    return text if len(text) <= LAST_ERROR_MAX_CHARS else text[: LAST_ERROR_MAX_CHARS - 1] + "…"
-
-
 @dataclass(frozen=True)
 class Accepted:
     """WeChat answered with a verified refund object (apply: accepted; query: its current state)."""
@@ -133,7 +130,7 @@ class Accepted:
     request_id: str | None = None
 
     def describe(self) -> str:
-        return _truncate(f"{self.refund.status}: refund_id {self.refund.refund_id}")
+        return clip(f"{self.refund.status}: refund_id {self.refund.refund_id}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +142,7 @@ class _Coded:
     request_id: str | None = None
 
     def describe(self) -> str:
-        return _truncate(f"{self.code}: {self.message}")
+        return clip(f"{self.code}: {self.message}")
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,13 @@ from sqlalchemy import Engine, text
 
 from gateway.emulator import Emulator, FaultPlan
 from gateway.keys import KeyMaterial, generate_key_material
+from scanners import REGISTRY
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "cli.py"
 SOAK = os.environ.get("CANCEL_SCANNER_SOAK") == "1"
 
-STAGES = ("intake", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales")
+STAGES = REGISTRY.names
 SHUTDOWN_TIMEOUT_SECONDS = 10
 INTERVAL_SECONDS = 0.3
 RETRY_DELAYS_SECONDS = [0.2, 0.5, 1]

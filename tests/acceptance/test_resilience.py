@@ -24,6 +24,7 @@ from engine.db import init_schema, make_engine
 from tests.acceptance.harness import (  # noqa: F401 - fixtures
     SHUTDOWN_TIMEOUT_SECONDS,
     SOAK,
+    STAGES,
     Baseline,
     DaemonProcess,
     ExternalEmulator,
@@ -213,7 +214,7 @@ def test_a_stop_that_runs_out_of_time_never_lets_another_daemon_call_the_same_re
 
 OUTAGE_N = 2000 if SOAK else 400
 OUTAGE_SECONDS = 20 if SOAK else 8
-OUTAGE_STAGES, OUTAGE_INTERVAL = 6, 0.3
+OUTAGE_STAGES, OUTAGE_INTERVAL = len(STAGES), 0.3
 
 
 class OutageRun:
