@@ -26,7 +26,7 @@ from engine.sql import update_rows
 from engine.settings import Delays, GatewayJobSettings
 from engine.stage import Flags, StageDefaults
 from models import refund_order
-from scanners.submit_refund import MISMATCHED, classify, matches
+from scanners.submit_refund import MISMATCHED, matches, outcome_for
 
 r = refund_order.c
 ABNORMAL_NOTE = "ABNORMAL: the user's bank card or account is frozen or closed; the merchant must act"
@@ -132,7 +132,7 @@ class PollRefund(StageDefaults):
         for row, result in results:
             if not isinstance(result, gw.Accepted):
                 # A query moves no money, so an unknown answer is just asked again.
-                outcomes[row.id] = classify(result, may_have_reached=False)
+                outcomes[row.id] = outcome_for(result, may_have_reached=False)
                 continue
             refund = result.refund
             if not matches(refund, row):

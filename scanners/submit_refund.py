@@ -44,7 +44,7 @@ def credentials_refused(result: gw.ConfigError) -> Blocked:
     )
 
 
-def classify(result: Any, *, may_have_reached: bool) -> Outcome:
+def outcome_for(result: Any, *, may_have_reached: bool) -> Outcome:
     """The outcome for an answer that is not a verified refund object.
 
     ``may_have_reached``: the number may already exist at WeChat, so giving up must not say
@@ -195,7 +195,7 @@ class SubmitRefund(StageDefaults):
             return answer.refund, answer.request_id, Done(answer.refund.status)
         if attempt.query is not None:
             return self._judge_checked(row, answer, attempt.query)
-        return None, None, classify(answer, may_have_reached=attempt.earlier)
+        return None, None, outcome_for(answer, may_have_reached=attempt.earlier)
 
     def _judge_checked(self, row: Row, refusal: Any, query: Any) -> tuple[gw.Refund | None, str | None, Outcome]:
         log = logger.bind(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, refusal=refusal.code)
