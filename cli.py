@@ -88,7 +88,7 @@ def run(obj: _Ctx, once: bool) -> None:
     """The daemon: every enabled stage on its interval until SIGTERM/SIGINT."""
     from contextlib import ExitStack
 
-    from engine.app import build_app, missing_tables
+    from cancel_scanner.app import build_app, missing_tables, serve_notifications
     from engine.errors import is_transient_db_error
 
     cfg = obj.config()
@@ -128,17 +128,7 @@ def run(obj: _Ctx, once: bool) -> None:
 
         daemon = Daemon(app)
         daemon.install_signal_handlers()
-        if cfg.wechat.notify_listen:
-            from gateway.notify import NotifyServer
-
-            host, _, port = cfg.wechat.notify_listen.rpartition(":")
-            def on_refund(resource: dict) -> None:
-                if app.runner.stages["poll_refund"].poll_soon(app.db, resource["out_refund_no"], app.runner.clock()):
-                    daemon.wake("poll_refund")
-
-            notify = NotifyServer(app.gateway, on_refund, host=host, port=int(port))
-            notify.start()
-            stack.callback(notify.stop)
+        serve_notifications(app, daemon, stack)
         daemon.start()
         daemon.wait()
         if not daemon.shutdown():
@@ -156,7 +146,7 @@ def status(obj: _Ctx, as_json: bool) -> None:
     """Per stage: pending, waiting to retry, failed, done, oldest pending age."""
     import json
 
-    from engine.app import missing_tables
+    from cancel_scanner.app import missing_tables
     from engine.db import make_engine
     from engine.clock import DbClock
     from engine.status import collect_status, format_status

@@ -117,7 +117,7 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
     from contextlib import ExitStack
 
     from bench.common import REGISTRY, parse_config, profiled_drain
-    from engine.app import build_gateway
+    from cancel_scanner.app import build_gateway
     from engine.db import make_engine
     from engine.runner import Runner
     from scanners import build_stages

@@ -99,7 +99,7 @@ def run_demo(
     clock: Callable[[], float] = time.monotonic,
 ) -> bool:
     """Run the demo; True when everything settled and every check held."""
-    from engine.app import build_app
+    from cancel_scanner.app import build_app
     from engine.daemon import Daemon
 
     out = out or sys.stdout

@@ -43,3 +43,34 @@ def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
 
 def test_a_notification_for_an_unknown_or_finished_refund_moves_nothing(world):
     assert PollRefund((1,)).poll_soon(world.db, "CSR999-1", world.clock.now) == 0
+
+
+def test_the_daemon_serves_notifications_on_notify_listen_and_wakes_the_poll(world, db_url):
+    from contextlib import ExitStack
+
+    from cancel_scanner.app import App, serve_notifications
+    from tests.flow import test_config
+
+    config = test_config(db_url, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "notify_listen": "127.0.0.1:0"})
+    add_goods(world.db, 1)
+    add_order(world.db, 402)
+    request_cancel(world.db, 402)
+    runner = world.runner()
+    woken = []
+    woke = threading.Event()
+
+    class Daemon:
+        def wake(self, name, after=0.0):
+            woken.append(name)
+            woke.set()
+
+    app = App(config=config, db=world.db, gateway=world.sandbox.gateway, runner=runner)
+    with ExitStack() as stack:
+        server = serve_notifications(app, Daemon(), stack)
+        world.emulator.notify_url = server.url
+        runner.run_stage("intake", world.clock.now)
+        runner.run_stage("submit_refund", world.clock.now)
+        assert woke.wait(10), "no notification within 10 s"
+    runner.close()
+    assert woken == ["poll_refund"]
+    assert refunds(world.db)[402]["next_attempt_at"] == world.clock.now

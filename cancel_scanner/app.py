@@ -1,4 +1,4 @@
-"""Wiring: configuration in, a database engine, a gateway and a runner out.
+"""Wiring: configuration in, a database engine, a gateway, the stages, a runner and servers out.
 
 Sandbox mode starts the emulator in this process and points the very same
 WeChat Pay client at it: there is no separate fake code path.
@@ -77,6 +77,29 @@ class App:
 def missing_tables(db: Engine) -> list[str]:
     present = set(inspect(db).get_table_names())
     return sorted(set(metadata.tables) - present)
+
+
+def serve_notifications(app: App, daemon: Any, stack: ExitStack) -> Any:
+    """With wechat.notify_listen set: a notification brings that refund's next poll forward.
+
+    Returns the started NotifyServer (None when not configured); ``stack`` stops it.
+    """
+    listen = app.config.wechat.notify_listen
+    if not listen:
+        return None
+    from gateway.notify import NotifyServer
+
+    poll = app.runner.stages["poll_refund"]
+    host, _, port = listen.rpartition(":")
+
+    def on_refund(resource: dict) -> None:
+        if poll.poll_soon(app.db, resource["out_refund_no"], app.runner.clock()):
+            daemon.wake(poll.name)
+
+    notify = NotifyServer(app.gateway, on_refund, host=host, port=int(port))
+    notify.start()
+    stack.callback(notify.stop)
+    return notify
 
 
 def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None) -> App:
