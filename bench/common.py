@@ -43,6 +43,7 @@ from engine.config import Config, parse_config  # noqa: E402
 from scanners import REGISTRY  # noqa: E402
 from engine.db import init_schema, make_engine  # noqa: E402
 from testbed.mariadb import MariaDBServer  # noqa: E402
+from testsupport.waiting import timed_wait  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "out"  # logs, configs, profiles, quick-run results (git-ignored)
 RESULTS_PATH = REPO / "bench" / "RESULTS.md"
@@ -666,13 +667,8 @@ class DaemonProcess:
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "a condition") -> float:
-    """Poll ``predicate`` until true; returns the seconds waited. Raises TimeoutError."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - started
+    """Poll ``predicate`` until true; returns the seconds waited. Raises TimeoutError (testsupport.waiting's loop)."""
+    return timed_wait(predicate, timeout, what, interval=interval, error=TimeoutError)
 
 
 def percentile(values: Sequence[float], p: float) -> float:

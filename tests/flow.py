@@ -1,7 +1,8 @@
 """Given/when/then helpers that let tests read like the flow.
 
 Rows are written with plain SQL and only the columns the shop's systems write,
-exactly as a merchant's tool or the order system would.
+exactly as a merchant's tool or the order system would (testsupport.shop, shared with
+the acceptance harness).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from engine.config import Config, parse_config
 from engine.runner import Hooks, Runner
 from engine.status import collect_status
 from scanners import REGISTRY, build_stages
+from testsupport import shop
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
 TABLES = ("goods", "goods_order2", "req_order_ops", "refund_order", "goods_order2_oplog")
@@ -47,11 +49,7 @@ test_config.__test__ = False  # not a test, despite the name
 
 
 def add_goods(db: Engine, goods_id: int, *, stock: int = 100, sales: int = 50, name: str | None = None) -> None:
-    with db.begin() as conn:
-        conn.execute(
-            text("INSERT INTO goods (id, name, stock, sales) VALUES (:id, :name, :stock, :sales)"),
-            {"id": goods_id, "name": name or f"goods {goods_id}", "stock": stock, "sales": sales},
-        )
+    shop.insert_goods_rows(db, [shop.goods_row(goods_id, stock=stock, sales=sales, name=name)])
 
 
 def add_order(
@@ -67,40 +65,17 @@ def add_order(
     paid_at: datetime | None = None,
     deleted: bool = False,
 ) -> None:
-    """An order as the shop's own order system inserts it: no flag columns."""
-    if transaction_id is True:
-        transaction_id = f"4200{order_id:012d}" if paid else None
-    with db.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount,"
-                " pay_status, transaction_id, paid_at, order_status, is_deleted)"
-                " VALUES (:id, :no, 7, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted)"
-            ),
-            {
-                "id": order_id,
-                "no": f"SO{order_id:010d}",
-                "goods": goods_id,
-                "qty": quantity,
-                "amount": amount,
-                "pay": 1 if paid else 0,
-                "txn": transaction_id or None,
-                "paid_at": paid_at or (T0 - timedelta(days=1) if paid else None),
-                "status": status or ("PAID" if paid else "UNPAID"),
-                "deleted": 1 if deleted else 0,
-            },
-        )
+    """An order as the shop's own order system inserts it: no flag columns; paid a day before T0."""
+    shop.insert_orders(db, [shop.order_row(
+        order_id, goods_id=goods_id, quantity=quantity, amount=amount, paid=paid, status=status,
+        transaction_id=transaction_id or None, paid_at=paid_at, deleted=deleted, now=T0,
+    )])
 
 
 def request_cancel(db: Engine, order_id: int, *, op_type: str = "MERCHANT_CANCEL", operator: str | None = "clerk-1",
                    reason: str | None = "out of stock") -> int:
     """What a merchant's tool does: insert four columns, nothing else."""
-    with db.begin() as conn:
-        result = conn.execute(
-            text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)"),
-            {"o": order_id, "t": op_type, "op": operator, "r": reason},
-        )
-        return result.lastrowid
+    return shop.request_cancel(db, order_id, op_type, operator, reason)
 
 
 def row(db: Engine, table: str, row_id: int) -> Any:

@@ -5,8 +5,10 @@ out_refund_no, fen refunded per order, requests in flight at once) survive every
 kill of a daemon. Daemons run in wechat ``mode: live`` against it: the same
 configuration path, key files and APIv3 key from the environment as production.
 
-Waiting is always on a condition with a deadline (``wait_until``), never a fixed
-sleep to "let work happen". ``check_invariants`` is the end-state proof every
+Waiting is always on a condition with a deadline (``wait_until``, from
+``testsupport.waiting``), never a fixed sleep to "let work happen". The shop's rows are
+written by ``testsupport.shop``; the fixtures (``daemons``, ``external_emulators``) live in
+``tests/acceptance/conftest.py``. ``check_invariants`` is the end-state proof every
 scenario shares.
 """
 
@@ -21,11 +23,9 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import pytest
 import yaml
 from loguru import logger
 from sqlalchemy import Engine, text
@@ -33,6 +33,8 @@ from sqlalchemy import Engine, text
 from gateway.emulator import Emulator, FaultPlan
 from gateway.keys import KeyMaterial, generate_key_material
 from scanners import REGISTRY
+from testsupport.shop import goods_row, insert_goods_rows, insert_orders, insert_requests, order_row, request_cancel, utcnow
+from testsupport.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "cli.py"
@@ -50,41 +52,7 @@ MAX_ATTEMPTS = 100_000  # hostile scenarios retry a lot; nothing here may give u
 _SCRUBBED_ENV = ("CANCEL_SCANNER_CONFIG", "CANCEL_SCANNER_DB_URL", "CANCEL_SCANNER_ALLOW_SANDBOX", "WECHATPAY_APIV3_KEY")
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-# --- waiting ---------------------------------------------------------------------------------------
-
-
-def wait_until(
-    probe: Callable[[], Any],
-    timeout: float,
-    what: str,
-    *,
-    until: Callable[[Any], bool] = bool,
-    interval: float = 0.1,
-    daemons: Sequence["DaemonProcess"] = (),
-) -> Any:
-    """Poll ``probe()`` until ``until(value)`` holds; return the value.
-
-    Raises AssertionError naming ``what`` and the last value seen when the deadline
-    passes, or at once if one of ``daemons`` died meanwhile (with its log tail).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if until(value):
-            return value
-        for daemon in daemons:
-            if daemon.started and not daemon.alive and not daemon.exit_expected:
-                raise AssertionError(
-                    f"{daemon.name} exited with {daemon.returncode} while waiting for {what}; last seen: {value!r}\n"
-                    + daemon.tail()
-                )
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {value!r}")
-        time.sleep(interval)
+# --- waiting (wait_until is testsupport.waiting's) -------------------------------------------------
 
 
 def hold(seconds: float, check: Callable[[], None], interval: float = 0.2) -> None:
@@ -494,99 +462,12 @@ def loud_emulator_logs() -> None:
     logger.enable("gateway.emulator")
 
 
-@pytest.fixture
-def external_emulators():
-    """Factory: ExternalEmulator.start(...) on tmp key dirs; every one stopped at teardown."""
-    started: list[ExternalEmulator] = []
-    quiet_emulator_logs()
-
-    def start(key_dir: Path, **kwargs: Any) -> ExternalEmulator:
-        emu = ExternalEmulator.start(key_dir, **kwargs)
-        started.append(emu)
-        return emu
-
-    yield start
-    for emu in started:
-        emu.stop()
-    loud_emulator_logs()
-
-
-@pytest.fixture
-def daemons():
-    """Factory: DaemonProcess(...); every life still running at teardown is killed."""
-    made: list[DaemonProcess] = []
-
-    def make(*args: Any, **kwargs: Any) -> DaemonProcess:
-        d = DaemonProcess(*args, **kwargs)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
-
-
-# --- the shop's rows, written as the shop writes them ---------------------------------------------
-
-
-def order_row(order_id: int, *, goods_id: int = 1, quantity: int = 1, amount: int = 1280, paid: bool = True,
-              status: str | None = None, transaction_id: str | None | bool = True, paid_at: datetime | None = None,
-              deleted: bool = False) -> dict[str, Any]:
-    """One order as the shop's own order system inserts it: no flag columns."""
-    if transaction_id is True:
-        transaction_id = f"4200{order_id:012d}" if paid else None
-    return {
-        "id": order_id,
-        "no": f"SO{order_id:010d}",
-        "goods": goods_id,
-        "qty": quantity,
-        "amount": amount,
-        "pay": 1 if paid else 0,
-        "txn": transaction_id,
-        "paid_at": paid_at or (utcnow() - timedelta(days=1) if paid else None),
-        "status": status or ("PAID" if paid else "UNPAID"),
-        "deleted": 1 if deleted else 0,
-    }
+# --- the shop's rows, written as the shop writes them (testsupport.shop) --------------------------
 
 
 def insert_goods(db: Engine, goods: Mapping[int, tuple[int, int]]) -> None:
     """goods id -> (stock, sales)."""
-    with db.begin() as conn:
-        conn.execute(
-            text("INSERT INTO goods (id, name, stock, sales) VALUES (:id, :name, :stock, :sales)"),
-            [{"id": i, "name": f"goods {i}", "stock": s, "sales": q} for i, (s, q) in goods.items()],
-        )
-
-
-def insert_orders(db: Engine, orders: Iterable[Mapping[str, Any]]) -> None:
-    rows = list(orders)
-    with db.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount,"
-                " pay_status, transaction_id, paid_at, order_status, is_deleted)"
-                " VALUES (:id, :no, 7, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted)"
-            ),
-            rows,
-        )
-
-
-def insert_requests(db: Engine, requests: Iterable[tuple[int, str, str | None, str | None]]) -> None:
-    """What merchants' tools do: (order_id, op_type, operator, reason), four columns and nothing else."""
-    rows = [{"o": o, "t": t, "op": op, "r": r} for o, t, op, r in requests]
-    if not rows:
-        return
-    with db.begin() as conn:
-        conn.execute(text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)"), rows)
-
-
-def request_cancel(db: Engine, order_id: int, op_type: str = "MERCHANT_CANCEL", operator: str | None = "clerk-1",
-                   reason: str | None = "out of stock") -> int:
-    with db.begin() as conn:
-        return conn.execute(
-            text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)"),
-            {"o": order_id, "t": op_type, "op": operator, "r": reason},
-        ).lastrowid
+    insert_goods_rows(db, [goods_row(i, stock=s, sales=q) for i, (s, q) in goods.items()])
 
 
 def q_rows(db: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -886,7 +767,7 @@ class Stopwatch:
 
 __all__ = [
     "Baseline", "DaemonProcess", "ExternalEmulator", "FaultPlan", "LogFollower", "REPO", "SOAK", "Scenario", "Stopwatch",
-    "check_invariants", "daemon_config", "daemons", "external_emulators", "fast_jobs", "hold", "insert_goods",
+    "check_invariants", "daemon_config", "fast_jobs", "hold", "insert_goods",
     "insert_orders", "insert_requests", "loud_emulator_logs", "order_row", "pending_counts", "q_rows", "q_scalar",
     "quiet_emulator_logs", "report", "request_cancel", "run_cli", "status_json", "utcnow", "wait_settled", "wait_until",
     "write_config",

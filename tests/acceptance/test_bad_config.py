@@ -15,14 +15,12 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from gateway.keys import KeyMaterial, generate_key_material
-from tests.acceptance.harness import (  # noqa: F401 - fixtures
+from tests.acceptance.harness import (
     SHUTDOWN_TIMEOUT_SECONDS,
     Baseline,
     Scenario,
     check_invariants,
     daemon_config,
-    daemons,
-    external_emulators,
     insert_goods,
     insert_orders,
     insert_requests,

@@ -14,14 +14,12 @@ import time
 
 import pytest
 
-from tests.acceptance.harness import (  # noqa: F401 - fixtures
+from tests.acceptance.harness import (
     Baseline,
     Scenario,
     Stopwatch,
     check_invariants,
     daemon_config,
-    daemons,
-    external_emulators,
     fast_jobs,
     hold,
     insert_goods,

@@ -11,15 +11,13 @@ from collections import Counter
 
 import pytest
 
-from tests.acceptance.harness import (  # noqa: F401 - fixtures
+from tests.acceptance.harness import (
     SHUTDOWN_TIMEOUT_SECONDS,
     Baseline,
     Scenario,
     Stopwatch,
     check_invariants,
     daemon_config,
-    daemons,
-    external_emulators,
     fast_jobs,
     insert_goods,
     insert_orders,

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import text
 
 from engine.db import init_schema, make_engine
-from tests.acceptance.harness import (  # noqa: F401 - fixtures
+from tests.acceptance.harness import (
     SHUTDOWN_TIMEOUT_SECONDS,
     SOAK,
     STAGES,
@@ -34,8 +34,6 @@ from tests.acceptance.harness import (  # noqa: F401 - fixtures
     Stopwatch,
     check_invariants,
     daemon_config,
-    daemons,
-    external_emulators,
     fast_jobs,
     hold,
     insert_goods,

@@ -6,7 +6,6 @@ the real daemon (in-process, on APScheduler), `status` and `requeue`, on SQLite 
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ from engine.runner import Runner
 from engine.stage import Flags, StageDefaults
 from engine.status import collect_status, format_status
 from scanners import REGISTRY
+from testsupport.waiting import wait_until
 
 chores = Table(
     "throwaway_chores",
@@ -56,16 +56,6 @@ class TidyUp(StageDefaults):
         return {r.id: Failed("TOO_MESSY", "this one needs a person") if r.payload == "mess" else Done() for r in rows}
 
 
-def wait_for(probe, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.02)  # polling a condition with a deadline, not waiting for time to pass
-    raise AssertionError("condition not met in time")
-
-
 def test_a_throwaway_stage_runs_through_the_daemon_status_and_requeue(db, db_url):
     chores.metadata.create_all(db)
     with db.begin() as conn:
@@ -84,7 +74,7 @@ def test_a_throwaway_stage_runs_through_the_daemon_status_and_requeue(db, db_url
 
     daemon.start()
     try:
-        assert wait_for(lambda: counts() == {1: 9, 0: 1})
+        assert wait_until(counts, 20, "9 chores tidied, 1 too messy", until=lambda n: n == {1: 9, 0: 1}, interval=0.02)
         status = collect_status(db, stages, runner.clock())
         tidy = next(s for s in status.stages if s.stage == "tidy_up")
         assert (tidy.pending, tidy.failed, tidy.done) == (0, 1, 9)
@@ -95,7 +85,7 @@ def test_a_throwaway_stage_runs_through_the_daemon_status_and_requeue(db, db_url
             conn.execute(chores.update().where(c.id == mess).values(payload="dishes"))
             conn.commit()
         assert requeue(db, stages["tidy_up"], [mess], runner.clock(), "ops-anna") == 1
-        assert wait_for(lambda: counts() == {1: 10})
+        assert wait_until(counts, 20, "all 10 chores tidied", until=lambda n: n == {1: 10}, interval=0.02)
     finally:
         daemon.runner.stop()
         assert daemon.shutdown()

@@ -1,0 +1,42 @@
+"""Fixtures of the acceptance scenarios; the helpers they use are in tests/acceptance/harness.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.acceptance.harness import DaemonProcess, ExternalEmulator, loud_emulator_logs, quiet_emulator_logs
+
+
+@pytest.fixture
+def external_emulators():
+    """Factory: ExternalEmulator.start(...) on tmp key dirs; every one stopped at teardown."""
+    started: list[ExternalEmulator] = []
+    quiet_emulator_logs()
+
+    def start(key_dir: Path, **kwargs: Any) -> ExternalEmulator:
+        emu = ExternalEmulator.start(key_dir, **kwargs)
+        started.append(emu)
+        return emu
+
+    yield start
+    for emu in started:
+        emu.stop()
+    loud_emulator_logs()
+
+
+@pytest.fixture
+def daemons():
+    """Factory: DaemonProcess(...); every life still running at teardown is killed."""
+    made: list[DaemonProcess] = []
+
+    def make(*args: Any, **kwargs: Any) -> DaemonProcess:
+        d = DaemonProcess(*args, **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
