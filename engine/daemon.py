@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
@@ -51,6 +52,8 @@ class Daemon:
         self.stages = [n for n in self.runner.stages if self.config.job(n).enabled]
         self.stopped = threading.Event()
         self._lock = threading.Lock()
+        self._idle = threading.Condition()  # counts the ticks in hand, for shutdown
+        self._active = 0
         self._running: dict[str, bool] = {n: False for n in self.stages}
         self._rerun: dict[str, bool] = {n: False for n in self.stages}
         self._failures: dict[str, int] = {n: 0 for n in self.stages}
@@ -121,18 +124,18 @@ class Daemon:
             pass
 
     def shutdown(self) -> bool:
-        """Stop cleanly within the configured bound; True if every batch finished in time."""
+        """Stop cleanly within the configured bound; True if every batch finished in time.
+
+        Waits for the ticks in hand itself, then stops the scheduler without waiting: APScheduler's
+        shutdown(wait=True) holds its job-store lock while it waits, and a tick that backs off
+        or wakes a consumer needs that lock, so the two would wait for each other.
+        """
         self.runner.stop()
         self.scheduler.pause()
         deadline = time.monotonic() + self.config.shutdown_timeout_seconds
-        done = threading.Event()
-
-        def finish():
-            self.scheduler.shutdown(wait=True)
-            done.set()
-
-        threading.Thread(target=finish, daemon=True, name="cs-shutdown").start()
-        clean = done.wait(max(0.0, deadline - time.monotonic()))
+        with self._idle:
+            clean = self._idle.wait_for(lambda: self._active == 0, timeout=max(0.0, deadline - time.monotonic()))
+        self.scheduler.shutdown(wait=False)
         self.runner.registry.stop()
         released = 0
         if clean:
@@ -157,6 +160,8 @@ class Daemon:
                 self._rerun[name] = True
                 return
             self._running[name] = True
+        with self._idle:
+            self._active += 1
         try:
             while not self.stopped.is_set() and not self.runner.stopping.is_set():
                 self._run_batches(name)
@@ -168,6 +173,9 @@ class Daemon:
         finally:
             with self._lock:
                 self._running[name] = False
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
 
     def _run_batches(self, name: str) -> None:
         """Batches back to back while they come full; then hand off to the consumers.
@@ -224,7 +232,7 @@ class Daemon:
 
     def wake(self, name: str, after: float = 0.0) -> None:
         """Run ``name`` now, or ``after`` seconds from now if that is sooner than its next run."""
-        if name not in self._running or self.stopped.is_set():
+        if name not in self._running or self._stopping():
             return
         if after <= 0:
             with self._lock:
@@ -232,12 +240,20 @@ class Daemon:
                     self._rerun[name] = True
                     return
         at = _utc() + timedelta(seconds=after)
+        job = self.scheduler.get_job(name)
+        if job is not None and (job.next_run_time is None or at < job.next_run_time):
+            self._reschedule(name, at)
+
+    def _stopping(self) -> bool:
+        return self.stopped.is_set() or self.runner.stopping.is_set()
+
+    def _reschedule(self, name: str, at: datetime) -> None:
+        if self._stopping():
+            return  # never touch the scheduler while it stops (see shutdown)
         try:
-            job = self.scheduler.get_job(name)
-            if job is not None and (job.next_run_time is None or at < job.next_run_time):
-                job.modify(next_run_time=at)
-        except Exception:  # the scheduler is shutting down
-            pass
+            self.scheduler.modify_job(name, next_run_time=at)
+        except JobLookupError:  # removed between the check and now: nothing to move
+            logger.bind(stage=name, action="reschedule_skipped").debug("job gone; not rescheduled")
 
     def _back_off(self, name: str, error) -> None:
         self._failures[name] += 1
@@ -255,7 +271,4 @@ class Daemon:
             log.warning("stage unavailable ({}); next try in {:.0f}s", text, delay)
         else:
             log.opt(exception=error if n == 1 else None).error("stage failed ({}); next try in {:.0f}s", text, delay)
-        try:
-            self.scheduler.modify_job(name, next_run_time=_utc() + timedelta(seconds=delay))
-        except Exception:
-            pass
+        self._reschedule(name, _utc() + timedelta(seconds=delay))

@@ -1,0 +1,125 @@
+"""The daemon's loop per stage, in-process on APScheduler, with a fake runner: what it does after each batch.
+
+Full batch -> run again at once; finished rows -> wake the consumers; failure -> back off; a bug
+in a stage -> reported, backed off, the other stages go on. Intervals are 60 s, so anything that
+happens within a couple of seconds happened because of the loop, not the interval.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+from engine.daemon import Daemon
+from engine.runner import BatchReport
+
+INTERVAL = 60.0
+
+
+class FakeStage:
+    def __init__(self, name, feeds=()):
+        self.name, self.kind, self._feeds = name, "database", feeds
+
+    def handoffs(self):
+        return {f: 0.0 for f in self._feeds}
+
+
+class FakeRunner:
+    """Answers run_stage from a script per stage; counts the runs."""
+
+    def __init__(self, scripts):
+        self.scripts = {name: list(reports) for name, reports in scripts.items()}
+        self.stages = {name: FakeStage(name, feeds=("consumer",) if name == "producer" else ()) for name in scripts}
+        self.runs = {name: 0 for name in scripts}
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        self.registry = SimpleNamespace(beat=lambda: None, start=lambda **kw: None, stop=lambda: None)
+        self.clock = lambda: datetime(2026, 11, 1)
+        self.owner = "fake"
+
+    def run_stage(self, name):
+        with self.changed:
+            self.runs[name] += 1
+            self.changed.notify_all()
+            script = self.scripts[name]
+            step = script.pop(0) if script else BatchReport(stage=name)
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    def wait_runs(self, name, n, timeout=3.0):
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while self.runs[name] < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+    def stop(self):
+        self.stopping.set()
+
+    def release_leases(self):
+        return 0
+
+
+def daemon_for(runner):
+    jobs = {name: SimpleNamespace(enabled=True, interval_seconds=INTERVAL) for name in runner.stages}
+    config = SimpleNamespace(job=jobs.__getitem__, shutdown_timeout_seconds=5)
+    return Daemon(SimpleNamespace(runner=runner, config=config))
+
+
+def full(name):
+    return BatchReport(stage=name, claimed=10, done=10, batch_size=10)
+
+
+def test_a_full_batch_runs_again_at_once_and_an_idle_one_waits_for_the_interval():
+    runner = FakeRunner({"producer": [full("producer")] * 3, "consumer": []})
+    daemon = daemon_for(runner)
+    daemon.start()
+    try:
+        assert runner.wait_runs("producer", 4)  # three full batches, then the empty one
+        assert not runner.wait_runs("producer", 5, timeout=0.5)  # idle: next run is INTERVAL away
+    finally:
+        assert daemon.shutdown()
+
+
+def test_finished_rows_wake_the_consuming_stage_at_once():
+    runner = FakeRunner({"producer": [BatchReport(stage="producer"), BatchReport(stage="producer", claimed=1, done=1, batch_size=10)],
+                         "consumer": []})
+    daemon = daemon_for(runner)
+    daemon.start()
+    try:
+        assert runner.wait_runs("consumer", 1) and runner.wait_runs("producer", 1)
+        daemon.wake("producer")  # a new row: the producer finishes one
+        assert runner.wait_runs("producer", 2)
+        assert runner.wait_runs("consumer", 2), "the consumer was not woken by the hand-off"
+    finally:
+        assert daemon.shutdown()
+
+
+def test_a_failing_stage_backs_off_and_a_bug_in_one_stage_stops_no_other():
+    runner = FakeRunner({
+        "producer": [BatchReport(stage="producer", error="OperationalError 2013: Lost connection")],
+        "consumer": [RuntimeError("a bug in the stage")],
+    })
+    daemon = daemon_for(runner)
+    before = datetime.now(timezone.utc)
+    daemon.start()
+    try:
+        assert runner.wait_runs("producer", 1) and runner.wait_runs("consumer", 1)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and daemon._failures["consumer"] < 1:
+            time.sleep(0.01)  # polling a condition with a deadline
+        for name in ("producer", "consumer"):
+            next_run = daemon.scheduler.get_job(name).next_run_time
+            # First backoff step: one interval from the failure, not "now".
+            assert next_run >= before + timedelta(seconds=INTERVAL * 0.9), name
+        assert daemon._failures == {"producer": 1, "consumer": 1}
+        daemon.wake("producer", after=0)
+        assert runner.wait_runs("producer", 2)  # woken by hand, it runs, and recovers
+    finally:
+        assert daemon.shutdown()
