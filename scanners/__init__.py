@@ -1,4 +1,4 @@
-"""One module per stage of the flow; the registry below lists them in flow order. Nothing else lives here."""
+"""One module per stage of the flow, the shop SQL they share (shop.py), and the registry: the stages in flow order."""
 
 from __future__ import annotations
 

@@ -27,10 +27,11 @@ from sqlalchemy import Connection, Row, or_, select
 
 import gateway.contract as gw
 from engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
-from engine.sql import update_rows, write_oplog
+from engine.sql import update_rows
 from engine.settings import GatewayJobSettings
 from engine.stage import Flags, StageDefaults
 from models import refund_order
+from scanners.shop import write_oplog
 
 r = refund_order.c
 MISMATCHED = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")

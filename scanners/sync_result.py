@@ -16,10 +16,11 @@ from typing import Sequence
 from sqlalchemy import Connection, Row, select, update
 
 from engine.outcome import Done, Failed, Later, Outcome
-from engine.sql import by_id, locked, write_oplog
+from engine.sql import by_id, locked
 from engine.stage import Flags, StageDefaults
 from models import goods_order2, refund_order
 from scanners.poll_refund import CONFLICTING_ANSWERS
+from scanners.shop import write_oplog
 
 r = refund_order.c
 o = goods_order2.c

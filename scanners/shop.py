@@ -1,0 +1,74 @@
+"""The shop's own rows that several stages write: the order oplog and the goods' stock and sales.
+
+Beside the stages, not in the engine: this is shop-specific SQL, and the engine knows no table.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Mapping
+
+from sqlalchemy import Column, Connection, insert, select, update
+
+from engine.outcome import Contended, clip
+from engine.sql import by_id, locked
+from models import goods, oplog
+
+
+def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]]) -> int:
+    """One multi-row INSERT. The unique key (order_id, event) makes a second write of an event fail."""
+    rows = [{"order_id": order_id, "event": event, "detail": clip(detail) if detail else None} for order_id, event, detail in events]
+    if rows:
+        conn.execute(insert(oplog), rows)
+    return len(rows)
+
+
+def read_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> dict[int, int]:
+    """Current ``column`` (stock or sales) of these goods, read without a lock (the decisions of ``process``)."""
+    return dict(conn.execute(select(goods.c.id, column).where(goods.c.id.in_(sorted(set(goods_ids))))).all())
+
+
+def lock_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> tuple[dict[int, int], set[int]]:
+    """Current ``column`` of the goods we could lock now, and the ids someone else holds.
+
+    SKIP LOCKED: a goods row the shop holds (a checkout, a long admin transaction) delays only
+    the orders of that goods, never the batch. Always in id order: restore_stock and
+    decrement_sales both lock goods rows, and the same order in every transaction means they
+    never deadlock.
+    """
+    ids = sorted(set(goods_ids))
+    query = select(goods.c.id, column).where(goods.c.id.in_(ids)).order_by(goods.c.id)
+    got = dict(conn.execute(locked(conn, query, skip_locked=True)).all())
+    missing = [i for i in ids if i not in got]
+    # A plain read takes no lock and waits for none: it only tells "locked" from "not there".
+    busy = set(conn.execute(select(goods.c.id).where(goods.c.id.in_(missing))).scalars()) if missing else set()
+    return got, busy
+
+
+def settle_goods(conn: Connection, column: Column, moves: Mapping[int, tuple[int, int]], fits) -> None:
+    """Lock the goods of ``moves`` (row id -> (goods id, delta)) and apply the deltas in one UPDATE.
+
+    Called last in a batch, so the goods rows are held only until the commit. Rows whose goods
+    someone else holds, or whose locked value no longer ``fits(current, total_delta)`` (it moved
+    since ``process`` read it), are Contended: the batch is done again without them.
+    """
+    deltas: dict[int, int] = defaultdict(int)
+    for goods_id, delta in moves.values():
+        deltas[goods_id] += delta
+    if not deltas:
+        return
+    current, busy = lock_goods(conn, deltas, column)
+    moved = {g for g, d in deltas.items() if g not in busy and (g not in current or not fits(current[g], d))}
+    if busy or moved:
+        held = busy | moved
+        raise Contended(
+            {rid for rid, (goods_id, _) in moves.items() if goods_id in held},
+            f"GOODS_BUSY: goods {', '.join(map(str, sorted(held)[:5]))} locked by another transaction; will retry",
+        )
+    adjust_goods(conn, column, deltas)
+
+
+def adjust_goods(conn: Connection, column: Column, deltas: Mapping[int, int]) -> None:
+    """One aggregated UPDATE for the whole batch: ``column += delta`` per goods row."""
+    if deltas:
+        conn.execute(update(goods).where(goods.c.id.in_(list(deltas))).values({column: column + by_id(goods.c.id, dict(deltas), else_=0)}))
