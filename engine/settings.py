@@ -68,19 +68,27 @@ def validate_job(model: type[JobSettings], name: str, raw: Any) -> JobSettings:
     try:
         return model.model_validate({**raw, "name": name})
     except ValidationError as exc:
-        raise _first_error(key, exc) from None
+        raise config_error(key, exc) from None
 
 
-def _first_error(prefix: str, exc: ValidationError) -> ConfigError:
+_UNION_TAGS = frozenset({"float", "int", "str", "bool", "constrained-float", "constrained-int", "constrained-str"})
+
+
+def config_error(prefix: str, exc: ValidationError) -> ConfigError:
+    """pydantic's first complaint as one ConfigError naming the dotted key under ``prefix``."""
     error = exc.errors(include_url=False)[0]
     key = prefix
     for part in error["loc"]:
         if isinstance(part, int):
             key += f"[{part}]"
-        elif part not in ("float", "int", "constrained-float", "constrained-int"):  # union branch names
-            key += f".{part}"
+        elif part in _UNION_TAGS or "[" in str(part):
+            continue  # which branch of a union (float | int) or validator complained: not a key
+        else:
+            key += f".{part}" if key else str(part)
     if error["type"] == "extra_forbidden":
         return ConfigError(key, "unknown key")
+    if error["type"] == "value_error":  # our own validators: their message says it all
+        return ConfigError(key, str(error["ctx"]["error"]))
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list, tuple)) else f", got {given!r}"
     return ConfigError(key, f"{error['msg'][0].lower()}{error['msg'][1:]}{shown}")
