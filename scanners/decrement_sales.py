@@ -28,14 +28,7 @@ g = goods.c
 
 class DecrementSales(StageDefaults):
     name = "decrement_sales"
-    flags = Flags(
-        table=goods_order2,
-        scanned=o.sales_scanned,
-        success=o.sales_success,
-        attempts=o.sales_attempts,
-        next_attempt_at=o.sales_next_attempt_at,
-        last_error=o.sales_last_error,
-    )
+    flags = Flags.on(goods_order2, "sales", retry="sales")
 
     pending_since = o.refunded_at
 

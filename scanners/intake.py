@@ -79,14 +79,7 @@ def reject(code: str) -> Failed:
 
 class Intake(StageDefaults):
     name = "intake"
-    flags = Flags(
-        table=req_order_ops,
-        scanned=req_order_ops.c.scanned,
-        success=req_order_ops.c.success,
-        attempts=req_order_ops.c.attempts,
-        next_attempt_at=req_order_ops.c.next_attempt_at,
-        last_error=req_order_ops.c.last_error,
-    )
+    flags = Flags.on(req_order_ops)
     feeds = ("submit_refund", "restore_stock")
     failed_note = "request(s) rejected with a result code (req_order_ops.result_code)"
     rejections_are_routine = True

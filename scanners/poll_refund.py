@@ -61,16 +61,7 @@ class PollRefund(StageDefaults):
     feeds = ("sync_result",)
     failed_note = None
     endpoint = "query"
-    flags = Flags(
-        table=refund_order,
-        scanned=r.progress_scanned,
-        success=r.progress_success,
-        attempts=r.attempts,
-        next_attempt_at=r.next_attempt_at,
-        last_error=r.last_error,
-        lease_owner=r.lease_owner,
-        lease_until=r.lease_until,
-    )
+    flags = Flags.on(refund_order, "progress", leased=True)
 
     def __init__(self, poll_delays_seconds: Sequence[float]):
         self.poll_delays = tuple(poll_delays_seconds)

@@ -28,14 +28,7 @@ UINT_MAX = 2**32 - 1
 
 class RestoreStock(StageDefaults):
     name = "restore_stock"
-    flags = Flags(
-        table=goods_order2,
-        scanned=o.stock_scanned,
-        success=o.stock_success,
-        attempts=o.stock_attempts,
-        next_attempt_at=o.stock_next_attempt_at,
-        last_error=o.stock_last_error,
-    )
+    flags = Flags.on(goods_order2, "stock", retry="stock")
 
     pending_since = o.cancelled_at
 

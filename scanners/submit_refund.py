@@ -89,16 +89,7 @@ class SubmitRefund(StageDefaults):
     kind = "gateway"
     settings = GatewayJobSettings
     endpoint = "apply"
-    flags = Flags(
-        table=refund_order,
-        scanned=r.submit_scanned,
-        success=r.submit_success,
-        attempts=r.attempts,
-        next_attempt_at=r.next_attempt_at,
-        last_error=r.last_error,
-        lease_owner=r.lease_owner,
-        lease_until=r.lease_until,
-    )
+    flags = Flags.on(refund_order, "submit", leased=True)
 
     pending_since = r.created_at
 

@@ -30,14 +30,7 @@ BUSY_RETRY = timedelta(seconds=1)
 class SyncResult(StageDefaults):
     name = "sync_result"
     feeds = ("restore_stock", "decrement_sales")
-    flags = Flags(
-        table=refund_order,
-        scanned=r.sync_scanned,
-        success=r.sync_success,
-        attempts=r.attempts,
-        next_attempt_at=r.next_attempt_at,
-        last_error=r.last_error,
-    )
+    flags = Flags.on(refund_order, "sync")
 
     pending_since = r.updated_at
     index_prefix = (r.progress_scanned == 1,)  # lets `status` count on idx_refund_order_sync_pending
