@@ -128,10 +128,13 @@ def run(obj: _Ctx, once: bool) -> None:
 
         daemon = Daemon(app)
         daemon.install_signal_handlers()
-        serve_notifications(app, daemon, stack)
-        daemon.start()
-        daemon.wait()
-        if not daemon.shutdown():
+        try:
+            serve_notifications(app, daemon, stack)
+            daemon.start()
+            daemon.wait()
+        finally:
+            clean = daemon.shutdown()  # also when starting failed: the heartbeat thread must stop
+        if not clean:
             # Calls still in flight would hold the interpreter's exit; their leases stay and
             # expire, and every stage is idempotent, so leaving now is safe and keeps the bound.
             sys.stdout.flush()

@@ -81,6 +81,11 @@ class WeChatConfig(_Section):
     timeout_seconds: tuple[Annotated[Positive, Field(le=300)], Annotated[Positive, Field(le=300)]] = DEFAULT_TIMEOUT_SECONDS
     sandbox: SandboxConfig = SandboxConfig()
 
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _empty_sandbox(cls, value: Any) -> Any:
+        return {} if value is None else value  # `sandbox:` with nothing under it: the defaults
+
     @field_validator("merchant_private_key_file", "platform_public_key_file", mode="before")
     @classmethod
     def _path(cls, value: Any) -> Any:

@@ -131,11 +131,14 @@ class Daemon:
         or wakes a consumer needs that lock, so the two would wait for each other.
         """
         self.runner.stop()
-        self.scheduler.pause()
+        started = self.scheduler.running  # not when start() itself failed
+        if started:
+            self.scheduler.pause()
         deadline = time.monotonic() + self.config.shutdown_timeout_seconds
         with self._idle:
             clean = self._idle.wait_for(lambda: self._active == 0, timeout=max(0.0, deadline - time.monotonic()))
-        self.scheduler.shutdown(wait=False)
+        if started:
+            self.scheduler.shutdown(wait=False)
         self.runner.registry.stop()
         released = 0
         if clean:

@@ -299,6 +299,9 @@ class Runner:
         commit. When some are held by someone else, a savepoint takes the batch back to before
         ``process``: those rows are answered Later and the rest is done again, without them.
         """
+        # Two rounds in practice: InnoDB keeps the row locks a rolled-back savepoint took, so the
+        # second round's goods are all ours already. More would mean a stage whose finish touches
+        # rows its first round did not: roll back and retry the batch rather than loop.
         contended: dict[int, Outcome] = {}
         for _ in range(MAX_CONTENTION_ROUNDS):
             work = [r for r in rows if r.id not in contended]

@@ -31,7 +31,8 @@ class ConfigError(Exception):
         self.message = message
 
 
-Seconds = Annotated[StrictFloat | StrictInt, Field(ge=0)]  # YAML writes 5 as an int: both are seconds
+# YAML writes 5 as an int: both are seconds. At most a day: .inf would overflow a timedelta.
+Seconds = Annotated[StrictFloat | StrictInt, Field(ge=0, le=86_400)]
 Delays = Annotated[tuple[Seconds, ...], Field(min_length=1)]
 
 

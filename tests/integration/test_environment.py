@@ -251,3 +251,4 @@ def test_goods_rows_are_locked_only_at_the_end_and_a_row_taken_meanwhile_sends_i
     assert scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE event = 'STOCK_RESTORED'") == 20
     busy = rows(mysql_db, "SELECT stock_scanned, stock_attempts, stock_last_error FROM goods_order2 WHERE goods_id = 2")
     assert all((r["stock_scanned"], r["stock_attempts"]) == (0, 0) and r["stock_last_error"].startswith("GOODS_BUSY") for r in busy)
+

@@ -173,3 +173,21 @@ def test_plain_http_to_another_host_is_refused_naming_the_url_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_config(_live(tmp_path, base_url="http://10.1.2.3:8080"), env=GOOD_APIV3)
     assert err.value.key == "wechat.base_url"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"jobs": {"submit_refund": {"retry_delays_seconds": [5, float("inf")]}}}, "jobs.submit_refund.retry_delays_seconds[1]"),
+        ({"jobs": {"poll_refund": {"poll_delays_seconds": [float("inf")]}}}, "jobs.poll_refund.poll_delays_seconds[0]"),
+        ({"wechat": {"sandbox": {"success_delay_seconds": float("inf")}}}, "wechat.sandbox.success_delay_seconds"),
+    ],
+)
+def test_an_endless_delay_is_a_configuration_error_not_a_crash_later(raw, key):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, env=NO_ENV)
+    assert caught.value.key == key
+
+
+def test_an_empty_sandbox_section_means_the_defaults():
+    assert parse_config({"wechat": {"sandbox": None}}, env=NO_ENV).wechat.sandbox.port == 0
