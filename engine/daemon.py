@@ -235,8 +235,8 @@ class Daemon:
 
     def wake(self, name: str, after: float = 0.0) -> None:
         """Run ``name`` now, or ``after`` seconds from now if that is sooner than its next run."""
-        if name not in self._running or self._stopping():
-            return
+        if name not in self._running or self._stopping() or self._failures[name]:
+            return  # a stage backing off keeps its backoff: an early run would only fail again
         if after <= 0:
             with self._lock:
                 if self._running[name]:

@@ -179,7 +179,12 @@ class StageRegistry:
 
     def build(self, config: Any) -> dict[str, Any]:
         """Every stage, in flow order, configured from ``config``."""
-        return {cls.name: cls.from_config(config) for cls in self.classes}
+        stages = {cls.name: cls.from_config(config) for cls in self.classes}
+        for stage in stages.values():
+            unknown = set(stage.handoffs()) - set(self.names)
+            if unknown:
+                raise ValueError(f"stage {stage.name} hands off to unknown stages {sorted(unknown)}")
+        return stages
 
     def with_stage(self, cls: type) -> StageRegistry:
         """This registry with one more stage at the end (a plug-in, a test's throwaway stage)."""
