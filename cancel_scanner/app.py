@@ -89,11 +89,14 @@ def serve_notifications(app: App, daemon: Any, stack: ExitStack) -> Any:
         return None
     from gateway.notify import NotifyServer
 
-    poll = app.runner.stages["poll_refund"]
+    poll = next(stage for stage in app.runner.stages.values() if stage.takes_notifications)
     host, _, port = listen.rpartition(":")
 
     def on_refund(resource: dict) -> None:
-        if poll.poll_soon(app.db, resource["out_refund_no"], app.runner.clock()):
+        now = app.runner.clock()
+        with app.db.begin() as conn:
+            moved = poll.poll_soon(conn, resource["out_refund_no"], now)
+        if moved:
             daemon.wake(poll.name)
 
     notify = NotifyServer(app.gateway, on_refund, host=host, port=int(port))

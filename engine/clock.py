@@ -22,7 +22,6 @@ from typing import Callable
 from loguru import logger
 from sqlalchemy import Connection, Engine, text
 
-from engine.db import is_mysql
 
 # Past this our leases are still safe (they use the database's clock) but logs and anything
 # stamped locally drift from the database's: worth a warning.
@@ -60,7 +59,6 @@ class DbClock:
 
     def __init__(self, db: Engine):
         self.db = db
-        self._mysql = is_mysql(db)
 
     def __call__(self) -> datetime:
         with self.db.connect() as conn:

@@ -121,6 +121,7 @@ class StageDefaults:
     failed_note: ClassVar[str | None] = None
     index_prefix: ClassVar[tuple] = ()
     rejections_are_routine: ClassVar[bool] = False
+    takes_notifications: ClassVar[bool] = False  # a stage with poll_soon(conn, number, now)
 
     @classmethod
     def from_config(cls, config: Any) -> Any:

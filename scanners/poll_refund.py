@@ -61,6 +61,7 @@ class PollRefund(StageDefaults):
     feeds = ("sync_result",)
     failed_note = None
     endpoint = "query"
+    takes_notifications = True  # WeChat's refund notifications bring this stage's next poll forward
     flags = Flags.on(refund_order, "progress", leased=True)
 
     def __init__(self, poll_delays_seconds: Sequence[float]):
@@ -70,17 +71,16 @@ class PollRefund(StageDefaults):
     def from_config(cls, config) -> PollRefund:
         return cls(config.job(cls.name).poll_delays_seconds)
 
-    def poll_soon(self, db, out_refund_no: str, now: datetime) -> int:
+    def poll_soon(self, conn: Connection, out_refund_no: str, now: datetime) -> int:
         """A refund notification arrived: make that refund due for polling now (0 or 1 rows).
 
         The notification itself changes no money state: this stage reads the refund from WeChat
         and stays its only writer, so a forged or replayed notification can at most cause one
         extra query.
         """
-        with db.begin() as conn:
-            moved = conn.execute(
-                update(refund_order).where(r.out_refund_no == out_refund_no, *self.pending()).values(next_attempt_at=now)
-            ).rowcount
+        moved = conn.execute(
+            update(refund_order).where(r.out_refund_no == out_refund_no, *self.pending()).values(next_attempt_at=now)
+        ).rowcount
         logger.bind(stage=self.name, action="poll_soon", out_refund_no=out_refund_no, rows=moved).info("refund notification")
         return moved
 

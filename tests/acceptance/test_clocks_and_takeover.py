@@ -115,19 +115,28 @@ def leased_by_someone(db) -> int:
     return q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL AND submit_scanned = 0")
 
 
+def paid_orders_and_emulator(tmp_path, db, external_emulators, n: int, latency: tuple[float, float]):
+    """n paid orders cancelled, an emulator whose calls take ``latency``, and the baseline to check against."""
+    emu = external_emulators(tmp_path / "keys", latency=latency)
+    insert_goods(db, {g: (1000, 100_000) for g in (1, 2, 3)})
+    seed(db, 1, n)
+    return emu, Baseline.take(db)
+
+
+def wait_holding_leases(db, daemon) -> None:
+    wait_until(lambda: leased_by_someone(db), 60, f"{daemon.name} holds leases", until=lambda n: n > 0,
+               daemons=[daemon], interval=0.02)
+
+
 def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
-    emu = external_emulators(tmp_path / "keys", latency=(0.3, 0.6))
-    insert_goods(mysql_db, {g: (1000, 100_000) for g in (1, 2, 3)})
-    seed(mysql_db, 1, 120)
-    baseline = Baseline.take(mysql_db)
+    emu, baseline = paid_orders_and_emulator(tmp_path, mysql_db, external_emulators, 120, latency=(0.3, 0.6))
     jobs = fast_jobs(submit_refund={"batch_size": 40, "concurrency": 4, "lease_seconds": 120},
                      poll_refund={"lease_seconds": 120})
     config = daemon_config(mysql_url, emu, jobs=jobs)
     victim = daemons(tmp_path / "victim", config, emu.env(), name="victim").start()
-    wait_until(lambda: leased_by_someone(mysql_db), 60, "the victim holds leases", until=lambda n: n > 0,
-               daemons=[victim], interval=0.02)
+    wait_holding_leases(mysql_db, victim)
     victim.kill9()
     killed_at = time.monotonic()
     survivor = daemons(tmp_path / "survivor", config, emu.env(), name="survivor").start()
@@ -150,15 +159,11 @@ def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
 def test_a_daemon_paused_past_its_lease_sends_nothing_when_it_resumes(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
-    emu = external_emulators(tmp_path / "keys", latency=(0.2, 0.4))
-    insert_goods(mysql_db, {g: (1000, 100_000) for g in (1, 2, 3)})
-    seed(mysql_db, 1, 60)
-    baseline = Baseline.take(mysql_db)
+    emu, baseline = paid_orders_and_emulator(tmp_path, mysql_db, external_emulators, 60, latency=(0.2, 0.4))
     jobs = fast_jobs(submit_refund={"batch_size": 30, "concurrency": 2, "lease_seconds": 15})
     config = daemon_config(mysql_url, emu, jobs=jobs, wechat={"apply_qps": 5})
     paused = daemons(tmp_path / "paused", config, emu.env(), name="paused").start()
-    wait_until(lambda: leased_by_someone(mysql_db), 60, "leases held", until=lambda n: n > 0, daemons=[paused],
-               interval=0.02)
+    wait_holding_leases(mysql_db, paused)
     os.kill(paused.pid, signal.SIGSTOP)
     try:
         other = daemons(tmp_path / "other", config, emu.env(), name="other").start()

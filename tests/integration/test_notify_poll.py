@@ -17,7 +17,8 @@ def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
     arrived = threading.Event()
 
     def on_refund(resource):
-        PollRefund((1,)).poll_soon(world.db, resource["out_refund_no"], world.clock.now)
+        with world.db.begin() as conn:
+            PollRefund((1,)).poll_soon(conn, resource["out_refund_no"], world.clock.now)
         arrived.set()
 
     with NotifyServer(world.sandbox.gateway, on_refund).start() as server:
@@ -42,7 +43,8 @@ def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
 
 
 def test_a_notification_for_an_unknown_or_finished_refund_moves_nothing(world):
-    assert PollRefund((1,)).poll_soon(world.db, "CSR999-1", world.clock.now) == 0
+    with world.db.begin() as conn:
+        assert PollRefund((1,)).poll_soon(conn, "CSR999-1", world.clock.now) == 0
 
 
 def test_the_daemon_serves_notifications_on_notify_listen_and_wakes_the_poll(world, db_url):
