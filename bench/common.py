@@ -1,7 +1,7 @@
 """What every benchmark shares: the throwaway MariaDB, fast seeding, the daemon and emulator
 as subprocesses, timing helpers and the RESULTS.md appender.
 
-The server is ``testbed.mariadb.MariaDBServer`` with its defaults, i.e. exactly as the
+The server is ``testsupport.mariadb.MariaDBServer`` with its defaults, i.e. exactly as the
 tests start it (``innodb_flush_log_at_trx_commit=2``, 256 MB buffer pool). Each
 measurement gets its own database on it, so one measurement's rows and undo do not
 slow the next (we also wait for InnoDB's purge to catch up between measurements).
@@ -39,10 +39,10 @@ import pymysql  # noqa: E402
 import yaml  # noqa: E402
 from sqlalchemy import Engine  # noqa: E402
 
-from engine.config import Config, parse_config  # noqa: E402
-from scanners import REGISTRY  # noqa: E402
-from engine.db import init_schema, make_engine  # noqa: E402
-from testbed.mariadb import MariaDBServer  # noqa: E402
+from cancel_scanner.engine.config import Config, parse_config  # noqa: E402
+from cancel_scanner.scanners import REGISTRY  # noqa: E402
+from cancel_scanner.engine.db import init_schema, make_engine  # noqa: E402
+from testsupport.mariadb import MariaDBServer  # noqa: E402
 from testsupport.waiting import timed_wait  # noqa: E402
 
 OUT_DIR = REPO / "bench" / "out"  # logs, configs, profiles, quick-run results (git-ignored)
@@ -467,7 +467,7 @@ def analyze(conn) -> None:
 
 def jobs(enabled: Iterable[str] | None = None, **overrides: dict) -> dict:
     """jobs.yaml's defaults (interval 2 s, batch 500 / 200, concurrency 16); only ``enabled`` stages on."""
-    from engine.config import STAGES
+    from cancel_scanner.engine.config import STAGES
 
     default = yaml.safe_load((REPO / "jobs.yaml").read_text(encoding="utf-8"))["jobs"]
     out = {}
@@ -611,7 +611,7 @@ class DaemonProcess:
         self.config_path.write_text(yaml.safe_dump(self.raw, sort_keys=False), encoding="utf-8")
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--config", str(self.config_path), "--log-level", self.log_level, "run"],
+            [sys.executable, "-m", "cancel_scanner.cli", "--config", str(self.config_path), "--log-level", self.log_level, "run"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
         )

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loguru import logger  # noqa: E402
 
-from gateway.emulator import Emulator, FaultPlan  # noqa: E402
-from gateway.keys import generate_key_material  # noqa: E402
+from cancel_scanner.gateway.emulator import Emulator, FaultPlan  # noqa: E402
+from cancel_scanner.gateway.keys import generate_key_material  # noqa: E402
 
 REQUEST_LOG_ROWS = 2_000_000
 

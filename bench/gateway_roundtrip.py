@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from loguru import logger
 
-from gateway.contract import Accepted, RefundRequest
-from gateway.sandbox import start_sandbox
+from cancel_scanner.gateway.contract import Accepted, RefundRequest
+from cancel_scanner.gateway.sandbox import start_sandbox
 
 HUGE_QPS = 1_000_000
 

@@ -57,7 +57,7 @@ DRAIN_STALL_SECONDS = 120.0
 
 def latency_check(emulator: EmulatorProcess, calls: int = 20) -> float:
     """Median seconds of one query, sequential, through the real client: proves the latency is there."""
-    from gateway.wechat import WeChatPayGateway
+    from cancel_scanner.gateway.wechat import WeChatPayGateway
 
     i = emulator.info
     gateway = WeChatPayGateway(
@@ -118,9 +118,9 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
 
     from bench.common import REGISTRY, parse_config, profiled_drain
     from cancel_scanner.app import build_gateway
-    from engine.db import make_engine
-    from engine.runner import Runner
-    from scanners import build_stages
+    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.scanners import build_stages
 
     env = emulator.env()
     config = parse_config({"database_url": url, "wechat": emulator.wechat(), "jobs": jobs(enabled=[stage])}, REGISTRY, env=env)

@@ -64,8 +64,8 @@ def seed_finished(conn, rows: int) -> None:
 
 def polling_queries(config, engine):
     """(stage, SQL, params): each stage's ready query as the runner sends it to MariaDB."""
-    from engine.runner import utcnow
-    from scanners import build_stages
+    from cancel_scanner.engine.runner import utcnow
+    from cancel_scanner.scanners import build_stages
 
     now = utcnow()
     for name, stage in build_stages(config).items():
@@ -120,8 +120,8 @@ def main() -> int:
     seconds = args.seconds or (20.0 if args.quick else 60.0)
     report = Report(f"Idle cost and table growth: {big_rows:,} vs {small_rows:,} finished rows per table")
 
-    from engine.runner import Runner
-    from scanners import build_stages
+    from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.scanners import build_stages
 
     with Bench() as bench:
         report.machine_before = machine(bench.server)

@@ -48,8 +48,8 @@ def main() -> int:
     batches = args.batches or (40 if args.quick else 120)
     report = Report(f"Memory: {batches} batches of random size 1..{MAX_BATCH} per database stage, one process")
 
-    from engine.runner import Runner
-    from scanners import build_stages
+    from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.scanners import build_stages
 
     rows, peak = [], 0.0
     with Bench() as bench:

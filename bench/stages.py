@@ -204,9 +204,9 @@ def drain_with_daemon(
 
 def profile_in_process(url: str, stage: str, n: int) -> tuple[float, Path | None]:
     """Drain again in this process (a Runner, as the daemon's tick does), under pyinstrument if installed."""
-    from engine.db import make_engine
-    from engine.runner import Runner
-    from scanners import build_stages
+    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.scanners import build_stages
 
     from bench.common import profiled_drain, sandbox_config
 

@@ -60,8 +60,8 @@ def main() -> int:
     batches = args.batches or (5 if args.quick else 20)
     report = Report(f"Server time per statement in one batch: {batches} batches of each database stage, {n:,} rows seeded")
 
-    from engine.runner import Runner
-    from scanners import build_stages
+    from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.scanners import build_stages
 
     with Bench() as bench:
         report.machine_before = machine(bench.server)

@@ -65,7 +65,7 @@ from bench.common import (  # noqa: E402
     sql,
     wait_for_purge,
 )
-from engine.registry import DEFAULT_TAKEOVER_SECONDS  # noqa: E402
+from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS  # noqa: E402
 from tests.acceptance.harness import (  # noqa: E402
     DaemonProcess,
     ExternalEmulator,

@@ -14,17 +14,17 @@ from typing import Any
 from loguru import logger
 from sqlalchemy import Engine, inspect
 
-from engine.config import ENV_APIV3_KEY, Config, ConfigError
-from engine.db import make_engine
-from engine.runner import Hooks, Runner
-from models import metadata
-from scanners import build_stages
+from cancel_scanner.engine.config import ENV_APIV3_KEY, Config, ConfigError
+from cancel_scanner.engine.db import make_engine
+from cancel_scanner.engine.runner import Hooks, Runner
+from cancel_scanner.models import metadata
+from cancel_scanner.scanners import build_stages
 
 
 def build_gateway(config: Config, stack: ExitStack) -> Any:
     wechat = config.wechat
     if wechat.mode == "sandbox":
-        from gateway.sandbox import start_sandbox
+        from cancel_scanner.gateway.sandbox import start_sandbox
 
         sandbox = start_sandbox(
             success_delay=wechat.sandbox.success_delay_seconds,
@@ -39,7 +39,7 @@ def build_gateway(config: Config, stack: ExitStack) -> Any:
             "sandbox gateway: emulator at {} (no money moves)", sandbox.emulator.base_url
         )
         return sandbox
-    from gateway.wechat import GatewaySetupError, WeChatPayGateway
+    from cancel_scanner.gateway.wechat import GatewaySetupError, WeChatPayGateway
 
     try:
         gateway = WeChatPayGateway(
@@ -87,7 +87,7 @@ def serve_notifications(app: App, daemon: Any, stack: ExitStack) -> Any:
     listen = app.config.wechat.notify_listen
     if not listen:
         return None
-    from gateway.notify import NotifyServer
+    from cancel_scanner.gateway.notify import NotifyServer
 
     poll = next(stage for stage in app.runner.stages.values() if stage.takes_notifications)
     host, _, port = listen.rpartition(":")

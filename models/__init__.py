@@ -1,6 +1,6 @@
 """Typed SQLAlchemy 2.0 tables of the contract; ``sql/schema.sql`` is their MySQL twin."""
 
-from models.tables import (
+from cancel_scanner.models.tables import (
     Base,
     Goods,
     GoodsOrder,

@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import CheckConstraint, Index, MetaData, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.types import Flag, Id, RefId, SignedInt, Timestamp3, UInt, now3
+from cancel_scanner.models.types import Flag, Id, RefId, SignedInt, Timestamp3, UInt, now3
 
 NAMING = {
     "ix": "idx_%(table_name)s_%(column_0_name)s",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from engine.stage import StageRegistry
-from scanners.decrement_sales import DecrementSales
-from scanners.intake import Intake
-from scanners.poll_refund import PollRefund
-from scanners.restore_stock import RestoreStock
-from scanners.submit_refund import SubmitRefund
-from scanners.sync_result import SyncResult
+from cancel_scanner.engine.stage import StageRegistry
+from cancel_scanner.scanners.decrement_sales import DecrementSales
+from cancel_scanner.scanners.intake import Intake
+from cancel_scanner.scanners.poll_refund import PollRefund
+from cancel_scanner.scanners.restore_stock import RestoreStock
+from cancel_scanner.scanners.submit_refund import SubmitRefund
+from cancel_scanner.scanners.sync_result import SyncResult
 
 REGISTRY = StageRegistry([Intake, SubmitRefund, PollRefund, SyncResult, RestoreStock, DecrementSales])
 

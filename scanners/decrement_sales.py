@@ -17,10 +17,10 @@ from typing import Sequence
 
 from sqlalchemy import Connection, Row, or_, select
 
-from engine.outcome import Done, Failed, Outcome
-from engine.stage import Flags, StageDefaults
-from models import goods, goods_order2
-from scanners.shop import read_goods, settle_goods, write_oplog
+from cancel_scanner.engine.outcome import Done, Failed, Outcome
+from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.models import goods, goods_order2
+from cancel_scanner.scanners.shop import read_goods, settle_goods, write_oplog
 
 o = goods_order2.c
 g = goods.c

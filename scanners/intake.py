@@ -13,11 +13,11 @@ from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, Row, insert, or_, select, update
 
-from engine.outcome import Done, Failed, Later, Outcome
-from engine.sql import locked
-from engine.stage import Flags, StageDefaults
-from models import goods_order2, refund_order, req_order_ops
-from scanners.shop import write_oplog
+from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
+from cancel_scanner.engine.sql import locked
+from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.models import goods_order2, refund_order, req_order_ops
+from cancel_scanner.scanners.shop import write_oplog
 
 CANCEL_SOURCES = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER"}
 REFUND_WINDOW = timedelta(days=365)  # WeChat refunds only within one year of payment

@@ -20,13 +20,13 @@ from typing import Any, Callable, Mapping, Sequence
 from loguru import logger
 from sqlalchemy import Connection, Row, func, or_, select, update
 
-import gateway.contract as gw
-from engine.outcome import Done, Failed, Later, Outcome
-from engine.sql import update_rows
-from engine.settings import Delays, GatewayJobSettings
-from engine.stage import Flags, StageDefaults
-from models import refund_order
-from scanners.submit_refund import MISMATCHED, matches, outcome_for
+import cancel_scanner.gateway.contract as gw
+from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
+from cancel_scanner.engine.sql import update_rows
+from cancel_scanner.engine.settings import Delays, GatewayJobSettings
+from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.models import refund_order
+from cancel_scanner.scanners.submit_refund import MISMATCHED, matches, outcome_for
 
 r = refund_order.c
 ABNORMAL_NOTE = "ABNORMAL: the user's bank card or account is frozen or closed; the merchant must act"

@@ -10,9 +10,9 @@ from typing import Iterable, Mapping
 
 from sqlalchemy import Column, Connection, insert, select, update
 
-from engine.outcome import Contended, clip
-from engine.sql import by_id, locked
-from models import goods, oplog
+from cancel_scanner.engine.outcome import Contended, clip
+from cancel_scanner.engine.sql import by_id, locked
+from cancel_scanner.models import goods, oplog
 
 
 def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]]) -> int:

@@ -25,13 +25,13 @@ from typing import Any, Callable, Mapping, Sequence
 from loguru import logger
 from sqlalchemy import Connection, Row, or_, select
 
-import gateway.contract as gw
-from engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
-from engine.sql import update_rows
-from engine.settings import GatewayJobSettings
-from engine.stage import Flags, StageDefaults
-from models import refund_order
-from scanners.shop import write_oplog
+import cancel_scanner.gateway.contract as gw
+from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
+from cancel_scanner.engine.sql import update_rows
+from cancel_scanner.engine.settings import GatewayJobSettings
+from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.models import refund_order
+from cancel_scanner.scanners.shop import write_oplog
 
 r = refund_order.c
 MISMATCHED = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")

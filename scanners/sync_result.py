@@ -15,12 +15,12 @@ from typing import Sequence
 
 from sqlalchemy import Connection, Row, select, update
 
-from engine.outcome import Done, Failed, Later, Outcome
-from engine.sql import by_id, locked
-from engine.stage import Flags, StageDefaults
-from models import goods_order2, refund_order
-from scanners.poll_refund import CONFLICTING_ANSWERS
-from scanners.shop import write_oplog
+from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
+from cancel_scanner.engine.sql import by_id, locked
+from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.models import goods_order2, refund_order
+from cancel_scanner.scanners.poll_refund import CONFLICTING_ANSWERS
+from cancel_scanner.scanners.shop import write_oplog
 
 r = refund_order.c
 o = goods_order2.c

@@ -1,6 +1,6 @@
 """Fixtures shared by every test: the databases (SQLite and a real MariaDB) and the gateway.
 
-MariaDB comes from ``testbed.mariadb`` (a throwaway server started once per session),
+MariaDB comes from ``testsupport.mariadb`` (a throwaway server started once per session),
 or from ``CANCEL_SCANNER_TEST_MYSQL_URL``. Without one, MariaDB tests skip locally and
 FAIL under ``CI=true``: a green CI must have run them.
 """
@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from engine.db import init_schema, make_engine
+from cancel_scanner.engine.db import init_schema, make_engine
 
 pytest_plugins = ["tests.gateway_fixtures"]
 
@@ -34,7 +34,7 @@ def mysql_admin_url():
     if os.environ.get(ENV_MYSQL_URL):
         yield make_url(os.environ[ENV_MYSQL_URL]).set(database="").render_as_string(hide_password=False)
         return
-    from testbed.mariadb import MariaDBServer, MariaDBUnavailable, find_mariadbd
+    from testsupport.mariadb import MariaDBServer, MariaDBUnavailable, find_mariadbd
 
     if find_mariadbd() is None:
         _unavailable("mariadbd not found (install mariadb-server, or set CANCEL_SCANNER_TEST_MYSQL_URL)")
@@ -96,7 +96,7 @@ def mysql_db(mysql_url):
 @pytest.fixture
 def sandbox():
     """The emulator and the real WeChat Pay client over HTTP; refunds succeed on their first poll."""
-    from gateway.sandbox import start_sandbox
+    from cancel_scanner.gateway.sandbox import start_sandbox
 
     sb = start_sandbox(
         success_delay=0,

@@ -14,12 +14,12 @@ from typing import Any
 
 from sqlalchemy import Engine, select, text
 
-import models
+from cancel_scanner import models
 
-from engine.config import Config, parse_config
-from engine.runner import Hooks, Runner
-from engine.status import collect_status
-from scanners import REGISTRY, build_stages
+from cancel_scanner.engine.config import Config, parse_config
+from cancel_scanner.engine.runner import Hooks, Runner
+from cancel_scanner.engine.status import collect_status
+from cancel_scanner.scanners import REGISTRY, build_stages
 from testsupport import shop
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)

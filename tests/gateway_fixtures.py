@@ -16,10 +16,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from gateway.emulator import Emulator
-from gateway.keys import KeyMaterial, generate_key_material
-from gateway.sandbox import client_for
-from gateway.wechat import WeChatPayGateway
+from cancel_scanner.gateway.emulator import Emulator
+from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
+from cancel_scanner.gateway.sandbox import client_for
+from cancel_scanner.gateway.wechat import WeChatPayGateway
 
 TEST_TIMEOUT_SECONDS = (1.0, 1.0)  # connect, read: a lost answer fails a test in a second, not fifteen
 STRAY_HOST = "127.0.0.2"  # another loopback host: where a redirect points, and where nothing may arrive

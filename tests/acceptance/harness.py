@@ -30,9 +30,9 @@ import yaml
 from loguru import logger
 from sqlalchemy import Engine, text
 
-from gateway.emulator import Emulator, FaultPlan
-from gateway.keys import KeyMaterial, generate_key_material
-from scanners import REGISTRY
+from cancel_scanner.gateway.emulator import Emulator, FaultPlan
+from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
+from cancel_scanner.scanners import REGISTRY
 from testsupport.shop import goods_row, insert_goods_rows, insert_orders, insert_requests, order_row, request_cancel, utcnow
 from testsupport.waiting import wait_until
 
@@ -455,11 +455,11 @@ class LogFollower:
 def quiet_emulator_logs() -> None:
     """The emulator logs every request at DEBUG, and a traceback for every client killed mid-request:
     thousands of lines in the test's own output. Daemons keep their logs in files; this is only the far end."""
-    logger.disable("gateway.emulator")
+    logger.disable("cancel_scanner.gateway.emulator")
 
 
 def loud_emulator_logs() -> None:
-    logger.enable("gateway.emulator")
+    logger.enable("cancel_scanner.gateway.emulator")
 
 
 # --- the shop's rows, written as the shop writes them (testsupport.shop) --------------------------

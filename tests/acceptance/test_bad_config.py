@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pytest
 from sqlalchemy import create_engine, text
 
-from gateway.keys import KeyMaterial, generate_key_material
+from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from tests.acceptance.harness import (
     SHUTDOWN_TIMEOUT_SECONDS,
     Baseline,

@@ -187,7 +187,7 @@ def test_the_emulator_takes_a_burst_of_new_connections_without_connect_timeouts(
     """The live client (as the daemon builds it, 1 s connect timeout) opening 64 connections at once, 5 times."""
     import threading
 
-    from gateway.wechat import WeChatPayGateway
+    from cancel_scanner.gateway.wechat import WeChatPayGateway
 
     emu = external_emulators(tmp_path / "keys")
     keys = emu.keys

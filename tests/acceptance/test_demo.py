@@ -18,8 +18,8 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from engine.db import make_engine
-from demo import DEFAULT_ORDERS, plan_demo
+from cancel_scanner.engine.db import make_engine
+from cancel_scanner.demo import DEFAULT_ORDERS, plan_demo
 from tests.flow import pending
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def run_demo(cwd: Path, *args: str, env: dict[str, str] | None = None) -> tuple[
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8", "TMPDIR": str(cwd), **(env or {})}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "demo", *args],
+        [sys.executable, "-m", "cancel_scanner.cli", "demo", *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

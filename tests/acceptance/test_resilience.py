@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from engine.db import init_schema, make_engine
+from cancel_scanner.engine.db import init_schema, make_engine
 from tests.acceptance.harness import (
     SHUTDOWN_TIMEOUT_SECONDS,
     SOAK,
@@ -219,7 +219,7 @@ class OutageRun:
     """One run of the outage scenario, shared by the tests that judge it (they only read)."""
 
     def __init__(self, tmp: Path):
-        from testbed.mariadb import MariaDBServer, find_mariadbd
+        from testsupport.mariadb import MariaDBServer, find_mariadbd
 
         if find_mariadbd() is None:  # like tests/conftest.py: skip locally, fail under CI=true
             reason = "mariadbd not found: the outage scenario needs a MariaDB server of its own to stop and start"

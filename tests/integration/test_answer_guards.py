@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from engine.db import init_schema, make_engine
-from engine.outcome import Failed
-from engine.runner import Runner
-from gateway.contract import Accepted, Refund
-from models import refund_order
-from scanners import build_stages
-from scanners.poll_refund import PollRefund
-from scanners.submit_refund import Attempt, SubmitRefund
+from cancel_scanner.engine.db import init_schema, make_engine
+from cancel_scanner.engine.outcome import Failed
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.gateway.contract import Accepted, Refund
+from cancel_scanner.models import refund_order
+from cancel_scanner.scanners import build_stages
+from cancel_scanner.scanners.poll_refund import PollRefund
+from cancel_scanner.scanners.submit_refund import Attempt, SubmitRefund
 from tests.flow import T0, add_goods, add_order, request_cancel, test_config
 
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from engine.runner import Hooks
+from cancel_scanner.engine.runner import Hooks
 from tests.flow import World, add_goods, add_order, checksum, pending, request_cancel, rows, scalar, test_config
 
 pytestmark = pytest.mark.mysql

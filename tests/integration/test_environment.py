@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from engine.db import init_schema, make_engine
-from engine.runner import Runner
-from scanners import build_stages
+from cancel_scanner.engine.db import init_schema, make_engine
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.scanners import build_stages
 from tests.flow import T0, add_goods, add_order, request_cancel, row, rows, scalar, test_config
 
 
@@ -212,7 +212,7 @@ def test_the_failed_view_gives_each_row_its_own_reason(mysql_db, mysql_url):
 def test_goods_rows_are_locked_only_at_the_end_and_a_row_taken_meanwhile_sends_its_orders_round_again(mysql_db, mysql_url):
     """While restore_stock works out its batch the shop can still lock a goods row at once; when it
     does, that goods' orders are answered Later and the batch is done again without them."""
-    from scanners.restore_stock import RestoreStock
+    from cancel_scanner.scanners.restore_stock import RestoreStock
 
     add_goods(mysql_db, 1, stock=0)
     add_goods(mysql_db, 2, stock=0)

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from engine.runner import Hooks
-from scanners.intake import out_refund_no_for
+from cancel_scanner.engine.runner import Hooks
+from cancel_scanner.scanners.intake import out_refund_no_for
 from tests.flow import add_goods, add_order, checksum, pending, refunds, request_cancel, row, rows, scalar
 
 
@@ -271,7 +271,7 @@ def test_a_daemon_whose_lease_was_taken_over_drops_its_answer_and_the_new_holder
 
 
 def test_an_operator_requeues_a_refund_that_gave_up_and_it_completes_with_the_same_number(world):
-    from engine.requeue import requeue
+    from cancel_scanner.engine.requeue import requeue
 
     add_goods(world.db, 1)
     add_order(world.db, 307)

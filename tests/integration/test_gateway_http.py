@@ -31,11 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 from loguru import logger
 
-from gateway.contract import Accepted, ConfigError, NotSent, Permanent, RefundRequest, RetryLater, UnknownOutcome
-from gateway.emulator import REFUNDS_PATH, Emulator, FaultPlan
-from gateway.keys import generate_key_material
-from gateway.transport import new_session, send_within
-from gateway.wechat import MAX_ANSWER_BYTES
+from cancel_scanner.gateway.contract import Accepted, ConfigError, NotSent, Permanent, RefundRequest, RetryLater, UnknownOutcome
+from cancel_scanner.gateway.emulator import REFUNDS_PATH, Emulator, FaultPlan
+from cancel_scanner.gateway.keys import generate_key_material
+from cancel_scanner.gateway.transport import new_session, send_within
+from cancel_scanner.gateway.wechat import MAX_ANSWER_BYTES
 from tests.gateway_fixtures import build_gateway
 
 PAID = 1280
@@ -743,7 +743,7 @@ def test_the_emulator_command_prints_where_things_are_and_stops_cleanly_on_sigte
     key_dir = tmp_path / "keys"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; from gateway.emulator import serve; sys.exit(serve(key_dir={str(key_dir)!r}))"],
+        [sys.executable, "-c", f"import sys; from cancel_scanner.gateway.emulator import serve; sys.exit(serve(key_dir={str(key_dir)!r}))"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

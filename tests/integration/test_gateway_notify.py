@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from gateway.contract import RefundRequest
-from gateway.notify import NOTIFY_PATH, NotifyServer
+from cancel_scanner.gateway.contract import RefundRequest
+from cancel_scanner.gateway.notify import NOTIFY_PATH, NotifyServer
 
 DEADLINE_SECONDS = 10
 
@@ -376,9 +376,9 @@ def test_a_silent_or_trickling_client_is_cut_off_after_the_idle_timeout_while_ot
 # A NotifyServer in its own process, so its descriptor limit and thread count are its own.
 SERVER_SCRIPT = """
 import json, resource, sys, time
-from gateway.keys import KeyMaterial
-from gateway.notify import NotifyServer
-from gateway.sandbox import client_for
+from cancel_scanner.gateway.keys import KeyMaterial
+from cancel_scanner.gateway.notify import NotifyServer
+from cancel_scanner.gateway.sandbox import client_for
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 keys = KeyMaterial(**json.loads(sys.stdin.readline()))

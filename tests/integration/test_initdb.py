@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import inspect
 
-from engine.db import init_schema, make_engine
+from cancel_scanner.engine.db import init_schema, make_engine
 from tests.flow import TABLES
 
 

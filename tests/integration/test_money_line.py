@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.runner import Hooks
-from gateway.sandbox import client_for
-from scanners.intake import out_refund_no_for
+from cancel_scanner.engine.runner import Hooks
+from cancel_scanner.gateway.sandbox import client_for
+from cancel_scanner.scanners.intake import out_refund_no_for
 from tests.flow import add_goods, add_order, refunds, request_cancel, row, rows, scalar
 
 

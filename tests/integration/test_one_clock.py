@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import event
 
-from engine.clock import ClockWatch, DbClock, local_utcnow
-from engine.db import init_schema, make_engine
-from engine.runner import Runner
-from scanners import build_stages
+from cancel_scanner.engine.clock import ClockWatch, DbClock, local_utcnow
+from cancel_scanner.engine.db import init_schema, make_engine
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.scanners import build_stages
 from tests.flow import add_goods, add_order, refunds, request_cancel, test_config
 
 SERVER_TIME = datetime(2026, 11, 1, 12, 0, 0)

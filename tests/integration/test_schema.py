@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.dialects import mysql
 
-import models
-from engine.db import init_schema, schema_sql, split_sql
+from cancel_scanner import models
+from cancel_scanner.engine.db import init_schema, schema_sql, split_sql
 
 pytestmark = pytest.mark.mysql
 _INT_WIDTH = re.compile(r"\b(TINYINT|SMALLINT|INT|INTEGER|BIGINT)\(\d+\)")

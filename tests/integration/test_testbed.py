@@ -1,4 +1,4 @@
-"""The throwaway MariaDB of testbed/mariadb.py does what the other tests rely on."""
+"""The throwaway MariaDB of testsupport/mariadb.py does what the other tests rely on."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pymysql
 import pytest
 import sqlalchemy as sa
 
-from testbed.mariadb import MariaDBServer, find_mariadbd
+from testsupport.mariadb import MariaDBServer, find_mariadbd
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,7 +164,7 @@ def test_server_does_not_outlive_a_killed_test_process():
     require_mariadbd()
     script = (
         "import os, signal\n"
-        "from testbed.mariadb import MariaDBServer\n"
+        "from testsupport.mariadb import MariaDBServer\n"
         "srv = MariaDBServer().start()\n"
         "print(srv.folder, srv.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

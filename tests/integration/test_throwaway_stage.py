@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, SmallInteger, String, Table, func, insert, or_, select
 
-from engine.daemon import Daemon
-from engine.config import parse_config
-from engine.outcome import Done, Failed
-from engine.requeue import requeue
-from engine.runner import Runner
-from engine.stage import Flags, StageDefaults
-from engine.status import collect_status, format_status
-from scanners import REGISTRY
+from cancel_scanner.engine.daemon import Daemon
+from cancel_scanner.engine.config import parse_config
+from cancel_scanner.engine.outcome import Done, Failed
+from cancel_scanner.engine.requeue import requeue
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.engine.status import collect_status, format_status
+from cancel_scanner.scanners import REGISTRY
 from testsupport.waiting import wait_until
 
 chores = Table(

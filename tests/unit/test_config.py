@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError
-from engine.config import load_config as _load_config
-from engine.config import parse_config as _parse_config
-from scanners import REGISTRY
+from cancel_scanner.engine.config import ConfigError
+from cancel_scanner.engine.config import load_config as _load_config
+from cancel_scanner.engine.config import parse_config as _parse_config
+from cancel_scanner.scanners import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_ENV: dict[str, str] = {}
@@ -150,7 +150,7 @@ def test_every_loopback_address_the_config_accepts_the_gateway_accepts_too(tmp_p
     from contextlib import ExitStack
 
     from cancel_scanner.app import build_gateway
-    from gateway.keys import generate_key_material
+    from cancel_scanner.gateway.keys import generate_key_material
 
     keys = generate_key_material(tmp_path / "keys")
     raw = {

@@ -12,8 +12,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
-from engine.daemon import Daemon
-from engine.runner import BatchReport
+from cancel_scanner.engine.daemon import Daemon
+from cancel_scanner.engine.runner import BatchReport
 
 INTERVAL = 60.0
 

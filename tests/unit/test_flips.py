@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from engine.flips import flip_for
-from engine.outcome import Blocked, Done, Failed, Later, Retry
-from scanners.restore_stock import RestoreStock
+from cancel_scanner.engine.flips import flip_for
+from cancel_scanner.engine.outcome import Blocked, Done, Failed, Later, Retry
+from cancel_scanner.scanners.restore_stock import RestoreStock
 from tests.flow import test_config
 
 NOW = datetime(2026, 11, 1, 12, 0, 0)

@@ -8,8 +8,8 @@ from datetime import datetime
 import pytest
 import requests
 
-from gateway.classify import AnswerTooLarge, CallNotSent, UnverifiedResponse, classify, classify_exception
-from gateway.contract import (
+from cancel_scanner.gateway.classify import AnswerTooLarge, CallNotSent, UnverifiedResponse, classify, classify_exception
+from cancel_scanner.gateway.contract import (
     Accepted,
     ConfigError,
     NotSent,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from gateway.ratelimit import RateLimiter
+from cancel_scanner.gateway.ratelimit import RateLimiter
 
 
 class FakeTime:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scanners import REGISTRY
-from scanners.intake import Intake
+from cancel_scanner.scanners import REGISTRY
+from cancel_scanner.scanners.intake import Intake
 from tests.flow import test_config
 
 

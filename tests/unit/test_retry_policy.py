@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from engine.config import JobConfig
-from engine.outcome import Retry
-from engine.retry import GiveUp, RetryAt, decide
-from scanners.intake import out_refund_no_for, wechat_reason
-from scanners.poll_refund import next_poll_at
+from cancel_scanner.engine.config import JobConfig
+from cancel_scanner.engine.outcome import Retry
+from cancel_scanner.engine.retry import GiveUp, RetryAt, decide
+from cancel_scanner.scanners.intake import out_refund_no_for, wechat_reason
+from cancel_scanner.scanners.poll_refund import next_poll_at
 
 NOW = datetime(2026, 11, 22, 8, 0, 0)
 JOB = JobConfig(name="submit_refund", max_attempts=4, retry_delays_seconds=(5, 30, 120))

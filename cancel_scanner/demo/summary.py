@@ -1,0 +1,153 @@
+"""The demo's closing screen: what happened, the checks it can prove, and where to look next."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from cancel_scanner.demo.plan import Plan
+from cancel_scanner.demo.screen import WIDTH, fit, pad
+from cancel_scanner.demo.seed import goods_snapshot
+
+
+def yuan(fen: int) -> str:
+    return f"¥{fen / 100:,.2f}"
+
+
+def _rows(db: Engine, sql: str) -> list:
+    with db.connect() as conn:
+        return list(conn.execute(text(sql)).all())
+
+
+# Rejection codes in the contract's order; anything else after them.
+CODE_ORDER = ("ORDER_NOT_FOUND", "ALREADY_CANCELLED", "ORDER_SHIPPED", "ORDER_DELETED", "UNSUPPORTED_OP",
+              "BAD_AMOUNT", "DUPLICATE_REQUEST")
+LABEL, COUNT, AMOUNT = 26, 6, 12  # the summary's columns
+
+
+def _code_rank(code: str) -> tuple[int, str]:
+    return (CODE_ORDER.index(code) if code in CODE_ORDER else len(CODE_ORDER), code)
+
+
+def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) -> tuple[str, bool]:
+    """The closing screen, and whether every check held."""
+    lines: list[str] = []
+    problems: list[str] = []
+
+    def add(line: str = "") -> None:
+        lines.append(fit(line, WIDTH))
+
+    # Cancel requests: accepted, and rejected by code with the message the merchant reads.
+    reqs = _rows(
+        db,
+        "SELECT q.result_code, q.result_msg, o.pay_status FROM req_order_ops q"
+        " LEFT JOIN goods_order2 o ON o.id = q.order_id ORDER BY q.id",
+    )
+    accepted = [r for r in reqs if r.result_code == "OK"]
+    rejected = [r for r in reqs if r.result_code != "OK"]
+    paid_ok = sum(1 for r in accepted if r.pay_status == 1)
+    add(f"{'Cancel requests':{LABEL}}{'count':>{COUNT}}")
+    add(f"  {'accepted (OK)':{LABEL - 2}}{len(accepted):{COUNT}}   "
+        f"{paid_ok} paid: refund; {len(accepted) - paid_ok} unpaid: no refund")
+    add(f"  {'rejected':{LABEL - 2}}{len(rejected):{COUNT}}   code and the message the merchant reads:")
+    by_code: dict[str, list] = {}
+    for r in rejected:
+        by_code.setdefault(r.result_code or "(none)", []).append(r)
+    for code in sorted(by_code, key=_code_rank):
+        head = f"    {code:{LABEL - 4}}{len(by_code[code]):{COUNT}}   "
+        message = textwrap.wrap(by_code[code][0].result_msg or "", WIDTH - len(head)) or [""]
+        add(head + message[0])
+        for more in message[1:]:
+            add(" " * len(head) + more)
+    got = Counter(r.result_code for r in reqs)
+    want = Counter(r.expect for r in plan.requests)
+    if got != want:
+        problems.append(f"result codes {dict(got)} differ from the seeded cases {dict(want)}")
+
+    # Refunds by WeChat's final word.
+    refunds = _rows(db, "SELECT wx_status, COUNT(*) AS n, SUM(refund_amount) AS fen FROM refund_order GROUP BY wx_status")
+    notes = {"SUCCESS": "paid back to the user", "CLOSED": "no money moved: order FAILED,", "ABNORMAL": "merchant must act"}
+    add()
+    add(f"{'Refunds by WeChat status':{LABEL}}{'count':>{COUNT}}{'amount':>{AMOUNT}}")
+    for r in sorted(refunds, key=lambda r: (r.wx_status != "SUCCESS", r.wx_status or "")):
+        status = r.wx_status or "(no answer yet)"
+        add(f"  {status:{LABEL - 2}}{r.n:{COUNT}}{yuan(r.fen or 0):>{AMOUNT}}   {notes.get(r.wx_status, '')}")
+        if r.wx_status == "CLOSED":
+            add(" " * (LABEL + COUNT + AMOUNT + 3) + "stock and sales untouched")
+        if r.wx_status == "SUCCESS" and plan.orders_of("abnormal"):
+            add(" " * (LABEL + COUNT + AMOUNT + 3) + f"incl. {len(plan.orders_of('abnormal'))} that was ABNORMAL first")
+    add(f"  {'total':{LABEL - 2}}{sum(r.n for r in refunds):{COUNT}}{yuan(sum(r.fen or 0 for r in refunds)):>{AMOUNT}}")
+    success_fen = sum(r.fen or 0 for r in refunds if r.wx_status == "SUCCESS")
+
+    # Orders, as the shop's order system now sees them.
+    orders = _rows(
+        db,
+        "SELECT order_status, refund_status, is_deleted, COUNT(*) AS n FROM goods_order2"
+        " GROUP BY order_status, refund_status, is_deleted ORDER BY order_status, refund_status, is_deleted",
+    )
+    add()
+    add(f"{'Orders':18}{'refund_status':14}{'count':>{COUNT}}")
+    for r in orders:
+        label = f"{r.order_status}{' (deleted)' if r.is_deleted else ''}"
+        add(f"  {label:16}{r.refund_status:14}{r.n:{COUNT}}")
+
+    # Goods: what came back on the shelf, what no longer counts as sold.
+    after = goods_snapshot(db)
+    expected = plan.expected_goods()
+    add()
+    add(f"{'Goods':{LABEL + 2}}{'stock before → after':24}{'sales before → after'}")
+    for gid, (name, stock0, sales0) in sorted(before.items()):
+        _, stock1, sales1 = after[gid]
+        stock = f"{stock0:>5} → {stock1:<5}({stock1 - stock0:+d})"
+        sales = f"{sales0:>5} → {sales1:<5}({sales1 - sales0:+d})"
+        add(f"  {pad(name, LABEL)}{stock:24}{sales}")
+        if (stock1, sales1) != expected[gid]:
+            problems.append(f"goods {gid}: stock/sales {stock1}/{sales1}, expected {expected[gid][0]}/{expected[gid][1]}")
+
+    # The gateway's side: the proof that nothing was paid twice.
+    created = emulator.refunds_created
+    twice = sorted(no for no, n in created.items() if n > 1)
+    moved = sum(emulator.fen_refunded.values())
+    add()
+    add(f"WeChat Pay sandbox: {sum(created.values())} refunds created for {len(created)} refund numbers")
+    if twice:
+        add(f"  REFUND SENT TWICE: {', '.join(twice)}")
+        problems.append(f"refund numbers created more than once: {', '.join(twice)}")
+    else:
+        add("  no refund sent twice: each out_refund_no created exactly once")
+    if moved == success_fen:
+        add(f"  money moved {yuan(moved)} = refunds SUCCESS in the database")
+    else:
+        add(f"  MONEY MOVED {yuan(moved)}, but refunds SUCCESS in the database total {yuan(success_fen)}")
+        problems.append("money moved at the gateway differs from the refunds marked SUCCESS")
+
+    add()
+    if problems:
+        add("CHECKS FAILED:")
+        lines.extend(f"  {p}" for p in problems)
+    else:
+        add(f"All settled in {elapsed:.1f} s; every check passed.")
+    return "\n".join(lines) + "\n", not problems
+
+
+def _this_command() -> str:
+    """How the user started us, so the hint can be pasted: the console script, or python cli.py."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is None or argv0.suffix != ".py":
+        return "cancel-scanner"
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(argv0.resolve()))}"
+
+
+def where_to_look(db_file: Path, log_path: Path, warnings: int) -> str:
+    shown = f" ({warnings} warnings/errors shown above)" if warnings else ""
+    url = shlex.quote(f"sqlite:///{db_file}")
+    return (
+        f"\nDatabase  {db_file}\n"
+        f"  inspect it with:\n  CANCEL_SCANNER_DB_URL={url} {_this_command()} status\n"
+        f"Log       {log_path}{shown}\n"
+    )

@@ -1,0 +1,1 @@
+"""The engine: claims rows, runs stages in short transactions, retries, schedules."""

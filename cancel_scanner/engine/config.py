@@ -1,0 +1,282 @@
+"""jobs.yaml, parsed once into frozen, validated objects.
+
+Every problem is a ``ConfigError`` that names the key (``jobs.intake.batch_size``)
+so the CLI can print one line and exit 2. Secrets never live in the file: the
+APIv3 key comes from the environment, private keys from files, and neither is
+ever echoed in an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+
+from cancel_scanner.engine.net import is_safe_gateway_url
+from cancel_scanner.engine.settings import ConfigError, GatewayJobSettings, JobSettings, Seconds, config_error, validate_job
+
+ENV_CONFIG = "CANCEL_SCANNER_CONFIG"
+ENV_DB_URL = "CANCEL_SCANNER_DB_URL"
+ENV_ALLOW_SANDBOX = "CANCEL_SCANNER_ALLOW_SANDBOX"
+ENV_APIV3_KEY = "WECHATPAY_APIV3_KEY"
+DEFAULT_CONFIG_PATH = Path("jobs.yaml")
+
+# Defaults, each with its unit in the name.
+DEFAULT_DATABASE_URL = "sqlite:///cancel-scanner.db"
+LEASE_SAFETY_MARGIN_SECONDS = 2.0  # every gateway call is over this long before its lease ends
+DEFAULT_TAKEOVER_SECONDS = 10.0  # a process silent this long is dead: survivors release its leases
+DEFAULT_HEARTBEAT_SECONDS = 1.0
+DEFAULT_APPLY_QPS = 150.0
+DEFAULT_QUERY_QPS = 300.0
+DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
+DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS = 2.0
+WECHAT_DEFAULT_BASE_URL = "https://api.mch.weixin.qq.com"
+
+
+JobConfig = JobSettings  # what the engine reads of a stage's job; each stage may declare a richer model
+
+
+def _text(value: Any) -> Any:
+    # YAML reads an unquoted mchid as a number; it is still the text the merchant wrote.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    return value.strip() if isinstance(value, str) else value
+
+
+Text = Annotated[StrictStr, BeforeValidator(_text), Field(min_length=1)]
+Positive = Annotated[StrictFloat | StrictInt, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SandboxConfig(_Section):
+    port: Annotated[StrictInt, Field(ge=0, le=65_535)] = 0
+    success_delay_seconds: Seconds = DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS
+
+
+class WeChatConfig(_Section):
+    """The `wechat:` section. Shapes and types here; the rules of live mode in ``_check_live``."""
+
+    mode: Literal["sandbox", "live"] = "sandbox"
+    base_url: Text = WECHAT_DEFAULT_BASE_URL
+    mchid: Text = "1900000001"
+    appid: Text = "wx0000000000000000"
+    merchant_serial_no: Text | None = None
+    merchant_private_key_file: Path | None = None
+    platform_public_key_file: Path | None = None
+    platform_public_key_id: Text | None = None
+    notify_url: Text | None = None
+    notify_listen: Text | None = None
+    apply_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_APPLY_QPS
+    query_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_QUERY_QPS
+    timeout_seconds: tuple[Annotated[Positive, Field(le=300)], Annotated[Positive, Field(le=300)]] = DEFAULT_TIMEOUT_SECONDS
+    sandbox: SandboxConfig = SandboxConfig()
+
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _empty_sandbox(cls, value: Any) -> Any:
+        return {} if value is None else value  # `sandbox:` with nothing under it: the defaults
+
+    @field_validator("merchant_private_key_file", "platform_public_key_file", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        value = _text(value)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError("must be a file path")
+        return Path(value).expanduser() if value else None
+
+    @field_validator("notify_url")
+    @classmethod
+    def _https_without_query(cls, url: str | None) -> str | None:
+        parts = urlsplit(url) if url else None
+        if parts is not None and (parts.scheme != "https" or not parts.hostname or parts.query):
+            raise ValueError("must be an https URL without a query string")
+        return url
+
+    @field_validator("notify_listen")
+    @classmethod
+    def _host_port(cls, listen: str | None) -> str | None:
+        if listen is not None:
+            host, _, port = listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
+                raise ValueError(f"must be HOST:PORT, got {listen!r}")
+        return listen
+
+
+LogLevel = Annotated[Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"], BeforeValidator(
+    lambda v: v.strip().upper() if isinstance(v, str) else v
+)]
+
+
+class _TopLevel(_Section):
+    """The top level of jobs.yaml; `wechat` and `jobs` are validated by their own models."""
+
+    database_url: Text = DEFAULT_DATABASE_URL
+    wechat: Any = None
+    jobs: Any = None
+    log_json: StrictBool = False
+    log_level: LogLevel = "INFO"
+    shutdown_timeout_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    takeover_seconds: Annotated[StrictFloat | StrictInt, Field(ge=3, le=3_600)] = DEFAULT_TAKEOVER_SECONDS
+    heartbeat_seconds: Annotated[StrictFloat | StrictInt, Field(ge=0.1, le=600)] = DEFAULT_HEARTBEAT_SECONDS
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str = DEFAULT_DATABASE_URL
+    wechat: WeChatConfig = field(default_factory=WeChatConfig)
+    jobs: Mapping[str, JobSettings] = field(default_factory=lambda: MappingProxyType({}))
+    log_json: bool = False
+    log_level: str = "INFO"
+    shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    takeover_seconds: float = DEFAULT_TAKEOVER_SECONDS
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    source: str = "<defaults>"
+
+    def job(self, name: str) -> JobSettings:
+        return self.jobs[name]
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(data: dict, allowed: set[str], prefix: str) -> None:
+    for k in data:
+        if k not in allowed:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _readable(path: Path, key: str, base: Path) -> Path:
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ConfigError(key, f"file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(key, f"file not readable: {path}")
+    return path
+
+
+def _check_live(wechat: WeChatConfig, base: Path, env: Mapping[str, str]) -> WeChatConfig:
+    """Live mode's rules: a safe gateway URL, the keys WeChat needs, readable key files, the APIv3 key."""
+    parts = urlsplit(wechat.base_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError("wechat.base_url", f"must be an http(s) URL, got {wechat.base_url!r}")
+    if not is_safe_gateway_url(wechat.base_url):
+        raise ConfigError("wechat.base_url", "plain http is allowed only for loopback hosts; use https")
+    for name in ("merchant_serial_no", "platform_public_key_id", "merchant_private_key_file", "platform_public_key_file"):
+        if getattr(wechat, name) is None:
+            raise ConfigError(f"wechat.{name}", "required in live mode")
+    files = {
+        name: _readable(getattr(wechat, name), f"wechat.{name}", base)
+        for name in ("merchant_private_key_file", "platform_public_key_file")
+    }
+    if len(env.get(ENV_APIV3_KEY, "").encode()) != 32:
+        # Never echo the value: only whether it is there and how long it is.
+        raise ConfigError(ENV_APIV3_KEY, "must be set to the 32-byte APIv3 key in live mode")
+    return wechat.model_copy(update={"base_url": wechat.base_url.rstrip("/"), **files})
+
+
+def _validated(model: type[BaseModel], data: dict, prefix: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(prefix, exc) from None
+
+
+def parse_config(
+    raw: Any, stages: Any, *, source: str = "<memory>", base_dir: Path | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a loaded YAML document for ``stages`` (a StageRegistry). ``env`` defaults to ``os.environ``."""
+    env = os.environ if env is None else env
+    base = base_dir or Path.cwd()
+    data = _mapping(raw, "<top level>")
+    top = _validated(_TopLevel, data, "")
+    kw: dict[str, Any] = {
+        "source": source,
+        **{k: getattr(top, k) for k in ("log_json", "log_level", "shutdown_timeout_seconds", "takeover_seconds", "heartbeat_seconds")},
+    }
+    if top.heartbeat_seconds > top.takeover_seconds / 3:
+        raise ConfigError("heartbeat_seconds", f"must be at most a third of takeover_seconds ({top.takeover_seconds:g} s)")
+
+    url, key = (env[ENV_DB_URL], ENV_DB_URL) if env.get(ENV_DB_URL) else (top.database_url, "database_url")
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigError(key, "is not a valid SQLAlchemy URL") from None
+    if parsed.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
+        raise ConfigError(key, f"unsupported database {parsed.get_backend_name()!r}: use sqlite or mysql+pymysql")
+    kw["database_url"] = url
+
+    wechat = _validated(WeChatConfig, _mapping(top.wechat, "wechat"), "wechat")
+    if wechat.mode == "live":
+        wechat = _check_live(wechat, base, env)
+    elif not url.startswith("sqlite") and env.get(ENV_ALLOW_SANDBOX) != "1":
+        raise ConfigError(
+            "wechat.mode",
+            f"sandbox never moves money and refuses a non-SQLite database; set {ENV_ALLOW_SANDBOX}=1 if you mean it",
+        )
+    kw["wechat"] = wechat
+
+    data = {"jobs": top.jobs}
+    jobs_raw = _mapping(data.get("jobs"), "jobs")
+    _reject_unknown(jobs_raw, set(stages.names), "jobs")
+    jobs = {name: validate_job(stages.settings(name), name, jobs_raw.get(name)) for name in stages.names}
+    kw["jobs"] = MappingProxyType(jobs)
+    for name, job in jobs.items():
+        if isinstance(job, GatewayJobSettings):
+            # A call starts only if it can finish inside the lease; a shorter lease would start none.
+            need = sum(wechat.timeout_seconds) + LEASE_SAFETY_MARGIN_SECONDS
+            if job.lease_seconds <= need:
+                raise ConfigError(
+                    f"jobs.{name}.lease_seconds",
+                    f"must be more than wechat.timeout_seconds (connect + read) + {LEASE_SAFETY_MARGIN_SECONDS:g} s = {need:g}",
+                )
+    return Config(**kw)
+
+
+def resolve_config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path | None:
+    env = os.environ if env is None else env
+    if cli_path:
+        return Path(cli_path)
+    if env.get(ENV_CONFIG):
+        return Path(env[ENV_CONFIG])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_config(path: Path | None, stages: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate ``path``; with no path, the built-in defaults (sandbox, SQLite)."""
+    if path is None:
+        return parse_config({}, stages, source="<defaults>", env=env)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"is not valid YAML{where}") from None
+    return parse_config(raw, stages, source=str(path), base_dir=Path(path).resolve().parent, env=env)

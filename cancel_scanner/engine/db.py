@@ -1,0 +1,92 @@
+"""Database engines and schema creation, for SQLite and MySQL/MariaDB.
+
+The session settings here are load-bearing: UTC on every connection (the
+scanner stores and compares UTC times), strict SQL mode (so an UNSIGNED column
+errors instead of silently clamping to 0), READ COMMITTED (fewer gap locks
+between concurrent claimers) and a short lock wait (a locked row is skipped
+and retried later rather than stalling a whole batch).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+
+from cancel_scanner import models
+
+LOCK_WAIT_TIMEOUT_SECONDS = 5
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_MYSQL_INIT = (
+    "SET time_zone = '+00:00', "
+    "sql_mode = 'STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION', "
+    f"innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_SECONDS}"
+)
+
+
+def is_mysql(engine: Engine) -> bool:
+    return engine.dialect.name in ("mysql", "mariadb")
+
+
+def make_engine(url: str, *, pool_size: int = 8, echo: bool = False) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(
+        url,
+        echo=echo,
+        pool_pre_ping=True,  # a database that went away and came back costs one failed ping, not a crash
+        pool_recycle=3600,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        isolation_level="READ COMMITTED",
+        connect_args={"init_command": _MYSQL_INIT, "connect_timeout": 5, "read_timeout": 60, "write_timeout": 60},
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Take transactions into our own hands: pysqlite's implicit BEGIN is deferred, which
+        # lets two writers both read and then fail on upgrade. BEGIN IMMEDIATE takes the
+        # single write lock up front, so a claim is a claim.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def schema_sql() -> str:
+    """sql/schema.sql: packaged as engine/data/schema.sql (a link to it in the repository)."""
+    return resources.files("cancel_scanner.engine").joinpath("data/schema.sql").read_text(encoding="utf-8")
+
+
+def split_sql(script: str) -> list[str]:
+    """Statements of a plain DDL script: no procedures, so ';' at a line end ends one."""
+    body = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in re.split(r";\s*(?:\n|$)", body) if s.strip()]
+
+
+def init_schema(engine: Engine) -> list[str]:
+    """Create the tables (idempotent). MySQL runs sql/schema.sql; SQLite builds from the models."""
+    if is_mysql(engine):
+        with engine.begin() as conn:
+            for stmt in split_sql(schema_sql()):
+                conn.exec_driver_sql(stmt)
+    else:
+        models.metadata.create_all(engine)
+    return sorted(inspect(engine).get_table_names())
+
+
+def check_connection(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

@@ -1,0 +1,540 @@
+"""The one place that claims rows, opens transactions, applies outcomes and retries.
+
+Database stages: claim (FOR UPDATE SKIP LOCKED on MySQL; SQLite has one writer
+and BEGIN IMMEDIATE), run the stage, flip the flags, commit: one transaction.
+
+Gateway stages: named steps, and no transaction is open during an HTTP call.
+1. ``_lease``: claim as many rows as the pacer can send within the lease, lease
+   them (lease_owner, lease_until, both on the database's clock), commit;
+2. ``_call_all``: call the gateway with bounded concurrency. Every call carries a
+   deadline (the lease, and the registry's heartbeat window, whichever ends
+   first): the gateway sends it only if it can still finish by then, re-checks
+   right before the bytes leave, and cuts it off at the deadline. So a process
+   paused past its lease sends nothing when it resumes, and no two processes
+   ever have a call in flight for the same refund;
+3. ``_write_answers``: re-read the rows still leased to us (the fencing check:
+   a row taken over by another process drops our answer), write what the gateway
+   said, flip the flags, release the leases, commit. A crash before 3 leaves the
+   row leased until the registry releases it; any process then retries it with
+   the same out_refund_no, which the gateway answers with the original refund.
+
+Every flag flip is guarded by the value it expects (``scanned = 0``, and our
+lease for gateway stages); if fewer rows match than we claimed the whole
+transaction rolls back, so a stray second runner changes nothing.
+
+Time: every time the engine compares (due times, leases, heartbeats) comes from
+one clock, the database's (``engine.clock.DbClock``), read once per batch.
+Tests inject their own clock in its place.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from loguru import logger
+from sqlalchemy import Connection, Engine, Row, select, update
+
+from cancel_scanner.engine.clock import DbClock, local_utcnow
+from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
+from cancel_scanner.engine.db import is_mysql
+from cancel_scanner.engine.errors import describe_db_error, is_environment_db_error, is_transient_db_error
+from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Later, Outcome, Retry, clip
+from cancel_scanner.engine.flips import count_outcome, flip_for, log_outcome
+from cancel_scanner.engine.registry import Registry
+from cancel_scanner.engine.sql import update_rows
+from cancel_scanner.engine.stage import Stage
+
+MAX_IDLE_ROUNDS = 10_000
+MAX_CONTENTION_ROUNDS = 4  # a batch re-done without newly contended rows at most this often
+MIN_CALL_SECONDS = 1.0  # a call is not started with less time than this before its deadline
+utcnow = local_utcnow  # this host's clock: for display only, never for a comparison the engine makes
+
+
+class LostClaim(Exception):
+    """Fewer rows matched a guarded flag flip than were claimed: someone else got there first."""
+
+
+@dataclass
+class BatchReport:
+    stage: str
+    claimed: int = 0
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    later: int = 0
+    skipped: int = 0
+    blocked_rows: int = 0
+    batch_size: int = 0
+    error: str | None = None  # the batch rolled back (a transient database error): back off, retry
+    blocked: str | None = None  # the environment stops the stage (privileges, credentials): back off, alert
+    outcomes: dict[int, Outcome] = field(default_factory=dict, repr=False)
+
+    @property
+    def full(self) -> bool:
+        """The batch was full and all of it was worked: more rows are probably ready, run again at once."""
+        return (
+            self.error is None
+            and self.blocked is None
+            and self.batch_size > 0
+            and self.claimed >= self.batch_size
+            and not self.skipped
+        )
+
+    @property
+    def progressed(self) -> bool:
+        return bool(self.done or self.failed or self.retried or self.later)
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+
+@dataclass
+class Hooks:
+    """Test seams. Each is called inside the engine at the named moment; raising aborts the step."""
+
+    after_lease: Callable[[str, list[int]], None] | None = None
+    after_gateway_call: Callable[[str, Row, Any], None] | None = None
+    before_commit: Callable[[str, list[int]], None] | None = None
+
+
+class _CallCrashed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _NotStarted:
+    """The runner stopped before this row's call began."""
+
+
+_NOT_STARTED = _NotStarted()
+
+
+class Runner:
+    def __init__(
+        self,
+        db: Engine,
+        config: Config,
+        stages: Mapping[str, Stage],
+        gateway: Any = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        owner: str | None = None,
+        hooks: Hooks | None = None,
+        registry: Registry | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
+        self.db = db
+        self.config = config
+        self.stages = dict(stages)
+        self.gateway = gateway
+        self.clock = clock or DbClock(db)
+        self.hooks = hooks or Hooks()
+        self.monotonic = monotonic
+        self.registry = registry or Registry(
+            db,
+            self.clock,
+            self.lease_tables(),
+            takeover_seconds=config.takeover_seconds,
+            heartbeat_seconds=config.heartbeat_seconds,
+            monotonic=monotonic,
+            owner=owner,
+        )
+        self.stopping = threading.Event()
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._mysql = is_mysql(db)
+
+    @property
+    def owner(self) -> str:
+        """The lease owner this process writes now (a new one after it was declared dead)."""
+        return self.registry.owner
+
+    def lease_tables(self) -> list:
+        return sorted({s.flags.table for s in self.stages.values() if s.kind == "gateway"}, key=lambda t: t.name)
+
+    # --- public ---------------------------------------------------------------------------------
+
+    def run_stage(self, name: str, now: datetime | None = None) -> BatchReport:
+        """Run one batch of one stage. ``now`` fixes the clock for the whole batch (tests)."""
+        stage = self.stages[name]
+        job = self.config.job(name)
+        report = BatchReport(stage=name, batch_size=job.batch_size)
+        if self.stopping.is_set():
+            return report
+        log = logger.bind(stage=name)
+        try:
+            if stage.kind == "gateway":
+                self._run_gateway_stage(stage, job, now, report)
+            else:
+                self._run_db_stage(stage, job, now, report)
+        except Exception as exc:
+            if is_environment_db_error(exc):
+                report.blocked = describe_db_error(exc)
+            elif is_transient_db_error(exc) or isinstance(exc, LostClaim):
+                report.error = describe_db_error(exc) if not isinstance(exc, LostClaim) else f"LostClaim: {exc}"
+            else:
+                raise
+            # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
+            log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked)
+        if report.claimed:
+            log.bind(
+                action="batch",
+                claimed=report.claimed,
+                done=report.done,
+                failed=report.failed,
+                retried=report.retried,
+                later=report.later,
+                skipped=report.skipped,
+            ).info("batch finished")
+        return report
+
+    def run_until_idle(
+        self, now: datetime | None = None, stages: Iterable[str] | None = None, max_rounds: int = MAX_IDLE_ROUNDS
+    ) -> dict[str, BatchReport]:
+        """Run the stages in flow order until none has a ready row (at ``now``, if given)."""
+        names = [n for n in (stages or self.stages) if self.config.job(n).enabled]
+        totals = {n: BatchReport(stage=n) for n in names}
+        for _ in range(max_rounds):
+            progressed = False
+            for name in names:
+                while not self.stopping.is_set():
+                    report = self.run_stage(name, now)
+                    _accumulate(totals[name], report)
+                    if report.error or report.blocked:
+                        raise RuntimeError(f"stage {name} stopped: {report.error or report.blocked}")
+                    if report.progressed:
+                        progressed = True
+                    if not report.full:
+                        break
+            if not progressed or self.stopping.is_set():
+                return totals
+        raise RuntimeError(f"stages still busy after {max_rounds} rounds")
+
+    def stop(self) -> None:
+        """Stop claiming; calls not yet started are skipped and their leases released."""
+        self.stopping.set()
+
+    def release_leases(self) -> int:
+        """Give back every lease this runner holds (clean shutdown), and leave the registry."""
+        released = 0
+        for table in self.lease_tables():
+            with self.db.begin() as conn:
+                res = conn.execute(
+                    update(table).where(table.c.lease_owner == self.owner).values(lease_owner=None, lease_until=None)
+                )
+                released += res.rowcount or 0
+        self.registry.deregister()
+        return released
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools.clear()
+
+    # --- database stages ------------------------------------------------------------------------
+
+    def _claim(self, conn: Connection, stage: Stage, now: datetime, limit: int, only_id: int | None = None) -> list[Row]:
+        query = stage.ready(now, limit)
+        if only_id is not None:
+            query = query.where(stage.flags.id == only_id)
+        if self._mysql:
+            query = query.with_for_update(skip_locked=True)
+        return list(conn.execute(query).all())
+
+    def _run_db_stage(self, stage, job: JobConfig, now: datetime | None, report: BatchReport) -> None:
+        now = now or self.clock()
+        ids: list[int] = []
+        try:
+            with self.db.begin() as conn:
+                rows = self._claim(conn, stage, now, job.batch_size)
+                if not rows:
+                    return
+                ids = [r.id for r in rows]
+                self._process(conn, stage, job, rows, now, report)
+                if self.hooks.before_commit:
+                    self.hooks.before_commit(stage.name, ids)
+        except Exception as exc:
+            if _not_a_row_fault(exc) or not ids:
+                raise
+            # Not the database's fault: some row trips the stage. Find it one row at a time
+            # so the rest of the batch is not held hostage.
+            logger.bind(stage=stage.name, action="isolate", rows=len(ids)).warning(
+                "batch failed ({}), retrying its rows one by one", _first_line(exc)
+            )
+            _reset(report)
+            self._run_rows_one_by_one(stage, job, ids, now, report)
+
+    def _run_rows_one_by_one(self, stage, job: JobConfig, ids: list[int], now: datetime, report: BatchReport) -> None:
+        for rid in ids:
+            try:
+                with self.db.begin() as conn:
+                    rows = self._claim(conn, stage, now, 1, only_id=rid)
+                    if not rows:
+                        continue
+                    self._process(conn, stage, job, rows, now, report)
+                    if self.hooks.before_commit:
+                        self.hooks.before_commit(stage.name, [rid])
+            except Exception as exc:
+                if _not_a_row_fault(exc):
+                    raise
+                logger.opt(exception=exc).bind(stage=stage.name, row_id=rid, action="row_crashed").warning(
+                    "row raised {}", type(exc).__name__
+                )
+                with self.db.begin() as conn:
+                    rows = self._claim(conn, stage, now, 1, only_id=rid)
+                    if rows:
+                        error = Retry("INTERNAL_ERROR", f"{type(exc).__name__}: {_first_line(exc)}")
+                        self._write_outcomes(conn, stage, job, rows, {rid: error}, now, report)
+
+    def _process(self, conn: Connection, stage, job: JobConfig, rows: Sequence[Row], now: datetime, report: BatchReport) -> None:
+        """process, flip the flags, finish; rows that finish finds contended go round again as Later.
+
+        ``finish`` takes the shop's rows (goods) last, so they are locked only from there to the
+        commit. When some are held by someone else, a savepoint takes the batch back to before
+        ``process``: those rows are answered Later and the rest is done again, without them.
+        """
+        # Two rounds in practice: InnoDB keeps the row locks a rolled-back savepoint took, so the
+        # second round's goods are all ours already. More would mean a stage whose finish touches
+        # rows its first round did not: roll back and retry the batch rather than loop.
+        contended: dict[int, Outcome] = {}
+        for _ in range(MAX_CONTENTION_ROUNDS):
+            work = [r for r in rows if r.id not in contended]
+            attempt = BatchReport(stage=stage.name)
+            savepoint = conn.begin_nested()
+            outcomes = {**(dict(stage.process(conn, work, now)) if work else {}), **contended}
+            self._write_outcomes(conn, stage, job, rows, outcomes, now, attempt)
+            try:
+                stage.finish(conn, work, outcomes, now)
+            except Contended as busy:
+                savepoint.rollback()
+                later = Later(now + timedelta(seconds=busy.retry_in_seconds), busy.note)
+                contended.update({rid: later for rid in busy.row_ids})
+                continue
+            savepoint.commit()
+            _accumulate(report, attempt)
+            return
+        raise LostClaim(f"{stage.name}: shared rows still contended after {MAX_CONTENTION_ROUNDS} rounds")
+
+    # --- gateway stages -------------------------------------------------------------------------
+
+    def _run_gateway_stage(self, stage, job: JobConfig, fixed_now: datetime | None, report: BatchReport) -> None:
+        registry = self.registry
+        if not registry.threaded:
+            registry.tick()  # no heartbeat thread (run --once, tests): beat and reap before every lease
+        owner = registry.owner
+        leased_at = self.monotonic()
+        safe_until = registry.safe_until(owner)
+        if safe_until - leased_at < MIN_CALL_SECONDS:
+            # No fresh heartbeat: whatever we leased could not be called, and survivors may be
+            # about to take our rows. Back off until the heartbeat lands again.
+            report.error = registry.last_error or "no fresh heartbeat in the process registry"
+            return
+        lease_deadline = leased_at + job.lease_seconds - LEASE_SAFETY_MARGIN_SECONDS
+        limit = self._claim_limit(stage, job, min(lease_deadline, safe_until) - leased_at)
+        if limit <= 0:
+            return  # the pacer is booked for longer than a lease: claiming now would only idle rows
+        report.batch_size = limit  # "full" means: got all it asked for, so look again at once
+        rows = self._lease(stage, job, fixed_now or self.clock(), limit, owner)
+        if not rows:
+            return
+
+        def deadline() -> float:
+            # Read right before each call is sent: a process that was declared dead (or paused past
+            # its heartbeat window) gets -inf or a past instant, and sends nothing. Handed to the
+            # gateway on time.monotonic(), whatever clock this runner was given.
+            return time.monotonic() + min(lease_deadline, registry.safe_until(owner)) - self.monotonic()
+
+        try:
+            if self.hooks.after_lease:
+                self.hooks.after_lease(stage.name, [r.id for r in rows])
+            results = self._call_all(stage, job, rows, deadline)
+            self._write_answers(stage, job, [r.id for r in rows], results, fixed_now or self.clock(), owner, report)
+        except Exception:
+            # Every call of the batch is over (or never started): give the rows back now rather than
+            # at lease expiry. Their answers are lost, and the replay with the same number is safe.
+            self._release_after_failure(stage, rows, owner)
+            raise
+
+    def _release_after_failure(self, stage, rows: Sequence[Row], owner: str) -> None:
+        flags = stage.flags
+        try:
+            with self.db.begin() as conn:
+                update_rows(
+                    conn, flags.table,
+                    {r.id: {flags.lease_owner.name: None, flags.lease_until.name: None} for r in rows},
+                    flags.lease_owner == owner,
+                )
+        except Exception as exc:  # the database is the reason: the reaper or lease expiry frees them
+            logger.bind(stage=stage.name, action="release_failed").debug("leases not released: {}", type(exc).__name__)
+
+    def _claim_limit(self, stage, job: JobConfig, window: float) -> int:
+        """Lease no more rows than the pacer can start calls for within ``window`` seconds (the lease or
+        the heartbeat window, less the time one call needs), so N processes at any QPS progress."""
+        if self.gateway is None:
+            return job.batch_size  # nothing to call: the claim finds no ready row or fails loudly later
+        # A fifth of the window is slack for the lease's own transaction and thread wake-ups.
+        capacity = self.gateway.calls_within(stage.endpoint, max(0.0, window * 0.8 - MIN_CALL_SECONDS))
+        return job.batch_size if capacity is None else min(job.batch_size, capacity)
+
+    def _lease(self, stage, job: JobConfig, now: datetime, limit: int, owner: str) -> list[Row]:
+        flags = stage.flags
+        with self.db.begin() as conn:
+            rows = self._claim(conn, stage, now, limit)
+            if rows:
+                conn.execute(
+                    update(flags.table)
+                    .where(flags.id.in_([r.id for r in rows]))
+                    .values(
+                        {
+                            flags.lease_owner: owner,
+                            flags.lease_until: now + timedelta(seconds=job.lease_seconds),
+                            **stage.lease_values(),
+                        }
+                    )
+                )
+        if rows:
+            logger.bind(stage=stage.name, action="leased", rows=len(rows)).debug("rows leased for {:g}s", job.lease_seconds)
+        return rows
+
+    def _call_all(self, stage, job: JobConfig, rows: Sequence[Row], deadline: Callable[[], float]) -> list[tuple[Row, Any]]:
+        log = logger.bind(stage=stage.name)
+
+        def call_one(row: Row) -> tuple[Row, Any]:
+            if self.stopping.is_set():
+                return row, _NOT_STARTED
+            try:
+                result = stage.call(self.gateway, row, deadline)
+            except Exception as exc:  # a bug in the client: the outcome is unknown, never success
+                log.opt(exception=exc).bind(row_id=row.id, action="call_crashed").warning("gateway call raised")
+                result = _CallCrashed(exc)
+            if self.hooks.after_gateway_call:
+                self.hooks.after_gateway_call(stage.name, row, result)
+            return row, result
+
+        return list(self._pool(stage.name, job.concurrency).map(call_one, rows))
+
+    def _write_answers(
+        self, stage, job: JobConfig, ids: list[int], results: list[tuple[Row, Any]], now: datetime, owner: str,
+        report: BatchReport,
+    ) -> None:
+        log = logger.bind(stage=stage.name)
+        with self.db.begin() as conn:
+            # The fencing check: only rows still leased to this owner. If our lease was released
+            # (we were declared dead) or taken over, the other holder's answer wins and ours is dropped.
+            owned = {r.id: r for r in conn.execute(_owned_query(stage, ids, owner, self._mysql)).all()}
+            called: list[tuple[Row, Any]] = []
+            unsent: list[Row] = []
+            crashed: dict[int, Outcome] = {}
+            for row, result in results:
+                if row.id not in owned:
+                    log.bind(row_id=row.id, action="lease_lost").warning("lease lost before the answer was written; answer dropped")
+                    continue
+                if isinstance(result, _CallCrashed):
+                    # The client raised: the bytes may have left, so this is an unknown outcome.
+                    crashed[row.id] = Retry(
+                        "CLIENT_ERROR", f"{type(result.exc).__name__}: {_first_line(result.exc)}", give_up_code=OUTCOME_UNKNOWN
+                    )
+                elif result is _NOT_STARTED or stage.not_sent(result):
+                    unsent.append(row)  # the row as leased: its values from before the lease
+                else:
+                    called.append((owned[row.id], result))
+            outcomes = dict(stage.apply(conn, called, now)) if called else {}
+            outcomes.update(crashed)
+            self._write_outcomes(conn, stage, job, [owned[i] for i in outcomes], outcomes, now, report, owner=owner)
+            self._release_unsent(conn, stage, unsent, owner, report)
+            if self.hooks.before_commit:
+                self.hooks.before_commit(stage.name, list(outcomes))
+
+    def _release_unsent(self, conn: Connection, stage, unsent: list[Row], owner: str, report: BatchReport) -> None:
+        """Rows whose call never left: give them back as they were, no attempt spent."""
+        if not unsent:
+            return
+        flags = stage.flags
+        values = {
+            row.id: {flags.lease_owner.name: None, flags.lease_until.name: None, **stage.unlease_values(row)}
+            for row in unsent
+        }
+        update_rows(conn, flags.table, values, flags.lease_owner == owner)
+        report.skipped += len(unsent)
+        report.claimed += len(unsent)
+        if not self.stopping.is_set():
+            logger.bind(stage=stage.name, action="calls_not_sent", rows=len(unsent)).info(
+                "{} call(s) not sent: they could not have finished inside the lease", len(unsent)
+            )
+
+    def _pool(self, name: str, size: int) -> ThreadPoolExecutor:
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"cs-{name}")
+        return pool
+
+    # --- outcomes -> flag flips -----------------------------------------------------------------
+
+    def _write_outcomes(
+        self,
+        conn: Connection,
+        stage: Stage,
+        job: JobConfig,
+        rows: Sequence[Row],
+        outcomes: Mapping[int, Outcome],
+        now: datetime,
+        report: BatchReport,
+        owner: str | None = None,
+    ) -> None:
+        missing = {r.id for r in rows} - set(outcomes)
+        if missing:
+            raise RuntimeError(f"stage {stage.name} returned no outcome for rows {sorted(missing)[:10]}")
+        flags = stage.flags
+        release = {flags.lease_owner.name: None, flags.lease_until.name: None} if owner else {}
+        groups: dict[frozenset, dict[int, dict[str, Any]]] = defaultdict(dict)
+        for row in rows:
+            outcome, values = flip_for(stage, job, outcomes[row.id], getattr(row, flags.attempts.name), now)
+            count_outcome(report, outcome)
+            report.outcomes[row.id] = outcome
+            log_outcome(stage, row.id, outcomes[row.id], outcome, values)
+            if isinstance(outcome, Blocked):
+                report.blocked = report.blocked or outcome.describe()
+            values.update(release)
+            groups[frozenset(values)][row.id] = values
+
+        # One UPDATE per kind of outcome, however many rows and whatever their values:
+        # a column whose value differs between rows is written with CASE id WHEN ... END.
+        guard = [flags.scanned == 0] + ([flags.lease_owner == owner] if owner else [])
+        for members in groups.values():
+            matched = update_rows(conn, flags.table, members, *guard)
+            if matched != len(members):
+                raise LostClaim(f"{stage.name}: {len(members)} rows claimed, {matched} still ours")
+
+
+def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):
+    flags = stage.flags
+    query = select(flags.table).where(flags.id.in_(ids), flags.lease_owner == owner, flags.scanned == 0)
+    return query.with_for_update() if mysql else query
+
+
+def _not_a_row_fault(exc: BaseException) -> bool:
+    """The database, not a row, failed the batch: roll back and back off instead of isolating rows."""
+    return is_transient_db_error(exc) or is_environment_db_error(exc) or isinstance(exc, LostClaim)
+
+
+def _reset(report: BatchReport) -> None:
+    report.claimed = report.done = report.failed = report.retried = report.later = report.skipped = 0
+    report.blocked_rows = 0
+    report.outcomes.clear()
+
+
+def _accumulate(total: BatchReport, report: BatchReport) -> None:
+    for attr in ("claimed", "done", "failed", "retried", "later", "skipped", "blocked_rows"):
+        setattr(total, attr, getattr(total, attr) + getattr(report, attr))
+    total.outcomes.update(report.outcomes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return clip(text.splitlines()[0] if text else type(exc).__name__, 200)

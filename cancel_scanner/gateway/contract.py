@@ -1,0 +1,206 @@
+"""The refund gateway contract: what the stages send, and the six outcomes they get back.
+
+Stages depend on this module only, never on the WeChat Pay SDK, so the live
+client, the sandbox and any test double are interchangeable.
+
+Amounts are integers in fen. Times are naive UTC datetimes, like every
+DATETIME column in the schema.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, Protocol, TypeAlias
+
+from cancel_scanner.engine.outcome import clip  # one rule for fitting a message into a VARCHAR(255)
+
+# WeChat allows any 64 bytes, but the SDK signs the path unencoded while
+# `requests` percent-encodes characters such as `|`: the two would disagree and
+# every query of such a number would fail with SIGN_ERROR. So we allow only
+# characters that need no encoding.
+OUT_REFUND_NO_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+OUT_TRADE_NO_MAX_CHARS = 32
+REASON_MAX_BYTES = 80
+
+STATUS_PROCESSING = "PROCESSING"
+STATUS_SUCCESS = "SUCCESS"
+STATUS_CLOSED = "CLOSED"
+STATUS_ABNORMAL = "ABNORMAL"
+REFUND_STATUSES = frozenset({STATUS_PROCESSING, STATUS_SUCCESS, STATUS_CLOSED, STATUS_ABNORMAL})
+FINAL_STATUSES = frozenset({STATUS_SUCCESS, STATUS_CLOSED})
+
+
+def _is_fen(value: object) -> bool:
+    # bool is an int subclass; True fen is a bug, not one fen.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    """One refund as the submit stage sends it; replays must send it unchanged."""
+
+    out_refund_no: str
+    out_trade_no: str
+    refund_amount: int
+    total_amount: int
+    transaction_id: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.out_refund_no, str) or not OUT_REFUND_NO_PATTERN.match(self.out_refund_no):
+            raise ValueError(f"out_refund_no must match {OUT_REFUND_NO_PATTERN.pattern}: {self.out_refund_no!r}")
+        if not self.out_trade_no or len(self.out_trade_no) > OUT_TRADE_NO_MAX_CHARS:
+            raise ValueError(f"out_trade_no must be 1..{OUT_TRADE_NO_MAX_CHARS} characters: {self.out_trade_no!r}")
+        if not _is_fen(self.refund_amount) or self.refund_amount <= 0:
+            raise ValueError(f"refund_amount must be a positive number of fen: {self.refund_amount!r}")
+        if not _is_fen(self.total_amount) or self.total_amount <= 0:
+            raise ValueError(f"total_amount must be a positive number of fen: {self.total_amount!r}")
+        if self.refund_amount > self.total_amount:
+            raise ValueError(f"refund_amount {self.refund_amount} exceeds total_amount {self.total_amount}")
+        if self.reason is not None and len(self.reason.encode("utf-8")) > REASON_MAX_BYTES:
+            raise ValueError(f"reason must be at most {REASON_MAX_BYTES} bytes of UTF-8")
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """'2024-05-01T10:00:00+08:00' -> naive UTC datetime(2024, 5, 1, 2, 0)."""
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        # Guessing a zone would shift money timestamps by hours without anyone noticing.
+        raise ValueError(f"timestamp without an offset: {text!r}")
+    return parsed.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Refund:
+    """The refund object that apply, query and the notification all carry."""
+
+    refund_id: str
+    out_refund_no: str
+    out_trade_no: str
+    transaction_id: str
+    status: str
+    success_time: datetime | None
+    create_time: datetime | None
+    refund_amount: int
+    total_amount: int
+    user_received_account: str
+    channel: str
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Refund:
+        """Build from WeChat's JSON; raises ValueError when a field the stages rely on is missing or malformed."""
+        try:
+            amount = data["amount"]
+            refund_amount, total_amount = amount["refund"], amount["total"]
+            refund_id, out_refund_no, status = data["refund_id"], data["out_refund_no"], data["status"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"refund object lacks {exc}") from None
+        if status not in REFUND_STATUSES:
+            raise ValueError(f"unknown refund status {status!r}")
+        if not (_is_fen(refund_amount) and _is_fen(total_amount)):
+            raise ValueError("refund amounts are not integers")
+        success_time = data.get("success_time")
+        create_time = data.get("create_time")
+        return cls(
+            refund_id=str(refund_id),
+            out_refund_no=str(out_refund_no),
+            out_trade_no=str(data.get("out_trade_no") or ""),
+            transaction_id=str(data.get("transaction_id") or ""),
+            status=status,
+            success_time=parse_rfc3339(success_time) if success_time else None,
+            create_time=parse_rfc3339(create_time) if create_time else None,
+            refund_amount=refund_amount,
+            total_amount=total_amount,
+            user_received_account=str(data.get("user_received_account") or ""),
+            channel=str(data.get("channel") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """WeChat answered with a verified refund object (apply: accepted; query: its current state)."""
+
+    refund: Refund
+    request_id: str | None = None
+
+    def describe(self) -> str:
+        return clip(f"{self.refund.status}: refund_id {self.refund.refund_id}")
+
+
+@dataclass(frozen=True)
+class _Coded:
+    """An answer that is not a refund object: WeChat's error code and message."""
+
+    code: str
+    message: str
+    request_id: str | None = None
+
+    def describe(self) -> str:
+        return clip(f"{self.code}: {self.message}")
+
+
+@dataclass(frozen=True)
+class UnknownOutcome(_Coded):
+    """The refund may or may not exist. Retry with the SAME out_refund_no and body; never count as success."""
+
+
+@dataclass(frozen=True)
+class RetryLater(_Coded):
+    """WeChat refused for now (NOT_ENOUGH, RESOURCE_NOT_EXISTS...); no money moved. Retry the same number later.
+
+    give_up_after: how many such answers in a row make it permanent; None means
+    keep retrying until the stage's own max_attempts.
+    """
+
+    give_up_after: int | None = None
+
+
+@dataclass(frozen=True)
+class Permanent(_Coded):
+    """WeChat refused this refund for good; no money moved. An operator must look at the row."""
+
+
+@dataclass(frozen=True)
+class ConfigError(_Coded):
+    """Our side is misconfigured (keys, serial, mchid, clock skew): permanent for the row, and alert loudly."""
+
+
+@dataclass(frozen=True)
+class NotSent(_Coded):
+    """The call was never sent: nothing reached WeChat (its deadline could not be met); not an attempt.
+
+    Safe to retry with the same number whenever the caller likes; it says
+    nothing about the refund and should not count towards max_attempts.
+    """
+
+
+GatewayResult: TypeAlias = Accepted | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
+
+
+class RefundGateway(Protocol):
+    """What the submit and poll stages call. Implementations never raise for a gateway answer or a network error.
+
+    deadline: called (possibly several times: before pacing, and again just
+    before the bytes leave) for the time.monotonic() instant by which the
+    whole call (pacing wait, connect, request, the complete answer) must be
+    over. A call that cannot start early enough is NotSent; one whose answer
+    is not complete by then is UnknownOutcome("TIMEOUT"). None: the client's
+    own timeouts only.
+    """
+
+    def apply(self, req: RefundRequest, *, deadline: Callable[[], float] | None = None) -> GatewayResult: ...
+
+    def query(self, out_refund_no: str, *, deadline: Callable[[], float] | None = None) -> GatewayResult: ...
+
+    def calls_within(self, endpoint: str, seconds: float) -> int | None:
+        """How many calls of `endpoint` ("apply" or "query") the client's pacer can still start within
+        `seconds` from now, counting slots already reserved by other threads; None when unpaced."""
+        ...
+
+    def close(self) -> None: ...

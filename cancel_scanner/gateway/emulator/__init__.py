@@ -1,0 +1,243 @@
+"""A WeChat Pay API v3 refund emulator: a real HTTP server on a loopback port.
+
+WeChat Pay v3 has no sandbox, so tests and the daemon's sandbox mode talk to
+this instead. It behaves like the facts sheet's gateway on every point the
+client can observe: signed requests and answers, idempotent refund numbers,
+the error codes, the QPS limits, status moving with time, notifications. It
+signs and verifies with `cryptography` directly rather than through the SDK,
+so a signing bug in the client cannot be mirrored here and go unnoticed.
+
+Choices a test writer should know:
+
+* Wrong mchid in the Authorization header answers 404 MCH_NOT_EXISTS (the
+  client's ConfigError path); wrong serial, signature or a timestamp more
+  than `max_clock_skew` seconds from `clock()` answers 401 SIGN_ERROR.
+* Faults (`fail_next`, or a random `FaultPlan`) are described in
+  gateway.faults: errors, slow answers, dropped connections, bad signatures,
+  redirects, answers trickled a byte at a time, huge answers. They strike
+  before the refund is recorded (no money moves: the client's retry creates
+  it) or, with `after_commit`, after it (money moved but the client hears
+  something else: the dangerous case). A "slow" fault before commit means
+  the request sat in a queue: it is still processed after the wait, so the
+  client times out and money moves anyway, which is also what real gateways
+  do.
+* `force_status(out_refund_no, status)` rewrites a recorded refund's status
+  (e.g. CLOSED after SUCCESS) for good, so later answers contradict earlier ones.
+* `max_in_flight[out_refund_no]` is the most requests (applies and queries
+  alike, from arrival until the answer has left) ever in progress at once
+  for that number: the proof that two callers never raced on one refund.
+  `in_flight(out_refund_no)` is the count right now (for `wait_for`).
+* Three clocks. `clock` (epoch seconds) drives refund status and the times
+  in refund objects; tests inject one and move it instead of sleeping.
+  `wire_clock` (default: `clock`) is the one the timestamps on the wire are
+  checked against and stamped with: request skew, answer and notification
+  signatures. The SDK stamps requests with the real time, so a test that moves
+  `clock` by more than `max_clock_skew` must pass `wire_clock=time.time`
+  (tests/gateway_fixtures.py does). `monotonic` paces the QPS windows.
+* Requests rejected for QPS do not count towards the window.
+* `notify_url` may be plain http on a loopback host (WeChat requires https).
+* A request that names only a transaction_id of an unknown payment, with
+  strict_payments off, registers a payment whose out_trade_no is that id.
+* Not emulated: the 6 QPS budget for failed applies, the one-year refund
+  window. The one-minute gap between refunds of one order is off unless
+  `min_refund_interval` is set, because the daemon's tests retry a CLOSED
+  refund with a new number right away.
+
+The package, one concept a module (all of them log as `gateway.emulator.*`):
+
+* here: `Emulator`, its lifecycle and the controls that span the others;
+* `exchange`: one HTTP exchange (route, authenticate, QPS, faults, answer, count);
+* `server`: the HTTP server and request handler;
+* `signing`: request authentication, answer and notification signatures;
+* `records` and `ledger`: refunds and payments, their JSON, the status machine;
+* `notifications`: encrypted notifications, delivered and retried;
+* `command`: the `serve` entry point (`cancel-scanner emulator`);
+* gateway.faults: the faults, how they are drawn and how they strike.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+from loguru import logger
+
+from cancel_scanner.gateway.emulator.command import serve
+from cancel_scanner.gateway.emulator.exchange import (
+    APPLY_QPS,
+    QPS_WINDOW_SECONDS,
+    QUERY_QPS,
+    REFUNDS_PATH,
+    REQUEST_LOG_SIZE,
+    RequestHandling,
+)
+from cancel_scanner.gateway.emulator.ledger import MAX_REFUNDS_PER_ORDER, SUCCESS_DELAY_SECONDS, TICK_SECONDS, RefundLedger
+from cancel_scanner.gateway.emulator.notifications import (
+    NOTIFY_RETRY_DELAYS_SECONDS,
+    NOTIFY_TIMEOUT_SECONDS,
+    NotificationAttempt,
+    NotificationSender,
+)
+from cancel_scanner.gateway.emulator.records import (
+    BEIJING,
+    STATUS_ABNORMAL,
+    STATUS_CLOSED,
+    STATUS_PROCESSING,
+    STATUS_SUCCESS,
+    USER_RECEIVED_ACCOUNT,
+    Matcher,
+)
+from cancel_scanner.gateway.emulator.server import MAX_BODY_BYTES, Server
+from cancel_scanner.gateway.emulator.signing import AUTH_SCHEME, MAX_CLOCK_SKEW_SECONDS, Signer
+from cancel_scanner.gateway.faults import FAULT_KINDS, Fault, FaultBook, FaultPlan
+from cancel_scanner.gateway.keys import KeyMaterial
+
+__all__ = [
+    "APPLY_QPS", "AUTH_SCHEME", "BEIJING", "FAULT_KINDS", "MAX_BODY_BYTES", "MAX_CLOCK_SKEW_SECONDS",
+    "MAX_REFUNDS_PER_ORDER", "NOTIFY_RETRY_DELAYS_SECONDS", "NOTIFY_TIMEOUT_SECONDS", "QPS_WINDOW_SECONDS", "QUERY_QPS",
+    "REFUNDS_PATH", "REQUEST_LOG_SIZE", "STATUS_ABNORMAL", "STATUS_CLOSED", "STATUS_PROCESSING", "STATUS_SUCCESS",
+    "SUCCESS_DELAY_SECONDS", "TICK_SECONDS", "USER_RECEIVED_ACCOUNT", "Emulator", "FaultPlan", "Matcher",
+    "NotificationAttempt", "serve",
+]
+
+_log = logger.bind(component="emulator")
+
+
+class Emulator(RequestHandling, RefundLedger, NotificationSender):
+    """The emulated gateway. Attributes without a leading underscore may be read or set at any time
+    (`keys` excepted: the emulator signs and checks with the keys it was built with).
+
+    Its controls live with their concept: the refund ones (force_status, close_refunds_for, tick, ...)
+    in gateway.emulator.ledger, in_flight in gateway.emulator.exchange, the fault ones here.
+    """
+
+    def __init__(
+        self,
+        keys: KeyMaterial,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        success_delay: float = SUCCESS_DELAY_SECONDS,
+        clock: Callable[[], float] = time.time,
+        wire_clock: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        apply_qps: int | None = APPLY_QPS,
+        query_qps: int | None = QUERY_QPS,
+        faults: FaultPlan | None = None,
+        notify_url: str | None = None,
+        strict_payments: bool = False,
+        min_refund_interval: float | None = None,
+        max_clock_skew: float = MAX_CLOCK_SKEW_SECONDS,
+        notify_retry_delays: tuple[float, ...] = NOTIFY_RETRY_DELAYS_SECONDS,
+    ) -> None:
+        self.keys = keys
+        self.host, self.port = host, port
+        self.max_clock_skew = max_clock_skew
+
+        self._clock = clock
+        self._monotonic = monotonic
+        self._signer = Signer(keys, wire_clock or clock)
+
+        # One lock for all state; the condition wakes wait_for(), the ticker and the sender.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._fault_book = FaultBook(faults)
+        self._init_requests(apply_qps, query_qps)
+        self._init_ledger(success_delay, strict_payments, min_refund_interval)
+        self._init_notifications(notify_url, notify_retry_delays)
+
+        self._stopping = threading.Event()
+        self._server: Server | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the emulator is not started")
+        return f"http://{self.host}:{self._server.server_address[1]}"
+
+    def start(self) -> Emulator:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._server = Server((self.host, self.port), self._exchange)
+        self._threads = [
+            threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="emulator-http", daemon=True),
+            threading.Thread(target=self._tick_loop, name="emulator-ticker", daemon=True),
+            threading.Thread(target=self._send_loop, name="emulator-notify", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        _log.bind(base_url=self.base_url).debug("emulator listening")
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
+        server.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- test controls: faults, and those spanning the mixins -----------------------
+
+    @property
+    def faults(self) -> FaultPlan | None:
+        return self._fault_book.plan
+
+    @faults.setter
+    def faults(self, plan: FaultPlan | None) -> None:
+        with self._lock:
+            self._fault_book.replace_plan(plan)
+
+    def fail_next(
+        self,
+        out_refund_no: str,
+        kind: str,
+        times: int = 1,
+        *,
+        after_commit: bool = False,
+        call: str = "apply",
+        slow_seconds: float | None = None,
+        **options: Any,
+    ) -> None:
+        """Make the next `times` calls (`call`: apply, query or any) for this number fail with `kind`.
+
+        `options` are the kind's own (gateway.faults): redirect_status, redirect_to,
+        trickle_gap, trickle_bytes, huge_bytes, huge_status, huge_chunked.
+        """
+        if slow_seconds is None:
+            slow_seconds = self._fault_book.slow_seconds
+        fault = Fault(kind, after_commit, slow_seconds, call=call, times=times, **options)
+        with self._lock:
+            self._fault_book.aim(out_refund_no, fault)
+
+    def clear_rules(self) -> None:
+        """Forget the close and abnormal rules and the faults fail_next aimed (not the FaultPlan)."""
+        with self._lock:
+            self._clear_refund_rules()
+            self._fault_book.clear_aimed()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until predicate() holds (evaluated under the emulator's lock), at most timeout seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            return True

@@ -1,0 +1,189 @@
+"""One HTTP exchange with the emulator: route, authenticate, rate-limit, strike faults, process, answer, count.
+
+A mixin of gateway.emulator.Emulator. It keeps the request counters tests read
+(`requests`, `request_log`, `max_in_flight`, `last_request_id`) and the QPS
+windows; the refund work itself is the ledger's (`_apply`, `_query`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import Counter, deque
+from typing import Callable, Mapping
+
+from loguru import logger
+
+from cancel_scanner.gateway import faults
+from cancel_scanner.gateway.emulator.records import forged_refund
+from cancel_scanner.gateway.emulator.server import Handler
+from cancel_scanner.gateway.emulator.signing import Signer
+from cancel_scanner.gateway.faults import ERRORS, Fault, FaultBook, Reply
+from cancel_scanner.gateway.faults import error_reply as _error
+
+REFUNDS_PATH = "/v3/refund/domestic/refunds"
+APPLY_QPS = 150
+QUERY_QPS = 300
+QPS_WINDOW_SECONDS = 1.0
+REQUEST_LOG_SIZE = 100_000
+
+_log = logger.bind(component="emulator")
+
+
+class RequestHandling:
+    # Provided by the Emulator:
+    max_clock_skew: float
+    _lock: threading.RLock
+    _changed: threading.Condition
+    _stopping: threading.Event
+    _clock: Callable[[], float]
+    _monotonic: Callable[[], float]
+    _signer: Signer
+    _fault_book: FaultBook
+    _apply: Callable[[bytes], Reply]
+    _query: Callable[[str], Reply]
+
+    def _init_requests(self, apply_qps: int | None, query_qps: int | None) -> None:
+        self.apply_qps, self.query_qps = apply_qps, query_qps
+        self._windows: dict[str, deque[float]] = {"apply": deque(), "query": deque()}
+        self._in_flight: Counter[str] = Counter()
+        self.max_in_flight: dict[str, int] = {}  # out_refund_no -> most requests for it at once
+        self.requests: Counter[tuple[str, int]] = Counter()  # (method, status); status 0 = dropped
+        self.request_log: deque[tuple[float, str, str, int]] = deque(maxlen=REQUEST_LOG_SIZE)
+        self.last_request_id: str | None = None
+
+    def in_flight(self, out_refund_no: str) -> int:
+        """Requests for this number in progress right now (max_in_flight keeps the most ever)."""
+        with self._lock:
+            return self._in_flight[out_refund_no]
+
+    def _exchange(self, handler: Handler, method: str, body: bytes | None) -> None:
+        arrived = self._monotonic()
+        raw_path = handler.path
+        kind, number = self._route(method, raw_path, body)
+        with self._changed:
+            if number:
+                self._in_flight[number] += 1
+                self.max_in_flight[number] = max(self.max_in_flight.get(number, 0), self._in_flight[number])
+                self._changed.notify_all()  # wait_for(lambda: in_flight(n) == 1) wakes on arrival
+        request_id = uuid.uuid4().hex.upper()
+        recorded = False
+        try:
+            if body is None:
+                reply = _error(400, "PARAM_ERROR", "missing or oversized body")
+            else:
+                reply = self._handle(kind, number, method, raw_path, handler.headers, body)
+            if reply.delay and self._stopping.wait(reply.delay):
+                reply.drop = True
+            # Counted before the answer leaves, so a test that has its answer also sees it counted.
+            self._record(method, kind, number, 0 if reply.drop else reply.status, arrived, request_id)
+            recorded = True
+            if reply.drop:
+                handler.drop()
+            else:
+                self._write(handler, reply, request_id)
+        finally:
+            with self._changed:
+                if number:
+                    self._in_flight[number] -= 1
+                self._changed.notify_all()
+            if not recorded:
+                self._record(method, kind, number, 0, arrived, request_id)
+
+    def _write(self, handler: Handler, reply: Reply, request_id: str) -> None:
+        if 300 <= reply.status < 400:
+            # As a proxy would send it: no body, no signature.
+            base = reply.redirect_to or f"http://127.0.0.2:{handler.server.server_address[1]}"
+            handler.write_reply(reply.status, b"", {"Location": base + handler.path, "Request-ID": request_id})
+            return
+        payload = json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if reply.huge is not None:
+            length, pieces = faults.padded(payload, reply.huge.size)
+            # Only a 2xx is signed (over the whole stream); a huge error is a proxy's page.
+            if 200 <= reply.status < 300:
+                headers = self._signer.signed_headers(pieces(), request_id)
+            else:
+                headers = {"Content-Type": "application/json", "Request-ID": request_id}
+            faults.write_streamed(handler, reply.status, headers, length, pieces(), reply.huge.chunked)
+            return
+        headers = self._signer.signed_headers([payload], request_id, reply.tamper)
+
+        def write() -> None:
+            handler.write_reply(reply.status, payload, headers)
+
+        if reply.trickle is not None:
+            faults.write_trickled(handler, reply.trickle, self._stopping, write)
+        else:
+            write()
+
+    def _record(self, method: str, kind: str, number: str | None, status: int, arrived: float, request_id: str) -> None:
+        with self._changed:
+            self.requests[(method, status)] += 1
+            self.request_log.append((arrived, method, kind, status))
+            self.last_request_id = request_id
+            self._changed.notify_all()
+        _log.bind(method=method, call=kind, out_refund_no=number, status=status, request_id=request_id).debug(
+            "emulator answered"
+        )
+
+    @staticmethod
+    def _route(method: str, raw_path: str, body: bytes | None) -> tuple[str, str | None]:
+        path = raw_path.split("?", 1)[0]
+        if method == "POST" and path == REFUNDS_PATH:
+            try:
+                number = json.loads(body or b"").get("out_refund_no")
+            except (ValueError, AttributeError):
+                number = None
+            return "apply", number if isinstance(number, str) else None
+        if method == "GET" and path.startswith(REFUNDS_PATH + "/"):
+            return "query", path[len(REFUNDS_PATH) + 1 :] or None
+        return "other", None
+
+    def _handle(
+        self, kind: str, number: str | None, method: str, raw_path: str, headers: Mapping[str, str], body: bytes
+    ) -> Reply:
+        if kind == "other":
+            return _error(404, "NOT_FOUND", "no such API in the emulator")
+        refused = self._signer.authenticate(method, raw_path, headers, body, self.max_clock_skew)
+        if refused is not None:
+            return refused
+        if self._over_limit(kind):
+            return _error(*ERRORS["429"])
+        fault = self._draw_fault(kind, number)
+        if fault is not None and not fault.after_commit:
+            # A forged answer only makes sense for an application: a query records nothing to forge.
+            forge = (lambda: forged_refund(body, self._clock)) if kind == "apply" else (lambda: None)
+            early = faults.strike_before(fault, forge, self._stopping)
+            if early is not None:
+                return early
+        if kind == "apply":
+            reply = self._apply(body)
+        else:
+            reply = self._query(number or "")
+        # A query records nothing, so a bad signature on it can only tamper the real answer.
+        strike_after = fault is not None and (
+            fault.after_commit or (kind == "query" and fault.kind == "bad_signature")
+        )
+        if strike_after and reply.status == 200:
+            return faults.strike_after(fault, reply)
+        return reply
+
+    def _over_limit(self, kind: str) -> bool:
+        """True if this call is over its QPS limit; a call that is not does count towards the window."""
+        with self._lock:
+            limit = self.apply_qps if kind == "apply" else self.query_qps
+            if limit is None:
+                return False
+            now = self._monotonic()
+            window = self._windows[kind]
+            while window and window[0] <= now - QPS_WINDOW_SECONDS:
+                window.popleft()
+            if len(window) >= limit:
+                return True
+            window.append(now)
+            return False
+
+    def _draw_fault(self, kind: str, number: str | None) -> Fault | None:
+        with self._lock:
+            return self._fault_book.draw(kind, number)

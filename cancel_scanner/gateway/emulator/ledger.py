@@ -1,0 +1,263 @@
+"""The emulator's ledger: payments, refunds, the money counters, and refund status moving with time.
+
+A mixin of gateway.emulator.Emulator: it keeps its state on the emulator,
+under the emulator's one lock, and hands every refund that reaches a final
+status (or ABNORMAL) to the notification sender.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from typing import Any, Callable
+
+from cancel_scanner.gateway.emulator.records import (
+    STATUS_ABNORMAL,
+    STATUS_CLOSED,
+    STATUS_PROCESSING,
+    STATUS_SUCCESS,
+    STATUSES,
+    Matcher,
+    Payment,
+    Refund,
+    digits,
+    invalid_apply_fields,
+    is_out_refund_no,
+    matches,
+    refund_json,
+)
+from cancel_scanner.gateway.faults import ERRORS, Reply
+from cancel_scanner.gateway.faults import error_reply as _error
+
+SUCCESS_DELAY_SECONDS = 0.5
+MAX_REFUNDS_PER_ORDER = 50
+TICK_SECONDS = 0.05
+
+
+class RefundLedger:
+    # Provided by the Emulator:
+    _lock: threading.RLock
+    _changed: threading.Condition  # on _lock; wakes wait_for(), the ticker and the sender
+    _stopping: threading.Event
+    _clock: Callable[[], float]
+    _queue_notification: Callable[[Refund], None]
+
+    def _init_ledger(self, success_delay: float, strict_payments: bool, min_refund_interval: float | None) -> None:
+        self.success_delay = success_delay
+        self.strict_payments = strict_payments
+        self.min_refund_interval = min_refund_interval
+        self._not_enough_until: float | None = None
+        self._payments: dict[str, Payment] = {}
+        self._payments_by_transaction: dict[str, Payment] = {}
+        self._refunds: dict[str, Refund] = {}
+        self._refunds_by_order: dict[str, list[Refund]] = {}
+        self._processing: set[str] = set()
+        self._pinned: set[str] = set()  # forced statuses: the status machine leaves them alone
+        self._close_rules: list[Matcher] = []
+        self._abnormal_rules: list[Matcher] = []
+        # Counters for tests: the proof that no money moved twice.
+        self.refunds_created: Counter[str] = Counter()  # out_refund_no -> refunds created (must stay <= 1)
+        self.fen_refunded: Counter[str] = Counter()  # out_trade_no -> fen in refunds that are not CLOSED
+
+    # -- test controls ---------------------------------------------------------
+
+    def force_status(self, out_refund_no: str, status: str) -> None:
+        """Rewrite a recorded refund's status for good (e.g. CLOSED after SUCCESS), so that later
+        answers contradict earlier ones. No notification; time no longer moves it. KeyError if unknown."""
+        if status not in STATUSES:
+            raise ValueError(f"not a refund status: {status!r}")
+        with self._changed:
+            refund = self._refunds[out_refund_no]
+            self._advance(refund, self._clock())  # what time had done already stays done first
+            if (refund.status == STATUS_CLOSED) != (status == STATUS_CLOSED):
+                # fen_refunded counts refunds that are not CLOSED, whatever history says.
+                sign = -1 if status == STATUS_CLOSED else 1
+                self.fen_refunded[refund.out_trade_no] += sign * refund.refund
+            refund.status = status
+            if status == STATUS_SUCCESS and refund.success_at is None:
+                refund.success_at = self._clock()
+            self._processing.discard(out_refund_no)
+            self._pinned.add(out_refund_no)
+            self._changed.notify_all()
+
+    def not_enough_until(self, epoch: float | None) -> None:
+        """Answer every new application 403 NOT_ENOUGH until clock() reaches epoch (None ends it)."""
+        with self._lock:
+            self._not_enough_until = epoch
+
+    def register_payment(self, out_trade_no: str, total: int, transaction_id: str | None = None) -> None:
+        with self._lock:
+            self._add_payment(out_trade_no, total, transaction_id)
+
+    def close_refunds_for(self, match: Matcher) -> None:
+        """Refunds matching (out_trade_no, out_refund_no, transaction_id, or a predicate on the refund JSON) end CLOSED."""
+        with self._lock:
+            self._close_rules.append(match)
+
+    def abnormal_for(self, match: Matcher) -> None:
+        """Matching refunds go ABNORMAL instead of SUCCESS and stay there until resolve_abnormal()."""
+        with self._lock:
+            self._abnormal_rules.append(match)
+
+    def resolve_abnormal(self, match: Matcher, status: str = STATUS_SUCCESS) -> int:
+        """Move matching ABNORMAL refunds to SUCCESS (or CLOSED); returns how many moved."""
+        if status not in (STATUS_SUCCESS, STATUS_CLOSED):
+            raise ValueError("an ABNORMAL refund resolves to SUCCESS or CLOSED")
+        moved = 0
+        with self._changed:
+            now = self._clock()
+            for refund in self._refunds.values():
+                if refund.status == STATUS_ABNORMAL and matches(match, refund):
+                    self._finish(refund, status, now)
+                    moved += 1
+            self._changed.notify_all()
+        return moved
+
+    def _clear_refund_rules(self) -> None:
+        with self._lock:
+            self._close_rules.clear()
+            self._abnormal_rules.clear()
+
+    def refund_status(self, out_refund_no: str) -> str | None:
+        with self._lock:
+            refund = self._refunds.get(out_refund_no)
+            if refund is None:
+                return None
+            self._advance(refund, self._clock())
+            return refund.status
+
+    def refund_id(self, out_refund_no: str) -> str | None:
+        """WeChat's refund_id for the refund recorded under this number, or None."""
+        with self._lock:
+            refund = self._refunds.get(out_refund_no)
+            return refund.refund_id if refund is not None else None
+
+    def tick(self) -> None:
+        """Move every due PROCESSING refund on; the background ticker calls this every TICK_SECONDS."""
+        with self._changed:
+            now = self._clock()
+            moved = False
+            for number in list(self._processing):
+                moved |= self._advance(self._refunds[number], now)
+            if moved:
+                self._changed.notify_all()
+
+    def _tick_loop(self) -> None:
+        while not self._stopping.wait(TICK_SECONDS):
+            self.tick()
+
+    # -- the two calls ------------------------------------------------------------
+
+    def _apply(self, body: bytes) -> Reply:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _error(400, "PARAM_ERROR", "body is not JSON")
+        invalid = invalid_apply_fields(data)
+        if invalid:
+            return _error(400, "PARAM_ERROR", invalid)
+        amount = data["amount"]
+        number = data["out_refund_no"]
+        with self._changed:
+            now = self._clock()
+            existing = self._refunds.get(number)
+            if existing is not None:
+                return self._replay(existing, data, now)
+            if self._not_enough_until is not None and now < self._not_enough_until:
+                return _error(*ERRORS["not_enough"])
+            payment, refused = self._payment_for(data)
+            if refused is not None:
+                return refused
+            assert payment is not None
+            if amount["total"] != payment.total:
+                return _error(400, "INVALID_REQUEST", "amount.total differs from the amount paid")
+            if amount["refund"] > amount["total"]:
+                return _error(400, "INVALID_REQUEST", "refund amount exceeds the order total")
+            earlier = self._refunds_by_order.get(payment.out_trade_no, [])
+            if len(earlier) >= MAX_REFUNDS_PER_ORDER:
+                return _error(429, "FREQUENCY_LIMITED", "too many refunds on this order")
+            if self.min_refund_interval and earlier and now - earlier[-1].created_at < self.min_refund_interval:
+                return _error(429, "FREQUENCY_LIMITED", "refunds on one order must be a minute apart")
+            if amount["refund"] > payment.total - self.fen_refunded[payment.out_trade_no]:
+                return _error(400, "INVALID_REQUEST", "refund amount exceeds what is left to refund on the order")
+            refund = Refund(
+                refund_id=digits("50", 32),
+                out_refund_no=number,
+                out_trade_no=payment.out_trade_no,
+                transaction_id=payment.transaction_id,
+                refund=amount["refund"],
+                total=amount["total"],
+                notify_url=data.get("notify_url") or None,
+                created_at=now,
+            )
+            self._refunds[number] = refund
+            self._refunds_by_order.setdefault(payment.out_trade_no, []).append(refund)
+            self._processing.add(number)
+            self.refunds_created[number] += 1
+            self.fen_refunded[payment.out_trade_no] += refund.refund
+            self._changed.notify_all()
+            return Reply(200, refund_json(refund))
+
+    def _replay(self, existing: Refund, data: dict[str, Any], now: float) -> Reply:
+        amount = data["amount"]
+        same_order = data.get("out_trade_no") == existing.out_trade_no or (
+            bool(data.get("transaction_id")) and data.get("transaction_id") == existing.transaction_id
+        )
+        if not same_order or amount["refund"] != existing.refund or amount["total"] != existing.total:
+            return _error(400, "INVALID_REQUEST", "out_refund_no was already used for a different refund")
+        self._advance(existing, now)
+        return Reply(200, refund_json(existing))
+
+    def _payment_for(self, data: dict[str, Any]) -> tuple[Payment | None, Reply | None]:
+        out_trade_no, transaction_id = data.get("out_trade_no"), data.get("transaction_id")
+        payment = self._payments_by_transaction.get(transaction_id) if transaction_id else self._payments.get(out_trade_no)
+        if payment is not None:
+            return payment, None
+        if self.strict_payments:
+            return None, _error(404, "RESOURCE_NOT_EXISTS", "order does not exist")
+        # Lenient default: the first refund of an unknown order says what was paid.
+        return self._add_payment(out_trade_no or transaction_id, data["amount"]["total"], transaction_id), None
+
+    def _add_payment(self, out_trade_no: str, total: int, transaction_id: str | None) -> Payment:
+        payment = Payment(out_trade_no, total, transaction_id or digits("4200", 28))
+        self._payments[out_trade_no] = payment
+        self._payments_by_transaction[payment.transaction_id] = payment
+        return payment
+
+    def _query(self, number: str) -> Reply:
+        if not is_out_refund_no(number):
+            return _error(400, "PARAM_ERROR", "out_refund_no is malformed")
+        with self._changed:
+            refund = self._refunds.get(number)
+            if refund is None:
+                return _error(404, "RESOURCE_NOT_EXISTS", "refund does not exist")
+            if self._advance(refund, self._clock()):
+                self._changed.notify_all()
+            return Reply(200, refund_json(refund))
+
+    # -- the status machine ---------------------------------------------------------
+
+    def _advance(self, refund: Refund, now: float) -> bool:
+        """Lazily apply the status machine; True if the refund moved. Caller holds the lock."""
+        if refund.status != STATUS_PROCESSING or now < refund.created_at + self.success_delay:
+            return False
+        if refund.out_refund_no in self._pinned:
+            return False
+        due = refund.created_at + self.success_delay
+        if any(matches(rule, refund) for rule in self._close_rules):
+            self._finish(refund, STATUS_CLOSED, due)
+        elif any(matches(rule, refund) for rule in self._abnormal_rules):
+            self._finish(refund, STATUS_ABNORMAL, due)
+        else:
+            self._finish(refund, STATUS_SUCCESS, due)
+        return True
+
+    def _finish(self, refund: Refund, status: str, at: float) -> None:
+        refund.status = status
+        self._processing.discard(refund.out_refund_no)
+        if status == STATUS_SUCCESS:
+            refund.success_at = at
+        elif status == STATUS_CLOSED:
+            self.fen_refunded[refund.out_trade_no] -= refund.refund  # a closed refund moved no money
+        self._queue_notification(refund)

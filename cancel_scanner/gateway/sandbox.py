@@ -1,0 +1,98 @@
+"""Sandbox mode: the emulator plus a real WeChatPayGateway pointed at it.
+
+The gateway is the very class used live, so sandbox runs exercise signing,
+verification, pacing, timeouts, deadlines (NotSent), answer caps and
+classification exactly as production does; only the far end is ours. Keys
+are generated in memory per sandbox and never touch the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cancel_scanner.gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
+from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
+from cancel_scanner.gateway.wechat import (
+    DEFAULT_APPLY_QPS,
+    DEFAULT_QUERY_QPS,
+    DEFAULT_TIMEOUT_SECONDS,
+    MIN_CALL_SECONDS,
+    WeChatPayGateway,
+)
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    gateway: WeChatPayGateway
+    emulator: Emulator
+    keys: KeyMaterial
+
+    def close(self) -> None:
+        self.gateway.close()
+        self.emulator.stop()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def client_for(keys: KeyMaterial, base_url: str, **options: Any) -> WeChatPayGateway:
+    """The live client, holding the merchant side of ``keys``, pointed at ``base_url``.
+
+    ``options`` may also replace any of the keys' fields (a test's wrong merchant key).
+    """
+    params: dict[str, Any] = dict(
+        mchid=keys.mchid,
+        appid=keys.appid,
+        merchant_serial_no=keys.merchant_serial_no,
+        merchant_private_key_pem=keys.merchant_private_key_pem,
+        platform_public_key_pem=keys.platform_public_key_pem,
+        platform_public_key_id=keys.platform_public_key_id,
+        apiv3_key=keys.apiv3_key,
+        base_url=base_url,
+    )
+    return WeChatPayGateway(**{**params, **options})
+
+
+def start_sandbox(
+    success_delay: float = SUCCESS_DELAY_SECONDS,
+    faults: FaultPlan | None = None,
+    port: int = 0,
+    *,
+    apply_qps: float | None = DEFAULT_APPLY_QPS,
+    query_qps: float | None = DEFAULT_QUERY_QPS,
+    emulator_apply_qps: int | None = APPLY_QPS,
+    emulator_query_qps: int | None = QUERY_QPS,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT_SECONDS,
+    notify_url: str | None = None,
+    reuse_connections: bool = True,
+    min_call_seconds: float = MIN_CALL_SECONDS,
+) -> Sandbox:
+    """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both."""
+    keys = generate_key_material()
+    emulator = Emulator(
+        keys,
+        port=port,
+        success_delay=success_delay,
+        faults=faults,
+        apply_qps=emulator_apply_qps,
+        query_qps=emulator_query_qps,
+    ).start()
+    try:
+        gateway = client_for(
+            keys,
+            emulator.base_url,
+            timeout=timeout,
+            apply_qps=apply_qps,
+            query_qps=query_qps,
+            notify_url=notify_url,
+            reuse_connections=reuse_connections,
+            min_call_seconds=min_call_seconds,
+        )
+    except BaseException:
+        emulator.stop()
+        raise
+    return Sandbox(gateway=gateway, emulator=emulator, keys=keys)

@@ -1,0 +1,445 @@
+"""The live RefundGateway: WeChat Pay API v3 refunds through the `wechatpayv3` SDK (pinned to 2.0.4).
+
+The SDK signs requests and verifies 2xx answers; we pace calls, bound them
+in time and size, classify every answer into a GatewayResult and keep secrets
+out of logs.
+
+Transport decision (connection reuse and the Request-ID header). The sync
+SDK calls the module-level `requests.get/post` from `wechatpayv3.core` and
+returns only `(status, body)`. That costs a new TCP+TLS handshake per call
+(tens of milliseconds to api.mch.weixin.qq.com, often more than the call
+itself) and drops the `Request-ID` header that WeChat support asks for. There
+is no per-instance hook, so we replace the module attribute
+`wechatpayv3.core.requests` once with `_SdkTransport`, a stand-in that
+behaves exactly like `requests` except while a gateway call is in progress on
+the current thread: then it sends through that gateway's per-thread
+`requests.Session` (keep-alive; sessions are not thread-safe, hence per
+thread) and records the status and Request-ID. Anything else using the SDK in
+this process is unaffected. We judged this clean enough because it is one
+small, idempotent, version-pinned substitution that keeps the SDK's signing
+and verification untouched; `reuse_connections=False` keeps the capture but
+opens a new connection per call, as the SDK does. The same stand-in refuses a
+2xx signed under a serial other than our platform public key id: the SDK would
+otherwise try to download platform certificates (GET /v3/certificates) in
+the middle of a refund and fail in odd ways.
+
+Bounds (gateway.transport does the HTTP side). A call may carry a
+`deadline`: a callable returning the time.monotonic() instant by which the
+whole call must be over, e.g. the end of the caller's lease on the row. The
+stand-in books a pacing slot only if the call can still finish after it
+(`min_call_seconds`), looks at the deadline again once the slot has come and
+the SDK has signed, and gives up before a single byte leaves (NotSent) if
+too little time is left; the answer must then be complete by
+min(now + connect + read timeouts, deadline), or the call is a TIMEOUT. Every
+answer is read within MAX_ANSWER_BYTES, and no redirect is ever followed: a
+redirect is an unknown outcome like any answer we cannot read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
+
+import requests
+import wechatpayv3.core as sdk_core
+from loguru import logger
+from wechatpayv3 import WeChatPay, WeChatPayType
+
+from cancel_scanner.engine.net import is_safe_gateway_url
+from cancel_scanner.gateway.classify import CallNotSent, UnverifiedResponse, classify, classify_exception, is_sdk_signature_error
+from cancel_scanner.gateway.contract import (
+    OUT_REFUND_NO_PATTERN,
+    Accepted,
+    GatewayResult,
+    NotSent,
+    RefundRequest,
+    UnknownOutcome,
+)
+from cancel_scanner.gateway.ratelimit import RateLimiter
+from cancel_scanner.gateway.transport import new_session, send_within
+
+LIVE_BASE_URL = "https://api.mch.weixin.qq.com"
+DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)  # connect, read; the SDK's own default is to wait forever
+DEFAULT_APPLY_QPS = 150  # WeChat's per-merchant limits
+DEFAULT_QUERY_QPS = 300
+APIV3_KEY_BYTES = 32
+PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
+# A call is not started with less time than this left before its deadline: it
+# could only end as a timeout, an unknown outcome, where not sending is a known one.
+MIN_CALL_SECONDS = 1.0
+MAX_ANSWER_BYTES = 1024 * 1024  # a refund object is ~1 KB; anything near this is not WeChat's answer
+ENDPOINTS = ("apply", "query")
+SIGNATURE_HEADERS = (
+    "Wechatpay-Signature",
+    "Wechatpay-Timestamp",
+    "Wechatpay-Nonce",
+    "Wechatpay-Serial",
+    "Wechatpay-Signature-Type",
+)
+
+_log = logger.bind(component="gateway")
+
+
+@dataclass
+class _Capture:
+    status: int | None = None
+    request_id: str | None = None
+
+    def record(self, response: requests.Response) -> None:
+        self.status = response.status_code
+        self.request_id = response.headers.get("Request-ID")
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """When one call may leave, and by when it must be over."""
+
+    timeout: tuple[float, float]
+    min_call_seconds: float
+    limiter: RateLimiter | None = None
+    deadline: Callable[[], float] | None = None
+
+    def check_time_left(self, now: float) -> float | None:
+        """The caller's deadline, or None without one; CallNotSent if the call could no longer finish."""
+        if self.deadline is None:
+            return None
+        deadline = self.deadline()
+        if deadline - now < self.min_call_seconds:
+            raise CallNotSent("DEADLINE", f"less than {self.min_call_seconds:g} s left before the caller's deadline")
+        return deadline
+
+    def take_slot(self) -> None:
+        """Wait for a pacing slot; with a deadline, book one only if the call can still finish after it."""
+        if self.limiter is None:
+            return
+        if self.deadline is None:
+            self.limiter.acquire()
+        elif self.limiter.try_acquire(self.deadline() - self.min_call_seconds) is None:
+            raise CallNotSent("DEADLINE", "no pacing slot early enough to finish before the caller's deadline")
+
+    def end_of_call(self) -> float:
+        """Right before sending: the instant the complete answer must be in by."""
+        now = time.monotonic()
+        own = now + sum(self.timeout)
+        deadline = self.check_time_left(now)
+        return own if deadline is None else min(own, deadline)
+
+
+@dataclass
+class _Binding:
+    session: requests.Session
+    expected_serial: str
+    budget: _Budget
+    capture: _Capture = field(default_factory=_Capture)
+
+
+class _SdkTransport:
+    """Stands in for the `requests` module inside wechatpayv3.core (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @contextmanager
+    def bound(self, binding: _Binding) -> Iterator[None]:
+        previous = getattr(self._local, "binding", None)
+        self._local.binding = binding
+        try:
+            yield
+        finally:
+            self._local.binding = previous
+
+    def _send(self, method: str, **kwargs: Any) -> requests.Response:
+        binding: _Binding | None = getattr(self._local, "binding", None)
+        if binding is None:
+            return getattr(requests, method)(**kwargs)
+        budget = binding.budget
+        # Paced here, after the SDK has signed and just before the bytes leave: the
+        # closer the slot is to the wire, the less jitter between our pace and WeChat's count.
+        budget.take_slot()
+        # The deadline again: the pacing wait may have eaten it, or the caller's lease ended meanwhile.
+        end = budget.end_of_call()
+        kwargs.pop("timeout", None)  # the SDK's copy of ours; send_within cuts it to the deadline
+        response = send_within(
+            binding.session,
+            method,
+            deadline=end,
+            timeout=budget.timeout,
+            max_bytes=MAX_ANSWER_BYTES,
+            on_headers=binding.capture.record,
+            **kwargs,
+        )
+        if 200 <= response.status_code < 300 and response.headers.get("Wechatpay-Serial") != binding.expected_serial:
+            raise UnverifiedResponse("2xx answer signed under an unexpected serial")
+        return response
+
+    def get(self, **kwargs: Any) -> requests.Response:
+        return self._send("get", **kwargs)
+
+    def post(self, **kwargs: Any) -> requests.Response:
+        return self._send("post", **kwargs)
+
+    def patch(self, **kwargs: Any) -> requests.Response:
+        return self._send("patch", **kwargs)
+
+    def put(self, **kwargs: Any) -> requests.Response:
+        return self._send("put", **kwargs)
+
+    def delete(self, **kwargs: Any) -> requests.Response:
+        return self._send("delete", **kwargs)
+
+
+_TRANSPORT = _SdkTransport()
+_INSTALL_LOCK = threading.Lock()
+
+
+def _install_transport() -> None:
+    with _INSTALL_LOCK:
+        current = getattr(sdk_core, "requests", None)
+        if current is _TRANSPORT:
+            return
+        if current is not requests:
+            raise RuntimeError("wechatpayv3.core no longer uses module-level `requests`; re-check the SDK pin")
+        sdk_core.requests = _TRANSPORT
+
+
+class GatewaySetupError(ValueError):
+    """The client cannot be built from this configuration; ``key`` names the configuration key at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _check_base_url(base_url: str, key: str = "wechat.base_url") -> str:
+    # Plain http elsewhere than loopback would expose refunds to the path.
+    if not is_safe_gateway_url(base_url):
+        raise GatewaySetupError(key, f"URL must be https (plain http only for loopback hosts): {base_url!r}")
+    return base_url.rstrip("/")
+
+
+def _check_notify_url(notify_url: str | None) -> str | None:
+    if notify_url is None:
+        return None
+    parts = urlsplit(notify_url)
+    if parts.query:
+        raise GatewaySetupError("wechat.notify_url", f"notify_url must not carry a query string: {notify_url!r}")
+    _check_base_url(f"{parts.scheme}://{parts.netloc}", "wechat.notify_url")  # https, or http on loopback for the sandbox
+    return notify_url
+
+
+def _canonical_signature_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    # The SDK looks headers up by exact spelling; servers and frameworks hand them over in any case.
+    lowered = {str(k).lower(): v for k, v in headers.items()}
+    return {name: lowered[name.lower()] for name in SIGNATURE_HEADERS if name.lower() in lowered}
+
+
+class WeChatPayGateway:
+    """RefundGateway for WeChat Pay v3 (public key mode). Thread-safe; share one per process."""
+
+    def __init__(
+        self,
+        *,
+        mchid: str,
+        appid: str,
+        merchant_serial_no: str,
+        merchant_private_key_pem: str,
+        platform_public_key_pem: str,
+        platform_public_key_id: str,
+        apiv3_key: str,
+        base_url: str = LIVE_BASE_URL,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT_SECONDS,
+        apply_qps: float | None = DEFAULT_APPLY_QPS,
+        query_qps: float | None = DEFAULT_QUERY_QPS,
+        notify_url: str | None = None,
+        reuse_connections: bool = True,
+        min_call_seconds: float = MIN_CALL_SECONDS,
+    ) -> None:
+        if len(apiv3_key.encode("utf-8")) != APIV3_KEY_BYTES:
+            raise GatewaySetupError("WECHATPAY_APIV3_KEY", f"the APIv3 key must be {APIV3_KEY_BYTES} bytes")
+        connect_timeout, read_timeout = timeout
+        if connect_timeout <= 0 or read_timeout <= 0:
+            raise GatewaySetupError("wechat.timeout_seconds", f"timeout must be two positive numbers (connect, read): {timeout!r}")
+        if min_call_seconds <= 0:
+            raise ValueError(f"min_call_seconds must be positive: {min_call_seconds!r}")
+        self._timeout = (float(connect_timeout), float(read_timeout))
+        self._min_call_seconds = min_call_seconds
+        self._base_url = _check_base_url(base_url)
+        notify_url = _check_notify_url(notify_url)
+        self._mchid = mchid
+        self._merchant_serial_no = merchant_serial_no
+        self._public_key_id = platform_public_key_id
+        # Pace a little under the limit: calls leave on their slots, but thread wake-ups and
+        # the network jitter their arrival, and WeChat counts arrivals per second.
+        self._apply_limiter = RateLimiter(apply_qps * PACING_HEADROOM if apply_qps else None)
+        self._query_limiter = RateLimiter(query_qps * PACING_HEADROOM if query_qps else None)
+        self._reuse_connections = reuse_connections
+        _install_transport()
+        try:
+            # Public key mode: no network call here (certificate mode would GET /v3/certificates at once).
+            # logger=None: the SDK's own debug logging prints the Authorization header.
+            self._wxpay = WeChatPay(
+                wechatpay_type=WeChatPayType.NATIVE,
+                mchid=mchid,
+                private_key=merchant_private_key_pem,
+                cert_serial_no=merchant_serial_no,
+                appid=appid,
+                apiv3_key=apiv3_key,
+                notify_url=notify_url,
+                logger=None,
+                timeout=tuple(timeout),
+                public_key=platform_public_key_pem,
+                public_key_id=platform_public_key_id,
+            )
+        except Exception:
+            # The SDK's message is generic; ours must not echo the PEM it could not parse.
+            raise GatewaySetupError(
+                "wechat.merchant_private_key_file", "the merchant private key or the platform public key is not a valid PEM"
+            ) from None
+        # Core hard-codes the live host; the signed path carries no host, so
+        # pointing it at the emulator (or a proxy) leaves signatures valid.
+        self._wxpay._core._gate_way = self._base_url
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
+        self._local = threading.local()
+        self._closed = False
+
+    # -- RefundGateway -------------------------------------------------------
+
+    def apply(self, req: RefundRequest, *, deadline: Callable[[], float] | None = None) -> GatewayResult:
+        # Always out_trade_no, never transaction_id: the SDK sends only one of
+        # them, and a replay must carry the very body of the first attempt even
+        # if the row learned its transaction_id in between.
+        return self._call(
+            "apply",
+            req.out_refund_no,
+            lambda: self._wxpay.refund(
+                out_refund_no=req.out_refund_no,
+                amount={"refund": req.refund_amount, "total": req.total_amount, "currency": "CNY"},
+                out_trade_no=req.out_trade_no,
+                reason=req.reason,
+            ),
+            deadline,
+        )
+
+    def query(self, out_refund_no: str, *, deadline: Callable[[], float] | None = None) -> GatewayResult:
+        if not OUT_REFUND_NO_PATTERN.match(out_refund_no):
+            raise ValueError(f"out_refund_no must match {OUT_REFUND_NO_PATTERN.pattern}: {out_refund_no!r}")
+        return self._call("query", out_refund_no, lambda: self._wxpay.query_refund(out_refund_no), deadline)
+
+    def calls_within(self, endpoint: str, seconds: float) -> int | None:
+        """How many `endpoint` calls ("apply" or "query") the pacer can still start within `seconds`
+        from now, after the slots other threads have booked; None when unpaced. Books nothing."""
+        return self._limiter(endpoint).calls_within(seconds)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    # -- notifications ---------------------------------------------------------
+
+    def parse_notification(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | None:
+        """Verify and decrypt a refund notification; None when it is not provably from WeChat.
+
+        Returns the envelope with `resource` decrypted to a dict. Does not check
+        the timestamp's age or duplicates: that is NotifyServer's job.
+        """
+        signature_headers = _canonical_signature_headers(headers)
+        if signature_headers.get("Wechatpay-Serial") != self._public_key_id:
+            # Any other serial sends the SDK to download certificates from WeChat on a stranger's request.
+            return None
+        try:
+            envelope = self._wxpay.callback(signature_headers, body)
+        except ValueError:  # bad JSON, bad base64 or bad UTF-8 in a body whose signature passed
+            return None
+        except Exception as exc:
+            if is_sdk_signature_error(exc):
+                return None
+            raise
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("resource"), dict):
+            return None
+        return envelope
+
+    # -- internals ---------------------------------------------------------------
+
+    def _limiter(self, endpoint: str) -> RateLimiter:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS}: {endpoint!r}")
+        return self._apply_limiter if endpoint == "apply" else self._query_limiter
+
+    @contextmanager
+    def _session(self) -> Iterator[requests.Session]:
+        if not self._reuse_connections:
+            with new_session(self._base_url) as session:  # one connection per call, as the SDK does
+                yield session
+            return
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = new_session(self._base_url)
+            with self._sessions_lock:
+                self._sessions.append(session)
+            self._local.session = session
+        yield session
+
+    def _call(
+        self,
+        action: str,
+        out_refund_no: str,
+        send: Callable[[], tuple[int, str | bytes]],
+        deadline: Callable[[], float] | None,
+    ) -> GatewayResult:
+        if self._closed:
+            raise RuntimeError("the gateway is closed")
+        started = time.perf_counter()
+        budget = _Budget(self._timeout, self._min_call_seconds, self._limiter(action), deadline)
+        capture = _Capture()
+        try:
+            # Checked before the SDK signs too: a call that cannot finish costs no RSA signature.
+            budget.check_time_left(time.monotonic())
+        except CallNotSent as exc:
+            result: GatewayResult = NotSent(exc.code, exc.message)
+        else:
+            result = self._send(budget, capture, send)
+        if isinstance(result, Accepted) and result.refund.out_refund_no != out_refund_no:
+            # A verified answer about another refund means we cannot tell what happened to ours.
+            result = UnknownOutcome(
+                "RESPONSE_MISMATCH", f"answer is about {result.refund.out_refund_no!r}", result.request_id
+            )
+        self._log_call(action, out_refund_no, capture, started, result)
+        return result
+
+    def _send(self, budget: _Budget, capture: _Capture, send: Callable[[], tuple[int, str | bytes]]) -> GatewayResult:
+        with self._session() as session, _TRANSPORT.bound(_Binding(session, self._public_key_id, budget, capture)):
+            try:
+                status, body = send()
+            except Exception as exc:
+                result = classify_exception(exc, capture.request_id)
+                if result is None:
+                    raise
+                return result
+        return classify(status, body, capture.request_id)
+
+    @staticmethod
+    def _log_call(action: str, out_refund_no: str, capture: _Capture, started: float, result: GatewayResult) -> None:
+        _log.bind(
+            action=action,
+            out_refund_no=out_refund_no,
+            http_status=capture.status,
+            request_id=capture.request_id,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+            outcome=type(result).__name__,
+            code=getattr(result, "code", None),
+        ).debug("refund {} answered: {}", action, result.describe())
+
+    def __repr__(self) -> str:
+        return (
+            f"WeChatPayGateway(mchid={self._mchid!r}, base_url={self._base_url!r}, "
+            f"merchant_serial_no={self._merchant_serial_no!r}, platform_public_key_id={self._public_key_id!r}, "
+            f"apply_qps={self._apply_limiter.qps!r}, query_qps={self._query_limiter.qps!r})"
+        )

@@ -1,5 +1,0 @@
-import sys
-
-from gateway.emulator.command import serve
-
-sys.exit(serve())
