@@ -6,13 +6,15 @@ Beside the stages, not in the engine: this is shop-specific SQL, and the engine 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Mapping
+from datetime import datetime
+from typing import ClassVar, Iterable, Mapping, Sequence
 
-from sqlalchemy import Column, Connection, insert, select, update
+from sqlalchemy import Column, Connection, Row, insert, or_, select, update
 
-from cancel_scanner.engine.outcome import Contended, clip
+from cancel_scanner.engine.outcome import Contended, Done, Failed, Outcome, clip
 from cancel_scanner.engine.sql import by_id, locked
-from cancel_scanner.models import goods, oplog
+from cancel_scanner.engine.stage import StageDefaults
+from cancel_scanner.models import goods, goods_order2, oplog
 
 
 def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]]) -> int:
@@ -72,3 +74,60 @@ def adjust_goods(conn: Connection, column: Column, deltas: Mapping[int, int]) ->
     """One aggregated UPDATE for the whole batch: ``column += delta`` per goods row."""
     if deltas:
         conn.execute(update(goods).where(goods.c.id.in_(list(deltas))).values({column: column + by_id(goods.c.id, dict(deltas), else_=0)}))
+
+
+class GoodsMove(StageDefaults):
+    """A database stage that moves one goods column by each order's quantity, exactly once.
+
+    A subclass says which column (``column``), which way (``sign``), what it writes to the oplog
+    (``event``), how its orders are ordered (``ready_order``: the index's order) and what a move
+    may not do (``refusal``). The decisions are made on an unlocked read in ``process``; the
+    goods rows are locked and moved last, in ``finish``, so the shop's checkouts wait for this
+    stage only from there to the commit.
+    """
+
+    column: ClassVar[Column]
+    sign: ClassVar[int]  # +1 gives back (stock), -1 takes away (sales)
+    event: ClassVar[str]
+    not_moved: ClassVar[str]  # how a refused row's message ends: "stock not restored"
+    ready_order: ClassVar[tuple]
+
+    def refusal(self, goods_id: int, current: int, quantity: int) -> Failed | None:
+        """Why moving ``current`` by ``quantity`` would be wrong, or None."""
+        raise NotImplementedError
+
+    def ready(self, now: datetime, limit: int):
+        o, flags = goods_order2.c, self.flags
+        return (
+            select(o.id, o.goods_id, o.quantity, flags.attempts)
+            .where(*self.pending(), or_(flags.next_attempt_at.is_(None), flags.next_attempt_at <= now))
+            # In index order: no sort of every pending row, and FOR UPDATE locks only the rows
+            # returned, not all it read to sort them.
+            .order_by(*self.ready_order)
+            .limit(limit)
+        )
+
+    def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
+        current = read_goods(conn, (row.goods_id for row in rows), self.column)
+        outcomes: dict[int, Outcome] = {}
+        moved: dict[int, int] = defaultdict(int)
+        events = []
+        for row in rows:
+            if row.goods_id not in current:
+                outcomes[row.id] = Failed("GOODS_NOT_FOUND", f"goods {row.goods_id} does not exist; {self.not_moved}")
+                continue
+            refused = self.refusal(row.goods_id, current[row.goods_id] + moved[row.goods_id], row.quantity)
+            if refused is not None:
+                outcomes[row.id] = refused
+                continue
+            moved[row.goods_id] += self.sign * row.quantity
+            events.append((row.id, self.event, f"goods {row.goods_id} {self.sign * row.quantity:+d}"))
+            outcomes[row.id] = Done()
+        write_oplog(conn, events)
+        return outcomes
+
+    def finish(self, conn: Connection, rows: Sequence[Row], outcomes, now: datetime) -> None:
+        moves = {row.id: (row.goods_id, self.sign * row.quantity) for row in rows if isinstance(outcomes[row.id], Done)}
+        settle_goods(
+            conn, self.column, moves, fits=lambda value, delta: self.refusal(0, value, self.sign * delta) is None
+        )

@@ -90,6 +90,7 @@ class SubmitRefund(StageDefaults):
     settings = GatewayJobSettings
     endpoint = "apply"
     flags = Flags.on(refund_order, "submit", leased=True)
+    feeds = ("poll_refund",)  # an accepted refund is that stage's, due after its first poll delay
 
     pending_since = r.created_at
 
@@ -98,12 +99,12 @@ class SubmitRefund(StageDefaults):
 
     @classmethod
     def from_config(cls, config) -> SubmitRefund:
-        # An accepted refund is first polled after the poll stage's first delay.
-        return cls(first_poll_delay_seconds=config.job("poll_refund").poll_delays_seconds[0])
+        (poll,) = cls.feeds
+        return cls(first_poll_delay_seconds=config.job(poll).poll_delays_seconds[0])
 
     def handoffs(self) -> Mapping[str, float]:
         # The first poll is due that long after acceptance, which may come before its next tick.
-        return {"poll_refund": self.first_poll_delay.total_seconds()}
+        return {poll: self.first_poll_delay.total_seconds() for poll in self.feeds}
 
     def pending(self):
         return [r.submit_scanned == 0, r.submit_success == 0]

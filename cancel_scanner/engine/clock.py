@@ -22,6 +22,11 @@ from typing import Callable
 from loguru import logger
 from sqlalchemy import Connection, Engine, text
 
+# A call is not started with less time than this left before its deadline (a lease, the
+# heartbeat window): it could only end as a timeout, an unknown outcome, where not sending is a
+# known one. The runner sizes claims with it; the gateway refuses to start a call without it.
+MIN_CALL_SECONDS = 1.0
+
 
 # Past this our leases are still safe (they use the database's clock) but logs and anything
 # stamped locally drift from the database's: worth a warning.

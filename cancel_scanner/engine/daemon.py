@@ -51,12 +51,9 @@ class Daemon:
         self.config = app.config
         self.stages = [n for n in self.runner.stages if self.config.job(n).enabled]
         self.stopped = threading.Event()
-        self._lock = threading.Lock()
         self._idle = threading.Condition()  # counts the ticks in hand, for shutdown
         self._active = 0
-        self._running: dict[str, bool] = {n: False for n in self.stages}
-        self._rerun: dict[str, bool] = {n: False for n in self.stages}
-        self._failures: dict[str, int] = {n: 0 for n in self.stages}
+        self.loops = {n: StageLoop(self, n) for n in self.stages}
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.stages)))},
             timezone=timezone.utc,
@@ -77,10 +74,9 @@ class Daemon:
         for name in self.stages:
             job = self.config.job(name)
             self.scheduler.add_job(
-                self._tick,
+                self.loops[name].tick,
                 "interval",
                 seconds=job.interval_seconds,
-                args=[name],
                 id=name,
                 name=name,
                 max_instances=1,
@@ -155,123 +151,174 @@ class Daemon:
         logger.bind(stage="daemon", action="stopped", clean=clean, leases_released=released).info("cancel-scanner stopped")
         return clean
 
-    # --- one scheduled run of a stage -----------------------------------------------------------
-
-    def _tick(self, name: str) -> None:
-        with self._lock:
-            if self._running[name]:
-                self._rerun[name] = True
-                return
-            self._running[name] = True
-        with self._idle:
-            self._active += 1
-        try:
-            while not self.stopped.is_set() and not self.runner.stopping.is_set():
-                self._run_batches(name)
-                with self._lock:
-                    if not self._rerun[name]:
-                        self._running[name] = False
-                        return
-                    self._rerun[name] = False
-        finally:
-            with self._lock:
-                self._running[name] = False
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
-
-    def _run_batches(self, name: str) -> None:
-        """Batches back to back while they come full; then hand off to the consumers.
-
-        A gateway stage with a backlog runs a second lane: while one lane writes its answers
-        and claims its next batch, the other is calling, so the shared pacer never idles.
-        The lanes cannot collide: each claims with SKIP LOCKED and leases what it claimed.
-        """
-        started = time.monotonic()
-        tally = {"handed_off": 0, "failed": False}
-        tally_lock = threading.Lock()
-        second_lane: threading.Thread | None = None
-
-        def lane() -> None:
-            nonlocal second_lane
-            while not self.runner.stopping.is_set():
-                try:
-                    report = self.runner.run_stage(name)
-                    error = report.error
-                    if report.blocked:
-                        error = Blocked(report.blocked)
-                except Exception as exc:
-                    report, error = None, exc
-                if error is not None:
-                    with tally_lock:
-                        first_failure = not tally["failed"]
-                        tally["failed"] = True
-                    if first_failure:  # one backoff step per tick, whichever lane saw it
-                        self._back_off(name, error)
-                    return
-                with tally_lock:
-                    tally["handed_off"] += report.finished
-                    if self._failures[name]:
-                        logger.bind(stage=name, action="recovered", failures=self._failures[name]).info("stage recovered")
-                        self._failures[name] = 0
-                    if tally["failed"] or not report.full:
-                        return
-                    if second_lane is None and self.runner.stages[name].kind == "gateway":
-                        second_lane = threading.Thread(target=lane, name=f"cs-{name}-lane2", daemon=True)
-                        second_lane.start()
-                if time.monotonic() - started > TICK_BUDGET_SECONDS:
-                    # Still full: go round again at once (the loop in _tick checks for a stop
-                    # first) instead of waiting for the next interval.
-                    with self._lock:
-                        self._rerun[name] = True
-                    return
-
-        lane()
-        if second_lane is not None:
-            second_lane.join()
-        if tally["handed_off"]:
-            for consumer, after in self.runner.stages[name].handoffs().items():
-                self.wake(consumer, after=after)
+    # --- what the stage loops ask of the daemon ------------------------------------------------
 
     def wake(self, name: str, after: float = 0.0) -> None:
         """Run ``name`` now, or ``after`` seconds from now if that is sooner than its next run."""
-        if name not in self._running or self._stopping() or self._failures[name]:
+        loop = self.loops.get(name)
+        if loop is None or self.stopping() or loop.failures:
             return  # a stage backing off keeps its backoff: an early run would only fail again
-        if after <= 0:
-            with self._lock:
-                if self._running[name]:
-                    self._rerun[name] = True
-                    return
+        if after <= 0 and loop.ask_again():
+            return  # running: it goes round once more when this round ends
         at = _utc() + timedelta(seconds=after)
         job = self.scheduler.get_job(name)
         if job is not None and (job.next_run_time is None or at < job.next_run_time):
             self._reschedule(name, at)
 
-    def _stopping(self) -> bool:
+    def tick_started(self) -> None:
+        with self._idle:
+            self._active += 1
+
+    def tick_ended(self) -> None:
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
+
+    def stopping(self) -> bool:
         return self.stopped.is_set() or self.runner.stopping.is_set()
 
     def _reschedule(self, name: str, at: datetime) -> None:
-        if self._stopping():
+        if self.stopping():
             return  # never touch the scheduler while it stops (see shutdown)
         try:
             self.scheduler.modify_job(name, next_run_time=at)
         except JobLookupError:  # removed between the check and now: nothing to move
             logger.bind(stage=name, action="reschedule_skipped").debug("job gone; not rescheduled")
 
-    def _back_off(self, name: str, error) -> None:
-        self._failures[name] += 1
-        n = self._failures[name]
+    def back_off(self, name: str, failures: int, error) -> None:
         interval = self.config.job(name).interval_seconds
-        delay = min(MAX_BACKOFF_SECONDS, interval * 2 ** (n - 1))
-        transient = isinstance(error, str) or is_transient_db_error(error)
-        log = logger.bind(stage=name, action="backoff", failures=n, retry_in_s=round(delay, 1))
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-        if isinstance(error, Blocked):
-            # Not a blip: privileges, schema or credentials. Loud on the first step, then once a minute.
-            if n == 1 or delay >= MAX_BACKOFF_SECONDS:
-                log.bind(action="blocked").error("stage blocked, a person must fix: {}; next try in {:.0f}s", error.reason, delay)
-        elif transient:
-            log.warning("stage unavailable ({}); next try in {:.0f}s", text, delay)
-        else:
-            log.opt(exception=error if n == 1 else None).error("stage failed ({}); next try in {:.0f}s", text, delay)
+        delay = min(MAX_BACKOFF_SECONDS, interval * 2 ** (failures - 1))
+        log_failure(name, failures, delay, error)
         self._reschedule(name, _utc() + timedelta(seconds=delay))
+
+
+def log_failure(name: str, failures: int, delay: float, error) -> None:
+    """One line per backoff step, as loud as the cause deserves."""
+    log = logger.bind(stage=name, action="backoff", failures=failures, retry_in_s=round(delay, 1))
+    if isinstance(error, Blocked):
+        # Not a blip: privileges, schema or credentials. Loud on the first step, then once a minute.
+        if failures == 1 or delay >= MAX_BACKOFF_SECONDS:
+            log.bind(action="blocked").error("stage blocked, a person must fix: {}; next try in {:.0f}s", error.reason, delay)
+        return
+    if isinstance(error, str):  # a batch that rolled back says why in words: a blip by definition
+        text, transient = error, True
+    else:
+        first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        text, transient = f"{type(error).__name__}: {first_line}", is_transient_db_error(error)
+    if transient:
+        log.warning("stage unavailable ({}); next try in {:.0f}s", text, delay)
+    else:
+        log.opt(exception=error if failures == 1 else None).error("stage failed ({}); next try in {:.0f}s", text, delay)
+
+
+class _Round:
+    """What the lanes of one round of a stage learn together: rows finished, whether one failed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.finished = 0
+        self.failed = False
+        self.second_lane: threading.Thread | None = None
+
+
+class StageLoop:
+    """One stage on the scheduler: batches back to back while they come full, then idle.
+
+    APScheduler calls ``tick`` every interval (never twice at once: max_instances=1). A wake that
+    arrives while a tick runs asks for one more round instead of queueing a run, so a hand-off is
+    never lost and never doubled. A failure backs the stage off; a full batch past the tick
+    budget yields and goes round again.
+    """
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self.daemon = daemon
+        self.name = name
+        self.stage = daemon.runner.stages[name]
+        self.failures = 0
+        self._lock = threading.Lock()
+        self._running = False
+        self._again = False
+
+    def ask_again(self) -> bool:
+        """If a round is running, have it go round once more and say so; else False."""
+        with self._lock:
+            if self._running:
+                self._again = True
+            return self._running
+
+    def tick(self) -> None:
+        with self._lock:
+            if self._running:
+                self._again = True
+                return
+            self._running, self._again = True, False
+        self.daemon.tick_started()
+        try:
+            while not self.daemon.stopping() and self._round():
+                pass
+        finally:
+            with self._lock:
+                self._running = False
+            self.daemon.tick_ended()
+
+    def _round(self) -> bool:
+        """One round of lanes, then the hand-offs; True if another round was asked for."""
+        round_ = _Round()
+        self._lane(round_)
+        if round_.second_lane is not None:
+            round_.second_lane.join()
+        if round_.finished:
+            for consumer, after in self.stage.handoffs().items():
+                self.daemon.wake(consumer, after=after)
+        with self._lock:
+            again, self._again = self._again, False
+        return again
+
+    def _lane(self, round_: _Round) -> None:
+        """Batches until one is not full, fails, or the tick budget is spent.
+
+        A gateway stage with a backlog runs a second lane: while one lane writes its answers
+        and claims its next batch, the other is calling, so the shared pacer never idles.
+        The lanes cannot collide: each claims with SKIP LOCKED and leases what it claimed.
+        """
+        runner = self.daemon.runner
+        while not runner.stopping.is_set():
+            report, error = self._batch()
+            with round_.lock:
+                if error is not None:
+                    if not round_.failed:  # one backoff step per round, whichever lane saw it
+                        round_.failed = True
+                        self.failures += 1
+                        self.daemon.back_off(self.name, self.failures, error)
+                    return
+                round_.finished += report.finished
+                self._recovered()
+                if round_.failed or not report.full:
+                    return
+                if round_.second_lane is None and self.stage.kind == "gateway":
+                    round_.second_lane = threading.Thread(target=self._lane, args=(round_,), name=f"cs-{self.name}-lane2", daemon=True)
+                    round_.second_lane.start()
+            if time.monotonic() - round_.started > TICK_BUDGET_SECONDS:
+                # Still full: go round again at once (tick checks for a stop first) instead of
+                # waiting for the next interval.
+                with self._lock:
+                    self._again = True
+                return
+
+    def _batch(self):
+        """(report, None) or (None, the error): a raising stage is a failure like any other."""
+        try:
+            report = self.daemon.runner.run_stage(self.name)
+        except Exception as exc:  # reported and backed off by the caller, never swallowed
+            return None, exc
+        if report.blocked:
+            return None, Blocked(report.blocked)
+        if report.error is not None:
+            return None, report.error
+        return report, None
+
+    def _recovered(self) -> None:
+        if self.failures:
+            logger.bind(stage=self.name, action="recovered", failures=self.failures).info("stage recovered")
+            self.failures = 0

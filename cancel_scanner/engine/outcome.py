@@ -19,8 +19,8 @@ class Done:
 
 
 @dataclass(frozen=True)
-class Failed:
-    """A permanent failure: flip ``scanned=1, success=0`` with the reason; an operator must look."""
+class Coded:
+    """A stable code (for machines and DBAs) and a message (for a person), described in one short line."""
 
     code: str
     message: str
@@ -30,18 +30,18 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Retry:
+class Failed(Coded):
+    """A permanent failure: flip ``scanned=1, success=0`` with the reason; an operator must look."""
+
+
+@dataclass(frozen=True)
+class Retry(Coded):
     """A transient failure: the row stays pending; the retry policy picks when, or gives up."""
 
-    code: str
-    message: str
     give_up_after: int | None = None  # a tighter cap than the job's max_attempts (e.g. a 404 right after payment)
     # The code a row ends with when the policy gives up, if not ``code``: a refund that may have
     # reached WeChat ends OUTCOME_UNKNOWN ("check by hand"), never as a rejection.
     give_up_code: str | None = None
-
-    def describe(self) -> str:
-        return clip(f"{self.code}: {self.message}")
 
 
 @dataclass(frozen=True)

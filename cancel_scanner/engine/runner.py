@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from loguru import logger
 from sqlalchemy import Connection, Engine, Row, select, update
 
-from cancel_scanner.engine.clock import DbClock, local_utcnow
+from cancel_scanner.engine.clock import MIN_CALL_SECONDS, DbClock, local_utcnow
 from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from cancel_scanner.engine.db import is_mysql
 from cancel_scanner.engine.errors import describe_db_error, is_environment_db_error, is_transient_db_error
@@ -52,7 +52,6 @@ from cancel_scanner.engine.stage import Stage
 
 MAX_IDLE_ROUNDS = 10_000
 MAX_CONTENTION_ROUNDS = 4  # a batch re-done without newly contended rows at most this often
-MIN_CALL_SECONDS = 1.0  # a call is not started with less time than this before its deadline
 utcnow = local_utcnow  # this host's clock: for display only, never for a comparison the engine makes
 
 

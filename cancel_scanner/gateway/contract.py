@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Protocol, TypeAlias
 
-from cancel_scanner.engine.outcome import clip  # one rule for fitting a message into a VARCHAR(255)
+from cancel_scanner.engine.outcome import Coded, clip  # one rule for a code, a message and a VARCHAR(255)
 
 # WeChat allows any 64 bytes, but the SDK signs the path unencoded while
 # `requests` percent-encodes characters such as `|`: the two would disagree and
@@ -134,15 +134,10 @@ class Accepted:
 
 
 @dataclass(frozen=True)
-class _Coded:
+class _Coded(Coded):
     """An answer that is not a refund object: WeChat's error code and message."""
 
-    code: str
-    message: str
     request_id: str | None = None
-
-    def describe(self) -> str:
-        return clip(f"{self.code}: {self.message}")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ import wechatpayv3.core as sdk_core
 from loguru import logger
 from wechatpayv3 import WeChatPay, WeChatPayType
 
+from cancel_scanner.engine.clock import MIN_CALL_SECONDS
 from cancel_scanner.engine.net import is_safe_gateway_url
 from cancel_scanner.gateway.classify import CallNotSent, UnverifiedResponse, classify, classify_exception, is_sdk_signature_error
 from cancel_scanner.gateway.contract import (
@@ -68,9 +69,6 @@ DEFAULT_APPLY_QPS = 150  # WeChat's per-merchant limits
 DEFAULT_QUERY_QPS = 300
 APIV3_KEY_BYTES = 32
 PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
-# A call is not started with less time than this left before its deadline: it
-# could only end as a timeout, an unknown outcome, where not sending is a known one.
-MIN_CALL_SECONDS = 1.0
 MAX_ANSWER_BYTES = 1024 * 1024  # a refund object is ~1 KB; anything near this is not WeChat's answer
 ENDPOINTS = ("apply", "query")
 SIGNATURE_HEADERS = (

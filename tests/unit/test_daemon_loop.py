@@ -19,8 +19,8 @@ INTERVAL = 60.0
 
 
 class FakeStage:
-    def __init__(self, name, feeds=()):
-        self.name, self.kind, self._feeds = name, "database", feeds
+    def __init__(self, name, feeds=(), kind="database"):
+        self.name, self.kind, self._feeds = name, kind, feeds
 
     def handoffs(self):
         return {f: 0.0 for f in self._feeds}
@@ -29,10 +29,17 @@ class FakeStage:
 class FakeRunner:
     """Answers run_stage from a script per stage; counts the runs."""
 
-    def __init__(self, scripts):
+    def __init__(self, scripts, kinds=None, hold=None):
         self.scripts = {name: list(reports) for name, reports in scripts.items()}
-        self.stages = {name: FakeStage(name, feeds=("consumer",) if name == "producer" else ()) for name in scripts}
+        self.stages = {
+            name: FakeStage(name, feeds=("consumer",) if name == "producer" else (), kind=(kinds or {}).get(name, "database"))
+            for name in scripts
+        }
         self.runs = {name: 0 for name in scripts}
+        self.hold = hold or {}  # name -> predicate(runner): a run of that stage waits for it (at most hold_s)
+        self.hold_s = 3.0
+        self.in_flight = {name: 0 for name in scripts}
+        self.most_in_flight = {name: 0 for name in scripts}
         self.changed = threading.Condition()
         self.stopping = threading.Event()
         self.registry = SimpleNamespace(beat=lambda: None, start=lambda **kw: None, stop=lambda: None)
@@ -42,9 +49,16 @@ class FakeRunner:
     def run_stage(self, name):
         with self.changed:
             self.runs[name] += 1
+            self.in_flight[name] += 1
+            self.most_in_flight[name] = max(self.most_in_flight[name], self.in_flight[name])
             self.changed.notify_all()
             script = self.scripts[name]
             step = script.pop(0) if script else BatchReport(stage=name)
+        with self.changed:
+            if name in self.hold:
+                self.changed.wait_for(lambda: self.hold[name](self), timeout=self.hold_s)
+            self.in_flight[name] -= 1
+            self.changed.notify_all()
         if isinstance(step, BaseException):
             raise step
         return step
@@ -112,14 +126,62 @@ def test_a_failing_stage_backs_off_and_a_bug_in_one_stage_stops_no_other():
     try:
         assert runner.wait_runs("producer", 1) and runner.wait_runs("consumer", 1)
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and daemon._failures["consumer"] < 1:
+        while time.monotonic() < deadline and daemon.loops["consumer"].failures < 1:
             time.sleep(0.01)  # polling a condition with a deadline
         for name in ("producer", "consumer"):
             next_run = daemon.scheduler.get_job(name).next_run_time
             # First backoff step: one interval from the failure, not "now".
             assert next_run >= before + timedelta(seconds=INTERVAL * 0.9), name
-        assert daemon._failures == {"producer": 1, "consumer": 1}
+        assert {n: loop.failures for n, loop in daemon.loops.items()} == {"producer": 1, "consumer": 1}
         daemon.wake("producer", after=0)  # a hand-off does not cut a backoff short
         assert not runner.wait_runs("producer", 2, timeout=0.5)
+    finally:
+        assert daemon.shutdown()
+
+
+def test_a_wake_during_a_run_asks_for_exactly_one_more_round():
+    release = threading.Event()
+    runner = FakeRunner({"producer": [], "consumer": []}, hold={"producer": lambda _: release.is_set()})
+    daemon = daemon_for(runner)
+    daemon.start()
+    try:
+        assert runner.wait_runs("producer", 1)  # running, held
+        for _ in range(3):
+            daemon.wake("producer")  # three wakes while it runs: one more round, not three
+        with runner.changed:
+            release.set()
+            runner.changed.notify_all()
+        assert runner.wait_runs("producer", 2), "the wake during the run was lost"
+        assert not runner.wait_runs("producer", 3, timeout=0.5)
+    finally:
+        release.set()
+        assert daemon.shutdown()
+
+
+def second_call_overlaps(runner):
+    """Hold every batch after the first until another call is in flight beside it (or the backlog is gone)."""
+    return runner.runs["producer"] == 1 or runner.in_flight["producer"] >= 2 or not runner.scripts["producer"]
+
+
+def test_a_gateway_stage_with_a_backlog_calls_on_two_lanes():
+    runner = FakeRunner({"producer": [full("producer")] * 4, "consumer": []}, kinds={"producer": "gateway"},
+                        hold={"producer": second_call_overlaps})
+    daemon = daemon_for(runner)
+    daemon.start()
+    try:
+        assert runner.wait_runs("producer", 5)
+        assert runner.most_in_flight["producer"] == 2  # two lanes, never more
+    finally:
+        assert daemon.shutdown()
+
+
+def test_a_database_stage_runs_its_batches_one_at_a_time():
+    runner = FakeRunner({"producer": [full("producer")] * 3, "consumer": []}, hold={"producer": second_call_overlaps})
+    runner.hold_s = 0.5  # the second batch waits for a partner that never comes
+    daemon = daemon_for(runner)
+    daemon.start()
+    try:
+        assert runner.wait_runs("producer", 4)
+        assert runner.most_in_flight["producer"] == 1
     finally:
         assert daemon.shutdown()
