@@ -76,21 +76,23 @@ def db_url(request):
     return request.getfixturevalue(f"{request.param}_url")
 
 
-@pytest.fixture
-def db(db_url):
-    """An engine on a fresh database holding the schema."""
-    engine = make_engine(db_url)
+def _schema_engine(url):
+    engine = make_engine(url)
     init_schema(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def db(db_url):
+    """An engine on a fresh database holding the schema."""
+    yield from _schema_engine(db_url)
 
 
 @pytest.fixture
 def mysql_db(mysql_url):
-    engine = make_engine(mysql_url)
-    init_schema(engine)
-    yield engine
-    engine.dispose()
+    """The same on MariaDB only."""
+    yield from _schema_engine(mysql_url)
 
 
 @pytest.fixture

@@ -93,6 +93,10 @@ class BatchReport:
     def finished(self) -> int:
         return self.done + self.failed
 
+    def counts(self) -> dict[str, int]:
+        """What happened to the rows claimed, for the batch's log line."""
+        return {k: getattr(self, k) for k in ("claimed", "done", "failed", "retried", "later", "skipped")}
+
 
 @dataclass
 class Hooks:
@@ -182,15 +186,7 @@ class Runner:
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
             log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked)
         if report.claimed:
-            log.bind(
-                action="batch",
-                claimed=report.claimed,
-                done=report.done,
-                failed=report.failed,
-                retried=report.retried,
-                later=report.later,
-                skipped=report.skipped,
-            ).info("batch finished")
+            log.bind(action="batch", **report.counts()).info("batch finished")
         return report
 
     def run_until_idle(

@@ -39,22 +39,20 @@ class Sandbox:
         self.close()
 
 
+# What the merchant holds of the key material (the platform's private key stays with the emulator).
+MERCHANT_KEY_FIELDS = (
+    "mchid", "appid", "merchant_serial_no", "merchant_private_key_pem",
+    "platform_public_key_pem", "platform_public_key_id", "apiv3_key",
+)
+
+
 def client_for(keys: KeyMaterial, base_url: str, **options: Any) -> WeChatPayGateway:
     """The live client, holding the merchant side of ``keys``, pointed at ``base_url``.
 
     ``options`` may also replace any of the keys' fields (a test's wrong merchant key).
     """
-    params: dict[str, Any] = dict(
-        mchid=keys.mchid,
-        appid=keys.appid,
-        merchant_serial_no=keys.merchant_serial_no,
-        merchant_private_key_pem=keys.merchant_private_key_pem,
-        platform_public_key_pem=keys.platform_public_key_pem,
-        platform_public_key_id=keys.platform_public_key_id,
-        apiv3_key=keys.apiv3_key,
-        base_url=base_url,
-    )
-    return WeChatPayGateway(**{**params, **options})
+    merchant_side = {name: getattr(keys, name) for name in MERCHANT_KEY_FIELDS}
+    return WeChatPayGateway(**{**merchant_side, "base_url": base_url, **options})
 
 
 def start_sandbox(

@@ -106,13 +106,19 @@ def test_server_has_own_port_utf8mb4_and_utc(server):
         engine.dispose()
 
 
-def test_stop_then_start_keeps_data_and_port(server):
-    url = server.create_database("testbed_restart")
+def database_with_rows(server, name: str, rows: int) -> str:
+    """A database of the server holding table t with ids 1..rows, committed."""
+    url = server.create_database(name)
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB"))
-        conn.execute(sa.text("INSERT INTO t VALUES (1), (2), (3)"))
+        conn.execute(sa.text("INSERT INTO t VALUES " + ", ".join(f"({i})" for i in range(1, rows + 1))))
     engine.dispose()
+    return url
+
+
+def test_stop_then_start_keeps_data_and_port(server):
+    url = database_with_rows(server, "testbed_restart", 3)
     port, pid = server.port, server.pid
 
     server.stop()
@@ -127,12 +133,7 @@ def test_stop_then_start_keeps_data_and_port(server):
 
 
 def test_kill_then_start_recovers_committed_rows(server):
-    url = server.create_database("testbed_crash")
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB"))
-        conn.execute(sa.text("INSERT INTO t VALUES (1), (2)"))
-    engine.dispose()
+    url = database_with_rows(server, "testbed_crash", 2)
     pid = server.pid
 
     server.kill()

@@ -22,6 +22,15 @@ class FakeTime:
         self.now += seconds
 
 
+def in_threads(worker, n: int) -> None:
+    """Run ``worker`` on n threads at once and wait for all of them."""
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def max_in_any_second(times: list[float]) -> int:
     times = sorted(times)
     best, start = 0, 0
@@ -75,11 +84,7 @@ def test_concurrent_callers_get_distinct_slots_spaced_by_the_interval():
             with lock:
                 slots.append(slot)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(worker, 8)
 
     assert sorted(slots) == pytest.approx([i * 0.01 for i in range(400)])
     assert max_in_any_second(slots) == 100
@@ -170,11 +175,7 @@ def test_concurrent_try_acquire_books_only_the_slots_before_the_latest_start():
                 else:
                     slots.append(slot)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(worker, 8)
 
     assert sorted(slots) == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
     assert len(refused) == 75
