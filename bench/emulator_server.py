@@ -1,12 +1,15 @@
-"""The WeChat Pay emulator in its own process, for benchmarks (not a test, not the CLI's `emulator`).
+"""The WeChat Pay emulator in its own process, for benchmarks (not a test, not the CLI's `emulator`),
+and ``EmulatorProcess``, the benchmarks' end of it.
 
 The benchmarks run the daemon as a real subprocess in live mode pointed at this
 emulator, so the daemon's CPU and memory are its own and the emulator's signing
 does not share the daemon's GIL.
 
-Per-call latency: the emulator has no latency option; a "slow" fault that
-strikes before the refund is recorded with probability 1 is one (the request
-waits ``--latency`` seconds, then is processed and answered normally, 200).
+Per-call latency: a "slow" fault that strikes before the refund is recorded, with
+probability 1 (the request waits ``--latency`` seconds, then is processed and
+answered normally, 200). Not the emulator's own ``latency``, which waits before
+the QPS check: here a call over the limit is answered 429 at once, as in every
+figure of RESULTS.md so far.
 
 Protocol: prints one JSON line (base_url, key files, ids) when listening, then
 reads commands on stdin, one per line, and answers each with one JSON line:
@@ -21,19 +24,28 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loguru import logger  # noqa: E402
 
+from bench import OUT_DIR, REPO  # noqa: E402
 from cancel_scanner.gateway.emulator import Emulator, FaultPlan  # noqa: E402
 from cancel_scanner.gateway.keys import generate_key_material  # noqa: E402
+from testsupport.processes import process_cpu_seconds  # noqa: E402
 
 REQUEST_LOG_ROWS = 2_000_000
+# WeChat Pay's per-merchant limits and the per-call latency the benchmarks measure against.
+WECHAT_APPLY_QPS = 150
+WECHAT_QUERY_QPS = 300
+GATEWAY_LATENCY_SECONDS = 0.020
 
 
 def _busiest_window(times: list[float], width: float = 1.0) -> int:
@@ -46,8 +58,8 @@ def _busiest_window(times: list[float], width: float = 1.0) -> int:
 
 
 def stats(emulator: Emulator) -> dict:
-    with emulator._changed:  # the emulator appends under this lock
-        log = list(emulator.request_log)
+    """Per call (apply, query): requests by status, accepted ones per second, the busiest one-second windows."""
+    log = emulator.logged_requests()
     out: dict = {}
     for kind in ("apply", "query"):
         rows = [(t, status) for t, _method, k, status in log if k == kind]
@@ -76,10 +88,11 @@ def stats(emulator: Emulator) -> dict:
 
 
 def main() -> int:
+    """Serve until ``quit`` or EOF on stdin, answering the protocol's commands."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every call (0: none)")
-    parser.add_argument("--apply-qps", type=int, default=150, help="limit; 0: none")
-    parser.add_argument("--query-qps", type=int, default=300, help="limit; 0: none")
+    parser.add_argument("--apply-qps", type=int, default=WECHAT_APPLY_QPS, help="limit; 0: none")
+    parser.add_argument("--query-qps", type=int, default=WECHAT_QUERY_QPS, help="limit; 0: none")
     parser.add_argument("--success-delay", type=float, default=0.0, help="seconds from PROCESSING to SUCCESS")
     parser.add_argument("--key-dir", type=Path, default=None)
     args = parser.parse_args()
@@ -95,8 +108,8 @@ def main() -> int:
         apply_qps=args.apply_qps or None,
         query_qps=args.query_qps or None,
         faults=faults,
+        request_log_size=REQUEST_LOG_ROWS,
     )
-    emulator.request_log = deque(maxlen=REQUEST_LOG_ROWS)
     emulator.start()
     assert keys.paths is not None
     print(
@@ -121,9 +134,7 @@ def main() -> int:
             if command == "stats":
                 print(json.dumps(stats(emulator)), flush=True)
             elif command == "reset":
-                with emulator._changed:
-                    emulator.request_log.clear()
-                    emulator.requests.clear()
+                emulator.forget_requests()
                 print(json.dumps({"ok": True}), flush=True)
             elif command == "quit":
                 break
@@ -132,6 +143,94 @@ def main() -> int:
     finally:
         emulator.stop()
     return 0
+
+
+class EmulatorProcess:
+    """This module's main() in a subprocess, for a ``with`` block: WeChat's limits, a per-call latency, its own CPU."""
+
+    def __init__(
+        self,
+        latency: float = GATEWAY_LATENCY_SECONDS,
+        apply_qps: int | None = WECHAT_APPLY_QPS,
+        query_qps: int | None = WECHAT_QUERY_QPS,
+        success_delay: float = 0.0,
+        log_name: str = "emulator",
+    ) -> None:
+        self.args = [
+            "--latency", str(latency), "--apply-qps", str(apply_qps or 0), "--query-qps", str(query_qps or 0),
+            "--success-delay", str(success_delay),
+        ]
+        self.log_path = OUT_DIR / f"{log_name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.info: dict = {}
+
+    def __enter__(self) -> "EmulatorProcess":
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *self.args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        log.close()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"emulator did not start; see {self.log_path}")
+        self.info = json.loads(line)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            proc.stdin.write("quit\n")
+            proc.stdin.flush()
+            proc.wait(15)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(self.info.get("key_dir", ""), ignore_errors=True)
+        self.proc = None
+
+    def _command(self, command: str) -> dict:
+        assert self.proc is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stats(self) -> dict:
+        """The protocol's ``stats``: per call, requests by status, rates and the busiest one-second windows."""
+        return self._command("stats")
+
+    def reset(self) -> None:
+        """Forget the requests counted so far, so the next stats are one measurement's."""
+        self._command("reset")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the emulator's process has used so far."""
+        return process_cpu_seconds(self.proc.pid) if self.proc else 0.0
+
+    def wechat(self, apply_qps: float = WECHAT_APPLY_QPS, query_qps: float = WECHAT_QUERY_QPS) -> dict:
+        """The `wechat:` section of a live-mode jobs.yaml pointing at this emulator."""
+        i = self.info
+        return {
+            "mode": "live",
+            "base_url": i["base_url"],
+            "mchid": i["mchid"],
+            "appid": i["appid"],
+            "merchant_serial_no": i["merchant_serial_no"],
+            "merchant_private_key_file": i["merchant_private_key_file"],
+            "platform_public_key_file": i["platform_public_key_file"],
+            "platform_public_key_id": i["platform_public_key_id"],
+            "apply_qps": apply_qps,
+            "query_qps": query_qps,
+            "timeout_seconds": [5, 15],
+        }
+
+    def env(self) -> dict[str, str]:
+        """The daemon's environment: the APIv3 key, which is never in a configuration file."""
+        return {"WECHATPAY_APIV3_KEY": Path(self.info["apiv3_key_file"]).read_text(encoding="utf-8").strip()}
 
 
 if __name__ == "__main__":

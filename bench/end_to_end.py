@@ -28,57 +28,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    INTERVAL_SECONDS,
-    Bench,
-    DaemonProcess,
-    EmulatorProcess,
-    Report,
-    analyze,
-    jobs,
-    machine,
-    median,
-    parser,
-    percentile,
-    quiet_logging,
-    scalar,
-    seed_goods,
-    seed_orders,
-    sql,
-    wait_until,
-)
+from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
+from bench.emulator_server import EmulatorProcess  # noqa: E402
+from testsupport.processes import DaemonProcess  # noqa: E402
+from testsupport.waiting import timed_wait  # noqa: E402
 
-IDLE_TARGET_SECONDS = INTERVAL_SECONDS + 1.0
+IDLE_TARGET_SECONDS = configs.INTERVAL_SECONDS + 1.0
 PEAK_RSS_TARGET_MB = 200.0
 SANDBOX_SUCCESS_DELAY_SECONDS = 2.0
 EVENTS = ("CANCELLED", "REFUND_SUBMITTED", "REFUND_SUCCEEDED", "STOCK_RESTORED", "SALES_DECREMENTED")
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="requests in the burst (default 20,000; --quick 500)")
     p.add_argument("--idle-trials", type=int, default=None, help="single requests on the idle daemon (default 10)")
     p.add_argument("--seed", type=int, default=7, help="random phases of the idle trials")
     args = p.parse_args()
-    quiet_logging()
+    reporting.quiet_logging()
     n = args.n or (500 if args.quick else 20_000)
     trials = args.idle_trials or (3 if args.quick else 10)
     rng = random.Random(args.seed)
-    report = Report(f"End to end: {n:,} requests at once, then {trials} single requests on an idle daemon")
+    report = reporting.Report(f"End to end: {n:,} requests at once, then {trials} single requests on an idle daemon")
 
-    with Bench() as bench, EmulatorProcess(success_delay=SANDBOX_SUCCESS_DELAY_SECONDS, log_name="e2e-emulator") as emulator:
-        report.machine_before = machine(bench.server)
+    with database.Bench() as bench, EmulatorProcess(success_delay=SANDBOX_SUCCESS_DELAY_SECONDS, log_name="e2e-emulator") as emulator:
+        report.machine_before = reporting.machine(bench.server)
         url, _engine = bench.database("bench_e2e")
         conn = bench.connect("bench_e2e")
-        seed_goods(conn)
-        seed_orders(conn, 1, n + trials, "paid")
-        analyze(conn)
-        raw = {"database_url": url, "wechat": emulator.wechat(), "jobs": jobs()}
-        with DaemonProcess("e2e", raw, emulator.env()) as daemon:
-            time.sleep(2 * INTERVAL_SECONDS)  # every stage has polled once: the daemon is idle
+        seed.goods(conn)
+        seed.orders(conn, 1, n + trials, "paid")
+        seed.analyze(conn)
+        raw = {"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs()}
+        with DaemonProcess(OUT_DIR, raw, emulator.env(), name="e2e") as daemon:
+            time.sleep(2 * configs.INTERVAL_SECONDS)  # every stage has polled once: the daemon is idle
             emulator.reset()
             print(f"[burst] inserting {n:,} cancel requests in one statement", flush=True)
-            sql(
+            database.sql(
                 conn,
                 "INSERT INTO req_order_ops (order_id, op_type, operator, reason) "
                 f"SELECT seq, 'MERCHANT_CANCEL', 'bench', 'out of stock' FROM seq_1_to_{n}",
@@ -87,36 +72,36 @@ def main() -> int:
                 f"SELECT COUNT(*) FROM goods_order2 WHERE id <= {n} AND stock_scanned = 1 AND sales_scanned = 1"
             )
             expected_wall = n / 150 + 60 + 60
-            wall = wait_until(lambda: scalar(conn, settled_sql) >= n, timeout=max(600, 5 * expected_wall), interval=0.5,
+            wall = timed_wait(lambda: database.scalar(conn, settled_sql) >= n, timeout=max(600, 5 * expected_wall), interval=0.5,
                               what="the burst to settle")
             print(f"[burst] settled after {wall:.0f} s (bench's clock)", flush=True)
 
-            inserted = scalar(conn, f"SELECT MIN(created_at) FROM req_order_ops WHERE order_id <= {n}")
+            inserted = database.scalar(conn, f"SELECT MIN(created_at) FROM req_order_ops WHERE order_id <= {n}")
             milestones = dict(
-                sql(conn, f"SELECT event, MAX(created_at) FROM goods_order2_oplog WHERE order_id <= {n} GROUP BY event")
+                database.sql(conn, f"SELECT event, MAX(created_at) FROM goods_order2_oplog WHERE order_id <= {n} GROUP BY event")
             )
-            settled_at = scalar(conn, f"SELECT MAX(updated_at) FROM goods_order2 WHERE id <= {n}")
+            settled_at = database.scalar(conn, f"SELECT MAX(updated_at) FROM goods_order2 WHERE id <= {n}")
             to_submit = [
                 float(x)
-                for (x,) in sql(
+                for (x,) in database.sql(
                     conn,
                     "SELECT TIMESTAMPDIFF(MICROSECOND, q.created_at, r.submitted_at) / 1e6 "
                     f"FROM req_order_ops q JOIN refund_order r ON r.req_id = q.id WHERE q.order_id <= {n}",
                 )
             ]
             outcome = dict(
-                sql(conn, f"SELECT CONCAT(scanned, '/', success, ' ', COALESCE(result_code, '-')), COUNT(*) "
-                          f"FROM req_order_ops WHERE order_id <= {n} GROUP BY 1")
+                database.sql(conn, f"SELECT CONCAT(scanned, '/', success, ' ', COALESCE(result_code, '-')), COUNT(*) "
+                                   f"FROM req_order_ops WHERE order_id <= {n} GROUP BY 1")
             )
-            refunded = scalar(conn, f"SELECT COUNT(*) FROM goods_order2 WHERE id <= {n} AND refund_status = 'REFUNDED'")
+            refunded = database.scalar(conn, f"SELECT COUNT(*) FROM goods_order2 WHERE id <= {n} AND refund_status = 'REFUNDED'")
             burst_stats = emulator.stats()
             burst_rss = daemon.memory_mb()["VmHWM"]
 
             # Idle: the burst is over; each request lands at a random point of the intake interval.
-            time.sleep(2 * INTERVAL_SECONDS)
+            time.sleep(2 * configs.INTERVAL_SECONDS)
             idle = []
             for k in range(trials):
-                time.sleep(INTERVAL_SECONDS + rng.uniform(0, INTERVAL_SECONDS))
+                time.sleep(configs.INTERVAL_SECONDS + rng.uniform(0, configs.INTERVAL_SECONDS))
                 order_id = n + 1 + k
                 req_id = None
                 with conn.cursor() as cur:
@@ -125,11 +110,11 @@ def main() -> int:
                         (order_id,),
                     )
                     req_id = cur.lastrowid
-                wait_until(
-                    lambda: scalar(conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)),
+                timed_wait(
+                    lambda: database.scalar(conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)),
                     timeout=60, interval=0.02, what="the idle request's refund",
                 )
-                took = float(scalar(
+                took = float(database.scalar(
                     conn,
                     "SELECT TIMESTAMPDIFF(MICROSECOND, q.created_at, r.submitted_at) / 1e6 "
                     "FROM req_order_ops q JOIN refund_order r ON r.req_id = q.id WHERE q.id = %s",
@@ -153,8 +138,8 @@ def main() -> int:
             ["all stock restored", since_insert(milestones.get("STOCK_RESTORED"))],
             ["all sales decremented", since_insert(milestones.get("SALES_DECREMENTED"))],
             ["**all settled**", since_insert(settled_at)],
-            ["insert -> refund submitted, p50", percentile(to_submit, 50)],
-            ["insert -> refund submitted, p99", percentile(to_submit, 99)],
+            ["insert -> refund submitted, p50", reporting.percentile(to_submit, 50)],
+            ["insert -> refund submitted, p99", reporting.percentile(to_submit, 99)],
             ["insert -> refund submitted, max", max(to_submit)],
         ],
     )
@@ -166,11 +151,11 @@ def main() -> int:
          ["query", query["ok"], query["http_429"], query["steady_per_second"], query["busiest_1s_all"]]],
     )
     report.table(
-        f"One request into the idle daemon ({trials} trials at random moments of the {INTERVAL_SECONDS:.0f} s interval)",
+        f"One request into the idle daemon ({trials} trials at random moments of the {configs.INTERVAL_SECONDS:.0f} s interval)",
         ["figure", "seconds"],
-        [["median", median(idle)], ["max", max(idle)], ["min", min(idle)], ["all", " ".join(f"{x:.2f}" for x in idle)]],
+        [["median", reporting.median(idle)], ["max", max(idle)], ["min", min(idle)], ["all", " ".join(f"{x:.2f}" for x in idle)]],
     )
-    report.target("idle request: refund submitted", f"max {max(idle):.2f} s, median {median(idle):.2f} s over {trials}",
+    report.target("idle request: refund submitted", f"max {max(idle):.2f} s, median {reporting.median(idle):.2f} s over {trials}",
                   f"<= {IDLE_TARGET_SECONDS:.0f} s (interval + 1 s)", max(idle) <= IDLE_TARGET_SECONDS)
     report.target("daemon peak RSS (burst of {:,})".format(n), f"{peak_rss:.0f} MB (after the burst: {burst_rss:.0f} MB)",
                   f"<= {PEAK_RSS_TARGET_MB:.0f} MB", peak_rss <= PEAK_RSS_TARGET_MB)

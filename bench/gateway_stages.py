@@ -26,29 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    GATEWAY_LATENCY_SECONDS,
-    WECHAT_APPLY_QPS,
-    WECHAT_QUERY_QPS,
-    Bench,
-    DaemonProcess,
-    EmulatorProcess,
-    Report,
-    analyze,
-    jobs,
-    machine,
-    median,
-    parser,
-    quiet_logging,
-    scalar,
-    seed_oplog,
-    seed_orders,
-    seed_refunds,
-    seed_requests,
-    sql,
-    wait_for_purge,
-    wait_until,
-)
+from bench import OUT_DIR, configs, database, profiling, reporting, seed  # noqa: E402
+from bench.emulator_server import GATEWAY_LATENCY_SECONDS, WECHAT_APPLY_QPS, WECHAT_QUERY_QPS, EmulatorProcess  # noqa: E402
+from testsupport.processes import DaemonProcess  # noqa: E402
+from testsupport.waiting import timed_wait  # noqa: E402
 
 LIMIT_RATIO_TARGET = 0.9
 PEAK_RSS_TARGET_MB = 200.0
@@ -77,17 +58,17 @@ def latency_check(emulator: EmulatorProcess, calls: int = 20) -> float:
     finally:
         gateway.close()
     emulator.reset()
-    return median(took)
+    return reporting.median(took)
 
 
 def drain(emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: str, n: int, knobs: dict) -> dict:
     raw = {"database_url": url, "wechat": emulator.wechat(knobs["apply_qps"], knobs["query_qps"]),
-           "jobs": jobs(enabled=[stage], **{stage: knobs["job"]})}
+           "jobs": configs.jobs(enabled=[stage], **{stage: knobs["job"]})}
     done_sql = f"SELECT COUNT(*) FROM refund_order WHERE NOT ({pending_where})"
     last = {"done": -1, "at": time.monotonic()}
 
     def drained() -> bool:
-        done = scalar(conn, done_sql)
+        done = database.scalar(conn, done_sql)
         if done >= n:
             return True
         if done != last["done"]:
@@ -98,10 +79,10 @@ def drain(emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: 
 
     emulator.reset()
     emu_cpu0 = emulator.cpu_seconds()
-    with DaemonProcess(f"gateway-{stage}", raw, emulator.env()) as daemon:
-        cpu0 = daemon.cpu()
-        wall = wait_until(drained, timeout=7200, interval=0.5, what=f"{stage} to drain")
-        cpu = daemon.cpu() - cpu0
+    with DaemonProcess(OUT_DIR, raw, emulator.env(), name=f"gateway-{stage}") as daemon:
+        cpu0 = daemon.cpu_seconds()
+        wall = timed_wait(drained, timeout=7200, interval=0.5, what=f"{stage} to drain")
+        cpu = daemon.cpu_seconds() - cpu0
         memory = daemon.memory_mb()
     stats = emulator.stats()
     return {"wall": wall, "cpu": cpu, "peak_rss": memory["VmHWM"], "emulator": stats,
@@ -116,14 +97,14 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
     import os
     from contextlib import ExitStack
 
-    from bench.common import REGISTRY, parse_config, profiled_drain
     from cancel_scanner.app import build_gateway
+    from cancel_scanner.engine.config import parse_config
     from cancel_scanner.engine.db import make_engine
     from cancel_scanner.engine.runner import Runner
-    from cancel_scanner.scanners import build_stages
+    from cancel_scanner.scanners import REGISTRY, build_stages
 
     env = emulator.env()
-    config = parse_config({"database_url": url, "wechat": emulator.wechat(), "jobs": jobs(enabled=[stage])}, REGISTRY, env=env)
+    config = parse_config({"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs(enabled=[stage])}, REGISTRY, env=env)
     with ExitStack() as stack:
         os.environ.update(env)
         gateway = build_gateway(config, stack)
@@ -131,11 +112,11 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
         stack.callback(engine.dispose)
         runner = Runner(engine, config, build_stages(config), gateway)
         stack.callback(runner.close)
-        return profiled_drain(runner, stage, counted="done")
+        return profiling.profiled_drain(runner, stage, counted="done")
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="refunds (default 20,000: 133 s of applies at 150/s; --quick 1,000)")
     p.add_argument("--profile", action="store_true", help="also drain in-process under pyinstrument (bench/out/profile-*)")
     p.add_argument("--pace", type=float, default=1.0, help="client pace as a fraction of the limit (jobs.yaml: 1.0)")
@@ -143,51 +124,51 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=None, help="gateway stages' concurrency (jobs.yaml: 16)")
     p.add_argument("--latency", type=float, default=GATEWAY_LATENCY_SECONDS, help="seconds per call at the emulator")
     args = p.parse_args()
-    quiet_logging()
+    reporting.quiet_logging()
     n = args.n or (1_000 if args.quick else 20_000)
     job_knobs = {k: v for k, v in (("batch_size", args.batch_size), ("concurrency", args.concurrency)) if v}
     knobs = {"apply_qps": WECHAT_APPLY_QPS * args.pace, "query_qps": WECHAT_QUERY_QPS * args.pace, "job": job_knobs}
-    job = jobs(**{s: job_knobs for s in ("submit_refund", "poll_refund")})
+    job = configs.jobs(**{s: job_knobs for s in ("submit_refund", "poll_refund")})
     concurrency = {s: job[s]["concurrency"] for s in ("submit_refund", "poll_refund")}
     settings = "".join(
         f", {label} {value}" for label, value in (("client pace x", args.pace if args.pace != 1.0 else None),
                                                   ("batch_size", args.batch_size), ("concurrency", args.concurrency)) if value
     )
-    report = Report(f"Gateway stages: {n:,} refunds, {args.latency * 1000:.0f} ms per call, limits {WECHAT_APPLY_QPS}/{WECHAT_QUERY_QPS} QPS{settings}")
+    report = reporting.Report(f"Gateway stages: {n:,} refunds, {args.latency * 1000:.0f} ms per call, limits {WECHAT_APPLY_QPS}/{WECHAT_QUERY_QPS} QPS{settings}")
 
-    with Bench() as bench, EmulatorProcess(latency=args.latency, log_name="gateway-emulator") as emulator:
-        report.machine_before = machine(bench.server)
+    with database.Bench() as bench, EmulatorProcess(latency=args.latency, log_name="gateway-emulator") as emulator:
+        report.machine_before = reporting.machine(bench.server)
         rtt = latency_check(emulator)
         print(f"one call, sequential: {rtt * 1000:.1f} ms (emulator latency {args.latency * 1000:.0f} ms)", flush=True)
         url, _engine = bench.database("bench_gateway")
         conn = bench.connect("bench_gateway")
-        seed_orders(conn, 1, n, "refunding")
-        seed_requests(conn, 1, n, "finished")
-        seed_refunds(conn, 1, n, "submit")
-        seed_oplog(conn, 1, n, ("CANCELLED",))
-        analyze(conn)
-        wait_for_purge(conn)
+        seed.orders(conn, 1, n, "refunding")
+        seed.requests(conn, 1, n, "finished")
+        seed.refunds(conn, 1, n, "submit")
+        seed.oplog(conn, 1, n, ("CANCELLED",))
+        seed.analyze(conn)
+        database.wait_for_purge(conn)
 
         print(f"[submit_refund] draining {n:,} refunds", flush=True)
         submit = drain(emulator, url, conn, "submit_refund", "submit_scanned = 0", n, knobs)
-        accepted = scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 1")
+        accepted = database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 1")
 
         # The first poll is poll_delays_seconds[0] (60 s) after acceptance: make it due now.
-        sql(conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1")
-        wait_for_purge(conn)
+        database.sql(conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1")
+        database.wait_for_purge(conn)
         print(f"[poll_refund] draining {accepted:,} refunds", flush=True)
         poll = drain(emulator, url, conn, "poll_refund", "submit_success = 1 AND progress_scanned = 0", accepted, knobs)
-        succeeded = scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND progress_success = 1")
+        succeeded = database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND progress_success = 1")
         profiled = {}
         if args.profile:
             # Again, in this process: the emulator answers a replayed refund number with the same refund.
-            sql(conn, "UPDATE refund_order SET submit_scanned = 0, submit_success = 0, progress_scanned = 0, "
-                      "progress_success = 0, wx_status = NULL, next_attempt_at = NOW(3) - INTERVAL 1 SECOND")
-            sql(conn, "DELETE FROM goods_order2_oplog WHERE event = 'REFUND_SUBMITTED'")
-            wait_for_purge(conn)
+            database.sql(conn, "UPDATE refund_order SET submit_scanned = 0, submit_success = 0, progress_scanned = 0, "
+                               "progress_success = 0, wx_status = NULL, next_attempt_at = NOW(3) - INTERVAL 1 SECOND")
+            database.sql(conn, "DELETE FROM goods_order2_oplog WHERE event = 'REFUND_SUBMITTED'")
+            database.wait_for_purge(conn)
             profiled["submit_refund"] = profile_in_process(emulator, url, "submit_refund")
-            sql(conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1")
-            wait_for_purge(conn)
+            database.sql(conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1")
+            database.wait_for_purge(conn)
             profiled["poll_refund"] = profile_in_process(emulator, url, "poll_refund")
             for stage, (rate, out) in profiled.items():
                 print(f"[{stage}] in-process under the profiler: {rate:,.1f} rows/s; {out}", flush=True)

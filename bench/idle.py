@@ -26,27 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    Bench,
-    DaemonProcess,
-    EmulatorProcess,
-    Report,
-    analyze,
-    jobs,
-    machine,
-    median,
-    parser,
-    process_cpu_seconds,
-    quiet_logging,
-    sandbox_config,
-    seed_goods,
-    seed_oplog,
-    seed_orders,
-    seed_refunds,
-    seed_requests,
-    sql,
-    wait_for_purge,
-)
+from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
+from bench.emulator_server import EmulatorProcess  # noqa: E402
+from testsupport.processes import DaemonProcess, process_cpu_seconds  # noqa: E402
 
 POLL_RATIO_TARGET = 2.0
 FULL_SCANS = ("ALL", "index")
@@ -54,12 +36,12 @@ COUNTERS = ("Questions", "Com_select", "Com_commit", "Com_rollback", "Com_begin"
 
 
 def seed_finished(conn, rows: int) -> None:
-    seed_goods(conn, rows)
-    seed_orders(conn, 1, rows, "finished", n_goods=rows)
-    seed_requests(conn, 1, rows, "finished")
-    seed_refunds(conn, 1, rows, "finished")
-    seed_oplog(conn, 1, rows, ("CANCELLED",))
-    analyze(conn)
+    seed.goods(conn, rows)
+    seed.orders(conn, 1, rows, "finished", n_goods=rows)
+    seed.requests(conn, 1, rows, "finished")
+    seed.refunds(conn, 1, rows, "finished")
+    seed.oplog(conn, 1, rows, ("CANCELLED",))
+    seed.analyze(conn)
 
 
 def polling_queries(config, engine):
@@ -103,28 +85,28 @@ def time_empty_polls(runners: dict, stages: list[str], reps: int, warmup: int = 
 
 def counters(conn) -> dict[str, int]:
     names = ", ".join(f"'{c}'" for c in COUNTERS)
-    return {k: int(v) for k, v in sql(conn, f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")}
+    return {k: int(v) for k, v in database.sql(conn, f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")}
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=None, help="finished rows per table, big (default 1,000,000; --quick 50,000)")
     p.add_argument("--small-rows", type=int, default=10_000, help="finished rows per table, small (default 10,000)")
     p.add_argument("--reps", type=int, default=None, help="empty polls per stage and database (default 300; --quick 50)")
     p.add_argument("--seconds", type=float, default=None, help="idle daemon observed this long (default 60; --quick 20)")
     args = p.parse_args()
-    quiet_logging()
+    reporting.quiet_logging()
     big_rows = args.rows or (50_000 if args.quick else 1_000_000)
     small_rows = args.small_rows
     reps = args.reps or (50 if args.quick else 300)
     seconds = args.seconds or (20.0 if args.quick else 60.0)
-    report = Report(f"Idle cost and table growth: {big_rows:,} vs {small_rows:,} finished rows per table")
+    report = reporting.Report(f"Idle cost and table growth: {big_rows:,} vs {small_rows:,} finished rows per table")
 
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
-    with Bench() as bench:
-        report.machine_before = machine(bench.server)
+    with database.Bench() as bench:
+        report.machine_before = reporting.machine(bench.server)
         dbs = {}
         for label, rows in (("small", small_rows), ("big", big_rows)):
             name = f"bench_idle_{label}"
@@ -135,13 +117,13 @@ def main() -> int:
             seed_finished(conn, rows)
             print(f"[{label}] seeded in {time.perf_counter() - started:.0f} s", flush=True)
             dbs[label] = (url, engine, conn)
-        wait_for_purge(dbs["big"][2])
+        database.wait_for_purge(dbs["big"][2])
 
         # 1. EXPLAIN / ANALYZE of every polling query
         plans = []
         all_indexed = True
         for label, (url, engine, conn) in dbs.items():
-            config = sandbox_config(url)
+            config = configs.sandbox(url)
             for stage, statement, params in polling_queries(config, engine):
                 plan, analyzed = explain(conn, statement, params)
                 scans = [r for r in plan if r["type"] in FULL_SCANS]
@@ -159,10 +141,10 @@ def main() -> int:
         )
 
         # 2. one empty poll, small vs big
-        stage_names = list(build_stages(sandbox_config(dbs["small"][0])))
+        stage_names = list(build_stages(configs.sandbox(dbs["small"][0])))
         runners = {}
         for label, (url, engine, _conn) in dbs.items():
-            config = sandbox_config(url)
+            config = configs.sandbox(url)
             runners[label] = Runner(engine, config, build_stages(config), None)
         print(f"timing {reps} empty polls per stage and database", flush=True)
         times = time_empty_polls(runners, stage_names, reps)
@@ -170,7 +152,7 @@ def main() -> int:
             runner.close()
         poll_rows = []
         for stage in stage_names:
-            small, big = median(times[("small", stage)]), median(times[("big", stage)])
+            small, big = reporting.median(times[("small", stage)]), reporting.median(times[("big", stage)])
             poll_rows.append([stage, small * 1000, big * 1000, big / small])
         tick_small = sum(r[1] for r in poll_rows)
         tick_big = sum(r[2] for r in poll_rows)
@@ -184,12 +166,12 @@ def main() -> int:
         # 3. queries per minute of the idle daemon on the big database
         big_url, _engine, big_conn = dbs["big"]
         with EmulatorProcess(log_name="idle-emulator") as emulator:
-            raw = {"database_url": big_url, "wechat": emulator.wechat(), "jobs": jobs()}
-            with DaemonProcess("idle", raw, emulator.env()) as daemon:
+            raw = {"database_url": big_url, "wechat": emulator.wechat(), "jobs": configs.jobs()}
+            with DaemonProcess(OUT_DIR, raw, emulator.env(), name="idle") as daemon:
                 time.sleep(6)  # past start-up: every stage has polled a few times
-                before, cpu_d, cpu_s, t0 = counters(big_conn), daemon.cpu(), process_cpu_seconds(bench.server.pid), time.monotonic()
+                before, cpu_d, cpu_s, t0 = counters(big_conn), daemon.cpu_seconds(), process_cpu_seconds(bench.server.pid), time.monotonic()
                 time.sleep(seconds)
-                after, cpu_d1, cpu_s1, t1 = counters(big_conn), daemon.cpu(), process_cpu_seconds(bench.server.pid), time.monotonic()
+                after, cpu_d1, cpu_s1, t1 = counters(big_conn), daemon.cpu_seconds(), process_cpu_seconds(bench.server.pid), time.monotonic()
                 rss = daemon.memory_mb()
         per_minute = 60.0 / (t1 - t0)
         delta = {k: (after[k] - before[k]) * per_minute for k in COUNTERS}

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, Report, jobs, machine, parser, process_memory_mb, quiet_logging, sandbox_config  # noqa: E402
-from bench.stages import DB_STAGES, seed  # noqa: E402
+from bench import configs, database, reporting, seed  # noqa: E402
+from testsupport.processes import process_memory_mb  # noqa: E402
 
 RSS_TARGET_MB = 200.0
 MAX_BATCH = 500
@@ -39,30 +39,30 @@ def rss_mb() -> float:
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=None, help="batches per stage (default 120; --quick 40)")
-    p.add_argument("--stages", default=",".join(DB_STAGES))
+    p.add_argument("--stages", default=",".join(seed.DB_STAGES))
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
-    quiet_logging()
+    reporting.quiet_logging()
     batches = args.batches or (40 if args.quick else 120)
-    report = Report(f"Memory: {batches} batches of random size 1..{MAX_BATCH} per database stage, one process")
+    report = reporting.Report(f"Memory: {batches} batches of random size 1..{MAX_BATCH} per database stage, one process")
 
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
     rows, peak = [], 0.0
-    with Bench() as bench:
-        report.machine_before = machine(bench.server)
+    with database.Bench() as bench:
+        report.machine_before = reporting.machine(bench.server)
         for stage in [s for s in args.stages.split(",") if s]:
             rng = random.Random(args.seed)
             sizes = [rng.randint(1, MAX_BATCH) for _ in range(batches)]
             name = f"bench_mem_{stage}"
             url, engine = bench.database(name)
             conn = bench.connect(name)
-            seed(conn, stage, sum(sizes))
+            seed.ready_for(conn, stage, sum(sizes))
             conn.close()
-            config = sandbox_config(url, jobs(enabled=[stage]))
+            config = configs.sandbox(url, configs.jobs(enabled=[stage]))
             runner = Runner(engine, config, build_stages(config), None)
             runner.run_stage(stage)  # warm: connections, first compilations
             start = rss_mb()

@@ -30,29 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    Bench,
-    DaemonProcess,
-    EmulatorProcess,
-    Report,
-    analyze,
-    jobs,
-    machine,
-    parser,
-    quiet_logging,
-    ratio,
-    scalar,
-    seed_goods,
-    seed_oplog,
-    seed_orders,
-    seed_refunds,
-    seed_requests,
-    sql,
-    wait_for_purge,
-    wait_until,
-)
+from bench import OUT_DIR, configs, database, profiling, reporting, seed  # noqa: E402
+from bench.emulator_server import EmulatorProcess  # noqa: E402
+from testsupport.processes import DaemonProcess  # noqa: E402
+from testsupport.waiting import timed_wait  # noqa: E402
 
-DB_STAGES = ("intake", "sync_result", "restore_stock", "decrement_sales")
 CEILING_RATIO_TARGET = 0.25
 BASELINE_RATIO_TARGET = 10.0
 PEAK_RSS_TARGET_MB = 200.0
@@ -83,36 +65,17 @@ SPECS = {
 }
 
 
-def seed(conn, stage: str, n: int) -> None:
-    """N rows exactly as the previous stage leaves them."""
-    if stage == "intake":
-        seed_orders(conn, 1, n, "paid")
-        seed_requests(conn, 1, n, "pending")
-    elif stage == "sync_result":
-        seed_orders(conn, 1, n, "refunding")
-        seed_requests(conn, 1, n, "finished")
-        seed_refunds(conn, 1, n, "sync")
-        seed_oplog(conn, 1, n, ("CANCELLED", "REFUND_SUBMITTED"))
-    else:  # restore_stock, decrement_sales: sync_result wrote REFUNDED
-        seed_goods(conn)
-        seed_orders(conn, 1, n, "refunded")
-        seed_requests(conn, 1, n, "finished")
-        seed_refunds(conn, 1, n, "finished")
-        seed_oplog(conn, 1, n, ("CANCELLED", "REFUND_SUBMITTED", "REFUND_SUCCEEDED"))
-    analyze(conn)
-
-
 def copy_table(conn, table: str, copy: str) -> None:
-    sql(conn, f"DROP TABLE IF EXISTS {copy}")
-    sql(conn, f"CREATE TABLE {copy} LIKE {table}")
-    sql(conn, f"INSERT INTO {copy} SELECT * FROM {table}")
-    sql(conn, f"ANALYZE TABLE {copy}")
+    database.sql(conn, f"DROP TABLE IF EXISTS {copy}")
+    database.sql(conn, f"CREATE TABLE {copy} LIKE {table}")
+    database.sql(conn, f"INSERT INTO {copy} SELECT * FROM {table}")
+    database.sql(conn, f"ANALYZE TABLE {copy}")
 
 
 def ceiling(conn, spec: Spec, n: int, batch: int) -> float:
     """Rows/s flipping the flags, one UPDATE (autocommit) per batch."""
     copy_table(conn, spec.table, "bench_ceiling")
-    wait_for_purge(conn)
+    database.wait_for_purge(conn)
     flipped = 0
     started = time.perf_counter()
     with conn.cursor() as cur:
@@ -124,16 +87,16 @@ def ceiling(conn, spec: Spec, n: int, batch: int) -> float:
             )
     elapsed = time.perf_counter() - started
     assert flipped == n, f"ceiling flipped {flipped} of {n}"
-    sql(conn, "DROP TABLE bench_ceiling")
+    database.sql(conn, "DROP TABLE bench_ceiling")
     return n / elapsed
 
 
 def baseline(conn, spec: Spec, rows: int, batch: int) -> float:
     """Rows/s of a naive scanner: select ready ids, then one transaction per row."""
     copy_table(conn, spec.table, "bench_baseline")
-    wait_for_purge(conn)
+    database.wait_for_purge(conn)
     flipped = 0
-    sql(conn, "SET autocommit = 0")
+    database.sql(conn, "SET autocommit = 0")
     started = time.perf_counter()
     try:
         with conn.cursor() as cur:
@@ -153,24 +116,24 @@ def baseline(conn, spec: Spec, rows: int, batch: int) -> float:
                     flipped += 1
         elapsed = time.perf_counter() - started
     finally:
-        sql(conn, "SET autocommit = 1")
-    sql(conn, "DROP TABLE bench_baseline")
+        database.sql(conn, "SET autocommit = 1")
+    database.sql(conn, "DROP TABLE bench_baseline")
     return flipped / elapsed
 
 
 def drain_with_daemon(
-    bench: Bench, emulator: EmulatorProcess, url: str, conn, stage: str, n: int, batch: int, daemons: int = 1
+    bench: database.Bench, emulator: EmulatorProcess, url: str, conn, stage: str, n: int, batch: int, daemons: int = 1
 ) -> dict:
     spec = SPECS[stage]
-    raw = {"database_url": url, "wechat": emulator.wechat(), "jobs": jobs(enabled=[stage])}
+    raw = {"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs(enabled=[stage])}
     pending_sql = f"SELECT EXISTS (SELECT 1 FROM {spec.table} WHERE {spec.ready_where})"
     done_sql = f"SELECT COUNT(*) FROM {spec.table} WHERE {spec.scanned} = 1"
     last = {"done": 0, "at": time.monotonic()}
 
     def drained() -> bool:
-        if not scalar(conn, pending_sql):
+        if not database.scalar(conn, pending_sql):
             return True
-        done = scalar(conn, done_sql)
+        done = database.scalar(conn, done_sql)
         if done != last["done"]:
             last.update(done=done, at=time.monotonic())
         elif time.monotonic() - last["at"] > DRAIN_STALL_SECONDS:
@@ -178,14 +141,14 @@ def drain_with_daemon(
         return False
 
     with ExitStack() as stack:
-        fleet = [stack.enter_context(DaemonProcess(f"stages-{stage}-{k}" if daemons > 1 else f"stages-{stage}", raw, emulator.env()))
-                 for k in range(daemons)]
+        names = [f"stages-{stage}-{k}" if daemons > 1 else f"stages-{stage}" for k in range(daemons)]
+        fleet = [stack.enter_context(DaemonProcess(OUT_DIR, raw, emulator.env(), name=name)) for name in names]
         daemon = fleet[0]
-        cpu0 = sum(d.cpu() for d in fleet)
-        wall = wait_until(drained, timeout=3600, interval=0.2, what=f"{stage} to drain")
-        cpu = sum(d.cpu() for d in fleet) - cpu0
+        cpu0 = sum(d.cpu_seconds() for d in fleet)
+        wall = timed_wait(drained, timeout=3600, interval=0.2, what=f"{stage} to drain")
+        cpu = sum(d.cpu_seconds() for d in fleet) - cpu0
         memory = {"VmHWM": max(d.memory_mb()["VmHWM"] for d in fleet)}
-    count, ok, first, last_flip = sql(
+    count, ok, first, last_flip = database.sql(
         conn,
         f"SELECT COUNT(*), SUM({spec.success}), MIN(updated_at), MAX(updated_at) FROM {spec.table} WHERE {spec.scanned} = 1",
     )[0]
@@ -198,7 +161,6 @@ def drain_with_daemon(
         "wall": wall,
         "cpu": cpu,
         "peak_rss": memory["VmHWM"],
-        "exit": daemon.exit_code,
     }
 
 
@@ -208,82 +170,80 @@ def profile_in_process(url: str, stage: str, n: int) -> tuple[float, Path | None
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
-    from bench.common import profiled_drain, sandbox_config
-
-    config = sandbox_config(url, jobs(enabled=[stage]))
+    config = configs.sandbox(url, configs.jobs(enabled=[stage]))
     engine = make_engine(url)
     runner = Runner(engine, config, build_stages(config), None)
     try:
-        return profiled_drain(runner, stage, counted="claimed")
+        return profiling.profiled_drain(runner, stage, counted="claimed")
     finally:
         runner.close()
         engine.dispose()
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="rows per stage (default 100,000; --quick 5,000)")
     p.add_argument("--baseline-rows", type=int, default=None, help="rows the naive scanner flips (default 20,000)")
-    p.add_argument("--stages", default=",".join(DB_STAGES))
+    p.add_argument("--stages", default=",".join(seed.DB_STAGES))
     p.add_argument("--profile", action="store_true", help="also drain in-process under pyinstrument (bench/out/profile-*)")
     p.add_argument("--daemons", type=int, default=1, help="daemons draining together (several may share a database)")
     p.add_argument("--durable", action="store_true",
                    help="fsync the redo log at every commit (innodb_flush_log_at_trx_commit=1) instead of the test bed's =2")
     args = p.parse_args()
-    quiet_logging()
+    reporting.quiet_logging()
     n = args.n or (5_000 if args.quick else 100_000)
     baseline_rows = min(n, args.baseline_rows or (2_000 if args.quick else 20_000))
     stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - set(DB_STAGES)
+    unknown = set(stages) - set(seed.DB_STAGES)
     if unknown:
         p.error(f"not database stages: {', '.join(sorted(unknown))}")
     durability = "durable: innodb_flush_log_at_trx_commit=1" if args.durable else "test bed settings: innodb_flush_log_at_trx_commit=2"
     fleet = f", {args.daemons} daemons at once" if args.daemons > 1 else ""
-    report = Report(f"Database stages: {n:,} rows each ({durability}{fleet})")
+    report = reporting.Report(f"Database stages: {n:,} rows each ({durability}{fleet})")
 
     rows = []
     peak = 0.0
-    with Bench(durable=args.durable) as bench, EmulatorProcess(log_name="stages-emulator") as emulator:
-        report.machine_before = machine(bench.server)
+    with database.Bench(durable=args.durable) as bench, EmulatorProcess(log_name="stages-emulator") as emulator:
+        report.machine_before = reporting.machine(bench.server)
         for stage in stages:
             spec = SPECS[stage]
-            batch = jobs()[stage]["batch_size"]
+            batch = configs.jobs()[stage]["batch_size"]
             name = f"bench_{stage}"
             url, _engine = bench.database(name)
             conn = bench.connect(name)
             print(f"\n[{stage}] seeding {n:,} rows", flush=True)
             t = time.perf_counter()
-            seed(conn, stage, n)
+            seed.ready_for(conn, stage, n)
             print(f"[{stage}] seeded in {time.perf_counter() - t:.1f} s; ceiling", flush=True)
             ceil_rate = ceiling(conn, spec, n, batch)
             print(f"[{stage}] ceiling {ceil_rate:,.0f} rows/s; baseline over {baseline_rows:,} rows", flush=True)
             base_rate = baseline(conn, spec, baseline_rows, batch)
             print(f"[{stage}] baseline {base_rate:,.0f} rows/s; draining with the daemon", flush=True)
-            wait_for_purge(conn)
+            database.wait_for_purge(conn)
             d = drain_with_daemon(bench, emulator, url, conn, stage, n, batch, args.daemons)
             print(f"[{stage}] daemon {d['rate']:,.0f} rows/s", flush=True)
             if d["ok"] != n:
-                report.note(f"{stage}: {d['ok']:,} of {n:,} rows ended done (1/1); see bench/out/stages-{stage}.log")
+                report.note(f"{stage}: {d['ok']:,} of {n:,} rows ended done (1/1); see bench/out/stages-{stage}*.log")
             peak = max(peak, d["peak_rss"])
             prof_rate = None
             if args.profile:
-                sql(conn, f"UPDATE {spec.table} SET {spec.scanned} = 0, {spec.success} = 0")
+                database.sql(conn, f"UPDATE {spec.table} SET {spec.scanned} = 0, {spec.success} = 0")
                 if stage in ("restore_stock", "decrement_sales"):
                     event = "STOCK_RESTORED" if stage == "restore_stock" else "SALES_DECREMENTED"
-                    sql(conn, "DELETE FROM goods_order2_oplog WHERE event = %s", (event,))
+                    database.sql(conn, "DELETE FROM goods_order2_oplog WHERE event = %s", (event,))
                 elif stage == "sync_result":
-                    sql(conn, "UPDATE goods_order2 SET refund_status = 'REFUNDING', wx_progress_scanned = 0, refunded_at = NULL")
-                    sql(conn, "DELETE FROM goods_order2_oplog WHERE event = 'REFUND_SUCCEEDED'")
+                    database.sql(conn, "UPDATE goods_order2 SET refund_status = 'REFUNDING', wx_progress_scanned = 0, refunded_at = NULL")
+                    database.sql(conn, "DELETE FROM goods_order2_oplog WHERE event = 'REFUND_SUCCEEDED'")
                 else:
-                    sql(conn, "UPDATE goods_order2 SET order_status = 'PAID', cancel_source = NULL, cancelled_at = NULL, refund_status = 'NONE'")
-                    sql(conn, "DELETE FROM refund_order")
-                    sql(conn, "DELETE FROM goods_order2_oplog")
-                wait_for_purge(conn)
+                    database.sql(conn, "UPDATE goods_order2 SET order_status = 'PAID', cancel_source = NULL, cancelled_at = NULL, refund_status = 'NONE'")
+                    database.sql(conn, "DELETE FROM refund_order")
+                    database.sql(conn, "DELETE FROM goods_order2_oplog")
+                database.wait_for_purge(conn)
                 prof_rate, out = profile_in_process(url, stage, n)
                 print(f"[{stage}] in-process under the profiler: {prof_rate:,.0f} rows/s; {out}", flush=True)
             rows.append(
-                [stage, spec.table, batch, ceil_rate, base_rate, d["rate"], ratio(d["rate"], ceil_rate),
-                 ratio(d["rate"], base_rate), d["cpu"] * 1e6 / n, d["peak_rss"]]
+                [stage, spec.table, batch, ceil_rate, base_rate, d["rate"], reporting.ratio(d["rate"], ceil_rate),
+                 reporting.ratio(d["rate"], base_rate), d["cpu"] * 1e6 / n, d["peak_rss"]]
                 + ([prof_rate] if args.profile else [])
             )
             conn.close()

@@ -20,8 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, Report, jobs, machine, parser, quiet_logging, sandbox_config, sql, wait_for_purge  # noqa: E402
-from bench.stages import DB_STAGES, seed  # noqa: E402
+from bench import configs, database, reporting, seed  # noqa: E402
 
 _ENTRY = re.compile(r"Query_time: ([\d.]+).*?Rows_examined: (\d+)", re.S)
 
@@ -50,34 +49,34 @@ def statement_key(lines: list[str]) -> str:
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="rows seeded per stage (default 100,000; --quick 5,000)")
     p.add_argument("--batches", type=int, default=None, help="batches observed (default 20; --quick 5)")
-    p.add_argument("--stages", default=",".join(DB_STAGES))
+    p.add_argument("--stages", default=",".join(seed.DB_STAGES))
     args = p.parse_args()
-    quiet_logging()
+    reporting.quiet_logging()
     n = args.n or (5_000 if args.quick else 100_000)
     batches = args.batches or (5 if args.quick else 20)
-    report = Report(f"Server time per statement in one batch: {batches} batches of each database stage, {n:,} rows seeded")
+    report = reporting.Report(f"Server time per statement in one batch: {batches} batches of each database stage, {n:,} rows seeded")
 
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
-    with Bench() as bench:
-        report.machine_before = machine(bench.server)
+    with database.Bench() as bench:
+        report.machine_before = reporting.machine(bench.server)
         for stage in [s for s in args.stages.split(",") if s]:
             name = f"bench_stmt_{stage}"
             url, engine = bench.database(name)
             conn = bench.connect(name)
-            seed(conn, stage, n)
-            wait_for_purge(conn)
+            seed.ready_for(conn, stage, n)
+            database.wait_for_purge(conn)
             log = bench.server.folder / f"statements-{stage}.log"
-            sql(conn, "SET GLOBAL slow_query_log = 0")
-            sql(conn, f"SET GLOBAL slow_query_log_file = '{log}'")
-            sql(conn, "SET GLOBAL long_query_time = 0")
-            sql(conn, "SET GLOBAL slow_query_log = 1")
+            database.sql(conn, "SET GLOBAL slow_query_log = 0")
+            database.sql(conn, f"SET GLOBAL slow_query_log_file = '{log}'")
+            database.sql(conn, "SET GLOBAL long_query_time = 0")
+            database.sql(conn, "SET GLOBAL slow_query_log = 1")
             engine.dispose()  # both settings are copied into a session when it connects
-            config = sandbox_config(url, jobs(enabled=[stage]))
+            config = configs.sandbox(url, configs.jobs(enabled=[stage]))
             runner = Runner(engine, config, build_stages(config), None)
             runner.run_stage(stage)  # connect and warm up: logged, skipped below
             offset = log.stat().st_size
@@ -85,8 +84,8 @@ def main() -> int:
             for _ in range(batches):
                 runner.run_stage(stage)
             wall = (time.perf_counter() - started) / batches
-            sql(conn, "SET GLOBAL slow_query_log = 0")
-            sql(conn, "SET GLOBAL long_query_time = 10")
+            database.sql(conn, "SET GLOBAL slow_query_log = 0")
+            database.sql(conn, "SET GLOBAL long_query_time = 10")
             runner.close()
             engine.dispose()
             agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
@@ -111,7 +110,7 @@ def main() -> int:
             rows.append([stage, "client: Python, driver, round trips", None, (wall - server) * 1000, None])
             rows.append([stage, "**batch wall time**", None, wall * 1000, None])
             report.table(
-                f"{stage}: one batch of {jobs()[stage]['batch_size']} rows, mean of {batches}",
+                f"{stage}: one batch of {configs.jobs()[stage]['batch_size']} rows, mean of {batches}",
                 ["stage", "statement", "count / batch", "ms / batch", "rows examined / batch"],
                 rows,
             )

@@ -43,39 +43,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    N_GOODS,
-    OUT_DIR,
-    Bench,
-    Report,
-    analyze,
-    jobs,
-    machine,
-    median,
-    parser,
-    percentile,
-    quiet_logging,
-    ratio,
-    scalar,
-    seed_goods,
-    seed_oplog,
-    seed_orders,
-    seed_refunds,
-    seed_requests,
-    sql,
-    wait_for_purge,
-)
+from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
 from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS  # noqa: E402
-from tests.acceptance.harness import (  # noqa: E402
-    DaemonProcess,
-    ExternalEmulator,
-    LogFollower,
-    daemon_config,
-    fast_jobs,
-    pending_counts,
-    quiet_emulator_logs,
-    wait_until,
-)
+from tests.acceptance import harness  # noqa: E402
+from testsupport.processes import DaemonProcess, LogFollower  # noqa: E402
+from testsupport.waiting import wait_until  # noqa: E402
 
 WORKDIR = OUT_DIR / "takeover_and_checkout"
 
@@ -90,7 +62,7 @@ POLL_SECONDS = 0.02
 
 # 2. checkout
 HOT_GOODS = 1
-COLD_GOODS = N_GOODS + 1  # seeded, but no order is for it
+COLD_GOODS = seed.N_GOODS + 1  # seeded, but no order is for it
 RESTORE_BATCH = 500
 CHECKOUT_SQL = "UPDATE goods SET stock = stock - 1 WHERE id = %s"
 _PENDING = (
@@ -116,28 +88,28 @@ def owner_of(daemon: DaemonProcess) -> str:
 
 
 def leased_by(conn, owner: str) -> int:
-    return scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = %s", (owner,))
+    return database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = %s", (owner,))
 
 
-def one_kill(conn, db, emu: ExternalEmulator, config: dict, survivor: DaemonProcess, k: int, lo: int, hi: int) -> dict:
+def one_kill(conn, db, emu: harness.ExternalEmulator, config: dict, survivor: DaemonProcess, k: int, lo: int, hi: int) -> dict:
     victim = DaemonProcess(WORKDIR, config, emu.env(), name=f"victim-{k}").start()
     try:
         victim.wait_started(60)
         owner = owner_of(victim)
-        seed_orders(conn, lo, hi, "refunding")
-        seed_requests(conn, lo, hi, "finished")
-        seed_refunds(conn, lo, hi, "submit")
-        seed_oplog(conn, lo, hi, ("CANCELLED",))
+        seed.orders(conn, lo, hi, "refunding")
+        seed.requests(conn, lo, hi, "finished")
+        seed.refunds(conn, lo, hi, "submit")
+        seed.oplog(conn, lo, hi, ("CANCELLED",))
         # Leased for submit_refund: the victim has (or is about to have) calls in flight for them.
         wait_until(
-            lambda: scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = %s AND submit_scanned = 0", (owner,)),
+            lambda: database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = %s AND submit_scanned = 0", (owner,)),
             60, f"victim {k} to hold leases", until=lambda n: n > 0, interval=POLL_SECONDS, daemons=[victim, survivor],
         )
         killed_at = time.monotonic()
         victim.kill9()
     finally:
         victim.close()
-    held = sql(conn, "SELECT id, submit_scanned FROM refund_order WHERE lease_owner = %s", (owner,))
+    held = database.sql(conn, "SELECT id, submit_scanned FROM refund_order WHERE lease_owner = %s", (owner,))
     submit_ids = [i for i, s in held if s == 0]
     poll_ids = [i for i, s in held if s == 1]
     released = None
@@ -151,9 +123,11 @@ def one_kill(conn, db, emu: ExternalEmulator, config: dict, survivor: DaemonProc
     def not_done() -> int:
         n = 0
         if submit_ids:
-            n += scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 0 AND id IN ({','.join(map(str, submit_ids))})")
+            ids = ",".join(map(str, submit_ids))
+            n += database.scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 0 AND id IN ({ids})")
         if poll_ids:
-            n += scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 0 AND id IN ({','.join(map(str, poll_ids))})")
+            ids = ",".join(map(str, poll_ids))
+            n += database.scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 0 AND id IN ({ids})")
         return n
 
     done = None
@@ -162,10 +136,10 @@ def one_kill(conn, db, emu: ExternalEmulator, config: dict, survivor: DaemonProc
                    daemons=[survivor])
         done = time.monotonic() - killed_at
     ids = ",".join(map(str, submit_ids + poll_ids)) or "0"
-    failed = scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE id IN ({ids}) AND "
-                          "((submit_scanned = 1 AND submit_success = 0) OR (progress_scanned = 1 AND progress_success = 0))")
+    failed = database.scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE id IN ({ids}) AND "
+                                   "((submit_scanned = 1 AND submit_success = 0) OR (progress_scanned = 1 AND progress_success = 0))")
     # The round is over when every stage is (the next victim finds nothing of this one's left).
-    wait_until(lambda: pending_counts(db), 180, f"round {k} to settle", until=lambda p: p == {}, daemons=[survivor])
+    wait_until(lambda: harness.pending_counts(db), 180, f"round {k} to settle", until=lambda p: p == {}, daemons=[survivor])
     reaped = [r for r in survivor.logs() if r.get("action") == "reaped" and r.get("dead_owner") == owner]
     out = {
         "round": k, "held": len(held), "held_submit": len(submit_ids), "held_poll": len(poll_ids),
@@ -178,16 +152,16 @@ def one_kill(conn, db, emu: ExternalEmulator, config: dict, survivor: DaemonProc
     return out
 
 
-def takeover(bench: Bench, emu: ExternalEmulator, kills: int, report: Report) -> dict:
+def takeover(bench: database.Bench, emu: harness.ExternalEmulator, kills: int, report: reporting.Report) -> dict:
     url, db = bench.database("bench_takeover")
     conn = bench.connect("bench_takeover")
-    seed_goods(conn)
-    analyze(conn)
+    seed.goods(conn)
+    seed.analyze(conn)
     job_overrides = {
         "submit_refund": {"batch_size": SUBMIT_BATCH, "concurrency": CONCURRENCY, "lease_seconds": LEASE_SECONDS},
         "poll_refund": {"concurrency": CONCURRENCY, "lease_seconds": LEASE_SECONDS},
     }
-    config = daemon_config(url, emu, jobs=fast_jobs(**job_overrides))
+    config = harness.daemon_config(url, emu, jobs=harness.fast_jobs(**job_overrides))
     survivor = DaemonProcess(WORKDIR, config, emu.env(), name="survivor").start()
     rounds = []
     try:
@@ -213,9 +187,9 @@ def takeover(bench: Bench, emu: ExternalEmulator, kills: int, report: Report) ->
           r["reaped_leases"], r["failed"]] for r in rounds],
     )
     fig = {
-        "released_median": median(released) if released else None,
+        "released_median": reporting.median(released) if released else None,
         "released_max": max(released) if len(released) == len(rounds) else None,
-        "done_median": median(done) if done else None,
+        "done_median": reporting.median(done) if done else None,
         "done_max": max(done) if len(done) == len(rounds) else None,
     }
     report.table(
@@ -223,13 +197,13 @@ def takeover(bench: Bench, emu: ExternalEmulator, kills: int, report: Report) ->
         ["figure", "median", "max", "x lease_seconds (median / max)", "x takeover_seconds (median / max)"],
         [
             ["kill -> no row leased by the victim (s)", fig["released_median"], fig["released_max"],
-             f"{ratio(fig['released_median'], LEASE_SECONDS) or 0:.3f} / {ratio(fig['released_max'], LEASE_SECONDS) or 0:.3f}",
-             f"{ratio(fig['released_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
-             f"{ratio(fig['released_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}"],
+             f"{reporting.ratio(fig['released_median'], LEASE_SECONDS) or 0:.3f} / {reporting.ratio(fig['released_max'], LEASE_SECONDS) or 0:.3f}",
+             f"{reporting.ratio(fig['released_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
+             f"{reporting.ratio(fig['released_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}"],
             ["kill -> every row it held done (s)", fig["done_median"], fig["done_max"],
-             f"{ratio(fig['done_median'], LEASE_SECONDS) or 0:.3f} / {ratio(fig['done_max'], LEASE_SECONDS) or 0:.3f}",
-             f"{ratio(fig['done_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
-             f"{ratio(fig['done_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}"],
+             f"{reporting.ratio(fig['done_median'], LEASE_SECONDS) or 0:.3f} / {reporting.ratio(fig['done_max'], LEASE_SECONDS) or 0:.3f}",
+             f"{reporting.ratio(fig['done_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
+             f"{reporting.ratio(fig['done_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}"],
         ],
     )
     if fig["released_max"] is not None:
@@ -271,7 +245,7 @@ def timetable(seconds: float, gap: float, watch=None, drain: tuple | None = None
         now = time.perf_counter()
         if drain and now >= next_check:
             next_check = now + BUSY_CHECK_SECONDS
-            if not scalar(watch, READY_SQL, drain):
+            if not database.scalar(watch, READY_SQL, drain):
                 state["drained"] = True
                 return
             now = time.perf_counter()
@@ -330,25 +304,25 @@ def checkout_shoppers(shoppers: list, goods_id: int, seconds: float, gap: float,
 
 
 def restored(conn, lo: int, hi: int) -> int:
-    return scalar(conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND id BETWEEN %s AND %s", (lo, hi))
+    return database.scalar(conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND id BETWEEN %s AND %s", (lo, hi))
 
 
 def ms(values: list[float] | None, p: float | None = None) -> float | None:
     if not values:
         return None
-    return (max(values) if p is None else percentile(values, p)) * 1e3
+    return (max(values) if p is None else reporting.percentile(values, p)) * 1e3
 
 
-def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float, gap: float, n_shoppers: int,
-             report: Report) -> dict:
+def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int, seconds: float, gap: float, n_shoppers: int,
+             report: reporting.Report) -> dict:
     url, db = bench.database("bench_checkout")
     conn = bench.connect("bench_checkout")  # seeding and watching
     shop = bench.connect("bench_checkout")  # the checkout loop's own connection
     shoppers = [bench.connect("bench_checkout") for _ in range(n_shoppers)]
-    seed_goods(conn, COLD_GOODS)
-    analyze(conn)
-    hot_share = f"IF(seq % 2 = 0, {HOT_GOODS}, 2 + seq % {N_GOODS - 1})"  # half hot, the rest over 2..N_GOODS
-    raw = daemon_config(url, emu, jobs=jobs(enabled=["restore_stock"], restore_stock={"batch_size": RESTORE_BATCH}))
+    seed.goods(conn, COLD_GOODS)
+    seed.analyze(conn)
+    hot_share = f"IF(seq % 2 = 0, {HOT_GOODS}, 2 + seq % {seed.N_GOODS - 1})"  # half hot, the rest over 2..N_GOODS
+    raw = harness.daemon_config(url, emu, jobs=configs.jobs(enabled=["restore_stock"], restore_stock={"batch_size": RESTORE_BATCH}))
     phases: dict[str, dict] = {}
     next_id = 1
     daemon = DaemonProcess(WORKDIR, raw, emu.env(), name="checkout-daemon").start()
@@ -358,13 +332,13 @@ def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float,
 
         def phase(key: str, goods_id: int, busy: bool, many: bool = False) -> None:
             nonlocal next_id
-            wait_for_purge(conn)
+            database.wait_for_purge(conn)
             drain = before = None
             if busy:
                 lo, hi = next_id, next_id + n_orders - 1
                 next_id = hi + 1
-                seed_orders(conn, lo, hi, "cancelled_unpaid", goods_sql=hot_share)
-                sql(conn, "ANALYZE TABLE goods_order2")
+                seed.orders(conn, lo, hi, "cancelled_unpaid", goods_sql=hot_share)
+                database.sql(conn, "ANALYZE TABLE goods_order2")
                 wait_until(lambda: restored(conn, lo, hi), 60, "restore_stock to start", until=lambda n: n >= RESTORE_BATCH,
                            interval=0.01, daemons=[daemon])
                 drain = (lo, hi)
@@ -387,7 +361,7 @@ def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float,
             }
             if busy:
                 row["restored_per_s"] = (restored(conn, *drain) - before) / got["seconds"]
-                wait_until(lambda: scalar(conn, PENDING_SQL, drain), 600, "the drain to finish", until=lambda x: not x,
+                wait_until(lambda: database.scalar(conn, PENDING_SQL, drain), 600, "the drain to finish", until=lambda x: not x,
                            interval=0.2, daemons=[daemon])
             phases[key] = row
             extra = f"; from due p50 {row['due_p50']:.2f} ms, p99 {row['due_p99']:.2f} ms" if many else ""
@@ -402,8 +376,8 @@ def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float,
         if n_shoppers:
             phase("hot idle, shoppers", HOT_GOODS, busy=False, many=True)
             phase("hot busy, shoppers", HOT_GOODS, busy=True, many=True)
-        done_ok = scalar(conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND stock_success = 1")
-        total = scalar(conn, "SELECT COUNT(*) FROM goods_order2")
+        done_ok = database.scalar(conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND stock_success = 1")
+        total = database.scalar(conn, "SELECT COUNT(*) FROM goods_order2")
     finally:
         daemon.close()
         for c in [shop, conn, *shoppers]:
@@ -423,8 +397,8 @@ def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float,
                      p["restored_per_s"]] for p in loop],
     )
     hi, hb, cb, ci = loop
-    fig = {"phases": phases, "hot_ratio": ratio(hb["p99"], hi["p99"]), "cold_ratio": ratio(cb["p99"], ci["p99"]),
-           "cold_vs_hot_idle": ratio(cb["p99"], hi["p99"])}
+    fig = {"phases": phases, "hot_ratio": reporting.ratio(hb["p99"], hi["p99"]), "cold_ratio": reporting.ratio(cb["p99"], ci["p99"]),
+           "cold_vs_hot_idle": reporting.ratio(cb["p99"], hi["p99"])}
     report.table(
         "Checkout p99 while restore_stock is busy vs idle (one connection, same run)",
         ["goods row", "p99 idle ms", "p99 busy ms", "p99 busy / idle", "max idle ms", "max busy ms"],
@@ -433,7 +407,8 @@ def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float,
     )
     if n_shoppers:
         si, sb = phases["hot idle, shoppers"], phases["hot busy, shoppers"]
-        fig.update(shoppers=n_shoppers, shop_ratio=ratio(sb["p99"], si["p99"]), shop_due_ratio=ratio(sb["due_p99"], si["due_p99"]))
+        fig.update(shoppers=n_shoppers, shop_ratio=reporting.ratio(sb["p99"], si["p99"]),
+                   shop_due_ratio=reporting.ratio(sb["due_p99"], si["due_p99"]))
         report.table(
             f"The same checkouts on the hot goods, each on the next free of {n_shoppers} connections (shoppers do not "
             f"wait for each other's round trips)",
@@ -474,7 +449,7 @@ def checkout(bench: Bench, emu: ExternalEmulator, n_orders: int, seconds: float,
 
 
 def main() -> int:
-    p = parser(__doc__.splitlines()[0])
+    p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=None, help="kill -9 rounds (default 10; --quick 3)")
     p.add_argument("--orders", type=int, default=None,
                    help="cancelled unpaid orders per busy phase (default 200,000; --quick 80,000): enough for the daemon "
@@ -485,21 +460,21 @@ def main() -> int:
                    help="connections for the open-loop checkout phases on the hot goods (default 32; 0: skip them)")
     p.add_argument("--only", choices=("takeover", "checkout"), default=None, help="run one of the two measurements")
     args = p.parse_args()
-    quiet_logging()
-    quiet_emulator_logs()
+    reporting.quiet_logging()
+    harness.quiet_emulator_logs()
     kills = args.kills or (3 if args.quick else 10)
     n_orders = args.orders or (80_000 if args.quick else 200_000)
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     gap = args.gap_ms / 1000
-    report = Report(f"Takeover after kill -9 ({kills} kills); a checkout on a goods row restore_stock is restoring")
+    report = reporting.Report(f"Takeover after kill -9 ({kills} kills); a checkout on a goods row restore_stock is restoring")
     shutil.rmtree(WORKDIR, ignore_errors=True)
     WORKDIR.mkdir(parents=True, exist_ok=True)
     key_dir = Path(tempfile.mkdtemp(prefix="bench-takeover-keys-"))
     t_fig = c_fig = None
     try:
-        with Bench() as bench:
-            report.machine_before = machine(bench.server)
-            emu = ExternalEmulator.start(key_dir, latency=LATENCY_SECONDS, success_delay=0.2)
+        with database.Bench() as bench:
+            report.machine_before = reporting.machine(bench.server)
+            emu = harness.ExternalEmulator.start(key_dir, latency=LATENCY_SECONDS, success_delay=0.2)
             try:
                 if args.only in (None, "takeover"):
                     t_fig = takeover(bench, emu, kills, report)
@@ -519,7 +494,7 @@ def main() -> int:
             [f"takeover after kill -9: kill -> no row leased by the victim, median / max over {t_fig['kills']} kills (s)",
              pair(t_fig["released_median"], t_fig["released_max"])],
             [f"  the same / lease_seconds ({LEASE_SECONDS} s)",
-             pair(ratio(t_fig["released_median"], LEASE_SECONDS), ratio(t_fig["released_max"], LEASE_SECONDS), 3)],
+             pair(reporting.ratio(t_fig["released_median"], LEASE_SECONDS), reporting.ratio(t_fig["released_max"], LEASE_SECONDS), 3)],
             ["kill -> every row the victim held done, median / max (s)", pair(t_fig["done_median"], t_fig["done_max"])],
             ["refunds created twice / numbers with two calls in flight at once", f"{t_fig['created_twice']} / {t_fig['raced']}"],
         ]

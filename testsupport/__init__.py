@@ -1,4 +1,9 @@
-"""Support shared by the tests and the benchmarks: waiting on a condition, writing the shop's rows.
+"""Support shared by the tests and the benchmarks, one concept a module.
+
+* ``mariadb``: a throwaway MariaDB server;
+* ``processes``: the command line and the daemon in subprocesses, their logs, their CPU and memory;
+* ``shop``: the shop's rows, written as the shop writes them;
+* ``waiting``: waiting on a condition with a deadline.
 
 Not part of the product (setup.cfg does not package it); importable from the repository root,
 where pytest and bench/ put it on ``sys.path``.

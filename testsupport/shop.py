@@ -35,6 +35,11 @@ def insert_goods_rows(db: Engine, rows: Iterable[Mapping[str, Any]]) -> None:
         conn.execute(INSERT_GOODS, [dict(r) for r in rows])
 
 
+def insert_goods(db: Engine, goods: Mapping[int, tuple[int, int]]) -> None:
+    """Goods by id -> (stock, sales), named as ``goods_row`` names them."""
+    insert_goods_rows(db, [goods_row(i, stock=stock, sales=sales) for i, (stock, sales) in goods.items()])
+
+
 def order_row(order_id: int, *, goods_id: int = 1, quantity: int = 1, amount: int = 1280, paid: bool = True,
               status: str | None = None, transaction_id: str | None | bool = True, paid_at: datetime | None = None,
               deleted: bool = False, now: datetime | None = None) -> dict[str, Any]:

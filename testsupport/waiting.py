@@ -20,8 +20,8 @@ def wait_until(
 
     Raises ``error`` (AssertionError unless told) naming ``what`` and the last value seen when the
     deadline passes, or at once if one of ``daemons`` (anything with ``started``, ``alive``,
-    ``exit_expected``, ``name``, ``returncode`` and ``tail()``, such as the acceptance harness's
-    DaemonProcess) died meanwhile, with its log tail.
+    ``exit_expected``, ``name``, ``returncode`` and ``tail()``, such as
+    ``testsupport.processes.DaemonProcess``) died meanwhile, with its log tail.
     """
     deadline = time.monotonic() + timeout
     while True:

@@ -138,6 +138,11 @@ class Fault:
         if self.trickle_gap < 0 or self.huge_bytes < 0 or (self.trickle_bytes is not None and self.trickle_bytes < 0):
             raise ValueError("trickle_gap, trickle_bytes and huge_bytes cannot be negative")
 
+    @property
+    def label(self) -> str:
+        """The kind and when it strikes, as the emulator counts it in `faults_injected`: "500/after", "slow/before"."""
+        return f"{self.kind}/{'after' if self.after_commit else 'before'}"
+
 
 class FaultBook:
     """The faults waiting to strike: those aimed at one refund number first, else a draw from the plan.

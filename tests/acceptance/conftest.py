@@ -1,4 +1,4 @@
-"""Fixtures of the acceptance scenarios; the helpers they use are in tests/acceptance/harness.py."""
+"""Fixtures of the acceptance scenarios; the helpers they use are in tests/acceptance/harness.py and testsupport/."""
 
 from __future__ import annotations
 
@@ -7,24 +7,25 @@ from typing import Any
 
 import pytest
 
-from tests.acceptance.harness import DaemonProcess, ExternalEmulator, loud_emulator_logs, quiet_emulator_logs
+from tests.acceptance import harness
+from testsupport.processes import DaemonProcess
 
 
 @pytest.fixture
 def external_emulators():
     """Factory: ExternalEmulator.start(...) on tmp key dirs; every one stopped at teardown."""
-    started: list[ExternalEmulator] = []
-    quiet_emulator_logs()
+    started: list[harness.ExternalEmulator] = []
+    harness.quiet_emulator_logs()
 
-    def start(key_dir: Path, **kwargs: Any) -> ExternalEmulator:
-        emu = ExternalEmulator.start(key_dir, **kwargs)
+    def start(key_dir: Path, **kwargs: Any) -> harness.ExternalEmulator:
+        emu = harness.ExternalEmulator.start(key_dir, **kwargs)
         started.append(emu)
         return emu
 
     yield start
     for emu in started:
         emu.stop()
-    loud_emulator_logs()
+    harness.loud_emulator_logs()
 
 
 @pytest.fixture

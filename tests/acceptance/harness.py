@@ -1,43 +1,37 @@
 """Acceptance harness: the real `cancel-scanner` CLI in subprocesses, a WeChat Pay emulator in the test process.
 
 The emulator lives here, not in the daemon, so its counters (refunds created per
-out_refund_no, fen refunded per order, requests in flight at once) survive every
-kill of a daemon. Daemons run in wechat ``mode: live`` against it: the same
-configuration path, key files and APIv3 key from the environment as production.
+out_refund_no, fen refunded per order, requests in flight at once, faults injected)
+survive every kill of a daemon; the harness reads them through the emulator's public
+hooks (``snapshot()``, ``recorded()``) only. Daemons run in wechat ``mode: live`` against
+it: the same configuration path, key files and APIv3 key from the environment as production.
 
 Waiting is always on a condition with a deadline (``wait_until``, from
-``testsupport.waiting``), never a fixed sleep to "let work happen". The shop's rows are
-written by ``testsupport.shop``; the fixtures (``daemons``, ``external_emulators``) live in
-``tests/acceptance/conftest.py``. ``check_invariants`` is the end-state proof every
-scenario shares.
+``testsupport.waiting``), never a fixed sleep to "let work happen". The daemons are
+``testsupport.processes.DaemonProcess``; the shop's rows are written by ``testsupport.shop``;
+the fixtures (``daemons``, ``external_emulators``) live in ``tests/acceptance/conftest.py``.
+``check_invariants`` is the end-state proof every scenario shares.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import yaml
 from loguru import logger
 from sqlalchemy import Engine, text
 
 from cancel_scanner.gateway.emulator import Emulator, FaultPlan
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from cancel_scanner.scanners import REGISTRY
-from testsupport.shop import goods_row, insert_goods_rows, insert_orders, insert_requests, order_row, request_cancel, utcnow
+from testsupport.processes import DaemonProcess, run_cli
 from testsupport.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-CLI = REPO / "cli.py"
 SOAK = os.environ.get("CANCEL_SCANNER_SOAK") == "1"
 
 STAGES = REGISTRY.names
@@ -48,8 +42,6 @@ POLL_DELAYS_SECONDS = [0.3, 0.6]
 READ_TIMEOUT_SECONDS = [1, 1]  # connect, read
 LEASE_SECONDS = 10  # calls start only within lease - (connect + read) - 5 s of the claim
 MAX_ATTEMPTS = 100_000  # hostile scenarios retry a lot; nothing here may give up
-# Environment a developer's shell may carry that would change what the daemon under test does.
-_SCRUBBED_ENV = ("CANCEL_SCANNER_CONFIG", "CANCEL_SCANNER_DB_URL", "CANCEL_SCANNER_ALLOW_SANDBOX", "WECHATPAY_APIV3_KEY")
 
 
 # --- waiting (wait_until is testsupport.waiting's) -------------------------------------------------
@@ -67,55 +59,11 @@ def hold(seconds: float, check: Callable[[], None], interval: float = 0.2) -> No
 # --- the external emulator -------------------------------------------------------------------------
 
 
-class CountingEmulator(Emulator):
-    """The emulator, plus what a report needs: faults injected by kind, and optional network latency."""
-
-    def __init__(self, keys: KeyMaterial, *, latency: tuple[float, float] | None = None, **kwargs: Any) -> None:
-        super().__init__(keys, **kwargs)
-        self.latency = latency
-        self._latency_rng = random.Random(7)
-        self.faults_injected: Counter[str] = Counter()  # "500/after", "slow/before", ...
-
-    def _draw_fault(self, kind: str, number: str | None):
-        fault = super()._draw_fault(kind, number)
-        if fault is not None:
-            with self._lock:
-                self.faults_injected[f"{fault.kind}/{'after' if fault.after_commit else 'before'}"] += 1
-        return fault
-
-    def _handle(self, kind, number, method, raw_path, headers, body):
-        if self.latency and kind != "other":
-            # The network and WeChat's own work: every call takes a while, so calls overlap.
-            with self._lock:
-                delay = self._latency_rng.uniform(*self.latency)
-            time.sleep(delay)
-        return super()._handle(kind, number, method, raw_path, headers, body)
-
-    def recorded(self, out_refund_no: str) -> tuple[str, str, int] | None:
-        """(refund_id, status, fen) of the refund WeChat recorded under this number, or None."""
-        with self._lock:
-            refund = self._refunds.get(out_refund_no)
-            if refund is None:
-                return None
-            self._advance(refund, self._clock())
-            return refund.refund_id, refund.status, refund.refund
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "refunds_created": dict(self.refunds_created),
-                "fen_refunded": dict(self.fen_refunded),
-                "max_in_flight": dict(self.max_in_flight),
-                "requests": dict(self.requests),
-                "faults_injected": dict(self.faults_injected),
-            }
-
-
 @dataclass
 class ExternalEmulator:
     """An emulator on 127.0.0.1 in the test process and the key files a live-mode daemon reads."""
 
-    emulator: CountingEmulator
+    emulator: Emulator
     keys: KeyMaterial
 
     @classmethod
@@ -129,8 +77,9 @@ class ExternalEmulator:
         apply_qps: int | None = None,
         query_qps: int | None = None,
     ) -> "ExternalEmulator":
+        """``latency``: (low, high) seconds every refund call takes (the emulator's own hook)."""
         keys = generate_key_material(key_dir)
-        emulator = CountingEmulator(
+        emulator = Emulator(
             keys,
             host="127.0.0.1",
             latency=latency,
@@ -173,7 +122,7 @@ class ExternalEmulator:
         return {"WECHATPAY_APIV3_KEY": self.keys.apiv3_key}
 
 
-# --- configuration and the CLI ---------------------------------------------------------------------
+# --- configuration, the CLI, stopping daemons and the emulator's log -----------------------------
 
 
 def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -204,25 +153,6 @@ def daemon_config(database_url: str, emulator: ExternalEmulator, *, jobs: Mappin
     }
 
 
-def write_config(path: Path, config: Mapping[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return path
-
-
-def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    env.update(extra or {})
-    return env
-
-
-def run_cli(args: Sequence[str], *, config: Path | None, env: Mapping[str, str] | None = None, cwd: Path,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    """`cancel-scanner [--config PATH] ARGS...` to completion, stdout and stderr captured apart."""
-    cmd = [sys.executable, str(CLI)] + (["--config", str(config)] if config else []) + list(args)
-    return subprocess.run(cmd, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
-
-
 def status_json(config: Path, env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
     """What an operator sees from `cancel-scanner status --json`."""
     done = run_cli(["status", "--json"], config=config, env=env, cwd=cwd, timeout=60)
@@ -230,226 +160,13 @@ def status_json(config: Path, env: Mapping[str, str], cwd: Path) -> dict[str, An
     return json.loads(done.stdout)
 
 
-# --- a daemon in a subprocess ----------------------------------------------------------------------
-
-
-@dataclass
-class _Life:
-    """One incarnation of a daemon: its process, its log file, and how we expected it to end."""
-
-    proc: subprocess.Popen
-    log_path: Path
-    started_at: float
-    expected: str | None = None  # "sigterm" or "kill9" once we signalled it
-
-
-class DaemonProcess:
-    """`cancel-scanner --config PATH --log-json run` as a subprocess; restartable, every life logged apart."""
-
-    def __init__(self, workdir: Path, config: Mapping[str, Any], env: Mapping[str, str], *, name: str = "daemon",
-                 log_level: str | None = None, args: Sequence[str] = ("run",)):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.config = dict(config)
-        self.config_path = write_config(self.workdir / f"{name}.yaml", self.config)
-        self.env = dict(env)
-        self.log_level = log_level
-        self.args = list(args)
-        self.lives: list[_Life] = []
-
-    # lifecycle
-
-    def start(self) -> "DaemonProcess":
-        assert not self.alive, f"{self.name} is already running"
-        log_path = self.workdir / f"{self.name}.{len(self.lives) + 1}.log"
-        cmd = [sys.executable, str(CLI), "--config", str(self.config_path), "--log-json"]
-        if self.log_level:
-            cmd += ["--log-level", self.log_level]
-        cmd += self.args
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=self.workdir, env=cli_env(self.env), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-        self.lives.append(_Life(proc=proc, log_path=log_path, started_at=time.monotonic()))
-        return self
-
-    def wait_started(self, timeout: float = 30) -> None:
-        """Until this life logged that it runs (configuration read, scheduler up)."""
-        life = self._life
-        wait_until(lambda: any(r.get("action") == "started" for r in self._records(life)), timeout,
-                   f"{self.name} to start", daemons=[self])
-
-    def wait_started_or_exit(self, timeout: float = 30) -> int | None:
-        """None once this life logged that it runs; its exit code if it ended first (a refused configuration)."""
-        life = self._life
-        state = wait_until(
-            lambda: ("exited", life.proc.poll()) if life.proc.poll() is not None
-            else ("started", None) if any(r.get("action") == "started" for r in self._records(life)) else None,
-            timeout, f"{self.name} to start or exit",
-        )
-        return state[1]
-
-    def sigterm(self) -> None:
-        self._life.expected = "sigterm"
-        self._life.proc.send_signal(signal.SIGTERM)
-
-    def kill9(self) -> None:
-        life = self._life
-        life.expected = "kill9"
-        life.proc.kill()
-        life.proc.wait(10)
-
-    def wait(self, timeout: float) -> int:
-        """The exit code of this life; AssertionError (and a kill) if it is still running after ``timeout``."""
-        try:
-            return self._life.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-            raise AssertionError(f"{self.name} did not exit within {timeout:.1f}s\n{self.tail()}") from None
-
-    def close(self) -> None:
-        """Teardown: nothing may outlive the test."""
-        for life in self.lives:
-            if life.proc.poll() is None:
-                life.expected = life.expected or "teardown"
-                life.proc.kill()
-                life.proc.wait(10)
-
-    # state
-
-    @property
-    def _life(self) -> _Life:
-        assert self.lives, f"{self.name} was never started"
-        return self.lives[-1]
-
-    @property
-    def started(self) -> bool:
-        return bool(self.lives)
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.lives) and self._life.proc.poll() is None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._life.proc.poll()
-
-    @property
-    def exit_expected(self) -> bool:
-        return self._life.expected is not None
-
-    @property
-    def pid(self) -> int:
-        return self._life.proc.pid
-
-    def check_alive(self) -> None:
-        assert self.alive, f"{self.name} exited with {self.returncode}\n{self.tail()}"
-
-    def unexpected_exits(self) -> list[str]:
-        """Lives that ended without us asking, or that a SIGTERM did not end with 0."""
-        found = []
-        for i, life in enumerate(self.lives, 1):
-            code = life.proc.poll()
-            if code is None:
-                continue
-            if life.expected is None:
-                found.append(f"{self.name} life {i} exited on its own with {code}")
-            elif life.expected == "sigterm" and code != 0:
-                found.append(f"{self.name} life {i} exited with {code} after SIGTERM")
-        return found
-
-    # logs
-
-    @staticmethod
-    def _read(life: _Life) -> list[str]:
-        try:
-            return life.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
-
-    def _records(self, life: _Life) -> list[dict[str, Any]]:
-        out = []
-        for line in self._read(life):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
-
-    def logs(self, life: int | None = None) -> list[dict[str, Any]]:
-        """Parsed JSON log records of every life (or of life number ``life``, 1-based)."""
-        lives = self.lives if life is None else [self.lives[life - 1]]
-        return [r for lf in lives for r in self._records(lf)]
-
-    def log_text(self) -> str:
-        return "\n".join("\n".join(self._read(life)) for life in self.lives)
-
-    def stray_output(self) -> list[str]:
-        """Lines that are not JSON log records (a traceback printed past the logger).
-
-        The last line of a life we killed with SIGKILL may be cut short: not a finding.
-        """
-        found = []
-        for life in self.lives:
-            lines = self._read(life)
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                if life.expected == "kill9" and i == len(lines) - 1:
-                    continue
-                try:
-                    json.loads(line)
-                except ValueError:
-                    found.append(line[:300])
-        return found
-
-    def tail(self, lines: int = 30) -> str:
-        if not self.lives:
-            return ""
-        got = self._read(self._life)[-lines:]
-        return f"--- {self._life.log_path} (last {len(got)} lines) ---\n" + "\n".join(got)
-
-
-class LogFollower:
-    """Reads a daemon life's log as it grows, for "kill it the moment it logs X"."""
-
-    def __init__(self, daemon: DaemonProcess):
-        self.path = daemon._life.log_path
-        self.offset = 0
-        self.partial = ""
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, interval: float = 0.005) -> bool:
-        """True as soon as a new record satisfies ``predicate``; False once ``timeout`` passed without one."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if any(predicate(r) for r in self.new_records()):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(interval)
-
-    def new_records(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "r", encoding="utf-8", errors="replace") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-                self.offset = f.tell()
-        except FileNotFoundError:
-            return []
-        text_ = self.partial + chunk
-        lines = text_.split("\n")
-        self.partial = lines.pop()
-        out = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
+def stop_all(*daemons: DaemonProcess, timeout: float) -> None:
+    """SIGTERM every one still running (so they stop together), then each must exit 0 within ``timeout``."""
+    for d in daemons:
+        if d.alive:
+            d.sigterm()
+    for d in daemons:
+        assert d.wait(timeout) == 0, d.tail()
 
 
 def quiet_emulator_logs() -> None:
@@ -462,12 +179,7 @@ def loud_emulator_logs() -> None:
     logger.enable("cancel_scanner.gateway.emulator")
 
 
-# --- the shop's rows, written as the shop writes them (testsupport.shop) --------------------------
-
-
-def insert_goods(db: Engine, goods: Mapping[int, tuple[int, int]]) -> None:
-    """goods id -> (stock, sales)."""
-    insert_goods_rows(db, [goods_row(i, stock=s, sales=q) for i, (s, q) in goods.items()])
+# --- reading the database -------------------------------------------------------------------------
 
 
 def q_rows(db: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
@@ -541,7 +253,7 @@ _UNCHANGED_ORDER_COLUMNS = (
 )
 
 
-def check_invariants(db: Engine, emulator: ExternalEmulator | CountingEmulator, scenario: Scenario) -> dict[str, int]:
+def check_invariants(db: Engine, emulator: ExternalEmulator | Emulator, scenario: Scenario) -> dict[str, int]:
     """Assert the six invariants; returns a few totals for the scenario's report line."""
     emu = emulator.emulator if isinstance(emulator, ExternalEmulator) else emulator
     snap = emu.snapshot()
@@ -766,9 +478,7 @@ class Stopwatch:
 
 
 __all__ = [
-    "Baseline", "DaemonProcess", "ExternalEmulator", "FaultPlan", "LogFollower", "REPO", "SOAK", "Scenario", "Stopwatch",
-    "check_invariants", "daemon_config", "fast_jobs", "hold", "insert_goods",
-    "insert_orders", "insert_requests", "loud_emulator_logs", "order_row", "pending_counts", "q_rows", "q_scalar",
-    "quiet_emulator_logs", "report", "request_cancel", "run_cli", "status_json", "utcnow", "wait_settled", "wait_until",
-    "write_config",
+    "SHUTDOWN_TIMEOUT_SECONDS", "SOAK", "STAGES", "Baseline", "ExternalEmulator", "Scenario", "Stopwatch",
+    "check_invariants", "daemon_config", "fast_jobs", "hold", "loud_emulator_logs", "pending_counts", "q_rows", "q_scalar",
+    "quiet_emulator_logs", "report", "status_json", "stop_all", "wait_settled",
 ]

@@ -13,28 +13,17 @@ from typing import Any, Callable
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
-from tests.acceptance.harness import (
-    SHUTDOWN_TIMEOUT_SECONDS,
-    Baseline,
-    Scenario,
-    check_invariants,
-    daemon_config,
-    insert_goods,
-    insert_orders,
-    insert_requests,
-    order_row,
-    q_rows,
-    q_scalar,
-    run_cli,
-    wait_settled,
-    write_config,
-)
+from tests.acceptance import harness
+from testsupport import processes, shop
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.mysql
 
 PEM_SLICE_CHARS = 40
+UNKNOWN_THREAD_ID = 1094  # MariaDB's answer to KILL of a session that has ended
 
 
 def pem_body(pem: str) -> str:
@@ -134,7 +123,7 @@ def test_a_configuration_error_exits_2_with_one_line_naming_the_key(case, tmp_pa
         path.write_text(mutate, encoding="utf-8")
     else:
         cfg = copy.deepcopy(live_config(mysql_url, keys))
-        write_config(path, mutate(cfg, tmp_path, keys) if mutate else cfg)
+        processes.write_config(path, mutate(cfg, tmp_path, keys) if mutate else cfg)
     env = {"WECHATPAY_APIV3_KEY": keys.apiv3_key}
     for k, v in env_change.items():
         if v is None:
@@ -145,7 +134,7 @@ def test_a_configuration_error_exits_2_with_one_line_naming_the_key(case, tmp_pa
             env[k] = v
 
     for command in commands:
-        done = run_cli([command], config=path, env=env, cwd=tmp_path, timeout=60)
+        done = processes.run_cli([command], config=path, env=env, cwd=tmp_path, timeout=60)
         lines = done.stderr.splitlines()
         assert done.returncode == 2, (command, done.returncode, done.stderr[-2000:])
         assert len(lines) == 1, (command, lines)
@@ -173,17 +162,17 @@ def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db,
     private key appear nowhere in its output. Then a merchant key WeChat does not know: the refunds fail
     with a readable reason, and still no secret in the output."""
     emu = external_emulators(tmp_path / "keys")
-    insert_goods(mysql_db, {1: (100, 1000)})
-    orders = [order_row(i, quantity=1, amount=1000 + i, paid=i % 5 != 0) for i in range(1, 31)]
-    insert_orders(mysql_db, orders)
-    baseline = Baseline.take(mysql_db)
-    daemon = daemons(tmp_path / "debug", daemon_config(mysql_url, emu, log_level="DEBUG"), emu.env(), log_level="DEBUG")
+    shop.insert_goods(mysql_db, {1: (100, 1000)})
+    orders = [shop.order_row(i, quantity=1, amount=1000 + i, paid=i % 5 != 0) for i in range(1, 31)]
+    shop.insert_orders(mysql_db, orders)
+    baseline = harness.Baseline.take(mysql_db)
+    daemon = daemons(tmp_path / "debug", harness.daemon_config(mysql_url, emu, log_level="DEBUG"), emu.env(), log_level="DEBUG")
     daemon.start()
-    insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "secret test") for o in orders])
-    wait_settled(mysql_db, 60, [daemon])
+    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "secret test") for o in orders])
+    harness.wait_settled(mysql_db, 60, [daemon])
     daemon.sigterm()
-    assert daemon.wait(SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
-    check_invariants(mysql_db, emu, Scenario("debug log", baseline, daemons=[daemon]))
+    assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
+    harness.check_invariants(mysql_db, emu, harness.Scenario("debug log", baseline, daemons=[daemon]))
 
     records = daemon.logs()
     output = daemon.log_text()
@@ -195,17 +184,18 @@ def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db,
 
     # The same shop with a merchant key WeChat has never seen.
     stranger = generate_key_material(tmp_path / "stranger")
-    insert_orders(mysql_db, [order_row(i, amount=500) for i in range(101, 104)])
-    insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "clerk", "wrong key") for i in range(101, 104)])
-    cfg = daemon_config(mysql_url, emu, log_level="DEBUG",
-                        wechat={"merchant_private_key_file": str(stranger.paths.merchant_private_key)})
-    once = run_cli(["--log-json", "--log-level", "DEBUG", "run", "--once"], config=write_config(tmp_path / "stranger.yaml", cfg),
-                   env=emu.env(), cwd=tmp_path, timeout=120)
+    shop.insert_orders(mysql_db, [shop.order_row(i, amount=500) for i in range(101, 104)])
+    shop.insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "clerk", "wrong key") for i in range(101, 104)])
+    cfg = harness.daemon_config(mysql_url, emu, log_level="DEBUG",
+                                wechat={"merchant_private_key_file": str(stranger.paths.merchant_private_key)})
+    once = processes.run_cli(["--log-json", "--log-level", "DEBUG", "run", "--once"],
+                             config=processes.write_config(tmp_path / "stranger.yaml", cfg), env=emu.env(), cwd=tmp_path,
+                             timeout=120)
     # Credentials refused are no row's fault: the stage stops with the reason, and every refund
     # waits, untouched, for the key to be fixed (then it goes through without a requeue).
     assert once.returncode == 1, once.stderr[-2000:]
     assert "run --once stopped" in once.stderr and "SIGN_ERROR" in once.stderr
-    waiting = q_rows(mysql_db, "SELECT submit_scanned, submit_success, attempts, last_error FROM refund_order WHERE order_id > 100")
+    waiting = harness.q_rows(mysql_db, "SELECT submit_scanned, submit_success, attempts, last_error FROM refund_order WHERE order_id > 100")
     assert len(waiting) == 3
     assert all((r["submit_scanned"], r["submit_success"]) == (0, 0) for r in waiting)
     assert any(r["last_error"] and r["last_error"].startswith("SIGN_ERROR") for r in waiting)
@@ -220,20 +210,20 @@ def test_a_lease_too_short_for_the_gateway_timeouts_is_refused_or_still_works(tm
     import subprocess
 
     emu = external_emulators(tmp_path / "keys")
-    insert_goods(mysql_db, {1: (100, 1000)})
-    insert_orders(mysql_db, [order_row(i) for i in range(1, 4)])
-    insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "ops", "short lease") for i in range(1, 4)])
-    config = daemon_config(mysql_url, emu, jobs={"submit_refund": {"lease_seconds": 6, "interval_seconds": 0.3}})
-    path = write_config(tmp_path / "short-lease.yaml", config)
+    shop.insert_goods(mysql_db, {1: (100, 1000)})
+    shop.insert_orders(mysql_db, [shop.order_row(i) for i in range(1, 4)])
+    shop.insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "ops", "short lease") for i in range(1, 4)])
+    config = harness.daemon_config(mysql_url, emu, jobs={"submit_refund": {"lease_seconds": 6, "interval_seconds": 0.3}})
+    path = processes.write_config(tmp_path / "short-lease.yaml", config)
     try:
-        done = run_cli(["run", "--once"], config=path, env=emu.env(), cwd=tmp_path, timeout=20)
+        done = processes.run_cli(["run", "--once"], config=path, env=emu.env(), cwd=tmp_path, timeout=20)
     except subprocess.TimeoutExpired:
         pytest.fail("run --once was still spinning after 20 s (3 requests, a healthy gateway)")
     if done.returncode == 2:
         assert done.stderr.count("\n") == 1 and "jobs.submit_refund.lease_seconds" in done.stderr, done.stderr
         return
     assert done.returncode == 0, done.stderr[-2000:]
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1") == 3
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1") == 3
 
 
 @pytest.mark.parametrize("log_format", ["--no-log-json", "--log-json"])
@@ -247,11 +237,11 @@ def test_a_rejected_database_password_appears_in_no_output_at_any_level(tmp_path
     with mysql_db.begin() as conn:
         conn.execute(text(f"CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY 'the-new-one'"))
     wrong = url.set(username=user, password=password).render_as_string(hide_password=False)
-    config = write_config(tmp_path / "rotated.yaml", {"database_url": wrong, "wechat": {"mode": "sandbox"}})
+    config = processes.write_config(tmp_path / "rotated.yaml", {"database_url": wrong, "wechat": {"mode": "sandbox"}})
     env = {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
     try:
         for args in (["run", "--once"], ["status"], ["initdb"], ["requeue", "intake", "1"]):
-            done = run_cli([log_format, "--log-level", "DEBUG", *args], config=config, env=env, cwd=tmp_path, timeout=60)
+            done = processes.run_cli([log_format, "--log-level", "DEBUG", *args], config=config, env=env, cwd=tmp_path, timeout=60)
             output = done.stdout + done.stderr
             assert done.returncode == 1, (args, output[-2000:])
             assert "Access denied" in output, (args, output[-2000:])
@@ -261,6 +251,15 @@ def test_a_rejected_database_password_appears_in_no_output_at_any_level(tmp_path
             conn.execute(text(f"DROP USER IF EXISTS '{user}'@'%'"))
 
 
+def kill_session(conn, pid: int) -> None:
+    """KILL one server session, as a DBA does; one that ended since it was listed is gone already."""
+    try:
+        conn.execute(text(f"KILL {int(pid)}"))
+    except OperationalError as exc:
+        if exc.orig.args[0] != UNKNOWN_THREAD_ID:
+            raise
+
+
 @pytest.mark.parametrize("log_format", ["--no-log-json", "--log-json"])
 def test_a_password_rotated_under_a_running_daemon_never_shows_in_its_debug_output(
     tmp_path, mysql_db, mysql_url, daemons, log_format
@@ -268,8 +267,6 @@ def test_a_password_rotated_under_a_running_daemon_never_shows_in_its_debug_outp
     """The daemon runs; the DBA rotates its password and kills its sessions. Every reconnect is
     refused: the daemon says so and keeps trying, and the old password appears nowhere."""
     from sqlalchemy.engine import make_url
-
-    from tests.acceptance.harness import wait_until
 
     url = make_url(mysql_url)
     user, old, new = "rotating", "Pw-old-93b1f0c2aa", "Pw-new-5d7e11c0bb"
@@ -286,11 +283,11 @@ def test_a_password_rotated_under_a_running_daemon_never_shows_in_its_debug_outp
         with mysql_db.begin() as conn:
             conn.execute(text(f"ALTER USER '{user}'@'%' IDENTIFIED BY '{new}'"))
             for (pid,) in conn.execute(text("SELECT id FROM information_schema.processlist WHERE user = :u"), {"u": user}):
-                conn.execute(text(f"KILL {int(pid)}"))
+                kill_session(conn, pid)
         wait_until(daemon.log_text, 60, "the refused reconnect reported", until=lambda t: "Access denied" in t,
                    daemons=[daemon])
         daemon.sigterm()
-        assert daemon.wait(SHUTDOWN_TIMEOUT_SECONDS + 5) == 0
+        assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 5) == 0
         output = daemon.log_text()
         assert old not in output and old[3:14] not in output
     finally:

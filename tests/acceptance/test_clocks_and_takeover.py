@@ -14,27 +14,13 @@ import time
 
 import pytest
 
-from tests.acceptance.harness import (
-    Baseline,
-    Scenario,
-    Stopwatch,
-    check_invariants,
-    daemon_config,
-    fast_jobs,
-    hold,
-    insert_goods,
-    insert_orders,
-    insert_requests,
-    order_row,
-    q_rows,
-    q_scalar,
-    report,
-    wait_settled,
-    wait_until,
-)
+from tests.acceptance import harness
+from testsupport import shop
+from testsupport.waiting import wait_until
 
 pytestmark = [pytest.mark.mysql, pytest.mark.slow]
 TAKEOVER_BOUND_SECONDS = 15
+STOP_SECONDS = 30  # SIGTERM to exit, for every daemon here
 
 
 def faketime_env(offset: str) -> dict[str, str]:
@@ -49,56 +35,48 @@ def faketime_env(offset: str) -> dict[str, str]:
 
 def seed(db, first: int, n: int) -> list[dict]:
     """Orders and their cancel requests."""
-    orders = [order_row(i, goods_id=1 + i % 3, quantity=1, amount=100 + i % 50, paid=True) for i in range(first, first + n)]
-    insert_orders(db, orders)
-    insert_requests(db, [(o["id"], "MERCHANT_CANCEL", "ops", "clock test") for o in orders])
+    orders = [shop.order_row(i, goods_id=1 + i % 3, quantity=1, amount=100 + i % 50, paid=True) for i in range(first, first + n)]
+    shop.insert_orders(db, orders)
+    shop.insert_requests(db, [(o["id"], "MERCHANT_CANCEL", "ops", "clock test") for o in orders])
     return orders
 
 
 def accepted_not_recorded(db, emu) -> set[str]:
     created = set(emu.emulator.snapshot()["refunds_created"])
-    recorded = {r["out_refund_no"] for r in q_rows(db, "SELECT out_refund_no FROM refund_order WHERE submit_success = 1")}
+    recorded = {r["out_refund_no"] for r in harness.q_rows(db, "SELECT out_refund_no FROM refund_order WHERE submit_success = 1")}
     return created - recorded
-
-
-def stop(*procs) -> None:
-    for d in procs:
-        if d.alive:
-            d.sigterm()
-    for d in procs:
-        assert d.wait(30) == 0, d.tail()
 
 
 @pytest.mark.parametrize("offset", ["+4m", "+10m"])
 def test_two_daemons_one_with_a_fast_clock_never_call_one_number_twice_and_record_every_acceptance(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons, offset
 ):
-    watch = Stopwatch()
+    watch = harness.Stopwatch()
     emu = external_emulators(tmp_path / "keys", latency=(0.1, 0.3))
-    insert_goods(mysql_db, {g: (1000, 100_000) for g in (1, 2, 3)})
-    orders = [order_row(i, goods_id=1 + i % 3, quantity=1, amount=100 + i % 50, paid=True) for i in range(1, 121)]
-    insert_orders(mysql_db, orders)
-    baseline = Baseline.take(mysql_db)
+    shop.insert_goods(mysql_db, {g: (1000, 100_000) for g in (1, 2, 3)})
+    orders = [shop.order_row(i, goods_id=1 + i % 3, quantity=1, amount=100 + i % 50, paid=True) for i in range(1, 121)]
+    shop.insert_orders(mysql_db, orders)
+    baseline = harness.Baseline.take(mysql_db)
     # Small batches, few threads: both daemons keep coming back for the same rows.
-    jobs = fast_jobs(submit_refund={"batch_size": 10, "concurrency": 4}, poll_refund={"batch_size": 10, "concurrency": 4})
-    config = daemon_config(mysql_url, emu, jobs=jobs)
+    jobs = harness.fast_jobs(submit_refund={"batch_size": 10, "concurrency": 4}, poll_refund={"batch_size": 10, "concurrency": 4})
+    config = harness.daemon_config(mysql_url, emu, jobs=jobs)
     honest = daemons(tmp_path / "honest", config, emu.env(), name="honest")
     fast = daemons(tmp_path / "fast", config, {**emu.env(), **faketime_env(offset)}, name="fast")
     for d in (fast, honest):
         d.start()
     for d in (fast, honest):
         d.wait_started()
-    insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "ops", "clock test") for o in orders])
+    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "ops", "clock test") for o in orders])
     baseline_orders = orders
 
-    wait_settled(mysql_db, 180, [honest, fast])
-    stop(honest, fast)
+    harness.wait_settled(mysql_db, 180, [honest, fast])
+    harness.stop_all(honest, fast, timeout=STOP_SECONDS)
 
-    totals = check_invariants(mysql_db, emu, Scenario(f"clock {offset}", baseline, daemons=[honest, fast]))
+    totals = harness.check_invariants(mysql_db, emu, harness.Scenario(f"clock {offset}", baseline, daemons=[honest, fast]))
     snap = emu.emulator.snapshot()
     assert {no: n for no, n in snap["max_in_flight"].items() if n > 1} == {}
     assert accepted_not_recorded(mysql_db, emu) == set()
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 0") == 0
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 0") == 0
     fast_logs = fast.logs()
     offsets = [r for r in fast_logs if r.get("action") == "clock_offset"]
     assert offsets and abs(offsets[0]["offset_seconds"]) > 200, "the fast daemon must say its clock is off"
@@ -108,19 +86,19 @@ def test_two_daemons_one_with_a_fast_clock_never_call_one_number_twice_and_recor
     else:
         worked = sum(1 for r in fast_logs if r.get("action") == "accepted")
         assert worked > 0, "4 minutes is within WeChat's window: the fast daemon does its share"
-    report(f"clock {offset}", n=len(baseline_orders), seconds=watch.elapsed, **totals)
+    harness.report(f"clock {offset}", n=len(baseline_orders), seconds=watch.elapsed, **totals)
 
 
 def leased_by_someone(db) -> int:
-    return q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL AND submit_scanned = 0")
+    return harness.q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL AND submit_scanned = 0")
 
 
 def paid_orders_and_emulator(tmp_path, db, external_emulators, n: int, latency: tuple[float, float]):
     """n paid orders cancelled, an emulator whose calls take ``latency``, and the baseline to check against."""
     emu = external_emulators(tmp_path / "keys", latency=latency)
-    insert_goods(db, {g: (1000, 100_000) for g in (1, 2, 3)})
+    shop.insert_goods(db, {g: (1000, 100_000) for g in (1, 2, 3)})
     seed(db, 1, n)
-    return emu, Baseline.take(db)
+    return emu, harness.Baseline.take(db)
 
 
 def wait_holding_leases(db, daemon) -> None:
@@ -132,9 +110,9 @@ def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
     emu, baseline = paid_orders_and_emulator(tmp_path, mysql_db, external_emulators, 120, latency=(0.3, 0.6))
-    jobs = fast_jobs(submit_refund={"batch_size": 40, "concurrency": 4, "lease_seconds": 120},
-                     poll_refund={"lease_seconds": 120})
-    config = daemon_config(mysql_url, emu, jobs=jobs)
+    jobs = harness.fast_jobs(submit_refund={"batch_size": 40, "concurrency": 4, "lease_seconds": 120},
+                             poll_refund={"lease_seconds": 120})
+    config = harness.daemon_config(mysql_url, emu, jobs=jobs)
     victim = daemons(tmp_path / "victim", config, emu.env(), name="victim").start()
     wait_holding_leases(mysql_db, victim)
     victim.kill9()
@@ -142,41 +120,41 @@ def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
     survivor = daemons(tmp_path / "survivor", config, emu.env(), name="survivor").start()
 
     owner = next(r["owner"] for r in victim.logs() if r.get("action") == "started")
-    held = q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner)
+    held = harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner)
     assert held > 0, "the victim released its leases before the kill: nothing to take over"
-    wait_until(lambda: q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner),
+    wait_until(lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner),
                TAKEOVER_BOUND_SECONDS + 10, "the dead daemon's leases released", until=lambda n: n == 0,
                daemons=[survivor], interval=0.05)
     took = time.monotonic() - killed_at
     assert took < TAKEOVER_BOUND_SECONDS, f"took over {held} lease(s) after {took:.1f}s"
-    wait_settled(mysql_db, 180, [survivor])
-    stop(survivor)
-    totals = check_invariants(mysql_db, emu, Scenario("kill -9 takeover", baseline, daemons=[survivor]))
+    harness.wait_settled(mysql_db, 180, [survivor])
+    harness.stop_all(survivor, timeout=STOP_SECONDS)
+    totals = harness.check_invariants(mysql_db, emu, harness.Scenario("kill -9 takeover", baseline, daemons=[survivor]))
     assert {no: n for no, n in emu.emulator.snapshot()["max_in_flight"].items() if n > 1} == {}
-    report("kill -9 takeover", takeover_seconds=round(took, 1), **totals)
+    harness.report("kill -9 takeover", takeover_seconds=round(took, 1), **totals)
 
 
 def test_a_daemon_paused_past_its_lease_sends_nothing_when_it_resumes(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
     emu, baseline = paid_orders_and_emulator(tmp_path, mysql_db, external_emulators, 60, latency=(0.2, 0.4))
-    jobs = fast_jobs(submit_refund={"batch_size": 30, "concurrency": 2, "lease_seconds": 15})
-    config = daemon_config(mysql_url, emu, jobs=jobs, wechat={"apply_qps": 5})
+    jobs = harness.fast_jobs(submit_refund={"batch_size": 30, "concurrency": 2, "lease_seconds": 15})
+    config = harness.daemon_config(mysql_url, emu, jobs=jobs, wechat={"apply_qps": 5})
     paused = daemons(tmp_path / "paused", config, emu.env(), name="paused").start()
     wait_holding_leases(mysql_db, paused)
     os.kill(paused.pid, signal.SIGSTOP)
     try:
         other = daemons(tmp_path / "other", config, emu.env(), name="other").start()
-        wait_settled(mysql_db, 180, [other])
+        harness.wait_settled(mysql_db, 180, [other])
         calls_before = sum(emu.emulator.snapshot()["requests"].values())
     finally:
         os.kill(paused.pid, signal.SIGCONT)
     wait_until(lambda: [r for r in paused.logs() if r.get("action") == "declared_dead"], 30,
                "the paused daemon finds it was declared dead", until=bool, interval=0.1)
     # Whatever it still held from before the pause: not one more call.
-    hold(3, lambda: assert_no_more_calls(emu, calls_before))
-    stop(paused, other)
-    check_invariants(mysql_db, emu, Scenario("paused", baseline, daemons=[paused, other]))
+    harness.hold(3, lambda: assert_no_more_calls(emu, calls_before))
+    harness.stop_all(paused, other, timeout=STOP_SECONDS)
+    harness.check_invariants(mysql_db, emu, harness.Scenario("paused", baseline, daemons=[paused, other]))
     assert {no: n for no, n in emu.emulator.snapshot()["max_in_flight"].items() if n > 1} == {}
 
 

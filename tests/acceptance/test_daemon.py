@@ -11,28 +11,9 @@ from collections import Counter
 
 import pytest
 
-from tests.acceptance.harness import (
-    SHUTDOWN_TIMEOUT_SECONDS,
-    Baseline,
-    Scenario,
-    Stopwatch,
-    check_invariants,
-    daemon_config,
-    fast_jobs,
-    insert_goods,
-    insert_orders,
-    insert_requests,
-    order_row,
-    pending_counts,
-    q_rows,
-    q_scalar,
-    report,
-    run_cli,
-    status_json,
-    wait_settled,
-    wait_until,
-    write_config,
-)
+from tests.acceptance import harness
+from testsupport import processes, shop
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.mysql
 
@@ -42,42 +23,42 @@ EXIT_GRACE_SECONDS = 3
 
 def seed_shop(db, n: int, *, first_id: int = 1, goods=(1, 2, 3), unpaid_every: int = 4) -> list[dict]:
     """n orders over a few goods; every unpaid_every-th is unpaid (cancelled without a refund)."""
-    insert_goods(db, {g: (1_000, 100_000) for g in goods})
+    shop.insert_goods(db, {g: (1_000, 100_000) for g in goods})
     orders = [
-        order_row(i, goods_id=goods[i % len(goods)], quantity=1 + i % 3, amount=100 + i, paid=i % unpaid_every != 0)
+        shop.order_row(i, goods_id=goods[i % len(goods)], quantity=1 + i % 3, amount=100 + i, paid=i % unpaid_every != 0)
         for i in range(first_id, first_id + n)
     ]
-    insert_orders(db, orders)
+    shop.insert_orders(db, orders)
     return orders
 
 
 def test_run_settles_cancel_requests_and_exits_0_on_sigterm(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
     """Given a running daemon, when merchants insert cancel requests, then every one ends refunded and restocked."""
-    watch = Stopwatch()
+    watch = harness.Stopwatch()
     emu = external_emulators(tmp_path / "keys")
     orders = seed_shop(mysql_db, 60)
-    baseline = Baseline.take(mysql_db)
-    daemon = daemons(tmp_path, daemon_config(mysql_url, emu), emu.env())
+    baseline = harness.Baseline.take(mysql_db)
+    daemon = daemons(tmp_path, harness.daemon_config(mysql_url, emu), emu.env())
     daemon.start()
     daemon.wait_started()
 
-    insert_requests(mysql_db, [(o["id"], "USER_CANCEL" if o["id"] % 5 == 0 else "MERCHANT_CANCEL", "clerk-7", "customer asked")
-                               for o in orders])
-    wait_settled(mysql_db, 60, [daemon])
+    shop.insert_requests(mysql_db, [(o["id"], "USER_CANCEL" if o["id"] % 5 == 0 else "MERCHANT_CANCEL", "clerk-7", "customer asked")
+                                    for o in orders])
+    harness.wait_settled(mysql_db, 60, [daemon])
 
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 1 AND result_code = 'OK'") == 60
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 1 AND result_code = 'OK'") == 60
     paid = [o for o in orders if o["pay"]]
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'REFUNDED'") == len(paid)
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'REFUNDED'") == len(paid)
 
     stopping = time.monotonic()
     daemon.sigterm()
-    assert daemon.wait(SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS) == 0
+    assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS) == 0
     took = time.monotonic() - stopping
     stopped = [r for r in daemon.logs() if r.get("action") == "stopped"]
     assert len(stopped) == 1 and stopped[0]["clean"] is True, stopped
 
-    totals = check_invariants(mysql_db, emu, Scenario("run+sigterm", baseline, daemons=[daemon]))
-    report("issue5 run+sigterm", n=len(orders), paid=len(paid), stop_s=round(took, 2), seconds=watch.elapsed, **totals)
+    totals = harness.check_invariants(mysql_db, emu, harness.Scenario("run+sigterm", baseline, daemons=[daemon]))
+    harness.report("issue5 run+sigterm", n=len(orders), paid=len(paid), stop_s=round(took, 2), seconds=watch.elapsed, **totals)
 
 
 def test_sigterm_in_the_middle_of_a_large_batch_stops_in_time_and_a_restart_finishes_exactly_once(
@@ -85,44 +66,44 @@ def test_sigterm_in_the_middle_of_a_large_batch_stops_in_time_and_a_restart_fini
 ):
     """Given 2,000 requests and a gateway that takes 20-50 ms a call, SIGTERM mid-way: exit 0 in time, no lease
     left behind; a restart finishes the work and no refund was created twice."""
-    watch = Stopwatch()
+    watch = harness.Stopwatch()
     n = 2000
     emu = external_emulators(tmp_path / "keys", latency=(0.02, 0.05))
     orders = seed_shop(mysql_db, n)
-    baseline = Baseline.take(mysql_db)
-    config = daemon_config(mysql_url, emu, jobs=fast_jobs(intake={"batch_size": 500}, submit_refund={"batch_size": 200},
-                                                          poll_refund={"batch_size": 200}))
+    baseline = harness.Baseline.take(mysql_db)
+    jobs = harness.fast_jobs(intake={"batch_size": 500}, submit_refund={"batch_size": 200}, poll_refund={"batch_size": 200})
+    config = harness.daemon_config(mysql_url, emu, jobs=jobs)
     daemon = daemons(tmp_path, config, emu.env())
-    insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "bulk-tool", "warehouse fire") for o in orders])
+    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "bulk-tool", "warehouse fire") for o in orders])
     daemon.start()
 
     paid = sum(1 for o in orders if o["pay"])
     # Mid-way: refunds are being submitted, far from all of them, and a batch of calls is in flight.
     submitted, in_flight = wait_until(
-        lambda: tuple(q_rows(mysql_db, "SELECT SUM(submit_scanned) AS s, SUM(lease_owner IS NOT NULL) AS l"
-                                       " FROM refund_order")[0].values()),
+        lambda: tuple(harness.q_rows(mysql_db, "SELECT SUM(submit_scanned) AS s, SUM(lease_owner IS NOT NULL) AS l"
+                                               " FROM refund_order")[0].values()),
         60, "refunds submitted and a batch in flight", until=lambda sl: (sl[0] or 0) >= 150 and (sl[1] or 0) > 0,
         daemons=[daemon], interval=0.02,
     )
     stopping = time.monotonic()
     daemon.sigterm()
-    code = daemon.wait(SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS)
+    code = daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS)
     took = time.monotonic() - stopping
     assert code == 0
-    assert took <= SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL") == 0
-    left = pending_counts(mysql_db)
+    assert took <= harness.SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL") == 0
+    left = harness.pending_counts(mysql_db)
     assert left, "the SIGTERM came too late to test anything: nothing was left to do"
 
     daemon.start()
-    wait_settled(mysql_db, 240, [daemon])
+    harness.wait_settled(mysql_db, 240, [daemon])
     daemon.sigterm()
-    assert daemon.wait(SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS) == 0
+    assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS) == 0
 
-    totals = check_invariants(mysql_db, emu, Scenario("sigterm mid-batch", baseline, daemons=[daemon]))
+    totals = harness.check_invariants(mysql_db, emu, harness.Scenario("sigterm mid-batch", baseline, daemons=[daemon]))
     assert len(emu.emulator.refunds_created) == paid
-    report("issue5 sigterm mid-batch", n=n, paid=paid, submitted_at_sigterm=submitted, leased_at_sigterm=in_flight,
-           stop_s=round(took, 2), left_after_stop=left, seconds=watch.elapsed, **totals)
+    harness.report("issue5 sigterm mid-batch", n=n, paid=paid, submitted_at_sigterm=submitted, leased_at_sigterm=in_flight,
+                   stop_s=round(took, 2), left_after_stop=left, seconds=watch.elapsed, **totals)
 
 
 def test_run_once_exits_0_and_leaves_nothing_ready(tmp_path, mysql_db, mysql_url, external_emulators):
@@ -131,50 +112,50 @@ def test_run_once_exits_0_and_leaves_nothing_ready(tmp_path, mysql_db, mysql_url
     The first poll is due 30 s after acceptance, so what `--once` must leave behind is exactly the
     accepted refunds waiting for it, and nothing ready now.
     """
-    watch = Stopwatch()
+    watch = harness.Stopwatch()
     n = 300
     emu = external_emulators(tmp_path / "keys")
     orders = seed_shop(mysql_db, n)
-    insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "cron", None) for o in orders])
-    insert_requests(mysql_db, [(999_999, "MERCHANT_CANCEL", "cron", None)])  # no such order
-    jobs = fast_jobs(**{s: {"batch_size": 50} for s in ("intake", "submit_refund", "sync_result", "restore_stock")},
-                     poll_refund={"poll_delays_seconds": [30, 60]})
-    config = write_config(tmp_path / "once.yaml", daemon_config(mysql_url, emu, jobs=jobs))
+    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "cron", None) for o in orders])
+    shop.insert_requests(mysql_db, [(999_999, "MERCHANT_CANCEL", "cron", None)])  # no such order
+    jobs = harness.fast_jobs(**{s: {"batch_size": 50} for s in ("intake", "submit_refund", "sync_result", "restore_stock")},
+                             poll_refund={"poll_delays_seconds": [30, 60]})
+    config = processes.write_config(tmp_path / "once.yaml", harness.daemon_config(mysql_url, emu, jobs=jobs))
 
-    done = run_cli(["--log-json", "run", "--once"], config=config, env=emu.env(), cwd=tmp_path, timeout=180)
+    done = processes.run_cli(["--log-json", "run", "--once"], config=config, env=emu.env(), cwd=tmp_path, timeout=180)
 
     assert done.returncode == 0, done.stderr[-3000:]
-    status = status_json(config, emu.env(), tmp_path)
+    status = harness.status_json(config, emu.env(), tmp_path)
     ready_now = {name: s["pending"] - s["waiting"] for name, s in status["stages"].items() if s["pending"] - s["waiting"]}
     assert ready_now == {}
     paid = sum(1 for o in orders if o["pay"])
     assert status["stages"]["poll_refund"]["waiting"] == paid  # accepted by WeChat, first poll not due yet
-    assert pending_counts(mysql_db) == {"poll_refund": paid}
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0") == 0
-    assert q_scalar(mysql_db, "SELECT result_code FROM req_order_ops WHERE order_id = 999999") == "ORDER_NOT_FOUND"
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL") == 0
+    assert harness.pending_counts(mysql_db) == {"poll_refund": paid}
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0") == 0
+    assert harness.q_scalar(mysql_db, "SELECT result_code FROM req_order_ops WHERE order_id = 999999") == "ORDER_NOT_FOUND"
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL") == 0
     assert {no: c for no, c in emu.emulator.refunds_created.items() if c != 1} == {}
     assert len(emu.emulator.refunds_created) == paid
     # unpaid orders need no refund: their stock is already back
     unpaid = [o for o in orders if not o["pay"]]
-    assert q_scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2 WHERE pay_status = 0 AND stock_scanned = 1 AND stock_success = 1") == len(unpaid)
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2 WHERE pay_status = 0 AND stock_scanned = 1 AND stock_success = 1") == len(unpaid)
     # the summary an operator reads on stdout
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
     assert set(lines) == {"intake", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales"}
     assert f"done {n:6}" in lines["intake"] and "failed     1" in lines["intake"]
-    report("issue5 run --once", n=n, paid=paid, seconds=watch.elapsed)
+    harness.report("issue5 run --once", n=n, paid=paid, seconds=watch.elapsed)
 
 
 def test_a_busy_healthy_daemon_does_not_warn_about_its_own_scheduling(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
     """Operators alert on WARNING: a fault-free backlog must not produce any about the scheduler."""
     emu = external_emulators(tmp_path / "keys", latency=(0.1, 0.1))  # a batch of calls outlasts the 0.3 s interval
     orders = seed_shop(mysql_db, 200)
-    daemon = daemons(tmp_path, daemon_config(mysql_url, emu), emu.env())
+    daemon = daemons(tmp_path, harness.daemon_config(mysql_url, emu), emu.env())
     daemon.start()
-    insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "ops", None) for o in orders])
-    wait_settled(mysql_db, 120, [daemon])
+    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "ops", None) for o in orders])
+    harness.wait_settled(mysql_db, 120, [daemon])
     daemon.sigterm()
-    assert daemon.wait(SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS) == 0
+    assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + EXIT_GRACE_SECONDS) == 0
     scheduler_warnings = [r["message"][:100] for r in daemon.logs()
                           if r["level"] in ("WARNING", "ERROR") and str(r.get("stage", "")).startswith("apscheduler")]
     assert scheduler_warnings == [], f"{len(scheduler_warnings)} scheduler warnings, e.g. {scheduler_warnings[:2]}"

@@ -27,6 +27,16 @@ Choices a test writer should know:
   alike, from arrival until the answer has left) ever in progress at once
   for that number: the proof that two callers never raced on one refund.
   `in_flight(out_refund_no)` is the count right now (for `wait_for`).
+* What a test reads, without reaching inside: `recorded(out_refund_no)` (refund_id,
+  status and fen of one refund, its status moved on by `clock` first), the
+  counters `refunds_created`, `fen_refunded`, `max_in_flight`, `requests`
+  ((method, status) -> count) and `faults_injected` ("500/after" -> count), and
+  `snapshot()`, a copy of all five taken at one instant. `logged_requests()`
+  copies the `request_log` (its size: `request_log_size`), `forget_requests()`
+  empties it and `requests` between measurements.
+* `latency=(low, high)`: every refund call waits a uniform draw (seeded, so each
+  run is alike) before it is handled, as the network and WeChat's own work make
+  calls take a while and overlap; it counts as in flight meanwhile.
 * Three clocks. `clock` (epoch seconds) drives refund status and the times
   in refund objects; tests inject one and move it instead of sleeping.
   `wire_clock` (default: `clock`) is the one the timestamps on the wire are
@@ -46,7 +56,7 @@ Choices a test writer should know:
 The package, one concept a module (all of them log as `gateway.emulator.*`):
 
 * here: `Emulator`, its lifecycle and the controls that span the others;
-* `exchange`: one HTTP exchange (route, authenticate, QPS, faults, answer, count);
+* `exchange`: one HTTP exchange (route, latency, authenticate, QPS, faults, answer, count);
 * `server`: the HTTP server and request handler;
 * `signing`: request authentication, answer and notification signatures;
 * `records` and `ledger`: refunds and payments, their JSON, the status machine;
@@ -87,6 +97,7 @@ from cancel_scanner.gateway.emulator.records import (
     STATUS_SUCCESS,
     USER_RECEIVED_ACCOUNT,
     Matcher,
+    RecordedRefund,
 )
 from cancel_scanner.gateway.emulator.server import MAX_BODY_BYTES, Server
 from cancel_scanner.gateway.emulator.signing import AUTH_SCHEME, MAX_CLOCK_SKEW_SECONDS, Signer
@@ -98,7 +109,7 @@ __all__ = [
     "MAX_REFUNDS_PER_ORDER", "NOTIFY_RETRY_DELAYS_SECONDS", "NOTIFY_TIMEOUT_SECONDS", "QPS_WINDOW_SECONDS", "QUERY_QPS",
     "REFUNDS_PATH", "REQUEST_LOG_SIZE", "STATUS_ABNORMAL", "STATUS_CLOSED", "STATUS_PROCESSING", "STATUS_SUCCESS",
     "SUCCESS_DELAY_SECONDS", "TICK_SECONDS", "USER_RECEIVED_ACCOUNT", "Emulator", "FaultPlan", "Matcher",
-    "NotificationAttempt", "serve",
+    "NotificationAttempt", "RecordedRefund", "serve",
 ]
 
 _log = logger.bind(component="emulator")
@@ -108,8 +119,9 @@ class Emulator(RequestHandling, RefundLedger, NotificationSender):
     """The emulated gateway. Attributes without a leading underscore may be read or set at any time
     (`keys` excepted: the emulator signs and checks with the keys it was built with).
 
-    Its controls live with their concept: the refund ones (force_status, close_refunds_for, tick, ...)
-    in gateway.emulator.ledger, in_flight in gateway.emulator.exchange, the fault ones here.
+    Its controls and readings live with their concept: the refund ones (force_status, close_refunds_for,
+    tick, recorded, ...) in gateway.emulator.ledger, the request ones (in_flight, logged_requests,
+    forget_requests) in gateway.emulator.exchange; the fault ones and snapshot() here.
     """
 
     def __init__(
@@ -130,6 +142,8 @@ class Emulator(RequestHandling, RefundLedger, NotificationSender):
         min_refund_interval: float | None = None,
         max_clock_skew: float = MAX_CLOCK_SKEW_SECONDS,
         notify_retry_delays: tuple[float, ...] = NOTIFY_RETRY_DELAYS_SECONDS,
+        latency: tuple[float, float] | None = None,
+        request_log_size: int = REQUEST_LOG_SIZE,
     ) -> None:
         self.keys = keys
         self.host, self.port = host, port
@@ -143,7 +157,7 @@ class Emulator(RequestHandling, RefundLedger, NotificationSender):
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._fault_book = FaultBook(faults)
-        self._init_requests(apply_qps, query_qps)
+        self._init_requests(apply_qps, query_qps, latency, request_log_size)
         self._init_ledger(success_delay, strict_payments, min_refund_interval)
         self._init_notifications(notify_url, notify_retry_delays)
 
@@ -230,6 +244,18 @@ class Emulator(RequestHandling, RefundLedger, NotificationSender):
         with self._lock:
             self._clear_refund_rules()
             self._fault_book.clear_aimed()
+
+    def snapshot(self) -> dict[str, dict]:
+        """Copies of the counters a test checks and reports, all taken at one instant (under the lock):
+        refunds_created, fen_refunded, max_in_flight, requests and faults_injected."""
+        with self._lock:
+            return {
+                "refunds_created": dict(self.refunds_created),
+                "fen_refunded": dict(self.fen_refunded),
+                "max_in_flight": dict(self.max_in_flight),
+                "requests": dict(self.requests),
+                "faults_injected": dict(self.faults_injected),
+            }
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until predicate() holds (evaluated under the emulator's lock), at most timeout seconds."""

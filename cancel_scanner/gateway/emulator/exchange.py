@@ -1,13 +1,15 @@
-"""One HTTP exchange with the emulator: route, authenticate, rate-limit, strike faults, process, answer, count.
+"""One HTTP exchange with the emulator: route, delay, authenticate, rate-limit, strike faults, process, answer, count.
 
 A mixin of gateway.emulator.Emulator. It keeps the request counters tests read
-(`requests`, `request_log`, `max_in_flight`, `last_request_id`) and the QPS
-windows; the refund work itself is the ledger's (`_apply`, `_query`).
+(`requests`, `request_log`, `max_in_flight`, `faults_injected`, `last_request_id`),
+the QPS windows and the optional network `latency`; the refund work itself is the
+ledger's (`_apply`, `_query`).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import threading
 import uuid
 from collections import Counter, deque
@@ -27,6 +29,7 @@ APPLY_QPS = 150
 QUERY_QPS = 300
 QPS_WINDOW_SECONDS = 1.0
 REQUEST_LOG_SIZE = 100_000
+LATENCY_SEED = 7  # the same run of delays every time: a scenario's timing does not depend on luck
 
 _log = logger.bind(component="emulator")
 
@@ -44,19 +47,38 @@ class RequestHandling:
     _apply: Callable[[bytes], Reply]
     _query: Callable[[str], Reply]
 
-    def _init_requests(self, apply_qps: int | None, query_qps: int | None) -> None:
+    def _init_requests(
+        self, apply_qps: int | None, query_qps: int | None, latency: tuple[float, float] | None, request_log_size: int
+    ) -> None:
         self.apply_qps, self.query_qps = apply_qps, query_qps
+        # (low, high): every refund call waits a uniform draw from it before it is handled (the
+        # network and WeChat's own work), so a client's calls overlap; None: answered at once.
+        self.latency = latency
+        self._latency_rng = random.Random(LATENCY_SEED)
         self._windows: dict[str, deque[float]] = {"apply": deque(), "query": deque()}
         self._in_flight: Counter[str] = Counter()
         self.max_in_flight: dict[str, int] = {}  # out_refund_no -> most requests for it at once
         self.requests: Counter[tuple[str, int]] = Counter()  # (method, status); status 0 = dropped
-        self.request_log: deque[tuple[float, str, str, int]] = deque(maxlen=REQUEST_LOG_SIZE)
+        self.faults_injected: Counter[str] = Counter()  # Fault.label ("500/after", "slow/before") -> times struck
+        # (arrived on `monotonic`, method, call, status), the newest request_log_size of them
+        self.request_log: deque[tuple[float, str, str, int]] = deque(maxlen=request_log_size)
         self.last_request_id: str | None = None
 
     def in_flight(self, out_refund_no: str) -> int:
         """Requests for this number in progress right now (max_in_flight keeps the most ever)."""
         with self._lock:
             return self._in_flight[out_refund_no]
+
+    def logged_requests(self) -> list[tuple[float, str, str, int]]:
+        """A copy of `request_log`, taken under the lock so no request lands halfway through it."""
+        with self._lock:
+            return list(self.request_log)
+
+    def forget_requests(self) -> None:
+        """Empty `request_log` and `requests`, so a measurement counts only the calls made after it."""
+        with self._lock:
+            self.request_log.clear()
+            self.requests.clear()
 
     def _exchange(self, handler: Handler, method: str, body: bytes | None) -> None:
         arrived = self._monotonic()
@@ -145,6 +167,8 @@ class RequestHandling:
     ) -> Reply:
         if kind == "other":
             return _error(404, "NOT_FOUND", "no such API in the emulator")
+        if self._wait_latency():
+            return Reply(drop=True)  # stopping: the connection goes with the server
         refused = self._signer.authenticate(method, raw_path, headers, body, self.max_clock_skew)
         if refused is not None:
             return refused
@@ -184,6 +208,17 @@ class RequestHandling:
             window.append(now)
             return False
 
+    def _wait_latency(self) -> bool:
+        """Wait this call's draw from `latency` (if set); True if the emulator began stopping meanwhile."""
+        with self._lock:
+            if self.latency is None:
+                return False
+            delay = self._latency_rng.uniform(*self.latency)
+        return self._stopping.wait(delay)
+
     def _draw_fault(self, kind: str, number: str | None) -> Fault | None:
         with self._lock:
-            return self._fault_book.draw(kind, number)
+            fault = self._fault_book.draw(kind, number)
+            if fault is not None:
+                self.faults_injected[fault.label] += 1
+            return fault

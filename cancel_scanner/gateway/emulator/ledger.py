@@ -20,6 +20,7 @@ from cancel_scanner.gateway.emulator.records import (
     STATUSES,
     Matcher,
     Payment,
+    RecordedRefund,
     Refund,
     digits,
     invalid_apply_fields,
@@ -119,19 +120,26 @@ class RefundLedger:
             self._close_rules.clear()
             self._abnormal_rules.clear()
 
-    def refund_status(self, out_refund_no: str) -> str | None:
-        with self._lock:
+    def recorded(self, out_refund_no: str) -> RecordedRefund | None:
+        """The refund recorded under this number as it stands now on `clock` (its status moved on first,
+        as a query would move it), or None if WeChat has none."""
+        with self._changed:
             refund = self._refunds.get(out_refund_no)
             if refund is None:
                 return None
-            self._advance(refund, self._clock())
-            return refund.status
+            if self._advance(refund, self._clock()):
+                self._changed.notify_all()
+            return RecordedRefund(refund.refund_id, refund.status, refund.refund)
+
+    def refund_status(self, out_refund_no: str) -> str | None:
+        """The status now of the refund recorded under this number, or None."""
+        recorded = self.recorded(out_refund_no)
+        return recorded.status if recorded is not None else None
 
     def refund_id(self, out_refund_no: str) -> str | None:
         """WeChat's refund_id for the refund recorded under this number, or None."""
-        with self._lock:
-            refund = self._refunds.get(out_refund_no)
-            return refund.refund_id if refund is not None else None
+        recorded = self.recorded(out_refund_no)
+        return recorded.refund_id if recorded is not None else None
 
     def tick(self) -> None:
         """Move every due PROCESSING refund on; the background ticker calls this every TICK_SECONDS."""

@@ -11,7 +11,7 @@ import secrets
 import string
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 from urllib.parse import urlsplit
 
 BEIJING = timezone(timedelta(hours=8))
@@ -33,6 +33,14 @@ class Payment:
     out_trade_no: str
     total: int
     transaction_id: str
+
+
+class RecordedRefund(NamedTuple):
+    """What a test reads of one recorded refund: WeChat's id for it, its status now, and its fen."""
+
+    refund_id: str
+    status: str
+    refund: int
 
 
 @dataclass

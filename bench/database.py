@@ -1,0 +1,87 @@
+"""The database a benchmark measures on: one throwaway MariaDB per script, a fresh database per measurement.
+
+The server is ``testsupport.mariadb.MariaDBServer`` with its defaults, i.e. exactly as the
+tests start it (``innodb_flush_log_at_trx_commit=2``, 256 MB buffer pool). Each
+measurement gets its own database on it, so one measurement's rows and undo do not
+slow the next (``wait_for_purge`` also waits for InnoDB's purge to catch up between them).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pymysql
+from sqlalchemy import Engine
+
+from cancel_scanner.engine.db import init_schema, make_engine
+from testsupport.mariadb import MariaDBServer
+
+PURGE_TIMEOUT_SECONDS = 180.0
+PURGE_IDLE_HISTORY = 200  # undo log records left that we call "purged"
+
+
+class Bench:
+    """One throwaway MariaDB for a whole script; a fresh database per measurement."""
+
+    def __init__(self, durable: bool = False) -> None:
+        # durable: fsync the redo log at every commit (production); default: as the tests run it
+        self.server = MariaDBServer(fast=not durable)
+        self._engines: list[Engine] = []
+
+    def __enter__(self) -> "Bench":
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for engine in self._engines:
+            engine.dispose()
+        self.server.stop()
+        self.server.cleanup()
+
+    def database(self, name: str) -> tuple[str, Engine]:
+        """A new, empty database with the schema of sql/schema.sql; its URL and an engine."""
+        self.server.drop_database(name)
+        url = self.server.create_database(name)
+        engine = make_engine(url)
+        init_schema(engine)
+        self._engines.append(engine)
+        return url, engine
+
+    def drop(self, name: str) -> None:
+        self.server.drop_database(name)
+
+    def connect(self, database: str | None = None) -> pymysql.connections.Connection:
+        """A raw autocommit connection (seeding, ceilings, counters); UTC like the daemon's."""
+        conn = self.server.connect(database, read_timeout=600, write_timeout=600)
+        with conn.cursor() as cur:
+            cur.execute("SET time_zone = '+00:00'")
+        return conn
+
+
+def sql(conn: pymysql.connections.Connection, statement: str, params: Any = None) -> list[tuple]:
+    """Run one statement; its rows (none for a statement without a result)."""
+    with conn.cursor() as cur:
+        cur.execute(statement, params)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def scalar(conn: pymysql.connections.Connection, statement: str, params: Any = None) -> Any:
+    """The first column of the first row, or None."""
+    rows = sql(conn, statement, params)
+    return rows[0][0] if rows else None
+
+
+def status_counter(conn: pymysql.connections.Connection, name: str) -> int:
+    """One of the server's global status counters."""
+    return int(sql(conn, "SHOW GLOBAL STATUS LIKE %s", (name,))[0][1])
+
+
+def wait_for_purge(conn: pymysql.connections.Connection, timeout: float = PURGE_TIMEOUT_SECONDS) -> float:
+    """Wait until InnoDB purged the undo of earlier writes, so it does not run during the next measurement."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if status_counter(conn, "Innodb_history_list_length") <= PURGE_IDLE_HISTORY:
+            break
+        time.sleep(0.5)
+    return time.monotonic() - started
