@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine
 
+from cancel_scanner.engine import migrate
 from cancel_scanner.engine.config import ENV_APIV3_KEY, Config, ConfigError
 from cancel_scanner.engine.db import make_engine
 from cancel_scanner.engine.runner import Hooks, Runner
@@ -74,9 +75,14 @@ class App:
     sandbox: Any = None  # the Sandbox in sandbox mode (its emulator, for the demo and tests)
 
 
-def missing_tables(db: Engine) -> list[str]:
-    present = set(inspect(db).get_table_names())
-    return sorted(set(metadata.tables) - present)
+def schema_problem(db: Engine) -> migrate.SchemaProblem | None:
+    """One line when the database's schema is not the one this code needs (behind, ahead, none)."""
+    return migrate.schema_problem(db, metadata.tables)
+
+
+def migration_plan(db: Engine) -> migrate.Plan:
+    """What `cancel-scanner migrate` would run on ``db`` (raises migrate.SchemaRefused)."""
+    return migrate.plan(db, metadata=metadata)
 
 
 def serve_notifications(app: App, daemon: Any, stack: ExitStack) -> Any:

@@ -1,6 +1,6 @@
 """Operator commands. Thin: parse, call, print, exit code.
 
-Exit codes: 0 success, 2 bad usage or configuration (one line naming the key), 1 anything else.
+Exit codes: 0 success, 2 bad usage or configuration (one line naming the key), 3 `migrate --check`: the schema is behind, 1 anything else.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cancel_scanner import __version__
 from cancel_scanner.engine.config import Config, ConfigError, load_config, resolve_config_path
 from cancel_scanner.scanners import REGISTRY
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_BEHIND = 0, 1, 2, 3
 
 
 def _fail_config(err: ConfigError) -> None:
@@ -62,19 +62,99 @@ def main(ctx: click.Context, config_path: str | None, log_json: bool | None, log
 @main.command()
 @click.pass_obj
 def initdb(obj: _Ctx) -> None:
-    """Create the schema (MySQL: sql/schema.sql). Safe to run twice."""
+    """Create the schema on a new database (MySQL: sql/schema.sql). Safe to run twice.
+
+    A database that already has tables of its own (a shop's goods_order2, an older
+    cancel-scanner) is `cancel-scanner migrate`'s: initdb says so and changes nothing.
+    """
+    from cancel_scanner.app import schema_problem
     from cancel_scanner.engine.db import init_schema, make_engine
 
     cfg = obj.config()
     engine = make_engine(cfg.database_url)
     try:
+        problem = schema_problem(engine)
+        if problem is not None and problem.kind != "empty":
+            click.echo(f"cancel-scanner: initdb: this database has tables already, {problem}", err=True)
+            sys.exit(EXIT_CONFIG)
         tables = init_schema(engine)
+    except SystemExit:
+        raise
     except Exception as exc:  # noqa: BLE001 - the operator needs one readable line, not a traceback
         click.echo(f"cancel-scanner: initdb failed: {type(exc).__name__}: {_short(exc)}", err=True)
         sys.exit(EXIT_FAILURE)
     finally:
         engine.dispose()
     click.echo(f"schema ready on {engine.url.render_as_string(hide_password=True)}: {', '.join(tables)}")
+
+
+@main.command()
+@click.option("--sql", "show_sql", is_flag=True, help="Print the statements (with what each locks) and change nothing.")
+@click.option("--check", is_flag=True, help="Change nothing; exit 3 when the database is behind, 0 when it is at head.")
+@click.pass_obj
+def migrate(obj: _Ctx, show_sql: bool, check: bool) -> None:
+    """Bring the database to this cancel-scanner's schema: add what is missing, never drop.
+
+    Adopts a shop's existing goods and goods_order2 (adds the scanner's columns with their
+    defaults, and its indexes, online), upgrades an older cancel-scanner's, refuses a column
+    whose type cannot hold what the scanner writes. Safe to run twice.
+    """
+    from cancel_scanner.app import migration_plan
+    from cancel_scanner.engine import migrate as schema
+    from cancel_scanner.engine.db import make_engine
+
+    cfg = obj.config()
+    engine = make_engine(cfg.database_url)
+    try:
+        plan = migration_plan(engine)
+        if show_sql or check:
+            if show_sql:
+                click.echo("\n".join(schema.render(plan)))
+            if check:
+                state = "behind" if plan.behind else "at head"
+                click.echo(f"schema version {plan.current if plan.current is not None else 'none'}, head {plan.head}: {state}", err=show_sql)
+                sys.exit(EXIT_BEHIND if plan.behind else EXIT_OK)
+            return
+        if not plan.behind:
+            click.echo(f"schema at version {plan.head}: nothing to do")
+            return
+        for note in plan.notes:
+            click.echo(f"note: {note}")
+        schema.apply(engine, plan, say=click.echo)
+    except schema.SchemaRefused as exc:
+        click.echo(f"cancel-scanner: migrate refused: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except Exception as exc:  # noqa: BLE001
+        click.echo(f"cancel-scanner: migrate failed: {type(exc).__name__}: {_short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        engine.dispose()
+    click.echo(f"schema at version {plan.head}")
+
+
+def _check_schema(cfg: Config, *, tolerate_outage: bool) -> None:
+    """Exit 2 with one line when the database's schema is not this code's (behind, ahead, none).
+
+    A database that is down is the daemon's to wait for (``tolerate_outage``); `run --once` and
+    `status` say so and exit 1.
+    """
+    from cancel_scanner.app import schema_problem
+    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.errors import is_transient_db_error
+
+    db = make_engine(cfg.database_url)
+    try:
+        problem = schema_problem(db)
+    except Exception as exc:  # noqa: BLE001 - one line for the operator
+        if tolerate_outage and is_transient_db_error(exc):
+            return
+        click.echo(f"cancel-scanner: database unavailable: {_short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        db.dispose()
+    if problem:
+        click.echo(f"cancel-scanner: database_url: {problem}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def _short(exc: BaseException) -> str:
@@ -88,29 +168,15 @@ def run(obj: _Ctx, once: bool) -> None:
     """The daemon: every enabled stage on its interval until SIGTERM/SIGINT."""
     from contextlib import ExitStack
 
-    from cancel_scanner.app import build_app, missing_tables, serve_notifications
-    from cancel_scanner.engine.errors import is_transient_db_error
+    from cancel_scanner.app import build_app, serve_notifications
 
     cfg = obj.config()
     with ExitStack() as stack:
         try:
-            app = build_app(cfg, stack)
+            app = build_app(cfg, stack)  # every configuration error first, then the schema
         except ConfigError as err:
             _fail_config(err)
-        try:
-            missing = missing_tables(app.db)
-        except Exception as exc:  # noqa: BLE001
-            if once or not is_transient_db_error(exc):
-                click.echo(f"cancel-scanner: database unavailable: {_short(exc)}", err=True)
-                sys.exit(EXIT_FAILURE)
-            missing = []  # the daemon waits for the database to come back
-        if missing:
-            click.echo(
-                f"cancel-scanner: configuration error: database_url: no cancel-scanner schema ({', '.join(missing)} missing);"
-                " run `cancel-scanner initdb`",
-                err=True,
-            )
-            sys.exit(EXIT_CONFIG)
+        _check_schema(cfg, tolerate_outage=not once)
         if once:
             from cancel_scanner.engine.clock import ClockWatch
 
@@ -149,23 +215,24 @@ def status(obj: _Ctx, as_json: bool) -> None:
     """Per stage: pending, waiting to retry, failed, done, oldest pending age."""
     import json
 
-    from cancel_scanner.app import missing_tables
     from cancel_scanner.engine.db import make_engine
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.status import collect_status, format_status
     from cancel_scanner.scanners import build_stages
 
     cfg = obj.config()
+    _check_schema(cfg, tolerate_outage=False)
     db = make_engine(cfg.database_url)
     try:
-        missing = missing_tables(db)
-        if missing:
-            click.echo(f"cancel-scanner: configuration error: database_url: no cancel-scanner schema; run `cancel-scanner initdb`", err=True)
-            sys.exit(EXIT_CONFIG)
         report = collect_status(db, build_stages(cfg), DbClock(db)())
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001
+        from cancel_scanner.engine.errors import describe_db_error, is_schema_db_error
+
+        if is_schema_db_error(exc):  # a column missing is not an outage: say what fixes it
+            click.echo(f"cancel-scanner: database_url: {describe_db_error(exc)}", err=True)
+            sys.exit(EXIT_CONFIG)
         click.echo(f"cancel-scanner: database unavailable: {_short(exc)}", err=True)
         sys.exit(EXIT_FAILURE)
     finally:

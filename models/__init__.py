@@ -8,6 +8,7 @@ from cancel_scanner.models.tables import (
     OrderOpRequest,
     RefundOrder,
     ScannerProcess,
+    SchemaVersion,
     goods,
     goods_order2,
     metadata,
@@ -15,6 +16,7 @@ from cancel_scanner.models.tables import (
     refund_order,
     req_order_ops,
     scanner_process,
+    schema_version,
 )
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "OrderOpRequest",
     "RefundOrder",
     "ScannerProcess",
+    "SchemaVersion",
     "goods",
     "goods_order2",
     "metadata",
@@ -32,4 +35,5 @@ __all__ = [
     "refund_order",
     "req_order_ops",
     "scanner_process",
+    "schema_version",
 ]

@@ -256,10 +256,24 @@ class ScannerProcess(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class SchemaVersion(Base):
+    __tablename__ = "cancel_scanner_schema"
+    __table_args__ = ({"comment": "Schema versions; the daemon refuses to start on a database behind or ahead of its own."},)
+
+    version: Mapped[int] = mapped_column(
+        SignedInt, primary_key=True, autoincrement=False, comment="a schema version this database reached; the highest is its version"
+    )
+    applied_by: Mapped[str] = mapped_column(
+        String(64), nullable=False, comment="what brought it there: schema.sql, initdb or migrate, and the cancel-scanner version"
+    )
+    applied_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, server_default=now3(), comment="when (UTC)")
+
+
 goods = Goods.__table__
 goods_order2 = GoodsOrder.__table__
 req_order_ops = OrderOpRequest.__table__
 refund_order = RefundOrder.__table__
 oplog = OrderOpLog.__table__
 scanner_process = ScannerProcess.__table__
+schema_version = SchemaVersion.__table__
 metadata = Base.metadata

@@ -2,7 +2,13 @@
 --
 -- The contract is ../shared/design/contract.md; models/tables.py is the typed twin
 -- of this file and tests/integration/test_schema_drift.py fails if they disagree.
--- Safe to run twice: every statement is IF NOT EXISTS / OR REPLACE.
+-- Safe to run twice: every statement is IF NOT EXISTS / OR REPLACE / INSERT IGNORE.
+-- This file is the head of the schema, for a fresh database. An existing one (a shop's own
+-- goods and goods_order2, or an older cancel-scanner) is brought here by `cancel-scanner migrate`,
+-- which adds what is missing and never drops or rewrites anything. The last statement records
+-- the schema version; raise it with every change here (README: "Changing the schema").
+-- A line "-- backfill TABLE.COLUMN: UPDATE ..." beside a column is what migrate runs, once,
+-- right after it added that column to a table that already had rows.
 --
 -- Flags, the same for every X_scanned / X_success pair:
 --   0/0  pending, or waiting for a retry (attempts, next attempt time, last error on the row)
@@ -112,6 +118,7 @@ CREATE TABLE IF NOT EXISTS refund_order (
   lease_owner       VARCHAR(64) NULL COMMENT 'daemon calling WeChat for this row now',
   lease_until       DATETIME(3) NULL COMMENT 'lease expiry (UTC); then others may take over',
   submit_sent       TINYINT NOT NULL DEFAULT 0 COMMENT 'submit_refund: 1 once an apply call may have reached WeChat; a later refusal is then checked by a query',
+  -- backfill refund_order.submit_sent: UPDATE refund_order SET submit_sent = 1 WHERE submit_scanned = 0 AND attempts > 0
   submitted_at      DATETIME(3) NULL COMMENT 'when WeChat accepted the refund',
   success_time      DATETIME(3) NULL COMMENT 'WeChat''s success_time (UTC)',
   created_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
@@ -160,6 +167,14 @@ CREATE TABLE IF NOT EXISTS cancel_scanner_process (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='Running cancel-scanner processes and their heartbeats (database time); leases of a silent one are released.';
 
+CREATE TABLE IF NOT EXISTS cancel_scanner_schema (
+  version     INT NOT NULL COMMENT 'a schema version this database reached; the highest is its version',
+  applied_by  VARCHAR(64) NOT NULL COMMENT 'what brought it there: schema.sql, initdb or migrate, and the cancel-scanner version',
+  applied_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'when (UTC)',
+  CONSTRAINT pk_cancel_scanner_schema PRIMARY KEY (version)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='Schema versions; the daemon refuses to start on a database behind or ahead of its own.';
+
 -- For DBAs: every row that finished with a permanent failure (X_scanned=1, X_success=0).
 CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'intake' AS stage, 'req_order_ops' AS table_name, id AS row_id, order_id,
@@ -184,3 +199,5 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   UNION ALL
   SELECT 'decrement_sales', 'goods_order2', id, id, sales_last_error, updated_at
     FROM goods_order2 WHERE sales_scanned = 1 AND sales_success = 0;
+
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (1, 'schema.sql');

@@ -77,13 +77,23 @@ def split_sql(script: str) -> list[str]:
 
 
 def init_schema(engine: Engine) -> list[str]:
-    """Create the tables (idempotent). MySQL runs sql/schema.sql; SQLite builds from the models."""
+    """Create the tables on a fresh database (idempotent) and record the schema version.
+
+    MySQL runs sql/schema.sql (its last statement records the version); SQLite builds from the
+    models and records the same version. An existing database is `cancel-scanner migrate`'s.
+    """
     if is_mysql(engine):
         with engine.begin() as conn:
             for stmt in split_sql(schema_sql()):
                 conn.exec_driver_sql(stmt)
     else:
+        from cancel_scanner.engine.migrate import head_version  # noqa: PLC0415 - migrate imports this module
+
         models.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(
+                models.schema_version.insert().prefix_with("OR IGNORE"), {"version": head_version(), "applied_by": "initdb"}
+            )
     return sorted(inspect(engine).get_table_names())
 
 

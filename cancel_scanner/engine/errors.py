@@ -63,14 +63,28 @@ _ENVIRONMENT_MYSQL_CODES = {
 _ENVIRONMENT_SQLITE_TEXT = ("no such table", "no such column", "readonly database", "read-only", "unable to open database")
 
 
-def is_environment_db_error(exc: BaseException) -> bool:
+def _db_error_is(exc: BaseException, mysql_codes: set[int], sqlite_text: tuple[str, ...]) -> bool:
+    """A database error whose MySQL code is one of ``mysql_codes``, or whose SQLite text has one of ``sqlite_text``."""
     if not isinstance(exc, sa_exc.DBAPIError):
         return False
     code = mysql_code(exc)
     if code is not None:
-        return code in _ENVIRONMENT_MYSQL_CODES
+        return code in mysql_codes
     text = str(exc.orig).lower() if exc.orig is not None else ""
-    return any(fragment in text for fragment in _ENVIRONMENT_SQLITE_TEXT)
+    return any(fragment in text for fragment in sqlite_text)
+
+
+def is_environment_db_error(exc: BaseException) -> bool:
+    return _db_error_is(exc, _ENVIRONMENT_MYSQL_CODES, _ENVIRONMENT_SQLITE_TEXT)
+
+
+_SCHEMA_MYSQL_CODES = {1054, 1146}  # unknown column, no such table
+_SCHEMA_SQLITE_TEXT = ("no such table", "no such column")
+
+
+def is_schema_db_error(exc: BaseException) -> bool:
+    """The schema lacks what the code needs: an upgrade that was not migrated, not an outage."""
+    return _db_error_is(exc, _SCHEMA_MYSQL_CODES, _SCHEMA_SQLITE_TEXT)
 
 
 def describe_db_error(exc: BaseException) -> str:
@@ -83,4 +97,5 @@ def describe_db_error(exc: BaseException) -> str:
     code = mysql_code(exc)
     message = str(orig.args[1] if code is not None and len(orig.args) > 1 else (orig or exc))
     first = message.splitlines()[0] if message else type(exc).__name__
-    return f"{type(exc).__name__}" + (f" {code}" if code is not None else "") + f": {first[:200]}"
+    hint = "; the schema is behind this cancel-scanner: run `cancel-scanner migrate`" if is_schema_db_error(exc) else ""
+    return f"{type(exc).__name__}" + (f" {code}" if code is not None else "") + f": {first[:200]}{hint}"

@@ -1,0 +1,438 @@
+"""Bring any database to the schema of sql/schema.sql: create what is missing, add, never drop.
+
+Why not Alembic: adopting a shop's database means the statements depend on what *that*
+database already has (its goods_order2 has the shop's columns; ours are missing), so a DBA can
+only review them after looking at it. ``migrate --sql`` does exactly that: it inspects, then
+prints the statements it would run, each with what it locks. Alembic's offline SQL cannot
+inspect, and its versioned scripts would each need the same "only if missing" logic anyway.
+
+So the schema has one desired state, sql/schema.sql (the head), and a version, recorded by its
+last statement in ``cancel_scanner_schema``. ``plan`` compares the database with it and lists
+the steps: a missing table is created as schema.sql writes it; a missing column or index of an
+existing table is added (one ALTER per table, online); an existing column whose type cannot
+hold what the daemon writes refuses the whole plan before anything runs. Nothing is dropped,
+renamed or rewritten. A database ahead of this code is refused (an older daemon must not
+"repair" a newer schema).
+
+On MariaDB/MySQL columns are added with ``ALGORITHM=INSTANT`` (metadata only) and indexes with
+``ALGORITHM=INPLACE, LOCK=NONE`` (built while the shop reads and writes); when the server cannot,
+the column step falls back to ``INPLACE, LOCK=NONE``, and never to a locking copy. Every ALTER
+waits at most ``LOCK_WAIT_SECONDS`` for the table's metadata lock: an ALTER that queues behind
+a long shop transaction would otherwise hold up every shop query queued behind it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from sqlalchemy import Connection, Engine, TextClause, inspect, text
+from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, MetaData
+
+from cancel_scanner.engine.db import is_mysql, schema_sql, split_sql
+from cancel_scanner.engine.errors import mysql_code
+
+VERSION_TABLE = "cancel_scanner_schema"
+_VERSION_INSERT = re.compile(r"INSERT IGNORE INTO cancel_scanner_schema \(version, applied_by\) VALUES \((\d+), 'schema.sql'\)")
+LOCK_WAIT_SECONDS = 3  # per try, for the metadata lock of an ALTER
+LOCK_TRIES = 5
+_ONLINE_REFUSED = {1845, 1846}  # "ALGORITHM=... is not supported for this operation"
+
+
+def head_version(script: str | None = None) -> int:
+    """The schema version sql/schema.sql records (its last statement)."""
+    found = _VERSION_INSERT.search(script or schema_sql())
+    if found is None:
+        raise RuntimeError("sql/schema.sql records no schema version")
+    return int(found.group(1))
+
+
+class SchemaRefused(Exception):
+    """The database cannot be brought to the head without changing what is there: nothing was run."""
+
+
+# --- what sql/schema.sql asks for ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    definition: str  # everything after the name, as schema.sql writes it
+
+    @property
+    def type(self) -> str:
+        return re.match(r"[A-Z]+(?:\(\d+(?:,\d+)?\))?(?: UNSIGNED)?", self.definition).group(0)
+
+    @property
+    def needs_value(self) -> bool:
+        """NOT NULL without a default: an existing row has nothing to put there."""
+        d = self.definition
+        return "NOT NULL" in d and "DEFAULT" not in d and "AUTO_INCREMENT" not in d
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    name: str
+    kind: str  # primary | unique | index | check
+    columns: tuple[str, ...]
+    definition: str  # as it follows ADD in an ALTER TABLE
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    create: str
+    columns: tuple[ColumnSpec, ...]
+    keys: tuple[KeySpec, ...]
+
+
+_BACKFILL = re.compile(r"^\s*-- backfill (\w+)\.(\w+): (UPDATE .+)$", re.M)
+
+
+def backfills(script: str) -> dict[tuple[str, str], str]:
+    """(table, column) -> the UPDATE that gives existing rows the value the column means for them."""
+    return {(t, c): sql.rstrip(";") for t, c, sql in _BACKFILL.findall(script)}
+
+
+_KEY = re.compile(r"(?:CONSTRAINT (\w+) )?(PRIMARY KEY|UNIQUE KEY|INDEX|KEY|CHECK)\s*(\w+)?\s*\((.*)\)$")
+
+
+def parse_schema(script: str) -> tuple[list[TableSpec], list[str]]:
+    """The tables of a schema script (one column or key per line, as sql/schema.sql is written),
+    and its other statements (views), in order."""
+    tables, others = [], []
+    for stmt in split_sql(script):
+        head = re.match(r"CREATE TABLE IF NOT EXISTS (\w+) \(", stmt)
+        if head is None:
+            if not stmt.startswith("INSERT IGNORE INTO cancel_scanner_schema"):
+                others.append(stmt)
+            continue
+        body = stmt[head.end(): re.search(r"\n\)", stmt).start()]  # the column list ends at a line opening with ")"
+        columns, keys = [], []
+        for line in (raw.strip().rstrip(",") for raw in body.splitlines()):
+            if not line or line.startswith("--"):
+                continue
+            key = _KEY.match(line)
+            if key:
+                constraint, kind, index_name, inside = key.groups()
+                kind = {"PRIMARY KEY": "primary", "UNIQUE KEY": "unique", "CHECK": "check"}.get(kind, "index")
+                cols = () if kind == "check" else tuple(c.strip() for c in inside.split(","))
+                keys.append(KeySpec(constraint or index_name, kind, cols, line))
+            else:
+                name, _, definition = line.partition(" ")
+                columns.append(ColumnSpec(name, definition.strip()))
+        tables.append(TableSpec(head.group(1), stmt, tuple(columns), tuple(keys)))
+    return tables, others
+
+
+# --- what the database has ----------------------------------------------------------------------
+
+
+@dataclass
+class LiveTable:
+    columns: dict[str, str] = field(default_factory=dict)  # name -> COLUMN_TYPE (lower case)
+    indexes: dict[str, tuple[tuple[str, ...], bool]] = field(default_factory=dict)  # name -> (columns, unique)
+    checks: set[str] = field(default_factory=set)
+    rows: int = 0  # the optimizer's estimate, for the plan's words only
+
+
+def _live_mysql(conn: Connection) -> dict[str, LiveTable]:
+    live: dict[str, LiveTable] = {}
+    for name, rows in conn.execute(text(
+        "SELECT TABLE_NAME, COALESCE(TABLE_ROWS, 0) FROM information_schema.TABLES"
+        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE'"
+    )):
+        live[name] = LiveTable(rows=int(rows))
+    for table, column, column_type in conn.execute(text(
+        "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+        " ORDER BY TABLE_NAME, ORDINAL_POSITION"
+    )):
+        if table in live:
+            live[table].columns[column] = column_type.lower()
+    for table, index, column, non_unique in conn.execute(text(
+        "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, NON_UNIQUE FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
+    )):
+        if table in live:
+            cols, _ = live[table].indexes.get(index, ((), False))
+            live[table].indexes[index] = ((*cols, column), not int(non_unique))
+    for table, check in conn.execute(text(
+        "SELECT TABLE_NAME, CONSTRAINT_NAME FROM information_schema.TABLE_CONSTRAINTS"
+        " WHERE TABLE_SCHEMA = DATABASE() AND CONSTRAINT_TYPE = 'CHECK'"
+    )):
+        if table in live:
+            live[table].checks.add(check)
+    return live
+
+
+_INTEGERS = {"tinyint": 1, "smallint": 2, "mediumint": 3, "int": 4, "integer": 4, "bigint": 8}
+_TIMES = {"datetime", "timestamp"}
+_STRINGS = {"varchar": None, "char": None, "text": 65535, "mediumtext": 2**24 - 1, "longtext": 2**32 - 1}
+
+
+def type_holds(found: str, wanted: str) -> bool:
+    """Can a column of type ``found`` (the server's COLUMN_TYPE) hold every value the daemon
+    writes to one declared ``wanted`` (schema.sql's type)? Wider is fine; narrower or another
+    kind of value is not."""
+    f = re.match(r"(\w+)(?:\((\d+)(?:,\d+)?\))?( unsigned)?", found.lower())
+    w = re.match(r"(\w+)(?:\((\d+)(?:,\d+)?\))?( unsigned)?", wanted.lower())
+    f_base, f_len, f_unsigned = f.group(1), f.group(2), bool(f.group(3))
+    w_base, w_len, w_unsigned = w.group(1), w.group(2), bool(w.group(3))
+    if w_base in _INTEGERS:
+        if f_base not in _INTEGERS:
+            return False
+        f_size, w_size = _INTEGERS[f_base], _INTEGERS[w_base]
+        if w_unsigned and not f_unsigned:
+            return f_size > w_size  # a signed type holds an unsigned one only if it is wider
+        return f_size >= w_size
+    if w_base in _TIMES:
+        return f_base in _TIMES
+    if w_base in ("varchar", "char"):
+        if f_base in ("varchar", "char"):
+            return int(f_len or 1) >= int(w_len or 1)
+        return f_base in _STRINGS
+    return f_base == w_base
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    what: str
+    sql: str
+    locks: str
+    fallback: str | None = None  # run instead when the server cannot do ``sql`` online
+
+
+@dataclass
+class Plan:
+    database: str
+    current: int | None  # None: no version recorded
+    head: int
+    steps: list[Step]
+    notes: list[str]
+
+    @property
+    def behind(self) -> bool:
+        return bool(self.steps) or self.current is None or self.current < self.head
+
+
+def plan(engine: Engine, script: str | None = None, metadata: MetaData | None = None) -> Plan:
+    """What it takes to bring ``engine``'s database to the head; raises SchemaRefused."""
+    script = script or schema_sql()
+    head = head_version(script)
+    with engine.connect() as conn:
+        current = current_version(conn)
+        if current is not None and current > head:
+            raise SchemaRefused(
+                f"the database is at schema version {current}, newer than this cancel-scanner's {head}: upgrade cancel-scanner"
+            )
+        if is_mysql(engine):
+            steps, notes = _plan_mysql(conn, script)
+        else:
+            steps, notes = _plan_sqlite(conn, metadata, backfills(script))
+    if steps or current is None or current < head:
+        steps.append(Step(
+            f"record schema version {head}",
+            f"INSERT {'IGNORE' if is_mysql(engine) else 'OR IGNORE'} INTO {VERSION_TABLE} (version, applied_by) VALUES ({head}, 'migrate')",
+            "nothing (one row)",
+        ))
+    return Plan(engine.url.render_as_string(hide_password=True), current, head, steps, notes)
+
+
+def current_version(conn: Connection) -> int | None:
+    if VERSION_TABLE not in inspect(conn).get_table_names():
+        return None
+    return conn.execute(text(f"SELECT MAX(version) FROM {VERSION_TABLE}")).scalar()
+
+
+def _plan_mysql(conn: Connection, script: str) -> tuple[list[Step], list[str]]:
+    tables, others = parse_schema(script)
+    live = _live_mysql(conn)
+    steps, notes, refusals = [], [], []
+    for table in tables:
+        have = live.get(table.name)
+        if have is None:
+            steps.append(Step(f"create table {table.name}", table.create, "nothing (a new table)"))
+            continue
+        refusals += _refusals(table, have)
+        steps += _adopt_mysql(table, have, notes, backfills(script))
+    if refusals:
+        raise SchemaRefused("; ".join(refusals) + ". Nothing was changed.")
+    if steps or not all(_view_name(v) in _views(conn) for v in others):
+        for stmt in others:
+            steps.append(Step(f"(re)create view {_view_name(stmt)}", stmt, "nothing (a view: metadata only)"))
+    return steps, notes
+
+
+def _refusals(table: TableSpec, have: LiveTable) -> list[str]:
+    out = []
+    for column in table.columns:
+        found = have.columns.get(column.name)
+        if found is None:
+            if column.needs_value:
+                out.append(f"{table.name}.{column.name} is missing and has no default ({column.type} NOT NULL):"
+                           " add it with the shop's values first")
+        elif not type_holds(found, column.type):
+            out.append(f"{table.name}.{column.name} is {found}; cancel-scanner needs {column.type} (or wider)")
+    primary = next((k for k in table.keys if k.kind == "primary"), None)
+    if primary is not None and have.indexes.get("PRIMARY", ((), True))[0] != primary.columns:
+        out.append(f"{table.name} needs PRIMARY KEY ({', '.join(primary.columns)})")
+    return out
+
+
+def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dict[tuple[str, str], str]) -> list[Step]:
+    steps = []
+    missing = [c for c in table.columns if c.name not in have.columns]
+    if missing:
+        adds = ", ".join(f"ADD COLUMN {c.name} {c.definition}" for c in missing)
+        steps.append(Step(
+            f"add {len(missing)} column(s) to {table.name} (~{have.rows} rows): {', '.join(c.name for c in missing)}",
+            f"ALTER TABLE {table.name} {adds}, ALGORITHM=INSTANT",
+            "nothing: metadata only (INSTANT); the shop reads and writes on",
+            fallback=f"ALTER TABLE {table.name} {adds}, ALGORITHM=INPLACE, LOCK=NONE",
+        ))
+        for column in missing:
+            if (table.name, column.name) in fills:
+                steps.append(Step(
+                    f"backfill {table.name}.{column.name} for the rows that were there before",
+                    fills[(table.name, column.name)],
+                    "the rows it updates, until it commits",
+                ))
+    existing = {cols for cols, _ in have.indexes.values()}
+    for key in table.keys:
+        if key.kind in ("unique", "index") and key.name in have.indexes and have.indexes[key.name][0] != key.columns:
+            notes.append(f"{table.name}: index {key.name} exists on ({', '.join(have.indexes[key.name][0])}),"
+                         f" not ({', '.join(key.columns)}); left as it is, the polls may be slower")
+    keys = [k for k in table.keys if k.kind in ("unique", "index") and k.name not in have.indexes and k.columns not in existing]
+    if keys:
+        steps.append(Step(
+            f"add {len(keys)} index(es) to {table.name}: {', '.join(k.name for k in keys)}",
+            f"ALTER TABLE {table.name} " + ", ".join(f"ADD {k.definition}" for k in keys) + ", ALGORITHM=INPLACE, LOCK=NONE",
+            "no row locks: built online (INPLACE, LOCK=NONE) while the shop reads and writes; a brief metadata lock at its start and end",
+        ))
+    for check in (k for k in table.keys if k.kind == "check"):
+        if check.name not in have.checks:
+            notes.append(f"{table.name}: CHECK {check.name} not added to an existing table (it would copy the table);"
+                         " the UNSIGNED columns refuse negative values anyway")
+    return steps
+
+
+def _view_name(stmt: str) -> str:
+    return re.search(r"VIEW (\w+)", stmt).group(1)
+
+
+def _views(conn: Connection) -> set[str]:
+    return set(inspect(conn).get_view_names())
+
+
+def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[str, str], str]) -> tuple[list[Step], list[str]]:
+    """SQLite (the embedded default) from the models: types are not checked (SQLite has none to speak of)."""
+    if metadata is None:
+        raise ValueError("SQLite is migrated from the models: pass their metadata")
+    insp = inspect(conn)
+    present = set(insp.get_table_names())
+    steps, refusals = [], []
+    whole_file = "the database file, for the statement (SQLite has one writer)"
+    for table in metadata.sorted_tables:
+        if table.name not in present:
+            steps.append(Step(f"create table {table.name}", str(CreateTable(table).compile(conn)).strip(), "nothing (a new table)"))
+            steps += [Step(f"add index {i.name}", str(CreateIndex(i).compile(conn)), whole_file) for i in table.indexes]
+            continue
+        columns = {c["name"] for c in insp.get_columns(table.name)}
+        for column in (c for c in table.columns if c.name not in columns):
+            default = column.server_default.arg if column.server_default is not None else None
+            if not column.nullable and (default is None or not isinstance(default, (str, TextClause))):
+                # SQLite adds a column to a table only with a constant default (or NULL).
+                refusals.append(f"{table.name}.{column.name} is missing and SQLite cannot add it to an existing table"
+                                " (NOT NULL with a computed default): add it by rebuilding the table, or use MariaDB")
+                continue
+            ddl = str(CreateColumn(column).compile(conn))
+            steps.append(Step(f"add column {table.name}.{column.name}", f"ALTER TABLE {table.name} ADD COLUMN {ddl}", whole_file))
+            if (table.name, column.name) in fills:
+                steps.append(Step(f"backfill {table.name}.{column.name}", fills[(table.name, column.name)], whole_file))
+        indexes = {i["name"] for i in insp.get_indexes(table.name)}
+        steps += [Step(f"add index {i.name}", str(CreateIndex(i).compile(conn)), whole_file) for i in table.indexes if i.name not in indexes]
+    if refusals:
+        raise SchemaRefused("; ".join(refusals) + ". Nothing was changed.")
+    return steps, []
+
+
+# --- running it ---------------------------------------------------------------------------------
+
+
+def apply(engine: Engine, the_plan: Plan, say: Callable[[str], None] = lambda line: None,
+          sleep: Callable[[float], None] = time.sleep, *, lock_wait_seconds: int = LOCK_WAIT_SECONDS,
+          tries: int = LOCK_TRIES) -> None:
+    """Run the plan's steps in order, each in its own statement (DDL commits on MySQL anyway)."""
+    with engine.connect() as conn:
+        if is_mysql(engine):
+            conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {int(lock_wait_seconds)}")
+        for step in the_plan.steps:
+            say(f"-- {step.what}; locks: {step.locks}")
+            _run_step(conn, step, say, sleep, tries)
+            conn.commit()
+
+
+def _run_step(conn: Connection, step: Step, say: Callable[[str], None], sleep: Callable[[float], None], tries: int) -> None:
+    sql = step.sql
+    for attempt in range(1, tries + 1):
+        try:
+            conn.exec_driver_sql(sql)
+            return
+        except Exception as exc:
+            conn.rollback()
+            code = mysql_code(exc)
+            if code in _ONLINE_REFUSED and step.fallback and sql != step.fallback:
+                say("-- the server cannot do that instantly: INPLACE, LOCK=NONE instead (a rebuild; the shop still reads and writes)")
+                sql = step.fallback
+                continue
+            if code == 1205 and attempt < tries:  # another transaction holds the table: let the shop go first
+                say(f"-- the table is in use by a long transaction; try {attempt + 1} of {tries} in {attempt} s")
+                sleep(attempt)
+                continue
+            raise
+
+
+def render(the_plan: Plan) -> Iterable[str]:
+    """The plan as a DBA reads it: each statement, what it does and what it locks."""
+    yield f"-- {the_plan.database}: schema version {the_plan.current if the_plan.current is not None else 'none'} -> {the_plan.head}"
+    for note in the_plan.notes:
+        yield f"-- note: {note}"
+    if not the_plan.steps:
+        yield "-- nothing to do"
+    for step in the_plan.steps:
+        yield f"-- {step.what}; locks: {step.locks}"
+        if step.fallback:
+            yield "--   (if the server cannot: the same with ALGORITHM=INPLACE, LOCK=NONE)"
+        yield step.sql.rstrip(";") + ";"
+
+
+@dataclass(frozen=True)
+class SchemaProblem:
+    kind: str  # "empty" (none of the tables), "behind", "ahead"
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def schema_problem(engine: Engine, tables: Iterable[str]) -> SchemaProblem | None:
+    """Why this code must not run on the database's schema, or None when it is at head."""
+    head = head_version()
+    with engine.connect() as conn:
+        current = current_version(conn)
+        present = set(inspect(conn).get_table_names())
+    if current is None:
+        if not present & set(tables):
+            return SchemaProblem("empty", "no cancel-scanner schema: run `cancel-scanner initdb` (a new database)"
+                                          " or `cancel-scanner migrate` (an existing one)")
+        return SchemaProblem("behind", f"the schema has no version (this cancel-scanner needs {head}): run `cancel-scanner migrate`")
+    if current < head:
+        return SchemaProblem("behind", f"the schema is at version {current}, behind this cancel-scanner's {head}: run `cancel-scanner migrate`")
+    if current > head:
+        return SchemaProblem("ahead", f"the schema is at version {current}, ahead of this cancel-scanner's {head}: upgrade cancel-scanner")
+    return None
