@@ -32,6 +32,8 @@ def build_gateway(config: Config, stack: ExitStack) -> Any:
             port=wechat.sandbox.port,
             apply_qps=wechat.apply_qps,
             query_qps=wechat.query_qps,
+            pay_query_qps=wechat.pay_query_qps,
+            pay_close_qps=wechat.pay_close_qps,
             timeout=wechat.timeout_seconds,
             notify_url=wechat.notify_url,
         )
@@ -55,6 +57,8 @@ def build_gateway(config: Config, stack: ExitStack) -> Any:
             timeout=wechat.timeout_seconds,
             apply_qps=wechat.apply_qps,
             query_qps=wechat.query_qps,
+            pay_query_qps=wechat.pay_query_qps,
+            pay_close_qps=wechat.pay_close_qps,
             notify_url=wechat.notify_url,
         )
     except GatewaySetupError as exc:

@@ -69,6 +69,11 @@ class GoodsOrder(Base):
             "idx_goods_order2_sales_pending", "sales_scanned", "sales_success", "order_status", "refund_status", "is_deleted"
         ),
         Index("idx_goods_order2_goods_id", "goods_id"),
+        # Stage 7 (close_unpaid) polls two ranges of this index: a requested cancel (cancel_requested_at IS NOT
+        # NULL), or nobody asked and the order is UNPAID since before the payment timeout (created_at <= cutoff).
+        Index(
+            "idx_goods_order2_close_pending", "close_scanned", "close_success", "cancel_requested_at", "order_status", "created_at"
+        ),
         {"comment": "One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed."},
     )
 
@@ -91,7 +96,9 @@ class GoodsOrder(Base):
         server_default=text("'UNPAID'"),
         comment="UNPAID|PAID|SHIPPED|COMPLETED|CANCELLED",
     )
-    cancel_source: Mapped[str | None] = mapped_column(String(16), comment="MERCHANT|USER, set when cancelled")
+    cancel_source: Mapped[str | None] = mapped_column(
+        String(16), comment="MERCHANT|USER|TIMEOUT: who asked (set with the request; TIMEOUT when nobody did)"
+    )
     refund_status: Mapped[str] = mapped_column(
         String(16),
         nullable=False,
@@ -123,6 +130,22 @@ class GoodsOrder(Base):
     sales_last_error: Mapped[str | None] = mapped_column(
         String(255), comment="decrement_sales: why the last try failed"
     )
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="intake: a cancel of this unpaid order was accepted; close_unpaid settles its payment first"
+    )
+    close_scanned: Mapped[int] = _flag("close_unpaid: 0 pending, 1 finished (see close_success)")
+    close_success: Mapped[int] = _flag(
+        "close_unpaid: 1 settled with WeChat (payment closed, or a lost payment booked); 0 with close_scanned=1 failed"
+    )
+    close_attempts: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=0, server_default=text("0"), comment="close_unpaid: failed tries so far"
+    )
+    close_next_attempt_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="close_unpaid: not tried before this time (UTC)"
+    )
+    close_last_error: Mapped[str | None] = mapped_column(String(255), comment="close_unpaid: why the last try failed")
+    close_lease_owner: Mapped[str | None] = mapped_column(String(64), comment="close_unpaid: daemon calling WeChat for this order now")
+    close_lease_until: Mapped[datetime | None] = mapped_column(Timestamp3, comment="close_unpaid: lease expiry (UTC)")
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -229,7 +252,7 @@ class OrderOpLog(Base):
     event: Mapped[str] = mapped_column(
         String(32),
         nullable=False,
-        comment="CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED",
+        comment="CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED|PAYMENT_FOUND|PAYMENT_CLOSED",
     )
     detail: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = _created()

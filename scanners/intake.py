@@ -1,8 +1,10 @@
-"""Stage 1, intake: a merchant's cancel request becomes a cancelled order and, if paid, a refund.
+"""Stage 1, intake: a merchant's cancel request becomes a cancelled order and a refund, or a close.
 
 Ready: ``req_order_ops.scanned = 0`` and not waiting for a retry (idx_req_order_ops_pending).
-Does: validates the order; cancels it; inserts ``refund_order`` for a paid order with its
-``out_refund_no`` fixed now, before any call; writes oplog CANCELLED.
+Does: validates the order. A paid order is cancelled, with a ``refund_order`` row whose
+``out_refund_no`` is fixed now, before any call; oplog CANCELLED. An unpaid one is not cancelled
+here: its row says the cancel was asked for (``cancel_requested_at``, ``cancel_source``) and
+close_unpaid settles its payment with WeChat first (the user may have paid, or may be paying).
 Flips: ``req_order_ops.scanned=1, success=1/0`` with ``result_code``/``result_msg``.
 """
 
@@ -46,10 +48,16 @@ MESSAGES = {
 
 ORDER_COLUMNS = [
     goods_order2.c[name]
-    for name in ("id", "order_no", "pay_status", "transaction_id", "paid_at", "order_status", "total_amount", "is_deleted")
+    for name in (
+        "id", "order_no", "pay_status", "transaction_id", "paid_at", "order_status", "total_amount", "is_deleted",
+        "cancel_requested_at",
+    )
 ]
 ACCEPTED_PAID = "cancelled; a full refund was started (see refund_order for its progress)"
-ACCEPTED_UNPAID = "cancelled; the order was not paid, so no refund; stock will be restored"
+ACCEPTED_UNPAID = (
+    "accepted; the order shows no payment, so its WeChat payment is being closed first:"
+    " it is cancelled (stock restored) once WeChat confirms, or refunded if the user had paid"
+)
 
 
 def out_refund_no_for(order_id: int, seq: int = 1) -> str:
@@ -80,7 +88,7 @@ def reject(code: str) -> Failed:
 class Intake(StageDefaults):
     name = "intake"
     flags = Flags.on(req_order_ops)
-    feeds = ("submit_refund", "restore_stock")
+    feeds = ("submit_refund", "close_unpaid")
     failed_note = "request(s) rejected with a result code (req_order_ops.result_code)"
     rejections_are_routine = True
     pending_since = req_order_ops.c.created_at
@@ -162,6 +170,8 @@ class Intake(StageDefaults):
             return reject("INCONSISTENT_PAYMENT")
         if order.order_status == "CANCELLED":
             return reject("DUPLICATE_REQUEST" if order.id in accepted_before else "ALREADY_CANCELLED")
+        if order.cancel_requested_at is not None:
+            return reject("DUPLICATE_REQUEST")  # its payment is being closed for an earlier request
         if order.order_status in ("SHIPPED", "COMPLETED"):
             return reject("ORDER_SHIPPED")
         if order.order_status not in ("UNPAID", "PAID"):
@@ -179,46 +189,47 @@ class Intake(StageDefaults):
         if not cancels:
             return
         o = goods_order2.c
-        groups: dict[tuple[str, bool], list[int]] = {}
-        refunds: list[dict[str, Any]] = []
-        for req, order in cancels:
-            source = CANCEL_SOURCES[req.op_type]
-            paid = order.pay_status == 1
-            groups.setdefault((source, paid), []).append(order.id)
-            if paid:
-                refunds.append(
-                    {
-                        "order_id": order.id,
-                        "req_id": req.id,
-                        "refund_seq": 1,
-                        "out_refund_no": out_refund_no_for(order.id),
-                        "out_trade_no": order.order_no,
-                        "transaction_id": order.transaction_id,
-                        "refund_amount": order.total_amount,
-                        "total_amount": order.total_amount,
-                        "reason": wechat_reason(req.reason, source),
-                        "next_attempt_at": now,
-                    }
-                )
-        for (source, paid), ids in groups.items():
-            result = conn.execute(
-                update(goods_order2)
-                .where(o.id.in_(ids), o.order_status.in_(("UNPAID", "PAID")), o.is_deleted == 0)
-                .values(
-                    order_status="CANCELLED",
-                    cancel_source=source,
-                    cancelled_at=now,
-                    refund_status="REFUNDING" if paid else "NONE",
-                )
-            )
-            if result.rowcount != len(ids):
-                raise RuntimeError(f"intake: {len(ids)} orders locked but {result.rowcount} cancelled")
-        if refunds:
-            conn.execute(insert(refund_order), refunds)
-        write_oplog(
-            conn,
-            (
-                (order.id, "CANCELLED", f"req {req.id} {req.op_type} by {req.operator or '-'}")
-                for req, order in cancels
-            ),
-        )
+        paid = [(req, order) for req, order in cancels if order.pay_status == 1]
+        unpaid = [(req, order) for req, order in cancels if order.pay_status != 1]
+        for source in sorted({CANCEL_SOURCES[req.op_type] for req, _ in cancels}):
+            paid_ids = [order.id for req, order in paid if CANCEL_SOURCES[req.op_type] == source]
+            if paid_ids:
+                _guarded(conn, update(goods_order2).where(o.id.in_(paid_ids), o.order_status == "PAID", o.is_deleted == 0)
+                         .values(order_status="CANCELLED", cancel_source=source, cancelled_at=now, refund_status="REFUNDING"),
+                         len(paid_ids))
+            unpaid_ids = [order.id for req, order in unpaid if CANCEL_SOURCES[req.op_type] == source]
+            if unpaid_ids:
+                _guarded(conn, update(goods_order2)
+                         .where(o.id.in_(unpaid_ids), o.order_status == "UNPAID", o.cancel_requested_at.is_(None))
+                         .values(cancel_requested_at=now, cancel_source=source), len(unpaid_ids))
+        if paid:
+            conn.execute(insert(refund_order), [
+                refund_row(order.id, order.order_no, order.transaction_id, order.total_amount,
+                           wechat_reason(req.reason, CANCEL_SOURCES[req.op_type]), now, req_id=req.id)
+                for req, order in paid
+            ])
+        write_oplog(conn, ((order.id, "CANCELLED", f"req {req.id} {req.op_type} by {req.operator or '-'}") for req, order in paid))
+
+
+def _guarded(conn: Connection, statement, expected: int) -> None:
+    """An UPDATE of rows this batch locked and judged: anything else than all of them is a bug."""
+    done = conn.execute(statement).rowcount
+    if done != expected:
+        raise RuntimeError(f"intake: {expected} orders locked but {done} updated")
+
+
+def refund_row(order_id: int, out_trade_no: str, transaction_id: str | None, amount: int, reason: str,
+               now: datetime, *, req_id: int | None = None) -> dict[str, Any]:
+    """The first refund of a paid order: all of what was paid, its number fixed before any call."""
+    return {
+        "order_id": order_id,
+        "req_id": req_id,
+        "refund_seq": 1,
+        "out_refund_no": out_refund_no_for(order_id),
+        "out_trade_no": out_trade_no,
+        "transaction_id": transaction_id,
+        "refund_amount": amount,
+        "total_amount": amount,
+        "reason": reason,
+        "next_attempt_at": now,
+    }

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   transaction_id         VARCHAR(32) NULL COMMENT 'WeChat Pay transaction id of the payment',
   paid_at                DATETIME(3) NULL,
   order_status           VARCHAR(16) NOT NULL DEFAULT 'UNPAID' COMMENT 'UNPAID|PAID|SHIPPED|COMPLETED|CANCELLED',
-  cancel_source          VARCHAR(16) NULL COMMENT 'MERCHANT|USER, set when cancelled',
+  cancel_source          VARCHAR(16) NULL COMMENT 'MERCHANT|USER|TIMEOUT: who asked (set with the request; TIMEOUT when nobody did)',
   refund_status          VARCHAR(16) NOT NULL DEFAULT 'NONE' COMMENT 'NONE|REFUNDING|REFUNDED|FAILED',
   wx_progress_scanned    TINYINT NOT NULL DEFAULT 0 COMMENT '1 once the refund''s final WeChat status was written to this order',
   stock_scanned          TINYINT NOT NULL DEFAULT 0 COMMENT 'restore_stock: 0 pending, 1 finished (see stock_success)',
@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   sales_attempts         INT NOT NULL DEFAULT 0 COMMENT 'decrement_sales: failed tries so far',
   sales_next_attempt_at  DATETIME(3) NULL COMMENT 'decrement_sales: not retried before this time (UTC)',
   sales_last_error       VARCHAR(255) NULL COMMENT 'decrement_sales: why the last try failed',
+  cancel_requested_at    DATETIME(3) NULL COMMENT 'intake: a cancel of this unpaid order was accepted; close_unpaid settles its payment first',
+  close_scanned          TINYINT NOT NULL DEFAULT 0 COMMENT 'close_unpaid: 0 pending, 1 finished (see close_success)',
+  close_success          TINYINT NOT NULL DEFAULT 0 COMMENT 'close_unpaid: 1 settled with WeChat (payment closed, or a lost payment booked); 0 with close_scanned=1 failed',
+  close_attempts         INT NOT NULL DEFAULT 0 COMMENT 'close_unpaid: failed tries so far',
+  close_next_attempt_at  DATETIME(3) NULL COMMENT 'close_unpaid: not tried before this time (UTC)',
+  close_last_error       VARCHAR(255) NULL COMMENT 'close_unpaid: why the last try failed',
+  close_lease_owner      VARCHAR(64) NULL COMMENT 'close_unpaid: daemon calling WeChat for this order now',
+  close_lease_until      DATETIME(3) NULL COMMENT 'close_unpaid: lease expiry (UTC)',
   created_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_goods_order2 PRIMARY KEY (id),
@@ -66,7 +74,10 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   INDEX idx_goods_order2_stock_pending (stock_scanned, stock_success, order_status, refund_status, is_deleted),
   -- decrement_sales polls: sales_scanned=0 AND sales_success=0 AND order_status='CANCELLED' AND refund_status='REFUNDED'
   INDEX idx_goods_order2_sales_pending (sales_scanned, sales_success, order_status, refund_status, is_deleted),
-  INDEX idx_goods_order2_goods_id (goods_id)
+  INDEX idx_goods_order2_goods_id (goods_id),
+  -- close_unpaid polls two ranges: close_scanned=0 AND close_success=0 AND (cancel_requested_at IS NOT NULL
+  -- OR (cancel_requested_at IS NULL AND order_status='UNPAID' AND created_at <= the payment timeout's cutoff))
+  INDEX idx_goods_order2_close_pending (close_scanned, close_success, cancel_requested_at, order_status, created_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed.';
 
@@ -142,7 +153,7 @@ CREATE TABLE IF NOT EXISTS refund_order (
 CREATE TABLE IF NOT EXISTS goods_order2_oplog (
   id          BIGINT NOT NULL AUTO_INCREMENT,
   order_id    BIGINT NOT NULL COMMENT 'goods_order2.id',
-  event       VARCHAR(32) NOT NULL COMMENT 'CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED',
+  event       VARCHAR(32) NOT NULL COMMENT 'CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED|PAYMENT_FOUND|PAYMENT_CLOSED',
   detail      VARCHAR(255) NULL,
   created_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
@@ -198,6 +209,9 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
     FROM goods_order2 WHERE stock_scanned = 1 AND stock_success = 0
   UNION ALL
   SELECT 'decrement_sales', 'goods_order2', id, id, sales_last_error, updated_at
-    FROM goods_order2 WHERE sales_scanned = 1 AND sales_success = 0;
+    FROM goods_order2 WHERE sales_scanned = 1 AND sales_success = 0
+  UNION ALL
+  SELECT 'close_unpaid', 'goods_order2', id, id, close_last_error, updated_at
+    FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0;
 
-INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (1, 'schema.sql');
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (2, 'schema.sql');

@@ -27,6 +27,7 @@ TABLES = ("goods", "goods_order2", "req_order_ops", "refund_order", "goods_order
 
 FAST_JOBS = {
     "intake": {"batch_size": 50},
+    "close_unpaid": {"batch_size": 40, "concurrency": 8, "retry_delays_seconds": [1, 2, 4], "lease_seconds": 60},
     "submit_refund": {"batch_size": 40, "concurrency": 8, "retry_delays_seconds": [1, 2, 4], "lease_seconds": 60},
     "poll_refund": {"batch_size": 40, "concurrency": 8, "poll_delays_seconds": [1, 2], "retry_delays_seconds": [1, 2]},
     "sync_result": {"batch_size": 50},

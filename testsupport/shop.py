@@ -15,9 +15,12 @@ from sqlalchemy import Engine, text
 INSERT_GOODS = text("INSERT INTO goods (id, name, stock, sales) VALUES (:id, :name, :stock, :sales)")
 INSERT_ORDER = text(
     "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount,"
-    " pay_status, transaction_id, paid_at, order_status, is_deleted)"
-    " VALUES (:id, :no, 7, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted)"
+    " pay_status, transaction_id, paid_at, order_status, is_deleted, created_at)"
+    " VALUES (:id, :no, 7, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted, :created_at)"
 )
+# Orders are placed this long before ``now``: old enough for close_unpaid to close (5 minutes),
+# younger than its payment timeout (30 minutes), so no unpaid order closes unless a test says so.
+ORDER_AGE = timedelta(minutes=10)
 INSERT_REQUEST = text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)")
 
 
@@ -42,7 +45,7 @@ def insert_goods(db: Engine, goods: Mapping[int, tuple[int, int]]) -> None:
 
 def order_row(order_id: int, *, goods_id: int = 1, quantity: int = 1, amount: int = 1280, paid: bool = True,
               status: str | None = None, transaction_id: str | None | bool = True, paid_at: datetime | None = None,
-              deleted: bool = False, now: datetime | None = None) -> dict[str, Any]:
+              deleted: bool = False, now: datetime | None = None, created_at: datetime | None = None) -> dict[str, Any]:
     """One order as the shop's own order system inserts it: no flag columns.
 
     ``transaction_id=True`` makes one up for a paid order; ``paid_at`` defaults to a day before
@@ -61,6 +64,7 @@ def order_row(order_id: int, *, goods_id: int = 1, quantity: int = 1, amount: in
         "paid_at": paid_at or ((now or utcnow()) - timedelta(days=1) if paid else None),
         "status": status or ("PAID" if paid else "UNPAID"),
         "deleted": 1 if deleted else 0,
+        "created_at": created_at or (now or utcnow()) - ORDER_AGE,
     }
 
 

@@ -24,8 +24,8 @@ def seed_shop(db: Engine, plan: Plan, now: datetime) -> None:
         conn.execute(
             text(
                 "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount,"
-                " pay_status, transaction_id, paid_at, order_status, is_deleted)"
-                " VALUES (:id, :no, :user, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted)"
+                " pay_status, transaction_id, paid_at, order_status, is_deleted, created_at)"
+                " VALUES (:id, :no, :user, 9, :goods, :qty, :amount, :pay, :txn, :paid_at, :status, :deleted, :created)"
             ),
             [
                 {
@@ -42,6 +42,9 @@ def seed_shop(db: Engine, plan: Plan, now: datetime) -> None:
                         o.kind, "PAID" if o.paid else "UNPAID"
                     ),
                     "deleted": 1 if o.kind == "deleted" else 0,
+                    # Placed 6 to 25 minutes ago: old enough to close its payment (5 minutes),
+                    # younger than the payment timeout (30), so only the cancels asked for close.
+                    "created": _sql_time(now - timedelta(minutes=rng.uniform(6, 25))),
                 }
                 for o in plan.orders
             ],

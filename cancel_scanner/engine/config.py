@@ -34,6 +34,8 @@ DEFAULT_TAKEOVER_SECONDS = 10.0  # a process silent this long is dead: survivors
 DEFAULT_HEARTBEAT_SECONDS = 1.0
 DEFAULT_APPLY_QPS = 150.0
 DEFAULT_QUERY_QPS = 300.0
+DEFAULT_PAY_QUERY_QPS = 100.0  # payment query and close: no published figure; a conservative pace
+DEFAULT_PAY_CLOSE_QPS = 50.0
 DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
 DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS = 2.0
@@ -78,6 +80,8 @@ class WeChatConfig(_Section):
     notify_listen: Text | None = None
     apply_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_APPLY_QPS
     query_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_QUERY_QPS
+    pay_query_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_PAY_QUERY_QPS
+    pay_close_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_PAY_CLOSE_QPS
     timeout_seconds: tuple[Annotated[Positive, Field(le=300)], Annotated[Positive, Field(le=300)]] = DEFAULT_TIMEOUT_SECONDS
     sandbox: SandboxConfig = SandboxConfig()
 

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Callable, Iterable
 
 from loguru import logger
-from sqlalchemy import Engine, Table, delete, func, insert, select, update
+from sqlalchemy import Column, Engine, delete, func, insert, select, update
 
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.models import scanner_process
@@ -57,7 +57,7 @@ class Registry:
         self,
         db: Engine,
         clock: Callable[[], datetime],
-        lease_tables: Iterable[Table],
+        lease_columns: Iterable[tuple[Column, Column]],
         *,
         takeover_seconds: float = DEFAULT_TAKEOVER_SECONDS,
         heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
@@ -68,7 +68,7 @@ class Registry:
             raise ValueError("heartbeat_seconds must be well below takeover_seconds")
         self.db = db
         self.clock = clock
-        self.lease_tables = tuple(lease_tables)
+        self.lease_columns = tuple(lease_columns)  # (lease_owner, lease_until) per leased table
         self.takeover_seconds = takeover_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.monotonic = monotonic
@@ -172,15 +172,15 @@ class Registry:
             if entry is None:
                 return 0, None  # it beat just now (or another survivor is reaping it)
             released = left = 0
-            for table in self.lease_tables:
-                held = select(table.c.id).where(table.c.lease_owner == owner)
+            for owner_col, until_col in self.lease_columns:
+                table = owner_col.table
+                held = select(table.c.id).where(owner_col == owner)
                 ids = list(conn.execute(locked(conn, held, skip_locked=True)).scalars())
                 if ids:
                     released += conn.execute(
-                        update(table).where(table.c.id.in_(ids), table.c.lease_owner == owner)
-                        .values(lease_owner=None, lease_until=None)
+                        update(table).where(table.c.id.in_(ids), owner_col == owner).values({owner_col: None, until_col: None})
                     ).rowcount or 0
-                left += conn.execute(select(func.count()).select_from(table).where(table.c.lease_owner == owner)).scalar_one()
+                left += conn.execute(select(func.count()).select_from(table).where(owner_col == owner)).scalar_one()
             if not left:
                 conn.execute(delete(scanner_process).where(p.id == entry.id))
         return released, left

@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from loguru import logger
-from sqlalchemy import Connection, Engine, Row, select, update
+from sqlalchemy import Column, Connection, Engine, Row, select, update
 
 from cancel_scanner.engine.clock import MIN_CALL_SECONDS, DbClock, local_utcnow
 from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
@@ -143,7 +143,7 @@ class Runner:
         self.registry = registry or Registry(
             db,
             self.clock,
-            self.lease_tables(),
+            self.lease_columns(),
             takeover_seconds=config.takeover_seconds,
             heartbeat_seconds=config.heartbeat_seconds,
             monotonic=monotonic,
@@ -158,8 +158,10 @@ class Runner:
         """The lease owner this process writes now (a new one after it was declared dead)."""
         return self.registry.owner
 
-    def lease_tables(self) -> list:
-        return sorted({s.flags.table for s in self.stages.values() if s.kind == "gateway"}, key=lambda t: t.name)
+    def lease_columns(self) -> list[tuple[Column, Column]]:
+        """(lease_owner, lease_until) of every gateway stage: what a dead process may still hold."""
+        pairs = {(s.flags.lease_owner, s.flags.lease_until) for s in self.stages.values() if s.kind == "gateway"}
+        return sorted(pairs, key=lambda pair: (pair[0].table.name, pair[0].name))
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -218,10 +220,10 @@ class Runner:
     def release_leases(self) -> int:
         """Give back every lease this runner holds (clean shutdown), and leave the registry."""
         released = 0
-        for table in self.lease_tables():
+        for owner_col, until_col in self.lease_columns():
             with self.db.begin() as conn:
                 res = conn.execute(
-                    update(table).where(table.c.lease_owner == self.owner).values(lease_owner=None, lease_until=None)
+                    update(owner_col.table).where(owner_col == self.owner).values({owner_col: None, until_col: None})
                 )
                 released += res.rowcount or 0
         self.registry.deregister()

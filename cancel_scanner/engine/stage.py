@@ -40,12 +40,13 @@ class Flags:
     @classmethod
     def on(cls, table: Table, flag: str = "", *, retry: str = "", leased: bool = False) -> Flags:
         """The columns by the contract's naming: ``<flag>_scanned``/``<flag>_success``, and
-        ``<retry>_attempts``/``_next_attempt_at``/``_last_error`` (no prefix: the table's own)."""
+        ``<retry>_attempts``/``_next_attempt_at``/``_last_error`` and, leased, ``<retry>_lease_owner``/
+        ``_lease_until`` (no prefix: the table's own)."""
         c, f, r = table.c, f"{flag}_" if flag else "", f"{retry}_" if retry else ""
         return cls(
             table=table, scanned=c[f"{f}scanned"], success=c[f"{f}success"], attempts=c[f"{r}attempts"],
             next_attempt_at=c[f"{r}next_attempt_at"], last_error=c[f"{r}last_error"],
-            lease_owner=c.lease_owner if leased else None, lease_until=c.lease_until if leased else None,
+            lease_owner=c[f"{r}lease_owner"] if leased else None, lease_until=c[f"{r}lease_until"] if leased else None,
         )
 
 

@@ -24,9 +24,13 @@ import requests
 
 from cancel_scanner.gateway.contract import (
     Accepted,
+    CloseSent,
     ConfigError,
     GatewayResult,
     NotSent,
+    Payment,
+    PaymentResult,
+    PaymentState,
     Permanent,
     Refund,
     RetryLater,
@@ -92,18 +96,60 @@ def _error_fields(status: int, text: str) -> tuple[str, str]:
 
 
 def classify(http_status: int, body: str | bytes | None, request_id: str | None) -> GatewayResult:
-    """Classify one verified HTTP answer (the SDK has already checked a 2xx signature)."""
+    """Classify one verified HTTP answer to a refund call (the SDK has already checked a 2xx signature)."""
     text = _text(body)
     if 200 <= http_status < 300:
         try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            return Accepted(Refund.from_json(data), request_id)
+            return Accepted(Refund.from_json(_object(text)), request_id)
         except ValueError as exc:
             # Signed but not a refund object: WeChat did answer, but we cannot tell what it did.
             return UnknownOutcome("BAD_RESPONSE", f"HTTP {http_status} without a readable refund object: {exc}", request_id)
+    return _not_2xx(http_status, text, request_id)
 
+
+# Payment answers that are not errors for us: the stage reads them (a close of a closed trade is
+# what we wanted; a paid one is found by the query after it; a user paying right now waits).
+_PAYMENT_CODES: dict[tuple[int, str], type] = {
+    (404, "ORDER_NOT_EXIST"): Permanent,
+    (404, "ORDERNOTEXIST"): Permanent,
+    (400, "ORDERPAID"): Permanent,
+    (400, "TRADE_ERROR"): Permanent,
+    (403, "TRADE_ERROR"): Permanent,
+    (403, "RULE_LIMIT"): RetryLater,
+    (202, "USER_PAYING"): RetryLater,
+    (400, "USER_PAYING"): RetryLater,
+}
+
+
+def classify_payment(call: str, http_status: int, body: str | bytes | None, request_id: str | None) -> PaymentResult:
+    """Classify one verified answer to a payment query (``call`` "pay_query") or close ("pay_close")."""
+    text = _text(body)
+    code, message = _error_fields(http_status, text) if text.strip() else (f"HTTP_{http_status}", "")
+    if (http_status, code) in _PAYMENT_CODES:
+        kind = _PAYMENT_CODES[(http_status, code)]
+        return kind(code, message or code, request_id)
+    if call == "pay_close":
+        if http_status == 204 or (http_status == 400 and code == "ORDER_CLOSED"):
+            return CloseSent(request_id=request_id)
+        if 200 <= http_status < 300:
+            return UnknownOutcome("BAD_RESPONSE", f"HTTP {http_status} to a close: not WeChat's 204", request_id)
+    elif 200 <= http_status < 300:
+        try:
+            return PaymentState(Payment.from_json(_object(text)), request_id)
+        except ValueError as exc:
+            return UnknownOutcome("BAD_RESPONSE", f"HTTP {http_status} without a readable payment object: {exc}", request_id)
+    return _not_2xx(http_status, text, request_id)
+
+
+def _object(text: str) -> dict[str, Any]:
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _not_2xx(http_status: int, text: str, request_id: str | None):
+    """The rules every call shares for an answer that is not a success."""
     if 300 <= http_status < 400:
         # Never followed (the signed request would go wherever Location points), and
         # whether WeChat, or whoever answered, recorded the original is unknown.

@@ -22,6 +22,8 @@ from cancel_scanner.engine.outcome import Coded, clip  # one rule for a code, a 
 # characters that need no encoding.
 OUT_REFUND_NO_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 OUT_TRADE_NO_MAX_CHARS = 32
+# WeChat's out_trade_no: 6..32 of [0-9A-Za-z_-|*]; it goes into a signed path, so nothing else.
+OUT_TRADE_NO_PATTERN = re.compile(r"^[0-9A-Za-z_\-|*]{1,32}$")
 REASON_MAX_BYTES = 80
 
 STATUS_PROCESSING = "PROCESSING"
@@ -178,6 +180,78 @@ class NotSent(_Coded):
 GatewayResult: TypeAlias = Accepted | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
 
 
+# --- payments: query and close, for orders that were never (known to be) paid -------------------
+
+TRADE_STATES = frozenset({"SUCCESS", "REFUND", "NOTPAY", "CLOSED", "REVOKED", "USERPAYING", "PAYERROR"})
+PAID_STATES = frozenset({"SUCCESS", "REFUND"})  # the user's money reached the merchant
+CLOSABLE_STATES = frozenset({"NOTPAY", "REVOKED", "PAYERROR"})  # not paid; closing is harmless
+TRADE_NOT_FOUND_CODES = frozenset({"ORDER_NOT_EXIST", "ORDERNOTEXIST"})  # WeChat never saw the order
+
+
+@dataclass(frozen=True)
+class Payment:
+    """The payment (trade) object a payment query answers."""
+
+    out_trade_no: str
+    trade_state: str
+    transaction_id: str
+    success_time: datetime | None
+    total: int | None
+
+    @property
+    def paid(self) -> bool:
+        return self.trade_state in PAID_STATES
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Payment:
+        """Raises ValueError when the fields a paid order is booked from are missing or malformed."""
+        try:
+            out_trade_no, state = data["out_trade_no"], data["trade_state"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"payment object lacks {exc}") from None
+        if state not in TRADE_STATES:
+            raise ValueError(f"unknown trade_state {state!r}")
+        amount = data.get("amount") if isinstance(data.get("amount"), Mapping) else {}
+        total = amount.get("total")
+        success_time = data.get("success_time")
+        payment = cls(
+            out_trade_no=str(out_trade_no),
+            trade_state=state,
+            transaction_id=str(data.get("transaction_id") or ""),
+            success_time=parse_rfc3339(success_time) if success_time else None,
+            total=total if _is_fen(total) else None,
+        )
+        if payment.paid and not (payment.transaction_id and payment.success_time and payment.total):
+            # Booking a payment needs all three: without them the answer proves nothing we can write.
+            raise ValueError("a paid trade without transaction_id, success_time or amount.total")
+        return payment
+
+
+@dataclass(frozen=True)
+class PaymentState:
+    """WeChat answered a payment query with a verified trade object."""
+
+    payment: Payment
+    request_id: str | None = None
+
+    def describe(self) -> str:
+        return clip(f"{self.payment.trade_state}: trade {self.payment.out_trade_no}")
+
+
+@dataclass(frozen=True)
+class CloseSent:
+    """A close was answered 204 (or ORDER_CLOSED). Never proof: only a query after it says CLOSED."""
+
+    code: str = "CLOSE_ANSWERED"
+    request_id: str | None = None
+
+    def describe(self) -> str:
+        return "close answered; the trade is confirmed closed only by the query after it"
+
+
+PaymentResult: TypeAlias = PaymentState | CloseSent | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
+
+
 class RefundGateway(Protocol):
     """What the submit and poll stages call. Implementations never raise for a gateway answer or a network error.
 
@@ -194,8 +268,16 @@ class RefundGateway(Protocol):
     def query(self, out_refund_no: str, *, deadline: Callable[[], float] | None = None) -> GatewayResult: ...
 
     def calls_within(self, endpoint: str, seconds: float) -> int | None:
-        """How many calls of `endpoint` ("apply" or "query") the client's pacer can still start within
-        `seconds` from now, counting slots already reserved by other threads; None when unpaced."""
+        """How many calls of `endpoint` ("apply", "query", "pay_query", "pay_close") the client's pacer
+        can still start within `seconds` from now, counting slots other threads reserved; None when unpaced."""
         ...
 
     def close(self) -> None: ...
+
+
+class PaymentGateway(Protocol):
+    """What the close_unpaid stage calls; the same deadline rule and never a raise for an answer."""
+
+    def query_payment(self, out_trade_no: str, *, deadline: Callable[[], float] | None = None) -> PaymentResult: ...
+
+    def close_payment(self, out_trade_no: str, *, deadline: Callable[[], float] | None = None) -> PaymentResult: ...

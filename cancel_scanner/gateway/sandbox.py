@@ -16,6 +16,8 @@ from cancel_scanner.engine.clock import MIN_CALL_SECONDS
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from cancel_scanner.gateway.wechat import (
     DEFAULT_APPLY_QPS,
+    DEFAULT_PAY_CLOSE_QPS,
+    DEFAULT_PAY_QUERY_QPS,
     DEFAULT_QUERY_QPS,
     DEFAULT_TIMEOUT_SECONDS,
     WeChatPayGateway,
@@ -68,6 +70,8 @@ def start_sandbox(
     notify_url: str | None = None,
     reuse_connections: bool = True,
     min_call_seconds: float = MIN_CALL_SECONDS,
+    pay_query_qps: float | None = DEFAULT_PAY_QUERY_QPS,
+    pay_close_qps: float | None = DEFAULT_PAY_CLOSE_QPS,
 ) -> Sandbox:
     """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both."""
     keys = generate_key_material()
@@ -89,6 +93,8 @@ def start_sandbox(
             notify_url=notify_url,
             reuse_connections=reuse_connections,
             min_call_seconds=min_call_seconds,
+            pay_query_qps=pay_query_qps,
+            pay_close_qps=pay_close_qps,
         )
     except BaseException:
         emulator.stop()

@@ -51,12 +51,22 @@ from wechatpayv3 import WeChatPay, WeChatPayType
 
 from cancel_scanner.engine.clock import MIN_CALL_SECONDS
 from cancel_scanner.engine.net import is_safe_gateway_url
-from cancel_scanner.gateway.classify import CallNotSent, UnverifiedResponse, classify, classify_exception, is_sdk_signature_error
+from cancel_scanner.gateway.classify import (
+    CallNotSent,
+    UnverifiedResponse,
+    classify,
+    classify_exception,
+    classify_payment,
+    is_sdk_signature_error,
+)
 from cancel_scanner.gateway.contract import (
     OUT_REFUND_NO_PATTERN,
+    OUT_TRADE_NO_PATTERN,
     Accepted,
     GatewayResult,
     NotSent,
+    PaymentResult,
+    PaymentState,
     RefundRequest,
     UnknownOutcome,
 )
@@ -70,7 +80,11 @@ DEFAULT_QUERY_QPS = 300
 APIV3_KEY_BYTES = 32
 PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
 MAX_ANSWER_BYTES = 1024 * 1024  # a refund object is ~1 KB; anything near this is not WeChat's answer
-ENDPOINTS = ("apply", "query")
+ENDPOINTS = ("apply", "query", "pay_query", "pay_close")
+# WeChat publishes no figure for these two that we could find; a conservative pace of our own,
+# configurable (wechat.pay_query_qps / wechat.pay_close_qps).
+DEFAULT_PAY_QUERY_QPS = 100
+DEFAULT_PAY_CLOSE_QPS = 50
 SIGNATURE_HEADERS = (
     "Wechatpay-Signature",
     "Wechatpay-Timestamp",
@@ -229,6 +243,20 @@ def _check_notify_url(notify_url: str | None) -> str | None:
     return notify_url
 
 
+def _answer_is_about(result: Any) -> str | None:
+    """The number a verified answer names (refund or trade), to compare with the one asked about."""
+    if isinstance(result, Accepted):
+        return result.refund.out_refund_no
+    if isinstance(result, PaymentState):
+        return result.payment.out_trade_no
+    return None
+
+
+def _check_trade_no(out_trade_no: str) -> None:
+    if not isinstance(out_trade_no, str) or not OUT_TRADE_NO_PATTERN.match(out_trade_no):
+        raise ValueError(f"out_trade_no must match {OUT_TRADE_NO_PATTERN.pattern}: {out_trade_no!r}")
+
+
 def _canonical_signature_headers(headers: Mapping[str, str]) -> dict[str, str]:
     # The SDK looks headers up by exact spelling; servers and frameworks hand them over in any case.
     lowered = {str(k).lower(): v for k, v in headers.items()}
@@ -255,6 +283,8 @@ class WeChatPayGateway:
         notify_url: str | None = None,
         reuse_connections: bool = True,
         min_call_seconds: float = MIN_CALL_SECONDS,
+        pay_query_qps: float | None = DEFAULT_PAY_QUERY_QPS,
+        pay_close_qps: float | None = DEFAULT_PAY_CLOSE_QPS,
     ) -> None:
         if len(apiv3_key.encode("utf-8")) != APIV3_KEY_BYTES:
             raise GatewaySetupError("WECHATPAY_APIV3_KEY", f"the APIv3 key must be {APIV3_KEY_BYTES} bytes")
@@ -272,8 +302,10 @@ class WeChatPayGateway:
         self._public_key_id = platform_public_key_id
         # Pace a little under the limit: calls leave on their slots, but thread wake-ups and
         # the network jitter their arrival, and WeChat counts arrivals per second.
-        self._apply_limiter = RateLimiter(apply_qps * PACING_HEADROOM if apply_qps else None)
-        self._query_limiter = RateLimiter(query_qps * PACING_HEADROOM if query_qps else None)
+        self._limiters = {
+            endpoint: RateLimiter(qps * PACING_HEADROOM if qps else None)
+            for endpoint, qps in zip(ENDPOINTS, (apply_qps, query_qps, pay_query_qps, pay_close_qps))
+        }
         self._reuse_connections = reuse_connections
         _install_transport()
         try:
@@ -328,8 +360,20 @@ class WeChatPayGateway:
             raise ValueError(f"out_refund_no must match {OUT_REFUND_NO_PATTERN.pattern}: {out_refund_no!r}")
         return self._call("query", out_refund_no, lambda: self._wxpay.query_refund(out_refund_no), deadline)
 
+    # -- PaymentGateway ------------------------------------------------------
+
+    def query_payment(self, out_trade_no: str, *, deadline: Callable[[], float] | None = None) -> PaymentResult:
+        """The trade's state by our out_trade_no (an order never paid has no transaction_id)."""
+        _check_trade_no(out_trade_no)
+        return self._call("pay_query", out_trade_no, lambda: self._wxpay.query(out_trade_no=out_trade_no), deadline)
+
+    def close_payment(self, out_trade_no: str, *, deadline: Callable[[], float] | None = None) -> PaymentResult:
+        """Ask WeChat to close the trade; a 204 is CloseSent, never proof (query after it)."""
+        _check_trade_no(out_trade_no)
+        return self._call("pay_close", out_trade_no, lambda: self._wxpay.close(out_trade_no=out_trade_no), deadline)
+
     def calls_within(self, endpoint: str, seconds: float) -> int | None:
-        """How many `endpoint` calls ("apply" or "query") the pacer can still start within `seconds`
+        """How many `endpoint` calls (one of ENDPOINTS) the pacer can still start within `seconds`
         from now, after the slots other threads have booked; None when unpaced. Books nothing."""
         return self._limiter(endpoint).calls_within(seconds)
 
@@ -369,7 +413,7 @@ class WeChatPayGateway:
     def _limiter(self, endpoint: str) -> RateLimiter:
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}: {endpoint!r}")
-        return self._apply_limiter if endpoint == "apply" else self._query_limiter
+        return self._limiters[endpoint]
 
     @contextmanager
     def _session(self) -> Iterator[requests.Session]:
@@ -388,7 +432,7 @@ class WeChatPayGateway:
     def _call(
         self,
         action: str,
-        out_refund_no: str,
+        number: str,
         send: Callable[[], tuple[int, str | bytes]],
         deadline: Callable[[], float] | None,
     ) -> GatewayResult:
@@ -403,16 +447,15 @@ class WeChatPayGateway:
         except CallNotSent as exc:
             result: GatewayResult = NotSent(exc.code, exc.message)
         else:
-            result = self._send(budget, capture, send)
-        if isinstance(result, Accepted) and result.refund.out_refund_no != out_refund_no:
-            # A verified answer about another refund means we cannot tell what happened to ours.
-            result = UnknownOutcome(
-                "RESPONSE_MISMATCH", f"answer is about {result.refund.out_refund_no!r}", result.request_id
-            )
-        self._log_call(action, out_refund_no, capture, started, result)
+            result = self._send(action, budget, capture, send)
+        about = _answer_is_about(result)
+        if about is not None and about != number:
+            # A verified answer about another refund or trade: we cannot tell what happened to ours.
+            result = UnknownOutcome("RESPONSE_MISMATCH", f"answer is about {about!r}", result.request_id)
+        self._log_call(action, number, capture, started, result)
         return result
 
-    def _send(self, budget: _Budget, capture: _Capture, send: Callable[[], tuple[int, str | bytes]]) -> GatewayResult:
+    def _send(self, action: str, budget: _Budget, capture: _Capture, send: Callable[[], tuple[int, str | bytes]]) -> GatewayResult:
         with self._session() as session, _TRANSPORT.bound(_Binding(session, self._public_key_id, budget, capture)):
             try:
                 status, body = send()
@@ -421,23 +464,25 @@ class WeChatPayGateway:
                 if result is None:
                     raise
                 return result
+        if action in ("pay_query", "pay_close"):
+            return classify_payment(action, status, body, capture.request_id)
         return classify(status, body, capture.request_id)
 
     @staticmethod
-    def _log_call(action: str, out_refund_no: str, capture: _Capture, started: float, result: GatewayResult) -> None:
+    def _log_call(action: str, number: str, capture: _Capture, started: float, result: GatewayResult) -> None:
         _log.bind(
             action=action,
-            out_refund_no=out_refund_no,
+            **{"out_trade_no" if action.startswith("pay_") else "out_refund_no": number},
             http_status=capture.status,
             request_id=capture.request_id,
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
             outcome=type(result).__name__,
             code=getattr(result, "code", None),
-        ).debug("refund {} answered: {}", action, result.describe())
+        ).debug("{} answered: {}", action, result.describe())
 
     def __repr__(self) -> str:
         return (
             f"WeChatPayGateway(mchid={self._mchid!r}, base_url={self._base_url!r}, "
             f"merchant_serial_no={self._merchant_serial_no!r}, platform_public_key_id={self._public_key_id!r}, "
-            f"apply_qps={self._apply_limiter.qps!r}, query_qps={self._query_limiter.qps!r})"
+            f"apply_qps={self._limiters['apply'].qps!r}, query_qps={self._limiters['query'].qps!r})"
         )

@@ -131,6 +131,7 @@ def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     gateway = {"batch_size": 100, "concurrency": 16, "lease_seconds": LEASE_SECONDS}
     jobs = {
         "intake": {**common, "batch_size": 200},
+        "close_unpaid": {**common, **gateway},
         "submit_refund": {**common, **gateway},
         "poll_refund": {**common, **gateway, "poll_delays_seconds": list(POLL_DELAYS_SECONDS)},
         "sync_result": {**common, "batch_size": 200},
@@ -195,6 +196,8 @@ def q_scalar(db: Engine, sql: str, **params: Any) -> Any:
 # What each stage still has to do, straight from the contract's "picks rows where" column.
 PENDING_SQL = {
     "intake": "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0",
+    "close_unpaid": "SELECT COUNT(*) FROM goods_order2 WHERE close_scanned = 0 AND cancel_requested_at IS NOT NULL"
+    " AND is_deleted = 0",
     "submit_refund": "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 0",
     "poll_refund": "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1 AND progress_scanned = 0",
     "sync_result": "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND sync_scanned = 0",

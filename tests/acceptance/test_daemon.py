@@ -141,7 +141,7 @@ def test_run_once_exits_0_and_leaves_nothing_ready(tmp_path, mysql_db, mysql_url
     assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2 WHERE pay_status = 0 AND stock_scanned = 1 AND stock_success = 1") == len(unpaid)
     # the summary an operator reads on stdout
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
-    assert set(lines) == {"intake", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales"}
+    assert set(lines) == {"intake", "close_unpaid", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales"}
     assert f"done {n:6}" in lines["intake"] and "failed     1" in lines["intake"]
     harness.report("issue5 run --once", n=n, paid=paid, seconds=watch.elapsed)
 

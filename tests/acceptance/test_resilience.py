@@ -149,7 +149,8 @@ def test_a_stop_that_runs_out_of_time_never_lets_another_daemon_call_the_same_re
     shop.insert_orders(mysql_db, [shop.order_row(i) for i in range(1, 21)])
     baseline = harness.Baseline.take(mysql_db)
     long_lease = {"batch_size": 50, "concurrency": 20, "lease_seconds": 16}  # > connect + read + 5 s
-    config = harness.daemon_config(mysql_url, emu, jobs=harness.fast_jobs(submit_refund=long_lease, poll_refund=long_lease),
+    config = harness.daemon_config(mysql_url, emu, jobs=harness.fast_jobs(submit_refund=long_lease, poll_refund=long_lease,
+                                                                       close_unpaid=long_lease),
                                    wechat={"timeout_seconds": [1, SLOW_CALL_SECONDS + 3]}, shutdown_timeout_seconds=1)
     first = daemons(tmp_path / "first", config, emu.env(), name="first")
     second = daemons(tmp_path / "second", config, emu.env(), name="second")

@@ -7,10 +7,14 @@ import threading
 import pytest
 
 from cancel_scanner.engine.runner import Hooks
-from tests.flow import World, add_goods, add_order, checksum, pending, request_cancel, rows, scalar, test_config
+from tests.flow import T0, World, add_goods, add_order, checksum, pending, request_cancel, rows, scalar, test_config
+from testsupport import shop
 
 pytestmark = pytest.mark.mysql
 N = 1000
+
+
+ORDERS_PLACED = (T0 - shop.ORDER_AGE).strftime("%Y-%m-%d %H:%M:%S")  # old enough for close_unpaid
 
 
 def test_two_engines_at_once_give_the_same_end_state_as_one(mysql_db, mysql_url, sandbox):
@@ -20,10 +24,10 @@ def test_two_engines_at_once_give_the_same_end_state_as_one(mysql_db, mysql_url,
     with world.db.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount, pay_status,"
-            " transaction_id, order_status) VALUES "
+            " transaction_id, order_status, created_at) VALUES "
             + ",".join(
                 f"({i}, 'SO{i:010d}', 1, 1, {1 + i % 2}, 2, {500 + i}, {int(i % 5 != 0)},"
-                f" {'NULL' if i % 5 == 0 else repr('42' + str(i))}, '{'UNPAID' if i % 5 == 0 else 'PAID'}')"
+                f" {'NULL' if i % 5 == 0 else repr('42' + str(i))}, '{'UNPAID' if i % 5 == 0 else 'PAID'}', '{ORDERS_PLACED}')"
                 for i in range(1, N + 1)
             )
         )

@@ -29,7 +29,7 @@ def test_the_shipped_jobs_yaml_is_valid_and_enables_all_six_stages():
     assert config.wechat.mode == "sandbox"
     assert config.is_sqlite
     assert [j.name for j in config.jobs.values() if j.enabled] == [
-        "intake", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales",
+        "intake", "close_unpaid", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales",
     ]
     assert config.job("submit_refund").concurrency == 16
     assert config.job("poll_refund").poll_delays_seconds == (60, 300, 600, 1200, 1800)

@@ -83,6 +83,7 @@ from cancel_scanner.gateway.emulator.exchange import (
     RequestHandling,
 )
 from cancel_scanner.gateway.emulator.ledger import MAX_REFUNDS_PER_ORDER, SUCCESS_DELAY_SECONDS, TICK_SECONDS, RefundLedger
+from cancel_scanner.gateway.emulator.payments import PaymentDesk
 from cancel_scanner.gateway.emulator.notifications import (
     NOTIFY_RETRY_DELAYS_SECONDS,
     NOTIFY_TIMEOUT_SECONDS,
@@ -115,7 +116,7 @@ __all__ = [
 _log = logger.bind(component="emulator")
 
 
-class Emulator(RequestHandling, RefundLedger, NotificationSender):
+class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender):
     """The emulated gateway. Attributes without a leading underscore may be read or set at any time
     (`keys` excepted: the emulator signs and checks with the keys it was built with).
 
@@ -159,6 +160,7 @@ class Emulator(RequestHandling, RefundLedger, NotificationSender):
         self._fault_book = FaultBook(faults)
         self._init_requests(apply_qps, query_qps, latency, request_log_size)
         self._init_ledger(success_delay, strict_payments, min_refund_interval)
+        self._init_payments()
         self._init_notifications(notify_url, notify_retry_delays)
 
         self._stopping = threading.Event()
@@ -255,6 +257,7 @@ class Emulator(RequestHandling, RefundLedger, NotificationSender):
                 "max_in_flight": dict(self.max_in_flight),
                 "requests": dict(self.requests),
                 "faults_injected": dict(self.faults_injected),
+                "payment_counts": dict(self.payment_counts),
             }
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:

@@ -25,8 +25,10 @@ from cancel_scanner.gateway.faults import ERRORS, Fault, FaultBook, Reply
 from cancel_scanner.gateway.faults import error_reply as _error
 
 REFUNDS_PATH = "/v3/refund/domestic/refunds"
+TRADES_PATH = "/v3/pay/transactions/out-trade-no"
 APPLY_QPS = 150
 QUERY_QPS = 300
+PAYMENT_QPS = 300  # each of the payment query and the close
 QPS_WINDOW_SECONDS = 1.0
 REQUEST_LOG_SIZE = 100_000
 LATENCY_SEED = 7  # the same run of delays every time: a scenario's timing does not depend on luck
@@ -46,6 +48,8 @@ class RequestHandling:
     _fault_book: FaultBook
     _apply: Callable[[bytes], Reply]
     _query: Callable[[str], Reply]
+    _query_payment: Callable[[str], Reply]
+    _close_payment: Callable[[str], Reply]
 
     def _init_requests(
         self, apply_qps: int | None, query_qps: int | None, latency: tuple[float, float] | None, request_log_size: int
@@ -55,7 +59,8 @@ class RequestHandling:
         # network and WeChat's own work), so a client's calls overlap; None: answered at once.
         self.latency = latency
         self._latency_rng = random.Random(LATENCY_SEED)
-        self._windows: dict[str, deque[float]] = {"apply": deque(), "query": deque()}
+        self.payment_qps: int | None = PAYMENT_QPS
+        self._windows: dict[str, deque[float]] = {k: deque() for k in ("apply", "query", "pay_query", "pay_close")}
         self._in_flight: Counter[str] = Counter()
         self.max_in_flight: dict[str, int] = {}  # out_refund_no -> most requests for it at once
         self.requests: Counter[tuple[str, int]] = Counter()  # (method, status); status 0 = dropped
@@ -119,7 +124,8 @@ class RequestHandling:
             base = reply.redirect_to or f"http://127.0.0.2:{handler.server.server_address[1]}"
             handler.write_reply(reply.status, b"", {"Location": base + handler.path, "Request-ID": request_id})
             return
-        payload = json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        # A 204 (a close) has no body at all; its signature is over the empty body.
+        payload = b"" if reply.status == 204 else json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if reply.huge is not None:
             length, pieces = faults.padded(payload, reply.huge.size)
             # Only a 2xx is signed (over the whole stream); a huge error is a proxy's page.
@@ -160,6 +166,12 @@ class RequestHandling:
             return "apply", number if isinstance(number, str) else None
         if method == "GET" and path.startswith(REFUNDS_PATH + "/"):
             return "query", path[len(REFUNDS_PATH) + 1 :] or None
+        if path.startswith(TRADES_PATH + "/"):
+            rest = path[len(TRADES_PATH) + 1 :]
+            if method == "GET" and rest and "/" not in rest:
+                return "pay_query", rest
+            if method == "POST" and rest.endswith("/close") and rest.count("/") == 1:
+                return "pay_close", rest[: -len("/close")]
         return "other", None
 
     def _handle(
@@ -183,20 +195,24 @@ class RequestHandling:
                 return early
         if kind == "apply":
             reply = self._apply(body)
-        else:
+        elif kind == "query":
             reply = self._query(number or "")
+        elif kind == "pay_query":
+            reply = self._query_payment(number or "")
+        else:
+            reply = self._close_payment(number or "")
         # A query records nothing, so a bad signature on it can only tamper the real answer.
         strike_after = fault is not None and (
             fault.after_commit or (kind == "query" and fault.kind == "bad_signature")
         )
-        if strike_after and reply.status == 200:
+        if strike_after and 200 <= reply.status < 300:
             return faults.strike_after(fault, reply)
         return reply
 
     def _over_limit(self, kind: str) -> bool:
         """True if this call is over its QPS limit; a call that is not does count towards the window."""
         with self._lock:
-            limit = self.apply_qps if kind == "apply" else self.query_qps
+            limit = {"apply": self.apply_qps, "query": self.query_qps}.get(kind, self.payment_qps)
             if limit is None:
                 return False
             now = self._monotonic()

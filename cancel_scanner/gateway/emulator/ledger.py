@@ -178,6 +178,8 @@ class RefundLedger:
             if refused is not None:
                 return refused
             assert payment is not None
+            if not payment.paid:
+                return _error(400, "INVALID_REQUEST", f"trade {payment.out_trade_no} is {payment.state}, not paid")
             if amount["total"] != payment.total:
                 return _error(400, "INVALID_REQUEST", "amount.total differs from the amount paid")
             if amount["refund"] > amount["total"]:
@@ -204,6 +206,7 @@ class RefundLedger:
             self._processing.add(number)
             self.refunds_created[number] += 1
             self.fen_refunded[payment.out_trade_no] += refund.refund
+            payment.state = "REFUND"
             self._changed.notify_all()
             return Reply(200, refund_json(refund))
 
@@ -228,7 +231,7 @@ class RefundLedger:
         return self._add_payment(out_trade_no or transaction_id, data["amount"]["total"], transaction_id), None
 
     def _add_payment(self, out_trade_no: str, total: int, transaction_id: str | None) -> Payment:
-        payment = Payment(out_trade_no, total, transaction_id or digits("4200", 28))
+        payment = Payment(out_trade_no, total, transaction_id or digits("4200", 28), success_at=self._clock())
         self._payments[out_trade_no] = payment
         self._payments_by_transaction[payment.transaction_id] = payment
         return payment

@@ -30,9 +30,18 @@ Matcher = str | Callable[[dict[str, Any]], bool]
 
 @dataclass
 class Payment:
+    """One trade. Registered paid (the refund tests' payments) or created NOTPAY (an order's prepay)."""
+
     out_trade_no: str
     total: int
     transaction_id: str
+    state: str = "SUCCESS"  # NOTPAY | USERPAYING | SUCCESS | REFUND | CLOSED
+    success_at: float | None = None
+    pays_while_closing: bool = False  # the next close is answered 204 while the user's payment goes through
+
+    @property
+    def paid(self) -> bool:
+        return self.state in ("SUCCESS", "REFUND")
 
 
 class RecordedRefund(NamedTuple):
@@ -162,3 +171,26 @@ def forged_refund(body: bytes, clock: Callable[[], float]) -> dict[str, Any] | N
         created_at=clock(),
     )
     return refund_json(forged)
+
+
+def payment_json(payment: Payment, mchid: str, appid: str) -> dict[str, Any]:
+    """The trade object of a payment query."""
+    data: dict[str, Any] = {
+        "appid": appid,
+        "mchid": mchid,
+        "out_trade_no": payment.out_trade_no,
+        "trade_type": "NATIVE",
+        "trade_state": payment.state,
+        "trade_state_desc": payment.state,
+        "attach": "",
+        "payer": {"openid": "oEmulatorPayer0000000000000"},
+        "amount": {"total": payment.total, "currency": "CNY"},
+    }
+    if payment.paid:
+        data.update(
+            transaction_id=payment.transaction_id,
+            bank_type="OTHERS",
+            success_time=rfc3339(payment.success_at if payment.success_at is not None else 0.0),
+        )
+        data["amount"].update(payer_total=payment.total, payer_currency="CNY")
+    return data
