@@ -8,8 +8,17 @@ from datetime import datetime
 import pytest
 import requests
 
-from cancel_scanner.gateway.classify import AnswerTooLarge, CallNotSent, UnverifiedResponse, classify, classify_exception
+from cancel_scanner.gateway.classify import (
+    AnswerTooLarge,
+    CallNotSent,
+    UnverifiedResponse,
+    classify,
+    classify_exception,
+    classify_payment,
+)
 from cancel_scanner.gateway.contract import (
+    CloseSent,
+    PaymentState,
     Accepted,
     ConfigError,
     NotSent,
@@ -207,3 +216,37 @@ def test_a_valid_refund_request_is_kept_as_given():
     req = RefundRequest("R-1_a", "O1", 1000, 1280, reason="缺货")
 
     assert (req.out_refund_no, req.refund_amount, req.total_amount, req.reason) == ("R-1_a", 1000, 1280, "缺货")
+
+
+# --- payments: query and close ---------------------------------------------------------------
+
+PAID = {"out_trade_no": "SO1", "trade_state": "SUCCESS", "transaction_id": "4200", "success_time": "2026-11-01T10:00:00+08:00",
+        "amount": {"total": 500}}
+
+
+@pytest.mark.parametrize("call, status, body, kind, code", [
+    ("pay_close", 204, "", CloseSent, "CLOSE_ANSWERED"),
+    ("pay_close", 400, '{"code":"ORDER_CLOSED","message":"closed"}', CloseSent, "CLOSE_ANSWERED"),
+    ("pay_close", 202, '{"code":"USER_PAYING","message":"paying"}', RetryLater, "USER_PAYING"),
+    ("pay_close", 400, '{"code":"ORDERPAID","message":"paid"}', Permanent, "ORDERPAID"),
+    ("pay_close", 200, '{"trade_state":"CLOSED"}', UnknownOutcome, "BAD_RESPONSE"),  # not WeChat's 204: proves nothing
+    ("pay_close", 302, "", UnknownOutcome, "REDIRECT"),
+    ("pay_close", 500, '{"code":"SYSTEM_ERROR","message":"x"}', UnknownOutcome, "SYSTEM_ERROR"),
+    ("pay_query", 404, '{"code":"ORDER_NOT_EXIST","message":"no"}', Permanent, "ORDER_NOT_EXIST"),
+    ("pay_query", 404, '{"code":"ORDERNOTEXIST","message":"no"}', Permanent, "ORDERNOTEXIST"),
+    ("pay_query", 401, '{"code":"SIGN_ERROR","message":"x"}', ConfigError, "SIGN_ERROR"),
+    ("pay_query", 429, '{"code":"FREQUENCY_LIMITED","message":"x"}', UnknownOutcome, "FREQUENCY_LIMITED"),
+    ("pay_query", 200, "not json", UnknownOutcome, "BAD_RESPONSE"),
+    ("pay_query", 200, '{"out_trade_no":"SO1","trade_state":"PAID_MAYBE"}', UnknownOutcome, "BAD_RESPONSE"),
+    # "paid" without the fields a payment is booked from is not believed
+    ("pay_query", 200, '{"out_trade_no":"SO1","trade_state":"SUCCESS","amount":{"total":500}}', UnknownOutcome, "BAD_RESPONSE"),
+])
+def test_a_payment_answer_is_classified_by_what_it_proves(call, status, body, kind, code):
+    result = classify_payment(call, status, body, "RID")
+    assert type(result) is kind and result.code == code
+
+
+def test_a_paid_trade_is_read_with_its_transaction_amount_and_utc_time():
+    result = classify_payment("pay_query", 200, json.dumps(PAID), "RID")
+    assert isinstance(result, PaymentState) and result.payment.paid
+    assert (result.payment.transaction_id, result.payment.total, result.payment.success_time.hour) == ("4200", 500, 2)
