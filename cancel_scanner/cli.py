@@ -106,8 +106,8 @@ def migrate(obj: _Ctx, show_sql: bool, check: bool) -> None:
     cfg = obj.config()
     engine = make_engine(cfg.database_url)
     try:
-        plan = migration_plan(engine)
         if show_sql or check:
+            plan = migration_plan(engine)
             if show_sql:
                 click.echo("\n".join(schema.render(plan)))
             if check:
@@ -115,12 +115,14 @@ def migrate(obj: _Ctx, show_sql: bool, check: bool) -> None:
                 click.echo(f"schema version {plan.current if plan.current is not None else 'none'}, head {plan.head}: {state}", err=show_sql)
                 sys.exit(EXIT_BEHIND if plan.behind else EXIT_OK)
             return
-        if not plan.behind:
-            click.echo(f"schema at version {plan.head}: nothing to do")
-            return
-        for note in plan.notes:
-            click.echo(f"note: {note}")
-        schema.apply(engine, plan, say=click.echo)
+        with schema.exclusive(engine, say=click.echo):  # planned under the lock: a second migrate finds nothing to do
+            plan = migration_plan(engine)
+            if not plan.behind:
+                click.echo(f"schema at version {plan.head}: nothing to do")
+                return
+            for note in plan.notes:
+                click.echo(f"note: {note}")
+            schema.apply(engine, plan, say=click.echo)
     except schema.SchemaRefused as exc:
         click.echo(f"cancel-scanner: migrate refused: {exc}", err=True)
         sys.exit(EXIT_CONFIG)

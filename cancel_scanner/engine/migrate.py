@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from sqlalchemy import Connection, Engine, TextClause, inspect, text
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, MetaData
@@ -39,6 +40,8 @@ _VERSION_INSERT = re.compile(r"INSERT IGNORE INTO cancel_scanner_schema \(versio
 LOCK_WAIT_SECONDS = 3  # per try, for the metadata lock of an ALTER
 LOCK_TRIES = 5
 _ONLINE_REFUSED = {1845, 1846}  # "ALGORITHM=... is not supported for this operation"
+MIGRATE_WAIT_SECONDS = 300  # for another migrate of the same database to finish
+_UTF8MB4 = "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
 
 
 def head_version(script: str | None = None) -> int:
@@ -66,10 +69,28 @@ class ColumnSpec:
         return re.match(r"[A-Z]+(?:\(\d+(?:,\d+)?\))?(?: UNSIGNED)?", self.definition).group(0)
 
     @property
+    def _attributes(self) -> str:
+        """The definition before its COMMENT: a comment's words ("NOT NULL", "DEFAULT") are not the column's."""
+        return self.definition.split(" COMMENT ", 1)[0]
+
+    @property
+    def not_null(self) -> bool:
+        return "NOT NULL" in self._attributes
+
+    @property
     def needs_value(self) -> bool:
         """NOT NULL without a default: an existing row has nothing to put there."""
-        d = self.definition
-        return "NOT NULL" in d and "DEFAULT" not in d and "AUTO_INCREMENT" not in d
+        d = self._attributes
+        return self.not_null and "DEFAULT" not in d and "AUTO_INCREMENT" not in d
+
+    @property
+    def is_string(self) -> bool:
+        return self.type.split("(")[0].lower() in _STRINGS
+
+    def in_utf8mb4(self) -> str:
+        """The definition with utf8mb4 said: added to a shop's latin1 (or utf8mb3) table, a column would
+        otherwise take the table's charset, and a WeChat message in Chinese could not be written to it."""
+        return f"{self.type} {_UTF8MB4}{self.definition[len(self.type):]}"
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,18 @@ def backfills(script: str) -> dict[tuple[str, str], str]:
     return {(t, c): sql.rstrip(";") for t, c, sql in _BACKFILL.findall(script)}
 
 
+def _without_comment(line: str) -> str:
+    """The line without a trailing ``-- comment`` (outside quotes: a COMMENT '... -- ...' stays): in the
+    one-line ALTER migrate builds, a comment left in would swallow the rest of the statement."""
+    quoted = False
+    for i, char in enumerate(line):
+        if char == "'":
+            quoted = not quoted  # '' (an escaped quote) toggles twice
+        elif not quoted and line.startswith("--", i) and line[i + 2: i + 3] in ("", " ", "\t"):
+            return line[:i].rstrip()
+    return line
+
+
 _KEY = re.compile(r"(?:CONSTRAINT (\w+) )?(PRIMARY KEY|UNIQUE KEY|INDEX|KEY|CHECK)\s*(\w+)?\s*\((.*)\)$")
 
 
@@ -111,7 +144,7 @@ def parse_schema(script: str) -> tuple[list[TableSpec], list[str]]:
             continue
         body = stmt[head.end(): re.search(r"\n\)", stmt).start()]  # the column list ends at a line opening with ")"
         columns, keys = [], []
-        for line in (raw.strip().rstrip(",") for raw in body.splitlines()):
+        for line in (_without_comment(raw.strip()).rstrip(",") for raw in body.splitlines()):
             if not line or line.startswith("--"):
                 continue
             key = _KEY.match(line)
@@ -136,21 +169,28 @@ class LiveTable:
     indexes: dict[str, tuple[tuple[str, ...], bool]] = field(default_factory=dict)  # name -> (columns, unique)
     checks: set[str] = field(default_factory=set)
     rows: int = 0  # the optimizer's estimate, for the plan's words only
+    nullable: set[str] = field(default_factory=set)
+    octets: dict[str, int] = field(default_factory=dict)  # name -> bytes in an index (strings: CHARACTER_OCTET_LENGTH)
+    collation: str = ""
+    row_format: str = ""
 
 
 def _live_mysql(conn: Connection) -> dict[str, LiveTable]:
     live: dict[str, LiveTable] = {}
-    for name, rows in conn.execute(text(
-        "SELECT TABLE_NAME, COALESCE(TABLE_ROWS, 0) FROM information_schema.TABLES"
-        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE'"
+    for name, rows, collation, row_format in conn.execute(text(
+        "SELECT TABLE_NAME, COALESCE(TABLE_ROWS, 0), COALESCE(TABLE_COLLATION, ''), COALESCE(ROW_FORMAT, '')"
+        " FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE'"
     )):
-        live[name] = LiveTable(rows=int(rows))
-    for table, column, column_type in conn.execute(text(
-        "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
-        " ORDER BY TABLE_NAME, ORDINAL_POSITION"
+        live[name] = LiveTable(rows=int(rows), collation=collation.lower(), row_format=row_format.lower())
+    for table, column, column_type, nullable, octets in conn.execute(text(
+        "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS"
+        " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, ORDINAL_POSITION"
     )):
         if table in live:
             live[table].columns[column] = column_type.lower()
+            live[table].octets[column] = int(octets) if octets is not None else 8
+            if nullable == "YES":
+                live[table].nullable.add(column)
     for table, index, column, non_unique in conn.execute(text(
         "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, NON_UNIQUE FROM information_schema.STATISTICS"
         " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
@@ -214,6 +254,7 @@ class Plan:
     head: int
     steps: list[Step]
     notes: list[str]
+    lock_wait_seconds: int | None = None  # MySQL: what each DDL waits for its metadata lock (the session's first statement)
 
     @property
     def behind(self) -> bool:
@@ -231,7 +272,7 @@ def plan(engine: Engine, script: str | None = None, metadata: MetaData | None = 
                 f"the database is at schema version {current}, newer than this cancel-scanner's {head}: upgrade cancel-scanner"
             )
         if is_mysql(engine):
-            steps, notes = _plan_mysql(conn, script)
+            steps, notes = _plan_mysql(conn, script, behind=current is None or current < head)
         else:
             steps, notes = _plan_sqlite(conn, metadata, backfills(script))
     if steps or current is None or current < head:
@@ -240,7 +281,8 @@ def plan(engine: Engine, script: str | None = None, metadata: MetaData | None = 
             f"INSERT {'IGNORE' if is_mysql(engine) else 'OR IGNORE'} INTO {VERSION_TABLE} (version, applied_by) VALUES ({head}, 'migrate')",
             "nothing (one row)",
         ))
-    return Plan(engine.url.render_as_string(hide_password=True), current, head, steps, notes)
+    return Plan(engine.url.render_as_string(hide_password=True), current, head, steps, notes,
+                LOCK_WAIT_SECONDS if is_mysql(engine) else None)
 
 
 def current_version(conn: Connection) -> int | None:
@@ -249,7 +291,9 @@ def current_version(conn: Connection) -> int | None:
     return conn.execute(text(f"SELECT MAX(version) FROM {VERSION_TABLE}")).scalar()
 
 
-def _plan_mysql(conn: Connection, script: str) -> tuple[list[Step], list[str]]:
+def _plan_mysql(conn: Connection, script: str, *, behind: bool = False) -> tuple[list[Step], list[str]]:
+    """``behind``: the database records an older version (or none), so its views may be an older
+    version's too: they are created again even when no table needs a step."""
     tables, others = parse_schema(script)
     live = _live_mysql(conn)
     steps, notes, refusals = [], [], []
@@ -258,11 +302,12 @@ def _plan_mysql(conn: Connection, script: str) -> tuple[list[Step], list[str]]:
         if have is None:
             steps.append(Step(f"create table {table.name}", table.create, "nothing (a new table)"))
             continue
-        refusals += _refusals(table, have)
+        refusals += _refusals(table, have) + _key_refusals(conn, table, have)
         steps += _adopt_mysql(table, have, notes, backfills(script))
+    refusals += [f"{_view_name(v)} is a table; cancel-scanner needs that name for its view" for v in others if _view_name(v) in live]
     if refusals:
         raise SchemaRefused("; ".join(refusals) + ". Nothing was changed.")
-    if steps or not all(_view_name(v) in _views(conn) for v in others):
+    if steps or behind or not all(_view_name(v) in _views(conn) for v in others):
         for stmt in others:
             steps.append(Step(f"(re)create view {_view_name(stmt)}", stmt, "nothing (a view: metadata only)"))
     return steps, notes
@@ -278,17 +323,80 @@ def _refusals(table: TableSpec, have: LiveTable) -> list[str]:
                            " add it with the shop's values first")
         elif not type_holds(found, column.type):
             out.append(f"{table.name}.{column.name} is {found}; cancel-scanner needs {column.type} (or wider)")
+        elif column.not_null and column.name in have.nullable:
+            # The polls compare these columns (is_deleted = 0, order_status = 'CANCELLED'): a NULL there
+            # hides the row from them for good, and no error ever says so.
+            out.append(f"{table.name}.{column.name} allows NULL; cancel-scanner needs it NOT NULL (a row with NULL there"
+                       " is never scanned): set its NULLs and make it NOT NULL first")
     primary = next((k for k in table.keys if k.kind == "primary"), None)
     if primary is not None and have.indexes.get("PRIMARY", ((), True))[0] != primary.columns:
         out.append(f"{table.name} needs PRIMARY KEY ({', '.join(primary.columns)})")
     return out
 
 
+MAX_KEY_BYTES = 3072  # InnoDB's limit for one index (DYNAMIC, COMPRESSED)
+MAX_KEY_PART_BYTES_COMPACT = 767  # for one column of it in a COMPACT or REDUNDANT table
+
+
+def _keys_to_add(table: TableSpec, have: LiveTable) -> list[KeySpec]:
+    """Our unique keys and indexes the table lacks. An index of the shop's on the same columns serves
+    (whatever its name); for a unique key only a unique one does, or duplicates would go unrefused."""
+    present = set(have.indexes.values())
+    out = []
+    for key in (k for k in table.keys if k.kind in ("unique", "index")):
+        if key.name in have.indexes or (key.columns, True) in present:
+            continue
+        if key.kind == "index" and (key.columns, False) in present:
+            continue
+        out.append(key)
+    return out
+
+
+def _key_refusals(conn: Connection, table: TableSpec, have: LiveTable) -> list[str]:
+    """What would make an index step fail half-way, after the columns were added: a unique key whose
+    name the shop took, duplicates it would refuse, a shop column too long (or TEXT) to index."""
+    out = []
+    for key in (k for k in table.keys if k.kind == "unique" and k.name in have.indexes):
+        if have.indexes[key.name] != (key.columns, True):
+            cols, unique = have.indexes[key.name]
+            out.append(f"{table.name}.{key.name} is {'a unique key' if unique else 'an index'} on ({', '.join(cols)});"
+                       f" cancel-scanner needs it UNIQUE on ({', '.join(key.columns)})")
+    ours = {c.name: c for c in table.columns}
+    limit = MAX_KEY_PART_BYTES_COMPACT if have.row_format in ("compact", "redundant") else MAX_KEY_BYTES
+    for key in _keys_to_add(table, have):
+        octets = {c: have.octets[c] if c in have.octets else _octets(ours[c]) for c in key.columns}
+        wide = [c for c in key.columns if octets[c] > limit]
+        if wide or sum(octets.values()) > MAX_KEY_BYTES:
+            shown = ", ".join(f"{c} {have.columns.get(c, ours[c].type)}" for c in (wide or key.columns))
+            out.append(f"{table.name}: index {key.name} cannot be built on {shown} (over InnoDB's"
+                       f" {limit if wide else MAX_KEY_BYTES} bytes a key): make the column(s) shorter first")
+            continue
+        duplicate = _a_duplicate(conn, table.name, key.columns) if key.kind == "unique" and set(key.columns) <= set(have.columns) else None
+        if duplicate is not None:
+            out.append(f"{table.name} has rows with the same ({', '.join(key.columns)}), e.g. {duplicate};"
+                       " cancel-scanner needs it unique")
+    return out
+
+
+def _octets(column: ColumnSpec) -> int:
+    """Bytes of one of our columns in an index (utf8mb4: 4 a character)."""
+    length = re.search(r"\((\d+)\)", column.type)
+    return 4 * int(length.group(1)) if column.is_string and length else 8
+
+
+def _a_duplicate(conn: Connection, table: str, columns: tuple[str, ...]) -> str | None:
+    cols = ", ".join(columns)
+    row = conn.exec_driver_sql(f"SELECT {cols} FROM {table} GROUP BY {cols} HAVING COUNT(*) > 1 LIMIT 1").first()
+    return None if row is None else ", ".join(repr(v) for v in row)
+
+
 def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dict[tuple[str, str], str]) -> list[Step]:
     steps = []
     missing = [c for c in table.columns if c.name not in have.columns]
     if missing:
-        adds = ", ".join(f"ADD COLUMN {c.name} {c.definition}" for c in missing)
+        other_charset = not have.collation.startswith("utf8mb4")
+        adds = ", ".join(f"ADD COLUMN {c.name} {c.in_utf8mb4() if other_charset and c.is_string else c.definition}"
+                         for c in missing)
         steps.append(Step(
             f"add {len(missing)} column(s) to {table.name} (~{have.rows} rows): {', '.join(c.name for c in missing)}",
             f"ALTER TABLE {table.name} {adds}, ALGORITHM=INSTANT",
@@ -302,12 +410,11 @@ def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dic
                     fills[(table.name, column.name)],
                     "the rows it updates, until it commits",
                 ))
-    existing = {cols for cols, _ in have.indexes.values()}
     for key in table.keys:
-        if key.kind in ("unique", "index") and key.name in have.indexes and have.indexes[key.name][0] != key.columns:
+        if key.kind == "index" and key.name in have.indexes and have.indexes[key.name][0] != key.columns:
             notes.append(f"{table.name}: index {key.name} exists on ({', '.join(have.indexes[key.name][0])}),"
                          f" not ({', '.join(key.columns)}); left as it is, the polls may be slower")
-    keys = [k for k in table.keys if k.kind in ("unique", "index") and k.name not in have.indexes and k.columns not in existing]
+    keys = _keys_to_add(table, have)
     if keys:
         steps.append(Step(
             f"add {len(keys)} index(es) to {table.name}: {', '.join(k.name for k in keys)}",
@@ -364,6 +471,32 @@ def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[
 # --- running it ---------------------------------------------------------------------------------
 
 
+class MigrationBusy(Exception):
+    """Another migrate of the same database held it too long: nothing was run."""
+
+
+@contextmanager
+def exclusive(engine: Engine, wait_seconds: int = MIGRATE_WAIT_SECONDS,
+              say: Callable[[str], None] = lambda line: None) -> Iterator[None]:
+    """One migrate of a database at a time (MySQL: a named lock for this database). Plan inside it:
+    two that planned at once would both run the same ALTER, and the second fail on a duplicate
+    column half-way, or run a backfill twice. The one that waited then finds nothing to do."""
+    if not is_mysql(engine):
+        yield  # SQLite: one writer already, and an embedded database has one operator
+        return
+    with engine.connect() as conn:
+        name = f"cs_migrate.{conn.exec_driver_sql('SELECT DATABASE()').scalar()}"[:64]  # the server's names are global
+        if not conn.execute(text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar():
+            say(f"-- another cancel-scanner migrate is running on this database: waiting (at most {wait_seconds} s)")
+            if not conn.execute(text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": wait_seconds}).scalar():
+                raise MigrationBusy(f"another cancel-scanner migrate has been running on this database for over {wait_seconds} s;"
+                                    " nothing was run: let it finish, then run migrate again")
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+
+
 def apply(engine: Engine, the_plan: Plan, say: Callable[[str], None] = lambda line: None,
           sleep: Callable[[float], None] = time.sleep, *, lock_wait_seconds: int = LOCK_WAIT_SECONDS,
           tries: int = LOCK_TRIES) -> None:
@@ -404,6 +537,12 @@ def render(the_plan: Plan) -> Iterable[str]:
         yield f"-- note: {note}"
     if not the_plan.steps:
         yield "-- nothing to do"
+    elif the_plan.lock_wait_seconds is not None:
+        # Pasted into the mysql client without it, an ALTER behind a long shop transaction would wait
+        # for hours (the server's default), and every shop query on that table behind the ALTER.
+        yield (f"-- each statement waits at most {the_plan.lock_wait_seconds} s for its table's metadata lock;"
+               " on 'Lock wait timeout exceeded', run it again later")
+        yield f"SET SESSION lock_wait_timeout = {the_plan.lock_wait_seconds};"
     for step in the_plan.steps:
         yield f"-- {step.what}; locks: {step.locks}"
         if step.fallback:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -388,3 +389,209 @@ def test_sqlite_refuses_a_column_it_cannot_add_and_changes_nothing(sqlite_url):
         assert inspect(db).get_table_names() == ["goods"]
     finally:
         db.dispose()
+
+
+# --- adversarial: what a shop's real database has, and what a DBA does with the plan -------------
+
+
+def shop_with(url: str, *changes: str) -> None:
+    """The shop's database, then the statements that make it this shop's."""
+    shop_database(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for stmt in changes:
+            conn.execute(text(stmt))
+    engine.dispose()
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("change, refusal", [
+    # Its polls say is_deleted = 0: an order whose is_deleted is NULL would be cancelled but never restocked.
+    ("ALTER TABLE goods_order2 MODIFY is_deleted TINYINT NULL DEFAULT 0", r"goods_order2\.is_deleted allows NULL"),
+    # Our indexes cover order_status: a TEXT one cannot be indexed, and the ALTER would fail after the columns.
+    ("ALTER TABLE goods_order2 MODIFY order_status TEXT NOT NULL", r"index idx_goods_order2_stock_pending cannot be built on order_status text"),
+    # A unique key of ours whose name the shop took for another key: order_no would not be unique.
+    ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD UNIQUE KEY uk_goods_order2_order_no (order_no, merchant_id)",
+     r"goods_order2\.uk_goods_order2_order_no is a unique key on \(order_no, merchant_id\); cancel-scanner needs it UNIQUE"),
+    # Two orders with one order_no: the unique key would fail half-way through.
+    ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no)",
+     None),  # no duplicates: adopted (below, with the unique key added)
+    ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no);"
+     " UPDATE goods_order2 SET order_no = 'SO1' WHERE id = 2", r"goods_order2 has rows with the same \(order_no\), e\.g\. 'SO1'"),
+    # A table of the shop's with our view's name: CREATE OR REPLACE VIEW would fail at the very end.
+    ("CREATE TABLE v_cancel_scanner_failed (id INT PRIMARY KEY)", r"v_cancel_scanner_failed is a table"),
+])
+def test_a_shop_database_that_would_fail_half_way_is_refused_before_anything_runs(mysql_url, change, refusal):
+    shop_with(mysql_url, *change.split("; "))
+    db = make_engine(mysql_url)
+    try:
+        before = shape(db)
+        if refusal is None:
+            run_migrate(db)
+            unique = {i["name"]: i["unique"] for i in inspect(db).get_indexes("goods_order2")}
+            assert unique["uk_goods_order2_order_no"], "a plain index of the shop's on order_no is no unique key"
+            return
+        with pytest.raises(migrate.SchemaRefused, match=refusal):
+            migration_plan(db)
+        assert shape(db) == before
+    finally:
+        db.dispose()
+
+
+@pytest.mark.mysql
+def test_a_latin1_shop_table_gets_its_new_columns_in_utf8mb4_for_wechats_chinese_messages(mysql_url):
+    shop_with(mysql_url, "ALTER TABLE goods_order2 CONVERT TO CHARACTER SET latin1")
+    db = make_engine(mysql_url)
+    try:
+        sql = "\n".join(migrate.render(migration_plan(db)))
+        assert "ALGORITHM=INSTANT" in sql and "CONVERT" not in sql  # the shop's own columns stay latin1
+        run_migrate(db)
+        with db.begin() as conn:
+            conn.execute(text("UPDATE goods_order2 SET stock_last_error = 'ORDERPAID: 订单已支付' WHERE id = 1"))
+            assert conn.execute(text("SELECT stock_last_error FROM goods_order2 WHERE id = 1")).scalar() == "ORDERPAID: 订单已支付"
+        assert schema_problem(db) is None and migration_plan(db).steps == []
+    finally:
+        db.dispose()
+
+
+@pytest.mark.mysql
+def test_a_database_behind_gets_todays_view_even_when_no_table_needs_a_step(mysql_db):
+    with mysql_db.begin() as conn:  # an older version: same tables, an older view
+        conn.execute(text("CREATE OR REPLACE VIEW v_cancel_scanner_failed AS SELECT 'intake' AS stage"))
+        conn.execute(text("DELETE FROM cancel_scanner_schema"))
+        conn.execute(text("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (:v, 'schema.sql')"),
+                     {"v": migrate.head_version() - 1})
+    run_migrate(mysql_db)
+    with mysql_db.connect() as conn:
+        view = conn.execute(text("SELECT VIEW_DEFINITION FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()")).scalar()
+    assert "submit_refund" in view and "restore_stock" in view
+    assert schema_problem(mysql_db) is None
+
+
+def _mdl_waiters(conn, statement_start: str) -> int:
+    return conn.execute(text(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND INFO LIKE :s"
+        " AND STATE LIKE 'Waiting for table metadata lock'"), {"s": statement_start + "%"}).scalar()
+
+
+@pytest.mark.mysql
+def test_two_migrates_at_once_both_end_at_head_and_nothing_runs_twice(mysql_url, tmp_path):
+    """Both plan, both queue behind a shop transaction on goods: without one migrate at a time the
+    second runs the same ALTER and fails on a duplicate column half-way."""
+    shop_database(mysql_url)
+    holder = create_engine(mysql_url)
+    watch = create_engine(mysql_url)
+    held = holder.connect()
+    try:
+        held.begin()
+        held.execute(text("SELECT COUNT(*) FROM goods"))  # the shop's open transaction: its metadata lock
+        env = {**os.environ, "PYTHONPATH": str(REPO), "CANCEL_SCANNER_DB_URL": mysql_url, "CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
+        procs = [subprocess.Popen([sys.executable, "-m", "cancel_scanner.cli", "migrate"], cwd=tmp_path, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        with watch.connect() as conn:  # one ALTER queued on the lock, the other migrate waiting its turn
+            while time.monotonic() < deadline and not (
+                _mdl_waiters(conn, "ALTER TABLE goods ") >= 1 and conn.execute(text(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT GET_LOCK%'")).scalar() >= 1
+            ):
+                conn.rollback()
+        held.rollback()
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert sum("nothing to do" in out for out, _ in outs) == 1, outs
+        db = make_engine(mysql_url)
+        assert schema_problem(db) is None and migration_plan(db).steps == []
+        db.dispose()
+    finally:
+        held.close()
+        holder.dispose()
+        watch.dispose()
+
+
+@pytest.mark.mysql
+def test_what_migrate_sql_prints_runs_in_the_mysql_client_to_the_same_schema(mysql_url, mysql_admin_url, tmp_path):
+    if not shutil.which("mysql"):
+        pytest.skip("no mysql client")
+    copy = make_url(mysql_url).database + "_dba"
+    admin = create_engine(mysql_admin_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{copy}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    copy_url = make_url(mysql_url).set(database=copy).render_as_string(hide_password=False)
+    by_migrate, by_dba = make_engine(mysql_url), make_engine(copy_url)
+    try:
+        for url in (mysql_url, copy_url):
+            shop_database(url)
+        review = cli(["migrate", "--sql"], copy_url, tmp_path)
+        assert review.returncode == 0, review.stderr
+        assert "SET SESSION lock_wait_timeout = 3;" in review.stdout.splitlines()[:6]  # before the first ALTER
+        u = make_url(copy_url)
+        pasted = subprocess.run(["mysql", "-h", u.host, "-P", str(u.port), "-u", u.username, copy],
+                                input=review.stdout, capture_output=True, text=True, timeout=120)
+        assert pasted.returncode == 0, pasted.stderr
+        run_migrate(by_migrate)
+        assert shape(by_dba) == shape(by_migrate)
+        assert migration_plan(by_dba).steps == []
+    finally:
+        by_migrate.dispose()
+        by_dba.dispose()
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE `{copy}`")
+        admin.dispose()
+
+
+@pytest.mark.mysql
+def test_a_user_without_alter_privilege_gets_one_line_and_a_later_migrate_finishes(mysql_url, mysql_admin_url, tmp_path):
+    shop_database(mysql_url)
+    database = make_url(mysql_url).database
+    user = f"u_{database[-8:]}"
+    admin = create_engine(mysql_admin_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE USER '{user}'@'%%' IDENTIFIED BY 'pw'")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, CREATE VIEW, INDEX ON `{database}`.* TO '{user}'@'%%'")
+    try:
+        limited = make_url(mysql_url).set(username=user, password="pw").render_as_string(hide_password=False)
+        out = cli(["migrate"], limited, tmp_path)
+        lines = errors(out)
+        assert out.returncode == 1 and len(lines) == 1 and "ALTER command denied" in lines[0], out.stderr
+        assert cli(["migrate"], mysql_url, tmp_path).returncode == 0
+        db = make_engine(mysql_url)
+        assert schema_problem(db) is None and migration_plan(db).steps == []
+        db.dispose()
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP USER '{user}'@'%%'")
+        admin.dispose()
+
+
+def test_comments_in_schema_sql_are_never_taken_for_the_columns_definition():
+    script = (
+        "CREATE TABLE IF NOT EXISTS t (\n"
+        "  id BIGINT NOT NULL AUTO_INCREMENT,\n"
+        "  a  VARCHAR(8) NULL COMMENT 'NOT NULL once set, DEFAULT none (see -- x), a, b',\n"
+        "  b  INT NOT NULL DEFAULT 0, -- a trailing remark, with a comma\n"
+        "  c  INT NOT NULL COMMENT 'it''s (DEFAULT 1)',\n"
+        "  CONSTRAINT pk_t PRIMARY KEY (id), -- the key\n"
+        "  INDEX idx_t_ab (a, b)\n"
+        ") ENGINE=InnoDB;\n"
+        "INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (1, 'schema.sql');\n"
+    )
+    (table,), _ = migrate.parse_schema(script)
+    cols = {c.name: c for c in table.columns}
+    assert cols["a"].definition == "VARCHAR(8) NULL COMMENT 'NOT NULL once set, DEFAULT none (see -- x), a, b'"
+    assert not cols["a"].not_null and not cols["a"].needs_value
+    assert cols["b"].definition == "INT NOT NULL DEFAULT 0"  # not ", -- a trailing ...": that would cut the ALTER short
+    assert cols["c"].needs_value
+    assert {k.name: k.columns for k in table.keys} == {"pk_t": ("id",), "idx_t_ab": ("a", "b")}
+
+
+def test_every_key_and_column_type_of_schema_sql_is_the_models():
+    tables, _ = migrate.parse_schema(schema_sql())
+    for spec in tables:
+        model = metadata.tables[spec.name]
+        wanted = {i.name: tuple(c.name for c in i.columns) for i in model.indexes}
+        wanted |= {c.name: tuple(col.name for col in c.columns) for c in model.constraints
+                   if c.name and hasattr(c, "columns") and len(c.columns)}
+        assert {k.name: k.columns for k in spec.keys if k.kind != "check"} == {
+            n: cols for n, cols in wanted.items() if not n.startswith("ck_")}, spec.name
+        for column in spec.columns:
+            assert column.not_null is not model.c[column.name].nullable, f"{spec.name}.{column.name}"
