@@ -471,6 +471,10 @@ def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[
 # --- running it ---------------------------------------------------------------------------------
 
 
+class BackfillNotRun(Exception):
+    """A column was added but its backfill failed: the next migrate sees the column and will not run it."""
+
+
 class MigrationBusy(Exception):
     """Another migrate of the same database held it too long: nothing was run."""
 
@@ -506,8 +510,18 @@ def apply(engine: Engine, the_plan: Plan, say: Callable[[str], None] = lambda li
             conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {int(lock_wait_seconds)}")
         for step in the_plan.steps:
             say(f"-- {step.what}; locks: {step.locks}")
-            _run_step(conn, step, say, sleep, tries)
+            try:
+                _run_step(conn, step, say, sleep, tries)
+            except Exception as exc:
+                if step.what.startswith("backfill "):  # its ALTER has committed: say what is left to do, in full
+                    raise BackfillNotRun(f"{step.what.split()[1]} was added but not backfilled ({_first_line(exc)}); before any"
+                                         f" daemon starts, run by hand: {step.sql}") from exc
+                raise
             conn.commit()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0][:120]
 
 
 def _run_step(conn: Connection, step: Step, say: Callable[[str], None], sleep: Callable[[float], None], tries: int) -> None:

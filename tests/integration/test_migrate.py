@@ -595,3 +595,30 @@ def test_every_key_and_column_type_of_schema_sql_is_the_models():
             n: cols for n, cols in wanted.items() if not n.startswith("ck_")}, spec.name
         for column in spec.columns:
             assert column.not_null is not model.c[column.name].nullable, f"{spec.name}.{column.name}"
+
+
+@pytest.mark.mysql
+def test_a_backfill_that_fails_after_its_column_was_added_says_the_update_to_run_by_hand(mysql_db, mysql_admin_url, tmp_path):
+    """The next migrate sees the column and cannot tell it was never backfilled: the one line must say
+    what to run, or a refund that may have reached WeChat reads "never sent" for good."""
+    with mysql_db.begin() as conn:  # an older cancel-scanner's database, a pending refund that was tried twice
+        conn.execute(text("INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, attempts)"
+                          " VALUES (1, 'R1', 'SO1', 100, 100, 2)"))
+        conn.execute(text("ALTER TABLE refund_order DROP COLUMN submit_sent"))
+        conn.execute(text("DROP TABLE cancel_scanner_schema"))
+    url = mysql_db.url.render_as_string(hide_password=False)
+    database, user = mysql_db.url.database, f"b_{mysql_db.url.database[-8:]}"
+    admin = create_engine(mysql_admin_url)
+    with admin.begin() as conn:  # may ALTER, may not UPDATE refund_order
+        conn.exec_driver_sql(f"CREATE USER '{user}'@'%%' IDENTIFIED BY 'pw'")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT, CREATE, CREATE VIEW, ALTER, INDEX ON `{database}`.* TO '{user}'@'%%'")
+    try:
+        out = cli(["migrate"], make_url(url).set(username=user, password="pw").render_as_string(hide_password=False), tmp_path)
+        lines = errors(out)
+        assert out.returncode == 1 and len(lines) == 1, out.stderr
+        assert "refund_order.submit_sent was added but not backfilled" in lines[0]
+        assert "UPDATE refund_order SET submit_sent = 1 WHERE submit_scanned = 0 AND attempts > 0" in lines[0]
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP USER '{user}'@'%%'")
+        admin.dispose()
