@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from cancel_scanner.demo.errors import DemoError
 
-MIN_ORDERS = 12  # one of each rejected kind, two CLOSED, one ABNORMAL, and some ordinary ones
+MIN_ORDERS = 12  # one of each rejected kind, two CLOSED, one ABNORMAL, one lost payment, one unpaid and one paid
 MAX_ORDERS = 500  # beyond this the demo would not settle in seconds on a small machine
 DEFAULT_ORDERS = 40
 REQUEST_WAVES = 4  # merchants' requests arrive in this many bursts (run.WAVE_GAP_SECONDS apart)
@@ -24,7 +24,9 @@ OPERATORS = ("clerk-li", "clerk-wang", "shop-admin")
 REASONS = ("缺货 out of stock", "customer asked by phone", "地址错误 wrong address", "duplicate order")
 
 # The order kinds the demo seeds, and what intake must answer for each.
-ACCEPTED_KINDS = ("paid", "unpaid", "closed", "abnormal")
+# "unpaid": NOTPAY at WeChat (closed first, then cancelled); "lost_payment": the user paid, the
+# shop's database never heard (found by close_unpaid, booked, then refunded).
+ACCEPTED_KINDS = ("paid", "unpaid", "lost_payment", "closed", "abnormal")
 REJECTED_KINDS = {
     "shipped": "ORDER_SHIPPED",
     "completed": "ORDER_SHIPPED",
@@ -59,11 +61,16 @@ class Order:
     @property
     def refunded(self) -> bool:
         """Money goes back, so stock comes back and sales go down."""
-        return self.kind in ("paid", "abnormal")
+        return self.kind in ("paid", "abnormal", "lost_payment")
 
     @property
     def stock_back(self) -> bool:
         return self.refunded or self.kind == "unpaid"
+
+    @property
+    def counted_as_sold(self) -> bool:
+        """In the shop's sales before the demo: a lost payment is not (it is booked, then refunded)."""
+        return self.paid
 
 
 @dataclass(frozen=True)
@@ -91,9 +98,10 @@ class Plan:
 
     def expected_totals(self) -> dict[str, int]:
         """Rows each stage will finish, for the progress bars."""
-        refunds = sum(1 for o in self.orders if o.kind in ("paid", "closed", "abnormal"))
+        refunds = sum(1 for o in self.orders if o.kind in ("paid", "closed", "abnormal", "lost_payment"))
         return {
             "intake": len(self.requests),
+            "close_unpaid": sum(1 for o in self.orders if o.kind in ("unpaid", "lost_payment")),
             "submit_refund": refunds,
             "poll_refund": refunds,
             "sync_result": refunds,
@@ -107,8 +115,8 @@ class Plan:
         for o in self.orders:
             if o.stock_back:
                 after[o.goods_id][0] += o.quantity
-            if o.refunded:
-                after[o.goods_id][1] -= o.quantity
+            if o.refunded and o.counted_as_sold:
+                after[o.goods_id][1] -= o.quantity  # a lost payment: booked (+) and taken back (-)
         return {gid: (s, q) for gid, (s, q) in after.items()}
 
 
@@ -118,7 +126,7 @@ def plan_demo(orders: int, seed: int) -> Plan:
         raise DemoError(f"--orders: must be between {MIN_ORDERS} and {MAX_ORDERS}, got {orders}")
     rng = random.Random(seed)
     catalogue = [Goods(i, name, price, stock, sales) for i, (name, price, stock, sales) in enumerate(GOODS, start=1)]
-    special = list(REJECTED_KINDS) + ["closed", "closed", "abnormal"]
+    special = list(REJECTED_KINDS) + ["closed", "closed", "abnormal", "lost_payment"]
     ordinary = orders - len(special)
     unpaid = max(1, round(ordinary * 0.25))
     kinds = special + ["unpaid"] * unpaid + ["paid"] * (ordinary - unpaid)
@@ -129,7 +137,7 @@ def plan_demo(orders: int, seed: int) -> Plan:
         order_id = 1001 + n
         g = rng.choice(catalogue)
         qty = rng.choice((1, 1, 1, 2, 2, 3))
-        paid = kind not in ("unpaid", "cancelled_before")
+        paid = kind not in ("unpaid", "lost_payment", "cancelled_before")
         amount = 0 if kind == "zero_amount" else g.price * qty
         planned.append(Order(order_id, kind, f"SO{order_id:08d}", g.id, qty, amount, paid))
 

@@ -32,6 +32,7 @@ MERCHANT_REACTION_SECONDS = 0.5  # how long the merchant takes to fix an ABNORMA
 
 DEMO_JOBS = {
     "intake": {"interval_seconds": 0.3, "batch_size": 10, "retry_delays_seconds": [0.5, 1]},
+    "close_unpaid": {"interval_seconds": 0.3, "batch_size": 20, "concurrency": 8, "retry_delays_seconds": [0.5, 1]},
     "submit_refund": {"interval_seconds": 0.3, "batch_size": 20, "concurrency": 8, "retry_delays_seconds": [0.5, 1]},
     "poll_refund": {
         "interval_seconds": 0.3,
@@ -123,6 +124,7 @@ def run_demo(
         seed_shop(app.db, plan, utcnow())
         before = goods_snapshot(app.db)
         emulator = app.sandbox.emulator
+        register_trades(emulator, plan)
         for o in plan.orders_of("closed"):
             emulator.close_refunds_for(o.order_no)
         for o in plan.orders_of("abnormal"):
@@ -157,6 +159,18 @@ def run_demo(
         out.write(where_to_look(db_file, log_path, display.warnings))
         out.flush()
         return ok
+
+
+def register_trades(emulator, plan: Plan) -> None:
+    """WeChat's side of every order: paid ones paid; unpaid ones NOTPAY; a lost payment paid at
+    WeChat while the shop's row still says unpaid (nobody tells the database)."""
+    for o in plan.orders:
+        if o.paid and o.amount:
+            emulator.register_payment(o.order_no, o.amount, f"4200000{o.id:012d}")
+        elif not o.paid:
+            emulator.create_trade(o.order_no, o.amount)
+            if o.kind == "lost_payment":
+                emulator.user_pays(o.order_no)
 
 
 def _watch(app, plan: Plan, display: Display, emulator, started: float, deadline: float, clock) -> tuple[bool, Status, float]:

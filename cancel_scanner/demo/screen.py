@@ -158,7 +158,7 @@ def render_block(f: Frame) -> list[str]:
     return lines
 
 
-_SHORT = {"intake": "in", "submit_refund": "sub", "poll_refund": "poll", "sync_result": "sync",
+_SHORT = {"intake": "in", "close_unpaid": "close", "submit_refund": "sub", "poll_refund": "poll", "sync_result": "sync",
           "restore_stock": "stock", "decrement_sales": "sales"}
 
 

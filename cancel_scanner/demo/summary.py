@@ -109,6 +109,17 @@ def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) ->
         if (stock1, sales1) != expected[gid]:
             problems.append(f"goods {gid}: stock/sales {stock1}/{sales1}, expected {expected[gid][0]}/{expected[gid][1]}")
 
+    # Unpaid orders: closed at WeChat before they were cancelled, or found paid.
+    closed = [o for o in plan.orders_of("unpaid") if emulator.trade_state(o.order_no) == "CLOSED"]
+    found = _rows(db, "SELECT COUNT(*) AS n FROM goods_order2_oplog WHERE event = 'PAYMENT_FOUND'")[0].n
+    add()
+    add(f"Unpaid orders at WeChat: {len(closed)} closed before cancelling;")
+    add(f"  {found} found paid (notification lost): booked, then refunded")
+    if len(closed) != len(plan.orders_of("unpaid")):
+        problems.append(f"{len(plan.orders_of('unpaid')) - len(closed)} unpaid order(s) cancelled without their payment closed")
+    if found != len(plan.orders_of("lost_payment")):
+        problems.append(f"{found} lost payment(s) found, {len(plan.orders_of('lost_payment'))} seeded")
+
     # The gateway's side: the proof that nothing was paid twice.
     created = emulator.refunds_created
     twice = sorted(no for no, n in created.items() if n > 1)
