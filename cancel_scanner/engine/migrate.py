@@ -274,7 +274,7 @@ def plan(engine: Engine, script: str | None = None, metadata: MetaData | None = 
         if is_mysql(engine):
             steps, notes = _plan_mysql(conn, script, behind=current is None or current < head)
         else:
-            steps, notes = _plan_sqlite(conn, metadata, backfills(script))
+            steps, notes = _plan_sqlite(conn, metadata, backfills(script), behind=current is None or current < head)
     if steps or current is None or current < head:
         steps.append(Step(
             f"record schema version {head}",
@@ -303,7 +303,7 @@ def _plan_mysql(conn: Connection, script: str, *, behind: bool = False) -> tuple
             steps.append(Step(f"create table {table.name}", table.create, "nothing (a new table)"))
             continue
         refusals += _refusals(table, have) + _key_refusals(conn, table, have)
-        steps += _adopt_mysql(table, have, notes, backfills(script))
+        steps += _adopt_mysql(table, have, notes, backfills(script), behind)
     refusals += [f"{_view_name(v)} is a table; cancel-scanner needs that name for its view" for v in others if _view_name(v) in live]
     if refusals:
         raise SchemaRefused("; ".join(refusals) + ". Nothing was changed.")
@@ -390,8 +390,9 @@ def _a_duplicate(conn: Connection, table: str, columns: tuple[str, ...]) -> str 
     return None if row is None else ", ".join(repr(v) for v in row)
 
 
-def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dict[tuple[str, str], str]) -> list[Step]:
-    steps = []
+def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dict[tuple[str, str], str],
+                 behind: bool = False) -> list[Step]:
+    steps = _backfills_again(table.name, set(have.columns), fills, behind)
     missing = [c for c in table.columns if c.name not in have.columns]
     if missing:
         other_charset = not have.collation.startswith("utf8mb4")
@@ -436,7 +437,21 @@ def _views(conn: Connection) -> set[str]:
     return set(inspect(conn).get_view_names())
 
 
-def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[str, str], str]) -> tuple[list[Step], list[str]]:
+def _backfills_again(table: str, present: set[str], fills: dict[tuple[str, str], str], behind: bool) -> list[Step]:
+    """The backfills of columns already there, while the database is behind: the column may have
+    been added by a migrate whose backfill failed (the version is recorded only at the end). A
+    backfill is written to be safe twice, so running it again costs one UPDATE of the rows it means."""
+    if not behind:
+        return []
+    return [
+        Step(f"backfill {t}.{c} again (the database is behind: a migrate may have stopped before it)", sql,
+             "the rows it updates, until it commits")
+        for (t, c), sql in fills.items() if t == table and c in present
+    ]
+
+
+def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[str, str], str],
+                 behind: bool = False) -> tuple[list[Step], list[str]]:
     """SQLite (the embedded default) from the models: types are not checked (SQLite has none to speak of)."""
     if metadata is None:
         raise ValueError("SQLite is migrated from the models: pass their metadata")
@@ -450,6 +465,7 @@ def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[
             steps += [Step(f"add index {i.name}", str(CreateIndex(i).compile(conn)), whole_file) for i in table.indexes]
             continue
         columns = {c["name"] for c in insp.get_columns(table.name)}
+        steps += _backfills_again(table.name, columns, fills, behind)
         for column in (c for c in table.columns if c.name not in columns):
             default = column.server_default.arg if column.server_default is not None else None
             if not column.nullable and (default is None or not isinstance(default, (str, TextClause))):
@@ -472,7 +488,7 @@ def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[
 
 
 class BackfillNotRun(Exception):
-    """A column was added but its backfill failed: the next migrate sees the column and will not run it."""
+    """A column was added but its backfill failed; the version stays behind, so the next migrate runs it."""
 
 
 class MigrationBusy(Exception):
@@ -514,8 +530,8 @@ def apply(engine: Engine, the_plan: Plan, say: Callable[[str], None] = lambda li
                 _run_step(conn, step, say, sleep, tries)
             except Exception as exc:
                 if step.what.startswith("backfill "):  # its ALTER has committed: say what is left to do, in full
-                    raise BackfillNotRun(f"{step.what.split()[1]} was added but not backfilled ({_first_line(exc)}); before any"
-                                         f" daemon starts, run by hand: {step.sql}") from exc
+                    raise BackfillNotRun(f"{step.what.split()[1]} was added but not backfilled ({_first_line(exc)}); the schema"
+                                         f" stays behind: fix the cause and run `cancel-scanner migrate` again (it runs: {step.sql})") from exc
                 raise
             conn.commit()
 

@@ -99,6 +99,11 @@ def errors(done: subprocess.CompletedProcess) -> list[str]:
     return [line for line in done.stderr.strip().splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)]
 
 
+def scalar_of(engine, sql: str):
+    with engine.connect() as conn:
+        return conn.execute(text(sql)).scalar()
+
+
 def cli(args, url: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "CANCEL_SCANNER_DB_URL": url, "CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
     return subprocess.run([sys.executable, "-m", "cancel_scanner.cli", *args], cwd=cwd, env=env,
@@ -202,7 +207,7 @@ def test_todays_unversioned_schema_reaches_head_with_every_row_as_it_was(mysql_d
     assert "no version" in str(schema_problem(mysql_db))
 
     the_plan = run_migrate(mysql_db)
-    assert [s.what for s in the_plan.steps][0] == "create table cancel_scanner_schema"
+    assert "create table cancel_scanner_schema" in [s.what for s in the_plan.steps]
     assert checksums(mysql_db, tables) == before
     assert schema_problem(mysql_db) is None and migration_plan(mysql_db).steps == []
 
@@ -598,9 +603,9 @@ def test_every_key_and_column_type_of_schema_sql_is_the_models():
 
 
 @pytest.mark.mysql
-def test_a_backfill_that_fails_after_its_column_was_added_says_the_update_to_run_by_hand(mysql_db, mysql_admin_url, tmp_path):
-    """The next migrate sees the column and cannot tell it was never backfilled: the one line must say
-    what to run, or a refund that may have reached WeChat reads "never sent" for good."""
+def test_a_backfill_that_fails_after_its_column_was_added_is_run_by_the_next_migrate(mysql_db, mysql_admin_url, tmp_path):
+    """The column is there but was never backfilled: the schema must stay behind and the next migrate
+    must run the backfill, or a refund that may have reached WeChat reads "never sent" for good."""
     with mysql_db.begin() as conn:  # an older cancel-scanner's database, a pending refund that was tried twice
         conn.execute(text("INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, attempts)"
                           " VALUES (1, 'R1', 'SO1', 100, 100, 2)"))
@@ -617,7 +622,13 @@ def test_a_backfill_that_fails_after_its_column_was_added_says_the_update_to_run
         lines = errors(out)
         assert out.returncode == 1 and len(lines) == 1, out.stderr
         assert "refund_order.submit_sent was added but not backfilled" in lines[0]
-        assert "UPDATE refund_order SET submit_sent = 1 WHERE submit_scanned = 0 AND attempts > 0" in lines[0]
+        assert "run `cancel-scanner migrate` again" in lines[0]
+        assert schema_problem(mysql_db).kind == "behind"  # no daemon starts on it
+        assert scalar_of(mysql_db, "SELECT submit_sent FROM refund_order WHERE out_refund_no = 'R1'") == 0
+        again = cli(["migrate"], url, tmp_path)  # a user who may UPDATE
+        assert again.returncode == 0, again.stderr
+        assert scalar_of(mysql_db, "SELECT submit_sent FROM refund_order WHERE out_refund_no = 'R1'") == 1
+        assert schema_problem(mysql_db) is None and migration_plan(mysql_db).steps == []
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP USER '{user}'@'%%'")
