@@ -1,7 +1,8 @@
 """The emulator's faults: which exist, how they are drawn, and how their odd answers are written.
 
-Kinds, for `Emulator.fail_next(out_refund_no, kind, times=1, *, after_commit=False, call="apply", **options)`
-(a FaultPlan draws the first five at random):
+Kinds, for `Emulator.fail_next(number, kind, times=1, *, after_commit=False, call="apply", **options)`
+(a FaultPlan draws the first five at random). `call` is "apply", "query", "pay_query" or
+"pay_close" (the number then is an out_trade_no), or "any":
 
 * "500", "503", "429": an error answer (SYSTEM_ERROR, SERVICE_UNAVAILABLE, FREQUENCY_LIMITED).
 * "slow": the answer waits `slow_seconds`. Before commit the request sat in
@@ -55,7 +56,7 @@ FAULT_KINDS = frozenset(
     }
 )
 BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error", "invalid_request"})
-FAULT_CALLS = frozenset({"apply", "query", "any"})
+FAULT_CALLS = frozenset({"apply", "query", "pay_query", "pay_close", "any"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ERRORS = {
     "500": (500, "SYSTEM_ERROR", "system error, please retry with the same out_refund_no"),
@@ -172,7 +173,7 @@ class FaultBook:
         self._aimed.clear()
 
     def draw(self, call: str, number: str | None) -> Fault | None:
-        """The fault that strikes this call (apply or query) for this number, if any."""
+        """The fault that strikes this call (apply, query, pay_query, pay_close) for this number, if any."""
         for fault in self._aimed.get(number or "", []):
             if fault.call in (call, "any"):
                 fault.times -= 1

@@ -32,6 +32,7 @@ class PaymentDesk:
         # "queries", "closes" (calls answered), "refused_after_close" (a user who tried to pay a closed trade)
         self.payment_counts: Counter[str] = Counter()
         self.closed_trades: Counter[str] = Counter()  # out_trade_no -> closes that closed it (must stay <= 1)
+        self._answered_with: dict[str, str] = {}  # out_trade_no -> the trade whose object its query answers
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -63,6 +64,11 @@ class PaymentDesk:
         with self._changed:
             self._trade(out_trade_no).pays_while_closing = True
 
+    def answers_about(self, out_trade_no: str, other: str) -> None:
+        """Queries of this trade answer with another trade's object (a mixed-up answer, correctly signed)."""
+        with self._changed:
+            self._answered_with[out_trade_no] = other
+
     def trade_state(self, out_trade_no: str) -> str | None:
         with self._lock:
             trade = self._payments.get(out_trade_no)
@@ -73,7 +79,7 @@ class PaymentDesk:
     def _query_payment(self, out_trade_no: str) -> Reply:
         with self._changed:
             self.payment_counts["queries"] += 1
-            trade = self._payments.get(out_trade_no)
+            trade = self._payments.get(self._answered_with.get(out_trade_no, out_trade_no))
             if trade is None:
                 return _error(*NOT_FOUND)
             return Reply(200, payment_json(trade, self.keys.mchid, self.keys.appid))
