@@ -8,7 +8,8 @@ Does, outside any transaction: query the payment; if it is not paid (NOTPAY, REV
 close it and query again. A 204 is never proof: only what the query after it says counts.
 Then, in one transaction with the order row locked:
 
-- CLOSED (or NOTPAY again after the close), or a trade WeChat never saw: the order is cancelled
+- CLOSED (or NOTPAY again after a close WeChat took: 204 or ORDER_CLOSED), or a trade WeChat never
+  saw: the order is cancelled
   (``cancel_source`` TIMEOUT when nobody asked), ``restore_stock`` gives its stock back; oplog
   PAYMENT_CLOSED, CANCELLED.
 - SUCCESS or REFUND: the payment notification was lost. The payment is booked as the shop books
@@ -18,6 +19,10 @@ Then, in one transaction with the order row locked:
 - USERPAYING: look again shortly; never close while the user pays.
 - The shop booked the payment itself meanwhile (its notification came late): nothing is booked
   twice; a requested cancel goes on as a paid cancel.
+- NOTPAY after a close that failed (a 500, a drop, a redirect: it may never have closed): the
+  close's failure is the outcome, retried; the user could still pay.
+- Soft-deleted meanwhile: nothing of the shop's is touched (a paid one goes to a person); an
+  unpaid order the shop moved on (shipped) that WeChat says is paid goes to a person too.
 
 Flips: ``close_scanned=1, close_success=1`` when settled; ``1/0`` for a person (an amount that
 differs from the order's); unknown answers are retried with the same question.
@@ -129,10 +134,11 @@ class CloseUnpaid(StageDefaults):
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
         ids = [row.id for row, _ in results]
         query = select(o.id, o.order_no, o.goods_id, o.quantity, o.total_amount, o.pay_status, o.order_status,
-                       o.transaction_id, o.cancel_requested_at, o.cancel_source).where(o.id.in_(ids)).order_by(o.id)
+                       o.transaction_id, o.cancel_requested_at, o.cancel_source, o.is_deleted).where(o.id.in_(ids)).order_by(o.id)
         orders = {r.id: r for r in conn.execute(locked(conn, query, skip_locked=True)).all()}
         verdicts = {row.id: self._verdict(row, settling, now) for row, settling in results}
-        found = {i: v for i, v in verdicts.items() if isinstance(v, gw.Payment) and i in orders and orders[i].pay_status == 0}
+        found = {i: v for i, v in verdicts.items()
+                 if isinstance(v, gw.Payment) and i in orders and orders[i].pay_status == 0 and not orders[i].is_deleted}
         stock, busy = lock_goods(conn, {orders[i].goods_id for i in found}, goods.c.sales) if found else ({}, set())
         outcomes: dict[int, Outcome] = {}
         for row, _ in results:
@@ -140,6 +146,8 @@ class CloseUnpaid(StageDefaults):
             if order is None or (row.id in found and order.goods_id in busy):
                 # The shop holds the order or its goods row: ask again in a moment (the query moves no money).
                 outcomes[row.id] = Later(now + BUSY_RETRY, "ORDER_BUSY: the order or its goods row is locked; will retry")
+            elif order.is_deleted and isinstance(verdict, (gw.Payment, str)):
+                outcomes[row.id] = self._deleted(order, verdict)
             elif isinstance(verdict, gw.Payment):
                 outcomes[row.id] = self._paid(conn, order, verdict, now, stock)
             elif verdict == "closed":
@@ -153,14 +161,18 @@ class CloseUnpaid(StageDefaults):
     def _verdict(self, row: Row, settling: Settling, now: datetime) -> gw.Payment | str | Outcome:
         """A paid Payment, "closed", "never_seen", or the row's outcome as it stands."""
         last = settling.last
-        if isinstance(settling.close, gw.NotSent):
-            return Later(now, "CLOSE_NOT_SENT: no time left for the close; asked again")
+        if isinstance(settling.close, gw.NotSent) or isinstance(last, gw.NotSent):
+            # The query after a close was not sent either: the lease ran out. Only a query says what the close did.
+            return Later(now, "CALL_NOT_SENT: no time left for the close or the query after it; asked again")
         if isinstance(last, gw.PaymentState):
             state = last.payment.trade_state
             if last.payment.paid:
                 return last.payment
-            if state == "CLOSED" or (settling.after is not None and state in gw.CLOSABLE_STATES):
-                return "closed"  # CLOSED, or still unpaid with our close in between: nobody can pay it now
+            if state == "CLOSED" or (isinstance(settling.close, gw.CloseSent) and state in gw.CLOSABLE_STATES):
+                return "closed"  # CLOSED, or still unpaid after WeChat took our close: nobody can pay it now
+            if state in gw.CLOSABLE_STATES and settling.close is not None:
+                # Unpaid, and the close failed (a 500, a dropped connection, a redirect): the user can still pay.
+                return outcome_for(settling.close, may_have_reached=False)
             if state == "USERPAYING":
                 return Later(now + USER_PAYING_RETRY, "USER_PAYING: the user is paying; never closed meanwhile")
             return Retry("UNEXPECTED_TRADE_STATE", f"trade {row.order_no} is {state}")
@@ -173,6 +185,10 @@ class CloseUnpaid(StageDefaults):
         if payment.total != order.total_amount:
             log.bind(action="amount_differs").error("WeChat's payment differs from the order's amount")
             return Failed("PAID_AMOUNT_DIFFERS", f"WeChat says {payment.total} fen paid, the order says {order.total_amount}: check by hand")
+        if order.pay_status == 0 and order.order_status != "UNPAID":
+            # Shipped (or otherwise moved on) without a payment, while WeChat says it was paid: no guess.
+            return Failed("CONFLICTING_PAYMENT", f"WeChat says trade {order.order_no} is paid, the order is {order.order_status}"
+                                                 " without a payment: check by hand")
         if order.pay_status == 0:
             booked = conn.execute(
                 update(goods_order2).where(o.id == order.id, o.pay_status == 0, o.order_status == "UNPAID")
@@ -199,6 +215,13 @@ class CloseUnpaid(StageDefaults):
         conn.execute(insert(refund_order), [refund_row(order.id, order.order_no, transaction_id, payment.total, DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]), now)])
         write_oplog(conn, [(order.id, "CANCELLED", f"requested cancel of a paid order ({source}): refund {payment.total} fen")])
         return Done("PAID_CANCEL")
+
+    def _deleted(self, order: Row, verdict: gw.Payment | str) -> Outcome:
+        """Soft-deleted while its calls ran: the shop's row is not ours to book or cancel any more."""
+        if isinstance(verdict, gw.Payment):
+            return Failed("PAID_ORDER_DELETED", f"WeChat says trade {order.order_no} is paid ({verdict.total} fen),"
+                                                " the order was deleted meanwhile: check by hand")
+        return Done("ORDER_DELETED")  # nothing to pay any more, nothing of the shop's touched
 
     def _closed(self, conn: Connection, order: Row, now: datetime, event: str | None) -> Outcome:
         if order.pay_status != 0 or order.order_status != "UNPAID":

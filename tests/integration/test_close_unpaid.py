@@ -246,3 +246,276 @@ def test_a_version_1_database_migrates_to_the_close_stage_and_its_orders_read_un
     assert rows(db, "SELECT id, order_no, pay_status, order_status, refund_status FROM goods_order2 ORDER BY id") == before
     assert [tuple(r.values()) for r in rows(db, "SELECT close_scanned, close_success, close_attempts, cancel_requested_at"
                                                " FROM goods_order2 ORDER BY id")] == [(0, 0, 0, None)] * 2
+
+
+# -- attacks ------------------------------------------------------------------------------------------
+
+
+class Between:
+    """The real gateway, with something happening in the world right before or after the close."""
+
+    def __init__(self, gateway, *, before_close=None, after_close=None):
+        self._gateway, self._before, self._after = gateway, before_close, after_close
+
+    def __getattr__(self, name):
+        return getattr(self._gateway, name)
+
+    def close_payment(self, out_trade_no, **kw):
+        if self._before:
+            self._before(out_trade_no)
+        result = self._gateway.close_payment(out_trade_no, **kw)
+        if self._after:
+            self._after(out_trade_no)
+        return result
+
+
+def run_close(world, runner=None):
+    """Intake, then one batch of close_unpaid at the world's time."""
+    runner = runner or world.runner()
+    runner.run_stage("intake", world.clock.now)
+    return runner.run_stage("close_unpaid", world.clock.now)
+
+
+@pytest.mark.parametrize("kind", ["500", "drop", "redirect", "slow"])
+def test_a_close_that_never_closed_the_trade_leaves_the_order_unpaid_though_the_next_query_says_notpay(world, kind):
+    unpaid_order(world, 41)
+    request_cancel(world.db, 41)
+    world.emulator.fail_next(trade_no(41), kind, call="pay_close", slow_seconds=3)
+    run_close(world)
+    order = row(world.db, "goods_order2", 41)
+    assert (order["order_status"], order["close_scanned"]) == ("UNPAID", 0), "cancelled while the trade is payable"
+    assert world.emulator.trade_state(trade_no(41)) in ("NOTPAY", "CLOSED")  # "slow": processed after the client gave up
+    world.settle()
+    assert row(world.db, "goods_order2", 41)["order_status"] == "CANCELLED"
+    assert world.emulator.closed_trades[trade_no(41)] == 1 and world.emulator.user_pays(trade_no(41)) is False
+
+
+@pytest.mark.parametrize("kind", ["500", "drop", "bad_signature", "redirect"])
+def test_a_close_that_closed_the_trade_but_answered_a_fault_is_settled_by_the_query_after_it(world, kind):
+    unpaid_order(world, 42)
+    request_cancel(world.db, 42)
+    world.emulator.fail_next(trade_no(42), kind, call="pay_close", after_commit=True)
+    run_close(world)
+    order = row(world.db, "goods_order2", 42)
+    assert (order["order_status"], order["close_success"]) == ("CANCELLED", 1)
+    assert world.emulator.closed_trades[trade_no(42)] == 1 and world.emulator.faults_injected[f"{kind}/after"] == 1
+
+
+def test_a_query_after_the_close_that_fails_neither_cancels_nor_books(world):
+    unpaid_order(world, 43)
+    world.emulator.pays_while_closing(trade_no(43))  # the truth after the close: paid
+    request_cancel(world.db, 43)
+    spoil = lambda no: world.emulator.fail_next(no, "500", call="pay_query", after_commit=True)  # noqa: E731
+    run_close(world, world.runner(gateway=Between(world.sandbox.gateway, after_close=spoil)))
+    order = row(world.db, "goods_order2", 43)
+    assert (order["order_status"], order["pay_status"], order["close_scanned"]) == ("UNPAID", 0, 0)
+    assert order["close_last_error"].startswith("SYSTEM_ERROR") and events(world, 43) == []
+    world.settle()
+    order = row(world.db, "goods_order2", 43)
+    assert (order["pay_status"], order["refund_status"]) == (1, "REFUNDED") and len(refunds(world.db)) == 1
+    assert events(world, 43).count("PAYMENT_FOUND") == 1 and goods(world, 43) == (12, 10)
+
+
+def test_a_query_after_the_close_that_runs_out_of_lease_is_not_a_crash(world):
+    unpaid_order(world, 44)
+    request_cancel(world.db, 44)
+    offset = [0.0]
+
+    def lease_runs_out(no):
+        offset[0] += 3600  # the process stalls past its lease between the close and the query after it
+
+    runner = world.runner(gateway=Between(world.sandbox.gateway, after_close=lease_runs_out),
+                          monotonic=lambda: __import__("time").monotonic() + offset[0])
+    run_close(world, runner)
+    order = row(world.db, "goods_order2", 44)
+    assert (order["order_status"], order["close_scanned"]) == ("UNPAID", 0)
+    world.settle()
+    assert row(world.db, "goods_order2", 44)["order_status"] == "CANCELLED"
+    assert world.emulator.closed_trades[trade_no(44)] == 1
+
+
+def test_a_payment_of_another_amount_is_left_for_a_person_and_requeue_gives_it_another_go(world):
+    from cancel_scanner.engine.requeue import requeue
+    from cancel_scanner.engine.status import collect_status
+    from cancel_scanner.scanners import build_stages
+
+    unpaid_order(world, 45, trade=None)
+    world.emulator.create_trade(trade_no(45), 400)  # WeChat's trade says 4 yuan, the order 5
+    world.emulator.user_pays(trade_no(45))
+    request_cancel(world.db, 45)
+    world.settle()
+    order = row(world.db, "goods_order2", 45)
+    assert (order["close_scanned"], order["close_success"], order["pay_status"]) == (1, 0, 0)
+    assert order["close_last_error"].startswith("PAID_AMOUNT_DIFFERS") and order["order_status"] == "UNPAID"
+    assert refunds(world.db) == {} and goods(world, 45) == (10, 10) and world.emulator.payment_counts["closes"] == 0
+    stages = build_stages(world.config)
+    (close,) = [s for s in collect_status(world.db, stages, world.clock.now).stages if s.stage == "close_unpaid"]
+    assert (close.failed, close.pending) == (1, 0)
+
+    with world.db.begin() as conn:  # a person finds the order's amount was wrong
+        conn.exec_driver_sql("UPDATE goods_order2 SET total_amount = 400 WHERE id = 45")
+    assert requeue(world.db, stages["close_unpaid"], [45], world.clock.now, "ops-anna") == 1
+    assert requeue(world.db, stages["close_unpaid"], [45], world.clock.now, "ops-anna") == 0
+    world.settle()
+    order = row(world.db, "goods_order2", 45)
+    assert (order["close_success"], order["pay_status"], order["refund_status"]) == (1, 1, "REFUNDED")
+    (refund,) = refunds(world.db).values()
+    assert refund["refund_amount"] == 400 and goods(world, 45) == (12, 10)
+
+
+def test_a_payment_answer_about_another_trade_is_never_booked_to_this_order(world):
+    unpaid_order(world, 46)
+    unpaid_order(world, 47, trade="SUCCESS")
+    world.emulator.answers_about(trade_no(46), trade_no(47))
+    request_cancel(world.db, 46)
+    run_close(world)
+    order = row(world.db, "goods_order2", 46)
+    assert (order["pay_status"], order["order_status"], order["close_scanned"]) == (0, "UNPAID", 0)
+    assert order["close_last_error"].startswith("RESPONSE_MISMATCH") and world.emulator.payment_counts["closes"] == 0
+    assert events(world, 46) == [] and goods(world, 46) == (10, 10)
+
+
+def test_a_user_who_pays_between_the_first_query_and_the_close_is_booked_and_refunded_once(world):
+    unpaid_order(world, 48)
+    request_cancel(world.db, 48)
+
+    def pays(no):
+        world.emulator.user_starts_paying(no)
+        world.emulator.user_pays(no)
+
+    world.settle(world.runner(gateway=Between(world.sandbox.gateway, before_close=pays)))
+    order = row(world.db, "goods_order2", 48)
+    assert (order["pay_status"], order["refund_status"]) == (1, "REFUNDED") and len(refunds(world.db)) == 1
+    assert world.emulator.closed_trades[trade_no(48)] == 0 and goods(world, 48) == (12, 10)
+
+
+def test_a_user_on_the_password_screen_at_the_close_is_not_closed_on(world):
+    unpaid_order(world, 49)
+    request_cancel(world.db, 49)
+    run_close(world, world.runner(gateway=Between(world.sandbox.gateway, before_close=world.emulator.user_starts_paying)))
+    order = row(world.db, "goods_order2", 49)
+    assert (order["order_status"], order["close_scanned"]) == ("UNPAID", 0)
+    assert world.emulator.trade_state(trade_no(49)) == "USERPAYING"
+
+
+@pytest.mark.parametrize("requested", [True, False])
+def test_the_shop_booking_the_payment_between_the_call_and_the_write_books_it_once(world, requested):
+    unpaid_order(world, 50, trade="SUCCESS", age=TIMEOUT + timedelta(minutes=1))
+    if requested:
+        request_cancel(world.db, 50)
+
+    def shop_books(stage, r, result):
+        if stage == "close_unpaid":
+            with world.db.begin() as conn:
+                conn.exec_driver_sql("UPDATE goods_order2 SET pay_status = 1, order_status = 'PAID', transaction_id = 'T50',"
+                                     " paid_at = created_at WHERE id = 50")
+                conn.exec_driver_sql("UPDATE goods SET sales = sales + 2 WHERE id = 50")
+
+    run_close(world, world.runner(Hooks(after_gateway_call=shop_books)))
+    world.settle()
+    order = row(world.db, "goods_order2", 50)
+    assert "PAYMENT_FOUND" not in events(world, 50) and order["close_success"] == 1
+    if requested:
+        assert (order["refund_status"], goods(world, 50)) == ("REFUNDED", (12, 10)) and len(refunds(world.db)) == 1
+    else:
+        assert (order["order_status"], goods(world, 50)) == ("PAID", (10, 12)) and refunds(world.db) == {}
+
+
+def test_an_order_soft_deleted_while_its_cancel_waits_is_left_alone(world):
+    unpaid_order(world, 51)
+    request_cancel(world.db, 51)
+    world.runner().run_stage("intake", world.clock.now)
+    with world.db.begin() as conn:
+        conn.exec_driver_sql("UPDATE goods_order2 SET is_deleted = 1 WHERE id = 51")
+    world.settle()
+    assert world.emulator.payment_counts["queries"] == 0 and row(world.db, "goods_order2", 51)["order_status"] == "UNPAID"
+
+
+@pytest.mark.parametrize("trade", ["SUCCESS", "NOTPAY"])
+def test_an_order_soft_deleted_during_the_calls_is_not_booked_nor_cancelled(world, trade):
+    unpaid_order(world, 52, trade=trade)
+    request_cancel(world.db, 52)
+
+    def deleted(stage, r, result):
+        if stage == "close_unpaid":
+            with world.db.begin() as conn:
+                conn.exec_driver_sql("UPDATE goods_order2 SET is_deleted = 1 WHERE id = 52")
+
+    world.settle(world.runner(Hooks(after_gateway_call=deleted)))
+    order = row(world.db, "goods_order2", 52)
+    assert (order["pay_status"], order["order_status"]) == (0, "UNPAID") and goods(world, 52) == (10, 10)
+    assert refunds(world.db) == {} and events(world, 52) == []
+
+
+def test_an_unpaid_order_the_shop_ships_while_wechat_says_paid_goes_to_a_person_not_round_forever(world):
+    unpaid_order(world, 53, trade="SUCCESS")
+    request_cancel(world.db, 53)
+    world.runner().run_stage("intake", world.clock.now)
+    with world.db.begin() as conn:
+        conn.exec_driver_sql("UPDATE goods_order2 SET order_status = 'SHIPPED' WHERE id = 53")
+    world.settle()
+    order = row(world.db, "goods_order2", 53)
+    assert (order["close_scanned"], order["close_success"], order["pay_status"]) == (1, 0, 0)
+    assert goods(world, 53) == (10, 10) and refunds(world.db) == {}
+
+
+def test_a_lease_lost_while_the_calls_ran_drops_the_answer_and_the_new_holder_books_once(world):
+    unpaid_order(world, 54, trade="SUCCESS", age=TIMEOUT + timedelta(minutes=1))
+    unpaid_order(world, 55, age=TIMEOUT + timedelta(minutes=1))
+    taken = []
+
+    def another_runner_takes_over(stage, r, result):
+        if stage == "close_unpaid" and not taken:
+            taken.append(r.id)
+            world.clock.advance(120)  # slow calls: the lease (60 s) is over, a second runner takes the rows
+            world.runner(owner="b").run_until_idle(world.clock.now, stages=["close_unpaid"])
+
+    world.runner(Hooks(after_gateway_call=another_runner_takes_over), owner="a").run_stage("close_unpaid", world.clock.now)
+    world.settle()
+    assert events(world, 54) == ["PAYMENT_FOUND"] and goods(world, 54) == (10, 12)
+    assert row(world.db, "goods_order2", 55)["order_status"] == "CANCELLED" and goods(world, 55) == (12, 10)
+    assert world.emulator.closed_trades[trade_no(55)] == 1
+    assert max(world.emulator.max_in_flight[trade_no(i)] for i in (54, 55)) == 1
+
+
+def test_a_found_payment_whose_goods_row_the_shop_holds_waits_and_is_booked_once(world, db_url):
+    if not db_url.startswith("mysql"):
+        pytest.skip("SQLite has one writer: nobody holds a goods row beside us")
+    unpaid_order(world, 56, trade="SUCCESS", age=TIMEOUT + timedelta(minutes=1))
+    with world.db.connect() as shop_conn:
+        shop_conn.exec_driver_sql("BEGIN")
+        shop_conn.exec_driver_sql("SELECT * FROM goods WHERE id = 56 FOR UPDATE")  # a long checkout
+        report = world.runner().run_stage("close_unpaid", world.clock.now)
+        assert report.later == 1
+        order = row(world.db, "goods_order2", 56)
+        assert (order["pay_status"], order["close_scanned"]) == (0, 0) and order["close_last_error"].startswith("ORDER_BUSY")
+        shop_conn.exec_driver_sql("ROLLBACK")
+    world.clock.advance(2)
+    world.settle()
+    assert events(world, 56) == ["PAYMENT_FOUND"] and goods(world, 56) == (10, 12)
+
+
+def test_a_pay_timeout_under_five_minutes_is_a_one_line_configuration_error(tmp_path):
+    from click.testing import CliRunner
+
+    from cancel_scanner.cli import main
+
+    path = tmp_path / "jobs.yaml"
+    path.write_text(f"database_url: sqlite:///{tmp_path / 'x.db'}\njobs:\n  close_unpaid:\n    pay_timeout_seconds: 299\n")
+    result = CliRunner().invoke(main, ["--config", str(path), "initdb"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "jobs.close_unpaid.pay_timeout_seconds" in line and not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("kind", ["500", "drop", "bad_signature", "redirect"])
+def test_a_spoiled_answer_to_the_first_query_of_a_paid_trade_books_nothing_until_a_clean_one(world, kind):
+    unpaid_order(world, 57, trade="SUCCESS")
+    request_cancel(world.db, 57)
+    world.emulator.fail_next(trade_no(57), kind, call="pay_query", after_commit=True)
+    run_close(world)
+    order = row(world.db, "goods_order2", 57)
+    assert (order["pay_status"], order["order_status"], order["close_scanned"]) == (0, "UNPAID", 0)
+    assert events(world, 57) == [] and world.emulator.payment_counts["closes"] == 0
+    world.settle()
+    assert events(world, 57).count("PAYMENT_FOUND") == 1 and len(refunds(world.db)) == 1 and goods(world, 57) == (12, 10)
