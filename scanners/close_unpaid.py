@@ -51,6 +51,8 @@ from cancel_scanner.scanners.submit_refund import outcome_for
 o = goods_order2.c
 MIN_AGE = timedelta(minutes=5)  # WeChat's older APIs refuse to close a younger order; it costs nothing to wait
 USER_PAYING_RETRY = timedelta(seconds=30)
+NOT_FOUND_RECHECK = timedelta(seconds=60)
+NOT_FOUND_NOTE = "ORDER_NOT_EXIST"
 BUSY_RETRY = timedelta(seconds=1)
 DEFAULT_PAY_TIMEOUT_SECONDS = 1800.0
 
@@ -101,7 +103,7 @@ class CloseUnpaid(StageDefaults):
         requested = o.cancel_requested_at.isnot(None)
         timed_out = and_(o.cancel_requested_at.is_(None), o.order_status == "UNPAID", o.created_at <= now - self.pay_timeout)
         return (
-            select(o.id, o.order_no, o.created_at, o.close_attempts, o.close_lease_owner)
+            select(o.id, o.order_no, o.created_at, o.close_attempts, o.close_last_error, o.close_lease_owner)
             .where(
                 o.close_scanned == 0,
                 o.close_success == 0,
@@ -177,7 +179,11 @@ class CloseUnpaid(StageDefaults):
                 return Later(now + USER_PAYING_RETRY, "USER_PAYING: the user is paying; never closed meanwhile")
             return Retry("UNEXPECTED_TRADE_STATE", f"trade {row.order_no} is {state}")
         if settling.after is None and isinstance(last, gw.Permanent) and last.code in gw.TRADE_NOT_FOUND_CODES:
-            return "never_seen"  # no prepay was ever made: nothing to close
+            # An error answer is not signed, and WeChat's own notes say it can be transient right after
+            # a prepay: believed only when a second query, NOT_FOUND_RECHECK later, says it again.
+            if (row.close_last_error or "").startswith(NOT_FOUND_NOTE):
+                return "never_seen"  # no prepay was ever made: nothing to close
+            return Later(now + NOT_FOUND_RECHECK, f"{NOT_FOUND_NOTE}: WeChat does not know the trade; asked once more before cancelling")
         return outcome_for(last, may_have_reached=False)  # a query or a close: asking again moves no money
 
     def _paid(self, conn: Connection, order: Row, payment: gw.Payment, now: datetime, sales: dict[int, int]) -> Outcome:

@@ -132,12 +132,27 @@ def test_a_user_in_the_middle_of_paying_is_never_closed_on(world):
     assert len(refunds(world.db)) == 1
 
 
-def test_an_order_wechat_never_saw_is_cancelled_without_a_close(world):
+def test_an_order_wechat_never_saw_is_cancelled_without_a_close_once_a_second_query_says_so(world):
     unpaid_order(world, 8, trade=None)
     request_cancel(world.db, 8)
+    world.runner().run_until_idle(world.clock.now)
+    # One unsigned 404 is not believed: a prepay may have landed just now.
+    assert row(world.db, "goods_order2", 8)["order_status"] == "UNPAID"
+    assert world.emulator.payment_counts["queries"] == 1
     world.settle()
     assert row(world.db, "goods_order2", 8)["order_status"] == "CANCELLED"
-    assert world.emulator.payment_counts["closes"] == 0 and goods(world, 8) == (12, 10)
+    assert world.emulator.payment_counts == {"queries": 2} and goods(world, 8) == (12, 10)
+
+
+def test_a_trade_wechat_did_not_know_at_first_but_then_does_is_closed_not_cancelled_blind(world):
+    unpaid_order(world, 12, trade=None)
+    request_cancel(world.db, 12)
+    world.runner().run_until_idle(world.clock.now)  # 404: asked again in a minute
+    world.emulator.create_trade(trade_no(12), 500)  # the prepay lands meanwhile
+    world.emulator.user_pays(trade_no(12))
+    world.settle()
+    order = row(world.db, "goods_order2", 12)
+    assert (order["pay_status"], order["refund_status"]) == (1, "REFUNDED")  # found paid and refunded, not cancelled blind
 
 
 def test_a_204_is_no_proof_a_payment_that_lands_during_the_close_is_refunded(world):
@@ -478,9 +493,12 @@ def test_a_lease_lost_while_the_calls_ran_drops_the_answer_and_the_new_holder_bo
     assert max(world.emulator.max_in_flight[trade_no(i)] for i in (54, 55)) == 1
 
 
-def test_a_found_payment_whose_goods_row_the_shop_holds_waits_and_is_booked_once(world, db_url):
-    if not db_url.startswith("mysql"):
-        pytest.skip("SQLite has one writer: nobody holds a goods row beside us")
+@pytest.mark.mysql
+def test_a_found_payment_whose_goods_row_the_shop_holds_waits_and_is_booked_once(mysql_db, mysql_url, sandbox):
+    """MariaDB only: SQLite has one writer, so nobody can hold a goods row beside us."""
+    from tests.flow import World, test_config
+
+    world = World(db=mysql_db, config=test_config(mysql_url), sandbox=sandbox)
     unpaid_order(world, 56, trade="SUCCESS", age=TIMEOUT + timedelta(minutes=1))
     with world.db.connect() as shop_conn:
         shop_conn.exec_driver_sql("BEGIN")

@@ -203,7 +203,7 @@ class RequestHandling:
             reply = self._close_payment(number or "")
         # A query records nothing, so a bad signature on it can only tamper the real answer.
         strike_after = fault is not None and (
-            fault.after_commit or (kind == "query" and fault.kind == "bad_signature")
+            fault.after_commit or (kind in ("query", "pay_query") and fault.kind == "bad_signature")
         )
         if strike_after and 200 <= reply.status < 300:
             return faults.strike_after(fault, reply)
