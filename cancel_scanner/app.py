@@ -127,3 +127,30 @@ def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, c
     runner = Runner(db, config, build_stages(config), gateway, **kwargs)
     stack.callback(runner.close)
     return App(config=config, db=db, gateway=gateway, runner=runner, sandbox=sandbox)
+
+
+def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
+    """With monitoring.listen set: metrics fed by the runner, the gateway and the daemon; database
+    gauges refreshed on their own schedule; /metrics, /healthz, /readyz served. ``stack`` stops them."""
+    listen = app.config.monitoring.listen
+    if not listen:
+        return None
+    from cancel_scanner.monitoring import GaugeRefresher, Metrics, MonitoringServer
+
+    metrics = Metrics()
+    app.runner.on_batch = metrics.batch_done
+    app.gateway.on_answer = metrics.answered
+    daemon.on_stage_state = metrics.stage_state
+    offset = getattr(app.runner.clock, "offset_seconds", None)
+    refresher = GaugeRefresher(metrics, app.db, {n: app.runner.stages[n] for n in daemon.stages}, app.runner,
+                               app.config.monitoring.refresh_seconds, clock_offset=offset).start()
+    stack.callback(refresher.stop)
+    host, _, port = listen.rpartition(":")
+    server = MonitoringServer(
+        metrics, host.strip("[]"), int(port),
+        alive=lambda: daemon.scheduler.running and not daemon.stopped.is_set(),
+        db=app.db,
+        gateway_ready=lambda: app.gateway is not None,
+    ).start()
+    stack.callback(server.stop)
+    return server

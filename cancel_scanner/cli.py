@@ -170,7 +170,7 @@ def run(obj: _Ctx, once: bool) -> None:
     """The daemon: every enabled stage on its interval until SIGTERM/SIGINT."""
     from contextlib import ExitStack
 
-    from cancel_scanner.app import build_app, serve_notifications
+    from cancel_scanner.app import build_app, serve_monitoring, serve_notifications
 
     cfg = obj.config()
     with ExitStack() as stack:
@@ -198,6 +198,7 @@ def run(obj: _Ctx, once: bool) -> None:
         daemon.install_signal_handlers()
         try:
             serve_notifications(app, daemon, stack)
+            serve_monitoring(app, daemon, stack)
             daemon.start()
             daemon.wait()
         finally:

@@ -61,6 +61,8 @@ class CloseSettings(GatewayJobSettings):
     """How long an order may stay unpaid before it is closed (never under 5 minutes)."""
 
     pay_timeout_seconds: Annotated[Seconds, Field(ge=MIN_AGE.total_seconds())] = DEFAULT_PAY_TIMEOUT_SECONDS
+    # An unsigned ORDER_NOT_EXIST is believed only when a second query this much later says it too.
+    not_found_recheck_seconds: Annotated[Seconds, Field(ge=1)] = NOT_FOUND_RECHECK.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,15 @@ class CloseUnpaid(StageDefaults):
     index_prefix = ()  # the flags lead idx_goods_order2_close_pending: done/failed counted from it alone
     pending_since = o.created_at
 
-    def __init__(self, pay_timeout_seconds: float = DEFAULT_PAY_TIMEOUT_SECONDS):
+    def __init__(self, pay_timeout_seconds: float = DEFAULT_PAY_TIMEOUT_SECONDS,
+                 not_found_recheck_seconds: float = NOT_FOUND_RECHECK.total_seconds()):
         self.pay_timeout = timedelta(seconds=pay_timeout_seconds)
+        self.not_found_recheck = timedelta(seconds=not_found_recheck_seconds)
 
     @classmethod
     def from_config(cls, config) -> CloseUnpaid:
-        return cls(config.job(cls.name).pay_timeout_seconds)
+        job = config.job(cls.name)
+        return cls(job.pay_timeout_seconds, job.not_found_recheck_seconds)
 
     def pending(self):
         # What `status` counts as this stage's backlog: the cancels merchants asked for. An unpaid
@@ -183,7 +188,7 @@ class CloseUnpaid(StageDefaults):
             # a prepay: believed only when a second query, NOT_FOUND_RECHECK later, says it again.
             if (row.close_last_error or "").startswith(NOT_FOUND_NOTE):
                 return "never_seen"  # no prepay was ever made: nothing to close
-            return Later(now + NOT_FOUND_RECHECK, f"{NOT_FOUND_NOTE}: WeChat does not know the trade; asked once more before cancelling")
+            return Later(now + self.not_found_recheck, f"{NOT_FOUND_NOTE}: WeChat does not know the trade; asked once more before cancelling")
         return outcome_for(last, may_have_reached=False)  # a query or a close: asking again moves no money
 
     def _paid(self, conn: Connection, order: Row, payment: gw.Payment, now: datetime, sales: dict[int, int]) -> Outcome:

@@ -109,11 +109,27 @@ class WeChatConfig(_Section):
     @field_validator("notify_listen")
     @classmethod
     def _host_port(cls, listen: str | None) -> str | None:
-        if listen is not None:
-            host, _, port = listen.rpartition(":")
-            if not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
-                raise ValueError(f"must be HOST:PORT, got {listen!r}")
-        return listen
+        return _host_port(listen)
+
+
+def _host_port(listen: str | None) -> str | None:
+    if listen is not None:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65_535:
+            raise ValueError(f"must be HOST:PORT, got {listen!r}")
+    return listen
+
+
+class MonitoringConfig(_Section):
+    """The `monitoring:` section: where /metrics, /healthz and /readyz are served (off when absent)."""
+
+    listen: Text | None = None
+    refresh_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = 15
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str | None) -> str | None:
+        return _host_port(listen)
 
 
 LogLevel = Annotated[Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"], BeforeValidator(
@@ -127,6 +143,7 @@ class _TopLevel(_Section):
     database_url: Text = DEFAULT_DATABASE_URL
     wechat: Any = None
     jobs: Any = None
+    monitoring: Any = None
     log_json: StrictBool = False
     log_level: LogLevel = "INFO"
     shutdown_timeout_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
@@ -139,6 +156,7 @@ class Config:
     database_url: str = DEFAULT_DATABASE_URL
     wechat: WeChatConfig = field(default_factory=WeChatConfig)
     jobs: Mapping[str, JobSettings] = field(default_factory=lambda: MappingProxyType({}))
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     log_json: bool = False
     log_level: str = "INFO"
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
@@ -240,6 +258,7 @@ def parse_config(
             f"sandbox never moves money and refuses a non-SQLite database; set {ENV_ALLOW_SANDBOX}=1 if you mean it",
         )
     kw["wechat"] = wechat
+    kw["monitoring"] = _validated(MonitoringConfig, _mapping(top.monitoring, "monitoring"), "monitoring")
 
     data = {"jobs": top.jobs}
     jobs_raw = _mapping(data.get("jobs"), "jobs")

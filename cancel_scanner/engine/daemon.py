@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -54,6 +55,8 @@ class Daemon:
         self._idle = threading.Condition()  # counts the ticks in hand, for shutdown
         self._active = 0
         self.loops = {n: StageLoop(self, n) for n in self.stages}
+        # An observer of each stage going down (backing off) and up again: the monitoring's stage_up.
+        self.on_stage_state: Callable[[str, bool], None] | None = None
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.stages)))},
             timezone=timezone.utc,
@@ -186,6 +189,8 @@ class Daemon:
             logger.bind(stage=name, action="reschedule_skipped").debug("job gone; not rescheduled")
 
     def back_off(self, name: str, failures: int, error) -> None:
+        if self.on_stage_state is not None:
+            self.on_stage_state(name, False)
         interval = self.config.job(name).interval_seconds
         delay = min(MAX_BACKOFF_SECONDS, interval * 2 ** (failures - 1))
         log_failure(name, failures, delay, error)
@@ -322,3 +327,5 @@ class StageLoop:
         if self.failures:
             logger.bind(stage=self.name, action="recovered", failures=self.failures).info("stage recovered")
             self.failures = 0
+            if self.daemon.on_stage_state is not None:
+                self.daemon.on_stage_state(self.name, True)

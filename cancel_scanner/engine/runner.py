@@ -140,6 +140,8 @@ class Runner:
         self.clock = clock or DbClock(db)
         self.hooks = hooks or Hooks()
         self.monotonic = monotonic
+        # An observer of every batch (report, seconds): the monitoring's counters. Set by the composition root.
+        self.on_batch: Callable[[BatchReport, float], None] | None = None
         self.registry = registry or Registry(
             db,
             self.clock,
@@ -172,6 +174,7 @@ class Runner:
         report = BatchReport(stage=name, batch_size=job.batch_size)
         if self.stopping.is_set():
             return report
+        started = time.perf_counter()
         log = logger.bind(stage=name)
         try:
             if stage.kind == "gateway":
@@ -189,6 +192,8 @@ class Runner:
             log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked)
         if report.claimed:
             log.bind(action="batch", **report.counts()).info("batch finished")
+        if self.on_batch is not None:
+            self.on_batch(report, time.perf_counter() - started)
         return report
 
     def run_until_idle(

@@ -336,6 +336,8 @@ class WeChatPayGateway:
         self._sessions_lock = threading.Lock()
         self._local = threading.local()
         self._closed = False
+        # An observer of every answer (endpoint, result): the monitoring's counters. Never sees a number.
+        self.on_answer: Callable[[str, Any], None] | None = None
 
     # -- RefundGateway -------------------------------------------------------
 
@@ -453,6 +455,8 @@ class WeChatPayGateway:
             # A verified answer about another refund or trade: we cannot tell what happened to ours.
             result = UnknownOutcome("RESPONSE_MISMATCH", f"answer is about {about!r}", result.request_id)
         self._log_call(action, number, capture, started, result)
+        if self.on_answer is not None:
+            self.on_answer(action, result)
         return result
 
     def _send(self, action: str, budget: _Budget, capture: _Capture, send: Callable[[], tuple[int, str | bytes]]) -> GatewayResult:

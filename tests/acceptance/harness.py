@@ -131,7 +131,7 @@ def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     gateway = {"batch_size": 100, "concurrency": 16, "lease_seconds": LEASE_SECONDS}
     jobs = {
         "intake": {**common, "batch_size": 200},
-        "close_unpaid": {**common, **gateway},
+        "close_unpaid": {**common, **gateway, "not_found_recheck_seconds": 1},
         "submit_refund": {**common, **gateway},
         "poll_refund": {**common, **gateway, "poll_delays_seconds": list(POLL_DELAYS_SECONDS)},
         "sync_result": {**common, "batch_size": 200},

@@ -116,6 +116,9 @@ def test_run_once_exits_0_and_leaves_nothing_ready(tmp_path, mysql_db, mysql_url
     n = 300
     emu = external_emulators(tmp_path / "keys")
     orders = seed_shop(mysql_db, n)
+    for o in orders:  # each unpaid order has its prepay at WeChat: closed in the same run
+        if not o["pay"]:
+            emu.emulator.create_trade(o["no"], o["amount"])
     shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "cron", None) for o in orders])
     shop.insert_requests(mysql_db, [(999_999, "MERCHANT_CANCEL", "cron", None)])  # no such order
     jobs = harness.fast_jobs(**{s: {"batch_size": 50} for s in ("intake", "submit_refund", "sync_result", "restore_stock")},
