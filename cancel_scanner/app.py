@@ -22,6 +22,12 @@ from cancel_scanner.models import metadata
 from cancel_scanner.scanners import build_stages
 
 
+def _client_options(wechat: Any) -> dict[str, Any]:
+    """What the client takes from `wechat:` the same way in sandbox and live mode: pace, timeouts, notify URL."""
+    keys = ("apply_qps", "query_qps", "pay_query_qps", "pay_close_qps", "notify_url")
+    return {"timeout": wechat.timeout_seconds, **{k: getattr(wechat, k) for k in keys}}
+
+
 def build_gateway(config: Config, stack: ExitStack) -> Any:
     wechat = config.wechat
     if wechat.mode == "sandbox":
@@ -30,12 +36,7 @@ def build_gateway(config: Config, stack: ExitStack) -> Any:
         sandbox = start_sandbox(
             success_delay=wechat.sandbox.success_delay_seconds,
             port=wechat.sandbox.port,
-            apply_qps=wechat.apply_qps,
-            query_qps=wechat.query_qps,
-            pay_query_qps=wechat.pay_query_qps,
-            pay_close_qps=wechat.pay_close_qps,
-            timeout=wechat.timeout_seconds,
-            notify_url=wechat.notify_url,
+            **_client_options(wechat),
         )
         stack.callback(sandbox.close)
         logger.bind(stage="gateway", action="sandbox").info(
@@ -54,12 +55,7 @@ def build_gateway(config: Config, stack: ExitStack) -> Any:
             platform_public_key_id=wechat.platform_public_key_id,
             apiv3_key=os.environ.get(ENV_APIV3_KEY, ""),
             base_url=wechat.base_url,
-            timeout=wechat.timeout_seconds,
-            apply_qps=wechat.apply_qps,
-            query_qps=wechat.query_qps,
-            pay_query_qps=wechat.pay_query_qps,
-            pay_close_qps=wechat.pay_close_qps,
-            notify_url=wechat.notify_url,
+            **_client_options(wechat),
         )
     except GatewaySetupError as exc:
         # The gateway's messages never contain key material.
