@@ -213,9 +213,11 @@ def run(obj: _Ctx, once: bool) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--totals", is_flag=True, help="Also count every finished row in the tables (reads whole indexes: slow on large tables).")
 @click.pass_obj
-def status(obj: _Ctx, as_json: bool) -> None:
-    """Per stage: pending, waiting to retry, failed, done, oldest pending age."""
+def status(obj: _Ctx, as_json: bool, totals: bool) -> None:
+    """Per stage: pending, waiting to retry, failed, oldest pending age, up or down on the running
+    daemons, and the rows they finished since they started."""
     import json
 
     from cancel_scanner.engine.db import make_engine
@@ -227,7 +229,7 @@ def status(obj: _Ctx, as_json: bool) -> None:
     _check_schema(cfg, tolerate_outage=False)
     db = make_engine(cfg.database_url)
     try:
-        report = collect_status(db, build_stages(cfg), DbClock(db)())
+        report = collect_status(db, build_stages(cfg), DbClock(db)(), totals=totals, takeover_seconds=cfg.takeover_seconds)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001

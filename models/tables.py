@@ -275,6 +275,9 @@ class ScannerProcess(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(
         Timestamp3, nullable=False, comment="last heartbeat (database time, UTC); silent past takeover_seconds = dead"
     )
+    report: Mapped[str | None] = mapped_column(
+        String(4000), comment="its stages (up, or down since when and why) and rows finished since it started, JSON; read by status"
+    )
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -190,7 +190,7 @@ def _watch(app, plan: Plan, display: Display, emulator, started: float, deadline
             first = abnormal_seen.setdefault(order_no, elapsed)
             if elapsed - first >= MERCHANT_REACTION_SECONDS and emulator.resolve_abnormal(order_no):
                 display.say(f"  note merchant: fixed the ABNORMAL refund of order {order_no} (frozen account)")
-        status = collect_status(app.db, stages, utcnow())
+        status = collect_status(app.db, stages, utcnow(), totals=True)
         frame = Frame(elapsed, inserted, len(plan.requests), status, expected, _wx_states(app.db),
                       sum(emulator.refunds_created.values()))
         settled = not waves and all(s.pending == 0 for s in status.stages)

@@ -25,6 +25,7 @@ from loguru import logger
 
 from cancel_scanner.engine.clock import ClockWatch
 from cancel_scanner.engine.errors import is_transient_db_error
+from cancel_scanner.engine.progress import Progress
 
 MAX_BACKOFF_SECONDS = 60.0
 CLOCK_CHECK_SECONDS = 60.0
@@ -57,6 +58,9 @@ class Daemon:
         self.loops = {n: StageLoop(self, n) for n in self.stages}
         # An observer of each stage going down (backing off) and up again: the monitoring's stage_up.
         self.on_stage_state: Callable[[str, bool], None] | None = None
+        # Rows finished and stages down, published with every heartbeat for `status` to read.
+        self.progress = Progress(self.stages)
+        self.runner.registry.report = self.progress.report
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.stages)))},
             timezone=timezone.utc,
@@ -189,6 +193,7 @@ class Daemon:
             logger.bind(stage=name, action="reschedule_skipped").debug("job gone; not rescheduled")
 
     def back_off(self, name: str, failures: int, error) -> None:
+        self.progress.stage_down(name, error)
         if self.on_stage_state is not None:
             self.on_stage_state(name, False)
         interval = self.config.job(name).interval_seconds
@@ -298,6 +303,7 @@ class StageLoop:
                         self.daemon.back_off(self.name, self.failures, error)
                     return
                 round_.finished += report.finished
+                self.daemon.progress.batch_done(report)
                 self._recovered()
                 if round_.failed or not report.full:
                     return
@@ -327,5 +333,6 @@ class StageLoop:
         if self.failures:
             logger.bind(stage=self.name, action="recovered", failures=self.failures).info("stage recovered")
             self.failures = 0
+            self.daemon.progress.stage_up(self.name)
             if self.daemon.on_stage_state is not None:
                 self.daemon.on_stage_state(self.name, True)

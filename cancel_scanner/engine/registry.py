@@ -77,6 +77,8 @@ class Registry:
         self._state: tuple[str, float | None] = (owner or new_owner_id(), None)
         self._registered = False
         self.last_error: str | None = None  # why the last heartbeat failed, None once one succeeds
+        # What each beat publishes in the entry's ``report`` (the daemon's Progress.report), read by `status`.
+        self.report: Callable[[], str | None] | None = None
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -113,15 +115,19 @@ class Registry:
         started = self.monotonic()
         now = self.clock()
         owner = self.owner
+        report = self.report() if self.report is not None else None
         with self.db.begin() as conn:
             if self._registered:
-                found = conn.execute(update(scanner_process).where(p.owner == owner).values(heartbeat_at=now)).rowcount
+                found = conn.execute(
+                    update(scanner_process).where(p.owner == owner).values(heartbeat_at=now, report=report)
+                ).rowcount
                 if not found:
                     owner = self._lost(owner)
             if not self._registered:
                 conn.execute(
                     insert(scanner_process).values(
-                        owner=owner, hostname=socket.gethostname()[:64], pid=os.getpid(), started_at=now, heartbeat_at=now
+                        owner=owner, hostname=socket.gethostname()[:64], pid=os.getpid(), started_at=now, heartbeat_at=now,
+                        report=report,
                     )
                 )
         self._registered = True

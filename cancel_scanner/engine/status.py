@@ -1,19 +1,33 @@
-"""What `cancel-scanner status` shows: per stage, pending / waiting / failed / done / oldest pending.
+"""What `cancel-scanner status` shows: per stage, pending / waiting / failed / oldest pending, its
+state on the running daemons, and the rows they finished.
 
-Every figure is one query that an index of sql/schema.sql serves: the stages'
-indexes lead with their flag columns (and ``index_prefix``), so counting done
-and failed rows reads the index only.
+Every figure is cheap on a large table: pending rows are read on the stages' pending indexes, and
+failed rows (``1/0``, a person's work list) on the index their flags lead. Finished rows are not
+counted: "done" is what the running daemons report with their heartbeats (rows finished since they
+started). ``totals=True`` (``status --totals``) counts every finished row in the tables instead,
+which reads a whole index: seconds on a table of millions, not for a scrape or a loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from datetime import datetime
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from typing import Mapping
 
 from sqlalchemy import Connection, Engine, func, select
 
+from cancel_scanner.engine.progress import read_report
+from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS
 from cancel_scanner.engine.stage import Stage
+from cancel_scanner.models import scanner_process
+
+
+@dataclass(frozen=True)
+class StageDown:
+    daemon: str  # hostname:pid
+    seconds: float
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -22,8 +36,18 @@ class StageStatus:
     pending: int  # rows the stage will still act on: due now, or waiting
     waiting: int  # of those, not due yet (a retry after a failure, or the next poll)
     failed: int  # X_scanned=1, X_success=0: an operator must look
-    done: int  # X_scanned=1, X_success=1
     oldest_pending_seconds: float | None
+    done_by_daemons: int = 0  # rows the running daemons finished (done) since they started
+    daemons: int = 0  # running daemons that run this stage
+    down: tuple[StageDown, ...] = ()  # those on which it backs off now
+    done: int | None = None  # every X_scanned=1, X_success=1 row: counted only with totals=True
+
+    @property
+    def up(self) -> bool | None:
+        """True when every running daemon runs it, False when one backs it off, None when none runs it."""
+        if not self.daemons:
+            return None
+        return not self.down
 
 
 @dataclass(frozen=True)
@@ -34,15 +58,30 @@ class Status:
     # the merchant's action.
     counts: tuple[tuple[str, str, int], ...] = ()
     failed_notes: tuple[tuple[str, str], ...] = ()  # (stage, how its 1/0 rows read), for stages that say
+    daemons: tuple[str, ...] = field(default=())  # hostname:pid of each running daemon
+    totals: bool = False
 
     @property
     def abnormal_refunds(self) -> int:
         return sum(n for key, _label, n in self.counts if key == "abnormal_refunds")
 
+    @property
+    def down(self) -> tuple[StageStatus, ...]:
+        return tuple(s for s in self.stages if s.down)
+
     def as_dict(self) -> dict:
+        def stage(s: StageStatus) -> dict:
+            out = {k: v for k, v in asdict(s).items() if k not in ("stage", "down", "done")}
+            out["up"] = s.up
+            out["down"] = [asdict(d) for d in s.down]
+            if self.totals:
+                out["done"] = s.done
+            return out
+
         return {
             "now": self.now.isoformat(),
-            "stages": {s.stage: {k: v for k, v in asdict(s).items() if k != "stage"} for s in self.stages},
+            "daemons": list(self.daemons),
+            "stages": {s.stage: stage(s) for s in self.stages},
             **{key: n for key, _label, n in self.counts},
         }
 
@@ -51,29 +90,72 @@ def _count(conn: Connection, table, *where) -> int:
     return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
 
 
-def stage_status(conn: Connection, stage: Stage, now: datetime) -> StageStatus:
+def _as_datetime(value):
+    if isinstance(value, str):  # SQLite hands back text for an aggregate
+        return datetime.fromisoformat(value)
+    return value
+
+
+def stage_status(conn: Connection, stage: Stage, now: datetime, *, totals: bool = False) -> StageStatus:
     flags = stage.flags
     table = flags.table
     pending = stage.pending()
-    oldest = conn.execute(select(func.min(stage.pending_since)).where(*pending)).scalar()
-    if isinstance(oldest, str):  # SQLite hands back text for an aggregate
-        oldest = datetime.fromisoformat(oldest)
+    oldest = _as_datetime(conn.execute(select(func.min(stage.pending_since)).where(*pending)).scalar())
     return StageStatus(
         stage=stage.name,
         pending=_count(conn, table, *pending),
         waiting=_count(conn, table, *pending, flags.next_attempt_at > now),
         failed=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 0),
-        done=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 1),
         oldest_pending_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else None,
+        done=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 1) if totals else None,
     )
 
 
-def collect_status(db: Engine, stages: Mapping[str, Stage], now: datetime) -> Status:
+def running_daemons(conn: Connection, now: datetime, takeover_seconds: float) -> list[tuple[str, dict]]:
+    """(hostname:pid, its report's stages) of every process that beat within takeover_seconds."""
+    p = scanner_process.c
+    cutoff = now - timedelta(seconds=takeover_seconds)
+    found = conn.execute(
+        select(p.hostname, p.pid, p.report).where(p.heartbeat_at >= cutoff).order_by(p.id)
+    ).all()
+    return [(f"{row.hostname}:{row.pid}", read_report(row.report)) for row in found]
+
+
+def _with_daemons(s: StageStatus, daemons: list[tuple[str, dict]], wall_now: float) -> StageStatus:
+    runs = [(name, report[s.stage]) for name, report in daemons if s.stage in report]
+    down = tuple(
+        StageDown(name, max(0.0, wall_now - st["down_since"]) if st["down_since"] else 0.0, st["reason"])
+        for name, st in runs
+        if not st["up"]
+    )
+    return StageStatus(**{**asdict(s), "down": down, "daemons": len(runs), "done_by_daemons": sum(st["done"] for _n, st in runs)})
+
+
+def collect_status(
+    db: Engine,
+    stages: Mapping[str, Stage],
+    now: datetime,
+    *,
+    totals: bool = False,
+    takeover_seconds: float = DEFAULT_TAKEOVER_SECONDS,
+    wall_now: float | None = None,
+) -> Status:
+    """``now`` is the database's time (ages, who is alive); ``wall_now`` (epoch seconds, default this
+    host's clock) is what the daemons' own down-since stamps are measured against."""
+    wall_now = time.time() if wall_now is None else wall_now
     with db.connect() as conn:
-        per_stage = tuple(stage_status(conn, stage, now) for stage in stages.values())
+        per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
         counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn))
+        daemons = running_daemons(conn, now, takeover_seconds)
     notes = tuple((s.name, s.failed_note) for s in stages.values() if s.failed_note)
-    return Status(now=now, stages=per_stage, counts=counts, failed_notes=notes)
+    return Status(
+        now=now,
+        stages=tuple(_with_daemons(s, daemons, wall_now) for s in per_stage),
+        counts=counts,
+        failed_notes=notes,
+        daemons=tuple(name for name, _report in daemons),
+        totals=totals,
+    )
 
 
 def format_age(seconds: float | None) -> str:
@@ -88,12 +170,29 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
+def stage_state(s: StageStatus) -> str:
+    if s.up is None:
+        return "not running"
+    if not s.down:
+        return "up" if s.daemons == 1 else f"up ({s.daemons} daemons)"
+    worst = max(s.down, key=lambda d: d.seconds)
+    where = "" if s.daemons == 1 else f" on {len(s.down)} of {s.daemons} daemons"
+    return f"DOWN{where} for {format_age(worst.seconds)}: {worst.reason or 'failing'}"
+
+
 def format_status(status: Status) -> str:
-    lines = [f"{'stage':16} {'pending':>8} {'waiting':>8} {'failed':>8} {'done':>10}  oldest pending"]
+    done_label = "done" if status.totals else "done*"
+    lines = [f"{'stage':16} {'pending':>8} {'waiting':>8} {'failed':>8} {done_label:>10}  {'oldest':>7}  state"]
     for s in status.stages:
+        done = s.done if status.totals else s.done_by_daemons
         lines.append(
-            f"{s.stage:16} {s.pending:8d} {s.waiting:8d} {s.failed:8d} {s.done:10d}  {format_age(s.oldest_pending_seconds)}"
+            f"{s.stage:16} {s.pending:8d} {s.waiting:8d} {s.failed:8d} {done:10d}  {format_age(s.oldest_pending_seconds):>7}"
+            f"  {stage_state(s)}"
         )
+    if not status.daemons:
+        lines.append("no cancel-scanner daemon is running (none has beaten in the last takeover_seconds)")
+    if not status.totals:
+        lines.append("* done: rows the running daemons finished since they started (`status --totals` counts the tables: slow on large ones)")
     for _key, label, n in status.counts:
         if n:
             lines.append(f"{label}: {n}")

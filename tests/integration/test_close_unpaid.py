@@ -255,7 +255,7 @@ def test_a_version_1_database_migrates_to_the_close_stage_and_its_orders_read_un
     assert "behind" in str(schema_problem(db))
 
     the_plan = migration_plan(db)
-    assert the_plan.current == 1 and the_plan.head == 2
+    assert the_plan.current == 1 and the_plan.head == migrate.head_version()
     migrate.apply(db, the_plan)
     assert schema_problem(db) is None and migration_plan(db).steps == []
     assert rows(db, "SELECT id, order_no, pay_status, order_status, refund_status FROM goods_order2 ORDER BY id") == before

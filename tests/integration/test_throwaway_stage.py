@@ -75,7 +75,7 @@ def test_a_throwaway_stage_runs_through_the_daemon_status_and_requeue(db, db_url
     daemon.start()
     try:
         assert wait_until(counts, 20, "9 chores tidied, 1 too messy", until=lambda n: n == {1: 9, 0: 1}, interval=0.02)
-        status = collect_status(db, stages, runner.clock())
+        status = collect_status(db, stages, runner.clock(), totals=True)
         tidy = next(s for s in status.stages if s.stage == "tidy_up")
         assert (tidy.pending, tidy.failed, tidy.done) == (0, 1, 9)
         assert "tidy_up failed = 1 chore(s) found too messy" in format_status(status)
