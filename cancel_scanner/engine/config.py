@@ -25,6 +25,10 @@ ENV_CONFIG = "CANCEL_SCANNER_CONFIG"
 ENV_DB_URL = "CANCEL_SCANNER_DB_URL"
 ENV_ALLOW_SANDBOX = "CANCEL_SCANNER_ALLOW_SANDBOX"
 ENV_APIV3_KEY = "WECHATPAY_APIV3_KEY"
+# Alert webhooks carry their secret in the URL (WeCom's key, DingTalk's access_token, Feishu's hook
+# id): the URL may come from the environment instead of the file, and a signing secret only does.
+ENV_ALERT_WEBHOOK_URL = "CANCEL_SCANNER_ALERT_WEBHOOK_URL"
+ENV_ALERT_SECRET = "CANCEL_SCANNER_ALERT_SECRET"  # DingTalk's or Feishu's signing secret
 DEFAULT_CONFIG_PATH = Path("jobs.yaml")
 
 # Defaults, each with its unit in the name.
@@ -132,6 +136,94 @@ class MonitoringConfig(_Section):
         return _host_port(listen)
 
 
+class _Rule(_Section):
+    enabled: StrictBool = True
+
+
+class GatewayFailureRule(_Rule):
+    """WeChat answers that were no answer (unknown, retry later, configuration errors) over a window."""
+
+    threshold: Annotated[StrictFloat | StrictInt, Field(gt=0, le=1)] = 0.5
+    window_seconds: Annotated[StrictFloat | StrictInt, Field(ge=10, le=86_400)] = 300
+    min_calls: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 20
+
+
+class CountRule(_Rule):
+    threshold: Annotated[StrictInt, Field(ge=1, le=1_000_000_000)] = 1
+
+
+class OldestPendingRule(_Rule):
+    """A stage's oldest pending row older than this; refunds to a bank card take days, hence per stage."""
+
+    threshold_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=30 * 86_400)] = 900
+    stage_threshold_seconds: dict[str, Annotated[StrictFloat | StrictInt, Field(ge=1, le=30 * 86_400)]] = Field(
+        default_factory=lambda: {"poll_refund": 3 * 86_400, "close_unpaid": 3_600}
+    )
+
+
+class StageDownRule(_Rule):
+    for_seconds: Annotated[StrictFloat | StrictInt, Field(ge=0, le=86_400)] = 120
+
+
+class ConfigErrorRule(_Rule):
+    """A configuration answer from WeChat (SIGN_ERROR, a bad certificate) in the window, or the clock off."""
+
+    window_seconds: Annotated[StrictFloat | StrictInt, Field(ge=10, le=86_400)] = 300
+    clock_skew_seconds: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3_600)] = 60
+
+
+class AlertRules(_Section):
+    gateway_failure_rate: GatewayFailureRule = GatewayFailureRule()
+    rows_failed: CountRule = CountRule()
+    oldest_pending: OldestPendingRule = OldestPendingRule()
+    abnormal_refunds: CountRule = CountRule()
+    stage_down: StageDownRule = StageDownRule()
+    config_error: ConfigErrorRule = ConfigErrorRule()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_rule(cls, value: Any) -> Any:
+        return {} if value is None else value  # `rows_failed:` with nothing under it: the defaults
+
+
+class AlertsConfig(_Section):
+    """The `alerts:` section: rules evaluated by the daemon, messages posted to a group robot (off without a URL)."""
+
+    webhook_url: Text | None = Field(default=None, repr=False)  # holds the robot's key
+    format: Literal["wecom", "dingtalk", "feishu", "json"] = "json"
+    cooldown_seconds: Annotated[StrictFloat | StrictInt, Field(ge=0, le=86_400)] = 600
+    timeout_seconds: Annotated[StrictFloat | StrictInt, Field(gt=0, le=60)] = 5
+    rules: AlertRules = AlertRules()
+    secret: str | None = Field(default=None, exclude=True, repr=False)  # from the environment only
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _empty_rules(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _http_url(cls, url: Any) -> Any:
+        # Never echo the value: it holds the robot's key.
+        if url is None:
+            return None
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL (value not shown: it holds the robot's key)")
+        return url
+
+
+def _alerts(raw: Any, env: Mapping[str, str]) -> AlertsConfig:
+    data = dict(_mapping(raw, "alerts"))
+    if "secret" in data:
+        raise ConfigError("alerts.secret", f"is never read from the file: set {ENV_ALERT_SECRET} in the environment")
+    if env.get(ENV_ALERT_WEBHOOK_URL):
+        data["webhook_url"] = env[ENV_ALERT_WEBHOOK_URL]
+    alerts = _validated(AlertsConfig, data, "alerts")
+    secret = env.get(ENV_ALERT_SECRET) or None
+    return alerts.model_copy(update={"secret": secret}) if secret else alerts
+
+
 LogLevel = Annotated[Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"], BeforeValidator(
     lambda v: v.strip().upper() if isinstance(v, str) else v
 )]
@@ -144,6 +236,7 @@ class _TopLevel(_Section):
     wechat: Any = None
     jobs: Any = None
     monitoring: Any = None
+    alerts: Any = None
     log_json: StrictBool = False
     log_level: LogLevel = "INFO"
     shutdown_timeout_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
@@ -157,6 +250,7 @@ class Config:
     wechat: WeChatConfig = field(default_factory=WeChatConfig)
     jobs: Mapping[str, JobSettings] = field(default_factory=lambda: MappingProxyType({}))
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     log_json: bool = False
     log_level: str = "INFO"
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
@@ -259,6 +353,10 @@ def parse_config(
         )
     kw["wechat"] = wechat
     kw["monitoring"] = _validated(MonitoringConfig, _mapping(top.monitoring, "monitoring"), "monitoring")
+    kw["alerts"] = _alerts(top.alerts, env)
+    unknown = set(kw["alerts"].rules.oldest_pending.stage_threshold_seconds) - set(stages.names)
+    if unknown:
+        raise ConfigError("alerts.rules.oldest_pending.stage_threshold_seconds", f"no such stage: {', '.join(sorted(unknown))}")
 
     data = {"jobs": top.jobs}
     jobs_raw = _mapping(data.get("jobs"), "jobs")
