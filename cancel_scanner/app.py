@@ -126,27 +126,65 @@ def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, c
 
 
 def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
-    """With monitoring.listen set: metrics fed by the runner, the gateway and the daemon; database
-    gauges refreshed on their own schedule; /metrics, /healthz, /readyz served. ``stack`` stops them."""
-    listen = app.config.monitoring.listen
-    if not listen:
+    """With monitoring.listen or alerts.webhook_url set: metrics fed by the runner, the gateway and the
+    daemon; a watcher reading the database on its own schedule for the gauges, the alert rules and the
+    status page; /metrics, /healthz, /readyz and / served when listening. ``stack`` stops them all.
+    Returns the MonitoringServer (None when not listening)."""
+    listen, alerts = app.config.monitoring.listen, app.config.alerts
+    if not listen and not alerts.webhook_url:
         return None
-    from cancel_scanner.monitoring import GaugeRefresher, Metrics, MonitoringServer
+    import time
+
+    from cancel_scanner.alerts.rules import AlertBook, CallWindow
+    from cancel_scanner.monitoring.metrics import Metrics, answer_outcome
+    from cancel_scanner.monitoring.page import PageView
+    from cancel_scanner.monitoring.server import MonitoringServer
+    from cancel_scanner.monitoring.watch import Watcher
 
     metrics = Metrics()
+    rules = alerts.rules
+    calls = CallWindow(max(rules.gateway_failure_rate.window_seconds, rules.config_error.window_seconds))
+
+    def answered(endpoint: str, result: Any) -> None:
+        metrics.answered(endpoint, result)
+        label = answer_outcome(result)
+        if label is not None:
+            calls.record(label)
+
     app.runner.on_batch = metrics.batch_done
-    app.gateway.on_answer = metrics.answered
+    app.gateway.on_answer = answered
     daemon.on_stage_state = metrics.stage_state
-    offset = getattr(app.runner.clock, "offset_seconds", None)
-    refresher = GaugeRefresher(metrics, app.db, {n: app.runner.stages[n] for n in daemon.stages}, app.runner,
-                               app.config.monitoring.refresh_seconds, clock_offset=offset).start()
-    stack.callback(refresher.stop)
+    book = None
+    if alerts.webhook_url:
+        from cancel_scanner.alerts.deliver import Notifier
+
+        notifier = Notifier(alerts.webhook_url, alerts.format, secret=alerts.secret, timeout_seconds=alerts.timeout_seconds,
+                            on_result=lambda outcome: metrics.alert_messages.labels(outcome).inc()).start()
+        stack.callback(notifier.stop)
+        book = AlertBook(rules=rules, cooldown_seconds=alerts.cooldown_seconds, send=notifier.send)
+    interval = app.config.monitoring.refresh_seconds
+    watcher = Watcher(
+        app.db, dict(app.runner.stages), app.runner, interval, takeover_seconds=app.config.takeover_seconds,
+        metrics=metrics, book=book, calls=calls, down=daemon.progress.down,
+        clock_offset=getattr(app.runner.clock, "offset_seconds", None),
+    ).start()
+    stack.callback(watcher.stop)
+    if not listen:
+        return None
+
+    def page() -> PageView:
+        return PageView(
+            snapshot=watcher.latest, refresh_seconds=interval, host=watcher.host, now=time.time(), last_error=watcher.last_error,
+            alerts=tuple(book.history) if book else (), firing=tuple(book.firing()) if book else (),
+        )
+
     host, _, port = listen.rpartition(":")
     server = MonitoringServer(
         metrics, host.strip("[]"), int(port),
         alive=lambda: daemon.scheduler.running and not daemon.stopped.is_set(),
         db=app.db,
         gateway_ready=lambda: app.gateway is not None,
+        page=page,
     ).start()
     stack.callback(server.stop)
     return server

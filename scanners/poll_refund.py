@@ -90,6 +90,13 @@ class PollRefund(StageDefaults):
         ).scalar_one()
         return (("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", abnormal),)
 
+    def attention(self, conn: Connection, limit: int):
+        found = conn.execute(
+            select(r.id, r.order_id, r.out_refund_no, r.refund_amount, r.submitted_at)
+            .where(*self.pending(), r.wx_status == "ABNORMAL").order_by(r.id).limit(limit)
+        ).mappings().all()
+        return (("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", found),)
+
     pending_since = r.submitted_at
     index_prefix = (r.submit_success == 1,)  # lets `status` count on idx_refund_order_poll_pending
 

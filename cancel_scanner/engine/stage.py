@@ -136,6 +136,10 @@ class StageDefaults:
         """Extra figures for `status`: (key, label, count). Each a bounded, indexed query."""
         return ()
 
+    def attention(self, conn: Connection, limit: int) -> Sequence[tuple[str, str, Sequence[Mapping[str, Any]]]]:
+        """Rows for the status page beyond the failed ones: (key, label, at most ``limit`` rows as dicts)."""
+        return ()
+
     def finish(self, conn: Connection, rows: Sequence[Row], outcomes: Mapping[int, Outcome], now: datetime) -> None:
         return None
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Mapping
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, case, func, select
 
 from cancel_scanner.engine.progress import read_report
 from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS
@@ -59,6 +59,7 @@ class Status:
     counts: tuple[tuple[str, str, int], ...] = ()
     failed_notes: tuple[tuple[str, str], ...] = ()  # (stage, how its 1/0 rows read), for stages that say
     daemons: tuple[str, ...] = field(default=())  # hostname:pid of each running daemon
+    owners: tuple[str, ...] = field(default=(), repr=False)  # their lease owner ids, oldest registration first
     totals: bool = False
 
     @property
@@ -99,30 +100,34 @@ def _as_datetime(value):
 def stage_status(conn: Connection, stage: Stage, now: datetime, *, totals: bool = False) -> StageStatus:
     flags = stage.flags
     table = flags.table
-    pending = stage.pending()
-    oldest = _as_datetime(conn.execute(select(func.min(stage.pending_since)).where(*pending)).scalar())
+    # One pass over the pending rows: how many, how many not due yet, and the oldest.
+    pending, waiting, oldest = conn.execute(
+        select(func.count(), func.coalesce(func.sum(case((flags.next_attempt_at > now, 1), else_=0)), 0), func.min(stage.pending_since))
+        .select_from(table).where(*stage.pending())
+    ).one()
+    oldest = _as_datetime(oldest)
     return StageStatus(
         stage=stage.name,
-        pending=_count(conn, table, *pending),
-        waiting=_count(conn, table, *pending, flags.next_attempt_at > now),
+        pending=int(pending),
+        waiting=int(waiting),
         failed=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 0),
         oldest_pending_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else None,
         done=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 1) if totals else None,
     )
 
 
-def running_daemons(conn: Connection, now: datetime, takeover_seconds: float) -> list[tuple[str, dict]]:
-    """(hostname:pid, its report's stages) of every process that beat within takeover_seconds."""
+def running_daemons(conn: Connection, now: datetime, takeover_seconds: float) -> list[tuple[str, str, dict]]:
+    """(hostname:pid, owner, its report's stages) of every process that beat within takeover_seconds."""
     p = scanner_process.c
     cutoff = now - timedelta(seconds=takeover_seconds)
     found = conn.execute(
-        select(p.hostname, p.pid, p.report).where(p.heartbeat_at >= cutoff).order_by(p.id)
+        select(p.hostname, p.pid, p.owner, p.report).where(p.heartbeat_at >= cutoff).order_by(p.id)
     ).all()
-    return [(f"{row.hostname}:{row.pid}", read_report(row.report)) for row in found]
+    return [(f"{row.hostname}:{row.pid}", row.owner, read_report(row.report)) for row in found]
 
 
-def _with_daemons(s: StageStatus, daemons: list[tuple[str, dict]], wall_now: float) -> StageStatus:
-    runs = [(name, report[s.stage]) for name, report in daemons if s.stage in report]
+def _with_daemons(s: StageStatus, daemons: list[tuple[str, str, dict]], wall_now: float) -> StageStatus:
+    runs = [(name, report[s.stage]) for name, _owner, report in daemons if s.stage in report]
     down = tuple(
         StageDown(name, max(0.0, wall_now - st["down_since"]) if st["down_since"] else 0.0, st["reason"])
         for name, st in runs
@@ -153,7 +158,8 @@ def collect_status(
         stages=tuple(_with_daemons(s, daemons, wall_now) for s in per_stage),
         counts=counts,
         failed_notes=notes,
-        daemons=tuple(name for name, _report in daemons),
+        daemons=tuple(name for name, _owner, _report in daemons),
+        owners=tuple(owner for _name, owner, _report in daemons),
         totals=totals,
     )
 

@@ -1,0 +1,225 @@
+"""The alert rules: which conditions hold now, and which messages that makes.
+
+Each rule looks at one reading (the latest database snapshot, this process's WeChat answers over
+a sliding window, its stages' state, its clock) and says, per subject (a stage, or the process),
+whether it fires and with what value. ``AlertBook`` turns those into messages: one when a subject
+starts firing, one when it resolves; a subject that fires again within ``cooldown_seconds`` of its
+last firing message stays quiet (and so does its resolve), so a flapping condition costs at most
+two messages per cooldown.
+
+Rules about the database (failed rows, oldest pending, ABNORMAL refunds) are evaluated only by the
+leader, the running daemon registered first, so that N daemons sharing a database send one
+message, not N. Rules about the process (WeChat failure rate, a stage down, SIGN_ERROR, its clock)
+are evaluated by every daemon about itself, and their summaries name the host.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+from cancel_scanner.alerts.deliver import Alert
+
+FAILURE_OUTCOMES = frozenset({"unknown", "retry_later", "config_error"})  # no usable answer; "permanent" is one
+HISTORY_SIZE = 50
+
+
+class CallWindow:
+    """WeChat answers by outcome over the last ``span_seconds``, in one-second buckets (bounded memory)."""
+
+    def __init__(self, span_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.span = int(span_seconds) + 1
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._buckets: deque[list] = deque()  # [second, {outcome: n}]
+
+    def record(self, outcome: str) -> None:
+        now = int(self.clock())
+        with self._lock:
+            if not self._buckets or self._buckets[-1][0] != now:
+                self._buckets.append([now, {}])
+                while self._buckets and self._buckets[0][0] <= now - self.span:
+                    self._buckets.popleft()
+            counts = self._buckets[-1][1]
+            counts[outcome] = counts.get(outcome, 0) + 1
+
+    def counts(self, window_seconds: float) -> dict[str, int]:
+        since = self.clock() - window_seconds
+        total: dict[str, int] = {}
+        with self._lock:
+            for second, counts in self._buckets:
+                if second >= since:
+                    for outcome, n in counts.items():
+                        total[outcome] = total.get(outcome, 0) + n
+        return total
+
+
+@dataclass(frozen=True)
+class Condition:
+    firing: bool
+    value: float | int | None
+    summary: str
+    stage: str | None = None
+
+
+@dataclass(frozen=True)
+class Reading:
+    snapshot: Any  # a monitoring Snapshot, or None when the database could not be read
+    calls: CallWindow
+    down: dict[str, tuple[float, str | None]]  # this process's stages backing off: (seconds, why)
+    clock_offset: float | None
+    host: str
+    routine_stages: frozenset[str] = frozenset()  # stages whose 1/0 rows are routine rejections
+
+
+def _gateway_failure_rate(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    counts = r.calls.counts(rule.window_seconds)
+    total = sum(counts.values())
+    failures = sum(n for outcome, n in counts.items() if outcome in FAILURE_OUTCOMES)
+    rate = failures / total if total else 0.0
+    if "" in firing:  # resolve on a usable rate, or on a whole window without a failure
+        still = not (failures == 0 or (total >= rule.min_calls and rate < rule.threshold))
+    else:
+        still = total >= rule.min_calls and rate >= rule.threshold
+    yield "", Condition(
+        still, round(rate, 4),
+        f"{r.host}: {failures} of {total} WeChat Pay calls in the last {rule.window_seconds:g} s got no usable answer"
+        f" ({rate:.0%}; alert at {rule.threshold:.0%} of at least {rule.min_calls} calls)",
+    )
+
+
+def _rows_failed(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    for s in r.snapshot.status.stages:
+        if s.stage in r.routine_stages:
+            continue
+        yield s.stage, Condition(
+            s.failed >= rule.threshold, s.failed,
+            f"{s.failed} {s.stage} row(s) failed for good and need a person (cancel-scanner status;"
+            " SELECT * FROM v_cancel_scanner_failed)", s.stage,
+        )
+
+
+def _oldest_pending(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    for s in r.snapshot.status.stages:
+        limit = rule.stage_threshold_seconds.get(s.stage, rule.threshold_seconds)
+        age = s.oldest_pending_seconds or 0.0
+        yield s.stage, Condition(
+            age > limit, round(age, 1),
+            f"{s.stage}: the oldest pending row has waited {age:.0f} s (alert above {limit:g} s); {s.pending} pending",
+            s.stage,
+        )
+
+
+def _abnormal_refunds(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    n = r.snapshot.status.abnormal_refunds
+    yield "", Condition(
+        n >= rule.threshold, n,
+        f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act", "poll_refund",
+    )
+
+
+def _stage_down(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    for stage, (seconds, why) in r.down.items():
+        yield stage, Condition(
+            seconds >= rule.for_seconds, round(seconds, 1),
+            f"{r.host}: stage {stage} has been backing off for {seconds:.0f} s: {why or 'failing'}", stage,
+        )
+    for stage in firing - set(r.down):  # up again
+        yield stage, Condition(False, 0, f"{r.host}: stage {stage} runs again", stage)
+
+
+def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    n = r.calls.counts(rule.window_seconds).get("config_error", 0)
+    yield "sign", Condition(
+        n > 0, n,
+        f"{r.host}: WeChat Pay answered {n} call(s) in the last {rule.window_seconds:g} s with a configuration error"
+        " (SIGN_ERROR, a certificate or key problem): check the merchant's keys and this host's clock",
+    )
+    if r.clock_offset is not None:
+        off = r.clock_offset
+        yield "clock", Condition(
+            abs(off) > rule.clock_skew_seconds, round(off, 3),
+            f"{r.host}: this host's clock is {off:+.1f} s off the database's (alert above {rule.clock_skew_seconds:g} s;"
+            " WeChat Pay refuses signatures 300 s off): fix NTP",
+        )
+
+
+# rule name -> (evaluate, needs the database snapshot and leadership)
+RULES: dict[str, tuple[Callable[..., Iterator[tuple[str, Condition]]], bool]] = {
+    "gateway_failure_rate": (_gateway_failure_rate, False),
+    "rows_failed": (_rows_failed, True),
+    "oldest_pending": (_oldest_pending, True),
+    "abnormal_refunds": (_abnormal_refunds, True),
+    "stage_down": (_stage_down, False),
+    "config_error": (_config_error, False),
+}
+
+
+@dataclass
+class _Subject:
+    firing: bool = False
+    announced: bool = False  # a firing message went out for this spell
+    last_firing_message: float | None = None
+
+
+@dataclass
+class AlertBook:
+    """The rules' state across readings, and the messages it decides to send."""
+
+    rules: Any  # AlertRules
+    cooldown_seconds: float
+    send: Callable[[Alert], Any]
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_SIZE))  # messages, newest last
+    _subjects: dict[tuple[str, str], _Subject] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def firing(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted(key for key, s in self._subjects.items() if s.firing)
+
+    def evaluate(self, reading: Reading) -> list[Alert]:
+        """Apply one reading; returns the messages sent."""
+        sent = []
+        for name, (rule_fn, needs_db) in RULES.items():
+            rule = getattr(self.rules, name)
+            if not rule.enabled:
+                continue
+            if needs_db and (reading.snapshot is None or not reading.snapshot.leader):
+                continue  # no reading (keep the state), or another daemon speaks for the database
+            on = {subject for (r, subject), s in self._subjects.items() if r == name and s.firing}
+            for subject, condition in rule_fn(rule, reading, on):
+                alert = self._apply(name, subject, condition)
+                if alert is not None:
+                    sent.append(alert)
+        return sent
+
+    def _apply(self, rule: str, subject: str, c: Condition) -> Alert | None:
+        now = self.clock()
+        with self._lock:
+            s = self._subjects.setdefault((rule, subject), _Subject())
+            if c.firing and not s.firing:
+                s.firing = True
+                quiet = s.last_firing_message is not None and now - s.last_firing_message < self.cooldown_seconds
+                s.announced = not quiet
+                if quiet:
+                    return None
+                s.last_firing_message = now
+                state = "firing"
+            elif not c.firing and s.firing:
+                s.firing = False
+                if not s.announced:
+                    return None
+                s.announced = False
+                state = "resolved"
+            else:
+                return None
+        alert = Alert(rule=rule, state=state, summary=c.summary, stage=c.stage, value=c.value, at=self.wall())
+        self.history.append(alert)
+        self.send(alert)
+        return alert

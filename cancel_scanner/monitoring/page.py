@@ -1,0 +1,202 @@
+"""The status page: a read-only view of the watcher's last snapshot, refreshing itself.
+
+Plain HTML and inline CSS, no script, nothing fetched from elsewhere (the server's CSP says the
+same to the browser). Every value that came from the database, a daemon's report or an alert goes
+through ``_e`` (``html.escape``, quotes included): a request's ``reason`` and ``operator`` are
+merchant input, and a stage's down reason quotes an exception's text.
+
+Sections, top to bottom: who and how fresh (with a warning when the reading is missing or stale),
+the stages, the stages down, the alerts, then a person's work lists: ABNORMAL refunds, rows that
+failed for good, and the latest rejected requests.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from cancel_scanner.engine.status import format_age, stage_state
+
+TITLE = "cancel-scanner status"
+FAILED_COLUMNS = ("id", "order_id", "attempts", "last_error", "updated_at")
+ABNORMAL_COLUMNS = ("id", "order_id", "out_refund_no", "refund_amount", "submitted_at")
+REJECTED_COLUMNS = ("id", "order_id", "op_type", "operator", "reason", "result_code", "result_msg", "created_at")
+CSS = """
+body{font:14px/1.4 monospace;margin:1em 2em;color:#222;background:#fff}
+h1{font-size:1.3em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .4em}h3{font-size:1em;margin:1em 0 .3em}
+table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}
+td{max-width:40em;overflow-wrap:anywhere}th{background:#f0f0f0}td.n{text-align:right}
+tr.down td,tr.firing td{background:#fde2e2}.warn{background:#fde2e2;border:1px solid #c00;padding:.4em .8em;font-weight:bold}
+.muted{color:#777}
+"""
+
+
+@dataclass(frozen=True)
+class PageView:
+    snapshot: Any  # the watcher's latest Snapshot, or None before the first reading
+    refresh_seconds: float
+    host: str
+    now: float  # wall clock, epoch seconds
+    last_error: str | None = None  # why the latest reading failed
+    alerts: Sequence[Any] = ()  # alert messages, newest last
+    firing: Sequence[tuple[str, str]] = ()  # (rule, subject) firing now
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _e(value: Any) -> str:
+    """A value as escaped text; datetimes to the second, None as nothing."""
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        value = value.isoformat(sep=" ", timespec="seconds")
+    return html.escape(str(value), quote=True)
+
+
+def yuan(fen: Any) -> str:
+    """12345 -> "123.45", in integers: a float would round some amounts a fen off."""
+    if fen is None:
+        return ""
+    if isinstance(fen, bool) or not isinstance(fen, int):
+        try:
+            fen = int(str(fen))  # an integer column may come back as text or Decimal; "1.5" is no amount
+        except ValueError:
+            return str(fen)  # not an amount: shown as it is (escaped by the caller)
+    sign = "-" if fen < 0 else ""
+    whole, cents = divmod(abs(fen), 100)
+    return f"{sign}{whole}.{cents:02d}"
+
+
+def _wall(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None,
+           row_class: Callable[[int], str | None] = lambda _i: None, numeric: Sequence[str] = ()) -> str:
+    """A table of already-raw values: every cell is escaped here. ``numeric`` columns align right."""
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for i, row in enumerate(rows):
+        cls = row_class(i)
+        cells = "".join(
+            f'<td class="n">{_e(v)}</td>' if col in numeric else f"<td>{_e(v)}</td>" for col, v in zip(columns, row)
+        )
+        body.append(f'<tr class="{_e(cls)}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
+    ident = f' id="{_e(table_id)}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _more(count: int, rows: Sequence[Any]) -> str:
+    """Listings are bounded (snapshot.LIST_LIMIT): say so when the count is larger than the list."""
+    return f"; the first {_e(len(rows))} shown" if count > len(rows) else ""
+
+
+def _none(what: str = "none") -> str:
+    return f'<p class="muted">{_e(what)}</p>'
+
+
+def _listing_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                  shown: Mapping[str, Callable[[Any], Any]] | None = None) -> list[list[Any]]:
+    """The listed rows' ``columns`` in order, each through its ``shown`` function if it has one."""
+    shown = shown or {}
+    return [[shown.get(c, lambda v: v)(row.get(c)) for c in columns] for row in rows]
+
+
+def _header(view: PageView) -> str:
+    snap = view.snapshot
+    parts = [f"<h1>cancel-scanner on {_e(view.host)}</h1>"]
+    if snap is None:
+        cause = f"the database could not be read: {view.last_error}; " if view.last_error else ""
+        parts.append(f'<p class="warn">{_e(cause)}no reading yet</p>')
+        return "".join(parts)
+    age = max(0, round(view.now - snap.taken_at))
+    if view.last_error:
+        parts.append(f'<p class="warn">the database could not be read: {_e(view.last_error)};'
+                     f" figures below are {_e(age)} s old</p>")
+    daemons = ", ".join(snap.status.daemons) or "none (no daemon has beaten within takeover_seconds)"
+    parts.append(f"<p>snapshot taken {_e(age)} s ago ({_e(_wall(snap.taken_at))}); refreshes every"
+                 f" {_e(_refresh(view))} s<br>running daemons: {_e(daemons)}</p>")
+    return "".join(parts)
+
+
+def _stages(snap: Any) -> str:
+    stages = snap.status.stages
+    rows = [[s.stage, s.pending, s.waiting, s.failed, s.done_by_daemons, format_age(s.oldest_pending_seconds), stage_state(s)]
+            for s in stages]
+    columns = ("stage", "pending", "waiting", "failed", "done by running daemons", "oldest pending", "state")
+    table = _table(columns, rows, table_id="stages", row_class=lambda i: "down" if stages[i].down else None,
+                   numeric=columns[1:5])
+    return f"<h2>Stages</h2>{table}"
+
+
+def _down(snap: Any) -> str:
+    rows = [[s.stage, d.daemon, format_age(d.seconds), d.reason or "failing"] for s in snap.status.down for d in s.down]
+    body = _table(("stage", "daemon", "for", "reason"), rows, table_id="down") if rows else _none()
+    return f"<h2>Stages down</h2>{body}"
+
+
+def _alerts(view: PageView) -> str:
+    firing = _table(("rule", "subject"), view.firing, table_id="firing") if view.firing else _none()
+    recent = list(reversed(view.alerts))
+    rows = [[a.at, a.state, a.rule, a.stage, a.summary] for a in recent]
+    history = (_table(("time", "state", "rule", "stage", "summary"), rows, table_id="alerts",
+                      row_class=lambda i: "firing" if recent[i].state == "firing" else None)
+               if rows else _none("no alert message since this daemon started"))
+    return f"<h2>Alerts firing now</h2>{firing}<h2>Recent alert messages</h2>{history}"
+
+
+def _abnormal(snap: Any) -> str:
+    listing = snap.listing("abnormal_refunds")
+    rows = listing.rows if listing else ()
+    count = snap.status.abnormal_refunds
+    head = f"<h2>ABNORMAL refunds: {_e(count)}</h2>"
+    if not rows:
+        return head + _none()
+    note = f"<p>the merchant must act (the user's card is frozen or closed){_more(count, rows)}</p>"
+    table = _table(("id", "order_id", "out_refund_no", "amount (yuan)", "submitted_at"),
+                   _listing_rows(rows, ABNORMAL_COLUMNS, {"refund_amount": yuan}), table_id="abnormal",
+                   numeric=("amount (yuan)",))
+    return head + note + table
+
+
+def _failed(snap: Any) -> str:
+    listings = [item for item in snap.listings if item.key.startswith("failed:") and item.rows]
+    parts = ["<h2>Rows that need a person</h2>"]
+    if not listings:
+        return parts[0] + _none()
+    notes = dict(snap.status.failed_notes)
+    for item in listings:
+        stage = item.stage or item.key.removeprefix("failed:")
+        note = notes.get(stage, "failed for good: the reason is in last_error")
+        count = snap.failed(stage)
+        parts.append(f"<h3>{_e(stage)}: {_e(count)} {_e(note)}{_more(count, item.rows)}</h3>")
+        parts.append(_table(FAILED_COLUMNS, _listing_rows(item.rows, FAILED_COLUMNS), numeric=("attempts",)))
+    return "".join(parts)
+
+
+def _rejected(snap: Any) -> str:
+    listing = snap.listing("rejected")
+    rows = listing.rows if listing else ()
+    body = _table(REJECTED_COLUMNS, _listing_rows(rows, REJECTED_COLUMNS), table_id="rejected") if rows else _none()
+    return f"<h2>Latest rejected requests</h2>{body}"
+
+
+def _refresh(view: PageView) -> int:
+    return max(1, math.ceil(view.refresh_seconds))
+
+
+def render(view: PageView) -> str:
+    sections = [_header(view)]
+    if view.snapshot is not None:
+        sections += [_stages(view.snapshot), _down(view.snapshot)]
+    sections.append(_alerts(view))
+    if view.snapshot is not None:
+        sections += [_abnormal(view.snapshot), _failed(view.snapshot), _rejected(view.snapshot)]
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="refresh" content="{_refresh(view)}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(TITLE)}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
