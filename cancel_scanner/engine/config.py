@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
-from cancel_scanner.engine.net import is_safe_gateway_url
+from cancel_scanner.engine.net import is_loopback_host, is_safe_gateway_url
 from cancel_scanner.engine.settings import ConfigError, GatewayJobSettings, JobSettings, Seconds, config_error, validate_job
 
 ENV_CONFIG = "CANCEL_SCANNER_CONFIG"
@@ -209,7 +209,9 @@ class AlertsConfig(_Section):
             return None
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL (value not shown: it holds the robot's key)")
+            raise ValueError("must be an https:// URL (value not shown: it holds the robot's key)")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ValueError("must be https:// (plain http only to a loopback address): the URL holds the robot's key")
         return url
 
 
