@@ -191,3 +191,39 @@ def test_an_endless_delay_is_a_configuration_error_not_a_crash_later(raw, key):
 
 def test_an_empty_sandbox_section_means_the_defaults():
     assert parse_config({"wechat": {"sandbox": None}}, env=NO_ENV).wechat.sandbox.port == 0
+
+
+ROBOT_KEY = "693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"
+
+
+@pytest.mark.parametrize(
+    ("alerts", "key", "words"),
+    [
+        ({"webhook_url": f"ftp://robot/{ROBOT_KEY}"}, "alerts.webhook_url", "must be an https:// URL"),
+        ({"webhook_url": f"http://qyapi.weixin.qq.com/cgi-bin/webhook/send?key={ROBOT_KEY}"}, "alerts.webhook_url",
+         "plain http only to a loopback address"),
+        ({"format": "slack"}, "alerts.format", "'wecom', 'dingtalk', 'feishu' or 'json'"),
+        ({"secret": ROBOT_KEY}, "alerts.secret", "CANCEL_SCANNER_ALERT_SECRET"),
+        ({"cooldown_seconds": -1}, "alerts.cooldown_seconds", "greater than or equal to 0"),
+        ({"rules": {"gateway_failure_rate": {"threshold": 1.5}}}, "alerts.rules.gateway_failure_rate.threshold", "less than"),
+        ({"rules": {"gateway_failure_rate": {"min_calls": 0}}}, "alerts.rules.gateway_failure_rate.min_calls", "greater"),
+        ({"rules": {"page_me": {}}}, "alerts.rules.page_me", "unknown key"),
+        ({"rules": {"oldest_pending": {"stage_threshold_seconds": {"tidy": 5}}}},
+         "alerts.rules.oldest_pending.stage_threshold_seconds", "no such stage: tidy"),
+    ],
+)
+def test_a_bad_alerts_section_names_its_key_and_never_shows_the_robots_key(alerts, key, words):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"alerts": alerts}, env=NO_ENV)
+    assert caught.value.key == key and words in str(caught.value)
+    assert ROBOT_KEY not in str(caught.value)
+
+
+def test_the_webhook_url_and_signing_secret_come_from_the_environment_and_never_show():
+    env = {"CANCEL_SCANNER_ALERT_WEBHOOK_URL": f"https://oapi.dingtalk.com/robot/send?access_token={ROBOT_KEY}",
+           "CANCEL_SCANNER_ALERT_SECRET": "SECdeadbeef"}
+    config = parse_config({"alerts": {"format": "dingtalk", "rules": {"rows_failed": None}}}, env=env)
+    assert config.alerts.webhook_url.endswith(ROBOT_KEY) and config.alerts.secret == "SECdeadbeef"
+    assert config.alerts.rules.rows_failed.threshold == 1  # an empty rule: its defaults
+    assert ROBOT_KEY not in repr(config) and "SECdeadbeef" not in repr(config)
+    assert parse_config({}, env=NO_ENV).alerts.webhook_url is None  # alerts are off by default
