@@ -175,7 +175,7 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
     def page() -> PageView:
         return PageView(
             snapshot=watcher.latest, refresh_seconds=interval, host=watcher.host, now=time.time(), last_error=watcher.last_error,
-            alerts=tuple(book.history) if book else (), firing=tuple(book.firing()) if book else (),
+            alerts=book.recent() if book else (), firing=tuple(book.firing()) if book else (),
         )
 
     host, _, port = listen.rpartition(":")

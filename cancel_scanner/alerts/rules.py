@@ -183,6 +183,11 @@ class AlertBook:
         with self._lock:
             return sorted(key for key, s in self._subjects.items() if s.firing)
 
+    def recent(self) -> tuple[Alert, ...]:
+        """The latest messages, newest last (safe to call from the page's threads)."""
+        with self._lock:
+            return tuple(self.history)
+
     def evaluate(self, reading: Reading) -> list[Alert]:
         """Apply one reading; returns the messages sent."""
         sent = []
@@ -220,6 +225,7 @@ class AlertBook:
             else:
                 return None
         alert = Alert(rule=rule, state=state, summary=c.summary, stage=c.stage, value=c.value, at=self.wall())
-        self.history.append(alert)
+        with self._lock:
+            self.history.append(alert)
         self.send(alert)
         return alert
