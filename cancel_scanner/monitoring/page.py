@@ -22,6 +22,7 @@ from cancel_scanner.engine.status import format_age, stage_state
 
 TITLE = "cancel-scanner status"
 FAILED_COLUMNS = ("id", "order_id", "attempts", "last_error", "updated_at")
+FLAG_COLUMNS = ("attempts", "last_error")  # a goods_order2 stage's carry its prefix: stock_attempts, close_last_error
 ABNORMAL_COLUMNS = ("id", "order_id", "out_refund_no", "refund_amount", "submitted_at")
 REJECTED_COLUMNS = ("id", "order_id", "op_type", "operator", "reason", "result_code", "result_msg", "created_at")
 CSS = """
@@ -104,6 +105,15 @@ def _listing_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
     return [[shown.get(c, lambda v: v)(row.get(c)) for c in columns] for row in rows]
 
 
+def _unprefixed(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A failed row with its flag columns under their plain names, whatever the stage's prefix."""
+    out = dict(row)
+    for name in FLAG_COLUMNS:
+        if name not in out:
+            out[name] = next((v for k, v in row.items() if k.endswith(f"_{name}")), None)
+    return out
+
+
 def _header(view: PageView) -> str:
     snap = view.snapshot
     parts = [f"<h1>cancel-scanner on {_e(view.host)}</h1>"]
@@ -172,7 +182,8 @@ def _failed(snap: Any) -> str:
         note = notes.get(stage, "failed for good: the reason is in last_error")
         count = snap.failed(stage)
         parts.append(f"<h3>{_e(stage)}: {_e(count)} {_e(note)}{_more(count, item.rows)}</h3>")
-        parts.append(_table(FAILED_COLUMNS, _listing_rows(item.rows, FAILED_COLUMNS), numeric=("attempts",)))
+        rows = [_unprefixed(row) for row in item.rows]
+        parts.append(_table(FAILED_COLUMNS, _listing_rows(rows, FAILED_COLUMNS), numeric=("attempts",)))
     return "".join(parts)
 
 
