@@ -146,6 +146,13 @@ class StageDefaults:
     def lease_values(self) -> Mapping[str, Any]:
         return {}
 
+    def leased_by(self, owner: str) -> list:
+        """WHERE clauses for this gateway stage's rows leased to ``owner``. A leased row is always
+        pending (the flip releases it), so the count reads the backlog's range of the stage's index,
+        never the finished rows, whether or not the lease owner has an index of its own."""
+        f = self.flags
+        return [*self.index_prefix, f.scanned == 0, f.success == 0, f.lease_owner == owner]
+
     def unlease_values(self, row: Row) -> Mapping[str, Any]:
         return {}
 

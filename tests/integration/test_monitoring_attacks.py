@@ -1,0 +1,78 @@
+"""Attacks on the monitoring's database reading: what one snapshot costs on a table of finished rows."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import event, text
+
+from cancel_scanner.engine.clock import DbClock
+from cancel_scanner.engine.config import parse_config
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.monitoring.snapshot import take_snapshot
+from cancel_scanner.scanners import REGISTRY
+
+FINISHED_ORDERS = 4000
+ORDER_COLUMNS = "order_no, user_id, merchant_id, goods_id, quantity, total_amount"
+
+
+def _seed_finished(conn) -> None:
+    """Paid orders never cancelled (close_unpaid never touches them: close 0/0) and cancelled, refunded ones."""
+    for start in range(0, FINISHED_ORDERS, 1000):
+        paid = ",".join(f"('P{n}', 1, 1, 1, 1, 100, 1, 'COMPLETED')" for n in range(start, start + 1000))
+        conn.execute(text(f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, pay_status, order_status) VALUES {paid}"))
+        done = ",".join(f"('C{n}', 1, 1, 1, 1, 100, 1, 'CANCELLED', 'REFUNDED', 1, 1, 1, 1)" for n in range(start, start + 1000))
+        conn.execute(text(
+            f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, pay_status, order_status, refund_status,"
+            f" stock_scanned, stock_success, sales_scanned, sales_success) VALUES {done}"))
+        refunds = ",".join(f"({n + 1}, 'R{n}', 'C{n}', 100, 100, 1, 1, 1, 1, 1, 1, 'SUCCESS')" for n in range(start, start + 1000))
+        conn.execute(text(
+            "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, submit_scanned,"
+            f" submit_success, progress_scanned, progress_success, sync_scanned, sync_success, wx_status) VALUES {refunds}"))
+
+
+@pytest.mark.mysql
+def test_a_snapshot_reads_no_table_whole_and_counts_the_leases_this_process_holds(mysql_db):
+    db = mysql_db
+    config = parse_config({"database_url": str(db.url)}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    stages = REGISTRY.build(config)
+    runner = Runner(db, config, stages, None)
+    owner = runner.owner
+    with db.begin() as conn:
+        _seed_finished(conn)
+        # Leased by this process: a requested cancel and a timed-out unpaid order (close_unpaid),
+        # a refund being submitted; and one leased by another process.
+        conn.execute(text(
+            f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, order_status, cancel_requested_at, close_lease_owner, created_at) VALUES"
+            " ('U1', 1, 1, 1, 1, 100, 'UNPAID', UTC_TIMESTAMP(3), :me, UTC_TIMESTAMP(3) - INTERVAL 1 HOUR),"
+            " ('U2', 1, 1, 1, 1, 100, 'UNPAID', NULL, :me, UTC_TIMESTAMP(3) - INTERVAL 1 HOUR),"
+            " ('U3', 1, 1, 1, 1, 100, 'UNPAID', NULL, 'someone-else', UTC_TIMESTAMP(3) - INTERVAL 1 HOUR)"), {"me": owner})
+        conn.execute(text(
+            "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, lease_owner)"
+            " VALUES (99999, 'RL', 'U1', 100, 100, :me)"), {"me": owner})
+        conn.execute(text("ANALYZE TABLE goods_order2, refund_order, req_order_ops"))
+
+    sent: list[tuple[str, object]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _many):
+        sent.append((statement, parameters))
+
+    event.listen(db, "before_cursor_execute", capture)
+    try:
+        snap = take_snapshot(db, stages, DbClock(db)(), takeover_seconds=10, owner=owner,
+                             lease_columns=runner.lease_columns(), wall_now=time.time())
+    finally:
+        event.remove(db, "before_cursor_execute", capture)
+    assert snap.leases_held == 3
+
+    whole = []
+    with db.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()
+        for statement, parameters in sent:
+            if not statement.lstrip().upper().startswith("SELECT") or "cancel_scanner_process" in statement:
+                continue  # one row per running daemon: bounded
+            cursor.execute("EXPLAIN " + statement, parameters)
+            whole += [(row[2], row[3], statement) for row in cursor.fetchall() if row[3] in ("ALL", "index")]
+    assert not whole, f"read whole: {whole}"
