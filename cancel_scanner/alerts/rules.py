@@ -5,11 +5,11 @@ a sliding window, its stages' state, its clock) and says, per subject (a stage, 
 whether it fires and with what value. ``AlertBook`` turns those into messages: one when a subject
 starts firing, one when it resolves; a subject that fires again within ``cooldown_seconds`` of its
 last firing message stays quiet (and so does its resolve), so a flapping condition costs at most
-two messages per cooldown.
+two messages per cooldown; one still firing when the cooldown has passed is announced then.
 
 Rules about the database (failed rows, oldest pending, ABNORMAL refunds) are evaluated only by the
 leader, the running daemon registered first, so that N daemons sharing a database send one
-message, not N. Rules about the process (WeChat failure rate, a stage down, SIGN_ERROR, its clock)
+message, not N; a daemon that stops leading forgets them quietly (the leader resolves them). Rules about the process (WeChat failure rate, a stage down, SIGN_ERROR, its clock)
 are evaluated by every daemon about itself, and their summaries name the host.
 """
 
@@ -195,8 +195,11 @@ class AlertBook:
             rule = getattr(self.rules, name)
             if not rule.enabled:
                 continue
-            if needs_db and (reading.snapshot is None or not reading.snapshot.leader):
-                continue  # no reading (keep the state), or another daemon speaks for the database
+            if needs_db and reading.snapshot is None:
+                continue  # no reading: keep the state
+            if needs_db and not reading.snapshot.leader:
+                self._forget(name)  # another daemon speaks for the database now (and resolves what it sees)
+                continue
             on = {subject for (r, subject), s in self._subjects.items() if r == name and s.firing}
             for subject, condition in rule_fn(rule, reading, on):
                 alert = self._apply(name, subject, condition)
@@ -204,17 +207,23 @@ class AlertBook:
                     sent.append(alert)
         return sent
 
+    def _forget(self, rule: str) -> None:
+        with self._lock:
+            for (r, _subject), s in self._subjects.items():
+                if r == rule:
+                    s.firing = s.announced = False
+
     def _apply(self, rule: str, subject: str, c: Condition) -> Alert | None:
         now = self.clock()
         with self._lock:
             s = self._subjects.setdefault((rule, subject), _Subject())
-            if c.firing and not s.firing:
+            if c.firing and not s.announced:
+                # A new spell, or one kept quiet by the cooldown: announced once the cooldown has
+                # passed, so a condition that came back and stays is not left looking resolved.
                 s.firing = True
-                quiet = s.last_firing_message is not None and now - s.last_firing_message < self.cooldown_seconds
-                s.announced = not quiet
-                if quiet:
+                if s.last_firing_message is not None and now - s.last_firing_message < self.cooldown_seconds:
                     return None
-                s.last_firing_message = now
+                s.announced, s.last_firing_message = True, now
                 state = "firing"
             elif not c.firing and s.firing:
                 s.firing = False
