@@ -21,6 +21,7 @@ from loguru import logger
 from cancel_scanner.monitoring.snapshot import Snapshot, take_snapshot
 
 _log = logger.bind(stage="monitoring")
+STOP_WAIT_SECONDS = 1.0
 
 
 class Watcher:
@@ -57,8 +58,10 @@ class Watcher:
         return self
 
     def stop(self) -> None:
+        # Holds nothing the exit needs: a reading stuck on the database (a lock, an outage) is left
+        # to its daemon thread rather than added to the shutdown's bound.
         self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
+        self._thread.join(timeout=STOP_WAIT_SECONDS)
 
     def read(self) -> Snapshot:
         """One snapshot of the database (raises when it cannot be read)."""

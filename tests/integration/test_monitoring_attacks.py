@@ -76,3 +76,31 @@ def test_a_snapshot_reads_no_table_whole_and_counts_the_leases_this_process_hold
             cursor.execute("EXPLAIN " + statement, parameters)
             whole += [(row[2], row[3], statement) for row in cursor.fetchall() if row[3] in ("ALL", "index")]
     assert not whole, f"read whole: {whole}"
+
+
+@pytest.mark.mysql
+def test_stopping_the_watcher_does_not_wait_for_a_reading_stuck_on_the_database(mysql_db):
+    """A DBA's ALTER or LOCK TABLES holds the watcher's SELECT: the daemon's exit must not wait for it."""
+    from cancel_scanner.monitoring.watch import Watcher
+    from testsupport.waiting import wait_until
+
+    db = mysql_db
+    config = parse_config({"database_url": str(db.url)}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    stages = REGISTRY.build(config)
+    runner = Runner(db, config, stages, None)
+    blocker = db.connect()
+    blocker.exec_driver_sql("LOCK TABLES refund_order WRITE")
+    watcher = Watcher(db, stages, runner, 15, takeover_seconds=10)
+    try:
+        watcher.start()
+        with db.connect() as conn:
+            wait_until(lambda: conn.exec_driver_sql(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE LIKE 'Waiting for table metadata lock'"
+            ).scalar(), 10, "the watcher's reading waiting for the lock")
+        started = time.monotonic()
+        watcher.stop()
+        assert time.monotonic() - started < 2.0
+    finally:
+        blocker.exec_driver_sql("UNLOCK TABLES")
+        blocker.close()
+        watcher._thread.join(10)
