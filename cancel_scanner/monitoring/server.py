@@ -8,6 +8,7 @@ that trickles its request is cut off after REQUEST_TIMEOUT_SECONDS.
 
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -38,6 +39,33 @@ class MonitoringServer:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = REQUEST_TIMEOUT_SECONDS
+
+            def setup(self) -> None:
+                # The socket timeout bounds each read, and a byte inside it resets it: one timer
+                # bounds the whole connection, so a trickling client cannot keep its thread.
+                super().setup()
+                self._deadline = threading.Timer(REQUEST_TIMEOUT_SECONDS, self._cut)
+                self._deadline.daemon = True
+                self._deadline.start()
+
+            def _cut(self) -> None:
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except OSError:
+                    pass  # the client went away, or the deadline cut it: nothing to answer
+
+            def finish(self) -> None:
+                self._deadline.cancel()
+                try:
+                    super().finish()
+                except OSError:
+                    pass  # cut by the deadline: nothing left to flush
 
             def do_GET(self) -> None:  # noqa: N802 - the standard library's name
                 path = self.path.split("?", 1)[0]

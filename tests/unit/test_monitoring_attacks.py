@@ -33,3 +33,33 @@ def test_a_daemon_that_stops_leading_forgets_the_database_alerts_quietly_instead
     w.read(snapshot(stage("sync_result", failed=0), leader=False))
     w.read(snapshot(stage("sync_result", failed=0)))  # leading again: nothing to resolve here
     assert w.states() == [("rows_failed", "firing", "sync_result")]
+
+
+def test_a_client_trickling_its_request_is_cut_off_after_the_request_timeout(monkeypatch):
+    """Each byte inside the socket timeout would reset it: the bound must be on the whole request."""
+    import socket
+    import threading
+    import time
+
+    from cancel_scanner.monitoring import server as monitoring_server
+
+    monkeypatch.setattr(monitoring_server, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    srv = monitoring_server.MonitoringServer(None, "127.0.0.1", 0, alive=lambda: True, db=None,
+                                             gateway_ready=lambda: True).start()
+    pace = threading.Event()
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=2)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        started, cut = time.monotonic(), False
+        while time.monotonic() - started < 3:
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")  # a header every 0.2 s, forever
+            except OSError:
+                cut = True
+                break
+            pace.wait(0.2)  # the attacker's pace, not a wait for the server
+        sock.close()
+        assert cut, "the server kept a trickling request open for 3 s"
+        assert time.monotonic() - started < 1.5
+    finally:
+        srv.stop()
