@@ -154,6 +154,8 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
     app.runner.on_batch = metrics.batch_done
     app.gateway.on_answer = answered
     daemon.on_stage_state = metrics.stage_state
+    for name in daemon.stages:  # the stages this daemon runs (enabled in jobs.yaml); the others have no series
+        metrics.stage_state(name, True)
     book = None
     if alerts.webhook_url:
         from cancel_scanner.alerts.deliver import Notifier

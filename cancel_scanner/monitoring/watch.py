@@ -51,9 +51,6 @@ class Watcher:
         self._thread = threading.Thread(target=self._loop, name="cs-watch", daemon=True)
 
     def start(self) -> Watcher:
-        if self.metrics is not None:
-            for name in self.stages:
-                self.metrics.stage_state(name, True)
         self._thread.start()
         return self
 

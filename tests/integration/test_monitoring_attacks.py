@@ -104,3 +104,27 @@ def test_stopping_the_watcher_does_not_wait_for_a_reading_stuck_on_the_database(
         blocker.exec_driver_sql("UNLOCK TABLES")
         blocker.close()
         watcher._thread.join(10)
+
+
+def test_a_stage_disabled_in_jobs_yaml_is_not_reported_up(sqlite_url):
+    """cancel_scanner_stage_up is 1 while the stage runs: a stage this daemon never runs has no such series."""
+    import urllib.request
+    from contextlib import ExitStack
+
+    from cancel_scanner.app import build_app, serve_monitoring
+    from cancel_scanner.engine.daemon import Daemon
+    from cancel_scanner.engine.db import init_schema, make_engine
+
+    engine = make_engine(sqlite_url)
+    init_schema(engine)
+    engine.dispose()
+    config = parse_config({"database_url": sqlite_url, "monitoring": {"listen": "127.0.0.1:0"},
+                           "jobs": {"close_unpaid": {"enabled": False}}}, REGISTRY, env={})
+    with ExitStack() as stack:
+        app = build_app(config, stack)
+        daemon = Daemon(app)
+        server = serve_monitoring(app, daemon, stack)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
+    up = [line for line in body.splitlines() if line.startswith("cancel_scanner_stage_up{")]
+    assert 'cancel_scanner_stage_up{stage="intake"} 1.0' in up
+    assert not [line for line in up if '"close_unpaid"' in line], up
