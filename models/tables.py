@@ -74,6 +74,8 @@ class GoodsOrder(Base):
         Index(
             "idx_goods_order2_close_pending", "close_scanned", "close_success", "cancel_requested_at", "order_status", "created_at"
         ),
+        # The reaper releases a dead process's close leases by owner.
+        Index("idx_goods_order2_close_lease_owner", "close_lease_owner"),
         {"comment": "One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed."},
     )
 

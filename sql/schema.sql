@@ -77,7 +77,9 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   INDEX idx_goods_order2_goods_id (goods_id),
   -- close_unpaid polls two ranges: close_scanned=0 AND close_success=0 AND (cancel_requested_at IS NOT NULL
   -- OR (cancel_requested_at IS NULL AND order_status='UNPAID' AND created_at <= the payment timeout's cutoff))
-  INDEX idx_goods_order2_close_pending (close_scanned, close_success, cancel_requested_at, order_status, created_at)
+  INDEX idx_goods_order2_close_pending (close_scanned, close_success, cancel_requested_at, order_status, created_at),
+  -- the reaper releases a dead process's close leases by owner (a few rows, never the whole table)
+  INDEX idx_goods_order2_close_lease_owner (close_lease_owner)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed.';
 

@@ -84,29 +84,36 @@ class Progress:
             }
 
     def report(self) -> str:
-        """The registry entry's ``report``: {"v": 1, "started_at": t, "stages": {name: [up, down_since, reason, done,
+        """The registry entry's ``report``: {"v": 1, "started_at": t, "at": t, "stages": {name: [up, down_since, reason, done,
         failed, retry, later]}}, compact JSON that always fits the column (reasons are dropped first)."""
         stages = self.snapshot()
         packed = {n: [int(s["up"]), s["down_since"], s["reason"], *(s[o] for o in _OUTCOMES)] for n, s in stages.items()}
-        text = json.dumps({"v": 1, "started_at": self.started_at, "stages": packed}, separators=(",", ":"))
+        head = {"v": 1, "started_at": self.started_at, "at": self.wall()}
+        text = json.dumps({**head, "stages": packed}, separators=(",", ":"), ensure_ascii=False)
         if len(text) > REPORT_MAX_CHARS:
             for row in packed.values():
                 row[2] = None
-            text = json.dumps({"v": 1, "started_at": self.started_at, "stages": packed}, separators=(",", ":"))
+            text = json.dumps({**head, "stages": packed}, separators=(",", ":"), ensure_ascii=False)
         return text
 
 
 def read_report(text: str | None) -> dict[str, dict[str, Any]]:
-    """The stages of a registry entry's ``report`` (empty when absent or unreadable: an older daemon)."""
+    """The stages of a registry entry's ``report`` (empty when absent or unreadable: an older daemon).
+
+    Each stage's ``down_for`` is how long it had been down when the report was written, by the
+    writer's own clock alone (its ``at`` minus its ``down_since``): a reader on another host with
+    another clock adds only the age of the heartbeat, which the database's clock measures."""
     if not text:
         return {}
     try:
         data = json.loads(text)
-        stages = data["stages"]
+        stages, at = data["stages"], float(data["at"])
         out = {}
         for name, row in stages.items():
             up, since, reason, *counts = row
-            out[str(name)] = {"up": bool(up), "down_since": since, "reason": reason, **dict(zip(_OUTCOMES, map(int, counts)))}
+            down_for = max(0.0, at - float(since)) if since is not None and not up else None
+            out[str(name)] = {"up": bool(up), "down_since": since, "down_for": down_for, "reason": reason,
+                              **dict(zip(_OUTCOMES, map(int, counts)))}
         return out
     except (ValueError, KeyError, TypeError, AttributeError):
         return {}

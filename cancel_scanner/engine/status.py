@@ -10,7 +10,6 @@ which reads a whole index: seconds on a table of millions, not for a scrape or a
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Mapping
@@ -117,22 +116,28 @@ def stage_status(conn: Connection, stage: Stage, now: datetime, *, totals: bool 
 
 
 def running_daemons(conn: Connection, now: datetime, takeover_seconds: float) -> list[tuple[str, str, dict]]:
-    """(hostname:pid, owner, its report's stages) of every process that beat within takeover_seconds."""
+    """(hostname:pid, owner, its report's stages) of every process that beat within takeover_seconds.
+
+    A down stage's ``down_for`` is brought up to ``now`` by the heartbeat's age (both database time)."""
     p = scanner_process.c
     cutoff = now - timedelta(seconds=takeover_seconds)
     found = conn.execute(
-        select(p.hostname, p.pid, p.owner, p.report).where(p.heartbeat_at >= cutoff).order_by(p.id)
+        select(p.hostname, p.pid, p.owner, p.report, p.heartbeat_at).where(p.heartbeat_at >= cutoff).order_by(p.id)
     ).all()
-    return [(f"{row.hostname}:{row.pid}", row.owner, read_report(row.report)) for row in found]
+    out = []
+    for row in found:
+        report = read_report(row.report)
+        age = max(0.0, (now - _as_datetime(row.heartbeat_at)).total_seconds())
+        for st in report.values():
+            if st["down_for"] is not None:
+                st["down_for"] += age
+        out.append((f"{row.hostname}:{row.pid}", row.owner, report))
+    return out
 
 
-def _with_daemons(s: StageStatus, daemons: list[tuple[str, str, dict]], wall_now: float) -> StageStatus:
+def _with_daemons(s: StageStatus, daemons: list[tuple[str, str, dict]]) -> StageStatus:
     runs = [(name, report[s.stage]) for name, _owner, report in daemons if s.stage in report]
-    down = tuple(
-        StageDown(name, max(0.0, wall_now - st["down_since"]) if st["down_since"] else 0.0, st["reason"])
-        for name, st in runs
-        if not st["up"]
-    )
+    down = tuple(StageDown(name, st["down_for"] or 0.0, st["reason"]) for name, st in runs if not st["up"])
     return StageStatus(**{**asdict(s), "down": down, "daemons": len(runs), "done_by_daemons": sum(st["done"] for _n, st in runs)})
 
 
@@ -143,11 +148,8 @@ def collect_status(
     *,
     totals: bool = False,
     takeover_seconds: float = DEFAULT_TAKEOVER_SECONDS,
-    wall_now: float | None = None,
 ) -> Status:
-    """``now`` is the database's time (ages, who is alive); ``wall_now`` (epoch seconds, default this
-    host's clock) is what the daemons' own down-since stamps are measured against."""
-    wall_now = time.time() if wall_now is None else wall_now
+    """``now`` is the database's time: pending ages, who is alive, how long a stage has been down."""
     with db.connect() as conn:
         per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
         counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn))
@@ -155,7 +157,7 @@ def collect_status(
     notes = tuple((s.name, s.failed_note) for s in stages.values() if s.failed_note)
     return Status(
         now=now,
-        stages=tuple(_with_daemons(s, daemons, wall_now) for s in per_stage),
+        stages=tuple(_with_daemons(s, daemons) for s in per_stage),
         counts=counts,
         failed_notes=notes,
         daemons=tuple(name for name, _owner, _report in daemons),

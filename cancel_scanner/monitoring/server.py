@@ -96,6 +96,7 @@ class MonitoringServer:
                 return
 
         self.db, self.gateway_ready = db, gateway_ready
+        self._probing = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="cs-monitoring", daemon=True)
@@ -117,6 +118,10 @@ class MonitoringServer:
         """None when ready; else what is not."""
         if not self.gateway_ready():
             return "gateway not configured"
+        # One probe of the database at a time: probes of a hung database must not pile up threads
+        # and connections of the stages' pool; one still waiting answers the others.
+        if not self._probing.acquire(blocking=False):
+            return "database did not answer in time"
         result: list[BaseException | None] = []
 
         def ping() -> None:
@@ -126,6 +131,8 @@ class MonitoringServer:
                 result.append(None)
             except Exception as exc:  # what readyz reports
                 result.append(exc)
+            finally:
+                self._probing.release()
 
         probe = threading.Thread(target=ping, daemon=True)
         probe.start()

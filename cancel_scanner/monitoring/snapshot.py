@@ -83,7 +83,7 @@ def take_snapshot(
     wall_now: float,
 ) -> Snapshot:
     """``now``: the database's time; ``owner``: this process's lease owner (its leases are counted)."""
-    status = collect_status(db, stages, now, takeover_seconds=takeover_seconds, wall_now=wall_now)
+    status = collect_status(db, stages, now, takeover_seconds=takeover_seconds)
     with db.connect() as conn:
         found = listings(conn, stages)
         held = 0

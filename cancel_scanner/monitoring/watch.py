@@ -105,6 +105,9 @@ class Watcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.once()
+            try:
+                self.once()
+            except Exception:  # a bug here must not freeze the gauges for good: log it, read again next time
+                _log.bind(action="watch_failed").opt(exception=True).error("monitoring reading failed")
             self._stop.wait(self.interval)
 

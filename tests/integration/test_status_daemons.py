@@ -102,3 +102,61 @@ def test_status_reads_no_finished_row_unless_asked_for_totals(db):
     extra = [sql for sql in full if sql not in cheap]
     assert len(full) == len(cheap) + len(stages) and len(extra) == len(stages)
     assert all(sql[0].startswith("select count(*)") for sql in extra)
+
+
+def test_how_long_a_stage_is_down_does_not_depend_on_either_hosts_clock(db):
+    """A daemon whose clock is an hour off reports a stage down for 30 s; its last heartbeat is 2 s old
+    by the database's clock: status says 32 s, whatever the clock of the host running status."""
+    from datetime import timedelta
+
+    from cancel_scanner.engine.progress import Progress
+    from cancel_scanner.models import scanner_process
+
+    skewed = {"t": 1_800_000_000.0 + 3_600}
+    progress = Progress(["intake"], wall=lambda: skewed["t"])
+    progress.stage_down("intake", "OperationalError 2006: MySQL server has gone away")
+    skewed["t"] += 30
+    now = DbClock(db)()
+    with db.begin() as conn:
+        conn.execute(insert(scanner_process).values(owner="far:1:x", hostname="far", pid=1, started_at=now,
+                                                    heartbeat_at=now - timedelta(seconds=2), report=progress.report()))
+    stages = REGISTRY.build(parse_config({}, REGISTRY, env={}))
+    (down,) = next(s for s in collect_status(db, stages, now).stages if s.stage == "intake").down
+    assert (down.daemon, round(down.seconds), down.reason) == ("far:1", 32, "OperationalError 2006: MySQL server has gone away")
+
+
+def test_a_version_2_database_migrates_to_published_reports_and_an_older_daemons_entry_still_reads(db):
+    """Schema version 3 brought cancel_scanner_process.report and the close-lease index: a database at
+    version 2 is brought there by migrate; the entry of a daemon that wrote no report reads as
+    running nothing we can tell, never as a crash."""
+    from cancel_scanner.app import migration_plan, schema_problem
+    from cancel_scanner.engine import migrate
+    from cancel_scanner.models import scanner_process
+
+    now = DbClock(db)()
+    with db.begin() as conn:
+        conn.exec_driver_sql("DROP VIEW IF EXISTS v_cancel_scanner_failed")
+        if db.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP INDEX idx_goods_order2_close_lease_owner")
+        else:
+            conn.exec_driver_sql("ALTER TABLE goods_order2 DROP INDEX idx_goods_order2_close_lease_owner")
+        conn.exec_driver_sql("ALTER TABLE cancel_scanner_process DROP COLUMN report")
+        conn.exec_driver_sql("DELETE FROM cancel_scanner_schema")
+        conn.exec_driver_sql("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (2, 'test')")
+        conn.exec_driver_sql(
+            "INSERT INTO cancel_scanner_process (owner, hostname, pid, started_at, heartbeat_at) VALUES ('old:7:x', 'old', 7, ?, ?)"
+            if db.dialect.name == "sqlite" else
+            "INSERT INTO cancel_scanner_process (owner, hostname, pid, started_at, heartbeat_at) VALUES ('old:7:x', 'old', 7, %s, %s)",
+            (now, now),
+        )
+    assert "behind" in str(schema_problem(db))
+
+    the_plan = migration_plan(db)
+    assert (the_plan.current, the_plan.head) == (2, migrate.head_version())
+    migrate.apply(db, the_plan)
+    assert schema_problem(db) is None and migration_plan(db).steps == []
+    with db.connect() as conn:
+        assert conn.execute(scanner_process.select()).one().report is None
+    stages = REGISTRY.build(parse_config({}, REGISTRY, env={}))
+    status = collect_status(db, stages, DbClock(db)())
+    assert status.daemons == ("old:7",) and all(s.daemons == 0 and s.up is None for s in status.stages)
