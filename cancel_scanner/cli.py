@@ -318,5 +318,9 @@ def emulator(obj: _Ctx, host: str, port: int, key_dir: Path | None, success_dela
     sys.exit(serve(host=host, port=port, key_dir=key_dir, success_delay=success_delay))
 
 
+from cancel_scanner.commands import register  # noqa: E402 - the commands import this module's helpers
+
+register(main)
+
 if __name__ == "__main__":
     main()

@@ -18,8 +18,24 @@ from cancel_scanner.models.tables import (
     scanner_process,
     schema_version,
 )
+from cancel_scanner.models.operations import (
+    ARCHIVES,
+    DIFF_KINDS,
+    oplog_archive,
+    reconcile_diff,
+    reconcile_run,
+    refund_order_archive,
+    req_order_ops_archive,
+)
 
 __all__ = [
+    "ARCHIVES",
+    "DIFF_KINDS",
+    "oplog_archive",
+    "reconcile_diff",
+    "reconcile_run",
+    "refund_order_archive",
+    "req_order_ops_archive",
     "Base",
     "Goods",
     "GoodsOrder",

@@ -254,7 +254,10 @@ class OrderOpLog(Base):
     event: Mapped[str] = mapped_column(
         String(32),
         nullable=False,
-        comment="CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED|PAYMENT_FOUND|PAYMENT_CLOSED",
+        comment=(
+            "CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED|PAYMENT_FOUND|PAYMENT_CLOSED"
+            "|REFUND_REISSUED|ABNORMAL_REFUND_APPLIED|ORPHAN_PAYMENT_REFUND; a refund after the first adds #N (REFUND_SUBMITTED#2)"
+        ),
     )
     detail: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = _created()

@@ -25,6 +25,12 @@ def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]])
     return len(rows)
 
 
+def refund_event(event: str, refund_seq: int) -> str:
+    """The oplog event of a refund: the first refund of an order keeps the plain name, a later one
+    (after `reissue`) adds its number, so that each refund's events are once each under the unique key."""
+    return event if refund_seq == 1 else f"{event}#{refund_seq}"
+
+
 def read_goods(conn: Connection, goods_ids: Iterable[int], column: Column) -> dict[int, int]:
     """Current ``column`` (stock or sales) of these goods, read without a lock (the decisions of ``process``)."""
     return dict(conn.execute(select(goods.c.id, column).where(goods.c.id.in_(sorted(set(goods_ids))))).all())

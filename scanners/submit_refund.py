@@ -31,7 +31,7 @@ from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import GatewayJobSettings
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import refund_order
-from cancel_scanner.scanners.shop import write_oplog
+from cancel_scanner.scanners.shop import refund_event, write_oplog
 
 r = refund_order.c
 MISMATCHED = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")
@@ -164,7 +164,8 @@ class SubmitRefund(StageDefaults):
             if refund is not None:
                 accepted[row.id] = {"wx_refund_id": refund.refund_id, "wx_status": refund.status, "submitted_at": now}
                 events.append(
-                    (row.order_id, "REFUND_SUBMITTED", f"{row.out_refund_no} {row.refund_amount} fen refund_id={refund.refund_id}")
+                    (row.order_id, refund_event("REFUND_SUBMITTED", row.refund_seq),
+                     f"{row.out_refund_no} {row.refund_amount} fen refund_id={refund.refund_id}")
                 )
                 logger.bind(
                     stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, action="accepted",

@@ -20,7 +20,7 @@ from cancel_scanner.engine.sql import by_id, locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import goods_order2, refund_order
 from cancel_scanner.scanners.poll_refund import CONFLICTING_ANSWERS
-from cancel_scanner.scanners.shop import write_oplog
+from cancel_scanner.scanners.shop import refund_event, write_oplog
 
 r = refund_order.c
 o = goods_order2.c
@@ -41,7 +41,7 @@ class SyncResult(StageDefaults):
     def ready(self, now: datetime, limit: int):
         return (
             select(
-                r.id, r.order_id, r.out_refund_no, r.refund_amount, r.wx_status, r.progress_success, r.success_time,
+                r.id, r.order_id, r.refund_seq, r.out_refund_no, r.refund_amount, r.wx_status, r.progress_success, r.success_time,
                 r.attempts, r.last_error,
             )
             .where(*self.pending())
@@ -78,14 +78,14 @@ class SyncResult(StageDefaults):
                 )
             elif row.progress_success == 1 and row.wx_status == "SUCCESS":
                 refunded[row.order_id] = row.success_time or now
-                events.append((row.order_id, "REFUND_SUCCEEDED", f"{row.out_refund_no} {row.refund_amount} fen"))
+                events.append((row.order_id, refund_event("REFUND_SUCCEEDED", row.refund_seq), f"{row.out_refund_no} {row.refund_amount} fen"))
                 outcomes[row.id] = Done()
             elif row.progress_success == 0 and (row.last_error or "").startswith(CONFLICTING_ANSWERS):
                 # WeChat said SUCCESS and then something else: neither is written to the order.
                 outcomes[row.id] = Failed(CONFLICTING_ANSWERS, row.last_error[len(CONFLICTING_ANSWERS) + 2:])
             elif row.progress_success == 0 and row.wx_status == "CLOSED":
                 failed.append(row.order_id)
-                events.append((row.order_id, "REFUND_FAILED", f"{row.out_refund_no} closed by WeChat Pay"))
+                events.append((row.order_id, refund_event("REFUND_FAILED", row.refund_seq), f"{row.out_refund_no} closed by WeChat Pay"))
                 outcomes[row.id] = Done()
             else:
                 outcomes[row.id] = Failed(

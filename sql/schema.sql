@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS refund_order (
 CREATE TABLE IF NOT EXISTS goods_order2_oplog (
   id          BIGINT NOT NULL AUTO_INCREMENT,
   order_id    BIGINT NOT NULL COMMENT 'goods_order2.id',
-  event       VARCHAR(32) NOT NULL COMMENT 'CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED|PAYMENT_FOUND|PAYMENT_CLOSED',
+  event       VARCHAR(32) NOT NULL COMMENT 'CANCELLED|REFUND_SUBMITTED|REFUND_SUCCEEDED|REFUND_FAILED|STOCK_RESTORED|SALES_DECREMENTED|PAYMENT_FOUND|PAYMENT_CLOSED|REFUND_REISSUED|ABNORMAL_REFUND_APPLIED|ORPHAN_PAYMENT_REFUND; a refund after the first adds #N (REFUND_SUBMITTED#2)',
   detail      VARCHAR(255) NULL,
   created_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at  DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
@@ -189,6 +189,110 @@ CREATE TABLE IF NOT EXISTS cancel_scanner_schema (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='Schema versions; the daemon refuses to start on a database behind or ahead of its own.';
 
+-- Reconciliation against WeChat Pay's daily bill (cancel-scanner reconcile, and the daemon's daily job).
+CREATE TABLE IF NOT EXISTS reconcile_diff (
+  id             BIGINT NOT NULL AUTO_INCREMENT,
+  bill_date      DATE NOT NULL COMMENT 'the bill''s day (Beijing time)',
+  kind           VARCHAR(32) NOT NULL COMMENT 'MISSING_HERE|MISSING_AT_WECHAT|AMOUNT_DIFFERS|STATUS_DIFFERS|ORPHAN_PAYMENT',
+  out_trade_no   VARCHAR(32) NOT NULL COMMENT 'goods_order2.order_no',
+  out_refund_no  VARCHAR(64) NULL COMMENT 'refund_order.out_refund_no, for a refund',
+  ours_fen       BIGINT NULL COMMENT 'our amount (fen)',
+  theirs_fen     BIGINT NULL COMMENT 'the bill''s amount (fen)',
+  ours_status    VARCHAR(16) NULL,
+  theirs_status  VARCHAR(16) NULL,
+  detail         VARCHAR(255) NOT NULL COMMENT 'what differs, for a person',
+  created_at     DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  CONSTRAINT pk_reconcile_diff PRIMARY KEY (id),
+  INDEX idx_reconcile_diff_bill_date (bill_date, kind)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='One row per difference between WeChat Pay''s daily bill and our tables; a day reconciled again replaces its rows.';
+
+CREATE TABLE IF NOT EXISTS reconcile_run (
+  bill_date    DATE NOT NULL COMMENT 'the bill''s day (Beijing time)',
+  state        VARCHAR(16) NOT NULL COMMENT 'CLEAN|DIFFERS|NO_BILL|WAITING|FAILED',
+  bill_rows    INT NOT NULL DEFAULT 0 COMMENT 'detail rows in the bill',
+  diffs        INT NOT NULL DEFAULT 0 COMMENT 'rows in reconcile_diff for the day',
+  attempts     INT NOT NULL DEFAULT 0,
+  last_error   VARCHAR(255) NULL COMMENT 'why the last try failed (STATEMENT_CREATING, a bad SHA1, ...)',
+  finished_at  DATETIME(3) NULL COMMENT 'when the comparison was written (UTC)',
+  created_at   DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at   DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_reconcile_run PRIMARY KEY (bill_date)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='One row per reconciled day: how the last reconciliation of that day ended.';
+
+-- Finished rows moved out of the live tables by `cancel-scanner prune`: the same columns, and when.
+CREATE TABLE IF NOT EXISTS req_order_ops_archive (
+  id               BIGINT NOT NULL,
+  order_id         BIGINT NOT NULL,
+  op_type          VARCHAR(32) NOT NULL,
+  operator         VARCHAR(64) NULL,
+  reason           VARCHAR(255) NULL,
+  scanned          TINYINT NOT NULL,
+  success          TINYINT NOT NULL,
+  result_code      VARCHAR(32) NULL,
+  result_msg       VARCHAR(255) NULL,
+  scanned_at       DATETIME(3) NULL,
+  attempts         INT NOT NULL,
+  next_attempt_at  DATETIME(3) NULL,
+  last_error       VARCHAR(255) NULL,
+  created_at       DATETIME(3) NOT NULL,
+  updated_at       DATETIME(3) NOT NULL,
+  archived_at      DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'moved here (UTC)',
+  CONSTRAINT pk_req_order_ops_archive PRIMARY KEY (id),
+  INDEX idx_req_order_ops_archive_order_id (order_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='req_order_ops rows pruned from the live table: finished, older than prune''s cutoff.';
+
+CREATE TABLE IF NOT EXISTS refund_order_archive (
+  id                BIGINT NOT NULL,
+  order_id          BIGINT NOT NULL,
+  req_id            BIGINT NULL,
+  refund_seq        INT NOT NULL,
+  out_refund_no     VARCHAR(64) NOT NULL,
+  out_trade_no      VARCHAR(32) NOT NULL,
+  transaction_id    VARCHAR(32) NULL,
+  refund_amount     INT UNSIGNED NOT NULL,
+  total_amount      INT UNSIGNED NOT NULL,
+  reason            VARCHAR(80) NULL,
+  submit_scanned    TINYINT NOT NULL,
+  submit_success    TINYINT NOT NULL,
+  wx_refund_id      VARCHAR(64) NULL,
+  wx_status         VARCHAR(16) NULL,
+  progress_scanned  TINYINT NOT NULL,
+  progress_success  TINYINT NOT NULL,
+  sync_scanned      TINYINT NOT NULL,
+  sync_success      TINYINT NOT NULL,
+  attempts          INT NOT NULL,
+  next_attempt_at   DATETIME(3) NULL,
+  last_error        VARCHAR(255) NULL,
+  lease_owner       VARCHAR(64) NULL,
+  lease_until       DATETIME(3) NULL,
+  submit_sent       TINYINT NOT NULL,
+  submitted_at      DATETIME(3) NULL,
+  success_time      DATETIME(3) NULL,
+  created_at        DATETIME(3) NOT NULL,
+  updated_at        DATETIME(3) NOT NULL,
+  archived_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'moved here (UTC)',
+  CONSTRAINT pk_refund_order_archive PRIMARY KEY (id),
+  CONSTRAINT uk_refund_order_archive_out_refund_no UNIQUE KEY (out_refund_no),
+  INDEX idx_refund_order_archive_order_id (order_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='refund_order rows pruned from the live table: refunded and synced, older than prune''s cutoff.';
+
+CREATE TABLE IF NOT EXISTS goods_order2_oplog_archive (
+  id          BIGINT NOT NULL,
+  order_id    BIGINT NOT NULL,
+  event       VARCHAR(32) NOT NULL,
+  detail      VARCHAR(255) NULL,
+  created_at  DATETIME(3) NOT NULL,
+  updated_at  DATETIME(3) NOT NULL,
+  archived_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'moved here (UTC)',
+  CONSTRAINT pk_goods_order2_oplog_archive PRIMARY KEY (id),
+  CONSTRAINT uk_goods_order2_oplog_archive_order_event UNIQUE KEY (order_id, event)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='goods_order2_oplog rows pruned from the live table, older than prune''s cutoff.';
+
 -- For DBAs: every row that finished with a permanent failure (X_scanned=1, X_success=0).
 CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'intake' AS stage, 'req_order_ops' AS table_name, id AS row_id, order_id,
@@ -217,4 +321,4 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'close_unpaid', 'goods_order2', id, id, close_last_error, updated_at
     FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0;
 
-INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (3, 'schema.sql');
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (4, 'schema.sql');

@@ -186,6 +186,36 @@ class AlertRules(_Section):
         return {} if value is None else value  # `rows_failed:` with nothing under it: the defaults
 
 
+def _clock_time(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 10:00 as 600 (sexagesimal)
+        value = f"{value // 60:02d}:{value % 60:02d}"
+    if not isinstance(value, str) or len(value) != 5 or value[2] != ":" or not (value[:2] + value[3:]).isdigit() \
+            or int(value[:2]) > 23 or int(value[3:]) > 59:
+        raise ValueError("must be a time of day HH:MM")
+    return value
+
+
+ClockTime = Annotated[str, BeforeValidator(_clock_time)]
+
+
+class ReconcileConfig(_Section):
+    """The `reconcile:` section: the daily job comparing WeChat Pay's bill of yesterday with the tables."""
+
+    enabled: StrictBool = True
+    at: ClockTime = "10:00"  # Beijing time: WeChat's bill of yesterday exists from about 10:00
+    retry_minutes: Annotated[StrictFloat | StrictInt, Field(ge=1, le=720)] = 30  # STATEMENT_CREATING: try again
+    refund_orphan_payments: StrictBool = False  # a payment for an order cancelled here without a refund: refund it
+
+
+class PruneConfig(_Section):
+    """The `prune:` section: moving finished rows into the archive tables, as `prune` or a daily job."""
+
+    enabled: StrictBool = False  # the daily job; `cancel-scanner prune` works either way
+    at: ClockTime = "04:00"  # Beijing time
+    older_than_days: Annotated[StrictInt, Field(ge=1, le=36_500)] = 90
+    batch_size: Annotated[StrictInt, Field(ge=1, le=10_000)] = 500
+
+
 class AlertsConfig(_Section):
     """The `alerts:` section: rules evaluated by the daemon, messages posted to a group robot (off without a URL)."""
 
@@ -239,6 +269,8 @@ class _TopLevel(_Section):
     jobs: Any = None
     monitoring: Any = None
     alerts: Any = None
+    reconcile: Any = None
+    prune: Any = None
     log_json: StrictBool = False
     log_level: LogLevel = "INFO"
     shutdown_timeout_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
@@ -253,6 +285,8 @@ class Config:
     jobs: Mapping[str, JobSettings] = field(default_factory=lambda: MappingProxyType({}))
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     log_json: bool = False
     log_level: str = "INFO"
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
@@ -356,6 +390,8 @@ def parse_config(
     kw["wechat"] = wechat
     kw["monitoring"] = _validated(MonitoringConfig, _mapping(top.monitoring, "monitoring"), "monitoring")
     kw["alerts"] = _alerts(top.alerts, env)
+    kw["reconcile"] = _validated(ReconcileConfig, _mapping(top.reconcile, "reconcile"), "reconcile")
+    kw["prune"] = _validated(PruneConfig, _mapping(top.prune, "prune"), "prune")
     unknown = set(kw["alerts"].rules.oldest_pending.stage_threshold_seconds) - set(stages.names)
     if unknown:
         raise ConfigError("alerts.rules.oldest_pending.stage_threshold_seconds", f"no such stage: {', '.join(sorted(unknown))}")

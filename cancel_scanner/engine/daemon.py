@@ -15,12 +15,14 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
 from loguru import logger
 
 from cancel_scanner.engine.clock import ClockWatch
@@ -46,6 +48,25 @@ def _utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
+BEIJING = timezone(timedelta(hours=8), "Asia/Shanghai")  # China keeps no daylight saving time
+
+
+@dataclass(frozen=True)
+class DailyJob:
+    """Work done once a day at ``at`` (HH:MM, Beijing time), beside the stages: reconciliation, pruning.
+
+    ``run()`` returns None when the day's work is done, or the seconds after which to try again
+    (WeChat's bill not ready yet). It must be idempotent: a stop or a crash may cut it anywhere.
+    With ``catch_up`` it also runs once right after the daemon starts (it decides itself whether
+    anything is due).
+    """
+
+    name: str
+    at: str
+    run: Callable[[], float | None]
+    catch_up: bool = False
+
+
 class Daemon:
     def __init__(self, app):  # anything with .runner and .config: the composition root's App
         self.app = app
@@ -61,8 +82,10 @@ class Daemon:
         # Rows finished and stages down, published with every heartbeat for `status` to read.
         self.progress = Progress(self.stages)
         self.runner.registry.report = self.progress.report
+        self.daily: list[DailyJob] = []  # add_daily() before start()
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.stages)))},
+            # Daily jobs on an executor of their own: a long reconciliation never holds a stage's thread.
+            executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.stages))), "daily": ThreadPoolExecutor(max_workers=1)},
             timezone=timezone.utc,
         )
         self._signals = 0
@@ -91,10 +114,38 @@ class Daemon:
                 misfire_grace_time=max(1, int(job.interval_seconds * 2)),
                 next_run_time=_utc(),
             )
+        for daily in self.daily:
+            hour, minute = (int(part) for part in daily.at.split(":"))
+            self.scheduler.add_job(
+                self._daily_tick, CronTrigger(hour=hour, minute=minute, timezone=BEIJING), args=(daily,), id=f"daily:{daily.name}",
+                name=daily.name, executor="daily", max_instances=1, coalesce=True, misfire_grace_time=3_600,
+            )
+            if daily.catch_up:
+                self.scheduler.add_job(self._daily_tick, "date", args=(daily,), id=f"daily:{daily.name}:again",
+                                       executor="daily", run_date=_utc() + timedelta(seconds=1))
         self.scheduler.start()
         logger.bind(stage="daemon", action="started", owner=self.runner.owner, stages=",".join(self.stages)).info(
             "cancel-scanner running"
         )
+
+    def add_daily(self, job: DailyJob) -> None:
+        self.daily.append(job)
+
+    def _daily_tick(self, job: DailyJob) -> None:
+        if self.stopping():
+            return
+        log = logger.bind(stage=job.name, action="daily")
+        try:
+            again = job.run()
+        except Exception as exc:  # the job's own failures are its to report; this keeps the schedule alive
+            log.opt(exception=exc).error("daily job {} failed: {}", job.name, type(exc).__name__)
+            again = 1_800.0
+        if again is not None and not self.stopping():
+            try:
+                self.scheduler.add_job(self._daily_tick, "date", args=(job,), id=f"daily:{job.name}:again", executor="daily",
+                                       run_date=_utc() + timedelta(seconds=again), replace_existing=True)
+            except Exception as exc:  # the scheduler stops: nothing to reschedule
+                log.debug("not rescheduled: {}", type(exc).__name__)
 
     def _on_reaped(self, owners: list[str]) -> None:
         # Their leases are free now: take the work over at once rather than at the next interval.

@@ -185,3 +185,33 @@ def test_a_database_stage_runs_its_batches_one_at_a_time():
         assert runner.most_in_flight["producer"] == 1
     finally:
         assert daemon.shutdown()
+
+
+def test_a_daily_job_catches_up_at_start_and_tries_again_when_it_asks_to():
+    """Reconciliation's shape: not ready yet (the bill is being made) -> again after the delay it asked for."""
+    from cancel_scanner.engine.daemon import DailyJob
+
+    runner = FakeRunner({"producer": []})
+    daemon = daemon_for(runner)
+    answers = [0.2, 0.2, None]  # twice "not yet", then done
+    ran = threading.Semaphore(0)
+    calls = []
+
+    def job():
+        calls.append(time.monotonic())
+        ran.release()
+        return answers.pop(0) if answers else None
+
+    daemon.add_daily(DailyJob("reconcile", "10:00", job, catch_up=True))
+    daemon.add_daily(DailyJob("prune", "04:00", lambda: calls.append("prune")))  # no catch-up: waits for 04:00
+    daemon.start()
+    try:
+        for _ in range(3):
+            assert ran.acquire(timeout=5)
+        assert not ran.acquire(timeout=0.5)  # done for the day: no fourth run
+        assert "prune" not in calls and len(calls) == 3
+        assert calls[1] - calls[0] >= 0.19 and calls[2] - calls[1] >= 0.19
+        (cron,) = [j for j in daemon.scheduler.get_jobs() if j.id == "daily:reconcile"]
+        assert (cron.next_run_time.utcoffset().total_seconds(), cron.next_run_time.hour, cron.next_run_time.minute) == (8 * 3600, 10, 0)
+    finally:
+        assert daemon.shutdown()

@@ -1,0 +1,3 @@
+"""`cancel-scanner abnormal_refund`: not built yet."""
+
+command = None

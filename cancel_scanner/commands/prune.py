@@ -1,0 +1,3 @@
+"""`cancel-scanner prune`: not built yet."""
+
+command = None

@@ -1,0 +1,3 @@
+"""`cancel-scanner reconcile`: not built yet."""
+
+command = None

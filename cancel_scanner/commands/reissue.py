@@ -1,0 +1,3 @@
+"""`cancel-scanner reissue`: not built yet."""
+
+command = None

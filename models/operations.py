@@ -1,0 +1,85 @@
+"""Tables of the operator's tools: reconciliation results, and the archives `prune` moves finished rows to.
+
+The archives hold the live tables' columns, typed the same, without their defaults (a row arrives
+whole) or their polling indexes (nothing polls an archive), plus ``archived_at``.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from sqlalchemy import BigInteger, Column, Date, Index, String, Table, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from cancel_scanner.models.tables import Base, _created, _updated, oplog, refund_order, req_order_ops
+from cancel_scanner.models.types import Id, SignedInt, Timestamp3, now3
+
+DIFF_KINDS = ("MISSING_HERE", "MISSING_AT_WECHAT", "AMOUNT_DIFFERS", "STATUS_DIFFERS", "ORPHAN_PAYMENT")
+
+
+class ReconcileDiff(Base):
+    __tablename__ = "reconcile_diff"
+    __table_args__ = (
+        Index("idx_reconcile_diff_bill_date", "bill_date", "kind"),
+        {"comment": "One row per difference between WeChat Pay's daily bill and our tables; a day reconciled again replaces its rows."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    bill_date: Mapped[date] = mapped_column(Date, nullable=False, comment="the bill's day (Beijing time)")
+    kind: Mapped[str] = mapped_column(String(32), nullable=False, comment="|".join(DIFF_KINDS))
+    out_trade_no: Mapped[str] = mapped_column(String(32), nullable=False, comment="goods_order2.order_no")
+    out_refund_no: Mapped[str | None] = mapped_column(String(64), comment="refund_order.out_refund_no, for a refund")
+    ours_fen: Mapped[int | None] = mapped_column(BigInteger, comment="our amount (fen)")
+    theirs_fen: Mapped[int | None] = mapped_column(BigInteger, comment="the bill's amount (fen)")
+    ours_status: Mapped[str | None] = mapped_column(String(16))
+    theirs_status: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(String(255), nullable=False, comment="what differs, for a person")
+    created_at: Mapped[datetime] = _created()
+
+
+class ReconcileRun(Base):
+    __tablename__ = "reconcile_run"
+    __table_args__ = ({"comment": "One row per reconciled day: how the last reconciliation of that day ended."},)
+
+    bill_date: Mapped[date] = mapped_column(Date, primary_key=True, comment="the bill's day (Beijing time)")
+    state: Mapped[str] = mapped_column(String(16), nullable=False, comment="CLEAN|DIFFERS|NO_BILL|WAITING|FAILED")
+    bill_rows: Mapped[int] = mapped_column(SignedInt, nullable=False, default=0, server_default="0",
+                                           comment="detail rows in the bill")
+    diffs: Mapped[int] = mapped_column(SignedInt, nullable=False, default=0, server_default="0",
+                                       comment="rows in reconcile_diff for the day")
+    attempts: Mapped[int] = mapped_column(SignedInt, nullable=False, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(
+        String(255), comment="why the last try failed (STATEMENT_CREATING, a bad SHA1, ...)"
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp3, comment="when the comparison was written (UTC)")
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+def _archive(live: Table, comment: str, *keys) -> Table:
+    """The archive twin of ``live``: its columns and types, its primary key without auto-increment."""
+    columns = [
+        Column(c.name, BigInteger() if c.primary_key else c.type,
+               primary_key=c.primary_key, autoincrement=False, nullable=c.nullable)
+        for c in live.columns
+    ]
+    archived = Column("archived_at", Timestamp3, nullable=False, server_default=now3(), comment="moved here (UTC)")
+    return Table(f"{live.name}_archive", Base.metadata, *columns, archived, *keys, comment=comment)
+
+
+req_order_ops_archive = _archive(
+    req_order_ops, "req_order_ops rows pruned from the live table: finished, older than prune's cutoff.",
+    Index("idx_req_order_ops_archive_order_id", "order_id"),
+)
+refund_order_archive = _archive(
+    refund_order, "refund_order rows pruned from the live table: refunded and synced, older than prune's cutoff.",
+    UniqueConstraint("out_refund_no", name="uk_refund_order_archive_out_refund_no"),
+    Index("idx_refund_order_archive_order_id", "order_id"),
+)
+oplog_archive = _archive(
+    oplog, "goods_order2_oplog rows pruned from the live table, older than prune's cutoff.",
+    UniqueConstraint("order_id", "event", name="uk_goods_order2_oplog_archive_order_event"),
+)
+reconcile_diff = ReconcileDiff.__table__
+reconcile_run = ReconcileRun.__table__
+ARCHIVES = {req_order_ops: req_order_ops_archive, refund_order: refund_order_archive, oplog: oplog_archive}
