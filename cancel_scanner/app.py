@@ -111,6 +111,14 @@ def serve_notifications(app: App, daemon: Any, stack: ExitStack) -> Any:
     return notify
 
 
+def schedule_daily(app: App, daemon: Any) -> None:
+    """The daily jobs the configuration asks for (reconciliation, pruning), on the daemon's scheduler."""
+    from cancel_scanner.operations.daily import jobs
+
+    for job in jobs(app):
+        daemon.add_daily(job)
+
+
 def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None) -> App:
     db = make_engine(config.database_url)
     stack.callback(db.dispose)

@@ -170,7 +170,7 @@ def run(obj: _Ctx, once: bool) -> None:
     """The daemon: every enabled stage on its interval until SIGTERM/SIGINT."""
     from contextlib import ExitStack
 
-    from cancel_scanner.app import build_app, serve_monitoring, serve_notifications
+    from cancel_scanner.app import build_app, schedule_daily, serve_monitoring, serve_notifications
 
     cfg = obj.config()
     with ExitStack() as stack:
@@ -199,6 +199,7 @@ def run(obj: _Ctx, once: bool) -> None:
         try:
             serve_notifications(app, daemon, stack)
             serve_monitoring(app, daemon, stack)
+            schedule_daily(app, daemon)
             daemon.start()
             daemon.wait()
         finally:
