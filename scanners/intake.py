@@ -219,13 +219,13 @@ def _guarded(conn: Connection, statement, expected: int) -> None:
 
 
 def refund_row(order_id: int, out_trade_no: str, transaction_id: str | None, amount: int, reason: str,
-               now: datetime, *, req_id: int | None = None) -> dict[str, Any]:
-    """The first refund of a paid order: all of what was paid, its number fixed before any call."""
+               now: datetime, *, req_id: int | None = None, seq: int = 1) -> dict[str, Any]:
+    """A refund of a paid order (the first unless ``seq`` says): all of what was paid, its number fixed before any call."""
     return {
         "order_id": order_id,
         "req_id": req_id,
-        "refund_seq": 1,
-        "out_refund_no": out_refund_no_for(order_id),
+        "refund_seq": seq,
+        "out_refund_no": out_refund_no_for(order_id, seq),
         "out_trade_no": out_trade_no,
         "transaction_id": transaction_id,
         "refund_amount": amount,
