@@ -18,7 +18,7 @@ from itertools import accumulate
 from typing import Any, Callable, Mapping, Sequence
 
 from loguru import logger
-from sqlalchemy import Connection, Row, func, or_, select, update
+from sqlalchemy import Connection, Row, func, not_, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
@@ -99,6 +99,8 @@ class PollRefund(StageDefaults):
 
     pending_since = r.submitted_at
     index_prefix = (r.submit_success == 1,)  # lets `status` count on idx_refund_order_poll_pending
+    # A CLOSED refund a person reissued (cancel-scanner reissue) needs nobody any more.
+    still_failing = (or_(r.last_error.is_(None), not_(r.last_error.like("REISSUED%"))),)
 
     def pending(self):
         return [r.submit_success == 1, r.progress_scanned == 0, r.progress_success == 0]

@@ -308,6 +308,7 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
                                    THEN CONCAT('REFUND_CLOSED: WeChat closed refund ', out_refund_no, '; no money moved') END),
          updated_at
     FROM refund_order WHERE progress_scanned = 1 AND progress_success = 0
+     AND (last_error IS NULL OR LEFT(last_error, 8) <> 'REISSUED')  -- a reissued CLOSED refund needs nobody
   UNION ALL
   SELECT 'sync_result', 'refund_order', id, order_id, last_error, updated_at
     FROM refund_order WHERE sync_scanned = 1 AND sync_success = 0

@@ -1,3 +1,48 @@
-"""`cancel-scanner reissue`: not built yet."""
+"""`cancel-scanner reissue ORDER_ID...`: a new refund for each order whose last refund WeChat closed."""
 
-command = None
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+
+@click.command("reissue")
+@click.argument("order_ids", nargs=-1, required=True, type=int)
+@click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
+              help="Who reissues (kept in the oplog and on the closed refund).")
+@click.option("--reason", "why", default="WeChat Pay closed the refund", show_default=True, help="Why (kept in the oplog).")
+@click.pass_obj
+def command(obj, order_ids: tuple[int, ...], who: str, why: str) -> None:
+    """After WeChat Pay CLOSED an order's refund: a new refund with the next refund_seq and its own
+    out_refund_no, the order back to REFUNDING; the daemon sends and follows it.
+
+    Refused (one line per order, exit 2) unless every refund of the order is CLOSED and written back
+    to the order. Exit 0 when every order was reissued.
+    """
+    from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _short
+    from cancel_scanner.engine.clock import DbClock
+    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.operations.reissue import Refused, reissue
+
+    cfg = obj.config()
+    _check_schema(cfg, tolerate_outage=False)
+    db = make_engine(cfg.database_url)
+    refused = 0
+    try:
+        for order_id in dict.fromkeys(order_ids):  # each once, in the order given
+            result = reissue(db, order_id, now=DbClock(db)(), by=who, why=why)
+            if isinstance(result, Refused):
+                refused += 1
+                click.echo(f"order {order_id}: refused {result.code}: {result.message}", err=True)
+            else:
+                click.echo(f"order {order_id}: reissued as {result.out_refund_no} (refund row {result.refund_id},"
+                           f" replaces {result.replaces})")
+    except Exception as exc:  # noqa: BLE001 - one line for the operator
+        click.echo(f"cancel-scanner: reissue failed: {type(exc).__name__}: {_short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        db.dispose()
+    if refused:
+        sys.exit(EXIT_CONFIG)

@@ -64,6 +64,8 @@ class Stage(Protocol):
     index_prefix: ClassVar[tuple] = ()
     # True when a 1/0 row is business as usual (a rejected merchant request), logged at INFO.
     rejections_are_routine: ClassVar[bool] = False
+    # Further conditions a 1/0 row meets while it still needs a person (poll_refund: not reissued yet).
+    still_failing: ClassVar[tuple] = ()
 
     def pending(self) -> list:
         """WHERE clauses for rows this stage will still act on, whenever they are due."""
@@ -122,6 +124,7 @@ class StageDefaults:
     failed_note: ClassVar[str | None] = None
     index_prefix: ClassVar[tuple] = ()
     rejections_are_routine: ClassVar[bool] = False
+    still_failing: ClassVar[tuple] = ()
     takes_notifications: ClassVar[bool] = False  # a stage with poll_soon(conn, number, now)
 
     @classmethod

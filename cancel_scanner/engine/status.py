@@ -109,7 +109,7 @@ def stage_status(conn: Connection, stage: Stage, now: datetime, *, totals: bool 
         stage=stage.name,
         pending=int(pending),
         waiting=int(waiting),
-        failed=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 0),
+        failed=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 0, *stage.still_failing),
         oldest_pending_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else None,
         done=_count(conn, table, *stage.index_prefix, flags.scanned == 1, flags.success == 1) if totals else None,
     )

@@ -55,7 +55,8 @@ def _failed_rows(conn: Connection, stage: Any, limit: int) -> tuple[Mapping[str,
         columns = [table.c.id, table.c.order_id if "order_id" in table.c else table.c.id.label("order_id"),
                    flags.attempts.label("attempts"), flags.last_error.label("last_error"), table.c.updated_at]
         order = table.c.id
-    query = select(*columns).where(*stage.index_prefix, flags.scanned == 1, flags.success == 0).order_by(order).limit(limit)
+    query = (select(*columns).where(*stage.index_prefix, flags.scanned == 1, flags.success == 0, *stage.still_failing)
+             .order_by(order).limit(limit))
     return tuple(conn.execute(query).mappings().all())
 
 

@@ -1,0 +1,98 @@
+"""`reissue`: a new refund for an order whose last refund WeChat Pay CLOSED.
+
+WeChat answers a closed ``out_refund_no`` with CLOSED for ever, so trying again needs a new
+number: the order's next ``refund_seq`` (``CSR<order>-<seq>``), for the same amount, sent by the
+daemon's normal flow (submit_refund, poll_refund, sync_result, then stock and sales).
+
+Refused, with a stable code, unless every refund of the order is CLOSED and written back to the
+order (``refund_status`` FAILED): never two live refunds of one order. The check and the writes
+are one transaction that first locks the order's row and then its refunds, so a second reissue
+of the same order waits, then finds the new live refund and is refused; the unique key
+(order_id, refund_seq) refuses it as well, whoever writes, on a database without row locks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from cancel_scanner.engine.outcome import clip
+from cancel_scanner.engine.sql import locked
+from cancel_scanner.models import goods_order2, refund_order
+from cancel_scanner.scanners.intake import refund_row
+from cancel_scanner.scanners.shop import refund_event, write_oplog
+
+o, r = goods_order2.c, refund_order.c
+REISSUED = "REISSUED"  # how a reissued CLOSED refund's last_error begins: it needs no person any more
+
+
+@dataclass(frozen=True)
+class Reissued:
+    order_id: int
+    refund_id: int
+    out_refund_no: str
+    refund_seq: int
+    replaces: str  # the CLOSED refund's out_refund_no
+
+
+@dataclass(frozen=True)
+class Refused:
+    order_id: int
+    code: str
+    message: str
+
+
+class _Refusal(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def reissue(db: Engine, order_id: int, *, now: datetime, by: str, why: str) -> Reissued | Refused:
+    """One order: a new refund after a CLOSED one, or why not."""
+    try:
+        with db.begin() as conn:
+            return _reissue(conn, order_id, now=now, by=by, why=why)
+    except _Refusal as refusal:
+        return Refused(order_id, refusal.code, refusal.message)
+    except IntegrityError:
+        # (order_id, refund_seq) or the oplog key: another reissue of this order committed first.
+        return Refused(order_id, "CONCURRENT_REISSUE", "another reissue of this order was written at the same moment; see status")
+
+
+def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissued:
+    order = conn.execute(
+        locked(conn, select(o.id, o.order_no, o.transaction_id, o.order_status, o.refund_status).where(o.id == order_id))
+    ).first()
+    if order is None:
+        raise _Refusal("ORDER_NOT_FOUND", f"order {order_id} does not exist")
+    refunds = conn.execute(locked(conn, select(refund_order).where(r.order_id == order_id).order_by(r.refund_seq))).all()
+    if not refunds:
+        raise _Refusal("NO_REFUND", f"order {order_id} has no refund to reissue")
+    last = refunds[-1]
+    if last.wx_status != "CLOSED" or (last.progress_scanned, last.progress_success) != (1, 0):
+        raise _Refusal("NOT_CLOSED", f"its last refund {last.out_refund_no} is {last.wx_status or 'not sent yet'}, not CLOSED:"
+                                     " only a refund WeChat closed is reissued")
+    live = [f.out_refund_no for f in refunds[:-1] if f.wx_status != "CLOSED"]
+    if live:
+        raise _Refusal("OTHER_REFUND_LIVE", f"refund {live[0]} of the order is not CLOSED")
+    if last.sync_scanned != 1 or order.refund_status != "FAILED":
+        raise _Refusal("NOT_SYNCED", f"the order's refund_status is {order.refund_status}: wait until the CLOSED result is"
+                                     " written to the order (status shows sync_result pending), then reissue")
+    seq = last.refund_seq + 1
+    new = refund_row(order.id, order.order_no, last.transaction_id or order.transaction_id, last.total_amount,
+                     last.reason or "", now, req_id=last.req_id, seq=seq)
+    new["refund_amount"] = last.refund_amount
+    refund_id = conn.execute(insert(refund_order).values(**new)).inserted_primary_key[0]
+    moved = conn.execute(
+        update(goods_order2).where(o.id == order.id, o.refund_status == "FAILED").values(refund_status="REFUNDING", wx_progress_scanned=0)
+    ).rowcount
+    if moved != 1:  # the order row is locked by us: anything else is a bug, and rolls back
+        raise RuntimeError(f"reissue: order {order.id} not moved back to REFUNDING")
+    conn.execute(update(refund_order).where(r.id == last.id).values(last_error=clip(f"{REISSUED} as {new['out_refund_no']} by {by}: {why}")))
+    write_oplog(conn, [(order.id, refund_event("REFUND_REISSUED", seq), f"{new['out_refund_no']} replaces {last.out_refund_no}"
+                                                                         f" (CLOSED) by {by}: {why}")])
+    return Reissued(order.id, refund_id, new["out_refund_no"], seq, last.out_refund_no)
