@@ -199,6 +199,8 @@ class RefundOrder(Base):
         Index("idx_refund_order_sync_pending", "progress_scanned", "sync_scanned", "sync_success"),
         # The reaper releases a dead process's leases by owner.
         Index("idx_refund_order_lease_owner", "lease_owner"),
+        # reconcile finds the refunds WeChat accepted on a day.
+        Index("idx_refund_order_submitted_at", "submitted_at"),
         CheckConstraint("refund_amount <= total_amount", name="refund_within_total"),
         {"comment": "One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call."},
     )

@@ -148,6 +148,8 @@ CREATE TABLE IF NOT EXISTS refund_order (
   INDEX idx_refund_order_sync_pending (progress_scanned, sync_scanned, sync_success),
   -- the reaper releases a dead process's leases by owner
   INDEX idx_refund_order_lease_owner (lease_owner),
+  -- reconcile finds the refunds WeChat accepted on a day
+  INDEX idx_refund_order_submitted_at (submitted_at),
   CONSTRAINT ck_refund_order_refund_within_total CHECK (refund_amount <= total_amount)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call.';

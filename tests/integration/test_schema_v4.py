@@ -14,6 +14,10 @@ def test_a_version_3_database_gets_the_reconciliation_and_archive_tables_from_mi
     with db.begin() as conn:
         for table in V4_TABLES:
             conn.exec_driver_sql(f"DROP TABLE {table}")
+        if db.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP INDEX idx_refund_order_submitted_at")
+        else:
+            conn.exec_driver_sql("ALTER TABLE refund_order DROP INDEX idx_refund_order_submitted_at")
         conn.exec_driver_sql("DELETE FROM cancel_scanner_schema")
         conn.exec_driver_sql("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (3, 'test')")
     assert "behind" in str(schema_problem(db))
@@ -26,3 +30,4 @@ def test_a_version_3_database_gets_the_reconciliation_and_archive_tables_from_mi
     archive = {c["name"] for c in inspect(db).get_columns("refund_order_archive")}
     live = {c["name"] for c in inspect(db).get_columns("refund_order")}
     assert archive == live | {"archived_at"}  # an archive holds every column of its live table
+    assert "idx_refund_order_submitted_at" in {i["name"] for i in inspect(db).get_indexes("refund_order")}
