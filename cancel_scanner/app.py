@@ -177,6 +177,7 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
         app.db, dict(app.runner.stages), app.runner, interval, takeover_seconds=app.config.takeover_seconds,
         metrics=metrics, book=book, calls=calls, down=daemon.progress.down,
         clock_offset=getattr(app.runner.clock, "offset_seconds", None),
+        reconcile_expected=app.config.reconcile.enabled,
     ).start()
     stack.callback(watcher.stop)
     if not listen:

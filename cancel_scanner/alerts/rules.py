@@ -74,6 +74,8 @@ class Reading:
     clock_offset: float | None
     host: str
     routine_stages: frozenset[str] = frozenset()  # stages whose 1/0 rows are routine rejections
+    beijing_now: datetime | None = None  # for the reconciliation deadline (tests set it)
+    reconcile_expected: bool = False  # the daily reconciliation runs (reconcile.enabled): its lateness is news
 
 
 def _gateway_failure_rate(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
@@ -148,6 +150,25 @@ def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str
         )
 
 
+def _reconcile(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    from datetime import timedelta
+
+    last = r.snapshot.status.reconcile
+    now = r.beijing_now or datetime.now(timezone(timedelta(hours=8)))
+    yesterday = str((now - timedelta(days=1)).date())
+    if last is not None and last["state"] in ("DIFFERS", "FAILED"):
+        why = (f"{last['diffs']} difference(s) with WeChat Pay's bill (SELECT * FROM reconcile_diff WHERE bill_date ="
+               f" '{last['bill_date']}')" if last["state"] == "DIFFERS" else f"failed: {last['last_error']}")
+        yield "result", Condition(True, last["diffs"], f"reconciliation of {last['bill_date']}: {why}")
+    else:
+        yield "result", Condition(False, 0, "reconciliation found no difference")
+    done = last is not None and last["bill_date"] >= yesterday and last["state"] in ("CLEAN", "DIFFERS", "NO_BILL")
+    late = r.reconcile_expected and now.strftime("%H:%M") >= rule.deadline and not done
+    yield "late", Condition(late, 0, f"yesterday ({yesterday}) is not reconciled yet at {rule.deadline} Beijing time"
+                                     f" (last: {last['bill_date'] + ' ' + last['state'] if last else 'never'}):"
+                                     " cancel-scanner reconcile --date " + yesterday)
+
+
 # rule name -> (evaluate, needs the database snapshot and leadership)
 RULES: dict[str, tuple[Callable[..., Iterator[tuple[str, Condition]]], bool]] = {
     "gateway_failure_rate": (_gateway_failure_rate, False),
@@ -156,6 +177,7 @@ RULES: dict[str, tuple[Callable[..., Iterator[tuple[str, Condition]]], bool]] = 
     "abnormal_refunds": (_abnormal_refunds, True),
     "stage_down": (_stage_down, False),
     "config_error": (_config_error, False),
+    "reconcile": (_reconcile, True),
 }
 
 

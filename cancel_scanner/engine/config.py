@@ -136,6 +136,18 @@ class MonitoringConfig(_Section):
         return _host_port(listen)
 
 
+def _clock_time(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 10:00 as 600 (sexagesimal)
+        value = f"{value // 60:02d}:{value % 60:02d}"
+    if not isinstance(value, str) or len(value) != 5 or value[2] != ":" or not (value[:2] + value[3:]).isdigit() \
+            or int(value[:2]) > 23 or int(value[3:]) > 59:
+        raise ValueError("must be a time of day HH:MM")
+    return value
+
+
+ClockTime = Annotated[str, BeforeValidator(_clock_time)]
+
+
 class _Rule(_Section):
     enabled: StrictBool = True
 
@@ -172,6 +184,12 @@ class ConfigErrorRule(_Rule):
     clock_skew_seconds: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3_600)] = 60
 
 
+class ReconcileRule(_Rule):
+    """Yesterday not reconciled by ``deadline`` (Beijing time), or the last reconciliation found differences or failed."""
+
+    deadline: ClockTime = "18:00"
+
+
 class AlertRules(_Section):
     gateway_failure_rate: GatewayFailureRule = GatewayFailureRule()
     rows_failed: CountRule = CountRule()
@@ -179,6 +197,7 @@ class AlertRules(_Section):
     abnormal_refunds: CountRule = CountRule()
     stage_down: StageDownRule = StageDownRule()
     config_error: ConfigErrorRule = ConfigErrorRule()
+    reconcile: ReconcileRule = ReconcileRule()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -186,16 +205,6 @@ class AlertRules(_Section):
         return {} if value is None else value  # `rows_failed:` with nothing under it: the defaults
 
 
-def _clock_time(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 10:00 as 600 (sexagesimal)
-        value = f"{value // 60:02d}:{value % 60:02d}"
-    if not isinstance(value, str) or len(value) != 5 or value[2] != ":" or not (value[:2] + value[3:]).isdigit() \
-            or int(value[:2]) > 23 or int(value[3:]) > 59:
-        raise ValueError("must be a time of day HH:MM")
-    return value
-
-
-ClockTime = Annotated[str, BeforeValidator(_clock_time)]
 
 
 class ReconcileConfig(_Section):

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, case, func, select
 from cancel_scanner.engine.progress import read_report
 from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS
 from cancel_scanner.engine.stage import Stage
-from cancel_scanner.models import scanner_process
+from cancel_scanner.models import reconcile_run, scanner_process
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Status:
     daemons: tuple[str, ...] = field(default=())  # hostname:pid of each running daemon
     owners: tuple[str, ...] = field(default=(), repr=False)  # their lease owner ids, oldest registration first
     totals: bool = False
+    reconcile: dict | None = None  # the latest reconciled day: bill_date, state, diffs, last_error
 
     @property
     def abnormal_refunds(self) -> int:
@@ -83,6 +84,7 @@ class Status:
             "daemons": list(self.daemons),
             "stages": {s.stage: stage(s) for s in self.stages},
             **{key: n for key, _label, n in self.counts},
+            "reconcile": self.reconcile,
         }
 
 
@@ -154,6 +156,10 @@ def collect_status(
         per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
         counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn))
         daemons = running_daemons(conn, now, takeover_seconds)
+        last = conn.execute(
+            select(reconcile_run.c.bill_date, reconcile_run.c.state, reconcile_run.c.diffs, reconcile_run.c.last_error)
+            .order_by(reconcile_run.c.bill_date.desc()).limit(1)
+        ).first()
     notes = tuple((s.name, s.failed_note) for s in stages.values() if s.failed_note)
     return Status(
         now=now,
@@ -163,6 +169,8 @@ def collect_status(
         daemons=tuple(name for name, _owner, _report in daemons),
         owners=tuple(owner for _name, owner, _report in daemons),
         totals=totals,
+        reconcile={"bill_date": str(last.bill_date), "state": last.state, "diffs": last.diffs, "last_error": last.last_error}
+        if last else None,
     )
 
 
@@ -204,6 +212,14 @@ def format_status(status: Status) -> str:
     for _key, label, n in status.counts:
         if n:
             lines.append(f"{label}: {n}")
+    if status.reconcile:
+        rec = status.reconcile
+        line = f"reconciliation of {rec['bill_date']}: {rec['state']}"
+        if rec["state"] == "DIFFERS":
+            line += f", {rec['diffs']} difference(s) (SELECT * FROM reconcile_diff WHERE bill_date = '{rec['bill_date']}')"
+        elif rec["state"] in ("WAITING", "FAILED") and rec["last_error"]:
+            line += f" ({rec['last_error']})"
+        lines.append(line)
     noted = dict(status.failed_notes)
     for s in status.stages:
         if s.failed and s.stage in noted:

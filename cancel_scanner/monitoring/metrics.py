@@ -60,6 +60,11 @@ class Metrics:
         self.firing = Gauge("cancel_scanner_alerts_firing", "Subjects of the rule firing in this process", ["rule"], registry=r)
         self.alert_messages = Counter("cancel_scanner_alert_messages", "Alert messages by what became of them",
                                       ["outcome"], registry=r)
+        self.reconcile_diffs = Gauge("cancel_scanner_reconcile_diffs",
+                                     "Differences the latest reconciliation found with WeChat Pay's bill", registry=r)
+        self.reconcile_failed = Gauge("cancel_scanner_reconcile_failed", "1 while the latest reconciliation failed", registry=r)
+        self.reconcile_day = Gauge("cancel_scanner_reconcile_day_timestamp_seconds",
+                                   "Beijing midnight starting the latest reconciled bill day", registry=r)
         for outcome in ("sent", "failed", "dropped"):
             self.alert_messages.labels(outcome)
         # Every series exists from the start at 0, so that Prometheus' increase() sees the first one.
@@ -92,6 +97,14 @@ class Metrics:
             self.oldest.labels(s.stage).set(s.oldest_pending_seconds or 0)
             self.failed.labels(s.stage).set(s.failed)
         self.abnormal.set(snapshot.status.abnormal_refunds)
+        last = snapshot.status.reconcile
+        if last is not None:
+            from datetime import datetime, timedelta, timezone
+
+            self.reconcile_diffs.set(last["diffs"] if last["state"] == "DIFFERS" else 0)
+            self.reconcile_failed.set(1 if last["state"] == "FAILED" else 0)
+            midnight = datetime.fromisoformat(last["bill_date"]).replace(tzinfo=timezone(timedelta(hours=8)))
+            self.reconcile_day.set(midnight.timestamp())
         self.leases.set(snapshot.leases_held)
         self.refreshed.set(time.time())
 

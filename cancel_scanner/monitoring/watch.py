@@ -39,11 +39,13 @@ class Watcher:
         down: Callable[[], dict] = dict,  # the daemon's stages backing off: Progress.down
         clock_offset: Callable[[], float] | None = None,
         wall: Callable[[], float] = time.time,
+        reconcile_expected: bool = False,
     ) -> None:
         self.db, self.stages, self.runner, self.interval = db, stages, runner, interval
         self.takeover_seconds = takeover_seconds
         self.metrics, self.book, self.calls, self.down = metrics, book, calls, down
         self.clock_offset, self.wall = clock_offset, wall
+        self.reconcile_expected = reconcile_expected
         self.host = f"{socket.gethostname()}:{os.getpid()}"
         self.latest: Snapshot | None = None
         self.last_error: str | None = None  # why the last reading failed, None once one succeeds
@@ -95,7 +97,7 @@ class Watcher:
 
         routine = frozenset(name for name, stage in self.stages.items() if stage.rejections_are_routine)
         reading = Reading(snapshot=snapshot, calls=self.calls, down=self.down(), clock_offset=offset, host=self.host,
-                          routine_stages=routine)
+                          routine_stages=routine, reconcile_expected=self.reconcile_expected)
         try:
             self.book.evaluate(reading)
         except Exception:  # a bug in a rule must not stop the gauges or the page

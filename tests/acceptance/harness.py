@@ -150,6 +150,8 @@ def daemon_config(database_url: str, emulator: ExternalEmulator, *, jobs: Mappin
         "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_SECONDS,
         "wechat": emulator.wechat_config(**(wechat or {})),
         "jobs": dict(jobs or fast_jobs()),
+        # The daily reconciliation has tests of its own; elsewhere it would add a bill download at each start.
+        "reconcile": {"enabled": False},
         **top,
     }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from cancel_scanner.alerts.rules import AlertBook, CallWindow, Reading
@@ -138,3 +138,24 @@ def test_a_disabled_rule_never_fires():
     w = World(rows_failed={"enabled": False})
     w.read(snapshot(stage("sync_result", failed=3)))
     assert w.sent == []
+
+
+def test_reconciliation_alerts_on_differences_and_on_a_day_not_reconciled_by_the_deadline():
+    beijing = timezone(timedelta(hours=8))
+    w = World()
+
+    def read(reconcile, hour):
+        snap = snapshot()
+        snap.status = Status(now=T.replace(tzinfo=None), stages=(), counts=(), reconcile=reconcile)
+        return w.book.evaluate(Reading(snapshot=snap, calls=w.calls, down={}, clock_offset=None, host="h:1",
+                                       beijing_now=datetime(2026, 12, 2, hour, 0, tzinfo=beijing), reconcile_expected=True))
+
+    read(None, 11)
+    assert w.sent == []  # before the deadline nobody expects it done
+    read(None, 18)
+    assert w.states() == [("reconcile", "firing", None)] and "2026-12-01" in w.sent[0].summary
+    read({"bill_date": "2026-12-01", "state": "DIFFERS", "diffs": 3, "last_error": None}, 18)
+    assert w.states()[1:] == [("reconcile", "firing", None), ("reconcile", "resolved", None)]  # differences; late no more
+    assert w.sent[1].value == 3 and "reconcile_diff" in w.sent[1].summary
+    read({"bill_date": "2026-12-01", "state": "CLEAN", "diffs": 0, "last_error": None}, 19)  # run again after a fix
+    assert w.states()[-1] == ("reconcile", "resolved", None) and len(w.sent) == 4
