@@ -33,6 +33,8 @@ SHIPPED_ALERTS = (
     "CancelScannerConfigError",
     "CancelScannerClockSkew",
     "CancelScannerGaugesStale",
+    "CancelScannerReconcileDiffers",
+    "CancelScannerReconcileLate",
     "CancelScannerDown",
     "CancelScannerAbsent",
 )
@@ -146,3 +148,5 @@ def test_the_thresholds_are_the_daemons_alert_defaults():
     config = rules.config_error
     assert f"[{int(config.window_seconds) // 60}m]" in expr_of("CancelScannerConfigError")
     assert f"> {int(config.clock_skew_seconds)}" in expr_of("CancelScannerClockSkew")
+    hours, minutes = (int(part) for part in rules.reconcile.deadline.split(":"))
+    assert f"> {(24 + hours) * 3600 + minutes * 60}" in expr_of("CancelScannerReconcileLate")
