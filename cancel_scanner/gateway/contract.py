@@ -281,3 +281,68 @@ class PaymentGateway(Protocol):
     def query_payment(self, out_trade_no: str, *, deadline: Callable[[], float] | None = None) -> PaymentResult: ...
 
     def close_payment(self, out_trade_no: str, *, deadline: Callable[[], float] | None = None) -> PaymentResult: ...
+
+
+# --- abnormal refunds: an ABNORMAL refund sent on to a bank card -----------------------------------
+
+ABNORMAL_TO_MERCHANT = "MERCHANT_BANK_CARD"  # back to the merchant's own bank account; needs nothing else
+ABNORMAL_TO_USER = "USER_BANK_CARD"  # to the user's debit card: bank_type, bank_account and real_name
+ABNORMAL_REFUND_TYPES = frozenset({ABNORMAL_TO_MERCHANT, ABNORMAL_TO_USER})
+# WeChat's refund_id goes into a signed path, like out_refund_no: only characters that need no encoding.
+REFUND_ID_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+BANK_TYPE_PATTERN = re.compile(r"^[A-Z0-9_]{1,32}$")  # WeChat's bank codes: ICBC_DEBIT, CMB_DEBIT, ...
+
+
+class Secret:
+    """A value that must never be shown: a user's bank account number or name.
+
+    ``str()``, ``repr()`` and formatting all give ``***``, so a log line, an exception message or a
+    traceback that names it shows nothing; only ``reveal()`` gives the text, and only the gateway
+    calls it, as the SDK encrypts it. Equality is deliberately identity: comparing secrets is not a
+    thing code should do by accident.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError("a Secret holds text")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __reduce__(self):  # pickling would carry the text to wherever the pickle goes
+        raise TypeError("a Secret cannot be pickled")
+
+
+class AbnormalRefundGateway(Protocol):
+    """What `cancel-scanner abnormal-refund` calls. The same deadline rule, never a raise for an answer.
+
+    Accepted carries the refund object WeChat answers (status back to PROCESSING, channel
+    OTHER_BANKCARD); Permanent is WeChat's refusal (e.g. INVALID_REQUEST: the refund is not ABNORMAL).
+    """
+
+    def abnormal_refund(
+        self,
+        refund_id: str,
+        out_refund_no: str,
+        *,
+        to: str,
+        bank_type: str | None = None,
+        bank_account: Secret | None = None,
+        real_name: Secret | None = None,
+        deadline: Callable[[], float] | None = None,
+    ) -> GatewayResult: ...

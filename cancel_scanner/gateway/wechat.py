@@ -60,14 +60,19 @@ from cancel_scanner.gateway.classify import (
     is_sdk_signature_error,
 )
 from cancel_scanner.gateway.contract import (
+    ABNORMAL_REFUND_TYPES,
+    ABNORMAL_TO_USER,
+    BANK_TYPE_PATTERN,
     OUT_REFUND_NO_PATTERN,
     OUT_TRADE_NO_PATTERN,
+    REFUND_ID_PATTERN,
     Accepted,
     GatewayResult,
     NotSent,
     PaymentResult,
     PaymentState,
     RefundRequest,
+    Secret,
     UnknownOutcome,
 )
 from cancel_scanner.gateway.ratelimit import RateLimiter
@@ -80,7 +85,7 @@ DEFAULT_QUERY_QPS = 300
 APIV3_KEY_BYTES = 32
 PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
 MAX_ANSWER_BYTES = 1024 * 1024  # a refund object is ~1 KB; anything near this is not WeChat's answer
-ENDPOINTS = ("apply", "query", "pay_query", "pay_close")
+ENDPOINTS = ("apply", "query", "pay_query", "pay_close", "abnormal")
 # WeChat publishes no figure for these two that we could find; a conservative pace of our own,
 # configurable (wechat.pay_query_qps / wechat.pay_close_qps).
 DEFAULT_PAY_QUERY_QPS = 100
@@ -257,6 +262,38 @@ def _check_trade_no(out_trade_no: str) -> None:
         raise ValueError(f"out_trade_no must match {OUT_TRADE_NO_PATTERN.pattern}: {out_trade_no!r}")
 
 
+# RSA-OAEP (SHA-1) on a 2048-bit key encrypts at most 214 bytes; a longer value would fail inside the SDK.
+SECRET_MAX_BYTES = 200
+
+
+def _as_secret(value: Secret | str | None) -> Secret | None:
+    return Secret(value) if isinstance(value, str) else value
+
+
+def _check_abnormal(
+    refund_id: str, out_refund_no: str, to: str, bank_type: str | None, account: Secret | None, name: Secret | None
+) -> None:
+    """ValueError for a malformed abnormal refund; messages name the field, never a bank detail's value."""
+    if not isinstance(refund_id, str) or not REFUND_ID_PATTERN.match(refund_id):
+        raise ValueError(f"refund_id must match {REFUND_ID_PATTERN.pattern}: {refund_id!r}")
+    if not isinstance(out_refund_no, str) or not OUT_REFUND_NO_PATTERN.match(out_refund_no):
+        raise ValueError(f"out_refund_no must match {OUT_REFUND_NO_PATTERN.pattern}: {out_refund_no!r}")
+    if to not in ABNORMAL_REFUND_TYPES:
+        raise ValueError(f"to must be one of {sorted(ABNORMAL_REFUND_TYPES)}: {to!r}")
+    for field_name, secret in (("bank_account", account), ("real_name", name)):
+        if secret is not None and not isinstance(secret, Secret):
+            raise TypeError(f"{field_name} must be a Secret or text")
+    if to != ABNORMAL_TO_USER:
+        if bank_type is not None or account is not None or name is not None:
+            raise ValueError(f"{to} takes no bank_type, bank_account or real_name")
+        return
+    if not isinstance(bank_type, str) or not BANK_TYPE_PATTERN.match(bank_type):
+        raise ValueError(f"{ABNORMAL_TO_USER} needs bank_type matching {BANK_TYPE_PATTERN.pattern}")
+    for field_name, secret in (("bank_account", account), ("real_name", name)):
+        if not secret or len(secret.reveal().encode("utf-8")) > SECRET_MAX_BYTES:
+            raise ValueError(f"{ABNORMAL_TO_USER} needs {field_name}: 1 to {SECRET_MAX_BYTES} bytes of text")
+
+
 def _canonical_signature_headers(headers: Mapping[str, str]) -> dict[str, str]:
     # The SDK looks headers up by exact spelling; servers and frameworks hand them over in any case.
     lowered = {str(k).lower(): v for k, v in headers.items()}
@@ -306,6 +343,8 @@ class WeChatPayGateway:
             endpoint: RateLimiter(qps * PACING_HEADROOM if qps else None)
             for endpoint, qps in zip(ENDPOINTS, (apply_qps, query_qps, pay_query_qps, pay_close_qps))
         }
+        # An operator's command sends one at a time, and WeChat publishes no limit for it: unpaced.
+        self._limiters["abnormal"] = RateLimiter(None)
         self._reuse_connections = reuse_connections
         _install_transport()
         try:
@@ -373,6 +412,43 @@ class WeChatPayGateway:
         """Ask WeChat to close the trade; a 204 is CloseSent, never proof (query after it)."""
         _check_trade_no(out_trade_no)
         return self._call("pay_close", out_trade_no, lambda: self._wxpay.close(out_trade_no=out_trade_no), deadline)
+
+    # -- AbnormalRefundGateway -----------------------------------------------
+
+    def abnormal_refund(
+        self,
+        refund_id: str,
+        out_refund_no: str,
+        *,
+        to: str,
+        bank_type: str | None = None,
+        bank_account: Secret | str | None = None,
+        real_name: Secret | str | None = None,
+        deadline: Callable[[], float] | None = None,
+    ) -> GatewayResult:
+        """Send an ABNORMAL refund on to a bank card: POST .../refunds/{refund_id}/apply-abnormal-refund.
+
+        ``to`` is MERCHANT_BANK_CARD (nothing else) or USER_BANK_CARD (``bank_type``, ``bank_account``
+        and ``real_name``). The last two are Secrets (plain text is wrapped at once): their text goes
+        to the SDK, which encrypts it with the platform public key, and nowhere else; nothing here
+        keeps, logs or names it. Accepted carries the refund object (status PROCESSING again).
+        """
+        account, name = _as_secret(bank_account), _as_secret(real_name)
+        _check_abnormal(refund_id, out_refund_no, to, bank_type, account, name)
+        return self._call(
+            "abnormal",
+            out_refund_no,
+            lambda: self._wxpay.abnormal_refund(
+                refund_id=refund_id,
+                out_refund_no=out_refund_no,
+                type=to,
+                bank_type=bank_type,
+                # Revealed inside the call, not before: no variable of ours ever holds the text.
+                bank_account=account.reveal() if account is not None else None,
+                real_name=name.reveal() if name is not None else None,
+            ),
+            deadline,
+        )
 
     def calls_within(self, endpoint: str, seconds: float) -> int | None:
         """How many `endpoint` calls (one of ENDPOINTS) the pacer can still start within `seconds`

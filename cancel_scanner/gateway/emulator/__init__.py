@@ -34,6 +34,12 @@ Choices a test writer should know:
   `snapshot()`, a copy of all five taken at one instant. `logged_requests()`
   copies the `request_log` (its size: `request_log_size`), `forget_requests()`
   empties it and `requests` between measurements.
+* apply-abnormal-refund (POST .../refunds/{refund_id}/apply-abnormal-refund) moves an ABNORMAL
+  refund to PROCESSING (channel OTHER_BANKCARD) and on to SUCCESS after `success_delay`; any other
+  status answers 400 INVALID_REQUEST. USER_BANK_CARD's encrypted bank_account and real_name must
+  decrypt with the platform private key; the emulator keeps none of them and logs no body: it counts
+  `abnormal_applies[(out_refund_no, type)]`, and hands the decrypted text to `on_bank_details` if a
+  test set it (to check the round trip without anything storing the details).
 * `latency=(low, high)`: every refund call waits a uniform draw (seeded, so each
   run is alike) before it is handled, as the network and WeChat's own work make
   calls take a while and overlap; it counts as in flight meanwhile.
@@ -258,6 +264,7 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender):
                 "requests": dict(self.requests),
                 "faults_injected": dict(self.faults_injected),
                 "payment_counts": dict(self.payment_counts),
+                "abnormal_applies": dict(self.abnormal_applies),
             }
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:

@@ -25,6 +25,7 @@ from cancel_scanner.gateway.faults import ERRORS, Fault, FaultBook, Reply
 from cancel_scanner.gateway.faults import error_reply as _error
 
 REFUNDS_PATH = "/v3/refund/domestic/refunds"
+ABNORMAL_REFUND_SUFFIX = "/apply-abnormal-refund"  # POST REFUNDS_PATH/{refund_id}/apply-abnormal-refund
 TRADES_PATH = "/v3/pay/transactions/out-trade-no"
 APPLY_QPS = 150
 QUERY_QPS = 300
@@ -50,6 +51,7 @@ class RequestHandling:
     _query: Callable[[str], Reply]
     _query_payment: Callable[[str], Reply]
     _close_payment: Callable[[str], Reply]
+    _apply_abnormal: Callable[[str, Mapping[str, str], bytes], Reply]
 
     def _init_requests(
         self, apply_qps: int | None, query_qps: int | None, latency: tuple[float, float] | None, request_log_size: int
@@ -61,6 +63,7 @@ class RequestHandling:
         self._latency_rng = random.Random(LATENCY_SEED)
         self.payment_qps: int | None = PAYMENT_QPS
         self._windows: dict[str, deque[float]] = {k: deque() for k in ("apply", "query", "pay_query", "pay_close")}
+        self._windows["abnormal"] = deque()  # apply-abnormal-refund: paced as payment_qps (WeChat publishes no figure)
         self._in_flight: Counter[str] = Counter()
         self.max_in_flight: dict[str, int] = {}  # out_refund_no -> most requests for it at once
         self.requests: Counter[tuple[str, int]] = Counter()  # (method, status); status 0 = dropped
@@ -164,6 +167,13 @@ class RequestHandling:
             except (ValueError, AttributeError):
                 number = None
             return "apply", number if isinstance(number, str) else None
+        if method == "POST" and path.startswith(REFUNDS_PATH + "/") and path.endswith(ABNORMAL_REFUND_SUFFIX):
+            # Counted and aimed at by the out_refund_no in the body, as an application is: the refund's number.
+            try:
+                number = json.loads(body or b"").get("out_refund_no")
+            except (ValueError, AttributeError):
+                number = None
+            return "abnormal", number if isinstance(number, str) else None
         if method == "GET" and path.startswith(REFUNDS_PATH + "/"):
             return "query", path[len(REFUNDS_PATH) + 1 :] or None
         if path.startswith(TRADES_PATH + "/"):
@@ -197,6 +207,9 @@ class RequestHandling:
             reply = self._apply(body)
         elif kind == "query":
             reply = self._query(number or "")
+        elif kind == "abnormal":
+            path = raw_path.split("?", 1)[0]
+            reply = self._apply_abnormal(path[len(REFUNDS_PATH) + 1 : -len(ABNORMAL_REFUND_SUFFIX)], headers, body)
         elif kind == "pay_query":
             reply = self._query_payment(number or "")
         else:

@@ -28,10 +28,16 @@ from cancel_scanner.gateway.emulator.records import (
     matches,
     refund_json,
 )
+from cancel_scanner.gateway.emulator.signing import Signer
 from cancel_scanner.gateway.faults import ERRORS, Reply
 from cancel_scanner.gateway.faults import error_reply as _error
+from cancel_scanner.gateway.keys import KeyMaterial
 
 SUCCESS_DELAY_SECONDS = 0.5
+ABNORMAL_TYPES = frozenset({"MERCHANT_BANK_CARD", "USER_BANK_CARD"})
+# Where an abnormal refund's money goes, as the refund object says. WeChat names the bank and the last
+# digits of a user's card; the emulator keeps nothing of the card, so it names neither.
+ABNORMAL_RECEIVED_ACCOUNT = {"MERCHANT_BANK_CARD": "商户银行账户", "USER_BANK_CARD": "用户银行卡"}
 MAX_REFUNDS_PER_ORDER = 50
 TICK_SECONDS = 0.05
 
@@ -43,6 +49,8 @@ class RefundLedger:
     _stopping: threading.Event
     _clock: Callable[[], float]
     _queue_notification: Callable[[Refund], None]
+    _signer: Signer
+    keys: KeyMaterial
 
     def _init_ledger(self, success_delay: float, strict_payments: bool, min_refund_interval: float | None) -> None:
         self.success_delay = success_delay
@@ -60,6 +68,12 @@ class RefundLedger:
         # Counters for tests: the proof that no money moved twice.
         self.refunds_created: Counter[str] = Counter()  # out_refund_no -> refunds created (must stay <= 1)
         self.fen_refunded: Counter[str] = Counter()  # out_trade_no -> fen in refunds that are not CLOSED
+        # apply-abnormal-refund calls accepted, by (out_refund_no, type). Of a user's bank details the
+        # emulator keeps nothing: a test that wants to see them sets on_bank_details, a callable
+        # (out_refund_no, bank_type, bank_account, real_name) given the decrypted text of each USER_BANK_CARD
+        # call, and keeps what it needs (a yes or no, never the text).
+        self.abnormal_applies: Counter[tuple[str, str]] = Counter()
+        self.on_bank_details: Callable[[str, str, str, str], None] | None = None
 
     # -- test controls ---------------------------------------------------------
 
@@ -247,16 +261,80 @@ class RefundLedger:
                 self._changed.notify_all()
             return Reply(200, refund_json(refund))
 
+    def _apply_abnormal(self, refund_id: str, headers: Any, body: bytes) -> Reply:
+        """apply-abnormal-refund for WeChat's ``refund_id``: an ABNORMAL refund goes on to a bank card,
+        PROCESSING again, then SUCCESS after ``success_delay``.
+
+        Never logs the body: for USER_BANK_CARD it carries the user's account and name (encrypted).
+        """
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _error(400, "PARAM_ERROR", "body is not JSON")
+        if not isinstance(data, dict) or not is_out_refund_no(str(data.get("out_refund_no") or "")):
+            return _error(400, "PARAM_ERROR", "out_refund_no is missing or malformed")
+        kind = data.get("type")
+        if kind not in ABNORMAL_TYPES:
+            return _error(400, "PARAM_ERROR", "type must be MERCHANT_BANK_CARD or USER_BANK_CARD")
+        number = data["out_refund_no"]
+        if kind == "USER_BANK_CARD":
+            refused = self._open_bank_details(number, headers, data)
+            if refused is not None:
+                return refused
+        with self._changed:
+            refund = self._refunds.get(number)
+            if refund is None or refund.refund_id != refund_id:
+                return _error(404, "RESOURCE_NOT_EXISTS", "refund does not exist")
+            now = self._clock()
+            self._advance(refund, now)
+            if refund.status != STATUS_ABNORMAL:
+                # A well-formed request the refund's state does not allow is WeChat's INVALID_REQUEST
+                # (PARAM_ERROR is for a malformed one): so answers a second apply, once the first has
+                # moved the refund on to PROCESSING, and an apply for a refund that never was ABNORMAL.
+                return _error(400, "INVALID_REQUEST", f"the refund is {refund.status}, not ABNORMAL: nothing to apply for")
+            refund.status = STATUS_PROCESSING
+            refund.abnormal_applied_at = now
+            refund.channel = "OTHER_BANKCARD"
+            refund.received_account = ABNORMAL_RECEIVED_ACCOUNT[kind]
+            self._pinned.discard(number)  # a forced ABNORMAL moves on like any other once applied for
+            self._processing.add(number)
+            self.abnormal_applies[(number, kind)] += 1
+            self._changed.notify_all()
+            return Reply(200, refund_json(refund))
+
+    def _open_bank_details(self, number: str, headers: Any, data: dict[str, Any]) -> Reply | None:
+        """Check a USER_BANK_CARD call's bank details: the refusal, or None once they decrypt.
+        The plain text goes to on_bank_details (if a test set it) and is then dropped."""
+        bank_type = data.get("bank_type")
+        if not isinstance(bank_type, str) or not bank_type:
+            return _error(400, "PARAM_ERROR", "USER_BANK_CARD needs bank_type")
+        if not data.get("bank_account") or not data.get("real_name"):
+            return _error(400, "PARAM_ERROR", "USER_BANK_CARD needs bank_account and real_name")
+        if headers.get("Wechatpay-Serial") != self.keys.platform_public_key_id:
+            # Encrypted fields name the key they were encrypted with; any other cannot be opened.
+            return _error(400, "PARAM_ERROR", "Wechatpay-Serial must name the platform public key the fields are encrypted with")
+        account = self._signer.decrypt_field(data["bank_account"])
+        name = self._signer.decrypt_field(data["real_name"])
+        if not account or not name:
+            return _error(400, "PARAM_ERROR", "bank_account or real_name does not decrypt with the platform key")
+        hook = self.on_bank_details
+        if hook is not None:
+            hook(number, bank_type, account, name)
+        return None
+
     # -- the status machine ---------------------------------------------------------
 
     def _advance(self, refund: Refund, now: float) -> bool:
         """Lazily apply the status machine; True if the refund moved. Caller holds the lock."""
-        if refund.status != STATUS_PROCESSING or now < refund.created_at + self.success_delay:
+        since = refund.abnormal_applied_at if refund.abnormal_applied_at is not None else refund.created_at
+        if refund.status != STATUS_PROCESSING or now < since + self.success_delay:
             return False
         if refund.out_refund_no in self._pinned:
             return False
-        due = refund.created_at + self.success_delay
-        if any(matches(rule, refund) for rule in self._close_rules):
+        due = since + self.success_delay
+        if refund.abnormal_applied_at is not None:
+            self._finish(refund, STATUS_SUCCESS, due)  # the bank card the merchant named takes the money
+        elif any(matches(rule, refund) for rule in self._close_rules):
             self._finish(refund, STATUS_CLOSED, due)
         elif any(matches(rule, refund) for rule in self._abnormal_rules):
             self._finish(refund, STATUS_ABNORMAL, due)

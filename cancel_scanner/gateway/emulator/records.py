@@ -64,6 +64,10 @@ class Refund:
     created_at: float
     status: str = STATUS_PROCESSING
     success_at: float | None = None
+    # Set by apply-abnormal-refund: the money goes to a bank card now, PROCESSING again from that moment.
+    abnormal_applied_at: float | None = None
+    channel: str = "ORIGINAL"
+    received_account: str = USER_RECEIVED_ACCOUNT
 
 
 def rfc3339(epoch: float) -> str:
@@ -124,8 +128,8 @@ def refund_json(refund: Refund) -> dict[str, Any]:
         "out_refund_no": refund.out_refund_no,
         "transaction_id": refund.transaction_id,
         "out_trade_no": refund.out_trade_no,
-        "channel": "ORIGINAL",
-        "user_received_account": USER_RECEIVED_ACCOUNT,
+        "channel": refund.channel,
+        "user_received_account": refund.received_account,
         "create_time": rfc3339(refund.created_at),
         "status": refund.status,
         "funds_account": "AVAILABLE",

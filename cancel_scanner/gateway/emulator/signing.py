@@ -79,6 +79,21 @@ class Signer:
             return _error(401, "SIGN_ERROR", "signature verification failed")
         return None
 
+    def decrypt_field(self, ciphertext: Any) -> str | None:
+        """A field the merchant encrypted with the platform public key (RSA-OAEP, SHA-1, as WeChat
+        specifies), decrypted with the platform private key; None if it does not decrypt to UTF-8 text.
+        The caller gets the plain text and must keep and log none of it."""
+        if not isinstance(ciphertext, str):
+            return None
+        try:
+            plain = self._platform_key.decrypt(
+                b64decode(ciphertext, validate=True),
+                padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None),
+            )
+            return plain.decode("utf-8")
+        except ValueError:  # bad base64, a wrong key or padding, bad UTF-8 (UnicodeDecodeError is one)
+            return None
+
     def signed_headers(self, body: Iterable[bytes], request_id: str, tamper: bool = False) -> dict[str, str]:
         """Headers signing `body` (an answer or a notification), given piece by piece (a huge body is never held whole)."""
         timestamp, wire_nonce = str(int(self._wire_clock())), nonce()
