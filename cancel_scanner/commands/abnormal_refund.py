@@ -51,14 +51,15 @@ def _read_details_file(path: str, warn: Callable[[str], None]) -> tuple[str, str
     try:
         with open(path, "rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise _BadDetails(f"{source} is not a regular file")
+            # A pipe too: `--bank-details-file <(pass show card)` never puts the details on a disk.
+            if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+                raise _BadDetails(f"{source} is not a regular file or a pipe")
             raw = handle.read(DETAILS_FILE_MAX_BYTES + 1)
     except OSError as exc:
         raise _BadDetails(f"{source} cannot be read: {exc.strerror or type(exc).__name__}") from None
     if len(raw) > DETAILS_FILE_MAX_BYTES:
         raise _BadDetails(f"{source} is over {DETAILS_FILE_MAX_BYTES} bytes: not a bank details file")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if stat.S_ISREG(mode) and mode & (stat.S_IRWXG | stat.S_IRWXO):
         # Warned, not refused: the details are already readable by whoever may read the file, and
         # refusing would not take that back; the operator learns to keep the next one private.
         warn(f"warning: {path} is readable by other users (mode {stat.filemode(mode)}): keep bank details files"
