@@ -24,7 +24,7 @@ _OUTCOMES = (
 )
 
 
-ENDPOINTS = ("apply", "query", "pay_query", "pay_close")  # the gateway's actions
+ENDPOINTS = ("apply", "query", "pay_query", "pay_close", "abnormal")  # the gateway's actions
 
 
 def answer_outcome(result: Any) -> str | None:
