@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any, Callable, Mapping, Protocol, TypeAlias
 
 from cancel_scanner.engine.outcome import Coded, clip  # one rule for a code, a message and a VARCHAR(255)
@@ -346,3 +346,78 @@ class AbnormalRefundGateway(Protocol):
         real_name: Secret | None = None,
         deadline: Callable[[], float] | None = None,
     ) -> GatewayResult: ...
+
+
+# --- the daily bill: what WeChat says it holds of a day, for reconciliation ------------------------
+
+BILL_TYPES = frozenset({"ALL", "SUCCESS", "REFUND"})
+STATEMENT_CREATING = "STATEMENT_CREATING"  # the day's bill is being made (before ~10:00 Beijing time): RetryLater
+NO_STATEMENT_EXIST = "NO_STATEMENT_EXIST"  # no trades that day, so no bill: a Permanent with this code
+DEFAULT_BILL_MAX_BYTES = 200 * 1024 * 1024  # decompressed; a day of ~1 million rows at ~200 bytes a row
+DEFAULT_BILL_DOWNLOAD_SECONDS = 300.0  # the whole download, connect to last byte; the URL is valid ~5 minutes anyway
+_SHA1_HEX = re.compile(r"^[0-9A-Fa-f]{40}$")
+
+
+@dataclass(frozen=True)
+class BillReady:
+    """WeChat has the day's bill: its SHA1 (of the decompressed bytes, lower-case hex) and where to get it
+    (valid about 5 minutes; the download itself is not signed, so the SHA1 is the only proof)."""
+
+    hash_value: str
+    download_url: str
+    request_id: str | None = None
+
+    def describe(self) -> str:
+        return clip(f"bill ready: SHA1 {self.hash_value}")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], request_id: str | None = None) -> BillReady:
+        """Raises ValueError unless the answer names a SHA1 hash and a download URL."""
+        if not isinstance(data, Mapping):
+            raise ValueError("not a JSON object")
+        hash_type, hash_value, url = data.get("hash_type"), data.get("hash_value"), data.get("download_url")
+        if hash_type != "SHA1":
+            raise ValueError(f"hash_type must be SHA1: {hash_type!r}")
+        if not isinstance(hash_value, str) or not _SHA1_HEX.match(hash_value):
+            raise ValueError("hash_value is not 40 hex digits")
+        if not isinstance(url, str) or not url:
+            raise ValueError("no download_url")
+        return cls(hash_value.lower(), url, request_id)
+
+
+# NO_STATEMENT_EXIST is a Permanent (WeChat's plain "no such bill"; monitoring does not count a
+# Permanent as a failure) rather than a class of its own: operations.bill.fetch_bill, the one
+# caller, turns it into NoBill.
+BillResult: TypeAlias = BillReady | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
+
+
+class BillDownloadFailed(Exception):
+    """download_bill got no bill: ``result`` says why, in the contract's classes.
+
+    UnknownOutcome, RetryLater and NotSent are worth another try (a new trade_bill first: the URL
+    expires); Permanent and ConfigError are not (codes of our own: UNTRUSTED_URL, the URL is not on
+    the gateway's host and was never requested; TOO_LARGE, over max_bytes on the wire or
+    decompressed; BAD_GZIP; REDIRECT, never followed).
+    """
+
+    def __init__(self, result: UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent) -> None:
+        super().__init__(result.describe())
+        self.result = result
+
+
+class BillGateway(Protocol):
+    """What operations.bill.fetch_bill calls. trade_bill never raises for an answer; download_bill
+    raises BillDownloadFailed instead of returning anything but the bill's bytes."""
+
+    def trade_bill(
+        self, bill_date: date, *, bill_type: str = "ALL", deadline: Callable[[], float] | None = None
+    ) -> BillResult: ...
+
+    def download_bill(
+        self,
+        url: str,
+        *,
+        max_bytes: int = DEFAULT_BILL_MAX_BYTES,
+        max_seconds: float = DEFAULT_BILL_DOWNLOAD_SECONDS,
+        deadline: Callable[[], float] | None = None,
+    ) -> bytes: ...

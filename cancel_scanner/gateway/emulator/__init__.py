@@ -40,6 +40,10 @@ Choices a test writer should know:
   decrypt with the platform private key; the emulator keeps none of them and logs no body: it counts
   `abnormal_applies[(out_refund_no, type)]`, and hands the decrypted text to `on_bank_details` if a
   test set it (to check the round trip without anything storing the details).
+* The daily bill (GET /v3/bill/tradebill and its download) is gateway.emulator.bills': its
+  controls (`statement_creating`, `bill_ready_after`, `bill_columns`, `spoil_next_download`,
+  `forget_bills`, `bill_bytes`) and its rules (Beijing days, STATEMENT_CREATING, NO_STATEMENT_EXIST)
+  are in that module's docstring.
 * `latency=(low, high)`: every refund call waits a uniform draw (seeded, so each
   run is alike) before it is handled, as the network and WeChat's own work make
   calls take a while and overlap; it counts as in flight meanwhile.
@@ -66,6 +70,7 @@ The package, one concept a module (all of them log as `gateway.emulator.*`):
 * `server`: the HTTP server and request handler;
 * `signing`: request authentication, answer and notification signatures;
 * `records` and `ledger`: refunds and payments, their JSON, the status machine;
+* `bills`: the daily bill, made from the ledger's payments and refunds, and its download;
 * `notifications`: encrypted notifications, delivered and retried;
 * `command`: the `serve` entry point (`cancel-scanner emulator`);
 * gateway.faults: the faults, how they are drawn and how they strike.
@@ -79,6 +84,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
+from cancel_scanner.gateway.emulator.bills import LEGACY_ALL_COLUMNS, BillDesk
 from cancel_scanner.gateway.emulator.command import serve
 from cancel_scanner.gateway.emulator.exchange import (
     APPLY_QPS,
@@ -112,7 +118,7 @@ from cancel_scanner.gateway.faults import FAULT_KINDS, Fault, FaultBook, FaultPl
 from cancel_scanner.gateway.keys import KeyMaterial
 
 __all__ = [
-    "APPLY_QPS", "AUTH_SCHEME", "BEIJING", "FAULT_KINDS", "MAX_BODY_BYTES", "MAX_CLOCK_SKEW_SECONDS",
+    "APPLY_QPS", "AUTH_SCHEME", "BEIJING", "FAULT_KINDS", "LEGACY_ALL_COLUMNS", "MAX_BODY_BYTES", "MAX_CLOCK_SKEW_SECONDS",
     "MAX_REFUNDS_PER_ORDER", "NOTIFY_RETRY_DELAYS_SECONDS", "NOTIFY_TIMEOUT_SECONDS", "QPS_WINDOW_SECONDS", "QUERY_QPS",
     "REFUNDS_PATH", "REQUEST_LOG_SIZE", "STATUS_ABNORMAL", "STATUS_CLOSED", "STATUS_PROCESSING", "STATUS_SUCCESS",
     "SUCCESS_DELAY_SECONDS", "TICK_SECONDS", "USER_RECEIVED_ACCOUNT", "Emulator", "FaultPlan", "Matcher",
@@ -122,7 +128,7 @@ __all__ = [
 _log = logger.bind(component="emulator")
 
 
-class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender):
+class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender, BillDesk):
     """The emulated gateway. Attributes without a leading underscore may be read or set at any time
     (`keys` excepted: the emulator signs and checks with the keys it was built with).
 
@@ -167,6 +173,7 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender):
         self._init_requests(apply_qps, query_qps, latency, request_log_size)
         self._init_ledger(success_delay, strict_payments, min_refund_interval)
         self._init_payments()
+        self._init_bills()
         self._init_notifications(notify_url, notify_retry_delays)
 
         self._stopping = threading.Event()

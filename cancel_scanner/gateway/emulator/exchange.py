@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 from loguru import logger
 
 from cancel_scanner.gateway import faults
+from cancel_scanner.gateway.emulator.bills import BILL_CALLS, BILL_PATH, DOWNLOAD_PATH, FileReply
 from cancel_scanner.gateway.emulator.records import forged_refund
 from cancel_scanner.gateway.emulator.server import Handler
 from cancel_scanner.gateway.emulator.signing import Signer
@@ -51,6 +52,7 @@ class RequestHandling:
     _query: Callable[[str], Reply]
     _query_payment: Callable[[str], Reply]
     _close_payment: Callable[[str], Reply]
+    _answer_bill: Callable[[str, str], Reply]
     _apply_abnormal: Callable[[str, Mapping[str, str], bytes], Reply]
 
     def _init_requests(
@@ -122,6 +124,9 @@ class RequestHandling:
                 self._record(method, kind, number, 0, arrived, request_id)
 
     def _write(self, handler: Handler, reply: Reply, request_id: str) -> None:
+        if isinstance(reply, FileReply):
+            reply.write(handler, request_id, self._stopping)  # a bill download: bytes, and unsigned
+            return
         if 300 <= reply.status < 400:
             # As a proxy would send it: no body, no signature.
             base = reply.redirect_to or f"http://127.0.0.2:{handler.server.server_address[1]}"
@@ -176,6 +181,8 @@ class RequestHandling:
             return "abnormal", number if isinstance(number, str) else None
         if method == "GET" and path.startswith(REFUNDS_PATH + "/"):
             return "query", path[len(REFUNDS_PATH) + 1 :] or None
+        if method == "GET" and path in (BILL_PATH, DOWNLOAD_PATH):
+            return ("trade_bill" if path == BILL_PATH else "bill_download"), None
         if path.startswith(TRADES_PATH + "/"):
             rest = path[len(TRADES_PATH) + 1 :]
             if method == "GET" and rest and "/" not in rest:
@@ -194,6 +201,8 @@ class RequestHandling:
         refused = self._signer.authenticate(method, raw_path, headers, body, self.max_clock_skew)
         if refused is not None:
             return refused
+        if kind in BILL_CALLS:
+            return self._answer_bill(kind, raw_path)  # gateway.emulator.bills: no QPS window, faults of its own
         if self._over_limit(kind):
             return _error(*ERRORS["429"])
         fault = self._draw_fault(kind, number)

@@ -1,0 +1,458 @@
+"""The emulator's daily bill: apply (GET /v3/bill/tradebill), download, and the bill itself.
+
+A mixin of gateway.emulator.Emulator, on its one lock, reading the ledger's payments and refunds
+(each carries when it happened: a payment's `success_at`, a refund's `created_at`, WeChat's
+acceptance). A day is a Beijing-time day. The bill is WeChat's CSV: UTF-8 with a BOM, the detail
+header, one row per trade with every value after a backtick, the summary header and its row;
+amounts in yuan with two decimals. The ALL bill has a row per payment made that day (交易状态
+SUCCESS, 商户退款单号 0) and a row per refund accepted that day (交易状态 REFUND), its 退款状态 as it
+stood when the bill was made.
+
+What a test writer should know:
+
+* A day's bill is made `bill_ready_after` seconds (default 10 h) after the day ended, on `clock`;
+  before that (and for today) the apply answers 400 STATEMENT_CREATING, as does any day
+  `statement_creating(day)` named until `statement_creating(day, False)`. `bill_ready_after =
+  None` makes every day's bill at once, today's too (the sandbox's trades of the moment).
+* A bill is made once, on the first apply at or after it is ready, and served unchanged from then
+  on, as WeChat's is (`forget_bills()` makes them anew). A bill of a day not over yet is never kept.
+* A day without a payment or a refund answers 400 NO_STATEMENT_EXIST; a day with trades but none
+  of the type asked for (REFUND, SUCCESS) is a bill without detail rows.
+* Older than three months, or later than today: 400 PARAM_ERROR (the facts sheet names no code).
+* `bill_columns` (a tuple of column names; None: WeChat's current ones for each bill type)
+  serves another column set, e.g. LEGACY_ALL_COLUMNS, to prove the client picks columns by name.
+* The download URL points at `bill_download_base` (None: the emulator itself), with a random
+  token valid DOWNLOAD_VALID_SECONDS on `clock`; after that 404 RESOURCE_NOT_EXISTS. The
+  download is authenticated like every call, answered unsigned, gzip when the apply asked.
+* `spoil_next_download(kind, times=1, **options)`: "bad_hash" (one amount changed after hashing:
+  only the SHA1 can tell), "trickle" (`trickle_gap`, `trickle_bytes`), "huge" (`huge_bytes` on
+  the wire, `huge_chunked`), "bomb" (a gzip that inflates to `huge_bytes`), "redirect"
+  (`redirect_status`, `redirect_to`), "500", "drop". They strike downloads only; QPS limits and
+  the FaultPlan leave bill calls alone.
+* `bill_counts`: "applied", "downloaded", "creating", "no_statement", "refused" and "spoiled/<kind>".
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import re
+import secrets
+import threading
+import zlib
+from calendar import monthrange
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import parse_qs, urlsplit
+
+from cancel_scanner.gateway import faults
+from cancel_scanner.gateway.emulator.records import BEIJING, STATUS_SUCCESS, Payment, Refund
+from cancel_scanner.gateway.faults import Reply, Trickle
+from cancel_scanner.gateway.faults import error_reply as _error
+
+BILL_PATH = "/v3/bill/tradebill"
+DOWNLOAD_PATH = "/v3/billdownload/file"
+BILL_CALLS = frozenset({"trade_bill", "bill_download"})
+BILL_READY_AFTER_SECONDS = 10 * 3600  # "yesterday's bill exists after about 10:00"
+DOWNLOAD_VALID_SECONDS = 300
+BILL_MONTHS = 3
+BILL_TYPES = ("ALL", "SUCCESS", "REFUND")
+BOM = "\ufeff"
+OPENID = "oEmulatorPayer0000000000000"
+# Shops name goods with commas and quotes: the CSV must quote them, and a reader must not split them.
+GOODS_NAME = '模拟商品，规格：大号,红色 "限量"'
+FEE_RATE_PER_MILLE = 6  # 0.60%
+
+ALL_COLUMNS = tuple(
+    "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,"
+    "应结订单金额,代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,退款状态,商品名称,商户数据包,"
+    "手续费,费率,订单金额,申请退款金额,费率备注".split(",")
+)
+REFUND_COLUMNS = tuple(
+    "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,"
+    "应结订单金额,代金券金额,退款申请时间,退款成功时间,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,退款状态,"
+    "商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注".split(",")
+)
+_REFUND_ONLY = frozenset({"微信退款单号", "商户退款单号", "退款金额", "充值券退款金额", "退款类型", "退款状态", "申请退款金额"})
+SUCCESS_COLUMNS = tuple(c for c in ALL_COLUMNS if c not in _REFUND_ONLY)
+# What older merchants still get: no 订单金额, 申请退款金额 or 费率备注.
+LEGACY_ALL_COLUMNS = ALL_COLUMNS[: ALL_COLUMNS.index("费率") + 1]
+KNOWN_COLUMNS = frozenset(ALL_COLUMNS) | frozenset(REFUND_COLUMNS)
+# Each summary field and the detail column it adds up (None: it counts the rows).
+SUMMARY = (
+    ("总交易单数", None),
+    ("应结订单总金额", "应结订单金额"),
+    ("退款总金额", "退款金额"),
+    ("充值券退款总金额", "充值券退款金额"),
+    ("手续费总金额", "手续费"),
+    ("订单总金额", "订单金额"),
+    ("申请退款总金额", "申请退款金额"),
+)
+_AMOUNT_COLUMNS = frozenset(column for _, column in SUMMARY if column)
+DOWNLOAD_FAULTS = frozenset({"bad_hash", "trickle", "huge", "bomb", "redirect", "500", "drop"})
+_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+def yuan(fen: int) -> str:
+    return f"{fen // 100}.{fen % 100:02d}"
+
+
+def beijing_day(epoch: float) -> date:
+    return datetime.fromtimestamp(epoch, BEIJING).date()
+
+
+def day_start(day: date) -> float:
+    """The epoch second a Beijing day begins."""
+    return datetime.combine(day, time(0), BEIJING).timestamp()
+
+
+def months_before(day: date, months: int) -> date:
+    month = day.month - months
+    year = day.year + (month - 1) // 12
+    month = (month - 1) % 12 + 1
+    return date(year, month, min(day.day, monthrange(year, month)[1]))
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, BEIJING).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fee(fen: int) -> int:
+    return (fen * FEE_RATE_PER_MILLE + 500) // 1000  # rounded half up, to the fen
+
+
+@dataclass
+class DownloadFault:
+    kind: str
+    times: int = 1
+    trickle_gap: float = faults.DEFAULT_TRICKLE_GAP_SECONDS
+    trickle_bytes: int | None = None
+    huge_bytes: int = faults.DEFAULT_HUGE_BYTES
+    huge_chunked: bool = False
+    redirect_status: int = 302
+    redirect_to: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in DOWNLOAD_FAULTS:
+            raise ValueError(f"unknown download fault {self.kind!r}; one of {sorted(DOWNLOAD_FAULTS)}")
+        if self.redirect_status not in faults.REDIRECT_STATUSES:
+            raise ValueError(f"redirect_status must be one of {sorted(faults.REDIRECT_STATUSES)}")
+        if self.times < 1 or self.huge_bytes < 0 or self.trickle_gap < 0:
+            raise ValueError("times must be positive; huge_bytes and trickle_gap cannot be negative")
+
+
+@dataclass
+class FileReply(Reply):
+    """A download's answer: bytes rather than a JSON object, and unsigned (WeChat signs no bill).
+    gateway.emulator.exchange hands it to write() instead of signing it."""
+
+    body: bytes = b""
+    pieces: Callable[[], Iterator[bytes]] | None = None  # a huge body, written piece by piece
+    length: int = 0
+    chunked: bool = False
+
+    def write(self, handler: Any, request_id: str, stopping: threading.Event) -> None:
+        headers = {"Content-Type": "application/octet-stream", "Request-ID": request_id}
+        if self.pieces is not None:
+            faults.write_streamed(handler, self.status, headers, self.length, self.pieces(), self.chunked)
+            return
+
+        def write() -> None:
+            handler.write_reply(self.status, self.body, headers)
+
+        if self.trickle is not None:
+            faults.write_trickled(handler, self.trickle, stopping, write)
+        else:
+            write()
+
+
+@dataclass
+class _Download:
+    bill: bytes
+    gzip: bool
+    expires_at: float
+
+
+def _padding(size: int) -> tuple[int, Callable[[], Iterator[bytes]]]:
+    piece = b"x" * faults.PIECE_BYTES
+
+    def pieces() -> Iterator[bytes]:
+        full, rest = divmod(size, len(piece))
+        for _ in range(full):
+            yield piece
+        if rest:
+            yield piece[:rest]
+
+    return size, pieces
+
+
+def _bomb(size: int) -> bytes:
+    """A gzip file that inflates to `size` zero bytes (about size / 1000 bytes itself)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1024 * 1024)
+    out = []
+    left = size
+    while left > 0:
+        out.append(deflate.compress(zeros[: min(left, len(zeros))]))
+        left -= len(zeros)
+    out.append(deflate.flush())
+    return b"".join(out)
+
+
+def render_bill(rows: list[dict[str, str]], columns: tuple[str, ...]) -> bytes:
+    """WeChat's CSV of `rows` (column -> value, values without their backtick) under `columns`."""
+    text = io.StringIO()
+    text.write(BOM)
+    writer = csv.writer(text, lineterminator="\r\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["`" + row.get(column, "") for column in columns])
+    summary = [(name, source) for name, source in SUMMARY if source is None or source in columns]
+    writer.writerow([name for name, _ in summary])
+    totals = []
+    for _, source in summary:
+        if source is None:
+            totals.append(str(len(rows)))
+        else:
+            totals.append(yuan(sum(_fen(row.get(source, "0.00")) for row in rows)))
+    writer.writerow(["`" + value for value in totals])
+    return text.getvalue().encode("utf-8")
+
+
+def _fen(text: str) -> int:
+    whole, _, cents = text.partition(".")
+    return int(whole or 0) * 100 + int((cents or "0").ljust(2, "0"))
+
+
+class BillDesk:
+    # Provided by the Emulator (and its ledger):
+    keys: Any
+    _lock: threading.RLock
+    _changed: threading.Condition
+    _stopping: threading.Event
+    _clock: Callable[[], float]
+    _payments: dict[str, Payment]
+    _refunds: dict[str, Refund]
+    _advance: Callable[[Refund, float], bool]
+    base_url: str
+
+    def _init_bills(self) -> None:
+        self.bill_ready_after: float | None = BILL_READY_AFTER_SECONDS
+        self.bill_download_base: str | None = None  # where download URLs point; None: this emulator
+        self.bill_counts: Counter[str] = Counter()
+        self._bill_columns: tuple[str, ...] | None = None
+        self._creating: set[date] = set()
+        self._made: dict[tuple[date, str, tuple[str, ...] | None], bytes] = {}
+        self._downloads: dict[str, _Download] = {}
+        self._download_faults: list[DownloadFault] = []
+
+    # -- test controls -----------------------------------------------------------------------
+
+    @property
+    def bill_columns(self) -> tuple[str, ...] | None:
+        return self._bill_columns
+
+    @bill_columns.setter
+    def bill_columns(self, columns: tuple[str, ...] | None) -> None:
+        if columns is not None:
+            columns = tuple(columns)
+            unknown = [c for c in columns if c not in KNOWN_COLUMNS]
+            if unknown or len(set(columns)) != len(columns) or not columns:
+                raise ValueError(f"bill_columns must be distinct names among WeChat's bill columns: {unknown or columns}")
+        with self._lock:
+            self._bill_columns = columns
+
+    def statement_creating(self, day: date, creating: bool = True) -> None:
+        """Answer STATEMENT_CREATING for this day's bill until called again with creating=False."""
+        with self._lock:
+            (self._creating.add if creating else self._creating.discard)(day)
+
+    def forget_bills(self) -> None:
+        """Drop the bills already made: the next apply makes them again from what is recorded now."""
+        with self._lock:
+            self._made.clear()
+
+    def spoil_next_download(self, kind: str, times: int = 1, **options: Any) -> None:
+        """The next `times` bill downloads fail with `kind` (see the module docstring)."""
+        fault = DownloadFault(kind, times, **options)
+        with self._lock:
+            self._download_faults.append(fault)
+
+    def bill_bytes(self, day: date, bill_type: str = "ALL") -> bytes | None:
+        """The bill an apply would serve now (made anew, kept nowhere), or None for a day without trades."""
+        with self._changed:
+            return self._make_bill(day, bill_type)
+
+    # -- the two calls -------------------------------------------------------------------------
+
+    def _answer_bill(self, kind: str, raw_path: str) -> Reply:
+        params, refused = _query_params(raw_path)
+        if refused is not None:
+            return refused
+        return self._apply_for_bill(params) if kind == "trade_bill" else self._download_bill(params)
+
+    def _apply_for_bill(self, params: Mapping[str, str]) -> Reply:
+        text, bill_type, tar_type = params.get("bill_date", ""), params.get("bill_type", "ALL"), params.get("tar_type")
+        try:
+            day = date.fromisoformat(text) if _DATE.match(text) else None
+        except ValueError:
+            day = None
+        if day is None:
+            return self._refuse("PARAM_ERROR", "bill_date must be a date, YYYY-MM-DD")
+        if bill_type not in BILL_TYPES:
+            return self._refuse("PARAM_ERROR", f"bill_type must be one of {', '.join(BILL_TYPES)}")
+        if tar_type not in (None, "GZIP"):
+            return self._refuse("PARAM_ERROR", "tar_type must be GZIP, or absent for a plain file")
+        with self._changed:
+            self.bill_counts["applied"] += 1
+            now = self._clock()
+            today = beijing_day(now)
+            if day > today:
+                return self._refuse("PARAM_ERROR", "bill_date is in the future")
+            if day < months_before(today, BILL_MONTHS):
+                return self._refuse("PARAM_ERROR", f"only the bills of the last {BILL_MONTHS} months can be downloaded")
+            ready_at = None if self.bill_ready_after is None else day_start(day + timedelta(days=1)) + self.bill_ready_after
+            if day in self._creating or (ready_at is not None and now < ready_at):
+                self.bill_counts["creating"] += 1
+                return _error(400, "STATEMENT_CREATING", "the bill is being made; try again after 10:00")
+            key = (day, bill_type, self._bill_columns)
+            bill = self._made.get(key)
+            if bill is None:
+                bill = self._make_bill(day, bill_type)
+                if bill is not None and now >= day_start(day + timedelta(days=1)):
+                    self._made[key] = bill
+            if bill is None:
+                self.bill_counts["no_statement"] += 1
+                return _error(400, "NO_STATEMENT_EXIST", "no bill: the merchant had no trades that day")
+            for token in [t for t, d in self._downloads.items() if d.expires_at <= now]:
+                del self._downloads[token]
+            token = secrets.token_urlsafe(24)
+            self._downloads[token] = _Download(bill, tar_type == "GZIP", now + DOWNLOAD_VALID_SECONDS)
+            base = self.bill_download_base or self.base_url
+        return Reply(200, {
+            "hash_type": "SHA1",
+            "hash_value": hashlib.sha1(bill).hexdigest(),
+            "download_url": f"{base}{DOWNLOAD_PATH}?token={token}",
+        })
+
+    def _download_bill(self, params: Mapping[str, str]) -> Reply:
+        with self._changed:
+            download = self._downloads.get(params.get("token", ""))
+            if download is None or download.expires_at <= self._clock():
+                return self._refuse("RESOURCE_NOT_EXISTS", "the download_url has expired or never existed", 404)
+            fault = self._download_faults[0] if self._download_faults else None
+            if fault is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    self._download_faults.pop(0)
+                self.bill_counts[f"spoiled/{fault.kind}"] += 1
+            else:
+                self.bill_counts["downloaded"] += 1
+        body = download.bill
+        if fault is not None:
+            early = _strike(fault)
+            if early is not None:
+                return early
+            if fault.kind == "bad_hash":
+                # A changed amount still parses: only the hash shows the bill is not the one WeChat hashed.
+                body = body.replace(b".00", b".01", 1) if b".00" in body else body + b" "
+        if download.gzip:
+            body = gzip.compress(body, compresslevel=6, mtime=0)
+        reply = FileReply(200, body=body)
+        if fault is not None and fault.kind == "trickle":
+            reply.trickle = Trickle(fault.trickle_gap, fault.trickle_bytes)
+        return reply
+
+    # -- making the bill --------------------------------------------------------------------------
+
+    def _make_bill(self, day: date, bill_type: str) -> bytes | None:
+        """The day's bill from what is recorded, refund statuses as they stand now; None without trades.
+        Caller holds the lock."""
+        start, end = day_start(day), day_start(day + timedelta(days=1))
+        now = self._clock()
+        paid = [p for p in self._payments.values() if p.paid and p.success_at is not None and start <= p.success_at < end]
+        refunds = [r for r in self._refunds.values() if start <= r.created_at < end]
+        if not paid and not refunds:
+            return None
+        moved = False
+        for refund in refunds:
+            moved |= self._advance(refund, now)
+        if moved:
+            self._changed.notify_all()
+        rows: list[tuple[float, int, dict[str, str]]] = []
+        if bill_type in ("ALL", "SUCCESS"):
+            rows += [(p.success_at or 0.0, 0, self._payment_row(p)) for p in paid]
+        if bill_type in ("ALL", "REFUND"):
+            rows += [(r.created_at, 1, self._refund_row(r, bill_type)) for r in refunds]
+        rows.sort(key=lambda entry: (entry[0], entry[1]))
+        default = {"ALL": ALL_COLUMNS, "SUCCESS": SUCCESS_COLUMNS, "REFUND": REFUND_COLUMNS}[bill_type]
+        return render_bill([row for _, _, row in rows], self._bill_columns or default)
+
+    def _common(self, payment_time: float, transaction_id: str, out_trade_no: str) -> dict[str, str]:
+        return {
+            "交易时间": _when(payment_time), "公众账号ID": self.keys.appid, "商户号": self.keys.mchid, "特约商户号": "0",
+            "设备号": "", "微信订单号": transaction_id, "商户订单号": out_trade_no, "用户标识": OPENID,
+            "交易类型": "NATIVE", "付款银行": "OTHERS", "货币种类": "CNY", "代金券金额": "0.00", "商品名称": GOODS_NAME,
+            "商户数据包": "", "费率": "0.60%", "费率备注": "",
+        }
+
+    def _payment_row(self, payment: Payment) -> dict[str, str]:
+        row = self._common(payment.success_at or 0.0, payment.transaction_id, payment.out_trade_no)
+        row.update({
+            "交易状态": "SUCCESS", "应结订单金额": yuan(payment.total), "微信退款单号": "0", "商户退款单号": "0",
+            "退款金额": "0.00", "充值券退款金额": "0.00", "退款类型": "", "退款状态": "",
+            "手续费": yuan(_fee(payment.total)), "订单金额": yuan(payment.total), "申请退款金额": "0.00",
+        })
+        return row
+
+    def _refund_row(self, refund: Refund, bill_type: str) -> dict[str, str]:
+        payment = self._payments.get(refund.out_trade_no)
+        paid_at = payment.success_at if payment is not None and payment.success_at is not None else refund.created_at
+        # The ALL bill dates a refund row by its acceptance; the REFUND bill keeps the payment's time
+        # in 交易时间 and the refund's own in 退款申请时间 and 退款成功时间.
+        row = self._common(paid_at if bill_type == "REFUND" else refund.created_at, refund.transaction_id, refund.out_trade_no)
+        order_fen = refund.total if bill_type == "REFUND" else 0  # in the ALL bill the payment's row carries it
+        row.update({
+            "交易状态": "REFUND", "应结订单金额": yuan(order_fen), "订单金额": yuan(order_fen),
+            "退款申请时间": _when(refund.created_at),
+            "退款成功时间": _when(refund.success_at) if refund.status == STATUS_SUCCESS and refund.success_at else "",
+            "微信退款单号": refund.refund_id, "商户退款单号": refund.out_refund_no, "退款金额": yuan(refund.refund),
+            "充值券退款金额": "0.00", "退款类型": "ORIGINAL", "退款状态": refund.status, "手续费": "0.00",
+            "申请退款金额": yuan(refund.refund),
+        })
+        return row
+
+    def _refuse(self, code: str, message: str, status: int = 400) -> Reply:
+        with self._lock:
+            self.bill_counts["refused"] += 1
+        return _error(status, code, message)
+
+
+def _query_params(raw_path: str) -> tuple[dict[str, str], Reply | None]:
+    try:
+        parsed = parse_qs(urlsplit(raw_path).query, keep_blank_values=True, strict_parsing=False)
+    except ValueError:
+        return {}, _error(400, "PARAM_ERROR", "the query string does not parse")
+    if any(len(values) != 1 for values in parsed.values()):
+        return {}, _error(400, "PARAM_ERROR", "a parameter is given more than once")
+    return {name: values[0] for name, values in parsed.items()}, None
+
+
+def _strike(fault: DownloadFault) -> Reply | None:
+    """The answer a download fault gives instead of the bill, or None when it spoils the bill's own."""
+    if fault.kind == "500":
+        return _error(*faults.ERRORS["500"])
+    if fault.kind == "drop":
+        return Reply(drop=True)
+    if fault.kind == "redirect":
+        return Reply(fault.redirect_status, redirect_to=fault.redirect_to)
+    if fault.kind == "huge":
+        length, pieces = _padding(fault.huge_bytes)
+        return FileReply(200, pieces=pieces, length=length, chunked=fault.huge_chunked)
+    if fault.kind == "bomb":
+        return FileReply(200, body=_bomb(fault.huge_bytes))
+    return None
