@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 import cancel_scanner.gateway.contract as gw
 
 _OUTCOMES = (
-    ((gw.Accepted, gw.PaymentState, gw.CloseSent), "ok"),
+    ((gw.Accepted, gw.PaymentState, gw.CloseSent, gw.BillReady), "ok"),
     ((gw.UnknownOutcome,), "unknown"),
     ((gw.RetryLater,), "retry_later"),
     ((gw.Permanent,), "permanent"),
@@ -24,7 +24,7 @@ _OUTCOMES = (
 )
 
 
-ENDPOINTS = ("apply", "query", "pay_query", "pay_close", "abnormal")  # the gateway's actions
+ENDPOINTS = ("apply", "query", "pay_query", "pay_close", "abnormal", "trade_bill", "download_bill")  # the gateway's actions
 
 
 def answer_outcome(result: Any) -> str | None:
