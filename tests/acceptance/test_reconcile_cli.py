@@ -1,0 +1,60 @@
+"""`cancel-scanner reconcile` through the CLI in a subprocess, against the emulator's bill, on MariaDB."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from cancel_scanner.operations.reconcile import BEIJING
+from tests.acceptance import harness
+from testsupport import processes, shop
+
+pytestmark = pytest.mark.mysql
+N = 3
+
+
+def test_reconcile_says_clean_then_differences_then_not_ready_with_its_exit_codes(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
+    emu = external_emulators(tmp_path / "keys")
+    emu.emulator.bill_ready_after = None  # today's bill at once (the daemon refunds on today's clock)
+    shop.insert_goods(mysql_db, {1: (100, 1_000)})
+    orders = [shop.order_row(i) for i in range(1, N + 1)]
+    shop.insert_orders(mysql_db, orders)
+    for o in orders:
+        emu.emulator.register_payment(o["no"], o["amount"], o["txn"])
+    settings = harness.daemon_config(mysql_url, emu)
+    config = processes.write_config(tmp_path / "cli.yaml", settings)
+    daemon = daemons(tmp_path, settings, emu.env())
+    daemon.start()
+    daemon.wait_started()
+    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "r") for o in orders])
+    harness.wait_settled(mysql_db, 60, [daemon])
+    daemon.sigterm()
+    assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
+    today = str(datetime.now(BEIJING).date())
+
+    def reconcile():
+        return processes.run_cli(["reconcile", "--date", today], config=config, env=emu.env(), cwd=tmp_path)
+
+    clean = reconcile()
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert f"{today}: CLEAN, {2 * N} bill row(s), 0 difference(s)" in clean.stdout
+
+    with mysql_db.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE refund_order SET refund_amount = refund_amount - 1 WHERE order_id = {orders[0]['id']}")
+    differs = reconcile()
+    assert differs.returncode == 4 and "AMOUNT_DIFFERS: 1" in differs.stdout, differs.stdout
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM reconcile_diff") == 1
+    status = harness.status_json(config, emu.env(), tmp_path)
+    assert status["reconcile"] == {"bill_date": today, "state": "DIFFERS", "diffs": 1, "last_error": None}
+
+    emu.emulator.statement_creating(datetime.now(BEIJING).date())
+    waiting = reconcile()
+    assert waiting.returncode == 75 and "not ready yet" in waiting.stderr
+    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM reconcile_diff") == 1  # a day not read keeps its rows
+
+    sandbox = processes.write_config(tmp_path / "sandbox.yaml", {"database_url": mysql_url})
+    refused = processes.run_cli(["reconcile"], config=sandbox, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}, cwd=tmp_path)
+    assert refused.returncode == 2 and "wechat.mode is sandbox" in refused.stderr
