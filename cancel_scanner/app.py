@@ -150,6 +150,7 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
     from cancel_scanner.monitoring.watch import Watcher
 
     metrics = Metrics()
+    metrics.reconcile_enabled.set(1 if app.config.reconcile.enabled else 0)
     rules = alerts.rules
     calls = CallWindow(max(rules.gateway_failure_rate.window_seconds, rules.config_error.window_seconds))
 

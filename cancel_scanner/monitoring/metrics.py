@@ -63,6 +63,8 @@ class Metrics:
         self.reconcile_diffs = Gauge("cancel_scanner_reconcile_diffs",
                                      "Differences the latest reconciliation found with WeChat Pay's bill", registry=r)
         self.reconcile_failed = Gauge("cancel_scanner_reconcile_failed", "1 while the latest reconciliation failed", registry=r)
+        self.reconcile_enabled = Gauge("cancel_scanner_reconcile_enabled", "1 when this daemon runs the daily reconciliation",
+                                       registry=r)
         self.reconcile_day = Gauge("cancel_scanner_reconcile_day_timestamp_seconds",
                                    "Beijing midnight starting the latest reconciled bill day", registry=r)
         for outcome in ("sent", "failed", "dropped"):
