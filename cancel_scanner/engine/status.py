@@ -156,10 +156,9 @@ def collect_status(
         per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
         counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn))
         daemons = running_daemons(conn, now, takeover_seconds)
-        last = conn.execute(
-            select(reconcile_run.c.bill_date, reconcile_run.c.state, reconcile_run.c.diffs, reconcile_run.c.last_error)
-            .order_by(reconcile_run.c.bill_date.desc()).limit(1)
-        ).first()
+        run = reconcile_run.c
+        latest = select(func.max(run.bill_date)).scalar_subquery()  # the primary key's last entry: one row read
+        last = conn.execute(select(run.bill_date, run.state, run.diffs, run.last_error).where(run.bill_date == latest)).first()
     notes = tuple((s.name, s.failed_note) for s in stages.values() if s.failed_note)
     return Status(
         now=now,
