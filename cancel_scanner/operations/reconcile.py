@@ -110,11 +110,16 @@ def compare(conn: Connection, bill: Any, neighbours: Sequence[Any] = ()) -> list
 
     known = set(theirs) | {refund.out_refund_no for other in neighbours for refund in other.refunds}
     start, end = day_bounds(bill.bill_date)
-    submitted = conn.execute(
-        select(r.out_refund_no, r.out_trade_no, r.refund_amount, r.wx_status)
-        .where(r.submitted_at >= start - EDGE, r.submitted_at < end - EDGE, r.submit_success == 1).order_by(r.id)
-    ).all()
-    for mine in submitted:
+    # The live table first, then the archive (prune may have moved the day's refunds, or move one
+    # between the two reads): a refund WeChat lost is reported wherever it is kept.
+    submitted: dict[str, Any] = {}
+    for c in (r, ra):
+        for mine in conn.execute(
+            select(c.out_refund_no, c.out_trade_no, c.refund_amount, c.wx_status)
+            .where(c.submitted_at >= start - EDGE, c.submitted_at < end - EDGE, c.submit_success == 1).order_by(c.id)
+        ):
+            submitted.setdefault(mine.out_refund_no, mine)
+    for mine in submitted.values():
         if mine.out_refund_no not in known:
             diffs.append(Diff("MISSING_AT_WECHAT", mine.out_trade_no, f"WeChat accepted {mine.out_refund_no} here, but neither"
                               " this day's bill nor its neighbours' list it", mine.out_refund_no, mine.refund_amount, None,
