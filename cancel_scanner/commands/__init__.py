@@ -12,6 +12,9 @@ import importlib
 import click
 
 MODULES = ("reissue", "abnormal_refund", "reconcile", "prune")
+# A row id: a positive BIGINT. Anything else is bad usage (exit 2), said before any row is touched;
+# SQLite cannot even bind a larger int (OverflowError), MariaDB would quietly find nothing.
+ROW_ID = click.IntRange(1, 2**63 - 1)
 
 
 def register(group: click.Group) -> None:

@@ -14,6 +14,8 @@ from typing import Callable
 
 import click
 
+from cancel_scanner.commands import ROW_ID
+
 TO_CHOICES = {"merchant-bank-card": "MERCHANT_BANK_CARD", "user-bank-card": "USER_BANK_CARD"}
 DETAILS_FILE_MAX_BYTES = 4096  # two short lines; anything larger is the wrong file
 
@@ -74,7 +76,7 @@ def _prompt_details() -> tuple[str, str]:
 
 
 @click.command("abnormal-refund")
-@click.argument("row_id", metavar="REFUND_ROW_ID", type=int)
+@click.argument("row_id", metavar="REFUND_ROW_ID", type=ROW_ID)
 @click.option("--to", "to", required=True, type=click.Choice(list(TO_CHOICES)),
               help="merchant-bank-card: back to the merchant's bank account; user-bank-card: to the user's debit card.")
 @click.option("--bank-type", metavar="CODE", help="user-bank-card: WeChat's code of the user's bank, e.g. ICBC_DEBIT.")

@@ -7,9 +7,11 @@ import sys
 
 import click
 
+from cancel_scanner.commands import ROW_ID
+
 
 @click.command("reissue")
-@click.argument("order_ids", nargs=-1, required=True, type=int)
+@click.argument("order_ids", nargs=-1, required=True, type=ROW_ID)
 @click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
               help="Who reissues (kept in the oplog and on the closed refund).")
 @click.option("--reason", "why", default="WeChat Pay closed the refund", show_default=True, help="Why (kept in the oplog).")

@@ -43,3 +43,17 @@ def test_an_archived_day_that_matches_the_bill_is_clean(world):
     prune_everything_finished(world)
     result = reconcile_day(world.db, fetcher({DAY: bill}), DAY, now=T0)
     assert (result.state, result.diffs) == ("CLEAN", ())
+
+
+def test_an_order_id_beyond_bigint_is_a_usage_error_and_the_other_ids_are_not_lost(tmp_path):
+    from click.testing import CliRunner
+
+    from cancel_scanner.cli import main
+
+    path = tmp_path / "jobs.yaml"
+    path.write_text(f"database_url: sqlite:///{tmp_path / 'x.db'}\n")
+    assert CliRunner().invoke(main, ["--config", str(path), "initdb"]).exit_code == 0
+    for argv in (["reissue", "7", str(2**64)], ["abnormal-refund", str(2**64), "--to", "merchant-bank-card"]):
+        result = CliRunner().invoke(main, ["--config", str(path), *argv])
+        assert result.exit_code == 2, result.output  # bad usage, said before anything runs: not "OverflowError", exit 1
+        assert "Traceback" not in result.output and "OverflowError" not in result.output
