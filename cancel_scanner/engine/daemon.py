@@ -28,6 +28,7 @@ from loguru import logger
 from cancel_scanner.engine.clock import ClockWatch
 from cancel_scanner.engine.errors import is_transient_db_error
 from cancel_scanner.engine.progress import Progress
+from cancel_scanner.engine.runner import MAX_LOST_IN_A_ROW
 
 MAX_BACKOFF_SECONDS = 60.0
 CLOCK_CHECK_SECONDS = 60.0
@@ -297,6 +298,7 @@ class StageLoop:
         self.name = name
         self.stage = daemon.runner.stages[name]
         self.failures = 0
+        self.lost = 0  # batches in a row that lost a race to another daemon
         self._lock = threading.Lock()
         self._running = False
         self._again = False
@@ -355,8 +357,15 @@ class StageLoop:
                     return
                 round_.finished += report.finished
                 self.daemon.progress.batch_done(report)
+                self.lost = self.lost + 1 if report.lost else 0
+                if self.lost > MAX_LOST_IN_A_ROW:  # contention that does not clear: a failure like any other
+                    round_.failed = True
+                    self.failures += 1
+                    self.daemon.back_off(self.name, self.failures, f"lost {self.lost} races in a row: {report.lost}")
+                    self.lost = 0
+                    return
                 self._recovered()
-                if round_.failed or not report.full:
+                if round_.failed or not (report.full or report.lost):  # a lost race: nothing happened, look again
                     return
                 if round_.second_lane is None and self.stage.kind == "gateway":
                     round_.second_lane = threading.Thread(target=self._lane, args=(round_,), name=f"cs-{self.name}-lane2", daemon=True)

@@ -99,3 +99,10 @@ def describe_db_error(exc: BaseException) -> str:
     first = message.splitlines()[0] if message else type(exc).__name__
     hint = "; the schema is behind this cancel-scanner: run `cancel-scanner migrate`" if is_schema_db_error(exc) else ""
     return f"{type(exc).__name__}" + (f" {code}" if code is not None else "") + f": {first[:200]}{hint}"
+
+
+def is_lost_race(exc: BaseException) -> bool:
+    """A transaction the database rolled back because another one won: a deadlock on one server, a
+    certification failure on a Galera cluster (both 1213). Nothing of ours was written: look again."""
+    return _db_error_is(exc, {1213}, ()) and isinstance(exc, sa_exc.OperationalError)
+

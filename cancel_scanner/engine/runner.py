@@ -43,7 +43,7 @@ from sqlalchemy import Column, Connection, Engine, Row, select, update
 from cancel_scanner.engine.clock import MIN_CALL_SECONDS, DbClock, local_utcnow
 from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from cancel_scanner.engine.db import is_mysql
-from cancel_scanner.engine.errors import describe_db_error, is_environment_db_error, is_transient_db_error
+from cancel_scanner.engine.errors import describe_db_error, is_environment_db_error, is_lost_race, is_transient_db_error
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Later, Outcome, Retry, clip
 from cancel_scanner.engine.flips import count_outcome, flip_for, log_outcome
 from cancel_scanner.engine.registry import Registry
@@ -53,6 +53,9 @@ from cancel_scanner.engine.stage import Stage
 MAX_IDLE_ROUNDS = 10_000
 MAX_CONTENTION_ROUNDS = 4  # a batch re-done without newly contended rows at most this often
 utcnow = local_utcnow  # this host's clock: for display only, never for a comparison the engine makes
+
+
+MAX_LOST_IN_A_ROW = 20  # races lost one after another before the caller treats it as a failure
 
 
 class LostClaim(Exception):
@@ -71,6 +74,7 @@ class BatchReport:
     blocked_rows: int = 0
     batch_size: int = 0
     error: str | None = None  # the batch rolled back (a transient database error): back off, retry
+    lost: str | None = None  # the batch lost a race (1213, a guarded flip found fewer rows): nothing happened, look again
     blocked: str | None = None  # the environment stops the stage (privileges, credentials): back off, alert
     outcomes: dict[int, Outcome] = field(default_factory=dict, repr=False)
 
@@ -184,12 +188,16 @@ class Runner:
         except Exception as exc:
             if is_environment_db_error(exc):
                 report.blocked = describe_db_error(exc)
-            elif is_transient_db_error(exc) or isinstance(exc, LostClaim):
-                report.error = describe_db_error(exc) if not isinstance(exc, LostClaim) else f"LostClaim: {exc}"
+            elif isinstance(exc, LostClaim) or is_lost_race(exc):
+                # Another daemon won these rows (on Galera: certification at COMMIT): our batch rolled
+                # back whole, so nothing happened; the caller looks again at once.
+                report.lost = f"LostClaim: {exc}" if isinstance(exc, LostClaim) else describe_db_error(exc)
+            elif is_transient_db_error(exc):
+                report.error = describe_db_error(exc)
             else:
                 raise
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
-            log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked)
+            log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked or report.lost)
         if report.claimed:
             log.bind(action="batch", **report.counts()).info("batch finished")
         if self.on_batch is not None:
@@ -202,6 +210,7 @@ class Runner:
         """Run the stages in flow order until none has a ready row (at ``now``, if given)."""
         names = [n for n in (stages or self.stages) if self.config.job(n).enabled]
         totals = {n: BatchReport(stage=n) for n in names}
+        lost = 0
         for _ in range(max_rounds):
             progressed = False
             for name in names:
@@ -210,6 +219,12 @@ class Runner:
                     _accumulate(totals[name], report)
                     if report.error or report.blocked:
                         raise RuntimeError(f"stage {name} stopped: {report.error or report.blocked}")
+                    if report.lost:
+                        lost += 1
+                        if lost > MAX_LOST_IN_A_ROW:
+                            raise RuntimeError(f"stage {name} lost {lost} races in a row: {report.lost}")
+                        continue  # nothing happened: look again
+                    lost = 0
                     if report.progressed:
                         progressed = True
                     if not report.full:

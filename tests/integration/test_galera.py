@@ -1,0 +1,129 @@
+"""The Galera test bed (issue 16, first part): a three-node MariaDB Galera cluster on loopback, and
+the flow run by a daemon's runner on each of two nodes at once.
+
+Marked ``galera``: a cluster takes about half a minute to come up (one full state transfer per
+joiner); CI runs these, and they share one cluster per module.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from cancel_scanner.engine.db import init_schema, make_engine
+from tests.conftest import IN_CI
+from tests.flow import Clock, add_goods, add_order, request_cancel, rows, scalar, test_config
+from testsupport import galera
+from testsupport.mariadb import MariaDBUnavailable
+
+pytestmark = [pytest.mark.galera, pytest.mark.mysql]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    lacking = galera.missing()
+    if lacking:
+        if IN_CI:
+            pytest.fail(f"a Galera cluster is required under CI=true: {lacking} not found", pytrace=False)
+        pytest.skip(f"no Galera cluster: {lacking} not found")
+    try:
+        bed = galera.GaleraCluster(3, base_dir=tmp_path_factory.mktemp("galera")).start()
+    except MariaDBUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"the Galera cluster did not come up: {exc}", pytrace=False)
+        pytest.skip(f"no Galera cluster: {exc}")
+    yield bed
+    bed.stop()
+
+
+def fetch(url: str, sql: str, sync: bool = True):
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if sync:
+                conn.execute(text("SET SESSION wsrep_sync_wait = 1"))  # read the cluster's latest write
+            return conn.execute(text(sql)).all()
+    finally:
+        engine.dispose()
+
+
+def test_a_write_on_one_node_is_read_on_the_others_and_a_killed_node_rejoins_with_what_it_missed(cluster):
+    name = f"bed_{uuid.uuid4().hex[:8]}"
+    cluster.create_database(name)
+    first, third = cluster.url_for(0, name), cluster.url_for(2, name)
+    engine = make_engine(first)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(8))"))
+            conn.execute(text("INSERT INTO t VALUES (1, 'one')"))
+        assert fetch(third, "SELECT id, v FROM t") == [(1, "one")]
+
+        cluster.kill(1)
+        cluster.wait_size(2)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (2, 'missed')"))  # while node 2 is dead
+        cluster.restart(1)
+        assert fetch(cluster.url_for(1, name), "SELECT id, v FROM t ORDER BY id") == [(1, "one"), (2, "missed")]
+        assert cluster.status(1, "wsrep_cluster_size") == "3"
+    finally:
+        engine.dispose()
+
+
+def test_two_runners_on_two_nodes_refund_every_order_once(cluster, sandbox):
+    """Row locks are local to a node: SKIP LOCKED on node 2 does not see node 1's, and the loser of a
+    conflicting write gets 1213 at COMMIT. The leases and guarded flips must still make each
+    refund once, each oplog event once, stock and sales exact."""
+    from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.scanners import build_stages
+
+    name = f"flow_{uuid.uuid4().hex[:8]}"
+    cluster.create_database(name)
+    urls = [cluster.url_for(0, name), cluster.url_for(1, name)]
+    engines = [make_engine(url) for url in urls]
+    init_schema(engines[0])
+    n = 40
+    add_goods(engines[0], 1, stock=100, sales=50)
+    for i in range(1, n + 1):
+        add_order(engines[0], i)
+    for i in range(1, n + 1):
+        request_cancel(engines[i % 2], i)  # merchants write on either node
+    clock = Clock()
+    config = test_config(urls[0])
+    runners = [Runner(engine, config, build_stages(config), sandbox.gateway, clock=clock, owner=f"node{k + 1}")
+               for k, engine in enumerate(engines)]
+    errors: list[BaseException] = []
+
+    def drive(runner) -> None:
+        try:
+            for _ in range(30):
+                runner.run_until_idle(clock.now)
+        except BaseException as exc:  # reported below: a crash is a failure of this test
+            errors.append(exc)
+
+    try:
+        for _ in range(20):
+            threads = [threading.Thread(target=drive, args=(r,)) for r in runners]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not errors, errors
+            pending = scalar(engines[0], "SELECT COUNT(*) FROM goods_order2 WHERE sales_success = 0 OR stock_success = 0")
+            if not pending:
+                break
+            clock.advance(5)
+        assert {no: c for no, c in sandbox.emulator.refunds_created.items() if c != 1} == {}
+        assert len(sandbox.emulator.refunds_created) == n
+        assert scalar(engines[1], "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'REFUNDED'") == n
+        dup = rows(engines[0], "SELECT order_id, event, COUNT(*) AS c FROM goods_order2_oplog GROUP BY order_id, event HAVING c > 1")
+        assert dup == []
+        goods = rows(engines[1], "SELECT stock, sales FROM goods WHERE id = 1")[0]
+        assert (goods["stock"], goods["sales"]) == (100 + n, 50 - n)
+    finally:
+        for r in runners:
+            r.close()
+        for e in engines:
+            e.dispose()
