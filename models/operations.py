@@ -75,6 +75,7 @@ refund_order_archive = _archive(
     refund_order, "refund_order rows pruned from the live table: refunded and synced, older than prune's cutoff.",
     UniqueConstraint("out_refund_no", name="uk_refund_order_archive_out_refund_no"),
     Index("idx_refund_order_archive_order_id", "order_id"),
+    Index("idx_refund_order_archive_submitted_at", "submitted_at"),  # reconcile reads a day of it
 )
 oplog_archive = _archive(
     oplog, "goods_order2_oplog rows pruned from the live table, older than prune's cutoff.",

@@ -278,7 +278,8 @@ CREATE TABLE IF NOT EXISTS refund_order_archive (
   archived_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'moved here (UTC)',
   CONSTRAINT pk_refund_order_archive PRIMARY KEY (id),
   CONSTRAINT uk_refund_order_archive_out_refund_no UNIQUE KEY (out_refund_no),
-  INDEX idx_refund_order_archive_order_id (order_id)
+  INDEX idx_refund_order_archive_order_id (order_id),
+  INDEX idx_refund_order_archive_submitted_at (submitted_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='refund_order rows pruned from the live table: refunded and synced, older than prune''s cutoff.';
 

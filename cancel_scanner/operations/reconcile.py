@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from cancel_scanner.engine.outcome import clip
 from cancel_scanner.engine.sql import locked
@@ -184,7 +185,22 @@ def _record(db: Engine, result: DayResult, now: datetime) -> None:
     """The day's differences replace its earlier ones; its run row says how it ended."""
     values = {"state": result.state, "bill_rows": result.bill_rows, "diffs": len(result.diffs),
               "last_error": clip(result.message) if result.message else None}
+    for attempt in (1, 2):
+        try:
+            return _record_once(db, result, values, now)
+        except IntegrityError:  # another reconciliation of the day created its run row first: it is locked now
+            if attempt == 2:
+                raise
+
+
+def _record_once(db: Engine, result: DayResult, values: dict, now: datetime) -> None:
+    values = dict(values)
+    run = reconcile_run.c
     with db.begin() as conn:
+        # The day's run row first, locked: two reconciliations of one day (two daemons, or a person
+        # beside the daily job) write their rows one after the other, never both sets.
+        if conn.execute(locked(conn, select(run.bill_date).where(run.bill_date == result.bill_date))).first() is None:
+            conn.execute(insert(reconcile_run).values(bill_date=result.bill_date, state=result.state, attempts=0))
         if result.state not in ("WAITING", "FAILED"):
             conn.execute(delete(reconcile_diff).where(reconcile_diff.c.bill_date == result.bill_date))
             rows = [{"bill_date": result.bill_date, **{k: getattr(d, k) for k in (
@@ -196,12 +212,7 @@ def _record(db: Engine, result: DayResult, now: datetime) -> None:
         else:
             values.pop("diffs")
             values.pop("bill_rows")
-        run = reconcile_run.c
-        moved = conn.execute(
-            update(reconcile_run).where(run.bill_date == result.bill_date).values(**values, attempts=run.attempts + 1)
-        ).rowcount
-        if not moved:
-            conn.execute(insert(reconcile_run).values(bill_date=result.bill_date, attempts=1, **values))
+        conn.execute(update(reconcile_run).where(run.bill_date == result.bill_date).values(**values, attempts=run.attempts + 1))
 
 
 def reconcile_day(db: Engine, fetch: Callable[[date], Any], bill_date: date, *, now: datetime,

@@ -9,6 +9,8 @@ test's); the orphan payment's refund goes through the real flow against the emul
 from __future__ import annotations
 
 from dataclasses import replace
+
+import pytest
 from datetime import date, datetime, timedelta, timezone
 
 from cancel_scanner.operations.bill import Bill, BillNotReady, BillPayment, BillRefund, NoBill
@@ -142,3 +144,33 @@ def test_an_orphan_payment_is_refunded_through_the_flow_when_asked(world):
     again = reconcile_day(world.db, fetcher({DAY: bill}), DAY, now=T0, refund_orphans=True)
     assert again.refunded_orphans == ()  # it has its refund now: never a second one
     assert scalar(world.db, "SELECT COUNT(*) FROM refund_order WHERE order_id = 7") == 1
+
+
+@pytest.mark.mysql
+def test_two_reconciliations_of_one_day_at_once_leave_one_set_of_rows(mysql_db, mysql_url, sandbox):
+    """Two daemons' daily jobs (or a person beside one): the day's run row is locked first, so the
+    second writes after the first and replaces its rows instead of adding its own."""
+    import threading
+
+    from tests.flow import World, test_config
+
+    world = World(db=mysql_db, config=test_config(mysql_url), sandbox=sandbox)
+    refunded_day(world, n=3)
+    bill = replace(our_bill(world), refunds=())  # WeChat lists none of our three refunds
+    barrier = threading.Barrier(2, timeout=10)
+    results = []
+
+    def fetch(day):
+        if day == DAY:
+            barrier.wait()  # both have fetched: they compare and record at the same moment
+            return bill
+        return NoBill(day)
+
+    threads = [threading.Thread(target=lambda: results.append(reconcile_day(world.db, fetch, DAY, now=T0))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.counts for r in results] == [{"MISSING_AT_WECHAT": 3}] * 2
+    assert scalar(world.db, "SELECT COUNT(*) FROM reconcile_diff WHERE bill_date = :d", d=DAY) == 3
+    assert scalar(world.db, "SELECT attempts FROM reconcile_run WHERE bill_date = :d", d=DAY) == 2
