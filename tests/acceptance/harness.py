@@ -29,6 +29,7 @@ from sqlalchemy import Engine, text
 from cancel_scanner.gateway.emulator import Emulator, FaultPlan
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from cancel_scanner.scanners import REGISTRY
+from testsupport import shop
 from testsupport.processes import DaemonProcess, run_cli
 from testsupport.waiting import wait_until
 
@@ -154,6 +155,16 @@ def daemon_config(database_url: str, emulator: ExternalEmulator, *, jobs: Mappin
         "reconcile": {"enabled": False},
         **top,
     }
+
+
+def paid_orders(db: Engine, emulator: "ExternalEmulator", n: int) -> list[dict[str, Any]]:
+    """Goods 1 and orders 1..n as the shop writes them, each paid at WeChat (the emulator knows the payment)."""
+    shop.insert_goods(db, {1: (100, 1_000)})
+    orders = [shop.order_row(i) for i in range(1, n + 1)]
+    shop.insert_orders(db, orders)
+    for o in orders:
+        emulator.emulator.register_payment(o["no"], o["amount"], o["txn"])
+    return orders
 
 
 def status_json(config: Path, env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
@@ -485,5 +496,5 @@ class Stopwatch:
 __all__ = [
     "SHUTDOWN_TIMEOUT_SECONDS", "SOAK", "STAGES", "Baseline", "ExternalEmulator", "Scenario", "Stopwatch",
     "check_invariants", "daemon_config", "fast_jobs", "hold", "loud_emulator_logs", "pending_counts", "q_rows", "q_scalar",
-    "quiet_emulator_logs", "report", "status_json", "stop_all", "wait_settled",
+    "paid_orders", "quiet_emulator_logs", "report", "status_json", "stop_all", "wait_settled",
 ]

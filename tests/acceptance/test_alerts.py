@@ -26,11 +26,7 @@ def test_every_call_failing_then_recovering_sends_one_firing_and_one_resolved_me
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
     emu = external_emulators(tmp_path / "keys")
-    shop.insert_goods(mysql_db, {1: (100, 1_000)})
-    orders = [shop.order_row(i) for i in range(1, N + 1)]
-    shop.insert_orders(mysql_db, orders)
-    for o in orders:
-        emu.emulator.register_payment(o["no"], o["amount"], o["txn"])
+    orders = harness.paid_orders(mysql_db, emu, N)
     emu.emulator.faults = FaultPlan(p_5xx=1.0)  # WeChat Pay answers every call with a 5xx
 
     with WebhookReceiver() as robot:

@@ -140,11 +140,7 @@ def test_prometheus_scrapes_a_daemon_and_loads_the_shipped_alerts(tmp_path, mysq
                                                                   prometheus):
     emu = external_emulators(tmp_path / "keys")
     port = free_port()
-    shop.insert_goods(mysql_db, {1: (100, 1_000)})
-    orders = [shop.order_row(i) for i in range(1, N + 1)]
-    shop.insert_orders(mysql_db, orders)
-    for o in orders:
-        emu.emulator.register_payment(o["no"], o["amount"], o["txn"])
+    orders = harness.paid_orders(mysql_db, emu, N)
     config = harness.daemon_config(mysql_url, emu, monitoring={"listen": f"127.0.0.1:{port}", "refresh_seconds": 1})
     daemon = daemons(tmp_path / "daemon", config, emu.env())
     daemon.start()

@@ -19,11 +19,7 @@ def test_reconcile_says_clean_then_differences_then_not_ready_with_its_exit_code
 ):
     emu = external_emulators(tmp_path / "keys")
     emu.emulator.bill_ready_after = None  # today's bill at once (the daemon refunds on today's clock)
-    shop.insert_goods(mysql_db, {1: (100, 1_000)})
-    orders = [shop.order_row(i) for i in range(1, N + 1)]
-    shop.insert_orders(mysql_db, orders)
-    for o in orders:
-        emu.emulator.register_payment(o["no"], o["amount"], o["txn"])
+    orders = harness.paid_orders(mysql_db, emu, N)
     settings = harness.daemon_config(mysql_url, emu)
     config = processes.write_config(tmp_path / "cli.yaml", settings)
     daemon = daemons(tmp_path, settings, emu.env())

@@ -17,11 +17,7 @@ def test_a_closed_refund_reissued_from_the_cli_is_refunded_once_and_a_second_rei
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
     emu = external_emulators(tmp_path / "keys")
-    shop.insert_goods(mysql_db, {1: (100, 1_000)})
-    orders = [shop.order_row(i) for i in range(1, N + 1)]
-    shop.insert_orders(mysql_db, orders)
-    for o in orders:
-        emu.emulator.register_payment(o["no"], o["amount"], o["txn"])
+    orders = harness.paid_orders(mysql_db, emu, N)
     closed = orders[0]
     emu.emulator.close_refunds_for(closed["no"])
     settings = harness.daemon_config(mysql_url, emu)

@@ -135,11 +135,7 @@ def test_chromium_runs_a_pages_scripts_and_dump_dom_shows_what_they_did(tmp_path
 def test_a_browser_shows_hostile_reasons_as_text_and_runs_nothing(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
     emu = external_emulators(tmp_path / "keys")
     port = free_port()
-    shop.insert_goods(mysql_db, {1: (100, 1_000)})
-    orders = [shop.order_row(i) for i in range(1, N + 1)]
-    shop.insert_orders(mysql_db, orders)
-    for o in orders:
-        emu.emulator.register_payment(o["no"], o["amount"], o["txn"])
+    orders = harness.paid_orders(mysql_db, emu, N)
     config = harness.daemon_config(mysql_url, emu, monitoring={"listen": f"127.0.0.1:{port}", "refresh_seconds": REFRESH_SECONDS})
     daemon = daemons(tmp_path, config, emu.env())
     daemon.start()
