@@ -117,3 +117,25 @@ def world(db, db_url, sandbox):
     from tests.flow import World, test_config
 
     return World(db=db, config=test_config(db_url), sandbox=sandbox)
+
+
+@pytest.fixture(scope="session")
+def galera_cluster(tmp_path_factory):
+    """One three-node Galera cluster for the session (testsupport/galera.py); each test its own database."""
+    from testsupport import galera
+    from testsupport.mariadb import MariaDBUnavailable
+
+    lacking = galera.missing()
+    if lacking:
+        if IN_CI:
+            pytest.fail(f"a Galera cluster is required under CI=true: {lacking} not found", pytrace=False)
+        pytest.skip(f"no Galera cluster: {lacking} not found")
+    try:
+        bed = galera.GaleraCluster(3, base_dir=tmp_path_factory.mktemp("galera")).start()
+    except MariaDBUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"the Galera cluster did not come up: {exc}", pytrace=False)
+        pytest.skip(f"no Galera cluster: {exc}")
+    yield bed
+    bed.stop()
+

@@ -2,7 +2,7 @@
 the flow run by a daemon's runner on each of two nodes at once.
 
 Marked ``galera``: a cluster takes about half a minute to come up (one full state transfer per
-joiner); CI runs these, and they share one cluster per module.
+joiner); CI runs these, and they share one cluster (tests/conftest.py's galera_cluster).
 """
 
 from __future__ import annotations
@@ -14,29 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from cancel_scanner.engine.db import init_schema, make_engine
-from tests.conftest import IN_CI
 from tests.flow import Clock, add_goods, add_order, request_cancel, rows, scalar, test_config
-from testsupport import galera
-from testsupport.mariadb import MariaDBUnavailable
 
 pytestmark = [pytest.mark.galera, pytest.mark.mysql]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    lacking = galera.missing()
-    if lacking:
-        if IN_CI:
-            pytest.fail(f"a Galera cluster is required under CI=true: {lacking} not found", pytrace=False)
-        pytest.skip(f"no Galera cluster: {lacking} not found")
-    try:
-        bed = galera.GaleraCluster(3, base_dir=tmp_path_factory.mktemp("galera")).start()
-    except MariaDBUnavailable as exc:
-        if IN_CI:
-            pytest.fail(f"the Galera cluster did not come up: {exc}", pytrace=False)
-        pytest.skip(f"no Galera cluster: {exc}")
-    yield bed
-    bed.stop()
 
 
 def fetch(url: str, sql: str, sync: bool = True):
@@ -50,7 +30,8 @@ def fetch(url: str, sql: str, sync: bool = True):
         engine.dispose()
 
 
-def test_a_write_on_one_node_is_read_on_the_others_and_a_killed_node_rejoins_with_what_it_missed(cluster):
+def test_a_write_on_one_node_is_read_on_the_others_and_a_killed_node_rejoins_with_what_it_missed(galera_cluster):
+    cluster = galera_cluster
     name = f"bed_{uuid.uuid4().hex[:8]}"
     cluster.create_database(name)
     first, third = cluster.url_for(0, name), cluster.url_for(2, name)
@@ -72,10 +53,11 @@ def test_a_write_on_one_node_is_read_on_the_others_and_a_killed_node_rejoins_wit
         engine.dispose()
 
 
-def test_two_runners_on_two_nodes_refund_every_order_once(cluster, sandbox):
+def test_two_runners_on_two_nodes_refund_every_order_once(galera_cluster, sandbox):
     """Row locks are local to a node: SKIP LOCKED on node 2 does not see node 1's, and the loser of a
     conflicting write gets 1213 at COMMIT. The leases and guarded flips must still make each
     refund once, each oplog event once, stock and sales exact."""
+    cluster = galera_cluster
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
