@@ -102,6 +102,14 @@ def scalar(db: Engine, sql: str, **params: Any) -> Any:
         return conn.execute(text(sql), params).scalar()
 
 
+def drop_index(conn: Any, table: str, index: str) -> None:
+    """What an older schema lacked, for the migration tests: SQLite names an index alone, MySQL with its table."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(f"DROP INDEX {index}")
+    else:
+        conn.exec_driver_sql(f"ALTER TABLE {table} DROP INDEX {index}")
+
+
 def checksum(db: Engine) -> str:
     """One digest of every row of the five tables, for "a second run changes nothing"."""
     digest = hashlib.sha256()

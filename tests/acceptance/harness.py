@@ -30,7 +30,7 @@ from cancel_scanner.gateway.emulator import Emulator, FaultPlan
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from cancel_scanner.scanners import REGISTRY
 from testsupport import shop
-from testsupport.processes import DaemonProcess, run_cli
+from testsupport.processes import DaemonProcess, run_cli, write_config
 from testsupport.waiting import wait_until
 
 SOAK = os.environ.get("CANCEL_SCANNER_SOAK") == "1"
@@ -165,6 +165,20 @@ def paid_orders(db: Engine, emulator: "ExternalEmulator", n: int) -> list[dict[s
     for o in orders:
         emulator.emulator.register_payment(o["no"], o["amount"], o["txn"])
     return orders
+
+
+def settled_daemon(workdir: Path, db: Engine, database_url: str, emulator: "ExternalEmulator", orders: Sequence[dict],
+                   daemons: Callable[..., DaemonProcess]) -> tuple[DaemonProcess, Path]:
+    """A live-mode daemon that has settled a merchant's cancel of every order, and the config file the
+    CLI is run with beside it."""
+    settings = daemon_config(database_url, emulator)
+    config = write_config(workdir / "cli.yaml", settings)
+    daemon = daemons(workdir, settings, emulator.env())
+    daemon.start()
+    daemon.wait_started()
+    shop.insert_requests(db, [(o["id"], "MERCHANT_CANCEL", "clerk", "r") for o in orders])
+    wait_settled(db, 60, [daemon])
+    return daemon, config
 
 
 def status_json(config: Path, env: Mapping[str, str], cwd: Path) -> dict[str, Any]:
@@ -496,5 +510,5 @@ class Stopwatch:
 __all__ = [
     "SHUTDOWN_TIMEOUT_SECONDS", "SOAK", "STAGES", "Baseline", "ExternalEmulator", "Scenario", "Stopwatch",
     "check_invariants", "daemon_config", "fast_jobs", "hold", "loud_emulator_logs", "pending_counts", "q_rows", "q_scalar",
-    "paid_orders", "quiet_emulator_logs", "report", "status_json", "stop_all", "wait_settled",
+    "paid_orders", "quiet_emulator_logs", "report", "settled_daemon", "status_json", "stop_all", "wait_settled",
 ]

@@ -8,7 +8,7 @@ import pytest
 
 from cancel_scanner.operations.reconcile import BEIJING
 from tests.acceptance import harness
-from testsupport import processes, shop
+from testsupport import processes
 
 pytestmark = pytest.mark.mysql
 N = 3
@@ -20,13 +20,7 @@ def test_reconcile_says_clean_then_differences_then_not_ready_with_its_exit_code
     emu = external_emulators(tmp_path / "keys")
     emu.emulator.bill_ready_after = None  # today's bill at once (the daemon refunds on today's clock)
     orders = harness.paid_orders(mysql_db, emu, N)
-    settings = harness.daemon_config(mysql_url, emu)
-    config = processes.write_config(tmp_path / "cli.yaml", settings)
-    daemon = daemons(tmp_path, settings, emu.env())
-    daemon.start()
-    daemon.wait_started()
-    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "r") for o in orders])
-    harness.wait_settled(mysql_db, 60, [daemon])
+    daemon, config = harness.settled_daemon(tmp_path, mysql_db, mysql_url, emu, orders, daemons)
     daemon.sigterm()
     assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
     today = str(datetime.now(BEIJING).date())

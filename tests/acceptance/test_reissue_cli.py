@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.acceptance import harness
-from testsupport import processes, shop
+from testsupport import processes
 from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.mysql
@@ -20,13 +20,7 @@ def test_a_closed_refund_reissued_from_the_cli_is_refunded_once_and_a_second_rei
     orders = harness.paid_orders(mysql_db, emu, N)
     closed = orders[0]
     emu.emulator.close_refunds_for(closed["no"])
-    settings = harness.daemon_config(mysql_url, emu)
-    config = processes.write_config(tmp_path / "cli.yaml", settings)
-    daemon = daemons(tmp_path, settings, emu.env())
-    daemon.start()
-    daemon.wait_started()
-    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "r") for o in orders])
-    harness.wait_settled(mysql_db, 60, [daemon])
+    daemon, config = harness.settled_daemon(tmp_path, mysql_db, mysql_url, emu, orders, daemons)
     order_sql = f"SELECT refund_status FROM goods_order2 WHERE id = {closed['id']}"
     assert harness.q_scalar(mysql_db, order_sql) == "FAILED"
 

@@ -17,7 +17,7 @@ import pytest
 
 from cancel_scanner.engine.runner import Hooks
 from cancel_scanner.scanners.close_unpaid import MIN_AGE
-from tests.flow import T0, add_goods, add_order, refunds, request_cancel, row, rows, scalar
+from tests.flow import T0, add_goods, add_order, drop_index, refunds, request_cancel, row, rows, scalar
 from testsupport import shop
 
 TIMEOUT = timedelta(seconds=1800)
@@ -244,10 +244,7 @@ def test_a_version_1_database_migrates_to_the_close_stage_and_its_orders_read_un
     with db.begin() as conn:
         conn.exec_driver_sql("DROP VIEW IF EXISTS v_cancel_scanner_failed")
         for index in ("idx_goods_order2_close_pending", "idx_goods_order2_close_lease_owner"):  # the latter: version 3's
-            if db.dialect.name == "sqlite":
-                conn.exec_driver_sql(f"DROP INDEX {index}")
-            else:
-                conn.exec_driver_sql(f"ALTER TABLE goods_order2 DROP INDEX {index}")
+            drop_index(conn, "goods_order2", index)
         for column in V2_COLUMNS:
             conn.exec_driver_sql(f"ALTER TABLE goods_order2 DROP COLUMN {column}")
         conn.exec_driver_sql("DELETE FROM cancel_scanner_schema")

@@ -6,6 +6,7 @@ from sqlalchemy import inspect
 
 from cancel_scanner.app import migration_plan, schema_problem
 from cancel_scanner.engine import migrate
+from tests.flow import drop_index
 
 V4_TABLES = ("reconcile_diff", "reconcile_run", "req_order_ops_archive", "refund_order_archive", "goods_order2_oplog_archive")
 
@@ -14,10 +15,7 @@ def test_a_version_3_database_gets_the_reconciliation_and_archive_tables_from_mi
     with db.begin() as conn:
         for table in V4_TABLES:
             conn.exec_driver_sql(f"DROP TABLE {table}")
-        if db.dialect.name == "sqlite":
-            conn.exec_driver_sql("DROP INDEX idx_refund_order_submitted_at")
-        else:
-            conn.exec_driver_sql("ALTER TABLE refund_order DROP INDEX idx_refund_order_submitted_at")
+        drop_index(conn, "refund_order", "idx_refund_order_submitted_at")
         conn.exec_driver_sql("DELETE FROM cancel_scanner_schema")
         conn.exec_driver_sql("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (3, 'test')")
     assert "behind" in str(schema_problem(db))

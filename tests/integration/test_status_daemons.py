@@ -19,6 +19,7 @@ from cancel_scanner.engine.daemon import Daemon
 from cancel_scanner.engine.runner import Runner
 from cancel_scanner.engine.status import collect_status, format_status
 from cancel_scanner.scanners import REGISTRY
+from tests.flow import drop_index
 from tests.integration.test_throwaway_stage import TidyUp, chores
 from testsupport.waiting import wait_until
 
@@ -136,10 +137,7 @@ def test_a_version_2_database_migrates_to_published_reports_and_an_older_daemons
     now = DbClock(db)()
     with db.begin() as conn:
         conn.exec_driver_sql("DROP VIEW IF EXISTS v_cancel_scanner_failed")
-        if db.dialect.name == "sqlite":
-            conn.exec_driver_sql("DROP INDEX idx_goods_order2_close_lease_owner")
-        else:
-            conn.exec_driver_sql("ALTER TABLE goods_order2 DROP INDEX idx_goods_order2_close_lease_owner")
+        drop_index(conn, "goods_order2", "idx_goods_order2_close_lease_owner")
         conn.exec_driver_sql("ALTER TABLE cancel_scanner_process DROP COLUMN report")
         conn.exec_driver_sql("DELETE FROM cancel_scanner_schema")
         conn.exec_driver_sql("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (2, 'test')")
