@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from cancel_scanner.engine import migrate
 from cancel_scanner.engine.config import ENV_APIV3_KEY, Config, ConfigError
-from cancel_scanner.engine.db import make_engine
+from cancel_scanner.engine.db import engine_for
 from cancel_scanner.engine.runner import Hooks, Runner
 from cancel_scanner.models import metadata
 from cancel_scanner.scanners import build_stages
@@ -120,7 +120,7 @@ def schedule_daily(app: App, daemon: Any) -> None:
 
 
 def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None) -> App:
-    db = make_engine(config.database_url)
+    db = engine_for(config)
     stack.callback(db.dispose)
     built = build_gateway(config, stack)
     sandbox = built if config.wechat.mode == "sandbox" else None

@@ -68,10 +68,10 @@ def initdb(obj: _Ctx) -> None:
     cancel-scanner) is `cancel-scanner migrate`'s: initdb says so and changes nothing.
     """
     from cancel_scanner.app import schema_problem
-    from cancel_scanner.engine.db import init_schema, make_engine
+    from cancel_scanner.engine.db import engine_for, init_schema
 
     cfg = obj.config()
-    engine = make_engine(cfg.database_url)
+    engine = engine_for(cfg)
     try:
         problem = schema_problem(engine)
         if problem is not None and problem.kind != "empty":
@@ -101,10 +101,10 @@ def migrate(obj: _Ctx, show_sql: bool, check: bool) -> None:
     """
     from cancel_scanner.app import migration_plan
     from cancel_scanner.engine import migrate as schema
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
 
     cfg = obj.config()
-    engine = make_engine(cfg.database_url)
+    engine = engine_for(cfg)
     try:
         if show_sql or check:
             plan = migration_plan(engine)
@@ -141,10 +141,10 @@ def _check_schema(cfg: Config, *, tolerate_outage: bool) -> None:
     `status` say so and exit 1.
     """
     from cancel_scanner.app import schema_problem
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.engine.errors import is_transient_db_error
 
-    db = make_engine(cfg.database_url)
+    db = engine_for(cfg)
     try:
         problem = schema_problem(db)
     except Exception as exc:  # noqa: BLE001 - one line for the operator
@@ -221,14 +221,14 @@ def status(obj: _Ctx, as_json: bool, totals: bool) -> None:
     daemons, and the rows they finished since they started."""
     import json
 
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.status import collect_status, format_status
     from cancel_scanner.scanners import build_stages
 
     cfg = obj.config()
     _check_schema(cfg, tolerate_outage=False)
-    db = make_engine(cfg.database_url)
+    db = engine_for(cfg)
     try:
         report = collect_status(db, build_stages(cfg), DbClock(db)(), totals=totals, takeover_seconds=cfg.takeover_seconds)
     except SystemExit:
@@ -253,13 +253,13 @@ def status(obj: _Ctx, as_json: bool, totals: bool) -> None:
 @click.pass_obj
 def requeue(obj: _Ctx, stage: str, row_ids: tuple[int, ...], who: str) -> None:
     """Give rows of STAGE that failed for good (X_scanned=1, X_success=0) another go."""
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.requeue import requeue as requeue_rows
     from cancel_scanner.scanners import build_stages
 
     cfg = obj.config()
-    db = make_engine(cfg.database_url)
+    db = engine_for(cfg)
     try:
         count = requeue_rows(db, build_stages(cfg)[stage], row_ids, DbClock(db)(), who)
     except Exception as exc:  # noqa: BLE001

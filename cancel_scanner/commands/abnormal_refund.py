@@ -130,14 +130,14 @@ def command(obj, row_id: int, to: str, bank_type: str | None, details_file: str 
     _check_schema(cfg, tolerate_outage=False)
     from cancel_scanner.app import build_gateway
     from cancel_scanner.engine.clock import DbClock
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
 
     with ExitStack() as stack:
         try:
             gateway = build_gateway(cfg, stack)
         except ConfigError as err:
             _fail_config(err)
-        db = make_engine(cfg.database_url)
+        db = engine_for(cfg)
         stack.callback(db.dispose)
         try:
             result = apply_abnormal_refund(

@@ -41,7 +41,7 @@ def command(obj, older_than: str, dry_run: bool, batch_size: int | None, max_row
     Safe to stop or crash anywhere and run again. Exit 0 done, 2 bad arguments, 1 failure.
     """
     from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _short
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.operations import prune as pruning
 
     try:
@@ -75,7 +75,7 @@ def command(obj, older_than: str, dry_run: bool, batch_size: int | None, max_row
             extras.append(f"{result.left_locked} row(s) locked by others, left for the next run")
         click.echo(line + (f" ({'; '.join(extras)})" if extras else ""))
 
-    db = make_engine(cfg.database_url)
+    db = engine_for(cfg)
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         cutoff = pruning.cutoff_for(db, age)

@@ -35,7 +35,7 @@ def command(obj, day: datetime | None, refund_orphans: bool | None) -> None:
     from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _short
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.config import ConfigError
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
 
     cfg = obj.config()
     if cfg.wechat.mode != "live":
@@ -51,7 +51,7 @@ def command(obj, day: datetime | None, refund_orphans: bool | None) -> None:
 
     bill_date = day.date() if day else yesterday_in_beijing()
     orphans = cfg.reconcile.refund_orphan_payments if refund_orphans is None else refund_orphans
-    db = make_engine(cfg.database_url)
+    db = engine_for(cfg)
     try:
         with ExitStack() as stack:
             try:

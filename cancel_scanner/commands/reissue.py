@@ -25,12 +25,12 @@ def command(obj, order_ids: tuple[int, ...], who: str, why: str) -> None:
     """
     from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _short
     from cancel_scanner.engine.clock import DbClock
-    from cancel_scanner.engine.db import make_engine
+    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.operations.reissue import Refused, reissue
 
     cfg = obj.config()
     _check_schema(cfg, tolerate_outage=False)
-    db = make_engine(cfg.database_url)
+    db = engine_for(cfg)
     refused = 0
     try:
         for order_id in dict.fromkeys(order_ids):  # each once, in the order given

@@ -36,6 +36,10 @@ DEFAULT_DATABASE_URL = "sqlite:///cancel-scanner.db"
 LEASE_SAFETY_MARGIN_SECONDS = 2.0  # every gateway call is over this long before its lease ends
 DEFAULT_TAKEOVER_SECONDS = 10.0  # a process silent this long is dead: survivors release its leases
 DEFAULT_HEARTBEAT_SECONDS = 1.0
+# On a Galera node, reads (1) and UPDATE/DELETE (2) wait until the node has applied every write the
+# cluster committed before them; without, a daemon whose connection moved to another node may act on
+# its own earlier writes not yet applied there. See README, "On a MariaDB Galera cluster".
+DEFAULT_WSREP_SYNC_WAIT = 3
 DEFAULT_APPLY_QPS = 150.0
 DEFAULT_QUERY_QPS = 300.0
 DEFAULT_PAY_QUERY_QPS = 100.0  # payment query and close: no published figure; a conservative pace
@@ -285,6 +289,7 @@ class _TopLevel(_Section):
     shutdown_timeout_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     takeover_seconds: Annotated[StrictFloat | StrictInt, Field(ge=3, le=3_600)] = DEFAULT_TAKEOVER_SECONDS
     heartbeat_seconds: Annotated[StrictFloat | StrictInt, Field(ge=0.1, le=600)] = DEFAULT_HEARTBEAT_SECONDS
+    wsrep_sync_wait: Annotated[StrictInt, Field(ge=0, le=15)] = DEFAULT_WSREP_SYNC_WAIT
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,7 @@ class Config:
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     takeover_seconds: float = DEFAULT_TAKEOVER_SECONDS
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    wsrep_sync_wait: int = DEFAULT_WSREP_SYNC_WAIT
     source: str = "<defaults>"
 
     def job(self, name: str) -> JobSettings:
@@ -372,7 +378,9 @@ def parse_config(
     top = _validated(_TopLevel, data, "")
     kw: dict[str, Any] = {
         "source": source,
-        **{k: getattr(top, k) for k in ("log_json", "log_level", "shutdown_timeout_seconds", "takeover_seconds", "heartbeat_seconds")},
+        **{k: getattr(top, k) for k in (
+            "log_json", "log_level", "shutdown_timeout_seconds", "takeover_seconds", "heartbeat_seconds", "wsrep_sync_wait"
+        )},
     }
     if top.heartbeat_seconds > top.takeover_seconds / 3:
         raise ConfigError("heartbeat_seconds", f"must be at most a third of takeover_seconds ({top.takeover_seconds:g} s)")

@@ -4,7 +4,9 @@ The session settings here are load-bearing: UTC on every connection (the
 scanner stores and compares UTC times), strict SQL mode (so an UNSIGNED column
 errors instead of silently clamping to 0), READ COMMITTED (fewer gap locks
 between concurrent claimers) and a short lock wait (a locked row is skipped
-and retried later rather than stalling a whole batch).
+and retried later rather than stalling a whole batch). On a Galera node,
+`wsrep_sync_wait` as configured, so that what we read includes every write the
+cluster committed before (ours included, whichever node took it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from importlib import resources
 from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from cancel_scanner import models
+from cancel_scanner.engine.config import DEFAULT_WSREP_SYNC_WAIT
 
 LOCK_WAIT_TIMEOUT_SECONDS = 5
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -29,12 +32,12 @@ def is_mysql(engine: Engine) -> bool:
     return engine.dialect.name in ("mysql", "mariadb")
 
 
-def make_engine(url: str, *, pool_size: int = 8, echo: bool = False) -> Engine:
+def make_engine(url: str, *, pool_size: int = 8, echo: bool = False, wsrep_sync_wait: int = DEFAULT_WSREP_SYNC_WAIT) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         echo=echo,
         pool_pre_ping=True,  # a database that went away and came back costs one failed ping, not a crash
@@ -44,6 +47,44 @@ def make_engine(url: str, *, pool_size: int = 8, echo: bool = False) -> Engine:
         isolation_level="READ COMMITTED",
         connect_args={"init_command": _MYSQL_INIT, "connect_timeout": 5, "read_timeout": 60, "write_timeout": 60},
     )
+    _configure_galera(engine, wsrep_sync_wait)
+    return engine
+
+
+def engine_for(config) -> Engine:
+    """The engine a Config names, with its Galera setting."""
+    return make_engine(config.database_url, wsrep_sync_wait=config.wsrep_sync_wait)
+
+
+def _configure_galera(engine: Engine, sync_wait: int) -> None:
+    if not 0 <= sync_wait <= 15:
+        raise ValueError(f"wsrep_sync_wait must be 0..15: {sync_wait!r}")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, record):
+        # Asked once per connection: MySQL has no such variable (1193), a MariaDB without Galera says 0.
+        cur = dbapi_conn.cursor()
+        try:
+            try:
+                cur.execute("SELECT @@wsrep_on")
+                on = bool(cur.fetchone()[0])
+            except dbapi_conn.OperationalError as exc:
+                if exc.args[0] != 1193:
+                    raise
+                on = False
+            record.info["galera"] = on
+            if on:
+                cur.execute(f"SET SESSION wsrep_sync_wait = {int(sync_wait)}")
+        finally:
+            cur.close()
+
+
+def is_galera(engine: Engine) -> bool:
+    """Whether the engine's connections go to a Galera node (wsrep_on); False for SQLite and plain servers."""
+    if not is_mysql(engine):
+        return False
+    with engine.connect() as conn:
+        return bool(conn.connection.info.get("galera"))
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -14,17 +14,17 @@ import pytest
 from sqlalchemy import text
 
 from cancel_scanner.engine.db import init_schema, make_engine
+from testsupport.waiting import wait_until
 from tests.flow import Clock, add_goods, add_order, request_cancel, rows, scalar, test_config
 
 pytestmark = [pytest.mark.galera, pytest.mark.mysql]
 
 
 def fetch(url: str, sql: str, sync: bool = True):
-    engine = make_engine(url)
+    """Rows of `sql` on one node; `sync` (our engines' default) waits for the cluster's latest write."""
+    engine = make_engine(url) if sync else make_engine(url, wsrep_sync_wait=0)
     try:
         with engine.connect() as conn:
-            if sync:
-                conn.execute(text("SET SESSION wsrep_sync_wait = 1"))  # read the cluster's latest write
             return conn.execute(text(sql)).all()
     finally:
         engine.dispose()
@@ -109,3 +109,98 @@ def test_two_runners_on_two_nodes_refund_every_order_once(galera_cluster, sandbo
             r.close()
         for e in engines:
             e.dispose()
+
+
+class PausedApplier:
+    """A node that lags: FLUSH TABLES WITH READ LOCK on it pauses its applier (and desyncs it), so the
+    cluster's writes reach it only once the lock is released."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url, wsrep_sync_wait=0)
+        self.conn = self.engine.connect()
+        self.conn.execute(text("FLUSH TABLES WITH READ LOCK"))
+
+    def release(self) -> None:
+        if self.conn is not None:
+            self.conn.execute(text("UNLOCK TABLES"))
+            self.conn.close()
+            self.conn = None
+        self.engine.dispose()
+
+
+def running_on(url: str, marker: str) -> int:
+    """How many statements containing `marker` the node is running now (a session waiting counts)."""
+    return fetch(url, f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE '%{marker}%'"
+                      f" AND INFO NOT LIKE '%PROCESSLIST%'", sync=False)[0][0]
+
+
+def test_on_a_lagging_node_the_daemons_sessions_wait_for_the_clusters_latest_write_instead_of_reading_it_stale(
+    galera_cluster,
+):
+    cluster = galera_cluster
+    name = f"sync_{uuid.uuid4().hex[:8]}"
+    cluster.create_database(name)
+    first, second = cluster.url_for(0, name), cluster.url_for(1, name)
+    writer, daemon_like, unsynced = make_engine(first), make_engine(second), make_engine(second, wsrep_sync_wait=0)
+    try:
+        with writer.begin() as conn:
+            conn.execute(text("CREATE TABLE t (id INT PRIMARY KEY)"))
+        with daemon_like.connect() as conn:
+            assert conn.execute(text("SELECT @@session.wsrep_sync_wait")).scalar() == 3  # the default
+        lag = PausedApplier(second)
+        try:
+            with writer.begin() as conn:
+                conn.execute(text("INSERT INTO t VALUES (1)"))  # committed by the cluster, not applied on node 2
+            with unsynced.connect() as conn:
+                assert conn.execute(text("SELECT COUNT(*) FROM t")).scalar() == 0  # the lag is real: a stale read
+            seen: list[int] = []
+            reader = threading.Thread(target=lambda: seen.append(scalar(daemon_like, "SELECT COUNT(*) AS waits_here FROM t")))
+            reader.start()
+            wait_until(lambda: running_on(second, "waits_here"), 30, "the daemon's read waiting on node 2")
+            assert seen == []  # it waits rather than answer from the stale node
+        finally:
+            lag.release()
+        reader.join(30)
+        assert seen == [1]
+    finally:
+        for e in (writer, daemon_like, unsynced):
+            e.dispose()
+
+
+def test_a_survivor_on_a_lagging_node_does_not_take_over_from_a_process_that_beat_on_another_node(galera_cluster):
+    """The reaper reads heartbeats: on a node that has not applied a live process's latest beat, a stale
+    read would see it silent past takeover_seconds. It must wait for the beat, and reap nothing."""
+    from cancel_scanner.engine.registry import Registry
+    from cancel_scanner.models import refund_order
+
+    cluster = galera_cluster
+    name = f"reap_{uuid.uuid4().hex[:8]}"
+    cluster.create_database(name)
+    first, second = cluster.url_for(0, name), cluster.url_for(1, name)
+    a, b = make_engine(first), make_engine(second)
+    init_schema(a)
+    clock = Clock()
+    leases = [(refund_order.c.lease_owner, refund_order.c.lease_until)]
+    alive = Registry(a, clock, leases, owner="alive-on-node1")
+    survivor = Registry(b, clock, leases, owner="survivor-on-node2")
+    try:
+        alive.beat()
+        survivor.beat()
+        lag = PausedApplier(second)
+        try:
+            clock.advance(9)
+            alive.beat()  # node 2 has not applied this one
+            clock.advance(2)  # 11 s after the first beat, 2 s after the second: alive
+            reaped: list[list[str]] = []
+            reaper = threading.Thread(target=lambda: reaped.append(survivor.reap()))
+            reaper.start()
+            wait_until(lambda: running_on(second, "cancel_scanner_process"), 30, "the reaper's read waiting on node 2")
+        finally:
+            lag.release()
+        reaper.join(30)
+        assert reaped == [[]]
+        assert sorted(r[0] for r in fetch(first, "SELECT owner FROM cancel_scanner_process")) == [
+            "alive-on-node1", "survivor-on-node2"]
+    finally:
+        a.dispose()
+        b.dispose()

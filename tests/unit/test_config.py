@@ -63,6 +63,8 @@ def test_config_objects_are_frozen():
         ({"database_url": "mysql+pymysql://u@db.example.com/shop"}, "wechat.mode"),
         ({"database_url": "postgresql://u@h/db"}, "database_url"),
         ({"log_level": "LOUD"}, "log_level"),
+        ({"wsrep_sync_wait": 16}, "wsrep_sync_wait"),
+        ({"wsrep_sync_wait": "yes"}, "wsrep_sync_wait"),
     ],
 )
 def test_each_bad_value_names_its_key(raw, key):
