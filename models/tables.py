@@ -285,6 +285,9 @@ class ScannerProcess(Base):
     report: Mapped[str | None] = mapped_column(
         String(4000), comment="its stages (up, or down since when and why) and rows finished since it started, JSON; read by status"
     )
+    pace_group: Mapped[str | None] = mapped_column(
+        String(64), comment="the merchant (mchid) whose WeChat QPS it shares with the other live processes of it; NULL: calls nothing paced"
+    )
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -175,6 +175,7 @@ CREATE TABLE IF NOT EXISTS cancel_scanner_process (
   started_at    DATETIME(3) NOT NULL COMMENT 'registered at (database time, UTC)',
   heartbeat_at  DATETIME(3) NOT NULL COMMENT 'last heartbeat (database time, UTC); silent past takeover_seconds = dead',
   report        VARCHAR(4000) NULL COMMENT 'its stages (up, or down since when and why) and rows finished since it started, JSON; read by status',
+  pace_group    VARCHAR(64) NULL COMMENT 'the merchant (mchid) whose WeChat QPS it shares with the other live processes of it; NULL: calls nothing paced',
   created_at    DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at    DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_cancel_scanner_process PRIMARY KEY (id),
@@ -325,4 +326,4 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'close_unpaid', 'goods_order2', id, id, close_last_error, updated_at
     FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0;
 
-INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (4, 'schema.sql');
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (5, 'schema.sql');

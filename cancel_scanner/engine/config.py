@@ -90,6 +90,9 @@ class WeChatConfig(_Section):
     query_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_QUERY_QPS
     pay_query_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_PAY_QUERY_QPS
     pay_close_qps: Annotated[StrictFloat | StrictInt, Field(gt=0, le=10_000)] = DEFAULT_PAY_CLOSE_QPS
+    # The paces above are the merchant's: every live process of this mchid takes an equal share.
+    # False: each process paces at them alone (one daemon per merchant, or limits split by hand).
+    qps_shared: StrictBool = True
     timeout_seconds: tuple[Annotated[Positive, Field(le=300)], Annotated[Positive, Field(le=300)]] = DEFAULT_TIMEOUT_SECONDS
     sandbox: SandboxConfig = SandboxConfig()
 

@@ -16,6 +16,13 @@ still be in flight. When it resumes, its heartbeat finds its entry gone: it
 takes a new owner id, and every answer it still holds under the old id fails the
 ownership check and is dropped.
 
+Sharing WeChat's limits: an entry names the merchant whose per-merchant QPS its
+process paces against (``pace_group``, the mchid; NULL when it calls no paced
+endpoint). Each reap reads every entry anyway, so it also counts the live ones of
+our group (``sharers``) and tells ``on_share``: N daemons of one merchant each pace
+at 1/N of the configured QPS. A process that has just registered is told it is new
+(``fresh``), and holds its calls until the others have read its entry.
+
 Stale entries are locked, deleted and their leases released in one transaction:
 a process whose heartbeat races the reaper either commits its beat first (and is
 not stale any more) or waits for the reaper and then finds its entry gone.
@@ -63,6 +70,7 @@ class Registry:
         heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
         owner: str | None = None,
+        pace_group: str | None = None,
     ):
         if heartbeat_seconds >= takeover_seconds - HEARTBEAT_MARGIN_SECONDS:
             raise ValueError("heartbeat_seconds must be well below takeover_seconds")
@@ -79,6 +87,11 @@ class Registry:
         self.last_error: str | None = None  # why the last heartbeat failed, None once one succeeds
         # What each beat publishes in the entry's ``report`` (the daemon's Progress.report), read by `status`.
         self.report: Callable[[], str | None] | None = None
+        self.pace_group = pace_group
+        self.sharers = 1  # live entries of our pace group, us included, as of the last reap
+        # Told (sharers, fresh) after every reap while we pace: fresh once, after (re)registering.
+        self.on_share: Callable[[int, bool], None] | None = None
+        self._fresh = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -127,9 +140,10 @@ class Registry:
                 conn.execute(
                     insert(scanner_process).values(
                         owner=owner, hostname=socket.gethostname()[:64], pid=os.getpid(), started_at=now, heartbeat_at=now,
-                        report=report,
+                        report=report, pace_group=self.pace_group,
                     )
                 )
+                self._fresh = True
         self._registered = True
         self._state = (owner, started)
 
@@ -153,12 +167,16 @@ class Registry:
         now. Its entry goes only when none of its leases is left, so the next pass tries again.
         """
         cutoff = self.clock() - timedelta(seconds=self.takeover_seconds)
+        me = self.owner
         with self.db.connect() as conn:
-            dead = list(
-                conn.execute(
-                    select(p.owner).where(p.heartbeat_at < cutoff, p.owner != self.owner).order_by(p.id)
-                ).scalars()
-            )
+            # Every entry (one per running process): the dead, and the live ones sharing our pace.
+            entries = conn.execute(select(p.owner, p.heartbeat_at, p.pace_group).order_by(p.id)).all()
+        dead = [e.owner for e in entries if e.heartbeat_at < cutoff and e.owner != me]
+        if self.pace_group is not None:
+            others = sum(1 for e in entries if e.owner != me and e.heartbeat_at >= cutoff and e.pace_group == self.pace_group)
+            self.sharers, fresh, self._fresh = 1 + others, self._fresh, False
+            if self.on_share is not None:
+                self.on_share(self.sharers, fresh)
         reaped = []
         for owner in dead:
             released, left = self._reap_one(owner, cutoff)

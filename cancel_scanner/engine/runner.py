@@ -55,6 +55,11 @@ MAX_CONTENTION_ROUNDS = 4  # a batch re-done without newly contended rows at mos
 utcnow = local_utcnow  # this host's clock: for display only, never for a comparison the engine makes
 
 
+# A gateway batch leases no more rows than the pacer can start calls for within this long: the rest
+# stay in the shared pool, so N daemons splitting one merchant's pace end a backlog together instead
+# of one of them calling out a long lease alone. At 150/s it is still a full batch of 200.
+CLAIM_AHEAD_SECONDS = 2.0
+PACED_WAIT_SECONDS = 0.05  # run_until_idle, when the pacer is booked past the window: look again this soon
 MAX_LOST_IN_A_ROW = 20  # races lost one after another before the caller treats it as a failure
 
 
@@ -75,6 +80,7 @@ class BatchReport:
     batch_size: int = 0
     error: str | None = None  # the batch rolled back (a transient database error): back off, retry
     lost: str | None = None  # the batch lost a race (1213, a guarded flip found fewer rows): nothing happened, look again
+    paced: bool = False  # claimed nothing because the pacer is booked past the lease window: rows may wait, look again soon
     blocked: str | None = None  # the environment stops the stage (privileges, credentials): back off, alert
     outcomes: dict[int, Outcome] = field(default_factory=dict, repr=False)
 
@@ -154,10 +160,37 @@ class Runner:
             heartbeat_seconds=config.heartbeat_seconds,
             monotonic=monotonic,
             owner=owner,
+            pace_group=self._pace_group(),
         )
+        if self.registry.pace_group is not None:
+            self.registry.on_share = self._share_pace
+        self._sharers: int | None = None  # None until the first reap has counted who shares our pace
         self.stopping = threading.Event()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._mysql = is_mysql(db)
+
+    def _pace_group(self) -> str | None:
+        """The merchant whose WeChat QPS this process shares with the other processes of it, or None:
+        sharing is off, or nothing here calls a paced endpoint."""
+        share = getattr(self.gateway, "share_pace", None)
+        calls = any(hasattr(stage, "endpoint") and self.config.job(name).enabled for name, stage in self.stages.items())
+        if share is None or not calls or not self.config.wechat.qps_shared:
+            return None
+        return getattr(self.gateway, "pace_group", None) or self.config.wechat.mchid
+
+    def _share_pace(self, sharers: int, fresh: bool) -> None:
+        """After every reap: pace at 1/sharers of the merchant's QPS. A newcomer among others holds its
+        calls for two heartbeats, by which time every other process has read its entry and slowed down."""
+        hold = 2 * self.config.heartbeat_seconds if fresh and sharers > 1 else 0.0
+        if sharers == self._sharers and not fresh:
+            return
+        paces = self.gateway.share_pace(sharers, hold_seconds=hold)
+        if sharers != self._sharers:
+            logger.bind(stage="pace", action="pace_shared", sharers=sharers).info(
+                "WeChat's per-merchant limits shared by {} process(es): {}", sharers,
+                ", ".join(f"{endpoint} {qps:.3g}/s" for endpoint, qps in paces.items()),
+            )
+        self._sharers = sharers
 
     @property
     def owner(self) -> str:
@@ -225,6 +258,9 @@ class Runner:
                             raise RuntimeError(f"stage {name} lost {lost} races in a row: {report.lost}")
                         continue  # nothing happened: look again
                     lost = 0
+                    if report.paced:
+                        self.stopping.wait(PACED_WAIT_SECONDS)  # the pacer frees a slot within the window
+                        continue
                     if report.progressed:
                         progressed = True
                     if not report.full:
@@ -344,6 +380,16 @@ class Runner:
         registry = self.registry
         if not registry.threaded:
             registry.tick()  # no heartbeat thread (run --once, tests): beat and reap before every lease
+        if registry.pace_group is not None and self._sharers is None:
+            report.paced = True  # the heartbeat thread has not counted the merchant's processes yet: call nothing
+            return
+        held = self.gateway.held_for(stage.endpoint) if registry.pace_group is not None else 0.0
+        if held > 0:
+            # A newcomer waits out its hold (two heartbeats) here rather than look idle: run --once goes on after.
+            if self.stopping.wait(held):
+                return
+            if not registry.threaded:
+                registry.tick()  # the wait outlived the last beat's window
         owner = registry.owner
         leased_at = self.monotonic()
         safe_until = registry.safe_until(owner)
@@ -355,6 +401,7 @@ class Runner:
         lease_deadline = leased_at + job.lease_seconds - LEASE_SAFETY_MARGIN_SECONDS
         limit = self._claim_limit(stage, job, min(lease_deadline, safe_until) - leased_at)
         if limit <= 0:
+            report.paced = True
             return  # the pacer is booked for longer than a lease: claiming now would only idle rows
         report.batch_size = limit  # "full" means: got all it asked for, so look again at once
         rows = self._lease(stage, job, fixed_now or self.clock(), limit, owner)
@@ -392,12 +439,18 @@ class Runner:
 
     def _claim_limit(self, stage, job: JobConfig, window: float) -> int:
         """Lease no more rows than the pacer can start calls for within ``window`` seconds (the lease or
-        the heartbeat window, less the time one call needs), so N processes at any QPS progress."""
+        the heartbeat window, less the time one call needs) and CLAIM_AHEAD_SECONDS, so N processes at
+        any QPS progress and share a backlog to its end."""
         if self.gateway is None:
             return job.batch_size  # nothing to call: the claim finds no ready row or fails loudly later
         # A fifth of the window is slack for the lease's own transaction and thread wake-ups.
-        capacity = self.gateway.calls_within(stage.endpoint, max(0.0, window * 0.8 - MIN_CALL_SECONDS))
-        return job.batch_size if capacity is None else min(job.batch_size, capacity)
+        usable = max(0.0, window * 0.8 - MIN_CALL_SECONDS)
+        capacity = self.gateway.calls_within(stage.endpoint, usable)
+        if capacity is None:
+            return job.batch_size
+        # At least one row whenever one call fits the window, so a slow pace still makes progress.
+        ahead = self.gateway.calls_within(stage.endpoint, min(CLAIM_AHEAD_SECONDS, usable)) or 0
+        return min(job.batch_size, capacity, max(ahead, 1 if capacity else 0))
 
     def _lease(self, stage, job: JobConfig, now: datetime, limit: int, owner: str) -> list[Row]:
         flags = stage.flags

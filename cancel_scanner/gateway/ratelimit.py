@@ -9,6 +9,10 @@ is an UnknownOutcome (a retry and a query later), so pacing is cheaper.
 A caller with a deadline books a slot only if it is early enough
 (`try_acquire`): a slot booked by a call that then gives up is a slot every
 later caller waits behind for nothing.
+
+The pace can change while running (`set_qps`: N processes share one
+merchant's limit, and N changes) and can be held (`hold_until`: no slot
+before an instant, while the other processes learn of a newcomer).
 """
 
 from __future__ import annotations
@@ -43,12 +47,31 @@ class RateLimiter:
         self._sleep = sleep or threading.Event().wait
         self._lock = threading.Lock()
         self._next_slot: float | None = None
+        self._not_before = -math.inf
+
+    def set_qps(self, qps: float | None) -> None:
+        """Pace at `qps` from the next free slot on (slots already booked keep their time)."""
+        if qps is not None and qps <= 0:
+            raise ValueError(f"qps must be positive or None (no limit): {qps!r}")
+        with self._lock:
+            self.qps = qps
+            self._interval = 1.0 / qps if qps else 0.0
+
+    def hold_until(self, instant: float) -> None:
+        """No slot earlier than `instant` (on `clock`); -inf lifts the hold."""
+        with self._lock:
+            self._not_before = instant
 
     def acquire(self) -> float:
         """Block until this caller may go; returns the slot time (on `clock`)."""
         slot = self.try_acquire(math.inf)
         assert slot is not None
         return slot
+
+    def held_for(self) -> float:
+        """Seconds until the hold ends (0 when there is none)."""
+        with self._lock:
+            return max(0.0, self._not_before - self._clock())
 
     def try_acquire(self, latest_start: float) -> float | None:
         """Book the next free slot and sleep until it, but only if it is not later than `latest_start`.
@@ -87,7 +110,7 @@ class RateLimiter:
 
     def _free_slot(self, now: float) -> float:
         # The caller holds the lock.
-        return now if self._next_slot is None else max(now, self._next_slot)
+        return max(now, self._not_before) if self._next_slot is None else max(now, self._not_before, self._next_slot)
 
     def __repr__(self) -> str:
         return f"RateLimiter(qps={self.qps!r})"

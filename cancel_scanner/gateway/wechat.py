@@ -13,6 +13,7 @@ client, mixed into WeChatPayGateway as BillClient.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from contextlib import contextmanager
@@ -202,10 +203,9 @@ class WeChatPayGateway(BillClient):
         self._public_key_id = platform_public_key_id
         # Pace a little under the limit: calls leave on their slots, but thread wake-ups and
         # the network jitter their arrival, and WeChat counts arrivals per second.
-        self._limiters = {
-            endpoint: RateLimiter(qps * PACING_HEADROOM if qps else None)
-            for endpoint, qps in zip(ENDPOINTS, (apply_qps, query_qps, pay_query_qps, pay_close_qps))
-        }
+        self._paces = dict(zip(ENDPOINTS, (apply_qps, query_qps, pay_query_qps, pay_close_qps)))
+        self._limiters = {endpoint: RateLimiter(qps * PACING_HEADROOM if qps else None) for endpoint, qps in self._paces.items()}
+        self.pace_group = mchid  # WeChat's limits are per merchant: processes of one mchid share them
         # An operator's command sends one at a time, and WeChat publishes no limit for it: unpaced.
         self._limiters["abnormal"] = RateLimiter(None)
         # The daily bill: one apply and one download a day; WeChat publishes no limit for either.
@@ -319,6 +319,31 @@ class WeChatPayGateway(BillClient):
         """How many `endpoint` calls (one of ENDPOINTS) the pacer can still start within `seconds`
         from now, after the slots other threads have booked; None when unpaced. Books nothing."""
         return self._limiter(endpoint).calls_within(seconds)
+
+    def share_pace(self, sharers: int, hold_seconds: float = 0.0) -> dict[str, float]:
+        """Pace each endpoint at a `sharers`-th of its configured QPS (the merchant's limit shared by that
+        many processes), and start no call for the next `hold_seconds`. Returns the new paces.
+
+        WeChat counts arrivals per one-second window. A strictly paced process at r calls/s lands at
+        most floor(r) + 1 of them in one window, so N unsynchronised processes land up to N more than
+        N x r: each of the others gives up one call a second, and N x floor(r) + N stays within the
+        pace one process alone would keep."""
+        if sharers < 1:
+            raise ValueError(f"sharers must be at least 1: {sharers!r}")
+        paces = {}
+        for endpoint, qps in self._paces.items():
+            if qps:
+                whole = qps * PACING_HEADROOM
+                paces[endpoint] = max((whole - (sharers - 1)) / sharers, whole / (2 * sharers))
+                self._limiters[endpoint].set_qps(paces[endpoint])
+        hold = time.monotonic() + hold_seconds if hold_seconds > 0 else -math.inf
+        for endpoint in self._paces:
+            self._limiters[endpoint].hold_until(hold)
+        return paces
+
+    def held_for(self, endpoint: str) -> float:
+        """Seconds until `endpoint`'s pacer lets calls start again after share_pace's hold (0: now)."""
+        return self._limiter(endpoint).held_for()
 
     def close(self) -> None:
         self._closed = True

@@ -208,3 +208,27 @@ def test_calls_within_books_nothing_and_is_none_when_unpaced():
     assert limiter.acquire() == 100.0
     assert limiter.calls_within(-1.0) == 0
     assert RateLimiter(None).calls_within(1.0) is None
+
+
+def test_a_new_rate_spaces_the_slots_after_those_already_booked():
+    fake = FakeTime()
+    limiter = RateLimiter(10, clock=fake.clock, sleep=fake.sleep)
+    first = [limiter.acquire() for _ in range(3)]  # 100.0, 100.1, 100.2
+    limiter.set_qps(2)  # three processes now share what this one had alone, say
+
+    later = [limiter.acquire() for _ in range(3)]
+
+    assert first == pytest.approx([100.0, 100.1, 100.2])
+    assert later == pytest.approx([100.3, 100.8, 101.3])  # the slot booked at 10/s, then 2/s
+
+
+def test_a_hold_starts_no_call_before_its_end_and_lifting_it_frees_the_slots_again():
+    fake = FakeTime()
+    limiter = RateLimiter(10, clock=fake.clock, sleep=fake.sleep)
+    limiter.hold_until(102.0)
+
+    assert limiter.calls_within(1.5) == 0
+    assert limiter.try_acquire(101.9) is None
+    assert limiter.acquire() == pytest.approx(102.0)  # a caller without a deadline waits the hold out
+    limiter.hold_until(float("-inf"))
+    assert limiter.acquire() == pytest.approx(102.1)

@@ -1,0 +1,110 @@
+"""N processes of one merchant share its WeChat QPS (issue 16): each paces at 1/N of the configured
+limits, N counted from the live registry entries of that merchant at every heartbeat, and a process
+that has just joined holds its calls until the others have read its entry and slowed down."""
+
+from __future__ import annotations
+
+import pytest
+
+from cancel_scanner.engine.registry import Registry
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.gateway.wechat import PACING_HEADROOM
+from cancel_scanner.scanners import build_stages
+from tests.flow import Clock, test_config
+
+APPLY_QPS = 2000  # the sandbox fixture's client pace
+WHOLE = APPLY_QPS * PACING_HEADROOM
+
+
+def share(n: int) -> float:
+    """One of n processes' pace: an n-th of the whole, less one call a second for each of the others
+    (n strict pacers land up to n - 1 more calls in one window than n times one's pace)."""
+    return (WHOLE - (n - 1)) / n
+
+
+def apply_calls_in(gateway, seconds: float) -> int:
+    """Calls the apply pacer can start within `seconds` from now: its pace, or 0 while it holds."""
+    return gateway.calls_within("apply", seconds)
+
+
+def other_process(db, clock, group: str | None, owner: str) -> Registry:
+    entry = Registry(db, clock, (), owner=owner, pace_group=group)
+    entry.beat()
+    return entry
+
+
+@pytest.fixture
+def setup(db, db_url, sandbox):
+    clock = Clock()
+    config = test_config(db_url)
+    runners: list[Runner] = []
+
+    def runner(owner: str, **top) -> Runner:
+        cfg = test_config(db_url, **top) if top else config
+        made = Runner(db, cfg, build_stages(cfg), sandbox.gateway, clock=clock, owner=owner)
+        runners.append(made)
+        return made
+
+    yield clock, runner, sandbox.gateway
+    for r in runners:
+        r.registry.deregister()
+        r.close()
+
+
+def test_a_process_alone_paces_at_the_whole_limit_and_at_a_third_once_two_more_of_its_merchant_run(setup, db):
+    clock, runner, gateway = setup
+    me = runner("me")
+    me.registry.tick()
+    assert me.registry.sharers == 1
+    alone = apply_calls_in(gateway, 10.0)
+    assert alone == pytest.approx(10 * WHOLE, abs=2)
+
+    group = gateway.pace_group
+    other_process(db, clock, group, "second")
+    other_process(db, clock, group, "third")
+    other_process(db, clock, "another-merchant", "theirs")  # its own limits: not a sharer of ours
+    other_process(db, clock, None, "no-calls")  # calls nothing paced (a reissue, say)
+    me.registry.tick()
+
+    assert me.registry.sharers == 3
+    assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * share(3), abs=2)
+
+
+def test_a_sharer_that_died_stops_counting_once_it_is_silent_for_takeover_seconds(setup, db):
+    clock, runner, gateway = setup
+    me = runner("me")
+    me.registry.tick()
+    other_process(db, clock, gateway.pace_group, "dies")
+    me.registry.tick()
+    assert me.registry.sharers == 2
+    clock.advance(me.config.takeover_seconds - 1)
+    me.registry.tick()
+    assert me.registry.sharers == 2  # silent, but not for long enough: still counted (the safe side)
+    clock.advance(2)
+    me.registry.tick()
+    assert me.registry.sharers == 1
+    assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * WHOLE, abs=2)
+
+
+def test_a_newcomer_beside_running_sharers_starts_no_call_for_two_heartbeats(setup, db):
+    clock, runner, gateway = setup
+    other_process(db, clock, gateway.pace_group, "running")
+    newcomer = runner("newcomer")
+    newcomer.registry.tick()  # registers: fresh, among one other
+
+    hold = 2 * newcomer.config.heartbeat_seconds
+    half = share(2)
+    assert apply_calls_in(gateway, hold - 0.2) == 0
+    assert apply_calls_in(gateway, hold + 1.0) == pytest.approx(half, rel=0.1)  # then its share: half
+    newcomer.registry.tick()  # the next heartbeat: no longer new; the hold runs out, it is not renewed
+    assert apply_calls_in(gateway, hold - 0.2) == 0
+    assert apply_calls_in(gateway, hold + 1.0) == pytest.approx(half, rel=0.1)
+
+
+def test_with_qps_shared_off_each_process_paces_at_the_whole_limit(setup, db):
+    clock, runner, gateway = setup
+    other_process(db, clock, gateway.pace_group, "running")
+    me = runner("me", wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "qps_shared": False})
+    me.registry.tick()
+    assert me.registry.pace_group is None
+    assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * WHOLE, abs=2)
