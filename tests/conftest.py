@@ -131,7 +131,7 @@ def galera_cluster(tmp_path_factory):
             pytest.fail(f"a Galera cluster is required under CI=true: {lacking} not found", pytrace=False)
         pytest.skip(f"no Galera cluster: {lacking} not found")
     try:
-        bed = galera.GaleraCluster(3, base_dir=tmp_path_factory.mktemp("galera")).start()
+        bed = galera.GaleraCluster.started(3, base_dir=tmp_path_factory.mktemp("galera"))
     except MariaDBUnavailable as exc:
         if IN_CI:
             pytest.fail(f"the Galera cluster did not come up: {exc}", pytrace=False)

@@ -160,6 +160,23 @@ class GaleraCluster:
         for node in self.nodes:
             node.cleanup()
 
+    @classmethod
+    def started(cls, size: int = 3, base_dir: Path | None = None, attempts: int = 2, **kwargs) -> GaleraCluster:
+        """A cluster that came up, trying again with fresh ports: the free ports picked when the nodes
+        are made are free only then, and another process on the machine may take one meanwhile."""
+        for attempt in range(1, attempts + 1):
+            folder = base_dir / f"try{attempt}" if base_dir is not None else None
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            cluster = cls(size, base_dir=folder, **kwargs)
+            try:
+                return cluster.start()
+            except MariaDBUnavailable:
+                cluster.stop()
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
     def __enter__(self) -> GaleraCluster:
         try:
             return self.start()

@@ -23,6 +23,10 @@ our group (``sharers``) and tells ``on_share``: N daemons of one merchant each p
 at 1/N of the configured QPS. A process that has just registered is told it is new
 (``fresh``), and holds its calls until the others have read its entry.
 
+The same read gives each process its slice of the rows: of the N live entries, sorted by owner,
+ours is number k, and claims take rows with id mod N = k first (then any), so N claimers rarely
+reach for the same rows.
+
 Stale entries are locked, deleted and their leases released in one transaction:
 a process whose heartbeat races the reaper either commits its beat first (and is
 not stale any more) or waits for the reaper and then finds its entry gone.
@@ -89,6 +93,9 @@ class Registry:
         self.report: Callable[[], str | None] | None = None
         self.pace_group = pace_group
         self.sharers = 1  # live entries of our pace group, us included, as of the last reap
+        # (our rank, how many live entries) as of the last reap: claimers take the rows of their own
+        # slice (id mod N = rank) first. (0, 1) alone or before the first reap.
+        self.slice: tuple[int, int] = (0, 1)
         # Told (sharers, fresh) after every reap while we pace: fresh once, after (re)registering.
         self.on_share: Callable[[int, bool], None] | None = None
         self._fresh = False
@@ -172,6 +179,8 @@ class Registry:
             # Every entry (one per running process): the dead, and the live ones sharing our pace.
             entries = conn.execute(select(p.owner, p.heartbeat_at, p.pace_group).order_by(p.id)).all()
         dead = [e.owner for e in entries if e.heartbeat_at < cutoff and e.owner != me]
+        live = sorted(e.owner for e in entries if e.heartbeat_at >= cutoff or e.owner == me)
+        self.slice = (live.index(me), len(live)) if me in live else (0, 1)
         if self.pace_group is not None:
             others = sum(1 for e in entries if e.owner != me and e.heartbeat_at >= cutoff and e.pace_group == self.pace_group)
             self.sharers, fresh, self._fresh = 1 + others, self._fresh, False

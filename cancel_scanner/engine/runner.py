@@ -229,6 +229,8 @@ class Runner:
                 report.error = describe_db_error(exc)
             else:
                 raise
+            if stage.kind != "gateway":
+                _reset(report)  # one transaction, rolled back whole: none of its rows is done
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
             log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked or report.lost)
         if report.claimed:
@@ -293,9 +295,25 @@ class Runner:
     # --- database stages ------------------------------------------------------------------------
 
     def _claim(self, conn: Connection, stage: Stage, now: datetime, limit: int, only_id: int | None = None) -> list[Row]:
+        """Ready rows, locked (SKIP LOCKED). Beside other processes, the rows of our own slice first
+        (id mod N = our rank among the N live processes), then any: claimers pick different rows
+        instead of racing for the same first ones, which on Galera, where SKIP LOCKED does not see
+        another node's locks, would only be settled at COMMIT (a lost claim)."""
+        rank, of = self.registry.slice if only_id is None else (0, 1)
         query = stage.ready(now, limit)
         if only_id is not None:
             query = query.where(stage.flags.id == only_id)
+        if of > 1:
+            query = query.where(stage.flags.id % of == rank)
+        rows = self._locked(conn, query)
+        if of > 1 and len(rows) < limit:
+            rest = stage.ready(now, limit - len(rows))
+            if rows:
+                rest = rest.where(stage.flags.id.not_in([r.id for r in rows]))
+            rows += self._locked(conn, rest)
+        return rows
+
+    def _locked(self, conn: Connection, query) -> list[Row]:
         if self._mysql:
             query = query.with_for_update(skip_locked=True)
         return list(conn.execute(query).all())

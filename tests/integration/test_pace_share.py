@@ -108,3 +108,36 @@ def test_with_qps_shared_off_each_process_paces_at_the_whole_limit(setup, db):
     me.registry.tick()
     assert me.registry.pace_group is None
     assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * WHOLE, abs=2)
+
+
+def test_beside_other_processes_a_claim_takes_its_own_slice_of_the_rows_first_then_any(db, db_url, sandbox):
+    """Of N live processes sorted by owner, the k-th claims ids with id mod N = k first: N claimers
+    reach for different rows (on Galera, where SKIP LOCKED does not see another node's locks, the
+    same rows would be settled only at COMMIT, as lost claims). When its slice runs dry it takes any."""
+    from tests.flow import add_goods, add_order, request_cancel, rows
+
+    clock = Clock()
+    config = test_config(db_url, jobs={"intake": {"batch_size": 3}})
+    add_goods(db, 1, stock=100, sales=50)
+    for order_id in range(1, 9):
+        add_order(db, order_id)
+        request_cancel(db, order_id)
+    ids = [r.id for r in rows(db, "SELECT id FROM req_order_ops ORDER BY id")]
+    other_process(db, clock, None, "a-first")  # sorts before "b-me": we are number 1 of 2
+    me = Runner(db, config, build_stages(config), sandbox.gateway, clock=clock, owner="b-me")
+    try:
+        me.registry.tick()
+        assert me.registry.slice == (1, 2)
+
+        def scanned() -> list[int]:
+            return [r.id for r in rows(db, "SELECT id FROM req_order_ops WHERE scanned = 1 ORDER BY id")]
+
+        me.run_stage("intake", clock.now)
+        mine = [i for i in ids if i % 2 == 1]
+        assert scanned() == mine[:3]
+        me.run_stage("intake", clock.now)  # one of ours left, then the other's oldest
+        theirs = [i for i in ids if i % 2 == 0]
+        assert scanned() == sorted(mine + theirs[:2])
+    finally:
+        me.registry.deregister()
+        me.close()
