@@ -20,7 +20,7 @@ Sharing WeChat's limits: an entry names the merchant whose per-merchant QPS its
 process paces against (``pace_group``, the mchid; NULL when it calls no paced
 endpoint). Each reap reads every entry anyway, so it also counts the live ones of
 our group (``sharers``) and tells ``on_share``: N daemons of one merchant each pace
-at 1/N of the configured QPS. A process that has just registered is told it is new
+at an N-th of the configured QPS (less a little: WeChatPayGateway.share_pace). A process that has just registered is told it is new
 (``fresh``), and holds its calls until the others have read its entry.
 
 The same read gives each process its slice of the rows: of the N live entries, sorted by owner,
