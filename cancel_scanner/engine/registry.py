@@ -61,6 +61,16 @@ def new_owner_id() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user's
+        return True
+    return True
+
+
 class Registry:
     """This process's entry in the registry, its heartbeat, and the reaper of dead entries."""
 
@@ -177,8 +187,13 @@ class Registry:
         me = self.owner
         with self.db.connect() as conn:
             # Every entry (one per running process): the dead, and the live ones sharing our pace.
-            entries = conn.execute(select(p.owner, p.heartbeat_at, p.pace_group).order_by(p.id)).all()
+            entries = conn.execute(select(p.owner, p.heartbeat_at, p.pace_group, p.hostname, p.pid).order_by(p.id)).all()
         dead = [e.owner for e in entries if e.heartbeat_at < cutoff and e.owner != me]
+        # Sharing and slices count the live entries, less those of processes of this host that no
+        # longer exist (a daemon killed and started again): they call nothing, though only
+        # takeover_seconds of silence makes them dead for the reaper.
+        host = socket.gethostname()[:64]
+        entries = [e for e in entries if e.owner == me or e.hostname != host or _pid_exists(e.pid)]
         live = sorted(e.owner for e in entries if e.heartbeat_at >= cutoff or e.owner == me)
         self.slice = (live.index(me), len(live)) if me in live else (0, 1)
         if self.pace_group is not None:

@@ -295,21 +295,31 @@ class Runner:
     # --- database stages ------------------------------------------------------------------------
 
     def _claim(self, conn: Connection, stage: Stage, now: datetime, limit: int, only_id: int | None = None) -> list[Row]:
-        """Ready rows, locked (SKIP LOCKED). Beside other processes, the rows of our own slice first
-        (id mod N = our rank among the N live processes), then any: claimers pick different rows
-        instead of racing for the same first ones, which on Galera, where SKIP LOCKED does not see
-        another node's locks, would only be settled at COMMIT (a lost claim)."""
-        rank, of = self.registry.slice if only_id is None else (0, 1)
-        query = stage.ready(now, limit)
+        """Ready rows, locked (SKIP LOCKED). Beside other processes, the rows of our own slice first,
+        then any: claimers pick different rows instead of racing for the same first ones, which on
+        Galera, where SKIP LOCKED does not see another node's locks, would only be settled at COMMIT
+        (a lost claim).
+
+        A slice is every N-th block of batch_size consecutive ids (N live processes, ours the k-th).
+        Ours are found by a plain read (no lock) and then locked by id: a locking read filtered by
+        the slice would lock, for a moment, every row it scans on its way, the other slices' too,
+        and on Galera another node's write applied to such a row aborts our whole transaction."""
         if only_id is not None:
-            query = query.where(stage.flags.id == only_id)
-        if of > 1:
-            query = query.where(stage.flags.id % of == rank)
-        rows = self._locked(conn, query)
-        if of > 1 and len(rows) < limit:
+            return self._locked(conn, stage.ready(now, limit).where(stage.flags.id == only_id))
+        rank, of = self.registry.slice
+        if of <= 1:
+            return self._locked(conn, stage.ready(now, limit))
+        block = self.config.job(stage.name).batch_size
+        ids = stage.flags.id
+        seen = [r.id for r in conn.execute(stage.ready(now, limit * of)).all()]
+        mine = [i for i in seen if (i // block) % of == rank][:limit]
+        # By primary key: the ready query's own index would scan (and lock) from the first pending row.
+        by_key = stage.ready(now, limit).where(ids.in_(mine)).with_hint(stage.flags.table, "FORCE INDEX (PRIMARY)", "mysql")
+        rows = self._locked(conn, by_key.with_hint(stage.flags.table, "FORCE INDEX (PRIMARY)", "mariadb")) if mine else []
+        if len(rows) < limit:
             rest = stage.ready(now, limit - len(rows))
             if rows:
-                rest = rest.where(stage.flags.id.not_in([r.id for r in rows]))
+                rest = rest.where(ids.not_in([r.id for r in rows]))
             rows += self._locked(conn, rest)
         return rows
 

@@ -111,8 +111,8 @@ def test_with_qps_shared_off_each_process_paces_at_the_whole_limit(setup, db):
 
 
 def test_beside_other_processes_a_claim_takes_its_own_slice_of_the_rows_first_then_any(db, db_url, sandbox):
-    """Of N live processes sorted by owner, the k-th claims ids with id mod N = k first: N claimers
-    reach for different rows (on Galera, where SKIP LOCKED does not see another node's locks, the
+    """Of N live processes sorted by owner, the k-th claims the k-th of every N blocks of batch_size
+    ids first: N claimers reach for different rows (on Galera, where SKIP LOCKED does not see another node's locks, the
     same rows would be settled only at COMMIT, as lost claims). When its slice runs dry it takes any."""
     from tests.flow import add_goods, add_order, request_cancel, rows
 
@@ -133,11 +133,30 @@ def test_beside_other_processes_a_claim_takes_its_own_slice_of_the_rows_first_th
             return [r.id for r in rows(db, "SELECT id FROM req_order_ops WHERE scanned = 1 ORDER BY id")]
 
         me.run_stage("intake", clock.now)
-        mine = [i for i in ids if i % 2 == 1]
+        mine = [i for i in ids if (i // 3) % 2 == 1]  # blocks of batch_size (3) ids: every other one ours
+        theirs = [i for i in ids if i not in mine]
         assert scanned() == mine[:3]
-        me.run_stage("intake", clock.now)  # one of ours left, then the other's oldest
-        theirs = [i for i in ids if i % 2 == 0]
-        assert scanned() == sorted(mine + theirs[:2])
+        me.run_stage("intake", clock.now)  # what is left of ours, then the other slice's oldest
+        assert scanned() == sorted(mine[:6] + theirs[: max(0, 6 - len(mine))])
     finally:
         me.registry.deregister()
         me.close()
+
+
+def test_the_entry_of_a_process_of_this_host_that_no_longer_exists_shares_nothing_and_holds_no_slice(setup, db):
+    """A daemon killed -9 and started again: its former life's entry stays until takeover_seconds of
+    silence, but its pid is gone, so the new life paces at the whole limit and claims every row."""
+    import subprocess
+    import sys
+
+    clock, runner, gateway = setup
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    other_process(db, clock, gateway.pace_group, "former-life")
+    with db.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE cancel_scanner_process SET pid = {int(gone.stdout)} WHERE owner = 'former-life'")
+    me = runner("me")
+    me.registry.tick()
+
+    assert (me.registry.sharers, me.registry.slice) == (1, (0, 1))
+    assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * WHOLE, abs=2)
+    assert me.registry.reap() == []  # and the reaper still waits takeover_seconds for it
