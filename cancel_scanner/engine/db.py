@@ -62,16 +62,12 @@ def _configure_galera(engine: Engine, sync_wait: int) -> None:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, record):
-        # Asked once per connection: MySQL has no such variable (1193), a MariaDB without Galera says 0.
+        # Asked once per connection.
         cur = dbapi_conn.cursor()
         try:
-            try:
-                cur.execute("SELECT @@wsrep_on")
-                on = bool(cur.fetchone()[0])
-            except dbapi_conn.OperationalError as exc:
-                if exc.args[0] != 1193:
-                    raise
-                on = False
+            cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")  # no row on MySQL, OFF on a MariaDB without Galera
+            row = cur.fetchone()
+            on = row is not None and str(row[1]).upper() == "ON"
             record.info["galera"] = on
             if on:
                 cur.execute(f"SET SESSION wsrep_sync_wait = {int(sync_wait)}")

@@ -193,7 +193,8 @@ class Registry:
         # longer exist (a daemon killed and started again): they call nothing, though only
         # takeover_seconds of silence makes them dead for the reaper.
         host = socket.gethostname()[:64]
-        entries = [e for e in entries if e.owner == me or e.hostname != host or _pid_exists(e.pid)]
+        mine = os.getpid()  # another owner under our pid is a former life of ours (an INSERT whose answer we lost)
+        entries = [e for e in entries if e.owner == me or e.hostname != host or (e.pid != mine and _pid_exists(e.pid))]
         live = sorted(e.owner for e in entries if e.heartbeat_at >= cutoff or e.owner == me)
         self.slice = (live.index(me), len(live)) if me in live else (0, 1)
         if self.pace_group is not None:

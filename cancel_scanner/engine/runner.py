@@ -60,6 +60,7 @@ utcnow = local_utcnow  # this host's clock: for display only, never for a compar
 # of one of them calling out a long lease alone. At 150/s it is still a full batch of 200.
 CLAIM_AHEAD_SECONDS = 2.0
 PACED_WAIT_SECONDS = 0.05  # run_until_idle, when the pacer is booked past the window: look again this soon
+MAX_PACED_SECONDS = 60.0  # ... but not for longer than this in a row: then something is wrong, say so
 MAX_LOST_IN_A_ROW = 20  # races lost one after another before the caller treats it as a failure
 
 
@@ -80,6 +81,7 @@ class BatchReport:
     batch_size: int = 0
     error: str | None = None  # the batch rolled back (a transient database error): back off, retry
     lost: str | None = None  # the batch lost a race (1213, a guarded flip found fewer rows): nothing happened, look again
+    one_by_one: bool = False  # a database batch gone row by row: its rows commit one at a time
     paced: bool = False  # claimed nothing because the pacer is booked past the lease window: rows may wait, look again soon
     blocked: str | None = None  # the environment stops the stage (privileges, credentials): back off, alert
     outcomes: dict[int, Outcome] = field(default_factory=dict, repr=False)
@@ -229,7 +231,7 @@ class Runner:
                 report.error = describe_db_error(exc)
             else:
                 raise
-            if stage.kind != "gateway":
+            if stage.kind != "gateway" and not report.one_by_one:
                 _reset(report)  # one transaction, rolled back whole: none of its rows is done
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
             log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked or report.lost)
@@ -245,7 +247,7 @@ class Runner:
         """Run the stages in flow order until none has a ready row (at ``now``, if given)."""
         names = [n for n in (stages or self.stages) if self.config.job(n).enabled]
         totals = {n: BatchReport(stage=n) for n in names}
-        lost = 0
+        lost = paced = 0
         for _ in range(max_rounds):
             progressed = False
             for name in names:
@@ -261,8 +263,12 @@ class Runner:
                         continue  # nothing happened: look again
                     lost = 0
                     if report.paced:
+                        paced += 1
+                        if paced * PACED_WAIT_SECONDS > MAX_PACED_SECONDS:
+                            raise RuntimeError(f"stage {name} found no free call slot for {MAX_PACED_SECONDS:.0f}s")
                         self.stopping.wait(PACED_WAIT_SECONDS)  # the pacer frees a slot within the window
                         continue
+                    paced = 0
                     if report.progressed:
                         progressed = True
                     if not report.full:
@@ -309,7 +315,9 @@ class Runner:
         rank, of = self.registry.slice
         if of <= 1:
             return self._locked(conn, stage.ready(now, limit))
-        block = self.config.job(stage.name).batch_size
+        # A database batch takes a block of batch_size ids; a gateway batch, a few seconds of its pace,
+        # takes every N-th id (it inserts nothing whose index neighbours another daemon's rows).
+        block = 1 if stage.kind == "gateway" else self.config.job(stage.name).batch_size
         ids = stage.flags.id
         seen = [r.id for r in conn.execute(stage.ready(now, limit * of)).all()]
         mine = [i for i in seen if (i // block) % of == rank][:limit]
@@ -349,6 +357,7 @@ class Runner:
                 "batch failed ({}), retrying its rows one by one", _first_line(exc)
             )
             _reset(report)
+            report.one_by_one = True
             self._run_rows_one_by_one(stage, job, ids, now, report)
 
     def _run_rows_one_by_one(self, stage, job: JobConfig, ids: list[int], now: datetime, report: BatchReport) -> None:
@@ -409,7 +418,11 @@ class Runner:
         if not registry.threaded:
             registry.tick()  # no heartbeat thread (run --once, tests): beat and reap before every lease
         if registry.pace_group is not None and self._sharers is None:
-            report.paced = True  # the heartbeat thread has not counted the merchant's processes yet: call nothing
+            if registry.safe_until() - self.monotonic() < MIN_CALL_SECONDS:
+                # No heartbeat has landed yet (the database is away): a failure to back off on, not a pace.
+                report.error = registry.last_error or "no fresh heartbeat in the process registry"
+            else:
+                report.paced = True  # the heartbeat thread has not counted the merchant's processes yet: call nothing
             return
         held = self.gateway.held_for(stage.endpoint) if registry.pace_group is not None else 0.0
         if held > 0:

@@ -13,7 +13,6 @@ client, mixed into WeChatPayGateway as BillClient.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from contextlib import contextmanager
@@ -322,7 +321,8 @@ class WeChatPayGateway(BillClient):
 
     def share_pace(self, sharers: int, hold_seconds: float = 0.0) -> dict[str, float]:
         """Pace each endpoint at a `sharers`-th of its configured QPS (the merchant's limit shared by that
-        many processes), and start no call for the next `hold_seconds`. Returns the new paces.
+        many processes), and start no call for the next `hold_seconds` (0: leave any hold running).
+        Returns the new paces.
 
         WeChat counts arrivals per one-second window. A strictly paced process at r calls/s lands at
         most floor(r) + 1 of them in one window, so N unsynchronised processes land up to N more than
@@ -336,9 +336,9 @@ class WeChatPayGateway(BillClient):
                 whole = qps * PACING_HEADROOM
                 paces[endpoint] = max((whole - (sharers - 1)) / sharers, whole / (2 * sharers))
                 self._limiters[endpoint].set_qps(paces[endpoint])
-        hold = time.monotonic() + hold_seconds if hold_seconds > 0 else -math.inf
-        for endpoint in self._paces:
-            self._limiters[endpoint].hold_until(hold)
+        if hold_seconds > 0:  # a hold only ever starts here; it ends by itself, never cut short by a new count
+            for endpoint in self._paces:
+                self._limiters[endpoint].hold_until(time.monotonic() + hold_seconds)
         return paces
 
     def held_for(self, endpoint: str) -> float:
