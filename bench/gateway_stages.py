@@ -15,13 +15,17 @@ first to the last. The 429 count is the emulator's. Latency x concurrency bounds
 at concurrency / latency = 16 / 20 ms = 800 calls/s, above both limits, so the target
 (>= 0.9 x the limit, no 429) applies.
 
-    PYTHONPATH=. python bench/gateway_stages.py [--quick] [--n 20000]
+With ``--daemons K``, K daemons of the one merchant drain together: they share its limits
+(wechat.qps_shared), so the target is the same, for their sum.
+
+    PYTHONPATH=. python bench/gateway_stages.py [--quick] [--n 20000] [--daemons 3]
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,7 +65,7 @@ def latency_check(emulator: EmulatorProcess, calls: int = 20) -> float:
     return reporting.median(took)
 
 
-def drain(emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: str, n: int, knobs: dict) -> dict:
+def drain(emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: str, n: int, knobs: dict, daemons: int = 1) -> dict:
     raw = {"database_url": url, "wechat": emulator.wechat(knobs["apply_qps"], knobs["query_qps"]),
            "jobs": configs.jobs(enabled=[stage], **{stage: knobs["job"]})}
     done_sql = f"SELECT COUNT(*) FROM refund_order WHERE NOT ({pending_where})"
@@ -79,13 +83,17 @@ def drain(emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: 
 
     emulator.reset()
     emu_cpu0 = emulator.cpu_seconds()
-    with DaemonProcess(OUT_DIR, raw, emulator.env(), name=f"gateway-{stage}") as daemon:
-        cpu0 = daemon.cpu_seconds()
+    with ExitStack() as stack:
+        # K daemons of one merchant share its limits (wechat.qps_shared): each paces at its share.
+        fleet = [stack.enter_context(DaemonProcess(OUT_DIR, raw, emulator.env(), name=f"gateway-{stage}-{i + 1}of{daemons}"))
+                 for i in range(daemons)]
+        daemon = fleet[0]  # named in the stall message
+        cpu0 = [d.cpu_seconds() for d in fleet]
         wall = timed_wait(drained, timeout=7200, interval=0.5, what=f"{stage} to drain")
-        cpu = daemon.cpu_seconds() - cpu0
-        memory = daemon.memory_mb()
+        cpu = sum(d.cpu_seconds() - c for d, c in zip(fleet, cpu0))
+        peak = max(d.memory_mb()["VmHWM"] for d in fleet)
     stats = emulator.stats()
-    return {"wall": wall, "cpu": cpu, "peak_rss": memory["VmHWM"], "emulator": stats,
+    return {"wall": wall, "cpu": cpu, "peak_rss": peak, "emulator": stats,
             "emulator_cpu": emulator.cpu_seconds() - emu_cpu0}
 
 
@@ -123,6 +131,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=None, help="gateway stages' batch_size (jobs.yaml: 200)")
     p.add_argument("--concurrency", type=int, default=None, help="gateway stages' concurrency (jobs.yaml: 16)")
     p.add_argument("--latency", type=float, default=GATEWAY_LATENCY_SECONDS, help="seconds per call at the emulator")
+    p.add_argument("--daemons", type=int, default=1, help="daemons of the one merchant at once (they share its limits)")
     args = p.parse_args()
     reporting.quiet_logging()
     n = args.n or (1_000 if args.quick else 20_000)
@@ -132,7 +141,8 @@ def main() -> int:
     concurrency = {s: job[s]["concurrency"] for s in ("submit_refund", "poll_refund")}
     settings = "".join(
         f", {label} {value}" for label, value in (("client pace x", args.pace if args.pace != 1.0 else None),
-                                                  ("batch_size", args.batch_size), ("concurrency", args.concurrency)) if value
+                                                  ("batch_size", args.batch_size), ("concurrency", args.concurrency),
+                                                  ("daemons", args.daemons if args.daemons != 1 else None)) if value
     )
     report = reporting.Report(f"Gateway stages: {n:,} refunds, {args.latency * 1000:.0f} ms per call, limits {WECHAT_APPLY_QPS}/{WECHAT_QUERY_QPS} QPS{settings}")
 
@@ -150,14 +160,14 @@ def main() -> int:
         database.wait_for_purge(conn)
 
         print(f"[submit_refund] draining {n:,} refunds", flush=True)
-        submit = drain(emulator, url, conn, "submit_refund", "submit_scanned = 0", n, knobs)
+        submit = drain(emulator, url, conn, "submit_refund", "submit_scanned = 0", n, knobs, args.daemons)
         accepted = database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 1")
 
         # The first poll is poll_delays_seconds[0] (60 s) after acceptance: make it due now.
         database.sql(conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1")
         database.wait_for_purge(conn)
         print(f"[poll_refund] draining {accepted:,} refunds", flush=True)
-        poll = drain(emulator, url, conn, "poll_refund", "submit_success = 1 AND progress_scanned = 0", accepted, knobs)
+        poll = drain(emulator, url, conn, "poll_refund", "submit_success = 1 AND progress_scanned = 0", accepted, knobs, args.daemons)
         succeeded = database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND progress_success = 1")
         profiled = {}
         if args.profile:
