@@ -174,14 +174,13 @@ class Runner:
     def _pace_group(self) -> str | None:
         """The merchant whose WeChat QPS this process shares with the other processes of it, or None:
         sharing is off, or nothing here calls a paced endpoint."""
-        share = getattr(self.gateway, "share_pace", None)
-        calls = any(hasattr(stage, "endpoint") and self.config.job(name).enabled for name, stage in self.stages.items())
-        if share is None or not calls or not self.config.wechat.qps_shared:
+        calls = any(stage.kind == "gateway" and self.config.job(name).enabled for name, stage in self.stages.items())
+        if not hasattr(self.gateway, "share_pace") or not calls or not self.config.wechat.qps_shared:
             return None
         return getattr(self.gateway, "pace_group", None) or self.config.wechat.mchid
 
     def _share_pace(self, sharers: int, fresh: bool) -> None:
-        """After every reap: pace at 1/sharers of the merchant's QPS. A newcomer among others holds its
+        """After every reap: pace at our share of the merchant's QPS. A newcomer among others holds its
         calls for two heartbeats, by which time every other process has read its entry and slowed down."""
         hold = 2 * self.config.heartbeat_seconds if fresh and sharers > 1 else 0.0
         if sharers == self._sharers and not fresh:
@@ -321,9 +320,13 @@ class Runner:
         ids = stage.flags.id
         seen = [r.id for r in conn.execute(stage.ready(now, limit * of)).all()]
         mine = [i for i in seen if (i // block) % of == rank][:limit]
-        # By primary key: the ready query's own index would scan (and lock) from the first pending row.
-        by_key = stage.ready(now, limit).where(ids.in_(mine)).with_hint(stage.flags.table, "FORCE INDEX (PRIMARY)", "mysql")
-        rows = self._locked(conn, by_key.with_hint(stage.flags.table, "FORCE INDEX (PRIMARY)", "mariadb")) if mine else []
+        rows = []
+        if mine:
+            # By primary key: the ready query's own index would scan (and lock) from the first pending row.
+            by_key = stage.ready(now, limit).where(ids.in_(mine))
+            for dialect in ("mysql", "mariadb"):
+                by_key = by_key.with_hint(stage.flags.table, "FORCE INDEX (PRIMARY)", dialect)
+            rows = self._locked(conn, by_key)
         if len(rows) < limit:
             rest = stage.ready(now, limit - len(rows))
             if rows:

@@ -27,15 +27,15 @@ def apply_calls_in(gateway, seconds: float) -> int:
     return gateway.calls_within("apply", seconds)
 
 
-def other_process(db, clock, group: str | None, owner: str) -> Registry:
-    """Another live process's entry: registered here, under a pid that is alive but not ours (an entry
-    of another owner under our own pid is a former life of ours, and shares nothing)."""
+def other_process(db, clock, group: str | None, owner: str, pid: int | None = None) -> Registry:
+    """Another process's entry, registered here under `pid`: by default one that is alive but not ours
+    (an entry of another owner under our own pid is a former life of ours, and shares nothing)."""
     import os
 
     entry = Registry(db, clock, (), owner=owner, pace_group=group)
     entry.beat()
     with db.begin() as conn:
-        conn.exec_driver_sql(f"UPDATE cancel_scanner_process SET pid = {os.getppid()} WHERE owner = '{owner}'")
+        conn.exec_driver_sql(f"UPDATE cancel_scanner_process SET pid = {pid or os.getppid()} WHERE owner = '{owner}'")
     return entry
 
 
@@ -161,9 +161,7 @@ def test_the_entry_of_a_process_of_this_host_that_no_longer_exists_shares_nothin
 
     clock, runner, gateway = setup
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    other_process(db, clock, gateway.pace_group, "former-life")
-    with db.begin() as conn:
-        conn.exec_driver_sql(f"UPDATE cancel_scanner_process SET pid = {int(gone.stdout)} WHERE owner = 'former-life'")
+    other_process(db, clock, gateway.pace_group, "former-life", pid=int(gone.stdout))
     me = runner("me")
     me.registry.tick()
 
@@ -178,9 +176,7 @@ def test_another_owner_under_our_own_pid_is_a_former_life_of_ours_and_shares_not
     import os
 
     clock, runner, gateway = setup
-    other_process(db, clock, gateway.pace_group, "lost-insert")
-    with db.begin() as conn:
-        conn.exec_driver_sql(f"UPDATE cancel_scanner_process SET pid = {os.getpid()} WHERE owner = 'lost-insert'")
+    other_process(db, clock, gateway.pace_group, "lost-insert", pid=os.getpid())
     me = runner("me")
     me.registry.tick()
     assert (me.registry.sharers, me.registry.slice) == (1, (0, 1))
