@@ -21,6 +21,7 @@ from cancel_scanner.models.tables import (
 from cancel_scanner.models.operations import (
     ARCHIVES,
     DIFF_KINDS,
+    channel_fact,
     oplog_archive,
     reconcile_diff,
     reconcile_run,
@@ -31,6 +32,7 @@ from cancel_scanner.models.operations import (
 __all__ = [
     "ARCHIVES",
     "DIFF_KINDS",
+    "channel_fact",
     "oplog_archive",
     "reconcile_diff",
     "reconcile_run",

@@ -56,6 +56,32 @@ class ReconcileRun(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class ChannelFact(Base):
+    __tablename__ = "channel_fact"
+    __table_args__ = (
+        UniqueConstraint("stage", "row_id", name="uk_channel_fact_stage_row"),
+        Index("idx_channel_fact_open", "resolved_at", "last_seen_at"),
+        {"comment": "What a payment channel did for a row whose write-back here failed (a shop trigger, a constraint):"
+                    " kept on a table of ours until the row's stage records it."},
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    stage: Mapped[str] = mapped_column(String(32), nullable=False, comment="the gateway stage that called")
+    row_id: Mapped[int] = mapped_column(BigInteger, nullable=False, comment="the id of that stage's row")
+    order_id: Mapped[int | None] = mapped_column(BigInteger, comment="goods_order2.id")
+    number: Mapped[str] = mapped_column(String(64), nullable=False, comment="out_trade_no or out_refund_no")
+    fact: Mapped[str] = mapped_column(String(32), nullable=False, comment="PAYMENT_CLOSED|PAYMENT_PAID|REFUND_ACCEPTED|REFUND_SUCCESS|REFUND_CLOSED")
+    detail: Mapped[str | None] = mapped_column(String(255), comment="the channel's ids and amounts, for a person")
+    reason: Mapped[str] = mapped_column(String(255), nullable=False, comment="why the write here failed, last time")
+    times_seen: Mapped[int] = mapped_column(SignedInt, nullable=False, default=1, server_default="1")
+    first_seen_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, comment="database time, UTC")
+    last_seen_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, comment="database time, UTC")
+    resolved_at: Mapped[datetime | None] = mapped_column(Timestamp3, comment="when the stage recorded it (UTC); NULL: still open")
+
+
+channel_fact = ChannelFact.__table__
+
+
 def _archive(live: Table, comment: str, *keys) -> Table:
     """The archive twin of ``live``: its columns and types, its primary key without auto-increment."""
     columns = [

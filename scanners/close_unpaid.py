@@ -39,6 +39,7 @@ from pydantic import Field
 from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
+from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome, Retry
 from cancel_scanner.engine.settings import GatewayJobSettings, Seconds
 from cancel_scanner.engine.sql import locked
@@ -53,6 +54,7 @@ MIN_AGE = timedelta(minutes=5)  # WeChat's older APIs refuse to close a younger 
 USER_PAYING_RETRY = timedelta(seconds=30)
 NOT_FOUND_RECHECK = timedelta(seconds=60)
 NOT_FOUND_NOTE = "ORDER_NOT_EXIST"
+BAD_ORDER_NO = "BAD_ORDER_NO"
 BUSY_RETRY = timedelta(seconds=1)
 DEFAULT_PAY_TIMEOUT_SECONDS = 1800.0
 
@@ -131,6 +133,10 @@ class CloseUnpaid(StageDefaults):
     # -- the calls ---------------------------------------------------------------------------------
 
     def call(self, gateway: gw.PaymentGateway, row: Row, deadline: Callable[[], float]) -> Settling:
+        problem = gw.out_trade_no_problem(row.order_no)
+        if problem is not None:
+            # WeChat would refuse it; never sent, and no traceback for a refusal we expect.
+            return Settling(gw.Permanent(BAD_ORDER_NO, f"{problem}: never sent to WeChat Pay; check the order by hand"))
         first = gateway.query_payment(row.order_no, deadline=deadline)
         if not (isinstance(first, gw.PaymentState) and first.payment.trade_state in gw.CLOSABLE_STATES):
             return Settling(first)
@@ -142,6 +148,18 @@ class CloseUnpaid(StageDefaults):
 
     def not_sent(self, result: Any) -> bool:
         return isinstance(result, Settling) and isinstance(result.first, gw.NotSent)
+
+    def channel_fact(self, row: Row, result: Any) -> Fact | None:
+        """What WeChat did to the trade, kept if the order cannot be updated here (a shop rule refuses it)."""
+        if not isinstance(result, Settling):
+            return None
+        verdict = self._verdict(row, result, datetime.min)
+        if verdict == "closed":
+            return Fact("PAYMENT_CLOSED", row.order_no, row.id, "trade closed at WeChat Pay")
+        if isinstance(verdict, gw.Payment):
+            return Fact("PAYMENT_PAID", row.order_no, row.id,
+                        f"trade paid at WeChat Pay ({verdict.transaction_id}, {verdict.total} fen)")
+        return None
 
     # -- the answers ---------------------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, Row, insert, or_, select, update
 
+from cancel_scanner.engine.errors import SHOP_REFUSED
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
+from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import goods_order2, refund_order, req_order_ops
@@ -39,6 +41,12 @@ MESSAGES = {
     "DUPLICATE_REQUEST": "another request already cancelled this order",
     "BAD_ORDER_STATE": "the order's status is not one the scanner knows: check the order",
     "REFUND_WINDOW_EXPIRED": "paid more than a year ago: WeChat Pay no longer accepts a refund",
+    "BAD_ORDER_NO": (
+        "the order's order_no is not one WeChat Pay accepts (6 to 32 letters, digits or _ - | *):"
+        " not cancelled; nothing was sent to WeChat"
+    ),
+    # Given up after the retries: the shop's database (a trigger, a constraint) refused to change the order.
+    "SHOP_REFUSED": "the shop's database refused to change this order",
     "INCONSISTENT_PAYMENT": (
         "the order's payment fields disagree (pay_status, transaction_id, paid_at, order_status):"
         " not cancelled; correct the order, then send the request again"
@@ -91,6 +99,7 @@ class Intake(StageDefaults):
     feeds = ("submit_refund", "close_unpaid")
     failed_note = "request(s) rejected with a result code (req_order_ops.result_code)"
     rejections_are_routine = True
+    bugs_stay_pending = True  # a merchant reads result_msg: never an internal error, the request waits
     pending_since = req_order_ops.c.created_at
 
     def pending(self):
@@ -110,7 +119,10 @@ class Intake(StageDefaults):
         return {"result_code": OK, "result_msg": outcome.detail, "scanned_at": now}
 
     def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
-        return {"result_code": outcome.code[:32], "result_msg": outcome.message[:255], "scanned_at": now}
+        message = outcome.message
+        if outcome.code == SHOP_REFUSED and message.startswith(f"{SHOP_REFUSED}: "):
+            message = message[len(SHOP_REFUSED) + 2:]  # the code has its own column; the shop's reason is the message
+        return {"result_code": outcome.code[:32], "result_msg": message[:255], "scanned_at": now}
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
@@ -176,6 +188,8 @@ class Intake(StageDefaults):
             return reject("ORDER_SHIPPED")
         if order.order_status not in ("UNPAID", "PAID"):
             return reject("BAD_ORDER_STATE")
+        if out_trade_no_problem(order.order_no):
+            return reject("BAD_ORDER_NO")  # WeChat would refuse the close or the refund: never sent
         if order.pay_status == 1:
             if not order.total_amount or not order.transaction_id:
                 return reject("BAD_AMOUNT")

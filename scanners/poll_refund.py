@@ -21,6 +21,7 @@ from loguru import logger
 from sqlalchemy import Connection, Row, func, not_, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
+from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import Delays, GatewayJobSettings
@@ -125,6 +126,13 @@ class PollRefund(StageDefaults):
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {}
+
+    def channel_fact(self, row: Row, result: Any) -> Fact | None:
+        """A refund's end WeChat reported, kept if it cannot be written here."""
+        if isinstance(result, gw.Accepted) and matches(result.refund, row) and result.refund.status in gw.FINAL_STATUSES:
+            return Fact(f"REFUND_{result.refund.status}", row.out_refund_no, row.order_id,
+                        f"refund {result.refund.status} at WeChat Pay")
+        return None
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}

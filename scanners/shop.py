@@ -9,6 +9,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
+from loguru import logger
 from sqlalchemy import Column, Connection, Row, insert, or_, select, update
 
 from cancel_scanner.engine.outcome import Contended, Done, Failed, Outcome, clip
@@ -18,11 +19,32 @@ from cancel_scanner.models import goods, goods_order2, oplog
 
 
 def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]]) -> int:
-    """One multi-row INSERT. The unique key (order_id, event) makes a second write of an event fail."""
+    """One multi-row INSERT of the events not written yet.
+
+    The unique key (order_id, event) holds each event once. One already there was written by
+    someone else (a shop's tool, a restored backup) or by an earlier life of this row: the oplog is
+    the shop's record, not what decides whether we act (each stage's own flag does, flipped in this
+    same transaction), so the one there is kept, ours is not added, and the batch goes on.
+    """
     rows = [{"order_id": order_id, "event": event, "detail": clip(detail) if detail else None} for order_id, event, detail in events]
-    if rows:
-        conn.execute(insert(oplog), rows)
-    return len(rows)
+    if not rows:
+        return 0
+    there = {
+        tuple(found) for found in conn.execute(
+            select(oplog.c.order_id, oplog.c.event).where(
+                oplog.c.order_id.in_(sorted({r["order_id"] for r in rows})), oplog.c.event.in_(sorted({r["event"] for r in rows}))
+            )
+        )
+    }
+    new = [r for r in rows if (r["order_id"], r["event"]) not in there]
+    for r in rows:
+        if (r["order_id"], r["event"]) in there:
+            logger.bind(action="oplog_event_exists", order_id=r["order_id"], event=r["event"]).warning(
+                "oplog already has {} for order {}: kept as it is", r["event"], r["order_id"]
+            )
+    if new:
+        conn.execute(insert(oplog), new)
+    return len(new)
 
 
 def refund_event(event: str, refund_seq: int) -> str:

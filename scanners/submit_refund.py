@@ -26,6 +26,7 @@ from loguru import logger
 from sqlalchemy import Connection, Row, or_, select
 
 import cancel_scanner.gateway.contract as gw
+from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import GatewayJobSettings
@@ -87,6 +88,8 @@ def _is_refusal(result: Any) -> bool:
 class SubmitRefund(StageDefaults):
     name = "submit_refund"
     kind = "gateway"
+    # 1/0 here says "WeChat refused the refund": a refund it accepted never ends so, whatever fails here.
+    fact_stays_pending = True
     settings = GatewayJobSettings
     endpoint = "apply"
     flags = Flags.on(refund_order, "submit", leased=True)
@@ -132,6 +135,10 @@ class SubmitRefund(StageDefaults):
         return isinstance(result, Attempt) and isinstance(result.answer, gw.NotSent)
 
     def call(self, gateway: gw.RefundGateway, row: Row, deadline: Callable[[], float]) -> Any:
+        problem = gw.out_trade_no_problem(row.out_trade_no)
+        if problem is not None:
+            # WeChat refuses such a number, so no earlier call can have been accepted: ends here, never sent.
+            return Attempt(gw.Permanent("BAD_ORDER_NO", f"{problem}: never sent to WeChat Pay; check the order by hand"), False)
         # Only out_trade_no, never also transaction_id: the body of every retry must be
         # byte-for-byte the body of the first try.
         result = gateway.apply(
@@ -153,6 +160,17 @@ class SubmitRefund(StageDefaults):
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {"next_attempt_at": now + self.first_poll_delay}
+
+    def channel_fact(self, row: Row, result: Any) -> Fact | None:
+        """A refund WeChat accepted, kept if its write-back fails here (a shop rule refuses the oplog event)."""
+        if not isinstance(result, Attempt):
+            return None
+        for answer in (result.answer, result.query):
+            if isinstance(answer, gw.Accepted) and matches(answer.refund, row):
+                refund = answer.refund
+                return Fact("REFUND_ACCEPTED", row.out_refund_no, row.order_id,
+                            f"refund accepted by WeChat Pay (refund_id {refund.refund_id})")
+        return None
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}

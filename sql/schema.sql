@@ -224,6 +224,27 @@ CREATE TABLE IF NOT EXISTS reconcile_run (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One row per reconciled day: how the last reconciliation of that day ended.';
 
+-- What a payment channel did for a row whose write-back here failed (a shop trigger refused it, a
+-- constraint): kept on a table of ours, so it is never lost, until the row's stage records it.
+CREATE TABLE IF NOT EXISTS channel_fact (
+  id             BIGINT NOT NULL AUTO_INCREMENT,
+  stage          VARCHAR(32) NOT NULL COMMENT 'the gateway stage that called',
+  row_id         BIGINT NOT NULL COMMENT 'the id of that stage''s row',
+  order_id       BIGINT NULL COMMENT 'goods_order2.id',
+  number         VARCHAR(64) NOT NULL COMMENT 'out_trade_no or out_refund_no',
+  fact           VARCHAR(32) NOT NULL COMMENT 'PAYMENT_CLOSED|PAYMENT_PAID|REFUND_ACCEPTED|REFUND_SUCCESS|REFUND_CLOSED',
+  detail         VARCHAR(255) NULL COMMENT 'the channel''s ids and amounts, for a person',
+  reason         VARCHAR(255) NOT NULL COMMENT 'why the write here failed, last time',
+  times_seen     INT NOT NULL DEFAULT 1,
+  first_seen_at  DATETIME(3) NOT NULL COMMENT 'database time, UTC',
+  last_seen_at   DATETIME(3) NOT NULL COMMENT 'database time, UTC',
+  resolved_at    DATETIME(3) NULL COMMENT 'when the stage recorded it (UTC); NULL: still open',
+  CONSTRAINT pk_channel_fact PRIMARY KEY (id),
+  CONSTRAINT uk_channel_fact_stage_row UNIQUE KEY (stage, row_id),
+  INDEX idx_channel_fact_open (resolved_at, last_seen_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='What a payment channel did for a row whose write-back here failed (a shop trigger, a constraint): kept on a table of ours until the row''s stage records it.';
+
 -- Finished rows moved out of the live tables by `cancel-scanner prune`: the same columns, and when.
 CREATE TABLE IF NOT EXISTS req_order_ops_archive (
   id               BIGINT NOT NULL,
@@ -326,4 +347,4 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'close_unpaid', 'goods_order2', id, id, close_last_error, updated_at
     FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0;
 
-INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (5, 'schema.sql');
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (6, 'schema.sql');

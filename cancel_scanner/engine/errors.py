@@ -106,3 +106,60 @@ def is_lost_race(exc: BaseException) -> bool:
     certification failure on a Galera cluster (both 1213). Nothing of ours was written: look again."""
     return _db_error_is(exc, {1213}, ()) and isinstance(exc, sa_exc.OperationalError)
 
+
+
+# The shop's database refused one row's write: a trigger's SIGNAL, a constraint the row would break.
+# The row is at fault (or the shop's rule is), never the database: the rest of the batch goes on.
+SHOP_REFUSED = "SHOP_REFUSED"
+_REFUSAL_MYSQL_CODES = {
+    1644: "a shop trigger",  # SIGNAL SQLSTATE '45000'
+    1062: "a unique key",
+    1451: "a foreign key",
+    1452: "a foreign key",
+    3819: "a CHECK constraint",  # MySQL 8
+    4025: "a CHECK constraint",  # MariaDB
+    1048: "a NOT NULL column",
+    1264: "a value out of its column's range",
+    1690: "a value out of its column's range",
+    1406: "a value too long for its column",
+    1366: "a value of the wrong type for its column",
+}
+_REFUSAL_SQLITE_TEXT = {
+    "unique constraint failed": _REFUSAL_MYSQL_CODES[1062],
+    "check constraint failed": _REFUSAL_MYSQL_CODES[4025],
+    "foreign key constraint failed": _REFUSAL_MYSQL_CODES[1452],
+    "not null constraint failed": _REFUSAL_MYSQL_CODES[1048],
+}
+_TRIGGER = _REFUSAL_MYSQL_CODES[1644]
+# A trigger's own message (SIGNAL ... MESSAGE_TEXT, SQLite's RAISE) is the shop's text for a person:
+# kept, but only its printable part and short, and never the statement or its values.
+_SHOP_TEXT_CHARS = 80
+
+
+def shop_refusal(exc: BaseException) -> str | None:
+    """Why the shop's database refused one row's write, in words a merchant can act on; None if it did not."""
+    if not isinstance(exc, sa_exc.DBAPIError) or is_transient_db_error(exc) or is_environment_db_error(exc):
+        return None
+    code = mysql_code(exc)
+    if code is not None:
+        if code not in _REFUSAL_MYSQL_CODES:
+            return None
+        why = _REFUSAL_MYSQL_CODES[code]
+        if code == 1644:
+            said = _printable(str(exc.orig.args[1]) if len(exc.orig.args) > 1 else "")
+            why = f"{_TRIGGER} said: {said}" if said else _TRIGGER
+        return f"the shop's database refused the write ({why})"
+    if not isinstance(exc, sa_exc.IntegrityError):
+        return None
+    text = str(exc.orig) if exc.orig is not None else ""
+    why = next((phrase for fragment, phrase in _REFUSAL_SQLITE_TEXT.items() if fragment in text.lower()), None)
+    if why is None:
+        # SQLite's RAISE(ABORT, 'message') in a trigger: an IntegrityError carrying the shop's message alone.
+        said = _printable(text)
+        why = f"{_TRIGGER} said: {said}" if said else _TRIGGER
+    return f"the shop's database refused the write ({why})"
+
+
+def _printable(text: str) -> str:
+    kept = "".join(ch for ch in text if ch.isprintable()).strip()
+    return kept if len(kept) <= _SHOP_TEXT_CHARS else kept[: _SHOP_TEXT_CHARS - 1] + "…"

@@ -42,6 +42,11 @@ class Retry(Coded):
     # The code a row ends with when the policy gives up, if not ``code``: a refund that may have
     # reached WeChat ends OUTCOME_UNKNOWN ("check by hand"), never as a rejection.
     give_up_code: str | None = None
+    # Never give up: past the attempts cap the row stays pending, tried again at the last delay. For a
+    # row that must not end 1/0 (a refund WeChat accepted, a merchant's request hit by a bug).
+    endless: bool = False
+    # What a row that gives up says, if not this retry's own words ("... it is tried again").
+    give_up_message: str | None = None
 
 
 @dataclass(frozen=True)

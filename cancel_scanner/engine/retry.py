@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cancel_scanner.engine.config import JobConfig
-from cancel_scanner.engine.outcome import Retry
+from cancel_scanner.engine.outcome import Retry, clip
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ def delay_for(attempt: int, delays: tuple[float, ...]) -> float:
 def decide(error: Retry, attempts_before: int, now: datetime, job: JobConfig) -> RetryAt | GiveUp:
     attempts = attempts_before + 1
     cap = job.max_attempts if error.give_up_after is None else min(job.max_attempts, error.give_up_after)
-    if attempts >= cap:
+    if attempts >= cap and not error.endless:
         code = error.give_up_code or error.code
-        return GiveUp(code, f"{error.describe()} (gave up after {attempts} attempts)", attempts)
+        said = clip(f"{error.code}: {error.give_up_message}") if error.give_up_message else error.describe()
+        return GiveUp(code, f"{said} (gave up after {attempts} attempts)", attempts)
     return RetryAt(now + timedelta(seconds=delay_for(attempts, job.retry_delays_seconds)), attempts)

@@ -43,7 +43,11 @@ from sqlalchemy import Column, Connection, Engine, Row, select, update
 from cancel_scanner.engine.clock import MIN_CALL_SECONDS, DbClock, local_utcnow
 from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from cancel_scanner.engine.db import is_mysql
-from cancel_scanner.engine.errors import describe_db_error, is_environment_db_error, is_lost_race, is_transient_db_error
+from cancel_scanner.engine.errors import (
+    SHOP_REFUSED, describe_db_error, is_environment_db_error, is_lost_race, is_transient_db_error,
+)
+from cancel_scanner.engine.facts import record_fact, resolve_facts
+from cancel_scanner.engine.isolate import INTERNAL_ERROR, fault_outcome, isolate, try_in_savepoint, undo
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Later, Outcome, Retry, clip
 from cancel_scanner.engine.flips import count_outcome, flip_for, log_outcome
 from cancel_scanner.engine.registry import Registry
@@ -81,7 +85,7 @@ class BatchReport:
     batch_size: int = 0
     error: str | None = None  # the batch rolled back (a transient database error): back off, retry
     lost: str | None = None  # the batch lost a race (1213, a guarded flip found fewer rows): nothing happened, look again
-    one_by_one: bool = False  # a database batch gone row by row: its rows commit one at a time
+    one_by_one: bool = False  # some rows failed alone (isolate): the rest of the batch was done without them
     paced: bool = False  # claimed nothing because the pacer is booked past the lease window: rows may wait, look again soon
     blocked: str | None = None  # the environment stops the stage (privileges, credentials): back off, alert
     outcomes: dict[int, Outcome] = field(default_factory=dict, repr=False)
@@ -170,6 +174,8 @@ class Runner:
         self.stopping = threading.Event()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._mysql = is_mysql(db)
+        # Rows whose own flags the database refuses to change, by stage: left out of claims until then.
+        self._quarantined: dict[str, dict[int, float]] = {}
 
     def _pace_group(self) -> str | None:
         """The merchant whose WeChat QPS this process shares with the other processes of it, or None:
@@ -230,7 +236,7 @@ class Runner:
                 report.error = describe_db_error(exc)
             else:
                 raise
-            if stage.kind != "gateway" and not report.one_by_one:
+            if stage.kind != "gateway":
                 _reset(report)  # one transaction, rolled back whole: none of its rows is done
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
             log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked or report.lost)
@@ -299,7 +305,7 @@ class Runner:
 
     # --- database stages ------------------------------------------------------------------------
 
-    def _claim(self, conn: Connection, stage: Stage, now: datetime, limit: int, only_id: int | None = None) -> list[Row]:
+    def _claim(self, conn: Connection, stage: Stage, now: datetime, limit: int) -> list[Row]:
         """Ready rows, locked (SKIP LOCKED). Beside other processes, the rows of our own slice first,
         then any: claimers pick different rows instead of racing for the same first ones, which on
         Galera, where SKIP LOCKED does not see another node's locks, would only be settled at COMMIT
@@ -309,8 +315,12 @@ class Runner:
         Ours are found by a plain read (no lock) and then locked by id: a locking read filtered by
         the slice would lock, for a moment, every row it scans on its way, the other slices' too,
         and on Galera another node's write applied to such a row aborts our whole transaction."""
-        if only_id is not None:
-            return self._locked(conn, stage.ready(now, limit).where(stage.flags.id == only_id))
+        held = self._quarantined_ids(stage.name)
+        if held:
+            return [r for r in self._claim_ready(conn, stage, now, limit + len(held)) if r.id not in held][:limit]
+        return self._claim_ready(conn, stage, now, limit)
+
+    def _claim_ready(self, conn: Connection, stage: Stage, now: datetime, limit: int) -> list[Row]:
         rank, of = self.registry.slice
         if of <= 1:
             return self._locked(conn, stage.ready(now, limit))
@@ -341,49 +351,65 @@ class Runner:
 
     def _run_db_stage(self, stage, job: JobConfig, now: datetime | None, report: BatchReport) -> None:
         now = now or self.clock()
-        ids: list[int] = []
-        try:
-            with self.db.begin() as conn:
-                rows = self._claim(conn, stage, now, job.batch_size)
-                if not rows:
-                    return
-                ids = [r.id for r in rows]
-                self._process(conn, stage, job, rows, now, report)
-                if self.hooks.before_commit:
-                    self.hooks.before_commit(stage.name, ids)
-        except Exception as exc:
-            if _not_a_row_fault(exc) or not ids:
-                raise
-            # Not the database's fault: some row trips the stage. Find it one row at a time
-            # so the rest of the batch is not held hostage.
-            logger.bind(stage=stage.name, action="isolate", rows=len(ids)).warning(
-                "batch failed ({}), retrying its rows one by one", _first_line(exc)
-            )
-            _reset(report)
-            report.one_by_one = True
-            self._run_rows_one_by_one(stage, job, ids, now, report)
+        with self.db.begin() as conn:
+            rows = self._claim(conn, stage, now, job.batch_size)
+            if not rows:
+                return
+            done = isolate(conn, rows, lambda part: self._processed(conn, stage, job, part, now), _is_row_fault)
+            for part in done.results:
+                _accumulate(report, part)
+            if done.faults:
+                report.one_by_one = True  # some of its rows failed alone: the rest stays done
+                self._write_faults(conn, stage, job, [(row, exc, None) for row, exc in done.faults], now, report)
+            if self.hooks.before_commit:
+                self.hooks.before_commit(stage.name, [r.id for r in rows])
 
-    def _run_rows_one_by_one(self, stage, job: JobConfig, ids: list[int], now: datetime, report: BatchReport) -> None:
-        for rid in ids:
-            try:
-                with self.db.begin() as conn:
-                    rows = self._claim(conn, stage, now, 1, only_id=rid)
-                    if not rows:
-                        continue
-                    self._process(conn, stage, job, rows, now, report)
-                    if self.hooks.before_commit:
-                        self.hooks.before_commit(stage.name, [rid])
-            except Exception as exc:
-                if _not_a_row_fault(exc):
-                    raise
-                logger.opt(exception=exc).bind(stage=stage.name, row_id=rid, action="row_crashed").warning(
-                    "row raised {}", type(exc).__name__
-                )
-                with self.db.begin() as conn:
-                    rows = self._claim(conn, stage, now, 1, only_id=rid)
-                    if rows:
-                        error = Retry("INTERNAL_ERROR", f"{type(exc).__name__}: {_first_line(exc)}")
-                        self._write_outcomes(conn, stage, job, rows, {rid: error}, now, report)
+    def _processed(self, conn: Connection, stage, job: JobConfig, rows: list[Row], now: datetime) -> BatchReport:
+        part = BatchReport(stage=stage.name)
+        self._process(conn, stage, job, rows, now, part)
+        return part
+
+    def _write_faults(self, conn: Connection, stage, job: JobConfig, faults: list[tuple[Row, BaseException, Any]],
+                      now: datetime, report: BatchReport, owner: str | None = None) -> None:
+        """Rows that failed alone: each its attempt counted and its reason, in a savepoint of its own (a
+        shop rule may refuse even that); for a gateway stage, first what the channel did for it."""
+        for row, exc, result in faults:
+            fact = stage.channel_fact(row, result) if result is not None else None
+            outcome = fault_outcome(stage.name, row.id, exc, fact=fact.detail if fact else None,
+                                    bugs_stay_pending=getattr(stage, "bugs_stay_pending", False),
+                                    fact_stays_pending=getattr(stage, "fact_stays_pending", False))
+            if fact is not None:
+                kept = try_in_savepoint(conn, lambda: record_fact(conn, stage.name, row.id, fact, outcome.describe(), now))
+                if kept is not None:
+                    logger.opt(exception=kept).bind(stage=stage.name, row_id=row.id, action="fact_lost", fact=fact.fact).error(
+                        "{}: could not be kept in channel_fact either", fact.detail)
+            part = BatchReport(stage=stage.name)
+            refused = try_in_savepoint(conn, lambda: self._write_outcomes(conn, stage, job, [row], {row.id: outcome}, now, part, owner=owner))
+            if refused is None:
+                _accumulate(report, part)
+                continue
+            if not _is_row_fault(refused):
+                raise refused
+            # Not even the row's own flags may change (a shop rule on the whole row): leave it alone
+            # here for a while rather than claim and fail it in every batch.
+            self._quarantine(stage.name, row.id, job)
+            logger.bind(stage=stage.name, row_id=row.id, action="row_unwritable").error(
+                "{}; its flags cannot be written either: left alone for {:g}s", outcome.describe(), self._quarantine_seconds(job))
+
+    def _quarantine_seconds(self, job: JobConfig) -> float:
+        return float(job.retry_delays_seconds[-1])
+
+    def _quarantine(self, stage: str, row_id: int, job: JobConfig) -> None:
+        self._quarantined.setdefault(stage, {})[row_id] = self.monotonic() + self._quarantine_seconds(job)
+
+    def _quarantined_ids(self, stage: str) -> list[int]:
+        held = self._quarantined.get(stage)
+        if not held:
+            return []
+        now = self.monotonic()
+        for row_id in [i for i, until in held.items() if until <= now]:
+            del held[row_id]
+        return sorted(held)
 
     def _process(self, conn: Connection, stage, job: JobConfig, rows: Sequence[Row], now: datetime, report: BatchReport) -> None:
         """process, flip the flags, finish; rows that finish finds contended go round again as Later.
@@ -400,15 +426,18 @@ class Runner:
             work = [r for r in rows if r.id not in contended]
             attempt = BatchReport(stage=stage.name)
             savepoint = conn.begin_nested()
-            outcomes = {**(dict(stage.process(conn, work, now)) if work else {}), **contended}
-            self._write_outcomes(conn, stage, job, rows, outcomes, now, attempt)
             try:
+                outcomes = {**(dict(stage.process(conn, work, now)) if work else {}), **contended}
+                self._write_outcomes(conn, stage, job, rows, outcomes, now, attempt)
                 stage.finish(conn, work, outcomes, now)
             except Contended as busy:
                 savepoint.rollback()
                 later = Later(now + timedelta(seconds=busy.retry_in_seconds), busy.note)
                 contended.update({rid: later for rid in busy.row_ids})
                 continue
+            except Exception as exc:
+                undo(savepoint, exc)  # the caller decides: a row's fault, or the batch's
+                raise
             savepoint.commit()
             _accumulate(report, attempt)
             return
@@ -558,9 +587,28 @@ class Runner:
                     unsent.append(row)  # the row as leased: its values from before the lease
                 else:
                     called.append((owned[row.id], result))
-            outcomes = dict(stage.apply(conn, called, now)) if called else {}
-            outcomes.update(crashed)
-            self._write_outcomes(conn, stage, job, [owned[i] for i in outcomes], outcomes, now, report, owner=owner)
+            outcomes: dict[int, Outcome] = {}
+
+            def answer(part: list[tuple[Row, Any]]) -> BatchReport:
+                said = dict(stage.apply(conn, part, now))
+                written = BatchReport(stage=stage.name)
+                self._write_outcomes(conn, stage, job, [row for row, _ in part], said, now, written, owner=owner)
+                kept = [row.id for row, _ in part if _had_fact(row, stage)]
+                if kept:
+                    resolve_facts(conn, stage.name, kept, now)
+                return written
+
+            done = isolate(conn, called, answer, _is_row_fault)
+            for part in done.results:
+                _accumulate(report, part)
+                outcomes.update(part.outcomes)
+            if done.faults:
+                report.one_by_one = True
+                self._write_faults(conn, stage, job, [(row, exc, result) for (row, result), exc in done.faults], now, report, owner=owner)
+                outcomes.update({row.id: report.outcomes[row.id] for (row, _), _ in done.faults if row.id in report.outcomes})
+            if crashed:
+                self._write_outcomes(conn, stage, job, [owned[i] for i in crashed], crashed, now, report, owner=owner)
+                outcomes.update(crashed)
             self._release_unsent(conn, stage, unsent, owner, report)
             if self.hooks.before_commit:
                 self.hooks.before_commit(stage.name, list(outcomes))
@@ -632,6 +680,16 @@ def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):
     return query.with_for_update() if mysql else query
 
 
+def _had_fact(row: Row, stage: Stage) -> bool:
+    """The row's last try kept a channel fact (its reason says so): resolve it now that it is written."""
+    last = getattr(row, stage.flags.last_error.name, None) or ""
+    return last.startswith(SHOP_REFUSED) or last.startswith(INTERNAL_ERROR)
+
+
+def _is_row_fault(exc: BaseException) -> bool:
+    return not _not_a_row_fault(exc)
+
+
 def _not_a_row_fault(exc: BaseException) -> bool:
     """The database, not a row, failed the batch: roll back and back off instead of isolating rows."""
     return is_transient_db_error(exc) or is_environment_db_error(exc) or isinstance(exc, LostClaim)
@@ -647,6 +705,7 @@ def _accumulate(total: BatchReport, report: BatchReport) -> None:
     for attr in ("claimed", "done", "failed", "retried", "later", "skipped", "blocked_rows"):
         setattr(total, attr, getattr(total, attr) + getattr(report, attr))
     total.outcomes.update(report.outcomes)
+    total.blocked = total.blocked or report.blocked
 
 
 def _first_line(exc: BaseException) -> str:

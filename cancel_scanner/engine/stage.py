@@ -126,6 +126,16 @@ class StageDefaults:
     rejections_are_routine: ClassVar[bool] = False
     still_failing: ClassVar[tuple] = ()
     takes_notifications: ClassVar[bool] = False  # a stage with poll_soon(conn, number, now)
+    # A row that fails for a reason nobody foresaw (a bug) stays pending instead of ending 1/0: for a
+    # stage whose 1/0 answers a merchant, who must never read an internal error.
+    bugs_stay_pending: ClassVar[bool] = False
+    # A row whose channel fact (what the gateway did) could not be written never ends 1/0: for a
+    # stage whose 1/0 would say the channel refused.
+    fact_stays_pending: ClassVar[bool] = False
+
+    def channel_fact(self, row: Row, result: Any) -> Any:
+        """What the gateway did for ``row`` by ``result`` (a ``engine.facts.Fact``), kept if its write-back fails; or None."""
+        return None
 
     @classmethod
     def from_config(cls, config: Any) -> Any:

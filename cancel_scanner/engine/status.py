@@ -16,10 +16,13 @@ from typing import Mapping
 
 from sqlalchemy import Connection, Engine, case, func, select
 
+from cancel_scanner.engine.facts import open_facts
 from cancel_scanner.engine.progress import read_report
 from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS
 from cancel_scanner.engine.stage import Stage
 from cancel_scanner.models import reconcile_run, scanner_process
+
+CHANNEL_FACTS = "channel_facts_open"  # what a payment channel did that is not recorded here yet
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Status:
     owners: tuple[str, ...] = field(default=(), repr=False)  # their lease owner ids, oldest registration first
     totals: bool = False
     reconcile: dict | None = None  # the latest reconciled day: bill_date, state, diffs, last_error
+
+    @property
+    def channel_facts_open(self) -> int:
+        return sum(n for key, _label, n in self.counts if key == CHANNEL_FACTS)
 
     @property
     def abnormal_refunds(self) -> int:
@@ -154,7 +161,10 @@ def collect_status(
     """``now`` is the database's time: pending ages, who is alive, how long a stage has been down."""
     with db.connect() as conn:
         per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
-        counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn))
+        counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn)) + (
+            (CHANNEL_FACTS, "done at the payment channel, not recorded here yet (SELECT * FROM channel_fact"
+                            " WHERE resolved_at IS NULL)", open_facts(conn)),
+        )
         daemons = running_daemons(conn, now, takeover_seconds)
         run = reconcile_run.c
         latest = select(func.max(run.bill_date)).scalar_subquery()  # the primary key's last entry: one row read

@@ -24,7 +24,19 @@ OUT_REFUND_NO_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 OUT_TRADE_NO_MAX_CHARS = 32
 # WeChat's out_trade_no: 6..32 of [0-9A-Za-z_-|*]; it goes into a signed path, so nothing else.
 OUT_TRADE_NO_PATTERN = re.compile(r"^[0-9A-Za-z_\-|*]{1,32}$")
+OUT_TRADE_NO_MIN_CHARS = 6
 REASON_MAX_BYTES = 80
+
+
+def out_trade_no_problem(out_trade_no: str | None) -> str | None:
+    """Why WeChat Pay would refuse this order number as ``out_trade_no`` (6 to 32 of [0-9A-Za-z_-|*]), or None."""
+    if not out_trade_no:
+        return "the order has no order_no"
+    if not OUT_TRADE_NO_MIN_CHARS <= len(out_trade_no) <= OUT_TRADE_NO_MAX_CHARS:
+        return f"its order_no has {len(out_trade_no)} characters; WeChat Pay takes {OUT_TRADE_NO_MIN_CHARS} to {OUT_TRADE_NO_MAX_CHARS}"
+    if not OUT_TRADE_NO_PATTERN.match(out_trade_no):
+        return "its order_no has characters WeChat Pay refuses (it takes only letters, digits and _ - | *)"
+    return None
 
 STATUS_PROCESSING = "PROCESSING"
 STATUS_SUCCESS = "SUCCESS"

@@ -57,6 +57,9 @@ class Metrics:
                             ["stage"], registry=r)
         self.abnormal = Gauge("cancel_scanner_abnormal_refunds", "Refunds WeChat Pay reports ABNORMAL, waiting for the merchant",
                               registry=r)
+        self.facts = Gauge("cancel_scanner_channel_facts_open",
+                           "What the payment channel did (a close, a refund) for rows whose write-back here failed,"
+                           " not recorded here yet (channel_fact)", registry=r)
         self.firing = Gauge("cancel_scanner_alerts_firing", "Subjects of the rule firing in this process", ["rule"], registry=r)
         self.alert_messages = Counter("cancel_scanner_alert_messages", "Alert messages by what became of them",
                                       ["outcome"], registry=r)
@@ -99,6 +102,7 @@ class Metrics:
             self.oldest.labels(s.stage).set(s.oldest_pending_seconds or 0)
             self.failed.labels(s.stage).set(s.failed)
         self.abnormal.set(snapshot.status.abnormal_refunds)
+        self.facts.set(snapshot.status.channel_facts_open)
         last = snapshot.status.reconcile
         if last is not None:
             from datetime import datetime, timedelta, timezone

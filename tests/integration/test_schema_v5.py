@@ -16,7 +16,7 @@ def test_a_version_4_database_gets_the_pace_group_column_from_migrate(db):
     assert "behind" in str(schema_problem(db))
 
     the_plan = migration_plan(db)
-    assert (the_plan.current, the_plan.head) == (4, 5) == (4, migrate.head_version())
+    assert (the_plan.current, the_plan.head) == (4, migrate.head_version())
     migrate.apply(db, the_plan)
 
     assert schema_problem(db) is None and migration_plan(db).steps == []
