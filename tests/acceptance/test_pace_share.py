@@ -43,7 +43,9 @@ def test_three_daemons_of_one_merchant_stay_within_its_limits_together_and_use_t
     refused = [(call, status) for _, _, call, status in calls if status == 429]
     assert refused == []
     applies = sorted(at for at, _, call, status in calls if call == "apply" and status == 200)
-    assert len(applies) == N
+    # Each refund once (check_invariants); a call whose answer came too late for its client is sent
+    # again with the same number and answered 200 again, so a busy machine may show a few more.
+    assert len(applies) >= N and sorted(emu.emulator.refunds_created.values()) == [1] * N
     # Together at the whole pace (0.95 of the limit), not a third of it: N applies in about N / 19 s.
     span = applies[-1] - applies[0]
     floor = (N - 1) / (APPLY_QPS * 0.95)
