@@ -1,4 +1,4 @@
-"""The five tables of the contract (../shared/design/contract.md), typed.
+"""The five tables of the contract (docs/contract.md), typed.
 
 No behaviour lives here. Column comments are what a DBA reads; index names are
 stable because ``sql/schema.sql`` and the drift test name them too.

@@ -32,12 +32,14 @@ class Case:
 
 def _cases(bad: int) -> dict[str, Case]:
     status_of_bad = f"OLD.id = {bad} AND NEW.order_status <> OLD.order_status"
+    # A CHECK may not name an AUTO_INCREMENT column: the bad order by its number, its goods by name.
+    order, goods = f"order_no <> '{shop.order_row(bad)['no']}'", f"name <> '{shop.goods_row(bad)['name']}'"
     return {
         "intake": Case("intake", "req_order_ops", "", "", "CANCELLED", ("goods_order2", "UPDATE", status_of_bad),
-                       ("goods_order2", f"id <> {bad} OR order_status <> 'CANCELLED'"), None),
+                       ("goods_order2", f"{order} OR order_status <> 'CANCELLED'"), None),
         "close_unpaid": Case("close_unpaid", "goods_order2", "close", "close", "PAYMENT_CLOSED",
                              ("goods_order2", "UPDATE", status_of_bad),
-                             ("goods_order2", f"id <> {bad} OR order_status <> 'CANCELLED'"), "PAYMENT_CLOSED"),
+                             ("goods_order2", f"{order} OR order_status <> 'CANCELLED'"), "PAYMENT_CLOSED"),
         "submit_refund": Case("submit_refund", "refund_order", "submit", "", "REFUND_SUBMITTED",
                               ("goods_order2_oplog", "INSERT", f"NEW.order_id = {bad} AND NEW.event = 'REFUND_SUBMITTED'"),
                               ("refund_order", f"order_id <> {bad} OR wx_refund_id IS NULL"), "REFUND_ACCEPTED"),
@@ -46,13 +48,13 @@ def _cases(bad: int) -> dict[str, Case]:
                             ("refund_order", f"order_id <> {bad} OR wx_status <> 'SUCCESS'"), "REFUND_SUCCESS"),
         "sync_result": Case("sync_result", "refund_order", "sync", "", "REFUND_SUCCEEDED",
                             ("goods_order2", "UPDATE", f"OLD.id = {bad} AND NEW.refund_status <> OLD.refund_status"),
-                            ("goods_order2", f"id <> {bad} OR refund_status <> 'REFUNDED'"), None),
+                            ("goods_order2", f"{order} OR refund_status <> 'REFUNDED'"), None),
         "restore_stock": Case("restore_stock", "goods_order2", "stock", "stock", "STOCK_RESTORED",
                               ("goods", "UPDATE", f"OLD.id = {bad} AND NEW.stock <> OLD.stock"),
-                              ("goods", f"id <> {bad} OR stock <= 10"), None),
+                              ("goods", f"{goods} OR stock <= 10"), None),
         "decrement_sales": Case("decrement_sales", "goods_order2", "sales", "sales", "SALES_DECREMENTED",
                                 ("goods", "UPDATE", f"OLD.id = {bad} AND NEW.sales <> OLD.sales"),
-                                ("goods", f"id <> {bad} OR sales >= 10"), None),
+                                ("goods", f"{goods} OR sales >= 10"), None),
     }
 
 

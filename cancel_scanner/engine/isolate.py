@@ -2,9 +2,9 @@
 
 A stage's writes are set-based, so one row the shop's database refuses (a trigger's SIGNAL, a
 constraint it would break) fails the statement for the whole batch. The batch is tried whole in a
-savepoint; when a row is at fault it is halved and each half tried in a savepoint of its own, down
-to the single rows at fault. Every good row commits in the transaction it was claimed in; one bad
-row in a batch of n costs about 2 x log2(n) more savepoints (16 for 200), not a stalled stage.
+savepoint; when a row is at fault a binary search in savepoints finds it (and any other), committing
+every part that succeeds. Every good row commits in the transaction it was claimed in; one bad row in
+a batch of n costs about log2(n) more savepoints (8 for 200), not a stalled stage.
 
 What is not a row's fault (a lost connection, a deadlock or a lost claim, a revoked privilege) is
 raised at once: the whole transaction rolls back and the stage backs off, as before.
@@ -42,31 +42,54 @@ def isolate(
     items: Sequence[Item],
     attempt: Callable[[list[Item]], Result],
     is_row_fault: Callable[[BaseException], bool],
+    *,
+    atomic: bool = False,
 ) -> Isolated[Item, Result]:
-    """``attempt`` the items whole, in a savepoint; on a row's fault, halves of them, down to single items."""
+    """``attempt`` the items whole, in a savepoint; on a row's fault, find the items at fault.
+
+    A binary search that tries one half only: when the first half of a failed part commits, the
+    fault is in the second, which is split again without being tried whole. One bad row in n costs
+    about log2(n) attempts over n rows in all (8 for 200), a whole batch's worth of work once more.
+    ``atomic``: ``attempt`` undoes its own writes when it raises (its own savepoint), so none is added.
+    """
     results: list[Result] = []
     faults: list[tuple[Item, BaseException]] = []
 
-    def run(part: list[Item]) -> None:
-        savepoint = conn.begin_nested()
+    def tried(part: list[Item]) -> BaseException | None:
+        savepoint = None if atomic else conn.begin_nested()
         try:
             result = attempt(part)
         except Exception as exc:
-            undo(savepoint, exc)
+            if savepoint is not None:
+                undo(savepoint, exc)
             if not is_row_fault(exc):
                 raise
-            if len(part) == 1:
-                faults.append((part[0], exc))
-                return
-            middle = len(part) // 2
-            run(part[:middle])
-            run(part[middle:])
-            return
-        savepoint.commit()
+            return exc
+        if savepoint is not None:
+            savepoint.commit()
         results.append(result)
+        return None
+
+    def search(part: list[Item], failed: BaseException) -> None:
+        # ``part`` failed with ``failed``: some item of it is at fault.
+        while len(part) > 1:
+            first, second = part[: len(part) // 2], part[len(part) // 2:]
+            failed_first = tried(first)
+            if failed_first is None:
+                part = second  # the first half is done: the fault is in the second
+                continue
+            search(first, failed_first)
+            failed_second = tried(second)  # not known either way: tried whole
+            if failed_second is None:
+                return
+            part, failed = second, failed_second
+        faults.append((part[0], failed))
 
     if items:
-        run(list(items))
+        whole = list(items)
+        failed = tried(whole)
+        if failed is not None:
+            search(whole, failed)
     return Isolated(results, faults)
 
 

@@ -355,7 +355,8 @@ class Runner:
             rows = self._claim(conn, stage, now, job.batch_size)
             if not rows:
                 return
-            done = isolate(conn, rows, lambda part: self._processed(conn, stage, job, part, now), _is_row_fault)
+            # _process undoes its own writes when it raises (the savepoint its contended rows need).
+            done = isolate(conn, rows, lambda part: self._processed(conn, stage, job, part, now), _is_row_fault, atomic=True)
             for part in done.results:
                 _accumulate(report, part)
             if done.faults:
