@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Callable, Sequence
 
-from loguru import logger
 from pydantic import Field
 from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
+from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome, Retry
 from cancel_scanner.engine.settings import GatewayJobSettings, Seconds
 from cancel_scanner.engine.sql import locked
@@ -217,7 +217,7 @@ class CloseUnpaid(StageDefaults):
         return outcome_for(last, may_have_reached=False)  # a query or a close: asking again moves no money
 
     def _paid(self, conn: Connection, order: Row, payment: gw.Payment, now: datetime, sales: dict[int, int]) -> Outcome:
-        log = logger.bind(stage=self.name, order_id=order.id, out_trade_no=order.order_no)
+        log = EventLog(stage=self.name, order_id=order.id, out_trade_no=order.order_no)
         if payment.total != order.total_amount:
             log.bind(action="amount_differs").error("WeChat's payment differs from the order's amount")
             return Failed("PAID_AMOUNT_DIFFERS", f"WeChat says {payment.total} fen paid, the order says {order.total_amount}: check by hand")

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Row, func, not_, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
+from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import Delays, GatewayJobSettings
@@ -147,7 +148,7 @@ class PollRefund(StageDefaults):
                 # Never record a success for money we did not ask to move.
                 outcomes[row.id] = MISMATCHED
                 continue
-            log = logger.bind(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, wx_status=refund.status)
+            log = EventLog(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, wx_status=refund.status)
             if row.wx_status == "SUCCESS" and refund.status != "SUCCESS":
                 outcomes[row.id] = Failed(
                     CONFLICTING_ANSWERS,

@@ -9,26 +9,33 @@ from collections import defaultdict
 from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
-from loguru import logger
 from sqlalchemy import Column, Connection, Row, insert, or_, select, update
 
+from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Contended, Done, Failed, Outcome, clip
 from cancel_scanner.engine.sql import by_id, locked
 from cancel_scanner.engine.stage import StageDefaults
 from cancel_scanner.models import goods, goods_order2, oplog
 
 
-def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]]) -> int:
+ALREADY_LOGGED = "ALREADY_LOGGED"
+
+
+def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]], *, keep_existing: bool = True) -> int:
     """One multi-row INSERT of the events not written yet.
 
     The unique key (order_id, event) holds each event once. One already there was written by
     someone else (a shop's tool, a restored backup) or by an earlier life of this row: the oplog is
     the shop's record, not what decides whether we act (each stage's own flag does, flipped in this
     same transaction), so the one there is kept, ours is not added, and the batch goes on.
+    ``keep_existing=False``: one already there fails the INSERT (a stage that checked first, GoodsMove).
     """
     rows = [{"order_id": order_id, "event": event, "detail": clip(detail) if detail else None} for order_id, event, detail in events]
     if not rows:
         return 0
+    if not keep_existing:
+        conn.execute(insert(oplog), rows)
+        return len(rows)
     there = {
         tuple(found) for found in conn.execute(
             select(oplog.c.order_id, oplog.c.event).where(
@@ -39,7 +46,7 @@ def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]])
     new = [r for r in rows if (r["order_id"], r["event"]) not in there]
     for r in rows:
         if (r["order_id"], r["event"]) in there:
-            logger.bind(action="oplog_event_exists", order_id=r["order_id"], event=r["event"]).warning(
+            EventLog(action="oplog_event_exists", order_id=r["order_id"], event=r["event"]).warning(
                 "oplog already has {} for order {}: kept as it is", r["event"], r["order_id"]
             )
     if new:
@@ -137,10 +144,20 @@ class GoodsMove(StageDefaults):
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
         current = read_goods(conn, (row.goods_id for row in rows), self.column)
+        # The event already in the oplog (someone else wrote it, or this order's goods moved once and
+        # its flags were reset by hand): nobody can tell whether the goods moved, so they are not moved
+        # again, and a person looks.
+        logged = set(conn.execute(
+            select(oplog.c.order_id).where(oplog.c.order_id.in_([row.id for row in rows]), oplog.c.event == self.event)
+        ).scalars())
         outcomes: dict[int, Outcome] = {}
         moved: dict[int, int] = defaultdict(int)
         events = []
         for row in rows:
+            if row.id in logged:
+                outcomes[row.id] = Failed(ALREADY_LOGGED, f"the oplog already has {self.event} for this order, not written by this"
+                                                          f" stage: {self.not_moved} again; check goods {row.goods_id} by hand")
+                continue
             if row.goods_id not in current:
                 outcomes[row.id] = Failed("GOODS_NOT_FOUND", f"goods {row.goods_id} does not exist; {self.not_moved}")
                 continue
@@ -151,7 +168,7 @@ class GoodsMove(StageDefaults):
             moved[row.goods_id] += self.sign * row.quantity
             events.append((row.id, self.event, f"goods {row.goods_id} {self.sign * row.quantity:+d}"))
             outcomes[row.id] = Done()
-        write_oplog(conn, events)
+        write_oplog(conn, events, keep_existing=False)  # one written since the read above fails the row (isolated)
         return outcomes
 
     def finish(self, conn: Connection, rows: Sequence[Row], outcomes, now: datetime) -> None:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping, Sequence
 
-from loguru import logger
 from sqlalchemy import Connection, Row, or_, select
 
 import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
+from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import GatewayJobSettings
@@ -136,8 +136,9 @@ class SubmitRefund(StageDefaults):
 
     def call(self, gateway: gw.RefundGateway, row: Row, deadline: Callable[[], float]) -> Any:
         problem = gw.out_trade_no_problem(row.out_trade_no)
-        if problem is not None:
-            # WeChat refuses such a number, so no earlier call can have been accepted: ends here, never sent.
+        if problem is not None and not row.submit_sent:
+            # Never sent before, and WeChat refuses such a number: ends here, never sent. (One sent by an
+            # older cancel-scanner goes on as before: only WeChat's record of it ends the row.)
             return Attempt(gw.Permanent("BAD_ORDER_NO", f"{problem}: never sent to WeChat Pay; check the order by hand"), False)
         # Only out_trade_no, never also transaction_id: the body of every retry must be
         # byte-for-byte the body of the first try.
@@ -185,7 +186,7 @@ class SubmitRefund(StageDefaults):
                     (row.order_id, refund_event("REFUND_SUBMITTED", row.refund_seq),
                      f"{row.out_refund_no} {row.refund_amount} fen refund_id={refund.refund_id}")
                 )
-                logger.bind(
+                EventLog(
                     stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, action="accepted",
                     wx_status=refund.status, request_id=request_id,
                 ).info("refund accepted by WeChat Pay")
@@ -193,7 +194,7 @@ class SubmitRefund(StageDefaults):
                 blocked = outcome
             outcomes[row.id] = outcome
         if blocked is not None:
-            logger.bind(stage=self.name, action="config_alert", code=blocked.code).error("{}", blocked.message)
+            EventLog(stage=self.name, action="config_alert", code=blocked.code).error("{}", blocked.message)
         update_rows(conn, refund_order, accepted)
         write_oplog(conn, events)
         return outcomes
@@ -210,7 +211,7 @@ class SubmitRefund(StageDefaults):
         return None, None, outcome_for(answer, may_have_reached=attempt.earlier)
 
     def _judge_checked(self, row: Row, refusal: Any, query: Any) -> tuple[gw.Refund | None, str | None, Outcome]:
-        log = logger.bind(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, refusal=refusal.code)
+        log = EventLog(stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, refusal=refusal.code)
         if isinstance(query, gw.Accepted):
             if not matches(query.refund, row):
                 return None, None, MISMATCHED

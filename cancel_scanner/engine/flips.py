@@ -11,9 +11,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Mapping
 
-from loguru import logger
 
 from cancel_scanner.engine.config import JobConfig
+from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Blocked, Done, Failed, Later, Outcome, Retry, clip
 from cancel_scanner.engine.retry import GiveUp, decide
 from cancel_scanner.engine.stage import Stage
@@ -77,7 +77,7 @@ def count_outcome(report, outcome: Outcome) -> None:
 
 
 def log_outcome(stage: Stage, row_id: int, said: Outcome, final: Outcome, values: Mapping[str, Any]) -> None:
-    log = logger.bind(stage=stage.name, row_id=row_id)
+    log = EventLog(stage=stage.name, row_id=row_id)  # written when the batch's try commits
     if isinstance(final, Retry):
         log.bind(action="retry", attempt=values[stage.flags.attempts.name], at=values[stage.flags.next_attempt_at.name]).warning(
             "will retry: {}", final.describe()

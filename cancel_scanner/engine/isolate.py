@@ -19,6 +19,7 @@ from loguru import logger
 from sqlalchemy import Connection
 
 from cancel_scanner.engine.errors import SHOP_REFUSED, shop_refusal
+from cancel_scanner.engine.logs import held_until_commit, release
 from cancel_scanner.engine.outcome import Retry, clip
 
 Item = TypeVar("Item")
@@ -57,16 +58,18 @@ def isolate(
 
     def tried(part: list[Item]) -> BaseException | None:
         savepoint = None if atomic else conn.begin_nested()
-        try:
-            result = attempt(part)
-        except Exception as exc:
-            if savepoint is not None:
-                undo(savepoint, exc)
-            if not is_row_fault(exc):
-                raise
-            return exc
+        with held_until_commit() as events:  # what the try logs is written only if it commits
+            try:
+                result = attempt(part)
+            except Exception as exc:
+                if savepoint is not None:
+                    undo(savepoint, exc)
+                if not is_row_fault(exc):
+                    raise
+                return exc
         if savepoint is not None:
             savepoint.commit()
+        release(events)
         results.append(result)
         return None
 
@@ -107,23 +110,26 @@ def undo(savepoint: Any, exc: BaseException) -> None:
 def try_in_savepoint(conn: Connection, write: Callable[[], None]) -> BaseException | None:
     """Run ``write`` in a savepoint; the error that undid it, or None."""
     savepoint = conn.begin_nested()
-    try:
-        write()
-    except Exception as exc:
-        undo(savepoint, exc)
-        return exc
+    with held_until_commit() as events:
+        try:
+            write()
+        except Exception as exc:
+            undo(savepoint, exc)
+            return exc
     savepoint.commit()
+    release(events)
     return None
 
 
 def fault_outcome(stage_name: str, row_id: Hashable, exc: BaseException, *, fact: str | None = None,
-                  bugs_stay_pending: bool = False, fact_stays_pending: bool = False) -> Retry:
+                  bugs_stay_pending: bool = False, fact_stays_pending: bool = False, give_up_code: str | None = None) -> Retry:
     """The outcome of a row whose writes failed: its attempt counted, a reason a person can read.
 
     ``fact``: what the payment channel already did for the row ("refund accepted by WeChat Pay ..."),
     said first. ``bugs_stay_pending``: a failure nobody foresaw never gives up (a merchant's request
     is never answered with it). ``fact_stays_pending``: the row never ends 1/0 while the channel's
-    fact is unrecorded (for a stage whose 1/0 would mean "the channel refused").
+    fact is unrecorded (for a stage whose 1/0 would mean "the channel refused"). ``give_up_code``: what
+    a row that gives up ends with, if not the fault's own code (OUTCOME_UNKNOWN after a call).
     """
     refused = shop_refusal(exc)
     log = logger.bind(stage=stage_name, row_id=row_id)
@@ -131,9 +137,10 @@ def fault_outcome(stage_name: str, row_id: Hashable, exc: BaseException, *, fact
     if refused is not None:
         log.bind(action="row_refused", code=SHOP_REFUSED).warning("{}{}", said, refused)
         return Retry(SHOP_REFUSED, clip(f"{said}{refused}; tried again"),
-                     endless=fact_stays_pending and fact is not None, give_up_message=f"{said}{refused}")
+                     endless=fact_stays_pending and fact is not None, give_up_message=f"{said}{refused}",
+                     give_up_code=give_up_code)
     # A bug: the traceback for whoever fixes it, and the row tried again later rather than answered.
     log.opt(exception=exc).bind(action="row_crashed", code=INTERNAL_ERROR).error("{}row raised {}", said, type(exc).__name__)
     return Retry(INTERNAL_ERROR, clip(f"{said}unexpected {type(exc).__name__} (see the daemon's log); tried again"),
                  endless=bugs_stay_pending or (fact_stays_pending and fact is not None),
-                 give_up_message=f"{said}unexpected {type(exc).__name__} (see the daemon's log)")
+                 give_up_message=f"{said}unexpected {type(exc).__name__} (see the daemon's log)", give_up_code=give_up_code)

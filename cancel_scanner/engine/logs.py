@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import TextIO
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, TextIO
 
 from loguru import logger
 
@@ -103,3 +105,61 @@ def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: Text
     for name, lvl in (("apscheduler", logging.WARNING), ("sqlalchemy", logging.WARNING)):
         logging.getLogger(name).setLevel(lvl)
 
+
+
+# --- events that happen in a savepoint ---------------------------------------------------------
+# A batch's writes may be tried more than once (engine.isolate halves a batch whose write the shop
+# refused), and a try may be undone. The events a try logs ("refund accepted", "will retry") are held
+# while it runs and written only if its savepoint commits, so each is logged once, and never for a
+# write that was undone.
+
+_held: ContextVar[list[Callable[[], None]] | None] = ContextVar("cancel_scanner_held_logs", default=None)
+
+
+def on_commit(write: Callable[[], None]) -> None:
+    """Run ``write`` (a log call) now, or when the try it happens in commits."""
+    held = _held.get()
+    if held is None:
+        write()
+    else:
+        held.append(write)
+
+
+@contextmanager
+def held_until_commit() -> Iterator[list[Callable[[], None]]]:
+    """Hold the events logged inside; ``release`` them (after the block) once their try committed."""
+    held: list[Callable[[], None]] = []
+    token = _held.set(held)
+    try:
+        yield held
+    finally:
+        _held.reset(token)
+
+
+def release(held: list[Callable[[], None]]) -> None:
+    """Write held events now, or on to the try that encloses this one."""
+    for write in held:
+        on_commit(write)
+
+
+class EventLog:
+    """``logger.bind(**fields)`` whose records wait for the try they happen in to commit (on_commit)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = fields
+
+    def bind(self, **fields: Any) -> EventLog:
+        return EventLog(**self._fields, **fields)
+
+    def log(self, level: str, message: str, *args: Any) -> None:
+        fields = self._fields
+        on_commit(lambda: logger.bind(**fields).log(level, message, *args))
+
+    def info(self, message: str, *args: Any) -> None:
+        self.log("INFO", message, *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        self.log("WARNING", message, *args)
+
+    def error(self, message: str, *args: Any) -> None:
+        self.log("ERROR", message, *args)

@@ -44,11 +44,12 @@ from cancel_scanner.engine.clock import MIN_CALL_SECONDS, DbClock, local_utcnow
 from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS, Config, JobConfig
 from cancel_scanner.engine.db import is_mysql
 from cancel_scanner.engine.errors import (
-    SHOP_REFUSED, describe_db_error, is_environment_db_error, is_lost_race, is_transient_db_error,
+    describe_db_error, shop_refusal, is_environment_db_error, is_lost_race, is_transient_db_error,
 )
 from cancel_scanner.engine.facts import record_fact, resolve_facts
-from cancel_scanner.engine.isolate import INTERNAL_ERROR, fault_outcome, isolate, try_in_savepoint, undo
-from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Later, Outcome, Retry, clip
+from cancel_scanner.engine.logs import held_until_commit, release
+from cancel_scanner.engine.isolate import fault_outcome, isolate, try_in_savepoint, undo
+from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Done, Failed, Later, Outcome, Retry, clip
 from cancel_scanner.engine.flips import count_outcome, flip_for, log_outcome
 from cancel_scanner.engine.registry import Registry
 from cancel_scanner.engine.sql import update_rows
@@ -236,8 +237,7 @@ class Runner:
                 report.error = describe_db_error(exc)
             else:
                 raise
-            if stage.kind != "gateway":
-                _reset(report)  # one transaction, rolled back whole: none of its rows is done
+            _reset(report)  # its write-back (one transaction) rolled back whole: none of its rows is done
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.
             log.bind(action="batch_aborted").debug("batch rolled back, will retry: {}", report.error or report.blocked or report.lost)
         if report.claimed:
@@ -376,26 +376,38 @@ class Runner:
         shop rule may refuse even that); for a gateway stage, first what the channel did for it."""
         for row, exc, result in faults:
             fact = stage.channel_fact(row, result) if result is not None else None
+            # A stage whose 1/0 says "the channel refused" (submit_refund): after a call, whatever its
+            # answer, a row that gives up says "unknown, check by hand", never "refused".
+            guarded = getattr(stage, "fact_stays_pending", False)
             outcome = fault_outcome(stage.name, row.id, exc, fact=fact.detail if fact else None,
-                                    bugs_stay_pending=getattr(stage, "bugs_stay_pending", False),
-                                    fact_stays_pending=getattr(stage, "fact_stays_pending", False))
+                                    bugs_stay_pending=getattr(stage, "bugs_stay_pending", False), fact_stays_pending=guarded,
+                                    give_up_code=OUTCOME_UNKNOWN if guarded and result is not None else None)
             if fact is not None:
                 kept = try_in_savepoint(conn, lambda: record_fact(conn, stage.name, row.id, fact, outcome.describe(), now))
+                if kept is not None and not _is_row_fault(kept):
+                    raise kept  # the database's failure (a grant missing on channel_fact, a lock wait): the batch's
                 if kept is not None:
                     logger.opt(exception=kept).bind(stage=stage.name, row_id=row.id, action="fact_lost", fact=fact.fact).error(
                         "{}: could not be kept in channel_fact either", fact.detail)
+            self._write_alone(conn, stage, job, [row], {row.id: outcome}, now, report, owner)
+
+    def _write_alone(self, conn: Connection, stage, job: JobConfig, rows: Sequence[Row], outcomes: Mapping[int, Outcome],
+                     now: datetime, report: BatchReport, owner: str | None) -> None:
+        """Each row's flags in a savepoint of its own: a row whose own flags the database refuses (a
+        shop rule on the whole row) is left out of claims for a while, and the others are written."""
+        for row in rows:
             part = BatchReport(stage=stage.name)
-            refused = try_in_savepoint(conn, lambda: self._write_outcomes(conn, stage, job, [row], {row.id: outcome}, now, part, owner=owner))
+            refused = try_in_savepoint(conn, lambda: self._write_outcomes(conn, stage, job, [row], {row.id: outcomes[row.id]}, now,
+                                                                          part, owner=owner))
             if refused is None:
                 _accumulate(report, part)
                 continue
             if not _is_row_fault(refused):
                 raise refused
-            # Not even the row's own flags may change (a shop rule on the whole row): leave it alone
-            # here for a while rather than claim and fail it in every batch.
             self._quarantine(stage.name, row.id, job)
             logger.bind(stage=stage.name, row_id=row.id, action="row_unwritable").error(
-                "{}; its flags cannot be written either: left alone for {:g}s", outcome.describe(), self._quarantine_seconds(job))
+                "its flags cannot be written ({}): left alone for {:g}s", shop_refusal(refused) or type(refused).__name__,
+                self._quarantine_seconds(job))
 
     def _quarantine_seconds(self, job: JobConfig) -> float:
         return float(job.retry_delays_seconds[-1])
@@ -427,19 +439,21 @@ class Runner:
             work = [r for r in rows if r.id not in contended]
             attempt = BatchReport(stage=stage.name)
             savepoint = conn.begin_nested()
-            try:
-                outcomes = {**(dict(stage.process(conn, work, now)) if work else {}), **contended}
-                self._write_outcomes(conn, stage, job, rows, outcomes, now, attempt)
-                stage.finish(conn, work, outcomes, now)
-            except Contended as busy:
-                savepoint.rollback()
-                later = Later(now + timedelta(seconds=busy.retry_in_seconds), busy.note)
-                contended.update({rid: later for rid in busy.row_ids})
-                continue
-            except Exception as exc:
-                undo(savepoint, exc)  # the caller decides: a row's fault, or the batch's
-                raise
+            with held_until_commit() as events:  # a round undone logs nothing
+                try:
+                    outcomes = {**(dict(stage.process(conn, work, now)) if work else {}), **contended}
+                    self._write_outcomes(conn, stage, job, rows, outcomes, now, attempt)
+                    stage.finish(conn, work, outcomes, now)
+                except Contended as busy:
+                    savepoint.rollback()
+                    later = Later(now + timedelta(seconds=busy.retry_in_seconds), busy.note)
+                    contended.update({rid: later for rid in busy.row_ids})
+                    continue
+                except Exception as exc:
+                    undo(savepoint, exc)  # the caller decides: a row's fault, or the batch's
+                    raise
             savepoint.commit()
+            release(events)
             _accumulate(report, attempt)
             return
         raise LostClaim(f"{stage.name}: shared rows still contended after {MAX_CONTENTION_ROUNDS} rounds")
@@ -594,9 +608,11 @@ class Runner:
                 said = dict(stage.apply(conn, part, now))
                 written = BatchReport(stage=stage.name)
                 self._write_outcomes(conn, stage, job, [row for row, _ in part], said, now, written, owner=owner)
-                kept = [row.id for row, _ in part if _had_fact(row, stage)]
-                if kept:
-                    resolve_facts(conn, stage.name, kept, now)
+                # What the channel did is recorded now for the rows this try finished (a fact kept by
+                # an earlier try of theirs is closed); a row still pending keeps its fact open.
+                finished = [i for i, o in written.outcomes.items() if isinstance(o, (Done, Failed))]
+                if finished:
+                    resolve_facts(conn, stage.name, finished, now)
                 return written
 
             done = isolate(conn, called, answer, _is_row_fault)
@@ -608,7 +624,7 @@ class Runner:
                 self._write_faults(conn, stage, job, [(row, exc, result) for (row, result), exc in done.faults], now, report, owner=owner)
                 outcomes.update({row.id: report.outcomes[row.id] for (row, _), _ in done.faults if row.id in report.outcomes})
             if crashed:
-                self._write_outcomes(conn, stage, job, [owned[i] for i in crashed], crashed, now, report, owner=owner)
+                self._write_alone(conn, stage, job, [owned[i] for i in crashed], crashed, now, report, owner)
                 outcomes.update(crashed)
             self._release_unsent(conn, stage, unsent, owner, report)
             if self.hooks.before_commit:
@@ -679,12 +695,6 @@ def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):
     flags = stage.flags
     query = select(flags.table).where(flags.id.in_(ids), flags.lease_owner == owner, flags.scanned == 0)
     return query.with_for_update() if mysql else query
-
-
-def _had_fact(row: Row, stage: Stage) -> bool:
-    """The row's last try kept a channel fact (its reason says so): resolve it now that it is written."""
-    last = getattr(row, stage.flags.last_error.name, None) or ""
-    return last.startswith(SHOP_REFUSED) or last.startswith(INTERNAL_ERROR)
 
 
 def _is_row_fault(exc: BaseException) -> bool:

@@ -103,8 +103,28 @@ def test_a_row_a_shop_trigger_refuses_fails_alone_and_the_others_are_done_in_the
         assert "not recorded here yet" in bad["last_error"]
 
 
-@pytest.mark.parametrize("stage", list(CASES))
+def test_what_a_batch_tried_several_times_logs_is_logged_once_and_only_for_what_it_wrote(world, logs):
+    """The search tries parts of the batch again: each refund's "accepted" is one event, and the bad
+    row's acceptance is logged as kept, not as recorded."""
+    case = CASES["submit_refund"]
+    given_ten_orders_ready_for(world, case)
+    logs.clear()
+    shop_trigger(world.db, *case.trigger, message=SHOP_RULE)
+
+    run_one_batch(world, case)
+
+    accepted = [line for line in logs if "refund accepted by WeChat Pay" in line and line.startswith("INFO")]
+    assert len(accepted) == GOOD
+    assert len([line for line in logs if "kept in channel_fact" in line]) == 1
+    assert len([line for line in logs if "will retry: SHOP_REFUSED" in line]) == 1
+
+
+GOODS_MOVES = {"restore_stock": ("stock", +2), "decrement_sales": ("sales", -2)}
+
+
+@pytest.mark.parametrize("stage", [s for s in CASES if s not in GOODS_MOVES])
 def test_an_oplog_event_someone_already_wrote_is_kept_and_the_row_is_done(world, stage):
+    """Harmless: the oplog records, each stage's own guarded flag decides what happens once."""
     case = CASES[stage]
     ids = given_ten_orders_ready_for(world, case)
     if case.event is not None:
@@ -122,6 +142,27 @@ def test_an_oplog_event_someone_already_wrote_is_kept_and_the_row_is_done(world,
                                           o=BAD, e=case.event)] == ["written by the shop"]
         assert scalar(world.db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE event = :e", e=case.event) == len(ORDERS)
     assert facts(world.db) == []
+
+
+@pytest.mark.parametrize("stage", list(GOODS_MOVES))
+def test_a_goods_move_already_in_the_oplog_is_not_made_twice_and_is_left_for_a_person(world, stage):
+    """Not harmless: STOCK_RESTORED already there may mean the stock came back already (someone else's
+    tool, or this order's flags reset by hand), so its goods are not moved again."""
+    case = CASES[stage]
+    column, delta = GOODS_MOVES[stage]
+    ids = given_ten_orders_ready_for(world, case)
+    with world.db.begin() as conn:
+        conn.execute(text("INSERT INTO goods_order2_oplog (order_id, event, detail) VALUES (:o, :e, 'written by the shop')"),
+                     {"o": BAD, "e": case.event})
+
+    report = run_one_batch(world, case)
+
+    assert (report.done, report.failed) == (GOOD, 1)
+    assert_good_rows_done(world, case, ids)
+    bad = flags(world.db, case, ids[BAD])
+    assert (bad["scanned"], bad["success"]) == (1, 0) and bad["last_error"].startswith("ALREADY_LOGGED: ")
+    assert [row(world.db, "goods", i)[column] for i in ORDERS] == [10 if i == BAD else 10 + delta for i in ORDERS]
+    assert scalar(world.db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE order_id = :o AND event = :e", o=BAD, e=case.event) == 1
 
 
 @pytest.fixture

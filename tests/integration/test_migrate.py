@@ -49,7 +49,8 @@ SHOP_ROWS = (
     # Every third order unpaid; paid ones have WeChat's transaction id.
     "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount, pay_status,"
     " transaction_id, paid_at, order_status)"
-    f" SELECT seq, CONCAT('SO', seq), seq % 977, 7, 1 + seq % 2, 1 + seq % 3, 100 + seq % 50, IF(seq % 3 = 0, 0, 1),"
+    # Order numbers as WeChat Pay takes them (6 to 32 characters): SO0000000001, ...
+    f" SELECT seq, CONCAT('SO', LPAD(seq, 10, '0')), seq % 977, 7, 1 + seq % 2, 1 + seq % 3, 100 + seq % 50, IF(seq % 3 = 0, 0, 1),"
     f" IF(seq % 3 = 0, NULL, CONCAT('4200', LPAD(seq, 24, '0'))), IF(seq % 3 = 0, NULL, NOW()), IF(seq % 3 = 0, 'UNPAID', 'PAID')"
     f" FROM seq_1_to_{SHOP_ORDERS}",
 )
@@ -422,7 +423,8 @@ def shop_with(url: str, *changes: str) -> None:
     ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no)",
      None),  # no duplicates: adopted (below, with the unique key added)
     ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no);"
-     " UPDATE goods_order2 SET order_no = 'SO1' WHERE id = 2", r"goods_order2 has rows with the same \(order_no\), e\.g\. 'SO1'"),
+     " UPDATE goods_order2 SET order_no = 'SO0000000001' WHERE id = 2",
+     r"goods_order2 has rows with the same \(order_no\), e\.g\. 'SO0000000001'"),
     # A table of the shop's with our view's name: CREATE OR REPLACE VIEW would fail at the very end.
     ("CREATE TABLE v_cancel_scanner_failed (id INT PRIMARY KEY)", r"v_cancel_scanner_failed is a table"),
 ])
