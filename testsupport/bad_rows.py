@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import Engine, text
 
@@ -67,13 +67,14 @@ STAGES_BEFORE = {
 }
 
 
-def orders_ready_for(db: Engine, emulator: Any, runner: Any, clock: Any, stage: str, order_ids: Sequence[int]) -> dict[int, int]:
-    """Orders ``order_ids`` cancelled and brought to ``stage`` (paid ones; unpaid for close_unpaid,
-    their trades NOTPAY at the emulator); the stage's row id by order id. ``clock`` is moved on
-    past each stage's first delay."""
+def orders_ready_for(db: Engine, emulator: Any, runner: Any, clock: Any, stage: str, order_ids: Sequence[int],
+                     goods_for: Callable[[int], int] = lambda order_id: order_id, level: int = 10) -> dict[int, int]:
+    """Orders ``order_ids`` (of goods ``goods_for(order_id)``, stock and sales ``level`` each) cancelled and
+    brought to ``stage`` (paid ones; unpaid for close_unpaid, their trades NOTPAY at the emulator); the
+    stage's row id by order id. ``clock`` is moved on past each stage's first delay."""
     unpaid = stage == "close_unpaid"
-    shop.insert_goods_rows(db, [shop.goods_row(i, stock=10, sales=10) for i in order_ids])
-    orders = [shop.order_row(i, goods_id=i, quantity=2, amount=500 if unpaid else 1280, paid=not unpaid, now=clock.now,
+    shop.insert_goods_rows(db, [shop.goods_row(g, stock=level, sales=level) for g in sorted({goods_for(i) for i in order_ids})])
+    orders = [shop.order_row(i, goods_id=goods_for(i), quantity=2, amount=500 if unpaid else 1280, paid=not unpaid, now=clock.now,
                              created_at=clock.now - timedelta(minutes=10) if unpaid else None) for i in order_ids]
     shop.insert_orders(db, orders)
     if unpaid:
