@@ -124,6 +124,15 @@ def _abnormal_refunds(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple
     )
 
 
+def _channel_facts(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    n = r.snapshot.status.channel_facts_open
+    yield "", Condition(
+        n >= rule.threshold, n,
+        f"{n} thing(s) WeChat Pay did (a close, a refund) not recorded here yet: the shop's database refused the write"
+        " (SELECT * FROM channel_fact WHERE resolved_at IS NULL)", None,
+    )
+
+
 def _stage_down(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     for stage, (seconds, why) in r.down.items():
         yield stage, Condition(
@@ -175,6 +184,7 @@ RULES: dict[str, tuple[Callable[..., Iterator[tuple[str, Condition]]], bool]] = 
     "rows_failed": (_rows_failed, True),
     "oldest_pending": (_oldest_pending, True),
     "abnormal_refunds": (_abnormal_refunds, True),
+    "channel_facts": (_channel_facts, True),
     "stage_down": (_stage_down, False),
     "config_error": (_config_error, False),
     "reconcile": (_reconcile, True),

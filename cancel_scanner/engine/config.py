@@ -202,6 +202,7 @@ class AlertRules(_Section):
     rows_failed: CountRule = CountRule()
     oldest_pending: OldestPendingRule = OldestPendingRule()
     abnormal_refunds: CountRule = CountRule()
+    channel_facts: CountRule = CountRule()
     stage_down: StageDownRule = StageDownRule()
     config_error: ConfigErrorRule = ConfigErrorRule()
     reconcile: ReconcileRule = ReconcileRule()

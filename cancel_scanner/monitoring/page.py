@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from cancel_scanner.engine.status import format_age, stage_state
+from cancel_scanner.engine.status import CHANNEL_FACTS, format_age, stage_state
 
 TITLE = "cancel-scanner status"
 FAILED_COLUMNS = ("id", "order_id", "attempts", "last_error", "updated_at")
 FLAG_COLUMNS = ("attempts", "last_error")  # a goods_order2 stage's carry its prefix: stock_attempts, close_last_error
 ABNORMAL_COLUMNS = ("id", "order_id", "out_refund_no", "refund_amount", "submitted_at")
+FACT_COLUMNS = ("stage", "row_id", "fact", "number", "detail", "reason", "last_seen_at")
 REJECTED_COLUMNS = ("id", "order_id", "op_type", "operator", "reason", "result_code", "result_msg", "created_at")
 CSS = """
 body{font:14px/1.4 monospace;margin:1em 2em;color:#222;background:#fff}
@@ -171,6 +172,18 @@ def _abnormal(snap: Any) -> str:
     return head + note + table
 
 
+def _facts(snap: Any) -> str:
+    listing = snap.listing(CHANNEL_FACTS)
+    rows = listing.rows if listing else ()
+    count = snap.status.channel_facts_open
+    head = f"<h2>Done at WeChat Pay, not recorded here yet: {_e(count)}</h2>"
+    if not rows:
+        return head + _none()
+    note = (f"<p>the shop's database refused the write (a trigger or a constraint): lift or fix the shop's rule and"
+            f" the row is written by itself{_more(count, rows)}</p>")
+    return head + note + _table(FACT_COLUMNS, _listing_rows(rows, FACT_COLUMNS), table_id="facts")
+
+
 def _failed(snap: Any) -> str:
     listings = [item for item in snap.listings if item.key.startswith("failed:") and item.rows]
     parts = ["<h2>Rows that need a person</h2>"]
@@ -204,7 +217,7 @@ def render(view: PageView) -> str:
         sections += [_stages(view.snapshot), _down(view.snapshot)]
     sections.append(_alerts(view))
     if view.snapshot is not None:
-        sections += [_abnormal(view.snapshot), _failed(view.snapshot), _rejected(view.snapshot)]
+        sections += [_abnormal(view.snapshot), _facts(view.snapshot), _failed(view.snapshot), _rejected(view.snapshot)]
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="refresh" content="{_refresh(view)}">'

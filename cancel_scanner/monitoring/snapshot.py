@@ -3,7 +3,8 @@
 Taken on the daemon's own schedule (``monitoring.refresh_seconds``), never per scrape or page
 view. Every query is bounded by the backlog or by a LIMIT, never by the finished rows: the
 stages' cheap `status` figures, up to ``LIST_LIMIT`` failed rows per stage (a person's work list),
-the latest rejected merchant requests, and what the stages add (the ABNORMAL refunds).
+the latest rejected merchant requests, what the stages add (the ABNORMAL refunds), and the oldest
+things the payment channel did that are not recorded here yet (channel_fact).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Mapping, Sequence
 
 from sqlalchemy import Connection, Engine, func, select
 
-from cancel_scanner.engine.status import Status, collect_status
+from cancel_scanner.engine.status import CHANNEL_FACTS, Status, collect_status
+from cancel_scanner.models import channel_fact
 
 LIST_LIMIT = 20
 # What a rejected merchant request shows, of the columns its table has.
@@ -70,6 +72,10 @@ def listings(conn: Connection, stages: Mapping[str, Any], limit: int = LIST_LIMI
             out.append(Listing(f"failed:{name}", f"{name}: rows that need a person", rows, name))
         for key, label, found in stage.attention(conn, limit):
             out.append(Listing(key, label, tuple(found), name))
+    f = channel_fact.c  # the oldest first, on idx_channel_fact_open
+    facts = conn.execute(select(f.stage, f.row_id, f.fact, f.number, f.detail, f.reason, f.last_seen_at)
+                         .where(f.resolved_at.is_(None)).order_by(f.last_seen_at).limit(limit)).mappings().all()
+    out.append(Listing(CHANNEL_FACTS, "Done at the payment channel, not recorded here yet", tuple(facts)))
     return tuple(out)
 
 

@@ -29,6 +29,7 @@ SHIPPED_ALERTS = (
     "CancelScannerRowsFailed",
     "CancelScannerOldestPending",
     "CancelScannerAbnormalRefunds",
+    "CancelScannerChannelFactsOpen",
     "CancelScannerStageDown",
     "CancelScannerConfigError",
     "CancelScannerClockSkew",
@@ -136,6 +137,7 @@ def test_the_thresholds_are_the_daemons_alert_defaults():
     assert f">= {rate.threshold}" in failing and f">= {rate.min_calls}" in failing and window in failing
     assert f">= {rules.rows_failed.threshold}" in expr_of("CancelScannerRowsFailed")
     assert f">= {rules.abnormal_refunds.threshold}" in expr_of("CancelScannerAbnormalRefunds")
+    assert f">= {rules.channel_facts.threshold}" in expr_of("CancelScannerChannelFactsOpen")
 
     oldest = rules.oldest_pending
     pending = expr_of("CancelScannerOldestPending")

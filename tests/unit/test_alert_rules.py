@@ -20,8 +20,8 @@ class Clock:
         return self.t
 
 
-def snapshot(*stages: StageStatus, abnormal: int = 0, leader: bool = True):
-    counts = (("abnormal_refunds", "ABNORMAL refunds", abnormal),)
+def snapshot(*stages: StageStatus, abnormal: int = 0, facts: int = 0, leader: bool = True):
+    counts = (("abnormal_refunds", "ABNORMAL refunds", abnormal), ("channel_facts_open", "channel facts", facts))
     return SimpleNamespace(status=Status(now=T.replace(tzinfo=None), stages=stages, counts=counts), leader=leader)
 
 
@@ -159,3 +159,14 @@ def test_reconciliation_alerts_on_differences_and_on_a_day_not_reconciled_by_the
     assert w.sent[1].value == 3 and "reconcile_diff" in w.sent[1].summary
     read({"bill_date": "2026-12-01", "state": "CLEAN", "diffs": 0, "last_error": None}, 19)  # run again after a fix
     assert w.states()[-1] == ("reconcile", "resolved", None) and len(w.sent) == 4
+
+
+def test_what_wechat_did_that_is_not_recorded_here_fires_through_the_leader_and_resolves_once_recorded():
+    w = World()
+    w.read(snapshot(stage("close_unpaid"), facts=1, leader=False))
+    assert w.sent == []
+    w.read(snapshot(stage("close_unpaid"), facts=2))
+    assert w.states() == [("channel_facts", "firing", None)] and "SELECT * FROM channel_fact" in w.sent[-1].summary
+    w.clock.t += 700
+    w.read(snapshot(stage("close_unpaid"), facts=0))
+    assert w.states()[-1] == ("channel_facts", "resolved", None)

@@ -33,7 +33,8 @@ def hostile_snapshot() -> Snapshot:
     )
     status = Status(
         now=DB_NOW, stages=stages, daemons=("shop-1:4242",),
-        counts=(("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", 1),),
+        counts=(("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", 1),
+                ("channel_facts_open", "done at the payment channel, not recorded here yet", 1)),
         failed_notes=(("intake", "request(s) rejected with a result code (req_order_ops.result_code)"),),
     )
     listings = (
@@ -51,6 +52,12 @@ def hostile_snapshot() -> Snapshot:
         Listing("failed:restore_stock", "restore_stock: rows that need a person", (
             {"id": 78, "order_id": 78, "stock_attempts": 3, "stock_last_error": "GOODS_GONE: goods 5", "updated_at": DB_NOW},
         ), "restore_stock"),
+        # The shop's trigger text is the shop's: hostile too.
+        Listing("channel_facts_open", "Done at the payment channel, not recorded here yet", (
+            {"stage": "close_unpaid", "row_id": 7, "fact": "PAYMENT_CLOSED", "number": "SO0000000007",
+             "detail": "trade closed at WeChat Pay", "reason": f"SHOP_REFUSED: (a shop trigger said: {IMG})",
+             "last_seen_at": DB_NOW},
+        )),
         Listing("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", (
             {"id": 55, "order_id": 78, "out_refund_no": "CSR78-1", "refund_amount": 12345, "submitted_at": DB_NOW},
         ), "poll_refund"),
@@ -134,6 +141,13 @@ def test_abnormal_refunds_show_yuan_and_their_count(hostile_page):
     assert "ABNORMAL refunds: 1" in hostile_page
     abnormal = section(hostile_page, "abnormal")
     assert '<td class="n">123.45</td>' in abnormal and "CSR78-1" in abnormal and "12345" not in abnormal
+
+
+def test_what_wechat_did_that_is_not_recorded_here_is_listed_with_its_count_and_reason(hostile_page):
+    assert "Done at WeChat Pay, not recorded here yet: 1" in hostile_page
+    facts = section(hostile_page, "facts")
+    assert "PAYMENT_CLOSED" in facts and "SO0000000007" in facts and "close_unpaid" in facts
+    assert "a shop trigger said: &lt;img" in facts
 
 
 @pytest.mark.parametrize("fen, shown", [(12345, "123.45"), (1, "0.01"), (100, "1.00"), (0, "0.00"), (-250, "-2.50"),
