@@ -123,7 +123,7 @@ def main() -> None:
         finally:
             sandbox.close()
     report.note("What bounds a database stage: the batch's failed first try (up to a clean batch's work), then a binary"
-                " search of about log2(200) = 8 tries of the stage's statements (8 to 10 each, ~1 ms apiece here); a clean"
+                " search of 8 to 16 tries (log2(200) to twice that) of the stage's statements (8 to 10 each, ~1 ms apiece here); a clean"
                 " batch is one try. Even an oracle naming the bad row would pay the failed try and the redo (up to 2 x)."
                 " A gateway stage's batch is its calls, so the search hardly shows.")
     report.table(f"One batch of {BATCH}, median of {repeat} each (ms); done/retried rows",

@@ -4,7 +4,7 @@ A stage's writes are set-based, so one row the shop's database refuses (a trigge
 constraint it would break) fails the statement for the whole batch. The batch is tried whole in a
 savepoint; when a row is at fault a binary search in savepoints finds it (and any other), committing
 every part that succeeds. Every good row commits in the transaction it was claimed in; one bad row in
-a batch of n costs about log2(n) more savepoints (8 for 200), not a stalled stage.
+a batch of n costs log2(n) to 2 x log2(n) more tries (8 to 16 for 200), not a stalled stage.
 
 What is not a row's fault (a lost connection, a deadlock or a lost claim, a revoked privilege) is
 raised at once: the whole transaction rolls back and the stage backs off, as before.
@@ -49,8 +49,9 @@ def isolate(
     """``attempt`` the items whole, in a savepoint; on a row's fault, find the items at fault.
 
     A binary search that tries one half only: when the first half of a failed part commits, the
-    fault is in the second, which is split again without being tried whole. One bad row in n costs
-    about log2(n) attempts over n rows in all (8 for 200), a whole batch's worth of work once more.
+    fault is in the second, which is split again without being tried whole (when the first half fails
+    too, the second is not known and is tried). One bad row in n costs log2(n) to 2 x log2(n) tries
+    (8 to 16 for 200) over about n rows in all: a whole batch's worth of work once more.
     ``atomic``: ``attempt`` undoes its own writes when it raises (its own savepoint), so none is added.
     """
     results: list[Result] = []
