@@ -54,11 +54,21 @@ MESSAGES = {
 }
 
 
+# A second cancel of an unpaid order whose first is with close_unpaid: not "already cancelled".
+CLOSING_FOR_AN_EARLIER_REQUEST = (
+    "an earlier request for this order is still closing its WeChat payment; the order is not cancelled yet:"
+    " that request's result says how it ends"
+)
+CLOSE_FAILED_BEFORE = (
+    "an earlier request for this order could not close its WeChat payment and needs a person"
+    " (goods_order2.close_last_error); the order is still unpaid, not cancelled"
+)
+
 ORDER_COLUMNS = [
     goods_order2.c[name]
     for name in (
         "id", "order_no", "pay_status", "transaction_id", "paid_at", "order_status", "total_amount", "is_deleted",
-        "cancel_requested_at",
+        "cancel_requested_at", "close_scanned", "close_success",
     )
 ]
 ACCEPTED_PAID = "cancelled; a full refund was started (see refund_order for its progress)"
@@ -183,7 +193,10 @@ class Intake(StageDefaults):
         if order.order_status == "CANCELLED":
             return reject("DUPLICATE_REQUEST" if order.id in accepted_before else "ALREADY_CANCELLED")
         if order.cancel_requested_at is not None:
-            return reject("DUPLICATE_REQUEST")  # its payment is being closed for an earlier request
+            # Not cancelled yet: say what is true of the earlier request, under the same stable code.
+            if order.close_scanned == 1 and order.close_success == 0:
+                return Failed("DUPLICATE_REQUEST", CLOSE_FAILED_BEFORE)
+            return Failed("DUPLICATE_REQUEST", CLOSING_FOR_AN_EARLIER_REQUEST)
         if order.order_status in ("SHIPPED", "COMPLETED"):
             return reject("ORDER_SHIPPED")
         if order.order_status not in ("UNPAID", "PAID"):
