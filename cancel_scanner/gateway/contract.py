@@ -198,6 +198,9 @@ TRADE_STATES = frozenset({"SUCCESS", "REFUND", "NOTPAY", "CLOSED", "REVOKED", "U
 PAID_STATES = frozenset({"SUCCESS", "REFUND"})  # the user's money reached the merchant
 CLOSABLE_STATES = frozenset({"NOTPAY", "REVOKED", "PAYERROR"})  # not paid; closing is harmless
 TRADE_NOT_FOUND_CODES = frozenset({"ORDER_NOT_EXIST", "ORDERNOTEXIST"})  # WeChat never saw the order
+PAYMENT_CURRENCY = "CNY"  # every amount here is fen of yuan
+# A signed trade object about another merchant's, another app's or another currency's money: for a person.
+FOREIGN_PAYMENT = "FOREIGN_PAYMENT"
 
 
 @dataclass(frozen=True)
@@ -209,10 +212,24 @@ class Payment:
     transaction_id: str
     success_time: datetime | None
     total: int | None
+    # Whose trade it is, and in what money: checked against ours before anything is believed.
+    mchid: str = ""
+    appid: str = ""
+    currency: str | None = None
 
     @property
     def paid(self) -> bool:
         return self.trade_state in PAID_STATES
+
+    def foreign(self, mchid: str, appid: str) -> str | None:
+        """Why this trade object is not about our merchant's money in yuan, or None."""
+        if self.mchid != mchid:
+            return f"the answer names merchant {self.mchid or 'none'!r}, not ours"
+        if self.appid != appid:
+            return f"the answer names app {self.appid or 'none'!r}, not ours"
+        if self.currency not in (None, PAYMENT_CURRENCY):
+            return f"the answer is in {self.currency!r}, not {PAYMENT_CURRENCY}"
+        return None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Payment:
@@ -232,6 +249,9 @@ class Payment:
             transaction_id=str(data.get("transaction_id") or ""),
             success_time=parse_rfc3339(success_time) if success_time else None,
             total=total if _is_fen(total) else None,
+            mchid=str(data.get("mchid") or ""),
+            appid=str(data.get("appid") or ""),
+            currency=str(amount["currency"]) if amount.get("currency") is not None else None,
         )
         if payment.paid and not (payment.transaction_id and payment.success_time and payment.total):
             # Booking a payment needs all three: without them the answer proves nothing we can write.

@@ -51,6 +51,7 @@ from cancel_scanner.gateway.contract import (
     ABNORMAL_REFUND_TYPES,
     ABNORMAL_TO_USER,
     BANK_TYPE_PATTERN,
+    FOREIGN_PAYMENT,
     OUT_REFUND_NO_PATTERN,
     OUT_TRADE_NO_PATTERN,
     REFUND_ID_PATTERN,
@@ -59,6 +60,7 @@ from cancel_scanner.gateway.contract import (
     NotSent,
     PaymentResult,
     PaymentState,
+    Permanent,
     RefundRequest,
     Secret,
     UnknownOutcome,
@@ -198,6 +200,7 @@ class WeChatPayGateway(BillClient):
         self._base_url = _check_base_url(base_url)
         notify_url = _check_notify_url(notify_url)
         self._mchid = mchid
+        self._appid = appid
         self._merchant_serial_no = merchant_serial_no
         self._public_key_id = platform_public_key_id
         # Pace a little under the limit: calls leave on their slots, but thread wake-ups and
@@ -420,6 +423,9 @@ class WeChatPayGateway(BillClient):
         if about is not None and about != number:
             # A verified answer about another refund or trade: we cannot tell what happened to ours.
             result = UnknownOutcome("RESPONSE_MISMATCH", f"answer is about {about!r}", result.request_id)
+        elif isinstance(result, PaymentState) and (foreign := result.payment.foreign(self._mchid, self._appid)):
+            # Signed, and about our number, but not our merchant's money: never booked, never refunded.
+            result = Permanent(FOREIGN_PAYMENT, f"{foreign}: not booked; check the trade by hand", result.request_id)
         log_call(action, number, capture, started, result)
         if self.on_answer is not None:
             self.on_answer(action, result)

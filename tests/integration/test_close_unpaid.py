@@ -388,6 +388,21 @@ def test_a_payment_answer_about_another_trade_is_never_booked_to_this_order(worl
     assert events(world, 46) == [] and goods(world, 46) == (10, 10)
 
 
+@pytest.mark.parametrize("other", [{"mchid": "1900000999"}, {"appid": "wx00000000000other"}, {"currency": "USD"},
+                                   {"mchid": "1900000999", "appid": "wx00000000000other"}])
+def test_a_signed_paid_answer_about_another_merchants_app_or_currency_is_never_booked_nor_refunded(world, other):
+    """Issue 23, item 2: SUCCESS, signed, our number, but not our merchant's money in yuan."""
+    unpaid_order(world, 48, trade="SUCCESS")
+    world.emulator.answers_as(trade_no(48), **other)
+    request_cancel(world.db, 48)
+    run_close(world)
+    order = row(world.db, "goods_order2", 48)
+    assert (order["pay_status"], order["order_status"], order["close_scanned"], order["close_success"]) == (0, "UNPAID", 1, 0)
+    assert order["close_last_error"].startswith("FOREIGN_PAYMENT: the answer ")
+    assert refunds(world.db) == {} and events(world, 48) == [] and goods(world, 48) == (10, 10)
+    assert world.emulator.payment_counts["closes"] == 0
+
+
 def test_a_user_who_pays_between_the_first_query_and_the_close_is_booked_and_refunded_once(world):
     unpaid_order(world, 48)
     request_cancel(world.db, 48)

@@ -33,6 +33,7 @@ class PaymentDesk:
         self.payment_counts: Counter[str] = Counter()
         self.closed_trades: Counter[str] = Counter()  # out_trade_no -> closes that closed it (must stay <= 1)
         self._answered_with: dict[str, str] = {}  # out_trade_no -> the trade whose object its query answers
+        self._answered_as: dict[str, dict[str, str | None]] = {}  # out_trade_no -> another mchid, appid, currency
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -64,6 +65,12 @@ class PaymentDesk:
         with self._changed:
             self._trade(out_trade_no).pays_while_closing = True
 
+    def answers_as(self, out_trade_no: str, *, mchid: str | None = None, appid: str | None = None,
+                   currency: str | None = None) -> None:
+        """Queries of this trade answer naming another merchant, app or currency (correctly signed)."""
+        with self._changed:
+            self._answered_as[out_trade_no] = {"mchid": mchid, "appid": appid, "currency": currency}
+
     def answers_about(self, out_trade_no: str, other: str) -> None:
         """Queries of this trade answer with another trade's object (a mixed-up answer, correctly signed)."""
         with self._changed:
@@ -82,7 +89,11 @@ class PaymentDesk:
             trade = self._payments.get(self._answered_with.get(out_trade_no, out_trade_no))
             if trade is None:
                 return _error(*NOT_FOUND)
-            return Reply(200, payment_json(trade, self.keys.mchid, self.keys.appid))
+            other = self._answered_as.get(out_trade_no, {})
+            data = payment_json(trade, other.get("mchid") or self.keys.mchid, other.get("appid") or self.keys.appid)
+            if other.get("currency"):
+                data["amount"]["currency"] = other["currency"]
+            return Reply(200, data)
 
     def _close_payment(self, out_trade_no: str) -> Reply:
         with self._changed:
