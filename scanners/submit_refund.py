@@ -81,6 +81,12 @@ class Attempt:
     query: gw.GatewayResult | None = None  # asked when a refusal came for a number that may exist
 
 
+# Answers that cannot be WeChat's answer to an application (a redirect, a body we cannot read, a
+# signature that does not verify, an answer about another number): the refund may exist, so its
+# number is queried at once instead of applying blind again.
+NOT_AN_ANSWER = frozenset({"REDIRECT", "BAD_RESPONSE", "BAD_SIGNATURE", "ANSWER_TOO_LARGE", "RESPONSE_MISMATCH"})
+
+
 def _is_refusal(result: Any) -> bool:
     return isinstance(result, (gw.Permanent, gw.RetryLater))
 
@@ -97,13 +103,15 @@ class SubmitRefund(StageDefaults):
 
     pending_since = r.created_at
 
-    def __init__(self, first_poll_delay_seconds: float):
+    def __init__(self, first_poll_delay_seconds: float, max_attempts: int | None = None):
         self.first_poll_delay = timedelta(seconds=first_poll_delay_seconds)
+        self.max_attempts = max_attempts  # its last try asks WeChat before the row is given up
 
     @classmethod
     def from_config(cls, config) -> SubmitRefund:
         (poll,) = cls.feeds
-        return cls(first_poll_delay_seconds=config.job(poll).poll_delays_seconds[0])
+        return cls(first_poll_delay_seconds=config.job(poll).poll_delays_seconds[0],
+                   max_attempts=config.job(cls.name).max_attempts)
 
     def handoffs(self) -> Mapping[str, float]:
         # The first poll is due that long after acceptance, which may come before its next tick.
@@ -157,7 +165,13 @@ class SubmitRefund(StageDefaults):
             # An earlier call may have been accepted: a refusal now (a replay WeChat handles
             # differently, a proxy's 4xx) proves nothing until WeChat's record says so.
             return Attempt(result, earlier, gateway.query(row.out_refund_no, deadline=deadline))
+        if isinstance(result, gw.UnknownOutcome) and (result.code in NOT_AN_ANSWER or self._last_try(row)):
+            # Unknown: ask WeChat's record of the number now, rather than apply blind again (or give up).
+            return Attempt(result, True, gateway.query(row.out_refund_no, deadline=deadline))
         return Attempt(result, earlier)
+
+    def _last_try(self, row: Row) -> bool:
+        return self.max_attempts is not None and row.attempts + 1 >= self.max_attempts
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {"next_attempt_at": now + self.first_poll_delay}
@@ -215,17 +229,20 @@ class SubmitRefund(StageDefaults):
         if isinstance(query, gw.Accepted):
             if not matches(query.refund, row):
                 return None, None, MISMATCHED
-            log.bind(action="refusal_overruled", wx_status=query.refund.status).warning(
-                "WeChat refused a replay, but its record shows the refund accepted: recorded as accepted"
-            )
+            if isinstance(refusal, gw.UnknownOutcome):
+                log.bind(action="unknown_resolved", wx_status=query.refund.status).info(
+                    "the application's answer was unknown; WeChat's record shows the refund accepted: recorded as accepted")
+            else:
+                log.bind(action="refusal_overruled", wx_status=query.refund.status).warning(
+                    "WeChat refused a replay, but its record shows the refund accepted: recorded as accepted")
             return query.refund, query.request_id, Done(query.refund.status)
         if isinstance(query, gw.ConfigError):
             return None, None, credentials_refused(query)
         # Even "no such refund" is not proof: WeChat's own replication lags behind an acceptance.
         # Only a verified refund object ends this row; giving up says "unknown", not "rejected".
+        said = "unknown" if isinstance(refusal, gw.UnknownOutcome) else "refused after an earlier call may have reached WeChat"
         return None, None, Retry(
             refusal.code,
-            f"refused after an earlier call may have reached WeChat, and the query answered {query.code}:"
-            f" will ask again ({refusal.message})",
+            f"{said}, and the query answered {getattr(query, 'code', type(query).__name__)}: will ask again ({refusal.message})",
             give_up_code=OUTCOME_UNKNOWN,
         )

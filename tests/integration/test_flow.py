@@ -277,7 +277,7 @@ def test_an_operator_requeues_a_refund_that_gave_up_and_it_completes_with_the_sa
     add_order(world.db, 307)
     request_cancel(world.db, 307)
     number = out_refund_no_for(307)
-    world.emulator.fail_next(number, "503", times=100, after_commit=True)  # accepted, but every answer is lost
+    world.emulator.fail_next(number, "503", times=100, after_commit=True, call="any")  # accepted; every answer lost, queries too
     runner = world.runner()
     runner.run_until_idle(world.clock.now)
     for _ in range(world.config.job("submit_refund").max_attempts):

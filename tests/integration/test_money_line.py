@@ -119,21 +119,42 @@ def test_a_first_call_refusal_is_final_but_a_refusal_after_an_unknown_answer_is_
     assert row(world.db, "goods_order2", 704)["refund_status"] == "REFUNDED"
 
 
-def test_a_redirect_is_never_followed_and_the_replay_records_the_accepted_refund(world):
+def test_a_redirect_is_never_followed_and_the_number_is_queried_at_once(world):
+    """Issue 23, item 6: a persistent 302 on apply (the refund created at WeChat) is resolved by one
+    query, not by re-applying until the row is given up as unknown."""
     number = cancelled(world, 705)
-    world.emulator.fail_next(number, "redirect", after_commit=True)  # accepted, then answered 302
+    world.emulator.fail_next(number, "redirect", times=1000, after_commit=True)  # accepted, then answered 302
 
-    assert submit(world).retried == 1
-    assert submit_row(world, 705)["last_error"].startswith("REDIRECT")
-    world.clock.advance(5)
     assert submit(world).done == 1
+    refund = submit_row(world, 705)
+    assert (refund["submit_scanned"], refund["submit_success"], refund["last_error"]) == (1, 1, None)
+    assert refund["wx_refund_id"] and apply_calls(world) == 1 and world.emulator.requests[("GET", 200)] == 1
     world.settle()
     assert world.emulator.refunds_created[number] == 1
+    assert row(world.db, "goods_order2", 705)["refund_status"] == "REFUNDED"
+
+
+def test_an_unknown_outcome_is_queried_before_the_row_is_given_up(world):
+    """Timeouts and 5xx are re-applied with the same number; the last try asks WeChat's record first."""
+    number = cancelled(world, 708)
+    world.emulator.fail_next(number, "503", times=1000, after_commit=True)  # created at the first apply
+    runner = world.runner()
+    for _ in range(world.config.job("submit_refund").max_attempts + 1):
+        runner.run_stage("submit_refund", world.clock.now)
+        world.clock.advance(60)
+    runner.close()
+
+    refund = submit_row(world, 708)
+    assert (refund["submit_scanned"], refund["submit_success"], refund["last_error"]) == (1, 1, None)
+    assert world.emulator.refunds_created[number] == 1
+    assert world.emulator.requests[("GET", 200)] == 1  # one query, on the last try
+    assert apply_calls(world) == world.config.job("submit_refund").max_attempts
 
 
 def test_a_number_whose_answers_stay_unknown_ends_outcome_unknown_never_rejected(world):
+    """Only when the queries cannot tell either (they fail too) does a row end OUTCOME_UNKNOWN."""
     number = cancelled(world, 706)
-    world.emulator.fail_next(number, "503", times=1000, after_commit=True)
+    world.emulator.fail_next(number, "503", times=1000, after_commit=True, call="any")
     runner = world.runner()
     for _ in range(world.config.job("submit_refund").max_attempts + 1):
         runner.run_stage("submit_refund", world.clock.now)
