@@ -14,7 +14,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from cancel_scanner.models.tables import Base, _created, _updated, oplog, refund_order, req_order_ops
 from cancel_scanner.models.types import Id, SignedInt, Timestamp3, now3
 
-DIFF_KINDS = ("MISSING_HERE", "MISSING_AT_WECHAT", "AMOUNT_DIFFERS", "STATUS_DIFFERS", "ORPHAN_PAYMENT")
+DIFF_KINDS = ("MISSING_HERE", "MISSING_AT_WECHAT", "AMOUNT_DIFFERS", "STATUS_DIFFERS", "ORPHAN_PAYMENT", "DUPLICATE_LINE",
+              "UNBOOKED_PAYMENT")
 
 
 class ReconcileDiff(Base):

@@ -196,7 +196,7 @@ CREATE TABLE IF NOT EXISTS cancel_scanner_schema (
 CREATE TABLE IF NOT EXISTS reconcile_diff (
   id             BIGINT NOT NULL AUTO_INCREMENT,
   bill_date      DATE NOT NULL COMMENT 'the bill''s day (Beijing time)',
-  kind           VARCHAR(32) NOT NULL COMMENT 'MISSING_HERE|MISSING_AT_WECHAT|AMOUNT_DIFFERS|STATUS_DIFFERS|ORPHAN_PAYMENT',
+  kind           VARCHAR(32) NOT NULL COMMENT 'MISSING_HERE|MISSING_AT_WECHAT|AMOUNT_DIFFERS|STATUS_DIFFERS|ORPHAN_PAYMENT|DUPLICATE_LINE|UNBOOKED_PAYMENT',
   out_trade_no   VARCHAR(32) NOT NULL COMMENT 'goods_order2.order_no',
   out_refund_no  VARCHAR(64) NULL COMMENT 'refund_order.out_refund_no, for a refund',
   ours_fen       BIGINT NULL COMMENT 'our amount (fen)',

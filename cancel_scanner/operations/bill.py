@@ -40,6 +40,10 @@ from cancel_scanner.gateway.contract import (
 
 BEIJING = timezone(timedelta(hours=8))
 SUMMARY_FIRST_COLUMN = "总交易单数"
+# The summary's refund totals and the detail column each adds up: a payment line carries 0.00 there,
+# so each equals the sum over every line. (The order totals are not checked: whether a refund line's
+# order amount counts in them is not documented.)
+SUMMARY_REFUND_TOTALS = {"退款总金额": "退款金额", "申请退款总金额": "申请退款金额"}
 REFUND_STATE = "REFUND"  # 交易状态 of a refund row
 NO_REFUND = frozenset({"", "0"})  # 商户退款单号 of a payment row
 # The first name present wins: older bills have fewer columns, under older names.
@@ -55,7 +59,7 @@ _log = logger.bind(component="bill")
 
 
 class BillError(Exception):
-    """The bill cannot be used: BAD_HASH, BAD_FORMAT, TOO_LARGE, BAD_GZIP, UNTRUSTED_URL, REDIRECT,
+    """The bill cannot be used: BAD_HASH, BAD_FORMAT, BILL_TOTALS_DIFFER, TOO_LARGE, BAD_GZIP, UNTRUSTED_URL, REDIRECT,
     or WeChat's own code when it refused for good (PARAM_ERROR, SIGN_ERROR...)."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -186,6 +190,9 @@ def parse_bill(data: bytes, bill_date: date) -> Bill:
             entry = reader.read(row)
             (refunds if type(entry) is BillRefund else payments).append(entry)
         _check_summary(summary)
+        _check_totals(summary, len(refunds) + len(payments), reader.totals)
+    except BillTotalsDiffer as exc:
+        raise BillError("BILL_TOTALS_DIFFER", f"the bill does not add up: {exc}") from None
     except _RowError as exc:
         where = f"line {lines.line_num}: " if lines.line_num else ""
         raise BillError("BAD_FORMAT", where + str(exc)) from None
@@ -213,6 +220,21 @@ def _check_summary(summary: list[list[str]]) -> None:
         raise _RowError("the summary row's values must start with a backtick")
 
 
+def _check_totals(summary: list[list[str]], lines: int, totals: dict[str, int]) -> None:
+    """The bill is trusted only as far as it adds up: its summary's count and refund totals must be its lines'."""
+    said = {_clean(name): _clean(value) for name, value in zip(summary[0], summary[1])}
+    if SUMMARY_FIRST_COLUMN in said and said[SUMMARY_FIRST_COLUMN] != str(lines):
+        raise BillTotalsDiffer(f"its summary counts {said[SUMMARY_FIRST_COLUMN]} trades, its lines are {lines}")
+    for name, column in SUMMARY_REFUND_TOTALS.items():
+        if name in said and column in totals and _fen(said[name]) != totals[column]:
+            raise BillTotalsDiffer(f"its summary's {name} is {said[name]} yuan, its lines' {column} add up to"
+                                   f" {totals[column] // 100}.{totals[column] % 100:02d}")
+
+
+class BillTotalsDiffer(Exception):
+    """The summary line does not add up to the bill's own lines: the day fails with this reason."""
+
+
 def _clean(value: str) -> str:
     # Every value starts with a backtick (so spreadsheets keep long numbers as text); headers do not.
     return value[1:].strip() if value[:1] == "`" else value.strip()
@@ -237,12 +259,17 @@ class _RowReader:
         self.refund_columns_missing = [name for name in ("商户退款单号", *REFUND_REQUIRED) if name not in index]
         if self.refund_amount is None:
             self.refund_columns_missing.append("/".join(REFUND_AMOUNT))
+        self._summed = {column: index[column] for column in SUMMARY_REFUND_TOTALS.values() if column in index}
+        self.totals = {column: 0 for column in self._summed}  # fen, over every line read
 
     def read(self, row: list[str]) -> BillRefund | BillPayment:
         if len(row) != self.width:
             raise _RowError(f"{len(row)} values under a header of {self.width}")
         if row[self.time][:1] != "`":
             raise _RowError("detail values must start with a backtick")
+        for column, i in self._summed.items():
+            if _clean(row[i]):
+                self.totals[column] += _fen(row[i])
         state = _clean(row[self.state])
         refund_no = _clean(row[self.refund_no]) if self.refund_no is not None else ""
         if refund_no not in NO_REFUND or state == REFUND_STATE:

@@ -6,7 +6,9 @@ the day after were searched too: the bill dates a refund by WeChat's clock, our 
 is ours. Payments in the bill for orders cancelled here without any refund are ORPHAN_PAYMENT:
 money the shop holds for nothing (the user paid at the last second while the close went
 through). With ``refund_orphans`` they are refunded through the normal flow; by default they are
-reported.
+reported. A payment for an order still UNPAID here is UNBOOKED_PAYMENT and is handed to close_unpaid,
+which books it. Two lines for one refund number or one payment are DUPLICATE_LINE; a bill whose
+summary does not add up to its lines fails the day (operations.bill, BILL_TOTALS_DIFFER).
 
 The day's differences replace its earlier ones in ``reconcile_diff`` in one transaction, and
 ``reconcile_run`` says how the day ended: CLEAN, DIFFERS, NO_BILL (WeChat had no trades and
@@ -91,7 +93,7 @@ def _ours_by_number(conn: Connection, numbers: Sequence[str]) -> dict[str, Any]:
 
 def compare(conn: Connection, bill: Any, neighbours: Sequence[Any] = ()) -> list[Diff]:
     """The differences between ``bill`` (one day) and the tables; ``neighbours``: the bills of the days around it."""
-    diffs: list[Diff] = []
+    diffs: list[Diff] = _duplicates(bill)
     theirs = {refund.out_refund_no: refund for refund in bill.refunds}
     ours = _ours_by_number(conn, sorted(theirs))
     for number, refund in sorted(theirs.items()):
@@ -127,7 +129,67 @@ def compare(conn: Connection, bill: Any, neighbours: Sequence[Any] = ()) -> list
                               mine.wx_status, None))
 
     diffs += _orphans(conn, bill)
+    diffs += _unbooked(conn, bill)
     return diffs
+
+
+def _duplicates(bill: Any) -> list[Diff]:
+    """Two lines of one bill for one refund number, or for one payment: a difference of their own
+    (matching by number would silently take one of them)."""
+    diffs = []
+    seen: dict[str, Any] = {}
+    for refund in bill.refunds:
+        if refund.out_refund_no in seen:
+            diffs.append(Diff("DUPLICATE_LINE", refund.out_trade_no, f"the bill lists refund {refund.out_refund_no} twice"
+                              f" ({seen[refund.out_refund_no].refund_fen} and {refund.refund_fen} fen)", refund.out_refund_no,
+                              None, refund.refund_fen, None, BILL_STATUS.get(refund.status, refund.status)))
+        seen.setdefault(refund.out_refund_no, refund)
+    paid: dict[str, Any] = {}
+    for payment in bill.payments:
+        if payment.status != "SUCCESS":
+            continue
+        if payment.out_trade_no in paid:
+            diffs.append(Diff("DUPLICATE_LINE", payment.out_trade_no, f"the bill lists payment {payment.transaction_id}"
+                              f" of {payment.out_trade_no} twice ({payment.total_fen} fen)", None, None, payment.total_fen,
+                              None, "SUCCESS"))
+        paid.setdefault(payment.out_trade_no, payment)
+    return diffs
+
+
+def _unbooked(conn: Connection, bill: Any) -> list[Diff]:
+    """Payments WeChat took for orders still UNPAID here: the notification was lost, and the payment
+    side (close_unpaid) has not found it. Each is handed to close_unpaid (unbook_to_close_unpaid)."""
+    paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
+    orders = []
+    for part in _chunks(sorted(paid)):
+        orders += conn.execute(select(o.order_no).where(o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0,
+                                                        o.is_deleted == 0)).all()
+    return [
+        Diff("UNBOOKED_PAYMENT", order.order_no, f"the user paid {paid[order.order_no].total_fen} fen"
+             f" ({paid[order.order_no].transaction_id}); the order is still UNPAID here: handed to close_unpaid to book it",
+             theirs_fen=paid[order.order_no].total_fen, ours_status="UNPAID", theirs_status="SUCCESS")
+        for order in orders
+    ]
+
+
+def hand_to_close_unpaid(db: Engine, diffs: Sequence[Diff], now: datetime) -> int:
+    """Make the UNBOOKED_PAYMENT orders due for close_unpaid now, which queries WeChat and books the
+    payment as a found one (and refunds it if a cancel was asked for). Only orders still unpaid."""
+    numbers = sorted({d.out_trade_no for d in diffs if d.kind == "UNBOOKED_PAYMENT"})
+    handed = 0
+    with db.begin() as conn:
+        for part in _chunks(numbers):
+            handed += conn.execute(
+                update(goods_order2)
+                .where(o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0, o.is_deleted == 0,
+                       o.close_lease_owner.is_(None))
+                .values(close_scanned=0, close_success=0, close_attempts=0, close_next_attempt_at=now,
+                        close_last_error="UNBOOKED_PAYMENT: WeChat's bill shows it paid; reconcile asked for it to be booked")
+            ).rowcount or 0
+    if handed:
+        _log.bind(action="unbooked_handed", orders=handed).warning("{} payment(s) WeChat took for orders unpaid here:"
+                                                                   " handed to close_unpaid", handed)
+    return handed
 
 
 def _orphans(conn: Connection, bill: Any) -> list[Diff]:
@@ -244,6 +306,7 @@ def reconcile_day(db: Engine, fetch: Callable[[date], Any], bill_date: date, *, 
             neighbours.append(other)
     with db.connect() as conn:
         diffs = compare(conn, bill, neighbours)
+    hand_to_close_unpaid(db, diffs, now)
     refunded: list[str] = []
     if refund_orphans:
         payments = {p.out_trade_no: p for p in bill.payments}

@@ -174,3 +174,34 @@ def test_two_reconciliations_of_one_day_at_once_leave_one_set_of_rows(mysql_db, 
     assert [r.counts for r in results] == [{"MISSING_AT_WECHAT": 3}] * 2
     assert scalar(world.db, "SELECT COUNT(*) FROM reconcile_diff WHERE bill_date = :d", d=DAY) == 3
     assert scalar(world.db, "SELECT attempts FROM reconcile_run WHERE bill_date = :d", d=DAY) == 2
+
+
+def test_a_duplicated_line_and_a_payment_for_an_order_unpaid_here_are_two_differences_and_the_payment_is_booked(world):
+    """Issue 23, item 4: lines with one refund number no longer collapse into one, and money WeChat
+    took for an order still UNPAID here is reported and handed to close_unpaid, which books it."""
+    from testsupport import shop
+
+    refunded_day(world)
+    shop.insert_orders(world.db, [shop.order_row(8, paid=False, amount=990, now=T0, created_at=T0 - timedelta(hours=3))])
+    world.emulator.create_trade(shop.order_row(8)["no"], 990)
+    world.emulator.user_pays(shop.order_row(8)["no"])  # and the shop never hears of it
+    good = our_bill(world)
+    paid_here = BillPayment(out_trade_no=shop.order_row(8)["no"], transaction_id="4200000000000000000000000088",
+                            total_fen=990, status="SUCCESS", at=(T0 - timedelta(hours=2)).replace(tzinfo=UTC))
+    bill = replace(good, refunds=good.refunds + good.refunds[:1], payments=good.payments + (paid_here,),
+                   rows=good.rows + 2)
+
+    result = reconcile_day(world.db, fetcher({DAY: bill}), DAY, now=T0)
+
+    assert result.state == "DIFFERS"
+    assert sorted((d["kind"], d["out_trade_no"]) for d in diffs(world)) == [
+        ("DUPLICATE_LINE", good.refunds[0].out_trade_no), ("UNBOOKED_PAYMENT", shop.order_row(8)["no"])]
+    order = row(world.db, "goods_order2", 8)
+    assert order["close_scanned"] == 0 and order["close_last_error"].startswith("UNBOOKED_PAYMENT")
+    runner = world.runner()
+    try:
+        runner.run_stage("close_unpaid", world.clock.now)
+    finally:
+        runner.close()
+    order = row(world.db, "goods_order2", 8)
+    assert (order["pay_status"], order["order_status"], order["close_success"]) == (1, "PAID", 1)  # booked; nobody cancelled it

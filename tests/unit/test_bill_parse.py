@@ -73,11 +73,26 @@ def quoted(value: str) -> str:
     return '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\r\n') else value
 
 
+def yuan_sum(rows: list[dict[str, str]], column: str) -> str:
+    """Test data only: a few values of two decimals (junk counts as nothing: the line is refused anyway)."""
+    def fen(text: str) -> int:
+        whole, _, cents = text.partition(".")
+        return int(whole) * 100 + int(cents.ljust(2, "0")) if whole.isdigit() and (cents.isdigit() or not cents) else 0
+    total = sum(fen(r.get(column) or "0") for r in rows)
+    return f"{total // 100}.{total % 100:02d}"
+
+
+def adding_up(rows: list[dict[str, str]]) -> str:
+    """The summary row WeChat writes under these rows: their count and each column's sum."""
+    columns = ("应结订单金额", "退款金额", "充值券退款金额", "手续费", "订单金额", "申请退款金额")
+    return ",".join([f"`{len(rows)}", *(f"`{yuan_sum(rows, c)}" for c in columns)])
+
+
 def bill_text(rows: list[dict[str, str]], header: str = ALL_HEADER, *, bom: bool = True, summary: str | None = None,
               newline: str = "\r\n") -> bytes:
     columns = header.split(",")
     lines = [header] + [",".join(quoted(r.get(c, "")) for c in columns) for r in rows]
-    lines += [SUMMARY_HEADER, summary if summary is not None else f"`{len(rows)},`12.30,`0.00,`0.00,`0.07,`12.30,`0.00"]
+    lines += [SUMMARY_HEADER, summary if summary is not None else adding_up(rows)]
     return ((BOM if bom else "") + newline.join(lines) + newline).encode("utf-8")
 
 
@@ -162,10 +177,29 @@ def test_the_newest_amount_column_wins_over_the_older_one():
 
 
 def test_the_summary_is_not_read_as_rows():
-    # Whatever the summary says, it is neither a payment nor a refund, nor an amount we parse.
-    bill = parse_bill(bill_text([row()], summary="`999,`1.234,`junk,`0,`0,`0,`0"), DAY)
+    bill = parse_bill(bill_text([row(), refund_row()]), DAY)
 
-    assert bill.rows == 1 and len(bill.payments) == 1 and bill.refunds == ()
+    assert bill.rows == 2 and len(bill.payments) == 1 and len(bill.refunds) == 1
+
+
+@pytest.mark.parametrize("summary, complaint", [
+    # Issue 23: a refund line duplicated while the summary still counts the lines it had.
+    ("`2,`12.30,`24.60,`0.00,`0.21,`12.30,`24.60", "its summary counts 2 trades, its lines are 3"),
+    ("`3,`12.30,`24.60,`0.00,`0.21,`12.30,`12.30", "申请退款总金额 is 12.30 yuan, its lines' 申请退款金额 add up to 24.60"),
+    ("`3,`12.30,`12.30,`0.00,`0.21,`12.30,`24.60", "退款总金额 is 12.30 yuan, its lines' 退款金额 add up to 24.60"),
+])
+def test_a_bill_whose_summary_does_not_add_up_to_its_lines_is_not_trusted(summary, complaint):
+    lines = [row(), refund_row(), refund_row(**{"商户退款单号": "RF2", "微信退款单号": "50300000012024050100000002"})]
+    assert parse_bill(bill_text(lines), DAY).rows == 3  # adding up: read
+    with pytest.raises(BillError) as refused:
+        parse_bill(bill_text(lines, summary=summary), DAY)
+    assert refused.value.code == "BILL_TOTALS_DIFFER" and complaint in refused.value.message
+
+
+def test_a_summary_with_junk_for_an_amount_it_is_checked_on_is_bad_format():
+    with pytest.raises(BillError) as refused:
+        parse_bill(bill_text([row()], summary="`1,`12.30,`junk,`0.00,`0.07,`12.30,`0.00"), DAY)
+    assert refused.value.code == "BAD_FORMAT"
 
 
 def test_a_bill_without_detail_rows_is_an_empty_bill():
@@ -244,7 +278,8 @@ def test_a_hundred_thousand_rows_parse_in_well_under_a_few_seconds():
         payment = row(商户订单号=f"O{i}", 订单金额=f"{i // 100}.{i % 100:02d}", 商品名称="茶叶，一盒,两罐")
         refund = refund_row(商户订单号=f"O{i}", 商户退款单号=f"RF{i}", 申请退款金额=f"{i // 100}.{i % 100:02d}")
         lines += [",".join(quoted(r[c]) for c in header) for r in (payment, refund)]
-    lines += [SUMMARY_HEADER, "`100000,`0.00,`0.00,`0.00,`0.00,`0.00,`0.00"]
+    asked = sum(range(50_000))  # fen: refund i asked i fen
+    lines += [SUMMARY_HEADER, f"`100000,`0.00,`615000.00,`0.00,`0.00,`0.00,`{asked // 100}.{asked % 100:02d}"]
     data = (BOM + "\r\n".join(lines) + "\r\n").encode("utf-8")
 
     started = time.perf_counter()
