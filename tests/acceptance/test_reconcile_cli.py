@@ -48,3 +48,40 @@ def test_reconcile_says_clean_then_differences_then_not_ready_with_its_exit_code
     sandbox = processes.write_config(tmp_path / "sandbox.yaml", {"database_url": mysql_url})
     refused = processes.run_cli(["reconcile"], config=sandbox, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}, cwd=tmp_path)
     assert refused.returncode == 2 and "wechat.mode is sandbox" in refused.stderr
+
+
+def test_a_bill_with_a_line_twice_and_a_payment_unpaid_here_differs_and_one_that_does_not_add_up_fails(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
+    """Issue 23, item 4, through the CLI against the emulator's own bill."""
+    from testsupport import shop
+
+    emu = external_emulators(tmp_path / "keys")
+    emu.emulator.bill_ready_after = None
+    orders = harness.paid_orders(mysql_db, emu, N)
+    daemon, config = harness.settled_daemon(tmp_path, mysql_db, mysql_url, emu, orders, daemons)
+    daemon.sigterm()
+    assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
+    unpaid = shop.order_row(9, paid=False)
+    shop.insert_orders(mysql_db, [unpaid])
+    emu.emulator.create_trade(unpaid["no"], unpaid["amount"])
+    emu.emulator.user_pays(unpaid["no"])  # the shop is never told
+    today = str(datetime.now(BEIJING).date())
+
+    def reconcile():
+        return processes.run_cli(["reconcile", "--date", today], config=config, env=emu.env(), cwd=tmp_path)
+
+    emu.emulator.duplicate_refund_line = "summary_too"
+    differs = reconcile()
+    assert differs.returncode == 4, differs.stdout + differs.stderr[-2000:]
+    assert "DUPLICATE_LINE: 1" in differs.stdout and "UNBOOKED_PAYMENT: 1" in differs.stdout, differs.stdout
+    kinds = [r["kind"] for r in harness.q_rows(mysql_db, "SELECT kind FROM reconcile_diff ORDER BY kind")]
+    assert kinds == ["DUPLICATE_LINE", "UNBOOKED_PAYMENT"]
+    handed = harness.q_rows(mysql_db, "SELECT close_scanned, close_last_error FROM goods_order2 WHERE id = 9")[0]
+    assert handed["close_scanned"] == 0 and handed["close_last_error"].startswith("UNBOOKED_PAYMENT")
+
+    emu.emulator.duplicate_refund_line = "line_only"
+    failed = reconcile()
+    assert failed.returncode == 1 and "BILL_TOTALS_DIFFER" in failed.stderr, failed.stdout + failed.stderr[-2000:]
+    run = harness.q_rows(mysql_db, f"SELECT state, last_error FROM reconcile_run WHERE bill_date = '{today}'")[0]
+    assert run["state"] == "FAILED" and "its summary counts" in run["last_error"]

@@ -203,13 +203,14 @@ def _bomb(size: int) -> bytes:
     return b"".join(out)
 
 
-def render_bill(rows: list[dict[str, str]], columns: tuple[str, ...]) -> bytes:
-    """WeChat's CSV of `rows` (column -> value, values without their backtick) under `columns`."""
+def render_bill(rows: list[dict[str, str]], columns: tuple[str, ...], *, extra: list[dict[str, str]] = ()) -> bytes:
+    """WeChat's CSV of `rows` (column -> value, values without their backtick) under `columns`;
+    `extra` lines are written after them but left out of the summary (a bill that does not add up)."""
     text = io.StringIO()
     text.write(BOM)
     writer = csv.writer(text, lineterminator="\r\n")
     writer.writerow(columns)
-    for row in rows:
+    for row in [*rows, *extra]:
         writer.writerow(["`" + row.get(column, "") for column in columns])
     summary = [(name, source) for name, source in SUMMARY if source is None or source in columns]
     writer.writerow([name for name, _ in summary])
@@ -249,6 +250,9 @@ class BillDesk:
         self._made: dict[tuple[date, str, tuple[str, ...] | None], bytes] = {}
         self._downloads: dict[str, _Download] = {}
         self._download_faults: list[DownloadFault] = []
+        # A bill made from now on repeats its first refund line: "summary_too" (the summary counts
+        # it: the bill adds up), "line_only" (the summary does not: it does not add up), or None.
+        self.duplicate_refund_line: str | None = None
 
     # -- test controls -----------------------------------------------------------------------
 
@@ -390,7 +394,14 @@ class BillDesk:
             rows += [(r.created_at, 1, self._refund_row(r, bill_type)) for r in refunds]
         rows.sort(key=lambda entry: (entry[0], entry[1]))
         default = {"ALL": ALL_COLUMNS, "SUCCESS": SUCCESS_COLUMNS, "REFUND": REFUND_COLUMNS}[bill_type]
-        return render_bill([row for _, _, row in rows], self._bill_columns or default)
+        lines = [row for _, _, row in rows]
+        if self.duplicate_refund_line and refunds and bill_type != "SUCCESS":
+            first = next(row for _, kind, row in rows if kind == 1)
+            if self.duplicate_refund_line == "summary_too":
+                lines.append(first)  # the summary counts it too: a bill that adds up, with one refund twice
+            else:
+                return render_bill(lines, self._bill_columns or default, extra=[first])  # the summary does not count it
+        return render_bill(lines, self._bill_columns or default)
 
     def _common(self, payment_time: float, transaction_id: str, out_trade_no: str) -> dict[str, str]:
         return {
