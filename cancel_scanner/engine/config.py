@@ -221,7 +221,9 @@ class ReconcileConfig(_Section):
     enabled: StrictBool = True
     at: ClockTime = "10:00"  # Beijing time: WeChat's bill of yesterday exists from about 10:00
     retry_minutes: Annotated[StrictFloat | StrictInt, Field(ge=1, le=720)] = 30  # STATEMENT_CREATING: try again
-    refund_orphan_payments: StrictBool = False  # a payment for an order cancelled here without a refund: refund it
+    # A payment for an order cancelled here without a refund (its stock given back: the user paid for
+    # nothing): booked and refunded once, by default; false only reports it.
+    refund_orphan_payments: StrictBool = True
 
 
 class PruneConfig(_Section):

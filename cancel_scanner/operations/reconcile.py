@@ -5,8 +5,8 @@ of ours is called missing at WeChat only after the bills of the day before and (
 the day after were searched too: the bill dates a refund by WeChat's clock, our ``submitted_at``
 is ours. Payments in the bill for orders cancelled here without any refund are ORPHAN_PAYMENT:
 money the shop holds for nothing (the user paid at the last second while the close went
-through). With ``refund_orphans`` they are refunded through the normal flow; by default they are
-reported. A payment for an order still UNPAID here is UNBOOKED_PAYMENT and is handed to close_unpaid,
+through). With ``refund_orphans`` (the daemon's and the CLI's default, reconcile.refund_orphan_payments)
+they are booked and refunded once through the normal flow; without, reported. A payment for an order still UNPAID here is UNBOOKED_PAYMENT and is handed to close_unpaid,
 which books it. Two lines for one refund number or one payment are DUPLICATE_LINE; a bill whose
 summary does not add up to its lines fails the day (operations.bill, BILL_TOTALS_DIFFER).
 

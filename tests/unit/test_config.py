@@ -35,6 +35,13 @@ def test_the_shipped_jobs_yaml_is_valid_and_enables_all_six_stages():
     assert config.job("poll_refund").poll_delays_seconds == (60, 300, 600, 1200, 1800)
 
 
+def test_a_payment_after_a_cancel_is_refunded_unless_an_operator_turns_it_off():
+    """Issue 23, item 3: the order was cancelled and its stock given back: the user paid for nothing."""
+    assert load_config(ROOT / "jobs.yaml", env=NO_ENV).reconcile.refund_orphan_payments is True
+    assert parse_config({}, env=NO_ENV).reconcile.refund_orphan_payments is True
+    assert parse_config({"reconcile": {"refund_orphan_payments": False}}, env=NO_ENV).reconcile.refund_orphan_payments is False
+
+
 def test_config_objects_are_frozen():
     config = parse_config({}, env=NO_ENV)
     with pytest.raises(dataclasses.FrozenInstanceError):
