@@ -288,6 +288,9 @@ class ScannerProcess(Base):
     pace_group: Mapped[str | None] = mapped_column(
         String(64), comment="the merchant (mchid) whose WeChat QPS it shares with the other live processes of it; NULL: calls nothing paced"
     )
+    pace_limits: Mapped[str | None] = mapped_column(
+        String(255), comment="the per-merchant QPS it was configured with, endpoint=qps;...: processes of one merchant pace at the strictest"
+    )
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -176,6 +176,7 @@ CREATE TABLE IF NOT EXISTS cancel_scanner_process (
   heartbeat_at  DATETIME(3) NOT NULL COMMENT 'last heartbeat (database time, UTC); silent past takeover_seconds = dead',
   report        VARCHAR(4000) NULL COMMENT 'its stages (up, or down since when and why) and rows finished since it started, JSON; read by status',
   pace_group    VARCHAR(64) NULL COMMENT 'the merchant (mchid) whose WeChat QPS it shares with the other live processes of it; NULL: calls nothing paced',
+  pace_limits   VARCHAR(255) NULL COMMENT 'the per-merchant QPS it was configured with, endpoint=qps;...: processes of one merchant pace at the strictest',
   created_at    DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at    DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_cancel_scanner_process PRIMARY KEY (id),

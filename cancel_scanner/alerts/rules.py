@@ -76,6 +76,7 @@ class Reading:
     routine_stages: frozenset[str] = frozenset()  # stages whose 1/0 rows are routine rejections
     beijing_now: datetime | None = None  # for the reconciliation deadline (tests set it)
     reconcile_expected: bool = False  # the daily reconciliation runs (reconcile.enabled): its lateness is news
+    pace_disagreement: str | None = None  # this merchant's processes were configured with different limits: who
 
 
 def _gateway_failure_rate(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
@@ -149,6 +150,10 @@ def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str
         n > 0, n,
         f"{r.host}: WeChat Pay answered {n} call(s) in the last {rule.window_seconds:g} s with a configuration error"
         " (SIGN_ERROR, a certificate or key problem): check the merchant's keys and this host's clock",
+    )
+    yield "limits", Condition(
+        r.pace_disagreement is not None, 1 if r.pace_disagreement else 0,
+        f"{r.host}: {r.pace_disagreement or 'the merchant processes agree on its limits'}",
     )
     if r.clock_offset is not None:
         off = r.clock_offset

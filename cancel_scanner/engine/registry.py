@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timedelta
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from loguru import logger
 from sqlalchemy import Column, Engine, delete, func, insert, select, update
@@ -55,6 +55,25 @@ HEARTBEAT_MARGIN_SECONDS = 1.5
 
 _log = logger.bind(stage="registry")
 p = scanner_process.c
+
+
+def encode_limits(limits: Mapping[str, float]) -> str | None:
+    """``{"apply": 150.0, "query": 300.0}`` as the entry's ``pace_limits``: ``apply=150;query=300``."""
+    return ";".join(f"{endpoint}={qps:g}" for endpoint, qps in sorted(limits.items())) or None
+
+
+def decode_limits(text: str | None) -> dict[str, float]:
+    """An entry's ``pace_limits``; what cannot be read is left out (an older process publishes none)."""
+    limits: dict[str, float] = {}
+    for part in (text or "").split(";"):
+        endpoint, _, qps = part.partition("=")
+        try:
+            value = float(qps)
+        except ValueError:
+            continue
+        if endpoint and value > 0:
+            limits[endpoint] = value
+    return limits
 
 
 def new_owner_id() -> str:
@@ -85,6 +104,7 @@ class Registry:
         monotonic: Callable[[], float] = time.monotonic,
         owner: str | None = None,
         pace_group: str | None = None,
+        pace_limits: Mapping[str, float] | None = None,
     ):
         if heartbeat_seconds >= takeover_seconds - HEARTBEAT_MARGIN_SECONDS:
             raise ValueError("heartbeat_seconds must be well below takeover_seconds")
@@ -102,12 +122,14 @@ class Registry:
         # What each beat publishes in the entry's ``report`` (the daemon's Progress.report), read by `status`.
         self.report: Callable[[], str | None] | None = None
         self.pace_group = pace_group
+        self.pace_limits = dict(pace_limits or {})  # the QPS per endpoint we were configured with: published
         self.sharers = 1  # live entries of our pace group, us included, as of the last reap
         # (our rank, how many live entries) as of the last reap: claimers take the rows of their own
         # slice (id mod N = rank) first. (0, 1) alone or before the first reap.
         self.slice: tuple[int, int] = (0, 1)
-        # Told (sharers, fresh) after every reap while we pace: fresh once, after (re)registering.
-        self.on_share: Callable[[int, bool], None] | None = None
+        # Told (sharers, fresh, peers) after every reap while we pace: fresh once, after (re)registering;
+        # peers: the other live processes of our group, each ("host:pid", the limits it published).
+        self.on_share: Callable[[int, bool, list[tuple[str, dict[str, float]]]], None] | None = None
         self._fresh = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -157,7 +179,7 @@ class Registry:
                 conn.execute(
                     insert(scanner_process).values(
                         owner=owner, hostname=socket.gethostname()[:64], pid=os.getpid(), started_at=now, heartbeat_at=now,
-                        report=report, pace_group=self.pace_group,
+                        report=report, pace_group=self.pace_group, pace_limits=encode_limits(self.pace_limits),
                     )
                 )
                 self._fresh = True
@@ -187,7 +209,8 @@ class Registry:
         me = self.owner
         with self.db.connect() as conn:
             # Every entry (one per running process): the dead, and the live ones sharing our pace.
-            entries = conn.execute(select(p.owner, p.heartbeat_at, p.pace_group, p.hostname, p.pid).order_by(p.id)).all()
+            entries = conn.execute(
+                select(p.owner, p.heartbeat_at, p.pace_group, p.pace_limits, p.hostname, p.pid).order_by(p.id)).all()
         dead = [e.owner for e in entries if e.heartbeat_at < cutoff and e.owner != me]
         # Sharing and slices count the live entries, less those of processes of this host that no
         # longer exist (a daemon killed and started again): they call nothing, though only
@@ -198,10 +221,11 @@ class Registry:
         live = sorted(e.owner for e in entries if e.heartbeat_at >= cutoff or e.owner == me)
         self.slice = (live.index(me), len(live)) if me in live else (0, 1)
         if self.pace_group is not None:
-            others = sum(1 for e in entries if e.owner != me and e.heartbeat_at >= cutoff and e.pace_group == self.pace_group)
-            self.sharers, fresh, self._fresh = 1 + others, self._fresh, False
+            peers = [(f"{e.hostname}:{e.pid}", decode_limits(e.pace_limits)) for e in entries
+                     if e.owner != me and e.heartbeat_at >= cutoff and e.pace_group == self.pace_group]
+            self.sharers, fresh, self._fresh = 1 + len(peers), self._fresh, False
             if self.on_share is not None:
-                self.on_share(self.sharers, fresh)
+                self.on_share(self.sharers, fresh, peers)
         reaped = []
         for owner in dead:
             released, left = self._reap_one(owner, cutoff)

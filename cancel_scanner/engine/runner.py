@@ -168,10 +168,15 @@ class Runner:
             monotonic=monotonic,
             owner=owner,
             pace_group=self._pace_group(),
+            pace_limits=self._pace_limits(),
         )
         if self.registry.pace_group is not None:
             self.registry.on_share = self._share_pace
         self._sharers: int | None = None  # None until the first reap has counted who shares our pace
+        self._limits: dict[str, float] | None = None  # the strictest limits of our group, as last paced at
+        # Set while the processes of our merchant were configured with different limits: says who (the
+        # config_error alert reads it); None when they agree.
+        self.pace_disagreement: str | None = None
         self.stopping = threading.Event()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._mysql = is_mysql(db)
@@ -186,19 +191,50 @@ class Runner:
             return None
         return getattr(self.gateway, "pace_group", None) or self.config.wechat.mchid
 
-    def _share_pace(self, sharers: int, fresh: bool) -> None:
+    def _pace_limits(self) -> dict[str, float]:
+        """The merchant's limits this process was configured with (published in its registry entry)."""
+        limits = getattr(self.gateway, "pace_limits", None)
+        return dict(limits()) if callable(limits) else {}
+
+    def _share_pace(self, sharers: int, fresh: bool, peers: Sequence[tuple[str, Mapping[str, float]]] = ()) -> None:
         """After every reap: pace at our share of the merchant's QPS. A newcomer among others holds its
-        calls for two heartbeats, by which time every other process has read its entry and slowed down."""
+        calls for two heartbeats, by which time every other process has read its entry and slowed down.
+
+        The processes of one merchant may have been configured with different limits: each paces at
+        the strictest any of them published, and says so (WARNING, the config_error alert)."""
+        ours = self.registry.pace_limits
+        limits = dict(ours)
+        for _who, published in peers:
+            for endpoint, qps in published.items():
+                if endpoint in limits:
+                    limits[endpoint] = min(limits[endpoint], qps)
+        self._note_disagreement(ours, peers, strictest_changed=limits != self._limits)
         hold = 2 * self.config.heartbeat_seconds if fresh and sharers > 1 else 0.0
-        if sharers == self._sharers and not fresh:
+        if sharers == self._sharers and limits == self._limits and not fresh:
             return
-        paces = self.gateway.share_pace(sharers, hold_seconds=hold)
-        if sharers != self._sharers:
+        paces = self.gateway.share_pace(sharers, hold_seconds=hold, limits=limits)
+        if sharers != self._sharers or limits != self._limits:
             logger.bind(stage="pace", action="pace_shared", sharers=sharers).info(
                 "WeChat's per-merchant limits shared by {} process(es): {}", sharers,
                 ", ".join(f"{endpoint} {qps:.3g}/s" for endpoint, qps in paces.items()),
             )
-        self._sharers = sharers
+        self._sharers, self._limits = sharers, limits
+
+    def _note_disagreement(self, ours: Mapping[str, float], peers: Sequence[tuple[str, Mapping[str, float]]], *,
+                           strictest_changed: bool) -> None:
+        """One WARNING when this merchant's processes start to disagree on its limits (and again only if
+        the strictest changes); the text names every process that differs, for the config_error alert."""
+        differ = {who: published for who, published in peers if published and dict(published) != dict(ours)}
+        said = None
+        if differ:
+            said = "; ".join(f"{who} {_limits_text(published)}" for who, published in sorted(differ.items()))
+            said = (f"processes of merchant {self.registry.pace_group} were configured with other limits than this"
+                    f" one's ({_limits_text(ours)}): {said}; all pace at the strictest")
+            if self.pace_disagreement is None or strictest_changed:
+                logger.bind(stage="pace", action="pace_limits_differ", hosts=sorted(differ)).warning("{}", said)
+        elif self.pace_disagreement is not None:
+            logger.bind(stage="pace", action="pace_limits_agree").info("the merchant's processes agree on its limits again")
+        self.pace_disagreement = said
 
     @property
     def owner(self) -> str:
@@ -695,6 +731,10 @@ def _owned_query(stage: Stage, ids: list[int], owner: str, mysql: bool):
     flags = stage.flags
     query = select(flags.table).where(flags.id.in_(ids), flags.lease_owner == owner, flags.scanned == 0)
     return query.with_for_update() if mysql else query
+
+
+def _limits_text(limits: Mapping[str, float]) -> str:
+    return ", ".join(f"{endpoint} {qps:g}/s" for endpoint, qps in sorted(limits.items())) or "none"
 
 
 def _is_row_fault(exc: BaseException) -> bool:

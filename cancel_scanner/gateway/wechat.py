@@ -322,7 +322,11 @@ class WeChatPayGateway(BillClient):
         from now, after the slots other threads have booked; None when unpaced. Books nothing."""
         return self._limiter(endpoint).calls_within(seconds)
 
-    def share_pace(self, sharers: int, hold_seconds: float = 0.0) -> dict[str, float]:
+    def pace_limits(self) -> dict[str, float]:
+        """The merchant's limits (QPS per endpoint) this client was configured with."""
+        return {endpoint: float(qps) for endpoint, qps in self._paces.items() if qps}
+
+    def share_pace(self, sharers: int, hold_seconds: float = 0.0, limits: Mapping[str, float] | None = None) -> dict[str, float]:
         """Pace each endpoint at a `sharers`-th of its configured QPS (the merchant's limit shared by that
         many processes), and start no call for the next `hold_seconds` (0: leave any hold running).
         Returns the new paces.
@@ -335,6 +339,8 @@ class WeChatPayGateway(BillClient):
             raise ValueError(f"sharers must be at least 1: {sharers!r}")
         paces = {}
         for endpoint, qps in self._paces.items():
+            if qps and limits and endpoint in limits:
+                qps = min(qps, limits[endpoint])  # another process of the merchant was given a lower limit
             if qps:
                 whole = qps * PACING_HEADROOM
                 paces[endpoint] = max((whole - (sharers - 1)) / sharers, whole / (2 * sharers))

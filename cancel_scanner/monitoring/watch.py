@@ -97,7 +97,8 @@ class Watcher:
 
         routine = frozenset(name for name, stage in self.stages.items() if stage.rejections_are_routine)
         reading = Reading(snapshot=snapshot, calls=self.calls, down=self.down(), clock_offset=offset, host=self.host,
-                          routine_stages=routine, reconcile_expected=self.reconcile_expected)
+                          routine_stages=routine, reconcile_expected=self.reconcile_expected,
+                          pace_disagreement=getattr(self.runner, "pace_disagreement", None))
         try:
             self.book.evaluate(reading)
         except Exception:  # a bug in a rule must not stop the gauges or the page

@@ -51,3 +51,33 @@ def test_three_daemons_of_one_merchant_stay_within_its_limits_together_and_use_t
     floor = (N - 1) / (APPLY_QPS * 0.95)
     harness.report("three daemons share one merchant's pace", applies=N, seconds=round(span, 2), floor=round(floor, 2))
     assert floor * 0.95 <= span <= floor * 1.5
+
+
+def test_one_daemon_given_three_times_the_limits_paces_at_the_others_and_each_says_so_once(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
+    """Issue 23, item 5: without the published limits the misconfigured daemon drew 97-116 429s of 300."""
+    emu = external_emulators(tmp_path / "keys", apply_qps=APPLY_QPS, query_qps=QUERY_QPS, latency=(0.01, 0.03))
+    orders = harness.paid_orders(mysql_db, emu, N)
+    config = harness.daemon_config(mysql_url, emu, wechat={"apply_qps": APPLY_QPS, "query_qps": QUERY_QPS})
+    wrong = harness.daemon_config(mysql_url, emu, wechat={"apply_qps": 3 * APPLY_QPS, "query_qps": 3 * QUERY_QPS})
+    crew = [daemons(tmp_path / f"d{i}", wrong if i == 2 else config, emu.env(), name=f"daemon{i + 1}") for i in range(3)]
+    for d in crew:
+        d.start()
+    for d in crew:
+        d.wait_started()
+
+    def warned() -> list[int]:
+        return [sum(1 for r in d.logs() if r.get("action") == "pace_limits_differ") for d in crew]
+
+    wait_until(warned, 30, "each daemon to see the others' limits", until=lambda n: all(n), daemons=crew)
+    emu.emulator.forget_requests()
+    harness.shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "ops", "share") for o in orders])
+    harness.wait_settled(mysql_db, 120, crew)
+    harness.stop_all(*crew, timeout=harness.SHUTDOWN_TIMEOUT_SECONDS + 10)
+
+    assert [status for _, _, _, status in emu.emulator.logged_requests() if status == 429] == []
+    assert sorted(emu.emulator.refunds_created.values()) == [1] * N
+    assert warned() == [1, 1, 1]
+    said = [r["message"] for r in crew[2].logs() if r.get("action") == "pace_limits_differ"][0]
+    assert f"apply {APPLY_QPS}/s" in said and "all pace at the strictest" in said

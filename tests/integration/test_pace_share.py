@@ -180,3 +180,41 @@ def test_another_owner_under_our_own_pid_is_a_former_life_of_ours_and_shares_not
     me = runner("me")
     me.registry.tick()
     assert (me.registry.sharers, me.registry.slice) == (1, (0, 1))
+
+
+def test_processes_of_one_merchant_configured_with_other_limits_all_pace_at_the_strictest_and_say_so(setup, db):
+    """Issue 23, item 5: each process publishes the limits it was configured with; the strictest wins."""
+    from loguru import logger
+
+    from cancel_scanner.alerts.rules import RULES, CallWindow, Reading
+    from cancel_scanner.engine.config import AlertRules
+    from cancel_scanner.engine.registry import encode_limits
+
+    clock, runner, gateway = setup
+    said: list[str] = []
+    sink = logger.add(lambda m: said.append(m.record["extra"].get("action", "")), level="INFO")
+    try:
+        me = runner("me")
+        me.registry.tick()
+        strict = other_process(db, clock, gateway.pace_group, "strict")
+        with db.begin() as conn:  # it was given a tenth of our apply limit
+            conn.exec_driver_sql("UPDATE cancel_scanner_process SET pace_limits = '{}' WHERE owner = 'strict'".format(
+                encode_limits({**gateway.pace_limits(), "apply": APPLY_QPS / 10})))
+        me.registry.tick()
+        me.registry.tick()  # the same disagreement again: said once
+        assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * ((APPLY_QPS / 10) * PACING_HEADROOM - 1) / 2, abs=2)
+        assert me.pace_disagreement is not None and "apply 200/s" in me.pace_disagreement
+        assert said.count("pace_limits_differ") == 1
+
+        fire = RULES["config_error"][0]
+        reading = Reading(snapshot=None, calls=CallWindow(600), down={}, clock_offset=None, host="me",
+                          pace_disagreement=me.pace_disagreement)
+        subjects = dict(fire(AlertRules().config_error, reading, set()))
+        assert subjects["limits"].firing and "apply 200/s" in subjects["limits"].summary  # the config_error alert
+
+        strict.deregister()
+        me.registry.tick()
+        assert me.pace_disagreement is None and said.count("pace_limits_agree") == 1
+        assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * WHOLE, abs=2)
+    finally:
+        logger.remove(sink)

@@ -1,4 +1,5 @@
-"""Schema version 6: channel_fact, what a payment channel did for a row whose write-back here failed."""
+"""Schema version 6: channel_fact (what a payment channel did for a row whose write-back here failed), and
+the process registry's pace_limits (the limits each process of a merchant was configured with)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,13 @@ def test_a_version_5_database_gets_the_channel_fact_table_from_migrate_and_refus
     indexes = {i["name"] for i in inspect(db).get_indexes("channel_fact")}
     assert "idx_channel_fact_open" in indexes
     assert {"stage", "row_id", "fact", "number", "reason", "resolved_at"} <= {c["name"] for c in inspect(db).get_columns("channel_fact")}
+
+
+def test_a_version_5_process_registry_gets_its_pace_limits_column_from_migrate(db):
+    with db.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE cancel_scanner_process DROP COLUMN pace_limits")
+        conn.exec_driver_sql("DELETE FROM cancel_scanner_schema")
+        conn.exec_driver_sql("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (5, 'test')")
+    migrate.apply(db, migration_plan(db))
+    assert schema_problem(db) is None
+    assert "pace_limits" in {c["name"] for c in inspect(db).get_columns("cancel_scanner_process")}
