@@ -4,12 +4,14 @@ Ready (idx_goods_order2_close_pending, two ranges): ``close_scanned = 0`` and ei
 requested (``cancel_requested_at``; intake hands every unpaid cancel here) or nobody asked and the
 order is still ``UNPAID`` past ``pay_timeout_seconds``; never an order younger than 5 minutes;
 due and not leased.
-Does, outside any transaction: query the payment; if it is not paid (NOTPAY, REVOKED, PAYERROR),
-close it and query again. A 204 is never proof: only what the query after it says counts.
+Does, outside any transaction: query the payment; if it is not paid (NOTPAY, REVOKED, PAYERROR) or
+the query says WeChat does not know it (ORDER_NOT_EXIST: an unsigned error, and transient right
+after a prepay, so no proof), close it and query again. A 204 is never proof: only what the query
+after it says counts, or the close's own ORDER_NOT_EXIST when WeChat's signature on it verifies.
 Then, in one transaction with the order row locked:
 
-- CLOSED (or NOTPAY again after a close WeChat took: 204 or ORDER_CLOSED), or a trade WeChat never
-  saw: the order is cancelled
+- CLOSED (or NOTPAY again after a close WeChat took: 204 or ORDER_CLOSED), or a close WeChat
+  answered ORDER_NOT_EXIST under its own signature (a trade it never saw): the order is cancelled
   (``cancel_source`` TIMEOUT when nobody asked), ``restore_stock`` gives its stock back; oplog
   PAYMENT_CLOSED, CANCELLED.
 - SUCCESS or REFUND: the payment notification was lost. The payment is booked as the shop books
@@ -63,7 +65,8 @@ class CloseSettings(GatewayJobSettings):
     """How long an order may stay unpaid before it is closed (never under 5 minutes)."""
 
     pay_timeout_seconds: Annotated[Seconds, Field(ge=MIN_AGE.total_seconds())] = DEFAULT_PAY_TIMEOUT_SECONDS
-    # An unsigned ORDER_NOT_EXIST is believed only when a second query this much later says it too.
+    # No longer used (a query's ORDER_NOT_EXIST is answered by sending the close); accepted so that
+    # existing configurations stay valid.
     not_found_recheck_seconds: Annotated[Seconds, Field(ge=1)] = NOT_FOUND_RECHECK.total_seconds()
 
 
@@ -78,6 +81,10 @@ class Settling:
     @property
     def last(self) -> Any:
         return self.after if self.after is not None else self.first
+
+
+def _not_found(result: Any) -> bool:
+    return isinstance(result, gw.Permanent) and result.code in gw.TRADE_NOT_FOUND_CODES
 
 
 class CloseUnpaid(StageDefaults):
@@ -138,10 +145,13 @@ class CloseUnpaid(StageDefaults):
             # WeChat would refuse it; never sent, and no traceback for a refusal we expect.
             return Settling(gw.Permanent(BAD_ORDER_NO, f"{problem}: never sent to WeChat Pay; check the order by hand"))
         first = gateway.query_payment(row.order_no, deadline=deadline)
-        if not (isinstance(first, gw.PaymentState) and first.payment.trade_state in gw.CLOSABLE_STATES):
+        unpaid = isinstance(first, gw.PaymentState) and first.payment.trade_state in gw.CLOSABLE_STATES
+        if not (unpaid or _not_found(first)):
             return Settling(first)
+        # A query's "no such trade" is no proof (an unsigned error, transient right after a prepay):
+        # the close is sent all the same, and only its own signed answer, or the query after it, decides.
         close = gateway.close_payment(row.order_no, deadline=deadline)
-        if isinstance(close, gw.NotSent):
+        if isinstance(close, (gw.NotSent, gw.NoSuchTrade)):
             return Settling(first, close)
         # Whatever the close said (204, an error, nothing), the trade's own state decides.
         return Settling(first, close, gateway.query_payment(row.order_no, deadline=deadline))
@@ -196,6 +206,8 @@ class CloseUnpaid(StageDefaults):
         if isinstance(settling.close, gw.NotSent) or isinstance(last, gw.NotSent):
             # The query after a close was not sent either: the lease ran out. Only a query says what the close did.
             return Later(now, "CALL_NOT_SENT: no time left for the close or the query after it; asked again")
+        if isinstance(settling.close, gw.NoSuchTrade):
+            return "never_seen"  # signed by WeChat: it never saw the trade, and nobody can pay it
         if isinstance(last, gw.PaymentState):
             state = last.payment.trade_state
             if last.payment.paid:
@@ -208,12 +220,12 @@ class CloseUnpaid(StageDefaults):
             if state == "USERPAYING":
                 return Later(now + USER_PAYING_RETRY, "USER_PAYING: the user is paying; never closed meanwhile")
             return Retry("UNEXPECTED_TRADE_STATE", f"trade {row.order_no} is {state}")
-        if settling.after is None and isinstance(last, gw.Permanent) and last.code in gw.TRADE_NOT_FOUND_CODES:
-            # An error answer is not signed, and WeChat's own notes say it can be transient right after
-            # a prepay: believed only when a second query, NOT_FOUND_RECHECK later, says it again.
-            if (row.close_last_error or "").startswith(NOT_FOUND_NOTE):
-                return "never_seen"  # no prepay was ever made: nothing to close
-            return Later(now + self.not_found_recheck, f"{NOT_FOUND_NOTE}: WeChat does not know the trade; asked once more before cancelling")
+        if _not_found(settling.first) or _not_found(last):
+            # WeChat's query did not know the trade, and neither its close (signed) nor a query after it
+            # settled it: never cancelled on an absence nobody confirmed; asked again.
+            said = getattr(settling.close, "code", None) or "no close"
+            return Retry(NOT_FOUND_NOTE, f"WeChat's query does not know trade {row.order_no} and the close did not confirm"
+                                         f" it ({said}): not cancelled; asked again", give_up_code="NOT_FOUND_UNCONFIRMED")
         return outcome_for(last, may_have_reached=False)  # a query or a close: asking again moves no money
 
     def _paid(self, conn: Connection, order: Row, payment: gw.Payment, now: datetime, sales: dict[int, int]) -> Outcome:

@@ -58,9 +58,14 @@ class Capture:
     status: int | None = None
     request_id: str | None = None
 
+    # The answer's signature headers, for an answer the SDK does not verify (an error) but we must.
+    signature: dict[str, str] | None = None
+
     def record(self, response: requests.Response) -> None:
         self.status = response.status_code
         self.request_id = response.headers.get("Request-ID")
+        self.signature = {"-".join(part.capitalize() for part in name.split("-")): value
+                          for name, value in response.headers.items() if name.lower().startswith("wechatpay-")}
 
 
 @dataclass(frozen=True)

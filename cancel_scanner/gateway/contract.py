@@ -281,7 +281,19 @@ class CloseSent:
         return "close answered; the trade is confirmed closed only by the query after it"
 
 
-PaymentResult: TypeAlias = PaymentState | CloseSent | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
+@dataclass(frozen=True)
+class NoSuchTrade:
+    """A close answered ORDER_NOT_EXIST under a signature that verifies: WeChat, not a proxy, says it
+    never saw the trade. The one proof, besides CLOSED, that an order can be cancelled unpaid."""
+
+    code: str = "ORDER_NOT_EXIST"
+    request_id: str | None = None
+
+    def describe(self) -> str:
+        return "close answered, signed: WeChat never saw the trade"
+
+
+PaymentResult: TypeAlias = PaymentState | CloseSent | NoSuchTrade | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
 
 
 class RefundGateway(Protocol):

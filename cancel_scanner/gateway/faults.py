@@ -52,10 +52,10 @@ PIECE_BYTES = 64 * 1024
 FAULT_KINDS = frozenset(
     {
         "500", "503", "429", "slow", "drop", "bad_signature", "not_enough", "sign_error", "invalid_request", "redirect",
-        "trickle", "huge",
+        "trickle", "huge", "order_not_exist",
     }
 )
-BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error", "invalid_request"})
+BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error", "invalid_request", "order_not_exist"})
 FAULT_CALLS = frozenset({"apply", "query", "pay_query", "pay_close", "any"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ERRORS = {
@@ -65,6 +65,8 @@ ERRORS = {
     "not_enough": (403, "NOT_ENOUGH", "merchant balance is not enough"),
     "sign_error": (401, "SIGN_ERROR", "signature verification failed"),
     "invalid_request": (400, "INVALID_REQUEST", "the request does not match the refund on record"),
+    # A payment query or close that wrongly says WeChat never saw the trade (signed, as WeChat's own errors).
+    "order_not_exist": (404, "ORDER_NOT_EXIST", "order does not exist"),
 }
 _RESHAPED = frozenset({"redirect", "trickle", "huge"})  # faults about how an answer is delivered
 _PAD = b"x" * PIECE_BYTES
@@ -132,6 +134,8 @@ class Fault:
             raise ValueError(f"{self.kind} refuses the refund, so it cannot strike after it was recorded")
         if self.kind in ("not_enough", "invalid_request") and self.call != "apply":
             raise ValueError(f"{self.kind} only answers refund applications")
+        if self.kind == "order_not_exist" and self.call not in ("pay_query", "pay_close"):
+            raise ValueError("order_not_exist only answers payment queries and closes")
         if self.redirect_status not in REDIRECT_STATUSES:
             raise ValueError(f"redirect_status must be one of {sorted(REDIRECT_STATUSES)}")
         if self.kind == "huge" and 200 <= self.huge_status < 300 and not self.after_commit:

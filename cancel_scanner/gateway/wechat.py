@@ -55,9 +55,11 @@ from cancel_scanner.gateway.contract import (
     OUT_REFUND_NO_PATTERN,
     OUT_TRADE_NO_PATTERN,
     REFUND_ID_PATTERN,
+    TRADE_NOT_FOUND_CODES,
     Accepted,
     GatewayResult,
     NotSent,
+    NoSuchTrade,
     PaymentResult,
     PaymentState,
     Permanent,
@@ -449,8 +451,25 @@ class WeChatPayGateway(BillClient):
         if action == "trade_bill":
             return classify_bill(status, body, capture.request_id)
         if action in ("pay_query", "pay_close"):
-            return classify_payment(action, status, body, capture.request_id)
+            result = classify_payment(action, status, body, capture.request_id)
+            if action == "pay_close" and isinstance(result, Permanent) and result.code in TRADE_NOT_FOUND_CODES:
+                # Proof that nobody can pay the trade only if WeChat signed it: an error's signature
+                # the SDK does not check, so it is checked here (a proxy's 404 proves nothing).
+                if self._signed_by_wechat(capture, body):
+                    return NoSuchTrade(result.code, result.request_id)
+                return UnknownOutcome("UNSIGNED_ANSWER", f"{result.code} to a close, without WeChat's signature", result.request_id)
+            return result
         return classify(status, body, capture.request_id)
+
+    def _signed_by_wechat(self, capture: Capture, body: str | bytes) -> bool:
+        headers = capture.signature or {}
+        if headers.get("Wechatpay-Serial") != self._public_key_id:
+            return False
+        text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+        try:
+            return bool(self._wxpay._core._verify_signature(headers, text))
+        except Exception:  # malformed headers: not WeChat's
+            return False
 
     def __repr__(self) -> str:
         return (

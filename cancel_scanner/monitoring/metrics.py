@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 import cancel_scanner.gateway.contract as gw
 
 _OUTCOMES = (
-    ((gw.Accepted, gw.PaymentState, gw.CloseSent, gw.BillReady), "ok"),
+    ((gw.Accepted, gw.PaymentState, gw.CloseSent, gw.NoSuchTrade, gw.BillReady), "ok"),
     ((gw.UnknownOutcome,), "unknown"),
     ((gw.RetryLater,), "retry_later"),
     ((gw.Permanent,), "permanent"),

@@ -132,27 +132,38 @@ def test_a_user_in_the_middle_of_paying_is_never_closed_on(world):
     assert len(refunds(world.db)) == 1
 
 
-def test_an_order_wechat_never_saw_is_cancelled_without_a_close_once_a_second_query_says_so(world):
+def test_an_order_wechat_never_saw_is_cancelled_once_wechat_signs_that_its_close_found_no_trade(world):
+    """Issue 23, item 1: the query's 404 is no proof; the close is sent, and its signed ORDER_NOT_EXIST is."""
     unpaid_order(world, 8, trade=None)
     request_cancel(world.db, 8)
-    world.runner().run_until_idle(world.clock.now)
-    # One unsigned 404 is not believed: a prepay may have landed just now.
-    assert row(world.db, "goods_order2", 8)["order_status"] == "UNPAID"
-    assert world.emulator.payment_counts["queries"] == 1
     world.settle()
     assert row(world.db, "goods_order2", 8)["order_status"] == "CANCELLED"
-    assert world.emulator.payment_counts == {"queries": 2} and goods(world, 8) == (12, 10)
+    assert world.emulator.payment_counts == {"queries": 1, "closes": 1} and goods(world, 8) == (12, 10)
 
 
-def test_a_trade_wechat_did_not_know_at_first_but_then_does_is_closed_not_cancelled_blind(world):
-    unpaid_order(world, 12, trade=None)
+@pytest.mark.parametrize("wrong", [1, 2, 3])
+def test_a_query_that_wrongly_says_no_such_trade_never_cancels_an_order_that_can_still_be_paid(world, wrong):
+    """Issue 23, item 1: the payment query answered ORDER_NOT_EXIST (once, twice, three times) for a
+    trade that existed and was unpaid; before, two such answers cancelled the order without a close and
+    the user could still pay it. Now the close is sent, and only WeChat's CLOSED afterwards cancels."""
+    unpaid_order(world, 12)
     request_cancel(world.db, 12)
-    world.runner().run_until_idle(world.clock.now)  # 404: asked again in a minute
-    world.emulator.create_trade(trade_no(12), 500)  # the prepay lands meanwhile
-    world.emulator.user_pays(trade_no(12))
-    world.settle()
-    order = row(world.db, "goods_order2", 12)
-    assert (order["pay_status"], order["refund_status"]) == (1, "REFUNDED")  # found paid and refunded, not cancelled blind
+    world.emulator.fail_next(trade_no(12), "order_not_exist", times=wrong, call="pay_query")
+    runner = world.runner()
+    try:
+        for _ in range(6):
+            runner.run_until_idle(world.clock.now)
+            order = row(world.db, "goods_order2", 12)
+            if order["order_status"] == "CANCELLED":
+                break
+            assert world.emulator.trade_state(trade_no(12)) in ("NOTPAY", "CLOSED")
+            world.clock.advance(30)
+    finally:
+        runner.close()
+    assert order["order_status"] == "CANCELLED" and world.emulator.trade_state(trade_no(12)) == "CLOSED"
+    assert world.emulator.closed_trades[trade_no(12)] == 1
+    assert world.emulator.user_pays(trade_no(12)) is False  # the user can no longer pay it
+    assert refunds(world.db) == {}
 
 
 def test_a_204_is_no_proof_a_payment_that_lands_during_the_close_is_refunded(world):
@@ -550,3 +561,17 @@ def test_a_spoiled_answer_to_the_first_query_of_a_paid_trade_books_nothing_until
     assert events(world, 57) == [] and world.emulator.payment_counts["closes"] == 0
     world.settle()
     assert events(world, 57).count("PAYMENT_FOUND") == 1 and len(refunds(world.db)) == 1 and goods(world, 57) == (12, 10)
+
+
+def test_wechats_no_such_trade_to_a_close_counts_only_under_its_signature(world):
+    import cancel_scanner.gateway.contract as gw
+    from cancel_scanner.gateway.calls import Capture
+
+    gateway = world.sandbox.gateway
+    assert isinstance(gateway.close_payment("SO9999999999"), gw.NoSuchTrade)  # the emulator signs its answers, errors too
+    body = '{"code":"ORDER_NOT_EXIST","message":"order does not exist"}'
+    assert not gateway._signed_by_wechat(Capture(), body)  # a proxy's 404: no signature at all
+    assert not gateway._signed_by_wechat(Capture(signature={"Wechatpay-Serial": "PUB_KEY_ID_0000000000000000000000000000"}), body)
+    forged = {"Wechatpay-Serial": world.sandbox.keys.platform_public_key_id, "Wechatpay-Timestamp": "1700000000",
+              "Wechatpay-Nonce": "n", "Wechatpay-Signature": "AAAA", "Wechatpay-Signature-Type": "WECHATPAY2-SHA256-RSA2048"}
+    assert not gateway._signed_by_wechat(Capture(signature=forged), body)  # our serial, a signature that does not verify
