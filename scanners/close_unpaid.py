@@ -7,11 +7,12 @@ due and not leased.
 Does, outside any transaction: query the payment; if it is not paid (NOTPAY, REVOKED, PAYERROR) or
 the query says WeChat does not know it (ORDER_NOT_EXIST: an unsigned error, and transient right
 after a prepay, so no proof), close it and query again. A 204 is never proof: only what the query
-after it says counts, or the close's own ORDER_NOT_EXIST when WeChat's signature on it verifies.
+after it says counts (with the close's own ORDER_NOT_EXIST, when WeChat's signature on it verifies).
 Then, in one transaction with the order row locked:
 
-- CLOSED (or NOTPAY again after a close WeChat took: 204 or ORDER_CLOSED), or a close WeChat
-  answered ORDER_NOT_EXIST under its own signature (a trade it never saw): the order is cancelled
+- CLOSED (or NOTPAY, or no such trade, again after a close WeChat took: 204 or ORDER_CLOSED), or a
+  close WeChat answered ORDER_NOT_EXIST under its own fresh signature between two queries that did
+  not know the trade either: the order is cancelled
   (``cancel_source`` TIMEOUT when nobody asked), ``restore_stock`` gives its stock back; oplog
   PAYMENT_CLOSED, CANCELLED.
 - SUCCESS or REFUND: the payment notification was lost. The payment is booked as the shop books
@@ -151,9 +152,10 @@ class CloseUnpaid(StageDefaults):
         # A query's "no such trade" is no proof (an unsigned error, transient right after a prepay):
         # the close is sent all the same, and only its own signed answer, or the query after it, decides.
         close = gateway.close_payment(row.order_no, deadline=deadline)
-        if isinstance(close, (gw.NotSent, gw.NoSuchTrade)):
+        if isinstance(close, gw.NotSent):
             return Settling(first, close)
-        # Whatever the close said (204, an error, nothing), the trade's own state decides.
+        # Whatever the close said (204, a signed "no such trade", an error, nothing), the query after
+        # it says what the trade is now.
         return Settling(first, close, gateway.query_payment(row.order_no, deadline=deadline))
 
     def not_sent(self, result: Any) -> bool:
@@ -206,22 +208,32 @@ class CloseUnpaid(StageDefaults):
         if isinstance(settling.close, gw.NotSent) or isinstance(last, gw.NotSent):
             # The query after a close was not sent either: the lease ran out. Only a query says what the close did.
             return Later(now, "CALL_NOT_SENT: no time left for the close or the query after it; asked again")
-        if isinstance(settling.close, gw.NoSuchTrade):
-            return "never_seen"  # signed by WeChat: it never saw the trade, and nobody can pay it
+        if isinstance(settling.close, gw.ConfigError) or isinstance(last, gw.ConfigError):
+            return outcome_for(settling.close if isinstance(settling.close, gw.ConfigError) else last, may_have_reached=False)
         if isinstance(last, gw.PaymentState):
             state = last.payment.trade_state
             if last.payment.paid:
                 return last.payment
             if state == "CLOSED" or (isinstance(settling.close, gw.CloseSent) and state in gw.CLOSABLE_STATES):
                 return "closed"  # CLOSED, or still unpaid after WeChat took our close: nobody can pay it now
+            if isinstance(settling.close, gw.NoSuchTrade):
+                # WeChat's close says it has no such trade, its query shows one: neither is believed.
+                return Retry("CONTRADICTING_ANSWERS", f"WeChat's close says it has no trade {row.order_no}, its query"
+                                                      f" says {state}: not cancelled; asked again")
             if state in gw.CLOSABLE_STATES and settling.close is not None:
                 # Unpaid, and the close failed (a 500, a dropped connection, a redirect): the user can still pay.
                 return outcome_for(settling.close, may_have_reached=False)
             if state == "USERPAYING":
                 return Later(now + USER_PAYING_RETRY, "USER_PAYING: the user is paying; never closed meanwhile")
             return Retry("UNEXPECTED_TRADE_STATE", f"trade {row.order_no} is {state}")
+        if _not_found(last) and isinstance(settling.close, gw.CloseSent):
+            # WeChat took our close (204, signed) and its query does not know the trade: if it existed,
+            # that close closed it; if not, there is nothing to pay. Nobody can pay it either way.
+            return "closed"
+        if _not_found(last) and _not_found(settling.first) and isinstance(settling.close, gw.NoSuchTrade):
+            return "never_seen"  # both queries and WeChat's own signed answer to the close: no such trade
         if _not_found(settling.first) or _not_found(last):
-            # WeChat's query did not know the trade, and neither its close (signed) nor a query after it
+            # WeChat's query did not know the trade, and neither its close nor a query after it
             # settled it: never cancelled on an absence nobody confirmed; asked again.
             said = getattr(settling.close, "code", None) or "no close"
             return Retry(NOT_FOUND_NOTE, f"WeChat's query does not know trade {row.order_no} and the close did not confirm"

@@ -173,7 +173,9 @@ class Intake(StageDefaults):
             if order is None:
                 outcomes[req.id] = reject("ORDER_NOT_FOUND")
             elif req.order_id in seen_in_batch:
-                outcomes[req.id] = reject("DUPLICATE_REQUEST")
+                # The first of this batch cancelled a paid order, or handed an unpaid one to close_unpaid.
+                outcomes[req.id] = (reject("DUPLICATE_REQUEST") if order.pay_status == 1
+                                    else Failed("DUPLICATE_REQUEST", CLOSING_FOR_AN_EARLIER_REQUEST))
             else:
                 outcomes[req.id] = self._judge(order, now, accepted_before)
                 if isinstance(outcomes[req.id], Done):

@@ -51,7 +51,7 @@ from cancel_scanner.engine.logs import held_until_commit, release
 from cancel_scanner.engine.isolate import fault_outcome, isolate, try_in_savepoint, undo
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Contended, Done, Failed, Later, Outcome, Retry, clip
 from cancel_scanner.engine.flips import count_outcome, flip_for, log_outcome
-from cancel_scanner.engine.registry import Registry
+from cancel_scanner.engine.registry import Registry, encode_limits
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Stage
 
@@ -224,7 +224,8 @@ class Runner:
                            strictest_changed: bool) -> None:
         """One WARNING when this merchant's processes start to disagree on its limits (and again only if
         the strictest changes); the text names every process that differs, for the config_error alert."""
-        differ = {who: published for who, published in peers if published and dict(published) != dict(ours)}
+        mine = encode_limits(ours)  # compared as published (qps:g), or rounding alone would look like a difference
+        differ = {who: published for who, published in peers if published and encode_limits(published) != mine}
         said = None
         if differ:
             said = "; ".join(f"{who} {_limits_text(published)}" for who, published in sorted(differ.items()))

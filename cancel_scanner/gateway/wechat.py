@@ -81,6 +81,7 @@ ENDPOINTS = ("apply", "query", "pay_query", "pay_close", "abnormal")
 # configurable (wechat.pay_query_qps / wechat.pay_close_qps).
 DEFAULT_PAY_QUERY_QPS = 100
 DEFAULT_PAY_CLOSE_QPS = 50
+SIGNATURE_MAX_AGE_SECONDS = 300  # WeChat refuses our signatures 5 minutes off; so do we its
 SIGNATURE_HEADERS = (
     "Wechatpay-Signature",
     "Wechatpay-Timestamp",
@@ -462,8 +463,15 @@ class WeChatPayGateway(BillClient):
         return classify(status, body, capture.request_id)
 
     def _signed_by_wechat(self, capture: Capture, body: str | bytes) -> bool:
+        """An answer's signature verifies under our platform key, and is fresh: an error body names no
+        trade, so an old signed ORDER_NOT_EXIST replayed by whatever sits in between is refused."""
         headers = capture.signature or {}
         if headers.get("Wechatpay-Serial") != self._public_key_id:
+            return False
+        try:
+            if abs(time.time() - int(headers.get("Wechatpay-Timestamp", ""))) > SIGNATURE_MAX_AGE_SECONDS:
+                return False
+        except ValueError:
             return False
         text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
         try:

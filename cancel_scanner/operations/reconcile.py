@@ -22,7 +22,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 from loguru import logger
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cancel_scanner.engine.outcome import clip
@@ -182,7 +182,9 @@ def hand_to_close_unpaid(db: Engine, diffs: Sequence[Diff], now: datetime) -> in
             handed += conn.execute(
                 update(goods_order2)
                 .where(o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0, o.is_deleted == 0,
-                       o.close_lease_owner.is_(None))
+                       o.close_lease_owner.is_(None),
+                       # a row left for a person (1/0) keeps its reason: reported, not requeued every day
+                       or_(o.close_scanned == 0, o.close_success == 1))
                 .values(close_scanned=0, close_success=0, close_attempts=0, close_next_attempt_at=now,
                         close_last_error="UNBOOKED_PAYMENT: WeChat's bill shows it paid; reconcile asked for it to be booked")
             ).rowcount or 0
@@ -309,7 +311,7 @@ def reconcile_day(db: Engine, fetch: Callable[[date], Any], bill_date: date, *, 
     hand_to_close_unpaid(db, diffs, now)
     refunded: list[str] = []
     if refund_orphans:
-        payments = {p.out_trade_no: p for p in bill.payments}
+        payments = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
         for diff in diffs:
             if diff.kind == "ORPHAN_PAYMENT" and refund_orphan(db, payments[diff.out_trade_no], now):
                 refunded.append(diff.out_trade_no)

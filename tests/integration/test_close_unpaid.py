@@ -138,7 +138,22 @@ def test_an_order_wechat_never_saw_is_cancelled_once_wechat_signs_that_its_close
     request_cancel(world.db, 8)
     world.settle()
     assert row(world.db, "goods_order2", 8)["order_status"] == "CANCELLED"
-    assert world.emulator.payment_counts == {"queries": 1, "closes": 1} and goods(world, 8) == (12, 10)
+    assert world.emulator.payment_counts == {"queries": 2, "closes": 1} and goods(world, 8) == (12, 10)
+
+
+def test_a_signed_no_such_trade_to_a_close_of_a_trade_its_query_showed_cancels_nothing(world):
+    """The close's answer names no trade: against a query that showed one NOTPAY, it proves nothing."""
+    unpaid_order(world, 9)
+    request_cancel(world.db, 9)
+    world.emulator.fail_next(trade_no(9), "order_not_exist", times=3, call="pay_close")
+    run_close(world)
+    order = row(world.db, "goods_order2", 9)
+    assert (order["order_status"], order["close_scanned"]) == ("UNPAID", 0)
+    assert order["close_last_error"].startswith("CONTRADICTING_ANSWERS")
+    assert world.emulator.trade_state(trade_no(9)) == "NOTPAY"
+    world.settle()  # the fault spent, the close closes it, and only then is the order cancelled
+    assert row(world.db, "goods_order2", 9)["order_status"] == "CANCELLED"
+    assert world.emulator.trade_state(trade_no(9)) == "CLOSED" and world.emulator.user_pays(trade_no(9)) is False
 
 
 @pytest.mark.parametrize("wrong", [1, 2, 3])

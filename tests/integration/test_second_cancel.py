@@ -48,3 +48,17 @@ def test_a_second_cancel_says_the_first_is_still_closing_then_that_it_failed_and
     code, message = answer(world, third)
     assert code == "DUPLICATE_REQUEST" and "needs a person" in message and "still unpaid" in message
     assert answer(world, first)[0] == "OK"
+
+
+def test_two_cancels_of_an_unpaid_order_in_one_batch_the_second_says_the_first_is_closing(world):
+    add_goods(world.db, 1)
+    shop.insert_orders(world.db, [shop.order_row(2, paid=False, now=T0, created_at=T0 - timedelta(minutes=10))])
+    first, second = request_cancel(world.db, 2), request_cancel(world.db, 2)
+    runner = world.runner()
+    try:
+        runner.run_stage("intake", world.clock.now)
+    finally:
+        runner.close()
+    assert answer(world, first)[0] == "OK"
+    code, message = answer(world, second)
+    assert code == "DUPLICATE_REQUEST" and "still closing its WeChat payment" in message
