@@ -90,6 +90,9 @@ def test_kill_9_at_random_moments_and_restart_loses_nothing_and_repeats_nothing(
         stranded |= accepted_but_unrecorded(mysql_db, emu)
 
     daemon.start()
+    # Started before it is asked to settle: when the lives before it had settled everything already, a
+    # SIGTERM sent while it was still importing (no handler yet) ended it with -15, not 0.
+    daemon.wait_started()
     harness.wait_settled(mysql_db, SETTLE_SECONDS, [daemon])
     harness.stop_all(daemon, timeout=EXIT_BOUND_SECONDS)
 
