@@ -197,6 +197,10 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
         db=app.db,
         gateway_ready=lambda: app.gateway is not None,
         page=page,
+        token=app.config.monitoring.token,
     ).start()
+    if not app.config.monitoring.loopback and app.config.monitoring.token is None:
+        logger.bind(stage="monitoring", action="unauthenticated").warning(
+            "the status page and /metrics on {} answer anyone who can reach it (monitoring.allow_unauthenticated)", listen)
     stack.callback(server.stop)
     return server

@@ -28,6 +28,7 @@ ENV_APIV3_KEY = "WECHATPAY_APIV3_KEY"
 # Alert webhooks carry their secret in the URL (WeCom's key, DingTalk's access_token, Feishu's hook
 # id): the URL may come from the environment instead of the file, and a signing secret only does.
 ENV_ALERT_WEBHOOK_URL = "CANCEL_SCANNER_ALERT_WEBHOOK_URL"
+ENV_MONITORING_TOKEN = "CANCEL_SCANNER_MONITORING_TOKEN"  # the page's and /metrics' key off loopback
 ENV_ALERT_SECRET = "CANCEL_SCANNER_ALERT_SECRET"  # DingTalk's or Feishu's signing secret
 DEFAULT_CONFIG_PATH = Path("jobs.yaml")
 
@@ -132,10 +133,22 @@ def _host_port(listen: str | None) -> str | None:
 
 
 class MonitoringConfig(_Section):
-    """The `monitoring:` section: where /metrics, /healthz and /readyz are served (off when absent)."""
+    """The `monitoring:` section: where /metrics, /healthz and /readyz are served (off when absent).
+
+    Off loopback, the page and /metrics are behind a token (CANCEL_SCANNER_MONITORING_TOKEN, from the
+    environment only), unless ``allow_unauthenticated`` says otherwise out loud."""
 
     listen: Text | None = None
     refresh_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = 15
+    allow_unauthenticated: StrictBool = False
+    token: str | None = Field(default=None, exclude=True, repr=False)  # from the environment only
+
+    @property
+    def loopback(self) -> bool:
+        from cancel_scanner.engine.net import is_loopback_host
+
+        host = (self.listen or "").rpartition(":")[0].strip("[]")
+        return is_loopback_host(host)
 
     @field_validator("listen")
     @classmethod
@@ -262,6 +275,24 @@ class AlertsConfig(_Section):
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise ValueError("must be https:// (plain http only to a loopback address): the URL holds the robot's key")
         return url
+
+
+MONITORING_TOKEN_MIN_CHARS = 16
+
+
+def _monitoring(raw: Any, env: Mapping[str, str]) -> MonitoringConfig:
+    data = dict(_mapping(raw, "monitoring"))
+    if "token" in data:
+        raise ConfigError("monitoring.token", f"is never read from the file: set {ENV_MONITORING_TOKEN} in the environment")
+    monitoring = _validated(MonitoringConfig, data, "monitoring")
+    token = env.get(ENV_MONITORING_TOKEN) or None
+    if token is not None and len(token) < MONITORING_TOKEN_MIN_CHARS:
+        raise ConfigError(ENV_MONITORING_TOKEN, f"must be at least {MONITORING_TOKEN_MIN_CHARS} characters (value not shown)")
+    if monitoring.listen and not monitoring.loopback and token is None and not monitoring.allow_unauthenticated:
+        raise ConfigError("monitoring.listen", f"{monitoring.listen} is not a loopback address: the status page and /metrics"
+                                               f" show orders and refunds; set {ENV_MONITORING_TOKEN} (or"
+                                               " monitoring.allow_unauthenticated: true)")
+    return monitoring.model_copy(update={"token": token}) if token else monitoring
 
 
 def _alerts(raw: Any, env: Mapping[str, str]) -> AlertsConfig:
@@ -411,7 +442,7 @@ def parse_config(
             f"sandbox never moves money and refuses a non-SQLite database; set {ENV_ALLOW_SANDBOX}=1 if you mean it",
         )
     kw["wechat"] = wechat
-    kw["monitoring"] = _validated(MonitoringConfig, _mapping(top.monitoring, "monitoring"), "monitoring")
+    kw["monitoring"] = _monitoring(top.monitoring, env)
     kw["alerts"] = _alerts(top.alerts, env)
     kw["reconcile"] = _validated(ReconcileConfig, _mapping(top.reconcile, "reconcile"), "reconcile")
     kw["prune"] = _validated(PruneConfig, _mapping(top.prune, "prune"), "prune")

@@ -8,6 +8,9 @@ that trickles its request is cut off after REQUEST_TIMEOUT_SECONDS.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,8 +37,10 @@ class MonitoringServer:
     """A thread per connection, each bounded in time."""
 
     def __init__(self, metrics: Any, host: str, port: int, *, alive: Callable[[], bool], db: Engine,
-                 gateway_ready: Callable[[], bool], page: Callable[[], PageView] | None = None) -> None:
+                 gateway_ready: Callable[[], bool], page: Callable[[], PageView] | None = None,
+                 token: str | None = None) -> None:
         server = self
+        expected = token.encode("utf-8") if token else None
 
         class Handler(BaseHTTPRequestHandler):
             timeout = REQUEST_TIMEOUT_SECONDS
@@ -67,8 +72,29 @@ class MonitoringServer:
                 except OSError:
                     pass  # cut by the deadline: nothing left to flush
 
+            def _allowed(self) -> bool:
+                """With a token: `Authorization: Bearer TOKEN`, or HTTP basic auth with TOKEN as the
+                password (any user name), so that a browser can open the page. Compared in constant time."""
+                if expected is None:
+                    return True
+                given = self.headers.get("Authorization", "")
+                scheme, _, value = given.partition(" ")
+                offered = b""
+                if scheme.lower() == "bearer":
+                    offered = value.strip().encode("utf-8")
+                elif scheme.lower() == "basic":
+                    try:
+                        offered = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+                    except (ValueError, binascii.Error):
+                        offered = b""
+                return hmac.compare_digest(offered, expected)
+
             def do_GET(self) -> None:  # noqa: N802 - the standard library's name
                 path = self.path.split("?", 1)[0]
+                if path != "/healthz" and not self._allowed():  # a liveness probe needs no key
+                    self._send(401, b"a token is needed: Authorization: Bearer TOKEN, or basic auth with it as the password\n",
+                               headers=(("WWW-Authenticate", 'Basic realm="cancel-scanner", charset="UTF-8"'),))
+                    return
                 if path == "/metrics" and metrics is not None:
                     self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":

@@ -110,6 +110,13 @@ CASES = [
     ("invalid YAML", "database_url: [unclosed\nwechat: {mode: live\n", {}, "bad.yaml", ("initdb", "run")),
     ("a YAML list, not a mapping", "- database_url\n- wechat\n", {}, "<top level>", ("initdb", "run")),
     ("unsupported database", _set("database_url", "postgresql://shop@127.0.0.1/shop"), {}, "database_url", ("initdb", "run")),
+    # The status page and /metrics off loopback without a key (issue 24): refused before anything starts.
+    ("monitoring on every address without a token", _set("monitoring.listen", "0.0.0.0:9108"), {}, "monitoring.listen",
+     ("initdb", "run")),
+    ("a monitoring token in the file", _set("monitoring.token", "a-token-in-the-file-0001"), {}, "monitoring.token",
+     ("initdb", "run")),
+    ("a monitoring token too short to be a key", _set("monitoring.listen", "0.0.0.0:9108"),
+     {"CANCEL_SCANNER_MONITORING_TOKEN": "short"}, "CANCEL_SCANNER_MONITORING_TOKEN", ("initdb", "run")),
     # initdb needs no gateway and rightly succeeds here; `run` must refuse.
     ("private key file that is not a key", _not_a_key, {}, "wechat.merchant_private_key_file", ("run",)),
 ]

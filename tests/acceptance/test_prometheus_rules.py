@@ -152,3 +152,17 @@ def test_the_thresholds_are_the_daemons_alert_defaults():
     assert f"> {int(config.clock_skew_seconds)}" in expr_of("CancelScannerClockSkew")
     hours, minutes = (int(part) for part in rules.reconcile.deadline.split(":"))
     assert f"> {(24 + hours) * 3600 + minutes * 60}" in expr_of("CancelScannerReconcileLate")
+
+
+def test_the_scrape_example_sends_the_token_from_a_file_and_promtool_accepts_it(tmp_path):
+    """Issue 24, item 3: how to scrape /metrics behind its token (Bearer, from a file, never inline)."""
+    example = (RULES_DIR / "prometheus.yml").read_text(encoding="utf-8")
+    assert "credentials_file:" in example and "type: Bearer" in example and "credentials:" not in example.replace(
+        "credentials_file:", "")
+    token = tmp_path / "cancel-scanner.token"
+    token.write_text("x" * 32, encoding="utf-8")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(example.replace("/etc/prometheus/cancel-scanner.token", str(token))
+                      .replace("  - alerts.yml", f"  - {ALERTS}"), encoding="utf-8")
+    done = promtool("check", "config", str(config))
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr

@@ -174,3 +174,21 @@ def test_a_browser_shows_hostile_reasons_as_text_and_runs_nothing(tmp_path, mysq
     assert dom.title == PAGE_TITLE, dom.title
     daemon.sigterm()
     assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
+
+
+def test_a_browser_opens_the_page_behind_a_token_with_basic_auth_and_not_without(tmp_path):
+    """Issue 24, item 3: off loopback the page needs the token; a person's browser gives it as basic auth."""
+    from cancel_scanner.monitoring.page import PageView
+    from cancel_scanner.monitoring.server import MonitoringServer
+
+    token = "browser-token-of-the-page-0001"
+    page = lambda: PageView(snapshot=None, refresh_seconds=5, host="shop-1:1", now=0.0)  # noqa: E731
+    srv = MonitoringServer(None, "127.0.0.1", 0, alive=lambda: True, db=None, gateway_ready=lambda: True,
+                           page=page, token=token).start()
+    try:
+        opened = Dom(dump_dom(f"http://ops:{token}@127.0.0.1:{srv.port}/", tmp_path / "with"))
+        refused = get(f"http://127.0.0.1:{srv.port}/")  # a browser asks for the credentials: no page
+    finally:
+        srv.stop()
+    assert opened.title == PAGE_TITLE
+    assert refused[0] == 401 and PAGE_TITLE not in refused[1]

@@ -236,3 +236,25 @@ def test_the_webhook_url_and_signing_secret_come_from_the_environment_and_never_
     assert config.alerts.rules.rows_failed.threshold == 1  # an empty rule: its defaults
     assert ROBOT_KEY not in repr(config) and "SECdeadbeef" not in repr(config)
     assert parse_config({}, env=NO_ENV).alerts.webhook_url is None  # alerts are off by default
+
+
+@pytest.mark.parametrize("listen, env, allowed", [
+    ("127.0.0.1:9108", {}, True),
+    ("localhost:9108", {}, True),
+    ("[::1]:9108", {}, True),
+    ("0.0.0.0:9108", {}, False),
+    ("10.0.0.5:9108", {}, False),
+    ("0.0.0.0:9108", {"CANCEL_SCANNER_MONITORING_TOKEN": "x" * 16}, True),
+])
+def test_the_page_and_metrics_off_loopback_need_a_token_or_a_word_saying_no(listen, env, allowed):
+    """Issue 24, item 3."""
+    raw = {"monitoring": {"listen": listen}}
+    if allowed:
+        config = parse_config(raw, env=env)
+        assert config.monitoring.token == env.get("CANCEL_SCANNER_MONITORING_TOKEN")
+        assert "x" * 16 not in repr(config.monitoring)  # never printed
+    else:
+        with pytest.raises(ConfigError) as refused:
+            parse_config(raw, env=env)
+        assert refused.value.key == "monitoring.listen" and "CANCEL_SCANNER_MONITORING_TOKEN" in str(refused.value)
+        assert parse_config({"monitoring": {"listen": listen, "allow_unauthenticated": True}}, env=env).monitoring.token is None
