@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 import textwrap
 from collections import Counter
@@ -147,11 +148,18 @@ def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) ->
 
 
 def _this_command() -> str:
-    """How the user started us, so the hint can be pasted: the console script, or python cli.py."""
+    """How the user started us, so the hint runs as printed from where they are: the console script by
+    its bare name only when that name finds this very script on PATH (scripts/demo starts
+    .venv/bin/cancel-scanner, which is not on PATH), else as it was started; or python cli.py."""
     argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if argv0 is None or argv0.suffix != ".py":
+    if argv0 is None:
         return "cancel-scanner"
-    return f"{shlex.quote(sys.executable)} {shlex.quote(str(argv0.resolve()))}"
+    if argv0.suffix == ".py":
+        return f"{shlex.quote(sys.executable)} {shlex.quote(str(argv0.resolve()))}"
+    on_path = shutil.which(argv0.name)
+    if on_path is not None and Path(on_path).resolve() == argv0.resolve():
+        return argv0.name
+    return shlex.quote(str(argv0))
 
 
 def where_to_look(db_file: Path, log_path: Path, warnings: int) -> str:

@@ -165,3 +165,20 @@ def test_demo_refuses_to_overwrite_an_existing_database(tmp_path):
     assert result.returncode == 2
     assert "already exists" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert existing.read_bytes() == b"precious"
+
+
+def test_the_hint_the_demo_prints_runs_as_printed_from_the_repository_root(tmp_path):
+    """Issue 24, item 4: scripts/demo starts .venv/bin/cancel-scanner, which is not on PATH; its hint said
+    `cancel-scanner status` (command not found). Started that way, the hint runs as printed."""
+    script = Path(sys.executable).parent / "cancel-scanner"  # the console script of this environment
+    env = {k: v for k, v in os.environ.items() if k != "CANCEL_SCANNER_DB_URL"}
+    env["PATH"] = "/usr/bin:/bin"  # as a newcomer's shell: the virtual environment is not on it
+    env["TMPDIR"] = str(tmp_path)
+    demo = subprocess.run([os.path.relpath(script, REPO), "demo", "--orders", "12", "--seed", "7"], cwd=REPO, env=env,
+                          capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT_SECONDS)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    hint = re.search(r"^  (CANCEL_SCANNER_DB_URL=\S+ .+ status)$", demo.stdout, re.MULTILINE)
+    assert hint, demo.stdout
+    status = subprocess.run(hint.group(1), shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    assert status.returncode == 0, (hint.group(1), status.stderr)
+    assert "intake" in status.stdout and "pending" in status.stdout
