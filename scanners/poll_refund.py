@@ -18,7 +18,7 @@ from itertools import accumulate
 from typing import Any, Callable, Mapping, Sequence
 
 from loguru import logger
-from sqlalchemy import Connection, Row, func, not_, or_, select, update
+from sqlalchemy import Connection, Row, case, func, literal, not_, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
@@ -127,6 +127,12 @@ class PollRefund(StageDefaults):
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {}
+
+    def failed_reason(self) -> Any:
+        # sync_result clears last_error when it writes a CLOSED refund to its order: the reason is then
+        # wx_status (as v_cancel_scanner_failed says it, on SQLite too).
+        closed = literal("REFUND_CLOSED: WeChat closed refund ") + r.out_refund_no + literal("; no money moved")
+        return func.coalesce(r.last_error, case((r.wx_status == "CLOSED", closed)))
 
     def channel_fact(self, row: Row, result: Any) -> Fact | None:
         """A refund's end WeChat reported, kept if it cannot be written here."""

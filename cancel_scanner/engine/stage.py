@@ -133,6 +133,10 @@ class StageDefaults:
     # stage whose 1/0 would say the channel refused.
     fact_stays_pending: ClassVar[bool] = False
 
+    def failed_reason(self) -> Any:
+        """What the page and `status` show as a 1/0 row's reason (an SQL expression): its last_error."""
+        return self.flags.last_error
+
     def channel_fact(self, row: Row, result: Any) -> Any:
         """What the gateway did for ``row`` by ``result`` (a ``engine.facts.Fact``), kept if its write-back fails; or None."""
         return None

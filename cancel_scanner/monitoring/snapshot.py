@@ -55,7 +55,7 @@ def _failed_rows(conn: Connection, stage: Any, limit: int) -> tuple[Mapping[str,
         order = table.c.id.desc()  # the latest rejections first
     else:
         columns = [table.c.id, table.c.order_id if "order_id" in table.c else table.c.id.label("order_id"),
-                   flags.attempts.label("attempts"), flags.last_error.label("last_error"), table.c.updated_at]
+                   flags.attempts.label("attempts"), stage.failed_reason().label("last_error"), table.c.updated_at]
         order = table.c.id
     query = (select(*columns).where(*stage.index_prefix, flags.scanned == 1, flags.success == 0, *stage.still_failing)
              .order_by(order).limit(limit))

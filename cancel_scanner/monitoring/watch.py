@@ -21,6 +21,8 @@ from loguru import logger
 from cancel_scanner.monitoring.snapshot import Snapshot, take_snapshot
 
 _log = logger.bind(stage="monitoring")
+FIRST_BEAT_POLL_SECONDS = 0.5  # until the reading lists this daemon itself
+FIRST_BEAT_POLLS = 20
 STOP_WAIT_SECONDS = 1.0
 
 
@@ -48,6 +50,7 @@ class Watcher:
         self.reconcile_expected = reconcile_expected
         self.host = f"{socket.gethostname()}:{os.getpid()}"
         self.latest: Snapshot | None = None
+        self._first_polls_left = FIRST_BEAT_POLLS
         self.last_error: str | None = None  # why the last reading failed, None once one succeeds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cs-watch", daemon=True)
@@ -112,5 +115,20 @@ class Watcher:
                 self.once()
             except Exception:  # a bug here must not freeze the gauges for good: log it, read again next time
                 _log.bind(action="watch_failed").opt(exception=True).error("monitoring reading failed")
-            self._stop.wait(self.interval)
+            self._stop.wait(self.interval if self._seen_itself() else min(self.interval, FIRST_BEAT_POLL_SECONDS))
+
+    def _seen_itself(self) -> bool:
+        """Whether a reading has listed this daemon among the running ones. Until its first heartbeat
+        has landed none does, and the page would say "not running" on the very daemon serving it: the
+        first readings come FIRST_BEAT_POLL_SECONDS apart instead (FIRST_BEAT_POLLS of them at most,
+        so a database that is down is not read faster for long)."""
+        if self._first_polls_left <= 0:
+            return True
+        owner = getattr(self.runner, "owner", None)
+        latest = self.latest
+        if owner is None or (latest is not None and owner in latest.status.owners):
+            self._first_polls_left = 0
+            return True
+        self._first_polls_left -= 1
+        return False
 
