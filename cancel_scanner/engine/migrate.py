@@ -142,16 +142,25 @@ def _plan_mysql(conn: Connection, script: str, *, behind: bool = False) -> tuple
     return steps, notes
 
 
+# The shop's columns the daemon neither reads nor writes (the contract names them; the shop's tools
+# fill them): whatever type and length the shop gave them is adopted as it is.
+UNTOUCHED_SHOP_COLUMNS = {"goods": frozenset({"name"}), "goods_order2": frozenset({"user_id", "merchant_id"})}
+
+
 def _refusals(table: TableSpec, have: LiveTable) -> list[str]:
     out = []
+    untouched = UNTOUCHED_SHOP_COLUMNS.get(table.name, frozenset())
     for column in table.columns:
         found = have.columns.get(column.name)
         if found is None:
             if column.needs_value:
                 out.append(f"{table.name}.{column.name} is missing and has no default ({column.type} NOT NULL):"
                            " add it with the shop's values first")
+        elif column.name in untouched:
+            continue  # the shop's to type as it likes: nothing of ours reads or writes it
         elif not type_holds(found, column.type):
-            out.append(f"{table.name}.{column.name} is {found}; cancel-scanner needs {column.type} (or wider)")
+            out.append(f"{table.name}.{column.name} is {found}; cancel-scanner reads or writes {column.type} there"
+                       " and needs it (or wider)")
         elif column.not_null and column.name in have.nullable:
             # The polls compare these columns (is_deleted = 0, order_status = 'CANCELLED'): a NULL there
             # hides the row from them for good, and no error ever says so.

@@ -249,7 +249,7 @@ def test_a_shop_column_too_narrow_for_the_scanner_refuses_and_changes_nothing(my
     db = make_engine(mysql_url)
     try:
         before = shape(db)
-        with pytest.raises(migrate.SchemaRefused, match=r"goods_order2\.quantity is varchar\(10\); cancel-scanner needs INT UNSIGNED"):
+        with pytest.raises(migrate.SchemaRefused, match=r"goods_order2\.quantity is varchar\(10\); cancel-scanner reads or writes INT UNSIGNED there"):
             migration_plan(db)
         assert shape(db) == before
     finally:
@@ -425,6 +425,9 @@ def shop_with(url: str, *changes: str) -> None:
     ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no);"
      " UPDATE goods_order2 SET order_no = 'SO0000000001' WHERE id = 2",
      r"goods_order2 has rows with the same \(order_no\), e\.g\. 'SO0000000001'"),
+    # A column the daemon writes, too narrow for what it writes ('CANCELLED' is 9 characters): named (issue 24).
+    ("ALTER TABLE goods_order2 MODIFY order_status VARCHAR(8) NOT NULL DEFAULT 'UNPAID'",
+     r"goods_order2\.order_status is varchar\(8\); cancel-scanner reads or writes VARCHAR\(16\) there"),
     # A table of the shop's with our view's name: CREATE OR REPLACE VIEW would fail at the very end.
     ("CREATE TABLE v_cancel_scanner_failed (id INT PRIMARY KEY)", r"v_cancel_scanner_failed is a table"),
 ])
@@ -635,3 +638,36 @@ def test_a_backfill_that_fails_after_its_column_was_added_is_run_by_the_next_mig
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP USER '{user}'@'%%'")
         admin.dispose()
+
+
+@pytest.mark.mysql
+def test_a_shop_column_the_daemon_never_touches_is_adopted_in_the_shops_own_type(mysql_url):
+    """Issue 24, item 2: goods.name VARCHAR(64) (ours is wider) was refused, though nothing of ours reads it."""
+    shop_with(mysql_url, "ALTER TABLE goods MODIFY name VARCHAR(64) NOT NULL",
+              "ALTER TABLE goods_order2 MODIFY merchant_id INT NOT NULL")
+    db = make_engine(mysql_url)
+    try:
+        run_migrate(db)
+        assert schema_problem(db) is None and migration_plan(db).steps == []
+        types = {c["name"]: str(c["type"]).lower() for c in inspect(db).get_columns("goods")}
+        assert types["name"].startswith("varchar(64)")
+    finally:
+        db.dispose()
+
+
+@pytest.mark.mysql
+def test_migrate_refuses_a_column_too_narrow_for_what_the_daemon_writes_on_one_line_and_changes_nothing(mysql_url, tmp_path):
+    from testsupport import processes
+
+    shop_with(mysql_url, "ALTER TABLE goods_order2 MODIFY order_status VARCHAR(8) NOT NULL DEFAULT 'UNPAID'")
+    db = make_engine(mysql_url)
+    try:
+        before = shape(db)
+        config = processes.write_config(tmp_path / "jobs.yaml", {"database_url": mysql_url})
+        done = processes.run_cli(["migrate"], config=config, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "goods_order2.order_status is varchar(8)" in lines[0], lines
+        assert shape(db) == before
+    finally:
+        db.dispose()
