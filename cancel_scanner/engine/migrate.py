@@ -35,6 +35,7 @@ from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, MetaData
 from cancel_scanner.engine.db import is_mysql, schema_sql
 from cancel_scanner.engine.errors import mysql_code
 from cancel_scanner.engine.schema_read import (  # noqa: F401 - parse_schema and type_holds are read by tests too
+    SCHEMA_COLLATION,
     ColumnSpec,
     KeySpec,
     LiveTable,
@@ -125,14 +126,23 @@ def _plan_mysql(conn: Connection, script: str, *, behind: bool = False) -> tuple
     version's too: they are created again even when no table needs a step."""
     tables, others = parse_schema(script)
     live = live_mysql(conn)
+    collation = our_collation(live)
     steps, notes, refusals = [], [], []
     for table in tables:
         have = live.get(table.name)
         if have is None:
-            steps.append(Step(f"create table {table.name}", table.create, "nothing (a new table)"))
+            create = table.create.replace(f"COLLATE={SCHEMA_COLLATION}", f"COLLATE={collation}")
+            steps.append(Step(f"create table {table.name}" + (f" ({collation}, as the shop's orders)" if collation != SCHEMA_COLLATION
+                                                               else ""), create, "nothing (a new table)"))
             continue
         refusals += _refusals(table, have) + _key_refusals(conn, table, have)
-        steps += _adopt_mysql(table, have, notes, backfills(script), behind)
+        if table.name not in SHOP_TABLES and have.collation.startswith("utf8mb4") and have.collation != collation:
+            # A table of ours in another collation than the shop's orders (an adoption that stopped at the
+            # views): its strings compared with the shop's would fail (1267/1271). Ours to convert.
+            steps.append(Step(f"convert {table.name} (~{have.rows} rows) from {have.collation} to {collation}, as the shop's orders",
+                              f"ALTER TABLE {table.name} CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}",
+                              "the table (ours, not the shop's) while it is copied"))
+        steps += _adopt_mysql(table, have, notes, backfills(script), behind, collation)
     refusals += [f"{_view_name(v)} is a table; cancel-scanner needs that name for its view" for v in others if _view_name(v) in live]
     if refusals:
         raise SchemaRefused("; ".join(refusals) + ". Nothing was changed.")
@@ -140,6 +150,25 @@ def _plan_mysql(conn: Connection, script: str, *, behind: bool = False) -> tuple
         for stmt in others:
             steps.append(Step(f"(re)create view {_view_name(stmt)}", stmt, "nothing (a view: metadata only)"))
     return steps, notes
+
+
+# The shop's own tables: adopted as they are, never converted.
+SHOP_TABLES = frozenset({"goods", "goods_order2"})
+
+
+def our_collation(live: dict[str, LiveTable]) -> str:
+    """The one rule for collations: our tables and our string columns take the collation of the shop's
+    goods_order2, said over utf8mb4 (a legacy utf8/utf8mb3 shop's utf8mb3_general_ci gives
+    utf8mb4_general_ci: the same rules, and every character), so that any comparison of a shop string
+    with ours (a join on order_no, a UNION in a view, a reconcile match) compares like with like.
+    Without the shop's table (a fresh database), or in a charset utf8mb4 cannot stand for, schema.sql's."""
+    shop = live.get("goods_order2")
+    charset, _, rules = (shop.collation if shop else "").partition("_")
+    if charset == "utf8mb4" and rules:
+        return f"utf8mb4_{rules}"
+    if charset in ("utf8", "utf8mb3") and rules:
+        return f"utf8mb4_{rules}"
+    return SCHEMA_COLLATION
 
 
 # The shop's columns the daemon neither reads nor writes (the contract names them; the shop's tools
@@ -229,12 +258,13 @@ def _a_duplicate(conn: Connection, table: str, columns: tuple[str, ...]) -> str 
 
 
 def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dict[tuple[str, str], str],
-                 behind: bool = False) -> list[Step]:
+                 behind: bool = False, collation: str = SCHEMA_COLLATION) -> list[Step]:
     steps = _backfills_again(table.name, set(have.columns), fills, behind)
     missing = [c for c in table.columns if c.name not in have.columns]
     if missing:
-        other_charset = not have.collation.startswith("utf8mb4")
-        adds = ", ".join(f"ADD COLUMN {c.name} {c.in_utf8mb4() if other_charset and c.is_string else c.definition}"
+        # A string column of ours said in utf8mb4 and the one collation wherever the table's own is another.
+        differs = have.collation != collation
+        adds = ", ".join(f"ADD COLUMN {c.name} {c.in_utf8mb4(collation) if differs and c.is_string else c.definition}"
                          for c in missing)
         steps.append(Step(
             f"add {len(missing)} column(s) to {table.name} (~{have.rows} rows): {', '.join(c.name for c in missing)}",

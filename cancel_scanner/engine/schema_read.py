@@ -13,7 +13,7 @@ from sqlalchemy import Connection, text
 
 from cancel_scanner.engine.db import split_sql
 
-_UTF8MB4 = "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+SCHEMA_COLLATION = "utf8mb4_unicode_ci"  # what sql/schema.sql writes for our tables
 
 # --- what sql/schema.sql asks for ---------------------------------------------------------------
 
@@ -46,10 +46,10 @@ class ColumnSpec:
     def is_string(self) -> bool:
         return self.type.split("(")[0].lower() in _STRINGS
 
-    def in_utf8mb4(self) -> str:
+    def in_utf8mb4(self, collation: str = SCHEMA_COLLATION) -> str:
         """The definition with utf8mb4 said: added to a shop's latin1 (or utf8mb3) table, a column would
         otherwise take the table's charset, and a WeChat message in Chinese could not be written to it."""
-        return f"{self.type} {_UTF8MB4}{self.definition[len(self.type):]}"
+        return f"{self.type} CHARACTER SET utf8mb4 COLLATE {collation}{self.definition[len(self.type):]}"
 
 
 @dataclass(frozen=True)
