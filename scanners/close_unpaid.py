@@ -99,15 +99,13 @@ class CloseUnpaid(StageDefaults):
     index_prefix = ()  # the flags lead idx_goods_order2_close_pending: done/failed counted from it alone
     pending_since = o.created_at
 
-    def __init__(self, pay_timeout_seconds: float = DEFAULT_PAY_TIMEOUT_SECONDS,
-                 not_found_recheck_seconds: float = NOT_FOUND_RECHECK.total_seconds()):
+    def __init__(self, pay_timeout_seconds: float = DEFAULT_PAY_TIMEOUT_SECONDS):
         self.pay_timeout = timedelta(seconds=pay_timeout_seconds)
-        self.not_found_recheck = timedelta(seconds=not_found_recheck_seconds)
 
     @classmethod
     def from_config(cls, config) -> CloseUnpaid:
         job = config.job(cls.name)
-        return cls(job.pay_timeout_seconds, job.not_found_recheck_seconds)
+        return cls(job.pay_timeout_seconds)
 
     def pending(self):
         # What `status` counts as this stage's backlog: the cancels merchants asked for. An unpaid

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta, timezone
 
 from cancel_scanner.operations.bill import Bill, BillNotReady, BillPayment, BillRefund, NoBill
 from cancel_scanner.operations.reconcile import reconcile_day
