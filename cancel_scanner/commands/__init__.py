@@ -1,24 +1,36 @@
-"""The operator's commands beyond the flow's own (reissue, abnormal-refund, reconcile, prune), one
-module each: its click command, parsing and printing only; the work is in cancel_scanner.operations.
-
-Each module exposes ``command`` (a click.Command, or None while it is not built); cli.py adds them
-to the ``cancel-scanner`` group. They share cli.py's context, exit codes and messages.
+"""Every operator command, one module each: its click command, parsing and printing only; the work is
+in cancel_scanner.engine and cancel_scanner.operations. What they share (exit codes, the context
+holding the configuration, one-line failures) is in ``common``; cli.py only builds the group.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
-MODULES = ("reissue", "abnormal_refund", "reconcile", "prune")
-# A row id: a positive BIGINT. Anything else is bad usage (exit 2), said before any row is touched;
-# SQLite cannot even bind a larger int (OverflowError), MariaDB would quietly find nothing.
-ROW_ID = click.IntRange(1, 2**63 - 1)
+from cancel_scanner.commands import (
+    abnormal_refund,
+    demo,
+    emulator,
+    initdb,
+    migrate,
+    prune,
+    reconcile,
+    reissue,
+    requeue,
+    run,
+    status,
+)
 
-
-def register(group: click.Group) -> None:
-    for name in MODULES:
-        command = importlib.import_module(f"{__name__}.{name}").command
-        if command is not None:
-            group.add_command(command)
+COMMANDS: tuple[click.Command, ...] = (
+    initdb.command,
+    migrate.command,
+    run.command,
+    status.command,
+    requeue.command,
+    reissue.command,
+    abnormal_refund.command,
+    reconcile.command,
+    prune.command,
+    demo.command,
+    emulator.command,
+)

@@ -14,7 +14,8 @@ from typing import Callable
 
 import click
 
-from cancel_scanner.commands import ROW_ID
+from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, check_schema, fail_config, short
+
 
 TO_CHOICES = {"merchant-bank-card": "MERCHANT_BANK_CARD", "user-bank-card": "USER_BANK_CARD"}
 DETAILS_FILE_MAX_BYTES = 4096  # two short lines; anything larger is the wrong file
@@ -86,7 +87,7 @@ def _prompt_details() -> tuple[str, str]:
 @click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
               help="Who sends it (kept in the oplog).")
 @click.pass_obj
-def command(obj, row_id: int, to: str, bank_type: str | None, details_file: str | None, who: str) -> None:
+def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, details_file: str | None, who: str) -> None:
     """Send a refund WeChat Pay reports ABNORMAL (the user's card or account is frozen or closed) on to a
     bank card. WeChat moves it back to PROCESSING; the daemon follows it to SUCCESS and finishes the order.
 
@@ -95,7 +96,6 @@ def command(obj, row_id: int, to: str, bank_type: str | None, details_file: str 
     """
     from contextlib import ExitStack
 
-    from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _fail_config, _short
     from cancel_scanner.engine.config import ConfigError
     from cancel_scanner.gateway.contract import Secret
     from cancel_scanner.operations.abnormal import Applied, BankCard, Refused, apply_abnormal_refund, check_request
@@ -127,7 +127,7 @@ def command(obj, row_id: int, to: str, bank_type: str | None, details_file: str 
     if malformed is not None:
         refuse(*malformed)
 
-    _check_schema(cfg, tolerate_outage=False)
+    check_schema(cfg, tolerate_outage=False)
     from cancel_scanner.app import build_gateway
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.db import engine_for
@@ -136,7 +136,7 @@ def command(obj, row_id: int, to: str, bank_type: str | None, details_file: str 
         try:
             gateway = build_gateway(cfg, stack)
         except ConfigError as err:
-            _fail_config(err)
+            fail_config(err)
         db = engine_for(cfg)
         stack.callback(db.dispose)
         try:
@@ -145,7 +145,7 @@ def command(obj, row_id: int, to: str, bank_type: str | None, details_file: str 
                 lease_seconds=cfg.job("poll_refund").lease_seconds,
             )
         except Exception as exc:  # noqa: BLE001 - one line for the operator
-            click.echo(f"cancel-scanner: abnormal-refund failed: {type(exc).__name__}: {_short(exc)}", err=True)
+            click.echo(f"cancel-scanner: abnormal-refund failed: {type(exc).__name__}: {short(exc)}", err=True)
             sys.exit(EXIT_FAILURE)
     if isinstance(result, Applied):
         where = "the merchant's bank card" if result.to == "MERCHANT_BANK_CARD" else "the user's bank card"

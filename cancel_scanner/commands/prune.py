@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import click
 
+from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, CliContext, check_schema, short
+
 _AGE = re.compile(r"^\s*(\d{1,6})\s*([dhm])\s*$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
@@ -31,7 +33,7 @@ def parse_age(value: str) -> timedelta:
 @click.option("--max-rows", type=click.IntRange(1), default=None, metavar="N",
               help="Stop a table after this many rows (default 1,000,000); run again for the rest.")
 @click.pass_obj
-def command(obj, older_than: str, dry_run: bool, batch_size: int | None, max_rows: int | None) -> None:
+def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | None, max_rows: int | None) -> None:
     """Move finished rows older than AGE from req_order_ops, refund_order and goods_order2_oplog into
     their _archive tables, a batch per transaction; goods_order2 is never touched.
 
@@ -40,7 +42,6 @@ def command(obj, older_than: str, dry_run: bool, batch_size: int | None, max_row
     left. Ctrl-C stops after the batch in hand; a second Ctrl-C at once (the batch rolls back).
     Safe to stop or crash anywhere and run again. Exit 0 done, 2 bad arguments, 1 failure.
     """
-    from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _short
     from cancel_scanner.engine.db import engine_for
     from cancel_scanner.operations import prune as pruning
 
@@ -54,7 +55,7 @@ def command(obj, older_than: str, dry_run: bool, batch_size: int | None, max_row
                    " daemon's, status's and the daily reconciliation's; give 1d or more", err=True)
         sys.exit(EXIT_CONFIG)
     cfg = obj.config()
-    _check_schema(cfg, tolerate_outage=False)
+    check_schema(cfg, tolerate_outage=False)
     size = batch_size or cfg.prune.batch_size
     limit = max_rows or pruning.DEFAULT_MAX_ROWS
     stop = threading.Event()
@@ -88,7 +89,7 @@ def command(obj, older_than: str, dry_run: bool, batch_size: int | None, max_row
         click.echo("cancel-scanner: prune interrupted: the batch in hand rolled back; run again for the rest", err=True)
         sys.exit(EXIT_FAILURE)
     except Exception as exc:  # noqa: BLE001 - one line for the operator
-        click.echo(f"cancel-scanner: prune failed: {type(exc).__name__}: {_short(exc)}", err=True)
+        click.echo(f"cancel-scanner: prune failed: {type(exc).__name__}: {short(exc)}", err=True)
         sys.exit(EXIT_FAILURE)
     finally:
         signal.signal(signal.SIGINT, previous)

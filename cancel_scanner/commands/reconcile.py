@@ -7,8 +7,7 @@ from datetime import date, datetime, timedelta
 
 import click
 
-EXIT_DIFFERS = 4  # reconciled: differences found (in reconcile_diff)
-EXIT_NOT_READY = 75  # EX_TEMPFAIL: WeChat's bill is not ready yet (STATEMENT_CREATING); try again later
+from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_DIFFERS, EXIT_FAILURE, EXIT_NOT_READY, CliContext, check_schema, short
 
 
 def yesterday_in_beijing() -> date:
@@ -23,7 +22,7 @@ def yesterday_in_beijing() -> date:
 @click.option("--refund-orphans/--report-orphans", default=None,
               help="Refund payments for orders cancelled without a refund (default: reconcile.refund_orphan_payments).")
 @click.pass_obj
-def command(obj, day: datetime | None, refund_orphans: bool | None) -> None:
+def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) -> None:
     """Download WeChat Pay's ALL bill of a day, check its SHA1, and compare it with the tables: refunds
     WeChat has that we do not, ours it does not list (the days either side searched too), amounts
     or final states that differ, and payments for orders cancelled here without a refund.
@@ -32,7 +31,6 @@ def command(obj, day: datetime | None, refund_orphans: bool | None) -> None:
     ended. Exit 0 clean (or no bill: no trades that day), 4 differences found, 75 the bill is not
     ready yet (try again later), 1 failure (a bad hash, the gateway), 2 configuration.
     """
-    from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _short
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.config import ConfigError
     from cancel_scanner.engine.db import engine_for
@@ -42,7 +40,7 @@ def command(obj, day: datetime | None, refund_orphans: bool | None) -> None:
         click.echo("cancel-scanner: reconcile: wechat.mode is sandbox: the sandbox's WeChat lives inside the daemon,"
                    " whose daily job reconciles it (reconcile.enabled); this command needs wechat.mode live", err=True)
         sys.exit(EXIT_CONFIG)
-    _check_schema(cfg, tolerate_outage=False)
+    check_schema(cfg, tolerate_outage=False)
     from contextlib import ExitStack
 
     from cancel_scanner.app import build_gateway
@@ -63,7 +61,7 @@ def command(obj, day: datetime | None, refund_orphans: bool | None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the operator
-        click.echo(f"cancel-scanner: reconcile failed: {type(exc).__name__}: {_short(exc)}", err=True)
+        click.echo(f"cancel-scanner: reconcile failed: {type(exc).__name__}: {short(exc)}", err=True)
         sys.exit(EXIT_FAILURE)
     finally:
         db.dispose()

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from cancel_scanner.commands import ROW_ID
+from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, check_schema, short
+
 
 
 @click.command("reissue")
@@ -16,20 +17,19 @@ from cancel_scanner.commands import ROW_ID
               help="Who reissues (kept in the oplog and on the closed refund).")
 @click.option("--reason", "why", default="WeChat Pay closed the refund", show_default=True, help="Why (kept in the oplog).")
 @click.pass_obj
-def command(obj, order_ids: tuple[int, ...], who: str, why: str) -> None:
+def command(obj: CliContext, order_ids: tuple[int, ...], who: str, why: str) -> None:
     """After WeChat Pay CLOSED an order's refund: a new refund with the next refund_seq and its own
     out_refund_no, the order back to REFUNDING; the daemon sends and follows it.
 
     Refused (one line per order, exit 2) unless every refund of the order is CLOSED and written back
     to the order. Exit 0 when every order was reissued.
     """
-    from cancel_scanner.cli import EXIT_CONFIG, EXIT_FAILURE, _check_schema, _short
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.db import engine_for
     from cancel_scanner.operations.reissue import Refused, reissue
 
     cfg = obj.config()
-    _check_schema(cfg, tolerate_outage=False)
+    check_schema(cfg, tolerate_outage=False)
     db = engine_for(cfg)
     refused = 0
     try:
@@ -42,7 +42,7 @@ def command(obj, order_ids: tuple[int, ...], who: str, why: str) -> None:
                 click.echo(f"order {order_id}: reissued as {result.out_refund_no} (refund row {result.refund_id},"
                            f" replaces {result.replaces})")
     except Exception as exc:  # noqa: BLE001 - one line for the operator
-        click.echo(f"cancel-scanner: reissue failed: {type(exc).__name__}: {_short(exc)}", err=True)
+        click.echo(f"cancel-scanner: reissue failed: {type(exc).__name__}: {short(exc)}", err=True)
         sys.exit(EXIT_FAILURE)
     finally:
         db.dispose()

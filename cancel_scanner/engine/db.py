@@ -11,13 +11,12 @@ cluster committed before (ours included, whichever node took it).
 
 from __future__ import annotations
 
-import re
-from importlib import resources
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from cancel_scanner import models
 from cancel_scanner.engine.config import DEFAULT_WSREP_SYNC_WAIT
+from cancel_scanner.engine.schema_file import head_version, schema_sql, split_sql
 
 LOCK_WAIT_TIMEOUT_SECONDS = 5
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -102,17 +101,6 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def schema_sql() -> str:
-    """sql/schema.sql: packaged as engine/data/schema.sql (a link to it in the repository)."""
-    return resources.files("cancel_scanner.engine").joinpath("data/schema.sql").read_text(encoding="utf-8")
-
-
-def split_sql(script: str) -> list[str]:
-    """Statements of a plain DDL script: no procedures, so ';' at a line end ends one."""
-    body = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
-    return [s.strip() for s in re.split(r";\s*(?:\n|$)", body) if s.strip()]
-
-
 def init_schema(engine: Engine) -> list[str]:
     """Create the tables on a fresh database (idempotent) and record the schema version.
 
@@ -124,8 +112,6 @@ def init_schema(engine: Engine) -> list[str]:
             for stmt in split_sql(schema_sql()):
                 conn.exec_driver_sql(stmt)
     else:
-        from cancel_scanner.engine.migrate import head_version  # noqa: PLC0415 - migrate imports this module
-
         models.metadata.create_all(engine)
         with engine.begin() as conn:
             conn.execute(

@@ -32,8 +32,9 @@ from typing import Callable, Iterable, Iterator
 from sqlalchemy import Connection, Engine, TextClause, inspect, text
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, MetaData
 
-from cancel_scanner.engine.db import is_mysql, schema_sql
+from cancel_scanner.engine.db import is_mysql
 from cancel_scanner.engine.errors import mysql_code
+from cancel_scanner.engine.schema_file import head_version, schema_sql
 from cancel_scanner.engine.schema_read import (  # noqa: F401 - parse_schema and type_holds are read by tests too
     SCHEMA_COLLATION,
     ColumnSpec,
@@ -47,19 +48,10 @@ from cancel_scanner.engine.schema_read import (  # noqa: F401 - parse_schema and
 )
 
 VERSION_TABLE = "cancel_scanner_schema"
-_VERSION_INSERT = re.compile(r"INSERT IGNORE INTO cancel_scanner_schema \(version, applied_by\) VALUES \((\d+), 'schema.sql'\)")
 LOCK_WAIT_SECONDS = 3  # per try, for the metadata lock of an ALTER
 LOCK_TRIES = 5
 _ONLINE_REFUSED = {1845, 1846}  # "ALGORITHM=... is not supported for this operation"
 MIGRATE_WAIT_SECONDS = 300  # for another migrate of the same database to finish
-
-
-def head_version(script: str | None = None) -> int:
-    """The schema version sql/schema.sql records (its last statement)."""
-    found = _VERSION_INSERT.search(script or schema_sql())
-    if found is None:
-        raise RuntimeError("sql/schema.sql records no schema version")
-    return int(found.group(1))
 
 
 class SchemaRefused(Exception):

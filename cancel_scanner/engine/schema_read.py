@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, text
 
-from cancel_scanner.engine.db import split_sql
+from cancel_scanner.engine.schema_file import split_sql
 
 SCHEMA_COLLATION = "utf8mb4_unicode_ci"  # what sql/schema.sql writes for our tables
 

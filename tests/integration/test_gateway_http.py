@@ -743,7 +743,7 @@ def test_the_emulator_command_prints_where_things_are_and_stops_cleanly_on_sigte
     key_dir = tmp_path / "keys"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; from cancel_scanner.gateway.emulator import serve; sys.exit(serve(key_dir={str(key_dir)!r}))"],
+        [sys.executable, "-c", f"import sys; from cancel_scanner.gateway.emulator.command import serve; sys.exit(serve(key_dir={str(key_dir)!r}))"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

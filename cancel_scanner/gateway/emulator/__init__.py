@@ -72,7 +72,7 @@ The package, one concept a module (all of them log as `gateway.emulator.*`):
 * `records` and `ledger`: refunds and payments, their JSON, the status machine;
 * `bills`: the daily bill, made from the ledger's payments and refunds, and its download;
 * `notifications`: encrypted notifications, delivered and retried;
-* `command`: the `serve` entry point (`cancel-scanner emulator`);
+* `command`: the `serve` entry point (`cancel-scanner emulator`), which builds an Emulator from here;
 * gateway.faults: the faults, how they are drawn and how they strike.
 """
 
@@ -85,7 +85,6 @@ from typing import Any, Callable
 from loguru import logger
 
 from cancel_scanner.gateway.emulator.bills import LEGACY_ALL_COLUMNS, BillDesk
-from cancel_scanner.gateway.emulator.command import serve
 from cancel_scanner.gateway.emulator.exchange import (
     APPLY_QPS,
     QPS_WINDOW_SECONDS,
@@ -122,7 +121,7 @@ __all__ = [
     "MAX_REFUNDS_PER_ORDER", "NOTIFY_RETRY_DELAYS_SECONDS", "NOTIFY_TIMEOUT_SECONDS", "QPS_WINDOW_SECONDS", "QUERY_QPS",
     "REFUNDS_PATH", "REQUEST_LOG_SIZE", "STATUS_ABNORMAL", "STATUS_CLOSED", "STATUS_PROCESSING", "STATUS_SUCCESS",
     "SUCCESS_DELAY_SECONDS", "TICK_SECONDS", "USER_RECEIVED_ACCOUNT", "Emulator", "FaultPlan", "Matcher",
-    "NotificationAttempt", "RecordedRefund", "serve",
+    "NotificationAttempt", "RecordedRefund",
 ]
 
 _log = logger.bind(component="emulator")

@@ -27,7 +27,7 @@ def serve(
     Prints one line per fact a client needs; key files are named, never shown.
     Must run on the main thread (signal handlers).
     """
-    from cancel_scanner.gateway.emulator import Emulator  # the package imports this module for its `serve`
+    from cancel_scanner.gateway.emulator import Emulator
 
     directory = Path(key_dir) if key_dir is not None else Path(tempfile.mkdtemp(prefix="cancel-scanner-emulator-"))
     keys = generate_key_material(directory)

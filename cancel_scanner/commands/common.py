@@ -1,0 +1,92 @@
+"""What every command shares: the exit codes, the context holding the configuration, and the
+one-line failure messages. Commands import this module; nothing here imports a command.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import click
+
+from cancel_scanner.engine.config import Config, ConfigError, load_config, resolve_config_path
+from cancel_scanner.scanners import REGISTRY
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # anything else: the database down, a call that failed; one line on stderr
+EXIT_CONFIG = 2  # bad usage or configuration: one line naming the key
+EXIT_BEHIND = 3  # `migrate --check`: the schema is behind this code
+EXIT_DIFFERS = 4  # `reconcile`: reconciled, differences found (in reconcile_diff)
+EXIT_NOT_READY = 75  # EX_TEMPFAIL, `reconcile`: WeChat's bill is not ready yet; try again later
+
+# A row id: a positive BIGINT. Anything else is bad usage (exit 2), said before any row is touched;
+# SQLite cannot even bind a larger int (OverflowError), MariaDB would quietly find nothing.
+ROW_ID = click.IntRange(1, 2**63 - 1)
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 failure (one line on stderr); 2 bad usage or configuration (one line"
+    " naming the key); 3 migrate --check: schema behind; 4 reconcile: differences found;"
+    " 75 reconcile: the bill is not ready yet, try later."
+)
+
+
+def fail_config(err: ConfigError) -> NoReturn:
+    click.echo(f"cancel-scanner: configuration error: {err}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def short(exc: BaseException) -> str:
+    """The first line of an exception's text, at most 300 characters."""
+    return str(exc).splitlines()[0][:300] if str(exc) else ""
+
+
+class CliContext:
+    """The group's options, and the configuration read once, on first use."""
+
+    def __init__(self, config_path: str | None, log_json: bool | None, log_level: str | None):
+        self.config_path = config_path
+        self.log_json = log_json
+        self.log_level = log_level
+        self._config: Config | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(resolve_config_path(self.config_path), REGISTRY)
+            except ConfigError as err:
+                fail_config(err)
+            self.setup_logging()
+        return self._config
+
+    def setup_logging(self) -> None:
+        from cancel_scanner.engine.logs import setup_logging
+
+        cfg = self._config
+        json_lines = self.log_json if self.log_json is not None else (cfg.log_json if cfg else False)
+        level = self.log_level or (cfg.log_level if cfg else "INFO")
+        setup_logging(json_lines=json_lines, level=level)
+
+
+def check_schema(cfg: Config, *, tolerate_outage: bool) -> None:
+    """Exit 2 with one line when the database's schema is not this code's (behind, ahead, none).
+
+    A database that is down is the daemon's to wait for (``tolerate_outage``); `run --once` and
+    `status` say so and exit 1.
+    """
+    from cancel_scanner.app import schema_problem
+    from cancel_scanner.engine.db import engine_for
+    from cancel_scanner.engine.errors import is_transient_db_error
+
+    db = engine_for(cfg)
+    try:
+        problem = schema_problem(db)
+    except Exception as exc:  # noqa: BLE001 - one line for the operator
+        if tolerate_outage and is_transient_db_error(exc):
+            return
+        click.echo(f"cancel-scanner: database unavailable: {short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        db.dispose()
+    if problem:
+        click.echo(f"cancel-scanner: database_url: {problem}", err=True)
+        sys.exit(EXIT_CONFIG)

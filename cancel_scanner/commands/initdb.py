@@ -1,0 +1,38 @@
+"""`cancel-scanner initdb`: the schema on a new database."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, CliContext, short
+
+
+@click.command("initdb")
+@click.pass_obj
+def command(obj: CliContext) -> None:
+    """Create the schema on a new database (MySQL: sql/schema.sql). Safe to run twice.
+
+    A database that already has tables of its own (a shop's goods_order2, an older
+    cancel-scanner) is `cancel-scanner migrate`'s: initdb says so and changes nothing.
+    """
+    from cancel_scanner.app import schema_problem
+    from cancel_scanner.engine.db import engine_for, init_schema
+
+    cfg = obj.config()
+    engine = engine_for(cfg)
+    try:
+        problem = schema_problem(engine)
+        if problem is not None and problem.kind != "empty":
+            click.echo(f"cancel-scanner: initdb: this database has tables already, {problem}", err=True)
+            sys.exit(EXIT_CONFIG)
+        tables = init_schema(engine)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the operator needs one readable line, not a traceback
+        click.echo(f"cancel-scanner: initdb failed: {type(exc).__name__}: {short(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        engine.dispose()
+    click.echo(f"schema ready on {engine.url.render_as_string(hide_password=True)}: {', '.join(tables)}")
