@@ -24,7 +24,7 @@ from cancel_scanner.scanners import build_stages
 
 def _client_options(wechat: Any) -> dict[str, Any]:
     """What the client takes from `wechat:` the same way in sandbox and live mode: pace, timeouts, notify URL."""
-    keys = ("apply_qps", "query_qps", "pay_query_qps", "pay_close_qps", "notify_url")
+    keys = ("apply_qps", "query_qps", "pay_query_qps", "pay_close_qps", "notify_url", "qps_shared")
     return {"timeout": wechat.timeout_seconds, **{k: getattr(wechat, k) for k in keys}}
 
 

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -28,7 +28,7 @@ from loguru import logger
 from cancel_scanner.engine.clock import ClockWatch
 from cancel_scanner.engine.errors import is_transient_db_error
 from cancel_scanner.engine.progress import Progress
-from cancel_scanner.engine.runner import MAX_LOST_IN_A_ROW
+from cancel_scanner.engine.batch import Again, BatchReport, Fail, Streak, next_step
 
 MAX_BACKOFF_SECONDS = 60.0
 CLOCK_CHECK_SECONDS = 60.0
@@ -38,7 +38,7 @@ TICK_BUDGET_SECONDS = 10.0
 
 
 class Blocked(Exception):
-    """The environment stops a stage (see BatchReport.blocked)."""
+    """The environment stops a stage (a batch's result was engine.batch.Blocked)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -151,7 +151,7 @@ class Daemon:
     def _on_reaped(self, owners: list[str]) -> None:
         # Their leases are free now: take the work over at once rather than at the next interval.
         for name in self.stages:
-            if self.runner.stages[name].kind == "gateway":
+            if self.runner.holds_leases(name):
                 self.wake(name)
 
     def _check_clock(self) -> None:
@@ -281,11 +281,11 @@ class _Round:
         self.started = time.monotonic()
         self.finished = 0
         self.failed = False
-        self.second_lane: threading.Thread | None = None
+        self.more_lanes: list[threading.Thread] = []
 
 
 class StageLoop:
-    """One stage on the scheduler: batches back to back while they come full, then idle.
+    """One stage on the scheduler: batches back to back while ``next_step`` says again, then idle.
 
     APScheduler calls ``tick`` every interval (never twice at once: max_instances=1). A wake that
     arrives while a tick runs asks for one more round instead of queueing a run, so a hand-off is
@@ -297,8 +297,9 @@ class StageLoop:
         self.daemon = daemon
         self.name = name
         self.stage = daemon.runner.stages[name]
+        self.lanes = daemon.runner.lanes(name)
         self.failures = 0
-        self.lost = 0  # batches in a row that lost a race to another daemon
+        self.streak = Streak()  # races lost and batches paced in a row, across rounds
         self._lock = threading.Lock()
         self._running = False
         self._again = False
@@ -329,8 +330,8 @@ class StageLoop:
         """One round of lanes, then the hand-offs; True if another round was asked for."""
         round_ = _Round()
         self._lane(round_)
-        if round_.second_lane is not None:
-            round_.second_lane.join()
+        for lane in round_.more_lanes:
+            lane.join()
         if round_.finished:
             for consumer, after in self.stage.handoffs().items():
                 self.daemon.wake(consumer, after=after)
@@ -339,55 +340,57 @@ class StageLoop:
         return again
 
     def _lane(self, round_: _Round) -> None:
-        """Batches until one is not full, fails, or the tick budget is spent.
+        """Batches while ``next_step`` says again, until a failure or the tick budget is spent.
 
-        A gateway stage with a backlog runs a second lane: while one lane writes its answers
-        and claims its next batch, the other is calling, so the shared pacer never idles.
-        The lanes cannot collide: each claims with SKIP LOCKED and leases what it claimed.
+        A stage with a backlog whose batches may overlap (a gateway stage: while one lane writes its
+        answers and claims its next batch, the other is calling) runs more lanes, up to its ``lanes``.
         """
-        runner = self.daemon.runner
-        while not runner.stopping.is_set():
-            report, error = self._batch()
+        stopping = self.daemon.runner.stopping
+        while not stopping.is_set():
+            report, raised = self._batch()
             with round_.lock:
-                if error is not None:
-                    if not round_.failed:  # one backoff step per round, whichever lane saw it
-                        round_.failed = True
-                        self.failures += 1
-                        self.daemon.back_off(self.name, self.failures, error)
-                    return
                 round_.finished += report.finished
-                self.daemon.progress.batch_done(report)
-                self.lost = self.lost + 1 if report.lost else 0
-                if self.lost > MAX_LOST_IN_A_ROW:  # contention that does not clear: a failure like any other
-                    round_.failed = True
-                    self.failures += 1
-                    self.daemon.back_off(self.name, self.failures, f"lost {self.lost} races in a row: {report.lost}")
-                    self.lost = 0
+                if report.claimed:
+                    self.daemon.progress.batch_done(report)
+                if round_.failed:
+                    return  # another lane of this round failed and backed the stage off
+                if raised is not None:
+                    self._fail(round_, raised)
+                    return
+                step, self.streak = next_step(report.result, self.streak)
+                if isinstance(step, Fail):
+                    self._fail(round_, Blocked(step.reason) if step.blocked else step.reason)
                     return
                 self._recovered()
-                if round_.failed or not (report.full or report.lost):  # a lost race: nothing happened, look again
+                if not isinstance(step, Again):
                     return
-                if round_.second_lane is None and self.stage.kind == "gateway":
-                    round_.second_lane = threading.Thread(target=self._lane, args=(round_,), name=f"cs-{self.name}-lane2", daemon=True)
-                    round_.second_lane.start()
+                if step.after == 0 and 1 + len(round_.more_lanes) < self.lanes:
+                    lane = threading.Thread(target=self._lane, args=(round_,), daemon=True,
+                                            name=f"cs-{self.name}-lane{2 + len(round_.more_lanes)}")
+                    round_.more_lanes.append(lane)
+                    lane.start()
             if time.monotonic() - round_.started > TICK_BUDGET_SECONDS:
-                # Still full: go round again at once (tick checks for a stop first) instead of
+                # Still busy: go round again at once (tick checks for a stop first) instead of
                 # waiting for the next interval.
                 with self._lock:
                     self._again = True
                 return
+            if step.after and stopping.wait(step.after):
+                return
 
-    def _batch(self):
-        """(report, None) or (None, the error): a raising stage is a failure like any other."""
+    def _fail(self, round_: _Round, error: Any) -> None:
+        """One backoff step per round, whichever lane saw the failure (called holding round_.lock)."""
+        round_.failed = True
+        self.failures += 1
+        self.daemon.back_off(self.name, self.failures, error)
+
+    def _batch(self) -> tuple[BatchReport, Exception | None]:
+        """The batch's report, and the exception of a stage that raised (a bug): a failure like any
+        other, reported and backed off by the caller, never swallowed."""
         try:
-            report = self.daemon.runner.run_stage(self.name)
-        except Exception as exc:  # reported and backed off by the caller, never swallowed
-            return None, exc
-        if report.blocked:
-            return None, Blocked(report.blocked)
-        if report.error is not None:
-            return None, report.error
-        return report, None
+            return self.daemon.runner.run_stage(self.name), None
+        except Exception as exc:
+            return BatchReport(stage=self.name), exc
 
     def _recovered(self) -> None:
         if self.failures:

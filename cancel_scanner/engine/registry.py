@@ -105,6 +105,7 @@ class Registry:
         owner: str | None = None,
         pace_group: str | None = None,
         pace_limits: Mapping[str, float] | None = None,
+        on_share: Callable[[int, bool, list[tuple[str, dict[str, float]]]], None] | None = None,
     ):
         if heartbeat_seconds >= takeover_seconds - HEARTBEAT_MARGIN_SECONDS:
             raise ValueError("heartbeat_seconds must be well below takeover_seconds")
@@ -129,7 +130,7 @@ class Registry:
         self.slice: tuple[int, int] = (0, 1)
         # Told (sharers, fresh, peers) after every reap while we pace: fresh once, after (re)registering;
         # peers: the other live processes of our group, each ("host:pid", the limits it published).
-        self.on_share: Callable[[int, bool, list[tuple[str, dict[str, float]]]], None] | None = None
+        self.on_share = on_share
         self._fresh = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

@@ -72,6 +72,7 @@ def start_sandbox(
     min_call_seconds: float = MIN_CALL_SECONDS,
     pay_query_qps: float | None = DEFAULT_PAY_QUERY_QPS,
     pay_close_qps: float | None = DEFAULT_PAY_CLOSE_QPS,
+    qps_shared: bool = True,
 ) -> Sandbox:
     """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both."""
     keys = generate_key_material()
@@ -95,6 +96,7 @@ def start_sandbox(
             min_call_seconds=min_call_seconds,
             pay_query_qps=pay_query_qps,
             pay_close_qps=pay_close_qps,
+            qps_shared=qps_shared,
         )
     except BaseException:
         emulator.stop()

@@ -67,6 +67,7 @@ from cancel_scanner.gateway.contract import (
     Secret,
     UnknownOutcome,
 )
+from cancel_scanner.gateway.pace_share import PaceShare
 from cancel_scanner.gateway.ratelimit import RateLimiter
 from cancel_scanner.gateway.transport import new_session
 
@@ -190,6 +191,7 @@ class WeChatPayGateway(BillClient):
         min_call_seconds: float = MIN_CALL_SECONDS,
         pay_query_qps: float | None = DEFAULT_PAY_QUERY_QPS,
         pay_close_qps: float | None = DEFAULT_PAY_CLOSE_QPS,
+        qps_shared: bool = True,
     ) -> None:
         if len(apiv3_key.encode("utf-8")) != APIV3_KEY_BYTES:
             raise GatewaySetupError("WECHATPAY_APIV3_KEY", f"the APIv3 key must be {APIV3_KEY_BYTES} bytes")
@@ -210,7 +212,8 @@ class WeChatPayGateway(BillClient):
         # the network jitter their arrival, and WeChat counts arrivals per second.
         self._paces = dict(zip(ENDPOINTS, (apply_qps, query_qps, pay_query_qps, pay_close_qps)))
         self._limiters = {endpoint: RateLimiter(qps * PACING_HEADROOM if qps else None) for endpoint, qps in self._paces.items()}
-        self.pace_group = mchid  # WeChat's limits are per merchant: processes of one mchid share them
+        # WeChat's limits are per merchant: processes of one mchid share them (None: each paces alone).
+        self.pace_group: str | None = mchid if qps_shared else None
         # An operator's command sends one at a time, and WeChat publishes no limit for it: unpaced.
         self._limiters["abnormal"] = RateLimiter(None)
         # The daily bill: one apply and one download a day; WeChat publishes no limit for either.
@@ -352,6 +355,13 @@ class WeChatPayGateway(BillClient):
             for endpoint in self._paces:
                 self._limiters[endpoint].hold_until(time.monotonic() + hold_seconds)
         return paces
+
+    def pace_share(self, heartbeat_seconds: float) -> PaceShare | None:
+        """The merchant's limits shared with its other live processes, as the registry counts them; None
+        when this client paces alone (qps_shared off) or calls nothing paced."""
+        if self.pace_group is None or not self.pace_limits():
+            return None
+        return PaceShare(self, self.pace_group, heartbeat_seconds)
 
     def held_for(self, endpoint: str) -> float:
         """Seconds until `endpoint`'s pacer lets calls start again after share_pace's hold (0: now)."""

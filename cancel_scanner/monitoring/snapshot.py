@@ -97,7 +97,7 @@ def take_snapshot(
         if owner is not None:
             counted = [owner_col for owner_col, _until in lease_columns]
             for stage in stages.values():  # a leased row belongs to one stage: the one whose flags are 0/0
-                if stage.kind == "gateway" and any(stage.flags.lease_owner is col for col in counted):
+                if stage.flags.lease_owner is not None and any(stage.flags.lease_owner is col for col in counted):
                     held += conn.execute(select(func.count()).select_from(stage.flags.table).where(*stage.leased_by(owner))).scalar_one()
     leader = not status.owners or owner is None or status.owners[0] == owner
     return Snapshot(status=status, listings=found, leases_held=held, taken_at=wall_now, leader=leader)

@@ -45,9 +45,9 @@ def setup(db, db_url, sandbox):
     config = test_config(db_url)
     runners: list[Runner] = []
 
-    def runner(owner: str, **top) -> Runner:
+    def runner(owner: str, gateway=None, **top) -> Runner:
         cfg = test_config(db_url, **top) if top else config
-        made = Runner(db, cfg, build_stages(cfg), sandbox.gateway, clock=clock, owner=owner)
+        made = Runner(db, cfg, build_stages(cfg), gateway or sandbox.gateway, clock=clock, owner=owner)
         runners.append(made)
         return made
 
@@ -111,13 +111,21 @@ def test_a_newcomer_beside_running_sharers_starts_no_call_for_two_heartbeats(set
     assert 0 < gateway.held_for("apply") <= held
 
 
-def test_with_qps_shared_off_each_process_paces_at_the_whole_limit(setup, db):
+def test_with_qps_shared_off_each_process_paces_at_the_whole_limit(setup, db, sandbox):
+    """wechat.qps_shared: false reaches the client (app._client_options), which then shares no pace."""
+    from cancel_scanner.gateway.sandbox import client_for
+
     clock, runner, gateway = setup
     other_process(db, clock, gateway.pace_group, "running")
-    me = runner("me", wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "qps_shared": False})
-    me.registry.tick()
-    assert me.registry.pace_group is None
-    assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * WHOLE, abs=2)
+    alone = client_for(sandbox.keys, sandbox.emulator.base_url, timeout=(2, 2), apply_qps=APPLY_QPS, query_qps=APPLY_QPS,
+                       qps_shared=False)
+    try:
+        me = runner("me", gateway=alone, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "qps_shared": False})
+        me.registry.tick()
+        assert me.registry.pace_group is None
+        assert apply_calls_in(alone, 10.0) == pytest.approx(10 * WHOLE, abs=2)
+    finally:
+        alone.close()
 
 
 def test_beside_other_processes_a_claim_takes_its_own_slice_of_the_rows_first_then_any(db, db_url, sandbox):
@@ -218,3 +226,15 @@ def test_processes_of_one_merchant_configured_with_other_limits_all_pace_at_the_
         assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * WHOLE, abs=2)
     finally:
         logger.remove(sink)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_wechat_qps_shared_in_jobs_yaml_decides_whether_the_built_daemon_shares_its_merchants_pace(db_url, shared):
+    from contextlib import ExitStack
+
+    from cancel_scanner.app import build_app
+
+    with ExitStack() as stack:
+        app = build_app(test_config(db_url, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "qps_shared": shared}), stack)
+        assert app.runner.registry.pace_group == (app.gateway._mchid if shared else None)
+        assert (app.runner.pace is not None) is shared

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from cancel_scanner.engine.daemon import Daemon
-from cancel_scanner.engine.runner import BatchReport
+from cancel_scanner.engine.batch import Backoff, BatchReport, Worked
 
 INTERVAL = 60.0
 
@@ -45,6 +45,12 @@ class FakeRunner:
         self.registry = SimpleNamespace(beat=lambda: None, start=lambda **kw: None, stop=lambda: None)
         self.clock = lambda: datetime(2026, 11, 1)
         self.owner = "fake"
+
+    def lanes(self, name):
+        return 2 if self.stages[name].kind == "gateway" else 1
+
+    def holds_leases(self, name):
+        return self.stages[name].kind == "gateway"
 
     def run_stage(self, name):
         with self.changed:
@@ -87,7 +93,7 @@ def daemon_for(runner):
 
 
 def full(name):
-    return BatchReport(stage=name, claimed=10, done=10, batch_size=10)
+    return BatchReport(stage=name, claimed=10, done=10, batch_size=10, result=Worked(full=True))
 
 
 def test_a_full_batch_runs_again_at_once_and_an_idle_one_waits_for_the_interval():
@@ -102,7 +108,7 @@ def test_a_full_batch_runs_again_at_once_and_an_idle_one_waits_for_the_interval(
 
 
 def test_finished_rows_wake_the_consuming_stage_at_once():
-    runner = FakeRunner({"producer": [BatchReport(stage="producer"), BatchReport(stage="producer", claimed=1, done=1, batch_size=10)],
+    runner = FakeRunner({"producer": [BatchReport(stage="producer"), BatchReport(stage="producer", claimed=1, done=1, batch_size=10, result=Worked())],
                          "consumer": []})
     daemon = daemon_for(runner)
     daemon.start()
@@ -117,7 +123,7 @@ def test_finished_rows_wake_the_consuming_stage_at_once():
 
 def test_a_failing_stage_backs_off_and_a_bug_in_one_stage_stops_no_other():
     runner = FakeRunner({
-        "producer": [BatchReport(stage="producer", error="OperationalError 2013: Lost connection")],
+        "producer": [BatchReport(stage="producer", result=Backoff("OperationalError 2013: Lost connection"))],
         "consumer": [RuntimeError("a bug in the stage")],
     })
     daemon = daemon_for(runner)
