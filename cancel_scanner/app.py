@@ -6,7 +6,6 @@ WeChat Pay client at it: there is no separate fake code path.
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -15,64 +14,23 @@ from loguru import logger
 from sqlalchemy import Engine
 
 from cancel_scanner.engine import migrate
-from cancel_scanner.engine.config import ENV_APIV3_KEY, Config, ConfigError
+from cancel_scanner.engine.config import Config
 from cancel_scanner.engine.db import engine_for
 from cancel_scanner.engine.runner import Hooks, Runner
+from cancel_scanner.gateway.channels import DEFAULT_CHANNEL, ChannelRegistry, Channels
+from cancel_scanner.gateway.registry import CHANNELS
 from cancel_scanner.models import metadata
 from cancel_scanner.scanners import build_stages
-
-
-def _client_options(wechat: Any) -> dict[str, Any]:
-    """What the client takes from `wechat:` the same way in sandbox and live mode: pace, timeouts, notify URL."""
-    keys = ("apply_qps", "query_qps", "pay_query_qps", "pay_close_qps", "notify_url", "qps_shared")
-    return {"timeout": wechat.timeout_seconds, **{k: getattr(wechat, k) for k in keys}}
-
-
-def build_gateway(config: Config, stack: ExitStack) -> Any:
-    wechat = config.wechat
-    if wechat.mode == "sandbox":
-        from cancel_scanner.gateway.sandbox import start_sandbox
-
-        sandbox = start_sandbox(
-            success_delay=wechat.sandbox.success_delay_seconds,
-            port=wechat.sandbox.port,
-            **_client_options(wechat),
-        )
-        stack.callback(sandbox.close)
-        logger.bind(stage="gateway", action="sandbox").info(
-            "sandbox gateway: emulator at {} (no money moves)", sandbox.emulator.base_url
-        )
-        return sandbox
-    from cancel_scanner.gateway.wechat import GatewaySetupError, WeChatPayGateway
-
-    try:
-        gateway = WeChatPayGateway(
-            mchid=wechat.mchid,
-            appid=wechat.appid,
-            merchant_serial_no=wechat.merchant_serial_no,
-            merchant_private_key_pem=wechat.merchant_private_key_file.read_text(encoding="utf-8"),
-            platform_public_key_pem=wechat.platform_public_key_file.read_text(encoding="utf-8"),
-            platform_public_key_id=wechat.platform_public_key_id,
-            apiv3_key=os.environ.get(ENV_APIV3_KEY, ""),
-            base_url=wechat.base_url,
-            **_client_options(wechat),
-        )
-    except GatewaySetupError as exc:
-        # The gateway's messages never contain key material.
-        raise ConfigError(exc.key, str(exc)) from None
-    except ValueError as exc:
-        raise ConfigError("wechat", str(exc)) from None
-    stack.callback(gateway.close)
-    return gateway
 
 
 @dataclass
 class App:
     config: Config
     db: Engine
-    gateway: Any  # a RefundGateway
+    gateway: Any  # WeChat Pay's client (the notification endpoint, the bill, abnormal refunds read it)
     runner: Runner
     sandbox: Any = None  # the Sandbox in sandbox mode (its emulator, for the demo and tests)
+    channels: Channels | None = None  # every payment channel served, the stages' calls routed by the row's channel
 
 
 def schema_problem(db: Engine) -> migrate.SchemaProblem | None:
@@ -119,18 +77,18 @@ def schedule_daily(app: App, daemon: Any) -> None:
         daemon.add_daily(job)
 
 
-def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None) -> App:
+def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None,
+              channels: ChannelRegistry = CHANNELS) -> App:
     db = engine_for(config)
     stack.callback(db.dispose)
-    built = build_gateway(config, stack)
-    sandbox = built if config.wechat.mode == "sandbox" else None
-    gateway = sandbox.gateway if sandbox else built
+    routed = channels.build(config, stack)
+    gateway = routed.gateways.get(DEFAULT_CHANNEL)
     kwargs = {"hooks": hooks}
     if clock is not None:
         kwargs["clock"] = clock
-    runner = Runner(db, config, build_stages(config), gateway, **kwargs)
+    runner = Runner(db, config, build_stages(config), routed, **kwargs)
     stack.callback(runner.close)
-    return App(config=config, db=db, gateway=gateway, runner=runner, sandbox=sandbox)
+    return App(config=config, db=db, gateway=gateway, runner=runner, sandbox=getattr(gateway, "sandbox", None), channels=routed)
 
 
 def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:

@@ -84,10 +84,13 @@ channel_fact = ChannelFact.__table__
 
 
 def _archive(live: Table, comment: str, *keys) -> Table:
-    """The archive twin of ``live``: its columns and types, its primary key without auto-increment."""
+    """The archive twin of ``live``: its columns and types, its primary key without auto-increment. A
+    column the live table gained after its archive existed keeps its constant default
+    (``info={"archive_default": True}``), so that migrate can add it to an archive that has rows."""
     columns = [
         Column(c.name, BigInteger() if c.primary_key else c.type,
-               primary_key=c.primary_key, autoincrement=False, nullable=c.nullable)
+               primary_key=c.primary_key, autoincrement=False, nullable=c.nullable,
+               server_default=c.server_default.arg if c.info.get("archive_default") and c.server_default is not None else None)
         for c in live.columns
     ]
     archived = Column("archived_at", Timestamp3, nullable=False, server_default=now3(), comment="moved here (UTC)")

@@ -29,6 +29,11 @@ def _flag(comment: str) -> Mapped[int]:
     return mapped_column(Flag, nullable=False, default=0, server_default=text("0"), comment=comment)
 
 
+def _channel(comment: str) -> Mapped[str]:
+    return mapped_column(String(16), nullable=False, default="wechat", server_default=text("'wechat'"), comment=comment,
+                         info={"archive_default": True})
+
+
 def _created() -> Mapped[datetime]:
     return mapped_column(Timestamp3, nullable=False, server_default=now3(), comment="row inserted (UTC)")
 
@@ -148,6 +153,7 @@ class GoodsOrder(Base):
     close_last_error: Mapped[str | None] = mapped_column(String(255), comment="close_unpaid: why the last try failed")
     close_lease_owner: Mapped[str | None] = mapped_column(String(64), comment="close_unpaid: daemon calling WeChat for this order now")
     close_lease_until: Mapped[datetime | None] = mapped_column(Timestamp3, comment="close_unpaid: lease expiry (UTC)")
+    channel: Mapped[str] = _channel("the payment channel the order was paid (or is to be paid) through: wechat, ...")
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -239,6 +245,7 @@ class RefundOrder(Base):
     )
     submitted_at: Mapped[datetime | None] = mapped_column(Timestamp3, comment="when WeChat accepted the refund")
     success_time: Mapped[datetime | None] = mapped_column(Timestamp3, comment="WeChat's success_time (UTC)")
+    channel: Mapped[str] = _channel("the payment channel the refund is sent through: the order's")
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -41,6 +41,7 @@ from pydantic import Field
 from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
+from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome, Retry
@@ -123,7 +124,7 @@ class CloseUnpaid(StageDefaults):
         requested = o.cancel_requested_at.isnot(None)
         timed_out = and_(o.cancel_requested_at.is_(None), o.order_status == "UNPAID", o.created_at <= now - self.pay_timeout)
         return (
-            select(o.id, o.order_no, o.created_at, o.close_attempts, o.close_last_error, o.close_lease_owner)
+            select(o.id, o.order_no, o.created_at, o.close_attempts, o.close_last_error, o.close_lease_owner, o.channel)
             .where(
                 o.close_scanned == 0,
                 o.close_success == 0,
@@ -143,6 +144,7 @@ class CloseUnpaid(StageDefaults):
         if problem is not None:
             # WeChat would refuse it; never sent, and no traceback for a refusal we expect.
             return Settling(gw.Permanent(BAD_ORDER_NO, f"{problem}: never sent to WeChat Pay; check the order by hand"))
+        gateway = route(gateway, row.channel)  # the order's payment channel
         first = gateway.query_payment(row.order_no, deadline=deadline)
         unpaid = isinstance(first, gw.PaymentState) and first.payment.trade_state in gw.CLOSABLE_STATES
         if not (unpaid or _not_found(first)):
@@ -176,7 +178,7 @@ class CloseUnpaid(StageDefaults):
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
         ids = [row.id for row, _ in results]
         query = select(o.id, o.order_no, o.goods_id, o.quantity, o.total_amount, o.pay_status, o.order_status,
-                       o.transaction_id, o.cancel_requested_at, o.cancel_source, o.is_deleted).where(o.id.in_(ids)).order_by(o.id)
+                       o.transaction_id, o.cancel_requested_at, o.cancel_source, o.is_deleted, o.channel).where(o.id.in_(ids)).order_by(o.id)
         orders = {r.id: r for r in conn.execute(locked(conn, query, skip_locked=True)).all()}
         verdicts = {row.id: self._verdict(row, settling, now) for row, settling in results}
         found = {i: v for i, v in verdicts.items()
@@ -270,7 +272,8 @@ class CloseUnpaid(StageDefaults):
         if done != 1:
             return Done("ALREADY_SETTLED")  # shipped or cancelled by someone else meanwhile: not ours to refund
         transaction_id = payment.transaction_id or order.transaction_id
-        conn.execute(insert(refund_order), [refund_row(order.id, order.order_no, transaction_id, payment.total, DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]), now)])
+        conn.execute(insert(refund_order), [refund_row(order.id, order.order_no, transaction_id, payment.total, DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]), now,
+                                                  channel=order.channel)])
         write_oplog(conn, [(order.id, "CANCELLED", f"requested cancel of a paid order ({source}): refund {payment.total} fen")])
         return Done("PAID_CANCEL")
 

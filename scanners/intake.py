@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Row, insert, or_, select, update
 
 from cancel_scanner.engine.errors import SHOP_REFUSED
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
+from cancel_scanner.gateway.channels import DEFAULT_CHANNEL
 from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
@@ -68,7 +69,7 @@ ORDER_COLUMNS = [
     goods_order2.c[name]
     for name in (
         "id", "order_no", "pay_status", "transaction_id", "paid_at", "order_status", "total_amount", "is_deleted",
-        "cancel_requested_at", "close_scanned", "close_success",
+        "cancel_requested_at", "close_scanned", "close_success", "channel",
     )
 ]
 ACCEPTED_PAID = "cancelled; a full refund was started (see refund_order for its progress)"
@@ -234,7 +235,7 @@ class Intake(StageDefaults):
         if paid:
             conn.execute(insert(refund_order), [
                 refund_row(order.id, order.order_no, order.transaction_id, order.total_amount,
-                           wechat_reason(req.reason, CANCEL_SOURCES[req.op_type]), now, req_id=req.id)
+                           wechat_reason(req.reason, CANCEL_SOURCES[req.op_type]), now, req_id=req.id, channel=order.channel)
                 for req, order in paid
             ])
         write_oplog(conn, ((order.id, "CANCELLED", f"req {req.id} {req.op_type} by {req.operator or '-'}") for req, order in paid))
@@ -248,8 +249,9 @@ def _guarded(conn: Connection, statement, expected: int) -> None:
 
 
 def refund_row(order_id: int, out_trade_no: str, transaction_id: str | None, amount: int, reason: str,
-               now: datetime, *, req_id: int | None = None, seq: int = 1) -> dict[str, Any]:
-    """A refund of a paid order (the first unless ``seq`` says): all of what was paid, its number fixed before any call."""
+               now: datetime, *, req_id: int | None = None, seq: int = 1, channel: str = DEFAULT_CHANNEL) -> dict[str, Any]:
+    """A refund of a paid order (the first unless ``seq`` says): all of what was paid, its number fixed before any call,
+    through the order's payment ``channel``."""
     return {
         "order_id": order_id,
         "req_id": req_id,
@@ -261,4 +263,5 @@ def refund_row(order_id: int, out_trade_no: str, transaction_id: str | None, amo
         "total_amount": amount,
         "reason": reason,
         "next_attempt_at": now,
+        "channel": channel,
     }

@@ -21,6 +21,7 @@ from loguru import logger
 from sqlalchemy import Connection, Row, case, func, literal, not_, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
+from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
@@ -120,7 +121,7 @@ class PollRefund(StageDefaults):
         )
 
     def call(self, gateway: gw.RefundGateway, row: Row, deadline: Callable[[], float]) -> gw.GatewayResult:
-        return gateway.query(row.out_refund_no, deadline=deadline)
+        return route(gateway, row.channel).query(row.out_refund_no, deadline=deadline)
 
     def not_sent(self, result: Any) -> bool:
         return isinstance(result, gw.NotSent)

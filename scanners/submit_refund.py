@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from sqlalchemy import Connection, Row, or_, select
 
 import cancel_scanner.gateway.contract as gw
+from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
@@ -148,6 +149,7 @@ class SubmitRefund(StageDefaults):
             # Never sent before, and WeChat refuses such a number: ends here, never sent. (One sent by an
             # older cancel-scanner goes on as before: only WeChat's record of it ends the row.)
             return Attempt(gw.Permanent("BAD_ORDER_NO", f"{problem}: never sent to WeChat Pay; check the order by hand"), False)
+        gateway = route(gateway, row.channel)  # the refund's payment channel: its order's
         # Only out_trade_no, never also transaction_id: the body of every retry must be
         # byte-for-byte the body of the first try.
         result = gateway.apply(

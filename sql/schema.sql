@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   close_last_error       VARCHAR(255) NULL COMMENT 'close_unpaid: why the last try failed',
   close_lease_owner      VARCHAR(64) NULL COMMENT 'close_unpaid: daemon calling WeChat for this order now',
   close_lease_until      DATETIME(3) NULL COMMENT 'close_unpaid: lease expiry (UTC)',
+  channel                VARCHAR(16) NOT NULL DEFAULT 'wechat' COMMENT 'the payment channel the order was paid (or is to be paid) through: wechat, ...',
   created_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_goods_order2 PRIMARY KEY (id),
@@ -134,6 +135,7 @@ CREATE TABLE IF NOT EXISTS refund_order (
   -- backfill refund_order.submit_sent: UPDATE refund_order SET submit_sent = 1 WHERE submit_scanned = 0 AND attempts > 0
   submitted_at      DATETIME(3) NULL COMMENT 'when WeChat accepted the refund',
   success_time      DATETIME(3) NULL COMMENT 'WeChat''s success_time (UTC)',
+  channel           VARCHAR(16) NOT NULL DEFAULT 'wechat' COMMENT 'the payment channel the refund is sent through: the order''s',
   created_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_refund_order PRIMARY KEY (id),
@@ -296,6 +298,7 @@ CREATE TABLE IF NOT EXISTS refund_order_archive (
   submit_sent       TINYINT NOT NULL,
   submitted_at      DATETIME(3) NULL,
   success_time      DATETIME(3) NULL,
+  channel           VARCHAR(16) NOT NULL DEFAULT 'wechat',
   created_at        DATETIME(3) NOT NULL,
   updated_at        DATETIME(3) NOT NULL,
   archived_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'moved here (UTC)',
@@ -348,4 +351,4 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'close_unpaid', 'goods_order2', id, id, close_last_error, updated_at
     FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0;
 
-INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (6, 'schema.sql');
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (7, 'schema.sql');

@@ -128,7 +128,7 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
         refuse(*malformed)
 
     check_schema(cfg, tolerate_outage=False)
-    from cancel_scanner.app import build_gateway
+    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.db import engine_for
 

@@ -43,7 +43,7 @@ def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) 
     check_schema(cfg, tolerate_outage=False)
     from contextlib import ExitStack
 
-    from cancel_scanner.app import build_gateway
+    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.operations.bill import fetch_bill
     from cancel_scanner.operations.reconcile import reconcile_day
 

@@ -39,7 +39,7 @@ DEFAULT_TAKEOVER_SECONDS = 10.0  # a process silent this long is dead: survivors
 DEFAULT_HEARTBEAT_SECONDS = 1.0
 # On a Galera node, reads (1) and UPDATE/DELETE (2) wait until the node has applied every write the
 # cluster committed before them; without, a daemon whose connection moved to another node may act on
-# its own earlier writes not yet applied there. See README, "On a MariaDB Galera cluster".
+# its own earlier writes not yet applied there. See docs/concurrency.md, Galera.
 DEFAULT_WSREP_SYNC_WAIT = 3
 DEFAULT_APPLY_QPS = 150.0
 DEFAULT_QUERY_QPS = 300.0

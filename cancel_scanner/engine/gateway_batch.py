@@ -287,7 +287,8 @@ class GatewayBatch:
         report.claimed += len(unsent)
         if not self.stopping.is_set():
             logger.bind(stage=stage.name, action="calls_not_sent", rows=len(unsent)).info(
-                "{} call(s) not sent: they could not have finished inside the lease", len(unsent)
+                "{} call(s) not sent (no time left inside the lease, or a channel this process does not serve):"
+                " given back, no attempt spent", len(unsent)
             )
 
 

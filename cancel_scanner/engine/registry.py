@@ -19,13 +19,14 @@ ownership check and is dropped.
 Sharing WeChat's limits: an entry names the merchant whose per-merchant QPS its
 process paces against (``pace_group``, the mchid; NULL when it calls no paced
 endpoint). Each reap reads every entry anyway, so it also counts the live ones of
-our group (``sharers``) and tells ``on_share``: N daemons of one merchant each pace
-at an N-th of the configured QPS (less a little: WeChatPayGateway.share_pace). A process that has just registered is told it is new
-(``fresh``), and holds its calls until the others have read its entry.
+our group (``sharers``) and tells ``on_share`` (the gateway's PaceShare): N daemons of one
+merchant each pace at an N-th of the configured QPS (less a little: WeChatPayGateway.share_pace).
+A process that has just registered is told it is new (``fresh``), and holds its calls until the
+others have read its entry.
 
 The same read gives each process its slice of the rows: of the N live entries, sorted by owner,
-ours is number k, and claims take rows with id mod N = k first (then any), so N claimers rarely
-reach for the same rows.
+ours is number k, and claims take the k-th of every N blocks of ids first (then any; engine/claim.py),
+so N claimers rarely reach for the same rows.
 
 Stale entries are locked, deleted and their leases released in one transaction:
 a process whose heartbeat races the reaper either commits its beat first (and is

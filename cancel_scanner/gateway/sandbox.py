@@ -101,4 +101,6 @@ def start_sandbox(
     except BaseException:
         emulator.stop()
         raise
-    return Sandbox(gateway=gateway, emulator=emulator, keys=keys)
+    sandbox = Sandbox(gateway=gateway, emulator=emulator, keys=keys)
+    gateway.sandbox = sandbox  # the in-process emulator this client talks to (the demo and tests read it)
+    return sandbox

@@ -219,6 +219,7 @@ class WeChatPayGateway(BillClient):
         # The daily bill: one apply and one download a day; WeChat publishes no limit for either.
         self._limiters.update({endpoint: RateLimiter(None) for endpoint in BILL_ENDPOINTS})
         self._reuse_connections = reuse_connections
+        self.sandbox: Any = None  # set by gateway.sandbox.start_sandbox: the emulator this client talks to
         install_transport()
         try:
             # Public key mode: no network call here (certificate mode would GET /v3/certificates at once).

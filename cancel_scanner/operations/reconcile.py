@@ -238,7 +238,7 @@ def refund_orphan(db: Engine, payment: Any, now: datetime) -> bool:
             raise RuntimeError(f"reconcile: order {order.id} locked but not booked")
         conn.execute(update(goods).where(goods.c.id == order.goods_id).values(sales=goods.c.sales + order.quantity))
         conn.execute(insert(refund_order).values(**refund_row(order.id, order.order_no, payment.transaction_id,
-                                                              payment.total_fen, ORPHAN_REASON, now)))
+                                                              payment.total_fen, ORPHAN_REASON, now, channel=order.channel)))
         write_oplog(conn, [(order.id, "ORPHAN_PAYMENT_REFUND", clip(
             f"{payment.transaction_id} {payment.total_fen} fen paid after the cancel: payment booked, refund opened"))])
     _log.bind(action="orphan_refunded", out_trade_no=payment.out_trade_no).warning("a payment for a cancelled order: refund opened")

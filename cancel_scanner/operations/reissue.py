@@ -84,7 +84,7 @@ def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissu
                                      " written to the order (status shows sync_result pending), then reissue")
     seq = last.refund_seq + 1
     new = refund_row(order.id, order.order_no, last.transaction_id or order.transaction_id, last.total_amount,
-                     last.reason or "", now, req_id=last.req_id, seq=seq)
+                     last.reason or "", now, req_id=last.req_id, seq=seq, channel=last.channel)
     new["refund_amount"] = last.refund_amount
     refund_id = conn.execute(insert(refund_order).values(**new)).inserted_primary_key[0]
     moved = conn.execute(

@@ -17,7 +17,7 @@ def test_a_version_5_database_gets_the_channel_fact_table_from_migrate_and_refus
     assert "behind" in str(schema_problem(db))
 
     the_plan = migration_plan(db)
-    assert (the_plan.current, the_plan.head) == (5, 6) == (5, migrate.head_version())
+    assert (the_plan.current, the_plan.head) == (5, migrate.head_version()) and the_plan.head >= 6
     migrate.apply(db, the_plan)
 
     assert schema_problem(db) is None and migration_plan(db).steps == []

@@ -158,7 +158,7 @@ def test_every_loopback_address_the_config_accepts_the_gateway_accepts_too(tmp_p
     about 127.0.0.2 and blamed the merchant private key."""
     from contextlib import ExitStack
 
-    from cancel_scanner.app import build_gateway
+    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.gateway.keys import generate_key_material
 
     keys = generate_key_material(tmp_path / "keys")
