@@ -91,6 +91,7 @@ def _not_found(result: Any) -> bool:
 
 class CloseUnpaid(StageDefaults):
     name = "close_unpaid"
+    oldest_pending_alert_seconds = 3_600  # an order waits out its payment timeout first
     kind = "gateway"
     settings = CloseSettings
     endpoint = "pay_query"  # two queries per close: the query pace bounds a batch

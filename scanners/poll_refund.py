@@ -59,6 +59,7 @@ class PollSettings(GatewayJobSettings):
 
 class PollRefund(StageDefaults):
     name = "poll_refund"
+    oldest_pending_alert_seconds = 3 * 86_400  # a refund to a bank card takes days
     kind = "gateway"
     settings = PollSettings
     feeds = ("sync_result",)

@@ -121,7 +121,8 @@ def _abnormal_refunds(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple
     n = r.snapshot.status.abnormal_refunds
     yield "", Condition(
         n >= rule.threshold, n,
-        f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act", "poll_refund",
+        f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act",
+        r.snapshot.status.stage_counting("abnormal_refunds"),
     )
 
 

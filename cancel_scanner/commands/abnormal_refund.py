@@ -131,6 +131,7 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
     from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.db import engine_for
+    from cancel_scanner.scanners.poll_refund import PollRefund
 
     with ExitStack() as stack:
         try:
@@ -142,7 +143,7 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
         try:
             result = apply_abnormal_refund(
                 db, gateway, row_id, to=TO_CHOICES[to], card=card, by=who, clock=DbClock(db),
-                lease_seconds=cfg.job("poll_refund").lease_seconds,
+                lease_seconds=cfg.job(PollRefund.name).lease_seconds,
             )
         except Exception as exc:  # noqa: BLE001 - one line for the operator
             click.echo(f"cancel-scanner: abnormal-refund failed: {type(exc).__name__}: {short(exc)}", err=True)

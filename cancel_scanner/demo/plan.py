@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from cancel_scanner.demo.errors import DemoError
+from cancel_scanner.demo.stages import expected_totals
 
 MIN_ORDERS = 12  # one of each rejected kind, two CLOSED, one ABNORMAL, one lost payment, one unpaid and one paid
 MAX_ORDERS = 500  # beyond this the demo would not settle in seconds on a small machine
@@ -98,16 +99,7 @@ class Plan:
 
     def expected_totals(self) -> dict[str, int]:
         """Rows each stage will finish, for the progress bars."""
-        refunds = sum(1 for o in self.orders if o.kind in ("paid", "closed", "abnormal", "lost_payment"))
-        return {
-            "intake": len(self.requests),
-            "close_unpaid": sum(1 for o in self.orders if o.kind in ("unpaid", "lost_payment")),
-            "submit_refund": refunds,
-            "poll_refund": refunds,
-            "sync_result": refunds,
-            "restore_stock": sum(1 for o in self.orders if o.stock_back),
-            "decrement_sales": sum(1 for o in self.orders if o.refunded),
-        }
+        return expected_totals(self)
 
     def expected_goods(self) -> dict[int, tuple[int, int]]:
         """goods id -> (stock, sales) once everything settled."""

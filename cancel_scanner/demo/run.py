@@ -18,6 +18,7 @@ from cancel_scanner.demo.errors import DemoError
 from cancel_scanner.demo.plan import DEFAULT_ORDERS, REQUEST_WAVES, Plan, plan_demo
 from cancel_scanner.demo.screen import Display, Frame, route_logs
 from cancel_scanner.demo.seed import goods_snapshot, insert_requests, seed_shop
+from cancel_scanner.demo.stages import DEMO_JOBS
 from cancel_scanner.demo.summary import summarize, where_to_look
 from cancel_scanner.engine.config import Config, parse_config
 from cancel_scanner.scanners import REGISTRY
@@ -29,23 +30,6 @@ SETTLE_DEADLINE_SECONDS = 25.0
 FRAME_SECONDS = 0.2  # the display refreshes five times a second
 WAVE_GAP_SECONDS = 0.4  # the plan's REQUEST_WAVES bursts of merchants' requests arrive this far apart
 MERCHANT_REACTION_SECONDS = 0.5  # how long the merchant takes to fix an ABNORMAL refund
-
-DEMO_JOBS = {
-    "intake": {"interval_seconds": 0.3, "batch_size": 10, "retry_delays_seconds": [0.5, 1]},
-    "close_unpaid": {"interval_seconds": 0.3, "batch_size": 20, "concurrency": 8, "retry_delays_seconds": [0.5, 1]},
-    "submit_refund": {"interval_seconds": 0.3, "batch_size": 20, "concurrency": 8, "retry_delays_seconds": [0.5, 1]},
-    "poll_refund": {
-        "interval_seconds": 0.3,
-        "batch_size": 50,
-        "concurrency": 8,
-        "retry_delays_seconds": [0.5, 1],
-        "poll_delays_seconds": [0.5, 1],
-    },
-    "sync_result": {"interval_seconds": 0.3, "batch_size": 20, "retry_delays_seconds": [0.5, 1]},
-    "restore_stock": {"interval_seconds": 0.3, "batch_size": 20, "retry_delays_seconds": [0.5, 1]},
-    "decrement_sales": {"interval_seconds": 0.3, "batch_size": 20, "retry_delays_seconds": [0.5, 1]},
-}
-
 
 def demo_config(db_url: str) -> Config:
     """Built here, never read from jobs.yaml: the demo must work with no configuration at all."""

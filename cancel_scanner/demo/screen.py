@@ -15,12 +15,12 @@ from typing import Any, TextIO
 
 from loguru import logger
 
+from cancel_scanner.demo.stages import SHORT_NAMES, STAGE_FAILED_LABEL
 from cancel_scanner.engine.status import Status
 
 PLAIN_LINE_EVERY_SECONDS = 1.0  # without a terminal: one progress line a second at most
 BAR_CELLS = 16
 WIDTH = 80
-STAGE_FAILED_LABEL = {"intake": "rejected", "poll_refund": "closed"}
 
 
 def cells(s: str) -> int:
@@ -158,16 +158,12 @@ def render_block(f: Frame) -> list[str]:
     return lines
 
 
-_SHORT = {"intake": "in", "close_unpaid": "close", "submit_refund": "sub", "poll_refund": "poll", "sync_result": "sync",
-          "restore_stock": "stock", "decrement_sales": "sales"}
-
-
 def render_plain(f: Frame) -> str:
     """One compact progress line (without the time): finished/total per stage."""
     parts = []
     for s in f.status.stages:
         finished = s.done + s.failed
-        parts.append(f"{_SHORT.get(s.stage, s.stage)} {finished}/{max(f.expected.get(s.stage, 0), finished + s.pending)}")
+        parts.append(f"{SHORT_NAMES.get(s.stage, s.stage)} {finished}/{max(f.expected.get(s.stage, 0), finished + s.pending)}")
     return f"req {f.inserted}/{f.total_requests}  " + " ".join(parts)
 
 

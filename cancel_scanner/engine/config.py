@@ -188,8 +188,10 @@ class OldestPendingRule(_Rule):
     """A stage's oldest pending row older than this; refunds to a bank card take days, hence per stage."""
 
     threshold_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=30 * 86_400)] = 900
+    # Stages whose rows wait longer by nature declare their own (Stage.oldest_pending_alert_seconds);
+    # what is configured here is laid over those.
     stage_threshold_seconds: dict[str, Annotated[StrictFloat | StrictInt, Field(ge=1, le=30 * 86_400)]] = Field(
-        default_factory=lambda: {"poll_refund": 3 * 86_400, "close_unpaid": 3_600}
+        default_factory=dict
     )
 
 
@@ -446,9 +448,13 @@ def parse_config(
     kw["alerts"] = _alerts(top.alerts, env)
     kw["reconcile"] = _validated(ReconcileConfig, _mapping(top.reconcile, "reconcile"), "reconcile")
     kw["prune"] = _validated(PruneConfig, _mapping(top.prune, "prune"), "prune")
-    unknown = set(kw["alerts"].rules.oldest_pending.stage_threshold_seconds) - set(stages.names)
+    oldest = kw["alerts"].rules.oldest_pending
+    unknown = set(oldest.stage_threshold_seconds) - set(stages.names)
     if unknown:
         raise ConfigError("alerts.rules.oldest_pending.stage_threshold_seconds", f"no such stage: {', '.join(sorted(unknown))}")
+    oldest = oldest.model_copy(update={"stage_threshold_seconds": {**stages.alert_thresholds(), **oldest.stage_threshold_seconds}})
+    rules = kw["alerts"].rules.model_copy(update={"oldest_pending": oldest})
+    kw["alerts"] = kw["alerts"].model_copy(update={"rules": rules})
 
     data = {"jobs": top.jobs}
     jobs_raw = _mapping(data.get("jobs"), "jobs")

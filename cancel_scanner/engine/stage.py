@@ -126,6 +126,9 @@ class StageDefaults:
     rejections_are_routine: ClassVar[bool] = False
     still_failing: ClassVar[tuple] = ()
     takes_notifications: ClassVar[bool] = False  # a stage with poll_soon(conn, number, now)
+    # The oldest_pending alert's threshold for this stage, when its rows wait longer by nature than
+    # alerts.rules.oldest_pending.threshold_seconds (None: that one); jobs.yaml may still set its own.
+    oldest_pending_alert_seconds: ClassVar[float | None] = None
     # A row that fails for a reason nobody foresaw (a bug) stays pending instead of ending 1/0: for a
     # stage whose 1/0 answers a merchant, who must never read an internal error.
     bugs_stay_pending: ClassVar[bool] = False
@@ -203,6 +206,11 @@ class StageRegistry:
                 raise ValueError(f"stage {cls.name}: kind must be 'database' or 'gateway', not {cls.kind!r}")
             if cls.kind == "gateway" and cls.flags.lease_owner is None:
                 raise ValueError(f"gateway stage {cls.name} needs lease columns in its flags")
+
+    def alert_thresholds(self) -> dict[str, float]:
+        """The oldest_pending alert thresholds the stages declare for themselves, by stage."""
+        return {cls.name: cls.oldest_pending_alert_seconds for cls in self.classes
+                if getattr(cls, "oldest_pending_alert_seconds", None) is not None}
 
     def settings(self, name: str) -> type:
         return self._by_name(name).settings

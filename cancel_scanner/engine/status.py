@@ -59,6 +59,7 @@ class Status:
     # Figures the stages add (key, label, count): e.g. abnormal_refunds, ABNORMAL refunds needing
     # the merchant's action.
     counts: tuple[tuple[str, str, int], ...] = ()
+    counted_by: tuple[tuple[str, str], ...] = ()  # (key, the stage that counts it)
     failed_notes: tuple[tuple[str, str], ...] = ()  # (stage, how its 1/0 rows read), for stages that say
     daemons: tuple[str, ...] = field(default=())  # hostname:pid of each running daemon
     owners: tuple[str, ...] = field(default=(), repr=False)  # their lease owner ids, oldest registration first
@@ -68,6 +69,10 @@ class Status:
     @property
     def channel_facts_open(self) -> int:
         return sum(n for key, _label, n in self.counts if key == CHANNEL_FACTS)
+
+    def stage_counting(self, key: str) -> str | None:
+        """The stage whose rows a figure of ``counts`` counts (None: the engine's own)."""
+        return next((stage for k, stage in self.counted_by if k == key), None)
 
     @property
     def abnormal_refunds(self) -> int:
@@ -161,7 +166,8 @@ def collect_status(
     """``now`` is the database's time: pending ages, who is alive, how long a stage has been down."""
     with db.connect() as conn:
         per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
-        counts = tuple(c for stage in stages.values() for c in stage.status_counts(conn)) + (
+        by_stage = [(stage.name, c) for stage in stages.values() for c in stage.status_counts(conn)]
+        counts = tuple(c for _name, c in by_stage) + (
             (CHANNEL_FACTS, "done at the payment channel, not recorded here yet (SELECT * FROM channel_fact"
                             " WHERE resolved_at IS NULL)", open_facts(conn)),
         )
@@ -174,6 +180,7 @@ def collect_status(
         now=now,
         stages=tuple(_with_daemons(s, daemons) for s in per_stage),
         counts=counts,
+        counted_by=tuple((c[0], name) for name, c in by_stage),
         failed_notes=notes,
         daemons=tuple(name for name, _owner, _report in daemons),
         owners=tuple(owner for _name, owner, _report in daemons),

@@ -6,8 +6,9 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from cancel_scanner.alerts.rules import AlertBook, CallWindow, Reading
-from cancel_scanner.engine.config import AlertRules
+from cancel_scanner.engine.config import parse_config
 from cancel_scanner.engine.status import StageStatus, Status
+from cancel_scanner.scanners import REGISTRY
 
 T = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
 
@@ -22,7 +23,8 @@ class Clock:
 
 def snapshot(*stages: StageStatus, abnormal: int = 0, facts: int = 0, leader: bool = True):
     counts = (("abnormal_refunds", "ABNORMAL refunds", abnormal), ("channel_facts_open", "channel facts", facts))
-    return SimpleNamespace(status=Status(now=T.replace(tzinfo=None), stages=stages, counts=counts), leader=leader)
+    status = Status(now=T.replace(tzinfo=None), stages=stages, counts=counts, counted_by=(("abnormal_refunds", "poll_refund"),))
+    return SimpleNamespace(status=status, leader=leader)
 
 
 def stage(name: str, *, failed: int = 0, oldest: float | None = None, pending: int = 0) -> StageStatus:
@@ -34,7 +36,9 @@ class World:
         self.clock = Clock()
         self.calls = CallWindow(600, clock=self.clock)
         self.sent: list = []
-        self.book = AlertBook(rules=AlertRules.model_validate(rules), cooldown_seconds=cooldown, send=self.sent.append,
+        # As the daemon gets them: jobs.yaml's rules over the stages' own thresholds (parse_config).
+        effective = parse_config({"alerts": {"rules": rules}}, REGISTRY, env={}).alerts.rules
+        self.book = AlertBook(rules=effective, cooldown_seconds=cooldown, send=self.sent.append,
                               clock=self.clock, wall=lambda: T)
 
     def read(self, snap=None, *, down=None, offset=None):
