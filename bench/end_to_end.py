@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
-from bench.emulator_server import WECHAT_APPLY_QPS, EmulatorProcess  # noqa: E402
-from cancel_scanner.gateway.wechat import PACING_HEADROOM  # noqa: E402
-from testsupport.processes import DaemonProcess  # noqa: E402
-from testsupport.waiting import timed_wait  # noqa: E402
+from bench import OUT_DIR, configs, database, reporting, seed
+from bench.emulator_server import WECHAT_APPLY_QPS, EmulatorProcess
+from cancel_scanner.gateway.wechat import PACING_HEADROOM
+from testsupport.processes import DaemonProcess
+from testsupport.waiting import timed_wait
 
 IDLE_TARGET_SECONDS = configs.INTERVAL_SECONDS + 1.0
 SETTLE_TARGET_RATIO = 1.08

@@ -40,10 +40,10 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
-from bench.emulator_server import EmulatorProcess  # noqa: E402
-from testsupport.processes import DaemonProcess, process_cpu_seconds  # noqa: E402
-from testsupport.waiting import wait_until  # noqa: E402
+from bench import OUT_DIR, configs, database, reporting, seed
+from bench.emulator_server import EmulatorProcess
+from testsupport.processes import DaemonProcess, process_cpu_seconds
+from testsupport.waiting import wait_until
 
 REFRESH_TARGET_MS = 50.0
 FLAT_RATIO_TARGET = 1.5

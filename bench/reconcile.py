@@ -43,13 +43,13 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import event  # noqa: E402
+from sqlalchemy import event
 
-from bench import database, reporting, seed  # noqa: E402
-from cancel_scanner.gateway.emulator.bills import BillDesk, day_start  # noqa: E402
-from cancel_scanner.gateway.emulator.records import STATUS_SUCCESS, Payment, Refund  # noqa: E402
-from cancel_scanner.operations.bill import NoBill, check_sha1, parse_bill  # noqa: E402
-from cancel_scanner.operations.reconcile import BEIJING, EDGE, day_bounds, reconcile_day  # noqa: E402
+from bench import database, reporting, seed
+from cancel_scanner.gateway.emulator.bills import BillDesk, day_start
+from cancel_scanner.gateway.emulator.records import STATUS_SUCCESS, Payment, Refund
+from cancel_scanner.operations.bill import NoBill, check_sha1, parse_bill
+from cancel_scanner.operations.reconcile import BEIJING, EDGE, day_bounds, reconcile_day
 
 # The day's refunds are submitted over [day start, day end - EDGE): all of them are the day's for compare.
 DAY_SPAN_SECONDS = 86_400 - int(EDGE.total_seconds()) - 1

@@ -124,7 +124,7 @@ def init_schema(engine: Engine) -> list[str]:
             for stmt in split_sql(schema_sql()):
                 conn.exec_driver_sql(stmt)
     else:
-        from cancel_scanner.engine.migrate import head_version  # noqa: PLC0415 - migrate imports this module
+        from cancel_scanner.engine.migrate import head_version  # here, not at the top: migrate imports this module
 
         models.metadata.create_all(engine)
         with engine.begin() as conn:

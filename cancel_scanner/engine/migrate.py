@@ -34,7 +34,7 @@ from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, MetaData
 
 from cancel_scanner.engine.db import is_mysql, schema_sql
 from cancel_scanner.engine.errors import mysql_code
-from cancel_scanner.engine.schema_read import (  # noqa: F401 - parse_schema and type_holds are read by tests too
+from cancel_scanner.engine.schema_read import (
     SCHEMA_COLLATION,
     ColumnSpec,
     KeySpec,

@@ -89,7 +89,7 @@ class MonitoringServer:
                         offered = b""
                 return hmac.compare_digest(offered, expected)
 
-            def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path != "/healthz" and not self._allowed():  # a liveness probe needs no key
                     self._send(401, b"a token is needed: Authorization: Bearer TOKEN, or basic auth with it as the password\n",
