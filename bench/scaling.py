@@ -59,7 +59,11 @@ from bench import OUT_DIR, configs, database, reporting, seed
 from bench.emulator_server import EmulatorProcess
 from cancel_scanner.engine.db import LOCK_WAIT_TIMEOUT_SECONDS, init_schema, make_engine
 from cancel_scanner.scanners.intake import (
-    ACCEPTED_PAID, CANCEL_SOURCES, REFUND_WINDOW, out_refund_no_for, wechat_reason,
+    ACCEPTED_PAID,
+    CANCEL_SOURCES,
+    REFUND_WINDOW,
+    out_refund_no_for,
+    wechat_reason,
 )
 from cancel_scanner.scanners.restore_stock import UINT_MAX
 from testsupport import galera

@@ -24,8 +24,8 @@ import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
-from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import Delays, GatewayJobSettings
+from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import refund_order
 from cancel_scanner.scanners.submit_refund import MISMATCHED, matches, outcome_for

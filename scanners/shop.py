@@ -17,7 +17,6 @@ from cancel_scanner.engine.sql import by_id, locked
 from cancel_scanner.engine.stage import StageDefaults
 from cancel_scanner.models import goods, goods_order2, oplog
 
-
 ALREADY_LOGGED = "ALREADY_LOGGED"
 
 

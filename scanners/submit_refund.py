@@ -28,8 +28,8 @@ import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
-from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import GatewayJobSettings
+from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import refund_order
 from cancel_scanner.scanners.shop import refund_event, write_oplog

@@ -20,10 +20,10 @@ from cancel_scanner.demo.screen import Display, Frame, route_logs
 from cancel_scanner.demo.seed import goods_snapshot, insert_requests, seed_shop
 from cancel_scanner.demo.summary import summarize, where_to_look
 from cancel_scanner.engine.config import Config, parse_config
-from cancel_scanner.scanners import REGISTRY
 from cancel_scanner.engine.db import init_schema
 from cancel_scanner.engine.runner import utcnow
 from cancel_scanner.engine.status import Status, collect_status, format_status
+from cancel_scanner.scanners import REGISTRY
 
 SETTLE_DEADLINE_SECONDS = 25.0
 FRAME_SECONDS = 0.2  # the display refreshes five times a second

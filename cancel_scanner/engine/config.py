@@ -10,16 +10,34 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from cancel_scanner.engine.net import is_loopback_host, is_safe_gateway_url
-from cancel_scanner.engine.settings import ConfigError, GatewayJobSettings, JobSettings, Seconds, config_error, validate_job
+from cancel_scanner.engine.settings import (
+    ConfigError,
+    GatewayJobSettings,
+    JobSettings,
+    Seconds,
+    config_error,
+    validate_job,
+)
 
 ENV_CONFIG = "CANCEL_SCANNER_CONFIG"
 ENV_DB_URL = "CANCEL_SCANNER_DB_URL"

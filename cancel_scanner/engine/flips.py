@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Mapping
 
-
 from cancel_scanner.engine.config import JobConfig
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Blocked, Done, Failed, Later, Outcome, Retry, clip

@@ -11,7 +11,6 @@ from typing import Annotated, Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-
 MAX_BATCH_SIZE = 10_000
 DEFAULT_INTERVAL_SECONDS = 2.0
 DEFAULT_BATCH_SIZE = 500

@@ -22,6 +22,7 @@ import io
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+
 from loguru import logger
 
 from cancel_scanner.gateway.contract import (

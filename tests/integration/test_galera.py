@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from cancel_scanner.engine.db import init_schema, make_engine
-from testsupport.waiting import wait_until
 from tests.flow import Clock, add_goods, add_order, request_cancel, rows, scalar, test_config
+from testsupport.waiting import wait_until
 
 pytestmark = [pytest.mark.galera, pytest.mark.mysql]
 

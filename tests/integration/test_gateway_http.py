@@ -24,14 +24,22 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography.exceptions import InvalidSignature
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 from loguru import logger
 
-from cancel_scanner.gateway.contract import Accepted, ConfigError, NotSent, Permanent, RefundRequest, RetryLater, UnknownOutcome
+from cancel_scanner.gateway.contract import (
+    Accepted,
+    ConfigError,
+    NotSent,
+    Permanent,
+    RefundRequest,
+    RetryLater,
+    UnknownOutcome,
+)
 from cancel_scanner.gateway.emulator import REFUNDS_PATH, Emulator, FaultPlan
 from cancel_scanner.gateway.keys import generate_key_material
 from cancel_scanner.gateway.transport import new_session, send_within

@@ -9,9 +9,9 @@ test's); the orphan payment's refund goes through the real flow against the emul
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import date, timedelta, timezone
 
 import pytest
-from datetime import date, timedelta, timezone
 
 from cancel_scanner.operations.bill import Bill, BillNotReady, BillPayment, BillRefund, NoBill
 from cancel_scanner.operations.reconcile import reconcile_day
