@@ -164,7 +164,7 @@ class EmulatorProcess:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def __enter__(self) -> "EmulatorProcess":
+    def __enter__(self) -> EmulatorProcess:
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

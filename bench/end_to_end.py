@@ -167,7 +167,7 @@ def main() -> int:
                   settled <= SETTLE_TARGET_RATIO * floor)
     report.target("idle request: refund submitted", f"max {max(idle):.2f} s, median {reporting.median(idle):.2f} s over {trials}",
                   f"<= {IDLE_TARGET_SECONDS:.0f} s (interval + 1 s)", max(idle) <= IDLE_TARGET_SECONDS)
-    report.target("daemon peak RSS (burst of {:,})".format(n), f"{peak_rss:.0f} MB (after the burst: {burst_rss:.0f} MB)",
+    report.target(f"daemon peak RSS (burst of {n:,})", f"{peak_rss:.0f} MB (after the burst: {burst_rss:.0f} MB)",
                   f"<= {PEAK_RSS_TARGET_MB:.0f} MB", peak_rss <= PEAK_RSS_TARGET_MB)
     if refunded != n or outcome != {"1/1 OK": n}:
         report.note(f"request outcomes: {outcome}; refunded orders: {refunded:,} of {n:,}")

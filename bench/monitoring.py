@@ -33,10 +33,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -286,7 +286,7 @@ class Scraper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-scraper", daemon=True)
 
-    def __enter__(self) -> "Scraper":
+    def __enter__(self) -> Scraper:
         self._thread.start()
         return self
 

@@ -37,7 +37,7 @@ import re
 import sys
 import threading
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,7 +152,7 @@ class Capture:
         self.seconds: dict[str, float] = {}
         self.count: dict[str, int] = {}
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         event.listen(self.engine, "before_cursor_execute", self.before)
         event.listen(self.engine, "after_cursor_execute", self.after)
         return self
@@ -274,7 +274,7 @@ def main() -> int:
 
         def run(label: str):
             bill = parsed[label]
-            now = datetime.now(timezone.utc).replace(tzinfo=None)
+            now = datetime.now(UTC).replace(tzinfo=None)
             return reconcile_day(engine, lambda d: bill if d == bill_date else NoBill(d), bill_date, now=now)
 
         # the instrumented runs: EXPLAIN, seconds per statement kind (and the buffer pool warmed)

@@ -33,9 +33,10 @@ differs from the order's); unknown answers are retried with the same question.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Callable, Sequence
+from typing import Annotated, Any
 
 from pydantic import Field
 from sqlalchemy import Connection, Row, and_, insert, or_, select, update

@@ -10,8 +10,9 @@ Flips: ``req_order_ops.scanned=1, success=1/0`` with ``result_code``/``result_ms
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, Row, insert, or_, select, update
 

@@ -13,9 +13,10 @@ verified answer said SUCCESS and a later one says PROCESSING or CLOSED ends ``1/
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import accumulate
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Connection, Row, case, func, literal, not_, or_, select, update

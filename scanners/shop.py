@@ -6,8 +6,9 @@ Beside the stages, not in the engine: this is shop-specific SQL, and the engine 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import ClassVar, Iterable, Mapping, Sequence
+from typing import ClassVar
 
 from sqlalchemy import Column, Connection, Row, insert, or_, select, update
 

@@ -18,9 +18,10 @@ Credentials refused (401, MCH_NOT_EXISTS) block the stage: no row is at fault.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, Row, or_, select
 

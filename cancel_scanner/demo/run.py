@@ -7,9 +7,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from loguru import logger
 from sqlalchemy import Engine, text

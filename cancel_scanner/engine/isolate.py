@@ -12,8 +12,9 @@ raised at once: the whole transaction rolls back and the stage backs off, as bef
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from loguru import logger
 from sqlalchemy import Connection

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 from sqlalchemy import Connection, Engine, TextClause, inspect, text
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, MetaData

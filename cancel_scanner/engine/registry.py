@@ -39,8 +39,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Callable, Iterable, Mapping
 
 from loguru import logger
 from sqlalchemy import Column, Engine, delete, func, insert, select, update

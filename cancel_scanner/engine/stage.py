@@ -9,9 +9,10 @@ loops, counts attempts or decides a backoff.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import Column, Connection, Row, Select, Table
 

@@ -39,9 +39,10 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from queue import SimpleQueue
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 

@@ -13,8 +13,9 @@ import binascii
 import hmac
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 from prometheus_client.exposition import CONTENT_TYPE_LATEST

@@ -41,9 +41,9 @@ A dry run makes the same scan and counts, in transactions it rolls back.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Iterable, Sequence
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, Table, and_, delete, insert, not_, select, text

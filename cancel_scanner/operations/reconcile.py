@@ -17,9 +17,10 @@ neither had we), WAITING (the bill is not ready: try again), FAILED (a bad hash 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Callable, Iterable, Sequence
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
@@ -69,7 +70,7 @@ class DayResult:
 
 def day_bounds(bill_date: date) -> tuple[datetime, datetime]:
     """The Beijing day as naive UTC (the tables' times)."""
-    start = datetime.combine(bill_date, time(0), BEIJING).astimezone(timezone.utc).replace(tzinfo=None)
+    start = datetime.combine(bill_date, time(0), BEIJING).astimezone(UTC).replace(tzinfo=None)
     return start, start + timedelta(days=1)
 
 
@@ -229,7 +230,7 @@ def refund_orphan(db: Engine, payment: Any, now: datetime) -> bool:
             return False  # paid another amount than the order's: a person decides
         if conn.execute(select(func.count()).select_from(refund_order).where(r.order_id == order.id)).scalar_one():
             return False
-        paid_at = payment.at.astimezone(timezone.utc).replace(tzinfo=None) if payment.at else now
+        paid_at = payment.at.astimezone(UTC).replace(tzinfo=None) if payment.at else now
         moved = conn.execute(
             update(goods_order2).where(o.id == order.id, o.pay_status == 0, o.refund_status == "NONE")
             .values(pay_status=1, transaction_id=payment.transaction_id, paid_at=paid_at, refund_status="REFUNDING")

@@ -7,7 +7,7 @@ the behaviour is about (a trickled download cut at its time bound).
 from __future__ import annotations
 
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -35,7 +35,7 @@ def at(day: date, hour: int, minute: int = 0, second: int = 0) -> float:
 
 
 def utc(day: date, hour: int, minute: int = 0, second: int = 0) -> datetime:
-    return datetime(day.year, day.month, day.day, hour, minute, second, tzinfo=BEIJING).astimezone(timezone.utc)
+    return datetime(day.year, day.month, day.day, hour, minute, second, tzinfo=BEIJING).astimezone(UTC)
 
 
 @pytest.fixture

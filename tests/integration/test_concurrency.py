@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from cancel_scanner.engine.runner import Hooks
-from tests.flow import T0, World, add_goods, add_order, checksum, pending, request_cancel, rows, scalar, test_config
+from tests.flow import T0, World, add_goods, checksum, pending, rows, scalar, test_config
 from testsupport import shop
 
 pytestmark = pytest.mark.mysql

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from cancel_scanner.alerts.rules import AlertBook, CallWindow, Reading
 from cancel_scanner.engine.config import AlertRules
 from cancel_scanner.engine.status import StageStatus, Status
 
-T = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+T = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
 
 class Clock:

@@ -44,9 +44,10 @@ import threading
 import zlib
 from calendar import monthrange
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cancel_scanner.gateway import faults

@@ -13,7 +13,7 @@ import random
 import threading
 import uuid
 from collections import Counter, deque
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from loguru import logger
 
