@@ -208,7 +208,7 @@ class Notifier:
                 self._in_flight = True
             try:
                 self._report(self._deliver(alert))
-            except Exception as exc:  # a bug here must not end alerting; never a traceback: it holds the URL
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end alerting; never a traceback: it holds the URL
                 logger.bind(stage="alerts", action="bug").error("alert delivery failed: {}", type(exc).__name__)
                 self._report("failed")
             finally:
@@ -287,7 +287,7 @@ class Notifier:
         try:
             if self._on_result is not None:
                 self._on_result(outcome)
-        except Exception as exc:  # a broken metric must not stop delivery
+        except Exception as exc:  # noqa: BLE001 - a broken metric must not stop delivery
             logger.bind(stage="alerts", action="report_failed").error("on_result raised {}", type(exc).__name__)
 
 

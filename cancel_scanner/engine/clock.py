@@ -92,7 +92,7 @@ class ClockWatch:
     def check(self) -> float | None:
         try:
             offset = self.measure()
-        except Exception as exc:  # the database may be down; the stages report that themselves
+        except Exception as exc:  # noqa: BLE001 - the database may be down; the stages report that themselves
             _log.bind(action="clock_check_failed").debug("could not read the database's clock: {}", type(exc).__name__)
             return None
         self.last_offset = offset

@@ -446,7 +446,7 @@ def parse_config(
         from sqlalchemy.engine import make_url
 
         parsed = make_url(url)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever make_url raises, the URL is not valid
         raise ConfigError(key, "is not a valid SQLAlchemy URL") from None
     if parsed.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
         raise ConfigError(key, f"unsupported database {parsed.get_backend_name()!r}: use sqlite or mysql+pymysql")

@@ -105,7 +105,7 @@ def undo(savepoint: Any, exc: BaseException) -> None:
         return
     try:
         savepoint.rollback()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the savepoint is gone with the transaction: the batch's error is exc
         raise exc from None
 
 
@@ -115,7 +115,7 @@ def try_in_savepoint(conn: Connection, write: Callable[[], None]) -> BaseExcepti
     with held_until_commit() as events:
         try:
             write()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any error undoes the one write; the caller decides
             undo(savepoint, exc)
             return exc
     savepoint.commit()

@@ -293,7 +293,7 @@ class Registry:
                         on_reaped(reaped)
                     if on_tick:
                         on_tick()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001
                     # While the database is away no heartbeat lands: safe_until() runs out and the
                     # gateway stages send nothing, which is exactly what must happen.
                     failures += 1

@@ -156,7 +156,7 @@ class MonitoringServer:
                 with self.db.connect() as conn:
                     conn.execute(text("SELECT 1"))
                 result.append(None)
-            except Exception as exc:  # what readyz reports
+            except Exception as exc:  # noqa: BLE001 - what readyz reports
                 result.append(exc)
             finally:
                 self._probing.release()

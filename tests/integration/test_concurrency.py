@@ -48,7 +48,7 @@ def test_two_engines_at_once_give_the_same_end_state_as_one(mysql_db, mysql_url,
     def run(runner):
         try:
             runner.run_until_idle(world.clock.now)
-        except BaseException as exc:  # surfaced below; a thread must not swallow it
+        except BaseException as exc:  # noqa: BLE001 - surfaced below; a thread must not swallow it
             errors.append(exc)
 
     for _ in range(20):
