@@ -114,7 +114,7 @@ def main() -> int:
                     )
                     req_id = cur.lastrowid
                 timed_wait(
-                    lambda: database.scalar(conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)),
+                    lambda: database.scalar(conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)),  # noqa: B023 - waited on in this iteration
                     timeout=60, interval=0.02, what="the idle request's refund",
                 )
                 took = float(database.scalar(

@@ -111,7 +111,7 @@ class _StrayHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = _record
+    do_GET = do_POST = _record  # noqa: N815 - http.server's names
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -38,9 +38,7 @@ def is_transient_db_error(exc: BaseException) -> bool:
             return code in _TRANSIENT_MYSQL_CODES
         text = str(exc.orig).lower() if exc.orig is not None else ""
         return "locked" in text or "busy" in text or "disk i/o" in text
-    if isinstance(exc, sa_exc.InterfaceError):
-        return True
-    return False
+    return isinstance(exc, sa_exc.InterfaceError)
 
 
 # The database refuses the work for reasons no row can fix: privileges, a schema that lacks a

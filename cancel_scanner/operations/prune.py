@@ -243,7 +243,7 @@ class _Pass:
                     break
                 left: list[int] = []
                 part = put_off[i:i + self.batch_size]
-                self._batch(lambda: self._rescan(part), left)
+                self._batch(lambda: self._rescan(part), left)  # noqa: B023 - called in this iteration
                 self.result.left_locked += len(left)
         self.result.ended = end
         self.result.seconds = time.monotonic() - started

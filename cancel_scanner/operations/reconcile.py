@@ -203,7 +203,7 @@ def _orphans(conn: Connection, bill: Any) -> list[Diff]:
     if not orders:
         return []
     with_refund: set[int] = set()
-    for table, c in ((refund_order, r), (refund_order_archive, ra)):
+    for _table, c in ((refund_order, r), (refund_order_archive, ra)):
         for part in _chunks([order.id for order in orders]):
             with_refund |= set(conn.execute(select(c.order_id).where(c.order_id.in_(part)).distinct()).scalars())
     return [
