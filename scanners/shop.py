@@ -131,6 +131,10 @@ class GoodsMove(StageDefaults):
         """Why moving ``current`` by ``quantity`` would be wrong, or None."""
         raise NotImplementedError
 
+    def pending(self) -> list:
+        """WHERE clauses for the orders this move still has to make."""
+        raise NotImplementedError
+
     def ready(self, now: datetime, limit: int):
         o, flags = goods_order2.c, self.flags
         return (
