@@ -23,7 +23,7 @@ from datetime import UTC, date, datetime, time, timedelta, timezone
 from typing import Any
 
 from loguru import logger
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cancel_scanner.engine.outcome import clip
@@ -161,7 +161,7 @@ def _unbooked(conn: Connection, bill: Any) -> list[Diff]:
     """Payments WeChat took for orders still UNPAID here: the notification was lost, and the payment
     side (close_unpaid) has not found it. Each is handed to close_unpaid (unbook_to_close_unpaid)."""
     paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
-    orders = []
+    orders: list[Row] = []
     for part in _chunks(sorted(paid)):
         orders += conn.execute(select(o.order_no).where(o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0,
                                                         o.is_deleted == 0)).all()
@@ -197,7 +197,7 @@ def hand_to_close_unpaid(db: Engine, diffs: Sequence[Diff], now: datetime) -> in
 
 def _orphans(conn: Connection, bill: Any) -> list[Diff]:
     paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
-    orders = []
+    orders: list[Row] = []
     for part in _chunks(sorted(paid)):
         orders += conn.execute(select(o.id, o.order_no).where(o.order_no.in_(part), o.order_status == "CANCELLED")).all()
     if not orders:
