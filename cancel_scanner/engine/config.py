@@ -203,12 +203,16 @@ class CountRule(_Rule):
     threshold: Annotated[StrictInt, Field(ge=1, le=1_000_000_000)] = 1
 
 
+def _stage_thresholds() -> dict[str, float | int]:
+    return {"poll_refund": 3 * 86_400, "close_unpaid": 3_600}
+
+
 class OldestPendingRule(_Rule):
     """A stage's oldest pending row older than this; refunds to a bank card take days, hence per stage."""
 
     threshold_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=30 * 86_400)] = 900
     stage_threshold_seconds: dict[str, Annotated[StrictFloat | StrictInt, Field(ge=1, le=30 * 86_400)]] = Field(
-        default_factory=lambda: {"poll_refund": 3 * 86_400, "close_unpaid": 3_600}
+        default_factory=_stage_thresholds
     )
 
 

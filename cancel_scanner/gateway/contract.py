@@ -241,7 +241,9 @@ class Payment:
             raise ValueError(f"payment object lacks {exc}") from None
         if state not in TRADE_STATES:
             raise ValueError(f"unknown trade_state {state!r}")
-        amount = data.get("amount") if isinstance(data.get("amount"), Mapping) else {}
+        amount = data.get("amount")
+        if not isinstance(amount, Mapping):
+            amount = {}
         total = amount.get("total")
         success_time = data.get("success_time")
         payment = cls(
