@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import database, reporting  # noqa: E402
-from cancel_scanner.engine.config import parse_config  # noqa: E402
-from cancel_scanner.engine.runner import Runner  # noqa: E402
-from cancel_scanner.gateway.sandbox import start_sandbox  # noqa: E402
-from cancel_scanner.scanners import REGISTRY, build_stages  # noqa: E402
-from testsupport.bad_rows import STAGES_BEFORE, _cases, orders_ready_for, shop_trigger  # noqa: E402
+from bench import database, reporting
+from cancel_scanner.engine.config import parse_config
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.gateway.sandbox import start_sandbox
+from cancel_scanner.scanners import REGISTRY, build_stages
+from testsupport.bad_rows import STAGES_BEFORE, _cases, orders_ready_for, shop_trigger
 
 BATCH = 200
 BAD = 100  # in the middle of the batch

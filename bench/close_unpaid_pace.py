@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import reporting  # noqa: E402
-from bench.database import Bench  # noqa: E402
-from cancel_scanner.engine.runner import Runner  # noqa: E402
-from cancel_scanner.gateway.sandbox import start_sandbox  # noqa: E402
-from cancel_scanner.scanners import build_stages  # noqa: E402
-from tests.flow import test_config  # noqa: E402
-from testsupport import shop  # noqa: E402
+from bench import reporting
+from bench.database import Bench
+from cancel_scanner.engine.runner import Runner
+from cancel_scanner.gateway.sandbox import start_sandbox
+from cancel_scanner.scanners import build_stages
+from tests.flow import test_config
+from testsupport import shop
 
 EMULATOR_LIMIT = 300  # per second, per call kind: what the emulator answers before it says 429
 

@@ -29,7 +29,7 @@ class Bench:
         self.server = MariaDBServer(fast=not durable)
         self._engines: list[Engine] = []
 
-    def __enter__(self) -> "Bench":
+    def __enter__(self) -> Bench:
         self.server.start()
         return self
 

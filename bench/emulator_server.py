@@ -34,12 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loguru import logger  # noqa: E402
+from loguru import logger
 
-from bench import OUT_DIR, REPO  # noqa: E402
-from cancel_scanner.gateway.emulator import Emulator, FaultPlan  # noqa: E402
-from cancel_scanner.gateway.keys import generate_key_material  # noqa: E402
-from testsupport.processes import process_cpu_seconds  # noqa: E402
+from bench import OUT_DIR, REPO
+from cancel_scanner.gateway.emulator import Emulator, FaultPlan
+from cancel_scanner.gateway.keys import generate_key_material
+from testsupport.processes import process_cpu_seconds
 
 REQUEST_LOG_ROWS = 2_000_000
 # WeChat Pay's per-merchant limits and the per-call latency the benchmarks measure against.
@@ -164,7 +164,7 @@ class EmulatorProcess:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def __enter__(self) -> "EmulatorProcess":
+    def __enter__(self) -> EmulatorProcess:
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

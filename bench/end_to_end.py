@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
-from bench.emulator_server import WECHAT_APPLY_QPS, EmulatorProcess  # noqa: E402
-from cancel_scanner.gateway.wechat import PACING_HEADROOM  # noqa: E402
-from testsupport.processes import DaemonProcess  # noqa: E402
-from testsupport.waiting import timed_wait  # noqa: E402
+from bench import OUT_DIR, configs, database, reporting, seed
+from bench.emulator_server import WECHAT_APPLY_QPS, EmulatorProcess
+from cancel_scanner.gateway.wechat import PACING_HEADROOM
+from testsupport.processes import DaemonProcess
+from testsupport.waiting import timed_wait
 
 IDLE_TARGET_SECONDS = configs.INTERVAL_SECONDS + 1.0
 SETTLE_TARGET_RATIO = 1.08
@@ -114,7 +114,7 @@ def main() -> int:
                     )
                     req_id = cur.lastrowid
                 timed_wait(
-                    lambda: database.scalar(conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)),
+                    lambda: database.scalar(conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)),  # noqa: B023 - waited on in this iteration
                     timeout=60, interval=0.02, what="the idle request's refund",
                 )
                 took = float(database.scalar(
@@ -167,7 +167,7 @@ def main() -> int:
                   settled <= SETTLE_TARGET_RATIO * floor)
     report.target("idle request: refund submitted", f"max {max(idle):.2f} s, median {reporting.median(idle):.2f} s over {trials}",
                   f"<= {IDLE_TARGET_SECONDS:.0f} s (interval + 1 s)", max(idle) <= IDLE_TARGET_SECONDS)
-    report.target("daemon peak RSS (burst of {:,})".format(n), f"{peak_rss:.0f} MB (after the burst: {burst_rss:.0f} MB)",
+    report.target(f"daemon peak RSS (burst of {n:,})", f"{peak_rss:.0f} MB (after the burst: {burst_rss:.0f} MB)",
                   f"<= {PEAK_RSS_TARGET_MB:.0f} MB", peak_rss <= PEAK_RSS_TARGET_MB)
     if refunded != n or outcome != {"1/1 OK": n}:
         report.note(f"request outcomes: {outcome}; refunded orders: {refunded:,} of {n:,}")

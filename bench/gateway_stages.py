@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, profiling, reporting, seed  # noqa: E402
-from bench.emulator_server import GATEWAY_LATENCY_SECONDS, WECHAT_APPLY_QPS, WECHAT_QUERY_QPS, EmulatorProcess  # noqa: E402
-from testsupport.processes import DaemonProcess  # noqa: E402
-from testsupport.waiting import timed_wait  # noqa: E402
+from bench import OUT_DIR, configs, database, profiling, reporting, seed
+from bench.emulator_server import GATEWAY_LATENCY_SECONDS, WECHAT_APPLY_QPS, WECHAT_QUERY_QPS, EmulatorProcess
+from testsupport.processes import DaemonProcess
+from testsupport.waiting import timed_wait
 
 LIMIT_RATIO_TARGET = 0.9
 PEAK_RSS_TARGET_MB = 200.0

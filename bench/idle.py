@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
-from bench.emulator_server import EmulatorProcess  # noqa: E402
-from testsupport.processes import DaemonProcess, process_cpu_seconds  # noqa: E402
+from bench import OUT_DIR, configs, database, reporting, seed
+from bench.emulator_server import EmulatorProcess
+from testsupport.processes import DaemonProcess, process_cpu_seconds
 
 POLL_RATIO_TARGET = 2.0
 FULL_SCANS = ("ALL", "index")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import configs, database, reporting, seed  # noqa: E402
-from testsupport.processes import process_memory_mb  # noqa: E402
+from bench import configs, database, reporting, seed
+from testsupport.processes import process_memory_mb
 
 RSS_TARGET_MB = 200.0
 MAX_BATCH = 500

@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import text  # noqa: E402
+from sqlalchemy import text
 
-from bench import reporting  # noqa: E402
-from bench.database import Bench  # noqa: E402
-from cancel_scanner.app import migration_plan  # noqa: E402
-from cancel_scanner.engine import migrate  # noqa: E402
-from cancel_scanner.engine.db import make_engine  # noqa: E402
+from bench import reporting
+from bench.database import Bench
+from cancel_scanner.app import migration_plan
+from cancel_scanner.engine import migrate
+from cancel_scanner.engine.db import make_engine
 
 SHOP_TABLES = (
     "CREATE TABLE goods (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, name VARCHAR(200) NOT NULL,"

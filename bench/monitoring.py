@@ -33,17 +33,17 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
-from bench.emulator_server import EmulatorProcess  # noqa: E402
-from testsupport.processes import DaemonProcess, process_cpu_seconds  # noqa: E402
-from testsupport.waiting import wait_until  # noqa: E402
+from bench import OUT_DIR, configs, database, reporting, seed
+from bench.emulator_server import EmulatorProcess
+from testsupport.processes import DaemonProcess, process_cpu_seconds
+from testsupport.waiting import wait_until
 
 REFRESH_TARGET_MS = 50.0
 FLAT_RATIO_TARGET = 1.5
@@ -286,7 +286,7 @@ class Scraper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-scraper", daemon=True)
 
-    def __enter__(self) -> "Scraper":
+    def __enter__(self) -> Scraper:
         self._thread.start()
         return self
 

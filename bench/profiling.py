@@ -20,7 +20,7 @@ def profiled_drain(runner, stage: str, counted: str = "claimed") -> tuple[float,
     try:
         from pyinstrument import Profiler
     except ImportError:
-        Profiler = None
+        Profiler = None  # noqa: N806 - a class, or None
     profiler = Profiler(interval=0.001) if Profiler else None
     rows = 0
     started = time.perf_counter()

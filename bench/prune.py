@@ -32,12 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import event, text  # noqa: E402
+from sqlalchemy import event, text
 
-from bench import OUT_DIR, database, reporting, seed  # noqa: E402
-from bench.configs import ALLOW_SANDBOX_ENV  # noqa: E402
-from cancel_scanner.engine.db import make_engine  # noqa: E402
-from testsupport.processes import run_cli, write_config  # noqa: E402
+from bench import OUT_DIR, database, reporting, seed
+from bench.configs import ALLOW_SANDBOX_ENV
+from cancel_scanner.engine.db import make_engine
+from testsupport.processes import run_cli, write_config
 
 TABLES = ("req_order_ops", "refund_order", "goods_order2_oplog")
 AGE_DAYS = 100  # every seeded row is this old; prune moves rows older than 90 days

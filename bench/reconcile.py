@@ -37,19 +37,19 @@ import re
 import sys
 import threading
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import event  # noqa: E402
+from sqlalchemy import event
 
-from bench import database, reporting, seed  # noqa: E402
-from cancel_scanner.gateway.emulator.bills import BillDesk, day_start  # noqa: E402
-from cancel_scanner.gateway.emulator.records import STATUS_SUCCESS, Payment, Refund  # noqa: E402
-from cancel_scanner.operations.bill import NoBill, check_sha1, parse_bill  # noqa: E402
-from cancel_scanner.operations.reconcile import BEIJING, EDGE, day_bounds, reconcile_day  # noqa: E402
+from bench import database, reporting, seed
+from cancel_scanner.gateway.emulator.bills import BillDesk, day_start
+from cancel_scanner.gateway.emulator.records import STATUS_SUCCESS, Payment, Refund
+from cancel_scanner.operations.bill import NoBill, check_sha1, parse_bill
+from cancel_scanner.operations.reconcile import BEIJING, EDGE, day_bounds, reconcile_day
 
 # The day's refunds are submitted over [day start, day end - EDGE): all of them are the day's for compare.
 DAY_SPAN_SECONDS = 86_400 - int(EDGE.total_seconds()) - 1
@@ -152,7 +152,7 @@ class Capture:
         self.seconds: dict[str, float] = {}
         self.count: dict[str, int] = {}
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         event.listen(self.engine, "before_cursor_execute", self.before)
         event.listen(self.engine, "after_cursor_execute", self.after)
         return self
@@ -274,7 +274,7 @@ def main() -> int:
 
         def run(label: str):
             bill = parsed[label]
-            now = datetime.now(timezone.utc).replace(tzinfo=None)
+            now = datetime.now(UTC).replace(tzinfo=None)
             return reconcile_day(engine, lambda d: bill if d == bill_date else NoBill(d), bill_date, now=now)
 
         # the instrumented runs: EXPLAIN, seconds per statement kind (and the buffer pool warmed)
@@ -282,7 +282,7 @@ def main() -> int:
         with Capture(engine, conn) as capture:
             for label, state, diffs in (("clean", "CLEAN", 0), ("differs", "DIFFERS", planted)):
                 capture.reset_timing()
-                took, result = timed(lambda: run(label), 1)
+                took, result = timed(lambda: run(label), 1)  # noqa: B023 - called in this iteration
                 check(result, state, rows, diffs)
                 in_db = sum(capture.seconds.values())
                 for kind in sorted(capture.seconds, key=capture.seconds.get, reverse=True):

@@ -9,10 +9,11 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from bench import OUT_DIR, REPO
 from testsupport.mariadb import MariaDBServer
@@ -203,7 +204,7 @@ def machine(server: MariaDBServer | None = None) -> dict:
         finally:
             conn.close()
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "uname": uname,
         "cpu": cpu,
         "nproc": os.cpu_count(),

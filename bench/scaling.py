@@ -45,26 +45,30 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pymysql  # noqa: E402
+import pymysql
 
-from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
-from bench.emulator_server import EmulatorProcess  # noqa: E402
-from cancel_scanner.engine.db import LOCK_WAIT_TIMEOUT_SECONDS, init_schema, make_engine  # noqa: E402
-from cancel_scanner.scanners.intake import (  # noqa: E402
-    ACCEPTED_PAID, CANCEL_SOURCES, REFUND_WINDOW, out_refund_no_for, wechat_reason,
+from bench import OUT_DIR, configs, database, reporting, seed
+from bench.emulator_server import EmulatorProcess
+from cancel_scanner.engine.db import LOCK_WAIT_TIMEOUT_SECONDS, init_schema, make_engine
+from cancel_scanner.scanners.intake import (
+    ACCEPTED_PAID,
+    CANCEL_SOURCES,
+    REFUND_WINDOW,
+    out_refund_no_for,
+    wechat_reason,
 )
-from cancel_scanner.scanners.restore_stock import UINT_MAX  # noqa: E402
-from testsupport import galera  # noqa: E402
-from testsupport.processes import START_TIMEOUT_SECONDS, DaemonProcess, parse_records  # noqa: E402
-from testsupport.waiting import wait_until  # noqa: E402
+from cancel_scanner.scanners.restore_stock import UINT_MAX
+from testsupport import galera
+from testsupport.processes import START_TIMEOUT_SECONDS, DaemonProcess, parse_records
+from testsupport.waiting import wait_until
 
 FLEETS = (1, 2, 3)
 OVERHEAD_TARGET = 2.0  # hand loop rows/s <= this x the daemon's

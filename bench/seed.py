@@ -7,7 +7,7 @@ share one id; ``ready_for`` seeds what one database stage finds waiting for it.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from bench.database import sql
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, profiling, reporting, seed  # noqa: E402
-from bench.emulator_server import EmulatorProcess  # noqa: E402
-from testsupport.processes import DaemonProcess  # noqa: E402
-from testsupport.waiting import timed_wait  # noqa: E402
+from bench import OUT_DIR, configs, database, profiling, reporting, seed
+from bench.emulator_server import EmulatorProcess
+from testsupport.processes import DaemonProcess
+from testsupport.waiting import timed_wait
 
 CEILING_RATIO_TARGET = 0.25
 BASELINE_RATIO_TARGET = 10.0

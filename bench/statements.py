@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import configs, database, reporting, seed  # noqa: E402
+from bench import configs, database, reporting, seed
 
 _ENTRY = re.compile(r"Query_time: ([\d.]+).*?Rows_examined: (\d+)", re.S)
 

@@ -43,11 +43,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import OUT_DIR, configs, database, reporting, seed  # noqa: E402
-from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS  # noqa: E402
-from tests.acceptance import harness  # noqa: E402
-from testsupport.processes import DaemonProcess, LogFollower  # noqa: E402
-from testsupport.waiting import wait_until  # noqa: E402
+from bench import OUT_DIR, configs, database, reporting, seed
+from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS
+from tests.acceptance import harness
+from testsupport.processes import DaemonProcess, LogFollower
+from testsupport.waiting import wait_until
 
 WORKDIR = OUT_DIR / "takeover_and_checkout"
 

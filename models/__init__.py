@@ -1,5 +1,15 @@
 """Typed SQLAlchemy 2.0 tables of the contract; ``sql/schema.sql`` is their MySQL twin."""
 
+from cancel_scanner.models.operations import (
+    ARCHIVES,
+    DIFF_KINDS,
+    channel_fact,
+    oplog_archive,
+    reconcile_diff,
+    reconcile_run,
+    refund_order_archive,
+    req_order_ops_archive,
+)
 from cancel_scanner.models.tables import (
     Base,
     Goods,
@@ -17,16 +27,6 @@ from cancel_scanner.models.tables import (
     req_order_ops,
     scanner_process,
     schema_version,
-)
-from cancel_scanner.models.operations import (
-    ARCHIVES,
-    DIFF_KINDS,
-    channel_fact,
-    oplog_archive,
-    reconcile_diff,
-    reconcile_run,
-    refund_order_archive,
-    req_order_ops_archive,
 )
 
 __all__ = [

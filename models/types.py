@@ -23,7 +23,7 @@ Flag = SmallInteger().with_variant(mysql.TINYINT(), *_MYSQL)
 Timestamp3 = DateTime().with_variant(mysql.DATETIME(fsp=3), *_MYSQL)
 
 
-class now3(FunctionElement):
+class now3(FunctionElement):  # noqa: N801 - named as the SQL it renders, like SQLAlchemy's func.now
     """CURRENT_TIMESTAMP with milliseconds, usable as a server default.
 
     On SQLite it renders six fraction digits, the format SQLAlchemy itself

@@ -33,9 +33,10 @@ differs from the order's); unknown answers are retried with the same question.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Callable, Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 from sqlalchemy import Connection, Row, and_, insert, or_, select, update
@@ -203,7 +204,7 @@ class CloseUnpaid(StageDefaults):
                 outcomes[row.id] = verdict
         return outcomes
 
-    def _verdict(self, row: Row, settling: Settling, now: datetime) -> gw.Payment | str | Outcome:
+    def _verdict(self, row: Row, settling: Settling, now: datetime) -> gw.Payment | Literal["closed", "never_seen"] | Outcome:
         """A paid Payment, "closed", "never_seen", or the row's outcome as it stands."""
         last = settling.last
         if isinstance(settling.close, gw.NotSent) or isinstance(last, gw.NotSent):
@@ -273,7 +274,9 @@ class CloseUnpaid(StageDefaults):
         if done != 1:
             return Done("ALREADY_SETTLED")  # shipped or cancelled by someone else meanwhile: not ours to refund
         transaction_id = payment.transaction_id or order.transaction_id
-        conn.execute(insert(refund_order), [refund_row(order.id, order.order_no, transaction_id, payment.total, DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]), now,
+        assert payment.total is not None  # _paid returned unless it equals the order's total_amount (NOT NULL)
+        conn.execute(insert(refund_order), [refund_row(order.id, order.order_no, transaction_id, payment.total,
+                                                  DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]), now,
                                                   channel=order.channel)])
         write_oplog(conn, [(order.id, "CANCELLED", f"requested cancel of a paid order ({source}): refund {payment.total} fen")])
         return Done("PAID_CANCEL")

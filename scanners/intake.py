@@ -10,17 +10,18 @@ Flips: ``req_order_ops.scanned=1, success=1/0`` with ``result_code``/``result_ms
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, Row, insert, or_, select, update
 
 from cancel_scanner.engine.errors import SHOP_REFUSED
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
-from cancel_scanner.gateway.channels import DEFAULT_CHANNEL
-from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.gateway.channels import DEFAULT_CHANNEL
+from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.models import goods_order2, refund_order, req_order_ops
 from cancel_scanner.scanners.shop import write_oplog
 

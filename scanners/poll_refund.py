@@ -13,9 +13,10 @@ verified answer said SUCCESS and a later one says PROCESSING or CLOSED ends ``1/
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import accumulate
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Connection, Row, case, func, literal, not_, or_, select, update
@@ -25,8 +26,8 @@ from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
-from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import Delays, GatewayJobSettings
+from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import refund_order
 from cancel_scanner.scanners.submit_refund import MISMATCHED, matches, outcome_for

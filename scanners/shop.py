@@ -6,8 +6,9 @@ Beside the stages, not in the engine: this is shop-specific SQL, and the engine 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import ClassVar, Iterable, Mapping, Sequence
+from typing import ClassVar
 
 from sqlalchemy import Column, Connection, Row, insert, or_, select, update
 
@@ -16,7 +17,6 @@ from cancel_scanner.engine.outcome import Contended, Done, Failed, Outcome, clip
 from cancel_scanner.engine.sql import by_id, locked
 from cancel_scanner.engine.stage import StageDefaults
 from cancel_scanner.models import goods, goods_order2, oplog
-
 
 ALREADY_LOGGED = "ALREADY_LOGGED"
 
@@ -129,6 +129,10 @@ class GoodsMove(StageDefaults):
 
     def refusal(self, goods_id: int, current: int, quantity: int) -> Failed | None:
         """Why moving ``current`` by ``quantity`` would be wrong, or None."""
+        raise NotImplementedError
+
+    def pending(self) -> list:
+        """WHERE clauses for the orders this move still has to make."""
         raise NotImplementedError
 
     def ready(self, now: datetime, limit: int):

@@ -18,9 +18,10 @@ Credentials refused (401, MCH_NOT_EXISTS) block the stage: no row is at fault.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, Row, or_, select
 
@@ -29,8 +30,8 @@ from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
-from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.settings import GatewayJobSettings
+from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import refund_order
 from cancel_scanner.scanners.shop import refund_event, write_oplog

@@ -10,8 +10,8 @@ gave up) or the order is no longer REFUNDING, so a person looks before any money
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Sequence
 
 from sqlalchemy import Connection, Row, select, update
 

@@ -15,7 +15,6 @@ from typing import Any
 from sqlalchemy import Engine, select, text
 
 from cancel_scanner import models
-
 from cancel_scanner.engine.config import Config, parse_config
 from cancel_scanner.engine.runner import Hooks, Runner
 from cancel_scanner.engine.status import collect_status

@@ -31,9 +31,9 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable, Sequence
+from datetime import UTC, datetime
 from urllib.parse import SplitResult, quote_plus, urlsplit
 
 from loguru import logger
@@ -76,7 +76,7 @@ def payload(fmt: str, alert: Alert, *, secret: str | None = None, now: float | N
     if fmt == "json":
         value = None if isinstance(alert.value, float) and not math.isfinite(alert.value) else alert.value
         return {"rule": alert.rule, "state": alert.state, "summary": alert.summary, "stage": alert.stage,
-                "value": value, "at": alert.at.astimezone(timezone.utc).isoformat()}
+                "value": value, "at": alert.at.astimezone(UTC).isoformat()}
     if fmt == "wecom":
         return {"msgtype": "markdown", "markdown": {"content": _text(alert, sep="\n", bold=True)}}
     if fmt == "dingtalk":
@@ -151,7 +151,7 @@ class Notifier:
     def __repr__(self) -> str:
         return f"Notifier(format={self._fmt!r}, url={redact(self._url)!r})"
 
-    def start(self) -> "Notifier":
+    def start(self) -> Notifier:
         self._thread = threading.Thread(target=self._run, name=f"alerts-{self._fmt}", daemon=True)
         self._thread.start()
         return self
@@ -208,7 +208,7 @@ class Notifier:
                 self._in_flight = True
             try:
                 self._report(self._deliver(alert))
-            except Exception as exc:  # a bug here must not end alerting; never a traceback: it holds the URL
+            except Exception as exc:  # noqa: BLE001 - a bug here must not end alerting; never a traceback: it holds the URL
                 logger.bind(stage="alerts", action="bug").error("alert delivery failed: {}", type(exc).__name__)
                 self._report("failed")
             finally:
@@ -287,7 +287,7 @@ class Notifier:
         try:
             if self._on_result is not None:
                 self._on_result(outcome)
-        except Exception as exc:  # a broken metric must not stop delivery
+        except Exception as exc:  # noqa: BLE001 - a broken metric must not stop delivery
             logger.bind(stage="alerts", action="report_failed").error("on_result raised {}", type(exc).__name__)
 
 
@@ -333,7 +333,7 @@ def _text(alert: Alert, *, sep: str, bold: bool) -> str:
     head = f"{state} {_neutral(alert.rule)}"
     tail = [] if alert.stage is None else [f"stage: {_neutral(alert.stage)}"]
     tail += [] if alert.value is None else [f"value: {alert.value}"]
-    tail += [f"at: {alert.at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"]
+    tail += [f"at: {alert.at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"]
     room = MAX_TEXT_BYTES - len(sep.join([head, "", *tail]).encode())  # the summary gives way, not the facts
     return _cut_utf8(sep.join([head, _cut_utf8(_neutral(alert.summary), room), *tail]), MAX_TEXT_BYTES)
 

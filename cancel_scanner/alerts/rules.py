@@ -18,9 +18,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from datetime import UTC, datetime, timezone
+from typing import Any
 
 from cancel_scanner.alerts.deliver import Alert
 
@@ -212,7 +213,7 @@ class AlertBook:
     cooldown_seconds: float
     send: Callable[[Alert], Any]
     clock: Callable[[], float] = time.monotonic
-    wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    wall: Callable[[], datetime] = lambda: datetime.now(UTC)
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY_SIZE))  # messages, newest last
     _subjects: dict[tuple[str, str], _Subject] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)

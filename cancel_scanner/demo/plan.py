@@ -149,7 +149,7 @@ def plan_demo(orders: int, seed: int) -> Plan:
     twice = rng.choice([o for o in planned if o.kind == "paid"])
     waves[-1].append(Request(twice.id, "MERCHANT_CANCEL", "clerk-wang", "customer asked again", DUPLICATE_CODE))
     # Every paid order was a sale: the shop's figures already count it.
-    sold = Counter()
+    sold: Counter[int] = Counter()
     for o in planned:
         if o.paid:
             sold[o.goods_id] += o.quantity

@@ -7,9 +7,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from loguru import logger
 from sqlalchemy import Engine, text
@@ -21,10 +22,10 @@ from cancel_scanner.demo.seed import goods_snapshot, insert_requests, seed_shop
 from cancel_scanner.demo.stages import DEMO_JOBS
 from cancel_scanner.demo.summary import summarize, where_to_look
 from cancel_scanner.engine.config import Config, parse_config
-from cancel_scanner.scanners import REGISTRY
 from cancel_scanner.engine.db import init_schema
 from cancel_scanner.engine.runner import utcnow
 from cancel_scanner.engine.status import Status, collect_status, format_status
+from cancel_scanner.scanners import REGISTRY
 
 SETTLE_DEADLINE_SECONDS = 25.0
 FRAME_SECONDS = 0.2  # the display refreshes five times a second

@@ -146,7 +146,7 @@ def render_block(f: Frame) -> list[str]:
         "",
     ]
     for s in f.status.stages:
-        finished = s.done + s.failed
+        finished = (s.done or 0) + s.failed  # the demo collects with totals=True: done is counted
         total = max(f.expected.get(s.stage, 0), finished + s.pending)
         label = STAGE_FAILED_LABEL.get(s.stage, "failed")
         lines.append(
@@ -162,7 +162,7 @@ def render_plain(f: Frame) -> str:
     """One compact progress line (without the time): finished/total per stage."""
     parts = []
     for s in f.status.stages:
-        finished = s.done + s.failed
+        finished = (s.done or 0) + s.failed  # the demo collects with totals=True: done is counted
         parts.append(f"{SHORT_NAMES.get(s.stage, s.stage)} {finished}/{max(f.expected.get(s.stage, 0), finished + s.pending)}")
     return f"req {f.inserted}/{f.total_requests}  " + " ".join(parts)
 

@@ -15,9 +15,9 @@ loudly when it is large enough to matter.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, text
@@ -44,7 +44,7 @@ def truncate_ms(value: datetime) -> datetime:
 
 def local_utcnow() -> datetime:
     """This host's wall clock (naive UTC, milliseconds). For display and offsets only."""
-    return truncate_ms(datetime.now(timezone.utc).replace(tzinfo=None))
+    return truncate_ms(datetime.now(UTC).replace(tzinfo=None))
 
 
 def read_db_now(conn: Connection) -> datetime:
@@ -75,7 +75,7 @@ class DbClock:
         with self.db.connect() as conn:
             db_now = read_db_now(conn)
         after = time.time()
-        ours = datetime.fromtimestamp((before + after) / 2, timezone.utc).replace(tzinfo=None)
+        ours = datetime.fromtimestamp((before + after) / 2, UTC).replace(tzinfo=None)
         return (ours - db_now).total_seconds()
 
 
@@ -92,7 +92,7 @@ class ClockWatch:
     def check(self) -> float | None:
         try:
             offset = self.measure()
-        except Exception as exc:  # the database may be down; the stages report that themselves
+        except Exception as exc:  # noqa: BLE001 - the database may be down; the stages report that themselves
             _log.bind(action="clock_check_failed").debug("could not read the database's clock: {}", type(exc).__name__)
             return None
         self.last_offset = offset

@@ -9,17 +9,36 @@ ever echoed in an error.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from cancel_scanner.engine.net import is_loopback_host, is_safe_gateway_url
-from cancel_scanner.engine.settings import ConfigError, GatewayJobSettings, JobSettings, Seconds, config_error, validate_job
+from cancel_scanner.engine.settings import (
+    ConfigError,
+    GatewayJobSettings,
+    JobSettings,
+    Seconds,
+    config_error,
+    validate_job,
+)
 
 ENV_CONFIG = "CANCEL_SCANNER_CONFIG"
 ENV_DB_URL = "CANCEL_SCANNER_DB_URL"
@@ -429,7 +448,7 @@ def parse_config(
         from sqlalchemy.engine import make_url
 
         parsed = make_url(url)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever make_url raises, the URL is not valid
         raise ConfigError(key, "is not a valid SQLAlchemy URL") from None
     if parsed.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
         raise ConfigError(key, f"unsupported database {parsed.get_backend_name()!r}: use sqlite or mysql+pymysql")

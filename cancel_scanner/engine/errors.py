@@ -3,6 +3,8 @@ the database's setup; no row is at fault), or neither (a bug, or one row's data)
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import exc as sa_exc
 
 # MySQL/MariaDB error numbers that say "try again", not "your data is wrong".
@@ -38,9 +40,7 @@ def is_transient_db_error(exc: BaseException) -> bool:
             return code in _TRANSIENT_MYSQL_CODES
         text = str(exc.orig).lower() if exc.orig is not None else ""
         return "locked" in text or "busy" in text or "disk i/o" in text
-    if isinstance(exc, sa_exc.InterfaceError):
-        return True
-    return False
+    return isinstance(exc, sa_exc.InterfaceError)
 
 
 # The database refuses the work for reasons no row can fix: privileges, a schema that lacks a
@@ -93,7 +93,7 @@ def describe_db_error(exc: BaseException) -> str:
     SQLAlchemy's own str() appends the SQL and its bound values; those may hold merchant
     input, and a connection error's text must never be able to echo a URL.
     """
-    orig = getattr(exc, "orig", None)
+    orig: Any = getattr(exc, "orig", None)
     code = mysql_code(exc)
     message = str(orig.args[1] if code is not None and len(orig.args) > 1 else (orig or exc))
     first = message.splitlines()[0] if message else type(exc).__name__
@@ -144,9 +144,10 @@ def shop_refusal(exc: BaseException) -> str | None:
     if code is not None:
         if code not in _REFUSAL_MYSQL_CODES:
             return None
-        why = _REFUSAL_MYSQL_CODES[code]
+        why: str | None = _REFUSAL_MYSQL_CODES[code]
         if code == 1644:
-            said = _printable(str(exc.orig.args[1]) if len(exc.orig.args) > 1 else "")
+            args = exc.orig.args if exc.orig is not None else ()  # a MySQL code comes from exc.orig
+            said = _printable(str(args[1]) if len(args) > 1 else "")
             why = f"{_TRIGGER} said: {said}" if said else _TRIGGER
         return f"the shop's database refused the write ({why})"
     if not isinstance(exc, sa_exc.IntegrityError):

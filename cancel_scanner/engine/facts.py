@@ -8,9 +8,9 @@ touches, in the same pass, and stays open until the row's stage records it the o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable
 
 from loguru import logger
 from sqlalchemy import Connection, func, insert, select, update

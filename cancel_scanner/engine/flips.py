@@ -8,9 +8,9 @@ touches nothing but the reason.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Mapping
-
+from typing import Any
 
 from cancel_scanner.engine.config import JobConfig
 from cancel_scanner.engine.logs import EventLog

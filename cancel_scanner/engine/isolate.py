@@ -12,8 +12,9 @@ raised at once: the whole transaction rolls back and the stage backs off, as bef
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from loguru import logger
 from sqlalchemy import Connection
@@ -104,7 +105,7 @@ def undo(savepoint: Any, exc: BaseException) -> None:
         return
     try:
         savepoint.rollback()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the savepoint is gone with the transaction: the batch's error is exc
         raise exc from None
 
 
@@ -114,7 +115,7 @@ def try_in_savepoint(conn: Connection, write: Callable[[], None]) -> BaseExcepti
     with held_until_commit() as events:
         try:
             write()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any error undoes the one write; the caller decides
             undo(savepoint, exc)
             return exc
     savepoint.commit()

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 from sqlalchemy import Connection, Engine, TextClause, inspect, text
-from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, MetaData
+from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable, DefaultClause, MetaData
 
 from cancel_scanner.engine.db import is_mysql
 from cancel_scanner.engine.errors import mysql_code
 from cancel_scanner.engine.schema_file import head_version, schema_sql
-from cancel_scanner.engine.schema_read import (  # noqa: F401 - parse_schema and type_holds are read by tests too
+from cancel_scanner.engine.schema_read import (
     SCHEMA_COLLATION,
     ColumnSpec,
     KeySpec,
@@ -119,7 +119,9 @@ def _plan_mysql(conn: Connection, script: str, *, behind: bool = False) -> tuple
     tables, others = parse_schema(script)
     live = live_mysql(conn)
     collation = our_collation(live)
-    steps, notes, refusals = [], [], []
+    steps: list[Step] = []
+    notes: list[str] = []
+    refusals: list[str] = []
     for table in tables:
         have = live.get(table.name)
         if have is None:
@@ -290,7 +292,9 @@ def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dic
 
 
 def _view_name(stmt: str) -> str:
-    return re.search(r"VIEW (\w+)", stmt).group(1)
+    name = re.search(r"VIEW (\w+)", stmt)
+    assert name is not None, stmt  # called on schema.sql's CREATE ... VIEW statements only
+    return name.group(1)
 
 
 def _views(conn: Connection) -> set[str]:
@@ -327,7 +331,8 @@ def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[
         columns = {c["name"] for c in insp.get_columns(table.name)}
         steps += _backfills_again(table.name, columns, fills, behind)
         for column in (c for c in table.columns if c.name not in columns):
-            default = column.server_default.arg if column.server_default is not None else None
+            # models/ gives server defaults as text() or a SQL function, both DefaultClause
+            default = column.server_default.arg if isinstance(column.server_default, DefaultClause) else None
             if not column.nullable and (default is None or not isinstance(default, (str, TextClause))):
                 # SQLite adds a column to a table only with a constant default (or NULL).
                 refusals.append(f"{table.name}.{column.name} is missing and SQLite cannot add it to an existing table"

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPORT_MAX_CHARS = 4000  # cancel_scanner_process.report is VARCHAR(4000)
 REASON_MAX_CHARS = 160

@@ -40,8 +40,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Callable, Iterable, Mapping
 
 from loguru import logger
 from sqlalchemy import Column, Engine, delete, func, insert, select, update
@@ -295,7 +295,7 @@ class Registry:
                         on_reaped(reaped)
                     if on_tick:
                         on_tick()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001
                     # While the database is away no heartbeat lands: safe_until() runs out and the
                     # gateway stages send nothing, which is exactly what must happen.
                     failures += 1

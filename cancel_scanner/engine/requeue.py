@@ -6,8 +6,8 @@ same out_refund_no, which WeChat refunds at most once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Iterable
 
 from sqlalchemy import Engine, update
 

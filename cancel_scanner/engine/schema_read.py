@@ -25,7 +25,9 @@ class ColumnSpec:
 
     @property
     def type(self) -> str:
-        return re.match(r"[A-Z]+(?:\(\d+(?:,\d+)?\))?(?: UNSIGNED)?", self.definition).group(0)
+        found = re.match(r"[A-Z]+(?:\(\d+(?:,\d+)?\))?(?: UNSIGNED)?", self.definition)
+        assert found is not None, self.definition  # schema.sql's own text: every definition opens with its type
+        return found.group(0)
 
     @property
     def _attributes(self) -> str:
@@ -101,7 +103,9 @@ def parse_schema(script: str) -> tuple[list[TableSpec], list[str]]:
             if not stmt.startswith("INSERT IGNORE INTO cancel_scanner_schema"):
                 others.append(stmt)
             continue
-        body = stmt[head.end(): re.search(r"\n\)", stmt).start()]  # the column list ends at a line opening with ")"
+        end = re.search(r"\n\)", stmt)  # the column list ends at a line opening with ")"
+        assert end is not None, stmt  # schema.sql's own text
+        body = stmt[head.end(): end.start()]
         columns, keys = [], []
         for line in (_without_comment(raw.strip()).rstrip(",") for raw in body.splitlines()):
             if not line or line.startswith("--"):
@@ -177,6 +181,7 @@ def type_holds(found: str, wanted: str) -> bool:
     kind of value is not."""
     f = re.match(r"(\w+)(?:\((\d+)(?:,\d+)?\))?( unsigned)?", found.lower())
     w = re.match(r"(\w+)(?:\((\d+)(?:,\d+)?\))?( unsigned)?", wanted.lower())
+    assert f is not None and w is not None, (found, wanted)  # every COLUMN_TYPE opens with a word
     f_base, f_len, f_unsigned = f.group(1), f.group(2), bool(f.group(3))
     w_base, w_len, w_unsigned = w.group(1), w.group(2), bool(w.group(3))
     if w_base in _INTEGERS:

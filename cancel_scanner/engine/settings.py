@@ -7,10 +7,10 @@ Every model is frozen, forbids unknown keys, and takes no string for a number or
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
-
 
 MAX_BATCH_SIZE = 10_000
 DEFAULT_INTERVAL_SECONDS = 2.0

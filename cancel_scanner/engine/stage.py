@@ -9,9 +9,10 @@ loops, counts attempts or decides a backoff.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import Column, Connection, Row, Select, Table
 
@@ -78,6 +79,8 @@ class Stage(Protocol):
 
     def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
         """Extra columns set when a row fails for good (on the polled table)."""
+    def status_counts(self, conn: Connection) -> Sequence[tuple[str, str, int]]:
+        """Extra figures for `status`: (key, label, count)."""
 
 
 class DbStage(Stage, Protocol):
@@ -118,6 +121,8 @@ class GatewayStage(Stage, Protocol):
 class StageDefaults:
     """No extra columns, hand-offs or notes unless a stage says so."""
 
+    name: ClassVar[str]  # each stage declares these two
+    flags: ClassVar[Flags]
     kind: ClassVar[str] = "database"
     settings: ClassVar[type] = JobSettings
     feeds: ClassVar[tuple[str, ...]] = ()
@@ -192,7 +197,7 @@ class StageRegistry:
     ``from_config(config)`` to build it.
     """
 
-    def __init__(self, classes: Sequence[type]):
+    def __init__(self, classes: Sequence[type[StageDefaults]]):
         names = [cls.name for cls in classes]
         if len(set(names)) != len(names):
             raise ValueError(f"two stages share a name: {names}")
@@ -224,11 +229,11 @@ class StageRegistry:
                 raise ValueError(f"stage {stage.name} hands off to unknown stages {sorted(unknown)}")
         return stages
 
-    def with_stage(self, cls: type) -> StageRegistry:
+    def with_stage(self, cls: type[StageDefaults]) -> StageRegistry:
         """This registry with one more stage at the end (a plug-in, a test's throwaway stage)."""
         return StageRegistry([*self.classes, cls])
 
-    def _by_name(self, name: str) -> type:
+    def _by_name(self, name: str) -> type[StageDefaults]:
         for cls in self.classes:
             if cls.name == name:
                 return cls

@@ -10,9 +10,9 @@ which reads a whole index: seconds on a table of millions, not for a scrape or a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Mapping
 
 from sqlalchemy import Connection, Engine, case, func, select
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections.abc import Callable
 from datetime import date, datetime
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from loguru import logger

@@ -10,9 +10,10 @@ DATETIME column in the schema.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
-from typing import Any, Callable, Mapping, Protocol, TypeAlias
+from datetime import UTC, date, datetime
+from typing import Any, Protocol, TypeAlias
 
 from cancel_scanner.engine.outcome import Coded, clip  # one rule for a code, a message and a VARCHAR(255)
 
@@ -83,7 +84,7 @@ def parse_rfc3339(text: str) -> datetime:
     if parsed.tzinfo is None:
         # Guessing a zone would shift money timestamps by hours without anyone noticing.
         raise ValueError(f"timestamp without an offset: {text!r}")
-    return parsed.astimezone(timezone.utc).replace(tzinfo=None)
+    return parsed.astimezone(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,9 @@ class Payment:
             raise ValueError(f"payment object lacks {exc}") from None
         if state not in TRADE_STATES:
             raise ValueError(f"unknown trade_state {state!r}")
-        amount = data.get("amount") if isinstance(data.get("amount"), Mapping) else {}
+        amount = data.get("amount")
+        if not isinstance(amount, Mapping):
+            amount = {}
         total = amount.get("total")
         success_time = data.get("success_time")
         payment = cls(

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 DEFAULT_SLOW_SECONDS = 2.0
 DEFAULT_TRICKLE_GAP_SECONDS = 0.5

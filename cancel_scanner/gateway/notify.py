@@ -39,9 +39,10 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from queue import SimpleQueue
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -260,7 +261,7 @@ class _Transport:
                 for key, events in self._selector.select(max(0.0, next_sweep - time.monotonic())):
                     try:
                         self._dispatch_event(key, events)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001
                         # A dead loop would leave the endpoint silently deaf: drop the one connection, go on.
                         _log.bind(error=_describe(exc)).warning("notify server event failed")
                         if isinstance(key.data, _Conn):
@@ -541,7 +542,7 @@ class NotifyServer:
     def _answer(self, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
         try:
             return self.handle(headers, body)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             # Answer anyway: without an answer WeChat waits out its timeout before retrying.
             _log.bind(error=_describe(exc)).warning("refund notification could not be handled; WeChat will retry")
             return 500, "internal error"
@@ -571,7 +572,7 @@ class NotifyServer:
             return 200, "duplicate"
         try:
             self._on_refund(resource)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             # Forget the id so WeChat's retry gets another chance; polling covers us if it never comes.
             self._seen.discard(notification_id)
             log.bind(error=_describe(exc, with_message=True)).warning("refund notification hook failed; WeChat will retry")

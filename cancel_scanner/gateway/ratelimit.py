@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # Slots are sums of float intervals; without a little slack, a slot that lands
 # exactly on a horizon could be counted out by rounding.

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cancel_scanner.gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
 from cancel_scanner.engine.clock import MIN_CALL_SECONDS
+from cancel_scanner.gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from cancel_scanner.gateway.wechat import (
     DEFAULT_APPLY_QPS,

@@ -34,7 +34,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import requests
 import urllib3.connection
@@ -297,7 +298,7 @@ def _read_capped(response: requests.Response, watch: _Watch, max_bytes: int) -> 
             raise _past_deadline()
     # What requests itself does once a body is read, so .content and .text (which the SDK verifies) work.
     response._content = bytes(body)
-    response._content_consumed = True
+    response._content_consumed = True  # type: ignore[attr-defined]  # requests' own private flag, absent from its stubs
 
 
 def _read_chunk(response: requests.Response) -> bytes:

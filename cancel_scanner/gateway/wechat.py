@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -58,8 +59,8 @@ from cancel_scanner.gateway.contract import (
     TRADE_NOT_FOUND_CODES,
     Accepted,
     GatewayResult,
-    NotSent,
     NoSuchTrade,
+    NotSent,
     PaymentResult,
     PaymentState,
     Permanent,
@@ -237,7 +238,7 @@ class WeChatPayGateway(BillClient):
                 public_key=platform_public_key_pem,
                 public_key_id=platform_public_key_id,
             )
-        except Exception:
+        except Exception:  # noqa: BLE001
             # The SDK's message is generic; ours must not echo the PEM it could not parse.
             raise GatewaySetupError(
                 "wechat.merchant_private_key_file", "the merchant private key or the platform public key is not a valid PEM"
@@ -487,7 +488,7 @@ class WeChatPayGateway(BillClient):
         text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
         try:
             return bool(self._wxpay._core._verify_signature(headers, text))
-        except Exception:  # malformed headers: not WeChat's
+        except Exception:  # noqa: BLE001 - malformed headers: not WeChat's
             return False
 
     def __repr__(self) -> str:

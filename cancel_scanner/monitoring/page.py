@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from cancel_scanner.engine.status import CHANNEL_FACTS, format_age, stage_state
 
@@ -72,7 +73,7 @@ def yuan(fen: Any) -> str:
 
 
 def _wall(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None,

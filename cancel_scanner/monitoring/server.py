@@ -13,8 +13,9 @@ import binascii
 import hmac
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -89,7 +90,7 @@ class MonitoringServer:
                         offered = b""
                 return hmac.compare_digest(offered, expected)
 
-            def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path != "/healthz" and not self._allowed():  # a liveness probe needs no key
                     self._send(401, b"a token is needed: Authorization: Bearer TOKEN, or basic auth with it as the password\n",
@@ -155,7 +156,7 @@ class MonitoringServer:
                 with self.db.connect() as conn:
                     conn.execute(text("SELECT 1"))
                 result.append(None)
-            except Exception as exc:  # what readyz reports
+            except Exception as exc:  # noqa: BLE001 - what readyz reports
                 result.append(exc)
             finally:
                 self._probing.release()

@@ -9,9 +9,10 @@ things the payment channel did that are not recorded here yet (channel_fact).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
 

@@ -14,7 +14,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from loguru import logger
 
@@ -78,13 +79,13 @@ class Watcher:
         try:
             snapshot = self.read()
             self.latest, self.last_error = snapshot, None
-        except Exception as exc:  # the database may be down: keep the last reading and say so
+        except Exception as exc:  # noqa: BLE001 - the database may be down: keep the last reading and say so
             snapshot, self.last_error = None, type(exc).__name__
             _log.bind(action="refresh_failed").warning("monitoring could not read the database: {}", type(exc).__name__)
         if self.clock_offset is not None:
             try:
                 offset = self.clock_offset()
-            except Exception:  # the database's clock unreadable: the stages report the outage
+            except Exception:  # noqa: BLE001 - the database's clock unreadable: the stages report the outage
                 offset = None
         if self.metrics is not None:
             if snapshot is not None:
@@ -104,7 +105,7 @@ class Watcher:
                           pace_disagreement=getattr(self.runner, "pace_disagreement", None))
         try:
             self.book.evaluate(reading)
-        except Exception:  # a bug in a rule must not stop the gauges or the page
+        except Exception:  # noqa: BLE001 - a bug in a rule must not stop the gauges or the page
             _log.bind(action="alert_rules_failed").opt(exception=True).error("alert rules failed")
         if self.metrics is not None:
             self.metrics.alerts_firing(RULES, self.book.firing())
@@ -113,7 +114,7 @@ class Watcher:
         while not self._stop.is_set():
             try:
                 self.once()
-            except Exception:  # a bug here must not freeze the gauges for good: log it, read again next time
+            except Exception:  # noqa: BLE001 - a bug here must not freeze the gauges for good: log it, read again next time
                 _log.bind(action="watch_failed").opt(exception=True).error("monitoring reading failed")
             self._stop.wait(self.interval if self._seen_itself() else min(self.interval, FIRST_BEAT_POLL_SECONDS))
 

@@ -23,9 +23,10 @@ prints them, and only the gateway reveals them, to the SDK that encrypts them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Engine, Row, or_, select, update

@@ -21,7 +21,8 @@ import hmac
 import io
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
+
 from loguru import logger
 
 from cancel_scanner.gateway.contract import (
@@ -330,6 +331,6 @@ def _utc(value: str) -> datetime:
     if not _TIME.match(text):
         raise _RowError(f"{value!r} is not a time YYYY-MM-DD HH:MM:SS")
     try:
-        return datetime.fromisoformat(text + "+08:00").astimezone(timezone.utc)  # the bill's times are Beijing time
+        return datetime.fromisoformat(text + "+08:00").astimezone(UTC)  # the bill's times are Beijing time
     except ValueError:
         raise _RowError(f"{value!r} is not a time") from None

@@ -41,9 +41,10 @@ A dry run makes the same scan and counts, in transactions it rolls back.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Iterable, Sequence
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, Table, and_, delete, insert, not_, select, text
@@ -243,7 +244,7 @@ class _Pass:
                     break
                 left: list[int] = []
                 part = put_off[i:i + self.batch_size]
-                self._batch(lambda: self._rescan(part), left)
+                self._batch(lambda: self._rescan(part), left)  # noqa: B023 - called in this iteration
                 self.result.left_locked += len(left)
         self.result.ended = end
         self.result.seconds = time.monotonic() - started
@@ -261,7 +262,7 @@ class _Pass:
 
     def _window(self, after: int, put_off: list[int]) -> tuple[int, bool]:
         """One window after ``after``, its finished rows moved; (the last id looked at, the young end reached)."""
-        seen: dict[str, object] = {"after": after, "young": False}
+        seen: dict[str, Any] = {"after": after, "young": False}
 
         def scan() -> list[int]:
             t = self.rule.table
@@ -335,6 +336,7 @@ class _Pass:
             return
         except sa_exc.IntegrityError as exc:
             tx.rollback()
+            assert chosen is not None  # only the archive's INSERT, after choose(), raises this
             raise PruneError(f"{self.rule.table.name}: a row of ids {chosen[0]}..{chosen[-1]} is already in"
                              f" {self.rule.archive.name}: nothing of this batch moved; a person must look"
                              f" ({_reason(exc)})") from exc

@@ -17,12 +17,13 @@ neither had we), WAITING (the bill is not ready: try again), FAILED (a bad hash 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Callable, Iterable, Sequence
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from typing import Any
 
 from loguru import logger
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cancel_scanner.engine.outcome import clip
@@ -69,7 +70,7 @@ class DayResult:
 
 def day_bounds(bill_date: date) -> tuple[datetime, datetime]:
     """The Beijing day as naive UTC (the tables' times)."""
-    start = datetime.combine(bill_date, time(0), BEIJING).astimezone(timezone.utc).replace(tzinfo=None)
+    start = datetime.combine(bill_date, time(0), BEIJING).astimezone(UTC).replace(tzinfo=None)
     return start, start + timedelta(days=1)
 
 
@@ -160,7 +161,7 @@ def _unbooked(conn: Connection, bill: Any) -> list[Diff]:
     """Payments WeChat took for orders still UNPAID here: the notification was lost, and the payment
     side (close_unpaid) has not found it. Each is handed to close_unpaid (unbook_to_close_unpaid)."""
     paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
-    orders = []
+    orders: list[Row] = []
     for part in _chunks(sorted(paid)):
         orders += conn.execute(select(o.order_no).where(o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0,
                                                         o.is_deleted == 0)).all()
@@ -196,13 +197,13 @@ def hand_to_close_unpaid(db: Engine, diffs: Sequence[Diff], now: datetime) -> in
 
 def _orphans(conn: Connection, bill: Any) -> list[Diff]:
     paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
-    orders = []
+    orders: list[Row] = []
     for part in _chunks(sorted(paid)):
         orders += conn.execute(select(o.id, o.order_no).where(o.order_no.in_(part), o.order_status == "CANCELLED")).all()
     if not orders:
         return []
     with_refund: set[int] = set()
-    for table, c in ((refund_order, r), (refund_order_archive, ra)):
+    for _table, c in ((refund_order, r), (refund_order_archive, ra)):
         for part in _chunks([order.id for order in orders]):
             with_refund |= set(conn.execute(select(c.order_id).where(c.order_id.in_(part)).distinct()).scalars())
     return [
@@ -229,7 +230,7 @@ def refund_orphan(db: Engine, payment: Any, now: datetime) -> bool:
             return False  # paid another amount than the order's: a person decides
         if conn.execute(select(func.count()).select_from(refund_order).where(r.order_id == order.id)).scalar_one():
             return False
-        paid_at = payment.at.astimezone(timezone.utc).replace(tzinfo=None) if payment.at else now
+        paid_at = payment.at.astimezone(UTC).replace(tzinfo=None) if payment.at else now
         moved = conn.execute(
             update(goods_order2).where(o.id == order.id, o.pay_status == 0, o.refund_status == "NONE")
             .values(pay_status=1, transaction_id=payment.transaction_id, paid_at=paid_at, refund_status="REFUNDING")

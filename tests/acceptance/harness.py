@@ -19,9 +19,10 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Engine, text
@@ -77,7 +78,7 @@ class ExternalEmulator:
         success_delay: float = 0.2,
         apply_qps: int | None = None,
         query_qps: int | None = None,
-    ) -> "ExternalEmulator":
+    ) -> ExternalEmulator:
         """``latency``: (low, high) seconds every refund call takes (the emulator's own hook)."""
         keys = generate_key_material(key_dir)
         emulator = Emulator(
@@ -157,7 +158,7 @@ def daemon_config(database_url: str, emulator: ExternalEmulator, *, jobs: Mappin
     }
 
 
-def paid_orders(db: Engine, emulator: "ExternalEmulator", n: int) -> list[dict[str, Any]]:
+def paid_orders(db: Engine, emulator: ExternalEmulator, n: int) -> list[dict[str, Any]]:
     """Goods 1 and orders 1..n as the shop writes them, each paid at WeChat (the emulator knows the payment)."""
     shop.insert_goods(db, {1: (100, 1_000)})
     orders = [shop.order_row(i) for i in range(1, n + 1)]
@@ -167,7 +168,7 @@ def paid_orders(db: Engine, emulator: "ExternalEmulator", n: int) -> list[dict[s
     return orders
 
 
-def settled_daemon(workdir: Path, db: Engine, database_url: str, emulator: "ExternalEmulator", orders: Sequence[dict],
+def settled_daemon(workdir: Path, db: Engine, database_url: str, emulator: ExternalEmulator, orders: Sequence[dict],
                    daemons: Callable[..., DaemonProcess]) -> tuple[DaemonProcess, Path]:
     """A live-mode daemon that has settled a merchant's cancel of every order, and the config file the
     CLI is run with beside it."""
@@ -257,7 +258,7 @@ class Baseline:
     orders: dict[int, dict[str, Any]]
 
     @classmethod
-    def take(cls, db: Engine) -> "Baseline":
+    def take(cls, db: Engine) -> Baseline:
         return cls(
             goods={r["id"]: r for r in q_rows(db, "SELECT * FROM goods")},
             orders={r["id"]: r for r in q_rows(db, "SELECT * FROM goods_order2")},

@@ -8,8 +8,9 @@ never show up: not in a DEBUG log of a daemon doing real refunds, not in any err
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text

@@ -10,7 +10,7 @@ once, no traceback for the refusal.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -30,7 +30,7 @@ RULE = "order locked by after-sales"
 def test_one_locked_order_and_one_stray_oplog_row_cost_only_themselves(tmp_path, mysql_db, mysql_url, external_emulators,
                                                                         daemons):
     emu = external_emulators(tmp_path / "keys")
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     shop.insert_goods(mysql_db, {1: (1_000, 5_000)})
     orders = [shop.order_row(i, paid=i in PAID, created_at=now - timedelta(minutes=10)) for i in [*UNPAID, *PAID]]
     shop.insert_orders(mysql_db, orders)

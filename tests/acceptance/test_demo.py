@@ -18,8 +18,8 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from cancel_scanner.engine.db import make_engine
 from cancel_scanner.demo import DEFAULT_ORDERS, plan_demo
+from cancel_scanner.engine.db import make_engine
 from tests.flow import pending
 
 REPO = Path(__file__).resolve().parents[2]

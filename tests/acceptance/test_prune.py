@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from testsupport.processes import run_cli, write_config
 from tests.pruning import assert_moved_whole, live_and_archived, seed, shop_bytes, snapshot
+from testsupport.processes import run_cli, write_config
 
 ENV = {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}  # the default sandbox wechat section, on MariaDB; prune calls nobody
 TABLES = ("req_order_ops", "refund_order", "goods_order2_oplog")

@@ -11,7 +11,7 @@ refund went to a paid trade, and stock and sales are exact.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -34,7 +34,7 @@ YOUNG = range(34, 36)  # NOTPAY, 10 minutes old, nobody asked: left alone
 def test_a_mix_of_paid_unpaid_lost_and_timed_out_orders_settles_exactly(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
     emu = external_emulators(tmp_path / "keys")
     wechat = emu.emulator
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     shop.insert_goods(mysql_db, {g: (STOCK, SALES) for g in GOODS})
     orders = []
     for i in range(1, 36):

@@ -15,7 +15,7 @@ import json
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,7 +25,7 @@ from loguru import logger
 from cancel_scanner.alerts.deliver import Alert, Notifier
 from testsupport.waiting import wait_until
 
-AT = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+AT = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 OK = b'{"errcode":0,"errmsg":"ok"}'
 SECRET = "SEC-signing-secret-7f3a"
 QUICK_RETRIES = (0.01, 0.01)

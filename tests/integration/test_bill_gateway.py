@@ -7,7 +7,7 @@ the behaviour is about (a trickled download cut at its time bound).
 from __future__ import annotations
 
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -35,7 +35,7 @@ def at(day: date, hour: int, minute: int = 0, second: int = 0) -> float:
 
 
 def utc(day: date, hour: int, minute: int = 0, second: int = 0) -> datetime:
-    return datetime(day.year, day.month, day.day, hour, minute, second, tzinfo=BEIJING).astimezone(timezone.utc)
+    return datetime(day.year, day.month, day.day, hour, minute, second, tzinfo=BEIJING).astimezone(UTC)
 
 
 @pytest.fixture
@@ -316,9 +316,8 @@ def test_a_download_over_the_cap_stops_at_the_cap(gateway, emulator, clock, a_da
     ready(clock)
     emulator.spoil_next_download("huge", huge_bytes=20_000_000, huge_chunked=chunked)
 
-    with PeakRss() as rss:
-        with pytest.raises(BillError) as refused:
-            timed(lambda: fetch_bill(gateway, DAY, max_bytes=1_000_000))
+    with PeakRss() as rss, pytest.raises(BillError) as refused:
+        timed(lambda: fetch_bill(gateway, DAY, max_bytes=1_000_000))
 
     assert refused.value.code == "TOO_LARGE"
     assert rss.growth_mb < 20, rss.growth_mb
@@ -328,9 +327,8 @@ def test_a_small_download_that_inflates_past_the_cap_stops_at_the_cap(gateway, e
     ready(clock)
     emulator.spoil_next_download("bomb", huge_bytes=100_000_000)  # ~100 KB on the wire
 
-    with PeakRss() as rss:
-        with pytest.raises(BillError) as refused:
-            fetch_bill(gateway, DAY, max_bytes=2_000_000)
+    with PeakRss() as rss, pytest.raises(BillError) as refused:
+        fetch_bill(gateway, DAY, max_bytes=2_000_000)
 
     assert refused.value.code == "TOO_LARGE"
     assert rss.growth_mb < 30, rss.growth_mb

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from cancel_scanner.engine.runner import Hooks
-from tests.flow import T0, World, add_goods, add_order, checksum, pending, request_cancel, rows, scalar, test_config
+from tests.flow import T0, World, add_goods, checksum, pending, rows, scalar, test_config
 from testsupport import shop
 
 pytestmark = pytest.mark.mysql
@@ -48,7 +48,7 @@ def test_two_engines_at_once_give_the_same_end_state_as_one(mysql_db, mysql_url,
     def run(runner):
         try:
             runner.run_until_idle(world.clock.now)
-        except BaseException as exc:  # surfaced below; a thread must not swallow it
+        except BaseException as exc:  # noqa: BLE001 - surfaced below; a thread must not swallow it
             errors.append(exc)
 
     for _ in range(20):

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from cancel_scanner.engine.db import init_schema, make_engine
-from testsupport.waiting import wait_until
 from tests.flow import Clock, add_goods, add_order, request_cancel, rows, scalar, test_config
+from testsupport.waiting import wait_until
 
 pytestmark = [pytest.mark.galera, pytest.mark.mysql]
 
@@ -82,7 +82,7 @@ def test_two_runners_on_two_nodes_refund_every_order_once(galera_cluster, sandbo
         try:
             for _ in range(30):
                 runner.run_until_idle(clock.now)
-        except BaseException as exc:  # reported below: a crash is a failure of this test
+        except BaseException as exc:  # noqa: BLE001 - reported below: a crash is a failure of this test
             errors.append(exc)
 
     try:

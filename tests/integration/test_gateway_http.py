@@ -24,14 +24,22 @@ from pathlib import Path
 
 import pytest
 import requests
-from cryptography.exceptions import InvalidSignature
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.x509.oid import NameOID
 from loguru import logger
 
-from cancel_scanner.gateway.contract import Accepted, ConfigError, NotSent, Permanent, RefundRequest, RetryLater, UnknownOutcome
+from cancel_scanner.gateway.contract import (
+    Accepted,
+    ConfigError,
+    NotSent,
+    Permanent,
+    RefundRequest,
+    RetryLater,
+    UnknownOutcome,
+)
 from cancel_scanner.gateway.emulator import REFUNDS_PATH, Emulator, FaultPlan
 from cancel_scanner.gateway.keys import generate_key_material
 from cancel_scanner.gateway.transport import new_session, send_within
@@ -453,7 +461,7 @@ def test_a_200_mb_error_body_is_refused_without_holding_it(gateway, emulator, ch
 def _self_signed_loopback_cert(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

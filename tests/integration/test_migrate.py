@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,7 @@ def test_an_empty_database_migrated_to_head_is_exactly_sql_schema_sql(mysql_url,
 
 @pytest.mark.mysql
 def test_a_shops_database_is_adopted_online_and_the_flow_runs_on_its_old_orders(mysql_url, sandbox):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from tests.flow import Clock, World, test_config
 
@@ -175,7 +176,7 @@ def test_a_shops_database_is_adopted_online_and_the_flow_runs_on_its_old_orders(
             conn.execute(text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES"
                               " (4, 'MERCHANT_CANCEL', 'clerk', 'customer asked'), (3, 'USER_CANCEL', NULL, NULL)"))
         # The shop's orders were placed just now (the server's NOW()); the flow looks at them ten minutes later.
-        later = Clock(now=datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(minutes=10))
+        later = Clock(now=datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10))
         World(db=db, config=test_config(mysql_url), sandbox=sandbox, clock=later).settle()
         with db.connect() as conn:
             orders = {r.id: r for r in conn.execute(text("SELECT * FROM goods_order2 WHERE id IN (3, 4)"))}

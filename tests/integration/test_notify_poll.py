@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from cancel_scanner.scanners.poll_refund import PollRefund
 from cancel_scanner.gateway.notify import NotifyServer
 from cancel_scanner.scanners.intake import out_refund_no_for
+from cancel_scanner.scanners.poll_refund import PollRefund
 from tests.flow import add_goods, add_order, refunds, request_cancel
 
 

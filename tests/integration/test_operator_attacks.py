@@ -7,7 +7,7 @@ On SQLite and MariaDB, real parts, the flow's World and its injected clock.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from cancel_scanner.engine.clock import DbClock
 from cancel_scanner.operations.prune import prune

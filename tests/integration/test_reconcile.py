@@ -9,16 +9,16 @@ test's); the orphan payment's refund goes through the real flow against the emul
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, date, timedelta
 
 import pytest
-from datetime import date, timedelta, timezone
 
 from cancel_scanner.operations.bill import Bill, BillNotReady, BillPayment, BillRefund, NoBill
 from cancel_scanner.operations.reconcile import reconcile_day
 from tests.flow import T0, add_goods, add_order, request_cancel, row, rows, scalar
 
 DAY = date(2026, 11, 1)  # T0 is 2026-11-01 12:00 UTC, 20:00 in Beijing
-UTC = timezone.utc
+UTC = UTC
 
 
 def our_bill(world, day: date = DAY) -> Bill:

@@ -4,7 +4,7 @@ kind planted at WeChat's end or ours, each found once."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -18,7 +18,7 @@ from tests.integration.test_reconcile import an_order_cancelled_unpaid_whose_use
 @pytest.fixture
 def today(world):
     """The flow on today's clock (the emulator dates its trades by the real one); bills ready at once."""
-    world.clock.now = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    world.clock.now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     world.emulator.bill_ready_after = None
     return datetime.now(BEIJING).date()
 

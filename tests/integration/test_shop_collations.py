@@ -10,7 +10,7 @@ and closes old orders, reconcile matches a bill, and `status` and the status pag
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -88,7 +88,7 @@ def test_a_shop_in_this_collation_is_adopted_and_the_flow_reconcile_status_and_p
                               " (4, 'MERCHANT_CANCEL', 'clerk', '缺货'), (3, 'USER_CANCEL', NULL, NULL)"))
         sandbox.emulator.register_payment("SO0000000004", 104, "4200" + "4".zfill(24))
         sandbox.emulator.create_trade("SO0000000003", 103)
-        clock = Clock(now=datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(minutes=10))
+        clock = Clock(now=datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10))
         world = World(db=db, config=test_config(mysql_url), sandbox=sandbox, clock=clock)
         world.settle()
         with db.connect() as conn:
@@ -99,7 +99,7 @@ def test_a_shop_in_this_collation_is_adopted_and_the_flow_reconcile_status_and_p
 
         # reconcile matches a bill naming the refund and the payment; status and the page read it all.
         day = (clock.now + timedelta(hours=8)).date()
-        at = datetime.now(timezone.utc)
+        at = datetime.now(UTC)
         bill = Bill(bill_date=day, rows=2,
                     refunds=(BillRefund(refund.out_trade_no, refund.out_refund_no, refund.refund_amount, "SUCCESS", "5030", "", at),),
                     payments=(BillPayment("SO0000000004", "4200" + "4".zfill(24), 104, "SUCCESS", at),))

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import os
 import threading
-
-import pymysql
 from types import SimpleNamespace
 
+import pymysql
 from sqlalchemy import event, insert
 from sqlalchemy.exc import OperationalError
 
@@ -22,7 +21,6 @@ from cancel_scanner.scanners import REGISTRY
 from tests.flow import drop_index
 from tests.integration.test_throwaway_stage import TidyUp, chores
 from testsupport.waiting import wait_until
-
 
 LOST = OperationalError("SELECT 1", {}, pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"))
 

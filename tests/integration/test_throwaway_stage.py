@@ -9,10 +9,23 @@ from __future__ import annotations
 from datetime import datetime
 from types import SimpleNamespace
 
-from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, SmallInteger, String, Table, func, insert, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    func,
+    insert,
+    or_,
+    select,
+)
 
-from cancel_scanner.engine.daemon import Daemon
 from cancel_scanner.engine.config import parse_config
+from cancel_scanner.engine.daemon import Daemon
 from cancel_scanner.engine.outcome import Done, Failed
 from cancel_scanner.engine.requeue import requeue
 from cancel_scanner.engine.runner import Runner

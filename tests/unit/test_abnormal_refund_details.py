@@ -6,7 +6,12 @@ import os
 
 import pytest
 
-from cancel_scanner.commands.abnormal_refund import DETAILS_FILE_MAX_BYTES, _BadDetails, _read_details_file, _split_details
+from cancel_scanner.commands.abnormal_refund import (
+    DETAILS_FILE_MAX_BYTES,
+    _BadDetails,
+    _read_details_file,
+    _split_details,
+)
 from cancel_scanner.gateway.contract import Secret
 from cancel_scanner.operations.abnormal import BankCard
 

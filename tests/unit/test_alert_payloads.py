@@ -7,14 +7,14 @@ import base64
 import hashlib
 import hmac
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import parse_qs, quote_plus, urlsplit
 
 import pytest
 
 from cancel_scanner.alerts.deliver import FORMATS, MAX_TEXT_BYTES, Alert, Notifier, payload, redact, target_url
 
-AT = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+AT = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 NOW = 1_764_583_200.25  # seconds since the epoch, as `wall` would give it
 SECRET = "SEC-signing-secret-0123456789"
 FIRING = Alert(rule="gateway_failure_rate", state="firing", summary="退款网关失败率 42% (21/50)",
@@ -171,7 +171,7 @@ def test_a_long_summary_is_cut_between_characters_and_the_facts_stay(fmt, char):
 
 
 def test_wecom_content_of_exactly_the_limit_is_not_cut():
-    head_and_tail = len("**FIRING** r\n\nat: 2026-12-01 10:00:00 UTC".encode())
+    head_and_tail = len(b"**FIRING** r\n\nat: 2026-12-01 10:00:00 UTC")
     alert = Alert(rule="r", state="firing", summary="x" * (MAX_TEXT_BYTES - head_and_tail), stage=None,
                   value=None, at=AT)
 

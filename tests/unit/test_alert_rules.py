@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from cancel_scanner.alerts.rules import AlertBook, CallWindow, Reading
@@ -10,7 +10,7 @@ from cancel_scanner.engine.config import parse_config
 from cancel_scanner.engine.status import StageStatus, Status
 from cancel_scanner.scanners import REGISTRY
 
-T = datetime(2026, 12, 1, 10, 0, tzinfo=timezone.utc)
+T = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
 
 class Clock:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 from cancel_scanner.engine.daemon import Daemon
@@ -127,7 +127,7 @@ def test_a_failing_stage_backs_off_and_a_bug_in_one_stage_stops_no_other():
         "consumer": [RuntimeError("a bug in the stage")],
     })
     daemon = daemon_for(runner)
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     daemon.start()
     try:
         assert runner.wait_runs("producer", 1) and runner.wait_runs("consumer", 1)

@@ -17,11 +17,11 @@ from cancel_scanner.gateway.classify import (
     classify_payment,
 )
 from cancel_scanner.gateway.contract import (
-    CloseSent,
-    PaymentState,
     Accepted,
+    CloseSent,
     ConfigError,
     NotSent,
+    PaymentState,
     Permanent,
     Refund,
     RefundRequest,

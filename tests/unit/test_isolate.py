@@ -22,7 +22,7 @@ class Bug(Exception):
 
 
 class FakeSavepoint:
-    def __init__(self, conn: "FakeConn") -> None:
+    def __init__(self, conn: FakeConn) -> None:
         self.conn, self.mark, self.is_active = conn, len(conn.written), True
 
     def rollback(self) -> None:

@@ -8,7 +8,7 @@ escaped (never raw), and the page has no script and no outside URL.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -67,7 +67,7 @@ def hostile_snapshot() -> Snapshot:
 
 def alert(state: str, rule: str, summary: str, stage: str | None, minute: int) -> Alert:
     return Alert(rule=rule, state=state, summary=summary, stage=stage, value=1,
-                 at=datetime(2023, 11, 14, 22, minute, tzinfo=timezone.utc))
+                 at=datetime(2023, 11, 14, 22, minute, tzinfo=UTC))
 
 
 def page(snapshot: Snapshot | None = None, **kwargs) -> str:

@@ -80,7 +80,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from loguru import logger
 
@@ -93,14 +94,19 @@ from cancel_scanner.gateway.emulator.exchange import (
     REQUEST_LOG_SIZE,
     RequestHandling,
 )
-from cancel_scanner.gateway.emulator.ledger import MAX_REFUNDS_PER_ORDER, SUCCESS_DELAY_SECONDS, TICK_SECONDS, RefundLedger
-from cancel_scanner.gateway.emulator.payments import PaymentDesk
+from cancel_scanner.gateway.emulator.ledger import (
+    MAX_REFUNDS_PER_ORDER,
+    SUCCESS_DELAY_SECONDS,
+    TICK_SECONDS,
+    RefundLedger,
+)
 from cancel_scanner.gateway.emulator.notifications import (
     NOTIFY_RETRY_DELAYS_SECONDS,
     NOTIFY_TIMEOUT_SECONDS,
     NotificationAttempt,
     NotificationSender,
 )
+from cancel_scanner.gateway.emulator.payments import PaymentDesk
 from cancel_scanner.gateway.emulator.records import (
     BEIJING,
     STATUS_ABNORMAL,

@@ -44,9 +44,10 @@ import threading
 import zlib
 from calendar import monthrange
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cancel_scanner.gateway import faults
@@ -203,7 +204,7 @@ def _bomb(size: int) -> bytes:
     return b"".join(out)
 
 
-def render_bill(rows: list[dict[str, str]], columns: tuple[str, ...], *, extra: list[dict[str, str]] = ()) -> bytes:
+def render_bill(rows: list[dict[str, str]], columns: tuple[str, ...], *, extra: Sequence[dict[str, str]] = ()) -> bytes:
     """WeChat's CSV of `rows` (column -> value, values without their backtick) under `columns`;
     `extra` lines are written after them but left out of the summary (a bill that does not add up)."""
     text = io.StringIO()

@@ -13,7 +13,7 @@ import random
 import threading
 import uuid
 from collections import Counter, deque
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from loguru import logger
 
@@ -227,7 +227,7 @@ class RequestHandling:
         strike_after = fault is not None and (
             fault.after_commit or (kind in ("query", "pay_query") and fault.kind == "bad_signature")
         )
-        if strike_after and 200 <= reply.status < 300:
+        if fault is not None and strike_after and 200 <= reply.status < 300:
             return faults.strike_after(fault, reply)
         return reply
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cancel_scanner.gateway.emulator.records import (
     STATUS_ABNORMAL,

@@ -15,8 +15,9 @@ import threading
 import time
 import uuid
 from base64 import b64encode
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import requests
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from cancel_scanner.gateway.emulator.records import Payment, digits, payment_json
 from cancel_scanner.gateway.faults import Reply

@@ -11,7 +11,8 @@ import re
 import secrets
 import string
 from base64 import b64decode, b64encode
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
