@@ -53,10 +53,18 @@ class Clock:
 def config(url: str):
     gateway_job = {"batch_size": BATCH, "concurrency": 8, "lease_seconds": 120}
     jobs = {name: {"batch_size": BATCH} for name in REGISTRY.names}
-    jobs.update({"close_unpaid": gateway_job, "submit_refund": gateway_job,
-                 "poll_refund": {**gateway_job, "poll_delays_seconds": [1, 2]}})
-    return parse_config({"database_url": url, "wechat": {"mode": "sandbox"}, "jobs": jobs}, REGISTRY,
-                        env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    jobs.update(
+        {
+            "close_unpaid": gateway_job,
+            "submit_refund": gateway_job,
+            "poll_refund": {**gateway_job, "poll_delays_seconds": [1, 2]},
+        }
+    )
+    return parse_config(
+        {"database_url": url, "wechat": {"mode": "sandbox"}, "jobs": jobs},
+        REGISTRY,
+        env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"},
+    )
 
 
 def one_batch(bench: database.Bench, sandbox, stage: str, base: int, bad: bool, name: str) -> tuple[float, int, int]:
@@ -72,8 +80,16 @@ def one_batch(bench: database.Bench, sandbox, stage: str, base: int, bad: bool, 
         # pool), as a running daemon's is; the second is measured, its order BAD the bad one.
         bad_order = base + BATCH + BAD
         # As shops sell: 20 goods, each in many orders; the bad order's goods its own (the trigger is about it).
-        orders_ready_for(engine, sandbox.emulator, runner, clock, stage, range(base + 1, base + 2 * BATCH + 1),
-                         goods_for=lambda i: i if i == bad_order else 1 + i % GOODS, level=10_000)
+        orders_ready_for(
+            engine,
+            sandbox.emulator,
+            runner,
+            clock,
+            stage,
+            range(base + 1, base + 2 * BATCH + 1),
+            goods_for=lambda i: i if i == bad_order else 1 + i % GOODS,
+            level=10_000,
+        )
         warm = runner.run_stage(stage, clock.now)
         assert warm.done == BATCH, f"{stage}: the warm-up batch did {warm.done} of {BATCH}"
         if bad:
@@ -100,8 +116,16 @@ def main() -> None:
     rows = []
     runs = 0
     with database.Bench() as bench:
-        sandbox = start_sandbox(success_delay=0, apply_qps=None, query_qps=None, emulator_apply_qps=None,
-                                emulator_query_qps=None, pay_query_qps=None, pay_close_qps=None, timeout=(5, 5))
+        sandbox = start_sandbox(
+            success_delay=0,
+            apply_qps=None,
+            query_qps=None,
+            emulator_apply_qps=None,
+            emulator_query_qps=None,
+            pay_query_qps=None,
+            pay_close_qps=None,
+            timeout=(5, 5),
+        )
         sandbox.emulator.payment_qps = None  # its payment endpoints' limit too: a batch of 200 in one go
         try:
             for stage in args.stages.split(","):
@@ -110,24 +134,43 @@ def main() -> None:
                 for i in range(repeat):
                     for bad in (False, True):
                         runs += 1
-                        seconds, done, retried = one_batch(bench, sandbox, stage, runs * 1000, bad, f"bad_row_{stage}_{i}_{int(bad)}")
+                        seconds, done, retried = one_batch(
+                            bench, sandbox, stage, runs * 1000, bad, f"bad_row_{stage}_{i}_{int(bad)}"
+                        )
                         times[bad].append(seconds)
                         worked[bad] = (done, retried)
                 clean, dirty = reporting.median(times[False]), reporting.median(times[True])
                 ratio = dirty / clean
-                rows.append([stage, f"{clean * 1000:.1f}", f"{dirty * 1000:.1f}", f"{ratio:.2f}",
-                             f"{worked[False][0]}/{worked[False][1]}", f"{worked[True][0]}/{worked[True][1]}"])
+                rows.append(
+                    [
+                        stage,
+                        f"{clean * 1000:.1f}",
+                        f"{dirty * 1000:.1f}",
+                        f"{ratio:.2f}",
+                        f"{worked[False][0]}/{worked[False][1]}",
+                        f"{worked[True][0]}/{worked[True][1]}",
+                    ]
+                )
                 report.target(f"{stage}: bad / clean", f"{ratio:.2f} x", f"<= {RATIO_TARGET} x", ratio <= RATIO_TARGET)
-                report.target(f"{stage}: good rows done in the bad batch", f"{worked[True][0]} of {BATCH - 1}", f"{BATCH - 1}",
-                              worked[True] == (BATCH - 1, 1))
+                report.target(
+                    f"{stage}: good rows done in the bad batch",
+                    f"{worked[True][0]} of {BATCH - 1}",
+                    f"{BATCH - 1}",
+                    worked[True] == (BATCH - 1, 1),
+                )
         finally:
             sandbox.close()
-    report.note("What bounds a database stage: the batch's failed first try (up to a clean batch's work), then a binary"
-                " search of 8 to 16 tries (log2(200) to twice that) of the stage's statements (8 to 10 each, ~1 ms apiece here); a clean"
-                " batch is one try. Even an oracle naming the bad row would pay the failed try and the redo (up to 2 x)."
-                " A gateway stage's batch is its calls, so the search hardly shows.")
-    report.table(f"One batch of {BATCH}, median of {repeat} each (ms); done/retried rows",
-                 ["stage", "clean ms", "one bad row ms", "bad / clean", "clean done/retried", "bad done/retried"], rows)
+    report.note(
+        "What bounds a database stage: the batch's failed first try (up to a clean batch's work), then a binary"
+        " search of 8 to 16 tries (log2(200) to twice that) of the stage's statements (8 to 10 each, ~1 ms apiece here); a clean"
+        " batch is one try. Even an oracle naming the bad row would pay the failed try and the redo (up to 2 x)."
+        " A gateway stage's batch is its calls, so the search hardly shows."
+    )
+    report.table(
+        f"One batch of {BATCH}, median of {repeat} each (ms); done/retried rows",
+        ["stage", "clean ms", "one bad row ms", "bad / clean", "clean done/retried", "bad done/retried"],
+        rows,
+    )
     report.save(args)
 
 

@@ -40,8 +40,13 @@ def main() -> int:
     with Bench() as bench:
         report.machine_before = reporting.machine(bench.server)
         url, db = bench.database("close_pace")
-        sandbox = start_sandbox(success_delay=0, pay_close_qps=args.close_qps, pay_query_qps=args.query_qps,
-                                emulator_apply_qps=EMULATOR_LIMIT, emulator_query_qps=EMULATOR_LIMIT)
+        sandbox = start_sandbox(
+            success_delay=0,
+            pay_close_qps=args.close_qps,
+            pay_query_qps=args.query_qps,
+            emulator_apply_qps=EMULATOR_LIMIT,
+            emulator_query_qps=EMULATOR_LIMIT,
+        )
         sandbox.emulator.payment_qps = EMULATOR_LIMIT
         try:
             shop.insert_goods(db, {1: (1_000, 1_000)})
@@ -50,8 +55,12 @@ def main() -> int:
             for r in rows:
                 sandbox.emulator.create_trade(r["no"], r["amount"])
             with db.begin() as conn:
-                conn.exec_driver_sql("UPDATE goods_order2 SET cancel_requested_at = UTC_TIMESTAMP(3), cancel_source = 'MERCHANT'")
-            config = test_config(url, jobs={"close_unpaid": {"batch_size": 200, "concurrency": 16, "lease_seconds": 60}})
+                conn.exec_driver_sql(
+                    "UPDATE goods_order2 SET cancel_requested_at = UTC_TIMESTAMP(3), cancel_source = 'MERCHANT'"
+                )
+            config = test_config(
+                url, jobs={"close_unpaid": {"batch_size": 200, "concurrency": 16, "lease_seconds": 60}}
+            )
             runner = Runner(db, config, build_stages(config), sandbox.gateway)
             started = time.monotonic()
             runner.run_until_idle(stages=["close_unpaid"])
@@ -59,16 +68,38 @@ def main() -> int:
             runner.close()
             counts = sandbox.emulator.payment_counts
             throttled = sum(n for (method, status), n in sandbox.emulator.requests.items() if status == 429)
-            closed_once = all(n == 1 for n in sandbox.emulator.closed_trades.values()) and len(sandbox.emulator.closed_trades) == orders
+            closed_once = (
+                all(n == 1 for n in sandbox.emulator.closed_trades.values())
+                and len(sandbox.emulator.closed_trades) == orders
+            )
         finally:
             sandbox.close()
     closes_per_s, queries_per_s = counts["closes"] / took, counts["queries"] / took
-    report.table("close_unpaid, one Runner", ["orders", "seconds", "closes", "closes/s", "queries", "queries/s", "429s"],
-                 [[orders, round(took, 2), counts["closes"], round(closes_per_s, 1), counts["queries"], round(queries_per_s, 1), throttled]])
+    report.table(
+        "close_unpaid, one Runner",
+        ["orders", "seconds", "closes", "closes/s", "queries", "queries/s", "429s"],
+        [
+            [
+                orders,
+                round(took, 2),
+                counts["closes"],
+                round(closes_per_s, 1),
+                counts["queries"],
+                round(queries_per_s, 1),
+                throttled,
+            ]
+        ],
+    )
     pace = args.close_qps * 0.95
-    report.target("closes per second / pace", f"{closes_per_s:.1f} / {pace:.1f} = {closes_per_s / pace:.2f}", "<= 1.0, no 429",
-                  closes_per_s <= pace * 1.05 and throttled == 0)
-    report.target("each trade closed once", f"{len(sandbox.emulator.closed_trades)} trades", f"{orders}, once each", closed_once)
+    report.target(
+        "closes per second / pace",
+        f"{closes_per_s:.1f} / {pace:.1f} = {closes_per_s / pace:.2f}",
+        "<= 1.0, no 429",
+        closes_per_s <= pace * 1.05 and throttled == 0,
+    )
+    report.target(
+        "each trade closed once", f"{len(sandbox.emulator.closed_trades)} trades", f"{orders}, once each", closed_once
+    )
     report.save(args)
     return 0
 

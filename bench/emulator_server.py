@@ -157,8 +157,14 @@ class EmulatorProcess:
         log_name: str = "emulator",
     ) -> None:
         self.args = [
-            "--latency", str(latency), "--apply-qps", str(apply_qps or 0), "--query-qps", str(query_qps or 0),
-            "--success-delay", str(success_delay),
+            "--latency",
+            str(latency),
+            "--apply-qps",
+            str(apply_qps or 0),
+            "--query-qps",
+            str(query_qps or 0),
+            "--success-delay",
+            str(success_delay),
         ]
         self.log_path = OUT_DIR / f"{log_name}.log"
         self.proc: subprocess.Popen | None = None
@@ -169,7 +175,11 @@ class EmulatorProcess:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), *self.args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         log.close()

@@ -54,7 +54,10 @@ def main() -> int:
     rng = random.Random(args.seed)
     report = reporting.Report(f"End to end: {n:,} requests at once, then {trials} single requests on an idle daemon")
 
-    with database.Bench() as bench, EmulatorProcess(success_delay=SANDBOX_SUCCESS_DELAY_SECONDS, log_name="e2e-emulator") as emulator:
+    with (
+        database.Bench() as bench,
+        EmulatorProcess(success_delay=SANDBOX_SUCCESS_DELAY_SECONDS, log_name="e2e-emulator") as emulator,
+    ):
         report.machine_before = reporting.machine(bench.server)
         url, _engine = bench.database("bench_e2e")
         conn = bench.connect("bench_e2e")
@@ -75,13 +78,19 @@ def main() -> int:
                 f"SELECT COUNT(*) FROM goods_order2 WHERE id <= {n} AND stock_scanned = 1 AND sales_scanned = 1"
             )
             expected_wall = n / 150 + 60 + 60
-            wall = timed_wait(lambda: database.scalar(conn, settled_sql) >= n, timeout=max(600, 5 * expected_wall), interval=0.5,
-                              what="the burst to settle")
+            wall = timed_wait(
+                lambda: database.scalar(conn, settled_sql) >= n,
+                timeout=max(600, 5 * expected_wall),
+                interval=0.5,
+                what="the burst to settle",
+            )
             print(f"[burst] settled after {wall:.0f} s (bench's clock)", flush=True)
 
             inserted = database.scalar(conn, f"SELECT MIN(created_at) FROM req_order_ops WHERE order_id <= {n}")
             milestones = dict(
-                database.sql(conn, f"SELECT event, MAX(created_at) FROM goods_order2_oplog WHERE order_id <= {n} GROUP BY event")
+                database.sql(
+                    conn, f"SELECT event, MAX(created_at) FROM goods_order2_oplog WHERE order_id <= {n} GROUP BY event"
+                )
             )
             settled_at = database.scalar(conn, f"SELECT MAX(updated_at) FROM goods_order2 WHERE id <= {n}")
             to_submit = [
@@ -93,10 +102,15 @@ def main() -> int:
                 )
             ]
             outcome = dict(
-                database.sql(conn, f"SELECT CONCAT(scanned, '/', success, ' ', COALESCE(result_code, '-')), COUNT(*) "
-                                   f"FROM req_order_ops WHERE order_id <= {n} GROUP BY 1")
+                database.sql(
+                    conn,
+                    f"SELECT CONCAT(scanned, '/', success, ' ', COALESCE(result_code, '-')), COUNT(*) "
+                    f"FROM req_order_ops WHERE order_id <= {n} GROUP BY 1",
+                )
             )
-            refunded = database.scalar(conn, f"SELECT COUNT(*) FROM goods_order2 WHERE id <= {n} AND refund_status = 'REFUNDED'")
+            refunded = database.scalar(
+                conn, f"SELECT COUNT(*) FROM goods_order2 WHERE id <= {n} AND refund_status = 'REFUNDED'"
+            )
             burst_stats = emulator.stats()
             burst_rss = daemon.memory_mb()["VmHWM"]
 
@@ -114,15 +128,21 @@ def main() -> int:
                     )
                     req_id = cur.lastrowid
                 timed_wait(
-                    lambda: database.scalar(conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)),  # noqa: B023 - waited on in this iteration
-                    timeout=60, interval=0.02, what="the idle request's refund",
+                    lambda req_id=req_id: database.scalar(
+                        conn, "SELECT submitted_at IS NOT NULL FROM refund_order WHERE req_id = %s", (req_id,)
+                    ),
+                    timeout=60,
+                    interval=0.02,
+                    what="the idle request's refund",
                 )
-                took = float(database.scalar(
-                    conn,
-                    "SELECT TIMESTAMPDIFF(MICROSECOND, q.created_at, r.submitted_at) / 1e6 "
-                    "FROM req_order_ops q JOIN refund_order r ON r.req_id = q.id WHERE q.id = %s",
-                    (req_id,),
-                ))
+                took = float(
+                    database.scalar(
+                        conn,
+                        "SELECT TIMESTAMPDIFF(MICROSECOND, q.created_at, r.submitted_at) / 1e6 "
+                        "FROM req_order_ops q JOIN refund_order r ON r.req_id = q.id WHERE q.id = %s",
+                        (req_id,),
+                    )
+                )
                 idle.append(took)
                 print(f"[idle] request {k + 1}: refund submitted {took:.2f} s after insert", flush=True)
             peak_rss = daemon.memory_mb()["VmHWM"]
@@ -150,25 +170,44 @@ def main() -> int:
     report.table(
         "Gateway during the burst (at the emulator)",
         ["call", "accepted", "429s", "calls/s (middle 90%)", "busiest 1 s (all arrivals)"],
-        [["apply", apply["ok"], apply["http_429"], apply["steady_per_second"], apply["busiest_1s_all"]],
-         ["query", query["ok"], query["http_429"], query["steady_per_second"], query["busiest_1s_all"]]],
+        [
+            ["apply", apply["ok"], apply["http_429"], apply["steady_per_second"], apply["busiest_1s_all"]],
+            ["query", query["ok"], query["http_429"], query["steady_per_second"], query["busiest_1s_all"]],
+        ],
     )
     report.table(
         f"One request into the idle daemon ({trials} trials at random moments of the {configs.INTERVAL_SECONDS:.0f} s interval)",
         ["figure", "seconds"],
-        [["median", reporting.median(idle)], ["max", max(idle)], ["min", min(idle)], ["all", " ".join(f"{x:.2f}" for x in idle)]],
+        [
+            ["median", reporting.median(idle)],
+            ["max", max(idle)],
+            ["min", min(idle)],
+            ["all", " ".join(f"{x:.2f}" for x in idle)],
+        ],
     )
     first_poll = float(configs.jobs()["poll_refund"]["poll_delays_seconds"][0])
     pace = WECHAT_APPLY_QPS * PACING_HEADROOM
     floor = n / pace + first_poll
     settled = since_insert(settled_at)
-    report.target(f"burst of {n:,} settled vs the floor", f"{settled:.1f} s = {settled / floor:.3f} x the floor ({floor:.1f} s: "
-                  f"{n:,} / {pace:g} applies/s + {first_poll:g} s)", f"<= {SETTLE_TARGET_RATIO} x",
-                  settled <= SETTLE_TARGET_RATIO * floor)
-    report.target("idle request: refund submitted", f"max {max(idle):.2f} s, median {reporting.median(idle):.2f} s over {trials}",
-                  f"<= {IDLE_TARGET_SECONDS:.0f} s (interval + 1 s)", max(idle) <= IDLE_TARGET_SECONDS)
-    report.target(f"daemon peak RSS (burst of {n:,})", f"{peak_rss:.0f} MB (after the burst: {burst_rss:.0f} MB)",
-                  f"<= {PEAK_RSS_TARGET_MB:.0f} MB", peak_rss <= PEAK_RSS_TARGET_MB)
+    report.target(
+        f"burst of {n:,} settled vs the floor",
+        f"{settled:.1f} s = {settled / floor:.3f} x the floor ({floor:.1f} s: "
+        f"{n:,} / {pace:g} applies/s + {first_poll:g} s)",
+        f"<= {SETTLE_TARGET_RATIO} x",
+        settled <= SETTLE_TARGET_RATIO * floor,
+    )
+    report.target(
+        "idle request: refund submitted",
+        f"max {max(idle):.2f} s, median {reporting.median(idle):.2f} s over {trials}",
+        f"<= {IDLE_TARGET_SECONDS:.0f} s (interval + 1 s)",
+        max(idle) <= IDLE_TARGET_SECONDS,
+    )
+    report.target(
+        f"daemon peak RSS (burst of {n:,})",
+        f"{peak_rss:.0f} MB (after the burst: {burst_rss:.0f} MB)",
+        f"<= {PEAK_RSS_TARGET_MB:.0f} MB",
+        peak_rss <= PEAK_RSS_TARGET_MB,
+    )
     if refunded != n or outcome != {"1/1 OK": n}:
         report.note(f"request outcomes: {outcome}; refunded orders: {refunded:,} of {n:,}")
     report.note(

@@ -46,11 +46,16 @@ def latency_check(emulator: EmulatorProcess, calls: int = 20) -> float:
 
     i = emulator.info
     gateway = WeChatPayGateway(
-        mchid=i["mchid"], appid=i["appid"], merchant_serial_no=i["merchant_serial_no"],
+        mchid=i["mchid"],
+        appid=i["appid"],
+        merchant_serial_no=i["merchant_serial_no"],
         merchant_private_key_pem=Path(i["merchant_private_key_file"]).read_text(),
         platform_public_key_pem=Path(i["platform_public_key_file"]).read_text(),
-        platform_public_key_id=i["platform_public_key_id"], apiv3_key=emulator.env()["WECHATPAY_APIV3_KEY"],
-        base_url=i["base_url"], apply_qps=None, query_qps=None,
+        platform_public_key_id=i["platform_public_key_id"],
+        apiv3_key=emulator.env()["WECHATPAY_APIV3_KEY"],
+        base_url=i["base_url"],
+        apply_qps=None,
+        query_qps=None,
     )
     took = []
     try:
@@ -65,9 +70,14 @@ def latency_check(emulator: EmulatorProcess, calls: int = 20) -> float:
     return reporting.median(took)
 
 
-def drain(emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: str, n: int, knobs: dict, daemons: int = 1) -> dict:
-    raw = {"database_url": url, "wechat": emulator.wechat(knobs["apply_qps"], knobs["query_qps"]),
-           "jobs": configs.jobs(enabled=[stage], **{stage: knobs["job"]})}
+def drain(
+    emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: str, n: int, knobs: dict, daemons: int = 1
+) -> dict:
+    raw = {
+        "database_url": url,
+        "wechat": emulator.wechat(knobs["apply_qps"], knobs["query_qps"]),
+        "jobs": configs.jobs(enabled=[stage], **{stage: knobs["job"]}),
+    }
     done_sql = f"SELECT COUNT(*) FROM refund_order WHERE NOT ({pending_where})"
     last = {"done": -1, "at": time.monotonic()}
 
@@ -78,23 +88,32 @@ def drain(emulator: EmulatorProcess, url: str, conn, stage: str, pending_where: 
         if done != last["done"]:
             last.update(done=done, at=time.monotonic())
         elif time.monotonic() - last["at"] > DRAIN_STALL_SECONDS:
-            raise RuntimeError(f"{stage}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {done}/{n}; see {daemon.log_path}")
+            raise RuntimeError(
+                f"{stage}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {done}/{n}; see {daemon.log_path}"
+            )
         return False
 
     emulator.reset()
     emu_cpu0 = emulator.cpu_seconds()
     with ExitStack() as stack:
         # K daemons of one merchant share its limits (wechat.qps_shared): each paces at its share.
-        fleet = [stack.enter_context(DaemonProcess(OUT_DIR, raw, emulator.env(), name=f"gateway-{stage}-{i + 1}of{daemons}"))
-                 for i in range(daemons)]
+        fleet = [
+            stack.enter_context(DaemonProcess(OUT_DIR, raw, emulator.env(), name=f"gateway-{stage}-{i + 1}of{daemons}"))
+            for i in range(daemons)
+        ]
         daemon = fleet[0]  # named in the stall message
         cpu0 = [d.cpu_seconds() for d in fleet]
         wall = timed_wait(drained, timeout=7200, interval=0.5, what=f"{stage} to drain")
         cpu = sum(d.cpu_seconds() - c for d, c in zip(fleet, cpu0))
         peak = max(d.memory_mb()["VmHWM"] for d in fleet)
     stats = emulator.stats()
-    return {"wall": wall, "cpu": cpu, "peak_rss": peak, "emulator": stats,
-            "emulator_cpu": emulator.cpu_seconds() - emu_cpu0}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "peak_rss": peak,
+        "emulator": stats,
+        "emulator_cpu": emulator.cpu_seconds() - emu_cpu0,
+    }
 
 
 def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple[float, Path | None]:
@@ -105,14 +124,16 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
     import os
     from contextlib import ExitStack
 
-    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.engine.config import parse_config
     from cancel_scanner.engine.db import make_engine
     from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.scanners import REGISTRY, build_stages
 
     env = emulator.env()
-    config = parse_config({"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs(enabled=[stage])}, REGISTRY, env=env)
+    config = parse_config(
+        {"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs(enabled=[stage])}, REGISTRY, env=env
+    )
     with ExitStack() as stack:
         os.environ.update(env)
         gateway = build_gateway(config, stack)
@@ -125,8 +146,12 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
 
 def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=None, help="refunds (default 20,000: 133 s of applies at 150/s; --quick 1,000)")
-    p.add_argument("--profile", action="store_true", help="also drain in-process under pyinstrument (bench/out/profile-*)")
+    p.add_argument(
+        "--n", type=int, default=None, help="refunds (default 20,000: 133 s of applies at 150/s; --quick 1,000)"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="also drain in-process under pyinstrument (bench/out/profile-*)"
+    )
     p.add_argument("--pace", type=float, default=1.0, help="client pace as a fraction of the limit (jobs.yaml: 1.0)")
     p.add_argument("--batch-size", type=int, default=None, help="gateway stages' batch_size (jobs.yaml: 200)")
     p.add_argument("--concurrency", type=int, default=None, help="gateway stages' concurrency (jobs.yaml: 16)")
@@ -140,11 +165,18 @@ def main() -> int:
     job = configs.jobs(**{s: job_knobs for s in ("submit_refund", "poll_refund")})
     concurrency = {s: job[s]["concurrency"] for s in ("submit_refund", "poll_refund")}
     settings = "".join(
-        f", {label} {value}" for label, value in (("client pace x", args.pace if args.pace != 1.0 else None),
-                                                  ("batch_size", args.batch_size), ("concurrency", args.concurrency),
-                                                  ("daemons", args.daemons if args.daemons != 1 else None)) if value
+        f", {label} {value}"
+        for label, value in (
+            ("client pace x", args.pace if args.pace != 1.0 else None),
+            ("batch_size", args.batch_size),
+            ("concurrency", args.concurrency),
+            ("daemons", args.daemons if args.daemons != 1 else None),
+        )
+        if value
     )
-    report = reporting.Report(f"Gateway stages: {n:,} refunds, {args.latency * 1000:.0f} ms per call, limits {WECHAT_APPLY_QPS}/{WECHAT_QUERY_QPS} QPS{settings}")
+    report = reporting.Report(
+        f"Gateway stages: {n:,} refunds, {args.latency * 1000:.0f} ms per call, limits {WECHAT_APPLY_QPS}/{WECHAT_QUERY_QPS} QPS{settings}"
+    )
 
     with database.Bench() as bench, EmulatorProcess(latency=args.latency, log_name="gateway-emulator") as emulator:
         report.machine_before = reporting.machine(bench.server)
@@ -161,23 +193,43 @@ def main() -> int:
 
         print(f"[submit_refund] draining {n:,} refunds", flush=True)
         submit = drain(emulator, url, conn, "submit_refund", "submit_scanned = 0", n, knobs, args.daemons)
-        accepted = database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 1")
+        accepted = database.scalar(
+            conn, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 1"
+        )
 
         # The first poll is poll_delays_seconds[0] (60 s) after acceptance: make it due now.
-        database.sql(conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1")
+        database.sql(
+            conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1"
+        )
         database.wait_for_purge(conn)
         print(f"[poll_refund] draining {accepted:,} refunds", flush=True)
-        poll = drain(emulator, url, conn, "poll_refund", "submit_success = 1 AND progress_scanned = 0", accepted, knobs, args.daemons)
-        succeeded = database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND progress_success = 1")
+        poll = drain(
+            emulator,
+            url,
+            conn,
+            "poll_refund",
+            "submit_success = 1 AND progress_scanned = 0",
+            accepted,
+            knobs,
+            args.daemons,
+        )
+        succeeded = database.scalar(
+            conn, "SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 1 AND progress_success = 1"
+        )
         profiled = {}
         if args.profile:
             # Again, in this process: the emulator answers a replayed refund number with the same refund.
-            database.sql(conn, "UPDATE refund_order SET submit_scanned = 0, submit_success = 0, progress_scanned = 0, "
-                               "progress_success = 0, wx_status = NULL, next_attempt_at = NOW(3) - INTERVAL 1 SECOND")
+            database.sql(
+                conn,
+                "UPDATE refund_order SET submit_scanned = 0, submit_success = 0, progress_scanned = 0, "
+                "progress_success = 0, wx_status = NULL, next_attempt_at = NOW(3) - INTERVAL 1 SECOND",
+            )
             database.sql(conn, "DELETE FROM goods_order2_oplog WHERE event = 'REFUND_SUBMITTED'")
             database.wait_for_purge(conn)
             profiled["submit_refund"] = profile_in_process(emulator, url, "submit_refund")
-            database.sql(conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1")
+            database.sql(
+                conn, "UPDATE refund_order SET next_attempt_at = NOW(3) - INTERVAL 1 SECOND WHERE submit_success = 1"
+            )
             database.wait_for_purge(conn)
             profiled["poll_refund"] = profile_in_process(emulator, url, "poll_refund")
             for stage, (rate, out) in profiled.items():
@@ -192,26 +244,65 @@ def main() -> int:
         s = d["emulator"][kind]
         rate = s["steady_per_second"]
         bound = min(limit, concurrency[stage] / max(rtt, args.latency))
-        rows.append([
-            stage, finished, kind, s["ok_per_second"], rate, limit, rate / limit if rate else None, s["busiest_1s_all"], s["http_429"],
-            s["requests"], bound, d["cpu"] * 1e6 / max(1, finished), d["emulator_cpu"] * 1e6 / max(1, finished), d["peak_rss"],
-        ])
+        rows.append(
+            [
+                stage,
+                finished,
+                kind,
+                s["ok_per_second"],
+                rate,
+                limit,
+                rate / limit if rate else None,
+                s["busiest_1s_all"],
+                s["http_429"],
+                s["requests"],
+                bound,
+                d["cpu"] * 1e6 / max(1, finished),
+                d["emulator_cpu"] * 1e6 / max(1, finished),
+                d["peak_rss"],
+            ]
+        )
         peak = max(peak, d["peak_rss"])
     report.table(
         f"Gateway stages, {n:,} refunds; emulator latency {args.latency * 1000:.0f} ms "
         f"(sequential round trip measured {rtt * 1000:.1f} ms); concurrency {concurrency['submit_refund']}",
-        ["stage", "rows done", "call", "calls/s (all)", "calls/s (middle 90%)", "limit", "x limit", "busiest 1 s (all arrivals)", "429s", "calls made",
-         "concurrency/latency bound", "daemon CPU ms / 1k rows", "emulator CPU ms / 1k rows", "daemon peak RSS MB"],
+        [
+            "stage",
+            "rows done",
+            "call",
+            "calls/s (all)",
+            "calls/s (middle 90%)",
+            "limit",
+            "x limit",
+            "busiest 1 s (all arrivals)",
+            "429s",
+            "calls made",
+            "concurrency/latency bound",
+            "daemon CPU ms / 1k rows",
+            "emulator CPU ms / 1k rows",
+            "daemon peak RSS MB",
+        ],
         rows,
     )
     for row in rows:
         stage, x_limit, n429 = row[0], row[6], row[8]
-        report.target(f"{stage} pace", f"{x_limit:.3f} x limit ({row[4]:.1f}/s of {row[5]}; all calls {row[3]:.1f}/s)", f">= {LIMIT_RATIO_TARGET} x limit",
-                      x_limit is not None and x_limit >= LIMIT_RATIO_TARGET)
+        report.target(
+            f"{stage} pace",
+            f"{x_limit:.3f} x limit ({row[4]:.1f}/s of {row[5]}; all calls {row[3]:.1f}/s)",
+            f">= {LIMIT_RATIO_TARGET} x limit",
+            x_limit is not None and x_limit >= LIMIT_RATIO_TARGET,
+        )
         report.target(f"{stage} 429s", f"{n429}", "0", n429 == 0)
-    report.target("daemon peak RSS (gateway drains)", f"{peak:.0f} MB", f"<= {PEAK_RSS_TARGET_MB:.0f} MB", peak <= PEAK_RSS_TARGET_MB)
+    report.target(
+        "daemon peak RSS (gateway drains)",
+        f"{peak:.0f} MB",
+        f"<= {PEAK_RSS_TARGET_MB:.0f} MB",
+        peak <= PEAK_RSS_TARGET_MB,
+    )
     if accepted != n or succeeded != accepted:
-        report.note(f"only {accepted:,} of {n:,} refunds accepted and {succeeded:,} succeeded: see bench/out/gateway-*.log")
+        report.note(
+            f"only {accepted:,} of {n:,} refunds accepted and {succeeded:,} succeeded: see bench/out/gateway-*.log"
+        )
     report.note(
         "calls/s (all) = (accepted calls - 1) / (last - first arrival) at the emulator, retries after a 429 included; "
         "calls/s (middle 90%) = the same between the 5th and the 95th percentile arrival (the pace held, the target's "

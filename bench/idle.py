@@ -32,7 +32,16 @@ from testsupport.processes import DaemonProcess, process_cpu_seconds
 
 POLL_RATIO_TARGET = 2.0
 FULL_SCANS = ("ALL", "index")
-COUNTERS = ("Questions", "Com_select", "Com_commit", "Com_rollback", "Com_begin", "Com_update", "Com_insert", "Com_set_option")
+COUNTERS = (
+    "Questions",
+    "Com_select",
+    "Com_commit",
+    "Com_rollback",
+    "Com_begin",
+    "Com_update",
+    "Com_insert",
+    "Com_set_option",
+)
 
 
 def seed_finished(conn, rows: int) -> None:
@@ -90,10 +99,16 @@ def counters(conn) -> dict[str, int]:
 
 def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=None, help="finished rows per table, big (default 1,000,000; --quick 50,000)")
+    p.add_argument(
+        "--rows", type=int, default=None, help="finished rows per table, big (default 1,000,000; --quick 50,000)"
+    )
     p.add_argument("--small-rows", type=int, default=10_000, help="finished rows per table, small (default 10,000)")
-    p.add_argument("--reps", type=int, default=None, help="empty polls per stage and database (default 300; --quick 50)")
-    p.add_argument("--seconds", type=float, default=None, help="idle daemon observed this long (default 60; --quick 20)")
+    p.add_argument(
+        "--reps", type=int, default=None, help="empty polls per stage and database (default 300; --quick 50)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=None, help="idle daemon observed this long (default 60; --quick 20)"
+    )
     args = p.parse_args()
     reporting.quiet_logging()
     big_rows = args.rows or (50_000 if args.quick else 1_000_000)
@@ -128,15 +143,32 @@ def main() -> int:
                 plan, analyzed = explain(conn, statement, params)
                 scans = [r for r in plan if r["type"] in FULL_SCANS]
                 all_indexed &= not scans
-                plans.append([
-                    label, stage, " ".join(str(r["table"]) for r in plan), " ".join(str(r["type"]) for r in plan),
-                    " ".join(str(r["key"]) for r in plan), " ".join(str(r["rows"]) for r in plan),
-                    " ".join(str(r.get("r_rows")) for r in analyzed), " ".join(str(r["Extra"] or "") for r in plan),
-                    "FULL SCAN" if scans else "index",
-                ])
+                plans.append(
+                    [
+                        label,
+                        stage,
+                        " ".join(str(r["table"]) for r in plan),
+                        " ".join(str(r["type"]) for r in plan),
+                        " ".join(str(r["key"]) for r in plan),
+                        " ".join(str(r["rows"]) for r in plan),
+                        " ".join(str(r.get("r_rows")) for r in analyzed),
+                        " ".join(str(r["Extra"] or "") for r in plan),
+                        "FULL SCAN" if scans else "index",
+                    ]
+                )
         report.table(
             "EXPLAIN of every polling query (the runner's claim, FOR UPDATE SKIP LOCKED)",
-            ["rows/table", "stage", "table", "type", "key", "rows (estimate)", "rows read (ANALYZE)", "Extra", "verdict"],
+            [
+                "rows/table",
+                "stage",
+                "table",
+                "type",
+                "key",
+                "rows (estimate)",
+                "rows read (ANALYZE)",
+                "Extra",
+                "verdict",
+            ],
             [[f"{big_rows if r[0] == 'big' else small_rows:,}", *r[1:]] for r in plans],
         )
 
@@ -169,9 +201,19 @@ def main() -> int:
             raw = {"database_url": big_url, "wechat": emulator.wechat(), "jobs": configs.jobs()}
             with DaemonProcess(OUT_DIR, raw, emulator.env(), name="idle") as daemon:
                 time.sleep(6)  # past start-up: every stage has polled a few times
-                before, cpu_d, cpu_s, t0 = counters(big_conn), daemon.cpu_seconds(), process_cpu_seconds(bench.server.pid), time.monotonic()
+                before, cpu_d, cpu_s, t0 = (
+                    counters(big_conn),
+                    daemon.cpu_seconds(),
+                    process_cpu_seconds(bench.server.pid),
+                    time.monotonic(),
+                )
                 time.sleep(seconds)
-                after, cpu_d1, cpu_s1, t1 = counters(big_conn), daemon.cpu_seconds(), process_cpu_seconds(bench.server.pid), time.monotonic()
+                after, cpu_d1, cpu_s1, t1 = (
+                    counters(big_conn),
+                    daemon.cpu_seconds(),
+                    process_cpu_seconds(bench.server.pid),
+                    time.monotonic(),
+                )
                 rss = daemon.memory_mb()
         per_minute = 60.0 / (t1 - t0)
         delta = {k: (after[k] - before[k]) * per_minute for k in COUNTERS}
@@ -190,13 +232,18 @@ def main() -> int:
         for _url, _engine, conn in dbs.values():
             conn.close()
 
-    report.target("no polling query scans a whole table", "all use an index" if all_indexed else "a full scan (see table)",
-                  "index for every polling query", all_indexed)
+    report.target(
+        "no polling query scans a whole table",
+        "all use an index" if all_indexed else "a full scan (see table)",
+        "index for every polling query",
+        all_indexed,
+    )
     worst = max(poll_rows[:-1], key=lambda r: r[3])
     report.target(
         f"empty poll at {big_rows:,} vs {small_rows:,}",
         f"{tick_big / tick_small:.2f} x for a round of six; worst stage {worst[0]} {worst[3]:.2f} x",
-        f"<= {POLL_RATIO_TARGET:.0f} x", max(r[3] for r in poll_rows) <= POLL_RATIO_TARGET,
+        f"<= {POLL_RATIO_TARGET:.0f} x",
+        max(r[3] for r in poll_rows) <= POLL_RATIO_TARGET,
     )
     report.note(
         "Questions counts every statement a client sent (SELECT, COMMIT, ROLLBACK, SET ...); pool pre-pings are "

@@ -46,7 +46,9 @@ def main() -> int:
     args = p.parse_args()
     reporting.quiet_logging()
     batches = args.batches or (40 if args.quick else 120)
-    report = reporting.Report(f"Memory: {batches} batches of random size 1..{MAX_BATCH} per database stage, one process")
+    report = reporting.Report(
+        f"Memory: {batches} batches of random size 1..{MAX_BATCH} per database stage, one process"
+    )
 
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
@@ -84,11 +86,22 @@ def main() -> int:
     quarters = [batches // 4, batches // 2, batches]
     report.table(
         f"RSS of one process (MB) as a Runner runs {batches} batches of random size per stage; stages one after another",
-        ["stage", "after warm-up", *[f"after {q}" for q in quarters], "growth", "compiled cache entries", "distinct sizes"],
+        [
+            "stage",
+            "after warm-up",
+            *[f"after {q}" for q in quarters],
+            "growth",
+            "compiled cache entries",
+            "distinct sizes",
+        ],
         rows,
     )
-    report.target("RSS with varied batch sizes", f"{max(r[-4] for r in rows):.0f} MB at the end, peak {peak:.0f} MB",
-                  f"<= {RSS_TARGET_MB:.0f} MB", peak <= RSS_TARGET_MB)
+    report.target(
+        "RSS with varied batch sizes",
+        f"{max(r[-4] for r in rows):.0f} MB at the end, peak {peak:.0f} MB",
+        f"<= {RSS_TARGET_MB:.0f} MB",
+        peak <= RSS_TARGET_MB,
+    )
     report.note(
         "the engine's compiled cache is SQLAlchemy's LRU of 500 statements per engine; a statement whose shape depends "
         "on the batch (CASE id WHEN ... with one bound parameter per row) takes one entry per distinct size."

@@ -43,7 +43,9 @@ def seed(conn, orders: int) -> None:
     with conn.cursor() as cur:
         for stmt in SHOP_TABLES:
             cur.execute(stmt)
-        cur.execute("INSERT INTO goods (id, name, stock, sales) SELECT seq, CONCAT('g', seq), 1000, 10 FROM seq_1_to_100")
+        cur.execute(
+            "INSERT INTO goods (id, name, stock, sales) SELECT seq, CONCAT('g', seq), 1000, 10 FROM seq_1_to_100"
+        )
         for lo in range(1, orders + 1, CHUNK):
             hi = min(orders, lo + CHUNK - 1)
             cur.execute(
@@ -71,10 +73,13 @@ class ShopWriter(threading.Thread):
             due = time.monotonic()
             while not self.stop.is_set():
                 started = time.monotonic()
-                conn.execute(text(
-                    "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
-                    " VALUES (:id, :no, 1, 7, 1, 1, 100)"
-                ), {"id": self.next_id, "no": f"SHOP{self.next_id}"})
+                conn.execute(
+                    text(
+                        "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
+                        " VALUES (:id, :no, 1, 7, 1, 1, 100)"
+                    ),
+                    {"id": self.next_id, "no": f"SHOP{self.next_id}"},
+                )
                 conn.commit()
                 self.latencies.setdefault(self.phase, []).append(time.monotonic() - started)
                 self.next_id += 1
@@ -124,15 +129,28 @@ def main() -> int:
         rows = []
         for phase in ("idle", "migrate", "after"):
             lat = writer.latencies.get(phase, [])
-            rows.append([phase, len(lat), round(reporting.percentile(lat, 50) * 1000, 2), round(reporting.percentile(lat, 99) * 1000, 2),
-                         round(max(lat) * 1000, 1) if lat else None])
+            rows.append(
+                [
+                    phase,
+                    len(lat),
+                    round(reporting.percentile(lat, 50) * 1000, 2),
+                    round(reporting.percentile(lat, 99) * 1000, 2),
+                    round(max(lat) * 1000, 1) if lat else None,
+                ]
+            )
         report.table("shop INSERT INTO goods_order2 latency (ms)", ["phase", "inserts", "p50", "p99", "max"], rows)
         idle99 = reporting.percentile(writer.latencies["idle"], 99)
         during = writer.latencies.get("migrate", [])
         worst = max(during) if during else 0.0
-        report.target("migrate time", f"{total:.2f} s for {orders:,} orders", "minutes at most (online DDL)", total < 120)
-        report.target("shop inserts held", f"longest {worst * 1000:.0f} ms; p99 during / idle {reporting.ratio(reporting.percentile(during, 99), idle99):.1f}",
-                      f"none past the {migrate.LOCK_WAIT_SECONDS} s metadata-lock bound", worst < migrate.LOCK_WAIT_SECONDS)
+        report.target(
+            "migrate time", f"{total:.2f} s for {orders:,} orders", "minutes at most (online DDL)", total < 120
+        )
+        report.target(
+            "shop inserts held",
+            f"longest {worst * 1000:.0f} ms; p99 during / idle {reporting.ratio(reporting.percentile(during, 99), idle99):.1f}",
+            f"none past the {migrate.LOCK_WAIT_SECONDS} s metadata-lock bound",
+            worst < migrate.LOCK_WAIT_SECONDS,
+        )
         conn.close()
     report.save(args)
     return 0

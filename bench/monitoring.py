@@ -108,7 +108,11 @@ def _refund_pending(state: str, order_state: str = "refunding") -> Callable:
 
 def _poll_pending(conn, lo: int, hi: int) -> None:
     _refund_pending("poll")(conn, lo, hi)
-    database.sql(conn, "UPDATE refund_order SET wx_status = 'ABNORMAL' WHERE id BETWEEN %s AND %s", (lo, lo + ABNORMAL_REFUNDS - 1))
+    database.sql(
+        conn,
+        "UPDATE refund_order SET wx_status = 'ABNORMAL' WHERE id BETWEEN %s AND %s",
+        (lo, lo + ABNORMAL_REFUNDS - 1),
+    )
 
 
 def _submit_failed(conn, lo: int, hi: int) -> None:
@@ -164,19 +168,35 @@ def park_backlog(conn, first_backlog_id: int) -> None:
     """Nothing due for the idle daemon: the pending rows wait a day (still pending, now "waiting");
     sync_result's, which have no retry clock, end finished. The failed rows stay as they are."""
     later = "NOW(3) + INTERVAL 1 DAY"
-    database.sql(conn, f"UPDATE req_order_ops SET next_attempt_at = {later} WHERE id >= %s AND scanned = 0", (first_backlog_id,))
-    database.sql(conn, f"UPDATE goods_order2 SET close_next_attempt_at = {later} WHERE id >= %s AND cancel_requested_at IS NOT NULL",
-                 (first_backlog_id,))
-    database.sql(conn, f"UPDATE goods_order2 SET stock_next_attempt_at = {later}, sales_next_attempt_at = {later} "
-                       "WHERE id >= %s AND stock_scanned = 0 AND order_status = 'CANCELLED'", (first_backlog_id,))
-    database.sql(conn, "UPDATE goods_order2 o JOIN refund_order r ON r.order_id = o.id "
-                       "SET o.refund_status = 'REFUNDED', o.wx_progress_scanned = 1, o.refunded_at = NOW(3), "
-                       "o.stock_scanned = 1, o.stock_success = 1, o.sales_scanned = 1, o.sales_success = 1, "
-                       "r.sync_scanned = 1, r.sync_success = 1 "
-                       "WHERE r.id >= %s AND r.progress_scanned = 1 AND r.sync_scanned = 0", (first_backlog_id,))
-    database.sql(conn, f"UPDATE refund_order SET next_attempt_at = {later} WHERE id >= %s AND "
-                       "((submit_scanned = 0 AND submit_success = 0) OR (submit_success = 1 AND progress_scanned = 0))",
-                 (first_backlog_id,))
+    database.sql(
+        conn, f"UPDATE req_order_ops SET next_attempt_at = {later} WHERE id >= %s AND scanned = 0", (first_backlog_id,)
+    )
+    database.sql(
+        conn,
+        f"UPDATE goods_order2 SET close_next_attempt_at = {later} WHERE id >= %s AND cancel_requested_at IS NOT NULL",
+        (first_backlog_id,),
+    )
+    database.sql(
+        conn,
+        f"UPDATE goods_order2 SET stock_next_attempt_at = {later}, sales_next_attempt_at = {later} "
+        "WHERE id >= %s AND stock_scanned = 0 AND order_status = 'CANCELLED'",
+        (first_backlog_id,),
+    )
+    database.sql(
+        conn,
+        "UPDATE goods_order2 o JOIN refund_order r ON r.order_id = o.id "
+        "SET o.refund_status = 'REFUNDED', o.wx_progress_scanned = 1, o.refunded_at = NOW(3), "
+        "o.stock_scanned = 1, o.stock_success = 1, o.sales_scanned = 1, o.sales_success = 1, "
+        "r.sync_scanned = 1, r.sync_success = 1 "
+        "WHERE r.id >= %s AND r.progress_scanned = 1 AND r.sync_scanned = 0",
+        (first_backlog_id,),
+    )
+    database.sql(
+        conn,
+        f"UPDATE refund_order SET next_attempt_at = {later} WHERE id >= %s AND "
+        "((submit_scanned = 0 AND submit_success = 0) OR (submit_success = 1 AND progress_scanned = 0))",
+        (first_backlog_id,),
+    )
 
 
 # --- 1, 2. one refresh, one status, their EXPLAIN -----------------------------------------------
@@ -192,10 +212,18 @@ def time_refreshes(targets: dict, stages: dict, lease_owner: tuple, reps: int, w
 
     owner, leases = lease_owner
     calls = {
-        "refresh": lambda engine, now: take_snapshot(engine, stages, now, takeover_seconds=TAKEOVER_SECONDS, owner=None,
-                                                     wall_now=time.time()),
-        "daemon refresh": lambda engine, now: take_snapshot(engine, stages, now, takeover_seconds=TAKEOVER_SECONDS, owner=owner,
-                                                            lease_columns=leases, wall_now=time.time()),
+        "refresh": lambda engine, now: take_snapshot(
+            engine, stages, now, takeover_seconds=TAKEOVER_SECONDS, owner=None, wall_now=time.time()
+        ),
+        "daemon refresh": lambda engine, now: take_snapshot(
+            engine,
+            stages,
+            now,
+            takeover_seconds=TAKEOVER_SECONDS,
+            owner=owner,
+            lease_columns=leases,
+            wall_now=time.time(),
+        ),
         "status": lambda engine, now: collect_status(engine, stages, now),
     }
     times = {(db, what): [] for db in targets for what in calls}
@@ -238,8 +266,15 @@ def snapshot_statements(engine, stages: dict, lease_owner: tuple) -> list[tuple[
     owner, leases = lease_owner
     event.listen(engine, "before_cursor_execute", capture)
     try:
-        take_snapshot(engine, stages, now, takeover_seconds=TAKEOVER_SECONDS, owner=owner, lease_columns=leases,
-                      wall_now=time.time())
+        take_snapshot(
+            engine,
+            stages,
+            now,
+            takeover_seconds=TAKEOVER_SECONDS,
+            owner=owner,
+            lease_columns=leases,
+            wall_now=time.time(),
+        )
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     return sent
@@ -318,13 +353,16 @@ def listening_port(daemon: DaemonProcess) -> int:
     """The port monitoring.listen 127.0.0.1:0 got, from the daemon's "listening" log record."""
     found = wait_until(
         lambda: next((r["port"] for r in daemon.logs() if r.get("action") == "listening" and r.get("port")), None),
-        30, f"{daemon.name} to listen", daemons=[daemon],
+        30,
+        f"{daemon.name} to listen",
+        daemons=[daemon],
     )
     return int(found)
 
 
-def idle_window(bench: database.Bench, conn, emulator: EmulatorProcess, url: str, monitoring: bool, seconds: float,
-                life: int) -> dict:
+def idle_window(
+    bench: database.Bench, conn, emulator: EmulatorProcess, url: str, monitoring: bool, seconds: float, life: int
+) -> dict:
     """One life of the idle daemon: CPU and statements over a window of ``seconds`` past start-up."""
     raw = {"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs()}
     if monitoring:
@@ -335,27 +373,45 @@ def idle_window(bench: database.Bench, conn, emulator: EmulatorProcess, url: str
         daemon = stack.enter_context(DaemonProcess(OUT_DIR, raw, emulator.env(), name=name))
         scraper = stack.enter_context(Scraper(listening_port(daemon))) if monitoring else None
         time.sleep(SETTLE_SECONDS)
-        before, cpu_d, cpu_s, t0 = counters(conn), daemon.cpu_seconds(), process_cpu_seconds(bench.server.pid), time.monotonic()
+        before, cpu_d, cpu_s, t0 = (
+            counters(conn),
+            daemon.cpu_seconds(),
+            process_cpu_seconds(bench.server.pid),
+            time.monotonic(),
+        )
         seen_before = set(scraper.refreshed) if scraper else set()
         time.sleep(seconds)
-        after, cpu_d1, cpu_s1, t1 = counters(conn), daemon.cpu_seconds(), process_cpu_seconds(bench.server.pid), time.monotonic()
+        after, cpu_d1, cpu_s1, t1 = (
+            counters(conn),
+            daemon.cpu_seconds(),
+            process_cpu_seconds(bench.server.pid),
+            time.monotonic(),
+        )
         rss = daemon.memory_mb()
         if scraper:
-            scraped = {"scrapes": scraper.scrapes, "errors": scraper.errors, "refreshes": len(scraper.refreshed - seen_before),
-                       "body": scraper.last_body}
+            scraped = {
+                "scrapes": scraper.scrapes,
+                "errors": scraper.errors,
+                "refreshes": len(scraper.refreshed - seen_before),
+                "body": scraper.last_body,
+            }
     per_minute = 60.0 / (t1 - t0)
     delta = {k: (after[k] - before[k]) * per_minute for k in COUNTERS}
     delta["Questions"] -= 1 * per_minute  # our own SHOW GLOBAL STATUS
     return {
-        "monitoring": monitoring, "seconds": t1 - t0, "per_minute": delta,
-        "daemon_cpu": (cpu_d1 - cpu_d) * per_minute, "server_cpu": (cpu_s1 - cpu_s) * per_minute,
-        "rss": rss["VmRSS"], **scraped,
+        "monitoring": monitoring,
+        "seconds": t1 - t0,
+        "per_minute": delta,
+        "daemon_cpu": (cpu_d1 - cpu_d) * per_minute,
+        "server_cpu": (cpu_s1 - cpu_s) * per_minute,
+        "rss": rss["VmRSS"],
+        **scraped,
     }
 
 
 def gauge(body: str, name: str, stage: str | None = None) -> str | None:
     prefix = f'{name}{{stage="{stage}"}} ' if stage else f"{name} "
-    return next((line[len(prefix):] for line in body.splitlines() if line.startswith(prefix)), None)
+    return next((line[len(prefix) :] for line in body.splitlines() if line.startswith(prefix)), None)
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -367,8 +423,12 @@ def main() -> int:
     p.add_argument("--small-orders", type=int, default=10_000, help="orders, small (default 10,000)")
     p.add_argument("--reps", type=int, default=20, help="timed refreshes and statuses per database (default 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed ones first (default 2)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="each idle daemon window (default 60; --quick 30: a multiple of the 15 s refresh)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="each idle daemon window (default 60; --quick 30: a multiple of the 15 s refresh)",
+    )
     p.add_argument("--skip-daemon", action="store_true", help="only the refresh, status and EXPLAIN measurements")
     args = p.parse_args()
     reporting.quiet_logging()
@@ -377,7 +437,9 @@ def main() -> int:
     seconds = args.seconds or (30.0 if args.quick else 60.0)
     if small_orders <= BACKLOG_ROWS:
         p.error(f"--small-orders must exceed the backlog's {BACKLOG_ROWS} rows")
-    report = reporting.Report(f"Monitoring: one refresh and `status` at {small_orders:,} vs {big_orders:,} orders; daemon CPU with it on and off")
+    report = reporting.Report(
+        f"Monitoring: one refresh and `status` at {small_orders:,} vs {big_orders:,} orders; daemon CPU with it on and off"
+    )
 
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
@@ -407,31 +469,57 @@ def main() -> int:
 
         # 1. one refresh and one status, small vs big; then totals once each
         print(f"timing {args.reps} refreshes and statuses per database (after {args.warmup} warm-ups)", flush=True)
-        times = time_refreshes({label: engine for label, (_u, engine, _c) in dbs.items()}, stages, lease_owner, args.reps,
-                               args.warmup)
+        times = time_refreshes(
+            {label: engine for label, (_u, engine, _c) in dbs.items()}, stages, lease_owner, args.reps, args.warmup
+        )
         totals = {}
         for label, (_url, engine, _conn) in dbs.items():
             print(f"[{label}] one status --totals", flush=True)
             totals[label] = time_totals(engine, stages)
         timing_rows = []
-        for what, caption in (("refresh", "one refresh (take_snapshot, owner=None)"),
-                              ("daemon refresh", "one refresh as the daemon takes it (its owner: + lease counts)"),
-                              ("status", "one status (collect_status)")):
+        for what, caption in (
+            ("refresh", "one refresh (take_snapshot, owner=None)"),
+            ("daemon refresh", "one refresh as the daemon takes it (its owner: + lease counts)"),
+            ("status", "one status (collect_status)"),
+        ):
             small, big = times[("small", what)], times[("big", what)]
-            timing_rows.append([caption, reporting.median(small) * 1000, reporting.percentile(small, 95) * 1000,
-                         reporting.median(big) * 1000, reporting.percentile(big, 95) * 1000,
-                         reporting.median(big) / reporting.median(small)])
-        timing_rows.append(["status --totals (totals=True), once", totals["small"][0] * 1000, None, totals["big"][0] * 1000, None,
-                     totals["big"][0] / totals["small"][0]])
+            timing_rows.append(
+                [
+                    caption,
+                    reporting.median(small) * 1000,
+                    reporting.percentile(small, 95) * 1000,
+                    reporting.median(big) * 1000,
+                    reporting.percentile(big, 95) * 1000,
+                    reporting.median(big) / reporting.median(small),
+                ]
+            )
+        timing_rows.append(
+            [
+                "status --totals (totals=True), once",
+                totals["small"][0] * 1000,
+                None,
+                totals["big"][0] * 1000,
+                None,
+                totals["big"][0] / totals["small"][0],
+            ]
+        )
         report.table(
             f"One refresh and one status, median and p95 of {args.reps} (after {args.warmup} warm-ups), ms",
-            ["what", f"median at {small_orders:,}", f"p95 at {small_orders:,}", f"median at {big_orders:,}",
-             f"p95 at {big_orders:,}", "ratio of medians"],
+            [
+                "what",
+                f"median at {small_orders:,}",
+                f"p95 at {small_orders:,}",
+                f"median at {big_orders:,}",
+                f"p95 at {big_orders:,}",
+                "ratio of medians",
+            ],
             timing_rows,
         )
         done_big = totals["big"][1]
-        report.note("status --totals counted done rows at the big size: "
-                    + ", ".join(f"{stage} {n:,}" for stage, n in done_big.items()))
+        report.note(
+            "status --totals counted done rows at the big size: "
+            + ", ".join(f"{stage} {n:,}" for stage, n in done_big.items())
+        )
 
         # 2. EXPLAIN of every statement one snapshot sends, on big
         big_url, big_engine, big_conn = dbs["big"]
@@ -444,20 +532,34 @@ def main() -> int:
             scans = [r for r in plan if r["type"] in FULL_SCANS]
             growing = [r for r in scans if r["table"] not in BOUNDED_TABLES]
             all_indexed &= not growing
-            plans.append([
-                i, summarize(shown), " ".join(str(r["type"]) for r in plan), " ".join(str(r["key"]) for r in plan),
-                " ".join(str(r["rows"]) for r in plan), " ".join(str(r.get("r_rows")) for r in analyzed),
-                " ".join(str(r["Extra"] or "") for r in plan),
-                "FULL SCAN" if growing else "full scan, bounded: one row per running daemon" if scans else "index",
-            ])
+            plans.append(
+                [
+                    i,
+                    summarize(shown),
+                    " ".join(str(r["type"]) for r in plan),
+                    " ".join(str(r["key"]) for r in plan),
+                    " ".join(str(r["rows"]) for r in plan),
+                    " ".join(str(r.get("r_rows")) for r in analyzed),
+                    " ".join(str(r["Extra"] or "") for r in plan),
+                    "FULL SCAN" if growing else "full scan, bounded: one row per running daemon" if scans else "index",
+                ]
+            )
         queries_path = OUT_DIR / "monitoring-snapshot-queries.sql"
         OUT_DIR.mkdir(parents=True, exist_ok=True)
         queries_path.write_text("\n".join(full_text), encoding="utf-8")
         report.table(
             f"EXPLAIN of the {len(sent)} statements one refresh sends as the daemon takes it, at {big_orders:,} orders "
             f"(owner=None sends the first {without_owner}, not the lease counts after them; full text: bench/out/{queries_path.name})",
-            ["#", "statement (columns | table and condition)", "type", "key", "rows (estimate)", "rows read (ANALYZE)",
-             "Extra", "verdict"],
+            [
+                "#",
+                "statement (columns | table and condition)",
+                "type",
+                "key",
+                "rows (estimate)",
+                "rows read (ANALYZE)",
+                "Extra",
+                "verdict",
+            ],
             plans,
         )
 
@@ -482,12 +584,28 @@ def main() -> int:
             values = [w["per_minute"][counter] if counter else w[key] for w in ws]
             return sum(v * s for v, s in zip(values, weights)) / sum(weights)
 
-        figures = [("daemon CPU seconds", "daemon_cpu", None), ("mariadbd CPU seconds", "server_cpu", None),
-                   *[(f"statements ({c})" if c == "Questions" else c, None, c) for c in COUNTERS]]
-        rows = [[label, per_min(False, key, c), per_min(True, key, c), reporting.ratio(per_min(True, key, c), per_min(False, key, c))]
-                for label, key, c in figures]
-        rows.append(["daemon RSS MB (end of window)", max(w["rss"] for w in modes[False]), max(w["rss"] for w in modes[True]),
-                     reporting.ratio(max(w["rss"] for w in modes[True]), max(w["rss"] for w in modes[False]))])
+        figures = [
+            ("daemon CPU seconds", "daemon_cpu", None),
+            ("mariadbd CPU seconds", "server_cpu", None),
+            *[(f"statements ({c})" if c == "Questions" else c, None, c) for c in COUNTERS],
+        ]
+        rows = [
+            [
+                label,
+                per_min(False, key, c),
+                per_min(True, key, c),
+                reporting.ratio(per_min(True, key, c), per_min(False, key, c)),
+            ]
+            for label, key, c in figures
+        ]
+        rows.append(
+            [
+                "daemon RSS MB (end of window)",
+                max(w["rss"] for w in modes[False]),
+                max(w["rss"] for w in modes[True]),
+                reporting.ratio(max(w["rss"] for w in modes[True]), max(w["rss"] for w in modes[False])),
+            ]
+        )
         report.table(
             f"Idle daemon on {big_orders:,} orders, per minute: monitoring off vs on (refresh_seconds {REFRESH_SECONDS}, "
             f"/metrics scraped every {SCRAPE_SECONDS:.0f} s); windows of {seconds:.0f} s in the order off, on, on, off",
@@ -496,14 +614,37 @@ def main() -> int:
         )
         report.table(
             "Each window",
-            ["#", "monitoring", "seconds", "daemon CPU s/min", "mariadbd CPU s/min", "statements/min", "refreshes the scraper saw", "scrapes"],
-            [[i, "on" if w["monitoring"] else "off", w["seconds"], w["daemon_cpu"], w["server_cpu"], w["per_minute"]["Questions"],
-              w.get("refreshes"), w.get("scrapes")] for i, w in enumerate(windows, 1)],
+            [
+                "#",
+                "monitoring",
+                "seconds",
+                "daemon CPU s/min",
+                "mariadbd CPU s/min",
+                "statements/min",
+                "refreshes the scraper saw",
+                "scrapes",
+            ],
+            [
+                [
+                    i,
+                    "on" if w["monitoring"] else "off",
+                    w["seconds"],
+                    w["daemon_cpu"],
+                    w["server_cpu"],
+                    w["per_minute"]["Questions"],
+                    w.get("refreshes"),
+                    w.get("scrapes"),
+                ]
+                for i, w in enumerate(windows, 1)
+            ],
         )
         on_body = modes[True][-1]["body"]
         shown = {stage: gauge(on_body, "cancel_scanner_pending_rows", stage) for stage in stages}
-        report.note("the last scrape's cancel_scanner_pending_rows: " + ", ".join(f"{s} {v}" for s, v in shown.items())
-                    + f"; cancel_scanner_abnormal_refunds {gauge(on_body, 'cancel_scanner_abnormal_refunds')}")
+        report.note(
+            "the last scrape's cancel_scanner_pending_rows: "
+            + ", ".join(f"{s} {v}" for s, v in shown.items())
+            + f"; cancel_scanner_abnormal_refunds {gauge(on_body, 'cancel_scanner_abnormal_refunds')}"
+        )
         errors = [e for w in modes[True] for e in w["errors"]]
         if errors:
             report.note(f"scrape errors: {len(errors)}, first: {errors[0]}")
@@ -515,16 +656,32 @@ def main() -> int:
         )
 
     big_refresh = reporting.median(times[("big", "refresh")]) * 1000
-    report.target(f"one refresh at {big_orders:,} orders", f"median {big_refresh:.1f} ms", f"< {REFRESH_TARGET_MS:.0f} ms",
-                  big_refresh < REFRESH_TARGET_MS)
+    report.target(
+        f"one refresh at {big_orders:,} orders",
+        f"median {big_refresh:.1f} ms",
+        f"< {REFRESH_TARGET_MS:.0f} ms",
+        big_refresh < REFRESH_TARGET_MS,
+    )
     daemon_refresh = reporting.median(times[("big", "daemon refresh")]) * 1000
-    report.target(f"one refresh as the daemon takes it at {big_orders:,} orders", f"median {daemon_refresh:.1f} ms",
-                  f"< {REFRESH_TARGET_MS:.0f} ms", daemon_refresh < REFRESH_TARGET_MS)
+    report.target(
+        f"one refresh as the daemon takes it at {big_orders:,} orders",
+        f"median {daemon_refresh:.1f} ms",
+        f"< {REFRESH_TARGET_MS:.0f} ms",
+        daemon_refresh < REFRESH_TARGET_MS,
+    )
     for row, what in zip(timing_rows[:3], ("refresh", "refresh as the daemon takes it", "status")):
-        report.target(f"{what} flat: {big_orders:,} vs {small_orders:,}", f"{row[5]:.2f} x (medians)",
-                      f"<= {FLAT_RATIO_TARGET} x", row[5] <= FLAT_RATIO_TARGET)
-    report.target("no statement of a refresh scans a table that grows with the orders",
-                  "all use an index" if all_indexed else "a full scan (see table)", "index for every such statement", all_indexed)
+        report.target(
+            f"{what} flat: {big_orders:,} vs {small_orders:,}",
+            f"{row[5]:.2f} x (medians)",
+            f"<= {FLAT_RATIO_TARGET} x",
+            row[5] <= FLAT_RATIO_TARGET,
+        )
+    report.target(
+        "no statement of a refresh scans a table that grows with the orders",
+        "all use an index" if all_indexed else "a full scan (see table)",
+        "index for every such statement",
+        all_indexed,
+    )
     report.note(
         "Seeded " + "; ".join(seeded) + " (INSERT ... SELECT from seq_*; goods_order2, req_order_ops and refund_order, "
         "ids shared; goods_order2_oplog is not seeded: nothing monitoring reads). Backlog, the same at both sizes: "

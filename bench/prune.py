@@ -56,17 +56,24 @@ def seed_finished_old(conn, rows: int) -> None:
         top = database.scalar(conn, f"SELECT MAX(id) FROM {table}")  # the oplog's auto-increment ids have gaps
         for lo in range(1, top + 1, seed.SEED_CHUNK_ROWS):
             hi = min(top, lo + seed.SEED_CHUNK_ROWS - 1)
-            database.sql(conn, f"UPDATE {table} SET created_at = NOW(3) - INTERVAL {AGE_DAYS} DAY,"
-                               f" updated_at = NOW(3) - INTERVAL {AGE_DAYS} DAY WHERE id BETWEEN {lo} AND {hi}")
+            database.sql(
+                conn,
+                f"UPDATE {table} SET created_at = NOW(3) - INTERVAL {AGE_DAYS} DAY,"
+                f" updated_at = NOW(3) - INTERVAL {AGE_DAYS} DAY WHERE id BETWEEN {lo} AND {hi}",
+            )
     seed.analyze(conn)
 
 
 class Writer(threading.Thread):
     """An order, then a merchant's request, one every ``gap`` seconds (autocommit); each latency by phase and kind."""
 
-    ORDER = text("INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
-                 " VALUES (:id, :no, 1, 7, 1, 1, 100)")
-    REQUEST = text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:id, 'MERCHANT_CANCEL', 'bench', 'load')")
+    ORDER = text(
+        "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
+        " VALUES (:id, :no, 1, 7, 1, 1, 100)"
+    )
+    REQUEST = text(
+        "INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:id, 'MERCHANT_CANCEL', 'bench', 'load')"
+    )
 
     def __init__(self, url: str, first_id: int, gap: float) -> None:
         super().__init__(daemon=True)
@@ -109,7 +116,8 @@ def explain_one_batch(engine, conn, batch: int) -> list[list]:
             return
         table = re.search(r"\bFROM (\w+)", statement).group(1)
         what = {"INSERT": "copy", "DELETE": "delete"}.get(verb) or (
-            "open orders" if "DISTINCT" in statement else "lock" if "FOR UPDATE" in statement else "scan")
+            "open orders" if "DISTINCT" in statement else "lock" if "FOR UPDATE" in statement else "scan"
+        )
         key = (what, table)
         if key in seen:
             return
@@ -125,14 +133,18 @@ def explain_one_batch(engine, conn, batch: int) -> list[list]:
         event.remove(engine, "before_cursor_execute", capture)
     out = []
     order = ("scan", "open orders", "lock", "copy", "delete")
-    for (what, table), plan in sorted(seen.items(), key=lambda kv: (TABLES.index(kv[0][1]) if kv[0][1] in TABLES else 9, order.index(kv[0][0]))):
+    for (what, table), plan in sorted(
+        seen.items(), key=lambda kv: (TABLES.index(kv[0][1]) if kv[0][1] in TABLES else 9, order.index(kv[0][0]))
+    ):
         for row in plan:
-            out.append([what, table, row["table"], row["type"], row["key"], row["rows"], row["Extra"] or "", _verdict(row)])
+            out.append(
+                [what, table, row["table"], row["type"], row["key"], row["rows"], row["Extra"] or "", _verdict(row)]
+            )
     return out
 
 
 def _verdict(row: dict) -> str:
-    """"FULL SCAN" for a table read whole; an IN list of 1,000 ids or more is a temporary table of its own
+    """ "FULL SCAN" for a table read whole; an IN list of 1,000 ids or more is a temporary table of its own
     (MariaDB's in_predicate_conversion_threshold), read whole by design, then each id by primary key."""
     name = str(row["table"] or "")
     if not name or name.startswith("<"):
@@ -156,7 +168,9 @@ def main() -> int:
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     idle_seconds = args.idle_seconds or (5.0 if args.quick else 10.0)
     reporting.quiet_logging()
-    report = reporting.Report(f"prune: {rows:,} finished orders ({rows:,} rows in each of {', '.join(TABLES)}) while the shop writes")
+    report = reporting.Report(
+        f"prune: {rows:,} finished orders ({rows:,} rows in each of {', '.join(TABLES)}) while the shop writes"
+    )
 
     speed_rows, latency_rows, explain_rows, lock_rows = [], [], [], []
     rates, ratios, all_indexed, worst_max = {}, {}, True, 0.0
@@ -184,8 +198,13 @@ def main() -> int:
             locks_before = lock_counters(conn)
             writer.phase = "prune"
             t0 = time.monotonic()
-            done = run_cli(["prune", "--older-than", "90d", "--batch-size", str(batch), "--max-rows", str(rows)],
-                           config=config, env=ALLOW_SANDBOX_ENV, cwd=OUT_DIR, timeout=7_200)
+            done = run_cli(
+                ["prune", "--older-than", "90d", "--batch-size", str(batch), "--max-rows", str(rows)],
+                config=config,
+                env=ALLOW_SANDBOX_ENV,
+                cwd=OUT_DIR,
+                timeout=7_200,
+            )
             wall = time.monotonic() - t0
             writer.phase = "after"
             locks_after = lock_counters(conn)
@@ -201,8 +220,12 @@ def main() -> int:
                 match = _LINE.match(line)
                 if not match:
                     continue
-                table, moved, batches, seconds = match.group(1), int(match.group(2).replace(",", "")), \
-                    int(match.group(3).replace(",", "")), float(match.group(4))
+                table, moved, batches, seconds = (
+                    match.group(1),
+                    int(match.group(2).replace(",", "")),
+                    int(match.group(3).replace(",", "")),
+                    float(match.group(4)),
+                )
                 archived = database.scalar(conn, f"SELECT COUNT(*) FROM {table}_archive")
                 if moved + first_moved != rows or archived != rows:
                     raise RuntimeError(f"{table}: moved {moved} + {first_moved}, archived {archived}, expected {rows}")
@@ -210,9 +233,16 @@ def main() -> int:
                 seconds_total += seconds
                 speed_rows.append([f"{batch:,}", table, moved, batches, seconds, moved / seconds if seconds else None])
             rates[batch] = moved_total / wall
-            speed_rows.append([f"{batch:,}", "all three (subprocess wall time)", moved_total, "", round(wall, 1), rates[batch]])
-            lock_rows.append([f"{batch:,}", locks_after["Innodb_row_lock_waits"] - locks_before["Innodb_row_lock_waits"],
-                              locks_after["Innodb_row_lock_time"] - locks_before["Innodb_row_lock_time"]])
+            speed_rows.append(
+                [f"{batch:,}", "all three (subprocess wall time)", moved_total, "", round(wall, 1), rates[batch]]
+            )
+            lock_rows.append(
+                [
+                    f"{batch:,}",
+                    locks_after["Innodb_row_lock_waits"] - locks_before["Innodb_row_lock_waits"],
+                    locks_after["Innodb_row_lock_time"] - locks_before["Innodb_row_lock_time"],
+                ]
+            )
 
             idle99 = reporting.percentile(writer.all("idle"), 99)
             during = writer.all("prune")
@@ -223,32 +253,67 @@ def main() -> int:
                     lat = writer.all(phase) if kind == "both" else writer.latencies.get((phase, kind), [])
                     if not lat:
                         continue
-                    latency_rows.append([f"{batch:,}", phase, kind, len(lat), reporting.percentile(lat, 50) * 1000,
-                                         reporting.percentile(lat, 99) * 1000, max(lat) * 1000])
+                    latency_rows.append(
+                        [
+                            f"{batch:,}",
+                            phase,
+                            kind,
+                            len(lat),
+                            reporting.percentile(lat, 50) * 1000,
+                            reporting.percentile(lat, 99) * 1000,
+                            max(lat) * 1000,
+                        ]
+                    )
             conn.close()
             bench.drop(name)
             print(f"[batch {batch}] {rates[batch]:,.0f} rows/s; writer p99 prune/idle {ratios[batch]:.2f}", flush=True)
 
-    report.table("prune's speed (its own per-table seconds; the last line per batch size: the command's wall time)",
-                 ["batch size", "table", "rows moved", "batches", "seconds", "rows/s"], speed_rows)
-    report.table("writer: one INSERT per gap, autocommit (ms)", ["batch size", "phase", "insert", "inserts", "p50", "p99", "max"],
-                 latency_rows)
-    report.table("InnoDB row-lock waits while prune ran (Innodb_row_lock_waits, Innodb_row_lock_time ms; the whole server)",
-                 ["batch size", "waits", "ms waited"], lock_rows)
-    report.table("EXPLAIN of each statement kind of one batch, on the full tables (FORCE INDEX names each index)",
-                 ["batch size", "statement", "of", "table", "type", "key", "rows (estimate)", "Extra", "verdict"], explain_rows)
+    report.table(
+        "prune's speed (its own per-table seconds; the last line per batch size: the command's wall time)",
+        ["batch size", "table", "rows moved", "batches", "seconds", "rows/s"],
+        speed_rows,
+    )
+    report.table(
+        "writer: one INSERT per gap, autocommit (ms)",
+        ["batch size", "phase", "insert", "inserts", "p50", "p99", "max"],
+        latency_rows,
+    )
+    report.table(
+        "InnoDB row-lock waits while prune ran (Innodb_row_lock_waits, Innodb_row_lock_time ms; the whole server)",
+        ["batch size", "waits", "ms waited"],
+        lock_rows,
+    )
+    report.table(
+        "EXPLAIN of each statement kind of one batch, on the full tables (FORCE INDEX names each index)",
+        ["batch size", "statement", "of", "table", "type", "key", "rows (estimate)", "Extra", "verdict"],
+        explain_rows,
+    )
 
     slowest = min(rates, key=rates.get)
-    report.target("prune speed", ", ".join(f"{rates[b]:,.0f} rows/s at batch {b:,}" for b in sizes),
-                  f">= {RATE_TARGET:,.0f} rows/s", rates[slowest] >= RATE_TARGET)
-    report.target("shop writer during prune", ", ".join(f"p99 {ratios[b]:.2f} x idle at batch {b:,}" for b in sizes)
-                  + f"; longest insert {worst_max * 1000:.0f} ms", f"p99 <= {P99_RATIO_TARGET:.0f} x idle",
-                  max(ratios.values()) <= P99_RATIO_TARGET)
-    report.target("no statement reads a table whole", "all use an index" if all_indexed else "a full scan (see EXPLAIN)",
-                  "index for every statement", all_indexed)
-    report.note("Each measurement on a fresh database of the same server (testsupport/mariadb.py's settings:"
-                " innodb_flush_log_at_trx_commit=2, 256 MB buffer pool); purge waited for after seeding. The first"
-                " batch of each table is moved in-process (for EXPLAIN) before the timed run, which moves the rest.")
+    report.target(
+        "prune speed",
+        ", ".join(f"{rates[b]:,.0f} rows/s at batch {b:,}" for b in sizes),
+        f">= {RATE_TARGET:,.0f} rows/s",
+        rates[slowest] >= RATE_TARGET,
+    )
+    report.target(
+        "shop writer during prune",
+        ", ".join(f"p99 {ratios[b]:.2f} x idle at batch {b:,}" for b in sizes)
+        + f"; longest insert {worst_max * 1000:.0f} ms",
+        f"p99 <= {P99_RATIO_TARGET:.0f} x idle",
+        max(ratios.values()) <= P99_RATIO_TARGET,
+    )
+    report.target(
+        "no statement reads a table whole",
+        "all use an index" if all_indexed else "a full scan (see EXPLAIN)",
+        "index for every statement",
+        all_indexed,
+    )
+    report.note(
+        "Each measurement on a fresh database of the same server (testsupport/mariadb.py's settings:"
+        " innodb_flush_log_at_trx_commit=2, 256 MB buffer pool); purge waited for after seeding. The first"
+        " batch of each table is moved in-process (for EXPLAIN) before the timed run, which moves the rest."
+    )
     report.save(args)
     return 0
 

@@ -74,8 +74,11 @@ def seed_refunds(conn, day_refunds: int, older: int, bill_date: date) -> None:
     for lo in range(1, total + 1, seed.SEED_CHUNK_ROWS):
         hi = min(total, lo + seed.SEED_CHUNK_ROWS - 1)
         submitted = f"IF(id <= {day_refunds}, {day}, {before})"
-        database.sql(conn, f"UPDATE refund_order SET submitted_at = {submitted},"
-                           f" success_time = {submitted} + INTERVAL 1 MINUTE WHERE id BETWEEN {lo} AND {hi}")
+        database.sql(
+            conn,
+            f"UPDATE refund_order SET submitted_at = {submitted},"
+            f" success_time = {submitted} + INTERVAL 1 MINUTE WHERE id BETWEEN {lo} AND {hi}",
+        )
     seed.analyze(conn)
     for table in ("refund_order_archive", "reconcile_diff", "reconcile_run"):
         database.sql(conn, f"ANALYZE TABLE {table}")
@@ -114,8 +117,20 @@ def make_bill(bill_date: date, day_refunds: int, off_by_a_fen: set[int]) -> byte
         offset = (i - 1) * DAY_SPAN_SECONDS // day_refunds  # as seed_refunds' submitted_at
         trade, transaction, fen = f"SO{i:012d}", f"4200{i:024d}", amount(i)
         payments.append(Payment(trade, fen, transaction, success_at=start + offset // 2))
-        refunds.append(Refund(f"50{i:030d}", f"CSR{i}-1", trade, transaction, fen + (i in off_by_a_fen), fen, None,
-                              created_at=start + offset, status=STATUS_SUCCESS, success_at=start + offset + 60))
+        refunds.append(
+            Refund(
+                f"50{i:030d}",
+                f"CSR{i}-1",
+                trade,
+                transaction,
+                fen + (i in off_by_a_fen),
+                fen,
+                None,
+                created_at=start + offset,
+                status=STATUS_SUCCESS,
+                success_at=start + offset + 60,
+            )
+        )
     data = BillMaker(payments, refunds).bill_bytes(bill_date, "ALL")
     assert data is not None
     return data
@@ -192,13 +207,21 @@ def verdict(kind: str, row: dict) -> str:
 
 def fill_archive(conn, lo: int, hi: int) -> None:
     """Refunds lo..hi copied into refund_order_archive, as prune leaves them there; statistics fresh."""
-    columns = ", ".join(name for (name,) in database.sql(
-        conn, "SELECT column_name FROM information_schema.columns WHERE table_schema = DATABASE()"
-              " AND table_name = 'refund_order_archive' AND column_name <> 'archived_at' ORDER BY ordinal_position"))
+    columns = ", ".join(
+        name
+        for (name,) in database.sql(
+            conn,
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = DATABASE()"
+            " AND table_name = 'refund_order_archive' AND column_name <> 'archived_at' ORDER BY ordinal_position",
+        )
+    )
     for a in range(lo, hi + 1, seed.SEED_CHUNK_ROWS):
         b = min(hi, a + seed.SEED_CHUNK_ROWS - 1)
-        database.sql(conn, f"INSERT INTO refund_order_archive ({columns}) SELECT {columns} FROM refund_order"
-                           f" WHERE id BETWEEN {a} AND {b}")
+        database.sql(
+            conn,
+            f"INSERT INTO refund_order_archive ({columns}) SELECT {columns} FROM refund_order"
+            f" WHERE id BETWEEN {a} AND {b}",
+        )
     database.sql(conn, "ANALYZE TABLE refund_order_archive")
 
 
@@ -216,15 +239,23 @@ def timed(fn, reps: int) -> tuple[list[float], object]:
 
 def check(result, state: str, rows: int, diffs: int) -> None:
     if result.state != state or result.bill_rows != rows or len(result.diffs) != diffs:
-        raise RuntimeError(f"reconcile_day: {result.state}, {result.bill_rows} bill rows, {result.counts}; expected"
-                           f" {state}, {rows} rows, {diffs} difference(s)")
+        raise RuntimeError(
+            f"reconcile_day: {result.state}, {result.bill_rows} bill rows, {result.counts}; expected"
+            f" {state}, {rows} rows, {diffs} difference(s)"
+        )
 
 
 def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=None, help="the bill's detail rows, half payments, half refunds"
-                                                          " (default 100,000; --quick 10,000)")
-    p.add_argument("--older", type=int, default=None, help="finished refunds of earlier days (default 1,000,000; --quick 100,000)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="the bill's detail rows, half payments, half refunds (default 100,000; --quick 10,000)",
+    )
+    p.add_argument(
+        "--older", type=int, default=None, help="finished refunds of earlier days (default 1,000,000; --quick 100,000)"
+    )
     p.add_argument("--reps", type=int, default=3, help="runs per measurement, median reported (default 3)")
     p.add_argument("--diff-percent", type=float, default=1.0, help="the bill's rows one fen off in (c) (default 1)")
     args = p.parse_args()
@@ -237,8 +268,10 @@ def main() -> int:
         raise SystemExit(f"--diff-percent: {planted} differences, but the bill has {day_refunds} refund rows")
     reporting.quiet_logging()
     bill_date = datetime.now(BEIJING).date() - timedelta(days=1)
-    report = reporting.Report(f"reconcile: one day's ALL bill of {rows:,} rows ({day_refunds:,} refunds + {day_refunds:,}"
-                              f" payments) against {day_refunds + older:,} finished refunds")
+    report = reporting.Report(
+        f"reconcile: one day's ALL bill of {rows:,} rows ({day_refunds:,} refunds + {day_refunds:,}"
+        f" payments) against {day_refunds + older:,} finished refunds"
+    )
 
     print(f"making the bills of {bill_date}", flush=True)
     stride = day_refunds // planted
@@ -286,18 +319,42 @@ def main() -> int:
                 check(result, state, rows, diffs)
                 in_db = sum(capture.seconds.values())
                 for kind in sorted(capture.seconds, key=capture.seconds.get, reverse=True):
-                    statement_rows.append([label, kind, capture.count[kind], capture.seconds[kind],
-                                           f"{100 * capture.seconds[kind] / took[0]:.0f}%"])
-                statement_rows.append([label, "all statements / the run", sum(capture.count.values()), in_db,
-                                       f"{100 * in_db / took[0]:.0f}% of {took[0]:.2f} s"])
+                    statement_rows.append(
+                        [
+                            label,
+                            kind,
+                            capture.count[kind],
+                            capture.seconds[kind],
+                            f"{100 * capture.seconds[kind] / took[0]:.0f}%",
+                        ]
+                    )
+                statement_rows.append(
+                    [
+                        label,
+                        "all statements / the run",
+                        sum(capture.count.values()),
+                        in_db,
+                        f"{100 * in_db / took[0]:.0f}% of {took[0]:.2f} s",
+                    ]
+                )
         explain_rows, scans, empty_scans = [], [], []
         for kind, plan in capture.plans.items():
             for row in plan:
                 if verdict(kind, row) == "FULL SCAN":
                     # the empty archive: a full scan of nothing, judged again below on a full archive
                     (empty_scans if "archive" in str(row["table"]) else scans).append(f"{kind} (type {row['type']})")
-                explain_rows.append(["empty", kind, row["table"], row["type"], row["key"], row["rows"], row["Extra"] or "",
-                                     verdict(kind, row)])
+                explain_rows.append(
+                    [
+                        "empty",
+                        kind,
+                        row["table"],
+                        row["type"],
+                        row["key"],
+                        row["rows"],
+                        row["Extra"] or "",
+                        verdict(kind, row),
+                    ]
+                )
 
         # (b), (c): the timed runs
         clean_t, result = timed(lambda: run("clean"), args.reps)
@@ -306,7 +363,9 @@ def main() -> int:
         check(result, "DIFFERS", rows, planted)
         recorded = database.scalar(conn, "SELECT COUNT(*) FROM reconcile_diff WHERE bill_date = %s", (bill_date,))
         if recorded != planted or result.counts != {"AMOUNT_DIFFERS": planted}:
-            raise RuntimeError(f"(c): {recorded} rows in reconcile_diff, counts {result.counts}; expected {planted} AMOUNT_DIFFERS")
+            raise RuntimeError(
+                f"(c): {recorded} rows in reconcile_diff, counts {result.counts}; expected {planted} AMOUNT_DIFFERS"
+            )
 
         # the archive as prune leaves it: does its lookup still use its index once it holds rows?
         print(f"copying the {older:,} older refunds into refund_order_archive", flush=True)
@@ -317,21 +376,42 @@ def main() -> int:
         for kind, plan in capture.plans.items():
             if "archive" not in kind:
                 continue
-            statement_rows.append([f"clean, archive of {older:,}", kind, capture.count[kind], capture.seconds[kind],
-                                   f"{100 * capture.seconds[kind] / took[0]:.0f}% of {took[0]:.2f} s"])
+            statement_rows.append(
+                [
+                    f"clean, archive of {older:,}",
+                    kind,
+                    capture.count[kind],
+                    capture.seconds[kind],
+                    f"{100 * capture.seconds[kind] / took[0]:.0f}% of {took[0]:.2f} s",
+                ]
+            )
             for row in plan:
                 if verdict(kind, row) == "FULL SCAN":
                     scans.append(f"{kind} ({row['table']}, type {row['type']}, archive of {older:,})")
-                explain_rows.append([f"{older:,}", kind, row["table"], row["type"], row["key"], row["rows"],
-                                     row["Extra"] or "", verdict(kind, row)])
+                explain_rows.append(
+                    [
+                        f"{older:,}",
+                        kind,
+                        row["table"],
+                        row["type"],
+                        row["key"],
+                        row["rows"],
+                        row["Extra"] or "",
+                        verdict(kind, row),
+                    ]
+                )
         conn.close()
 
     med = reporting.median
     a, b, c = med(all_t), med(clean_t), med(differs_t)
-    report.table("the bill (the emulator's ALL bill: detail header, backticked values, BOM, yuan, summary)",
-                 ["bill", "detail rows", "refund rows", "payment rows", "rows one fen off", "bytes", "bytes gzipped"],
-                 [[label, rows, day_refunds, day_refunds, planted if label == "differs" else 0, len(pl), len(pk)]
-                  for label, (pl, pk, _s) in bills.items()])
+    report.table(
+        "the bill (the emulator's ALL bill: detail header, backticked values, BOM, yuan, summary)",
+        ["bill", "detail rows", "refund rows", "payment rows", "rows one fen off", "bytes", "bytes gzipped"],
+        [
+            [label, rows, day_refunds, day_refunds, planted if label == "differs" else 0, len(pl), len(pk)]
+            for label, (pl, pk, _s) in bills.items()
+        ],
+    )
     timing_rows = [
         ["(a) gunzip (the gateway's download does it)", *_stats(gunzip_t, rows)],
         ["(a) check_sha1", *_stats(sha_t, rows)],
@@ -342,36 +422,66 @@ def main() -> int:
         ["(a) + (b): the clean day, bill read to run recorded", a + b, None, None, rows / (a + b)],
         ["(a) + (c): the day with differences", a + c, None, None, rows / (a + c)],
     ]
-    report.table(f"seconds, median of {args.reps} (min, max); rows/s = bill rows / median", ["measurement", "median s", "min s",
-                 "max s", "rows/s"], timing_rows)
-    report.table("the split: reading the bill vs comparing and recording",
-                 ["day", "parse s (a)", "compare + record s", "parse share", "writing the differences"],
-                 [["clean", a, b, f"{100 * a / (a + b):.0f}%", "-"],
-                  ["differs", a, c, f"{100 * a / (a + c):.0f}%", f"{c - b:+.3f} s for {planted:,} rows"]])
-    report.table("statements reconcile_day sent, one instrumented run each (seconds from before to after cursor_execute,"
-                 " rows fetched included)", ["bill", "statement", "sent", "seconds", "share of the run"], statement_rows)
-    report.table("EXPLAIN of each statement kind, the first time reconcile_day sent it, on the seeded tables",
-                 ["archive rows", "statement", "table", "type", "key", "rows (estimate)", "Extra", "verdict"], explain_rows)
+    report.table(
+        f"seconds, median of {args.reps} (min, max); rows/s = bill rows / median",
+        ["measurement", "median s", "min s", "max s", "rows/s"],
+        timing_rows,
+    )
+    report.table(
+        "the split: reading the bill vs comparing and recording",
+        ["day", "parse s (a)", "compare + record s", "parse share", "writing the differences"],
+        [
+            ["clean", a, b, f"{100 * a / (a + b):.0f}%", "-"],
+            ["differs", a, c, f"{100 * a / (a + c):.0f}%", f"{c - b:+.3f} s for {planted:,} rows"],
+        ],
+    )
+    report.table(
+        "statements reconcile_day sent, one instrumented run each (seconds from before to after cursor_execute,"
+        " rows fetched included)",
+        ["bill", "statement", "sent", "seconds", "share of the run"],
+        statement_rows,
+    )
+    report.table(
+        "EXPLAIN of each statement kind, the first time reconcile_day sent it, on the seeded tables",
+        ["archive rows", "statement", "table", "type", "key", "rows (estimate)", "Extra", "verdict"],
+        explain_rows,
+    )
 
     parse_rate = rows / med(parse_t)
-    report.target("parse_bill", f"{parse_rate:,.0f} rows/s ({med(parse_t):.2f} s for {rows:,} rows)",
-                  f">= {PARSE_TARGET_ROWS_PER_SECOND:,.0f} rows/s (its docstring)", parse_rate >= PARSE_TARGET_ROWS_PER_SECOND)
-    report.target("no statement reads a table whole", "; ".join(scans) or "all use an index",
-                  "index for every statement", not scans)
-    report.note(f"N: the bill's {rows:,} detail rows are {day_refunds:,} refund rows (every refund of ours submitted that"
-                f" Beijing day, {bill_date}) and {day_refunds:,} payment rows (those refunds' orders, paid the same day: every"
-                " paid order is cancelled, so compare looks up the refunds of all of them, the worst case for ORPHAN_PAYMENT).")
-    report.note(f"refund_order: {day_refunds + older:,} finished refunds, {older:,} of them over the {OLDER_DAYS} days before"
-                f" {bill_date - timedelta(days=1)}; goods_order2 the same ids, cancelled and refunded; ANALYZE after seeding,"
-                " purge waited for. The archive is empty for the timed runs: every refund is found live, so the"
-                " archive's out_refund_no lookup is never sent; after them the older refunds are copied into it"
-                " (as prune would have moved them) and one more instrumented run EXPLAINs its order_id lookup again.")
+    report.target(
+        "parse_bill",
+        f"{parse_rate:,.0f} rows/s ({med(parse_t):.2f} s for {rows:,} rows)",
+        f">= {PARSE_TARGET_ROWS_PER_SECOND:,.0f} rows/s (its docstring)",
+        parse_rate >= PARSE_TARGET_ROWS_PER_SECOND,
+    )
+    report.target(
+        "no statement reads a table whole",
+        "; ".join(scans) or "all use an index",
+        "index for every statement",
+        not scans,
+    )
+    report.note(
+        f"N: the bill's {rows:,} detail rows are {day_refunds:,} refund rows (every refund of ours submitted that"
+        f" Beijing day, {bill_date}) and {day_refunds:,} payment rows (those refunds' orders, paid the same day: every"
+        " paid order is cancelled, so compare looks up the refunds of all of them, the worst case for ORPHAN_PAYMENT)."
+    )
+    report.note(
+        f"refund_order: {day_refunds + older:,} finished refunds, {older:,} of them over the {OLDER_DAYS} days before"
+        f" {bill_date - timedelta(days=1)}; goods_order2 the same ids, cancelled and refunded; ANALYZE after seeding,"
+        " purge waited for. The archive is empty for the timed runs: every refund is found live, so the"
+        " archive's out_refund_no lookup is never sent; after them the older refunds are copied into it"
+        " (as prune would have moved them) and one more instrumented run EXPLAINs its order_id lookup again."
+    )
     if empty_scans:
-        report.note(f"On the empty archive MariaDB plans {', '.join(empty_scans)}: a full scan of an empty table;"
-                    f" the target judges the plan on the archive of {older:,}.")
-    report.note("(b) and (c) get the bill already parsed (the split's other half is (a)); the neighbours' bills are NoBill."
-                " All runs on the same database, each replacing the day's rows; the two instrumented runs came first and"
-                " warmed the buffer pool (testsupport/mariadb.py's 256 MB).")
+        report.note(
+            f"On the empty archive MariaDB plans {', '.join(empty_scans)}: a full scan of an empty table;"
+            f" the target judges the plan on the archive of {older:,}."
+        )
+    report.note(
+        "(b) and (c) get the bill already parsed (the split's other half is (a)); the neighbours' bills are NoBill."
+        " All runs on the same database, each replacing the day's rows; the two instrumented runs came first and"
+        " warmed the buffer pool (testsupport/mariadb.py's 256 MB)."
+    )
     report.save(args)
     return 0
 

@@ -28,7 +28,9 @@ QUICK_RESULTS_PATH = OUT_DIR / "RESULTS-quick.md"
 def parser(description: str) -> argparse.ArgumentParser:
     """Every script's arguments: --quick, and where (whether) its figures are appended."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="small N: a smoke run (results go to bench/out/RESULTS-quick.md)")
+    p.add_argument(
+        "--quick", action="store_true", help="small N: a smoke run (results go to bench/out/RESULTS-quick.md)"
+    )
     p.add_argument("--results", type=Path, default=None, help="append the figures here (default: bench/RESULTS.md)")
     p.add_argument("--no-results", action="store_true", help="print only, append nothing")
     return p
@@ -102,7 +104,10 @@ class Report:
         for caption, headers, rows in self.tables:
             lines += [f"**{caption}**", "", markdown_table(headers, rows), ""]
         if self.targets:
-            rows = [[t.name, t.measured, t.target, {True: "met", False: "**NOT MET**", None: "n/a"}[t.met]] for t in self.targets]
+            rows = [
+                [t.name, t.measured, t.target, {True: "met", False: "**NOT MET**", None: "n/a"}[t.met]]
+                for t in self.targets
+            ]
             lines += ["**Targets**", "", markdown_table(["target", "measured", "wanted", "verdict"], rows), ""]
         for note in self.notes:
             lines.append(f"- {note}")
@@ -177,9 +182,12 @@ def machine(server: MariaDBServer | None = None) -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
-        ).stdout.strip() or "?"
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "?"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     try:

@@ -90,13 +90,23 @@ class Spec:
 
 
 SPECS = {
-    "intake": Spec("req_order_ops", "scanned", "success", f"next_attempt_at = '{HELD_UNTIL}'", "next_attempt_at = NULL"),
+    "intake": Spec(
+        "req_order_ops", "scanned", "success", f"next_attempt_at = '{HELD_UNTIL}'", "next_attempt_at = NULL"
+    ),
     "sync_result": Spec("refund_order", "sync_scanned", "sync_success", "progress_scanned = 0", "progress_scanned = 1"),
     "restore_stock": Spec(
-        "goods_order2", "stock_scanned", "stock_success", f"stock_next_attempt_at = '{HELD_UNTIL}'", "stock_next_attempt_at = NULL"
+        "goods_order2",
+        "stock_scanned",
+        "stock_success",
+        f"stock_next_attempt_at = '{HELD_UNTIL}'",
+        "stock_next_attempt_at = NULL",
     ),
     "decrement_sales": Spec(
-        "goods_order2", "sales_scanned", "sales_success", f"sales_next_attempt_at = '{HELD_UNTIL}'", "sales_next_attempt_at = NULL"
+        "goods_order2",
+        "sales_scanned",
+        "sales_success",
+        f"sales_next_attempt_at = '{HELD_UNTIL}'",
+        "sales_next_attempt_at = NULL",
     ),
 }
 
@@ -104,14 +114,14 @@ SPECS = {
 # times only as NULL or not, and no auto-increment ids (they differ per Galera node and per fleet).
 STATE_COLUMNS = {
     "req_order_ops": "id, order_id, scanned, success, result_code, result_msg, attempts, last_error, "
-                     "next_attempt_at IS NULL, scanned_at IS NULL",
+    "next_attempt_at IS NULL, scanned_at IS NULL",
     "goods_order2": "id, order_status, cancel_source, refund_status, wx_progress_scanned, cancelled_at IS NULL, "
-                    "refunded_at IS NULL, stock_scanned, stock_success, stock_attempts, stock_last_error, "
-                    "stock_next_attempt_at IS NULL, sales_scanned, sales_success, sales_attempts, sales_last_error, "
-                    "sales_next_attempt_at IS NULL",
+    "refunded_at IS NULL, stock_scanned, stock_success, stock_attempts, stock_last_error, "
+    "stock_next_attempt_at IS NULL, sales_scanned, sales_success, sales_attempts, sales_last_error, "
+    "sales_next_attempt_at IS NULL",
     "refund_order": "order_id, req_id, refund_seq, out_refund_no, out_trade_no, transaction_id, refund_amount, "
-                    "total_amount, reason, submit_scanned, submit_success, submit_sent, progress_scanned, "
-                    "progress_success, sync_scanned, sync_success, attempts, last_error, next_attempt_at IS NULL",
+    "total_amount, reason, submit_scanned, submit_success, submit_sent, progress_scanned, "
+    "progress_success, sync_scanned, sync_success, attempts, last_error, next_attempt_at IS NULL",
     "goods_order2_oplog": "order_id, event, detail",
     "goods": "id, stock, sales",
 }
@@ -139,7 +149,9 @@ def end_state(conn) -> dict[str, tuple[int, int]]:
     out = {}
     for table, columns in STATE_COLUMNS.items():
         values = ", ".join(f"COALESCE({c}, '~')" for c in columns.split(", "))
-        count, checksum = database.sql(conn, f"SELECT COUNT(*), COALESCE(SUM(CRC32(CONCAT_WS('|', {values}))), 0) FROM {table}")[0]
+        count, checksum = database.sql(
+            conn, f"SELECT COUNT(*), COALESCE(SUM(CRC32(CONCAT_WS('|', {values}))), 0) FROM {table}"
+        )[0]
         out[table] = (int(count), int(checksum))
     return out
 
@@ -148,7 +160,9 @@ def totals(conn, stage: str) -> dict[str, int]:
     """The end state a person reads: rows done, oplog rows, refunds, goods stock and sales."""
     spec = SPECS[stage]
     return {
-        "done": int(database.scalar(conn, f"SELECT COUNT(*) FROM {spec.table} WHERE {spec.scanned} = 1 AND {spec.success} = 1")),
+        "done": int(
+            database.scalar(conn, f"SELECT COUNT(*) FROM {spec.table} WHERE {spec.scanned} = 1 AND {spec.success} = 1")
+        ),
         "oplog": int(database.scalar(conn, "SELECT COUNT(*) FROM goods_order2_oplog")),
         "refunds": int(database.scalar(conn, "SELECT COUNT(*) FROM refund_order")),
         "stock": int(database.scalar(conn, "SELECT COALESCE(SUM(stock), 0) FROM goods")),
@@ -206,7 +220,9 @@ def drain_with_daemons(
         fleet = []
         for k, url in enumerate(urls):
             raw = {"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs(enabled=[stage])}
-            daemon = DaemonProcess(OUT_DIR, raw, emulator.env(), name=f"scaling-{tag}-{k + 1}of{len(urls)}", log_level="DEBUG")
+            daemon = DaemonProcess(
+                OUT_DIR, raw, emulator.env(), name=f"scaling-{tag}-{k + 1}of{len(urls)}", log_level="DEBUG"
+            )
             stack.callback(_stop, daemon)
             fleet.append(daemon.start())
         for daemon in fleet:
@@ -277,7 +293,9 @@ def _wait_drained(done: Callable[[], int], n: int, fleet: Sequence[DaemonProcess
         if count != last["done"]:
             last.update(done=count, at=time.monotonic())
         elif time.monotonic() - last["at"] > DRAIN_STALL_SECONDS:
-            raise RuntimeError(f"{what}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {count}/{n}; see {fleet[0].log_path}")
+            raise RuntimeError(
+                f"{what}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {count}/{n}; see {fleet[0].log_path}"
+            )
         return count >= n
 
     wait_until(drained, DRAIN_TIMEOUT_SECONDS, what, interval=0.2, daemons=fleet, error=RuntimeError)
@@ -323,7 +341,10 @@ def _marks(values: Sequence) -> str:
 def _insert(cur, table: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
     """One multi-row INSERT, as PyMySQL's executemany rewrites the daemon's."""
     row = "(" + _marks(columns) + ")"
-    cur.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * len(rows)), [v for r in rows for v in r])
+    cur.execute(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row] * len(rows)),
+        [v for r in rows for v in r],
+    )
 
 
 def _whens(pairs: dict) -> tuple[str, list]:
@@ -331,9 +352,24 @@ def _whens(pairs: dict) -> tuple[str, list]:
 
 
 REFUND_COLUMNS = (
-    "order_id", "req_id", "refund_seq", "out_refund_no", "out_trade_no", "transaction_id", "refund_amount", "total_amount",
-    "reason", "submit_scanned", "submit_success", "progress_scanned", "progress_success", "sync_scanned", "sync_success",
-    "attempts", "next_attempt_at", "submit_sent",
+    "order_id",
+    "req_id",
+    "refund_seq",
+    "out_refund_no",
+    "out_trade_no",
+    "transaction_id",
+    "refund_amount",
+    "total_amount",
+    "reason",
+    "submit_scanned",
+    "submit_success",
+    "progress_scanned",
+    "progress_success",
+    "sync_scanned",
+    "sync_success",
+    "attempts",
+    "next_attempt_at",
+    "submit_sent",
 )
 OPLOG_COLUMNS = ("order_id", "event", "detail")
 
@@ -355,18 +391,52 @@ def hand_intake(cur, now, limit: int) -> int:
         order_ids,
     )
     orders = {row[0]: row for row in cur.fetchall()}
-    cur.execute(f"SELECT order_id FROM req_order_ops WHERE order_id IN ({_marks(order_ids)}) AND success = %s", [*order_ids, 1])
-    _expect(len(orders) == len(order_ids) == len(requests) and not cur.fetchall(), "intake: orders busy, missing or asked twice")
+    cur.execute(
+        f"SELECT order_id FROM req_order_ops WHERE order_id IN ({_marks(order_ids)}) AND success = %s", [*order_ids, 1]
+    )
+    _expect(
+        len(orders) == len(order_ids) == len(requests) and not cur.fetchall(),
+        "intake: orders busy, missing or asked twice",
+    )
     by_source: dict[str, list[int]] = defaultdict(list)
     refunds, events = [], []
     for req_id, order_id, op_type, operator, reason, _attempts in requests:
         _, order_no, pay_status, transaction_id, paid_at, status, amount, deleted, asked = orders[order_id]
-        _expect(op_type in CANCEL_SOURCES and status == "PAID" and pay_status == 1 and not deleted and asked is None
-                and amount and transaction_id and now - paid_at <= REFUND_WINDOW, f"intake: order {order_id} not a plain paid order")
+        _expect(
+            op_type in CANCEL_SOURCES
+            and status == "PAID"
+            and pay_status == 1
+            and not deleted
+            and asked is None
+            and amount
+            and transaction_id
+            and now - paid_at <= REFUND_WINDOW,
+            f"intake: order {order_id} not a plain paid order",
+        )
         source = CANCEL_SOURCES[op_type]
         by_source[source].append(order_id)
-        refunds.append((order_id, req_id, 1, out_refund_no_for(order_id), order_no, transaction_id, amount, amount,
-                        wechat_reason(reason, source), 0, 0, 0, 0, 0, 0, 0, now, 0))
+        refunds.append(
+            (
+                order_id,
+                req_id,
+                1,
+                out_refund_no_for(order_id),
+                order_no,
+                transaction_id,
+                amount,
+                amount,
+                wechat_reason(reason, source),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                now,
+                0,
+            )
+        )
         events.append((order_id, "CANCELLED", f"req {req_id} {op_type} by {operator or '-'}"))
     for source in sorted(by_source):
         ids = by_source[source]
@@ -399,13 +469,18 @@ def hand_sync_result(cur, now, limit: int) -> int:
     if not refunds:
         return 0
     order_ids = sorted({r[1] for r in refunds})
-    cur.execute(f"SELECT id, refund_status FROM goods_order2 WHERE id IN ({_marks(order_ids)}) FOR UPDATE SKIP LOCKED", order_ids)
+    cur.execute(
+        f"SELECT id, refund_status FROM goods_order2 WHERE id IN ({_marks(order_ids)}) FOR UPDATE SKIP LOCKED",
+        order_ids,
+    )
     orders = dict(cur.fetchall())
     _expect(len(orders) == len(order_ids) == len(refunds), "sync_result: orders busy, missing or refunded twice")
     refunded, events = {}, []
     for _id, order_id, refund_seq, out_refund_no, amount, wx_status, progress_success, success_time, _a, _e in refunds:
-        _expect(orders[order_id] == "REFUNDING" and progress_success == 1 and wx_status == "SUCCESS" and refund_seq == 1,
-                f"sync_result: refund of order {order_id} is not a first refund that succeeded")
+        _expect(
+            orders[order_id] == "REFUNDING" and progress_success == 1 and wx_status == "SUCCESS" and refund_seq == 1,
+            f"sync_result: refund of order {order_id} is not a first refund that succeeded",
+        )
         refunded[order_id] = success_time or now
         events.append((order_id, "REFUND_SUCCEEDED", f"{out_refund_no} {amount} fen"))
     whens, params = _whens(refunded)
@@ -442,7 +517,10 @@ class GoodsMove:
 
 GOODS_MOVES = {
     "restore_stock": GoodsMove(
-        "stock", "stock", +1, "STOCK_RESTORED",
+        "stock",
+        "stock",
+        +1,
+        "STOCK_RESTORED",
         "SELECT id, goods_id, quantity, stock_attempts FROM goods_order2 WHERE stock_scanned = %s AND stock_success = %s "
         "AND order_status = %s AND refund_status IN (%s, %s) AND is_deleted = %s AND (pay_status = %s AND refund_status = %s "
         "OR pay_status = %s AND refund_status = %s) AND (stock_next_attempt_at IS NULL OR stock_next_attempt_at <= %s) "
@@ -451,7 +529,10 @@ GOODS_MOVES = {
         lambda value, delta: value + delta <= UINT_MAX,
     ),
     "decrement_sales": GoodsMove(
-        "sales", "sales", -1, "SALES_DECREMENTED",
+        "sales",
+        "sales",
+        -1,
+        "SALES_DECREMENTED",
         "SELECT id, goods_id, quantity, sales_attempts FROM goods_order2 WHERE sales_scanned = %s AND sales_success = %s "
         "AND order_status = %s AND refund_status = %s AND is_deleted = %s AND pay_status = %s "
         "AND (sales_next_attempt_at IS NULL OR sales_next_attempt_at <= %s) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -473,8 +554,10 @@ def hand_goods_move(move: GoodsMove, cur, now, limit: int) -> int:
     events = []
     for order_id, goods_id, quantity, _attempts in rows:
         delta = move.sign * quantity
-        _expect(goods_id in current and move.fits(current[goods_id] + deltas[goods_id], delta),
-                f"{move.event}: goods {goods_id} missing or out of range")
+        _expect(
+            goods_id in current and move.fits(current[goods_id] + deltas[goods_id], delta),
+            f"{move.event}: goods {goods_id} missing or out of range",
+        )
         deltas[goods_id] += delta
         events.append((order_id, move.event, f"goods {goods_id} {delta:+d}"))
     _insert(cur, "goods_order2_oplog", OPLOG_COLUMNS, events)
@@ -487,9 +570,15 @@ def hand_goods_move(move: GoodsMove, cur, now, limit: int) -> int:
     )
     _expect(flipped == len(ids), f"{move.event}: {len(ids)} claimed, {flipped} flipped")
     locking = sorted(deltas)
-    cur.execute(f"SELECT id, {move.column} FROM goods WHERE id IN ({_marks(locking)}) ORDER BY id FOR UPDATE SKIP LOCKED", locking)
+    cur.execute(
+        f"SELECT id, {move.column} FROM goods WHERE id IN ({_marks(locking)}) ORDER BY id FOR UPDATE SKIP LOCKED",
+        locking,
+    )
     held = dict(cur.fetchall())
-    _expect(len(held) == len(deltas) and all(move.fits(held[g], d) for g, d in deltas.items()), f"{move.event}: goods busy or moved")
+    _expect(
+        len(held) == len(deltas) and all(move.fits(held[g], d) for g, d in deltas.items()),
+        f"{move.event}: goods busy or moved",
+    )
     whens, params = _whens(deltas)
     cur.execute(
         f"UPDATE goods SET {move.column}=({move.column} + CASE id {whens} ELSE %s END), updated_at=CURRENT_TIMESTAMP(3) "
@@ -510,8 +599,16 @@ HAND_BATCH: dict[str, Callable] = {
 def hand_connect(server, name: str) -> pymysql.connections.Connection:
     """A connection with the daemon's session settings (UTC, READ COMMITTED, its lock wait), autocommit off."""
     conn = pymysql.connect(
-        host="127.0.0.1", port=server.port, user="root", password="", database=name, charset="utf8mb4", autocommit=False,
-        connect_timeout=5, read_timeout=600, write_timeout=600,
+        host="127.0.0.1",
+        port=server.port,
+        user="root",
+        password="",
+        database=name,
+        charset="utf8mb4",
+        autocommit=False,
+        connect_timeout=5,
+        read_timeout=600,
+        write_timeout=600,
         init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_SECONDS}",
     )
     with conn.cursor() as cur:
@@ -628,7 +725,10 @@ def capture_batches(bench: database.Bench, stage: str, batch: int) -> tuple[Batc
         runner.run_stage(stage)  # connects and warms up: not captured
         with wire() as sent:
             report = runner.run_stage(stage)
-        _expect(report.claimed == batch and report.done == batch, f"{stage}: the captured Runner batch did {report.counts()}")
+        _expect(
+            report.claimed == batch and report.done == batch,
+            f"{stage}: the captured Runner batch did {report.counts()}",
+        )
         daemon = Batch(list(sent))
         with wire() as sent:
             claimed = hand_batch(hand, stage, batch)
@@ -652,8 +752,11 @@ def compare_statements(stage: str, daemon: Batch, hand: Batch, show: bool) -> No
         for command, sql in hand.commands:
             print(f"  {readable(command, sql)}")
     if ours != theirs:
-        lines = [f"  {'=' if a == b else '!'} daemon: {a}\n    hand:   {b}" for a, b in zip(theirs + [""] * len(ours), ours + [""] * len(theirs))
-                 if a or b]
+        lines = [
+            f"  {'=' if a == b else '!'} daemon: {a}\n    hand:   {b}"
+            for a, b in zip(theirs + [""] * len(ours), ours + [""] * len(theirs))
+            if a or b
+        ]
         raise SystemExit(f"FAILED: {stage}: the hand loop does not send the daemon's statements:\n" + "\n".join(lines))
 
 
@@ -694,8 +797,11 @@ def settle_nodes(cluster: galera.GaleraCluster, name: str, stage: str, n: int) -
 
 def cert_failures(cluster: galera.GaleraCluster) -> int:
     """Certification failures and brute-force aborts, summed over the nodes."""
-    return sum(int(cluster.status(i, name) or 0) for i in range(len(cluster.nodes))
-               for name in ("wsrep_local_cert_failures", "wsrep_local_bf_aborts"))
+    return sum(
+        int(cluster.status(i, name) or 0)
+        for i in range(len(cluster.nodes))
+        for name in ("wsrep_local_cert_failures", "wsrep_local_bf_aborts")
+    )
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -724,8 +830,11 @@ def run_server(bench, emulator, stage: str, n: int, batch: int) -> tuple[Drain, 
         bench.drop(name)
         check_same(f"{stage}, {k} daemon(s) on the server", drain, hand)
         fleets[k] = drain
-        print(f"[{stage}] server, {k} daemon(s): {reporting.fmt(drain.rate)} rows/s, lost claims {drain.lost}, "
-              f"deferred rows {drain.deferred}", flush=True)
+        print(
+            f"[{stage}] server, {k} daemon(s): {reporting.fmt(drain.rate)} rows/s, lost claims {drain.lost}, "
+            f"deferred rows {drain.deferred}",
+            flush=True,
+        )
     return hand, fleets
 
 
@@ -743,8 +852,11 @@ def run_cluster(cluster, emulator, stage: str, n: int, batch: int, reference: Dr
         conn.close()
         check_same(f"{stage}, {k} daemon(s) on the cluster", drain, reference)
         fleets[k] = drain
-        print(f"[{stage}] cluster, {k} daemon(s): {reporting.fmt(drain.rate)} rows/s, lost claims {drain.lost}, "
-              f"cert failures {drain.cert_failures}", flush=True)
+        print(
+            f"[{stage}] cluster, {k} daemon(s): {reporting.fmt(drain.rate)} rows/s, lost claims {drain.lost}, "
+            f"cert failures {drain.cert_failures}",
+            flush=True,
+        )
     return fleets
 
 
@@ -752,8 +864,17 @@ def scaling_row(stage: str, setup: str, fleets: dict[int, Drain]) -> list:
     rates = [fleets[k].rate for k in FLEETS]
     per = lambda attr: " / ".join(str(getattr(fleets[k], attr)) for k in FLEETS)  # noqa: E731
     cert = per("cert_failures") if setup == "cluster" else None
-    return [stage, setup, *rates, reporting.ratio(rates[1], rates[0]), reporting.ratio(rates[2], rates[0]),
-            per("lost"), per("deferred"), cert, " / ".join(f"{fleets[k].cpu * 1e6 / fleets[k].rows:.0f}" for k in FLEETS)]
+    return [
+        stage,
+        setup,
+        *rates,
+        reporting.ratio(rates[1], rates[0]),
+        reporting.ratio(rates[2], rates[0]),
+        per("lost"),
+        per("deferred"),
+        cert,
+        " / ".join(f"{fleets[k].cpu * 1e6 / fleets[k].rows:.0f}" for k in FLEETS),
+    ]
 
 
 def main() -> int:
@@ -761,7 +882,11 @@ def main() -> int:
     p.add_argument("--n", type=int, default=None, help="rows per stage and measurement (default 30,000; --quick 3,000)")
     p.add_argument("--stages", default=",".join(seed.DB_STAGES))
     p.add_argument("--no-cluster", action="store_true", help="only the single server (no Galera cluster)")
-    p.add_argument("--show-statements", action="store_true", help="print one batch of each stage as the daemon and the hand loop send it")
+    p.add_argument(
+        "--show-statements",
+        action="store_true",
+        help="print one batch of each stage as the daemon and the hand loop send it",
+    )
     args = p.parse_args()
     reporting.quiet_logging()
     n = args.n or (3_000 if args.quick else 30_000)
@@ -772,7 +897,9 @@ def main() -> int:
     cluster_missing = None if args.no_cluster else galera.missing()
     with_cluster = not args.no_cluster and cluster_missing is None
     where = "one server and a 3-node Galera cluster" if with_cluster else "one server"
-    report = reporting.Report(f"Scaling: database stages with 1, 2 and 3 daemons, {n:,} rows each, on {where}; hand-written loop")
+    report = reporting.Report(
+        f"Scaling: database stages with 1, 2 and 3 daemons, {n:,} rows each, on {where}; hand-written loop"
+    )
 
     hands: dict[str, Drain] = {}
     server: dict[str, dict[int, Drain]] = {}
@@ -785,8 +912,11 @@ def main() -> int:
                 daemon_batch, by_hand = capture_batches(bench, stage, batch)
                 compare_statements(stage, daemon_batch, by_hand, args.show_statements)
                 wire_counts[stage] = (daemon_batch, by_hand)
-                print(f"\n[{stage}] the hand loop sends the daemon's {len(by_hand.statements)} statements per batch; "
-                      f"seeding {n:,} rows per measurement", flush=True)
+                print(
+                    f"\n[{stage}] the hand loop sends the daemon's {len(by_hand.statements)} statements per batch; "
+                    f"seeding {n:,} rows per measurement",
+                    flush=True,
+                )
                 hands[stage], server[stage] = run_server(bench, emulator, stage, n, batch)
         cluster_runs: dict[str, dict[int, Drain]] = {}
         if with_cluster:
@@ -795,7 +925,9 @@ def main() -> int:
             with galera.GaleraCluster(3, name="cs-bench") as cluster:
                 print(f"cluster up in {time.monotonic() - t:.0f} s", flush=True)
                 for stage in stages:
-                    cluster_runs[stage] = run_cluster(cluster, emulator, stage, n, configs.jobs()[stage]["batch_size"], hands[stage])
+                    cluster_runs[stage] = run_cluster(
+                        cluster, emulator, stage, n, configs.jobs()[stage]["batch_size"], hands[stage]
+                    )
 
     rows = []
     for stage in stages:
@@ -804,32 +936,71 @@ def main() -> int:
             rows.append(scaling_row(stage, "cluster", cluster_runs[stage]))
     report.table(
         f"Rows/s draining {n:,} rows, 1 / 2 / 3 daemons at once (cluster: daemon k on node k)",
-        ["stage", "setup", "1 daemon", "2 daemons", "3 daemons", "2/1", "3/1", "lost claims 1/2/3", "deferred rows 1/2/3",
-         "cert failures + BF aborts 1/2/3", "daemon CPU ms / 1k rows 1/2/3"],
+        [
+            "stage",
+            "setup",
+            "1 daemon",
+            "2 daemons",
+            "3 daemons",
+            "2/1",
+            "3/1",
+            "lost claims 1/2/3",
+            "deferred rows 1/2/3",
+            "cert failures + BF aborts 1/2/3",
+            "daemon CPU ms / 1k rows 1/2/3",
+        ],
         rows,
     )
     overhead = []
     for stage in stages:
         hand, one = hands[stage], server[stage][1]
         daemon_batch, by_hand = wire_counts[stage]
-        overhead.append([
-            stage, hand.rate, one.rate, reporting.ratio(hand.rate, one.rate), len(by_hand.commands), len(daemon_batch.commands),
-            daemon_batch.framework_summary(), hand.cpu * 1e6 / hand.rows, one.cpu * 1e6 / one.rows, "same",
-        ])
+        overhead.append(
+            [
+                stage,
+                hand.rate,
+                one.rate,
+                reporting.ratio(hand.rate, one.rate),
+                len(by_hand.commands),
+                len(daemon_batch.commands),
+                daemon_batch.framework_summary(),
+                hand.cpu * 1e6 / hand.rows,
+                one.cpu * 1e6 / one.rows,
+                "same",
+            ]
+        )
     report.table(
         f"Framework overhead: the hand-written PyMySQL loop vs one daemon, {n:,} rows, one server",
-        ["stage", "hand loop rows/s", "daemon rows/s", "hand / daemon", "commands / batch (hand)", "commands / batch (daemon)",
-         "sent only by the daemon", "hand CPU ms / 1k rows", "daemon CPU ms / 1k rows", "end state"],
+        [
+            "stage",
+            "hand loop rows/s",
+            "daemon rows/s",
+            "hand / daemon",
+            "commands / batch (hand)",
+            "commands / batch (daemon)",
+            "sent only by the daemon",
+            "hand CPU ms / 1k rows",
+            "daemon CPU ms / 1k rows",
+            "end state",
+        ],
         overhead,
     )
     for stage, hand_rate, daemon_rate, x, *_ in overhead:
-        report.target(f"{stage}: hand loop / daemon", f"{reporting.fmt(x)} x ({reporting.fmt(hand_rate)} vs {reporting.fmt(daemon_rate)} rows/s)",
-                      f"<= {OVERHEAD_TARGET:.0f} x", None if x is None else x <= OVERHEAD_TARGET)
+        report.target(
+            f"{stage}: hand loop / daemon",
+            f"{reporting.fmt(x)} x ({reporting.fmt(hand_rate)} vs {reporting.fmt(daemon_rate)} rows/s)",
+            f"<= {OVERHEAD_TARGET:.0f} x",
+            None if x is None else x <= OVERHEAD_TARGET,
+        )
     for row in rows:
         stage, setup, x2, x3 = row[0], row[1], row[5], row[6]
         for k, x in ((2, x2), (3, x3)):
-            report.target(f"{stage}, {setup}: {k} daemons / 1", f"{reporting.fmt(x)} x", f">= {SCALING_TARGET} x",
-                          None if x is None else x >= SCALING_TARGET)
+            report.target(
+                f"{stage}, {setup}: {k} daemons / 1",
+                f"{reporting.fmt(x)} x",
+                f">= {SCALING_TARGET} x",
+                None if x is None else x >= SCALING_TARGET,
+            )
     report.note(
         "rate = (rows - one batch per daemon) / (last updated_at - first updated_at) of the flipped rows, for the daemons and "
         "the hand loop alike (the fleet's first batches end together); the seeded rows are held back until every daemon of the fleet runs, then released in one UPDATE while "
@@ -869,12 +1040,18 @@ def main() -> int:
         "lists padded to a power of two. Every drain, hand loop and fleets, ended in the same "
         "state (flags, orders, refunds, oplog, goods stock and sales)."
     )
-    aborted = [f"{stage} on the {setup}, {k} daemon(s): {drain.aborted}"
-               for setup, runs in (("server", server), ("cluster", cluster_runs))
-               for stage, fleets in runs.items() for k, drain in fleets.items() if drain.aborted]
+    aborted = [
+        f"{stage} on the {setup}, {k} daemon(s): {drain.aborted}"
+        for setup, runs in (("server", server), ("cluster", cluster_runs))
+        for stage, fleets in runs.items()
+        for k, drain in fleets.items()
+        if drain.aborted
+    ]
     if aborted:
-        report.note("batches rolled back for another reason than a lost race (a transient database error; see the daemons' "
-                    f"logs in bench/out/scaling-*.log): {'; '.join(aborted)}")
+        report.note(
+            "batches rolled back for another reason than a lost race (a transient database error; see the daemons' "
+            f"logs in bench/out/scaling-*.log): {'; '.join(aborted)}"
+        )
     if cluster_missing:
         report.note(f"cluster not measured: this machine lacks {cluster_missing} (`bash scripts/test` installs it)")
     report.save(args)

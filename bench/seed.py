@@ -33,7 +33,10 @@ def _chunks(lo: int, hi: int, size: int = SEED_CHUNK_ROWS) -> Iterable[tuple[int
 def goods(conn, n: int = N_GOODS, stock: int = 1_000_000_000, sales: int = 1_000_000_000) -> None:
     """Goods 1..n, with stock and sales no measurement can run out of."""
     for a, b in _chunks(1, n):
-        sql(conn, f"INSERT INTO goods (id, name, stock, sales) SELECT seq, CONCAT('goods ', seq), {stock}, {sales} FROM seq_{a}_to_{b}")
+        sql(
+            conn,
+            f"INSERT INTO goods (id, name, stock, sales) SELECT seq, CONCAT('goods ', seq), {stock}, {sales} FROM seq_{a}_to_{b}",
+        )
 
 
 # goods_order2 by the state a stage leaves it in. Values: SQL expressions over `seq` (the id).
@@ -42,24 +45,42 @@ _ORDER_STATES: dict[str, dict[str, str]] = {
     "paid": {"order_status": "'PAID'"},
     # intake cancelled it and created a refund: what sync_result expects (with its refund polled)
     "refunding": {
-        "order_status": "'CANCELLED'", "cancel_source": "'MERCHANT'", "refund_status": "'REFUNDING'",
+        "order_status": "'CANCELLED'",
+        "cancel_source": "'MERCHANT'",
+        "refund_status": "'REFUNDING'",
         "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE",
     },
     # sync_result wrote SUCCESS: what restore_stock and decrement_sales expect
     "refunded": {
-        "order_status": "'CANCELLED'", "cancel_source": "'MERCHANT'", "refund_status": "'REFUNDED'",
-        "wx_progress_scanned": "1", "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE", "refunded_at": "NOW(3) - INTERVAL 5 MINUTE",
+        "order_status": "'CANCELLED'",
+        "cancel_source": "'MERCHANT'",
+        "refund_status": "'REFUNDED'",
+        "wx_progress_scanned": "1",
+        "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE",
+        "refunded_at": "NOW(3) - INTERVAL 5 MINUTE",
     },
     # cancelled before it was paid: restore_stock gives the goods back, no refund, no sales
     "cancelled_unpaid": {
-        "pay_status": "0", "transaction_id": "NULL", "paid_at": "NULL", "order_status": "'CANCELLED'",
-        "cancel_source": "'MERCHANT'", "refund_status": "'NONE'", "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE",
+        "pay_status": "0",
+        "transaction_id": "NULL",
+        "paid_at": "NULL",
+        "order_status": "'CANCELLED'",
+        "cancel_source": "'MERCHANT'",
+        "refund_status": "'NONE'",
+        "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE",
     },
     # every stage done
     "finished": {
-        "order_status": "'CANCELLED'", "cancel_source": "'MERCHANT'", "refund_status": "'REFUNDED'",
-        "wx_progress_scanned": "1", "stock_scanned": "1", "stock_success": "1", "sales_scanned": "1", "sales_success": "1",
-        "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE", "refunded_at": "NOW(3) - INTERVAL 5 MINUTE",
+        "order_status": "'CANCELLED'",
+        "cancel_source": "'MERCHANT'",
+        "refund_status": "'REFUNDED'",
+        "wx_progress_scanned": "1",
+        "stock_scanned": "1",
+        "stock_success": "1",
+        "sales_scanned": "1",
+        "sales_success": "1",
+        "cancelled_at": "NOW(3) - INTERVAL 10 MINUTE",
+        "refunded_at": "NOW(3) - INTERVAL 5 MINUTE",
     },
 }
 
@@ -88,7 +109,9 @@ def orders(conn, lo: int, hi: int, state: str, n_goods: int = N_GOODS, goods_sql
 _REQUEST_STATES = {
     "pending": {},
     "finished": {
-        "scanned": "1", "success": "1", "result_code": "'OK'",
+        "scanned": "1",
+        "success": "1",
+        "result_code": "'OK'",
         "result_msg": f"CONCAT('cancelled; full refund of ', {AMOUNT_SQL}, ' fen started')",
         "scanned_at": "NOW(3) - INTERVAL 10 MINUTE",
     },
@@ -111,7 +134,9 @@ def requests(conn, lo: int, hi: int, state: str, id_offset: int = 0) -> None:
 
 
 _ACCEPTED = {
-    "submit_scanned": "1", "submit_success": "1", "wx_refund_id": "CONCAT('50', LPAD(seq, 30, '0'))",
+    "submit_scanned": "1",
+    "submit_success": "1",
+    "wx_refund_id": "CONCAT('50', LPAD(seq, 30, '0'))",
     "submitted_at": "NOW(3) - INTERVAL 9 MINUTE",
 }
 _REFUND_STATES = {
@@ -121,12 +146,20 @@ _REFUND_STATES = {
     "poll": {**_ACCEPTED, "wx_status": "'PROCESSING'", "next_attempt_at": "NOW(3) - INTERVAL 1 SECOND"},
     # WeChat said SUCCESS: what sync_result expects
     "sync": {
-        **_ACCEPTED, "wx_status": "'SUCCESS'", "progress_scanned": "1", "progress_success": "1",
+        **_ACCEPTED,
+        "wx_status": "'SUCCESS'",
+        "progress_scanned": "1",
+        "progress_success": "1",
         "success_time": "NOW(3) - INTERVAL 6 MINUTE",
     },
     "finished": {
-        **_ACCEPTED, "wx_status": "'SUCCESS'", "progress_scanned": "1", "progress_success": "1",
-        "sync_scanned": "1", "sync_success": "1", "success_time": "NOW(3) - INTERVAL 6 MINUTE",
+        **_ACCEPTED,
+        "wx_status": "'SUCCESS'",
+        "progress_scanned": "1",
+        "progress_success": "1",
+        "sync_scanned": "1",
+        "sync_success": "1",
+        "success_time": "NOW(3) - INTERVAL 6 MINUTE",
     },
 }
 

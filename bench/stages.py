@@ -55,11 +55,15 @@ SPECS = {
         "refund_order", "sync_scanned", "sync_success", "progress_scanned = 1 AND sync_scanned = 0 AND sync_success = 0"
     ),
     "restore_stock": Spec(
-        "goods_order2", "stock_scanned", "stock_success",
+        "goods_order2",
+        "stock_scanned",
+        "stock_success",
         "stock_scanned = 0 AND stock_success = 0 AND order_status = 'CANCELLED' AND refund_status = 'REFUNDED' AND is_deleted = 0",
     ),
     "decrement_sales": Spec(
-        "goods_order2", "sales_scanned", "sales_success",
+        "goods_order2",
+        "sales_scanned",
+        "sales_success",
         "sales_scanned = 0 AND sales_success = 0 AND order_status = 'CANCELLED' AND refund_status = 'REFUNDED' AND is_deleted = 0",
     ),
 }
@@ -137,7 +141,9 @@ def drain_with_daemon(
         if done != last["done"]:
             last.update(done=done, at=time.monotonic())
         elif time.monotonic() - last["at"] > DRAIN_STALL_SECONDS:
-            raise RuntimeError(f"{stage}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {done}/{n}; see {daemon.log_path}")
+            raise RuntimeError(
+                f"{stage}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {done}/{n}; see {daemon.log_path}"
+            )
         return False
 
     with ExitStack() as stack:
@@ -185,10 +191,15 @@ def main() -> int:
     p.add_argument("--n", type=int, default=None, help="rows per stage (default 100,000; --quick 5,000)")
     p.add_argument("--baseline-rows", type=int, default=None, help="rows the naive scanner flips (default 20,000)")
     p.add_argument("--stages", default=",".join(seed.DB_STAGES))
-    p.add_argument("--profile", action="store_true", help="also drain in-process under pyinstrument (bench/out/profile-*)")
+    p.add_argument(
+        "--profile", action="store_true", help="also drain in-process under pyinstrument (bench/out/profile-*)"
+    )
     p.add_argument("--daemons", type=int, default=1, help="daemons draining together (several may share a database)")
-    p.add_argument("--durable", action="store_true",
-                   help="fsync the redo log at every commit (innodb_flush_log_at_trx_commit=1) instead of the test bed's =2")
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync the redo log at every commit (innodb_flush_log_at_trx_commit=1) instead of the test bed's =2",
+    )
     args = p.parse_args()
     reporting.quiet_logging()
     n = args.n or (5_000 if args.quick else 100_000)
@@ -197,7 +208,11 @@ def main() -> int:
     unknown = set(stages) - set(seed.DB_STAGES)
     if unknown:
         p.error(f"not database stages: {', '.join(sorted(unknown))}")
-    durability = "durable: innodb_flush_log_at_trx_commit=1" if args.durable else "test bed settings: innodb_flush_log_at_trx_commit=2"
+    durability = (
+        "durable: innodb_flush_log_at_trx_commit=1"
+        if args.durable
+        else "test bed settings: innodb_flush_log_at_trx_commit=2"
+    )
     fleet = f", {args.daemons} daemons at once" if args.daemons > 1 else ""
     report = reporting.Report(f"Database stages: {n:,} rows each ({durability}{fleet})")
 
@@ -232,31 +247,72 @@ def main() -> int:
                     event = "STOCK_RESTORED" if stage == "restore_stock" else "SALES_DECREMENTED"
                     database.sql(conn, "DELETE FROM goods_order2_oplog WHERE event = %s", (event,))
                 elif stage == "sync_result":
-                    database.sql(conn, "UPDATE goods_order2 SET refund_status = 'REFUNDING', wx_progress_scanned = 0, refunded_at = NULL")
+                    database.sql(
+                        conn,
+                        "UPDATE goods_order2 SET refund_status = 'REFUNDING', wx_progress_scanned = 0, refunded_at = NULL",
+                    )
                     database.sql(conn, "DELETE FROM goods_order2_oplog WHERE event = 'REFUND_SUCCEEDED'")
                 else:
-                    database.sql(conn, "UPDATE goods_order2 SET order_status = 'PAID', cancel_source = NULL, cancelled_at = NULL, refund_status = 'NONE'")
+                    database.sql(
+                        conn,
+                        "UPDATE goods_order2 SET order_status = 'PAID', cancel_source = NULL, cancelled_at = NULL, refund_status = 'NONE'",
+                    )
                     database.sql(conn, "DELETE FROM refund_order")
                     database.sql(conn, "DELETE FROM goods_order2_oplog")
                 database.wait_for_purge(conn)
                 prof_rate, out = profile_in_process(url, stage, n)
                 print(f"[{stage}] in-process under the profiler: {prof_rate:,.0f} rows/s; {out}", flush=True)
             rows.append(
-                [stage, spec.table, batch, ceil_rate, base_rate, d["rate"], reporting.ratio(d["rate"], ceil_rate),
-                 reporting.ratio(d["rate"], base_rate), d["cpu"] * 1e6 / n, d["peak_rss"]]
+                [
+                    stage,
+                    spec.table,
+                    batch,
+                    ceil_rate,
+                    base_rate,
+                    d["rate"],
+                    reporting.ratio(d["rate"], ceil_rate),
+                    reporting.ratio(d["rate"], base_rate),
+                    d["cpu"] * 1e6 / n,
+                    d["peak_rss"],
+                ]
                 + ([prof_rate] if args.profile else [])
             )
             conn.close()
             bench.drop(name)
 
-    headers = ["stage", "table", "batch", "ceiling rows/s", "baseline rows/s", "daemon rows/s", "x ceiling", "x baseline",
-               "daemon CPU ms / 1k rows", "daemon peak RSS MB"] + (["in-process rows/s (profiled)"] if args.profile else [])
+    headers = [
+        "stage",
+        "table",
+        "batch",
+        "ceiling rows/s",
+        "baseline rows/s",
+        "daemon rows/s",
+        "x ceiling",
+        "x baseline",
+        "daemon CPU ms / 1k rows",
+        "daemon peak RSS MB",
+    ] + (["in-process rows/s (profiled)"] if args.profile else [])
     report.table(f"Database stages, N = {n:,} rows each (baseline over {baseline_rows:,} rows)", headers, rows)
     for row in rows:
         stage, rate, x_ceil, x_base = row[0], row[5], row[6], row[7]
-        report.target(f"{stage} vs ceiling", f"{x_ceil:.2f} x ({rate:,.0f} rows/s)", f">= {CEILING_RATIO_TARGET} x", x_ceil >= CEILING_RATIO_TARGET)
-        report.target(f"{stage} vs baseline", f"{x_base:.1f} x", f">= {BASELINE_RATIO_TARGET:.0f} x", x_base >= BASELINE_RATIO_TARGET)
-    report.target("daemon peak RSS draining", f"{peak:.0f} MB (max over the stages above)", f"<= {PEAK_RSS_TARGET_MB:.0f} MB", peak <= PEAK_RSS_TARGET_MB)
+        report.target(
+            f"{stage} vs ceiling",
+            f"{x_ceil:.2f} x ({rate:,.0f} rows/s)",
+            f">= {CEILING_RATIO_TARGET} x",
+            x_ceil >= CEILING_RATIO_TARGET,
+        )
+        report.target(
+            f"{stage} vs baseline",
+            f"{x_base:.1f} x",
+            f">= {BASELINE_RATIO_TARGET:.0f} x",
+            x_base >= BASELINE_RATIO_TARGET,
+        )
+    report.target(
+        "daemon peak RSS draining",
+        f"{peak:.0f} MB (max over the stages above)",
+        f"<= {PEAK_RSS_TARGET_MB:.0f} MB",
+        peak <= PEAK_RSS_TARGET_MB,
+    )
     report.note(
         "ceiling: one UPDATE of the two flag columns per batch of `batch` ids, autocommit, on a copy of the table; "
         "baseline: SELECT a batch of ready ids, then UPDATE + COMMIT per row, on another copy; "

@@ -57,7 +57,9 @@ def main() -> int:
     reporting.quiet_logging()
     n = args.n or (5_000 if args.quick else 100_000)
     batches = args.batches or (5 if args.quick else 20)
-    report = reporting.Report(f"Server time per statement in one batch: {batches} batches of each database stage, {n:,} rows seeded")
+    report = reporting.Report(
+        f"Server time per statement in one batch: {batches} batches of each database stage, {n:,} rows seeded"
+    )
 
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
@@ -106,7 +108,9 @@ def main() -> int:
                 for key, (count, seconds, examined) in sorted(agg.items(), key=lambda kv: -kv[1][1])
                 if seconds / batches >= 0.0001
             ]
-            rows.append([stage, "all statements (server)", sum(a[0] for a in agg.values()) / batches, server * 1000, None])
+            rows.append(
+                [stage, "all statements (server)", sum(a[0] for a in agg.values()) / batches, server * 1000, None]
+            )
             rows.append([stage, "client: Python, driver, round trips", None, (wall - server) * 1000, None])
             rows.append([stage, "**batch wall time**", None, wall * 1000, None])
             report.table(

@@ -91,7 +91,9 @@ def leased_by(conn, owner: str) -> int:
     return database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = %s", (owner,))
 
 
-def one_kill(conn, db, emu: harness.ExternalEmulator, config: dict, survivor: DaemonProcess, k: int, lo: int, hi: int) -> dict:
+def one_kill(
+    conn, db, emu: harness.ExternalEmulator, config: dict, survivor: DaemonProcess, k: int, lo: int, hi: int
+) -> dict:
     victim = DaemonProcess(WORKDIR, config, emu.env(), name=f"victim-{k}").start()
     try:
         victim.wait_started(60)
@@ -102,8 +104,14 @@ def one_kill(conn, db, emu: harness.ExternalEmulator, config: dict, survivor: Da
         seed.oplog(conn, lo, hi, ("CANCELLED",))
         # Leased for submit_refund: the victim has (or is about to have) calls in flight for them.
         wait_until(
-            lambda: database.scalar(conn, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = %s AND submit_scanned = 0", (owner,)),
-            60, f"victim {k} to hold leases", until=lambda n: n > 0, interval=POLL_SECONDS, daemons=[victim, survivor],
+            lambda: database.scalar(
+                conn, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = %s AND submit_scanned = 0", (owner,)
+            ),
+            60,
+            f"victim {k} to hold leases",
+            until=lambda n: n > 0,
+            interval=POLL_SECONDS,
+            daemons=[victim, survivor],
         )
         killed_at = time.monotonic()
         victim.kill9()
@@ -114,8 +122,14 @@ def one_kill(conn, db, emu: harness.ExternalEmulator, config: dict, survivor: Da
     poll_ids = [i for i, s in held if s == 1]
     released = None
     try:
-        wait_until(lambda: leased_by(conn, owner), LEASE_SECONDS + 30, f"victim {k}'s leases released",
-                   until=lambda n: n == 0, interval=POLL_SECONDS, daemons=[survivor])
+        wait_until(
+            lambda: leased_by(conn, owner),
+            LEASE_SECONDS + 30,
+            f"victim {k}'s leases released",
+            until=lambda n: n == 0,
+            interval=POLL_SECONDS,
+            daemons=[survivor],
+        )
         released = time.monotonic() - killed_at
     except AssertionError as exc:
         print(f"[takeover] round {k}: {exc}", flush=True)
@@ -127,28 +141,44 @@ def one_kill(conn, db, emu: harness.ExternalEmulator, config: dict, survivor: Da
             n += database.scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 0 AND id IN ({ids})")
         if poll_ids:
             ids = ",".join(map(str, poll_ids))
-            n += database.scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 0 AND id IN ({ids})")
+            n += database.scalar(
+                conn, f"SELECT COUNT(*) FROM refund_order WHERE progress_scanned = 0 AND id IN ({ids})"
+            )
         return n
 
     done = None
     if released is not None:
-        wait_until(not_done, 120, f"victim {k}'s rows done", until=lambda n: n == 0, interval=POLL_SECONDS,
-                   daemons=[survivor])
+        wait_until(
+            not_done, 120, f"victim {k}'s rows done", until=lambda n: n == 0, interval=POLL_SECONDS, daemons=[survivor]
+        )
         done = time.monotonic() - killed_at
     ids = ",".join(map(str, submit_ids + poll_ids)) or "0"
-    failed = database.scalar(conn, f"SELECT COUNT(*) FROM refund_order WHERE id IN ({ids}) AND "
-                                   "((submit_scanned = 1 AND submit_success = 0) OR (progress_scanned = 1 AND progress_success = 0))")
+    failed = database.scalar(
+        conn,
+        f"SELECT COUNT(*) FROM refund_order WHERE id IN ({ids}) AND "
+        "((submit_scanned = 1 AND submit_success = 0) OR (progress_scanned = 1 AND progress_success = 0))",
+    )
     # The round is over when every stage is (the next victim finds nothing of this one's left).
-    wait_until(lambda: harness.pending_counts(db), 180, f"round {k} to settle", until=lambda p: p == {}, daemons=[survivor])
+    wait_until(
+        lambda: harness.pending_counts(db), 180, f"round {k} to settle", until=lambda p: p == {}, daemons=[survivor]
+    )
     reaped = [r for r in survivor.logs() if r.get("action") == "reaped" and r.get("dead_owner") == owner]
     out = {
-        "round": k, "held": len(held), "held_submit": len(submit_ids), "held_poll": len(poll_ids),
-        "released": released, "done": done, "failed": int(failed or 0),
+        "round": k,
+        "held": len(held),
+        "held_submit": len(submit_ids),
+        "held_poll": len(poll_ids),
+        "released": released,
+        "done": done,
+        "failed": int(failed or 0),
         "reaped_leases": sum(int(r.get("leases_released", 0)) for r in reaped),
     }
-    print(f"[takeover] round {k}: victim held {len(held)} lease(s) ({len(submit_ids)} submit, {len(poll_ids)} poll); "
-          f"released after {released if released is None else round(released, 2)} s, "
-          f"its rows done after {done if done is None else round(done, 2)} s", flush=True)
+    print(
+        f"[takeover] round {k}: victim held {len(held)} lease(s) ({len(submit_ids)} submit, {len(poll_ids)} poll); "
+        f"released after {released if released is None else round(released, 2)} s, "
+        f"its rows done after {done if done is None else round(done, 2)} s",
+        flush=True,
+    )
     return out
 
 
@@ -181,10 +211,25 @@ def takeover(bench: database.Bench, emu: harness.ExternalEmulator, kills: int, r
     report.table(
         f"Takeover after kill -9, {kills} kills: victim and survivor daemons, {CONCURRENCY} calls at once of "
         f"{LATENCY_SECONDS[0]}-{LATENCY_SECONDS[1]} s each, lease_seconds {LEASE_SECONDS}",
-        ["kill", "leases held (submit + poll)", "kill -> victim's leases released (s)", "kill -> its rows done (s)",
-         "leases the survivor's reaper released", "its rows failed"],
-        [[r["round"], f"{r['held']} ({r['held_submit']} + {r['held_poll']})", r["released"], r["done"],
-          r["reaped_leases"], r["failed"]] for r in rounds],
+        [
+            "kill",
+            "leases held (submit + poll)",
+            "kill -> victim's leases released (s)",
+            "kill -> its rows done (s)",
+            "leases the survivor's reaper released",
+            "its rows failed",
+        ],
+        [
+            [
+                r["round"],
+                f"{r['held']} ({r['held_submit']} + {r['held_poll']})",
+                r["released"],
+                r["done"],
+                r["reaped_leases"],
+                r["failed"],
+            ]
+            for r in rounds
+        ],
     )
     fig = {
         "released_median": reporting.median(released) if released else None,
@@ -196,23 +241,38 @@ def takeover(bench: database.Bench, emu: harness.ExternalEmulator, kills: int, r
         f"Takeover over {kills} kills",
         ["figure", "median", "max", "x lease_seconds (median / max)", "x takeover_seconds (median / max)"],
         [
-            ["kill -> no row leased by the victim (s)", fig["released_median"], fig["released_max"],
-             f"{reporting.ratio(fig['released_median'], LEASE_SECONDS) or 0:.3f} / {reporting.ratio(fig['released_max'], LEASE_SECONDS) or 0:.3f}",
-             f"{reporting.ratio(fig['released_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
-             f"{reporting.ratio(fig['released_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}"],
-            ["kill -> every row it held done (s)", fig["done_median"], fig["done_max"],
-             f"{reporting.ratio(fig['done_median'], LEASE_SECONDS) or 0:.3f} / {reporting.ratio(fig['done_max'], LEASE_SECONDS) or 0:.3f}",
-             f"{reporting.ratio(fig['done_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
-             f"{reporting.ratio(fig['done_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}"],
+            [
+                "kill -> no row leased by the victim (s)",
+                fig["released_median"],
+                fig["released_max"],
+                f"{reporting.ratio(fig['released_median'], LEASE_SECONDS) or 0:.3f} / {reporting.ratio(fig['released_max'], LEASE_SECONDS) or 0:.3f}",
+                f"{reporting.ratio(fig['released_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
+                f"{reporting.ratio(fig['released_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}",
+            ],
+            [
+                "kill -> every row it held done (s)",
+                fig["done_median"],
+                fig["done_max"],
+                f"{reporting.ratio(fig['done_median'], LEASE_SECONDS) or 0:.3f} / {reporting.ratio(fig['done_max'], LEASE_SECONDS) or 0:.3f}",
+                f"{reporting.ratio(fig['done_median'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f} / "
+                f"{reporting.ratio(fig['done_max'], DEFAULT_TAKEOVER_SECONDS) or 0:.2f}",
+            ],
         ],
     )
     if fig["released_max"] is not None:
-        report.target("takeover after kill -9", f"max {fig['released_max']:.1f} s, median {fig['released_median']:.1f} s "
-                      f"over {kills} kills", f"< {TAKEOVER_BOUND_SECONDS} s (the acceptance test's bound)",
-                      fig["released_max"] < TAKEOVER_BOUND_SECONDS)
+        report.target(
+            "takeover after kill -9",
+            f"max {fig['released_max']:.1f} s, median {fig['released_median']:.1f} s over {kills} kills",
+            f"< {TAKEOVER_BOUND_SECONDS} s (the acceptance test's bound)",
+            fig["released_max"] < TAKEOVER_BOUND_SECONDS,
+        )
     else:
-        report.target("takeover after kill -9", f"{len(rounds) - len(released)} of {kills} kills not taken over within "
-                      f"lease_seconds + 30 s", f"< {TAKEOVER_BOUND_SECONDS} s", False)
+        report.target(
+            "takeover after kill -9",
+            f"{len(rounds) - len(released)} of {kills} kills not taken over within lease_seconds + 30 s",
+            f"< {TAKEOVER_BOUND_SECONDS} s",
+            False,
+        )
     report.note(
         f"takeover: refund numbers created more than once at WeChat: {created_twice}; numbers with two calls in "
         f"flight at once: {raced} (the emulator's counters over all {kills} kills). Each round seeds "
@@ -267,8 +327,12 @@ def checkout_loop(shop, goods_id: int, seconds: float, gap: float, watch, drain:
             t0 = time.perf_counter()
             cur.execute(CHECKOUT_SQL, (goods_id,))
             statement.append(time.perf_counter() - t0)
-    return {"statement": statement, "from_due": None, "seconds": time.perf_counter() - state["started"],
-            "drained": state["drained"]}
+    return {
+        "statement": statement,
+        "from_due": None,
+        "seconds": time.perf_counter() - state["started"],
+        "drained": state["drained"],
+    }
 
 
 def checkout_shoppers(shoppers: list, goods_id: int, seconds: float, gap: float, watch, drain: tuple | None) -> dict:
@@ -299,12 +363,18 @@ def checkout_shoppers(shoppers: list, goods_id: int, seconds: float, gap: float,
         jobs_q.put(None)
     for t in threads:
         t.join(60)
-    return {"statement": [r[0] for r in results], "from_due": [r[1] for r in results],
-            "seconds": time.perf_counter() - state["started"], "drained": state["drained"]}
+    return {
+        "statement": [r[0] for r in results],
+        "from_due": [r[1] for r in results],
+        "seconds": time.perf_counter() - state["started"],
+        "drained": state["drained"],
+    }
 
 
 def restored(conn, lo: int, hi: int) -> int:
-    return database.scalar(conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND id BETWEEN %s AND %s", (lo, hi))
+    return database.scalar(
+        conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND id BETWEEN %s AND %s", (lo, hi)
+    )
 
 
 def ms(values: list[float] | None, p: float | None = None) -> float | None:
@@ -313,8 +383,15 @@ def ms(values: list[float] | None, p: float | None = None) -> float | None:
     return (max(values) if p is None else reporting.percentile(values, p)) * 1e3
 
 
-def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int, seconds: float, gap: float, n_shoppers: int,
-             report: reporting.Report) -> dict:
+def checkout(
+    bench: database.Bench,
+    emu: harness.ExternalEmulator,
+    n_orders: int,
+    seconds: float,
+    gap: float,
+    n_shoppers: int,
+    report: reporting.Report,
+) -> dict:
     url, db = bench.database("bench_checkout")
     conn = bench.connect("bench_checkout")  # seeding and watching
     shop = bench.connect("bench_checkout")  # the checkout loop's own connection
@@ -322,7 +399,9 @@ def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int
     seed.goods(conn, COLD_GOODS)
     seed.analyze(conn)
     hot_share = f"IF(seq % 2 = 0, {HOT_GOODS}, 2 + seq % {seed.N_GOODS - 1})"  # half hot, the rest over 2..N_GOODS
-    raw = harness.daemon_config(url, emu, jobs=configs.jobs(enabled=["restore_stock"], restore_stock={"batch_size": RESTORE_BATCH}))
+    raw = harness.daemon_config(
+        url, emu, jobs=configs.jobs(enabled=["restore_stock"], restore_stock={"batch_size": RESTORE_BATCH})
+    )
     phases: dict[str, dict] = {}
     next_id = 1
     daemon = DaemonProcess(WORKDIR, raw, emu.env(), name="checkout-daemon").start()
@@ -339,8 +418,14 @@ def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int
                 next_id = hi + 1
                 seed.orders(conn, lo, hi, "cancelled_unpaid", goods_sql=hot_share)
                 database.sql(conn, "ANALYZE TABLE goods_order2")
-                wait_until(lambda: restored(conn, lo, hi), 60, "restore_stock to start", until=lambda n: n >= RESTORE_BATCH,
-                           interval=0.01, daemons=[daemon])
+                wait_until(
+                    lambda: restored(conn, lo, hi),
+                    60,
+                    "restore_stock to start",
+                    until=lambda n: n >= RESTORE_BATCH,
+                    interval=0.01,
+                    daemons=[daemon],
+                )
                 drain = (lo, hi)
                 before = restored(conn, lo, hi)
             follower.new_records()  # what the daemon logged before this phase
@@ -348,26 +433,46 @@ def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int
                 got = checkout_shoppers(shoppers, goods_id, seconds, gap, conn, drain)
             else:
                 got = checkout_loop(shop, goods_id, seconds, gap, conn, drain)
-            batches = [r for r in follower.new_records() if r.get("action") == "batch" and r.get("stage") == "restore_stock"]
+            batches = [
+                r for r in follower.new_records() if r.get("action") == "batch" and r.get("stage") == "restore_stock"
+            ]
             st, due = got["statement"], got["from_due"]
             row = {
-                "goods": goods_id, "busy": busy, "many": many, "n": len(st), "seconds": got["seconds"],
+                "goods": goods_id,
+                "busy": busy,
+                "many": many,
+                "n": len(st),
+                "seconds": got["seconds"],
                 "drained_early": got["drained"],
-                "p50": ms(st, 50), "p99": ms(st, 99), "max": ms(st),
+                "p50": ms(st, 50),
+                "p99": ms(st, 99),
+                "max": ms(st),
                 "blocked": sum(1 for w in st if w * 1e3 > BLOCKED_MS),
-                "due_p50": ms(due, 50), "due_p99": ms(due, 99), "due_max": ms(due),
-                "batches": len(batches), "later": sum(int(r.get("later", 0)) for r in batches),
+                "due_p50": ms(due, 50),
+                "due_p99": ms(due, 99),
+                "due_max": ms(due),
+                "batches": len(batches),
+                "later": sum(int(r.get("later", 0)) for r in batches),
                 "restored_per_s": None,
             }
             if busy:
                 row["restored_per_s"] = (restored(conn, *drain) - before) / got["seconds"]
-                wait_until(lambda: database.scalar(conn, PENDING_SQL, drain), 600, "the drain to finish", until=lambda x: not x,
-                           interval=0.2, daemons=[daemon])
+                wait_until(
+                    lambda: database.scalar(conn, PENDING_SQL, drain),
+                    600,
+                    "the drain to finish",
+                    until=lambda x: not x,
+                    interval=0.2,
+                    daemons=[daemon],
+                )
             phases[key] = row
             extra = f"; from due p50 {row['due_p50']:.2f} ms, p99 {row['due_p99']:.2f} ms" if many else ""
-            print(f"[checkout] {key}: {row['n']:,} checkouts in {row['seconds']:.1f} s; statement p50 {row['p50']:.2f} ms, "
-                  f"p99 {row['p99']:.2f} ms, max {row['max']:.1f} ms{extra}; daemon batches {row['batches']}, "
-                  f"rows answered Later {row['later']}", flush=True)
+            print(
+                f"[checkout] {key}: {row['n']:,} checkouts in {row['seconds']:.1f} s; statement p50 {row['p50']:.2f} ms, "
+                f"p99 {row['p99']:.2f} ms, max {row['max']:.1f} ms{extra}; daemon batches {row['batches']}, "
+                f"rows answered Later {row['later']}",
+                flush=True,
+            )
 
         phase("hot idle", HOT_GOODS, busy=False)
         phase("hot busy", HOT_GOODS, busy=True)
@@ -376,7 +481,9 @@ def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int
         if n_shoppers:
             phase("hot idle, shoppers", HOT_GOODS, busy=False, many=True)
             phase("hot busy, shoppers", HOT_GOODS, busy=True, many=True)
-        done_ok = database.scalar(conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND stock_success = 1")
+        done_ok = database.scalar(
+            conn, "SELECT COUNT(*) FROM goods_order2 WHERE stock_scanned = 1 AND stock_success = 1"
+        )
         total = database.scalar(conn, "SELECT COUNT(*) FROM goods_order2")
     finally:
         daemon.close()
@@ -384,46 +491,124 @@ def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int
             c.close()
 
     def label(p: dict) -> list:
-        return [f"goods {p['goods']} ({'hot' if p['goods'] == HOT_GOODS else 'cold'})", "restoring" if p["busy"] else "idle"]
+        return [
+            f"goods {p['goods']} ({'hot' if p['goods'] == HOT_GOODS else 'cold'})",
+            "restoring" if p["busy"] else "idle",
+        ]
 
     loop = [phases[k] for k in ("hot idle", "hot busy", "cold busy", "cold idle")]
     report.table(
         f"Checkout `{CHECKOUT_SQL.replace('%s', '?')}` (autocommit) in a loop on one connection, one due every "
         f"{gap * 1000:g} ms for {seconds:g} s; busy: the daemon's restore_stock (batch {RESTORE_BATCH}) restoring "
         f"{n_orders:,} cancelled unpaid orders, half of them for the hot goods",
-        ["checkout on", "daemon", "checkouts", "seconds", "p50 ms", "p99 ms", "max ms", f"checkouts > {BLOCKED_MS:g} ms",
-         "daemon batches", "rows answered Later (goods busy)", "rows restored/s"],
-        [label(p) + [p["n"], p["seconds"], p["p50"], p["p99"], p["max"], p["blocked"], p["batches"], p["later"],
-                     p["restored_per_s"]] for p in loop],
+        [
+            "checkout on",
+            "daemon",
+            "checkouts",
+            "seconds",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            f"checkouts > {BLOCKED_MS:g} ms",
+            "daemon batches",
+            "rows answered Later (goods busy)",
+            "rows restored/s",
+        ],
+        [
+            label(p)
+            + [
+                p["n"],
+                p["seconds"],
+                p["p50"],
+                p["p99"],
+                p["max"],
+                p["blocked"],
+                p["batches"],
+                p["later"],
+                p["restored_per_s"],
+            ]
+            for p in loop
+        ],
     )
     hi, hb, cb, ci = loop
-    fig = {"phases": phases, "hot_ratio": reporting.ratio(hb["p99"], hi["p99"]), "cold_ratio": reporting.ratio(cb["p99"], ci["p99"]),
-           "cold_vs_hot_idle": reporting.ratio(cb["p99"], hi["p99"])}
+    fig = {
+        "phases": phases,
+        "hot_ratio": reporting.ratio(hb["p99"], hi["p99"]),
+        "cold_ratio": reporting.ratio(cb["p99"], ci["p99"]),
+        "cold_vs_hot_idle": reporting.ratio(cb["p99"], hi["p99"]),
+    }
     report.table(
         "Checkout p99 while restore_stock is busy vs idle (one connection, same run)",
         ["goods row", "p99 idle ms", "p99 busy ms", "p99 busy / idle", "max idle ms", "max busy ms"],
-        [["hot (half the pending orders)", hi["p99"], hb["p99"], fig["hot_ratio"], hi["max"], hb["max"]],
-         ["cold (no pending order)", ci["p99"], cb["p99"], fig["cold_ratio"], ci["max"], cb["max"]]],
+        [
+            ["hot (half the pending orders)", hi["p99"], hb["p99"], fig["hot_ratio"], hi["max"], hb["max"]],
+            ["cold (no pending order)", ci["p99"], cb["p99"], fig["cold_ratio"], ci["max"], cb["max"]],
+        ],
     )
     if n_shoppers:
         si, sb = phases["hot idle, shoppers"], phases["hot busy, shoppers"]
-        fig.update(shoppers=n_shoppers, shop_ratio=reporting.ratio(sb["p99"], si["p99"]),
-                   shop_due_ratio=reporting.ratio(sb["due_p99"], si["due_p99"]))
+        fig.update(
+            shoppers=n_shoppers,
+            shop_ratio=reporting.ratio(sb["p99"], si["p99"]),
+            shop_due_ratio=reporting.ratio(sb["due_p99"], si["due_p99"]),
+        )
         report.table(
             f"The same checkouts on the hot goods, each on the next free of {n_shoppers} connections (shoppers do not "
             f"wait for each other's round trips)",
-            ["daemon", "checkouts", "seconds", "statement p50 ms", "statement p99 ms", "statement max ms",
-             f"statements > {BLOCKED_MS:g} ms", "from due p50 ms", "from due p99 ms", "from due max ms",
-             "rows answered Later (goods busy)", "rows restored/s"],
-            [[label(p)[1], p["n"], p["seconds"], p["p50"], p["p99"], p["max"], p["blocked"], p["due_p50"], p["due_p99"],
-              p["due_max"], p["later"], p["restored_per_s"]] for p in (si, sb)]
-            + [["busy / idle (p99)", None, None, None, fig["shop_ratio"], None, None, None, fig["shop_due_ratio"], None,
-                None, None]],
+            [
+                "daemon",
+                "checkouts",
+                "seconds",
+                "statement p50 ms",
+                "statement p99 ms",
+                "statement max ms",
+                f"statements > {BLOCKED_MS:g} ms",
+                "from due p50 ms",
+                "from due p99 ms",
+                "from due max ms",
+                "rows answered Later (goods busy)",
+                "rows restored/s",
+            ],
+            [
+                [
+                    label(p)[1],
+                    p["n"],
+                    p["seconds"],
+                    p["p50"],
+                    p["p99"],
+                    p["max"],
+                    p["blocked"],
+                    p["due_p50"],
+                    p["due_p99"],
+                    p["due_max"],
+                    p["later"],
+                    p["restored_per_s"],
+                ]
+                for p in (si, sb)
+            ]
+            + [
+                [
+                    "busy / idle (p99)",
+                    None,
+                    None,
+                    None,
+                    fig["shop_ratio"],
+                    None,
+                    None,
+                    None,
+                    fig["shop_due_ratio"],
+                    None,
+                    None,
+                    None,
+                ]
+            ],
         )
     early = [k for k, p in phases.items() if p["drained_early"]]
     if early:
-        report.note(f"checkout: the daemon ran out of ready rows before the {seconds:g} s were up in: {', '.join(early)} "
-                    f"(measured until then)")
+        report.note(
+            f"checkout: the daemon ran out of ready rows before the {seconds:g} s were up in: {', '.join(early)} "
+            f"(measured until then)"
+        )
     if done_ok != total:
         report.note(f"checkout: {done_ok:,} of {total:,} orders ended restored (1/1)")
     report.note(
@@ -451,13 +636,21 @@ def checkout(bench: database.Bench, emu: harness.ExternalEmulator, n_orders: int
 def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=None, help="kill -9 rounds (default 10; --quick 3)")
-    p.add_argument("--orders", type=int, default=None,
-                   help="cancelled unpaid orders per busy phase (default 200,000; --quick 80,000): enough for the daemon "
-                        "(~15,000 rows/s here) to stay busy for the whole loop")
+    p.add_argument(
+        "--orders",
+        type=int,
+        default=None,
+        help="cancelled unpaid orders per busy phase (default 200,000; --quick 80,000): enough for the daemon "
+        "(~15,000 rows/s here) to stay busy for the whole loop",
+    )
     p.add_argument("--seconds", type=float, default=None, help="checkout loop per phase (default 10; --quick 4)")
     p.add_argument("--gap-ms", type=float, default=2.0, help="one checkout due every this many ms (default 2)")
-    p.add_argument("--shoppers", type=int, default=32,
-                   help="connections for the open-loop checkout phases on the hot goods (default 32; 0: skip them)")
+    p.add_argument(
+        "--shoppers",
+        type=int,
+        default=32,
+        help="connections for the open-loop checkout phases on the hot goods (default 32; 0: skip them)",
+    )
     p.add_argument("--only", choices=("takeover", "checkout"), default=None, help="run one of the two measurements")
     args = p.parse_args()
     reporting.quiet_logging()
@@ -466,7 +659,9 @@ def main() -> int:
     n_orders = args.orders or (80_000 if args.quick else 200_000)
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     gap = args.gap_ms / 1000
-    report = reporting.Report(f"Takeover after kill -9 ({kills} kills); a checkout on a goods row restore_stock is restoring")
+    report = reporting.Report(
+        f"Takeover after kill -9 ({kills} kills); a checkout on a goods row restore_stock is restoring"
+    )
     shutil.rmtree(WORKDIR, ignore_errors=True)
     WORKDIR.mkdir(parents=True, exist_ok=True)
     key_dir = Path(tempfile.mkdtemp(prefix="bench-takeover-keys-"))
@@ -491,20 +686,37 @@ def main() -> int:
     rows = []
     if t_fig:
         rows += [
-            [f"takeover after kill -9: kill -> no row leased by the victim, median / max over {t_fig['kills']} kills (s)",
-             pair(t_fig["released_median"], t_fig["released_max"])],
-            [f"  the same / lease_seconds ({LEASE_SECONDS} s)",
-             pair(reporting.ratio(t_fig["released_median"], LEASE_SECONDS), reporting.ratio(t_fig["released_max"], LEASE_SECONDS), 3)],
+            [
+                f"takeover after kill -9: kill -> no row leased by the victim, median / max over {t_fig['kills']} kills (s)",
+                pair(t_fig["released_median"], t_fig["released_max"]),
+            ],
+            [
+                f"  the same / lease_seconds ({LEASE_SECONDS} s)",
+                pair(
+                    reporting.ratio(t_fig["released_median"], LEASE_SECONDS),
+                    reporting.ratio(t_fig["released_max"], LEASE_SECONDS),
+                    3,
+                ),
+            ],
             ["kill -> every row the victim held done, median / max (s)", pair(t_fig["done_median"], t_fig["done_max"])],
-            ["refunds created twice / numbers with two calls in flight at once", f"{t_fig['created_twice']} / {t_fig['raced']}"],
+            [
+                "refunds created twice / numbers with two calls in flight at once",
+                f"{t_fig['created_twice']} / {t_fig['raced']}",
+            ],
         ]
     if c_fig:
         ph = c_fig["phases"]
-        names = {"hot idle": "hot goods, daemon idle", "hot busy": "hot goods, daemon restoring it",
-                 "cold busy": "cold goods, daemon restoring others", "cold idle": "cold goods, daemon idle"}
+        names = {
+            "hot idle": "hot goods, daemon idle",
+            "hot busy": "hot goods, daemon restoring it",
+            "cold busy": "cold goods, daemon restoring others",
+            "cold idle": "cold goods, daemon idle",
+        }
         for key, name in names.items():
             p_ = ph[key]
-            rows.append([f"checkout loop, {name}: p50 / p99 / max (ms)", f"{p_['p50']:.2f} / {p_['p99']:.2f} / {p_['max']:.1f}"])
+            rows.append(
+                [f"checkout loop, {name}: p50 / p99 / max (ms)", f"{p_['p50']:.2f} / {p_['p99']:.2f} / {p_['max']:.1f}"]
+            )
         rows += [
             ["checkout loop p99 busy / idle, hot goods", f"{c_fig['hot_ratio']:.1f}"],
             ["checkout loop p99 busy / idle, cold goods", f"{c_fig['cold_ratio']:.1f}"],
@@ -512,10 +724,18 @@ def main() -> int:
         if "shoppers" in c_fig:
             for key, name in (("hot idle, shoppers", "daemon idle"), ("hot busy, shoppers", "daemon restoring it")):
                 p_ = ph[key]
-                rows.append([f"{c_fig['shoppers']} shoppers on the hot goods, {name}: from due p50 / p99 / max (ms)",
-                             f"{p_['due_p50']:.2f} / {p_['due_p99']:.2f} / {p_['due_max']:.1f}"])
-            rows.append([f"{c_fig['shoppers']} shoppers, hot goods: p99 busy / idle, statement / from due",
-                         pair(c_fig["shop_ratio"], c_fig["shop_due_ratio"], 1)])
+                rows.append(
+                    [
+                        f"{c_fig['shoppers']} shoppers on the hot goods, {name}: from due p50 / p99 / max (ms)",
+                        f"{p_['due_p50']:.2f} / {p_['due_p99']:.2f} / {p_['due_max']:.1f}",
+                    ]
+                )
+            rows.append(
+                [
+                    f"{c_fig['shoppers']} shoppers, hot goods: p99 busy / idle, statement / from due",
+                    pair(c_fig["shop_ratio"], c_fig["shop_due_ratio"], 1),
+                ]
+            )
     report.table("Summary", ["figure", "value"], rows)
     report.save(args)
     return 0

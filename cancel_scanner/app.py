@@ -77,8 +77,9 @@ def schedule_daily(app: App, daemon: Any) -> None:
         daemon.add_daily(job)
 
 
-def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None,
-              channels: ChannelRegistry = CHANNELS) -> App:
+def build_app(
+    config: Config, stack: ExitStack, *, hooks: Hooks | None = None, clock=None, channels: ChannelRegistry = CHANNELS
+) -> App:
     db = engine_for(config)
     stack.callback(db.dispose)
     routed = channels.build(config, stack)
@@ -88,7 +89,9 @@ def build_app(config: Config, stack: ExitStack, *, hooks: Hooks | None = None, c
         kwargs["clock"] = clock
     runner = Runner(db, config, build_stages(config), routed, **kwargs)
     stack.callback(runner.close)
-    return App(config=config, db=db, gateway=gateway, runner=runner, sandbox=getattr(gateway, "sandbox", None), channels=routed)
+    return App(
+        config=config, db=db, gateway=gateway, runner=runner, sandbox=getattr(gateway, "sandbox", None), channels=routed
+    )
 
 
 def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
@@ -127,14 +130,26 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
     if alerts.webhook_url:
         from cancel_scanner.alerts.deliver import Notifier
 
-        notifier = Notifier(alerts.webhook_url, alerts.format, secret=alerts.secret, timeout_seconds=alerts.timeout_seconds,
-                            on_result=lambda outcome: metrics.alert_messages.labels(outcome).inc()).start()
+        notifier = Notifier(
+            alerts.webhook_url,
+            alerts.format,
+            secret=alerts.secret,
+            timeout_seconds=alerts.timeout_seconds,
+            on_result=lambda outcome: metrics.alert_messages.labels(outcome).inc(),
+        ).start()
         stack.callback(notifier.stop)
         book = AlertBook(rules=rules, cooldown_seconds=alerts.cooldown_seconds, send=notifier.send)
     interval = app.config.monitoring.refresh_seconds
     watcher = Watcher(
-        app.db, dict(app.runner.stages), app.runner, interval, takeover_seconds=app.config.takeover_seconds,
-        metrics=metrics, book=book, calls=calls, down=daemon.progress.down,
+        app.db,
+        dict(app.runner.stages),
+        app.runner,
+        interval,
+        takeover_seconds=app.config.takeover_seconds,
+        metrics=metrics,
+        book=book,
+        calls=calls,
+        down=daemon.progress.down,
         clock_offset=getattr(app.runner.clock, "offset_seconds", None),
         reconcile_expected=app.config.reconcile.enabled,
     ).start()
@@ -144,13 +159,20 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
 
     def page() -> PageView:
         return PageView(
-            snapshot=watcher.latest, refresh_seconds=interval, host=watcher.host, now=time.time(), last_error=watcher.last_error,
-            alerts=book.recent() if book else (), firing=tuple(book.firing()) if book else (),
+            snapshot=watcher.latest,
+            refresh_seconds=interval,
+            host=watcher.host,
+            now=time.time(),
+            last_error=watcher.last_error,
+            alerts=book.recent() if book else (),
+            firing=tuple(book.firing()) if book else (),
         )
 
     host, _, port = listen.rpartition(":")
     server = MonitoringServer(
-        metrics, host.strip("[]"), int(port),
+        metrics,
+        host.strip("[]"),
+        int(port),
         alive=lambda: daemon.scheduler.running and not daemon.stopped.is_set(),
         db=app.db,
         gateway_ready=lambda: app.gateway is not None,
@@ -159,6 +181,8 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
     ).start()
     if not app.config.monitoring.loopback and app.config.monitoring.token is None:
         logger.bind(stage="monitoring", action="unauthenticated").warning(
-            "the status page and /metrics on {} answer anyone who can reach it (monitoring.allow_unauthenticated)", listen)
+            "the status page and /metrics on {} answer anyone who can reach it (monitoring.allow_unauthenticated)",
+            listen,
+        )
     stack.callback(server.stop)
     return server

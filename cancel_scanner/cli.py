@@ -11,9 +11,16 @@ from cancel_scanner.commands.common import EXIT_CODES_HELP, CliContext
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, "-V", "--version", prog_name="cancel-scanner")
-@click.option("--config", "config_path", metavar="PATH", help="jobs.yaml to use (default: $CANCEL_SCANNER_CONFIG, then ./jobs.yaml).")
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="jobs.yaml to use (default: $CANCEL_SCANNER_CONFIG, then ./jobs.yaml).",
+)
 @click.option("--log-json/--no-log-json", default=None, help="One JSON object per log line.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default=None)
+@click.option(
+    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default=None
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, log_json: bool | None, log_level: str | None) -> None:
     """cancel-scanner: merchants' cancel requests to WeChat Pay refunds, stock and sales, exactly once."""

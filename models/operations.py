@@ -14,15 +14,24 @@ from sqlalchemy.orm import Mapped, mapped_column
 from cancel_scanner.models.tables import Base, _created, _updated, oplog, refund_order, req_order_ops
 from cancel_scanner.models.types import Id, SignedInt, Timestamp3, now3
 
-DIFF_KINDS = ("MISSING_HERE", "MISSING_AT_WECHAT", "AMOUNT_DIFFERS", "STATUS_DIFFERS", "ORPHAN_PAYMENT", "DUPLICATE_LINE",
-              "UNBOOKED_PAYMENT")
+DIFF_KINDS = (
+    "MISSING_HERE",
+    "MISSING_AT_WECHAT",
+    "AMOUNT_DIFFERS",
+    "STATUS_DIFFERS",
+    "ORPHAN_PAYMENT",
+    "DUPLICATE_LINE",
+    "UNBOOKED_PAYMENT",
+)
 
 
 class ReconcileDiff(Base):
     __tablename__ = "reconcile_diff"
     __table_args__ = (
         Index("idx_reconcile_diff_bill_date", "bill_date", "kind"),
-        {"comment": "One row per difference between WeChat Pay's daily bill and our tables; a day reconciled again replaces its rows."},
+        {
+            "comment": "One row per difference between WeChat Pay's daily bill and our tables; a day reconciled again replaces its rows."
+        },
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -44,10 +53,12 @@ class ReconcileRun(Base):
 
     bill_date: Mapped[date] = mapped_column(Date, primary_key=True, comment="the bill's day (Beijing time)")
     state: Mapped[str] = mapped_column(String(16), nullable=False, comment="CLEAN|DIFFERS|NO_BILL|WAITING|FAILED")
-    bill_rows: Mapped[int] = mapped_column(SignedInt, nullable=False, default=0, server_default="0",
-                                           comment="detail rows in the bill")
-    diffs: Mapped[int] = mapped_column(SignedInt, nullable=False, default=0, server_default="0",
-                                       comment="rows in reconcile_diff for the day")
+    bill_rows: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=0, server_default="0", comment="detail rows in the bill"
+    )
+    diffs: Mapped[int] = mapped_column(
+        SignedInt, nullable=False, default=0, server_default="0", comment="rows in reconcile_diff for the day"
+    )
     attempts: Mapped[int] = mapped_column(SignedInt, nullable=False, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(
         String(255), comment="why the last try failed (STATEMENT_CREATING, a bad SHA1, ...)"
@@ -62,8 +73,10 @@ class ChannelFact(Base):
     __table_args__ = (
         UniqueConstraint("stage", "row_id", name="uk_channel_fact_stage_row"),
         Index("idx_channel_fact_open", "resolved_at", "last_seen_at"),
-        {"comment": "What a payment channel did for a row whose write-back here failed (a shop trigger, a constraint):"
-                    " kept on a table of ours until the row's stage records it."},
+        {
+            "comment": "What a payment channel did for a row whose write-back here failed (a shop trigger, a constraint):"
+            " kept on a table of ours until the row's stage records it."
+        },
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -71,13 +84,17 @@ class ChannelFact(Base):
     row_id: Mapped[int] = mapped_column(BigInteger, nullable=False, comment="the id of that stage's row")
     order_id: Mapped[int | None] = mapped_column(BigInteger, comment="goods_order2.id")
     number: Mapped[str] = mapped_column(String(64), nullable=False, comment="out_trade_no or out_refund_no")
-    fact: Mapped[str] = mapped_column(String(32), nullable=False, comment="PAYMENT_CLOSED|PAYMENT_PAID|REFUND_ACCEPTED|REFUND_SUCCESS|REFUND_CLOSED")
+    fact: Mapped[str] = mapped_column(
+        String(32), nullable=False, comment="PAYMENT_CLOSED|PAYMENT_PAID|REFUND_ACCEPTED|REFUND_SUCCESS|REFUND_CLOSED"
+    )
     detail: Mapped[str | None] = mapped_column(String(255), comment="the channel's ids and amounts, for a person")
     reason: Mapped[str] = mapped_column(String(255), nullable=False, comment="why the write here failed, last time")
     times_seen: Mapped[int] = mapped_column(SignedInt, nullable=False, default=1, server_default="1")
     first_seen_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, comment="database time, UTC")
     last_seen_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, comment="database time, UTC")
-    resolved_at: Mapped[datetime | None] = mapped_column(Timestamp3, comment="when the stage recorded it (UTC); NULL: still open")
+    resolved_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="when the stage recorded it (UTC); NULL: still open"
+    )
 
 
 channel_fact = ChannelFact.__table__
@@ -88,9 +105,16 @@ def _archive(live: Table, comment: str, *keys) -> Table:
     column the live table gained after its archive existed keeps its constant default
     (``info={"archive_default": True}``), so that migrate can add it to an archive that has rows."""
     columns = [
-        Column(c.name, BigInteger() if c.primary_key else c.type,
-               primary_key=c.primary_key, autoincrement=False, nullable=c.nullable,
-               server_default=c.server_default.arg if c.info.get("archive_default") and c.server_default is not None else None)
+        Column(
+            c.name,
+            BigInteger() if c.primary_key else c.type,
+            primary_key=c.primary_key,
+            autoincrement=False,
+            nullable=c.nullable,
+            server_default=c.server_default.arg
+            if c.info.get("archive_default") and c.server_default is not None
+            else None,
+        )
         for c in live.columns
     ]
     archived = Column("archived_at", Timestamp3, nullable=False, server_default=now3(), comment="moved here (UTC)")
@@ -98,17 +122,20 @@ def _archive(live: Table, comment: str, *keys) -> Table:
 
 
 req_order_ops_archive = _archive(
-    req_order_ops, "req_order_ops rows pruned from the live table: finished, older than prune's cutoff.",
+    req_order_ops,
+    "req_order_ops rows pruned from the live table: finished, older than prune's cutoff.",
     Index("idx_req_order_ops_archive_order_id", "order_id"),
 )
 refund_order_archive = _archive(
-    refund_order, "refund_order rows pruned from the live table: refunded and synced, older than prune's cutoff.",
+    refund_order,
+    "refund_order rows pruned from the live table: refunded and synced, older than prune's cutoff.",
     UniqueConstraint("out_refund_no", name="uk_refund_order_archive_out_refund_no"),
     Index("idx_refund_order_archive_order_id", "order_id"),
     Index("idx_refund_order_archive_submitted_at", "submitted_at"),  # reconcile reads a day of it
 )
 oplog_archive = _archive(
-    oplog, "goods_order2_oplog rows pruned from the live table, older than prune's cutoff.",
+    oplog,
+    "goods_order2_oplog rows pruned from the live table, older than prune's cutoff.",
     UniqueConstraint("order_id", "event", name="uk_goods_order2_oplog_archive_order_event"),
 )
 reconcile_diff = ReconcileDiff.__table__

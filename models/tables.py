@@ -34,8 +34,14 @@ def _flag(comment: str) -> Mapped[int]:
 
 
 def _channel(comment: str) -> Mapped[str]:
-    return mapped_column(String(16), nullable=False, default="wechat", server_default=text("'wechat'"), comment=comment,
-                         info={"archive_default": True})
+    return mapped_column(
+        String(16),
+        nullable=False,
+        default="wechat",
+        server_default=text("'wechat'"),
+        comment=comment,
+        info={"archive_default": True},
+    )
 
 
 def _created() -> Mapped[datetime]:
@@ -71,17 +77,32 @@ class GoodsOrder(Base):
         # Stage 5 (restore_stock) polls: stock_scanned=0 AND stock_success=0 AND order_status='CANCELLED' AND ...;
         # `status` counts done/failed on the first two columns alone.
         Index(
-            "idx_goods_order2_stock_pending", "stock_scanned", "stock_success", "order_status", "refund_status", "is_deleted"
+            "idx_goods_order2_stock_pending",
+            "stock_scanned",
+            "stock_success",
+            "order_status",
+            "refund_status",
+            "is_deleted",
         ),
         # Stage 6 (decrement_sales) polls: sales_scanned=0 AND sales_success=0 AND order_status='CANCELLED' AND ...
         Index(
-            "idx_goods_order2_sales_pending", "sales_scanned", "sales_success", "order_status", "refund_status", "is_deleted"
+            "idx_goods_order2_sales_pending",
+            "sales_scanned",
+            "sales_success",
+            "order_status",
+            "refund_status",
+            "is_deleted",
         ),
         Index("idx_goods_order2_goods_id", "goods_id"),
         # Stage 7 (close_unpaid) polls two ranges of this index: a requested cancel (cancel_requested_at IS NOT
         # NULL), or nobody asked and the order is UNPAID since before the payment timeout (created_at <= cutoff).
         Index(
-            "idx_goods_order2_close_pending", "close_scanned", "close_success", "cancel_requested_at", "order_status", "created_at"
+            "idx_goods_order2_close_pending",
+            "close_scanned",
+            "close_success",
+            "cancel_requested_at",
+            "order_status",
+            "created_at",
         ),
         # The reaper releases a dead process's close leases by owner.
         Index("idx_goods_order2_close_lease_owner", "close_lease_owner"),
@@ -121,7 +142,9 @@ class GoodsOrder(Base):
     stock_scanned: Mapped[int] = _flag("restore_stock: 0 pending, 1 finished (see stock_success)")
     stock_success: Mapped[int] = _flag("restore_stock: 1 stock given back exactly once; 0 with stock_scanned=1 failed")
     sales_scanned: Mapped[int] = _flag("decrement_sales: 0 pending, 1 finished (see sales_success)")
-    sales_success: Mapped[int] = _flag("decrement_sales: 1 sales decremented exactly once; 0 with sales_scanned=1 failed")
+    sales_success: Mapped[int] = _flag(
+        "decrement_sales: 1 sales decremented exactly once; 0 with sales_scanned=1 failed"
+    )
     is_deleted: Mapped[int] = _flag("1 soft-deleted: never cancelled, never touched by the scanner")
     cancelled_at: Mapped[datetime | None] = mapped_column(Timestamp3)
     refunded_at: Mapped[datetime | None] = mapped_column(Timestamp3)
@@ -155,7 +178,9 @@ class GoodsOrder(Base):
         Timestamp3, comment="close_unpaid: not tried before this time (UTC)"
     )
     close_last_error: Mapped[str | None] = mapped_column(String(255), comment="close_unpaid: why the last try failed")
-    close_lease_owner: Mapped[str | None] = mapped_column(String(64), comment="close_unpaid: daemon calling WeChat for this order now")
+    close_lease_owner: Mapped[str | None] = mapped_column(
+        String(64), comment="close_unpaid: daemon calling WeChat for this order now"
+    )
     close_lease_until: Mapped[datetime | None] = mapped_column(Timestamp3, comment="close_unpaid: lease expiry (UTC)")
     channel: Mapped[str] = _channel("the payment channel the order was paid (or is to be paid) through: wechat, ...")
     created_at: Mapped[datetime] = _created()
@@ -243,7 +268,9 @@ class RefundOrder(Base):
     )
     last_error: Mapped[str | None] = mapped_column(String(255), comment="why the last try failed, CODE: message")
     lease_owner: Mapped[str | None] = mapped_column(String(64), comment="daemon calling WeChat for this row now")
-    lease_until: Mapped[datetime | None] = mapped_column(Timestamp3, comment="lease expiry (UTC); then others may take over")
+    lease_until: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="lease expiry (UTC); then others may take over"
+    )
     submit_sent: Mapped[int] = _flag(
         "submit_refund: 1 once an apply call may have reached WeChat; a later refusal is then checked by a query"
     )
@@ -282,25 +309,32 @@ class ScannerProcess(Base):
     __table_args__ = (
         UniqueConstraint("owner", name="uk_cancel_scanner_process_owner"),
         Index("idx_cancel_scanner_process_heartbeat_at", "heartbeat_at"),
-        {"comment": "Running cancel-scanner processes and their heartbeats (database time); leases of a silent one are released."},
+        {
+            "comment": "Running cancel-scanner processes and their heartbeats (database time); leases of a silent one are released."
+        },
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     owner: Mapped[str] = mapped_column(String(64), nullable=False, comment="the lease_owner this process writes")
     hostname: Mapped[str] = mapped_column(String(64), nullable=False)
     pid: Mapped[int] = mapped_column(SignedInt, nullable=False)
-    started_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, comment="registered at (database time, UTC)")
+    started_at: Mapped[datetime] = mapped_column(
+        Timestamp3, nullable=False, comment="registered at (database time, UTC)"
+    )
     heartbeat_at: Mapped[datetime] = mapped_column(
         Timestamp3, nullable=False, comment="last heartbeat (database time, UTC); silent past takeover_seconds = dead"
     )
     report: Mapped[str | None] = mapped_column(
-        String(4000), comment="its stages (up, or down since when and why) and rows finished since it started, JSON; read by status"
+        String(4000),
+        comment="its stages (up, or down since when and why) and rows finished since it started, JSON; read by status",
     )
     pace_group: Mapped[str | None] = mapped_column(
-        String(64), comment="the merchant (mchid) whose WeChat QPS it shares with the other live processes of it; NULL: calls nothing paced"
+        String(64),
+        comment="the merchant (mchid) whose WeChat QPS it shares with the other live processes of it; NULL: calls nothing paced",
     )
     pace_limits: Mapped[str | None] = mapped_column(
-        String(255), comment="the per-merchant QPS it was configured with, endpoint=qps;...: processes of one merchant pace at the strictest"
+        String(255),
+        comment="the per-merchant QPS it was configured with, endpoint=qps;...: processes of one merchant pace at the strictest",
     )
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
@@ -308,15 +342,24 @@ class ScannerProcess(Base):
 
 class SchemaVersion(Base):
     __tablename__ = "cancel_scanner_schema"
-    __table_args__ = ({"comment": "Schema versions; the daemon refuses to start on a database behind or ahead of its own."},)
+    __table_args__ = (
+        {"comment": "Schema versions; the daemon refuses to start on a database behind or ahead of its own."},
+    )
 
     version: Mapped[int] = mapped_column(
-        SignedInt, primary_key=True, autoincrement=False, comment="a schema version this database reached; the highest is its version"
+        SignedInt,
+        primary_key=True,
+        autoincrement=False,
+        comment="a schema version this database reached; the highest is its version",
     )
     applied_by: Mapped[str] = mapped_column(
-        String(64), nullable=False, comment="what brought it there: schema.sql, initdb or migrate, and the cancel-scanner version"
+        String(64),
+        nullable=False,
+        comment="what brought it there: schema.sql, initdb or migrate, and the cancel-scanner version",
     )
-    applied_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, server_default=now3(), comment="when (UTC)")
+    applied_at: Mapped[datetime] = mapped_column(
+        Timestamp3, nullable=False, server_default=now3(), comment="when (UTC)"
+    )
 
 
 goods = Goods.__table__

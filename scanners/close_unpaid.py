@@ -42,13 +42,13 @@ from pydantic import Field
 from sqlalchemy import Connection, Row, and_, insert, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
-from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome, Retry
 from cancel_scanner.engine.settings import GatewayJobSettings, Seconds
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.gateway.channels import route
 from cancel_scanner.models import goods, goods_order2, refund_order
 from cancel_scanner.scanners.intake import DEFAULT_REASONS, refund_row
 from cancel_scanner.scanners.shop import adjust_goods, lock_goods, write_oplog
@@ -124,7 +124,9 @@ class CloseUnpaid(StageDefaults):
 
     def ready(self, now: datetime, limit: int):
         requested = o.cancel_requested_at.isnot(None)
-        timed_out = and_(o.cancel_requested_at.is_(None), o.order_status == "UNPAID", o.created_at <= now - self.pay_timeout)
+        timed_out = and_(
+            o.cancel_requested_at.is_(None), o.order_status == "UNPAID", o.created_at <= now - self.pay_timeout
+        )
         return (
             select(o.id, o.order_no, o.created_at, o.close_attempts, o.close_last_error, o.close_lease_owner, o.channel)
             .where(
@@ -171,27 +173,52 @@ class CloseUnpaid(StageDefaults):
         if verdict == "closed":
             return Fact("PAYMENT_CLOSED", row.order_no, row.id, "trade closed at WeChat Pay")
         if isinstance(verdict, gw.Payment):
-            return Fact("PAYMENT_PAID", row.order_no, row.id,
-                        f"trade paid at WeChat Pay ({verdict.transaction_id}, {verdict.total} fen)")
+            return Fact(
+                "PAYMENT_PAID",
+                row.order_no,
+                row.id,
+                f"trade paid at WeChat Pay ({verdict.transaction_id}, {verdict.total} fen)",
+            )
         return None
 
     # -- the answers ---------------------------------------------------------------------------------
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
         ids = [row.id for row, _ in results]
-        query = select(o.id, o.order_no, o.goods_id, o.quantity, o.total_amount, o.pay_status, o.order_status,
-                       o.transaction_id, o.cancel_requested_at, o.cancel_source, o.is_deleted, o.channel).where(o.id.in_(ids)).order_by(o.id)
+        query = (
+            select(
+                o.id,
+                o.order_no,
+                o.goods_id,
+                o.quantity,
+                o.total_amount,
+                o.pay_status,
+                o.order_status,
+                o.transaction_id,
+                o.cancel_requested_at,
+                o.cancel_source,
+                o.is_deleted,
+                o.channel,
+            )
+            .where(o.id.in_(ids))
+            .order_by(o.id)
+        )
         orders = {r.id: r for r in conn.execute(locked(conn, query, skip_locked=True)).all()}
         verdicts = {row.id: self._verdict(row, settling, now) for row, settling in results}
-        found = {i: v for i, v in verdicts.items()
-                 if isinstance(v, gw.Payment) and i in orders and orders[i].pay_status == 0 and not orders[i].is_deleted}
+        found = {
+            i: v
+            for i, v in verdicts.items()
+            if isinstance(v, gw.Payment) and i in orders and orders[i].pay_status == 0 and not orders[i].is_deleted
+        }
         stock, busy = lock_goods(conn, {orders[i].goods_id for i in found}, goods.c.sales) if found else ({}, set())
         outcomes: dict[int, Outcome] = {}
         for row, _ in results:
             order, verdict = orders.get(row.id), verdicts[row.id]
             if order is None or (row.id in found and order.goods_id in busy):
                 # The shop holds the order or its goods row: ask again in a moment (the query moves no money).
-                outcomes[row.id] = Later(now + BUSY_RETRY, "ORDER_BUSY: the order or its goods row is locked; will retry")
+                outcomes[row.id] = Later(
+                    now + BUSY_RETRY, "ORDER_BUSY: the order or its goods row is locked; will retry"
+                )
             elif order.is_deleted and isinstance(verdict, (gw.Payment, str)):
                 outcomes[row.id] = self._deleted(order, verdict)
             elif isinstance(verdict, gw.Payment):
@@ -204,14 +231,18 @@ class CloseUnpaid(StageDefaults):
                 outcomes[row.id] = verdict
         return outcomes
 
-    def _verdict(self, row: Row, settling: Settling, now: datetime) -> gw.Payment | Literal["closed", "never_seen"] | Outcome:
+    def _verdict(
+        self, row: Row, settling: Settling, now: datetime
+    ) -> gw.Payment | Literal["closed", "never_seen"] | Outcome:
         """A paid Payment, "closed", "never_seen", or the row's outcome as it stands."""
         last = settling.last
         if isinstance(settling.close, gw.NotSent) or isinstance(last, gw.NotSent):
             # The query after a close was not sent either: the lease ran out. Only a query says what the close did.
             return Later(now, "CALL_NOT_SENT: no time left for the close or the query after it; asked again")
         if isinstance(settling.close, gw.ConfigError) or isinstance(last, gw.ConfigError):
-            return outcome_for(settling.close if isinstance(settling.close, gw.ConfigError) else last, may_have_reached=False)
+            return outcome_for(
+                settling.close if isinstance(settling.close, gw.ConfigError) else last, may_have_reached=False
+            )
         if isinstance(last, gw.PaymentState):
             state = last.payment.trade_state
             if last.payment.paid:
@@ -220,8 +251,11 @@ class CloseUnpaid(StageDefaults):
                 return "closed"  # CLOSED, or still unpaid after WeChat took our close: nobody can pay it now
             if isinstance(settling.close, gw.NoSuchTrade):
                 # WeChat's close says it has no such trade, its query shows one: neither is believed.
-                return Retry("CONTRADICTING_ANSWERS", f"WeChat's close says it has no trade {row.order_no}, its query"
-                                                      f" says {state}: not cancelled; asked again")
+                return Retry(
+                    "CONTRADICTING_ANSWERS",
+                    f"WeChat's close says it has no trade {row.order_no}, its query"
+                    f" says {state}: not cancelled; asked again",
+                )
             if state in gw.CLOSABLE_STATES and settling.close is not None:
                 # Unpaid, and the close failed (a 500, a dropped connection, a redirect): the user can still pay.
                 return outcome_for(settling.close, may_have_reached=False)
@@ -238,29 +272,49 @@ class CloseUnpaid(StageDefaults):
             # WeChat's query did not know the trade, and neither its close nor a query after it
             # settled it: never cancelled on an absence nobody confirmed; asked again.
             said = getattr(settling.close, "code", None) or "no close"
-            return Retry(NOT_FOUND_NOTE, f"WeChat's query does not know trade {row.order_no} and the close did not confirm"
-                                         f" it ({said}): not cancelled; asked again", give_up_code="NOT_FOUND_UNCONFIRMED")
+            return Retry(
+                NOT_FOUND_NOTE,
+                f"WeChat's query does not know trade {row.order_no} and the close did not confirm"
+                f" it ({said}): not cancelled; asked again",
+                give_up_code="NOT_FOUND_UNCONFIRMED",
+            )
         return outcome_for(last, may_have_reached=False)  # a query or a close: asking again moves no money
 
     def _paid(self, conn: Connection, order: Row, payment: gw.Payment, now: datetime, sales: dict[int, int]) -> Outcome:
         log = EventLog(stage=self.name, order_id=order.id, out_trade_no=order.order_no)
         if payment.total != order.total_amount:
             log.bind(action="amount_differs").error("WeChat's payment differs from the order's amount")
-            return Failed("PAID_AMOUNT_DIFFERS", f"WeChat says {payment.total} fen paid, the order says {order.total_amount}: check by hand")
+            return Failed(
+                "PAID_AMOUNT_DIFFERS",
+                f"WeChat says {payment.total} fen paid, the order says {order.total_amount}: check by hand",
+            )
         if order.pay_status == 0 and order.order_status != "UNPAID":
             # Shipped (or otherwise moved on) without a payment, while WeChat says it was paid: no guess.
-            return Failed("CONFLICTING_PAYMENT", f"WeChat says trade {order.order_no} is paid, the order is {order.order_status}"
-                                                 " without a payment: check by hand")
+            return Failed(
+                "CONFLICTING_PAYMENT",
+                f"WeChat says trade {order.order_no} is paid, the order is {order.order_status}"
+                " without a payment: check by hand",
+            )
         if order.pay_status == 0:
             booked = conn.execute(
-                update(goods_order2).where(o.id == order.id, o.pay_status == 0, o.order_status == "UNPAID")
-                .values(pay_status=1, transaction_id=payment.transaction_id, paid_at=payment.success_time, order_status="PAID")
+                update(goods_order2)
+                .where(o.id == order.id, o.pay_status == 0, o.order_status == "UNPAID")
+                .values(
+                    pay_status=1,
+                    transaction_id=payment.transaction_id,
+                    paid_at=payment.success_time,
+                    order_status="PAID",
+                )
             ).rowcount
             if booked != 1:
                 return Later(now + BUSY_RETRY, "ORDER_CHANGED: the order changed under us; looked at again")
             adjust_goods(conn, goods.c.sales, {order.goods_id: order.quantity})
-            write_oplog(conn, [(order.id, "PAYMENT_FOUND", f"{payment.transaction_id} {payment.total} fen, notification lost")])
-            log.bind(action="payment_found", transaction_id=payment.transaction_id).warning("a lost payment notification: payment booked")
+            write_oplog(
+                conn, [(order.id, "PAYMENT_FOUND", f"{payment.transaction_id} {payment.total} fen, notification lost")]
+            )
+            log.bind(action="payment_found", transaction_id=payment.transaction_id).warning(
+                "a lost payment notification: payment booked"
+            )
         if order.cancel_requested_at is None:
             return Done("PAYMENT_FOUND")  # a timeout never cancels a paid order
         return self._paid_cancel(conn, order, payment, now)
@@ -268,33 +322,54 @@ class CloseUnpaid(StageDefaults):
     def _paid_cancel(self, conn: Connection, order: Row, payment: gw.Payment, now: datetime) -> Outcome:
         source = order.cancel_source or "MERCHANT"
         done = conn.execute(
-            update(goods_order2).where(o.id == order.id, o.order_status == "PAID")
+            update(goods_order2)
+            .where(o.id == order.id, o.order_status == "PAID")
             .values(order_status="CANCELLED", cancelled_at=now, refund_status="REFUNDING")
         ).rowcount
         if done != 1:
             return Done("ALREADY_SETTLED")  # shipped or cancelled by someone else meanwhile: not ours to refund
         transaction_id = payment.transaction_id or order.transaction_id
         assert payment.total is not None  # _paid returned unless it equals the order's total_amount (NOT NULL)
-        conn.execute(insert(refund_order), [refund_row(order.id, order.order_no, transaction_id, payment.total,
-                                                  DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]), now,
-                                                  channel=order.channel)])
-        write_oplog(conn, [(order.id, "CANCELLED", f"requested cancel of a paid order ({source}): refund {payment.total} fen")])
+        conn.execute(
+            insert(refund_order),
+            [
+                refund_row(
+                    order.id,
+                    order.order_no,
+                    transaction_id,
+                    payment.total,
+                    DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]),
+                    now,
+                    channel=order.channel,
+                )
+            ],
+        )
+        write_oplog(
+            conn, [(order.id, "CANCELLED", f"requested cancel of a paid order ({source}): refund {payment.total} fen")]
+        )
         return Done("PAID_CANCEL")
 
     def _deleted(self, order: Row, verdict: gw.Payment | str) -> Outcome:
         """Soft-deleted while its calls ran: the shop's row is not ours to book or cancel any more."""
         if isinstance(verdict, gw.Payment):
-            return Failed("PAID_ORDER_DELETED", f"WeChat says trade {order.order_no} is paid ({verdict.total} fen),"
-                                                " the order was deleted meanwhile: check by hand")
+            return Failed(
+                "PAID_ORDER_DELETED",
+                f"WeChat says trade {order.order_no} is paid ({verdict.total} fen),"
+                " the order was deleted meanwhile: check by hand",
+            )
         return Done("ORDER_DELETED")  # nothing to pay any more, nothing of the shop's touched
 
     def _closed(self, conn: Connection, order: Row, now: datetime, event: str | None) -> Outcome:
         if order.pay_status != 0 or order.order_status != "UNPAID":
             # The shop booked a payment meanwhile, though WeChat says the trade is closed or unknown.
-            return Failed("CONFLICTING_PAYMENT", f"WeChat says trade {order.order_no} is not paid, the order says it is: check by hand")
+            return Failed(
+                "CONFLICTING_PAYMENT",
+                f"WeChat says trade {order.order_no} is not paid, the order says it is: check by hand",
+            )
         source = order.cancel_source or "TIMEOUT"
         conn.execute(
-            update(goods_order2).where(o.id == order.id, o.order_status == "UNPAID", o.pay_status == 0)
+            update(goods_order2)
+            .where(o.id == order.id, o.order_status == "UNPAID", o.pay_status == 0)
             .values(order_status="CANCELLED", cancel_source=source, cancelled_at=now, refund_status="NONE")
         )
         events = [(order.id, event, f"closed at WeChat ({source})")] if event else []

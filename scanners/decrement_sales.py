@@ -42,5 +42,7 @@ class DecrementSales(GoodsMove):
 
     def refusal(self, goods_id: int, current: int, quantity: int) -> Failed | None:
         if current < quantity:  # never a negative number of sales
-            return Failed("SALES_TOO_LOW", f"goods {goods_id} sales {current} lower than quantity {quantity}; not decremented")
+            return Failed(
+                "SALES_TOO_LOW", f"goods {goods_id} sales {current} lower than quantity {quantity}; not decremented"
+            )
         return None

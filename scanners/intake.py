@@ -69,8 +69,18 @@ CLOSE_FAILED_BEFORE = (
 ORDER_COLUMNS = [
     goods_order2.c[name]
     for name in (
-        "id", "order_no", "pay_status", "transaction_id", "paid_at", "order_status", "total_amount", "is_deleted",
-        "cancel_requested_at", "close_scanned", "close_success", "channel",
+        "id",
+        "order_no",
+        "pay_status",
+        "transaction_id",
+        "paid_at",
+        "order_status",
+        "total_amount",
+        "is_deleted",
+        "cancel_requested_at",
+        "close_scanned",
+        "close_success",
+        "channel",
     )
 ]
 ACCEPTED_PAID = "cancelled; a full refund was started (see refund_order for its progress)"
@@ -133,7 +143,7 @@ class Intake(StageDefaults):
     def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
         message = outcome.message
         if outcome.code == SHOP_REFUSED and message.startswith(f"{SHOP_REFUSED}: "):
-            message = message[len(SHOP_REFUSED) + 2:]  # the code has its own column; the shop's reason is the message
+            message = message[len(SHOP_REFUSED) + 2 :]  # the code has its own column; the shop's reason is the message
         return {"result_code": outcome.code[:32], "result_msg": message[:255], "scanned_at": now}
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
@@ -176,8 +186,11 @@ class Intake(StageDefaults):
                 outcomes[req.id] = reject("ORDER_NOT_FOUND")
             elif req.order_id in seen_in_batch:
                 # The first of this batch cancelled a paid order, or handed an unpaid one to close_unpaid.
-                outcomes[req.id] = (reject("DUPLICATE_REQUEST") if order.pay_status == 1
-                                    else Failed("DUPLICATE_REQUEST", CLOSING_FOR_AN_EARLIER_REQUEST))
+                outcomes[req.id] = (
+                    reject("DUPLICATE_REQUEST")
+                    if order.pay_status == 1
+                    else Failed("DUPLICATE_REQUEST", CLOSING_FOR_AN_EARLIER_REQUEST)
+                )
             else:
                 outcomes[req.id] = self._judge(order, now, accepted_before)
                 if isinstance(outcomes[req.id], Done):
@@ -225,21 +238,45 @@ class Intake(StageDefaults):
         for source in sorted({CANCEL_SOURCES[req.op_type] for req, _ in cancels}):
             paid_ids = [order.id for req, order in paid if CANCEL_SOURCES[req.op_type] == source]
             if paid_ids:
-                _guarded(conn, update(goods_order2).where(o.id.in_(paid_ids), o.order_status == "PAID", o.is_deleted == 0)
-                         .values(order_status="CANCELLED", cancel_source=source, cancelled_at=now, refund_status="REFUNDING"),
-                         len(paid_ids))
+                _guarded(
+                    conn,
+                    update(goods_order2)
+                    .where(o.id.in_(paid_ids), o.order_status == "PAID", o.is_deleted == 0)
+                    .values(
+                        order_status="CANCELLED", cancel_source=source, cancelled_at=now, refund_status="REFUNDING"
+                    ),
+                    len(paid_ids),
+                )
             unpaid_ids = [order.id for req, order in unpaid if CANCEL_SOURCES[req.op_type] == source]
             if unpaid_ids:
-                _guarded(conn, update(goods_order2)
-                         .where(o.id.in_(unpaid_ids), o.order_status == "UNPAID", o.cancel_requested_at.is_(None))
-                         .values(cancel_requested_at=now, cancel_source=source), len(unpaid_ids))
+                _guarded(
+                    conn,
+                    update(goods_order2)
+                    .where(o.id.in_(unpaid_ids), o.order_status == "UNPAID", o.cancel_requested_at.is_(None))
+                    .values(cancel_requested_at=now, cancel_source=source),
+                    len(unpaid_ids),
+                )
         if paid:
-            conn.execute(insert(refund_order), [
-                refund_row(order.id, order.order_no, order.transaction_id, order.total_amount,
-                           wechat_reason(req.reason, CANCEL_SOURCES[req.op_type]), now, req_id=req.id, channel=order.channel)
-                for req, order in paid
-            ])
-        write_oplog(conn, ((order.id, "CANCELLED", f"req {req.id} {req.op_type} by {req.operator or '-'}") for req, order in paid))
+            conn.execute(
+                insert(refund_order),
+                [
+                    refund_row(
+                        order.id,
+                        order.order_no,
+                        order.transaction_id,
+                        order.total_amount,
+                        wechat_reason(req.reason, CANCEL_SOURCES[req.op_type]),
+                        now,
+                        req_id=req.id,
+                        channel=order.channel,
+                    )
+                    for req, order in paid
+                ],
+            )
+        write_oplog(
+            conn,
+            ((order.id, "CANCELLED", f"req {req.id} {req.op_type} by {req.operator or '-'}") for req, order in paid),
+        )
 
 
 def _guarded(conn: Connection, statement, expected: int) -> None:
@@ -249,8 +286,18 @@ def _guarded(conn: Connection, statement, expected: int) -> None:
         raise RuntimeError(f"intake: {expected} orders locked but {done} updated")
 
 
-def refund_row(order_id: int, out_trade_no: str, transaction_id: str | None, amount: int, reason: str,
-               now: datetime, *, req_id: int | None = None, seq: int = 1, channel: str = DEFAULT_CHANNEL) -> dict[str, Any]:
+def refund_row(
+    order_id: int,
+    out_trade_no: str,
+    transaction_id: str | None,
+    amount: int,
+    reason: str,
+    now: datetime,
+    *,
+    req_id: int | None = None,
+    seq: int = 1,
+    channel: str = DEFAULT_CHANNEL,
+) -> dict[str, Any]:
     """A refund of a paid order (the first unless ``seq`` says): all of what was paid, its number fixed before any call,
     through the order's payment ``channel``."""
     return {

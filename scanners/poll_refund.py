@@ -22,13 +22,13 @@ from loguru import logger
 from sqlalchemy import Connection, Row, case, func, literal, not_, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
-from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
 from cancel_scanner.engine.settings import Delays, GatewayJobSettings
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.gateway.channels import route
 from cancel_scanner.models import refund_order
 from cancel_scanner.scanners.submit_refund import MISMATCHED, matches, outcome_for
 
@@ -86,7 +86,9 @@ class PollRefund(StageDefaults):
         moved = conn.execute(
             update(refund_order).where(r.out_refund_no == out_refund_no, *self.pending()).values(next_attempt_at=now)
         ).rowcount
-        logger.bind(stage=self.name, action="poll_soon", out_refund_no=out_refund_no, rows=moved).info("refund notification")
+        logger.bind(stage=self.name, action="poll_soon", out_refund_no=out_refund_no, rows=moved).info(
+            "refund notification"
+        )
         return moved
 
     def status_counts(self, conn: Connection):
@@ -96,10 +98,16 @@ class PollRefund(StageDefaults):
         return (("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", abnormal),)
 
     def attention(self, conn: Connection, limit: int):
-        found = conn.execute(
-            select(r.id, r.order_id, r.out_refund_no, r.refund_amount, r.submitted_at)
-            .where(*self.pending(), r.wx_status == "ABNORMAL").order_by(r.id).limit(limit)
-        ).mappings().all()
+        found = (
+            conn.execute(
+                select(r.id, r.order_id, r.out_refund_no, r.refund_amount, r.submitted_at)
+                .where(*self.pending(), r.wx_status == "ABNORMAL")
+                .order_by(r.id)
+                .limit(limit)
+            )
+            .mappings()
+            .all()
+        )
         return (("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", found),)
 
     pending_since = r.submitted_at
@@ -139,9 +147,17 @@ class PollRefund(StageDefaults):
 
     def channel_fact(self, row: Row, result: Any) -> Fact | None:
         """A refund's end WeChat reported, kept if it cannot be written here."""
-        if isinstance(result, gw.Accepted) and matches(result.refund, row) and result.refund.status in gw.FINAL_STATUSES:
-            return Fact(f"REFUND_{result.refund.status}", row.out_refund_no, row.order_id,
-                        f"refund {result.refund.status} at WeChat Pay")
+        if (
+            isinstance(result, gw.Accepted)
+            and matches(result.refund, row)
+            and result.refund.status in gw.FINAL_STATUSES
+        ):
+            return Fact(
+                f"REFUND_{result.refund.status}",
+                row.out_refund_no,
+                row.order_id,
+                f"refund {result.refund.status} at WeChat Pay",
+            )
         return None
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:

@@ -39,7 +39,10 @@ class RestoreStock(GoodsMove):
             o.order_status == "CANCELLED",
             o.refund_status.in_(("NONE", "REFUNDED")),
             o.is_deleted == 0,
-            or_(and_(o.pay_status == 1, o.refund_status == "REFUNDED"), and_(o.pay_status == 0, o.refund_status == "NONE")),
+            or_(
+                and_(o.pay_status == 1, o.refund_status == "REFUNDED"),
+                and_(o.pay_status == 0, o.refund_status == "NONE"),
+            ),
         ]
 
     def refusal(self, goods_id: int, current: int, quantity: int) -> Failed | None:

@@ -30,16 +30,21 @@ def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]],
     same transaction), so the one there is kept, ours is not added, and the batch goes on.
     ``keep_existing=False``: one already there fails the INSERT (a stage that checked first, GoodsMove).
     """
-    rows = [{"order_id": order_id, "event": event, "detail": clip(detail) if detail else None} for order_id, event, detail in events]
+    rows = [
+        {"order_id": order_id, "event": event, "detail": clip(detail) if detail else None}
+        for order_id, event, detail in events
+    ]
     if not rows:
         return 0
     if not keep_existing:
         conn.execute(insert(oplog), rows)
         return len(rows)
     there = {
-        tuple(found) for found in conn.execute(
+        tuple(found)
+        for found in conn.execute(
             select(oplog.c.order_id, oplog.c.event).where(
-                oplog.c.order_id.in_(sorted({r["order_id"] for r in rows})), oplog.c.event.in_(sorted({r["event"] for r in rows}))
+                oplog.c.order_id.in_(sorted({r["order_id"] for r in rows})),
+                oplog.c.event.in_(sorted({r["event"] for r in rows})),
             )
         )
     }
@@ -108,7 +113,11 @@ def settle_goods(conn: Connection, column: Column, moves: Mapping[int, tuple[int
 def adjust_goods(conn: Connection, column: Column, deltas: Mapping[int, int]) -> None:
     """One aggregated UPDATE for the whole batch: ``column += delta`` per goods row."""
     if deltas:
-        conn.execute(update(goods).where(goods.c.id.in_(list(deltas))).values({column: column + by_id(goods.c.id, dict(deltas), else_=0)}))
+        conn.execute(
+            update(goods)
+            .where(goods.c.id.in_(list(deltas)))
+            .values({column: column + by_id(goods.c.id, dict(deltas), else_=0)})
+        )
 
 
 class GoodsMove(StageDefaults):
@@ -151,16 +160,23 @@ class GoodsMove(StageDefaults):
         # The event already in the oplog (someone else wrote it, or this order's goods moved once and
         # its flags were reset by hand): nobody can tell whether the goods moved, so they are not moved
         # again, and a person looks.
-        logged = set(conn.execute(
-            select(oplog.c.order_id).where(oplog.c.order_id.in_([row.id for row in rows]), oplog.c.event == self.event)
-        ).scalars())
+        logged = set(
+            conn.execute(
+                select(oplog.c.order_id).where(
+                    oplog.c.order_id.in_([row.id for row in rows]), oplog.c.event == self.event
+                )
+            ).scalars()
+        )
         outcomes: dict[int, Outcome] = {}
         moved: dict[int, int] = defaultdict(int)
         events = []
         for row in rows:
             if row.id in logged:
-                outcomes[row.id] = Failed(ALREADY_LOGGED, f"the oplog already has {self.event} for this order, not written by this"
-                                                          f" stage: {self.not_moved} again; check goods {row.goods_id} by hand")
+                outcomes[row.id] = Failed(
+                    ALREADY_LOGGED,
+                    f"the oplog already has {self.event} for this order, not written by this"
+                    f" stage: {self.not_moved} again; check goods {row.goods_id} by hand",
+                )
                 continue
             if row.goods_id not in current:
                 outcomes[row.id] = Failed("GOODS_NOT_FOUND", f"goods {row.goods_id} does not exist; {self.not_moved}")

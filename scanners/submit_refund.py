@@ -26,13 +26,13 @@ from typing import Any
 from sqlalchemy import Connection, Row, or_, select
 
 import cancel_scanner.gateway.contract as gw
-from cancel_scanner.gateway.channels import route
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
 from cancel_scanner.engine.settings import GatewayJobSettings
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.gateway.channels import route
 from cancel_scanner.models import refund_order
 from cancel_scanner.scanners.shop import refund_event, write_oplog
 
@@ -56,15 +56,22 @@ def outcome_for(result: Any, *, may_have_reached: bool) -> Outcome:
     """
     give_up_code = OUTCOME_UNKNOWN if may_have_reached else None
     if isinstance(result, gw.UnknownOutcome):
-        return Retry(result.code, f"outcome unknown, will retry with the same number: {result.message}", give_up_code=OUTCOME_UNKNOWN)
+        return Retry(
+            result.code,
+            f"outcome unknown, will retry with the same number: {result.message}",
+            give_up_code=OUTCOME_UNKNOWN,
+        )
     if isinstance(result, gw.RetryLater):
         return Retry(result.code, result.message, give_up_after=result.give_up_after, give_up_code=give_up_code)
     if isinstance(result, gw.ConfigError):
         return credentials_refused(result)
     if isinstance(result, gw.Permanent):
         if may_have_reached:
-            return Retry(result.code, f"refused, but an earlier call may have reached WeChat: {result.message}",
-                         give_up_code=OUTCOME_UNKNOWN)
+            return Retry(
+                result.code,
+                f"refused, but an earlier call may have reached WeChat: {result.message}",
+                give_up_code=OUTCOME_UNKNOWN,
+            )
         return Failed(result.code, result.message)
     raise TypeError(f"unexpected gateway result {type(result).__name__}")
 
@@ -112,8 +119,10 @@ class SubmitRefund(StageDefaults):
     @classmethod
     def from_config(cls, config) -> SubmitRefund:
         (poll,) = cls.feeds
-        return cls(first_poll_delay_seconds=config.job(poll).poll_delays_seconds[0],
-                   max_attempts=config.job(cls.name).max_attempts)
+        return cls(
+            first_poll_delay_seconds=config.job(poll).poll_delays_seconds[0],
+            max_attempts=config.job(cls.name).max_attempts,
+        )
 
     def handoffs(self) -> Mapping[str, float]:
         # The first poll is due that long after acceptance, which may come before its next tick.
@@ -149,7 +158,9 @@ class SubmitRefund(StageDefaults):
         if problem is not None and not row.submit_sent:
             # Never sent before, and WeChat refuses such a number: ends here, never sent. (One sent by an
             # older cancel-scanner goes on as before: only WeChat's record of it ends the row.)
-            return Attempt(gw.Permanent("BAD_ORDER_NO", f"{problem}: never sent to WeChat Pay; check the order by hand"), False)
+            return Attempt(
+                gw.Permanent("BAD_ORDER_NO", f"{problem}: never sent to WeChat Pay; check the order by hand"), False
+            )
         gateway = route(gateway, row.channel)  # the refund's payment channel: its order's
         # Only out_trade_no, never also transaction_id: the body of every retry must be
         # byte-for-byte the body of the first try.
@@ -186,8 +197,12 @@ class SubmitRefund(StageDefaults):
         for answer in (result.answer, result.query):
             if isinstance(answer, gw.Accepted) and matches(answer.refund, row):
                 refund = answer.refund
-                return Fact("REFUND_ACCEPTED", row.out_refund_no, row.order_id,
-                            f"refund accepted by WeChat Pay (refund_id {refund.refund_id})")
+                return Fact(
+                    "REFUND_ACCEPTED",
+                    row.out_refund_no,
+                    row.order_id,
+                    f"refund accepted by WeChat Pay (refund_id {refund.refund_id})",
+                )
         return None
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> dict[int, Outcome]:
@@ -200,12 +215,19 @@ class SubmitRefund(StageDefaults):
             if refund is not None:
                 accepted[row.id] = {"wx_refund_id": refund.refund_id, "wx_status": refund.status, "submitted_at": now}
                 events.append(
-                    (row.order_id, refund_event("REFUND_SUBMITTED", row.refund_seq),
-                     f"{row.out_refund_no} {row.refund_amount} fen refund_id={refund.refund_id}")
+                    (
+                        row.order_id,
+                        refund_event("REFUND_SUBMITTED", row.refund_seq),
+                        f"{row.out_refund_no} {row.refund_amount} fen refund_id={refund.refund_id}",
+                    )
                 )
                 EventLog(
-                    stage=self.name, row_id=row.id, out_refund_no=row.out_refund_no, action="accepted",
-                    wx_status=refund.status, request_id=request_id,
+                    stage=self.name,
+                    row_id=row.id,
+                    out_refund_no=row.out_refund_no,
+                    action="accepted",
+                    wx_status=refund.status,
+                    request_id=request_id,
                 ).info("refund accepted by WeChat Pay")
             if isinstance(outcome, Blocked):
                 blocked = outcome
@@ -234,18 +256,28 @@ class SubmitRefund(StageDefaults):
                 return None, None, MISMATCHED
             if isinstance(refusal, gw.UnknownOutcome):
                 log.bind(action="unknown_resolved", wx_status=query.refund.status).info(
-                    "the application's answer was unknown; WeChat's record shows the refund accepted: recorded as accepted")
+                    "the application's answer was unknown; WeChat's record shows the refund accepted: recorded as accepted"
+                )
             else:
                 log.bind(action="refusal_overruled", wx_status=query.refund.status).warning(
-                    "WeChat refused a replay, but its record shows the refund accepted: recorded as accepted")
+                    "WeChat refused a replay, but its record shows the refund accepted: recorded as accepted"
+                )
             return query.refund, query.request_id, Done(query.refund.status)
         if isinstance(query, gw.ConfigError):
             return None, None, credentials_refused(query)
         # Even "no such refund" is not proof: WeChat's own replication lags behind an acceptance.
         # Only a verified refund object ends this row; giving up says "unknown", not "rejected".
-        said = "unknown" if isinstance(refusal, gw.UnknownOutcome) else "refused after an earlier call may have reached WeChat"
-        return None, None, Retry(
-            refusal.code,
-            f"{said}, and the query answered {getattr(query, 'code', type(query).__name__)}: will ask again ({refusal.message})",
-            give_up_code=OUTCOME_UNKNOWN,
+        said = (
+            "unknown"
+            if isinstance(refusal, gw.UnknownOutcome)
+            else "refused after an earlier call may have reached WeChat"
+        )
+        return (
+            None,
+            None,
+            Retry(
+                refusal.code,
+                f"{said}, and the query answered {getattr(query, 'code', type(query).__name__)}: will ask again ({refusal.message})",
+                give_up_code=OUTCOME_UNKNOWN,
+            ),
         )

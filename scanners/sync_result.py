@@ -41,8 +41,16 @@ class SyncResult(StageDefaults):
     def ready(self, now: datetime, limit: int):
         return (
             select(
-                r.id, r.order_id, r.refund_seq, r.out_refund_no, r.refund_amount, r.wx_status, r.progress_success, r.success_time,
-                r.attempts, r.last_error,
+                r.id,
+                r.order_id,
+                r.refund_seq,
+                r.out_refund_no,
+                r.refund_amount,
+                r.wx_status,
+                r.progress_success,
+                r.success_time,
+                r.attempts,
+                r.last_error,
             )
             .where(*self.pending())
             .order_by(r.id)
@@ -78,14 +86,26 @@ class SyncResult(StageDefaults):
                 )
             elif row.progress_success == 1 and row.wx_status == "SUCCESS":
                 refunded[row.order_id] = row.success_time or now
-                events.append((row.order_id, refund_event("REFUND_SUCCEEDED", row.refund_seq), f"{row.out_refund_no} {row.refund_amount} fen"))
+                events.append(
+                    (
+                        row.order_id,
+                        refund_event("REFUND_SUCCEEDED", row.refund_seq),
+                        f"{row.out_refund_no} {row.refund_amount} fen",
+                    )
+                )
                 outcomes[row.id] = Done()
             elif row.progress_success == 0 and (row.last_error or "").startswith(CONFLICTING_ANSWERS):
                 # WeChat said SUCCESS and then something else: neither is written to the order.
-                outcomes[row.id] = Failed(CONFLICTING_ANSWERS, row.last_error[len(CONFLICTING_ANSWERS) + 2:])
+                outcomes[row.id] = Failed(CONFLICTING_ANSWERS, row.last_error[len(CONFLICTING_ANSWERS) + 2 :])
             elif row.progress_success == 0 and row.wx_status == "CLOSED":
                 failed.append(row.order_id)
-                events.append((row.order_id, refund_event("REFUND_FAILED", row.refund_seq), f"{row.out_refund_no} closed by WeChat Pay"))
+                events.append(
+                    (
+                        row.order_id,
+                        refund_event("REFUND_FAILED", row.refund_seq),
+                        f"{row.out_refund_no} closed by WeChat Pay",
+                    )
+                )
                 outcomes[row.id] = Done()
             else:
                 outcomes[row.id] = Failed(

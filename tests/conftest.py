@@ -138,4 +138,3 @@ def galera_cluster(tmp_path_factory):
         pytest.skip(f"no Galera cluster: {exc}")
     yield bed
     bed.stop()
-

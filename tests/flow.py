@@ -66,14 +66,33 @@ def add_order(
     deleted: bool = False,
 ) -> None:
     """An order as the shop's own order system inserts it: no flag columns; paid a day before T0."""
-    shop.insert_orders(db, [shop.order_row(
-        order_id, goods_id=goods_id, quantity=quantity, amount=amount, paid=paid, status=status,
-        transaction_id=transaction_id or None, paid_at=paid_at, deleted=deleted, now=T0,
-    )])
+    shop.insert_orders(
+        db,
+        [
+            shop.order_row(
+                order_id,
+                goods_id=goods_id,
+                quantity=quantity,
+                amount=amount,
+                paid=paid,
+                status=status,
+                transaction_id=transaction_id or None,
+                paid_at=paid_at,
+                deleted=deleted,
+                now=T0,
+            )
+        ],
+    )
 
 
-def request_cancel(db: Engine, order_id: int, *, op_type: str = "MERCHANT_CANCEL", operator: str | None = "clerk-1",
-                   reason: str | None = "out of stock") -> int:
+def request_cancel(
+    db: Engine,
+    order_id: int,
+    *,
+    op_type: str = "MERCHANT_CANCEL",
+    operator: str | None = "clerk-1",
+    reason: str | None = "out of stock",
+) -> int:
     """What a merchant's tool does: insert four columns, nothing else."""
     return shop.request_cancel(db, order_id, op_type, operator, reason)
 
@@ -149,9 +168,19 @@ class World:
     def emulator(self):
         return self.sandbox.emulator
 
-    def runner(self, hooks: Hooks | None = None, owner: str | None = None, *, gateway: Any = None, **options: Any) -> Runner:
-        return Runner(self.db, self.config, build_stages(self.config), gateway or self.sandbox.gateway,
-                      clock=self.clock, hooks=hooks, owner=owner, **options)
+    def runner(
+        self, hooks: Hooks | None = None, owner: str | None = None, *, gateway: Any = None, **options: Any
+    ) -> Runner:
+        return Runner(
+            self.db,
+            self.config,
+            build_stages(self.config),
+            gateway or self.sandbox.gateway,
+            clock=self.clock,
+            hooks=hooks,
+            owner=owner,
+            **options,
+        )
 
     def settle(self, runner: Runner | None = None, *, rounds: int = 30, step_seconds: float = 5) -> None:
         """Run every stage until idle, move the clock on, and again, until nothing is pending."""

@@ -41,33 +41,100 @@ def seed(db: Engine, finished_orders: int = 40) -> Seeded:
     orders, requests, refunds, events = [], [], [], []
 
     def order(oid: int, **kw) -> None:
-        orders.append({"id": oid, "order_no": f"SO{oid:010d}", "user_id": 7, "merchant_id": 9, "goods_id": 1, "quantity": 1,
-                       "total_amount": 1280, "pay_status": 1, "transaction_id": f"4200{oid:012d}", "order_status": "CANCELLED",
-                       "refund_status": "REFUNDED", "created_at": old, "updated_at": old, **kw})
+        orders.append(
+            {
+                "id": oid,
+                "order_no": f"SO{oid:010d}",
+                "user_id": 7,
+                "merchant_id": 9,
+                "goods_id": 1,
+                "quantity": 1,
+                "total_amount": 1280,
+                "pay_status": 1,
+                "transaction_id": f"4200{oid:012d}",
+                "order_status": "CANCELLED",
+                "refund_status": "REFUNDED",
+                "created_at": old,
+                "updated_at": old,
+                **kw,
+            }
+        )
 
     def request(rid: int, oid: int, flags: tuple[int, int], moves: bool, created=old, updated=None, code="OK") -> None:
-        requests.append({"id": rid, "order_id": oid, "op_type": "MERCHANT_CANCEL", "operator": "clerk-1", "reason": "out of stock",
-                         "scanned": flags[0], "success": flags[1], "result_code": code if flags[0] else None,
-                         "result_msg": "cancelled" if flags[0] else None, "scanned_at": created if flags[0] else None,
-                         "created_at": created, "updated_at": updated or created})
+        requests.append(
+            {
+                "id": rid,
+                "order_id": oid,
+                "op_type": "MERCHANT_CANCEL",
+                "operator": "clerk-1",
+                "reason": "out of stock",
+                "scanned": flags[0],
+                "success": flags[1],
+                "result_code": code if flags[0] else None,
+                "result_msg": "cancelled" if flags[0] else None,
+                "scanned_at": created if flags[0] else None,
+                "created_at": created,
+                "updated_at": updated or created,
+            }
+        )
         s.add("req_order_ops", rid, moves)
 
-    def refund(fid: int, oid: int, moves: bool, seq: int = 1, flags=(1, 1, 1, 1, 1, 1), status="SUCCESS", lease=None,
-               created=old, updated=None) -> None:
-        refunds.append({"id": fid, "order_id": oid, "req_id": oid, "refund_seq": seq, "out_refund_no": f"CSR{oid}-{seq}",
-                        "out_trade_no": f"SO{oid:010d}", "transaction_id": f"4200{oid:012d}", "refund_amount": 1280,
-                        "total_amount": 1280, "reason": "out of stock", "submit_scanned": flags[0], "submit_success": flags[1],
-                        "wx_refund_id": f"50{fid:010d}", "wx_status": status, "progress_scanned": flags[2],
-                        "progress_success": flags[3], "sync_scanned": flags[4], "sync_success": flags[5], "attempts": 0,
-                        "lease_owner": lease, "lease_until": (now + timedelta(minutes=5)) if lease else None,
-                        "submitted_at": created, "success_time": created if status == "SUCCESS" else None,
-                        "created_at": created, "updated_at": updated or created})
+    def refund(
+        fid: int,
+        oid: int,
+        moves: bool,
+        seq: int = 1,
+        flags=(1, 1, 1, 1, 1, 1),
+        status="SUCCESS",
+        lease=None,
+        created=old,
+        updated=None,
+    ) -> None:
+        refunds.append(
+            {
+                "id": fid,
+                "order_id": oid,
+                "req_id": oid,
+                "refund_seq": seq,
+                "out_refund_no": f"CSR{oid}-{seq}",
+                "out_trade_no": f"SO{oid:010d}",
+                "transaction_id": f"4200{oid:012d}",
+                "refund_amount": 1280,
+                "total_amount": 1280,
+                "reason": "out of stock",
+                "submit_scanned": flags[0],
+                "submit_success": flags[1],
+                "wx_refund_id": f"50{fid:010d}",
+                "wx_status": status,
+                "progress_scanned": flags[2],
+                "progress_success": flags[3],
+                "sync_scanned": flags[4],
+                "sync_success": flags[5],
+                "attempts": 0,
+                "lease_owner": lease,
+                "lease_until": (now + timedelta(minutes=5)) if lease else None,
+                "submitted_at": created,
+                "success_time": created if status == "SUCCESS" else None,
+                "created_at": created,
+                "updated_at": updated or created,
+            }
+        )
         s.add("refund_order", fid, moves)
 
     def log(oid: int, names: tuple[str, ...], moves: bool, created=old) -> None:
         for name in names:
-            events.append(({"order_id": oid, "event": name, "detail": f"{name} of {oid}", "created_at": created,
-                            "updated_at": created}, moves))
+            events.append(
+                (
+                    {
+                        "order_id": oid,
+                        "event": name,
+                        "detail": f"{name} of {oid}",
+                        "created_at": created,
+                        "updated_at": created,
+                    },
+                    moves,
+                )
+            )
 
     done = ("CANCELLED", "REFUND_SUBMITTED", "REFUND_SUCCEEDED", "STOCK_RESTORED", "SALES_DECREMENTED")
     for oid in range(1, finished_orders + 1):

@@ -7,9 +7,10 @@ it; order ``BAD`` is the one the shop's trigger or constraint is about.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sqlalchemy import Engine, text
 
@@ -35,47 +36,120 @@ def _cases(bad: int) -> dict[str, Case]:
     # A CHECK may not name an AUTO_INCREMENT column: the bad order by its number, its goods by name.
     order, goods = f"order_no <> '{shop.order_row(bad)['no']}'", f"name <> '{shop.goods_row(bad)['name']}'"
     return {
-        "intake": Case("intake", "req_order_ops", "", "", "CANCELLED", ("goods_order2", "UPDATE", status_of_bad),
-                       ("goods_order2", f"{order} OR order_status <> 'CANCELLED'"), None),
-        "close_unpaid": Case("close_unpaid", "goods_order2", "close", "close", "PAYMENT_CLOSED",
-                             ("goods_order2", "UPDATE", status_of_bad),
-                             ("goods_order2", f"{order} OR order_status <> 'CANCELLED'"), "PAYMENT_CLOSED"),
-        "submit_refund": Case("submit_refund", "refund_order", "submit", "", "REFUND_SUBMITTED",
-                              ("goods_order2_oplog", "INSERT", f"NEW.order_id = {bad} AND NEW.event = 'REFUND_SUBMITTED'"),
-                              ("refund_order", f"order_id <> {bad} OR wx_refund_id IS NULL"), "REFUND_ACCEPTED"),
-        "poll_refund": Case("poll_refund", "refund_order", "progress", "", None,
-                            ("refund_order", "UPDATE", f"OLD.order_id = {bad} AND NEW.wx_status = 'SUCCESS'"),
-                            ("refund_order", f"order_id <> {bad} OR wx_status <> 'SUCCESS'"), "REFUND_SUCCESS"),
-        "sync_result": Case("sync_result", "refund_order", "sync", "", "REFUND_SUCCEEDED",
-                            ("goods_order2", "UPDATE", f"OLD.id = {bad} AND NEW.refund_status <> OLD.refund_status"),
-                            ("goods_order2", f"{order} OR refund_status <> 'REFUNDED'"), None),
-        "restore_stock": Case("restore_stock", "goods_order2", "stock", "stock", "STOCK_RESTORED",
-                              ("goods", "UPDATE", f"OLD.id = {bad} AND NEW.stock <> OLD.stock"),
-                              ("goods", f"{goods} OR stock <= 10"), None),
-        "decrement_sales": Case("decrement_sales", "goods_order2", "sales", "sales", "SALES_DECREMENTED",
-                                ("goods", "UPDATE", f"OLD.id = {bad} AND NEW.sales <> OLD.sales"),
-                                ("goods", f"{goods} OR sales >= 10"), None),
+        "intake": Case(
+            "intake",
+            "req_order_ops",
+            "",
+            "",
+            "CANCELLED",
+            ("goods_order2", "UPDATE", status_of_bad),
+            ("goods_order2", f"{order} OR order_status <> 'CANCELLED'"),
+            None,
+        ),
+        "close_unpaid": Case(
+            "close_unpaid",
+            "goods_order2",
+            "close",
+            "close",
+            "PAYMENT_CLOSED",
+            ("goods_order2", "UPDATE", status_of_bad),
+            ("goods_order2", f"{order} OR order_status <> 'CANCELLED'"),
+            "PAYMENT_CLOSED",
+        ),
+        "submit_refund": Case(
+            "submit_refund",
+            "refund_order",
+            "submit",
+            "",
+            "REFUND_SUBMITTED",
+            ("goods_order2_oplog", "INSERT", f"NEW.order_id = {bad} AND NEW.event = 'REFUND_SUBMITTED'"),
+            ("refund_order", f"order_id <> {bad} OR wx_refund_id IS NULL"),
+            "REFUND_ACCEPTED",
+        ),
+        "poll_refund": Case(
+            "poll_refund",
+            "refund_order",
+            "progress",
+            "",
+            None,
+            ("refund_order", "UPDATE", f"OLD.order_id = {bad} AND NEW.wx_status = 'SUCCESS'"),
+            ("refund_order", f"order_id <> {bad} OR wx_status <> 'SUCCESS'"),
+            "REFUND_SUCCESS",
+        ),
+        "sync_result": Case(
+            "sync_result",
+            "refund_order",
+            "sync",
+            "",
+            "REFUND_SUCCEEDED",
+            ("goods_order2", "UPDATE", f"OLD.id = {bad} AND NEW.refund_status <> OLD.refund_status"),
+            ("goods_order2", f"{order} OR refund_status <> 'REFUNDED'"),
+            None,
+        ),
+        "restore_stock": Case(
+            "restore_stock",
+            "goods_order2",
+            "stock",
+            "stock",
+            "STOCK_RESTORED",
+            ("goods", "UPDATE", f"OLD.id = {bad} AND NEW.stock <> OLD.stock"),
+            ("goods", f"{goods} OR stock <= 10"),
+            None,
+        ),
+        "decrement_sales": Case(
+            "decrement_sales",
+            "goods_order2",
+            "sales",
+            "sales",
+            "SALES_DECREMENTED",
+            ("goods", "UPDATE", f"OLD.id = {bad} AND NEW.sales <> OLD.sales"),
+            ("goods", f"{goods} OR sales >= 10"),
+            None,
+        ),
     }
 
 
 CASES = _cases(BAD)
 STAGES_BEFORE = {
-    "intake": [], "close_unpaid": ["intake"], "submit_refund": ["intake"], "poll_refund": ["intake", "submit_refund"],
+    "intake": [],
+    "close_unpaid": ["intake"],
+    "submit_refund": ["intake"],
+    "poll_refund": ["intake", "submit_refund"],
     "sync_result": ["intake", "submit_refund", "poll_refund"],
     "restore_stock": ["intake", "submit_refund", "poll_refund", "sync_result"],
     "decrement_sales": ["intake", "submit_refund", "poll_refund", "sync_result"],
 }
 
 
-def orders_ready_for(db: Engine, emulator: Any, runner: Any, clock: Any, stage: str, order_ids: Sequence[int],
-                     goods_for: Callable[[int], int] = lambda order_id: order_id, level: int = 10) -> dict[int, int]:
+def orders_ready_for(
+    db: Engine,
+    emulator: Any,
+    runner: Any,
+    clock: Any,
+    stage: str,
+    order_ids: Sequence[int],
+    goods_for: Callable[[int], int] = lambda order_id: order_id,
+    level: int = 10,
+) -> dict[int, int]:
     """Orders ``order_ids`` (of goods ``goods_for(order_id)``, stock and sales ``level`` each) cancelled and
     brought to ``stage`` (paid ones; unpaid for close_unpaid, their trades NOTPAY at the emulator); the
     stage's row id by order id. ``clock`` is moved on past each stage's first delay."""
     unpaid = stage == "close_unpaid"
-    shop.insert_goods_rows(db, [shop.goods_row(g, stock=level, sales=level) for g in sorted({goods_for(i) for i in order_ids})])
-    orders = [shop.order_row(i, goods_id=goods_for(i), quantity=2, amount=500 if unpaid else 1280, paid=not unpaid, now=clock.now,
-                             created_at=clock.now - timedelta(minutes=10) if unpaid else None) for i in order_ids]
+    shop.insert_goods_rows(
+        db, [shop.goods_row(g, stock=level, sales=level) for g in sorted({goods_for(i) for i in order_ids})]
+    )
+    orders = [
+        shop.order_row(
+            i,
+            goods_id=goods_for(i),
+            quantity=2,
+            amount=500 if unpaid else 1280,
+            paid=not unpaid,
+            now=clock.now,
+            created_at=clock.now - timedelta(minutes=10) if unpaid else None,
+        )
+        for i in order_ids
+    ]
     shop.insert_orders(db, orders)
     if unpaid:
         for o in orders:
@@ -99,11 +173,15 @@ def shop_trigger(db: Engine, table: str, on: str, condition: str, *, message: st
     """A shop's rule, as shops write them: a BEFORE trigger that refuses the change (SIGNAL; RAISE on SQLite)."""
     with db.begin() as conn:
         if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql(f"CREATE TRIGGER shop_rule BEFORE {on} ON {table} FOR EACH ROW WHEN {condition}"
-                                 f" BEGIN SELECT RAISE(ABORT, '{message}'); END")
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER shop_rule BEFORE {on} ON {table} FOR EACH ROW WHEN {condition}"
+                f" BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
         else:
-            conn.exec_driver_sql(f"CREATE TRIGGER shop_rule BEFORE {on} ON {table} FOR EACH ROW BEGIN IF {condition} THEN"
-                                 f" SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'; END IF; END")
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER shop_rule BEFORE {on} ON {table} FOR EACH ROW BEGIN IF {condition} THEN"
+                f" SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'; END IF; END"
+            )
 
 
 def drop_shop_trigger(db: Engine) -> None:

@@ -20,7 +20,11 @@ from pathlib import Path
 
 from testsupport.mariadb import MariaDBServer, MariaDBUnavailable
 
-PROVIDER_PATHS = ("/usr/lib/galera/libgalera_smm.so", "/usr/lib/galera-4/libgalera_smm.so", "/usr/lib64/galera-4/libgalera_smm.so")
+PROVIDER_PATHS = (
+    "/usr/lib/galera/libgalera_smm.so",
+    "/usr/lib/galera-4/libgalera_smm.so",
+    "/usr/lib64/galera-4/libgalera_smm.so",
+)
 JOIN_TIMEOUT_SECONDS = 180.0  # a full state transfer on a loaded two-core machine
 
 
@@ -58,7 +62,9 @@ class GaleraNode(MariaDBServer):
         base = super()._command()  # [mariadbd, --no-defaults, options...]
         options = [arg[2:] for arg in base[2:]] + [arg[2:] for arg in self.galera_args]
         if self.bootstrap:
-            options = [o for o in options if not o.startswith("wsrep-cluster-address=")] + ["wsrep-cluster-address=gcomm://"]
+            options = [o for o in options if not o.startswith("wsrep-cluster-address=")] + [
+                "wsrep-cluster-address=gcomm://"
+            ]
         cnf = self._require_folder() / "my.cnf"
         cnf.write_text(
             "[mysqld]\n" + "\n".join(options) + "\n"
@@ -96,7 +102,9 @@ class GaleraCluster:
                 "--innodb-autoinc-lock-mode=2",
                 "--default-storage-engine=InnoDB",
             )
-            self.nodes.append(GaleraNode(f"node{i + 1}", args, base_dir=base_dir, fast=True, start_timeout=JOIN_TIMEOUT_SECONDS))
+            self.nodes.append(
+                GaleraNode(f"node{i + 1}", args, base_dir=base_dir, fast=True, start_timeout=JOIN_TIMEOUT_SECONDS)
+            )
 
     def start(self) -> GaleraCluster:
         first, *others = self.nodes
@@ -128,11 +136,14 @@ class GaleraCluster:
         seen = None
         while True:
             try:
-                seen = [(self.status(i, "wsrep_cluster_size"), self.status(i, "wsrep_local_state_comment"))
-                        for i, node in enumerate(self.nodes) if node.running]
+                seen = [
+                    (self.status(i, "wsrep_cluster_size"), self.status(i, "wsrep_local_state_comment"))
+                    for i, node in enumerate(self.nodes)
+                    if node.running
+                ]
                 if all(s == (str(size), "Synced") for s in seen):
                     return
-            except Exception as exc:  # a node still starting or just killed: look again
+            except Exception as exc:  # noqa: BLE001 - a node still starting or just killed: look again
                 seen = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
                 raise MariaDBUnavailable(f"cluster not {size} nodes Synced after {timeout:.0f} s: {seen}")

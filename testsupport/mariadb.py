@@ -176,7 +176,7 @@ for path in [folder, *extra]:
     shutil.rmtree(path, ignore_errors=True)
 """
 
-_LIVE: set["MariaDBServer"] = set()
+_LIVE: set[MariaDBServer] = set()
 _SIGTERM_INSTALLED = False
 
 
@@ -194,7 +194,7 @@ def _shutdown_all() -> None:
             pass
 
 
-def _on_sigterm(signum, frame) -> None:  # noqa: ARG001
+def _on_sigterm(signum, frame) -> None:
     _shutdown_all()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
@@ -298,7 +298,7 @@ class MariaDBServer:
 
     # --- lifecycle -----------------------------------------------------------
 
-    def start(self) -> "MariaDBServer":
+    def start(self) -> MariaDBServer:
         """Start the server (initialising the data directory the first time).
 
         Starting again after stop()/kill() reuses the data directory and port.
@@ -369,7 +369,7 @@ class MariaDBServer:
             proc.wait(10)
         self._proc = None
 
-    def restart(self) -> "MariaDBServer":
+    def restart(self) -> MariaDBServer:
         self.stop()
         return self.start()
 
@@ -387,7 +387,7 @@ class MariaDBServer:
         self._port_fixed = self._requested_port is not None
         _LIVE.discard(self)
 
-    def __enter__(self) -> "MariaDBServer":
+    def __enter__(self) -> MariaDBServer:
         try:
             return self.start()
         except BaseException:
@@ -421,10 +421,7 @@ class MariaDBServer:
 
     def create_database(self, name: str) -> str:
         """CREATE DATABASE IF NOT EXISTS (utf8mb4); returns its SQLAlchemy URL."""
-        self._exec(
-            f"CREATE DATABASE IF NOT EXISTS {_quote(name)} "
-            "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
-        )
+        self._exec(f"CREATE DATABASE IF NOT EXISTS {_quote(name)} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
         return self.url_for(name)
 
     def drop_database(self, name: str) -> None:
@@ -575,8 +572,13 @@ class MariaDBServer:
             return
         self._watchdog = subprocess.Popen(
             [
-                sys.executable, "-I", "-S", "-c", _WATCHDOG_SRC,
-                str(os.getpid()), str(self._require_folder()),
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _WATCHDOG_SRC,
+                str(os.getpid()),
+                str(self._require_folder()),
                 *([str(self._short_tmp)] if self._short_tmp else []),
             ],
             stdin=subprocess.PIPE,
@@ -629,14 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
     parser.add_argument("--database", default=DEFAULT_DATABASE)
     parser.add_argument("--base-dir", type=Path, default=None, help="parent of the temp folder")
-    parser.add_argument(
-        "--durable", action="store_true", help="fsync at every commit (benchmarks of the real thing)"
-    )
+    parser.add_argument("--durable", action="store_true", help="fsync at every commit (benchmarks of the real thing)")
     args = parser.parse_args(argv)
 
     stop = threading.Event()
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum, frame):
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -651,8 +651,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(server.url, flush=True)
         print(
-            f"mariadbd pid {server.pid} ready in {time.monotonic() - t0:.1f} s; log {server.log_path}; "
-            "Ctrl-C to stop",
+            f"mariadbd pid {server.pid} ready in {time.monotonic() - t0:.1f} s; log {server.log_path}; Ctrl-C to stop",
             file=sys.stderr,
             flush=True,
         )

@@ -15,9 +15,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -45,8 +46,9 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str], *, config: Path | None, env: Mapping[str, str] | None = None, cwd: Path,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    args: Sequence[str], *, config: Path | None, env: Mapping[str, str] | None = None, cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """`cancel-scanner [--config PATH] ARGS...` to completion, stdout and stderr captured apart."""
     cmd = [sys.executable, str(CLI)] + (["--config", str(config)] if config else []) + list(args)
     return subprocess.run(cmd, cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
@@ -99,8 +101,16 @@ class DaemonProcess:
     SIGTERM on exit.
     """
 
-    def __init__(self, workdir: Path, config: Mapping[str, Any], env: Mapping[str, str], *, name: str = "daemon",
-                 log_level: str | None = None, args: Sequence[str] = ("run",)):
+    def __init__(
+        self,
+        workdir: Path,
+        config: Mapping[str, Any],
+        env: Mapping[str, str],
+        *,
+        name: str = "daemon",
+        log_level: str | None = None,
+        args: Sequence[str] = ("run",),
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -113,7 +123,7 @@ class DaemonProcess:
 
     # lifecycle
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         """A new life: the command in a subprocess, its output to this life's log file."""
         assert not self.alive, f"{self.name} is already running"
         log_path = self.workdir / f"{self.name}.{len(self.lives) + 1}.log"
@@ -122,24 +132,40 @@ class DaemonProcess:
             cmd += ["--log-level", self.log_level]
         cmd += self.args
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=self.workdir, env=cli_env(self.env), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.workdir,
+                env=cli_env(self.env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.lives.append(_Life(proc=proc, log_path=log_path, started_at=time.monotonic()))
         return self
 
     def wait_started(self, timeout: float = 30) -> None:
         """Until this life logged that it runs (configuration read, scheduler up)."""
         life = self._life
-        wait_until(lambda: any(r.get("action") == "started" for r in self._records(life)), timeout,
-                   f"{self.name} to start", daemons=[self])
+        wait_until(
+            lambda: any(r.get("action") == "started" for r in self._records(life)),
+            timeout,
+            f"{self.name} to start",
+            daemons=[self],
+        )
 
     def wait_started_or_exit(self, timeout: float = 30) -> int | None:
         """None once this life logged that it runs; its exit code if it ended first (a refused configuration)."""
         life = self._life
         state = wait_until(
-            lambda: ("exited", life.proc.poll()) if life.proc.poll() is not None
-            else ("started", None) if any(r.get("action") == "started" for r in self._records(life)) else None,
-            timeout, f"{self.name} to start or exit",
+            lambda: (
+                ("exited", life.proc.poll())
+                if life.proc.poll() is not None
+                else ("started", None)
+                if any(r.get("action") == "started" for r in self._records(life))
+                else None
+            ),
+            timeout,
+            f"{self.name} to start or exit",
         )
         return state[1]
 
@@ -177,7 +203,7 @@ class DaemonProcess:
                 life.proc.kill()
                 life.proc.wait(10)
 
-    def __enter__(self) -> "DaemonProcess":
+    def __enter__(self) -> DaemonProcess:
         self.start()
         try:
             self.wait_started(START_TIMEOUT_SECONDS)
@@ -318,7 +344,7 @@ class LogFollower:
     def new_records(self) -> list[dict[str, Any]]:
         """The records logged since the last call (a line still being written waits for the next)."""
         try:
-            with open(self.path, "r", encoding="utf-8", errors="replace") as f:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
                 f.seek(self.offset)
                 chunk = f.read()
                 self.offset = f.tell()

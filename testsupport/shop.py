@@ -7,8 +7,9 @@ harness both write through these.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine, text
 
@@ -25,7 +26,7 @@ INSERT_REQUEST = text("INSERT INTO req_order_ops (order_id, op_type, operator, r
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def goods_row(goods_id: int, *, stock: int = 100, sales: int = 50, name: str | None = None) -> dict[str, Any]:
@@ -43,9 +44,20 @@ def insert_goods(db: Engine, goods: Mapping[int, tuple[int, int]]) -> None:
     insert_goods_rows(db, [goods_row(i, stock=stock, sales=sales) for i, (stock, sales) in goods.items()])
 
 
-def order_row(order_id: int, *, goods_id: int = 1, quantity: int = 1, amount: int = 1280, paid: bool = True,
-              status: str | None = None, transaction_id: str | None | bool = True, paid_at: datetime | None = None,
-              deleted: bool = False, now: datetime | None = None, created_at: datetime | None = None) -> dict[str, Any]:
+def order_row(
+    order_id: int,
+    *,
+    goods_id: int = 1,
+    quantity: int = 1,
+    amount: int = 1280,
+    paid: bool = True,
+    status: str | None = None,
+    transaction_id: str | None | bool = True,
+    paid_at: datetime | None = None,
+    deleted: bool = False,
+    now: datetime | None = None,
+    created_at: datetime | None = None,
+) -> dict[str, Any]:
     """One order as the shop's own order system inserts it: no flag columns.
 
     ``transaction_id=True`` makes one up for a paid order; ``paid_at`` defaults to a day before
@@ -75,8 +87,12 @@ def insert_orders(db: Engine, orders: Iterable[Mapping[str, Any]]) -> None:
         conn.execute(INSERT_ORDER, rows)
 
 
-def request_row(order_id: int, op_type: str = "MERCHANT_CANCEL", operator: str | None = "clerk-1",
-                reason: str | None = "out of stock") -> dict[str, Any]:
+def request_row(
+    order_id: int,
+    op_type: str = "MERCHANT_CANCEL",
+    operator: str | None = "clerk-1",
+    reason: str | None = "out of stock",
+) -> dict[str, Any]:
     return {"o": order_id, "t": op_type, "op": operator, "r": reason}
 
 
@@ -89,8 +105,13 @@ def insert_requests(db: Engine, requests: Iterable[tuple[int, str, str | None, s
         conn.execute(INSERT_REQUEST, rows)
 
 
-def request_cancel(db: Engine, order_id: int, op_type: str = "MERCHANT_CANCEL", operator: str | None = "clerk-1",
-                   reason: str | None = "out of stock") -> int:
+def request_cancel(
+    db: Engine,
+    order_id: int,
+    op_type: str = "MERCHANT_CANCEL",
+    operator: str | None = "clerk-1",
+    reason: str | None = "out of stock",
+) -> int:
     """One merchant's cancel request; its id."""
     with db.begin() as conn:
         return conn.execute(INSERT_REQUEST, request_row(order_id, op_type, operator, reason)).lastrowid

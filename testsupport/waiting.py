@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def wait_until(
@@ -39,8 +40,14 @@ def wait_until(
         time.sleep(interval)
 
 
-def timed_wait(probe: Callable[[], Any], timeout: float, what: str = "a condition", *, interval: float = 0.1,
-               error: type[Exception] = TimeoutError) -> float:
+def timed_wait(
+    probe: Callable[[], Any],
+    timeout: float,
+    what: str = "a condition",
+    *,
+    interval: float = 0.1,
+    error: type[Exception] = TimeoutError,
+) -> float:
     """``wait_until``, returning the seconds waited instead of the value (the benchmarks' clock)."""
     started = time.monotonic()
     wait_until(probe, timeout, what, interval=interval, error=error)

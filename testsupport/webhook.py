@@ -20,7 +20,7 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             timeout = 5
 
-            def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+            def do_POST(self) -> None:
                 size = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(min(size, 1 << 20))
                 try:

@@ -75,8 +75,14 @@ def payload(fmt: str, alert: Alert, *, secret: str | None = None, now: float | N
     _check_format(fmt)
     if fmt == "json":
         value = None if isinstance(alert.value, float) and not math.isfinite(alert.value) else alert.value
-        return {"rule": alert.rule, "state": alert.state, "summary": alert.summary, "stage": alert.stage,
-                "value": value, "at": alert.at.astimezone(UTC).isoformat()}
+        return {
+            "rule": alert.rule,
+            "state": alert.state,
+            "summary": alert.summary,
+            "stage": alert.stage,
+            "value": value,
+            "at": alert.at.astimezone(UTC).isoformat(),
+        }
     if fmt == "wecom":
         return {"msgtype": "markdown", "markdown": {"content": _text(alert, sep="\n", bold=True)}}
     if fmt == "dingtalk":
@@ -96,7 +102,9 @@ def target_url(fmt: str, url: str, *, secret: str | None = None, now: float | No
     _check_format(fmt)
     if fmt != "dingtalk" or not secret:
         return url
-    timestamp = str(round((time.time() if now is None else now) * 1000))  # DingTalk wants milliseconds, within an hour of its clock
+    timestamp = str(
+        round((time.time() if now is None else now) * 1000)
+    )  # DingTalk wants milliseconds, within an hour of its clock
     digest = hmac.new(secret.encode(), f"{timestamp}\n{secret}".encode(), hashlib.sha256).digest()
     sign = quote_plus(base64.b64encode(digest).decode())
     return f"{url}{'&' if '?' in url else '?'}timestamp={timestamp}&sign={sign}"
@@ -125,10 +133,18 @@ class Notifier:
     still queued when `stop` ran out of time). Not restartable: one start, one stop.
     """
 
-    def __init__(self, url: str, fmt: str, *, secret: str | None = None,
-                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 on_result: Callable[[str], None] | None = None, wall: Callable[[], float] = time.time,
-                 retry_delays_seconds: Sequence[float] = RETRY_DELAYS_SECONDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        fmt: str,
+        *,
+        secret: str | None = None,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        on_result: Callable[[str], None] | None = None,
+        wall: Callable[[], float] = time.time,
+        retry_delays_seconds: Sequence[float] = RETRY_DELAYS_SECONDS,
+    ) -> None:
         _check_format(fmt)
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise ValueError(f"alert webhook must be an http or https URL: {redact(url)}")
@@ -159,8 +175,11 @@ class Notifier:
     def send(self, alert: Alert) -> bool:
         """Queue `alert` and return at once; False (and "dropped") when the queue is full or stopping."""
         with self._changed:
-            refused = "the notifier is stopping" if self._stopping else (
-                "the queue is full" if len(self._queue) >= self._queue_size else "")
+            refused = (
+                "the notifier is stopping"
+                if self._stopping
+                else ("the queue is full" if len(self._queue) >= self._queue_size else "")
+            )
             if not refused:
                 self._queue.append(alert)
                 self._changed.notify_all()
@@ -226,12 +245,15 @@ class Notifier:
             cause = self._attempt(alert)
             if not cause:
                 logger.bind(stage="alerts", action="sent", rule=alert.rule).info(
-                    "alert {} {} sent to {} ({})", alert.rule, alert.state, redact(self._url), self._fmt)
+                    "alert {} {} sent to {} ({})", alert.rule, alert.state, redact(self._url), self._fmt
+                )
                 return "sent"
             logger.bind(stage="alerts", action="retry", rule=alert.rule).debug(
-                "alert {} try {} failed: {}", alert.rule, attempt + 1, cause)
+                "alert {} try {} failed: {}", alert.rule, attempt + 1, cause
+            )
         logger.bind(stage="alerts", action="failed", rule=alert.rule).warning(
-            "alert {} {} not delivered to {} ({}): {}", alert.rule, alert.state, redact(self._url), self._fmt, cause)
+            "alert {} {} not delivered to {} ({}): {}", alert.rule, alert.state, redact(self._url), self._fmt, cause
+        )
         return "failed"
 
     def _attempt(self, alert: Alert) -> str:
@@ -280,7 +302,8 @@ class Notifier:
 
     def _drop(self, alert: Alert, why: str) -> None:
         logger.bind(stage="alerts", action="dropped", rule=alert.rule).warning(
-            "alert {} {} dropped: {}", alert.rule, alert.state, why)
+            "alert {} {} dropped: {}", alert.rule, alert.state, why
+        )
         self._report("dropped")
 
     def _report(self, outcome: str) -> None:
@@ -309,7 +332,7 @@ class _Cut:
 
 
 def _judge(fmt: str, status: int, answer: bytes) -> str:
-    """"" when the answer means delivered; else why not. Robots answer 200 with an error code in the body."""
+    """ "" when the answer means delivered; else why not. Robots answer 200 with an error code in the body."""
     if not 200 <= status < 300:
         return f"HTTP {status}"  # 3xx included: a redirect is never followed
     if fmt == "json":

@@ -89,10 +89,14 @@ def _gateway_failure_rate(rule: Any, r: Reading, firing: set[str]) -> Iterator[t
         still = not (failures == 0 or (total >= rule.min_calls and rate < rule.threshold))
     else:
         still = total >= rule.min_calls and rate >= rule.threshold
-    yield "", Condition(
-        still, round(rate, 4),
-        f"{r.host}: {failures} of {total} WeChat Pay calls in the last {rule.window_seconds:g} s got no usable answer"
-        f" ({rate:.0%}; alert at {rule.threshold:.0%} of at least {rule.min_calls} calls)",
+    yield (
+        "",
+        Condition(
+            still,
+            round(rate, 4),
+            f"{r.host}: {failures} of {total} WeChat Pay calls in the last {rule.window_seconds:g} s got no usable answer"
+            f" ({rate:.0%}; alert at {rule.threshold:.0%} of at least {rule.min_calls} calls)",
+        ),
     )
 
 
@@ -100,10 +104,15 @@ def _rows_failed(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str,
     for s in r.snapshot.status.stages:
         if s.stage in r.routine_stages:
             continue
-        yield s.stage, Condition(
-            s.failed >= rule.threshold, s.failed,
-            f"{s.failed} {s.stage} row(s) failed for good and need a person (cancel-scanner status;"
-            " SELECT * FROM v_cancel_scanner_failed)", s.stage,
+        yield (
+            s.stage,
+            Condition(
+                s.failed >= rule.threshold,
+                s.failed,
+                f"{s.failed} {s.stage} row(s) failed for good and need a person (cancel-scanner status;"
+                " SELECT * FROM v_cancel_scanner_failed)",
+                s.stage,
+            ),
         )
 
 
@@ -111,36 +120,54 @@ def _oldest_pending(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[s
     for s in r.snapshot.status.stages:
         limit = rule.stage_threshold_seconds.get(s.stage, rule.threshold_seconds)
         age = s.oldest_pending_seconds or 0.0
-        yield s.stage, Condition(
-            age > limit, round(age, 1),
-            f"{s.stage}: the oldest pending row has waited {age:.0f} s (alert above {limit:g} s); {s.pending} pending",
+        yield (
             s.stage,
+            Condition(
+                age > limit,
+                round(age, 1),
+                f"{s.stage}: the oldest pending row has waited {age:.0f} s (alert above {limit:g} s); {s.pending} pending",
+                s.stage,
+            ),
         )
 
 
 def _abnormal_refunds(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     n = r.snapshot.status.abnormal_refunds
-    yield "", Condition(
-        n >= rule.threshold, n,
-        f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act",
-        r.snapshot.status.stage_counting("abnormal_refunds"),
+    yield (
+        "",
+        Condition(
+            n >= rule.threshold,
+            n,
+            f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act",
+            r.snapshot.status.stage_counting("abnormal_refunds"),
+        ),
     )
 
 
 def _channel_facts(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     n = r.snapshot.status.channel_facts_open
-    yield "", Condition(
-        n >= rule.threshold, n,
-        f"{n} thing(s) WeChat Pay did (a close, a refund) not recorded here yet: the shop's database refused the write"
-        " (SELECT * FROM channel_fact WHERE resolved_at IS NULL)", None,
+    yield (
+        "",
+        Condition(
+            n >= rule.threshold,
+            n,
+            f"{n} thing(s) WeChat Pay did (a close, a refund) not recorded here yet: the shop's database refused the write"
+            " (SELECT * FROM channel_fact WHERE resolved_at IS NULL)",
+            None,
+        ),
     )
 
 
 def _stage_down(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     for stage, (seconds, why) in r.down.items():
-        yield stage, Condition(
-            seconds >= rule.for_seconds, round(seconds, 1),
-            f"{r.host}: stage {stage} has been backing off for {seconds:.0f} s: {why or 'failing'}", stage,
+        yield (
+            stage,
+            Condition(
+                seconds >= rule.for_seconds,
+                round(seconds, 1),
+                f"{r.host}: stage {stage} has been backing off for {seconds:.0f} s: {why or 'failing'}",
+                stage,
+            ),
         )
     for stage in firing - set(r.down):  # up again
         yield stage, Condition(False, 0, f"{r.host}: stage {stage} runs again", stage)
@@ -148,21 +175,33 @@ def _stage_down(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, 
 
 def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     n = r.calls.counts(rule.window_seconds).get("config_error", 0)
-    yield "sign", Condition(
-        n > 0, n,
-        f"{r.host}: WeChat Pay answered {n} call(s) in the last {rule.window_seconds:g} s with a configuration error"
-        " (SIGN_ERROR, a certificate or key problem): check the merchant's keys and this host's clock",
+    yield (
+        "sign",
+        Condition(
+            n > 0,
+            n,
+            f"{r.host}: WeChat Pay answered {n} call(s) in the last {rule.window_seconds:g} s with a configuration error"
+            " (SIGN_ERROR, a certificate or key problem): check the merchant's keys and this host's clock",
+        ),
     )
-    yield "limits", Condition(
-        r.pace_disagreement is not None, 1 if r.pace_disagreement else 0,
-        f"{r.host}: {r.pace_disagreement or 'the merchant processes agree on its limits'}",
+    yield (
+        "limits",
+        Condition(
+            r.pace_disagreement is not None,
+            1 if r.pace_disagreement else 0,
+            f"{r.host}: {r.pace_disagreement or 'the merchant processes agree on its limits'}",
+        ),
     )
     if r.clock_offset is not None:
         off = r.clock_offset
-        yield "clock", Condition(
-            abs(off) > rule.clock_skew_seconds, round(off, 3),
-            f"{r.host}: this host's clock is {off:+.1f} s off the database's (alert above {rule.clock_skew_seconds:g} s;"
-            " WeChat Pay refuses signatures 300 s off): fix NTP",
+        yield (
+            "clock",
+            Condition(
+                abs(off) > rule.clock_skew_seconds,
+                round(off, 3),
+                f"{r.host}: this host's clock is {off:+.1f} s off the database's (alert above {rule.clock_skew_seconds:g} s;"
+                " WeChat Pay refuses signatures 300 s off): fix NTP",
+            ),
         )
 
 
@@ -173,16 +212,27 @@ def _reconcile(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, C
     now = r.beijing_now or datetime.now(timezone(timedelta(hours=8)))
     yesterday = str((now - timedelta(days=1)).date())
     if last is not None and last["state"] in ("DIFFERS", "FAILED"):
-        why = (f"{last['diffs']} difference(s) with WeChat Pay's bill (SELECT * FROM reconcile_diff WHERE bill_date ="
-               f" '{last['bill_date']}')" if last["state"] == "DIFFERS" else f"failed: {last['last_error']}")
+        why = (
+            f"{last['diffs']} difference(s) with WeChat Pay's bill (SELECT * FROM reconcile_diff WHERE bill_date ="
+            f" '{last['bill_date']}')"
+            if last["state"] == "DIFFERS"
+            else f"failed: {last['last_error']}"
+        )
         yield "result", Condition(True, last["diffs"], f"reconciliation of {last['bill_date']}: {why}")
     else:
         yield "result", Condition(False, 0, "reconciliation found no difference")
     done = last is not None and last["bill_date"] >= yesterday and last["state"] in ("CLEAN", "DIFFERS", "NO_BILL")
     late = r.reconcile_expected and now.strftime("%H:%M") >= rule.deadline and not done
-    yield "late", Condition(late, 0, f"yesterday ({yesterday}) is not reconciled yet at {rule.deadline} Beijing time"
-                                     f" (last: {last['bill_date'] + ' ' + last['state'] if last else 'never'}):"
-                                     " cancel-scanner reconcile --date " + yesterday)
+    yield (
+        "late",
+        Condition(
+            late,
+            0,
+            f"yesterday ({yesterday}) is not reconciled yet at {rule.deadline} Beijing time"
+            f" (last: {last['bill_date'] + ' ' + last['state'] if last else 'never'}):"
+            " cancel-scanner reconcile --date " + yesterday,
+        ),
+    )
 
 
 # rule name -> (evaluate, needs the database snapshot and leadership)

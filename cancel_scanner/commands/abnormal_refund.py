@@ -10,12 +10,19 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import click
 
-from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, check_schema, fail_config, short
-
+from cancel_scanner.commands.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    ROW_ID,
+    CliContext,
+    check_schema,
+    fail_config,
+    short,
+)
 
 TO_CHOICES = {"merchant-bank-card": "MERCHANT_BANK_CARD", "user-bank-card": "USER_BANK_CARD"}
 DETAILS_FILE_MAX_BYTES = 4096  # two short lines; anything larger is the wrong file
@@ -37,7 +44,9 @@ def _split_details(raw: bytes, source: str) -> tuple[str, str]:
     if not lines:
         raise _BadDetails(f"{source} is empty; it must hold two lines: the account number, then the holder's name")
     if len(lines) != 2:
-        raise _BadDetails(f"{source} has {len(lines)} line(s); it must hold exactly two: the account number, then the holder's name")
+        raise _BadDetails(
+            f"{source} has {len(lines)} line(s); it must hold exactly two: the account number, then the holder's name"
+        )
     for number, (line, what) in enumerate(zip(lines, ("the account number", "the holder's name")), start=1):
         if not line:
             raise _BadDetails(f"{source}: line {number} ({what}) is empty")
@@ -65,8 +74,10 @@ def _read_details_file(path: str, warn: Callable[[str], None]) -> tuple[str, str
     if stat.S_ISREG(mode) and mode & (stat.S_IRWXG | stat.S_IRWXO):
         # Warned, not refused: the details are already readable by whoever may read the file, and
         # refusing would not take that back; the operator learns to keep the next one private.
-        warn(f"warning: {path} is readable by other users (mode {stat.filemode(mode)}): keep bank details files"
-             " chmod 600, and delete this one when the refund has gone through")
+        warn(
+            f"warning: {path} is readable by other users (mode {stat.filemode(mode)}): keep bank details files"
+            " chmod 600, and delete this one when the refund has gone through"
+        )
     return _split_details(raw, source)
 
 
@@ -78,14 +89,28 @@ def _prompt_details() -> tuple[str, str]:
 
 @click.command("abnormal-refund")
 @click.argument("row_id", metavar="REFUND_ROW_ID", type=ROW_ID)
-@click.option("--to", "to", required=True, type=click.Choice(list(TO_CHOICES)),
-              help="merchant-bank-card: back to the merchant's bank account; user-bank-card: to the user's debit card.")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice(list(TO_CHOICES)),
+    help="merchant-bank-card: back to the merchant's bank account; user-bank-card: to the user's debit card.",
+)
 @click.option("--bank-type", metavar="CODE", help="user-bank-card: WeChat's code of the user's bank, e.g. ICBC_DEBIT.")
-@click.option("--bank-details-file", "details_file", metavar="PATH",
-              help="user-bank-card: a file of two lines, the account number then the holder's name ('-': standard"
-                   " input). Omitted on a terminal: asked for, without echo.")
-@click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
-              help="Who sends it (kept in the oplog).")
+@click.option(
+    "--bank-details-file",
+    "details_file",
+    metavar="PATH",
+    help="user-bank-card: a file of two lines, the account number then the holder's name ('-': standard"
+    " input). Omitted on a terminal: asked for, without echo.",
+)
+@click.option(
+    "--by",
+    "who",
+    default=lambda: os.environ.get("USER", "operator"),
+    show_default="$USER",
+    help="Who sends it (kept in the oplog).",
+)
 @click.pass_obj
 def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, details_file: str | None, who: str) -> None:
     """Send a refund WeChat Pay reports ABNORMAL (the user's card or account is frozen or closed) on to a
@@ -106,17 +131,26 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
 
     cfg = obj.config()
     if cfg.wechat.mode != "live":
-        refuse("SANDBOX_MODE", "wechat.mode is sandbox: the sandbox emulator lives inside the daemon's process and this"
-                               " command cannot reach its refunds; abnormal-refund works in live mode only")
+        refuse(
+            "SANDBOX_MODE",
+            "wechat.mode is sandbox: the sandbox emulator lives inside the daemon's process and this"
+            " command cannot reach its refunds; abnormal-refund works in live mode only",
+        )
     card = None
     if TO_CHOICES[to] == "USER_BANK_CARD":
         if not bank_type:
             refuse("BANK_TYPE_MISSING", "user-bank-card needs --bank-type CODE (WeChat's bank code, e.g. ICBC_DEBIT)")
         if details_file is None and not sys.stdin.isatty():
-            refuse("BANK_DETAILS_MISSING", "user-bank-card needs --bank-details-file PATH (or a terminal to type them into)")
+            refuse(
+                "BANK_DETAILS_MISSING",
+                "user-bank-card needs --bank-details-file PATH (or a terminal to type them into)",
+            )
         try:
-            account, name = (_read_details_file(details_file, lambda line: click.echo(line, err=True))
-                             if details_file is not None else _prompt_details())
+            account, name = (
+                _read_details_file(details_file, lambda line: click.echo(line, err=True))
+                if details_file is not None
+                else _prompt_details()
+            )
         except _BadDetails as bad:
             refuse("BAD_BANK_DETAILS", str(bad))
         card = BankCard(bank_type, Secret(account), Secret(name))
@@ -128,9 +162,9 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
         refuse(*malformed)
 
     check_schema(cfg, tolerate_outage=False)
-    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.db import engine_for
+    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.scanners.poll_refund import PollRefund
 
     with ExitStack() as stack:
@@ -142,7 +176,13 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
         stack.callback(db.dispose)
         try:
             result = apply_abnormal_refund(
-                db, gateway, row_id, to=TO_CHOICES[to], card=card, by=who, clock=DbClock(db),
+                db,
+                gateway,
+                row_id,
+                to=TO_CHOICES[to],
+                card=card,
+                by=who,
+                clock=DbClock(db),
                 lease_seconds=cfg.job(PollRefund.name).lease_seconds,
             )
         except Exception as exc:  # noqa: BLE001 - one line for the operator
@@ -150,8 +190,10 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
             sys.exit(EXIT_FAILURE)
     if isinstance(result, Applied):
         where = "the merchant's bank card" if result.to == "MERCHANT_BANK_CARD" else "the user's bank card"
-        click.echo(f"refund row {row_id} ({result.out_refund_no}): sent on to {where}; WeChat says {result.wx_status},"
-                   " the daemon follows it to SUCCESS" + (f" ({result.note})" if result.note else ""))
+        click.echo(
+            f"refund row {row_id} ({result.out_refund_no}): sent on to {where}; WeChat says {result.wx_status},"
+            " the daemon follows it to SUCCESS" + (f" ({result.note})" if result.note else "")
+        )
         return
     if isinstance(result, Refused):
         refuse(result.code, result.message)

@@ -20,7 +20,12 @@ from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, C
     " kept afterwards (with demo.log) so you can inspect it.",
 )
 @click.option("--orders", default=40, show_default=True, type=click.IntRange(12, 500), help="Sample orders to seed.")
-@click.option("--seed", type=int, default=None, help="Seed of the sample data (default: a new one each run; the summary names it).")
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed of the sample data (default: a new one each run; the summary names it).",
+)
 @click.pass_obj
 def command(obj: CliContext, db_path: Path | None, orders: int, seed: int | None) -> None:
     """The embedded default: SQLite + sandbox gateway + sample orders, the whole flow.
@@ -32,7 +37,9 @@ def command(obj: CliContext, db_path: Path | None, orders: int, seed: int | None
     from cancel_scanner.demo import DemoError, run_demo
 
     try:
-        ok = run_demo(db_path=db_path, orders=orders, seed=seed, log_json=bool(obj.log_json), log_level=obj.log_level or "INFO")
+        ok = run_demo(
+            db_path=db_path, orders=orders, seed=seed, log_json=bool(obj.log_json), log_level=obj.log_level or "INFO"
+        )
     except DemoError as err:
         click.echo(f"cancel-scanner: {err}", err=True)
         sys.exit(EXIT_CONFIG)

@@ -13,13 +13,21 @@ from cancel_scanner.commands.common import EXIT_CONFIG, CliContext
 @click.command("emulator")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
-@click.option("--key-dir", type=click.Path(file_okay=False, path_type=Path), help="Where to write generated key material.")
-@click.option("--success-delay", default=2.0, show_default=True, type=click.FloatRange(0), help="Seconds from PROCESSING to SUCCESS.")
+@click.option(
+    "--key-dir", type=click.Path(file_okay=False, path_type=Path), help="Where to write generated key material."
+)
+@click.option(
+    "--success-delay",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds from PROCESSING to SUCCESS.",
+)
 @click.pass_obj
 def command(obj: CliContext, host: str, port: int, key_dir: Path | None, success_delay: float) -> None:
     """Serve the WeChat Pay v3 refund emulator on a loopback port."""
-    from cancel_scanner.engine.net import is_loopback_host
     from cancel_scanner.engine.logs import setup_logging
+    from cancel_scanner.engine.net import is_loopback_host
 
     if not is_loopback_host(host):
         click.echo(f"cancel-scanner: --host: the emulator serves loopback addresses only, got {host!r}", err=True)

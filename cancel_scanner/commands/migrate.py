@@ -33,7 +33,10 @@ def command(obj: CliContext, show_sql: bool, check: bool) -> None:
                 click.echo("\n".join(schema.render(plan)))
             if check:
                 state = "behind" if plan.behind else "at head"
-                click.echo(f"schema version {plan.current if plan.current is not None else 'none'}, head {plan.head}: {state}", err=show_sql)
+                click.echo(
+                    f"schema version {plan.current if plan.current is not None else 'none'}, head {plan.head}: {state}",
+                    err=show_sql,
+                )
                 sys.exit(EXIT_BEHIND if plan.behind else EXIT_OK)
             return
         with schema.exclusive(engine, say=click.echo):  # planned under the lock: a second migrate finds nothing to do

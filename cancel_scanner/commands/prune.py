@@ -25,13 +25,28 @@ def parse_age(value: str) -> timedelta:
 
 
 @click.command("prune")
-@click.option("--older-than", "older_than", required=True, metavar="AGE",
-              help="Move rows finished before this long ago (database time): 90d, 36h, 2880m; at least 1d.")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    metavar="AGE",
+    help="Move rows finished before this long ago (database time): 90d, 36h, 2880m; at least 1d.",
+)
 @click.option("--dry-run", is_flag=True, help="Count per table what would move (the same bounded scan); move nothing.")
-@click.option("--batch-size", type=click.IntRange(1, 10_000), default=None, metavar="N",
-              help="Rows per transaction (default: prune.batch_size, 500).")
-@click.option("--max-rows", type=click.IntRange(1), default=None, metavar="N",
-              help="Stop a table after this many rows (default 1,000,000); run again for the rest.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    metavar="N",
+    help="Rows per transaction (default: prune.batch_size, 500).",
+)
+@click.option(
+    "--max-rows",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="Stop a table after this many rows (default 1,000,000); run again for the rest.",
+)
 @click.pass_obj
 def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | None, max_rows: int | None) -> None:
     """Move finished rows older than AGE from req_order_ops, refund_order and goods_order2_oplog into
@@ -51,8 +66,11 @@ def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | N
         click.echo(f"cancel-scanner: --older-than: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     if age < pruning.MIN_AGE:
-        click.echo(f"cancel-scanner: --older-than: {older_than.strip()} is under 1 day: the last day's finished rows are the"
-                   " daemon's, status's and the daily reconciliation's; give 1d or more", err=True)
+        click.echo(
+            f"cancel-scanner: --older-than: {older_than.strip()} is under 1 day: the last day's finished rows are the"
+            " daemon's, status's and the daily reconciliation's; give 1d or more",
+            err=True,
+        )
         sys.exit(EXIT_CONFIG)
     cfg = obj.config()
     check_schema(cfg, tolerate_outage=False)
@@ -68,7 +86,9 @@ def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | N
 
     def say(result: pruning.TableResult) -> None:
         verb = "would move" if dry_run else "moved"
-        line = f"{result.table:20} {verb} {result.moved:>10,} rows in {result.batches:,} batches, {result.seconds:.1f} s"
+        line = (
+            f"{result.table:20} {verb} {result.moved:>10,} rows in {result.batches:,} batches, {result.seconds:.1f} s"
+        )
         extras = [result.ended] if result.ended != pruning.NOTHING_LEFT else []
         if result.put_off:
             extras.append(f"{result.put_off} batch(es) put off on a lock")
@@ -80,11 +100,14 @@ def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | N
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         cutoff = pruning.cutoff_for(db, age)
-        click.echo(f"prune{' --dry-run' if dry_run else ''}: rows finished before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
-                   f" (database time - {older_than.strip()}), batches of {size:,}, at most {limit:,} rows per table"
-                   + ("; nothing is moved" if dry_run else ""))
-        report = pruning.prune(db, older_than=age, batch_size=size, max_rows=limit, dry_run=dry_run,
-                               should_stop=stop.is_set, on_table=say)
+        click.echo(
+            f"prune{' --dry-run' if dry_run else ''}: rows finished before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
+            f" (database time - {older_than.strip()}), batches of {size:,}, at most {limit:,} rows per table"
+            + ("; nothing is moved" if dry_run else "")
+        )
+        report = pruning.prune(
+            db, older_than=age, batch_size=size, max_rows=limit, dry_run=dry_run, should_stop=stop.is_set, on_table=say
+        )
     except KeyboardInterrupt:
         click.echo("cancel-scanner: prune interrupted: the batch in hand rolled back; run again for the rest", err=True)
         sys.exit(EXIT_FAILURE)

@@ -7,7 +7,15 @@ from datetime import date, datetime, timedelta
 
 import click
 
-from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_DIFFERS, EXIT_FAILURE, EXIT_NOT_READY, CliContext, check_schema, short
+from cancel_scanner.commands.common import (
+    EXIT_CONFIG,
+    EXIT_DIFFERS,
+    EXIT_FAILURE,
+    EXIT_NOT_READY,
+    CliContext,
+    check_schema,
+    short,
+)
 
 
 def yesterday_in_beijing() -> date:
@@ -17,10 +25,18 @@ def yesterday_in_beijing() -> date:
 
 
 @click.command("reconcile")
-@click.option("--date", "day", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
-              help="The bill's day (Beijing time). Default: yesterday.")
-@click.option("--refund-orphans/--report-orphans", default=None,
-              help="Refund payments for orders cancelled without a refund (default: reconcile.refund_orphan_payments).")
+@click.option(
+    "--date",
+    "day",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="The bill's day (Beijing time). Default: yesterday.",
+)
+@click.option(
+    "--refund-orphans/--report-orphans",
+    default=None,
+    help="Refund payments for orders cancelled without a refund (default: reconcile.refund_orphan_payments).",
+)
 @click.pass_obj
 def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) -> None:
     """Download WeChat Pay's ALL bill of a day, check its SHA1, and compare it with the tables: refunds
@@ -37,8 +53,11 @@ def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) 
 
     cfg = obj.config()
     if cfg.wechat.mode != "live":
-        click.echo("cancel-scanner: reconcile: wechat.mode is sandbox: the sandbox's WeChat lives inside the daemon,"
-                   " whose daily job reconciles it (reconcile.enabled); this command needs wechat.mode live", err=True)
+        click.echo(
+            "cancel-scanner: reconcile: wechat.mode is sandbox: the sandbox's WeChat lives inside the daemon,"
+            " whose daily job reconciles it (reconcile.enabled); this command needs wechat.mode live",
+            err=True,
+        )
         sys.exit(EXIT_CONFIG)
     check_schema(cfg, tolerate_outage=False)
     from contextlib import ExitStack
@@ -57,7 +76,9 @@ def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) 
             except ConfigError as err:
                 click.echo(f"cancel-scanner: configuration error: {err}", err=True)
                 sys.exit(EXIT_CONFIG)
-            result = reconcile_day(db, lambda d: fetch_bill(gateway, d), bill_date, now=DbClock(db)(), refund_orphans=orphans)
+            result = reconcile_day(
+                db, lambda d: fetch_bill(gateway, d), bill_date, now=DbClock(db)(), refund_orphans=orphans
+            )
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for the operator

@@ -10,12 +10,18 @@ import click
 from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, check_schema, short
 
 
-
 @click.command("reissue")
 @click.argument("order_ids", nargs=-1, required=True, type=ROW_ID)
-@click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
-              help="Who reissues (kept in the oplog and on the closed refund).")
-@click.option("--reason", "why", default="WeChat Pay closed the refund", show_default=True, help="Why (kept in the oplog).")
+@click.option(
+    "--by",
+    "who",
+    default=lambda: os.environ.get("USER", "operator"),
+    show_default="$USER",
+    help="Who reissues (kept in the oplog and on the closed refund).",
+)
+@click.option(
+    "--reason", "why", default="WeChat Pay closed the refund", show_default=True, help="Why (kept in the oplog)."
+)
 @click.pass_obj
 def command(obj: CliContext, order_ids: tuple[int, ...], who: str, why: str) -> None:
     """After WeChat Pay CLOSED an order's refund: a new refund with the next refund_seq and its own
@@ -39,8 +45,10 @@ def command(obj: CliContext, order_ids: tuple[int, ...], who: str, why: str) -> 
                 refused += 1
                 click.echo(f"order {order_id}: refused {result.code}: {result.message}", err=True)
             else:
-                click.echo(f"order {order_id}: reissued as {result.out_refund_no} (refund row {result.refund_id},"
-                           f" replaces {result.replaces})")
+                click.echo(
+                    f"order {order_id}: reissued as {result.out_refund_no} (refund row {result.refund_id},"
+                    f" replaces {result.replaces})"
+                )
     except Exception as exc:  # noqa: BLE001 - one line for the operator
         click.echo(f"cancel-scanner: reissue failed: {type(exc).__name__}: {short(exc)}", err=True)
         sys.exit(EXIT_FAILURE)

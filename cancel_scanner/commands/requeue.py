@@ -14,12 +14,14 @@ from cancel_scanner.scanners import REGISTRY
 @click.command("requeue")
 @click.argument("stage", type=click.Choice(list(REGISTRY.names)))
 @click.argument("row_ids", nargs=-1, required=True, type=int)
-@click.option("--by", "who", default=lambda: os.environ.get("USER", "operator"), help="Who requeues (kept in last_error).")
+@click.option(
+    "--by", "who", default=lambda: os.environ.get("USER", "operator"), help="Who requeues (kept in last_error)."
+)
 @click.pass_obj
 def command(obj: CliContext, stage: str, row_ids: tuple[int, ...], who: str) -> None:
     """Give rows of STAGE that failed for good (X_scanned=1, X_success=0) another go."""
-    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.engine.clock import DbClock
+    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.engine.requeue import requeue as requeue_rows
     from cancel_scanner.scanners import build_stages
 

@@ -38,7 +38,9 @@ def command(obj: CliContext, once: bool) -> None:
                 click.echo(f"cancel-scanner: run --once stopped: {short(exc)}", err=True)
                 sys.exit(EXIT_FAILURE)
             for name, report in totals.items():
-                click.echo(f"{name:16} done {report.done:6}  failed {report.failed:5}  retrying {report.retried:5}  waiting {report.later:5}")
+                click.echo(
+                    f"{name:16} done {report.done:6}  failed {report.failed:5}  retrying {report.retried:5}  waiting {report.later:5}"
+                )
             return
         from cancel_scanner.engine.daemon import Daemon
 

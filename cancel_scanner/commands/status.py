@@ -11,15 +11,19 @@ from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, CliContext
 
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--totals", is_flag=True, help="Also count every finished row in the tables (reads whole indexes: slow on large tables).")
+@click.option(
+    "--totals",
+    is_flag=True,
+    help="Also count every finished row in the tables (reads whole indexes: slow on large tables).",
+)
 @click.pass_obj
 def command(obj: CliContext, as_json: bool, totals: bool) -> None:
     """Per stage: pending, waiting to retry, failed, oldest pending age, up or down on the running
     daemons, and the rows they finished since they started."""
     import json
 
-    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.engine.clock import DbClock
+    from cancel_scanner.engine.db import engine_for
     from cancel_scanner.engine.status import collect_status, format_status
     from cancel_scanner.scanners import build_stages
 
@@ -27,7 +31,9 @@ def command(obj: CliContext, as_json: bool, totals: bool) -> None:
     check_schema(cfg, tolerate_outage=False)
     db = engine_for(cfg)
     try:
-        report = collect_status(db, build_stages(cfg), DbClock(db)(), totals=totals, takeover_seconds=cfg.takeover_seconds)
+        report = collect_status(
+            db, build_stages(cfg), DbClock(db)(), totals=totals, takeover_seconds=cfg.takeover_seconds
+        )
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001

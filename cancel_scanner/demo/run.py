@@ -32,6 +32,7 @@ FRAME_SECONDS = 0.2  # the display refreshes five times a second
 WAVE_GAP_SECONDS = 0.4  # the plan's REQUEST_WAVES bursts of merchants' requests arrive this far apart
 MERCHANT_REACTION_SECONDS = 0.5  # how long the merchant takes to fix an ABNORMAL refund
 
+
 def demo_config(db_url: str) -> Config:
     """Built here, never read from jobs.yaml: the demo must work with no configuration at all."""
     raw = {
@@ -158,7 +159,9 @@ def register_trades(emulator, plan: Plan) -> None:
                 emulator.user_pays(o.order_no)
 
 
-def _watch(app, plan: Plan, display: Display, emulator, started: float, deadline: float, clock) -> tuple[bool, Status, float]:
+def _watch(
+    app, plan: Plan, display: Display, emulator, started: float, deadline: float, clock
+) -> tuple[bool, Status, float]:
     """Feed the requests in, redraw, let the merchant fix ABNORMAL refunds, until nothing is pending."""
     stages = app.runner.stages
     expected = plan.expected_totals()
@@ -176,8 +179,15 @@ def _watch(app, plan: Plan, display: Display, emulator, started: float, deadline
             if elapsed - first >= MERCHANT_REACTION_SECONDS and emulator.resolve_abnormal(order_no):
                 display.say(f"  note merchant: fixed the ABNORMAL refund of order {order_no} (frozen account)")
         status = collect_status(app.db, stages, utcnow(), totals=True)
-        frame = Frame(elapsed, inserted, len(plan.requests), status, expected, _wx_states(app.db),
-                      sum(emulator.refunds_created.values()))
+        frame = Frame(
+            elapsed,
+            inserted,
+            len(plan.requests),
+            status,
+            expected,
+            _wx_states(app.db),
+            sum(emulator.refunds_created.values()),
+        )
         settled = not waves and all(s.pending == 0 for s in status.stages)
         if settled or elapsed > deadline:
             display.show(frame, final=True)

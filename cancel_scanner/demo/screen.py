@@ -46,6 +46,7 @@ def pad(s: str, width: int) -> str:
     s = fit(s, width)
     return s + " " * (width - cells(s))
 
+
 @dataclass
 class Frame:
     elapsed: float
@@ -163,7 +164,9 @@ def render_plain(f: Frame) -> str:
     parts = []
     for s in f.status.stages:
         finished = (s.done or 0) + s.failed  # the demo collects with totals=True: done is counted
-        parts.append(f"{SHORT_NAMES.get(s.stage, s.stage)} {finished}/{max(f.expected.get(s.stage, 0), finished + s.pending)}")
+        parts.append(
+            f"{SHORT_NAMES.get(s.stage, s.stage)} {finished}/{max(f.expected.get(s.stage, 0), finished + s.pending)}"
+        )
     return f"req {f.inserted}/{f.total_requests}  " + " ".join(parts)
 
 
@@ -177,4 +180,6 @@ def route_logs(log_file: TextIO, display: Display, json_lines: bool, level: str)
         # APScheduler's own chatter (a skipped overlapping run) stays in the file.
         return not str(record["extra"].get("stage", "")).startswith("apscheduler")
 
-    return logger.add(display.log_sink, level="WARNING", filter=on_screen, format="{message}", enqueue=False, diagnose=False)
+    return logger.add(
+        display.log_sink, level="WARNING", filter=on_screen, format="{message}", enqueue=False, diagnose=False
+    )

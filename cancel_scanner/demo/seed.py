@@ -74,4 +74,6 @@ def insert_requests(db: Engine, requests: list[Request]) -> None:
 
 def goods_snapshot(db: Engine) -> dict[int, tuple[str, int, int]]:
     with db.connect() as conn:
-        return {r.id: (r.name, r.stock, r.sales) for r in conn.execute(text("SELECT id, name, stock, sales FROM goods"))}
+        return {
+            r.id: (r.name, r.stock, r.sales) for r in conn.execute(text("SELECT id, name, stock, sales FROM goods"))
+        }

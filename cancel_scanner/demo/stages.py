@@ -18,8 +18,15 @@ DEMO_JOBS = {
 }
 
 STAGE_FAILED_LABEL = {"intake": "rejected", "poll_refund": "closed"}  # what a 1/0 row of the stage is
-SHORT_NAMES = {"intake": "in", "close_unpaid": "close", "submit_refund": "sub", "poll_refund": "poll", "sync_result": "sync",
-               "restore_stock": "stock", "decrement_sales": "sales"}
+SHORT_NAMES = {
+    "intake": "in",
+    "close_unpaid": "close",
+    "submit_refund": "sub",
+    "poll_refund": "poll",
+    "sync_result": "sync",
+    "restore_stock": "stock",
+    "decrement_sales": "sales",
+}
 
 
 def expected_totals(plan: Any) -> dict[str, int]:

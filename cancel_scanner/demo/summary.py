@@ -26,8 +26,15 @@ def _rows(db: Engine, sql: str) -> list:
 
 
 # Rejection codes in the contract's order; anything else after them.
-CODE_ORDER = ("ORDER_NOT_FOUND", "ALREADY_CANCELLED", "ORDER_SHIPPED", "ORDER_DELETED", "UNSUPPORTED_OP",
-              "BAD_AMOUNT", "DUPLICATE_REQUEST")
+CODE_ORDER = (
+    "ORDER_NOT_FOUND",
+    "ALREADY_CANCELLED",
+    "ORDER_SHIPPED",
+    "ORDER_DELETED",
+    "UNSUPPORTED_OP",
+    "BAD_AMOUNT",
+    "DUPLICATE_REQUEST",
+)
 LABEL, COUNT, AMOUNT = 26, 6, 12  # the summary's columns
 
 
@@ -53,8 +60,10 @@ def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) ->
     rejected = [r for r in reqs if r.result_code != "OK"]
     paid_ok = sum(1 for r in accepted if r.pay_status == 1)
     add(f"{'Cancel requests':{LABEL}}{'count':>{COUNT}}")
-    add(f"  {'accepted (OK)':{LABEL - 2}}{len(accepted):{COUNT}}   "
-        f"{paid_ok} paid: refund; {len(accepted) - paid_ok} unpaid: no refund")
+    add(
+        f"  {'accepted (OK)':{LABEL - 2}}{len(accepted):{COUNT}}   "
+        f"{paid_ok} paid: refund; {len(accepted) - paid_ok} unpaid: no refund"
+    )
     add(f"  {'rejected':{LABEL - 2}}{len(rejected):{COUNT}}   code and the message the merchant reads:")
     by_code: dict[str, list] = {}
     for r in rejected:
@@ -71,8 +80,14 @@ def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) ->
         problems.append(f"result codes {dict(got)} differ from the seeded cases {dict(want)}")
 
     # Refunds by WeChat's final word.
-    refunds = _rows(db, "SELECT wx_status, COUNT(*) AS n, SUM(refund_amount) AS fen FROM refund_order GROUP BY wx_status")
-    notes = {"SUCCESS": "paid back to the user", "CLOSED": "no money moved: order FAILED,", "ABNORMAL": "merchant must act"}
+    refunds = _rows(
+        db, "SELECT wx_status, COUNT(*) AS n, SUM(refund_amount) AS fen FROM refund_order GROUP BY wx_status"
+    )
+    notes = {
+        "SUCCESS": "paid back to the user",
+        "CLOSED": "no money moved: order FAILED,",
+        "ABNORMAL": "merchant must act",
+    }
     add()
     add(f"{'Refunds by WeChat status':{LABEL}}{'count':>{COUNT}}{'amount':>{AMOUNT}}")
     for r in sorted(refunds, key=lambda r: (r.wx_status != "SUCCESS", r.wx_status or "")):
@@ -108,7 +123,9 @@ def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) ->
         sales = f"{sales0:>5} → {sales1:<5}({sales1 - sales0:+d})"
         add(f"  {pad(name, LABEL)}{stock:24}{sales}")
         if (stock1, sales1) != expected[gid]:
-            problems.append(f"goods {gid}: stock/sales {stock1}/{sales1}, expected {expected[gid][0]}/{expected[gid][1]}")
+            problems.append(
+                f"goods {gid}: stock/sales {stock1}/{sales1}, expected {expected[gid][0]}/{expected[gid][1]}"
+            )
 
     # Unpaid orders: closed at WeChat before they were cancelled, or found paid.
     closed = [o for o in plan.orders_of("unpaid") if emulator.trade_state(o.order_no) == "CLOSED"]
@@ -117,7 +134,9 @@ def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) ->
     add(f"Unpaid orders at WeChat: {len(closed)} closed before cancelling;")
     add(f"  {found} found paid (notification lost): booked, then refunded")
     if len(closed) != len(plan.orders_of("unpaid")):
-        problems.append(f"{len(plan.orders_of('unpaid')) - len(closed)} unpaid order(s) cancelled without their payment closed")
+        problems.append(
+            f"{len(plan.orders_of('unpaid')) - len(closed)} unpaid order(s) cancelled without their payment closed"
+        )
     if found != len(plan.orders_of("lost_payment")):
         problems.append(f"{found} lost payment(s) found, {len(plan.orders_of('lost_payment'))} seeded")
 

@@ -11,8 +11,9 @@ stage loop and ``Runner.run_until_idle``) follow it, so they cannot disagree on 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeAlias
+from typing import Any, TypeAlias
 
 from sqlalchemy import Row
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable
 
 from sqlalchemy import Connection, Row
 
@@ -34,7 +34,9 @@ class Claimer:
     def claim(self, conn: Connection, stage: Stage, now: datetime, limit: int, *, block: int) -> list[Row]:
         held = self._quarantined_ids(stage.name)
         if held:
-            return [r for r in self._claim_ready(conn, stage, now, limit + len(held), block) if r.id not in held][:limit]
+            return [r for r in self._claim_ready(conn, stage, now, limit + len(held), block) if r.id not in held][
+                :limit
+            ]
         return self._claim_ready(conn, stage, now, limit, block)
 
     def quarantine(self, stage: str, row_id: int, seconds: float) -> None:

@@ -120,4 +120,6 @@ class ClockWatch:
         elif level == "WARNING":
             log.warning("this host's clock is {:+.1f} s off the database's; leases use the database's clock", offset)
         elif self.last_level is not None:
-            log.info("this host's clock is back within {:.0f} s of the database's ({:+.1f} s)", self.warn_seconds, offset)
+            log.info(
+                "this host's clock is back within {:.0f} s of the database's ({:+.1f} s)", self.warn_seconds, offset
+            )

@@ -113,7 +113,9 @@ class WeChatConfig(_Section):
     # The paces above are the merchant's: every live process of this mchid takes an equal share.
     # False: each process paces at them alone (one daemon per merchant, or limits split by hand).
     qps_shared: StrictBool = True
-    timeout_seconds: tuple[Annotated[Positive, Field(le=300)], Annotated[Positive, Field(le=300)]] = DEFAULT_TIMEOUT_SECONDS
+    timeout_seconds: tuple[Annotated[Positive, Field(le=300)], Annotated[Positive, Field(le=300)]] = (
+        DEFAULT_TIMEOUT_SECONDS
+    )
     sandbox: SandboxConfig = SandboxConfig()
 
     @field_validator("sandbox", mode="before")
@@ -178,8 +180,14 @@ class MonitoringConfig(_Section):
 def _clock_time(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 10:00 as 600 (sexagesimal)
         value = f"{value // 60:02d}:{value % 60:02d}"
-    if not isinstance(value, str) or len(value) != 5 or value[2] != ":" or not (value[:2] + value[3:]).isdigit() \
-            or int(value[:2]) > 23 or int(value[3:]) > 59:
+    if (
+        not isinstance(value, str)
+        or len(value) != 5
+        or value[2] != ":"
+        or not (value[:2] + value[3:]).isdigit()
+        or int(value[:2]) > 23
+        or int(value[3:]) > 59
+    ):
         raise ValueError("must be a time of day HH:MM")
     return value
 
@@ -247,8 +255,6 @@ class AlertRules(_Section):
         return {} if value is None else value  # `rows_failed:` with nothing under it: the defaults
 
 
-
-
 class ReconcileConfig(_Section):
     """The `reconcile:` section: the daily job comparing WeChat Pay's bill of yesterday with the tables."""
 
@@ -304,15 +310,22 @@ MONITORING_TOKEN_MIN_CHARS = 16
 def _monitoring(raw: Any, env: Mapping[str, str]) -> MonitoringConfig:
     data = dict(_mapping(raw, "monitoring"))
     if "token" in data:
-        raise ConfigError("monitoring.token", f"is never read from the file: set {ENV_MONITORING_TOKEN} in the environment")
+        raise ConfigError(
+            "monitoring.token", f"is never read from the file: set {ENV_MONITORING_TOKEN} in the environment"
+        )
     monitoring = _validated(MonitoringConfig, data, "monitoring")
     token = env.get(ENV_MONITORING_TOKEN) or None
     if token is not None and len(token) < MONITORING_TOKEN_MIN_CHARS:
-        raise ConfigError(ENV_MONITORING_TOKEN, f"must be at least {MONITORING_TOKEN_MIN_CHARS} characters (value not shown)")
+        raise ConfigError(
+            ENV_MONITORING_TOKEN, f"must be at least {MONITORING_TOKEN_MIN_CHARS} characters (value not shown)"
+        )
     if monitoring.listen and not monitoring.loopback and token is None and not monitoring.allow_unauthenticated:
-        raise ConfigError("monitoring.listen", f"{monitoring.listen} is not a loopback address: the status page and /metrics"
-                                               f" show orders and refunds; set {ENV_MONITORING_TOKEN} (or"
-                                               " monitoring.allow_unauthenticated: true)")
+        raise ConfigError(
+            "monitoring.listen",
+            f"{monitoring.listen} is not a loopback address: the status page and /metrics"
+            f" show orders and refunds; set {ENV_MONITORING_TOKEN} (or"
+            " monitoring.allow_unauthenticated: true)",
+        )
     return monitoring.model_copy(update={"token": token}) if token else monitoring
 
 
@@ -327,9 +340,10 @@ def _alerts(raw: Any, env: Mapping[str, str]) -> AlertsConfig:
     return alerts.model_copy(update={"secret": secret}) if secret else alerts
 
 
-LogLevel = Annotated[Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"], BeforeValidator(
-    lambda v: v.strip().upper() if isinstance(v, str) else v
-)]
+LogLevel = Annotated[
+    Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"],
+    BeforeValidator(lambda v: v.strip().upper() if isinstance(v, str) else v),
+]
 
 
 class _TopLevel(_Section):
@@ -344,7 +358,9 @@ class _TopLevel(_Section):
     prune: Any = None
     log_json: StrictBool = False
     log_level: LogLevel = "INFO"
-    shutdown_timeout_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    shutdown_timeout_seconds: Annotated[StrictFloat | StrictInt, Field(ge=1, le=3_600)] = (
+        DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    )
     takeover_seconds: Annotated[StrictFloat | StrictInt, Field(ge=3, le=3_600)] = DEFAULT_TAKEOVER_SECONDS
     heartbeat_seconds: Annotated[StrictFloat | StrictInt, Field(ge=0.1, le=600)] = DEFAULT_HEARTBEAT_SECONDS
     wsrep_sync_wait: Annotated[StrictInt, Field(ge=0, le=15)] = DEFAULT_WSREP_SYNC_WAIT
@@ -406,7 +422,12 @@ def _check_live(wechat: WeChatConfig, base: Path, env: Mapping[str, str]) -> WeC
         raise ConfigError("wechat.base_url", f"must be an http(s) URL, got {wechat.base_url!r}")
     if not is_safe_gateway_url(wechat.base_url):
         raise ConfigError("wechat.base_url", "plain http is allowed only for loopback hosts; use https")
-    for name in ("merchant_serial_no", "platform_public_key_id", "merchant_private_key_file", "platform_public_key_file"):
+    for name in (
+        "merchant_serial_no",
+        "platform_public_key_id",
+        "merchant_private_key_file",
+        "platform_public_key_file",
+    ):
         if getattr(wechat, name) is None:
             raise ConfigError(f"wechat.{name}", "required in live mode")
     files = {
@@ -427,7 +448,12 @@ def _validated(model: type[BaseModel], data: dict, prefix: str) -> Any:
 
 
 def parse_config(
-    raw: Any, stages: Any, *, source: str = "<memory>", base_dir: Path | None = None, env: Mapping[str, str] | None = None
+    raw: Any,
+    stages: Any,
+    *,
+    source: str = "<memory>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Config:
     """Validate a loaded YAML document for ``stages`` (a StageRegistry). ``env`` defaults to ``os.environ``."""
     env = os.environ if env is None else env
@@ -436,12 +462,22 @@ def parse_config(
     top = _validated(_TopLevel, data, "")
     kw: dict[str, Any] = {
         "source": source,
-        **{k: getattr(top, k) for k in (
-            "log_json", "log_level", "shutdown_timeout_seconds", "takeover_seconds", "heartbeat_seconds", "wsrep_sync_wait"
-        )},
+        **{
+            k: getattr(top, k)
+            for k in (
+                "log_json",
+                "log_level",
+                "shutdown_timeout_seconds",
+                "takeover_seconds",
+                "heartbeat_seconds",
+                "wsrep_sync_wait",
+            )
+        },
     }
     if top.heartbeat_seconds > top.takeover_seconds / 3:
-        raise ConfigError("heartbeat_seconds", f"must be at most a third of takeover_seconds ({top.takeover_seconds:g} s)")
+        raise ConfigError(
+            "heartbeat_seconds", f"must be at most a third of takeover_seconds ({top.takeover_seconds:g} s)"
+        )
 
     url, key = (env[ENV_DB_URL], ENV_DB_URL) if env.get(ENV_DB_URL) else (top.database_url, "database_url")
     try:
@@ -470,8 +506,12 @@ def parse_config(
     oldest = kw["alerts"].rules.oldest_pending
     unknown = set(oldest.stage_threshold_seconds) - set(stages.names)
     if unknown:
-        raise ConfigError("alerts.rules.oldest_pending.stage_threshold_seconds", f"no such stage: {', '.join(sorted(unknown))}")
-    oldest = oldest.model_copy(update={"stage_threshold_seconds": {**stages.alert_thresholds(), **oldest.stage_threshold_seconds}})
+        raise ConfigError(
+            "alerts.rules.oldest_pending.stage_threshold_seconds", f"no such stage: {', '.join(sorted(unknown))}"
+        )
+    oldest = oldest.model_copy(
+        update={"stage_threshold_seconds": {**stages.alert_thresholds(), **oldest.stage_threshold_seconds}}
+    )
     rules = kw["alerts"].rules.model_copy(update={"oldest_pending": oldest})
     kw["alerts"] = kw["alerts"].model_copy(update={"rules": rules})
 

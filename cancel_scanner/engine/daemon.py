@@ -15,9 +15,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -25,10 +26,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from loguru import logger
 
+from cancel_scanner.engine.batch import Again, BatchReport, Fail, Streak, next_step
 from cancel_scanner.engine.clock import ClockWatch
 from cancel_scanner.engine.errors import is_transient_db_error
 from cancel_scanner.engine.progress import Progress
-from cancel_scanner.engine.batch import Again, BatchReport, Fail, Streak, next_step
 
 MAX_BACKOFF_SECONDS = 60.0
 CLOCK_CHECK_SECONDS = 60.0
@@ -46,7 +47,7 @@ class Blocked(Exception):
 
 
 def _utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 BEIJING = timezone(timedelta(hours=8), "Asia/Shanghai")  # China keeps no daylight saving time
@@ -86,11 +87,16 @@ class Daemon:
         self.daily: list[DailyJob] = []  # add_daily() before start()
         self.scheduler = BackgroundScheduler(
             # Daily jobs on an executor of their own: a long reconciliation never holds a stage's thread.
-            executors={"default": ThreadPoolExecutor(max_workers=max(1, len(self.stages))), "daily": ThreadPoolExecutor(max_workers=1)},
-            timezone=timezone.utc,
+            executors={
+                "default": ThreadPoolExecutor(max_workers=max(1, len(self.stages))),
+                "daily": ThreadPoolExecutor(max_workers=1),
+            },
+            timezone=UTC,
         )
         self._signals = 0
-        self.clock_watch = ClockWatch(app.runner.clock.offset_seconds) if hasattr(app.runner.clock, "offset_seconds") else None
+        self.clock_watch = (
+            ClockWatch(app.runner.clock.offset_seconds) if hasattr(app.runner.clock, "offset_seconds") else None
+        )
         self._clock_checked = float("-inf")
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -99,8 +105,10 @@ class Daemon:
         self._check_clock()
         try:
             self.runner.registry.beat()
-        except Exception as exc:  # the database may be down at start: the heartbeat thread retries
-            logger.bind(stage="daemon", action="register_failed").warning("could not register yet: {}", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - the database may be down at start: the heartbeat thread retries
+            logger.bind(stage="daemon", action="register_failed").warning(
+                "could not register yet: {}", type(exc).__name__
+            )
         self.runner.registry.start(on_reaped=self._on_reaped, on_tick=self._check_clock)
         for name in self.stages:
             job = self.config.job(name)
@@ -118,12 +126,25 @@ class Daemon:
         for daily in self.daily:
             hour, minute = (int(part) for part in daily.at.split(":"))
             self.scheduler.add_job(
-                self._daily_tick, CronTrigger(hour=hour, minute=minute, timezone=BEIJING), args=(daily,), id=f"daily:{daily.name}",
-                name=daily.name, executor="daily", max_instances=1, coalesce=True, misfire_grace_time=3_600,
+                self._daily_tick,
+                CronTrigger(hour=hour, minute=minute, timezone=BEIJING),
+                args=(daily,),
+                id=f"daily:{daily.name}",
+                name=daily.name,
+                executor="daily",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=3_600,
             )
             if daily.catch_up:
-                self.scheduler.add_job(self._daily_tick, "date", args=(daily,), id=f"daily:{daily.name}:again",
-                                       executor="daily", run_date=_utc() + timedelta(seconds=1))
+                self.scheduler.add_job(
+                    self._daily_tick,
+                    "date",
+                    args=(daily,),
+                    id=f"daily:{daily.name}:again",
+                    executor="daily",
+                    run_date=_utc() + timedelta(seconds=1),
+                )
         self.scheduler.start()
         logger.bind(stage="daemon", action="started", owner=self.runner.owner, stages=",".join(self.stages)).info(
             "cancel-scanner running"
@@ -138,14 +159,21 @@ class Daemon:
         log = logger.bind(stage=job.name, action="daily")
         try:
             again = job.run()
-        except Exception as exc:  # the job's own failures are its to report; this keeps the schedule alive
+        except Exception as exc:  # noqa: BLE001 - the job's own failures are its to report; this keeps the schedule alive
             log.opt(exception=exc).error("daily job {} failed: {}", job.name, type(exc).__name__)
             again = 1_800.0
         if again is not None and not self.stopping():
             try:
-                self.scheduler.add_job(self._daily_tick, "date", args=(job,), id=f"daily:{job.name}:again", executor="daily",
-                                       run_date=_utc() + timedelta(seconds=again), replace_existing=True)
-            except Exception as exc:  # the scheduler stops: nothing to reschedule
+                self.scheduler.add_job(
+                    self._daily_tick,
+                    "date",
+                    args=(job,),
+                    id=f"daily:{job.name}:again",
+                    executor="daily",
+                    run_date=_utc() + timedelta(seconds=again),
+                    replace_existing=True,
+                )
+            except Exception as exc:  # noqa: BLE001 - the scheduler stops: nothing to reschedule
                 log.debug("not rescheduled: {}", type(exc).__name__)
 
     def _on_reaped(self, owners: list[str]) -> None:
@@ -199,15 +227,18 @@ class Daemon:
         if clean:
             try:
                 released = self.runner.release_leases()
-            except Exception as exc:  # the database may be the reason we stop; leases expire anyway
+            except Exception as exc:  # noqa: BLE001 - the database may be the reason we stop; leases expire anyway
                 logger.bind(stage="daemon", action="release_failed").warning("could not release leases: {}", exc)
         else:
             # A gateway call may still be in flight: its lease must stay until it expires, or
             # another daemon could call WeChat for the same refund at the same time.
             logger.bind(stage="daemon", action="stop_timeout").warning(
-                "batches still running after {:.0f}s; leaving their leases to expire", self.config.shutdown_timeout_seconds
+                "batches still running after {:.0f}s; leaving their leases to expire",
+                self.config.shutdown_timeout_seconds,
             )
-        logger.bind(stage="daemon", action="stopped", clean=clean, leases_released=released).info("cancel-scanner stopped")
+        logger.bind(stage="daemon", action="stopped", clean=clean, leases_released=released).info(
+            "cancel-scanner stopped"
+        )
         return clean
 
     # --- what the stage loops ask of the daemon ------------------------------------------------
@@ -260,7 +291,9 @@ def log_failure(name: str, failures: int, delay: float, error) -> None:
     if isinstance(error, Blocked):
         # Not a blip: privileges, schema or credentials. Loud on the first step, then once a minute.
         if failures == 1 or delay >= MAX_BACKOFF_SECONDS:
-            log.bind(action="blocked").error("stage blocked, a person must fix: {}; next try in {:.0f}s", error.reason, delay)
+            log.bind(action="blocked").error(
+                "stage blocked, a person must fix: {}; next try in {:.0f}s", error.reason, delay
+            )
         return
     if isinstance(error, str):  # a batch that rolled back says why in words: a blip by definition
         text, transient = error, True
@@ -365,8 +398,12 @@ class StageLoop:
                 if not isinstance(step, Again):
                     return
                 if step.after == 0 and 1 + len(round_.more_lanes) < self.lanes:
-                    lane = threading.Thread(target=self._lane, args=(round_,), daemon=True,
-                                            name=f"cs-{self.name}-lane{2 + len(round_.more_lanes)}")
+                    lane = threading.Thread(
+                        target=self._lane,
+                        args=(round_,),
+                        daemon=True,
+                        name=f"cs-{self.name}-lane{2 + len(round_.more_lanes)}",
+                    )
                     round_.more_lanes.append(lane)
                     lane.start()
             if time.monotonic() - round_.started > TICK_BUDGET_SECONDS:
@@ -389,7 +426,7 @@ class StageLoop:
         other, reported and backed off by the caller, never swallowed."""
         try:
             return self.daemon.runner.run_stage(self.name), None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a stage's bug backs the stage off, never the daemon
             return BatchReport(stage=self.name), exc
 
     def _recovered(self) -> None:

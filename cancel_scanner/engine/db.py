@@ -11,7 +11,6 @@ cluster committed before (ours included, whichever node took it).
 
 from __future__ import annotations
 
-
 from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from cancel_scanner import models
@@ -31,9 +30,13 @@ def is_mysql(engine: Engine) -> bool:
     return engine.dialect.name in ("mysql", "mariadb")
 
 
-def make_engine(url: str, *, pool_size: int = 8, echo: bool = False, wsrep_sync_wait: int = DEFAULT_WSREP_SYNC_WAIT) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 8, echo: bool = False, wsrep_sync_wait: int = DEFAULT_WSREP_SYNC_WAIT
+) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            url, echo=echo, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        )
         _configure_sqlite(engine)
         return engine
     engine = create_engine(
@@ -115,7 +118,8 @@ def init_schema(engine: Engine) -> list[str]:
         models.metadata.create_all(engine)
         with engine.begin() as conn:
             conn.execute(
-                models.schema_version.insert().prefix_with("OR IGNORE"), {"version": head_version(), "applied_by": "initdb"}
+                models.schema_version.insert().prefix_with("OR IGNORE"),
+                {"version": head_version(), "applied_by": "initdb"},
             )
     return sorted(inspect(engine).get_table_names())
 

@@ -6,8 +6,8 @@ constraint, a bug) ``isolate`` finds it by halves and the good rows commit with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Sequence
 
 from sqlalchemy import Connection, Engine, Row
 
@@ -21,6 +21,7 @@ from cancel_scanner.engine.stage import DbStage
 from cancel_scanner.engine.writes import FlagWriter, LostClaim, is_row_fault
 
 MAX_CONTENTION_ROUNDS = 4  # a batch re-done without newly contended rows at most this often
+
 
 class DatabaseBatch:
     lanes = 1  # one batch at a time: a second would only wait for the first one's locks
@@ -52,7 +53,9 @@ class DatabaseBatch:
         self._process(conn, job, rows, now, part)
         return part
 
-    def _process(self, conn: Connection, job: JobConfig, rows: Sequence[Row], now: datetime, report: BatchReport) -> None:
+    def _process(
+        self, conn: Connection, job: JobConfig, rows: Sequence[Row], now: datetime, report: BatchReport
+    ) -> None:
         """process, flip the flags, finish; rows that finish finds contended go round again as Later.
 
         ``finish`` takes the shop's rows (goods) last, so they are locked only from there to the

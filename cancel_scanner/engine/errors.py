@@ -60,7 +60,13 @@ _ENVIRONMENT_MYSQL_CODES = {
     1227,  # access denied; you need the SUPER privilege (or similar)
     1370,  # execute command denied
 }
-_ENVIRONMENT_SQLITE_TEXT = ("no such table", "no such column", "readonly database", "read-only", "unable to open database")
+_ENVIRONMENT_SQLITE_TEXT = (
+    "no such table",
+    "no such column",
+    "readonly database",
+    "read-only",
+    "unable to open database",
+)
 
 
 def _db_error_is(exc: BaseException, mysql_codes: set[int], sqlite_text: tuple[str, ...]) -> bool:
@@ -105,7 +111,6 @@ def is_lost_race(exc: BaseException) -> bool:
     """A transaction the database rolled back because another one won: a deadlock on one server, a
     certification failure on a Galera cluster (both 1213). Nothing of ours was written: look again."""
     return _db_error_is(exc, {1213}, ()) and isinstance(exc, sa_exc.OperationalError)
-
 
 
 # The shop's database refused one row's write: a trigger's SIGNAL, a constraint the row would break.

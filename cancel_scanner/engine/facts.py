@@ -33,8 +33,15 @@ class Fact:
 
 def record_fact(conn: Connection, stage: str, row_id: int, fact: Fact, reason: str, now: datetime) -> None:
     """Insert or refresh the open fact of (stage, row). The caller holds the row (its lease)."""
-    values = {"fact": fact.fact, "number": fact.number, "order_id": fact.order_id, "detail": clip(fact.detail),
-              "reason": clip(reason), "last_seen_at": now, "resolved_at": None}
+    values = {
+        "fact": fact.fact,
+        "number": fact.number,
+        "order_id": fact.order_id,
+        "detail": clip(fact.detail),
+        "reason": clip(reason),
+        "last_seen_at": now,
+        "resolved_at": None,
+    }
     seen = conn.execute(select(f.id, f.times_seen).where(f.stage == stage, f.row_id == row_id)).first()
     if seen is None:
         conn.execute(insert(channel_fact).values(stage=stage, row_id=row_id, first_seen_at=now, times_seen=1, **values))
@@ -50,9 +57,14 @@ def resolve_facts(conn: Connection, stage: str, row_ids: Iterable[int], now: dat
     ids = sorted(set(row_ids))
     if not ids:
         return 0
-    return conn.execute(
-        update(channel_fact).where(f.stage == stage, f.row_id.in_(ids), f.resolved_at.is_(None)).values(resolved_at=now)
-    ).rowcount or 0
+    return (
+        conn.execute(
+            update(channel_fact)
+            .where(f.stage == stage, f.row_id.in_(ids), f.resolved_at.is_(None))
+            .values(resolved_at=now)
+        ).rowcount
+        or 0
+    )
 
 
 def open_facts(conn: Connection) -> int:

@@ -19,7 +19,9 @@ from cancel_scanner.engine.retry import GiveUp, decide
 from cancel_scanner.engine.stage import Stage
 
 
-def flip_for(stage: Stage, job: JobConfig, outcome: Outcome, attempts_before: int, now: datetime) -> tuple[Outcome, dict[str, Any]]:
+def flip_for(
+    stage: Stage, job: JobConfig, outcome: Outcome, attempts_before: int, now: datetime
+) -> tuple[Outcome, dict[str, Any]]:
     """The final outcome of a row and the columns its flag flip writes. Pure: no database, no clock."""
     flags = stage.flags
     attempts = flags.attempts.name
@@ -79,12 +81,10 @@ def count_outcome(report, outcome: Outcome) -> None:
 def log_outcome(stage: Stage, row_id: int, said: Outcome, final: Outcome, values: Mapping[str, Any]) -> None:
     log = EventLog(stage=stage.name, row_id=row_id)  # written when the batch's try commits
     if isinstance(final, Retry):
-        log.bind(action="retry", attempt=values[stage.flags.attempts.name], at=values[stage.flags.next_attempt_at.name]).warning(
-            "will retry: {}", final.describe()
-        )
+        log.bind(
+            action="retry", attempt=values[stage.flags.attempts.name], at=values[stage.flags.next_attempt_at.name]
+        ).warning("will retry: {}", final.describe())
     elif isinstance(final, Failed):
         # A rejected merchant request is business as usual; anything else needs a person.
         level = "INFO" if stage.rejections_are_routine and not isinstance(said, Retry) else "ERROR"
         log.bind(action="failed", code=final.code).log(level, "{}", final.describe())
-
-

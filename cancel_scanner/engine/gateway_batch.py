@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Connection, Engine, Row, select, update
@@ -62,9 +63,21 @@ class GatewayBatch:
     # with SKIP LOCKED and leases what it claimed.
     lanes = 2
 
-    def __init__(self, db: Engine, stage: GatewayStage, gateway: Any, *, claimer: Claimer, writer: FlagWriter,
-                 registry: Registry, pace: Any, hooks: Hooks, stopping: threading.Event,
-                 monotonic: Callable[[], float], mysql: bool):
+    def __init__(
+        self,
+        db: Engine,
+        stage: GatewayStage,
+        gateway: Any,
+        *,
+        claimer: Claimer,
+        writer: FlagWriter,
+        registry: Registry,
+        pace: Any,
+        hooks: Hooks,
+        stopping: threading.Event,
+        monotonic: Callable[[], float],
+        mysql: bool,
+    ):
         self.db = db
         self.stage = stage
         self.gateway = gateway  # calls_within(endpoint, seconds), and whatever the stage's call() uses
@@ -176,21 +189,34 @@ class GatewayBatch:
                 conn.execute(
                     update(flags.table)
                     .where(flags.id.in_([r.id for r in rows]))
-                    .values({flags.lease_owner: owner, flags.lease_until: now + timedelta(seconds=job.lease_seconds),
-                             **stage.lease_values()})
+                    .values(
+                        {
+                            flags.lease_owner: owner,
+                            flags.lease_until: now + timedelta(seconds=job.lease_seconds),
+                            **stage.lease_values(),
+                        }
+                    )
                 )
         if rows:
-            logger.bind(stage=stage.name, action="leased", rows=len(rows)).debug("rows leased for {:g}s", job.lease_seconds)
+            logger.bind(stage=stage.name, action="leased", rows=len(rows)).debug(
+                "rows leased for {:g}s", job.lease_seconds
+            )
         return rows
 
     def _release_after_failure(self, rows: Sequence[Row], owner: str) -> None:
         flags = self.stage.flags
         try:
             with self.db.begin() as conn:
-                update_rows(conn, flags.table, {r.id: {flags.lease_owner.name: None, flags.lease_until.name: None} for r in rows},
-                            flags.lease_owner == owner)
-        except Exception as exc:  # the database is the reason: the reaper or lease expiry frees them
-            logger.bind(stage=self.stage.name, action="release_failed").debug("leases not released: {}", type(exc).__name__)
+                update_rows(
+                    conn,
+                    flags.table,
+                    {r.id: {flags.lease_owner.name: None, flags.lease_until.name: None} for r in rows},
+                    flags.lease_owner == owner,
+                )
+        except Exception as exc:  # noqa: BLE001 - the database is the reason: the reaper or lease expiry frees them
+            logger.bind(stage=self.stage.name, action="release_failed").debug(
+                "leases not released: {}", type(exc).__name__
+            )
 
     # --- 2. the calls ---------------------------------------------------------------------------
 
@@ -203,7 +229,7 @@ class GatewayBatch:
                 return row, _NOT_STARTED
             try:
                 result = stage.call(self.gateway, row, deadline)
-            except Exception as exc:  # a bug in the client: the outcome is unknown, never success
+            except Exception as exc:  # noqa: BLE001 - a bug in the client: the outcome is unknown, never success
                 log.opt(exception=exc).bind(row_id=row.id, action="call_crashed").warning("gateway call raised")
                 result = _CallCrashed(exc)
             if self.hooks.after_gateway_call:
@@ -218,8 +244,15 @@ class GatewayBatch:
 
     # --- 3. the answers -------------------------------------------------------------------------
 
-    def _write_answers(self, job: JobConfig, ids: list[int], results: list[tuple[Row, Any]], now: datetime, owner: str,
-                       report: BatchReport) -> None:
+    def _write_answers(
+        self,
+        job: JobConfig,
+        ids: list[int],
+        results: list[tuple[Row, Any]],
+        now: datetime,
+        owner: str,
+        report: BatchReport,
+    ) -> None:
         stage = self.stage
         log = logger.bind(stage=stage.name)
         with self.db.begin() as conn:
@@ -231,12 +264,16 @@ class GatewayBatch:
             crashed: dict[int, Outcome] = {}
             for row, result in results:
                 if row.id not in owned:
-                    log.bind(row_id=row.id, action="lease_lost").warning("lease lost before the answer was written; answer dropped")
+                    log.bind(row_id=row.id, action="lease_lost").warning(
+                        "lease lost before the answer was written; answer dropped"
+                    )
                     continue
                 if isinstance(result, _CallCrashed):
                     # The client raised: the bytes may have left, so this is an unknown outcome.
                     crashed[row.id] = Retry(
-                        "CLIENT_ERROR", f"{type(result.exc).__name__}: {_first_line(result.exc)}", give_up_code=OUTCOME_UNKNOWN
+                        "CLIENT_ERROR",
+                        f"{type(result.exc).__name__}: {_first_line(result.exc)}",
+                        give_up_code=OUTCOME_UNKNOWN,
                     )
                 elif result is _NOT_STARTED or stage.not_sent(result):
                     unsent.append(row)  # the row as leased: its values from before the lease
@@ -260,8 +297,18 @@ class GatewayBatch:
                 report.add(part)
                 outcomes.update(part.outcomes)
             if done.faults:
-                self.writer.faults(conn, stage, job, [(row, exc, result) for (row, result), exc in done.faults], now, report, owner=owner)
-                outcomes.update({row.id: report.outcomes[row.id] for (row, _), _ in done.faults if row.id in report.outcomes})
+                self.writer.faults(
+                    conn,
+                    stage,
+                    job,
+                    [(row, exc, result) for (row, result), exc in done.faults],
+                    now,
+                    report,
+                    owner=owner,
+                )
+                outcomes.update(
+                    {row.id: report.outcomes[row.id] for (row, _), _ in done.faults if row.id in report.outcomes}
+                )
             if crashed:
                 self.writer.alone(conn, stage, job, [owned[i] for i in crashed], crashed, now, report, owner)
                 outcomes.update(crashed)
@@ -280,15 +327,18 @@ class GatewayBatch:
             return
         stage = self.stage
         flags = stage.flags
-        values = {row.id: {flags.lease_owner.name: None, flags.lease_until.name: None, **stage.unlease_values(row)}
-                  for row in unsent}
+        values = {
+            row.id: {flags.lease_owner.name: None, flags.lease_until.name: None, **stage.unlease_values(row)}
+            for row in unsent
+        }
         update_rows(conn, flags.table, values, flags.lease_owner == owner)
         report.skipped += len(unsent)
         report.claimed += len(unsent)
         if not self.stopping.is_set():
             logger.bind(stage=stage.name, action="calls_not_sent", rows=len(unsent)).info(
                 "{} call(s) not sent (no time left inside the lease, or a channel this process does not serve):"
-                " given back, no attempt spent", len(unsent)
+                " given back, no attempt spent",
+                len(unsent),
             )
 
 

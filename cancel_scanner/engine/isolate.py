@@ -78,7 +78,7 @@ def isolate(
     def search(part: list[Item], failed: BaseException) -> None:
         # ``part`` failed with ``failed``: some item of it is at fault.
         while len(part) > 1:
-            first, second = part[: len(part) // 2], part[len(part) // 2:]
+            first, second = part[: len(part) // 2], part[len(part) // 2 :]
             failed_first = tried(first)
             if failed_first is None:
                 part = second  # the first half is done: the fault is in the second
@@ -123,8 +123,16 @@ def try_in_savepoint(conn: Connection, write: Callable[[], None]) -> BaseExcepti
     return None
 
 
-def fault_outcome(stage_name: str, row_id: Hashable, exc: BaseException, *, fact: str | None = None,
-                  bugs_stay_pending: bool = False, fact_stays_pending: bool = False, give_up_code: str | None = None) -> Retry:
+def fault_outcome(
+    stage_name: str,
+    row_id: Hashable,
+    exc: BaseException,
+    *,
+    fact: str | None = None,
+    bugs_stay_pending: bool = False,
+    fact_stays_pending: bool = False,
+    give_up_code: str | None = None,
+) -> Retry:
     """The outcome of a row whose writes failed: its attempt counted, a reason a person can read.
 
     ``fact``: what the payment channel already did for the row ("refund accepted by WeChat Pay ..."),
@@ -138,11 +146,21 @@ def fault_outcome(stage_name: str, row_id: Hashable, exc: BaseException, *, fact
     said = f"{fact}, not recorded here yet: " if fact else ""
     if refused is not None:
         log.bind(action="row_refused", code=SHOP_REFUSED).warning("{}{}", said, refused)
-        return Retry(SHOP_REFUSED, clip(f"{said}{refused}; tried again"),
-                     endless=fact_stays_pending and fact is not None, give_up_message=f"{said}{refused}",
-                     give_up_code=give_up_code)
+        return Retry(
+            SHOP_REFUSED,
+            clip(f"{said}{refused}; tried again"),
+            endless=fact_stays_pending and fact is not None,
+            give_up_message=f"{said}{refused}",
+            give_up_code=give_up_code,
+        )
     # A bug: the traceback for whoever fixes it, and the row tried again later rather than answered.
-    log.opt(exception=exc).bind(action="row_crashed", code=INTERNAL_ERROR).error("{}row raised {}", said, type(exc).__name__)
-    return Retry(INTERNAL_ERROR, clip(f"{said}unexpected {type(exc).__name__} (see the daemon's log); tried again"),
-                 endless=bugs_stay_pending or (fact_stays_pending and fact is not None),
-                 give_up_message=f"{said}unexpected {type(exc).__name__} (see the daemon's log)", give_up_code=give_up_code)
+    log.opt(exception=exc).bind(action="row_crashed", code=INTERNAL_ERROR).error(
+        "{}row raised {}", said, type(exc).__name__
+    )
+    return Retry(
+        INTERNAL_ERROR,
+        clip(f"{said}unexpected {type(exc).__name__} (see the daemon's log); tried again"),
+        endless=bugs_stay_pending or (fact_stays_pending and fact is not None),
+        give_up_message=f"{said}unexpected {type(exc).__name__} (see the daemon's log)",
+        give_up_code=give_up_code,
+    )

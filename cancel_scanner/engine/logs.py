@@ -95,7 +95,12 @@ def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: Text
         logger.add(_json_sink(stream), level=level, enqueue=False, diagnose=False, backtrace=False)
     else:
         logger.add(
-            stream, level=level, format=_human_format, colorize=stream.isatty(), enqueue=False, diagnose=False,
+            stream,
+            level=level,
+            format=_human_format,
+            colorize=stream.isatty(),
+            enqueue=False,
+            diagnose=False,
             backtrace=False,
         )
     handler = _InterceptHandler()
@@ -105,7 +110,6 @@ def setup_logging(*, json_lines: bool = False, level: str = "INFO", stream: Text
     # its warnings (missed runs) are what an operator needs.
     for name, lvl in (("apscheduler", logging.WARNING), ("sqlalchemy", logging.WARNING)):
         logging.getLogger(name).setLevel(lvl)
-
 
 
 # --- events that happen in a savepoint ---------------------------------------------------------

@@ -76,7 +76,9 @@ class Plan:
     head: int
     steps: list[Step]
     notes: list[str]
-    lock_wait_seconds: int | None = None  # MySQL: what each DDL waits for its metadata lock (the session's first statement)
+    lock_wait_seconds: int | None = (
+        None  # MySQL: what each DDL waits for its metadata lock (the session's first statement)
+    )
 
     @property
     def behind(self) -> bool:
@@ -98,13 +100,21 @@ def plan(engine: Engine, script: str | None = None, metadata: MetaData | None = 
         else:
             steps, notes = _plan_sqlite(conn, metadata, backfills(script), behind=current is None or current < head)
     if steps or current is None or current < head:
-        steps.append(Step(
-            f"record schema version {head}",
-            f"INSERT {'IGNORE' if is_mysql(engine) else 'OR IGNORE'} INTO {VERSION_TABLE} (version, applied_by) VALUES ({head}, 'migrate')",
-            "nothing (one row)",
-        ))
-    return Plan(engine.url.render_as_string(hide_password=True), current, head, steps, notes,
-                LOCK_WAIT_SECONDS if is_mysql(engine) else None)
+        steps.append(
+            Step(
+                f"record schema version {head}",
+                f"INSERT {'IGNORE' if is_mysql(engine) else 'OR IGNORE'} INTO {VERSION_TABLE} (version, applied_by) VALUES ({head}, 'migrate')",
+                "nothing (one row)",
+            )
+        )
+    return Plan(
+        engine.url.render_as_string(hide_password=True),
+        current,
+        head,
+        steps,
+        notes,
+        LOCK_WAIT_SECONDS if is_mysql(engine) else None,
+    )
 
 
 def current_version(conn: Connection) -> int | None:
@@ -126,18 +136,32 @@ def _plan_mysql(conn: Connection, script: str, *, behind: bool = False) -> tuple
         have = live.get(table.name)
         if have is None:
             create = table.create.replace(f"COLLATE={SCHEMA_COLLATION}", f"COLLATE={collation}")
-            steps.append(Step(f"create table {table.name}" + (f" ({collation}, as the shop's orders)" if collation != SCHEMA_COLLATION
-                                                               else ""), create, "nothing (a new table)"))
+            steps.append(
+                Step(
+                    f"create table {table.name}"
+                    + (f" ({collation}, as the shop's orders)" if collation != SCHEMA_COLLATION else ""),
+                    create,
+                    "nothing (a new table)",
+                )
+            )
             continue
         refusals += _refusals(table, have) + _key_refusals(conn, table, have)
         if table.name not in SHOP_TABLES and have.collation.startswith("utf8mb4") and have.collation != collation:
             # A table of ours in another collation than the shop's orders (an adoption that stopped at the
             # views): its strings compared with the shop's would fail (1267/1271). Ours to convert.
-            steps.append(Step(f"convert {table.name} (~{have.rows} rows) from {have.collation} to {collation}, as the shop's orders",
-                              f"ALTER TABLE {table.name} CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}",
-                              "the table (ours, not the shop's) while it is copied"))
+            steps.append(
+                Step(
+                    f"convert {table.name} (~{have.rows} rows) from {have.collation} to {collation}, as the shop's orders",
+                    f"ALTER TABLE {table.name} CONVERT TO CHARACTER SET utf8mb4 COLLATE {collation}",
+                    "the table (ours, not the shop's) while it is copied",
+                )
+            )
         steps += _adopt_mysql(table, have, notes, backfills(script), behind, collation)
-    refusals += [f"{_view_name(v)} is a table; cancel-scanner needs that name for its view" for v in others if _view_name(v) in live]
+    refusals += [
+        f"{_view_name(v)} is a table; cancel-scanner needs that name for its view"
+        for v in others
+        if _view_name(v) in live
+    ]
     if refusals:
         raise SchemaRefused("; ".join(refusals) + ". Nothing was changed.")
     if steps or behind or not all(_view_name(v) in _views(conn) for v in others):
@@ -177,18 +201,24 @@ def _refusals(table: TableSpec, have: LiveTable) -> list[str]:
         found = have.columns.get(column.name)
         if found is None:
             if column.needs_value:
-                out.append(f"{table.name}.{column.name} is missing and has no default ({column.type} NOT NULL):"
-                           " add it with the shop's values first")
+                out.append(
+                    f"{table.name}.{column.name} is missing and has no default ({column.type} NOT NULL):"
+                    " add it with the shop's values first"
+                )
         elif column.name in untouched:
             continue  # the shop's to type as it likes: nothing of ours reads or writes it
         elif not type_holds(found, column.type):
-            out.append(f"{table.name}.{column.name} is {found}; cancel-scanner reads or writes {column.type} there"
-                       " and needs it (or wider)")
+            out.append(
+                f"{table.name}.{column.name} is {found}; cancel-scanner reads or writes {column.type} there"
+                " and needs it (or wider)"
+            )
         elif column.not_null and column.name in have.nullable:
             # The polls compare these columns (is_deleted = 0, order_status = 'CANCELLED'): a NULL there
             # hides the row from them for good, and no error ever says so.
-            out.append(f"{table.name}.{column.name} allows NULL; cancel-scanner needs it NOT NULL (a row with NULL there"
-                       " is never scanned): set its NULLs and make it NOT NULL first")
+            out.append(
+                f"{table.name}.{column.name} allows NULL; cancel-scanner needs it NOT NULL (a row with NULL there"
+                " is never scanned): set its NULLs and make it NOT NULL first"
+            )
     primary = next((k for k in table.keys if k.kind == "primary"), None)
     if primary is not None and have.indexes.get("PRIMARY", ((), True))[0] != primary.columns:
         out.append(f"{table.name} needs PRIMARY KEY ({', '.join(primary.columns)})")
@@ -220,8 +250,10 @@ def _key_refusals(conn: Connection, table: TableSpec, have: LiveTable) -> list[s
     for key in (k for k in table.keys if k.kind == "unique" and k.name in have.indexes):
         if have.indexes[key.name] != (key.columns, True):
             cols, unique = have.indexes[key.name]
-            out.append(f"{table.name}.{key.name} is {'a unique key' if unique else 'an index'} on ({', '.join(cols)});"
-                       f" cancel-scanner needs it UNIQUE on ({', '.join(key.columns)})")
+            out.append(
+                f"{table.name}.{key.name} is {'a unique key' if unique else 'an index'} on ({', '.join(cols)});"
+                f" cancel-scanner needs it UNIQUE on ({', '.join(key.columns)})"
+            )
     ours = {c.name: c for c in table.columns}
     limit = MAX_KEY_PART_BYTES_COMPACT if have.row_format in ("compact", "redundant") else MAX_KEY_BYTES
     for key in _keys_to_add(table, have):
@@ -229,13 +261,21 @@ def _key_refusals(conn: Connection, table: TableSpec, have: LiveTable) -> list[s
         wide = [c for c in key.columns if octets[c] > limit]
         if wide or sum(octets.values()) > MAX_KEY_BYTES:
             shown = ", ".join(f"{c} {have.columns.get(c, ours[c].type)}" for c in (wide or key.columns))
-            out.append(f"{table.name}: index {key.name} cannot be built on {shown} (over InnoDB's"
-                       f" {limit if wide else MAX_KEY_BYTES} bytes a key): make the column(s) shorter first")
+            out.append(
+                f"{table.name}: index {key.name} cannot be built on {shown} (over InnoDB's"
+                f" {limit if wide else MAX_KEY_BYTES} bytes a key): make the column(s) shorter first"
+            )
             continue
-        duplicate = _a_duplicate(conn, table.name, key.columns) if key.kind == "unique" and set(key.columns) <= set(have.columns) else None
+        duplicate = (
+            _a_duplicate(conn, table.name, key.columns)
+            if key.kind == "unique" and set(key.columns) <= set(have.columns)
+            else None
+        )
         if duplicate is not None:
-            out.append(f"{table.name} has rows with the same ({', '.join(key.columns)}), e.g. {duplicate};"
-                       " cancel-scanner needs it unique")
+            out.append(
+                f"{table.name} has rows with the same ({', '.join(key.columns)}), e.g. {duplicate};"
+                " cancel-scanner needs it unique"
+            )
     return out
 
 
@@ -251,43 +291,63 @@ def _a_duplicate(conn: Connection, table: str, columns: tuple[str, ...]) -> str 
     return None if row is None else ", ".join(repr(v) for v in row)
 
 
-def _adopt_mysql(table: TableSpec, have: LiveTable, notes: list[str], fills: dict[tuple[str, str], str],
-                 behind: bool = False, collation: str = SCHEMA_COLLATION) -> list[Step]:
+def _adopt_mysql(
+    table: TableSpec,
+    have: LiveTable,
+    notes: list[str],
+    fills: dict[tuple[str, str], str],
+    behind: bool = False,
+    collation: str = SCHEMA_COLLATION,
+) -> list[Step]:
     steps = _backfills_again(table.name, set(have.columns), fills, behind)
     missing = [c for c in table.columns if c.name not in have.columns]
     if missing:
         # A string column of ours said in utf8mb4 and the one collation wherever the table's own is another.
         differs = have.collation != collation
-        adds = ", ".join(f"ADD COLUMN {c.name} {c.in_utf8mb4(collation) if differs and c.is_string else c.definition}"
-                         for c in missing)
-        steps.append(Step(
-            f"add {len(missing)} column(s) to {table.name} (~{have.rows} rows): {', '.join(c.name for c in missing)}",
-            f"ALTER TABLE {table.name} {adds}, ALGORITHM=INSTANT",
-            "nothing: metadata only (INSTANT); the shop reads and writes on",
-            fallback=f"ALTER TABLE {table.name} {adds}, ALGORITHM=INPLACE, LOCK=NONE",
-        ))
+        adds = ", ".join(
+            f"ADD COLUMN {c.name} {c.in_utf8mb4(collation) if differs and c.is_string else c.definition}"
+            for c in missing
+        )
+        steps.append(
+            Step(
+                f"add {len(missing)} column(s) to {table.name} (~{have.rows} rows): {', '.join(c.name for c in missing)}",
+                f"ALTER TABLE {table.name} {adds}, ALGORITHM=INSTANT",
+                "nothing: metadata only (INSTANT); the shop reads and writes on",
+                fallback=f"ALTER TABLE {table.name} {adds}, ALGORITHM=INPLACE, LOCK=NONE",
+            )
+        )
         for column in missing:
             if (table.name, column.name) in fills:
-                steps.append(Step(
-                    f"backfill {table.name}.{column.name} for the rows that were there before",
-                    fills[(table.name, column.name)],
-                    "the rows it updates, until it commits",
-                ))
+                steps.append(
+                    Step(
+                        f"backfill {table.name}.{column.name} for the rows that were there before",
+                        fills[(table.name, column.name)],
+                        "the rows it updates, until it commits",
+                    )
+                )
     for key in table.keys:
         if key.kind == "index" and key.name in have.indexes and have.indexes[key.name][0] != key.columns:
-            notes.append(f"{table.name}: index {key.name} exists on ({', '.join(have.indexes[key.name][0])}),"
-                         f" not ({', '.join(key.columns)}); left as it is, the polls may be slower")
+            notes.append(
+                f"{table.name}: index {key.name} exists on ({', '.join(have.indexes[key.name][0])}),"
+                f" not ({', '.join(key.columns)}); left as it is, the polls may be slower"
+            )
     keys = _keys_to_add(table, have)
     if keys:
-        steps.append(Step(
-            f"add {len(keys)} index(es) to {table.name}: {', '.join(k.name for k in keys)}",
-            f"ALTER TABLE {table.name} " + ", ".join(f"ADD {k.definition}" for k in keys) + ", ALGORITHM=INPLACE, LOCK=NONE",
-            "no row locks: built online (INPLACE, LOCK=NONE) while the shop reads and writes; a brief metadata lock at its start and end",
-        ))
+        steps.append(
+            Step(
+                f"add {len(keys)} index(es) to {table.name}: {', '.join(k.name for k in keys)}",
+                f"ALTER TABLE {table.name} "
+                + ", ".join(f"ADD {k.definition}" for k in keys)
+                + ", ALGORITHM=INPLACE, LOCK=NONE",
+                "no row locks: built online (INPLACE, LOCK=NONE) while the shop reads and writes; a brief metadata lock at its start and end",
+            )
+        )
     for check in (k for k in table.keys if k.kind == "check"):
         if check.name not in have.checks:
-            notes.append(f"{table.name}: CHECK {check.name} not added to an existing table (it would copy the table);"
-                         " the UNSIGNED columns refuse negative values anyway")
+            notes.append(
+                f"{table.name}: CHECK {check.name} not added to an existing table (it would copy the table);"
+                " the UNSIGNED columns refuse negative values anyway"
+            )
     return steps
 
 
@@ -308,14 +368,19 @@ def _backfills_again(table: str, present: set[str], fills: dict[tuple[str, str],
     if not behind:
         return []
     return [
-        Step(f"backfill {t}.{c} again (the database is behind: a migrate may have stopped before it)", sql,
-             "the rows it updates, until it commits")
-        for (t, c), sql in fills.items() if t == table and c in present
+        Step(
+            f"backfill {t}.{c} again (the database is behind: a migrate may have stopped before it)",
+            sql,
+            "the rows it updates, until it commits",
+        )
+        for (t, c), sql in fills.items()
+        if t == table and c in present
     ]
 
 
-def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[str, str], str],
-                 behind: bool = False) -> tuple[list[Step], list[str]]:
+def _plan_sqlite(
+    conn: Connection, metadata: MetaData | None, fills: dict[tuple[str, str], str], behind: bool = False
+) -> tuple[list[Step], list[str]]:
     """SQLite (the embedded default) from the models: types are not checked (SQLite has none to speak of)."""
     if metadata is None:
         raise ValueError("SQLite is migrated from the models: pass their metadata")
@@ -325,7 +390,11 @@ def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[
     whole_file = "the database file, for the statement (SQLite has one writer)"
     for table in metadata.sorted_tables:
         if table.name not in present:
-            steps.append(Step(f"create table {table.name}", str(CreateTable(table).compile(conn)).strip(), "nothing (a new table)"))
+            steps.append(
+                Step(
+                    f"create table {table.name}", str(CreateTable(table).compile(conn)).strip(), "nothing (a new table)"
+                )
+            )
             steps += [Step(f"add index {i.name}", str(CreateIndex(i).compile(conn)), whole_file) for i in table.indexes]
             continue
         columns = {c["name"] for c in insp.get_columns(table.name)}
@@ -335,15 +404,23 @@ def _plan_sqlite(conn: Connection, metadata: MetaData | None, fills: dict[tuple[
             default = column.server_default.arg if isinstance(column.server_default, DefaultClause) else None
             if not column.nullable and (default is None or not isinstance(default, (str, TextClause))):
                 # SQLite adds a column to a table only with a constant default (or NULL).
-                refusals.append(f"{table.name}.{column.name} is missing and SQLite cannot add it to an existing table"
-                                " (NOT NULL with a computed default): add it by rebuilding the table, or use MariaDB")
+                refusals.append(
+                    f"{table.name}.{column.name} is missing and SQLite cannot add it to an existing table"
+                    " (NOT NULL with a computed default): add it by rebuilding the table, or use MariaDB"
+                )
                 continue
             ddl = str(CreateColumn(column).compile(conn))
-            steps.append(Step(f"add column {table.name}.{column.name}", f"ALTER TABLE {table.name} ADD COLUMN {ddl}", whole_file))
+            steps.append(
+                Step(f"add column {table.name}.{column.name}", f"ALTER TABLE {table.name} ADD COLUMN {ddl}", whole_file)
+            )
             if (table.name, column.name) in fills:
                 steps.append(Step(f"backfill {table.name}.{column.name}", fills[(table.name, column.name)], whole_file))
         indexes = {i["name"] for i in insp.get_indexes(table.name)}
-        steps += [Step(f"add index {i.name}", str(CreateIndex(i).compile(conn)), whole_file) for i in table.indexes if i.name not in indexes]
+        steps += [
+            Step(f"add index {i.name}", str(CreateIndex(i).compile(conn)), whole_file)
+            for i in table.indexes
+            if i.name not in indexes
+        ]
     if refusals:
         raise SchemaRefused("; ".join(refusals) + ". Nothing was changed.")
     return steps, []
@@ -361,8 +438,9 @@ class MigrationBusy(Exception):
 
 
 @contextmanager
-def exclusive(engine: Engine, wait_seconds: int = MIGRATE_WAIT_SECONDS,
-              say: Callable[[str], None] = lambda line: None) -> Iterator[None]:
+def exclusive(
+    engine: Engine, wait_seconds: int = MIGRATE_WAIT_SECONDS, say: Callable[[str], None] = lambda line: None
+) -> Iterator[None]:
     """One migrate of a database at a time (MySQL: a named lock for this database). Plan inside it:
     two that planned at once would both run the same ALTER, and the second fail on a duplicate
     column half-way, or run a backfill twice. The one that waited then finds nothing to do."""
@@ -374,17 +452,25 @@ def exclusive(engine: Engine, wait_seconds: int = MIGRATE_WAIT_SECONDS,
         if not conn.execute(text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar():
             say(f"-- another cancel-scanner migrate is running on this database: waiting (at most {wait_seconds} s)")
             if not conn.execute(text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": wait_seconds}).scalar():
-                raise MigrationBusy(f"another cancel-scanner migrate has been running on this database for over {wait_seconds} s;"
-                                    " nothing was run: let it finish, then run migrate again")
+                raise MigrationBusy(
+                    f"another cancel-scanner migrate has been running on this database for over {wait_seconds} s;"
+                    " nothing was run: let it finish, then run migrate again"
+                )
         try:
             yield
         finally:
             conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
 
 
-def apply(engine: Engine, the_plan: Plan, say: Callable[[str], None] = lambda line: None,
-          sleep: Callable[[float], None] = time.sleep, *, lock_wait_seconds: int = LOCK_WAIT_SECONDS,
-          tries: int = LOCK_TRIES) -> None:
+def apply(
+    engine: Engine,
+    the_plan: Plan,
+    say: Callable[[str], None] = lambda line: None,
+    sleep: Callable[[float], None] = time.sleep,
+    *,
+    lock_wait_seconds: int = LOCK_WAIT_SECONDS,
+    tries: int = LOCK_TRIES,
+) -> None:
     """Run the plan's steps in order, each in its own statement (DDL commits on MySQL anyway)."""
     with engine.connect() as conn:
         if is_mysql(engine):
@@ -395,8 +481,10 @@ def apply(engine: Engine, the_plan: Plan, say: Callable[[str], None] = lambda li
                 _run_step(conn, step, say, sleep, tries)
             except Exception as exc:
                 if step.what.startswith("backfill "):  # its ALTER has committed: say what is left to do, in full
-                    raise BackfillNotRun(f"{step.what.split()[1]} was added but not backfilled ({_first_line(exc)}); the schema"
-                                         f" stays behind: fix the cause and run `cancel-scanner migrate` again (it runs: {step.sql})") from exc
+                    raise BackfillNotRun(
+                        f"{step.what.split()[1]} was added but not backfilled ({_first_line(exc)}); the schema"
+                        f" stays behind: fix the cause and run `cancel-scanner migrate` again (it runs: {step.sql})"
+                    ) from exc
                 raise
             conn.commit()
 
@@ -405,7 +493,9 @@ def _first_line(exc: BaseException) -> str:
     return str(getattr(exc, "orig", None) or exc).splitlines()[0][:120]
 
 
-def _run_step(conn: Connection, step: Step, say: Callable[[str], None], sleep: Callable[[float], None], tries: int) -> None:
+def _run_step(
+    conn: Connection, step: Step, say: Callable[[str], None], sleep: Callable[[float], None], tries: int
+) -> None:
     sql = step.sql
     for attempt in range(1, tries + 1):
         try:
@@ -415,7 +505,9 @@ def _run_step(conn: Connection, step: Step, say: Callable[[str], None], sleep: C
             conn.rollback()
             code = mysql_code(exc)
             if code in _ONLINE_REFUSED and step.fallback and sql != step.fallback:
-                say("-- the server cannot do that instantly: INPLACE, LOCK=NONE instead (a rebuild; the shop still reads and writes)")
+                say(
+                    "-- the server cannot do that instantly: INPLACE, LOCK=NONE instead (a rebuild; the shop still reads and writes)"
+                )
                 sql = step.fallback
                 continue
             if code == 1205 and attempt < tries:  # another transaction holds the table: let the shop go first
@@ -435,8 +527,10 @@ def render(the_plan: Plan) -> Iterable[str]:
     elif the_plan.lock_wait_seconds is not None:
         # Pasted into the mysql client without it, an ALTER behind a long shop transaction would wait
         # for hours (the server's default), and every shop query on that table behind the ALTER.
-        yield (f"-- each statement waits at most {the_plan.lock_wait_seconds} s for its table's metadata lock;"
-               " on 'Lock wait timeout exceeded', run it again later")
+        yield (
+            f"-- each statement waits at most {the_plan.lock_wait_seconds} s for its table's metadata lock;"
+            " on 'Lock wait timeout exceeded', run it again later"
+        )
         yield f"SET SESSION lock_wait_timeout = {the_plan.lock_wait_seconds};"
     for step in the_plan.steps:
         yield f"-- {step.what}; locks: {step.locks}"
@@ -462,11 +556,22 @@ def schema_problem(engine: Engine, tables: Iterable[str]) -> SchemaProblem | Non
         present = set(inspect(conn).get_table_names())
     if current is None:
         if not present & set(tables):
-            return SchemaProblem("empty", "no cancel-scanner schema: run `cancel-scanner initdb` (a new database)"
-                                          " or `cancel-scanner migrate` (an existing one)")
-        return SchemaProblem("behind", f"the schema has no version (this cancel-scanner needs {head}): run `cancel-scanner migrate`")
+            return SchemaProblem(
+                "empty",
+                "no cancel-scanner schema: run `cancel-scanner initdb` (a new database)"
+                " or `cancel-scanner migrate` (an existing one)",
+            )
+        return SchemaProblem(
+            "behind", f"the schema has no version (this cancel-scanner needs {head}): run `cancel-scanner migrate`"
+        )
     if current < head:
-        return SchemaProblem("behind", f"the schema is at version {current}, behind this cancel-scanner's {head}: run `cancel-scanner migrate`")
+        return SchemaProblem(
+            "behind",
+            f"the schema is at version {current}, behind this cancel-scanner's {head}: run `cancel-scanner migrate`",
+        )
     if current > head:
-        return SchemaProblem("ahead", f"the schema is at version {current}, ahead of this cancel-scanner's {head}: upgrade cancel-scanner")
+        return SchemaProblem(
+            "ahead",
+            f"the schema is at version {current}, ahead of this cancel-scanner's {head}: upgrade cancel-scanner",
+        )
     return None

@@ -76,19 +76,26 @@ class Progress:
         """Stages backing off now: name -> (seconds down, why)."""
         now = self.wall()
         with self._lock:
-            return {n: (now - s.down_since, s.reason) for n, s in self._stages.items() if not s.up and s.down_since is not None}
+            return {
+                n: (now - s.down_since, s.reason)
+                for n, s in self._stages.items()
+                if not s.up and s.down_since is not None
+            }
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {
-                n: {"up": s.up, "down_since": s.down_since, "reason": s.reason, **s.counts} for n, s in self._stages.items()
+                n: {"up": s.up, "down_since": s.down_since, "reason": s.reason, **s.counts}
+                for n, s in self._stages.items()
             }
 
     def report(self) -> str:
         """The registry entry's ``report``: {"v": 1, "started_at": t, "at": t, "stages": {name: [up, down_since, reason, done,
         failed, retry, later]}}, compact JSON that always fits the column (reasons are dropped first)."""
         stages = self.snapshot()
-        packed = {n: [int(s["up"]), s["down_since"], s["reason"], *(s[o] for o in _OUTCOMES)] for n, s in stages.items()}
+        packed = {
+            n: [int(s["up"]), s["down_since"], s["reason"], *(s[o] for o in _OUTCOMES)] for n, s in stages.items()
+        }
         head = {"v": 1, "started_at": self.started_at, "at": self.wall()}
         text = json.dumps({**head, "stages": packed}, separators=(",", ":"), ensure_ascii=False)
         if len(text) > REPORT_MAX_CHARS:
@@ -113,8 +120,13 @@ def read_report(text: str | None) -> dict[str, dict[str, Any]]:
         for name, row in stages.items():
             up, since, reason, *counts = row
             down_for = max(0.0, at - float(since)) if since is not None and not up else None
-            out[str(name)] = {"up": bool(up), "down_since": since, "down_for": down_for, "reason": reason,
-                              **dict(zip(_OUTCOMES, map(int, counts)))}
+            out[str(name)] = {
+                "up": bool(up),
+                "down_since": since,
+                "down_for": down_for,
+                "reason": reason,
+                **dict(zip(_OUTCOMES, map(int, counts))),
+            }
         return out
     except (ValueError, KeyError, TypeError, AttributeError):
         return {}

@@ -180,8 +180,14 @@ class Registry:
             if not self._registered:
                 conn.execute(
                     insert(scanner_process).values(
-                        owner=owner, hostname=socket.gethostname()[:64], pid=os.getpid(), started_at=now, heartbeat_at=now,
-                        report=report, pace_group=self.pace_group, pace_limits=encode_limits(self.pace_limits),
+                        owner=owner,
+                        hostname=socket.gethostname()[:64],
+                        pid=os.getpid(),
+                        started_at=now,
+                        heartbeat_at=now,
+                        report=report,
+                        pace_group=self.pace_group,
+                        pace_limits=encode_limits(self.pace_limits),
                     )
                 )
                 self._fresh = True
@@ -212,7 +218,8 @@ class Registry:
         with self.db.connect() as conn:
             # Every entry (one per running process): the dead, and the live ones sharing our pace.
             entries = conn.execute(
-                select(p.owner, p.heartbeat_at, p.pace_group, p.pace_limits, p.hostname, p.pid).order_by(p.id)).all()
+                select(p.owner, p.heartbeat_at, p.pace_group, p.pace_limits, p.hostname, p.pid).order_by(p.id)
+            ).all()
         dead = [e.owner for e in entries if e.heartbeat_at < cutoff and e.owner != me]
         # Sharing and slices count the live entries, less those of processes of this host that no
         # longer exist (a daemon killed and started again): they call nothing, though only
@@ -223,8 +230,11 @@ class Registry:
         live = sorted(e.owner for e in entries if e.heartbeat_at >= cutoff or e.owner == me)
         self.slice = (live.index(me), len(live)) if me in live else (0, 1)
         if self.pace_group is not None:
-            peers = [(f"{e.hostname}:{e.pid}", decode_limits(e.pace_limits)) for e in entries
-                     if e.owner != me and e.heartbeat_at >= cutoff and e.pace_group == self.pace_group]
+            peers = [
+                (f"{e.hostname}:{e.pid}", decode_limits(e.pace_limits))
+                for e in entries
+                if e.owner != me and e.heartbeat_at >= cutoff and e.pace_group == self.pace_group
+            ]
             self.sharers, fresh, self._fresh = 1 + len(peers), self._fresh, False
             if self.on_share is not None:
                 self.on_share(self.sharers, fresh, peers)
@@ -252,9 +262,14 @@ class Registry:
                 held = select(table.c.id).where(owner_col == owner)
                 ids = list(conn.execute(locked(conn, held, skip_locked=True)).scalars())
                 if ids:
-                    released += conn.execute(
-                        update(table).where(table.c.id.in_(ids), owner_col == owner).values({owner_col: None, until_col: None})
-                    ).rowcount or 0
+                    released += (
+                        conn.execute(
+                            update(table)
+                            .where(table.c.id.in_(ids), owner_col == owner)
+                            .values({owner_col: None, until_col: None})
+                        ).rowcount
+                        or 0
+                    )
                 left += conn.execute(select(func.count()).select_from(table).where(owner_col == owner)).scalar_one()
             if not left:
                 conn.execute(delete(scanner_process).where(p.id == entry.id))
@@ -277,7 +292,9 @@ class Registry:
 
     # --- the background heartbeat of a daemon -------------------------------------------------
 
-    def start(self, on_reaped: Callable[[list[str]], None] | None = None, on_tick: Callable[[], None] | None = None) -> None:
+    def start(
+        self, on_reaped: Callable[[list[str]], None] | None = None, on_tick: Callable[[], None] | None = None
+    ) -> None:
         """Beat and reap every heartbeat_seconds in a thread of its own, until stop()."""
         if self._thread is not None:
             return

@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Column, Engine, update
 
 from cancel_scanner.engine.batch import (
-    MAX_LOST_IN_A_ROW, Again, Backoff, BatchReport, Blocked, Fail, Hooks, Idle, Lost, Streak, next_step,
+    MAX_LOST_IN_A_ROW,
+    Again,
+    Backoff,
+    BatchReport,
+    Blocked,
+    Fail,
+    Hooks,
+    Idle,
+    Lost,
+    Streak,
+    next_step,
 )
 from cancel_scanner.engine.claim import Claimer
 from cancel_scanner.engine.clock import DbClock, local_utcnow
@@ -85,9 +96,21 @@ class Runner:
         claimer = Claimer(self.registry, mysql=mysql, monotonic=monotonic)
         writer = FlagWriter(claimer)
         self.batches: dict[str, DatabaseBatch | GatewayBatch] = {
-            name: GatewayBatch(db, stage, gateway, claimer=claimer, writer=writer, registry=self.registry, pace=self.pace,
-                               hooks=self.hooks, stopping=self.stopping, monotonic=monotonic, mysql=mysql)
-            if self._leased(stage) else DatabaseBatch(db, stage, claimer, writer, self.hooks)
+            name: GatewayBatch(
+                db,
+                stage,
+                gateway,
+                claimer=claimer,
+                writer=writer,
+                registry=self.registry,
+                pace=self.pace,
+                hooks=self.hooks,
+                stopping=self.stopping,
+                monotonic=monotonic,
+                mysql=mysql,
+            )
+            if self._leased(stage)
+            else DatabaseBatch(db, stage, claimer, writer, self.hooks)
             for name, stage in self.stages.items()
         }
 
@@ -136,7 +159,7 @@ class Runner:
                 batch.run(job, now or self.clock(), report)
             if isinstance(report.result, Idle):  # the batch ran to its end (it sets only Paced and Backoff itself)
                 report.settle()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - _failure re-raises whatever is not the database's failure
             report.result = _failure(exc)
             report.clear_rows()  # its write-back (one transaction) rolled back whole: none of its rows is done
             # DEBUG: the caller (the daemon's backoff) reports the failure once per step.

@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-_VERSION_INSERT = re.compile(r"INSERT IGNORE INTO cancel_scanner_schema \(version, applied_by\) VALUES \((\d+), 'schema.sql'\)")
+_VERSION_INSERT = re.compile(
+    r"INSERT IGNORE INTO cancel_scanner_schema \(version, applied_by\) VALUES \((\d+), 'schema.sql'\)"
+)
 
 
 def schema_sql() -> str:

@@ -51,7 +51,7 @@ class ColumnSpec:
     def in_utf8mb4(self, collation: str = SCHEMA_COLLATION) -> str:
         """The definition with utf8mb4 said: added to a shop's latin1 (or utf8mb3) table, a column would
         otherwise take the table's charset, and a WeChat message in Chinese could not be written to it."""
-        return f"{self.type} CHARACTER SET utf8mb4 COLLATE {collation}{self.definition[len(self.type):]}"
+        return f"{self.type} CHARACTER SET utf8mb4 COLLATE {collation}{self.definition[len(self.type) :]}"
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def _without_comment(line: str) -> str:
     for i, char in enumerate(line):
         if char == "'":
             quoted = not quoted  # '' (an escaped quote) toggles twice
-        elif not quoted and line.startswith("--", i) and line[i + 2: i + 3] in ("", " ", "\t"):
+        elif not quoted and line.startswith("--", i) and line[i + 2 : i + 3] in ("", " ", "\t"):
             return line[:i].rstrip()
     return line
 
@@ -105,7 +105,7 @@ def parse_schema(script: str) -> tuple[list[TableSpec], list[str]]:
             continue
         end = re.search(r"\n\)", stmt)  # the column list ends at a line opening with ")"
         assert end is not None, stmt  # schema.sql's own text
-        body = stmt[head.end(): end.start()]
+        body = stmt[head.end() : end.start()]
         columns, keys = [], []
         for line in (_without_comment(raw.strip()).rstrip(",") for raw in body.splitlines()):
             if not line or line.startswith("--"):
@@ -140,31 +140,39 @@ class LiveTable:
 
 def live_mysql(conn: Connection) -> dict[str, LiveTable]:
     live: dict[str, LiveTable] = {}
-    for name, rows, collation, row_format in conn.execute(text(
-        "SELECT TABLE_NAME, COALESCE(TABLE_ROWS, 0), COALESCE(TABLE_COLLATION, ''), COALESCE(ROW_FORMAT, '')"
-        " FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE'"
-    )):
+    for name, rows, collation, row_format in conn.execute(
+        text(
+            "SELECT TABLE_NAME, COALESCE(TABLE_ROWS, 0), COALESCE(TABLE_COLLATION, ''), COALESCE(ROW_FORMAT, '')"
+            " FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE'"
+        )
+    ):
         live[name] = LiveTable(rows=int(rows), collation=collation.lower(), row_format=row_format.lower())
-    for table, column, column_type, nullable, octets in conn.execute(text(
-        "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS"
-        " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, ORDINAL_POSITION"
-    )):
+    for table, column, column_type, nullable, octets in conn.execute(
+        text(
+            "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, CHARACTER_OCTET_LENGTH FROM information_schema.COLUMNS"
+            " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, ORDINAL_POSITION"
+        )
+    ):
         if table in live:
             live[table].columns[column] = column_type.lower()
             live[table].octets[column] = int(octets) if octets is not None else 8
             if nullable == "YES":
                 live[table].nullable.add(column)
-    for table, index, column, non_unique in conn.execute(text(
-        "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, NON_UNIQUE FROM information_schema.STATISTICS"
-        " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
-    )):
+    for table, index, column, non_unique in conn.execute(
+        text(
+            "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, NON_UNIQUE FROM information_schema.STATISTICS"
+            " WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX"
+        )
+    ):
         if table in live:
             cols, _ = live[table].indexes.get(index, ((), False))
             live[table].indexes[index] = ((*cols, column), not int(non_unique))
-    for table, check in conn.execute(text(
-        "SELECT TABLE_NAME, CONSTRAINT_NAME FROM information_schema.TABLE_CONSTRAINTS"
-        " WHERE TABLE_SCHEMA = DATABASE() AND CONSTRAINT_TYPE = 'CHECK'"
-    )):
+    for table, check in conn.execute(
+        text(
+            "SELECT TABLE_NAME, CONSTRAINT_NAME FROM information_schema.TABLE_CONSTRAINTS"
+            " WHERE TABLE_SCHEMA = DATABASE() AND CONSTRAINT_TYPE = 'CHECK'"
+        )
+    ):
         if table in live:
             live[table].checks.add(check)
     return live

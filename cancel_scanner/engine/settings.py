@@ -22,6 +22,7 @@ DEFAULT_GATEWAY_MAX_ATTEMPTS = 20
 DEFAULT_CONCURRENCY = 16
 DEFAULT_LEASE_SECONDS = 120.0
 
+
 class ConfigError(Exception):
     """A bad configuration: ``key`` is the dotted path of the offending key."""
 

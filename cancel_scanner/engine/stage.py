@@ -45,9 +45,14 @@ class Flags:
         ``_lease_until`` (no prefix: the table's own)."""
         c, f, r = table.c, f"{flag}_" if flag else "", f"{retry}_" if retry else ""
         return cls(
-            table=table, scanned=c[f"{f}scanned"], success=c[f"{f}success"], attempts=c[f"{r}attempts"],
-            next_attempt_at=c[f"{r}next_attempt_at"], last_error=c[f"{r}last_error"],
-            lease_owner=c[f"{r}lease_owner"] if leased else None, lease_until=c[f"{r}lease_until"] if leased else None,
+            table=table,
+            scanned=c[f"{f}scanned"],
+            success=c[f"{f}success"],
+            attempts=c[f"{r}attempts"],
+            next_attempt_at=c[f"{r}next_attempt_at"],
+            last_error=c[f"{r}last_error"],
+            lease_owner=c[f"{r}lease_owner"] if leased else None,
+            lease_until=c[f"{r}lease_until"] if leased else None,
         )
 
 
@@ -79,6 +84,7 @@ class Stage(Protocol):
 
     def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
         """Extra columns set when a row fails for good (on the polled table)."""
+
     def status_counts(self, conn: Connection) -> Sequence[tuple[str, str, int]]:
         """Extra figures for `status`: (key, label, count)."""
 
@@ -214,8 +220,11 @@ class StageRegistry:
 
     def alert_thresholds(self) -> dict[str, float]:
         """The oldest_pending alert thresholds the stages declare for themselves, by stage."""
-        return {cls.name: cls.oldest_pending_alert_seconds for cls in self.classes
-                if getattr(cls, "oldest_pending_alert_seconds", None) is not None}
+        return {
+            cls.name: cls.oldest_pending_alert_seconds
+            for cls in self.classes
+            if getattr(cls, "oldest_pending_alert_seconds", None) is not None
+        }
 
     def settings(self, name: str) -> type:
         return self._by_name(name).settings

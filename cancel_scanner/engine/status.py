@@ -115,8 +115,13 @@ def stage_status(conn: Connection, stage: Stage, now: datetime, *, totals: bool 
     table = flags.table
     # One pass over the pending rows: how many, how many not due yet, and the oldest.
     pending, waiting, oldest = conn.execute(
-        select(func.count(), func.coalesce(func.sum(case((flags.next_attempt_at > now, 1), else_=0)), 0), func.min(stage.pending_since))
-        .select_from(table).where(*stage.pending())
+        select(
+            func.count(),
+            func.coalesce(func.sum(case((flags.next_attempt_at > now, 1), else_=0)), 0),
+            func.min(stage.pending_since),
+        )
+        .select_from(table)
+        .where(*stage.pending())
     ).one()
     oldest = _as_datetime(oldest)
     return StageStatus(
@@ -152,7 +157,9 @@ def running_daemons(conn: Connection, now: datetime, takeover_seconds: float) ->
 def _with_daemons(s: StageStatus, daemons: list[tuple[str, str, dict]]) -> StageStatus:
     runs = [(name, report[s.stage]) for name, _owner, report in daemons if s.stage in report]
     down = tuple(StageDown(name, st["down_for"] or 0.0, st["reason"]) for name, st in runs if not st["up"])
-    return StageStatus(**{**asdict(s), "down": down, "daemons": len(runs), "done_by_daemons": sum(st["done"] for _n, st in runs)})
+    return StageStatus(
+        **{**asdict(s), "down": down, "daemons": len(runs), "done_by_daemons": sum(st["done"] for _n, st in runs)}
+    )
 
 
 def collect_status(
@@ -168,13 +175,19 @@ def collect_status(
         per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
         by_stage = [(stage.name, c) for stage in stages.values() for c in stage.status_counts(conn)]
         counts = tuple(c for _name, c in by_stage) + (
-            (CHANNEL_FACTS, "done at the payment channel, not recorded here yet (SELECT * FROM channel_fact"
-                            " WHERE resolved_at IS NULL)", open_facts(conn)),
+            (
+                CHANNEL_FACTS,
+                "done at the payment channel, not recorded here yet (SELECT * FROM channel_fact"
+                " WHERE resolved_at IS NULL)",
+                open_facts(conn),
+            ),
         )
         daemons = running_daemons(conn, now, takeover_seconds)
         run = reconcile_run.c
         latest = select(func.max(run.bill_date)).scalar_subquery()  # the primary key's last entry: one row read
-        last = conn.execute(select(run.bill_date, run.state, run.diffs, run.last_error).where(run.bill_date == latest)).first()
+        last = conn.execute(
+            select(run.bill_date, run.state, run.diffs, run.last_error).where(run.bill_date == latest)
+        ).first()
     notes = tuple((s.name, s.failed_note) for s in stages.values() if s.failed_note)
     return Status(
         now=now,
@@ -185,8 +198,14 @@ def collect_status(
         daemons=tuple(name for name, _owner, _report in daemons),
         owners=tuple(owner for _name, owner, _report in daemons),
         totals=totals,
-        reconcile={"bill_date": str(last.bill_date), "state": last.state, "diffs": last.diffs, "last_error": last.last_error}
-        if last else None,
+        reconcile={
+            "bill_date": str(last.bill_date),
+            "state": last.state,
+            "diffs": last.diffs,
+            "last_error": last.last_error,
+        }
+        if last
+        else None,
     )
 
 
@@ -224,7 +243,9 @@ def format_status(status: Status) -> str:
     if not status.daemons:
         lines.append("no cancel-scanner daemon is running (none has beaten in the last takeover_seconds)")
     if not status.totals:
-        lines.append("* done: rows the running daemons finished since they started (`status --totals` counts the tables: slow on large ones)")
+        lines.append(
+            "* done: rows the running daemons finished since they started (`status --totals` counts the tables: slow on large ones)"
+        )
     for _key, label, n in status.counts:
         if n:
             lines.append(f"{label}: {n}")
@@ -232,7 +253,9 @@ def format_status(status: Status) -> str:
         rec = status.reconcile
         line = f"reconciliation of {rec['bill_date']}: {rec['state']}"
         if rec["state"] == "DIFFERS":
-            line += f", {rec['diffs']} difference(s) (SELECT * FROM reconcile_diff WHERE bill_date = '{rec['bill_date']}')"
+            line += (
+                f", {rec['diffs']} difference(s) (SELECT * FROM reconcile_diff WHERE bill_date = '{rec['bill_date']}')"
+            )
         elif rec["state"] in ("WAITING", "FAILED") and rec["last_error"]:
             line += f" ({rec['last_error']})"
         lines.append(line)

@@ -9,8 +9,9 @@ written one by one, each in a savepoint of its own.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from loguru import logger
 from sqlalchemy import Connection, Row
@@ -40,14 +41,27 @@ class FlagWriter:
     def __init__(self, claimer: Claimer):
         self.claimer = claimer
 
-    def outcomes(self, conn: Connection, stage: Stage, job: JobConfig, rows: Sequence[Row], outcomes: Mapping[int, Outcome],
-                 now: datetime, report: BatchReport, owner: str | None = None) -> None:
+    def outcomes(
+        self,
+        conn: Connection,
+        stage: Stage,
+        job: JobConfig,
+        rows: Sequence[Row],
+        outcomes: Mapping[int, Outcome],
+        now: datetime,
+        report: BatchReport,
+        owner: str | None = None,
+    ) -> None:
         """Each row's outcome as its flag flip; ``owner``: the rows are leased to it, and released."""
         missing = {r.id for r in rows} - set(outcomes)
         if missing:
             raise RuntimeError(f"stage {stage.name} returned no outcome for rows {sorted(missing)[:10]}")
         flags = stage.flags
-        release = {flags.lease_owner.name: None, flags.lease_until.name: None} if owner and flags.lease_owner is not None else {}
+        release = (
+            {flags.lease_owner.name: None, flags.lease_until.name: None}
+            if owner and flags.lease_owner is not None
+            else {}
+        )
         groups: dict[frozenset, dict[int, dict[str, Any]]] = defaultdict(dict)
         for row in rows:
             outcome, values = flip_for(stage, job, outcomes[row.id], getattr(row, flags.attempts.name), now)
@@ -67,8 +81,16 @@ class FlagWriter:
             if matched != len(members):
                 raise LostClaim(f"{stage.name}: {len(members)} rows claimed, {matched} still ours")
 
-    def faults(self, conn: Connection, stage: Stage, job: JobConfig, faults: list[tuple[Row, BaseException, Any]],
-               now: datetime, report: BatchReport, owner: str | None = None) -> None:
+    def faults(
+        self,
+        conn: Connection,
+        stage: Stage,
+        job: JobConfig,
+        faults: list[tuple[Row, BaseException, Any]],
+        now: datetime,
+        report: BatchReport,
+        owner: str | None = None,
+    ) -> None:
         """Rows that failed alone: each its attempt counted and its reason, in a savepoint of its own (a
         shop rule may refuse even that); for a gateway stage, first what the channel did for it."""
         report.one_by_one = True  # the rest of the batch was done without them
@@ -77,26 +99,51 @@ class FlagWriter:
             # A stage whose 1/0 says "the channel refused" (submit_refund): after a call, whatever its
             # answer, a row that gives up says "unknown, check by hand", never "refused".
             guarded = stage.fact_stays_pending
-            outcome = fault_outcome(stage.name, row.id, exc, fact=fact.detail if fact else None,
-                                    bugs_stay_pending=stage.bugs_stay_pending, fact_stays_pending=guarded,
-                                    give_up_code=OUTCOME_UNKNOWN if guarded and result is not None else None)
+            outcome = fault_outcome(
+                stage.name,
+                row.id,
+                exc,
+                fact=fact.detail if fact else None,
+                bugs_stay_pending=stage.bugs_stay_pending,
+                fact_stays_pending=guarded,
+                give_up_code=OUTCOME_UNKNOWN if guarded and result is not None else None,
+            )
             if fact is not None:
-                kept = try_in_savepoint(conn, lambda: record_fact(conn, stage.name, row.id, fact, outcome.describe(), now))
+                kept = try_in_savepoint(
+                    conn,
+                    lambda row=row, fact=fact, outcome=outcome: record_fact(
+                        conn, stage.name, row.id, fact, outcome.describe(), now
+                    ),
+                )
                 if kept is not None and not is_row_fault(kept):
                     raise kept  # the database's failure (a grant missing on channel_fact, a lock wait): the batch's
                 if kept is not None:
-                    logger.opt(exception=kept).bind(stage=stage.name, row_id=row.id, action="fact_lost", fact=fact.fact).error(
-                        "{}: could not be kept in channel_fact either", fact.detail)
+                    logger.opt(exception=kept).bind(
+                        stage=stage.name, row_id=row.id, action="fact_lost", fact=fact.fact
+                    ).error("{}: could not be kept in channel_fact either", fact.detail)
             self.alone(conn, stage, job, [row], {row.id: outcome}, now, report, owner)
 
-    def alone(self, conn: Connection, stage: Stage, job: JobConfig, rows: Sequence[Row], outcomes: Mapping[int, Outcome],
-              now: datetime, report: BatchReport, owner: str | None) -> None:
+    def alone(
+        self,
+        conn: Connection,
+        stage: Stage,
+        job: JobConfig,
+        rows: Sequence[Row],
+        outcomes: Mapping[int, Outcome],
+        now: datetime,
+        report: BatchReport,
+        owner: str | None,
+    ) -> None:
         """Each row's flags in a savepoint of its own: a row whose own flags the database refuses (a
         shop rule on the whole row) is left out of claims for a while, and the others are written."""
         for row in rows:
             part = BatchReport(stage=stage.name)
-            refused = try_in_savepoint(conn, lambda: self.outcomes(conn, stage, job, [row], {row.id: outcomes[row.id]}, now,
-                                                                   part, owner=owner))
+            refused = try_in_savepoint(
+                conn,
+                lambda row=row, part=part: self.outcomes(
+                    conn, stage, job, [row], {row.id: outcomes[row.id]}, now, part, owner=owner
+                ),
+            )
             if refused is None:
                 report.add(part)
                 continue
@@ -105,4 +152,7 @@ class FlagWriter:
             seconds = float(job.retry_delays_seconds[-1])
             self.claimer.quarantine(stage.name, row.id, seconds)
             logger.bind(stage=stage.name, row_id=row.id, action="row_unwritable").error(
-                "its flags cannot be written ({}): left alone for {:g}s", shop_refusal(refused) or type(refused).__name__, seconds)
+                "its flags cannot be written ({}): left alone for {:g}s",
+                shop_refusal(refused) or type(refused).__name__,
+                seconds,
+            )

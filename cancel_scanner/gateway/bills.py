@@ -58,7 +58,9 @@ def classify_bill(http_status: int, body: str | bytes | None, request_id: str | 
             text = body.decode("utf-8") if isinstance(body, bytes) else (body or "")
             return BillReady.from_json(json.loads(text), request_id)
         except ValueError as exc:
-            return UnknownOutcome("BAD_RESPONSE", f"HTTP {http_status} without a readable bill answer: {exc}", request_id)
+            return UnknownOutcome(
+                "BAD_RESPONSE", f"HTTP {http_status} without a readable bill answer: {exc}", request_id
+            )
     result = classify(http_status, body, request_id)
     if isinstance(result, Permanent) and result.code == STATEMENT_CREATING:
         return RetryLater(result.code, result.message, request_id)
@@ -86,10 +88,14 @@ def _download_path(url: str, base_url: str) -> str:
         or parts.fragment
         or not parts.path.startswith(base.path + "/")
     ):
-        raise BillDownloadFailed(Permanent("UNTRUSTED_URL", "the download_url is not on the gateway's host; not requested"))
+        raise BillDownloadFailed(
+            Permanent("UNTRUSTED_URL", "the download_url is not on the gateway's host; not requested")
+        )
     rest = parts.path[len(base.path) :] + (f"?{parts.query}" if parts.query else "")
     if not set(rest) <= _URL_SAFE:
-        raise BillDownloadFailed(Permanent("UNTRUSTED_URL", "the download_url holds characters that would not sign as sent"))
+        raise BillDownloadFailed(
+            Permanent("UNTRUSTED_URL", "the download_url holds characters that would not sign as sent")
+        )
     return rest
 
 
@@ -140,7 +146,9 @@ class BillClient:
         if bill_type not in BILL_TYPES:
             raise ValueError(f"bill_type must be one of {sorted(BILL_TYPES)}: {bill_type!r}")
         day = bill_date.isoformat()
-        return self._call("trade_bill", day, lambda: self._wxpay.trade_bill(day, bill_type=bill_type, tar_type="GZIP"), deadline)
+        return self._call(
+            "trade_bill", day, lambda: self._wxpay.trade_bill(day, bill_type=bill_type, tar_type="GZIP"), deadline
+        )
 
     def download_bill(
         self,
@@ -168,7 +176,9 @@ class BillClient:
         try:
             path = _download_path(url, self._base_url)
             logged = path.split("?", 1)[0]
-            budget = Budget(self._timeout, self._min_call_seconds, self._limiter("download_bill"), deadline, max_seconds)
+            budget = Budget(
+                self._timeout, self._min_call_seconds, self._limiter("download_bill"), deadline, max_seconds
+            )
             try:
                 budget.check_time_left(time.monotonic())
             except CallNotSent as exc:
@@ -182,8 +192,14 @@ class BillClient:
                 self.on_answer("download_bill", failed.result)
             raise
         elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
-        _log.bind(action="download_bill", path=logged, http_status=capture.status, request_id=capture.request_id,
-                  bytes=len(data), elapsed_ms=elapsed_ms).debug("bill downloaded: {} bytes", len(data))
+        _log.bind(
+            action="download_bill",
+            path=logged,
+            http_status=capture.status,
+            request_id=capture.request_id,
+            bytes=len(data),
+            elapsed_ms=elapsed_ms,
+        ).debug("bill downloaded: {} bytes", len(data))
         return data
 
     def _fetch_bill_file(self, budget: Budget, capture: Capture, path: str, max_bytes: int) -> bytes:

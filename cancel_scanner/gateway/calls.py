@@ -65,8 +65,11 @@ class Capture:
     def record(self, response: requests.Response) -> None:
         self.status = response.status_code
         self.request_id = response.headers.get("Request-ID")
-        self.signature = {"-".join(part.capitalize() for part in name.split("-")): value
-                          for name, value in response.headers.items() if name.lower().startswith("wechatpay-")}
+        self.signature = {
+            "-".join(part.capitalize() for part in name.split("-")): value
+            for name, value in response.headers.items()
+            if name.lower().startswith("wechatpay-")
+        }
 
 
 @dataclass(frozen=True)

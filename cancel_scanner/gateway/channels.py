@@ -15,8 +15,9 @@ for a daemon that serves it, and says so.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from loguru import logger
 
@@ -39,7 +40,8 @@ class Unserved:
             said, self._said = self._said, True
         if not said:
             logger.bind(stage="gateway", action="channel_not_served", channel=self.name).warning(
-                "rows of payment channel {!r} are waiting: this daemon does not serve it", self.name)
+                "rows of payment channel {!r} are waiting: this daemon does not serve it", self.name
+            )
         return NotSent(CHANNEL_NOT_SERVED, f"payment channel {self.name!r} is not served by this daemon: never sent")
 
     apply = query = query_payment = close_payment = _not_sent
@@ -71,8 +73,11 @@ class Channels:
     def calls_within(self, endpoint: str, seconds: float) -> int | None:
         """The strictest budget of the channels that pace ``endpoint`` (None when none does): a batch
         may hold rows of any channel, so it takes no more than the slowest can start."""
-        budgets = [b for b in (getattr(g, "calls_within", _unpaced)(endpoint, seconds) for g in self.gateways.values())
-                   if b is not None]
+        budgets = [
+            b
+            for b in (getattr(g, "calls_within", _unpaced)(endpoint, seconds) for g in self.gateways.values())
+            if b is not None
+        ]
         return min(budgets) if budgets else None
 
     def pace_share(self, heartbeat_seconds: float) -> Any:

@@ -103,7 +103,9 @@ def classify(http_status: int, body: str | bytes | None, request_id: str | None)
             return Accepted(Refund.from_json(_object(text)), request_id)
         except ValueError as exc:
             # Signed but not a refund object: WeChat did answer, but we cannot tell what it did.
-            return UnknownOutcome("BAD_RESPONSE", f"HTTP {http_status} without a readable refund object: {exc}", request_id)
+            return UnknownOutcome(
+                "BAD_RESPONSE", f"HTTP {http_status} without a readable refund object: {exc}", request_id
+            )
     return _not_2xx(http_status, text, request_id)
 
 
@@ -137,7 +139,9 @@ def classify_payment(call: str, http_status: int, body: str | bytes | None, requ
         try:
             return PaymentState(Payment.from_json(_object(text)), request_id)
         except ValueError as exc:
-            return UnknownOutcome("BAD_RESPONSE", f"HTTP {http_status} without a readable payment object: {exc}", request_id)
+            return UnknownOutcome(
+                "BAD_RESPONSE", f"HTTP {http_status} without a readable payment object: {exc}", request_id
+            )
     return _not_2xx(http_status, text, request_id)
 
 

@@ -39,6 +39,7 @@ def out_trade_no_problem(out_trade_no: str | None) -> str | None:
         return "its order_no has characters WeChat Pay refuses (it takes only letters, digits and _ - | *)"
     return None
 
+
 STATUS_PROCESSING = "PROCESSING"
 STATUS_SUCCESS = "SUCCESS"
 STATUS_CLOSED = "CLOSED"
@@ -296,7 +297,9 @@ class NoSuchTrade:
         return "close answered, signed: WeChat never saw the trade"
 
 
-PaymentResult: TypeAlias = PaymentState | CloseSent | NoSuchTrade | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
+PaymentResult: TypeAlias = (
+    PaymentState | CloseSent | NoSuchTrade | UnknownOutcome | RetryLater | Permanent | ConfigError | NotSent
+)
 
 
 class RefundGateway(Protocol):

@@ -52,8 +52,19 @@ PIECE_BYTES = 64 * 1024
 
 FAULT_KINDS = frozenset(
     {
-        "500", "503", "429", "slow", "drop", "bad_signature", "not_enough", "sign_error", "invalid_request", "redirect",
-        "trickle", "huge", "order_not_exist",
+        "500",
+        "503",
+        "429",
+        "slow",
+        "drop",
+        "bad_signature",
+        "not_enough",
+        "sign_error",
+        "invalid_request",
+        "redirect",
+        "trickle",
+        "huge",
+        "order_not_exist",
     }
 )
 BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error", "invalid_request", "order_not_exist"})
@@ -216,9 +227,7 @@ def error_reply(status: int, code: str, message: str) -> Reply:
     return Reply(status, {"code": code, "message": message})
 
 
-def strike_before(
-    fault: Fault, forge: Callable[[], dict[str, Any] | None], stopping: threading.Event
-) -> Reply | None:
+def strike_before(fault: Fault, forge: Callable[[], dict[str, Any] | None], stopping: threading.Event) -> Reply | None:
     """The answer that replaces processing, or None to process the request anyway (after the fault's effect)."""
     if fault.kind in ERRORS:
         return error_reply(*ERRORS[fault.kind])

@@ -563,7 +563,9 @@ class NotifyServer:
         notification_id = str(envelope.get("id") or "")
         event_type = str(envelope.get("event_type") or "")
         resource: dict[str, Any] = envelope["resource"]
-        log = _log.bind(notification_id=notification_id, event_type=event_type, out_refund_no=resource.get("out_refund_no"))
+        log = _log.bind(
+            notification_id=notification_id, event_type=event_type, out_refund_no=resource.get("out_refund_no")
+        )
         if not event_type.startswith("REFUND."):
             log.info("ignored a notification that is not about a refund")
             return 204, "ignored"
@@ -575,7 +577,9 @@ class NotifyServer:
         except Exception as exc:  # noqa: BLE001
             # Forget the id so WeChat's retry gets another chance; polling covers us if it never comes.
             self._seen.discard(notification_id)
-            log.bind(error=_describe(exc, with_message=True)).warning("refund notification hook failed; WeChat will retry")
+            log.bind(error=_describe(exc, with_message=True)).warning(
+                "refund notification hook failed; WeChat will retry"
+            )
             return 500, "hook failed"
         log.debug("refund notification accepted")
         return 204, "ok"

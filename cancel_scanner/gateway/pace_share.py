@@ -8,7 +8,8 @@ been counted at least once) and ``disagreement`` (for the config_error alert).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from loguru import logger
 
@@ -53,7 +54,8 @@ class PaceShare:
         paces = self.gateway.share_pace(sharers, hold_seconds=hold, limits=limits)
         if sharers != self._sharers or limits != self._strictest:
             logger.bind(stage="pace", action="pace_shared", sharers=sharers).info(
-                "the merchant's limits shared by {} process(es): {}", sharers,
+                "the merchant's limits shared by {} process(es): {}",
+                sharers,
                 ", ".join(f"{endpoint} {qps:.3g}/s" for endpoint, qps in paces.items()),
             )
         self._sharers, self._strictest = sharers, limits
@@ -67,12 +69,16 @@ class PaceShare:
         said = None
         if differ:
             said = "; ".join(f"{who} {_limits_text(published)}" for who, published in sorted(differ.items()))
-            said = (f"processes of merchant {self.group} were configured with other limits than this"
-                    f" one's ({_limits_text(ours)}): {said}; all pace at the strictest")
+            said = (
+                f"processes of merchant {self.group} were configured with other limits than this"
+                f" one's ({_limits_text(ours)}): {said}; all pace at the strictest"
+            )
             if self.disagreement is None or strictest_changed:
                 logger.bind(stage="pace", action="pace_limits_differ", hosts=sorted(differ)).warning("{}", said)
         elif self.disagreement is not None:
-            logger.bind(stage="pace", action="pace_limits_agree").info("the merchant's processes agree on its limits again")
+            logger.bind(stage="pace", action="pace_limits_agree").info(
+                "the merchant's processes agree on its limits again"
+            )
         self.disagreement = said
 
 

@@ -43,8 +43,13 @@ class Sandbox:
 
 # What the merchant holds of the key material (the platform's private key stays with the emulator).
 MERCHANT_KEY_FIELDS = (
-    "mchid", "appid", "merchant_serial_no", "merchant_private_key_pem",
-    "platform_public_key_pem", "platform_public_key_id", "apiv3_key",
+    "mchid",
+    "appid",
+    "merchant_serial_no",
+    "merchant_private_key_pem",
+    "platform_public_key_pem",
+    "platform_public_key_id",
+    "apiv3_key",
 )
 
 

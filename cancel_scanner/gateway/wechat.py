@@ -114,7 +114,9 @@ def _check_notify_url(notify_url: str | None) -> str | None:
     parts = urlsplit(notify_url)
     if parts.query:
         raise GatewaySetupError("wechat.notify_url", f"notify_url must not carry a query string: {notify_url!r}")
-    _check_base_url(f"{parts.scheme}://{parts.netloc}", "wechat.notify_url")  # https, or http on loopback for the sandbox
+    _check_base_url(
+        f"{parts.scheme}://{parts.netloc}", "wechat.notify_url"
+    )  # https, or http on loopback for the sandbox
     return notify_url
 
 
@@ -198,7 +200,9 @@ class WeChatPayGateway(BillClient):
             raise GatewaySetupError("WECHATPAY_APIV3_KEY", f"the APIv3 key must be {APIV3_KEY_BYTES} bytes")
         connect_timeout, read_timeout = timeout
         if connect_timeout <= 0 or read_timeout <= 0:
-            raise GatewaySetupError("wechat.timeout_seconds", f"timeout must be two positive numbers (connect, read): {timeout!r}")
+            raise GatewaySetupError(
+                "wechat.timeout_seconds", f"timeout must be two positive numbers (connect, read): {timeout!r}"
+            )
         if min_call_seconds <= 0:
             raise ValueError(f"min_call_seconds must be positive: {min_call_seconds!r}")
         self._timeout = (float(connect_timeout), float(read_timeout))
@@ -212,7 +216,9 @@ class WeChatPayGateway(BillClient):
         # Pace a little under the limit: calls leave on their slots, but thread wake-ups and
         # the network jitter their arrival, and WeChat counts arrivals per second.
         self._paces = dict(zip(ENDPOINTS, (apply_qps, query_qps, pay_query_qps, pay_close_qps)))
-        self._limiters = {endpoint: RateLimiter(qps * PACING_HEADROOM if qps else None) for endpoint, qps in self._paces.items()}
+        self._limiters = {
+            endpoint: RateLimiter(qps * PACING_HEADROOM if qps else None) for endpoint, qps in self._paces.items()
+        }
         # WeChat's limits are per merchant: processes of one mchid share them (None: each paces alone).
         self.pace_group: str | None = mchid if qps_shared else None
         # An operator's command sends one at a time, and WeChat publishes no limit for it: unpaced.
@@ -241,7 +247,8 @@ class WeChatPayGateway(BillClient):
         except Exception:  # noqa: BLE001
             # The SDK's message is generic; ours must not echo the PEM it could not parse.
             raise GatewaySetupError(
-                "wechat.merchant_private_key_file", "the merchant private key or the platform public key is not a valid PEM"
+                "wechat.merchant_private_key_file",
+                "the merchant private key or the platform public key is not a valid PEM",
             ) from None
         # Core hard-codes the live host; the signed path carries no host, so
         # pointing it at the emulator (or a proxy) leaves signatures valid.
@@ -334,7 +341,9 @@ class WeChatPayGateway(BillClient):
         """The merchant's limits (QPS per endpoint) this client was configured with."""
         return {endpoint: float(qps) for endpoint, qps in self._paces.items() if qps}
 
-    def share_pace(self, sharers: int, hold_seconds: float = 0.0, limits: Mapping[str, float] | None = None) -> dict[str, float]:
+    def share_pace(
+        self, sharers: int, hold_seconds: float = 0.0, limits: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
         """Pace each endpoint at a `sharers`-th of its configured QPS (the merchant's limit shared by that
         many processes), and start no call for the next `hold_seconds` (0: leave any hold running).
         Returns the new paces.
@@ -452,7 +461,9 @@ class WeChatPayGateway(BillClient):
             self.on_answer(action, result)
         return result
 
-    def _send(self, action: str, budget: Budget, capture: Capture, send: Callable[[], tuple[int, str | bytes]]) -> GatewayResult:
+    def _send(
+        self, action: str, budget: Budget, capture: Capture, send: Callable[[], tuple[int, str | bytes]]
+    ) -> GatewayResult:
         with self._session() as session, TRANSPORT.bound(Binding(session, self._public_key_id, budget, capture)):
             try:
                 status, body = send()
@@ -470,7 +481,9 @@ class WeChatPayGateway(BillClient):
                 # the SDK does not check, so it is checked here (a proxy's 404 proves nothing).
                 if self._signed_by_wechat(capture, body):
                     return NoSuchTrade(result.code, result.request_id)
-                return UnknownOutcome("UNSIGNED_ANSWER", f"{result.code} to a close, without WeChat's signature", result.request_id)
+                return UnknownOutcome(
+                    "UNSIGNED_ANSWER", f"{result.code} to a close, without WeChat's signature", result.request_id
+                )
             return result
         return classify(status, body, capture.request_id)
 

@@ -24,7 +24,15 @@ _OUTCOMES = (
 )
 
 
-ENDPOINTS = ("apply", "query", "pay_query", "pay_close", "abnormal", "trade_bill", "download_bill")  # the gateway's actions
+ENDPOINTS = (
+    "apply",
+    "query",
+    "pay_query",
+    "pay_close",
+    "abnormal",
+    "trade_bill",
+    "download_bill",
+)  # the gateway's actions
 
 
 def answer_outcome(result: Any) -> str | None:
@@ -41,35 +49,76 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.rows = Counter("cancel_scanner_rows", "Rows finished or rescheduled, by stage and outcome", ["stage", "outcome"], registry=r)
-        self.requests = Counter("cancel_scanner_wechat_requests", "WeChat Pay answers by endpoint and classified outcome",
-                                ["endpoint", "outcome"], registry=r)
-        self.batch = Histogram("cancel_scanner_batch_seconds", "One batch of a stage, claim to commit", ["stage"], registry=r,
-                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.up = Gauge("cancel_scanner_stage_up", "1 while the stage runs, 0 while it backs off", ["stage"], registry=r)
+        self.rows = Counter(
+            "cancel_scanner_rows",
+            "Rows finished or rescheduled, by stage and outcome",
+            ["stage", "outcome"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "cancel_scanner_wechat_requests",
+            "WeChat Pay answers by endpoint and classified outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.batch = Histogram(
+            "cancel_scanner_batch_seconds",
+            "One batch of a stage, claim to commit",
+            ["stage"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.up = Gauge(
+            "cancel_scanner_stage_up", "1 while the stage runs, 0 while it backs off", ["stage"], registry=r
+        )
         self.pending = Gauge("cancel_scanner_pending_rows", "Rows the stage will still act on", ["stage"], registry=r)
-        self.oldest = Gauge("cancel_scanner_oldest_pending_seconds", "Age of the oldest pending row", ["stage"], registry=r)
+        self.oldest = Gauge(
+            "cancel_scanner_oldest_pending_seconds", "Age of the oldest pending row", ["stage"], registry=r
+        )
         self.leases = Gauge("cancel_scanner_leases_held", "Rows this process holds a gateway lease on", registry=r)
         self.offset = Gauge("cancel_scanner_clock_offset_seconds", "This host's clock minus the database's", registry=r)
-        self.refreshed = Gauge("cancel_scanner_gauges_refreshed_timestamp_seconds", "When the database gauges were last read",
-                               registry=r)
-        self.failed = Gauge("cancel_scanner_failed_rows", "Rows failed for good (X_scanned=1, X_success=0): a person must look",
-                            ["stage"], registry=r)
-        self.abnormal = Gauge("cancel_scanner_abnormal_refunds", "Refunds WeChat Pay reports ABNORMAL, waiting for the merchant",
-                              registry=r)
-        self.facts = Gauge("cancel_scanner_channel_facts_open",
-                           "What the payment channel did (a close, a refund) for rows whose write-back here failed,"
-                           " not recorded here yet (channel_fact)", registry=r)
-        self.firing = Gauge("cancel_scanner_alerts_firing", "Subjects of the rule firing in this process", ["rule"], registry=r)
-        self.alert_messages = Counter("cancel_scanner_alert_messages", "Alert messages by what became of them",
-                                      ["outcome"], registry=r)
-        self.reconcile_diffs = Gauge("cancel_scanner_reconcile_diffs",
-                                     "Differences the latest reconciliation found with WeChat Pay's bill", registry=r)
-        self.reconcile_failed = Gauge("cancel_scanner_reconcile_failed", "1 while the latest reconciliation failed", registry=r)
-        self.reconcile_enabled = Gauge("cancel_scanner_reconcile_enabled", "1 when this daemon runs the daily reconciliation",
-                                       registry=r)
-        self.reconcile_day = Gauge("cancel_scanner_reconcile_day_timestamp_seconds",
-                                   "Beijing midnight starting the latest reconciled bill day", registry=r)
+        self.refreshed = Gauge(
+            "cancel_scanner_gauges_refreshed_timestamp_seconds", "When the database gauges were last read", registry=r
+        )
+        self.failed = Gauge(
+            "cancel_scanner_failed_rows",
+            "Rows failed for good (X_scanned=1, X_success=0): a person must look",
+            ["stage"],
+            registry=r,
+        )
+        self.abnormal = Gauge(
+            "cancel_scanner_abnormal_refunds",
+            "Refunds WeChat Pay reports ABNORMAL, waiting for the merchant",
+            registry=r,
+        )
+        self.facts = Gauge(
+            "cancel_scanner_channel_facts_open",
+            "What the payment channel did (a close, a refund) for rows whose write-back here failed,"
+            " not recorded here yet (channel_fact)",
+            registry=r,
+        )
+        self.firing = Gauge(
+            "cancel_scanner_alerts_firing", "Subjects of the rule firing in this process", ["rule"], registry=r
+        )
+        self.alert_messages = Counter(
+            "cancel_scanner_alert_messages", "Alert messages by what became of them", ["outcome"], registry=r
+        )
+        self.reconcile_diffs = Gauge(
+            "cancel_scanner_reconcile_diffs",
+            "Differences the latest reconciliation found with WeChat Pay's bill",
+            registry=r,
+        )
+        self.reconcile_failed = Gauge(
+            "cancel_scanner_reconcile_failed", "1 while the latest reconciliation failed", registry=r
+        )
+        self.reconcile_enabled = Gauge(
+            "cancel_scanner_reconcile_enabled", "1 when this daemon runs the daily reconciliation", registry=r
+        )
+        self.reconcile_day = Gauge(
+            "cancel_scanner_reconcile_day_timestamp_seconds",
+            "Beijing midnight starting the latest reconciled bill day",
+            registry=r,
+        )
         for outcome in ("sent", "failed", "dropped"):
             self.alert_messages.labels(outcome)
         # Every series exists from the start at 0, so that Prometheus' increase() sees the first one.
@@ -81,7 +130,12 @@ class Metrics:
     # -- what the engine and the gateway report ------------------------------------------------------
 
     def batch_done(self, report: Any, seconds: float) -> None:
-        for outcome, n in (("done", report.done), ("failed", report.failed), ("retry", report.retried), ("later", report.later)):
+        for outcome, n in (
+            ("done", report.done),
+            ("failed", report.failed),
+            ("retry", report.retried),
+            ("later", report.later),
+        ):
             if n:
                 self.rows.labels(report.stage, outcome).inc(n)
         if report.claimed or report.error or report.blocked:

@@ -76,8 +76,14 @@ def _wall(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, table_id: str | None = None,
-           row_class: Callable[[int], str | None] = lambda _i: None, numeric: Sequence[str] = ()) -> str:
+def _table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    table_id: str | None = None,
+    row_class: Callable[[int], str | None] = lambda _i: None,
+    numeric: Sequence[str] = (),
+) -> str:
     """A table of already-raw values: every cell is escaped here. ``numeric`` columns align right."""
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     body = []
@@ -100,8 +106,9 @@ def _none(what: str = "none") -> str:
     return f'<p class="muted">{_e(what)}</p>'
 
 
-def _listing_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                  shown: Mapping[str, Callable[[Any], Any]] | None = None) -> list[list[Any]]:
+def _listing_rows(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], shown: Mapping[str, Callable[[Any], Any]] | None = None
+) -> list[list[Any]]:
     """The listed rows' ``columns`` in order, each through its ``shown`` function if it has one."""
     shown = shown or {}
     return [[shown.get(c, lambda v: v)(row.get(c)) for c in columns] for row in rows]
@@ -125,21 +132,36 @@ def _header(view: PageView) -> str:
         return "".join(parts)
     age = max(0, round(view.now - snap.taken_at))
     if view.last_error:
-        parts.append(f'<p class="warn">the database could not be read: {_e(view.last_error)};'
-                     f" figures below are {_e(age)} s old</p>")
+        parts.append(
+            f'<p class="warn">the database could not be read: {_e(view.last_error)};'
+            f" figures below are {_e(age)} s old</p>"
+        )
     daemons = ", ".join(snap.status.daemons) or "none (no daemon has beaten within takeover_seconds)"
-    parts.append(f"<p>snapshot taken {_e(age)} s ago ({_e(_wall(snap.taken_at))}); refreshes every"
-                 f" {_e(_refresh(view))} s<br>running daemons: {_e(daemons)}</p>")
+    parts.append(
+        f"<p>snapshot taken {_e(age)} s ago ({_e(_wall(snap.taken_at))}); refreshes every"
+        f" {_e(_refresh(view))} s<br>running daemons: {_e(daemons)}</p>"
+    )
     return "".join(parts)
 
 
 def _stages(snap: Any) -> str:
     stages = snap.status.stages
-    rows = [[s.stage, s.pending, s.waiting, s.failed, s.done_by_daemons, format_age(s.oldest_pending_seconds), stage_state(s)]
-            for s in stages]
+    rows = [
+        [
+            s.stage,
+            s.pending,
+            s.waiting,
+            s.failed,
+            s.done_by_daemons,
+            format_age(s.oldest_pending_seconds),
+            stage_state(s),
+        ]
+        for s in stages
+    ]
     columns = ("stage", "pending", "waiting", "failed", "done by running daemons", "oldest pending", "state")
-    table = _table(columns, rows, table_id="stages", row_class=lambda i: "down" if stages[i].down else None,
-                   numeric=columns[1:5])
+    table = _table(
+        columns, rows, table_id="stages", row_class=lambda i: "down" if stages[i].down else None, numeric=columns[1:5]
+    )
     return f"<h2>Stages</h2>{table}"
 
 
@@ -153,9 +175,16 @@ def _alerts(view: PageView) -> str:
     firing = _table(("rule", "subject"), view.firing, table_id="firing") if view.firing else _none()
     recent = list(reversed(view.alerts))
     rows = [[a.at, a.state, a.rule, a.stage, a.summary] for a in recent]
-    history = (_table(("time", "state", "rule", "stage", "summary"), rows, table_id="alerts",
-                      row_class=lambda i: "firing" if recent[i].state == "firing" else None)
-               if rows else _none("no alert message since this daemon started"))
+    history = (
+        _table(
+            ("time", "state", "rule", "stage", "summary"),
+            rows,
+            table_id="alerts",
+            row_class=lambda i: "firing" if recent[i].state == "firing" else None,
+        )
+        if rows
+        else _none("no alert message since this daemon started")
+    )
     return f"<h2>Alerts firing now</h2>{firing}<h2>Recent alert messages</h2>{history}"
 
 
@@ -167,9 +196,12 @@ def _abnormal(snap: Any) -> str:
     if not rows:
         return head + _none()
     note = f"<p>the merchant must act (the user's card is frozen or closed){_more(count, rows)}</p>"
-    table = _table(("id", "order_id", "out_refund_no", "amount (yuan)", "submitted_at"),
-                   _listing_rows(rows, ABNORMAL_COLUMNS, {"refund_amount": yuan}), table_id="abnormal",
-                   numeric=("amount (yuan)",))
+    table = _table(
+        ("id", "order_id", "out_refund_no", "amount (yuan)", "submitted_at"),
+        _listing_rows(rows, ABNORMAL_COLUMNS, {"refund_amount": yuan}),
+        table_id="abnormal",
+        numeric=("amount (yuan)",),
+    )
     return head + note + table
 
 
@@ -180,8 +212,10 @@ def _facts(snap: Any) -> str:
     head = f"<h2>Done at WeChat Pay, not recorded here yet: {_e(count)}</h2>"
     if not rows:
         return head + _none()
-    note = (f"<p>the shop's database refused the write (a trigger or a constraint): lift or fix the shop's rule and"
-            f" the row is written by itself{_more(count, rows)}</p>")
+    note = (
+        f"<p>the shop's database refused the write (a trigger or a constraint): lift or fix the shop's rule and"
+        f" the row is written by itself{_more(count, rows)}</p>"
+    )
     return head + note + _table(FACT_COLUMNS, _listing_rows(rows, FACT_COLUMNS), table_id="facts")
 
 

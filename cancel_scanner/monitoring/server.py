@@ -27,7 +27,10 @@ REQUEST_TIMEOUT_SECONDS = 5.0
 READY_DB_TIMEOUT_SECONDS = 2.0
 PAGE_HEADERS = (
     # The page runs no script and loads nothing: say so to the browser as well.
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
     ("X-Content-Type-Options", "nosniff"),
     ("Cache-Control", "no-store"),
     ("Referrer-Policy", "no-referrer"),
@@ -37,9 +40,18 @@ PAGE_HEADERS = (
 class MonitoringServer:
     """A thread per connection, each bounded in time."""
 
-    def __init__(self, metrics: Any, host: str, port: int, *, alive: Callable[[], bool], db: Engine,
-                 gateway_ready: Callable[[], bool], page: Callable[[], PageView] | None = None,
-                 token: str | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Any,
+        host: str,
+        port: int,
+        *,
+        alive: Callable[[], bool],
+        db: Engine,
+        gateway_ready: Callable[[], bool],
+        page: Callable[[], PageView] | None = None,
+        token: str | None = None,
+    ) -> None:
         server = self
         expected = token.encode("utf-8") if token else None
 
@@ -93,8 +105,11 @@ class MonitoringServer:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path != "/healthz" and not self._allowed():  # a liveness probe needs no key
-                    self._send(401, b"a token is needed: Authorization: Bearer TOKEN, or basic auth with it as the password\n",
-                               headers=(("WWW-Authenticate", 'Basic realm="cancel-scanner", charset="UTF-8"'),))
+                    self._send(
+                        401,
+                        b"a token is needed: Authorization: Bearer TOKEN, or basic auth with it as the password\n",
+                        headers=(("WWW-Authenticate", 'Basic realm="cancel-scanner", charset="UTF-8"'),),
+                    )
                     return
                 if path == "/metrics" and metrics is not None:
                     self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
@@ -109,8 +124,9 @@ class MonitoringServer:
                 else:
                     self._send(404, b"not found\n")
 
-            def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
-                      headers: tuple = ()) -> None:
+            def _send(
+                self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", headers: tuple = ()
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -134,7 +150,9 @@ class MonitoringServer:
 
     def start(self) -> MonitoringServer:
         self._thread.start()
-        logger.bind(stage="monitoring", action="listening", port=self.port).info("metrics, health and status page on port {}", self.port)
+        logger.bind(stage="monitoring", action="listening", port=self.port).info(
+            "metrics, health and status page on port {}", self.port
+        )
         return self
 
     def stop(self) -> None:

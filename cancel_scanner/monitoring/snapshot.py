@@ -55,11 +55,20 @@ def _failed_rows(conn: Connection, stage: Any, limit: int) -> tuple[Mapping[str,
         columns = [table.c[name] for name in REQUEST_COLUMNS if name in table.c]
         order = table.c.id.desc()  # the latest rejections first
     else:
-        columns = [table.c.id, table.c.order_id if "order_id" in table.c else table.c.id.label("order_id"),
-                   flags.attempts.label("attempts"), stage.failed_reason().label("last_error"), table.c.updated_at]
+        columns = [
+            table.c.id,
+            table.c.order_id if "order_id" in table.c else table.c.id.label("order_id"),
+            flags.attempts.label("attempts"),
+            stage.failed_reason().label("last_error"),
+            table.c.updated_at,
+        ]
         order = table.c.id
-    query = (select(*columns).where(*stage.index_prefix, flags.scanned == 1, flags.success == 0, *stage.still_failing)
-             .order_by(order).limit(limit))
+    query = (
+        select(*columns)
+        .where(*stage.index_prefix, flags.scanned == 1, flags.success == 0, *stage.still_failing)
+        .order_by(order)
+        .limit(limit)
+    )
     return tuple(conn.execute(query).mappings().all())
 
 
@@ -74,8 +83,16 @@ def listings(conn: Connection, stages: Mapping[str, Any], limit: int = LIST_LIMI
         for key, label, found in stage.attention(conn, limit):
             out.append(Listing(key, label, tuple(found), name))
     f = channel_fact.c  # the oldest first, on idx_channel_fact_open
-    facts = conn.execute(select(f.stage, f.row_id, f.fact, f.number, f.detail, f.reason, f.last_seen_at)
-                         .where(f.resolved_at.is_(None)).order_by(f.last_seen_at).limit(limit)).mappings().all()
+    facts = (
+        conn.execute(
+            select(f.stage, f.row_id, f.fact, f.number, f.detail, f.reason, f.last_seen_at)
+            .where(f.resolved_at.is_(None))
+            .order_by(f.last_seen_at)
+            .limit(limit)
+        )
+        .mappings()
+        .all()
+    )
     out.append(Listing(CHANNEL_FACTS, "Done at the payment channel, not recorded here yet", tuple(facts)))
     return tuple(out)
 
@@ -99,6 +116,8 @@ def take_snapshot(
             counted = [owner_col for owner_col, _until in lease_columns]
             for stage in stages.values():  # a leased row belongs to one stage: the one whose flags are 0/0
                 if stage.flags.lease_owner is not None and any(stage.flags.lease_owner is col for col in counted):
-                    held += conn.execute(select(func.count()).select_from(stage.flags.table).where(*stage.leased_by(owner))).scalar_one()
+                    held += conn.execute(
+                        select(func.count()).select_from(stage.flags.table).where(*stage.leased_by(owner))
+                    ).scalar_one()
     leader = not status.owners or owner is None or status.owners[0] == owner
     return Snapshot(status=status, listings=found, leases_held=held, taken_at=wall_now, leader=leader)

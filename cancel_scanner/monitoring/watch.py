@@ -69,8 +69,13 @@ class Watcher:
     def read(self) -> Snapshot:
         """One snapshot of the database (raises when it cannot be read)."""
         return take_snapshot(
-            self.db, self.stages, self.runner.clock(), takeover_seconds=self.takeover_seconds, owner=self.runner.owner,
-            lease_columns=self.runner.lease_columns(), wall_now=self.wall(),
+            self.db,
+            self.stages,
+            self.runner.clock(),
+            takeover_seconds=self.takeover_seconds,
+            owner=self.runner.owner,
+            lease_columns=self.runner.lease_columns(),
+            wall_now=self.wall(),
         )
 
     def once(self) -> Snapshot | None:
@@ -100,9 +105,16 @@ class Watcher:
         from cancel_scanner.alerts.rules import RULES, Reading
 
         routine = frozenset(name for name, stage in self.stages.items() if stage.rejections_are_routine)
-        reading = Reading(snapshot=snapshot, calls=self.calls, down=self.down(), clock_offset=offset, host=self.host,
-                          routine_stages=routine, reconcile_expected=self.reconcile_expected,
-                          pace_disagreement=getattr(self.runner, "pace_disagreement", None))
+        reading = Reading(
+            snapshot=snapshot,
+            calls=self.calls,
+            down=self.down(),
+            clock_offset=offset,
+            host=self.host,
+            routine_stages=routine,
+            reconcile_expected=self.reconcile_expected,
+            pace_disagreement=getattr(self.runner, "pace_disagreement", None),
+        )
         try:
             self.book.evaluate(reading)
         except Exception:  # noqa: BLE001 - a bug in a rule must not stop the gauges or the page
@@ -132,4 +144,3 @@ class Watcher:
             return True
         self._first_polls_left -= 1
         return False
-

@@ -112,7 +112,10 @@ def check_request(to: str, card: BankCard | None) -> tuple[str, str] | None:
     if card is None:
         return "BANK_DETAILS_MISSING", "user-bank-card needs --bank-type and the bank details"
     if not gw.BANK_TYPE_PATTERN.match(card.bank_type or ""):
-        return "BAD_BANK_TYPE", "--bank-type must be WeChat's bank code, upper-case letters, digits and _ (e.g. ICBC_DEBIT)"
+        return (
+            "BAD_BANK_TYPE",
+            "--bank-type must be WeChat's bank code, upper-case letters, digits and _ (e.g. ICBC_DEBIT)",
+        )
     account = card.account.reveal()
     low, high = ACCOUNT_DIGITS
     if not (account.isascii() and account.isdigit() and low <= len(account) <= high):
@@ -183,22 +186,38 @@ def _lease(db: Engine, row_id: int, owner: str, now: datetime, lease_seconds: fl
             raise _Refusal("REFUND_NOT_FOUND", f"refund row {row_id} does not exist")
         if row.progress_scanned != 0 or row.submit_success != 1:
             state = "finished" if row.progress_scanned else "not accepted by WeChat yet"
-            raise _Refusal("NOT_PENDING", f"refund {row.out_refund_no} is {state} ({row.wx_status or 'no status'}):"
-                                          " only a refund WeChat reports ABNORMAL can go to a bank card")
+            raise _Refusal(
+                "NOT_PENDING",
+                f"refund {row.out_refund_no} is {state} ({row.wx_status or 'no status'}):"
+                " only a refund WeChat reports ABNORMAL can go to a bank card",
+            )
         if row.wx_status != gw.STATUS_ABNORMAL:
-            raise _Refusal("NOT_ABNORMAL", f"refund {row.out_refund_no} is {row.wx_status or 'without a status'}, not ABNORMAL:"
-                                           " only a refund WeChat reports ABNORMAL can go to a bank card")
+            raise _Refusal(
+                "NOT_ABNORMAL",
+                f"refund {row.out_refund_no} is {row.wx_status or 'without a status'}, not ABNORMAL:"
+                " only a refund WeChat reports ABNORMAL can go to a bank card",
+            )
         if not row.wx_refund_id:
-            raise _Refusal("NO_WX_REFUND_ID", f"refund {row.out_refund_no} has no WeChat refund_id on the row;"
-                                              " wait for the daemon's next poll to record it")
+            raise _Refusal(
+                "NO_WX_REFUND_ID",
+                f"refund {row.out_refund_no} has no WeChat refund_id on the row;"
+                " wait for the daemon's next poll to record it",
+            )
         if row.lease_until is not None and row.lease_until >= now:
-            raise _Refusal(BUSY, f"refund {row.out_refund_no} is being queried by {row.lease_owner} (leased until"
-                                       f" {row.lease_until:%Y-%m-%d %H:%M:%S} UTC); try again in a few seconds")
+            raise _Refusal(
+                BUSY,
+                f"refund {row.out_refund_no} is being queried by {row.lease_owner} (leased until"
+                f" {row.lease_until:%Y-%m-%d %H:%M:%S} UTC); try again in a few seconds",
+            )
         # Guarded as the daemon's claims are: whoever else got there between our read and now wins.
         taken = conn.execute(
             update(refund_order)
-            .where(r.id == row.id, r.progress_scanned == 0, r.wx_status == gw.STATUS_ABNORMAL,
-                   or_(r.lease_until.is_(None), r.lease_until < now))
+            .where(
+                r.id == row.id,
+                r.progress_scanned == 0,
+                r.wx_status == gw.STATUS_ABNORMAL,
+                or_(r.lease_until.is_(None), r.lease_until < now),
+            )
             .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease_seconds))
         ).rowcount
         if taken != 1:
@@ -210,28 +229,47 @@ def _record(db: Engine, row: Row, owner: str, result: Any, *, to: str, by: str, 
     """Write what WeChat said (one transaction) and release the lease."""
     mine = [r.id == row.id, r.lease_owner == owner]
     released = {"lease_owner": None, "lease_until": None}
-    if isinstance(result, gw.Accepted) and not (matches(result.refund, row) and result.refund.refund_id == row.wx_refund_id):
+    if isinstance(result, gw.Accepted) and not (
+        matches(result.refund, row) and result.refund.refund_id == row.wx_refund_id
+    ):
         # A verified answer about another refund or amount: we cannot tell what happened to ours.
         result = gw.UnknownOutcome("RESPONSE_MISMATCH", f"the answer is about refund {result.refund.out_refund_no}")
     with db.begin() as conn:
         if isinstance(result, gw.Accepted):
             # Due now: the daemon's next poll takes it and follows it to SUCCESS on its schedule.
             moved = conn.execute(
-                update(refund_order).where(*mine, r.progress_scanned == 0)
+                update(refund_order)
+                .where(*mine, r.progress_scanned == 0)
                 .values(wx_status=gw.STATUS_PROCESSING, next_attempt_at=now, last_error=None, attempts=0, **released)
             ).rowcount
             event = refund_event(EVENT, row.refund_seq)
-            first = conn.execute(select(oplog.c.id).where(oplog.c.order_id == row.order_id, oplog.c.event == event)).first() is None
+            first = (
+                conn.execute(select(oplog.c.id).where(oplog.c.order_id == row.order_id, oplog.c.event == event)).first()
+                is None
+            )
             if first:  # a refund ABNORMAL again after an earlier apply keeps its first event (once per order and event)
                 write_oplog(conn, [(row.order_id, event, f"{to} by {by} (WeChat refund_id {row.wx_refund_id})")])
-            note = "" if moved else "the row's lease ran out before the answer was written: the daemon's poll records the status"
-            log.bind(action="applied", wx_status=result.refund.status, request_id=result.request_id, lease_kept=bool(moved),
-                     oplog_written=first).info("abnormal refund applied: WeChat sends the money to the bank card")
+            note = (
+                ""
+                if moved
+                else "the row's lease ran out before the answer was written: the daemon's poll records the status"
+            )
+            log.bind(
+                action="applied",
+                wx_status=result.refund.status,
+                request_id=result.request_id,
+                lease_kept=bool(moved),
+                oplog_written=first,
+            ).info("abnormal refund applied: WeChat sends the money to the bank card")
             return Applied(row.id, row.out_refund_no, to, result.refund.status, note)
         if isinstance(result, gw.UnknownOutcome):
-            message = (f"{MAYBE_APPLIED}: the apply ({to}) by {by} got no clear answer ({result.code}); WeChat may have"
-                       " received it. Check before repeating: the next poll shows PROCESSING if it did")
-            conn.execute(update(refund_order).where(*mine).values(last_error=clip(message), next_attempt_at=now, **released))
+            message = (
+                f"{MAYBE_APPLIED}: the apply ({to}) by {by} got no clear answer ({result.code}); WeChat may have"
+                " received it. Check before repeating: the next poll shows PROCESSING if it did"
+            )
+            conn.execute(
+                update(refund_order).where(*mine).values(last_error=clip(message), next_attempt_at=now, **released)
+            )
             log.bind(action="unknown", code=result.code, request_id=result.request_id).warning("{}", message)
             return Undecided(row.id, MAYBE_APPLIED, message)
         if isinstance(result, gw.Permanent):

@@ -201,7 +201,9 @@ def parse_bill(data: bytes, bill_date: date) -> Bill:
         raise BillError("BAD_FORMAT", "the bill is not UTF-8") from None
     except csv.Error as exc:
         raise BillError("BAD_FORMAT", f"the bill is not CSV: {exc}") from None
-    return Bill(bill_date=bill_date, refunds=tuple(refunds), payments=tuple(payments), rows=len(refunds) + len(payments))
+    return Bill(
+        bill_date=bill_date, refunds=tuple(refunds), payments=tuple(payments), rows=len(refunds) + len(payments)
+    )
 
 
 class _RowError(Exception):
@@ -228,8 +230,10 @@ def _check_totals(summary: list[list[str]], lines: int, totals: dict[str, int]) 
         raise BillTotalsDiffer(f"its summary counts {said[SUMMARY_FIRST_COLUMN]} trades, its lines are {lines}")
     for name, column in SUMMARY_REFUND_TOTALS.items():
         if name in said and column in totals and _fen(said[name]) != totals[column]:
-            raise BillTotalsDiffer(f"its summary's {name} is {said[name]} yuan, its lines' {column} add up to"
-                                   f" {totals[column] // 100}.{totals[column] % 100:02d}")
+            raise BillTotalsDiffer(
+                f"its summary's {name} is {said[name]} yuan, its lines' {column} add up to"
+                f" {totals[column] // 100}.{totals[column] % 100:02d}"
+            )
 
 
 class BillTotalsDiffer(Exception):

@@ -35,12 +35,20 @@ def reconcile_job(app: Any) -> DailyJob | None:
     def run() -> float | None:
         day = (datetime.now(BEIJING) - timedelta(days=1)).date()
         with app.db.connect() as conn:
-            done = conn.execute(select(reconcile_run.c.state, reconcile_run.c.attempts)
-                                .where(reconcile_run.c.bill_date == day)).first()
-        if done is not None and (done.state in FINAL_STATES or (done.state == "FAILED" and done.attempts >= MAX_FAILED_ATTEMPTS)):
+            done = conn.execute(
+                select(reconcile_run.c.state, reconcile_run.c.attempts).where(reconcile_run.c.bill_date == day)
+            ).first()
+        if done is not None and (
+            done.state in FINAL_STATES or (done.state == "FAILED" and done.attempts >= MAX_FAILED_ATTEMPTS)
+        ):
             return None
-        result = reconcile_day(app.db, lambda d: fetch_bill(app.gateway, d), day, now=app.runner.clock(),
-                               refund_orphans=settings.refund_orphan_payments)
+        result = reconcile_day(
+            app.db,
+            lambda d: fetch_bill(app.gateway, d),
+            day,
+            now=app.runner.clock(),
+            refund_orphans=settings.refund_orphan_payments,
+        )
         return None if result.state in FINAL_STATES else settings.retry_minutes * 60.0
 
     return DailyJob("reconcile", settings.at, run, catch_up=True)
@@ -61,9 +69,15 @@ def prune_job(app: Any) -> DailyJob | None:
     from cancel_scanner.operations.prune import prune, summary
 
     def run() -> None:
-        report = prune(app.db, older_than=timedelta(days=settings.older_than_days), batch_size=settings.batch_size,
-                       should_stop=app.runner.stopping.is_set)
-        logger.bind(stage="prune", action="daily_prune", moved=report.moved, stopped=report.stopped).info(summary(report))
+        report = prune(
+            app.db,
+            older_than=timedelta(days=settings.older_than_days),
+            batch_size=settings.batch_size,
+            should_stop=app.runner.stopping.is_set,
+        )
+        logger.bind(stage="prune", action="daily_prune", moved=report.moved, stopped=report.stopped).info(
+            summary(report)
+        )
         return None
 
     return DailyJob("prune", settings.at, run)

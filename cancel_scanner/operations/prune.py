@@ -85,8 +85,16 @@ class _CountsDiffer(Exception):
 
 def _settled(cutoff: datetime) -> list:
     """A refund done at every stage, unleased, unchanged since the cutoff."""
-    return [r.submit_scanned == 1, r.submit_success == 1, r.progress_scanned == 1, r.progress_success == 1,
-            r.sync_scanned == 1, r.sync_success == 1, r.lease_owner.is_(None), r.updated_at < cutoff]
+    return [
+        r.submit_scanned == 1,
+        r.submit_success == 1,
+        r.progress_scanned == 1,
+        r.progress_success == 1,
+        r.sync_scanned == 1,
+        r.sync_success == 1,
+        r.lease_owner.is_(None),
+        r.updated_at < cutoff,
+    ]
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,9 @@ class Rule:
     index: str  # serves ``scope`` in id order
     scope: Callable[[], list]  # the conditions that index serves
     own: Callable[[datetime], list]  # the row's own columns: checked by the scan, under its lock and in the DELETE
-    by_order: bool = False  # and its order has no open refund (``open_orders``): checked by the scan and before the DELETE
+    by_order: bool = (
+        False  # and its order has no open refund (``open_orders``): checked by the scan and before the DELETE
+    )
 
     @property
     def archive(self) -> Table:
@@ -106,12 +116,14 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule(
-        req_order_ops, "idx_req_order_ops_pending",
+        req_order_ops,
+        "idx_req_order_ops_pending",
         scope=lambda: [q.scanned == 1, q.success == 1],
         own=lambda cutoff: [q.scanned == 1, q.success == 1, q.created_at < cutoff, q.updated_at < cutoff],
     ),
     Rule(
-        refund_order, "idx_refund_order_sync_pending",
+        refund_order,
+        "idx_refund_order_sync_pending",
         scope=lambda: [r.progress_scanned == 1, r.sync_scanned == 1, r.sync_success == 1],
         own=lambda cutoff: [*_settled(cutoff), r.created_at < cutoff],
         by_order=True,
@@ -126,8 +138,11 @@ def open_orders(conn: Connection, order_ids: Iterable[int], cutoff: datetime) ->
     wanted = sorted(set(order_ids))
     if not wanted:
         return set()
-    query = _using(select(r.order_id).where(r.order_id.in_(wanted), not_(and_(*_settled(cutoff)))).distinct(),
-                   refund_order, ORDER_INDEX)
+    query = _using(
+        select(r.order_id).where(r.order_id.in_(wanted), not_(and_(*_settled(cutoff)))).distinct(),
+        refund_order,
+        ORDER_INDEX,
+    )
     return set(conn.execute(query).scalars())
 
 
@@ -166,9 +181,17 @@ def cutoff_for(db: Engine, older_than: timedelta) -> datetime:
         return read_db_now(conn) - older_than
 
 
-def prune(db: Engine, *, older_than: timedelta, batch_size: int, max_rows: int = DEFAULT_MAX_ROWS, dry_run: bool = False,
-          should_stop: Callable[[], bool] = lambda: False, now: datetime | None = None,
-          on_table: Callable[[TableResult], None] | None = None) -> PruneReport:
+def prune(
+    db: Engine,
+    *,
+    older_than: timedelta,
+    batch_size: int,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    dry_run: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    now: datetime | None = None,
+    on_table: Callable[[TableResult], None] | None = None,
+) -> PruneReport:
     """Move (with ``dry_run``: count) the finished rows older than ``older_than``, as the module's docstring says.
 
     ``now`` replaces the database's clock (tests); ``on_table`` hears each table as it ends.
@@ -216,8 +239,16 @@ def _restore_session(conn: Connection) -> None:
 class _Pass:
     """One table, one run: windows in id order, a batch each, then one more try for the rows put off."""
 
-    def __init__(self, conn: Connection, rule: Rule, cutoff: datetime, batch_size: int, max_rows: int, dry_run: bool,
-                 should_stop: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        rule: Rule,
+        cutoff: datetime,
+        batch_size: int,
+        max_rows: int,
+        dry_run: bool,
+        should_stop: Callable[[], bool],
+    ) -> None:
         self.conn, self.rule, self.cutoff = conn, rule, cutoff
         self.batch_size, self.max_rows, self.dry_run, self.should_stop = batch_size, max_rows, dry_run, should_stop
         self.result = TableResult(rule.table.name)
@@ -243,7 +274,7 @@ class _Pass:
                     end = STOPPED if self.should_stop() else ROW_LIMIT
                     break
                 left: list[int] = []
-                part = put_off[i:i + self.batch_size]
+                part = put_off[i : i + self.batch_size]
                 self._batch(lambda: self._rescan(part), left)  # noqa: B023 - called in this iteration
                 self.result.left_locked += len(left)
         self.result.ended = end
@@ -251,11 +282,25 @@ class _Pass:
         name = self.rule.table.name
         if self.result.left_locked:
             self.log.bind(action="left_locked", rows=self.result.left_locked).warning(
-                "{}: {} finished row(s) held by other transactions twice: left for the next run", name, self.result.left_locked)
-        self.log.bind(action="table_pruned", moved=self.result.moved, batches=self.result.batches,
-                      seconds=round(self.result.seconds, 3), ended=end).info(
-            "{} {} {} row(s) in {} batch(es), {:.1f} s ({})", name, "would move" if self.dry_run else "moved",
-            self.result.moved, self.result.batches, self.result.seconds, end)
+                "{}: {} finished row(s) held by other transactions twice: left for the next run",
+                name,
+                self.result.left_locked,
+            )
+        self.log.bind(
+            action="table_pruned",
+            moved=self.result.moved,
+            batches=self.result.batches,
+            seconds=round(self.result.seconds, 3),
+            ended=end,
+        ).info(
+            "{} {} {} row(s) in {} batch(es), {:.1f} s ({})",
+            name,
+            "would move" if self.dry_run else "moved",
+            self.result.moved,
+            self.result.batches,
+            self.result.seconds,
+            end,
+        )
         return self.result
 
     # --- choosing -------------------------------------------------------------------------------
@@ -268,8 +313,11 @@ class _Pass:
             t = self.rule.table
             query = _using(
                 select(t.c.id, t.c.created_at, t.c.order_id, and_(*self.rule.own(self.cutoff)).label("finished"))
-                .where(*self.rule.scope(), t.c.id > after).order_by(t.c.id).limit(self.batch_size),
-                t, self.rule.index,
+                .where(*self.rule.scope(), t.c.id > after)
+                .order_by(t.c.id)
+                .limit(self.batch_size),
+                t,
+                self.rule.index,
             )
             rows = self.conn.execute(query).all()
             finished = []
@@ -291,8 +339,11 @@ class _Pass:
     def _rescan(self, ids: Sequence[int]) -> list[int]:
         """Which of ``ids`` (put off earlier) are finished now."""
         t = self.rule.table
-        query = _using(select(t.c.id, t.c.order_id).where(t.c.id.in_(list(ids)), *self.rule.own(self.cutoff))
-                       .order_by(t.c.id), t, "PRIMARY")
+        query = _using(
+            select(t.c.id, t.c.order_id).where(t.c.id.in_(list(ids)), *self.rule.own(self.cutoff)).order_by(t.c.id),
+            t,
+            "PRIMARY",
+        )
         return self._of_settled_orders([tuple(row) for row in self.conn.execute(query)])
 
     def _of_settled_orders(self, rows: list[tuple[int, int]]) -> list[int]:
@@ -331,22 +382,28 @@ class _Pass:
             put_off.extend(chosen)
             self.result.put_off += 1
             self.log.bind(action="batch_put_off", rows=len(chosen)).warning(
-                "{}: a batch of {} row(s) put off ({}): tried again after the rest of the table", self.rule.table.name,
-                len(chosen), exc if isinstance(exc, _CountsDiffer) else _reason(exc))
+                "{}: a batch of {} row(s) put off ({}): tried again after the rest of the table",
+                self.rule.table.name,
+                len(chosen),
+                exc if isinstance(exc, _CountsDiffer) else _reason(exc),
+            )
             return
         except sa_exc.IntegrityError as exc:
             tx.rollback()
             assert chosen is not None  # only the archive's INSERT, after choose(), raises this
-            raise PruneError(f"{self.rule.table.name}: a row of ids {chosen[0]}..{chosen[-1]} is already in"
-                             f" {self.rule.archive.name}: nothing of this batch moved; a person must look"
-                             f" ({_reason(exc)})") from exc
+            raise PruneError(
+                f"{self.rule.table.name}: a row of ids {chosen[0]}..{chosen[-1]} is already in"
+                f" {self.rule.archive.name}: nothing of this batch moved; a person must look"
+                f" ({_reason(exc)})"
+            ) from exc
         except BaseException:
             tx.rollback()
             raise
         self._done(moved)
         if moved:
             self.log.bind(action="batch_moved", rows=moved, first_id=held[0], last_id=held[-1]).debug(
-                "{}: moved {} row(s), ids {}..{}", self.rule.table.name, moved, held[0], held[-1])
+                "{}: moved {} row(s), ids {}..{}", self.rule.table.name, moved, held[0], held[-1]
+            )
 
     def _done(self, rows: int) -> None:
         if rows:
@@ -356,7 +413,9 @@ class _Pass:
     def _lock(self, ids: list[int]) -> list[int]:
         """Those of ``ids`` still finished by their own columns, locked; rows someone else holds are left out."""
         t = self.rule.table
-        query = _using(select(t.c.id).where(t.c.id.in_(ids), *self.rule.own(self.cutoff)).order_by(t.c.id), t, "PRIMARY")
+        query = _using(
+            select(t.c.id).where(t.c.id.in_(ids), *self.rule.own(self.cutoff)).order_by(t.c.id), t, "PRIMARY"
+        )
         return list(self.conn.execute(locked(self.conn, query, skip_locked=True)).scalars())
 
     def _move(self, ids: list[int]) -> int:

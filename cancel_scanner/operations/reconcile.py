@@ -38,8 +38,14 @@ BEIJING = timezone(timedelta(hours=8))
 EDGE = timedelta(minutes=10)
 CHUNK = 1_000  # ids per IN (...) query
 # The bill's refund states, and older bills' names for them.
-BILL_STATUS = {"SUCCESS": "SUCCESS", "PROCESSING": "PROCESSING", "CLOSED": "CLOSED", "REFUNDCLOSE": "CLOSED",
-               "ABNORMAL": "ABNORMAL", "CHANGE": "ABNORMAL"}
+BILL_STATUS = {
+    "SUCCESS": "SUCCESS",
+    "PROCESSING": "PROCESSING",
+    "CLOSED": "CLOSED",
+    "REFUNDCLOSE": "CLOSED",
+    "ABNORMAL": "ABNORMAL",
+    "CHANGE": "ABNORMAL",
+}
 ORPHAN_REASON = "订单已取消，退还款项"  # what the user reads on the refund: "order cancelled, payment returned"
 _log = logger.bind(stage="reconcile")
 r, ra, o = refund_order.c, refund_order_archive.c, goods_order2.c
@@ -76,7 +82,7 @@ def day_bounds(bill_date: date) -> tuple[datetime, datetime]:
 
 def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
     for i in range(0, len(values), CHUNK):
-        yield values[i:i + CHUNK]
+        yield values[i : i + CHUNK]
 
 
 def _ours_by_number(conn: Connection, numbers: Sequence[str]) -> dict[str, Any]:
@@ -87,7 +93,8 @@ def _ours_by_number(conn: Connection, numbers: Sequence[str]) -> dict[str, Any]:
         wanted = [n for n in numbers if n not in found]
         for part in _chunks(wanted):
             query = select(c.out_refund_no, c.out_trade_no, c.refund_amount, c.wx_status, c.progress_scanned).where(
-                c.out_refund_no.in_(part))
+                c.out_refund_no.in_(part)
+            )
             found.update({row.out_refund_no: row for row in conn.execute(query)})
     return found
 
@@ -101,16 +108,46 @@ def compare(conn: Connection, bill: Any, neighbours: Sequence[Any] = ()) -> list
         mine = ours.get(number)
         status = BILL_STATUS.get(refund.status, refund.status)
         if mine is None:
-            diffs.append(Diff("MISSING_HERE", refund.out_trade_no, f"WeChat refunded {refund.refund_fen} fen under {number},"
-                              " which is in none of our tables", number, None, refund.refund_fen, None, status))
+            diffs.append(
+                Diff(
+                    "MISSING_HERE",
+                    refund.out_trade_no,
+                    f"WeChat refunded {refund.refund_fen} fen under {number}, which is in none of our tables",
+                    number,
+                    None,
+                    refund.refund_fen,
+                    None,
+                    status,
+                )
+            )
             continue
         if mine.refund_amount != refund.refund_fen:
-            diffs.append(Diff("AMOUNT_DIFFERS", refund.out_trade_no, f"we asked {mine.refund_amount} fen, WeChat's bill says"
-                              f" {refund.refund_fen}", number, mine.refund_amount, refund.refund_fen, mine.wx_status, status))
+            diffs.append(
+                Diff(
+                    "AMOUNT_DIFFERS",
+                    refund.out_trade_no,
+                    f"we asked {mine.refund_amount} fen, WeChat's bill says {refund.refund_fen}",
+                    number,
+                    mine.refund_amount,
+                    refund.refund_fen,
+                    mine.wx_status,
+                    status,
+                )
+            )
         finished = mine.progress_scanned == 1
         if finished and {mine.wx_status, status} == {"SUCCESS", "CLOSED"}:
-            diffs.append(Diff("STATUS_DIFFERS", refund.out_trade_no, f"we recorded {mine.wx_status}, WeChat's bill says {status}",
-                              number, mine.refund_amount, refund.refund_fen, mine.wx_status, status))
+            diffs.append(
+                Diff(
+                    "STATUS_DIFFERS",
+                    refund.out_trade_no,
+                    f"we recorded {mine.wx_status}, WeChat's bill says {status}",
+                    number,
+                    mine.refund_amount,
+                    refund.refund_fen,
+                    mine.wx_status,
+                    status,
+                )
+            )
 
     known = set(theirs) | {refund.out_refund_no for other in neighbours for refund in other.refunds}
     start, end = day_bounds(bill.bill_date)
@@ -120,14 +157,25 @@ def compare(conn: Connection, bill: Any, neighbours: Sequence[Any] = ()) -> list
     for c in (r, ra):
         for mine in conn.execute(
             select(c.out_refund_no, c.out_trade_no, c.refund_amount, c.wx_status)
-            .where(c.submitted_at >= start - EDGE, c.submitted_at < end - EDGE, c.submit_success == 1).order_by(c.id)
+            .where(c.submitted_at >= start - EDGE, c.submitted_at < end - EDGE, c.submit_success == 1)
+            .order_by(c.id)
         ):
             submitted.setdefault(mine.out_refund_no, mine)
     for mine in submitted.values():
         if mine.out_refund_no not in known:
-            diffs.append(Diff("MISSING_AT_WECHAT", mine.out_trade_no, f"WeChat accepted {mine.out_refund_no} here, but neither"
-                              " this day's bill nor its neighbours' list it", mine.out_refund_no, mine.refund_amount, None,
-                              mine.wx_status, None))
+            diffs.append(
+                Diff(
+                    "MISSING_AT_WECHAT",
+                    mine.out_trade_no,
+                    f"WeChat accepted {mine.out_refund_no} here, but neither"
+                    " this day's bill nor its neighbours' list it",
+                    mine.out_refund_no,
+                    mine.refund_amount,
+                    None,
+                    mine.wx_status,
+                    None,
+                )
+            )
 
     diffs += _orphans(conn, bill)
     diffs += _unbooked(conn, bill)
@@ -141,18 +189,38 @@ def _duplicates(bill: Any) -> list[Diff]:
     seen: dict[str, Any] = {}
     for refund in bill.refunds:
         if refund.out_refund_no in seen:
-            diffs.append(Diff("DUPLICATE_LINE", refund.out_trade_no, f"the bill lists refund {refund.out_refund_no} twice"
-                              f" ({seen[refund.out_refund_no].refund_fen} and {refund.refund_fen} fen)", refund.out_refund_no,
-                              None, refund.refund_fen, None, BILL_STATUS.get(refund.status, refund.status)))
+            diffs.append(
+                Diff(
+                    "DUPLICATE_LINE",
+                    refund.out_trade_no,
+                    f"the bill lists refund {refund.out_refund_no} twice"
+                    f" ({seen[refund.out_refund_no].refund_fen} and {refund.refund_fen} fen)",
+                    refund.out_refund_no,
+                    None,
+                    refund.refund_fen,
+                    None,
+                    BILL_STATUS.get(refund.status, refund.status),
+                )
+            )
         seen.setdefault(refund.out_refund_no, refund)
     paid: dict[str, Any] = {}
     for payment in bill.payments:
         if payment.status != "SUCCESS":
             continue
         if payment.out_trade_no in paid:
-            diffs.append(Diff("DUPLICATE_LINE", payment.out_trade_no, f"the bill lists payment {payment.transaction_id}"
-                              f" of {payment.out_trade_no} twice ({payment.total_fen} fen)", None, None, payment.total_fen,
-                              None, "SUCCESS"))
+            diffs.append(
+                Diff(
+                    "DUPLICATE_LINE",
+                    payment.out_trade_no,
+                    f"the bill lists payment {payment.transaction_id}"
+                    f" of {payment.out_trade_no} twice ({payment.total_fen} fen)",
+                    None,
+                    None,
+                    payment.total_fen,
+                    None,
+                    "SUCCESS",
+                )
+            )
         paid.setdefault(payment.out_trade_no, payment)
     return diffs
 
@@ -163,12 +231,21 @@ def _unbooked(conn: Connection, bill: Any) -> list[Diff]:
     paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
     orders: list[Row] = []
     for part in _chunks(sorted(paid)):
-        orders += conn.execute(select(o.order_no).where(o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0,
-                                                        o.is_deleted == 0)).all()
+        orders += conn.execute(
+            select(o.order_no).where(
+                o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0, o.is_deleted == 0
+            )
+        ).all()
     return [
-        Diff("UNBOOKED_PAYMENT", order.order_no, f"the user paid {paid[order.order_no].total_fen} fen"
-             f" ({paid[order.order_no].transaction_id}); the order is still UNPAID here: handed to close_unpaid to book it",
-             theirs_fen=paid[order.order_no].total_fen, ours_status="UNPAID", theirs_status="SUCCESS")
+        Diff(
+            "UNBOOKED_PAYMENT",
+            order.order_no,
+            f"the user paid {paid[order.order_no].total_fen} fen"
+            f" ({paid[order.order_no].transaction_id}); the order is still UNPAID here: handed to close_unpaid to book it",
+            theirs_fen=paid[order.order_no].total_fen,
+            ours_status="UNPAID",
+            theirs_status="SUCCESS",
+        )
         for order in orders
     ]
 
@@ -180,18 +257,32 @@ def hand_to_close_unpaid(db: Engine, diffs: Sequence[Diff], now: datetime) -> in
     handed = 0
     with db.begin() as conn:
         for part in _chunks(numbers):
-            handed += conn.execute(
-                update(goods_order2)
-                .where(o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0, o.is_deleted == 0,
-                       o.close_lease_owner.is_(None),
-                       # a row left for a person (1/0) keeps its reason: reported, not requeued every day
-                       or_(o.close_scanned == 0, o.close_success == 1))
-                .values(close_scanned=0, close_success=0, close_attempts=0, close_next_attempt_at=now,
-                        close_last_error="UNBOOKED_PAYMENT: WeChat's bill shows it paid; reconcile asked for it to be booked")
-            ).rowcount or 0
+            handed += (
+                conn.execute(
+                    update(goods_order2)
+                    .where(
+                        o.order_no.in_(part),
+                        o.order_status == "UNPAID",
+                        o.pay_status == 0,
+                        o.is_deleted == 0,
+                        o.close_lease_owner.is_(None),
+                        # a row left for a person (1/0) keeps its reason: reported, not requeued every day
+                        or_(o.close_scanned == 0, o.close_success == 1),
+                    )
+                    .values(
+                        close_scanned=0,
+                        close_success=0,
+                        close_attempts=0,
+                        close_next_attempt_at=now,
+                        close_last_error="UNBOOKED_PAYMENT: WeChat's bill shows it paid; reconcile asked for it to be booked",
+                    )
+                ).rowcount
+                or 0
+            )
     if handed:
-        _log.bind(action="unbooked_handed", orders=handed).warning("{} payment(s) WeChat took for orders unpaid here:"
-                                                                   " handed to close_unpaid", handed)
+        _log.bind(action="unbooked_handed", orders=handed).warning(
+            "{} payment(s) WeChat took for orders unpaid here: handed to close_unpaid", handed
+        )
     return handed
 
 
@@ -199,7 +290,9 @@ def _orphans(conn: Connection, bill: Any) -> list[Diff]:
     paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
     orders: list[Row] = []
     for part in _chunks(sorted(paid)):
-        orders += conn.execute(select(o.id, o.order_no).where(o.order_no.in_(part), o.order_status == "CANCELLED")).all()
+        orders += conn.execute(
+            select(o.id, o.order_no).where(o.order_no.in_(part), o.order_status == "CANCELLED")
+        ).all()
     if not orders:
         return []
     with_refund: set[int] = set()
@@ -207,10 +300,17 @@ def _orphans(conn: Connection, bill: Any) -> list[Diff]:
         for part in _chunks([order.id for order in orders]):
             with_refund |= set(conn.execute(select(c.order_id).where(c.order_id.in_(part)).distinct()).scalars())
     return [
-        Diff("ORPHAN_PAYMENT", order.order_no, f"the user paid {paid[order.order_no].total_fen} fen"
-             f" ({paid[order.order_no].transaction_id}) for an order cancelled here without a refund",
-             theirs_fen=paid[order.order_no].total_fen, ours_status="CANCELLED", theirs_status="SUCCESS")
-        for order in orders if order.id not in with_refund
+        Diff(
+            "ORPHAN_PAYMENT",
+            order.order_no,
+            f"the user paid {paid[order.order_no].total_fen} fen"
+            f" ({paid[order.order_no].transaction_id}) for an order cancelled here without a refund",
+            theirs_fen=paid[order.order_no].total_fen,
+            ours_status="CANCELLED",
+            theirs_status="SUCCESS",
+        )
+        for order in orders
+        if order.id not in with_refund
     ]
 
 
@@ -232,24 +332,52 @@ def refund_orphan(db: Engine, payment: Any, now: datetime) -> bool:
             return False
         paid_at = payment.at.astimezone(UTC).replace(tzinfo=None) if payment.at else now
         moved = conn.execute(
-            update(goods_order2).where(o.id == order.id, o.pay_status == 0, o.refund_status == "NONE")
+            update(goods_order2)
+            .where(o.id == order.id, o.pay_status == 0, o.refund_status == "NONE")
             .values(pay_status=1, transaction_id=payment.transaction_id, paid_at=paid_at, refund_status="REFUNDING")
         ).rowcount
         if moved != 1:
             raise RuntimeError(f"reconcile: order {order.id} locked but not booked")
         conn.execute(update(goods).where(goods.c.id == order.goods_id).values(sales=goods.c.sales + order.quantity))
-        conn.execute(insert(refund_order).values(**refund_row(order.id, order.order_no, payment.transaction_id,
-                                                              payment.total_fen, ORPHAN_REASON, now, channel=order.channel)))
-        write_oplog(conn, [(order.id, "ORPHAN_PAYMENT_REFUND", clip(
-            f"{payment.transaction_id} {payment.total_fen} fen paid after the cancel: payment booked, refund opened"))])
-    _log.bind(action="orphan_refunded", out_trade_no=payment.out_trade_no).warning("a payment for a cancelled order: refund opened")
+        conn.execute(
+            insert(refund_order).values(
+                **refund_row(
+                    order.id,
+                    order.order_no,
+                    payment.transaction_id,
+                    payment.total_fen,
+                    ORPHAN_REASON,
+                    now,
+                    channel=order.channel,
+                )
+            )
+        )
+        write_oplog(
+            conn,
+            [
+                (
+                    order.id,
+                    "ORPHAN_PAYMENT_REFUND",
+                    clip(
+                        f"{payment.transaction_id} {payment.total_fen} fen paid after the cancel: payment booked, refund opened"
+                    ),
+                )
+            ],
+        )
+    _log.bind(action="orphan_refunded", out_trade_no=payment.out_trade_no).warning(
+        "a payment for a cancelled order: refund opened"
+    )
     return True
 
 
 def _record(db: Engine, result: DayResult, now: datetime) -> None:
     """The day's differences replace its earlier ones; its run row says how it ended."""
-    values = {"state": result.state, "bill_rows": result.bill_rows, "diffs": len(result.diffs),
-              "last_error": clip(result.message) if result.message else None}
+    values = {
+        "state": result.state,
+        "bill_rows": result.bill_rows,
+        "diffs": len(result.diffs),
+        "last_error": clip(result.message) if result.message else None,
+    }
     for attempt in (1, 2):
         try:
             return _record_once(db, result, values, now)
@@ -268,20 +396,39 @@ def _record_once(db: Engine, result: DayResult, values: dict, now: datetime) -> 
             conn.execute(insert(reconcile_run).values(bill_date=result.bill_date, state=result.state, attempts=0))
         if result.state not in ("WAITING", "FAILED"):
             conn.execute(delete(reconcile_diff).where(reconcile_diff.c.bill_date == result.bill_date))
-            rows = [{"bill_date": result.bill_date, **{k: getattr(d, k) for k in (
-                "kind", "out_trade_no", "out_refund_no", "ours_fen", "theirs_fen", "ours_status", "theirs_status")},
-                "detail": clip(d.detail)} for d in result.diffs]
+            rows = [
+                {
+                    "bill_date": result.bill_date,
+                    **{
+                        k: getattr(d, k)
+                        for k in (
+                            "kind",
+                            "out_trade_no",
+                            "out_refund_no",
+                            "ours_fen",
+                            "theirs_fen",
+                            "ours_status",
+                            "theirs_status",
+                        )
+                    },
+                    "detail": clip(d.detail),
+                }
+                for d in result.diffs
+            ]
             for part in _chunks(rows):
                 conn.execute(insert(reconcile_diff), list(part))
             values["finished_at"] = now
         else:
             values.pop("diffs")
             values.pop("bill_rows")
-        conn.execute(update(reconcile_run).where(run.bill_date == result.bill_date).values(**values, attempts=run.attempts + 1))
+        conn.execute(
+            update(reconcile_run).where(run.bill_date == result.bill_date).values(**values, attempts=run.attempts + 1)
+        )
 
 
-def reconcile_day(db: Engine, fetch: Callable[[date], Any], bill_date: date, *, now: datetime,
-                  refund_orphans: bool = False) -> DayResult:
+def reconcile_day(
+    db: Engine, fetch: Callable[[date], Any], bill_date: date, *, now: datetime, refund_orphans: bool = False
+) -> DayResult:
     """Fetch, compare, record one day. ``fetch(day)`` is operations.bill.fetch_bill bound to a gateway."""
     from cancel_scanner.operations.bill import Bill, BillError, BillNotReady, NoBill
 
@@ -290,7 +437,9 @@ def reconcile_day(db: Engine, fetch: Callable[[date], Any], bill_date: date, *, 
     except BillError as exc:
         result = DayResult(bill_date, "FAILED", message=f"{exc.code}: {exc.message}")
         _record(db, result, now)
-        _log.bind(action="failed", bill_date=str(bill_date)).error("reconciliation of {} failed: {}", bill_date, result.message)
+        _log.bind(action="failed", bill_date=str(bill_date)).error(
+            "reconciliation of {} failed: {}", bill_date, result.message
+        )
         return result
     if isinstance(bill, BillNotReady):
         result = DayResult(bill_date, "WAITING", message=f"{bill.code}: {bill.message}")
@@ -322,6 +471,10 @@ def reconcile_day(db: Engine, fetch: Callable[[date], Any], bill_date: date, *, 
         counts[diff.kind] = counts.get(diff.kind, 0) + 1
     result = DayResult(bill_date, state, tuple(diffs), bill.rows, None, tuple(refunded), counts)
     _record(db, result, now)
-    log = _log.bind(action="reconciled", bill_date=str(bill_date), state=state, **{k.lower(): n for k, n in counts.items()})
-    (log.warning if diffs else log.info)("reconciled {}: {} bill rows, {} difference(s)", bill_date, bill.rows, len(diffs))
+    log = _log.bind(
+        action="reconciled", bill_date=str(bill_date), state=state, **{k.lower(): n for k, n in counts.items()}
+    )
+    (log.warning if diffs else log.info)(
+        "reconciled {}: {} bill rows, {} difference(s)", bill_date, bill.rows, len(diffs)
+    )
     return result

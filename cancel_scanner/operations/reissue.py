@@ -60,39 +60,74 @@ def reissue(db: Engine, order_id: int, *, now: datetime, by: str, why: str) -> R
         return Refused(order_id, refusal.code, refusal.message)
     except IntegrityError:
         # (order_id, refund_seq) or the oplog key: another reissue of this order committed first.
-        return Refused(order_id, "CONCURRENT_REISSUE", "another reissue of this order was written at the same moment; see status")
+        return Refused(
+            order_id, "CONCURRENT_REISSUE", "another reissue of this order was written at the same moment; see status"
+        )
 
 
 def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissued:
     order = conn.execute(
-        locked(conn, select(o.id, o.order_no, o.transaction_id, o.order_status, o.refund_status).where(o.id == order_id))
+        locked(
+            conn, select(o.id, o.order_no, o.transaction_id, o.order_status, o.refund_status).where(o.id == order_id)
+        )
     ).first()
     if order is None:
         raise _Refusal("ORDER_NOT_FOUND", f"order {order_id} does not exist")
-    refunds = conn.execute(locked(conn, select(refund_order).where(r.order_id == order_id).order_by(r.refund_seq))).all()
+    refunds = conn.execute(
+        locked(conn, select(refund_order).where(r.order_id == order_id).order_by(r.refund_seq))
+    ).all()
     if not refunds:
         raise _Refusal("NO_REFUND", f"order {order_id} has no refund to reissue")
     last = refunds[-1]
     if last.wx_status != "CLOSED" or (last.progress_scanned, last.progress_success) != (1, 0):
-        raise _Refusal("NOT_CLOSED", f"its last refund {last.out_refund_no} is {last.wx_status or 'not sent yet'}, not CLOSED:"
-                                     " only a refund WeChat closed is reissued")
+        raise _Refusal(
+            "NOT_CLOSED",
+            f"its last refund {last.out_refund_no} is {last.wx_status or 'not sent yet'}, not CLOSED:"
+            " only a refund WeChat closed is reissued",
+        )
     live = [f.out_refund_no for f in refunds[:-1] if f.wx_status != "CLOSED"]
     if live:
         raise _Refusal("OTHER_REFUND_LIVE", f"refund {live[0]} of the order is not CLOSED")
     if last.sync_scanned != 1 or order.refund_status != "FAILED":
-        raise _Refusal("NOT_SYNCED", f"the order's refund_status is {order.refund_status}: wait until the CLOSED result is"
-                                     " written to the order (status shows sync_result pending), then reissue")
+        raise _Refusal(
+            "NOT_SYNCED",
+            f"the order's refund_status is {order.refund_status}: wait until the CLOSED result is"
+            " written to the order (status shows sync_result pending), then reissue",
+        )
     seq = last.refund_seq + 1
-    new = refund_row(order.id, order.order_no, last.transaction_id or order.transaction_id, last.total_amount,
-                     last.reason or "", now, req_id=last.req_id, seq=seq, channel=last.channel)
+    new = refund_row(
+        order.id,
+        order.order_no,
+        last.transaction_id or order.transaction_id,
+        last.total_amount,
+        last.reason or "",
+        now,
+        req_id=last.req_id,
+        seq=seq,
+        channel=last.channel,
+    )
     new["refund_amount"] = last.refund_amount
     refund_id = conn.execute(insert(refund_order).values(**new)).inserted_primary_key[0]
     moved = conn.execute(
-        update(goods_order2).where(o.id == order.id, o.refund_status == "FAILED").values(refund_status="REFUNDING", wx_progress_scanned=0)
+        update(goods_order2)
+        .where(o.id == order.id, o.refund_status == "FAILED")
+        .values(refund_status="REFUNDING", wx_progress_scanned=0)
     ).rowcount
     if moved != 1:  # the order row is locked by us: anything else is a bug, and rolls back
         raise RuntimeError(f"reissue: order {order.id} not moved back to REFUNDING")
-    conn.execute(update(refund_order).where(r.id == last.id).values(last_error=clip(f"{REISSUED} as {new['out_refund_no']} by {by}: {why}")))
-    write_oplog(conn, [(order.id, refund_event("REFUND_REISSUED", seq), f"{new['out_refund_no']} replaces {last.out_refund_no}"
-                                                                         f" (CLOSED) by {by}: {why}")])
+    conn.execute(
+        update(refund_order)
+        .where(r.id == last.id)
+        .values(last_error=clip(f"{REISSUED} as {new['out_refund_no']} by {by}: {why}"))
+    )
+    write_oplog(
+        conn,
+        [
+            (
+                order.id,
+                refund_event("REFUND_REISSUED", seq),
+                f"{new['out_refund_no']} replaces {last.out_refund_no} (CLOSED) by {by}: {why}",
+            )
+        ],
+    )
     return Reissued(order.id, refund_id, new["out_refund_no"], seq, last.out_refund_no)

@@ -129,7 +129,11 @@ class ExternalEmulator:
 
 def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Every stage on a short interval and retry schedule, with attempts enough for hostile runs."""
-    common = {"interval_seconds": INTERVAL_SECONDS, "max_attempts": MAX_ATTEMPTS, "retry_delays_seconds": list(RETRY_DELAYS_SECONDS)}
+    common = {
+        "interval_seconds": INTERVAL_SECONDS,
+        "max_attempts": MAX_ATTEMPTS,
+        "retry_delays_seconds": list(RETRY_DELAYS_SECONDS),
+    }
     gateway = {"batch_size": 100, "concurrency": 16, "lease_seconds": LEASE_SECONDS}
     jobs = {
         "intake": {**common, "batch_size": 200},
@@ -145,8 +149,14 @@ def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return jobs
 
 
-def daemon_config(database_url: str, emulator: ExternalEmulator, *, jobs: Mapping | None = None, wechat: Mapping | None = None,
-                  **top: Any) -> dict[str, Any]:
+def daemon_config(
+    database_url: str,
+    emulator: ExternalEmulator,
+    *,
+    jobs: Mapping | None = None,
+    wechat: Mapping | None = None,
+    **top: Any,
+) -> dict[str, Any]:
     return {
         "database_url": database_url,
         "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_SECONDS,
@@ -168,8 +178,14 @@ def paid_orders(db: Engine, emulator: ExternalEmulator, n: int) -> list[dict[str
     return orders
 
 
-def settled_daemon(workdir: Path, db: Engine, database_url: str, emulator: ExternalEmulator, orders: Sequence[dict],
-                   daemons: Callable[..., DaemonProcess]) -> tuple[DaemonProcess, Path]:
+def settled_daemon(
+    workdir: Path,
+    db: Engine,
+    database_url: str,
+    emulator: ExternalEmulator,
+    orders: Sequence[dict],
+    daemons: Callable[..., DaemonProcess],
+) -> tuple[DaemonProcess, Path]:
     """A live-mode daemon that has settled a merchant's cancel of every order, and the config file the
     CLI is run with beside it."""
     settings = daemon_config(database_url, emulator)
@@ -243,7 +259,9 @@ def pending_counts(db: Engine) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-def wait_settled(db: Engine, timeout: float, daemons: Sequence[DaemonProcess] = (), what: str = "every row to settle") -> None:
+def wait_settled(
+    db: Engine, timeout: float, daemons: Sequence[DaemonProcess] = (), what: str = "every row to settle"
+) -> None:
     wait_until(lambda: pending_counts(db), timeout, what, until=lambda p: p == {}, daemons=daemons)
 
 
@@ -279,8 +297,19 @@ class Scenario:
 
 
 _UNCHANGED_ORDER_COLUMNS = (
-    "order_status", "refund_status", "cancel_source", "wx_progress_scanned", "stock_scanned", "stock_success",
-    "sales_scanned", "sales_success", "cancelled_at", "refunded_at", "is_deleted", "pay_status", "total_amount",
+    "order_status",
+    "refund_status",
+    "cancel_source",
+    "wx_progress_scanned",
+    "stock_scanned",
+    "stock_success",
+    "sales_scanned",
+    "sales_success",
+    "cancelled_at",
+    "refunded_at",
+    "is_deleted",
+    "pay_status",
+    "total_amount",
 )
 
 
@@ -306,12 +335,16 @@ def check_invariants(db: Engine, emulator: ExternalEmulator | Emulator, scenario
         want = scenario.expected_codes.get(req["id"], "OK")
         got = (req["scanned"], req["success"], req["result_code"])
         if got != (1, 1 if want == "OK" else 0, want):
-            v["5 requests"].append(f"req {req['id']} (order {req['order_id']}): (scanned, success, code)={got}, want {want}")
+            v["5 requests"].append(
+                f"req {req['id']} (order {req['order_id']}): (scanned, success, code)={got}, want {want}"
+            )
         if req["scanned"] == 1 and (not req["result_msg"] or req["scanned_at"] is None):
             v["5 requests"].append(f"req {req['id']}: no result_msg/scanned_at")
         if req["result_code"] == "OK":
             if req["order_id"] in accepted:
-                v["1 money"].append(f"order {req['order_id']}: two requests accepted ({accepted[req['order_id']]['id']}, {req['id']})")
+                v["1 money"].append(
+                    f"order {req['order_id']}: two requests accepted ({accepted[req['order_id']]['id']}, {req['id']})"
+                )
             accepted[req["order_id"]] = req
     missing_codes = set(scenario.expected_codes) - {r["id"] for r in reqs}
     if missing_codes:
@@ -354,7 +387,9 @@ def check_invariants(db: Engine, emulator: ExternalEmulator | Emulator, scenario
         source = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER"}[req["op_type"]]
         events = {"CANCELLED"}
         if (now_["order_status"], now_["cancel_source"]) != ("CANCELLED", source) or now_["cancelled_at"] is None:
-            v["2 orders"].append(f"order {oid}: status {now_['order_status']}/{now_['cancel_source']}/{now_['cancelled_at']}")
+            v["2 orders"].append(
+                f"order {oid}: status {now_['order_status']}/{now_['cancel_source']}/{now_['cancelled_at']}"
+            )
         if paid:
             # 1: exactly one refund, of exactly what was paid, created once at WeChat.
             amount = before["total_amount"]
@@ -363,15 +398,25 @@ def check_invariants(db: Engine, emulator: ExternalEmulator | Emulator, scenario
             for r in refunds:
                 number = r["out_refund_no"]
                 if (r["refund_amount"], r["total_amount"]) != (amount, amount):
-                    v["1 money"].append(f"order {oid}: refund of {r['refund_amount']}/{r['total_amount']} fen, paid {amount}")
+                    v["1 money"].append(
+                        f"order {oid}: refund of {r['refund_amount']}/{r['total_amount']} fen, paid {amount}"
+                    )
                 if created.get(number) != 1:
                     v["1 money"].append(f"{number}: created {created.get(number, 0)} times at WeChat")
                 rec = emu.recorded(number)
                 want_status = "CLOSED" if closed else "SUCCESS"
                 if rec is None or rec[1] != want_status or r["wx_refund_id"] != rec[0]:
-                    v["1 money"].append(f"{number}: WeChat has {rec}, row says {r['wx_refund_id']}/{r['wx_status']}, want {want_status}")
-                flags = (r["submit_scanned"], r["submit_success"], r["progress_scanned"], r["progress_success"],
-                         r["sync_scanned"], r["sync_success"])
+                    v["1 money"].append(
+                        f"{number}: WeChat has {rec}, row says {r['wx_refund_id']}/{r['wx_status']}, want {want_status}"
+                    )
+                flags = (
+                    r["submit_scanned"],
+                    r["submit_success"],
+                    r["progress_scanned"],
+                    r["progress_success"],
+                    r["sync_scanned"],
+                    r["sync_success"],
+                )
                 want_flags = (1, 1, 1, 0 if closed else 1, 1, 1)
                 if flags != want_flags or r["wx_status"] != want_status:
                     v["2 refunds"].append(f"{number}: flags {flags} {r['wx_status']}, want {want_flags} {want_status}")
@@ -387,15 +432,27 @@ def check_invariants(db: Engine, emulator: ExternalEmulator | Emulator, scenario
                 events.add("REFUND_FAILED")
                 want = ("FAILED", 1)
                 if (now_["refund_status"], now_["wx_progress_scanned"]) != want or now_["refunded_at"] is not None:
-                    v["2 orders"].append(f"order {oid}: {now_['refund_status']}/{now_['wx_progress_scanned']}/{now_['refunded_at']}, want FAILED")
+                    v["2 orders"].append(
+                        f"order {oid}: {now_['refund_status']}/{now_['wx_progress_scanned']}/{now_['refunded_at']}, want FAILED"
+                    )
             else:
                 events.add("REFUND_SUCCEEDED")
-                if (now_["refund_status"], now_["wx_progress_scanned"]) != ("REFUNDED", 1) or now_["refunded_at"] is None:
-                    v["2 orders"].append(f"order {oid}: {now_['refund_status']}/{now_['wx_progress_scanned']}/{now_['refunded_at']}, want REFUNDED")
+                if (now_["refund_status"], now_["wx_progress_scanned"]) != ("REFUNDED", 1) or now_[
+                    "refunded_at"
+                ] is None:
+                    v["2 orders"].append(
+                        f"order {oid}: {now_['refund_status']}/{now_['wx_progress_scanned']}/{now_['refunded_at']}, want REFUNDED"
+                    )
                 elif refunds and now_["refunded_at"] != refunds[0]["success_time"]:
-                    v["2 orders"].append(f"order {oid}: refunded_at {now_['refunded_at']} is not WeChat's {refunds[0]['success_time']}")
-                elif now_["refunded_at"] < now_["cancelled_at"].replace(microsecond=0):  # success_time has whole seconds
-                    v["2 orders"].append(f"order {oid}: refunded {now_['refunded_at']} before cancelled {now_['cancelled_at']}")
+                    v["2 orders"].append(
+                        f"order {oid}: refunded_at {now_['refunded_at']} is not WeChat's {refunds[0]['success_time']}"
+                    )
+                elif now_["refunded_at"] < now_["cancelled_at"].replace(
+                    microsecond=0
+                ):  # success_time has whole seconds
+                    v["2 orders"].append(
+                        f"order {oid}: refunded {now_['refunded_at']} before cancelled {now_['cancelled_at']}"
+                    )
         else:
             if refunds or fen.get(before["order_no"], 0):
                 v["1 money"].append(f"unpaid order {oid} has a refund")
@@ -457,7 +514,9 @@ def check_invariants(db: Engine, emulator: ExternalEmulator | Emulator, scenario
             v["4 oplog"].append(f"order {r['order_id']}: {r['event']} written {r['n']} times")
     for oid in set(expected_events) | set(got_events):
         if got_events.get(oid, set()) != expected_events.get(oid, set()):
-            v["4 oplog"].append(f"order {oid}: events {sorted(got_events.get(oid, set()))}, want {sorted(expected_events.get(oid, set()))}")
+            v["4 oplog"].append(
+                f"order {oid}: events {sorted(got_events.get(oid, set()))}, want {sorted(expected_events.get(oid, set()))}"
+            )
 
     # 5: no 1/0 anywhere except where the scenario meant one (already checked per order and request);
     # refund_order failures are only the CLOSED ones.
@@ -483,8 +542,10 @@ def check_invariants(db: Engine, emulator: ExternalEmulator | Emulator, scenario
 
     v = {k: lines for k, lines in v.items() if lines}
     if v:
-        report = "\n".join(f"[{k}] " + "\n    ".join(lines[:15]) + (f"\n    ... {len(lines) - 15} more" if len(lines) > 15 else "")
-                           for k, lines in sorted(v.items()))
+        report = "\n".join(
+            f"[{k}] " + "\n    ".join(lines[:15]) + (f"\n    ... {len(lines) - 15} more" if len(lines) > 15 else "")
+            for k, lines in sorted(v.items())
+        )
         raise AssertionError(f"{scenario.name}: invariants violated\n{report}")
     return {
         "requests": len(reqs),
@@ -509,7 +570,26 @@ class Stopwatch:
 
 
 __all__ = [
-    "SHUTDOWN_TIMEOUT_SECONDS", "SOAK", "STAGES", "Baseline", "ExternalEmulator", "Scenario", "Stopwatch",
-    "check_invariants", "daemon_config", "fast_jobs", "hold", "loud_emulator_logs", "pending_counts", "q_rows", "q_scalar",
-    "paid_orders", "quiet_emulator_logs", "report", "settled_daemon", "status_json", "stop_all", "wait_settled",
+    "SHUTDOWN_TIMEOUT_SECONDS",
+    "SOAK",
+    "STAGES",
+    "Baseline",
+    "ExternalEmulator",
+    "Scenario",
+    "Stopwatch",
+    "check_invariants",
+    "daemon_config",
+    "fast_jobs",
+    "hold",
+    "loud_emulator_logs",
+    "pending_counts",
+    "q_rows",
+    "q_scalar",
+    "paid_orders",
+    "quiet_emulator_logs",
+    "report",
+    "settled_daemon",
+    "status_json",
+    "stop_all",
+    "wait_settled",
 ]

@@ -49,11 +49,17 @@ def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_
     emu = external_emulators(tmp_path / "keys", success_delay=0.2)
     harness.loud_emulator_logs()  # this test reads what the emulator logs, too
     emulator_lines: list[str] = []
-    sink = logger.add(lambda m: emulator_lines.append(str(m)), level="DEBUG", format="{message} {extra} {exception}",
-                      filter="cancel_scanner.gateway.emulator", diagnose=False)
+    sink = logger.add(
+        lambda m: emulator_lines.append(str(m)),
+        level="DEBUG",
+        format="{message} {extra} {exception}",
+        filter="cancel_scanner.gateway.emulator",
+        diagnose=False,
+    )
     opened: list[tuple] = []
     emu.emulator.on_bank_details = lambda number, bank_type, account, name: opened.append(
-        (number, bank_type, account == ACCOUNT, name == HOLDER))
+        (number, bank_type, account == ACCOUNT, name == HOLDER)
+    )
     try:
         shop.insert_goods(mysql_db, {1: (10, 5)})
         order = shop.order_row(ORDER_ID, goods_id=1, quantity=QUANTITY, amount=PAID_FEN)
@@ -64,37 +70,84 @@ def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_
         daemon.wait_started()
         shop.request_cancel(mysql_db, ORDER_ID, "MERCHANT_CANCEL", "clerk-1", "out of stock")
         refund = wait_until(
-            lambda: harness.q_rows(mysql_db, "SELECT id, out_refund_no, wx_status FROM refund_order WHERE order_id = :o",
-                                   o=ORDER_ID),
-            SETTLE_SECONDS, "the refund to be reported ABNORMAL", until=lambda rs: rs and rs[0]["wx_status"] == "ABNORMAL",
+            lambda: harness.q_rows(
+                mysql_db, "SELECT id, out_refund_no, wx_status FROM refund_order WHERE order_id = :o", o=ORDER_ID
+            ),
+            SETTLE_SECONDS,
+            "the refund to be reported ABNORMAL",
+            until=lambda rs: rs and rs[0]["wx_status"] == "ABNORMAL",
             daemons=[daemon],
         )[0]
         card = details_file(tmp_path, f"{ACCOUNT}\n{HOLDER}\n")
 
-        done = run_cli(["--log-level", "DEBUG", "abnormal-refund", str(refund["id"]), "--to", "user-bank-card",
-                        "--bank-type", "ICBC_DEBIT", "--bank-details-file", str(card), "--by", "ops-lee"],
-                       config=daemon.config_path, env=emu.env(), cwd=tmp_path, timeout=60)
+        done = run_cli(
+            [
+                "--log-level",
+                "DEBUG",
+                "abnormal-refund",
+                str(refund["id"]),
+                "--to",
+                "user-bank-card",
+                "--bank-type",
+                "ICBC_DEBIT",
+                "--bank-details-file",
+                str(card),
+                "--by",
+                "ops-lee",
+            ],
+            config=daemon.config_path,
+            env=emu.env(),
+            cwd=tmp_path,
+            timeout=60,
+        )
 
         assert done.returncode == 0, done.stderr
         assert f"refund row {refund['id']} ({refund['out_refund_no']}): sent on to the user's bank card" in done.stdout
         harness.wait_settled(mysql_db, SETTLE_SECONDS, [daemon])
-        again = run_cli(["abnormal-refund", str(refund["id"]), "--to", "user-bank-card", "--bank-type", "ICBC_DEBIT",
-                         "--bank-details-file", str(card)], config=daemon.config_path, env=emu.env(), cwd=tmp_path, timeout=60)
+        again = run_cli(
+            [
+                "abnormal-refund",
+                str(refund["id"]),
+                "--to",
+                "user-bank-card",
+                "--bank-type",
+                "ICBC_DEBIT",
+                "--bank-details-file",
+                str(card),
+            ],
+            config=daemon.config_path,
+            env=emu.env(),
+            cwd=tmp_path,
+            timeout=60,
+        )
         harness.stop_all(daemon, timeout=EXIT_BOUND_SECONDS)
     finally:
         logger.remove(sink)
 
     # The daemon followed it to SUCCESS and finished the order; the money moved once, to the card.
     assert again.returncode == 2
-    assert again.stderr.splitlines() == [f"refund row {refund['id']}: refused NOT_PENDING: refund {refund['out_refund_no']}"
-                                         " is finished (SUCCESS): only a refund WeChat reports ABNORMAL can go to a bank card"]
+    assert again.stderr.splitlines() == [
+        f"refund row {refund['id']}: refused NOT_PENDING: refund {refund['out_refund_no']}"
+        " is finished (SUCCESS): only a refund WeChat reports ABNORMAL can go to a bank card"
+    ]
     final = harness.q_rows(mysql_db, "SELECT * FROM refund_order WHERE id = :i", i=refund["id"])[0]
-    assert (final["wx_status"], final["progress_success"], final["sync_success"], final["lease_owner"]) == ("SUCCESS", 1, 1, None)
+    assert (final["wx_status"], final["progress_success"], final["sync_success"], final["lease_owner"]) == (
+        "SUCCESS",
+        1,
+        1,
+        None,
+    )
     placed = harness.q_rows(mysql_db, "SELECT * FROM goods_order2 WHERE id = :o", o=ORDER_ID)[0]
     assert (placed["refund_status"], placed["stock_success"], placed["sales_success"]) == ("REFUNDED", 1, 1)
-    assert harness.q_rows(mysql_db, "SELECT stock, sales FROM goods WHERE id = 1") == [{"stock": 10 + QUANTITY, "sales": 5 - QUANTITY}]
-    events = {r["event"]: r["detail"] for r in harness.q_rows(mysql_db, "SELECT event, detail FROM goods_order2_oplog"
-                                                                        " WHERE order_id = :o", o=ORDER_ID)}
+    assert harness.q_rows(mysql_db, "SELECT stock, sales FROM goods WHERE id = 1") == [
+        {"stock": 10 + QUANTITY, "sales": 5 - QUANTITY}
+    ]
+    events = {
+        r["event"]: r["detail"]
+        for r in harness.q_rows(
+            mysql_db, "SELECT event, detail FROM goods_order2_oplog WHERE order_id = :o", o=ORDER_ID
+        )
+    }
     assert events["ABNORMAL_REFUND_APPLIED"].startswith("USER_BANK_CARD by ops-lee")
     assert {"REFUND_SUCCEEDED", "STOCK_RESTORED", "SALES_DECREMENTED"} <= set(events)
     snap = emu.emulator.snapshot()
@@ -106,18 +159,28 @@ def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_
 
     # Where the details must not be: every daemon log, the command's output, every table, the emulator.
     places = {
-        **{f"daemon log {life.log_path.name}": life.log_path.read_text(encoding="utf-8", errors="replace") for life in daemon.lives},
-        "CLI stdout": done.stdout, "CLI stderr": done.stderr, "second CLI": again.stdout + again.stderr,
+        **{
+            f"daemon log {life.log_path.name}": life.log_path.read_text(encoding="utf-8", errors="replace")
+            for life in daemon.lives
+        },
+        "CLI stdout": done.stdout,
+        "CLI stderr": done.stderr,
+        "second CLI": again.stdout + again.stderr,
         "tables": every_table_as_text(mysql_db),
-        "emulator request log": repr(emu.emulator.logged_requests()), "emulator counters": repr(snap),
+        "emulator request log": repr(emu.emulator.logged_requests()),
+        "emulator counters": repr(snap),
         "emulator log": "\n".join(emulator_lines),
     }
-    assert any("abnormal answered" in line for line in places["CLI stderr"].splitlines())  # the call's own debug line is there
+    assert any(
+        "abnormal answered" in line for line in places["CLI stderr"].splitlines()
+    )  # the call's own debug line is there
     assert any("'call': 'abnormal'" in line for line in emulator_lines)  # and the emulator's, for the apply
     for where in ("tables", *(k for k in places if k.startswith("daemon log"))):
         assert refund["out_refund_no"] in places[where], where  # the search reads real content
-    found = {where: [name for name, secret in (("account", ACCOUNT), ("holder", HOLDER)) if secret in content]
-             for where, content in places.items()}
+    found = {
+        where: [name for name, secret in (("account", ACCOUNT), ("holder", HOLDER)) if secret in content]
+        for where, content in places.items()
+    }
     assert {where: names for where, names in found.items() if names} == {}
 
 
@@ -125,23 +188,41 @@ def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_
 def live_config(tmp_path, external_emulators) -> tuple[Path, dict[str, str]]:
     """A live-mode configuration (SQLite, never reached by these refusals) and its environment."""
     emu = external_emulators(tmp_path / "keys")
-    config = write_config(tmp_path / "jobs.yaml", {"database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
-                                                   "wechat": emu.wechat_config()})
+    config = write_config(
+        tmp_path / "jobs.yaml", {"database_url": f"sqlite:///{tmp_path / 'db.sqlite'}", "wechat": emu.wechat_config()}
+    )
     return config, emu.env()
 
 
-@pytest.mark.parametrize("content, says", [
-    ("", "is empty"),
-    (f"{ACCOUNT}\n", "has 1 line(s)"),
-    (f"{ACCOUNT}\n{HOLDER}\nsomething else\n", "has 3 line(s)"),
-    (f"\n{HOLDER}\n", "line 1 (the account number) is empty"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("", "is empty"),
+        (f"{ACCOUNT}\n", "has 1 line(s)"),
+        (f"{ACCOUNT}\n{HOLDER}\nsomething else\n", "has 3 line(s)"),
+        (f"\n{HOLDER}\n", "line 1 (the account number) is empty"),
+    ],
+)
 def test_a_bad_bank_details_file_is_refused_in_one_line_that_never_echoes_it(tmp_path, live_config, content, says):
     config, env = live_config
     card = details_file(tmp_path, content)
 
-    done = run_cli(["abnormal-refund", "7", "--to", "user-bank-card", "--bank-type", "ICBC_DEBIT", "--bank-details-file",
-                    str(card)], config=config, env=env, cwd=tmp_path, timeout=60)
+    done = run_cli(
+        [
+            "abnormal-refund",
+            "7",
+            "--to",
+            "user-bank-card",
+            "--bank-type",
+            "ICBC_DEBIT",
+            "--bank-details-file",
+            str(card),
+        ],
+        config=config,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
 
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and "refused BAD_BANK_DETAILS" in done.stderr and says in done.stderr
@@ -150,13 +231,24 @@ def test_a_bad_bank_details_file_is_refused_in_one_line_that_never_echoes_it(tmp
 
 def test_without_a_file_or_a_terminal_and_in_sandbox_mode_it_refuses(tmp_path, live_config):
     config, env = live_config
-    no_file = run_cli(["abnormal-refund", "7", "--to", "user-bank-card", "--bank-type", "ICBC_DEBIT"],
-                      config=config, env=env, cwd=tmp_path, timeout=60)
+    no_file = run_cli(
+        ["abnormal-refund", "7", "--to", "user-bank-card", "--bank-type", "ICBC_DEBIT"],
+        config=config,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     sandbox = write_config(tmp_path / "sandbox.yaml", {"database_url": f"sqlite:///{tmp_path / 'demo.sqlite'}"})
-    in_sandbox = run_cli(["abnormal-refund", "7", "--to", "merchant-bank-card"], config=sandbox, env={}, cwd=tmp_path, timeout=60)
+    in_sandbox = run_cli(
+        ["abnormal-refund", "7", "--to", "merchant-bank-card"], config=sandbox, env={}, cwd=tmp_path, timeout=60
+    )
 
-    assert (no_file.returncode, no_file.stderr.splitlines()) == (2, [
-        "refund row 7: refused BANK_DETAILS_MISSING: user-bank-card needs --bank-details-file PATH (or a terminal to type"
-        " them into)"])
+    assert (no_file.returncode, no_file.stderr.splitlines()) == (
+        2,
+        [
+            "refund row 7: refused BANK_DETAILS_MISSING: user-bank-card needs --bank-details-file PATH (or a terminal to type"
+            " them into)"
+        ],
+    )
     assert in_sandbox.returncode == 2 and len(in_sandbox.stderr.splitlines()) == 1
     assert "refused SANDBOX_MODE" in in_sandbox.stderr

@@ -31,7 +31,8 @@ def test_every_call_failing_then_recovering_sends_one_firing_and_one_resolved_me
 
     with WebhookReceiver() as robot:
         config = harness.daemon_config(
-            mysql_url, emu,
+            mysql_url,
+            emu,
             monitoring={"refresh_seconds": 1},
             alerts={
                 "webhook_url": f"{robot.url}/cgi-bin/webhook/send?key={KEY}",
@@ -55,8 +56,10 @@ def test_every_call_failing_then_recovering_sends_one_firing_and_one_resolved_me
         emu.emulator.faults = None  # WeChat Pay is back
         harness.wait_settled(mysql_db, 60, [daemon])
         messages = wait_until(robot.bodies, 30, "the resolved message", until=lambda b: len(b) >= 2, daemons=[daemon])
-        assert [(m["rule"], m["state"]) for m in messages] == [("gateway_failure_rate", "firing"),
-                                                                ("gateway_failure_rate", "resolved")]
+        assert [(m["rule"], m["state"]) for m in messages] == [
+            ("gateway_failure_rate", "firing"),
+            ("gateway_failure_rate", "resolved"),
+        ]
         assert {no: n for no, n in emu.emulator.refunds_created.items() if n != 1} == {}
         assert len(emu.emulator.refunds_created) == N
         assert all(path.startswith("/cgi-bin/webhook/send?key=") for path, _body in robot.received)

@@ -34,7 +34,7 @@ def pem_body(pem: str) -> str:
 def secret_slices(keys: KeyMaterial) -> list[str]:
     """The APIv3 key and every 40-character slice (in steps of 8) of the merchant private key's base64 body."""
     body = pem_body(keys.merchant_private_key_pem)
-    return [keys.apiv3_key] + [body[i:i + PEM_SLICE_CHARS] for i in range(0, len(body) - PEM_SLICE_CHARS, 8)]
+    return [keys.apiv3_key] + [body[i : i + PEM_SLICE_CHARS] for i in range(0, len(body) - PEM_SLICE_CHARS, 8)]
 
 
 def leaked(output: str, keys: KeyMaterial) -> list[str]:
@@ -75,6 +75,7 @@ def _set(path: str, value: Any) -> Callable[[dict, Path, KeyMaterial], dict]:
             node = node.setdefault(p, {})
         node[last] = value
         return cfg
+
     return mutate
 
 
@@ -96,28 +97,76 @@ def _sandbox(cfg: dict, _tmp: Path, _keys: KeyMaterial) -> dict:
 CASES = [
     ("unknown top-level key", _set("databse_url", "sqlite:///x.db"), {}, "databse_url", ("initdb", "run")),
     ("unknown job key", _set("jobs.intake.batch_sise", 50), {}, "jobs.intake.batch_sise", ("initdb", "run")),
-    ("unknown stage", _set("jobs.refund_everything", {"enabled": True}), {}, "jobs.refund_everything", ("initdb", "run")),
-    ("wrong type", _set("jobs.submit_refund.concurrency", "sixteen"), {}, "jobs.submit_refund.concurrency", ("initdb", "run")),
+    (
+        "unknown stage",
+        _set("jobs.refund_everything", {"enabled": True}),
+        {},
+        "jobs.refund_everything",
+        ("initdb", "run"),
+    ),
+    (
+        "wrong type",
+        _set("jobs.submit_refund.concurrency", "sixteen"),
+        {},
+        "jobs.submit_refund.concurrency",
+        ("initdb", "run"),
+    ),
     ("wrong shape", _set("wechat.timeout_seconds", 5), {}, "wechat.timeout_seconds", ("initdb", "run")),
-    ("missing private key file", _set("wechat.merchant_private_key_file", "/nonexistent/apiclient_key.pem"), {},
-     "wechat.merchant_private_key_file", ("initdb", "run")),
-    ("missing platform key file", _set("wechat.platform_public_key_file", "missing_pub_key.pem"), {},
-     "wechat.platform_public_key_file", ("initdb", "run")),
-    ("plain http to a remote host", _set("wechat.base_url", "http://api.mch.weixin.qq.com"), {}, "wechat.base_url",
-     ("initdb", "run")),
+    (
+        "missing private key file",
+        _set("wechat.merchant_private_key_file", "/nonexistent/apiclient_key.pem"),
+        {},
+        "wechat.merchant_private_key_file",
+        ("initdb", "run"),
+    ),
+    (
+        "missing platform key file",
+        _set("wechat.platform_public_key_file", "missing_pub_key.pem"),
+        {},
+        "wechat.platform_public_key_file",
+        ("initdb", "run"),
+    ),
+    (
+        "plain http to a remote host",
+        _set("wechat.base_url", "http://api.mch.weixin.qq.com"),
+        {},
+        "wechat.base_url",
+        ("initdb", "run"),
+    ),
     ("sandbox on MySQL without CANCEL_SCANNER_ALLOW_SANDBOX", _sandbox, {}, "wechat.mode", ("initdb", "run")),
     ("no APIv3 key in live mode", None, {"WECHATPAY_APIV3_KEY": None}, "WECHATPAY_APIV3_KEY", ("initdb", "run")),
     ("APIv3 key of the wrong length", None, {"WECHATPAY_APIV3_KEY": "SHORT"}, "WECHATPAY_APIV3_KEY", ("initdb", "run")),
     ("invalid YAML", "database_url: [unclosed\nwechat: {mode: live\n", {}, "bad.yaml", ("initdb", "run")),
     ("a YAML list, not a mapping", "- database_url\n- wechat\n", {}, "<top level>", ("initdb", "run")),
-    ("unsupported database", _set("database_url", "postgresql://shop@127.0.0.1/shop"), {}, "database_url", ("initdb", "run")),
+    (
+        "unsupported database",
+        _set("database_url", "postgresql://shop@127.0.0.1/shop"),
+        {},
+        "database_url",
+        ("initdb", "run"),
+    ),
     # The status page and /metrics off loopback without a key (issue 24): refused before anything starts.
-    ("monitoring on every address without a token", _set("monitoring.listen", "0.0.0.0:9108"), {}, "monitoring.listen",
-     ("initdb", "run")),
-    ("a monitoring token in the file", _set("monitoring.token", "a-token-in-the-file-0001"), {}, "monitoring.token",
-     ("initdb", "run")),
-    ("a monitoring token too short to be a key", _set("monitoring.listen", "0.0.0.0:9108"),
-     {"CANCEL_SCANNER_MONITORING_TOKEN": "short"}, "CANCEL_SCANNER_MONITORING_TOKEN", ("initdb", "run")),
+    (
+        "monitoring on every address without a token",
+        _set("monitoring.listen", "0.0.0.0:9108"),
+        {},
+        "monitoring.listen",
+        ("initdb", "run"),
+    ),
+    (
+        "a monitoring token in the file",
+        _set("monitoring.token", "a-token-in-the-file-0001"),
+        {},
+        "monitoring.token",
+        ("initdb", "run"),
+    ),
+    (
+        "a monitoring token too short to be a key",
+        _set("monitoring.listen", "0.0.0.0:9108"),
+        {"CANCEL_SCANNER_MONITORING_TOKEN": "short"},
+        "CANCEL_SCANNER_MONITORING_TOKEN",
+        ("initdb", "run"),
+    ),
     # initdb needs no gateway and rightly succeeds here; `run` must refuse.
     ("private key file that is not a key", _not_a_key, {}, "wechat.merchant_private_key_file", ("run",)),
 ]
@@ -160,12 +209,16 @@ def table_count(url: str) -> int:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(text("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE()")).scalar()
+            return conn.execute(
+                text("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE()")
+            ).scalar()
     finally:
         engine.dispose()
 
 
-def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
+def test_secrets_never_reach_a_debug_log_or_an_error_message(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
     """A daemon at --log-level DEBUG refunds real orders against the emulator: the APIv3 key and the merchant
     private key appear nowhere in its output. Then a merchant key WeChat does not know: the refunds fail
     with a readable reason, and still no secret in the output."""
@@ -174,7 +227,9 @@ def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db,
     orders = [shop.order_row(i, quantity=1, amount=1000 + i, paid=i % 5 != 0) for i in range(1, 31)]
     shop.insert_orders(mysql_db, orders)
     baseline = harness.Baseline.take(mysql_db)
-    daemon = daemons(tmp_path / "debug", harness.daemon_config(mysql_url, emu, log_level="DEBUG"), emu.env(), log_level="DEBUG")
+    daemon = daemons(
+        tmp_path / "debug", harness.daemon_config(mysql_url, emu, log_level="DEBUG"), emu.env(), log_level="DEBUG"
+    )
     daemon.start()
     shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "secret test") for o in orders])
     harness.wait_settled(mysql_db, 60, [daemon])
@@ -185,7 +240,14 @@ def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db,
     records = daemon.logs()
     output = daemon.log_text()
     paid = sum(1 for o in orders if o["pay"])
-    assert sum(1 for r in records if r["level"] == "DEBUG" and r.get("component") == "gateway" and r.get("action") == "apply") >= paid
+    assert (
+        sum(
+            1
+            for r in records
+            if r["level"] == "DEBUG" and r.get("component") == "gateway" and r.get("action") == "apply"
+        )
+        >= paid
+    )
     assert leaked(emu.keys.merchant_private_key_pem, emu.keys)  # the detector does find the key where it is
     assert leaked(output, emu.keys) == []
     assert emu.keys.apiv3_key not in daemon.config_path.read_text(encoding="utf-8")
@@ -194,16 +256,26 @@ def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db,
     stranger = generate_key_material(tmp_path / "stranger")
     shop.insert_orders(mysql_db, [shop.order_row(i, amount=500) for i in range(101, 104)])
     shop.insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "clerk", "wrong key") for i in range(101, 104)])
-    cfg = harness.daemon_config(mysql_url, emu, log_level="DEBUG",
-                                wechat={"merchant_private_key_file": str(stranger.paths.merchant_private_key)})
-    once = processes.run_cli(["--log-json", "--log-level", "DEBUG", "run", "--once"],
-                             config=processes.write_config(tmp_path / "stranger.yaml", cfg), env=emu.env(), cwd=tmp_path,
-                             timeout=120)
+    cfg = harness.daemon_config(
+        mysql_url,
+        emu,
+        log_level="DEBUG",
+        wechat={"merchant_private_key_file": str(stranger.paths.merchant_private_key)},
+    )
+    once = processes.run_cli(
+        ["--log-json", "--log-level", "DEBUG", "run", "--once"],
+        config=processes.write_config(tmp_path / "stranger.yaml", cfg),
+        env=emu.env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
     # Credentials refused are no row's fault: the stage stops with the reason, and every refund
     # waits, untouched, for the key to be fixed (then it goes through without a requeue).
     assert once.returncode == 1, once.stderr[-2000:]
     assert "run --once stopped" in once.stderr and "SIGN_ERROR" in once.stderr
-    waiting = harness.q_rows(mysql_db, "SELECT submit_scanned, submit_success, attempts, last_error FROM refund_order WHERE order_id > 100")
+    waiting = harness.q_rows(
+        mysql_db, "SELECT submit_scanned, submit_success, attempts, last_error FROM refund_order WHERE order_id > 100"
+    )
     assert len(waiting) == 3
     assert all((r["submit_scanned"], r["submit_success"]) == (0, 0) for r in waiting)
     assert any(r["last_error"] and r["last_error"].startswith("SIGN_ERROR") for r in waiting)
@@ -212,7 +284,9 @@ def test_secrets_never_reach_a_debug_log_or_an_error_message(tmp_path, mysql_db,
         assert leaked(once.stdout + once.stderr, material) == []
 
 
-def test_a_lease_too_short_for_the_gateway_timeouts_is_refused_or_still_works(tmp_path, mysql_db, mysql_url, external_emulators):
+def test_a_lease_too_short_for_the_gateway_timeouts_is_refused_or_still_works(
+    tmp_path, mysql_db, mysql_url, external_emulators
+):
     """lease_seconds 6 with timeout_seconds [1, 1]: either `run --once` refuses it (exit 2 naming the key) or the
     refunds still get submitted. What an operator must never get is a daemon that silently never calls WeChat."""
     import subprocess
@@ -221,7 +295,9 @@ def test_a_lease_too_short_for_the_gateway_timeouts_is_refused_or_still_works(tm
     shop.insert_goods(mysql_db, {1: (100, 1000)})
     shop.insert_orders(mysql_db, [shop.order_row(i) for i in range(1, 4)])
     shop.insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "ops", "short lease") for i in range(1, 4)])
-    config = harness.daemon_config(mysql_url, emu, jobs={"submit_refund": {"lease_seconds": 6, "interval_seconds": 0.3}})
+    config = harness.daemon_config(
+        mysql_url, emu, jobs={"submit_refund": {"lease_seconds": 6, "interval_seconds": 0.3}}
+    )
     path = processes.write_config(tmp_path / "short-lease.yaml", config)
     try:
         done = processes.run_cli(["run", "--once"], config=path, env=emu.env(), cwd=tmp_path, timeout=20)
@@ -249,7 +325,9 @@ def test_a_rejected_database_password_appears_in_no_output_at_any_level(tmp_path
     env = {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
     try:
         for args in (["run", "--once"], ["status"], ["initdb"], ["requeue", "intake", "1"]):
-            done = processes.run_cli([log_format, "--log-level", "DEBUG", *args], config=config, env=env, cwd=tmp_path, timeout=60)
+            done = processes.run_cli(
+                [log_format, "--log-level", "DEBUG", *args], config=config, env=env, cwd=tmp_path, timeout=60
+            )
             output = done.stdout + done.stderr
             assert done.returncode == 1, (args, output[-2000:])
             assert "Access denied" in output, (args, output[-2000:])
@@ -283,17 +361,31 @@ def test_a_password_rotated_under_a_running_daemon_never_shows_in_its_debug_outp
         conn.execute(text(f"GRANT ALL ON `{url.database}`.* TO '{user}'@'%'"))
     shop_url = url.set(username=user, password=old).render_as_string(hide_password=False)
     config = {"database_url": shop_url, "wechat": {"mode": "sandbox"}, "jobs": {"intake": {"interval_seconds": 0.2}}}
-    daemon = daemons(tmp_path / "rotating", config, {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}, log_level="DEBUG",
-                     args=(log_format, "run"))
+    daemon = daemons(
+        tmp_path / "rotating",
+        config,
+        {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"},
+        log_level="DEBUG",
+        args=(log_format, "run"),
+    )
     try:
         daemon.start()
-        wait_until(daemon.log_text, 30, "the daemon running", until=lambda t: "cancel-scanner running" in t, daemons=[daemon])
+        wait_until(
+            daemon.log_text, 30, "the daemon running", until=lambda t: "cancel-scanner running" in t, daemons=[daemon]
+        )
         with mysql_db.begin() as conn:
             conn.execute(text(f"ALTER USER '{user}'@'%' IDENTIFIED BY '{new}'"))
-            for (pid,) in conn.execute(text("SELECT id FROM information_schema.processlist WHERE user = :u"), {"u": user}):
+            for (pid,) in conn.execute(
+                text("SELECT id FROM information_schema.processlist WHERE user = :u"), {"u": user}
+            ):
                 kill_session(conn, pid)
-        wait_until(daemon.log_text, 60, "the refused reconnect reported", until=lambda t: "Access denied" in t,
-                   daemons=[daemon])
+        wait_until(
+            daemon.log_text,
+            60,
+            "the refused reconnect reported",
+            until=lambda t: "Access denied" in t,
+            daemons=[daemon],
+        )
         daemon.sigterm()
         assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 5) == 0
         output = daemon.log_text()

@@ -27,8 +27,9 @@ LOCKED, LOGGED = 7, 27
 RULE = "order locked by after-sales"
 
 
-def test_one_locked_order_and_one_stray_oplog_row_cost_only_themselves(tmp_path, mysql_db, mysql_url, external_emulators,
-                                                                        daemons):
+def test_one_locked_order_and_one_stray_oplog_row_cost_only_themselves(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
     emu = external_emulators(tmp_path / "keys")
     now = datetime.now(UTC).replace(tzinfo=None)
     shop.insert_goods(mysql_db, {1: (1_000, 5_000)})
@@ -39,10 +40,13 @@ def test_one_locked_order_and_one_stray_oplog_row_cost_only_themselves(tmp_path,
             emu.emulator.register_payment(o["no"], o["amount"], o["txn"])
         else:
             emu.emulator.create_trade(o["no"], o["amount"])
-    shop_trigger(mysql_db, "goods_order2", "UPDATE", f"OLD.id = {LOCKED} AND NEW.order_status <> OLD.order_status",
-                 message=RULE)
+    shop_trigger(
+        mysql_db, "goods_order2", "UPDATE", f"OLD.id = {LOCKED} AND NEW.order_status <> OLD.order_status", message=RULE
+    )
     with mysql_db.begin() as conn:
-        conn.exec_driver_sql(f"INSERT INTO goods_order2_oplog (order_id, event, detail) VALUES ({LOGGED}, 'REFUND_SUBMITTED', 'by hand')")
+        conn.exec_driver_sql(
+            f"INSERT INTO goods_order2_oplog (order_id, event, detail) VALUES ({LOGGED}, 'REFUND_SUBMITTED', 'by hand')"
+        )
     shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "r") for o in orders])
 
     settings = harness.daemon_config(mysql_url, emu)
@@ -51,10 +55,17 @@ def test_one_locked_order_and_one_stray_oplog_row_cost_only_themselves(tmp_path,
     daemon.start()
     daemon.wait_started()
     others = [i for i in UNPAID if i != LOCKED]
-    settled_sql = (f"SELECT COUNT(*) FROM goods_order2 WHERE (id IN ({', '.join(map(str, others))}) AND order_status = 'CANCELLED'"
-                   f" AND stock_success = 1) OR (id >= {PAID.start} AND refund_status = 'REFUNDED' AND sales_success = 1)")
-    wait_until(lambda: harness.q_scalar(mysql_db, settled_sql), 60, "the 19 closes and 20 refunds",
-               until=lambda n: n == len(others) + len(PAID), daemons=[daemon])
+    settled_sql = (
+        f"SELECT COUNT(*) FROM goods_order2 WHERE (id IN ({', '.join(map(str, others))}) AND order_status = 'CANCELLED'"
+        f" AND stock_success = 1) OR (id >= {PAID.start} AND refund_status = 'REFUNDED' AND sales_success = 1)"
+    )
+    wait_until(
+        lambda: harness.q_scalar(mysql_db, settled_sql),
+        60,
+        "the 19 closes and 20 refunds",
+        until=lambda n: n == len(others) + len(PAID),
+        daemons=[daemon],
+    )
 
     locked = harness.q_rows(mysql_db, f"SELECT * FROM goods_order2 WHERE id = {LOCKED}")[0]
     assert (locked["order_status"], locked["close_scanned"]) == ("UNPAID", 0) and locked["close_attempts"] >= 1
@@ -62,10 +73,14 @@ def test_one_locked_order_and_one_stray_oplog_row_cost_only_themselves(tmp_path,
     assert RULE in locked["close_last_error"]
     assert emu.emulator.trade_state(shop.order_row(LOCKED)["no"]) == "CLOSED"
     facts = harness.q_rows(mysql_db, "SELECT stage, row_id, fact, resolved_at FROM channel_fact")
-    assert [(f["stage"], f["row_id"], f["fact"], f["resolved_at"]) for f in facts] == [("close_unpaid", LOCKED, "PAYMENT_CLOSED", None)]
+    assert [(f["stage"], f["row_id"], f["fact"], f["resolved_at"]) for f in facts] == [
+        ("close_unpaid", LOCKED, "PAYMENT_CLOSED", None)
+    ]
     said = harness.status_json(config, emu.env(), tmp_path)
     assert said["channel_facts_open"] == 1
-    logged = harness.q_rows(mysql_db, f"SELECT detail FROM goods_order2_oplog WHERE order_id = {LOGGED} AND event = 'REFUND_SUBMITTED'")
+    logged = harness.q_rows(
+        mysql_db, f"SELECT detail FROM goods_order2_oplog WHERE order_id = {LOGGED} AND event = 'REFUND_SUBMITTED'"
+    )
     assert [r["detail"] for r in logged] == ["by hand"]  # kept, and the refund went on
 
     drop_shop_trigger(mysql_db)  # the shop lifts its rule: the order is cancelled by itself

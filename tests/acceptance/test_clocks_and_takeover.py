@@ -25,7 +25,9 @@ STOP_SECONDS = 30  # SIGTERM to exit, for every daemon here
 
 def faketime_env(offset: str) -> dict[str, str]:
     """The environment that makes a process see its wall clock shifted by ``offset`` (e.g. "+4m")."""
-    libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1"))
+    libs = sorted(
+        glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1")
+    )
     if not libs:
         pytest.fail("libfaketime is required (Debian package faketime; scripts/test installs it)", pytrace=False)
     # Only the wall clock: with a shifted monotonic clock, libfaketime's timed waits (Event.wait,
@@ -35,7 +37,10 @@ def faketime_env(offset: str) -> dict[str, str]:
 
 def seed(db, first: int, n: int) -> list[dict]:
     """Orders and their cancel requests."""
-    orders = [shop.order_row(i, goods_id=1 + i % 3, quantity=1, amount=100 + i % 50, paid=True) for i in range(first, first + n)]
+    orders = [
+        shop.order_row(i, goods_id=1 + i % 3, quantity=1, amount=100 + i % 50, paid=True)
+        for i in range(first, first + n)
+    ]
     shop.insert_orders(db, orders)
     shop.insert_requests(db, [(o["id"], "MERCHANT_CANCEL", "ops", "clock test") for o in orders])
     return orders
@@ -43,7 +48,10 @@ def seed(db, first: int, n: int) -> list[dict]:
 
 def accepted_not_recorded(db, emu) -> set[str]:
     created = set(emu.emulator.snapshot()["refunds_created"])
-    recorded = {r["out_refund_no"] for r in harness.q_rows(db, "SELECT out_refund_no FROM refund_order WHERE submit_success = 1")}
+    recorded = {
+        r["out_refund_no"]
+        for r in harness.q_rows(db, "SELECT out_refund_no FROM refund_order WHERE submit_success = 1")
+    }
     return created - recorded
 
 
@@ -58,7 +66,9 @@ def test_two_daemons_one_with_a_fast_clock_never_call_one_number_twice_and_recor
     shop.insert_orders(mysql_db, orders)
     baseline = harness.Baseline.take(mysql_db)
     # Small batches, few threads: both daemons keep coming back for the same rows.
-    jobs = harness.fast_jobs(submit_refund={"batch_size": 10, "concurrency": 4}, poll_refund={"batch_size": 10, "concurrency": 4})
+    jobs = harness.fast_jobs(
+        submit_refund={"batch_size": 10, "concurrency": 4}, poll_refund={"batch_size": 10, "concurrency": 4}
+    )
     config = harness.daemon_config(mysql_url, emu, jobs=jobs)
     honest = daemons(tmp_path / "honest", config, emu.env(), name="honest")
     fast = daemons(tmp_path / "fast", config, {**emu.env(), **faketime_env(offset)}, name="fast")
@@ -72,11 +82,16 @@ def test_two_daemons_one_with_a_fast_clock_never_call_one_number_twice_and_recor
     harness.wait_settled(mysql_db, 180, [honest, fast])
     harness.stop_all(honest, fast, timeout=STOP_SECONDS)
 
-    totals = harness.check_invariants(mysql_db, emu, harness.Scenario(f"clock {offset}", baseline, daemons=[honest, fast]))
+    totals = harness.check_invariants(
+        mysql_db, emu, harness.Scenario(f"clock {offset}", baseline, daemons=[honest, fast])
+    )
     snap = emu.emulator.snapshot()
     assert {no: n for no, n in snap["max_in_flight"].items() if n > 1} == {}
     assert accepted_not_recorded(mysql_db, emu) == set()
-    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 0") == 0
+    assert (
+        harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_scanned = 1 AND submit_success = 0")
+        == 0
+    )
     fast_logs = fast.logs()
     offsets = [r for r in fast_logs if r.get("action") == "clock_offset"]
     assert offsets and abs(offsets[0]["offset_seconds"]) > 200, "the fast daemon must say its clock is off"
@@ -90,7 +105,9 @@ def test_two_daemons_one_with_a_fast_clock_never_call_one_number_twice_and_recor
 
 
 def leased_by_someone(db) -> int:
-    return harness.q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL AND submit_scanned = 0")
+    return harness.q_scalar(
+        db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL AND submit_scanned = 0"
+    )
 
 
 def paid_orders_and_emulator(tmp_path, db, external_emulators, n: int, latency: tuple[float, float]):
@@ -102,16 +119,23 @@ def paid_orders_and_emulator(tmp_path, db, external_emulators, n: int, latency: 
 
 
 def wait_holding_leases(db, daemon) -> None:
-    wait_until(lambda: leased_by_someone(db), 60, f"{daemon.name} holds leases", until=lambda n: n > 0,
-               daemons=[daemon], interval=0.02)
+    wait_until(
+        lambda: leased_by_someone(db),
+        60,
+        f"{daemon.name} holds leases",
+        until=lambda n: n > 0,
+        daemons=[daemon],
+        interval=0.02,
+    )
 
 
 def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
     emu, baseline = paid_orders_and_emulator(tmp_path, mysql_db, external_emulators, 120, latency=(0.3, 0.6))
-    jobs = harness.fast_jobs(submit_refund={"batch_size": 40, "concurrency": 4, "lease_seconds": 120},
-                             poll_refund={"lease_seconds": 120})
+    jobs = harness.fast_jobs(
+        submit_refund={"batch_size": 40, "concurrency": 4, "lease_seconds": 120}, poll_refund={"lease_seconds": 120}
+    )
     config = harness.daemon_config(mysql_url, emu, jobs=jobs)
     victim = daemons(tmp_path / "victim", config, emu.env(), name="victim").start()
     wait_holding_leases(mysql_db, victim)
@@ -122,9 +146,14 @@ def test_a_daemon_killed_9_mid_calls_has_its_work_taken_over_within_15_seconds(
     owner = next(r["owner"] for r in victim.logs() if r.get("action") == "started")
     held = harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner)
     assert held > 0, "the victim released its leases before the kill: nothing to take over"
-    wait_until(lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner),
-               TAKEOVER_BOUND_SECONDS + 10, "the dead daemon's leases released", until=lambda n: n == 0,
-               daemons=[survivor], interval=0.05)
+    wait_until(
+        lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner = :o", o=owner),
+        TAKEOVER_BOUND_SECONDS + 10,
+        "the dead daemon's leases released",
+        until=lambda n: n == 0,
+        daemons=[survivor],
+        interval=0.05,
+    )
     took = time.monotonic() - killed_at
     assert took < TAKEOVER_BOUND_SECONDS, f"took over {held} lease(s) after {took:.1f}s"
     harness.wait_settled(mysql_db, 180, [survivor])
@@ -149,8 +178,13 @@ def test_a_daemon_paused_past_its_lease_sends_nothing_when_it_resumes(
         calls_before = sum(emu.emulator.snapshot()["requests"].values())
     finally:
         os.kill(paused.pid, signal.SIGCONT)
-    wait_until(lambda: [r for r in paused.logs() if r.get("action") == "declared_dead"], 30,
-               "the paused daemon finds it was declared dead", until=bool, interval=0.1)
+    wait_until(
+        lambda: [r for r in paused.logs() if r.get("action") == "declared_dead"],
+        30,
+        "the paused daemon finds it was declared dead",
+        until=bool,
+        interval=0.1,
+    )
     # Whatever it still held from before the pause: not one more call.
     harness.hold(3, lambda: assert_no_more_calls(emu, calls_before))
     harness.stop_all(paused, other, timeout=STOP_SECONDS)

@@ -102,7 +102,9 @@ def test_demo_with_no_arguments_settles_and_proves_its_numbers(tmp_path):
         # Refunds in the database are what the summary says.
         refunds = {
             status: (n, fen)
-            for status, n, fen in db_rows(db, "SELECT wx_status, COUNT(*), SUM(refund_amount) FROM refund_order GROUP BY wx_status")
+            for status, n, fen in db_rows(
+                db, "SELECT wx_status, COUNT(*), SUM(refund_amount) FROM refund_order GROUP BY wx_status"
+            )
         }
         assert refunds == {"SUCCESS": (success_count, success_fen), "CLOSED": (closed_count, closed_fen)}
 
@@ -174,11 +176,20 @@ def test_the_hint_the_demo_prints_runs_as_printed_from_the_repository_root(tmp_p
     env = {k: v for k, v in os.environ.items() if k != "CANCEL_SCANNER_DB_URL"}
     env["PATH"] = "/usr/bin:/bin"  # as a newcomer's shell: the virtual environment is not on it
     env["TMPDIR"] = str(tmp_path)
-    demo = subprocess.run([os.path.relpath(script, REPO), "demo", "--orders", "12", "--seed", "7"], cwd=REPO, env=env,
-                          capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT_SECONDS)
+    demo = subprocess.run(
+        [os.path.relpath(script, REPO), "demo", "--orders", "12", "--seed", "7"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=TIMEOUT_SECONDS,
+    )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     hint = re.search(r"^  (CANCEL_SCANNER_DB_URL=\S+ .+ status)$", demo.stdout, re.MULTILINE)
     assert hint, demo.stdout
-    status = subprocess.run(hint.group(1), shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    status = subprocess.run(
+        hint.group(1), shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
+    )
     assert status.returncode == 0, (hint.group(1), status.stderr)
     assert "intake" in status.stdout and "pending" in status.stdout

@@ -41,7 +41,11 @@ def test_the_emulator_command_prints_its_address_and_key_paths_and_stops_on_sigt
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "cli.py"), "emulator", "--port", "0", "--key-dir", str(tmp_path / "keys")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     try:
         lines = read_lines(proc, 8, timeout=30)

@@ -47,7 +47,9 @@ def samples(exposition: str) -> dict[str, float]:
     return out
 
 
-def test_a_daemons_metrics_match_the_database_and_its_health_checks_answer(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
+def test_a_daemons_metrics_match_the_database_and_its_health_checks_answer(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
     emu = external_emulators(tmp_path / "keys")
     port = free_port()
     orders = harness.paid_orders(mysql_db, emu, N)
@@ -64,8 +66,12 @@ def test_a_daemons_metrics_match_the_database_and_its_health_checks_answer(tmp_p
 
     def settled_metrics():
         m = samples(get(base + "/metrics")[1])
-        return m if m.get('cancel_scanner_rows_total{outcome="done",stage="decrement_sales"}') == N and all(
-            v == 0 for k, v in m.items() if k.startswith("cancel_scanner_pending_rows")) else None
+        return (
+            m
+            if m.get('cancel_scanner_rows_total{outcome="done",stage="decrement_sales"}') == N
+            and all(v == 0 for k, v in m.items() if k.startswith("cancel_scanner_pending_rows"))
+            else None
+        )
 
     m = wait_until(settled_metrics, 15, "the metrics to catch up with the database", daemons=[daemon])
     accepted = harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE result_code = 'OK'")

@@ -29,7 +29,9 @@ def test_three_daemons_of_one_merchant_stay_within_its_limits_together_and_use_t
         d.wait_started()
 
     def shares() -> list[int | None]:
-        return [max((r.get("sharers", 0) for r in d.logs() if r.get("action") == "pace_shared"), default=None) for d in crew]
+        return [
+            max((r.get("sharers", 0) for r in d.logs() if r.get("action") == "pace_shared"), default=None) for d in crew
+        ]
 
     wait_until(shares, 30, "each daemon to count three sharers", until=lambda s: s == [3, 3, 3], daemons=crew)
     emu.emulator.forget_requests()
@@ -61,7 +63,9 @@ def test_one_daemon_given_three_times_the_limits_paces_at_the_others_and_each_sa
     orders = harness.paid_orders(mysql_db, emu, N)
     config = harness.daemon_config(mysql_url, emu, wechat={"apply_qps": APPLY_QPS, "query_qps": QUERY_QPS})
     wrong = harness.daemon_config(mysql_url, emu, wechat={"apply_qps": 3 * APPLY_QPS, "query_qps": 3 * QUERY_QPS})
-    crew = [daemons(tmp_path / f"d{i}", wrong if i == 2 else config, emu.env(), name=f"daemon{i + 1}") for i in range(3)]
+    crew = [
+        daemons(tmp_path / f"d{i}", wrong if i == 2 else config, emu.env(), name=f"daemon{i + 1}") for i in range(3)
+    ]
     for d in crew:
         d.start()
     for d in crew:

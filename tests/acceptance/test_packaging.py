@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED_TREES = {"cancel_scanner": "cancel_scanner", "scanners": "cancel_scanner/scanners", "models": "cancel_scanner/models"}
+SHIPPED_TREES = {
+    "cancel_scanner": "cancel_scanner",
+    "scanners": "cancel_scanner/scanners",
+    "models": "cancel_scanner/models",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +34,24 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
         REPO,
         source,
         symlinks=True,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "out"),
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "out"
+        ),
     )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--disable-pip-version-check", "-w", str(work), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-w",
+            str(work),
+            str(source),
+        ],
         check=True,
         timeout=120,
     )
@@ -74,9 +92,18 @@ def test_the_commands_run_from_the_unpacked_wheel_alone(wheel, tmp_path):
         "print(len(s.REGISTRY.names), len(db.schema_sql()))"
     )
     # cwd outside the checkout: nothing of the repository is on the path.
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     stages, schema_chars = map(int, out.stdout.split())
     assert stages >= 6 and schema_chars == len((REPO / "sql" / "schema.sql").read_text(encoding="utf-8"))
-    version = subprocess.run([sys.executable, "-m", "cancel_scanner.cli", "--version"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    version = subprocess.run(
+        [sys.executable, "-m", "cancel_scanner.cli", "--version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert version.returncode == 0 and "cancel-scanner, version" in version.stdout, version.stderr

@@ -44,11 +44,17 @@ class PrometheusServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "prometheus.yml"
         self.log_path = workdir / "prometheus.log"
-        self.config_path.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [scrape]}]}],
-        }, sort_keys=False), encoding="utf-8")
+        self.config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(ALERTS)],
+                    "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [scrape]}]}],
+                },
+                sort_keys=False,
+            ),
+            encoding="utf-8",
+        )
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> PrometheusServer:
@@ -60,7 +66,9 @@ class PrometheusServer:
             "--log.level=warn",
         ]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         wait_until(lambda: self._answers("/-/ready"), START_TIMEOUT_SECONDS, "prometheus to be ready", daemons=[self])
         return self
 
@@ -136,8 +144,9 @@ def value_of(vector: list[dict[str, Any]]) -> float | None:
     return float(vector[0]["value"][1]) if len(vector) == 1 else None
 
 
-def test_prometheus_scrapes_a_daemon_and_loads_the_shipped_alerts(tmp_path, mysql_db, mysql_url, external_emulators, daemons,
-                                                                  prometheus):
+def test_prometheus_scrapes_a_daemon_and_loads_the_shipped_alerts(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons, prometheus
+):
     emu = external_emulators(tmp_path / "keys")
     port = free_port()
     orders = harness.paid_orders(mysql_db, emu, N)
@@ -146,16 +155,32 @@ def test_prometheus_scrapes_a_daemon_and_loads_the_shipped_alerts(tmp_path, mysq
     daemon.start()
     daemon.wait_started()
     prom = prometheus(f"127.0.0.1:{port}")
-    assert wait_until(lambda: value_of(prom.query(f'up{{job="{JOB}"}}')), 30, "prometheus to scrape the daemon",
-                      daemons=[daemon, prom]) == 1
+    assert (
+        wait_until(
+            lambda: value_of(prom.query(f'up{{job="{JOB}"}}')),
+            30,
+            "prometheus to scrape the daemon",
+            daemons=[daemon, prom],
+        )
+        == 1
+    )
 
     shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "r") for o in orders])
     harness.wait_settled(mysql_db, 60, [daemon])
 
     accepted = harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE result_code = 'OK'")
     intake_done = 'cancel_scanner_rows_total{stage="intake",outcome="done"}'
-    assert wait_until(lambda: value_of(prom.query(intake_done)), 30, "prometheus to see intake's rows",
-                      until=lambda v: v == accepted, daemons=[daemon, prom]) == accepted == N
+    assert (
+        wait_until(
+            lambda: value_of(prom.query(intake_done)),
+            30,
+            "prometheus to see intake's rows",
+            until=lambda v: v == accepted,
+            daemons=[daemon, prom],
+        )
+        == accepted
+        == N
+    )
     up = {s["metric"]["stage"]: float(s["value"][1]) for s in prom.query("cancel_scanner_stage_up")}
     assert up == {stage: 1.0 for stage in harness.STAGES}
 

@@ -43,8 +43,28 @@ SHIPPED_ALERTS = (
 PROMETHEUS_METRICS = {"up"}
 # What PromQL spells with words: functions, aggregations, operators, modifiers.
 PROMQL_WORDS = {
-    "abs", "absent", "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "sum", "max", "min", "avg", "count", "increase", "rate", "irate", "time", "offset", "bool",
+    "abs",
+    "absent",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "sum",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "increase",
+    "rate",
+    "irate",
+    "time",
+    "offset",
+    "bool",
 }
 # A counter's or a histogram's exposition adds these to the name the code gives it.
 SAMPLE_SUFFIXES = ("_total", "_bucket", "_sum", "_count")
@@ -62,8 +82,13 @@ def require_binary(name: str) -> str:
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_binary("promtool"), *args], cwd=RULES_DIR, capture_output=True, text=True,
-                          timeout=PROMTOOL_TIMEOUT_SECONDS)
+    return subprocess.run(
+        [require_binary("promtool"), *args],
+        cwd=RULES_DIR,
+        capture_output=True,
+        text=True,
+        timeout=PROMTOOL_TIMEOUT_SECONDS,
+    )
 
 
 def shipped_rules() -> list[dict]:
@@ -90,8 +115,11 @@ def metric_names(expr: str) -> set[str]:
 def daemon_metric_names() -> set[str]:
     """Every cancel_scanner_* name written in the package's source."""
     package = Path(cancel_scanner.__file__).parent
-    return {name for source in package.rglob("*.py")
-            for name in re.findall(r"[\"'](cancel_scanner_[a-z0-9_]+)[\"']", source.read_text(encoding="utf-8"))}
+    return {
+        name
+        for source in package.rglob("*.py")
+        for name in re.findall(r"[\"'](cancel_scanner_[a-z0-9_]+)[\"']", source.read_text(encoding="utf-8"))
+    }
 
 
 def test_promtool_accepts_the_rules_and_finds_every_shipped_alert():
@@ -114,7 +142,9 @@ def test_every_alert_has_a_severity_a_summary_and_a_description():
 
 
 def test_metric_names_reads_the_selected_names_only():
-    expr = 'sum without (endpoint, outcome) (increase(a_total{outcome=~"x|y"}[5m])) / b >= 0.5 and abs(up{job="c"}) == 0'
+    expr = (
+        'sum without (endpoint, outcome) (increase(a_total{outcome=~"x|y"}[5m])) / b >= 0.5 and abs(up{job="c"}) == 0'
+    )
     assert metric_names(expr) == {"a_total", "b", "up"}
 
 
@@ -123,7 +153,8 @@ def test_the_rules_use_only_metrics_the_daemon_defines():
     used = {name for rule in shipped_rules() for name in metric_names(rule["expr"])}
     assert {"cancel_scanner_wechat_requests_total", "cancel_scanner_stage_up", "up"} <= used, used
     unknown = sorted(
-        name for name in used - PROMETHEUS_METRICS
+        name
+        for name in used - PROMETHEUS_METRICS
         if name not in defined and not any(name.endswith(s) and name[: -len(s)] in defined for s in SAMPLE_SUFFIXES)
     )
     assert unknown == [], f"alerts.yml uses metrics the cancel_scanner package does not define: {unknown}"
@@ -157,12 +188,17 @@ def test_the_thresholds_are_the_daemons_alert_defaults():
 def test_the_scrape_example_sends_the_token_from_a_file_and_promtool_accepts_it(tmp_path):
     """Issue 24, item 3: how to scrape /metrics behind its token (Bearer, from a file, never inline)."""
     example = (RULES_DIR / "prometheus.yml").read_text(encoding="utf-8")
-    assert "credentials_file:" in example and "type: Bearer" in example and "credentials:" not in example.replace(
-        "credentials_file:", "")
+    assert (
+        "credentials_file:" in example
+        and "type: Bearer" in example
+        and "credentials:" not in example.replace("credentials_file:", "")
+    )
     token = tmp_path / "cancel-scanner.token"
     token.write_text("x" * 32, encoding="utf-8")
     config = tmp_path / "prometheus.yml"
-    config.write_text(example.replace("/etc/prometheus/cancel-scanner.token", str(token))
-                      .replace("  - alerts.yml", f"  - {ALERTS}"), encoding="utf-8")
+    config.write_text(
+        example.replace("/etc/prometheus/cancel-scanner.token", str(token)).replace("  - alerts.yml", f"  - {ALERTS}"),
+        encoding="utf-8",
+    )
     done = promtool("check", "config", str(config))
     assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr

@@ -32,8 +32,11 @@ def test_prune_dry_run_then_prune_then_an_age_under_a_day_refused(tmp_path, mysq
 
     dry = run_cli(["prune", "--older-than", "90d", "--dry-run"], config=config, env=ENV, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert re.match(r"prune --dry-run: rows finished before \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(database time - 90d\),"
-                    r" batches of 7, at most 1,000,000 rows per table; nothing is moved$", dry.stdout.splitlines()[0])
+    assert re.match(
+        r"prune --dry-run: rows finished before \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(database time - 90d\),"
+        r" batches of 7, at most 1,000,000 rows per table; nothing is moved$",
+        dry.stdout.splitlines()[0],
+    )
     counted = table_lines(dry.stdout, "would move")
     assert {name: rows for name, (rows, _b) in counted.items()} == expected
     assert dry.stdout.splitlines()[-1] == f"prune: would move {sum(expected.values()):,} rows"
@@ -51,7 +54,12 @@ def test_prune_dry_run_then_prune_then_an_age_under_a_day_refused(tmp_path, mysq
     assert again.returncode == 0, again.stderr
     assert "batches of 3" in again.stdout and table_lines(again.stdout, "moved") == dict.fromkeys(TABLES, (0, 0))
 
-    for age, why in (("1h", "is under 1 day"), ("23h", "is under 1 day"), ("ninety", "is not an age"), ("90", "is not an age")):
+    for age, why in (
+        ("1h", "is under 1 day"),
+        ("23h", "is under 1 day"),
+        ("ninety", "is not an age"),
+        ("90", "is not an age"),
+    ):
         refused = run_cli(["prune", "--older-than", age], config=config, env=ENV, cwd=tmp_path)
         assert refused.returncode == 2, (age, refused.stdout, refused.stderr)
         assert refused.stdout == "" and len(refused.stderr.splitlines()) == 1, (age, refused.stderr)
@@ -70,8 +78,14 @@ def test_ctrl_c_stops_prune_after_the_batch_in_hand_and_a_rerun_finishes(tmp_pat
     seeded = seed(mysql_db, finished_orders=2000)
     before = snapshot(mysql_db)
     config = write_config(tmp_path / "jobs.yaml", {"database_url": mysql_url})
-    proc = subprocess.Popen([sys.executable, str(CLI), "--config", str(config), "prune", "--older-than", "90d", "--batch-size", "1"],
-                            cwd=tmp_path, env=cli_env(ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(CLI), "--config", str(config), "prune", "--older-than", "90d", "--batch-size", "1"],
+        cwd=tmp_path,
+        env=cli_env(ENV),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     header = proc.stdout.readline()  # printed just before the first batch
     assert header.startswith("prune: rows finished before "), header
     proc.send_signal(signal.SIGINT)

@@ -33,7 +33,9 @@ def test_reconcile_says_clean_then_differences_then_not_ready_with_its_exit_code
     assert f"{today}: CLEAN, {2 * N} bill row(s), 0 difference(s)" in clean.stdout
 
     with mysql_db.begin() as conn:
-        conn.exec_driver_sql(f"UPDATE refund_order SET refund_amount = refund_amount - 1 WHERE order_id = {orders[0]['id']}")
+        conn.exec_driver_sql(
+            f"UPDATE refund_order SET refund_amount = refund_amount - 1 WHERE order_id = {orders[0]['id']}"
+        )
     differs = reconcile()
     assert differs.returncode == 4 and "AMOUNT_DIFFERS: 1" in differs.stdout, differs.stdout
     assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM reconcile_diff") == 1

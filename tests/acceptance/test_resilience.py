@@ -43,13 +43,18 @@ def seed(db, n: int, *, goods=(1, 2, 3, 4), unpaid_every: int = 4) -> list[dict]
 
 
 def cancel_all(db, orders) -> None:
-    shop.insert_requests(db, [(o["id"], "USER_CANCEL" if o["id"] % 7 == 0 else "MERCHANT_CANCEL", "ops", "test") for o in orders])
+    shop.insert_requests(
+        db, [(o["id"], "USER_CANCEL" if o["id"] % 7 == 0 else "MERCHANT_CANCEL", "ops", "test") for o in orders]
+    )
 
 
 def accepted_but_unrecorded(db, emu) -> set[str]:
     """Refunds WeChat has created whose acceptance never reached the database: a crash between call and commit."""
     numbers = set(emu.emulator.snapshot()["refunds_created"])
-    pending = {r["out_refund_no"] for r in harness.q_rows(db, "SELECT out_refund_no FROM refund_order WHERE submit_scanned = 0")}
+    pending = {
+        r["out_refund_no"]
+        for r in harness.q_rows(db, "SELECT out_refund_no FROM refund_order WHERE submit_scanned = 0")
+    }
     return numbers & pending
 
 
@@ -97,8 +102,15 @@ def test_kill_9_at_random_moments_and_restart_loses_nothing_and_repeats_nothing(
     harness.stop_all(daemon, timeout=EXIT_BOUND_SECONDS)
 
     totals = harness.check_invariants(mysql_db, emu, harness.Scenario("crash loop", baseline, daemons=[daemon]))
-    harness.report("crash loop", n=CRASH_N, kills=CRASH_KILLS, kills_on_accept_log=triggered,
-                   refunds_created_but_uncommitted_at_a_kill=len(stranded), seconds=watch.elapsed, **totals)
+    harness.report(
+        "crash loop",
+        n=CRASH_N,
+        kills=CRASH_KILLS,
+        kills_on_accept_log=triggered,
+        refunds_created_but_uncommitted_at_a_kill=len(stranded),
+        seconds=watch.elapsed,
+        **totals,
+    )
 
 
 # --- three daemons -----------------------------------------------------------------------------------
@@ -113,7 +125,9 @@ def test_three_daemons_on_the_same_rows_one_killed_midway_never_call_twice_at_on
     emu = external_emulators(tmp_path / "keys", latency=(0.02, 0.05))
     orders = seed(mysql_db, TRIO_N)
     baseline = harness.Baseline.take(mysql_db)
-    jobs = harness.fast_jobs(submit_refund={"batch_size": 50}, poll_refund={"batch_size": 50}, intake={"batch_size": 100})
+    jobs = harness.fast_jobs(
+        submit_refund={"batch_size": 50}, poll_refund={"batch_size": 50}, intake={"batch_size": 100}
+    )
     config = harness.daemon_config(mysql_url, emu, jobs=jobs)
     trio = [daemons(tmp_path / f"d{i}", config, emu.env(), name=f"d{i}") for i in (1, 2, 3)]
     for d in trio:
@@ -121,8 +135,14 @@ def test_three_daemons_on_the_same_rows_one_killed_midway_never_call_twice_at_on
     cancel_all(mysql_db, orders)
 
     paid = sum(1 for o in orders if o["pay"])
-    wait_until(lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1"), 120,
-               "a third of the refunds submitted", until=lambda c: c >= paid // 3, daemons=trio, interval=0.05)
+    wait_until(
+        lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1"),
+        120,
+        "a third of the refunds submitted",
+        until=lambda c: c >= paid // 3,
+        daemons=trio,
+        interval=0.05,
+    )
     trio[1].kill9()
     trio[1].start()
     harness.wait_settled(mysql_db, SETTLE_SECONDS, trio)
@@ -152,9 +172,13 @@ def test_a_stop_that_runs_out_of_time_never_lets_another_daemon_call_the_same_re
     shop.insert_orders(mysql_db, [shop.order_row(i) for i in range(1, 21)])
     baseline = harness.Baseline.take(mysql_db)
     long_lease = {"batch_size": 50, "concurrency": 20, "lease_seconds": 16}  # > connect + read + 5 s
-    config = harness.daemon_config(mysql_url, emu, jobs=harness.fast_jobs(submit_refund=long_lease, poll_refund=long_lease,
-                                                                       close_unpaid=long_lease),
-                                   wechat={"timeout_seconds": [1, SLOW_CALL_SECONDS + 3]}, shutdown_timeout_seconds=1)
+    config = harness.daemon_config(
+        mysql_url,
+        emu,
+        jobs=harness.fast_jobs(submit_refund=long_lease, poll_refund=long_lease, close_unpaid=long_lease),
+        wechat={"timeout_seconds": [1, SLOW_CALL_SECONDS + 3]},
+        shutdown_timeout_seconds=1,
+    )
     first = daemons(tmp_path / "first", config, emu.env(), name="first")
     second = daemons(tmp_path / "second", config, emu.env(), name="second")
     first.start()
@@ -162,8 +186,13 @@ def test_a_stop_that_runs_out_of_time_never_lets_another_daemon_call_the_same_re
         assert "shutdown_timeout_seconds" in first.log_text()
         return
     shop.insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "ops", "slow gateway") for i in range(1, 21)])
-    wait_until(lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL"), 30,
-               "the first daemon to lease all 20 refunds", until=lambda c: c == 20, daemons=[first])
+    wait_until(
+        lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL"),
+        30,
+        "the first daemon to lease all 20 refunds",
+        until=lambda c: c == 20,
+        daemons=[first],
+    )
     second.start()
     second.wait_started()
     first.sigterm()  # 20 calls are in flight for another few seconds
@@ -211,13 +240,21 @@ class OutageRun:
         daemon.start()
         cancel_all(db, orders)
         paid = sum(1 for o in orders if o["pay"])
-        wait_until(lambda: harness.q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1"), 60,
-                   "some refunds submitted", until=lambda c: c >= paid // 4, daemons=[daemon], interval=0.05)
+        wait_until(
+            lambda: harness.q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1"),
+            60,
+            "some refunds submitted",
+            until=lambda c: c >= paid // 4,
+            daemons=[daemon],
+            interval=0.05,
+        )
 
         self.down_at = shop.utcnow()
         self.server.stop()
         stopped = time.monotonic()
-        self.status_during = processes.run_cli(["status"], config=daemon.config_path, env=self.emu.env(), cwd=daemon.workdir)
+        self.status_during = processes.run_cli(
+            ["status"], config=daemon.config_path, env=self.emu.env(), cwd=daemon.workdir
+        )
 
         harness.hold(OUTAGE_SECONDS - (time.monotonic() - stopped), daemon.check_alive)  # it must wait the outage out
         self.server.start()
@@ -243,7 +280,7 @@ class OutageRun:
     def backoff_bound(self) -> int:
         """One line per stage per backoff step (the delay doubles from the interval), one spare per stage."""
         steps = 0
-        while OUTAGE_INTERVAL * 2 ** steps < self.outage:
+        while OUTAGE_INTERVAL * 2**steps < self.outage:
             steps += 1
         return OUTAGE_STAGES * (steps + 1) + int(self.outage / 60) + OUTAGE_STAGES
 
@@ -273,27 +310,41 @@ def test_a_database_outage_mid_run_is_waited_out_with_bounded_noise_and_the_work
     assert OUTAGE_STAGES <= by_level["WARNING"] <= outage.backoff_bound, (by_level, by_stage, outage.backoff_bound)
     recovered = {r["stage"] for r in outage.logs if r.get("action") == "recovered"}
     assert recovered == set(by_stage), (recovered, by_stage)
-    harness.report("database outage", n=OUTAGE_N, outage_s=round(outage.outage, 1), backoff_warnings=by_level["WARNING"],
-                   bound=outage.backoff_bound,
-                   warnings_during_outage=sum(1 for r in outage.during_outage() if r["level"] == "WARNING"),
-                   by_stage=dict(by_stage), seconds=outage.watch.elapsed, **totals)
+    harness.report(
+        "database outage",
+        n=OUTAGE_N,
+        outage_s=round(outage.outage, 1),
+        backoff_warnings=by_level["WARNING"],
+        bound=outage.backoff_bound,
+        warnings_during_outage=sum(1 for r in outage.during_outage() if r["level"] == "WARNING"),
+        by_stage=dict(by_stage),
+        seconds=outage.watch.elapsed,
+        **totals,
+    )
 
 
 def test_an_outage_is_logged_once_per_backoff_step(outage):
     # The stages' own lines; APScheduler's are test_a_busy_healthy_daemon_does_not_warn_about_its_own_scheduling's.
-    warnings = [r for r in outage.during_outage()
-                if r["level"] in ("WARNING", "ERROR") and not str(r.get("stage", "")).startswith("apscheduler")]
+    warnings = [
+        r
+        for r in outage.during_outage()
+        if r["level"] in ("WARNING", "ERROR") and not str(r.get("stage", "")).startswith("apscheduler")
+    ]
     per_stage = Counter(r.get("stage") for r in warnings)
     steps = Counter(r.get("stage") for r in warnings if r.get("action") == "backoff")
-    assert per_stage == steps, {"warnings": dict(per_stage), "backoff steps": dict(steps),
-                                "actions": dict(Counter(r.get("action") for r in warnings))}
+    assert per_stage == steps, {
+        "warnings": dict(per_stage),
+        "backoff steps": dict(steps),
+        "actions": dict(Counter(r.get("action") for r in warnings)),
+    }
 
 
 # --- hostile gateway ---------------------------------------------------------------------------------
 
 HOSTILE_N = 1500 if harness.SOAK else 300
-HOSTILE_FAULTS = FaultPlan(p_5xx=0.2, p_429=0.05, p_slow=0.05, slow_seconds=1.5, p_bad_signature=0.02,
-                           after_commit=0.5, seed=6)
+HOSTILE_FAULTS = FaultPlan(
+    p_5xx=0.2, p_429=0.05, p_slow=0.05, slow_seconds=1.5, p_bad_signature=0.02, after_commit=0.5, seed=6
+)
 
 
 def test_a_hostile_gateway_cannot_make_a_refund_happen_twice_or_a_forged_success_count(
@@ -324,7 +375,10 @@ def test_a_hostile_gateway_cannot_make_a_refund_happen_twice_or_a_forged_success
         lambda: harness.q_scalar(
             mysql_db, f"SELECT COUNT(*) FROM refund_order WHERE wx_status = 'ABNORMAL' AND order_id IN ({abnormal_ids})"
         ),
-        SETTLE_SECONDS, "the ABNORMAL refunds to be seen", until=lambda c: c == len(abnormal), daemons=[daemon],
+        SETTLE_SECONDS,
+        "the ABNORMAL refunds to be seen",
+        until=lambda c: c == len(abnormal),
+        daemons=[daemon],
     )
     status = harness.status_json(daemon.config_path, emu.env(), tmp_path)
     assert status["abnormal_refunds"] == len(abnormal)
@@ -332,7 +386,9 @@ def test_a_hostile_gateway_cannot_make_a_refund_happen_twice_or_a_forged_success
     refunding = f"SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'REFUNDING' AND id IN ({abnormal_ids})"
     assert harness.q_scalar(mysql_db, refunding) == len(abnormal)
 
-    moved = emu.emulator.resolve_abnormal(lambda refund: by_no.get(refund["out_trade_no"]) in abnormal)  # the merchant acted
+    moved = emu.emulator.resolve_abnormal(
+        lambda refund: by_no.get(refund["out_trade_no"]) in abnormal
+    )  # the merchant acted
     assert moved == len(abnormal)
     harness.wait_settled(mysql_db, SETTLE_SECONDS, [daemon])
     assert harness.status_json(daemon.config_path, emu.env(), tmp_path)["abnormal_refunds"] == 0
@@ -340,27 +396,61 @@ def test_a_hostile_gateway_cannot_make_a_refund_happen_twice_or_a_forged_success
 
     scenario = harness.Scenario("hostile gateway", baseline, daemons=[daemon], closed_orders=closed)
     totals = harness.check_invariants(mysql_db, emu, scenario)
-    retried = Counter(r["message"].split(":")[1].strip() for r in daemon.logs()
-                      if r.get("action") == "retry" and r["message"].count(":") >= 1)
+    retried = Counter(
+        r["message"].split(":")[1].strip()
+        for r in daemon.logs()
+        if r.get("action") == "retry" and r["message"].count(":") >= 1
+    )
     for code in ("NOT_ENOUGH", "BAD_SIGNATURE", "TIMEOUT", "FREQUENCY_LIMITED"):
         assert retried[code] > 0, retried  # each hostility really struck and was retried
     closed_ids = ",".join(map(str, closed))
-    assert harness.q_scalar(mysql_db, f"SELECT SUM(stock_scanned + sales_scanned) FROM goods_order2 WHERE id IN ({closed_ids})") == 0
+    assert (
+        harness.q_scalar(
+            mysql_db, f"SELECT SUM(stock_scanned + sales_scanned) FROM goods_order2 WHERE id IN ({closed_ids})"
+        )
+        == 0
+    )
     faults = emu.emulator.snapshot()["faults_injected"]
-    harness.report("hostile gateway", n=HOSTILE_N, closed=len(closed), abnormal=len(abnormal), faults_injected=sum(faults.values()),
-                   faults=faults, retries_by_code=dict(retried), seconds=watch.elapsed, **totals)
+    harness.report(
+        "hostile gateway",
+        n=HOSTILE_N,
+        closed=len(closed),
+        abnormal=len(abnormal),
+        faults_injected=sum(faults.values()),
+        faults=faults,
+        retries_by_code=dict(retried),
+        seconds=watch.elapsed,
+        **totals,
+    )
 
 
 # --- bad input catalogue -----------------------------------------------------------------------------
 
 BAD_ROW_KINDS = (
-    "max-length non-ASCII operator and reason (4-byte emoji)", "unpaid order (USER_CANCEL)", "order already cancelled",
-    "two requests for one order in one batch", "two requests for one order across batches", "shipped", "completed",
-    "deleted", "paid with amount 0", "paid with no transaction_id", "paid with an empty transaction_id",
-    "paid order whose goods row is missing", "unpaid order whose goods row is missing", "sales lower than the quantity",
-    "order row locked by another transaction", "unknown order", "negative order id", "unknown op type",
-    "lower-case op type", "empty op type", "paid more than a year ago", "unknown order status",
-    "NULL operator and reason", "emoji on the 80-byte reason cut",
+    "max-length non-ASCII operator and reason (4-byte emoji)",
+    "unpaid order (USER_CANCEL)",
+    "order already cancelled",
+    "two requests for one order in one batch",
+    "two requests for one order across batches",
+    "shipped",
+    "completed",
+    "deleted",
+    "paid with amount 0",
+    "paid with no transaction_id",
+    "paid with an empty transaction_id",
+    "paid order whose goods row is missing",
+    "unpaid order whose goods row is missing",
+    "sales lower than the quantity",
+    "order row locked by another transaction",
+    "unknown order",
+    "negative order id",
+    "unknown op type",
+    "lower-case op type",
+    "empty op type",
+    "paid more than a year ago",
+    "unknown order status",
+    "NULL operator and reason",
+    "emoji on the 80-byte reason cut",
 )
 OPERATOR_64 = ("店员王小明" * 12)[:60] + "😀🧾🙂🎉"  # 64 characters, four of them 4-byte emoji
 REASON_255 = ("顾客要求取消：尺码不合适😀 / customer asked to cancel, size wrong 🧾。" * 8)[:255]
@@ -374,29 +464,32 @@ def test_a_catalogue_of_bad_rows_each_gets_its_outcome_and_the_daemon_keeps_runn
     emu = external_emulators(tmp_path / "keys")
     shop.insert_goods(mysql_db, {1: (100, 100), 2: (100, 1)})  # goods 2 has sold 1; goods 77 does not exist
     long_ago = shop.utcnow().replace(microsecond=0) - timedelta(days=400)
-    shop.insert_orders(mysql_db, [
-        shop.order_row(101),                                    # max-length non-ASCII operator and reason
-        shop.order_row(102, paid=False),                        # unpaid: cancelled, no refund, stock back
-        shop.order_row(103, status="CANCELLED"),                # the shop already cancelled it
-        shop.order_row(104),                                    # two requests in one batch
-        shop.order_row(105),                                    # two requests in two batches
-        shop.order_row(106, status="SHIPPED"),
-        shop.order_row(107, status="COMPLETED"),
-        shop.order_row(108, deleted=True),
-        shop.order_row(109, amount=0),                          # paid 0 fen
-        shop.order_row(110, transaction_id=None),               # paid, no payment record
-        shop.order_row(111, transaction_id=""),                 # paid, empty payment record
-        shop.order_row(112, goods_id=77),                       # paid, goods row missing
-        shop.order_row(113, goods_id=77, paid=False),           # unpaid, goods row missing
-        shop.order_row(114, goods_id=2, quantity=3),            # sales lower than the quantity
-        shop.order_row(115),                                    # locked by the shop while the request arrives
-        shop.order_row(116),                                    # op types nobody supports
-        shop.order_row(117),
-        shop.order_row(118, paid_at=long_ago),                  # paid more than a year ago
-        shop.order_row(119, status="ON_HOLD"),                  # a status the scanner does not know
-        shop.order_row(120),                                    # no operator, no reason
-        shop.order_row(121),                                    # whitespace reason; emoji on the 80-byte cut
-    ])
+    shop.insert_orders(
+        mysql_db,
+        [
+            shop.order_row(101),  # max-length non-ASCII operator and reason
+            shop.order_row(102, paid=False),  # unpaid: cancelled, no refund, stock back
+            shop.order_row(103, status="CANCELLED"),  # the shop already cancelled it
+            shop.order_row(104),  # two requests in one batch
+            shop.order_row(105),  # two requests in two batches
+            shop.order_row(106, status="SHIPPED"),
+            shop.order_row(107, status="COMPLETED"),
+            shop.order_row(108, deleted=True),
+            shop.order_row(109, amount=0),  # paid 0 fen
+            shop.order_row(110, transaction_id=None),  # paid, no payment record
+            shop.order_row(111, transaction_id=""),  # paid, empty payment record
+            shop.order_row(112, goods_id=77),  # paid, goods row missing
+            shop.order_row(113, goods_id=77, paid=False),  # unpaid, goods row missing
+            shop.order_row(114, goods_id=2, quantity=3),  # sales lower than the quantity
+            shop.order_row(115),  # locked by the shop while the request arrives
+            shop.order_row(116),  # op types nobody supports
+            shop.order_row(117),
+            shop.order_row(118, paid_at=long_ago),  # paid more than a year ago
+            shop.order_row(119, status="ON_HOLD"),  # a status the scanner does not know
+            shop.order_row(120),  # no operator, no reason
+            shop.order_row(121),  # whitespace reason; emoji on the 80-byte cut
+        ],
+    )
     baseline = harness.Baseline.take(mysql_db)
     daemon = daemons(tmp_path, harness.daemon_config(mysql_url, emu), emu.env())
     daemon.start()
@@ -413,9 +506,15 @@ def test_a_catalogue_of_bad_rows_each_gets_its_outcome_and_the_daemon_keeps_runn
     ask(102, "OK", op_type="USER_CANCEL")
     ask(103, "ALREADY_CANCELLED")
     with mysql_db.begin() as conn:  # one INSERT of two rows: the same intake batch sees both
-        conn.execute(text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES"
-                          " (104, 'MERCHANT_CANCEL', 'a', 'x'), (104, 'USER_CANCEL', 'b', 'y')"))
-    first_104, second_104 = (r["id"] for r in harness.q_rows(mysql_db, "SELECT id FROM req_order_ops WHERE order_id = 104 ORDER BY id"))
+        conn.execute(
+            text(
+                "INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES"
+                " (104, 'MERCHANT_CANCEL', 'a', 'x'), (104, 'USER_CANCEL', 'b', 'y')"
+            )
+        )
+    first_104, second_104 = (
+        r["id"] for r in harness.q_rows(mysql_db, "SELECT id FROM req_order_ops WHERE order_id = 104 ORDER BY id")
+    )
     expected.update({first_104: "OK", second_104: "DUPLICATE_REQUEST"})
     first_105 = ask(105, "OK")
     for order_id in (106, 107):
@@ -437,8 +536,13 @@ def test_a_catalogue_of_bad_rows_each_gets_its_outcome_and_the_daemon_keeps_runn
     emoji_cut = "a" * 78 + "😀 and more"  # the 80-byte cut falls inside the emoji
     ask(121, "OK", reason=emoji_cut)
 
-    wait_until(lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0"), 60,
-               "the first requests to be handled", until=lambda c: c == 0, daemons=[daemon])
+    wait_until(
+        lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0"),
+        60,
+        "the first requests to be handled",
+        until=lambda c: c == 0,
+        daemons=[daemon],
+    )
     assert harness.q_scalar(mysql_db, f"SELECT result_code FROM req_order_ops WHERE id = {first_105}") == "OK"
     ask(105, "DUPLICATE_REQUEST")  # a second batch, after the first request was accepted
     ask(101, "DUPLICATE_REQUEST", operator=OPERATOR_64, reason=REASON_255)
@@ -449,9 +553,15 @@ def test_a_catalogue_of_bad_rows_each_gets_its_outcome_and_the_daemon_keeps_runn
     try:
         locker.execute(text("SELECT * FROM goods_order2 WHERE id = 115 FOR UPDATE")).all()
         locked_req = ask(115, "OK")
-        busy = wait_until(lambda: harness.q_rows(mysql_db, f"SELECT scanned, last_error FROM req_order_ops WHERE id = {locked_req}")[0],
-                          30, "the daemon to find order 115 locked",
-                          until=lambda r: (r["last_error"] or "").startswith("ORDER_BUSY"), daemons=[daemon])
+        busy = wait_until(
+            lambda: harness.q_rows(mysql_db, f"SELECT scanned, last_error FROM req_order_ops WHERE id = {locked_req}")[
+                0
+            ],
+            30,
+            "the daemon to find order 115 locked",
+            until=lambda r: (r["last_error"] or "").startswith("ORDER_BUSY"),
+            daemons=[daemon],
+        )
         assert busy["scanned"] == 0
 
         def waits_for_the_lock():
@@ -465,22 +575,40 @@ def test_a_catalogue_of_bad_rows_each_gets_its_outcome_and_the_daemon_keeps_runn
 
     harness.wait_settled(mysql_db, 120, [daemon])
     assert daemon.alive
-    totals = harness.check_invariants(mysql_db, emu, harness.Scenario(
-        "bad input", baseline, daemons=[daemon], expected_codes=expected, daemons_alive_at_end=True,
-        expected_failures={("decrement_sales", 114): "SALES_TOO_LOW"},
-    ))
+    totals = harness.check_invariants(
+        mysql_db,
+        emu,
+        harness.Scenario(
+            "bad input",
+            baseline,
+            daemons=[daemon],
+            expected_codes=expected,
+            daemons_alive_at_end=True,
+            expected_failures={("decrement_sales", 114): "SALES_TOO_LOW"},
+        ),
+    )
 
     # The awkward text survived as written, and WeChat got a reason it accepts.
     req = harness.q_rows(mysql_db, f"SELECT operator, reason FROM req_order_ops WHERE id = {first_101}")[0]
     assert (req["operator"], req["reason"]) == (OPERATOR_64, REASON_255)
-    reasons = {r["order_id"]: r["reason"] for r in harness.q_rows(mysql_db, "SELECT order_id, reason FROM refund_order")}
+    reasons = {
+        r["order_id"]: r["reason"] for r in harness.q_rows(mysql_db, "SELECT order_id, reason FROM refund_order")
+    }
     assert len(reasons[101].encode()) <= 80 and REASON_255.startswith(reasons[101]) and len(reasons[101]) > 20
     assert reasons[121] == "a" * 78
     assert reasons[120]  # a default reason, not an empty one
-    assert OPERATOR_64 in harness.q_scalar(mysql_db, "SELECT detail FROM goods_order2_oplog WHERE order_id = 101 AND event = 'CANCELLED'")
+    assert OPERATOR_64 in harness.q_scalar(
+        mysql_db, "SELECT detail FROM goods_order2_oplog WHERE order_id = 101 AND event = 'CANCELLED'"
+    )
     # Every rejection carries a message a merchant can read, and the failed stock/sales rows say why.
-    assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE result_msg IS NULL OR result_msg = ''") == 0
-    why = harness.q_rows(mysql_db, "SELECT id, stock_last_error, sales_last_error FROM goods_order2 WHERE id IN (112, 113, 114) ORDER BY id")
+    assert (
+        harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE result_msg IS NULL OR result_msg = ''")
+        == 0
+    )
+    why = harness.q_rows(
+        mysql_db,
+        "SELECT id, stock_last_error, sales_last_error FROM goods_order2 WHERE id IN (112, 113, 114) ORDER BY id",
+    )
     assert why[0]["stock_last_error"].startswith("GOODS_NOT_FOUND") and "77" in why[0]["stock_last_error"]
     assert why[0]["sales_last_error"].startswith("GOODS_NOT_FOUND")
     assert why[1]["stock_last_error"].startswith("GOODS_NOT_FOUND")

@@ -54,9 +54,16 @@ def chromium_binary() -> str:
 def dump_dom(url: str, profile: Path) -> str:
     """The DOM as Chromium serialises it once the page loaded and its scripts (if any) ran."""
     cmd = [
-        chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu",
-        "--dump-dom", f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}",
-        f"--user-data-dir={profile}", "--no-first-run", "--disable-extensions", "--disable-background-networking",
+        chromium_binary(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--dump-dom",
+        f"--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}",
+        f"--user-data-dir={profile}",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
         "--disable-dev-shm-usage",  # containers give /dev/shm 64 MB: Chromium would crash on it
         url,
     ]
@@ -132,25 +139,37 @@ def test_chromium_runs_a_pages_scripts_and_dump_dom_shows_what_they_did(tmp_path
 
 
 @pytest.mark.mysql
-def test_a_browser_shows_hostile_reasons_as_text_and_runs_nothing(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
+def test_a_browser_shows_hostile_reasons_as_text_and_runs_nothing(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
     emu = external_emulators(tmp_path / "keys")
     port = free_port()
     orders = harness.paid_orders(mysql_db, emu, N)
-    config = harness.daemon_config(mysql_url, emu, monitoring={"listen": f"127.0.0.1:{port}", "refresh_seconds": REFRESH_SECONDS})
+    config = harness.daemon_config(
+        mysql_url, emu, monitoring={"listen": f"127.0.0.1:{port}", "refresh_seconds": REFRESH_SECONDS}
+    )
     daemon = daemons(tmp_path, config, emu.env())
     daemon.start()
     daemon.wait_started()
     url = f"http://127.0.0.1:{port}/"
     assert wait_until(lambda: get(url + "healthz")[0] == 200, 10, "healthz", daemons=[daemon])
 
-    shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "changed my mind") for o in orders]
-                         + [(MISSING_ORDERS[0], "MERCHANT_CANCEL", "clerk", IMG),
-                            (MISSING_ORDERS[1], "MERCHANT_CANCEL", "clerk", TITLE_SCRIPT)])
+    shop.insert_requests(
+        mysql_db,
+        [(o["id"], "MERCHANT_CANCEL", "clerk", "changed my mind") for o in orders]
+        + [
+            (MISSING_ORDERS[0], "MERCHANT_CANCEL", "clerk", IMG),
+            (MISSING_ORDERS[1], "MERCHANT_CANCEL", "clerk", TITLE_SCRIPT),
+        ],
+    )
     harness.wait_settled(mysql_db, 60, [daemon])
 
     def page_with_both_rejections() -> str | None:
         status, body = get(url)
-        escaped = ("&lt;img src=x onerror=alert(1)&gt;", "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;")
+        escaped = (
+            "&lt;img src=x onerror=alert(1)&gt;",
+            "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;",
+        )
         return body if status == 200 and all(e in body for e in escaped) else None
 
     served = wait_until(page_with_both_rejections, 20, "both rejections on the status page", daemons=[daemon])
@@ -183,8 +202,9 @@ def test_a_browser_opens_the_page_behind_a_token_with_basic_auth_and_not_without
 
     token = "browser-token-of-the-page-0001"
     page = lambda: PageView(snapshot=None, refresh_seconds=5, host="shop-1:1", now=0.0)  # noqa: E731
-    srv = MonitoringServer(None, "127.0.0.1", 0, alive=lambda: True, db=None, gateway_ready=lambda: True,
-                           page=page, token=token).start()
+    srv = MonitoringServer(
+        None, "127.0.0.1", 0, alive=lambda: True, db=None, gateway_ready=lambda: True, page=page, token=token
+    ).start()
     try:
         opened = Dom(dump_dom(f"http://ops:{token}@127.0.0.1:{srv.port}/", tmp_path / "with"))
         refused = get(f"http://127.0.0.1:{srv.port}/")  # a browser asks for the credentials: no page

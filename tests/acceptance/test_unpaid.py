@@ -31,7 +31,9 @@ TIMED_OUT_PAID = range(31, 34)  # paid and lost, 40 minutes old, nobody asked: b
 YOUNG = range(34, 36)  # NOTPAY, 10 minutes old, nobody asked: left alone
 
 
-def test_a_mix_of_paid_unpaid_lost_and_timed_out_orders_settles_exactly(tmp_path, mysql_db, mysql_url, external_emulators, daemons):
+def test_a_mix_of_paid_unpaid_lost_and_timed_out_orders_settles_exactly(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
     emu = external_emulators(tmp_path / "keys")
     wechat = emu.emulator
     now = datetime.now(UTC).replace(tzinfo=None)
@@ -39,8 +41,16 @@ def test_a_mix_of_paid_unpaid_lost_and_timed_out_orders_settles_exactly(tmp_path
     orders = []
     for i in range(1, 36):
         old = i in TIMED_OUT or i in TIMED_OUT_PAID
-        orders.append(shop.order_row(i, goods_id=GOODS[i % 3], quantity=1 + i % 2, amount=300 + i, paid=i in PAID,
-                                     created_at=now - timedelta(minutes=40 if old else 10)))
+        orders.append(
+            shop.order_row(
+                i,
+                goods_id=GOODS[i % 3],
+                quantity=1 + i % 2,
+                amount=300 + i,
+                paid=i in PAID,
+                created_at=now - timedelta(minutes=40 if old else 10),
+            )
+        )
     shop.insert_orders(mysql_db, orders)
     by_id = {o["id"]: o for o in orders}
     for o in orders:
@@ -58,9 +68,16 @@ def test_a_mix_of_paid_unpaid_lost_and_timed_out_orders_settles_exactly(tmp_path
     daemon.wait_started()
     harness.wait_settled(mysql_db, 90, [daemon])
     timed_out = [*TIMED_OUT, *TIMED_OUT_PAID]
-    closed_sql = f"SELECT COUNT(*) FROM goods_order2 WHERE close_scanned = 1 AND id IN ({', '.join(map(str, timed_out))})"
-    wait_until(lambda: harness.q_scalar(mysql_db, closed_sql), 60, "the timed-out orders to close",
-               until=lambda n: n == len(timed_out), daemons=[daemon])
+    closed_sql = (
+        f"SELECT COUNT(*) FROM goods_order2 WHERE close_scanned = 1 AND id IN ({', '.join(map(str, timed_out))})"
+    )
+    wait_until(
+        lambda: harness.q_scalar(mysql_db, closed_sql),
+        60,
+        "the timed-out orders to close",
+        until=lambda n: n == len(timed_out),
+        daemons=[daemon],
+    )
     harness.wait_settled(mysql_db, 60, [daemon])  # and what their settling started (restocking)
     daemon.sigterm()
     assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
@@ -69,13 +86,25 @@ def test_a_mix_of_paid_unpaid_lost_and_timed_out_orders_settles_exactly(tmp_path
     for i in PAID:
         assert (state[i]["order_status"], state[i]["refund_status"]) == ("CANCELLED", "REFUNDED"), i
     for i in UNPAID:
-        assert (state[i]["order_status"], state[i]["refund_status"], state[i]["pay_status"]) == ("CANCELLED", "NONE", 0), i
+        assert (state[i]["order_status"], state[i]["refund_status"], state[i]["pay_status"]) == (
+            "CANCELLED",
+            "NONE",
+            0,
+        ), i
     for i in LOST:
-        assert (state[i]["pay_status"], state[i]["order_status"], state[i]["refund_status"]) == (1, "CANCELLED", "REFUNDED"), i
+        assert (state[i]["pay_status"], state[i]["order_status"], state[i]["refund_status"]) == (
+            1,
+            "CANCELLED",
+            "REFUNDED",
+        ), i
     for i in TIMED_OUT:
         assert (state[i]["order_status"], state[i]["cancel_source"]) == ("CANCELLED", "TIMEOUT"), i
     for i in TIMED_OUT_PAID:
-        assert (state[i]["pay_status"], state[i]["order_status"], state[i]["transaction_id"] is not None) == (1, "PAID", True), i
+        assert (state[i]["pay_status"], state[i]["order_status"], state[i]["transaction_id"] is not None) == (
+            1,
+            "PAID",
+            True,
+        ), i
     for i in YOUNG:
         assert (state[i]["order_status"], state[i]["close_scanned"]) == ("UNPAID", 0), i
 

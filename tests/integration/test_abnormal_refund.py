@@ -59,11 +59,27 @@ def abnormal(world, order_id: int) -> dict[str, Any]:
     return refund
 
 
-def send(world, row_id: int, *, to: str = MERCHANT, bank_card: BankCard | None = None, gateway: Any = None,
-         busy_wait_seconds: float = 0, **options: Any):
+def send(
+    world,
+    row_id: int,
+    *,
+    to: str = MERCHANT,
+    bank_card: BankCard | None = None,
+    gateway: Any = None,
+    busy_wait_seconds: float = 0,
+    **options: Any,
+):
     return apply_abnormal_refund(
-        world.db, gateway or world.sandbox.gateway, row_id, to=to, card=bank_card, by="ops-lee", clock=world.clock,
-        lease_seconds=world.config.job("poll_refund").lease_seconds, busy_wait_seconds=busy_wait_seconds, **options,
+        world.db,
+        gateway or world.sandbox.gateway,
+        row_id,
+        to=to,
+        card=bank_card,
+        by="ops-lee",
+        clock=world.clock,
+        lease_seconds=world.config.job("poll_refund").lease_seconds,
+        busy_wait_seconds=busy_wait_seconds,
+        **options,
     )
 
 
@@ -72,20 +88,28 @@ def applies(world) -> dict:
 
 
 def events(world, order_id: int) -> dict[str, str | None]:
-    return {r["event"]: r["detail"] for r in rows(world.db, "SELECT event, detail FROM goods_order2_oplog WHERE order_id = :o ORDER BY id",
-                                                  o=order_id)}
+    return {
+        r["event"]: r["detail"]
+        for r in rows(
+            world.db, "SELECT event, detail FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id
+        )
+    }
 
 
 def every_row_as_text(db) -> str:
     with db.connect() as conn:
-        return "\n".join(repr(tuple(r)) for t in metadata.sorted_tables for r in conn.execute(text(f"SELECT * FROM {t.name}")))
+        return "\n".join(
+            repr(tuple(r)) for t in metadata.sorted_tables for r in conn.execute(text(f"SELECT * FROM {t.name}"))
+        )
 
 
 @pytest.fixture
 def captured_logs():
     """Every log record of the test, message and bound fields, at DEBUG."""
     lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{message} {extra} {exception}", diagnose=False)
+    sink = logger.add(
+        lambda m: lines.append(str(m)), level="DEBUG", format="{message} {extra} {exception}", diagnose=False
+    )
     yield lines
     logger.remove(sink)
 
@@ -100,7 +124,12 @@ def test_to_the_merchants_bank_card_the_refund_goes_on_to_success_through_the_no
 
     assert result == Applied(refund["id"], refund["out_refund_no"], MERCHANT, "PROCESSING")
     after = refunds(world.db)[401]
-    assert (after["wx_status"], after["last_error"], after["lease_owner"], after["lease_until"]) == ("PROCESSING", None, None, None)
+    assert (after["wx_status"], after["last_error"], after["lease_owner"], after["lease_until"]) == (
+        "PROCESSING",
+        None,
+        None,
+        None,
+    )
     assert after["next_attempt_at"] == world.clock.now  # the daemon polls it at once
     assert applies(world) == {(refund["out_refund_no"], MERCHANT): 1}
     assert events(world, 401)["ABNORMAL_REFUND_APPLIED"].startswith("MERCHANT_BANK_CARD by ops-lee")
@@ -115,8 +144,14 @@ def test_to_the_merchants_bank_card_the_refund_goes_on_to_success_through_the_no
     assert world.emulator.recorded(refund["out_refund_no"]).status == "SUCCESS"
     assert world.emulator.snapshot()["refunds_created"] == {refund["out_refund_no"]: 1}
     assert world.emulator.snapshot()["fen_refunded"] == {"SO0000000401": 1280}
-    assert list(events(world, 401)) == ["CANCELLED", "REFUND_SUBMITTED", "ABNORMAL_REFUND_APPLIED", "REFUND_SUCCEEDED",
-                                        "STOCK_RESTORED", "SALES_DECREMENTED"]
+    assert list(events(world, 401)) == [
+        "CANCELLED",
+        "REFUND_SUBMITTED",
+        "ABNORMAL_REFUND_APPLIED",
+        "REFUND_SUCCEEDED",
+        "STOCK_RESTORED",
+        "SALES_DECREMENTED",
+    ]
 
 
 def test_a_users_bank_card_reaches_wechat_encrypted_and_is_kept_nowhere(world, captured_logs):
@@ -124,7 +159,8 @@ def test_a_users_bank_card_reaches_wechat_encrypted_and_is_kept_nowhere(world, c
     opened: list[tuple] = []
     # What the emulator decrypted, compared here and kept as yes or no: never the text.
     world.emulator.on_bank_details = lambda number, bank_type, account, name: opened.append(
-        (number, bank_type, account == ACCOUNT, name == HOLDER))
+        (number, bank_type, account == ACCOUNT, name == HOLDER)
+    )
     details = card()
 
     result = send(world, refund["id"], to=USER, bank_card=details)
@@ -134,8 +170,17 @@ def test_a_users_bank_card_reaches_wechat_encrypted_and_is_kept_nowhere(world, c
     assert opened == [(refund["out_refund_no"], "ICBC_DEBIT", True, True)]
     assert applies(world) == {(refund["out_refund_no"], USER): 1}
     assert row(world.db, "goods_order2", 402)["refund_status"] == "REFUNDED"
-    shown = " ".join([repr(details), str(details), repr(result), "\n".join(captured_logs), every_row_as_text(world.db),
-                      repr(world.emulator.logged_requests()), repr(world.emulator.snapshot())])
+    shown = " ".join(
+        [
+            repr(details),
+            str(details),
+            repr(result),
+            "\n".join(captured_logs),
+            every_row_as_text(world.db),
+            repr(world.emulator.logged_requests()),
+            repr(world.emulator.snapshot()),
+        ]
+    )
     assert "ICBC_DEBIT" in repr(details)
     for secret in (ACCOUNT, HOLDER):
         assert secret not in shown
@@ -205,22 +250,30 @@ def test_wechat_answers_a_second_apply_invalid_request_and_undecryptable_details
     first = gateway.abnormal_refund(refund_id, number, to=MERCHANT)
     second = gateway.abnormal_refund(refund_id, number, to=MERCHANT)
 
-    assert isinstance(first, Accepted) and (first.refund.status, first.refund.channel) == ("PROCESSING", "OTHER_BANKCARD")
+    assert isinstance(first, Accepted) and (first.refund.status, first.refund.channel) == (
+        "PROCESSING",
+        "OTHER_BANKCARD",
+    )
     assert isinstance(second, Permanent) and second.code == "INVALID_REQUEST" and "not ABNORMAL" in second.message
     assert applies(world) == {(number, MERCHANT): 1}
 
     # Encrypted under another key than the platform's: the emulator cannot open them, and says so.
     stranger = generate_key_material()
     keys = world.sandbox.keys
-    wrong_key = client_for(keys, world.emulator.base_url, timeout=(2, 2), platform_public_key_pem=stranger.platform_public_key_pem)
+    wrong_key = client_for(
+        keys, world.emulator.base_url, timeout=(2, 2), platform_public_key_pem=stranger.platform_public_key_pem
+    )
     try:
         world.emulator.force_status(number, "ABNORMAL")
-        refused = wrong_key.abnormal_refund(refund_id, number, to=USER, bank_type="ICBC_DEBIT", bank_account=ACCOUNT,
-                                            real_name=HOLDER)
+        refused = wrong_key.abnormal_refund(
+            refund_id, number, to=USER, bank_type="ICBC_DEBIT", bank_account=ACCOUNT, real_name=HOLDER
+        )
     finally:
         wrong_key.close()
     assert isinstance(refused, Permanent) and refused.code == "PARAM_ERROR" and "decrypt" in refused.message
-    assert gateway.abnormal_refund("50" + "0" * 30, number, to=MERCHANT).code == "RESOURCE_NOT_EXISTS"  # another refund_id
+    assert (
+        gateway.abnormal_refund("50" + "0" * 30, number, to=MERCHANT).code == "RESOURCE_NOT_EXISTS"
+    )  # another refund_id
 
 
 # -- the lease: never two calls for one refund at once --------------------------------------------------
@@ -250,14 +303,19 @@ def test_while_the_daemon_queries_the_refund_the_apply_is_refused_and_sends_noth
 def test_a_busy_row_is_waited_for_a_while(world):
     refund = abnormal(world, 407)
     with world.db.begin() as conn:
-        conn.execute(text("UPDATE refund_order SET lease_owner = 'daemon-x', lease_until = :until WHERE id = :id"),
-                     {"until": datetime(2100, 1, 1), "id": refund["id"]})
+        conn.execute(
+            text("UPDATE refund_order SET lease_owner = 'daemon-x', lease_until = :until WHERE id = :id"),
+            {"until": datetime(2100, 1, 1), "id": refund["id"]},
+        )
     naps: list[float] = []
 
     def the_daemon_finishes_meanwhile(seconds: float) -> None:
         naps.append(seconds)
         with world.db.begin() as conn:
-            conn.execute(text("UPDATE refund_order SET lease_owner = NULL, lease_until = NULL WHERE id = :id"), {"id": refund["id"]})
+            conn.execute(
+                text("UPDATE refund_order SET lease_owner = NULL, lease_until = NULL WHERE id = :id"),
+                {"id": refund["id"]},
+            )
 
     result = send(world, refund["id"], busy_wait_seconds=5, sleep=the_daemon_finishes_meanwhile)
 

@@ -166,8 +166,13 @@ def notifiers(outcomes):
 @pytest.fixture
 def logged():
     lines: list[str] = []
-    sink = logger.add(lambda message: lines.append(str(message).rstrip("\n")), level="DEBUG", diagnose=False, backtrace=False,
-                      format="{level}|{message}|{extra}")
+    sink = logger.add(
+        lambda message: lines.append(str(message).rstrip("\n")),
+        level="DEBUG",
+        diagnose=False,
+        backtrace=False,
+        format="{level}|{message}|{extra}",
+    )
     yield lines
     logger.remove(sink)
 
@@ -177,8 +182,9 @@ def names(outcomes) -> list[str]:
 
 
 def wait_for_outcomes(outcomes, count: int, timeout: float = 10.0) -> list[str]:
-    return wait_until(lambda: names(outcomes), timeout, f"{count} outcomes", until=lambda seen: len(seen) >= count,
-                      interval=0.01)
+    return wait_until(
+        lambda: names(outcomes), timeout, f"{count} outcomes", until=lambda seen: len(seen) >= count, interval=0.01
+    )
 
 
 # -- delivered ------------------------------------------------------------------------------
@@ -192,17 +198,23 @@ def test_a_json_receiver_gets_exactly_the_alert_object(serve, notifiers, outcome
     assert notifier.wait_idle(10)
 
     [(path, headers, body)] = receiver.posts
-    assert json.loads(body) == {"rule": "gateway_failure_rate", "state": "firing",
-                                "summary": "退款网关失败率 42% (21/50), merchant 好物 shop",
-                                "stage": "submit_refund", "value": 0.42, "at": "2026-12-01T10:00:00+00:00"}
+    assert json.loads(body) == {
+        "rule": "gateway_failure_rate",
+        "state": "firing",
+        "summary": "退款网关失败率 42% (21/50), merchant 好物 shop",
+        "stage": "submit_refund",
+        "value": 0.42,
+        "at": "2026-12-01T10:00:00+00:00",
+    }
     assert headers["Content-Type"] == "application/json"
     assert names(outcomes) == ["sent"]
 
 
 def test_dingtalk_posts_to_its_signed_url_at_the_notifiers_wall_time(serve, notifiers, outcomes):
     receiver = serve(Receiver())
-    notifier = notifiers(receiver.url("/robot/send?access_token=TOKEN-1"), "dingtalk", secret=SECRET,
-                         wall=lambda: 1_764_583_200.0)
+    notifier = notifiers(
+        receiver.url("/robot/send?access_token=TOKEN-1"), "dingtalk", secret=SECRET, wall=lambda: 1_764_583_200.0
+    )
 
     notifier.send(alert())
     assert notifier.wait_idle(10)
@@ -210,17 +222,23 @@ def test_dingtalk_posts_to_its_signed_url_at_the_notifiers_wall_time(serve, noti
     [(path, _, body)] = receiver.posts
     query = parse_qs(urlsplit(path).query)
     digest = hmac.new(SECRET.encode(), f"1764583200000\n{SECRET}".encode(), hashlib.sha256).digest()
-    assert query == {"access_token": ["TOKEN-1"], "timestamp": ["1764583200000"],
-                     "sign": [base64.b64encode(digest).decode()]}
+    assert query == {
+        "access_token": ["TOKEN-1"],
+        "timestamp": ["1764583200000"],
+        "sign": [base64.b64encode(digest).decode()],
+    }
     assert json.loads(body)["msgtype"] == "markdown"
     assert names(outcomes) == ["sent"]
 
 
-@pytest.mark.parametrize("answer, outcome", [
-    (b'{"code":0,"msg":"success","data":{}}', "sent"),
-    (b'{"StatusCode":0,"StatusMessage":"success"}', "sent"),  # older Feishu answers
-    (b'{"code":19021,"msg":"sign match fail or timestamp is not within one hour from current time"}', "failed"),
-])
+@pytest.mark.parametrize(
+    "answer, outcome",
+    [
+        (b'{"code":0,"msg":"success","data":{}}', "sent"),
+        (b'{"StatusCode":0,"StatusMessage":"success"}', "sent"),  # older Feishu answers
+        (b'{"code":19021,"msg":"sign match fail or timestamp is not within one hour from current time"}', "failed"),
+    ],
+)
 def test_feishu_counts_its_answers_code(serve, notifiers, outcomes, answer, outcome):
     receiver = serve(Receiver(body=answer))
     notifier = notifiers(receiver.url("/open-apis/bot/v2/hook/HOOK-1"), "feishu", secret=SECRET)
@@ -313,12 +331,17 @@ def test_stop_returns_within_its_bound_while_a_post_hangs(serve, notifiers, outc
     assert names(outcomes)[-1] == "dropped"
 
 
-@pytest.mark.parametrize("at_once, trickled", [
-    (b"", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"),
-    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n", b"{" + b" " * 198 + b"}"),
-], ids=["trickled-status-line", "trickled-body"])
-def test_an_answer_trickled_byte_by_byte_is_cut_off_at_the_deadline(serve, notifiers, outcomes, logged,
-                                                                     at_once, trickled):
+@pytest.mark.parametrize(
+    "at_once, trickled",
+    [
+        (b"", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n", b"{" + b" " * 198 + b"}"),
+    ],
+    ids=["trickled-status-line", "trickled-body"],
+)
+def test_an_answer_trickled_byte_by_byte_is_cut_off_at_the_deadline(
+    serve, notifiers, outcomes, logged, at_once, trickled
+):
     receiver = serve(RawReceiver(at_once=at_once, trickled=trickled, every=0.05))  # each read well within the timeout
     notifier = notifiers(receiver.url(), "json", timeout_seconds=1.0, retry_delays_seconds=())
 

@@ -17,9 +17,17 @@ from tests.flow import T0, add_goods, add_order, request_cancel, test_config
 
 def _refund(amount: int, status: str) -> Refund:
     return Refund(
-        refund_id="50000000000000000000000000001", out_refund_no="CSR501-1", out_trade_no="SO0000000501",
-        transaction_id="", status=status, success_time=T0 if status == "SUCCESS" else None, create_time=T0,
-        refund_amount=amount, total_amount=1280, user_received_account="", channel="ORIGINAL",
+        refund_id="50000000000000000000000000001",
+        out_refund_no="CSR501-1",
+        out_trade_no="SO0000000501",
+        transaction_id="",
+        status=status,
+        success_time=T0 if status == "SUCCESS" else None,
+        create_time=T0,
+        refund_amount=amount,
+        total_amount=1280,
+        user_received_account="",
+        channel="ORIGINAL",
     )
 
 
@@ -33,7 +41,9 @@ def test_an_answer_with_another_amount_fails_the_row_instead_of_recording_it(sql
     Runner(db, config, build_stages(config), None).run_stage("intake", T0)
     with db.begin() as conn:
         row = conn.execute(select(refund_order)).one()
-        submitted = SubmitRefund(1).apply(conn, [(row, Attempt(Accepted(_refund(99, "PROCESSING")), earlier=False))], T0)
+        submitted = SubmitRefund(1).apply(
+            conn, [(row, Attempt(Accepted(_refund(99, "PROCESSING")), earlier=False))], T0
+        )
         polled = PollRefund((1,)).apply(conn, [(row, Accepted(_refund(99, "SUCCESS")))], T0)
         after = conn.execute(select(refund_order)).one()
     assert submitted[row.id] == polled[row.id]

@@ -43,12 +43,18 @@ def given_ten_orders_ready_for(world, case: Case) -> dict[int, int]:
 def flags(db, case: Case, row_id: int) -> dict[str, Any]:
     f, r = (f"{case.flag}_" if case.flag else ""), (f"{case.retry}_" if case.retry else "")
     got = row(db, case.table, row_id)
-    return {"scanned": got[f"{f}scanned"], "success": got[f"{f}success"], "attempts": got[f"{r}attempts"],
-            "last_error": got[f"{r}last_error"]}
+    return {
+        "scanned": got[f"{f}scanned"],
+        "success": got[f"{f}success"],
+        "attempts": got[f"{r}attempts"],
+        "last_error": got[f"{r}last_error"],
+    }
 
 
 def facts(db) -> list[dict[str, Any]]:
-    return [dict(r) for r in rows(db, "SELECT stage, row_id, fact, number, detail, reason, resolved_at FROM channel_fact")]
+    return [
+        dict(r) for r in rows(db, "SELECT stage, row_id, fact, number, detail, reason, resolved_at FROM channel_fact")
+    ]
 
 
 def run_one_batch(world, case: Case):
@@ -99,7 +105,9 @@ def test_a_row_a_shop_trigger_refuses_fails_alone_and_the_others_are_done_in_the
         assert kept == []
     else:
         # What WeChat did is never lost: on a table of ours, and in the row's reason.
-        assert [(k["stage"], k["row_id"], k["fact"], k["resolved_at"]) for k in kept] == [(stage, ids[BAD], case.fact, None)]
+        assert [(k["stage"], k["row_id"], k["fact"], k["resolved_at"]) for k in kept] == [
+            (stage, ids[BAD], case.fact, None)
+        ]
         assert "not recorded here yet" in bad["last_error"]
 
 
@@ -129,17 +137,29 @@ def test_an_oplog_event_someone_already_wrote_is_kept_and_the_row_is_done(world,
     ids = given_ten_orders_ready_for(world, case)
     if case.event is not None:
         with world.db.begin() as conn:
-            conn.execute(text("INSERT INTO goods_order2_oplog (order_id, event, detail) VALUES (:o, :e, 'written by the shop')"),
-                         {"o": BAD, "e": case.event})
+            conn.execute(
+                text("INSERT INTO goods_order2_oplog (order_id, event, detail) VALUES (:o, :e, 'written by the shop')"),
+                {"o": BAD, "e": case.event},
+            )
 
     report = run_one_batch(world, case)
 
     assert (report.done, report.retried, report.failed) == (len(ORDERS), 0, 0)
     for order_id in ORDERS:
-        assert (flags(world.db, case, ids[order_id])["scanned"], flags(world.db, case, ids[order_id])["success"]) == (1, 1)
+        assert (flags(world.db, case, ids[order_id])["scanned"], flags(world.db, case, ids[order_id])["success"]) == (
+            1,
+            1,
+        )
     if case.event is not None:
-        assert [r["detail"] for r in rows(world.db, "SELECT detail FROM goods_order2_oplog WHERE order_id = :o AND event = :e",
-                                          o=BAD, e=case.event)] == ["written by the shop"]
+        assert [
+            r["detail"]
+            for r in rows(
+                world.db,
+                "SELECT detail FROM goods_order2_oplog WHERE order_id = :o AND event = :e",
+                o=BAD,
+                e=case.event,
+            )
+        ] == ["written by the shop"]
         assert scalar(world.db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE event = :e", e=case.event) == len(ORDERS)
     assert facts(world.db) == []
 
@@ -152,8 +172,10 @@ def test_a_goods_move_already_in_the_oplog_is_not_made_twice_and_is_left_for_a_p
     column, delta = GOODS_MOVES[stage]
     ids = given_ten_orders_ready_for(world, case)
     with world.db.begin() as conn:
-        conn.execute(text("INSERT INTO goods_order2_oplog (order_id, event, detail) VALUES (:o, :e, 'written by the shop')"),
-                     {"o": BAD, "e": case.event})
+        conn.execute(
+            text("INSERT INTO goods_order2_oplog (order_id, event, detail) VALUES (:o, :e, 'written by the shop')"),
+            {"o": BAD, "e": case.event},
+        )
 
     report = run_one_batch(world, case)
 
@@ -162,7 +184,12 @@ def test_a_goods_move_already_in_the_oplog_is_not_made_twice_and_is_left_for_a_p
     bad = flags(world.db, case, ids[BAD])
     assert (bad["scanned"], bad["success"]) == (1, 0) and bad["last_error"].startswith("ALREADY_LOGGED: ")
     assert [row(world.db, "goods", i)[column] for i in ORDERS] == [10 if i == BAD else 10 + delta for i in ORDERS]
-    assert scalar(world.db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE order_id = :o AND event = :e", o=BAD, e=case.event) == 1
+    assert (
+        scalar(
+            world.db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE order_id = :o AND event = :e", o=BAD, e=case.event
+        )
+        == 1
+    )
 
 
 @pytest.fixture
@@ -197,9 +224,13 @@ def test_a_refund_number_already_taken_fails_only_its_request(world):
     case = CASES["intake"]
     ids = given_ten_orders_ready_for(world, case)
     with world.db.begin() as conn:
-        conn.execute(text("INSERT INTO refund_order (order_id, refund_seq, out_refund_no, out_trade_no, refund_amount,"
-                          " total_amount, next_attempt_at) VALUES (999, 1, :no, 'SO9999999999', 1, 1, :t)"),
-                     {"no": f"CSR{BAD}-1", "t": T0})
+        conn.execute(
+            text(
+                "INSERT INTO refund_order (order_id, refund_seq, out_refund_no, out_trade_no, refund_amount,"
+                " total_amount, next_attempt_at) VALUES (999, 1, :no, 'SO9999999999', 1, 1, :t)"
+            ),
+            {"no": f"CSR{BAD}-1", "t": T0},
+        )
 
     report = run_one_batch(world, case)
 
@@ -230,7 +261,9 @@ def test_a_bad_row_spends_its_attempts_and_ends_for_a_person_with_a_reason_a_mer
     assert_readable(bad["last_error"])
     assert "gave up after" in bad["last_error"]
     status = collect_status(world.db, build_stages(world.config), world.clock.now)
-    assert {s.stage: s.failed for s in status.stages if s.failed} == {stage: 1}  # `status`, the page, the rows_failed alert
+    assert {s.stage: s.failed for s in status.stages if s.failed} == {
+        stage: 1
+    }  # `status`, the page, the rows_failed alert
     if world.db.dialect.name != "sqlite":  # the DBA's view (MariaDB only)
         failed = rows(world.db, "SELECT stage, row_id FROM v_cancel_scanner_failed")
         assert [(f["stage"], f["row_id"]) for f in failed] == [(stage, ids[BAD])]
@@ -258,7 +291,9 @@ def test_a_refund_wechat_accepted_never_ends_as_refused_and_is_recorded_once_the
         bad = flags(world.db, case, ids[BAD])
         assert (bad["scanned"], bad["success"]) == (0, 0) and bad["attempts"] > 20  # still pending, never "refused"
         assert "accepted by WeChat Pay" in bad["last_error"]
-        assert sorted(world.emulator.refunds_created.values()) == [1] * len(ORDERS)  # the same number each time: one refund
+        assert sorted(world.emulator.refunds_created.values()) == [1] * len(
+            ORDERS
+        )  # the same number each time: one refund
         assert max(world.emulator.max_in_flight.values()) == 1
 
         drop_shop_trigger(world.db)  # the shop lifts its rule
@@ -279,7 +314,9 @@ def logs():
     from loguru import logger
 
     lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message} {exception}", diagnose=False)
+    sink = logger.add(
+        lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message} {exception}", diagnose=False
+    )
     yield lines
     logger.remove(sink)
 
@@ -293,7 +330,9 @@ def with_order_no(world, order_id: int, order_no: str) -> None:
 
 
 @pytest.mark.parametrize("order_no", BAD_NUMBERS)
-def test_a_request_for_an_order_whose_number_wechat_would_refuse_is_answered_bad_order_no_and_nothing_is_sent(world, order_no):
+def test_a_request_for_an_order_whose_number_wechat_would_refuse_is_answered_bad_order_no_and_nothing_is_sent(
+    world, order_no
+):
     runner = world.runner()
     try:
         shop.insert_goods_rows(world.db, [shop.goods_row(1)])
@@ -305,27 +344,48 @@ def test_a_request_for_an_order_whose_number_wechat_would_refuse_is_answered_bad
         world.settle(runner)
     finally:
         runner.close()
-    answers = {r["order_id"]: (r["result_code"], r["result_msg"])
-               for r in rows(world.db, "SELECT order_id, result_code, result_msg FROM req_order_ops")}
+    answers = {
+        r["order_id"]: (r["result_code"], r["result_msg"])
+        for r in rows(world.db, "SELECT order_id, result_code, result_msg FROM req_order_ops")
+    }
     assert answers[1][0] == answers[2][0] == "BAD_ORDER_NO" and "nothing was sent to WeChat" in answers[1][1]
     assert answers[3][0] == answers[4][0] == "OK"
-    assert [row(world.db, "goods_order2", i)["order_status"] for i in (1, 2, 3, 4)] == ["UNPAID", "PAID", "CANCELLED", "CANCELLED"]
+    assert [row(world.db, "goods_order2", i)["order_status"] for i in (1, 2, 3, 4)] == [
+        "UNPAID",
+        "PAID",
+        "CANCELLED",
+        "CANCELLED",
+    ]
     assert set(world.emulator.refunds_created) == {"CSR4-1"}
-    assert world.emulator.payment_counts["queries"] == 2 and world.emulator.payment_counts["closes"] == 1  # order 3 only
+    assert (
+        world.emulator.payment_counts["queries"] == 2 and world.emulator.payment_counts["closes"] == 1
+    )  # order 3 only
 
 
 @pytest.mark.parametrize("order_no", ["SO 000007", "订单00007", "SO?000007"])
-def test_an_unpaid_order_or_a_refund_with_a_number_wechat_would_refuse_ends_for_a_person_without_a_call(world, order_no, logs):
+def test_an_unpaid_order_or_a_refund_with_a_number_wechat_would_refuse_ends_for_a_person_without_a_call(
+    world, order_no, logs
+):
     """Rows that reach the gateway stages without intake (a timeout; a refund row from before this check)."""
     from datetime import timedelta
 
     shop.insert_goods_rows(world.db, [shop.goods_row(1)])
-    shop.insert_orders(world.db, [shop.order_row(7, paid=False, now=T0, created_at=T0 - timedelta(hours=2)),
-                                  shop.order_row(8, paid=True, now=T0)])
+    shop.insert_orders(
+        world.db,
+        [
+            shop.order_row(7, paid=False, now=T0, created_at=T0 - timedelta(hours=2)),
+            shop.order_row(8, paid=True, now=T0),
+        ],
+    )
     with_order_no(world, 7, order_no)
     with world.db.begin() as conn:
-        conn.execute(text("INSERT INTO refund_order (order_id, refund_seq, out_refund_no, out_trade_no, refund_amount,"
-                          " total_amount, next_attempt_at) VALUES (8, 1, 'CSR8-1', :no, 1280, 1280, :t)"), {"no": order_no, "t": T0})
+        conn.execute(
+            text(
+                "INSERT INTO refund_order (order_id, refund_seq, out_refund_no, out_trade_no, refund_amount,"
+                " total_amount, next_attempt_at) VALUES (8, 1, 'CSR8-1', :no, 1280, 1280, :t)"
+            ),
+            {"no": order_no, "t": T0},
+        )
     runner = world.runner()
     try:
         for stage in ("close_unpaid", "submit_refund"):
@@ -342,7 +402,9 @@ def test_an_unpaid_order_or_a_refund_with_a_number_wechat_would_refuse_ends_for_
     assert not [line for line in logs if "Traceback" in line]  # an expected refusal, not a bug
 
 
-def test_a_bug_on_one_request_keeps_it_pending_never_answers_the_merchant_with_it_and_the_others_are_done(world, monkeypatch, logs):
+def test_a_bug_on_one_request_keeps_it_pending_never_answers_the_merchant_with_it_and_the_others_are_done(
+    world, monkeypatch, logs
+):
     from cancel_scanner.scanners.intake import Intake
 
     judge = Intake._judge
@@ -363,6 +425,8 @@ def test_a_bug_on_one_request_keeps_it_pending_never_answers_the_merchant_with_i
         runner.close()
     bad = row(world.db, "req_order_ops", ids[BAD])
     assert (bad["scanned"], bad["success"], bad["result_code"], bad["result_msg"]) == (0, 0, None, None)
-    assert bad["attempts"] > 8 and bad["last_error"].startswith("INTERNAL_ERROR: unexpected KeyError (see the daemon's log)")
+    assert bad["attempts"] > 8 and bad["last_error"].startswith(
+        "INTERNAL_ERROR: unexpected KeyError (see the daemon's log)"
+    )
     assert all(row(world.db, "req_order_ops", ids[i])["result_code"] == "OK" for i in ORDERS if i != BAD)
     assert any("Traceback" in line and "a bug the tests put here" in line for line in logs)  # for whoever fixes it

@@ -89,8 +89,12 @@ def a_day_of_trades(gateway, emulator, clock):
             ("R4", "O3", 1000, "PROCESSING", utc(DAY, 12)),
             ("R5", "O4", 100, "SUCCESS", utc(DAY, 23, 59, 59)),
         },
-        "payments": {("O1", 1280, utc(DAY, 8)), ("O2", 990, utc(DAY, 9, 30)), ("O3", 1000, utc(DAY, 9, 30)),
-                     ("O4", 800, utc(DAY, 23))},
+        "payments": {
+            ("O1", 1280, utc(DAY, 8)),
+            ("O2", 990, utc(DAY, 9, 30)),
+            ("O3", 1000, utc(DAY, 9, 30)),
+            ("O4", 800, utc(DAY, 23)),
+        },
     }
 
 
@@ -181,7 +185,9 @@ def test_the_gateway_reports_the_apply_to_its_observer(gateway, clock, a_day_of_
 
 def test_before_ten_the_next_morning_the_bill_is_being_made(gateway, clock, a_day_of_trades):
     clock(at(DAY + timedelta(days=1), 9, 59, 59))
-    assert fetch_bill(gateway, DAY) == BillNotReady("STATEMENT_CREATING", "the bill is being made; try again after 10:00")
+    assert fetch_bill(gateway, DAY) == BillNotReady(
+        "STATEMENT_CREATING", "the bill is being made; try again after 10:00"
+    )
 
     clock(at(DAY + timedelta(days=1), 10))
     assert isinstance(fetch_bill(gateway, DAY), Bill)
@@ -209,7 +215,9 @@ def test_a_day_without_trades_has_no_bill(gateway, emulator, clock, a_day_of_tra
     assert emulator.bill_counts["downloaded"] == 0
 
 
-@pytest.mark.parametrize(("day", "complaint"), [(DAY - timedelta(days=100), "3 months"), (DAY + timedelta(days=1), "future")])
+@pytest.mark.parametrize(
+    ("day", "complaint"), [(DAY - timedelta(days=100), "3 months"), (DAY + timedelta(days=1), "future")]
+)
 def test_a_day_older_than_three_months_or_still_to_come_is_refused(gateway, day, complaint):
     with pytest.raises(BillError) as refused:
         fetch_bill(gateway, day)
@@ -224,7 +232,9 @@ def test_a_deadline_already_past_sends_nothing(gateway, emulator):
     assert emulator.logged_requests() == []
 
 
-def test_the_download_is_signed_and_checked_like_every_call(gateway, key_material, make_gateway, clock, a_day_of_trades):
+def test_the_download_is_signed_and_checked_like_every_call(
+    gateway, key_material, make_gateway, clock, a_day_of_trades
+):
     ready(clock)
     url = gateway.trade_bill(DAY).download_url
     stranger = make_gateway(merchant_private_key_pem=generate_key_material().merchant_private_key_pem)
@@ -262,7 +272,9 @@ def test_a_corrupted_download_is_bad_hash(gateway, emulator, clock, a_day_of_tra
     assert isinstance(fetch_bill(gateway, DAY), Bill)
 
 
-def test_a_download_url_on_another_host_is_refused_without_a_request(gateway, emulator, stray_server, clock, a_day_of_trades):
+def test_a_download_url_on_another_host_is_refused_without_a_request(
+    gateway, emulator, stray_server, clock, a_day_of_trades
+):
     emulator.bill_download_base = stray_server.base_url
     ready(clock)
 
@@ -280,15 +292,24 @@ def test_a_download_url_on_another_host_is_refused_without_a_request(gateway, em
         lambda base, stray: f"{stray}/v3/billdownload/file?token=t",
         lambda base, stray: base.replace("http://", "https://") + "/v3/billdownload/file?token=t",
         lambda base, stray: f"{base[:-1]}/v3/billdownload/file?token=t",  # another port
-        lambda base, stray: f"http://{base[len('http://'):]}@{stray[len('http://'):]}/v3/billdownload/file?token=t",
+        lambda base, stray: f"http://{base[len('http://') :]}@{stray[len('http://') :]}/v3/billdownload/file?token=t",
         lambda base, stray: f"{base}.evil.example/v3/billdownload/file?token=t",
         lambda base, stray: f"{base}/v3/billdownload/file?token=a b",
         lambda base, stray: f"{base}/v3/billdownload/file?token=t#x",
         lambda base, stray: "/v3/billdownload/file?token=t",
         lambda base, stray: f"{base}",
     ],
-    ids=["other-host", "other-scheme", "other-port", "userinfo", "host-suffix", "unsafe-character", "fragment", "relative",
-         "no-path"],
+    ids=[
+        "other-host",
+        "other-scheme",
+        "other-port",
+        "userinfo",
+        "host-suffix",
+        "unsafe-character",
+        "fragment",
+        "relative",
+        "no-path",
+    ],
 )
 def test_no_download_url_but_one_on_the_gateways_own_host_is_requested(gateway, emulator, stray_server, make_url):
     url = make_url(emulator.base_url, stray_server.base_url)
@@ -350,5 +371,7 @@ def test_a_failed_download_is_not_ready_and_the_next_try_gets_the_bill(gateway, 
     ready(clock)
     emulator.spoil_next_download("500")
 
-    assert fetch_bill(gateway, DAY) == BillNotReady("SYSTEM_ERROR", "system error, please retry with the same out_refund_no")
+    assert fetch_bill(gateway, DAY) == BillNotReady(
+        "SYSTEM_ERROR", "system error, please retry with the same out_refund_no"
+    )
     assert isinstance(fetch_bill(gateway, DAY), Bill)

@@ -27,12 +27,20 @@ def trade_no(order_id: int) -> str:
     return shop.order_row(order_id)["no"]
 
 
-def unpaid_order(world, order_id: int, *, trade: str | None = "NOTPAY", age: timedelta | None = None, quantity: int = 2) -> None:
+def unpaid_order(
+    world, order_id: int, *, trade: str | None = "NOTPAY", age: timedelta | None = None, quantity: int = 2
+) -> None:
     """An unpaid order of goods ``order_id`` (stock 10, sales 10); its trade at WeChat in state ``trade``."""
     add_goods(world.db, order_id, stock=10, sales=10)
     created = T0 - (age if age is not None else timedelta(minutes=10))
-    shop.insert_orders(world.db, [shop.order_row(order_id, goods_id=order_id, quantity=quantity, amount=500, paid=False,
-                                                 now=T0, created_at=created)])
+    shop.insert_orders(
+        world.db,
+        [
+            shop.order_row(
+                order_id, goods_id=order_id, quantity=quantity, amount=500, paid=False, now=T0, created_at=created
+            )
+        ],
+    )
     if trade is not None:
         world.emulator.create_trade(trade_no(order_id), 500)
         if trade == "SUCCESS":
@@ -47,7 +55,10 @@ def goods(world, goods_id: int) -> tuple[int, int]:
 
 
 def events(world, order_id: int) -> list[str]:
-    return [r["event"] for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)]
+    return [
+        r["event"]
+        for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)
+    ]
 
 
 def test_a_requested_cancel_closes_the_trade_first_then_cancels_and_restocks(world):
@@ -87,7 +98,9 @@ def test_an_order_younger_than_five_minutes_is_not_closed_even_when_its_cancel_i
     request_cancel(world.db, 4)
     runner = world.runner()
     runner.run_until_idle(world.clock.now)
-    assert world.emulator.payment_counts["queries"] == 0 and row(world.db, "goods_order2", 4)["order_status"] == "UNPAID"
+    assert (
+        world.emulator.payment_counts["queries"] == 0 and row(world.db, "goods_order2", 4)["order_status"] == "UNPAID"
+    )
     world.clock.advance((MIN_AGE - timedelta(minutes=1)).total_seconds())
     world.settle()
     assert row(world.db, "goods_order2", 4)["order_status"] == "CANCELLED"
@@ -194,6 +207,7 @@ def test_a_204_is_no_proof_a_payment_that_lands_during_the_close_is_refunded(wor
 def test_a_crash_between_the_close_and_the_commit_is_settled_by_the_next_query(world):
     unpaid_order(world, 10)
     request_cancel(world.db, 10)
+
     def power_cut(stage, ids):
         if stage == "close_unpaid":
             raise RuntimeError("power cut")
@@ -215,8 +229,10 @@ def test_a_payment_the_shop_books_late_turns_a_requested_cancel_into_a_refund(wo
     request_cancel(world.db, 11)
     world.runner().run_stage("intake", world.clock.now)
     with world.db.begin() as conn:  # the shop's late notification handler books it first
-        conn.exec_driver_sql("UPDATE goods_order2 SET pay_status = 1, order_status = 'PAID', transaction_id = 'T11',"
-                             " paid_at = created_at WHERE id = 11")
+        conn.exec_driver_sql(
+            "UPDATE goods_order2 SET pay_status = 1, order_status = 'PAID', transaction_id = 'T11',"
+            " paid_at = created_at WHERE id = 11"
+        )
         conn.exec_driver_sql("UPDATE goods SET sales = sales + 2 WHERE id = 11")
     world.settle()
     order = row(world.db, "goods_order2", 11)
@@ -244,7 +260,9 @@ def test_two_daemons_over_the_same_unpaid_orders_close_each_trade_once_and_book_
         t.join(60)
     world.settle()
     assert all(n <= 1 for n in world.emulator.closed_trades.values())
-    assert max(world.emulator.max_in_flight.get(trade_no(i), 0) for i in range(20, 40)) == 1  # one call per trade at a time
+    assert (
+        max(world.emulator.max_in_flight.get(trade_no(i), 0) for i in range(20, 40)) == 1
+    )  # one call per trade at a time
     for i in range(20, 40):
         order = row(world.db, "goods_order2", i)
         paid = i % 3 == 0
@@ -254,8 +272,16 @@ def test_two_daemons_over_the_same_unpaid_orders_close_each_trade_once_and_book_
     assert len(refunds(world.db)) == 7
 
 
-V2_COLUMNS = ("cancel_requested_at", "close_scanned", "close_success", "close_attempts", "close_next_attempt_at",
-              "close_last_error", "close_lease_owner", "close_lease_until")
+V2_COLUMNS = (
+    "cancel_requested_at",
+    "close_scanned",
+    "close_success",
+    "close_attempts",
+    "close_next_attempt_at",
+    "close_last_error",
+    "close_lease_owner",
+    "close_lease_until",
+)
 
 
 def test_a_version_1_database_migrates_to_the_close_stage_and_its_orders_read_untouched(db, db_url):
@@ -269,7 +295,10 @@ def test_a_version_1_database_migrates_to_the_close_stage_and_its_orders_read_un
     add_order(db, 2)
     with db.begin() as conn:
         conn.exec_driver_sql("DROP VIEW IF EXISTS v_cancel_scanner_failed")
-        for index in ("idx_goods_order2_close_pending", "idx_goods_order2_close_lease_owner"):  # the latter: version 3's
+        for index in (
+            "idx_goods_order2_close_pending",
+            "idx_goods_order2_close_lease_owner",
+        ):  # the latter: version 3's
             drop_index(conn, "goods_order2", index)
         for column in V2_COLUMNS:
             conn.exec_driver_sql(f"ALTER TABLE goods_order2 DROP COLUMN {column}")
@@ -282,9 +311,15 @@ def test_a_version_1_database_migrates_to_the_close_stage_and_its_orders_read_un
     assert the_plan.current == 1 and the_plan.head == migrate.head_version()
     migrate.apply(db, the_plan)
     assert schema_problem(db) is None and migration_plan(db).steps == []
-    assert rows(db, "SELECT id, order_no, pay_status, order_status, refund_status FROM goods_order2 ORDER BY id") == before
-    assert [tuple(r.values()) for r in rows(db, "SELECT close_scanned, close_success, close_attempts, cancel_requested_at"
-                                               " FROM goods_order2 ORDER BY id")] == [(0, 0, 0, None)] * 2
+    assert (
+        rows(db, "SELECT id, order_no, pay_status, order_status, refund_status FROM goods_order2 ORDER BY id") == before
+    )
+    assert [
+        tuple(r.values())
+        for r in rows(
+            db, "SELECT close_scanned, close_success, close_attempts, cancel_requested_at FROM goods_order2 ORDER BY id"
+        )
+    ] == [(0, 0, 0, None)] * 2
 
 
 # -- attacks ------------------------------------------------------------------------------------------
@@ -323,7 +358,10 @@ def test_a_close_that_never_closed_the_trade_leaves_the_order_unpaid_though_the_
     run_close(world)
     order = row(world.db, "goods_order2", 41)
     assert (order["order_status"], order["close_scanned"]) == ("UNPAID", 0), "cancelled while the trade is payable"
-    assert world.emulator.trade_state(trade_no(41)) in ("NOTPAY", "CLOSED")  # "slow": processed after the client gave up
+    assert world.emulator.trade_state(trade_no(41)) in (
+        "NOTPAY",
+        "CLOSED",
+    )  # "slow": processed after the client gave up
     world.settle()
     assert row(world.db, "goods_order2", 41)["order_status"] == "CANCELLED"
     assert world.emulator.closed_trades[trade_no(41)] == 1 and world.emulator.user_pays(trade_no(41)) is False
@@ -363,8 +401,10 @@ def test_a_query_after_the_close_that_runs_out_of_lease_is_not_a_crash(world):
     def lease_runs_out(no):
         offset[0] += 3600  # the process stalls past its lease between the close and the query after it
 
-    runner = world.runner(gateway=Between(world.sandbox.gateway, after_close=lease_runs_out),
-                          monotonic=lambda: __import__("time").monotonic() + offset[0])
+    runner = world.runner(
+        gateway=Between(world.sandbox.gateway, after_close=lease_runs_out),
+        monotonic=lambda: __import__("time").monotonic() + offset[0],
+    )
     run_close(world, runner)
     order = row(world.db, "goods_order2", 44)
     assert (order["order_status"], order["close_scanned"]) == ("UNPAID", 0)
@@ -414,8 +454,15 @@ def test_a_payment_answer_about_another_trade_is_never_booked_to_this_order(worl
     assert events(world, 46) == [] and goods(world, 46) == (10, 10)
 
 
-@pytest.mark.parametrize("other", [{"mchid": "1900000999"}, {"appid": "wx00000000000other"}, {"currency": "USD"},
-                                   {"mchid": "1900000999", "appid": "wx00000000000other"}])
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"mchid": "1900000999"},
+        {"appid": "wx00000000000other"},
+        {"currency": "USD"},
+        {"mchid": "1900000999", "appid": "wx00000000000other"},
+    ],
+)
 def test_a_signed_paid_answer_about_another_merchants_app_or_currency_is_never_booked_nor_refunded(world, other):
     """Issue 23, item 2: SUCCESS, signed, our number, but not our merchant's money in yuan."""
     unpaid_order(world, 48, trade="SUCCESS")
@@ -423,7 +470,12 @@ def test_a_signed_paid_answer_about_another_merchants_app_or_currency_is_never_b
     request_cancel(world.db, 48)
     run_close(world)
     order = row(world.db, "goods_order2", 48)
-    assert (order["pay_status"], order["order_status"], order["close_scanned"], order["close_success"]) == (0, "UNPAID", 1, 0)
+    assert (order["pay_status"], order["order_status"], order["close_scanned"], order["close_success"]) == (
+        0,
+        "UNPAID",
+        1,
+        0,
+    )
     assert order["close_last_error"].startswith("FOREIGN_PAYMENT: the answer ")
     assert refunds(world.db) == {} and events(world, 48) == [] and goods(world, 48) == (10, 10)
     assert world.emulator.payment_counts["closes"] == 0
@@ -446,7 +498,9 @@ def test_a_user_who_pays_between_the_first_query_and_the_close_is_booked_and_ref
 def test_a_user_on_the_password_screen_at_the_close_is_not_closed_on(world):
     unpaid_order(world, 49)
     request_cancel(world.db, 49)
-    run_close(world, world.runner(gateway=Between(world.sandbox.gateway, before_close=world.emulator.user_starts_paying)))
+    run_close(
+        world, world.runner(gateway=Between(world.sandbox.gateway, before_close=world.emulator.user_starts_paying))
+    )
     order = row(world.db, "goods_order2", 49)
     assert (order["order_status"], order["close_scanned"]) == ("UNPAID", 0)
     assert world.emulator.trade_state(trade_no(49)) == "USERPAYING"
@@ -461,8 +515,10 @@ def test_the_shop_booking_the_payment_between_the_call_and_the_write_books_it_on
     def shop_books(stage, r, result):
         if stage == "close_unpaid":
             with world.db.begin() as conn:
-                conn.exec_driver_sql("UPDATE goods_order2 SET pay_status = 1, order_status = 'PAID', transaction_id = 'T50',"
-                                     " paid_at = created_at WHERE id = 50")
+                conn.exec_driver_sql(
+                    "UPDATE goods_order2 SET pay_status = 1, order_status = 'PAID', transaction_id = 'T50',"
+                    " paid_at = created_at WHERE id = 50"
+                )
                 conn.exec_driver_sql("UPDATE goods SET sales = sales + 2 WHERE id = 50")
 
     run_close(world, world.runner(Hooks(after_gateway_call=shop_books)))
@@ -482,7 +538,9 @@ def test_an_order_soft_deleted_while_its_cancel_waits_is_left_alone(world):
     with world.db.begin() as conn:
         conn.exec_driver_sql("UPDATE goods_order2 SET is_deleted = 1 WHERE id = 51")
     world.settle()
-    assert world.emulator.payment_counts["queries"] == 0 and row(world.db, "goods_order2", 51)["order_status"] == "UNPAID"
+    assert (
+        world.emulator.payment_counts["queries"] == 0 and row(world.db, "goods_order2", 51)["order_status"] == "UNPAID"
+    )
 
 
 @pytest.mark.parametrize("trade", ["SUCCESS", "NOTPAY"])
@@ -524,7 +582,9 @@ def test_a_lease_lost_while_the_calls_ran_drops_the_answer_and_the_new_holder_bo
             world.clock.advance(120)  # slow calls: the lease (60 s) is over, a second runner takes the rows
             world.runner(owner="b").run_until_idle(world.clock.now, stages=["close_unpaid"])
 
-    world.runner(Hooks(after_gateway_call=another_runner_takes_over), owner="a").run_stage("close_unpaid", world.clock.now)
+    world.runner(Hooks(after_gateway_call=another_runner_takes_over), owner="a").run_stage(
+        "close_unpaid", world.clock.now
+    )
     world.settle()
     assert events(world, 54) == ["PAYMENT_FOUND"] and goods(world, 54) == (10, 12)
     assert row(world.db, "goods_order2", 55)["order_status"] == "CANCELLED" and goods(world, 55) == (12, 10)
@@ -545,7 +605,9 @@ def test_a_found_payment_whose_goods_row_the_shop_holds_waits_and_is_booked_once
         report = world.runner().run_stage("close_unpaid", world.clock.now)
         assert report.later == 1
         order = row(world.db, "goods_order2", 56)
-        assert (order["pay_status"], order["close_scanned"]) == (0, 0) and order["close_last_error"].startswith("ORDER_BUSY")
+        assert (order["pay_status"], order["close_scanned"]) == (0, 0) and order["close_last_error"].startswith(
+            "ORDER_BUSY"
+        )
         shop_conn.exec_driver_sql("ROLLBACK")
     world.clock.advance(2)
     world.settle()
@@ -558,7 +620,9 @@ def test_a_pay_timeout_under_five_minutes_is_a_one_line_configuration_error(tmp_
     from cancel_scanner.cli import main
 
     path = tmp_path / "jobs.yaml"
-    path.write_text(f"database_url: sqlite:///{tmp_path / 'x.db'}\njobs:\n  close_unpaid:\n    pay_timeout_seconds: 299\n")
+    path.write_text(
+        f"database_url: sqlite:///{tmp_path / 'x.db'}\njobs:\n  close_unpaid:\n    pay_timeout_seconds: 299\n"
+    )
     result = CliRunner().invoke(main, ["--config", str(path), "initdb"])
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
@@ -575,7 +639,9 @@ def test_a_spoiled_answer_to_the_first_query_of_a_paid_trade_books_nothing_until
     assert (order["pay_status"], order["order_status"], order["close_scanned"]) == (0, "UNPAID", 0)
     assert events(world, 57) == [] and world.emulator.payment_counts["closes"] == 0
     world.settle()
-    assert events(world, 57).count("PAYMENT_FOUND") == 1 and len(refunds(world.db)) == 1 and goods(world, 57) == (12, 10)
+    assert (
+        events(world, 57).count("PAYMENT_FOUND") == 1 and len(refunds(world.db)) == 1 and goods(world, 57) == (12, 10)
+    )
 
 
 def test_wechats_no_such_trade_to_a_close_counts_only_under_its_signature(world):
@@ -583,10 +649,21 @@ def test_wechats_no_such_trade_to_a_close_counts_only_under_its_signature(world)
     from cancel_scanner.gateway.calls import Capture
 
     gateway = world.sandbox.gateway
-    assert isinstance(gateway.close_payment("SO9999999999"), gw.NoSuchTrade)  # the emulator signs its answers, errors too
+    assert isinstance(
+        gateway.close_payment("SO9999999999"), gw.NoSuchTrade
+    )  # the emulator signs its answers, errors too
     body = '{"code":"ORDER_NOT_EXIST","message":"order does not exist"}'
     assert not gateway._signed_by_wechat(Capture(), body)  # a proxy's 404: no signature at all
-    assert not gateway._signed_by_wechat(Capture(signature={"Wechatpay-Serial": "PUB_KEY_ID_0000000000000000000000000000"}), body)
-    forged = {"Wechatpay-Serial": world.sandbox.keys.platform_public_key_id, "Wechatpay-Timestamp": "1700000000",
-              "Wechatpay-Nonce": "n", "Wechatpay-Signature": "AAAA", "Wechatpay-Signature-Type": "WECHATPAY2-SHA256-RSA2048"}
-    assert not gateway._signed_by_wechat(Capture(signature=forged), body)  # our serial, a signature that does not verify
+    assert not gateway._signed_by_wechat(
+        Capture(signature={"Wechatpay-Serial": "PUB_KEY_ID_0000000000000000000000000000"}), body
+    )
+    forged = {
+        "Wechatpay-Serial": world.sandbox.keys.platform_public_key_id,
+        "Wechatpay-Timestamp": "1700000000",
+        "Wechatpay-Nonce": "n",
+        "Wechatpay-Signature": "AAAA",
+        "Wechatpay-Signature-Type": "WECHATPAY2-SHA256-RSA2048",
+    }
+    assert not gateway._signed_by_wechat(
+        Capture(signature=forged), body
+    )  # our serial, a signature that does not verify

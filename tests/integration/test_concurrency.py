@@ -40,6 +40,7 @@ def test_two_engines_at_once_give_the_same_end_state_as_one(mysql_db, mysql_url,
     def counter(owner):
         def count(stage, ids):
             committed[owner] += len(ids)
+
         return Hooks(before_commit=count)
 
     runners = [world.runner(owner=o, hooks=counter(o)) for o in committed]

@@ -47,7 +47,9 @@ def cancelled_unpaid_orders(db, count: int, goods_of) -> None:
         (1, "UNPAID", "4200000000000000000004", "pay_status says paid, order says UNPAID"),
     ],
 )
-def test_an_order_whose_payment_fields_disagree_is_refused_and_left_untouched(db, db_url, pay_status, status, transaction_id, why):
+def test_an_order_whose_payment_fields_disagree_is_refused_and_left_untouched(
+    db, db_url, pay_status, status, transaction_id, why
+):
     add_goods(db, 1, stock=10)
     add_order(db, 601, paid=pay_status == 1, status=status, transaction_id=transaction_id or False)
     with db.begin() as conn:
@@ -78,7 +80,9 @@ def test_a_missing_table_blocks_the_stage_without_spending_any_rows_attempts(db,
     assert report.blocked and "goods" in report.blocked
     assert report.error is None and report.failed == 0
     left = rows(db, "SELECT stock_scanned, stock_success, stock_attempts, stock_last_error FROM goods_order2")
-    assert {(r["stock_scanned"], r["stock_success"], r["stock_attempts"], r["stock_last_error"]) for r in left} == {(0, 0, 0, None)}
+    assert {(r["stock_scanned"], r["stock_success"], r["stock_attempts"], r["stock_last_error"]) for r in left} == {
+        (0, 0, 0, None)
+    }
 
 
 def test_a_read_only_sqlite_file_blocks_the_stage_and_no_row_fails(tmp_path):
@@ -164,7 +168,10 @@ def test_a_goods_row_the_shop_keeps_locked_delays_only_its_own_orders(mysql_db, 
 
         assert (report.done, report.later) == (450, 50)
         assert took < 4.5, f"the batch waited {took:.1f}s on a row it could not lock"  # lock wait timeout is 5 s
-        busy = rows(mysql_db, "SELECT goods_id, stock_scanned, stock_attempts, stock_last_error FROM goods_order2 WHERE goods_id = 1")
+        busy = rows(
+            mysql_db,
+            "SELECT goods_id, stock_scanned, stock_attempts, stock_last_error FROM goods_order2 WHERE goods_id = 1",
+        )
         assert {(r["stock_scanned"], r["stock_attempts"]) for r in busy} == {(0, 0)}
         assert all(r["stock_last_error"].startswith("GOODS_BUSY") for r in busy)
         stock = {r["id"]: r["stock"] for r in rows(mysql_db, "SELECT id, stock FROM goods")}
@@ -190,15 +197,17 @@ def test_a_goods_row_the_shop_keeps_locked_delays_only_its_own_orders(mysql_db, 
 @pytest.mark.mysql
 def test_the_failed_view_gives_each_row_its_own_reason(mysql_db, mysql_url):
     with mysql_db.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO refund_order (id, order_id, out_refund_no, out_trade_no, refund_amount, total_amount,"
-            " submit_scanned, submit_success, progress_scanned, progress_success, wx_status, last_error, sync_scanned, sync_success)"
-            " VALUES"
-            " (1, 11, 'CSR11-1', 'SO11', 100, 100, 1, 0, 0, 0, NULL, 'OUTCOME_UNKNOWN: check by hand', 0, 0),"
-            " (2, 12, 'CSR12-1', 'SO12', 100, 100, 1, 1, 1, 0, 'PROCESSING', 'RESOURCE_NOT_EXISTS: gave up', 0, 0),"
-            " (3, 13, 'CSR13-1', 'SO13', 100, 100, 1, 1, 1, 0, 'CLOSED', NULL, 1, 1),"
-            " (4, 14, 'CSR14-1', 'SO14', 100, 100, 1, 1, 1, 0, 'SUCCESS', 'CONFLICTING_ANSWERS: SUCCESS then CLOSED', 0, 0)"
-        ))
+        conn.execute(
+            text(
+                "INSERT INTO refund_order (id, order_id, out_refund_no, out_trade_no, refund_amount, total_amount,"
+                " submit_scanned, submit_success, progress_scanned, progress_success, wx_status, last_error, sync_scanned, sync_success)"
+                " VALUES"
+                " (1, 11, 'CSR11-1', 'SO11', 100, 100, 1, 0, 0, 0, NULL, 'OUTCOME_UNKNOWN: check by hand', 0, 0),"
+                " (2, 12, 'CSR12-1', 'SO12', 100, 100, 1, 1, 1, 0, 'PROCESSING', 'RESOURCE_NOT_EXISTS: gave up', 0, 0),"
+                " (3, 13, 'CSR13-1', 'SO13', 100, 100, 1, 1, 1, 0, 'CLOSED', NULL, 1, 1),"
+                " (4, 14, 'CSR14-1', 'SO14', 100, 100, 1, 1, 1, 0, 'SUCCESS', 'CONFLICTING_ANSWERS: SUCCESS then CLOSED', 0, 0)"
+            )
+        )
     reasons = {(r["stage"], r["row_id"]): r["reason"] for r in rows(mysql_db, "SELECT * FROM v_cancel_scanner_failed")}
     assert reasons == {
         ("submit_refund", 1): "OUTCOME_UNKNOWN: check by hand",
@@ -209,7 +218,9 @@ def test_the_failed_view_gives_each_row_its_own_reason(mysql_db, mysql_url):
 
 
 @pytest.mark.mysql
-def test_goods_rows_are_locked_only_at_the_end_and_a_row_taken_meanwhile_sends_its_orders_round_again(mysql_db, mysql_url):
+def test_goods_rows_are_locked_only_at_the_end_and_a_row_taken_meanwhile_sends_its_orders_round_again(
+    mysql_db, mysql_url
+):
     """While restore_stock works out its batch the shop can still lock a goods row at once; when it
     does, that goods' orders are answered Later and the batch is done again without them."""
     from cancel_scanner.scanners.restore_stock import RestoreStock
@@ -250,5 +261,7 @@ def test_goods_rows_are_locked_only_at_the_end_and_a_row_taken_meanwhile_sends_i
     assert stock == {1: 20, 2: 0}
     assert scalar(mysql_db, "SELECT COUNT(*) FROM goods_order2_oplog WHERE event = 'STOCK_RESTORED'") == 20
     busy = rows(mysql_db, "SELECT stock_scanned, stock_attempts, stock_last_error FROM goods_order2 WHERE goods_id = 2")
-    assert all((r["stock_scanned"], r["stock_attempts"]) == (0, 0) and r["stock_last_error"].startswith("GOODS_BUSY") for r in busy)
-
+    assert all(
+        (r["stock_scanned"], r["stock_attempts"]) == (0, 0) and r["stock_last_error"].startswith("GOODS_BUSY")
+        for r in busy
+    )

@@ -16,7 +16,10 @@ class PowerCut(BaseException):
 
 
 def events(world, order_id):
-    return [r["event"] for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)]
+    return [
+        r["event"]
+        for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)
+    ]
 
 
 def test_a_paid_order_cancelled_by_its_merchant_is_refunded_once_and_stock_and_sales_corrected(world):
@@ -29,9 +32,18 @@ def test_a_paid_order_cancelled_by_its_merchant_is_refunded_once_and_stock_and_s
     request = row(world.db, "req_order_ops", req)
     assert (request["scanned"], request["success"], request["result_code"]) == (1, 1, "OK")
     order = row(world.db, "goods_order2", 101)
-    assert (order["order_status"], order["cancel_source"], order["refund_status"]) == ("CANCELLED", "MERCHANT", "REFUNDED")
+    assert (order["order_status"], order["cancel_source"], order["refund_status"]) == (
+        "CANCELLED",
+        "MERCHANT",
+        "REFUNDED",
+    )
     assert order["refunded_at"] is not None and order["wx_progress_scanned"] == 1
-    assert (order["stock_scanned"], order["stock_success"], order["sales_scanned"], order["sales_success"]) == (1, 1, 1, 1)
+    assert (order["stock_scanned"], order["stock_success"], order["sales_scanned"], order["sales_success"]) == (
+        1,
+        1,
+        1,
+        1,
+    )
     goods = row(world.db, "goods", 1)
     assert (goods["stock"], goods["sales"]) == (12, 3)
     number = out_refund_no_for(101)
@@ -41,7 +53,13 @@ def test_a_paid_order_cancelled_by_its_merchant_is_refunded_once_and_stock_and_s
     assert len(refund) == 1
     assert (refund[0]["submit_success"], refund[0]["progress_success"], refund[0]["sync_success"]) == (1, 1, 1)
     assert refund[0]["wx_status"] == "SUCCESS" and refund[0]["lease_owner"] is None
-    assert events(world, 101) == ["CANCELLED", "REFUND_SUBMITTED", "REFUND_SUCCEEDED", "STOCK_RESTORED", "SALES_DECREMENTED"]
+    assert events(world, 101) == [
+        "CANCELLED",
+        "REFUND_SUBMITTED",
+        "REFUND_SUCCEEDED",
+        "STOCK_RESTORED",
+        "SALES_DECREMENTED",
+    ]
 
 
 def test_an_unpaid_order_is_cancelled_without_a_refund_and_its_stock_comes_back(world):
@@ -126,7 +144,13 @@ def test_two_hundred_orders_settle_exactly_once_and_a_second_run_changes_nothing
         number = out_refund_no_for(order_id)
         assert world.emulator.refunds_created[number] == 1
         assert world.emulator.fen_refunded[f"SO{order_id:010d}"] == 100 + order_id - 1000
-        assert events(world, order_id) == ["CANCELLED", "REFUND_SUBMITTED", "REFUND_SUCCEEDED", "STOCK_RESTORED", "SALES_DECREMENTED"]
+        assert events(world, order_id) == [
+            "CANCELLED",
+            "REFUND_SUBMITTED",
+            "REFUND_SUCCEEDED",
+            "STOCK_RESTORED",
+            "SALES_DECREMENTED",
+        ]
     for order_id in unpaid:
         assert events(world, order_id) == ["CANCELLED", "STOCK_RESTORED"]
     assert sum(world.emulator.refunds_created.values()) == len(paid) + 1  # + order 208 from the rejections
@@ -241,7 +265,10 @@ def test_a_processing_refund_is_polled_on_schedule_and_an_abnormal_one_waits_for
 
     world.emulator.resolve_abnormal("SO0000000305")
     world.settle(runner)
-    assert {o: row(world.db, "goods_order2", o)["refund_status"] for o in (304, 305)} == {304: "REFUNDED", 305: "REFUNDED"}
+    assert {o: row(world.db, "goods_order2", o)["refund_status"] for o in (304, 305)} == {
+        304: "REFUNDED",
+        305: "REFUNDED",
+    }
 
 
 def test_a_daemon_whose_lease_was_taken_over_drops_its_answer_and_the_new_holder_finishes(world):
@@ -277,7 +304,9 @@ def test_an_operator_requeues_a_refund_that_gave_up_and_it_completes_with_the_sa
     add_order(world.db, 307)
     request_cancel(world.db, 307)
     number = out_refund_no_for(307)
-    world.emulator.fail_next(number, "503", times=100, after_commit=True, call="any")  # accepted; every answer lost, queries too
+    world.emulator.fail_next(
+        number, "503", times=100, after_commit=True, call="any"
+    )  # accepted; every answer lost, queries too
     runner = world.runner()
     runner.run_until_idle(world.clock.now)
     for _ in range(world.config.job("submit_refund").max_attempts):

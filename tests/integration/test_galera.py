@@ -74,8 +74,10 @@ def test_two_runners_on_two_nodes_refund_every_order_once(galera_cluster, sandbo
         request_cancel(engines[i % 2], i)  # merchants write on either node
     clock = Clock()
     config = test_config(urls[0])
-    runners = [Runner(engine, config, build_stages(config), sandbox.gateway, clock=clock, owner=f"node{k + 1}")
-               for k, engine in enumerate(engines)]
+    runners = [
+        Runner(engine, config, build_stages(config), sandbox.gateway, clock=clock, owner=f"node{k + 1}")
+        for k, engine in enumerate(engines)
+    ]
     errors: list[BaseException] = []
 
     def drive(runner) -> None:
@@ -93,14 +95,19 @@ def test_two_runners_on_two_nodes_refund_every_order_once(galera_cluster, sandbo
             for t in threads:
                 t.join(120)
             assert not errors, errors
-            pending = scalar(engines[0], "SELECT COUNT(*) FROM goods_order2 WHERE sales_success = 0 OR stock_success = 0")
+            pending = scalar(
+                engines[0], "SELECT COUNT(*) FROM goods_order2 WHERE sales_success = 0 OR stock_success = 0"
+            )
             if not pending:
                 break
             clock.advance(5)
         assert {no: c for no, c in sandbox.emulator.refunds_created.items() if c != 1} == {}
         assert len(sandbox.emulator.refunds_created) == n
         assert scalar(engines[1], "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'REFUNDED'") == n
-        dup = rows(engines[0], "SELECT order_id, event, COUNT(*) AS c FROM goods_order2_oplog GROUP BY order_id, event HAVING c > 1")
+        dup = rows(
+            engines[0],
+            "SELECT order_id, event, COUNT(*) AS c FROM goods_order2_oplog GROUP BY order_id, event HAVING c > 1",
+        )
         assert dup == []
         goods = rows(engines[1], "SELECT stock, sales FROM goods WHERE id = 1")[0]
         assert (goods["stock"], goods["sales"]) == (100 + n, 50 - n)
@@ -130,8 +137,12 @@ class PausedApplier:
 
 def running_on(url: str, marker: str) -> int:
     """How many statements containing `marker` the node is running now (a session waiting counts)."""
-    return fetch(url, f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE '%{marker}%'"
-                      f" AND INFO NOT LIKE '%PROCESSLIST%'", sync=False)[0][0]
+    return fetch(
+        url,
+        f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE '%{marker}%'"
+        f" AND INFO NOT LIKE '%PROCESSLIST%'",
+        sync=False,
+    )[0][0]
 
 
 def test_on_a_lagging_node_the_daemons_sessions_wait_for_the_clusters_latest_write_instead_of_reading_it_stale(
@@ -154,7 +165,9 @@ def test_on_a_lagging_node_the_daemons_sessions_wait_for_the_clusters_latest_wri
             with unsynced.connect() as conn:
                 assert conn.execute(text("SELECT COUNT(*) FROM t")).scalar() == 0  # the lag is real: a stale read
             seen: list[int] = []
-            reader = threading.Thread(target=lambda: seen.append(scalar(daemon_like, "SELECT COUNT(*) AS waits_here FROM t")))
+            reader = threading.Thread(
+                target=lambda: seen.append(scalar(daemon_like, "SELECT COUNT(*) AS waits_here FROM t"))
+            )
             reader.start()
             wait_until(lambda: running_on(second, "waits_here"), 30, "the daemon's read waiting on node 2")
             assert seen == []  # it waits rather than answer from the stale node
@@ -200,7 +213,9 @@ def test_a_survivor_on_a_lagging_node_does_not_take_over_from_a_process_that_bea
         reaper.join(30)
         assert reaped == [[]]
         assert sorted(r[0] for r in fetch(first, "SELECT owner FROM cancel_scanner_process")) == [
-            "alive-on-node1", "survivor-on-node2"]
+            "alive-on-node1",
+            "survivor-on-node2",
+        ]
     finally:
         a.dispose()
         b.dispose()

@@ -538,7 +538,9 @@ def test_a_signed_2xx_over_the_cap_is_unknown_and_the_retry_moves_money_once(gat
 
 def test_a_signed_2xx_within_the_cap_is_still_verified_and_accepted(gateway, emulator):
     gateway.apply(refund())
-    emulator.fail_next("R1", "huge", call="query", huge_status=200, huge_bytes=MAX_ANSWER_BYTES - 1000, after_commit=True)
+    emulator.fail_next(
+        "R1", "huge", call="query", huge_status=200, huge_bytes=MAX_ANSWER_BYTES - 1000, after_commit=True
+    )
 
     result = gateway.query("R1")
 
@@ -722,7 +724,13 @@ def test_no_secret_reaches_logs_or_reprs(gateway, emulator, key_material):
     everything = "\n".join(lines) + repr(gateway) + repr(key_material)
 
     assert len(lines) >= 4
-    for secret in (key_material.apiv3_key, private_key_body, "PRIVATE KEY", "WECHATPAY2-SHA256-RSA2048 mchid", 'signature="'):
+    for secret in (
+        key_material.apiv3_key,
+        private_key_body,
+        "PRIVATE KEY",
+        "WECHATPAY2-SHA256-RSA2048 mchid",
+        'signature="',
+    ):
         assert secret not in everything
 
 
@@ -751,7 +759,11 @@ def test_the_emulator_command_prints_where_things_are_and_stops_cleanly_on_sigte
     key_dir = tmp_path / "keys"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; from cancel_scanner.gateway.emulator.command import serve; sys.exit(serve(key_dir={str(key_dir)!r}))"],
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from cancel_scanner.gateway.emulator.command import serve; sys.exit(serve(key_dir={str(key_dir)!r}))",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -77,7 +77,9 @@ def apply_and_finish(make_gateway, emulator_clock, notify_url: str, number: str 
     emulator_clock.advance(1)  # past success_delay; the emulator's ticker notices and notifies
 
 
-def test_a_successful_refund_is_announced_verified_and_decrypted(start_notify_server, make_gateway, emulator, emulator_clock):
+def test_a_successful_refund_is_announced_verified_and_decrypted(
+    start_notify_server, make_gateway, emulator, emulator_clock
+):
     hook = Hook()
     server = start_notify_server(hook)
 
@@ -93,7 +95,9 @@ def test_a_successful_refund_is_announced_verified_and_decrypted(start_notify_se
     assert emulator.wait_for(lambda: attempts(emulator, "R1") == [204], DEADLINE_SECONDS)
 
 
-def test_a_notification_delivered_twice_reaches_the_hook_once(start_notify_server, make_gateway, emulator, emulator_clock):
+def test_a_notification_delivered_twice_reaches_the_hook_once(
+    start_notify_server, make_gateway, emulator, emulator_clock
+):
     hook = Hook()
     server = start_notify_server(hook)
     emulator.duplicate_notifications = True
@@ -484,7 +488,9 @@ def descriptor_headroom() -> Iterator[None]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = IDLE_CONNECTIONS + 1000
     if hard != resource.RLIM_INFINITY and hard < needed:
-        pytest.fail(f"this test needs {needed} open files in the test process; the hard limit is {hard} (raise ulimit -Hn)")
+        pytest.fail(
+            f"this test needs {needed} open files in the test process; the hard limit is {hard} (raise ulimit -Hn)"
+        )
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

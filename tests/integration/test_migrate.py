@@ -71,18 +71,26 @@ def shape(engine) -> dict:
     """Everything a DBA would compare: columns with type, nullability, default, extra and comment;
     indexes with their columns; views; the recorded schema version."""
     with engine.connect() as conn:
-        columns = conn.execute(text(
-            "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT, EXTRA, COLUMN_COMMENT"
-            " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, COLUMN_NAME"
-        )).all()
-        indexes = conn.execute(text(
-            "SELECT TABLE_NAME, INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX), MIN(NON_UNIQUE)"
-            " FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() GROUP BY TABLE_NAME, INDEX_NAME"
-            " ORDER BY TABLE_NAME, INDEX_NAME"
-        )).all()
+        columns = conn.execute(
+            text(
+                "SELECT TABLE_NAME, COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT, EXTRA, COLUMN_COMMENT"
+                " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME, COLUMN_NAME"
+            )
+        ).all()
+        indexes = conn.execute(
+            text(
+                "SELECT TABLE_NAME, INDEX_NAME, GROUP_CONCAT(COLUMN_NAME ORDER BY SEQ_IN_INDEX), MIN(NON_UNIQUE)"
+                " FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() GROUP BY TABLE_NAME, INDEX_NAME"
+                " ORDER BY TABLE_NAME, INDEX_NAME"
+            )
+        ).all()
         version = migrate.current_version(conn)
-    return {"columns": [tuple(c) for c in columns], "indexes": [tuple(i) for i in indexes],
-            "views": sorted(inspect(engine).get_view_names()), "version": version}
+    return {
+        "columns": [tuple(c) for c in columns],
+        "indexes": [tuple(i) for i in indexes],
+        "views": sorted(inspect(engine).get_view_names()),
+        "version": version,
+    }
 
 
 def checksums(engine, tables) -> dict[str, int]:
@@ -108,8 +116,14 @@ def scalar_of(engine, sql: str):
 
 def cli(args, url: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "CANCEL_SCANNER_DB_URL": url, "CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
-    return subprocess.run([sys.executable, "-m", "cancel_scanner.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cancel_scanner.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.mysql
@@ -147,21 +161,29 @@ def test_a_shops_database_is_adopted_online_and_the_flow_runs_on_its_old_orders(
         the_plan = migration_plan(db)
         sql = "\n".join(migrate.render(the_plan))
         # Columns instantly (metadata only), indexes online; nothing that copies the table.
-        assert "ALTER TABLE goods_order2 ADD COLUMN" in sql and "ADD COLUMN refund_status VARCHAR(16) NOT NULL DEFAULT 'NONE'" in sql
+        assert (
+            "ALTER TABLE goods_order2 ADD COLUMN" in sql
+            and "ADD COLUMN refund_status VARCHAR(16) NOT NULL DEFAULT 'NONE'" in sql
+        )
         assert "ALGORITHM=INSTANT" in sql and "ALGORITHM=INPLACE, LOCK=NONE" in sql and "COPY" not in sql
         assert "DROP" not in sql.upper().replace("DROP DATABASE", "")
         assert "uk_goods_order2_order_no" not in sql  # the shop's own unique key on order_no serves
         migrate.apply(db, the_plan)
 
         with db.connect() as conn:
-            untouched = conn.execute(text(
-                "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'NONE' AND stock_scanned = 0 AND stock_success = 0"
-                " AND sales_scanned = 0 AND sales_success = 0 AND wx_progress_scanned = 0 AND stock_attempts = 0"
-            )).scalar()
+            untouched = conn.execute(
+                text(
+                    "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'NONE' AND stock_scanned = 0 AND stock_success = 0"
+                    " AND sales_scanned = 0 AND sales_success = 0 AND wx_progress_scanned = 0 AND stock_attempts = 0"
+                )
+            ).scalar()
             assert untouched == SHOP_ORDERS
             assert conn.execute(text("SELECT COUNT(*) FROM goods_order2")).scalar() == SHOP_ORDERS
         with db.connect() as conn:  # goods gained columns and kept its rows
-            assert [tuple(r) for r in conn.execute(text("SELECT id, stock, sales FROM goods ORDER BY id"))] == [(1, 500, 40), (2, 80, 9)]
+            assert [tuple(r) for r in conn.execute(text("SELECT id, stock, sales FROM goods ORDER BY id"))] == [
+                (1, 500, 40),
+                (2, 80, 9),
+            ]
         assert schema_problem(db) is None
 
         twice = migration_plan(db)
@@ -173,8 +195,12 @@ def test_a_shops_database_is_adopted_online_and_the_flow_runs_on_its_old_orders(
 
         # A merchant cancels two old orders: order 4 was paid (goods 1, quantity 2), order 3 never was.
         with db.begin() as conn:
-            conn.execute(text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES"
-                              " (4, 'MERCHANT_CANCEL', 'clerk', 'customer asked'), (3, 'USER_CANCEL', NULL, NULL)"))
+            conn.execute(
+                text(
+                    "INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES"
+                    " (4, 'MERCHANT_CANCEL', 'clerk', 'customer asked'), (3, 'USER_CANCEL', NULL, NULL)"
+                )
+            )
         # The shop's orders were placed just now (the server's NOW()); the flow looks at them ten minutes later.
         later = Clock(now=datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=10))
         World(db=db, config=test_config(mysql_url), sandbox=sandbox, clock=later).settle()
@@ -182,7 +208,12 @@ def test_a_shops_database_is_adopted_online_and_the_flow_runs_on_its_old_orders(
             orders = {r.id: r for r in conn.execute(text("SELECT * FROM goods_order2 WHERE id IN (3, 4)"))}
             goods = dict(conn.execute(text("SELECT id, CONCAT(stock, '/', sales) FROM goods")).all())
             refunds = conn.execute(text("SELECT order_id, wx_status, refund_amount FROM refund_order")).all()
-        assert (orders[4].order_status, orders[4].refund_status, orders[4].stock_success, orders[4].sales_success) == ("CANCELLED", "REFUNDED", 1, 1)
+        assert (orders[4].order_status, orders[4].refund_status, orders[4].stock_success, orders[4].sales_success) == (
+            "CANCELLED",
+            "REFUNDED",
+            1,
+            1,
+        )
         assert (orders[3].order_status, orders[3].refund_status, orders[3].stock_success) == ("CANCELLED", "NONE", 1)
         assert [tuple(r) for r in refunds] == [(4, "SUCCESS", 104)]
         # goods 1: order 4 (quantity 2) back in stock and out of sales; goods 2: order 3 (quantity 1) restocked.
@@ -195,14 +226,26 @@ def test_a_shops_database_is_adopted_online_and_the_flow_runs_on_its_old_orders(
 def test_todays_unversioned_schema_reaches_head_with_every_row_as_it_was(mysql_db, tmp_path):
     with mysql_db.begin() as conn:
         conn.execute(text("INSERT INTO goods (id, name, stock, sales) VALUES (1, 'g', 5, 5)"))
-        conn.execute(text("INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
-                          " VALUES (1, 'SO1', 1, 1, 1, 1, 100)"))
+        conn.execute(
+            text(
+                "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
+                " VALUES (1, 'SO1', 1, 1, 1, 1, 100)"
+            )
+        )
         conn.execute(text("INSERT INTO req_order_ops (order_id, op_type) VALUES (1, 'MERCHANT_CANCEL')"))
-        conn.execute(text("INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount)"
-                          " VALUES (1, 'R1', 'SO1', 100, 100)"))
+        conn.execute(
+            text(
+                "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount)"
+                " VALUES (1, 'R1', 'SO1', 100, 100)"
+            )
+        )
         conn.execute(text("INSERT INTO goods_order2_oplog (order_id, event) VALUES (1, 'CANCELLED')"))
-        conn.execute(text("INSERT INTO cancel_scanner_process (owner, hostname, pid, started_at, heartbeat_at)"
-                          " VALUES ('o', 'h', 1, NOW(3), NOW(3))"))
+        conn.execute(
+            text(
+                "INSERT INTO cancel_scanner_process (owner, hostname, pid, started_at, heartbeat_at)"
+                " VALUES ('o', 'h', 1, NOW(3), NOW(3))"
+            )
+        )
         conn.execute(text("DROP TABLE cancel_scanner_schema"))  # today's schema has no version table
     tables = [t for t in metadata.tables if t != "cancel_scanner_schema"]
     before = checksums(mysql_db, tables)
@@ -222,9 +265,16 @@ def test_an_older_scanners_database_is_upgraded_and_refunds_that_may_have_reache
         init_schema(db)
         with db.begin() as conn:
             for rid, attempts in ((1, 2), (2, 0)):
-                conn.execute(text("INSERT INTO refund_order (id, order_id, out_refund_no, out_trade_no, refund_amount, total_amount,"
-                                  " attempts) VALUES (:id, :id, :no, 'SO', 100, 100, :a)"), {"id": rid, "no": f"R{rid}", "a": attempts})
-            conn.execute(text("DROP VIEW IF EXISTS v_cancel_scanner_failed") if db.dialect.name != "sqlite" else text("SELECT 1"))
+                conn.execute(
+                    text(
+                        "INSERT INTO refund_order (id, order_id, out_refund_no, out_trade_no, refund_amount, total_amount,"
+                        " attempts) VALUES (:id, :id, :no, 'SO', 100, 100, :a)"
+                    ),
+                    {"id": rid, "no": f"R{rid}", "a": attempts},
+                )
+            conn.execute(
+                text("DROP VIEW IF EXISTS v_cancel_scanner_failed") if db.dialect.name != "sqlite" else text("SELECT 1")
+            )
             if db.dialect.name == "sqlite":
                 conn.execute(text("DROP INDEX idx_refund_order_lease_owner"))
             else:
@@ -250,7 +300,10 @@ def test_a_shop_column_too_narrow_for_the_scanner_refuses_and_changes_nothing(my
     db = make_engine(mysql_url)
     try:
         before = shape(db)
-        with pytest.raises(migrate.SchemaRefused, match=r"goods_order2\.quantity is varchar\(10\); cancel-scanner reads or writes INT UNSIGNED there"):
+        with pytest.raises(
+            migrate.SchemaRefused,
+            match=r"goods_order2\.quantity is varchar\(10\); cancel-scanner reads or writes INT UNSIGNED there",
+        ):
             migration_plan(db)
         assert shape(db) == before
     finally:
@@ -305,7 +358,9 @@ def test_a_table_the_shop_keeps_busy_makes_migrate_wait_briefly_and_never_stall_
 
         def migrating():
             try:
-                migrate.apply(db, the_plan, sleep=lambda s: tries.append(s) or time.sleep(0.2), lock_wait_seconds=1, tries=3)
+                migrate.apply(
+                    db, the_plan, sleep=lambda s: tries.append(s) or time.sleep(0.2), lock_wait_seconds=1, tries=3
+                )
             except Exception as exc:  # noqa: BLE001 - what the test asserts
                 failure.append(exc)
 
@@ -334,16 +389,24 @@ def test_sqlite_a_shops_tables_are_adopted_and_a_second_migrate_has_nothing_to_d
     db = make_engine(sqlite_url)
     try:
         with db.begin() as conn:
-            stamps = ("created_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,"
-                      " updated_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP")  # SQLite cannot add these later
-            conn.exec_driver_sql("CREATE TABLE goods (id INTEGER PRIMARY KEY, name VARCHAR(128) NOT NULL,"
-                                 f" stock INTEGER NOT NULL DEFAULT 0, sales INTEGER NOT NULL DEFAULT 0, {stamps})")
-            conn.exec_driver_sql("CREATE TABLE goods_order2 (id INTEGER PRIMARY KEY, order_no VARCHAR(32) NOT NULL,"
-                                 " user_id BIGINT NOT NULL, merchant_id BIGINT NOT NULL, goods_id BIGINT NOT NULL,"
-                                 " quantity INTEGER NOT NULL, total_amount INTEGER NOT NULL, pay_status TINYINT NOT NULL DEFAULT 0,"
-                                 f" order_status VARCHAR(16) NOT NULL DEFAULT 'UNPAID', is_deleted TINYINT NOT NULL DEFAULT 0, {stamps})")
-            conn.exec_driver_sql("INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
-                                 " VALUES (1, 'SO1', 1, 1, 1, 1, 100)")
+            stamps = (
+                "created_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,"
+                " updated_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP"
+            )  # SQLite cannot add these later
+            conn.exec_driver_sql(
+                "CREATE TABLE goods (id INTEGER PRIMARY KEY, name VARCHAR(128) NOT NULL,"
+                f" stock INTEGER NOT NULL DEFAULT 0, sales INTEGER NOT NULL DEFAULT 0, {stamps})"
+            )
+            conn.exec_driver_sql(
+                "CREATE TABLE goods_order2 (id INTEGER PRIMARY KEY, order_no VARCHAR(32) NOT NULL,"
+                " user_id BIGINT NOT NULL, merchant_id BIGINT NOT NULL, goods_id BIGINT NOT NULL,"
+                " quantity INTEGER NOT NULL, total_amount INTEGER NOT NULL, pay_status TINYINT NOT NULL DEFAULT 0,"
+                f" order_status VARCHAR(16) NOT NULL DEFAULT 'UNPAID', is_deleted TINYINT NOT NULL DEFAULT 0, {stamps})"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO goods_order2 (id, order_no, user_id, merchant_id, goods_id, quantity, total_amount)"
+                " VALUES (1, 'SO1', 1, 1, 1, 1, 100)"
+            )
         assert schema_problem(db).kind == "behind"
         run_migrate(db)
         columns = {c["name"] for c in inspect(db).get_columns("goods_order2")}
@@ -367,20 +430,23 @@ def test_every_table_of_schema_sql_is_read_with_the_models_columns_and_keys():
     assert order_keys["uk_refund_order_order_seq"] == ("order_id", "refund_seq")
 
 
-@pytest.mark.parametrize("found, wanted, holds", [
-    ("bigint(20)", "BIGINT", True),
-    ("int(11)", "BIGINT", False),
-    ("bigint(20) unsigned", "INT UNSIGNED", True),
-    ("int(11)", "INT UNSIGNED", False),  # a signed INT cannot hold every unsigned one
-    ("bigint(20)", "INT UNSIGNED", True),
-    ("varchar(64)", "VARCHAR(32)", True),
-    ("varchar(16)", "VARCHAR(32)", False),
-    ("text", "VARCHAR(255)", True),
-    ("datetime", "DATETIME(3)", True),
-    ("timestamp(6)", "DATETIME(3)", True),
-    ("varchar(10)", "INT UNSIGNED", False),
-    ("decimal(10,2)", "INT UNSIGNED", False),
-])
+@pytest.mark.parametrize(
+    "found, wanted, holds",
+    [
+        ("bigint(20)", "BIGINT", True),
+        ("int(11)", "BIGINT", False),
+        ("bigint(20) unsigned", "INT UNSIGNED", True),
+        ("int(11)", "INT UNSIGNED", False),  # a signed INT cannot hold every unsigned one
+        ("bigint(20)", "INT UNSIGNED", True),
+        ("varchar(64)", "VARCHAR(32)", True),
+        ("varchar(16)", "VARCHAR(32)", False),
+        ("text", "VARCHAR(255)", True),
+        ("datetime", "DATETIME(3)", True),
+        ("timestamp(6)", "DATETIME(3)", True),
+        ("varchar(10)", "INT UNSIGNED", False),
+        ("decimal(10,2)", "INT UNSIGNED", False),
+    ],
+)
 def test_a_column_type_holds_what_the_scanner_writes_only_when_at_least_as_wide(found, wanted, holds):
     assert migrate.type_holds(found, wanted) is holds
 
@@ -389,8 +455,10 @@ def test_sqlite_refuses_a_column_it_cannot_add_and_changes_nothing(sqlite_url):
     db = make_engine(sqlite_url)
     try:
         with db.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE goods (id INTEGER PRIMARY KEY, name VARCHAR(128) NOT NULL,"
-                                 " stock INTEGER NOT NULL DEFAULT 0, sales INTEGER NOT NULL DEFAULT 0)")
+            conn.exec_driver_sql(
+                "CREATE TABLE goods (id INTEGER PRIMARY KEY, name VARCHAR(128) NOT NULL,"
+                " stock INTEGER NOT NULL DEFAULT 0, sales INTEGER NOT NULL DEFAULT 0)"
+            )
         with pytest.raises(migrate.SchemaRefused, match=r"goods\.created_at is missing and SQLite cannot add it"):
             migration_plan(db)
         assert inspect(db).get_table_names() == ["goods"]
@@ -412,26 +480,40 @@ def shop_with(url: str, *changes: str) -> None:
 
 
 @pytest.mark.mysql
-@pytest.mark.parametrize("change, refusal", [
-    # Its polls say is_deleted = 0: an order whose is_deleted is NULL would be cancelled but never restocked.
-    ("ALTER TABLE goods_order2 MODIFY is_deleted TINYINT NULL DEFAULT 0", r"goods_order2\.is_deleted allows NULL"),
-    # Our indexes cover order_status: a TEXT one cannot be indexed, and the ALTER would fail after the columns.
-    ("ALTER TABLE goods_order2 MODIFY order_status TEXT NOT NULL", r"index idx_goods_order2_stock_pending cannot be built on order_status text"),
-    # A unique key of ours whose name the shop took for another key: order_no would not be unique.
-    ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD UNIQUE KEY uk_goods_order2_order_no (order_no, merchant_id)",
-     r"goods_order2\.uk_goods_order2_order_no is a unique key on \(order_no, merchant_id\); cancel-scanner needs it UNIQUE"),
-    # Two orders with one order_no: the unique key would fail half-way through.
-    ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no)",
-     None),  # no duplicates: adopted (below, with the unique key added)
-    ("ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no);"
-     " UPDATE goods_order2 SET order_no = 'SO0000000001' WHERE id = 2",
-     r"goods_order2 has rows with the same \(order_no\), e\.g\. 'SO0000000001'"),
-    # A column the daemon writes, too narrow for what it writes ('CANCELLED' is 9 characters): named (issue 24).
-    ("ALTER TABLE goods_order2 MODIFY order_status VARCHAR(8) NOT NULL DEFAULT 'UNPAID'",
-     r"goods_order2\.order_status is varchar\(8\); cancel-scanner reads or writes VARCHAR\(16\) there"),
-    # A table of the shop's with our view's name: CREATE OR REPLACE VIEW would fail at the very end.
-    ("CREATE TABLE v_cancel_scanner_failed (id INT PRIMARY KEY)", r"v_cancel_scanner_failed is a table"),
-])
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        # Its polls say is_deleted = 0: an order whose is_deleted is NULL would be cancelled but never restocked.
+        ("ALTER TABLE goods_order2 MODIFY is_deleted TINYINT NULL DEFAULT 0", r"goods_order2\.is_deleted allows NULL"),
+        # Our indexes cover order_status: a TEXT one cannot be indexed, and the ALTER would fail after the columns.
+        (
+            "ALTER TABLE goods_order2 MODIFY order_status TEXT NOT NULL",
+            r"index idx_goods_order2_stock_pending cannot be built on order_status text",
+        ),
+        # A unique key of ours whose name the shop took for another key: order_no would not be unique.
+        (
+            "ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD UNIQUE KEY uk_goods_order2_order_no (order_no, merchant_id)",
+            r"goods_order2\.uk_goods_order2_order_no is a unique key on \(order_no, merchant_id\); cancel-scanner needs it UNIQUE",
+        ),
+        # Two orders with one order_no: the unique key would fail half-way through.
+        (
+            "ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no)",
+            None,
+        ),  # no duplicates: adopted (below, with the unique key added)
+        (
+            "ALTER TABLE goods_order2 DROP INDEX shop_order_no, ADD INDEX shop_order_no (order_no);"
+            " UPDATE goods_order2 SET order_no = 'SO0000000001' WHERE id = 2",
+            r"goods_order2 has rows with the same \(order_no\), e\.g\. 'SO0000000001'",
+        ),
+        # A column the daemon writes, too narrow for what it writes ('CANCELLED' is 9 characters): named (issue 24).
+        (
+            "ALTER TABLE goods_order2 MODIFY order_status VARCHAR(8) NOT NULL DEFAULT 'UNPAID'",
+            r"goods_order2\.order_status is varchar\(8\); cancel-scanner reads or writes VARCHAR\(16\) there",
+        ),
+        # A table of the shop's with our view's name: CREATE OR REPLACE VIEW would fail at the very end.
+        ("CREATE TABLE v_cancel_scanner_failed (id INT PRIMARY KEY)", r"v_cancel_scanner_failed is a table"),
+    ],
+)
 def test_a_shop_database_that_would_fail_half_way_is_refused_before_anything_runs(mysql_url, change, refusal):
     shop_with(mysql_url, *change.split("; "))
     db = make_engine(mysql_url)
@@ -459,7 +541,10 @@ def test_a_latin1_shop_table_gets_its_new_columns_in_utf8mb4_for_wechats_chinese
         run_migrate(db)
         with db.begin() as conn:
             conn.execute(text("UPDATE goods_order2 SET stock_last_error = 'ORDERPAID: 订单已支付' WHERE id = 1"))
-            assert conn.execute(text("SELECT stock_last_error FROM goods_order2 WHERE id = 1")).scalar() == "ORDERPAID: 订单已支付"
+            assert (
+                conn.execute(text("SELECT stock_last_error FROM goods_order2 WHERE id = 1")).scalar()
+                == "ORDERPAID: 订单已支付"
+            )
         assert schema_problem(db) is None and migration_plan(db).steps == []
     finally:
         db.dispose()
@@ -470,19 +555,27 @@ def test_a_database_behind_gets_todays_view_even_when_no_table_needs_a_step(mysq
     with mysql_db.begin() as conn:  # an older version: same tables, an older view
         conn.execute(text("CREATE OR REPLACE VIEW v_cancel_scanner_failed AS SELECT 'intake' AS stage"))
         conn.execute(text("DELETE FROM cancel_scanner_schema"))
-        conn.execute(text("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (:v, 'schema.sql')"),
-                     {"v": migrate.head_version() - 1})
+        conn.execute(
+            text("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (:v, 'schema.sql')"),
+            {"v": migrate.head_version() - 1},
+        )
     run_migrate(mysql_db)
     with mysql_db.connect() as conn:
-        view = conn.execute(text("SELECT VIEW_DEFINITION FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()")).scalar()
+        view = conn.execute(
+            text("SELECT VIEW_DEFINITION FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()")
+        ).scalar()
     assert "submit_refund" in view and "restore_stock" in view
     assert schema_problem(mysql_db) is None
 
 
 def _mdl_waiters(conn, statement_start: str) -> int:
-    return conn.execute(text(
-        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND INFO LIKE :s"
-        " AND STATE LIKE 'Waiting for table metadata lock'"), {"s": statement_start + "%"}).scalar()
+    return conn.execute(
+        text(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND INFO LIKE :s"
+            " AND STATE LIKE 'Waiting for table metadata lock'"
+        ),
+        {"s": statement_start + "%"},
+    ).scalar()
 
 
 @pytest.mark.mysql
@@ -496,14 +589,31 @@ def test_two_migrates_at_once_both_end_at_head_and_nothing_runs_twice(mysql_url,
     try:
         held.begin()
         held.execute(text("SELECT COUNT(*) FROM goods"))  # the shop's open transaction: its metadata lock
-        env = {**os.environ, "PYTHONPATH": str(REPO), "CANCEL_SCANNER_DB_URL": mysql_url, "CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
-        procs = [subprocess.Popen([sys.executable, "-m", "cancel_scanner.cli", "migrate"], cwd=tmp_path, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "CANCEL_SCANNER_DB_URL": mysql_url,
+            "CANCEL_SCANNER_ALLOW_SANDBOX": "1",
+        }
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "cancel_scanner.cli", "migrate"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         deadline = time.monotonic() + 20
         with watch.connect() as conn:  # one ALTER queued on the lock, the other migrate waiting its turn
             while time.monotonic() < deadline and not (
-                _mdl_waiters(conn, "ALTER TABLE goods ") >= 1 and conn.execute(text(
-                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT GET_LOCK%'")).scalar() >= 1
+                _mdl_waiters(conn, "ALTER TABLE goods ") >= 1
+                and conn.execute(
+                    text("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT GET_LOCK%'")
+                ).scalar()
+                >= 1
             ):
                 conn.rollback()
         held.rollback()
@@ -536,8 +646,13 @@ def test_what_migrate_sql_prints_runs_in_the_mysql_client_to_the_same_schema(mys
         assert review.returncode == 0, review.stderr
         assert "SET SESSION lock_wait_timeout = 3;" in review.stdout.splitlines()[:6]  # before the first ALTER
         u = make_url(copy_url)
-        pasted = subprocess.run(["mysql", "-h", u.host, "-P", str(u.port), "-u", u.username, copy],
-                                input=review.stdout, capture_output=True, text=True, timeout=120)
+        pasted = subprocess.run(
+            ["mysql", "-h", u.host, "-P", str(u.port), "-u", u.username, copy],
+            input=review.stdout,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert pasted.returncode == 0, pasted.stderr
         run_migrate(by_migrate)
         assert shape(by_dba) == shape(by_migrate)
@@ -551,14 +666,18 @@ def test_what_migrate_sql_prints_runs_in_the_mysql_client_to_the_same_schema(mys
 
 
 @pytest.mark.mysql
-def test_a_user_without_alter_privilege_gets_one_line_and_a_later_migrate_finishes(mysql_url, mysql_admin_url, tmp_path):
+def test_a_user_without_alter_privilege_gets_one_line_and_a_later_migrate_finishes(
+    mysql_url, mysql_admin_url, tmp_path
+):
     shop_database(mysql_url)
     database = make_url(mysql_url).database
     user = f"u_{database[-8:]}"
     admin = create_engine(mysql_admin_url)
     with admin.begin() as conn:
         conn.exec_driver_sql(f"CREATE USER '{user}'@'%%' IDENTIFIED BY 'pw'")
-        conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, CREATE VIEW, INDEX ON `{database}`.* TO '{user}'@'%%'")
+        conn.exec_driver_sql(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, CREATE VIEW, INDEX ON `{database}`.* TO '{user}'@'%%'"
+        )
     try:
         limited = make_url(mysql_url).set(username=user, password="pw").render_as_string(hide_password=False)
         out = cli(["migrate"], limited, tmp_path)
@@ -600,21 +719,31 @@ def test_every_key_and_column_type_of_schema_sql_is_the_models():
     for spec in tables:
         model = metadata.tables[spec.name]
         wanted = {i.name: tuple(c.name for c in i.columns) for i in model.indexes}
-        wanted |= {c.name: tuple(col.name for col in c.columns) for c in model.constraints
-                   if c.name and hasattr(c, "columns") and len(c.columns)}
+        wanted |= {
+            c.name: tuple(col.name for col in c.columns)
+            for c in model.constraints
+            if c.name and hasattr(c, "columns") and len(c.columns)
+        }
         assert {k.name: k.columns for k in spec.keys if k.kind != "check"} == {
-            n: cols for n, cols in wanted.items() if not n.startswith("ck_")}, spec.name
+            n: cols for n, cols in wanted.items() if not n.startswith("ck_")
+        }, spec.name
         for column in spec.columns:
             assert column.not_null is not model.c[column.name].nullable, f"{spec.name}.{column.name}"
 
 
 @pytest.mark.mysql
-def test_a_backfill_that_fails_after_its_column_was_added_is_run_by_the_next_migrate(mysql_db, mysql_admin_url, tmp_path):
+def test_a_backfill_that_fails_after_its_column_was_added_is_run_by_the_next_migrate(
+    mysql_db, mysql_admin_url, tmp_path
+):
     """The column is there but was never backfilled: the schema must stay behind and the next migrate
     must run the backfill, or a refund that may have reached WeChat reads "never sent" for good."""
     with mysql_db.begin() as conn:  # an older cancel-scanner's database, a pending refund that was tried twice
-        conn.execute(text("INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, attempts)"
-                          " VALUES (1, 'R1', 'SO1', 100, 100, 2)"))
+        conn.execute(
+            text(
+                "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, attempts)"
+                " VALUES (1, 'R1', 'SO1', 100, 100, 2)"
+            )
+        )
         conn.execute(text("ALTER TABLE refund_order DROP COLUMN submit_sent"))
         conn.execute(text("DROP TABLE cancel_scanner_schema"))
     url = mysql_db.url.render_as_string(hide_password=False)
@@ -622,9 +751,13 @@ def test_a_backfill_that_fails_after_its_column_was_added_is_run_by_the_next_mig
     admin = create_engine(mysql_admin_url)
     with admin.begin() as conn:  # may ALTER, may not UPDATE refund_order
         conn.exec_driver_sql(f"CREATE USER '{user}'@'%%' IDENTIFIED BY 'pw'")
-        conn.exec_driver_sql(f"GRANT SELECT, INSERT, CREATE, CREATE VIEW, ALTER, INDEX ON `{database}`.* TO '{user}'@'%%'")
+        conn.exec_driver_sql(
+            f"GRANT SELECT, INSERT, CREATE, CREATE VIEW, ALTER, INDEX ON `{database}`.* TO '{user}'@'%%'"
+        )
     try:
-        out = cli(["migrate"], make_url(url).set(username=user, password="pw").render_as_string(hide_password=False), tmp_path)
+        out = cli(
+            ["migrate"], make_url(url).set(username=user, password="pw").render_as_string(hide_password=False), tmp_path
+        )
         lines = errors(out)
         assert out.returncode == 1 and len(lines) == 1, out.stderr
         assert "refund_order.submit_sent was added but not backfilled" in lines[0]
@@ -644,8 +777,11 @@ def test_a_backfill_that_fails_after_its_column_was_added_is_run_by_the_next_mig
 @pytest.mark.mysql
 def test_a_shop_column_the_daemon_never_touches_is_adopted_in_the_shops_own_type(mysql_url):
     """Issue 24, item 2: goods.name VARCHAR(64) (ours is wider) was refused, though nothing of ours reads it."""
-    shop_with(mysql_url, "ALTER TABLE goods MODIFY name VARCHAR(64) NOT NULL",
-              "ALTER TABLE goods_order2 MODIFY merchant_id INT NOT NULL")
+    shop_with(
+        mysql_url,
+        "ALTER TABLE goods MODIFY name VARCHAR(64) NOT NULL",
+        "ALTER TABLE goods_order2 MODIFY merchant_id INT NOT NULL",
+    )
     db = make_engine(mysql_url)
     try:
         run_migrate(db)
@@ -657,7 +793,9 @@ def test_a_shop_column_the_daemon_never_touches_is_adopted_in_the_shops_own_type
 
 
 @pytest.mark.mysql
-def test_migrate_refuses_a_column_too_narrow_for_what_the_daemon_writes_on_one_line_and_changes_nothing(mysql_url, tmp_path):
+def test_migrate_refuses_a_column_too_narrow_for_what_the_daemon_writes_on_one_line_and_changes_nothing(
+    mysql_url, tmp_path
+):
     from testsupport import processes
 
     shop_with(mysql_url, "ALTER TABLE goods_order2 MODIFY order_status VARCHAR(8) NOT NULL DEFAULT 'UNPAID'")
@@ -665,7 +803,9 @@ def test_migrate_refuses_a_column_too_narrow_for_what_the_daemon_writes_on_one_l
     try:
         before = shape(db)
         config = processes.write_config(tmp_path / "jobs.yaml", {"database_url": mysql_url})
-        done = processes.run_cli(["migrate"], config=config, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}, cwd=tmp_path, timeout=120)
+        done = processes.run_cli(
+            ["migrate"], config=config, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}, cwd=tmp_path, timeout=120
+        )
         assert done.returncode == 2, done.stdout + done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and "goods_order2.order_status is varchar(8)" in lines[0], lines

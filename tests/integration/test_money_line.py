@@ -306,7 +306,9 @@ def test_a_paused_process_that_comes_back_after_a_takeover_drops_its_answer_and_
         monotonic.advance(takeover + 1)
         assert submit(world, world.runner(owner="other")).done == 3  # the survivor took all three over
 
-    paused = world.runner(owner="paused", hooks=Hooks(after_gateway_call=paused_after_its_first_answer), monotonic=monotonic)
+    paused = world.runner(
+        owner="paused", hooks=Hooks(after_gateway_call=paused_after_its_first_answer), monotonic=monotonic
+    )
     report = submit(world, paused)
 
     assert (report.done, report.claimed) == (0, 0)  # its one answer dropped, its other two calls never sent

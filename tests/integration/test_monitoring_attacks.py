@@ -22,14 +22,24 @@ def _seed_finished(conn) -> None:
     for start in range(0, FINISHED_ORDERS, 1000):
         paid = ",".join(f"('P{n}', 1, 1, 1, 1, 100, 1, 'COMPLETED')" for n in range(start, start + 1000))
         conn.execute(text(f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, pay_status, order_status) VALUES {paid}"))
-        done = ",".join(f"('C{n}', 1, 1, 1, 1, 100, 1, 'CANCELLED', 'REFUNDED', 1, 1, 1, 1)" for n in range(start, start + 1000))
-        conn.execute(text(
-            f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, pay_status, order_status, refund_status,"
-            f" stock_scanned, stock_success, sales_scanned, sales_success) VALUES {done}"))
-        refunds = ",".join(f"({n + 1}, 'R{n}', 'C{n}', 100, 100, 1, 1, 1, 1, 1, 1, 'SUCCESS')" for n in range(start, start + 1000))
-        conn.execute(text(
-            "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, submit_scanned,"
-            f" submit_success, progress_scanned, progress_success, sync_scanned, sync_success, wx_status) VALUES {refunds}"))
+        done = ",".join(
+            f"('C{n}', 1, 1, 1, 1, 100, 1, 'CANCELLED', 'REFUNDED', 1, 1, 1, 1)" for n in range(start, start + 1000)
+        )
+        conn.execute(
+            text(
+                f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, pay_status, order_status, refund_status,"
+                f" stock_scanned, stock_success, sales_scanned, sales_success) VALUES {done}"
+            )
+        )
+        refunds = ",".join(
+            f"({n + 1}, 'R{n}', 'C{n}', 100, 100, 1, 1, 1, 1, 1, 1, 'SUCCESS')" for n in range(start, start + 1000)
+        )
+        conn.execute(
+            text(
+                "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, submit_scanned,"
+                f" submit_success, progress_scanned, progress_success, sync_scanned, sync_success, wx_status) VALUES {refunds}"
+            )
+        )
 
 
 @pytest.mark.mysql
@@ -43,14 +53,22 @@ def test_a_snapshot_reads_no_table_whole_and_counts_the_leases_this_process_hold
         _seed_finished(conn)
         # Leased by this process: a requested cancel and a timed-out unpaid order (close_unpaid),
         # a refund being submitted; and one leased by another process.
-        conn.execute(text(
-            f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, order_status, cancel_requested_at, close_lease_owner, created_at) VALUES"
-            " ('U1', 1, 1, 1, 1, 100, 'UNPAID', UTC_TIMESTAMP(3), :me, UTC_TIMESTAMP(3) - INTERVAL 1 HOUR),"
-            " ('U2', 1, 1, 1, 1, 100, 'UNPAID', NULL, :me, UTC_TIMESTAMP(3) - INTERVAL 1 HOUR),"
-            " ('U3', 1, 1, 1, 1, 100, 'UNPAID', NULL, 'someone-else', UTC_TIMESTAMP(3) - INTERVAL 1 HOUR)"), {"me": owner})
-        conn.execute(text(
-            "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, lease_owner)"
-            " VALUES (99999, 'RL', 'U1', 100, 100, :me)"), {"me": owner})
+        conn.execute(
+            text(
+                f"INSERT INTO goods_order2 ({ORDER_COLUMNS}, order_status, cancel_requested_at, close_lease_owner, created_at) VALUES"
+                " ('U1', 1, 1, 1, 1, 100, 'UNPAID', UTC_TIMESTAMP(3), :me, UTC_TIMESTAMP(3) - INTERVAL 1 HOUR),"
+                " ('U2', 1, 1, 1, 1, 100, 'UNPAID', NULL, :me, UTC_TIMESTAMP(3) - INTERVAL 1 HOUR),"
+                " ('U3', 1, 1, 1, 1, 100, 'UNPAID', NULL, 'someone-else', UTC_TIMESTAMP(3) - INTERVAL 1 HOUR)"
+            ),
+            {"me": owner},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO refund_order (order_id, out_refund_no, out_trade_no, refund_amount, total_amount, lease_owner)"
+                " VALUES (99999, 'RL', 'U1', 100, 100, :me)"
+            ),
+            {"me": owner},
+        )
         conn.execute(text("ANALYZE TABLE goods_order2, refund_order, req_order_ops"))
 
     sent: list[tuple[str, object]] = []
@@ -60,8 +78,15 @@ def test_a_snapshot_reads_no_table_whole_and_counts_the_leases_this_process_hold
 
     event.listen(db, "before_cursor_execute", capture)
     try:
-        snap = take_snapshot(db, stages, DbClock(db)(), takeover_seconds=10, owner=owner,
-                             lease_columns=runner.lease_columns(), wall_now=time.time())
+        snap = take_snapshot(
+            db,
+            stages,
+            DbClock(db)(),
+            takeover_seconds=10,
+            owner=owner,
+            lease_columns=runner.lease_columns(),
+            wall_now=time.time(),
+        )
     finally:
         event.remove(db, "before_cursor_execute", capture)
     assert snap.leases_held == 3
@@ -93,9 +118,13 @@ def test_stopping_the_watcher_does_not_wait_for_a_reading_stuck_on_the_database(
     try:
         watcher.start()
         with db.connect() as conn:
-            wait_until(lambda: conn.exec_driver_sql(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE LIKE 'Waiting for table metadata lock'"
-            ).scalar(), 10, "the watcher's reading waiting for the lock")
+            wait_until(
+                lambda: conn.exec_driver_sql(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE LIKE 'Waiting for table metadata lock'"
+                ).scalar(),
+                10,
+                "the watcher's reading waiting for the lock",
+            )
         started = time.monotonic()
         watcher.stop()
         assert time.monotonic() - started < 2.0
@@ -117,8 +146,15 @@ def test_a_stage_disabled_in_jobs_yaml_is_not_reported_up(sqlite_url):
     engine = make_engine(sqlite_url)
     init_schema(engine)
     engine.dispose()
-    config = parse_config({"database_url": sqlite_url, "monitoring": {"listen": "127.0.0.1:0"},
-                           "jobs": {"close_unpaid": {"enabled": False}}}, REGISTRY, env={})
+    config = parse_config(
+        {
+            "database_url": sqlite_url,
+            "monitoring": {"listen": "127.0.0.1:0"},
+            "jobs": {"close_unpaid": {"enabled": False}},
+        },
+        REGISTRY,
+        env={},
+    )
     with ExitStack() as stack:
         app = build_app(config, stack)
         daemon = Daemon(app)

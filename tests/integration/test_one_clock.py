@@ -68,8 +68,10 @@ def test_the_clock_watch_says_it_once_per_change_and_loudly_near_wechats_limit()
     from loguru import logger
 
     said: list[tuple[str, float]] = []
-    sink = logger.add(lambda m: said.append((m.record["level"].name, m.record["extra"].get("offset_seconds"))),
-                      filter=lambda r: r["extra"].get("action") == "clock_offset")
+    sink = logger.add(
+        lambda m: said.append((m.record["level"].name, m.record["extra"].get("offset_seconds"))),
+        filter=lambda r: r["extra"].get("action") == "clock_offset",
+    )
     offsets = iter([0.1, 3.0, 3.5, 280.0, 600.0, -0.5])
     watch = ClockWatch(lambda: next(offsets))
     try:

@@ -117,8 +117,14 @@ def test_with_qps_shared_off_each_process_paces_at_the_whole_limit(setup, db, sa
 
     clock, runner, gateway = setup
     other_process(db, clock, gateway.pace_group, "running")
-    alone = client_for(sandbox.keys, sandbox.emulator.base_url, timeout=(2, 2), apply_qps=APPLY_QPS, query_qps=APPLY_QPS,
-                       qps_shared=False)
+    alone = client_for(
+        sandbox.keys,
+        sandbox.emulator.base_url,
+        timeout=(2, 2),
+        apply_qps=APPLY_QPS,
+        query_qps=APPLY_QPS,
+        qps_shared=False,
+    )
     try:
         me = runner("me", gateway=alone, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "qps_shared": False})
         me.registry.tick()
@@ -168,7 +174,9 @@ def test_the_entry_of_a_process_of_this_host_that_no_longer_exists_shares_nothin
     import sys
 
     clock, runner, gateway = setup
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     other_process(db, clock, gateway.pace_group, "former-life", pid=int(gone.stdout))
     me = runner("me")
     me.registry.tick()
@@ -206,8 +214,11 @@ def test_processes_of_one_merchant_configured_with_other_limits_all_pace_at_the_
         me.registry.tick()
         strict = other_process(db, clock, gateway.pace_group, "strict")
         with db.begin() as conn:  # it was given a tenth of our apply limit
-            conn.exec_driver_sql("UPDATE cancel_scanner_process SET pace_limits = '{}' WHERE owner = 'strict'".format(
-                encode_limits({**gateway.pace_limits(), "apply": APPLY_QPS / 10})))
+            conn.exec_driver_sql(
+                "UPDATE cancel_scanner_process SET pace_limits = '{}' WHERE owner = 'strict'".format(
+                    encode_limits({**gateway.pace_limits(), "apply": APPLY_QPS / 10})
+                )
+            )
         me.registry.tick()
         me.registry.tick()  # the same disagreement again: said once
         assert apply_calls_in(gateway, 10.0) == pytest.approx(10 * ((APPLY_QPS / 10) * PACING_HEADROOM - 1) / 2, abs=2)
@@ -215,8 +226,14 @@ def test_processes_of_one_merchant_configured_with_other_limits_all_pace_at_the_
         assert said.count("pace_limits_differ") == 1
 
         fire = RULES["config_error"][0]
-        reading = Reading(snapshot=None, calls=CallWindow(600), down={}, clock_offset=None, host="me",
-                          pace_disagreement=me.pace_disagreement)
+        reading = Reading(
+            snapshot=None,
+            calls=CallWindow(600),
+            down={},
+            clock_offset=None,
+            host="me",
+            pace_disagreement=me.pace_disagreement,
+        )
         subjects = dict(fire(AlertRules().config_error, reading, set()))
         assert subjects["limits"].firing and "apply 200/s" in subjects["limits"].summary  # the config_error alert
 
@@ -235,6 +252,8 @@ def test_wechat_qps_shared_in_jobs_yaml_decides_whether_the_built_daemon_shares_
     from cancel_scanner.app import build_app
 
     with ExitStack() as stack:
-        app = build_app(test_config(db_url, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "qps_shared": shared}), stack)
+        app = build_app(
+            test_config(db_url, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "qps_shared": shared}), stack
+        )
         assert app.runner.registry.pace_group == (app.gateway._mchid if shared else None)
         assert (app.runner.pace is not None) is shared

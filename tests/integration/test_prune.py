@@ -227,7 +227,9 @@ def test_every_statement_of_a_run_is_served_by_an_index(mysql_db):
             cursor.execute("EXPLAIN " + statement, parameters)
             names = [d[0] for d in cursor.description]
             for row in (dict(zip(names, r)) for r in cursor.fetchall()):
-                plans.add((statement.split()[0], row["table"], row["type"], row["key"], "filesort" in (row["Extra"] or "")))
+                plans.add(
+                    (statement.split()[0], row["table"], row["type"], row["key"], "filesort" in (row["Extra"] or ""))
+                )
     whole = sorted(p for p in plans if p[2] in ("ALL", "index") or p[4])
     assert not whole, whole
     assert {(verb, table, key) for verb, table, _type, key, _sort in plans} == {
@@ -299,8 +301,11 @@ def test_the_daily_job_prunes_with_the_configured_age_and_batch_and_says_so(db, 
     from loguru import logger
 
     lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="INFO",
-                      filter=lambda r: r["extra"].get("action") == "daily_prune")
+    sink = logger.add(
+        lambda m: lines.append(m.record["message"]),
+        level="INFO",
+        filter=lambda r: r["extra"].get("action") == "daily_prune",
+    )
     try:
         assert job.run() is None
     finally:

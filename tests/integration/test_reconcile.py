@@ -24,14 +24,25 @@ UTC = UTC
 def our_bill(world, day: date = DAY) -> Bill:
     """WeChat's bill of the day as it should be: every refund we had accepted, as we recorded it."""
     refunds = tuple(
-        BillRefund(out_trade_no=f["out_trade_no"], out_refund_no=f["out_refund_no"], refund_fen=f["refund_amount"],
-                   status=f["wx_status"], wx_refund_id=f["wx_refund_id"] or "", transaction_id=f["transaction_id"] or "",
-                   at=T0.replace(tzinfo=UTC))
+        BillRefund(
+            out_trade_no=f["out_trade_no"],
+            out_refund_no=f["out_refund_no"],
+            refund_fen=f["refund_amount"],
+            status=f["wx_status"],
+            wx_refund_id=f["wx_refund_id"] or "",
+            transaction_id=f["transaction_id"] or "",
+            at=T0.replace(tzinfo=UTC),
+        )
         for f in rows(world.db, "SELECT * FROM refund_order WHERE submit_success = 1 ORDER BY id")
     )
     payments = tuple(
-        BillPayment(out_trade_no=o["order_no"], transaction_id=o["transaction_id"], total_fen=o["total_amount"], status="SUCCESS",
-                    at=(T0 - timedelta(hours=2)).replace(tzinfo=UTC))
+        BillPayment(
+            out_trade_no=o["order_no"],
+            transaction_id=o["transaction_id"],
+            total_fen=o["total_amount"],
+            status="SUCCESS",
+            at=(T0 - timedelta(hours=2)).replace(tzinfo=UTC),
+        )
         for o in rows(world.db, "SELECT * FROM goods_order2 WHERE pay_status = 1 ORDER BY id")
     )
     return Bill(bill_date=day, refunds=refunds, payments=payments, rows=len(refunds) + len(payments))
@@ -60,8 +71,11 @@ def fetcher(bills: dict[date, object]):
 
 
 def diffs(world) -> list[dict]:
-    return rows(world.db, "SELECT kind, out_trade_no, out_refund_no, ours_fen, theirs_fen, ours_status, theirs_status"
-                          " FROM reconcile_diff ORDER BY kind, out_trade_no")
+    return rows(
+        world.db,
+        "SELECT kind, out_trade_no, out_refund_no, ours_fen, theirs_fen, ours_status, theirs_status"
+        " FROM reconcile_diff ORDER BY kind, out_trade_no",
+    )
 
 
 def test_a_clean_day_finds_nothing(world):
@@ -80,8 +94,11 @@ def test_one_difference_of_each_kind_is_found_once_and_a_second_run_leaves_one_s
     planted = [
         replace(by_no["CSR3-1"], refund_fen=by_no["CSR3-1"].refund_fen + 1),  # AMOUNT_DIFFERS
         replace(by_no["CSR4-1"], status="REFUNDCLOSE"),  # STATUS_DIFFERS (an older bill's name for CLOSED)
-        by_no["CSR1-1"], by_no["CSR6-1"],
-        BillRefund("SO0000000999", "MANUAL-1", 500, "SUCCESS", "50300000999", "4200000999", T0.replace(tzinfo=UTC)),  # MISSING_HERE
+        by_no["CSR1-1"],
+        by_no["CSR6-1"],
+        BillRefund(
+            "SO0000000999", "MANUAL-1", 500, "SUCCESS", "50300000999", "4200000999", T0.replace(tzinfo=UTC)
+        ),  # MISSING_HERE
     ]  # CSR2-1 left out: MISSING_AT_WECHAT; CSR5-1 is in the next day's bill: not missing
     orphan = BillPayment("SO0000000007", "4200000000007", 1280, "SUCCESS", T0.replace(tzinfo=UTC))
     bill = replace(good, refunds=tuple(planted), payments=good.payments + (orphan,))
@@ -92,19 +109,59 @@ def test_one_difference_of_each_kind_is_found_once_and_a_second_run_leaves_one_s
     again = reconcile_day(world.db, fetcher(bills), DAY, now=T0)
 
     assert first.state == again.state == "DIFFERS"
-    assert first.counts == {"AMOUNT_DIFFERS": 1, "STATUS_DIFFERS": 1, "MISSING_HERE": 1, "MISSING_AT_WECHAT": 1,
-                            "ORPHAN_PAYMENT": 1}
+    assert first.counts == {
+        "AMOUNT_DIFFERS": 1,
+        "STATUS_DIFFERS": 1,
+        "MISSING_HERE": 1,
+        "MISSING_AT_WECHAT": 1,
+        "ORPHAN_PAYMENT": 1,
+    }
     assert diffs(world) == [
-        {"kind": "AMOUNT_DIFFERS", "out_trade_no": "SO0000000003", "out_refund_no": "CSR3-1", "ours_fen": 1280,
-         "theirs_fen": 1281, "ours_status": "SUCCESS", "theirs_status": "SUCCESS"},
-        {"kind": "MISSING_AT_WECHAT", "out_trade_no": "SO0000000002", "out_refund_no": "CSR2-1", "ours_fen": 1280,
-         "theirs_fen": None, "ours_status": "SUCCESS", "theirs_status": None},
-        {"kind": "MISSING_HERE", "out_trade_no": "SO0000000999", "out_refund_no": "MANUAL-1", "ours_fen": None,
-         "theirs_fen": 500, "ours_status": None, "theirs_status": "SUCCESS"},
-        {"kind": "ORPHAN_PAYMENT", "out_trade_no": "SO0000000007", "out_refund_no": None, "ours_fen": None,
-         "theirs_fen": 1280, "ours_status": "CANCELLED", "theirs_status": "SUCCESS"},
-        {"kind": "STATUS_DIFFERS", "out_trade_no": "SO0000000004", "out_refund_no": "CSR4-1", "ours_fen": 1280,
-         "theirs_fen": 1280, "ours_status": "SUCCESS", "theirs_status": "CLOSED"},
+        {
+            "kind": "AMOUNT_DIFFERS",
+            "out_trade_no": "SO0000000003",
+            "out_refund_no": "CSR3-1",
+            "ours_fen": 1280,
+            "theirs_fen": 1281,
+            "ours_status": "SUCCESS",
+            "theirs_status": "SUCCESS",
+        },
+        {
+            "kind": "MISSING_AT_WECHAT",
+            "out_trade_no": "SO0000000002",
+            "out_refund_no": "CSR2-1",
+            "ours_fen": 1280,
+            "theirs_fen": None,
+            "ours_status": "SUCCESS",
+            "theirs_status": None,
+        },
+        {
+            "kind": "MISSING_HERE",
+            "out_trade_no": "SO0000000999",
+            "out_refund_no": "MANUAL-1",
+            "ours_fen": None,
+            "theirs_fen": 500,
+            "ours_status": None,
+            "theirs_status": "SUCCESS",
+        },
+        {
+            "kind": "ORPHAN_PAYMENT",
+            "out_trade_no": "SO0000000007",
+            "out_refund_no": None,
+            "ours_fen": None,
+            "theirs_fen": 1280,
+            "ours_status": "CANCELLED",
+            "theirs_status": "SUCCESS",
+        },
+        {
+            "kind": "STATUS_DIFFERS",
+            "out_trade_no": "SO0000000004",
+            "out_refund_no": "CSR4-1",
+            "ours_fen": 1280,
+            "theirs_fen": 1280,
+            "ours_status": "SUCCESS",
+            "theirs_status": "CLOSED",
+        },
     ]
     run = rows(world.db, "SELECT state, diffs, bill_rows, attempts FROM reconcile_run WHERE bill_date = :d", d=DAY)
     assert run == [{"state": "DIFFERS", "diffs": 5, "bill_rows": 12, "attempts": 2}]
@@ -116,7 +173,9 @@ def test_one_difference_of_each_kind_is_found_once_and_a_second_run_leaves_one_s
 
 def test_a_bill_not_ready_waits_and_a_day_without_a_bill_still_finds_our_refunds_missing(world):
     refunded_day(world, n=2)
-    waiting = reconcile_day(world.db, fetcher({DAY: BillNotReady("STATEMENT_CREATING", "the bill is being made")}), DAY, now=T0)
+    waiting = reconcile_day(
+        world.db, fetcher({DAY: BillNotReady("STATEMENT_CREATING", "the bill is being made")}), DAY, now=T0
+    )
     assert waiting.state == "WAITING" and "STATEMENT_CREATING" in waiting.message
     assert diffs(world) == []
     nothing = reconcile_day(world.db, fetcher({}), DAY, now=T0)  # NO_STATEMENT_EXIST, yet we refunded two
@@ -166,7 +225,9 @@ def test_two_reconciliations_of_one_day_at_once_leave_one_set_of_rows(mysql_db, 
             return bill
         return NoBill(day)
 
-    threads = [threading.Thread(target=lambda: results.append(reconcile_day(world.db, fetch, DAY, now=T0))) for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(reconcile_day(world.db, fetch, DAY, now=T0))) for _ in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -182,20 +243,30 @@ def test_a_duplicated_line_and_a_payment_for_an_order_unpaid_here_are_two_differ
     from testsupport import shop
 
     refunded_day(world)
-    shop.insert_orders(world.db, [shop.order_row(8, paid=False, amount=990, now=T0, created_at=T0 - timedelta(hours=3))])
+    shop.insert_orders(
+        world.db, [shop.order_row(8, paid=False, amount=990, now=T0, created_at=T0 - timedelta(hours=3))]
+    )
     world.emulator.create_trade(shop.order_row(8)["no"], 990)
     world.emulator.user_pays(shop.order_row(8)["no"])  # and the shop never hears of it
     good = our_bill(world)
-    paid_here = BillPayment(out_trade_no=shop.order_row(8)["no"], transaction_id="4200000000000000000000000088",
-                            total_fen=990, status="SUCCESS", at=(T0 - timedelta(hours=2)).replace(tzinfo=UTC))
-    bill = replace(good, refunds=good.refunds + good.refunds[:1], payments=good.payments + (paid_here,),
-                   rows=good.rows + 2)
+    paid_here = BillPayment(
+        out_trade_no=shop.order_row(8)["no"],
+        transaction_id="4200000000000000000000000088",
+        total_fen=990,
+        status="SUCCESS",
+        at=(T0 - timedelta(hours=2)).replace(tzinfo=UTC),
+    )
+    bill = replace(
+        good, refunds=good.refunds + good.refunds[:1], payments=good.payments + (paid_here,), rows=good.rows + 2
+    )
 
     result = reconcile_day(world.db, fetcher({DAY: bill}), DAY, now=T0)
 
     assert result.state == "DIFFERS"
     assert sorted((d["kind"], d["out_trade_no"]) for d in diffs(world)) == [
-        ("DUPLICATE_LINE", good.refunds[0].out_trade_no), ("UNBOOKED_PAYMENT", shop.order_row(8)["no"])]
+        ("DUPLICATE_LINE", good.refunds[0].out_trade_no),
+        ("UNBOOKED_PAYMENT", shop.order_row(8)["no"]),
+    ]
     order = row(world.db, "goods_order2", 8)
     assert order["close_scanned"] == 0 and order["close_last_error"].startswith("UNBOOKED_PAYMENT")
     runner = world.runner()
@@ -204,4 +275,8 @@ def test_a_duplicated_line_and_a_payment_for_an_order_unpaid_here_are_two_differ
     finally:
         runner.close()
     order = row(world.db, "goods_order2", 8)
-    assert (order["pay_status"], order["order_status"], order["close_success"]) == (1, "PAID", 1)  # booked; nobody cancelled it
+    assert (order["pay_status"], order["order_status"], order["close_success"]) == (
+        1,
+        "PAID",
+        1,
+    )  # booked; nobody cancelled it

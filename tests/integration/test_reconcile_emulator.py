@@ -48,7 +48,10 @@ def test_a_day_of_the_emulators_trades_reconciles_clean_then_every_planted_diffe
 
     # WeChat's end: a refund made by hand on the merchant platform; a payment for an order cancelled here.
     world.emulator.register_payment("SO0000000099", 500, "4200000000099")
-    assert world.sandbox.gateway.apply(RefundRequest("MANUAL-99", "SO0000000099", 500, 500)).__class__.__name__ == "Accepted"
+    assert (
+        world.sandbox.gateway.apply(RefundRequest("MANUAL-99", "SO0000000099", 500, 500)).__class__.__name__
+        == "Accepted"
+    )
     an_order_cancelled_unpaid_whose_user_paid_anyway(world, 7)
     world.emulator.create_trade("SO0000000007", 1280)
     assert world.emulator.user_pays("SO0000000007")
@@ -56,15 +59,21 @@ def test_a_day_of_the_emulators_trades_reconciles_clean_then_every_planted_diffe
     # has a CSR2-1 we no longer know.
     with world.db.begin() as conn:
         conn.exec_driver_sql("UPDATE refund_order SET refund_amount = 1279 WHERE out_refund_no = 'CSR3-1'")
-        conn.exec_driver_sql("UPDATE refund_order SET wx_status = 'CLOSED', progress_success = 0 WHERE out_refund_no = 'CSR4-1'")
+        conn.exec_driver_sql(
+            "UPDATE refund_order SET wx_status = 'CLOSED', progress_success = 0 WHERE out_refund_no = 'CSR4-1'"
+        )
         conn.exec_driver_sql("UPDATE refund_order SET out_refund_no = 'CSR2-9' WHERE out_refund_no = 'CSR2-1'")
     world.emulator.forget_bills()  # the bill is made again, from what it recorded since
 
     result = reconcile_day(world.db, fetch, today, now=world.clock.now)
     assert result.state == "DIFFERS"
-    assert kinds(world) == {"MISSING_HERE": ["SO0000000002", "SO0000000099"], "AMOUNT_DIFFERS": ["SO0000000003"],
-                            "STATUS_DIFFERS": ["SO0000000004"], "MISSING_AT_WECHAT": ["SO0000000002"],
-                            "ORPHAN_PAYMENT": ["SO0000000007"]}
+    assert kinds(world) == {
+        "MISSING_HERE": ["SO0000000002", "SO0000000099"],
+        "AMOUNT_DIFFERS": ["SO0000000003"],
+        "STATUS_DIFFERS": ["SO0000000004"],
+        "MISSING_AT_WECHAT": ["SO0000000002"],
+        "ORPHAN_PAYMENT": ["SO0000000007"],
+    }
     amount = rows(world.db, "SELECT ours_fen, theirs_fen FROM reconcile_diff WHERE kind = 'AMOUNT_DIFFERS'")
     assert amount == [{"ours_fen": 1279, "theirs_fen": 1280}]
     assert scalar(world.db, "SELECT COUNT(*) FROM reconcile_diff") == 6
@@ -79,9 +88,12 @@ def test_the_daily_job_waits_while_wechat_makes_the_bill_then_reconciles_once(wo
     from cancel_scanner.operations.daily import reconcile_job
     from cancel_scanner.scanners import REGISTRY
 
-    config = parse_config({"database_url": db_url, "reconcile": {"retry_minutes": 7}}, REGISTRY,
-                          env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
-    app = SimpleNamespace(config=config, db=world.db, gateway=world.sandbox.gateway, runner=SimpleNamespace(clock=world.clock))
+    config = parse_config(
+        {"database_url": db_url, "reconcile": {"retry_minutes": 7}}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
+    )
+    app = SimpleNamespace(
+        config=config, db=world.db, gateway=world.sandbox.gateway, runner=SimpleNamespace(clock=world.clock)
+    )
     job = reconcile_job(app)
     yesterday = datetime.now(BEIJING).date() - timedelta(days=1)
     world.emulator.bill_ready_after = None
@@ -94,6 +106,10 @@ def test_the_daily_job_waits_while_wechat_makes_the_bill_then_reconciles_once(wo
     assert job.run() is None
     assert scalar(world.db, "SELECT state FROM reconcile_run WHERE bill_date = :d", d=yesterday) == "NO_BILL"
     asked = sum(world.emulator.bill_counts.values())
-    assert job.run() is None and sum(world.emulator.bill_counts.values()) == asked  # done for the day: WeChat not asked again
-    off = parse_config({"database_url": db_url, "reconcile": {"enabled": False}}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    assert (
+        job.run() is None and sum(world.emulator.bill_counts.values()) == asked
+    )  # done for the day: WeChat not asked again
+    off = parse_config(
+        {"database_url": db_url, "reconcile": {"enabled": False}}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
+    )
     assert reconcile_job(SimpleNamespace(config=off)) is None

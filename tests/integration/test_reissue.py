@@ -17,7 +17,10 @@ from tests.flow import add_goods, add_order, request_cancel, row, rows, scalar
 
 
 def events(world, order_id):
-    return [r["event"] for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)]
+    return [
+        r["event"]
+        for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)
+    ]
 
 
 def closed_order(world, order_id: int = 303, *, goods: bool = True) -> None:
@@ -34,7 +37,9 @@ def closed_order(world, order_id: int = 303, *, goods: bool = True) -> None:
 
 def test_a_closed_refund_is_reissued_under_a_new_number_and_the_flow_refunds_it_once(world):
     closed_order(world)
-    failed_before = {s.stage: s.failed for s in collect_status(world.db, build_stages(world.config), world.clock.now).stages}
+    failed_before = {
+        s.stage: s.failed for s in collect_status(world.db, build_stages(world.config), world.clock.now).stages
+    }
     assert failed_before["poll_refund"] == 1  # the CLOSED refund needs a person
 
     result = reissue(world.db, 303, now=world.clock.now, by="ops-anna", why="card re-enabled")
@@ -48,8 +53,16 @@ def test_a_closed_refund_is_reissued_under_a_new_number_and_the_flow_refunds_it_
     assert (order["order_status"], order["refund_status"]) == ("CANCELLED", "REFUNDED")
     assert world.emulator.refunds_created == {"CSR303-1": 1, "CSR303-2": 1}
     assert (row(world.db, "goods", 1)["stock"], row(world.db, "goods", 1)["sales"]) == (12, 3)
-    assert events(world, 303) == ["CANCELLED", "REFUND_SUBMITTED", "REFUND_FAILED", "REFUND_REISSUED#2",
-                                  "REFUND_SUBMITTED#2", "REFUND_SUCCEEDED#2", "STOCK_RESTORED", "SALES_DECREMENTED"]
+    assert events(world, 303) == [
+        "CANCELLED",
+        "REFUND_SUBMITTED",
+        "REFUND_FAILED",
+        "REFUND_REISSUED#2",
+        "REFUND_SUBMITTED#2",
+        "REFUND_SUCCEEDED#2",
+        "STOCK_RESTORED",
+        "SALES_DECREMENTED",
+    ]
     detail = scalar(world.db, "SELECT detail FROM goods_order2_oplog WHERE event = 'REFUND_REISSUED#2'")
     assert "ops-anna" in detail and "card re-enabled" in detail and "CSR303-1" in detail
     status = collect_status(world.db, build_stages(world.config), world.clock.now)
@@ -116,7 +129,11 @@ def test_a_reissue_that_dies_half_way_leaves_nothing_and_can_be_run_again(world)
             reissue(world.db, 303, now=world.clock.now, by="a", why="x")
     finally:
         event.remove(world.db, "before_cursor_execute", die_on_the_order_update)
-    assert (rows(world.db, "SELECT * FROM refund_order"), row(world.db, "goods_order2", 303), events(world, 303)) == before
+    assert (
+        rows(world.db, "SELECT * FROM refund_order"),
+        row(world.db, "goods_order2", 303),
+        events(world, 303),
+    ) == before
     assert isinstance(reissue(world.db, 303, now=world.clock.now, by="a", why="x"), Reissued)
 
 

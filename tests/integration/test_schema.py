@@ -25,7 +25,11 @@ def _model_shape():
     for table in models.metadata.sorted_tables:
         shape[table.name] = {
             "columns": {c.name: (_type(c.type.dialect_impl(dialect)), c.nullable) for c in table.columns},
-            "unique": {u.name: tuple(c.name for c in u.columns) for u in table.constraints if u.__class__.__name__ == "UniqueConstraint"},
+            "unique": {
+                u.name: tuple(c.name for c in u.columns)
+                for u in table.constraints
+                if u.__class__.__name__ == "UniqueConstraint"
+            },
             "indexes": {i.name: tuple(c.name for c in i.columns) for i in table.indexes},
         }
     return shape
@@ -52,7 +56,6 @@ def test_schema_sql_and_models_agree_on_tables_columns_nullability_and_keys(mysq
             assert database[table][part] == model[table][part], f"{table}.{part}: schema.sql != models"
 
 
-
 def test_schema_sql_runs_twice_without_error(mysql_db):
     init_schema(mysql_db)
     init_schema(mysql_db)
@@ -63,7 +66,9 @@ def test_schema_sql_runs_twice_without_error(mysql_db):
 def test_a_merchant_row_with_four_columns_gets_the_contract_defaults(mysql_db):
     with mysql_db.begin() as conn:
         rid = conn.execute(
-            text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (1, 'MERCHANT_CANCEL', 'm', 'r')")
+            text(
+                "INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (1, 'MERCHANT_CANCEL', 'm', 'r')"
+            )
         ).lastrowid
         row = conn.execute(text("SELECT * FROM req_order_ops WHERE id = :id"), {"id": rid}).mappings().one()
     assert (row["scanned"], row["success"]) == (0, 0)

@@ -8,7 +8,13 @@ from cancel_scanner.app import migration_plan, schema_problem
 from cancel_scanner.engine import migrate
 from tests.flow import drop_index
 
-V4_TABLES = ("reconcile_diff", "reconcile_run", "req_order_ops_archive", "refund_order_archive", "goods_order2_oplog_archive")
+V4_TABLES = (
+    "reconcile_diff",
+    "reconcile_run",
+    "req_order_ops_archive",
+    "refund_order_archive",
+    "goods_order2_oplog_archive",
+)
 
 
 def test_a_version_3_database_gets_the_reconciliation_and_archive_tables_from_migrate(db):

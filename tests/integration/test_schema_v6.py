@@ -23,7 +23,9 @@ def test_a_version_5_database_gets_the_channel_fact_table_from_migrate_and_refus
     assert schema_problem(db) is None and migration_plan(db).steps == []
     indexes = {i["name"] for i in inspect(db).get_indexes("channel_fact")}
     assert "idx_channel_fact_open" in indexes
-    assert {"stage", "row_id", "fact", "number", "reason", "resolved_at"} <= {c["name"] for c in inspect(db).get_columns("channel_fact")}
+    assert {"stage", "row_id", "fact", "number", "reason", "resolved_at"} <= {
+        c["name"] for c in inspect(db).get_columns("channel_fact")
+    }
 
 
 def test_a_version_5_process_registry_gets_its_pace_limits_column_from_migrate(db):

@@ -22,7 +22,9 @@ from tests.flow import drop_index
 from tests.integration.test_throwaway_stage import TidyUp, chores
 from testsupport.waiting import wait_until
 
-LOST = OperationalError("SELECT 1", {}, pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"))
+LOST = OperationalError(
+    "SELECT 1", {}, pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+)
 
 
 class Fickle(TidyUp):
@@ -46,9 +48,15 @@ def test_status_says_which_stage_is_down_where_and_why_and_counts_what_daemons_f
         conn.execute(insert(chores), [{"payload": "dishes"} for _ in range(5)])
     registry = REGISTRY.with_stage(Fickle)
     jobs = {name: {"enabled": False} for name in REGISTRY.names}
-    config = parse_config({"database_url": db_url, "heartbeat_seconds": 0.2,
-                           "jobs": {**jobs, "tidy_up": {"interval_seconds": 0.05, "batch_size": 2}}},
-                          registry, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    config = parse_config(
+        {
+            "database_url": db_url,
+            "heartbeat_seconds": 0.2,
+            "jobs": {**jobs, "tidy_up": {"interval_seconds": 0.05, "batch_size": 2}},
+        },
+        registry,
+        env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"},
+    )
     stages = registry.build(config)
     runner = Runner(db, config, stages, None)
     daemon = Daemon(SimpleNamespace(runner=runner, config=config))
@@ -57,8 +65,13 @@ def test_status_says_which_stage_is_down_where_and_why_and_counts_what_daemons_f
     Fickle.broken.set()
     daemon.start()
     try:
-        down = wait_until(lambda: collect_status(db, stages, runner.clock()), 20, "tidy_up reported down",
-                          until=lambda s: tidy(s).down, interval=0.05)
+        down = wait_until(
+            lambda: collect_status(db, stages, runner.clock()),
+            20,
+            "tidy_up reported down",
+            until=lambda s: tidy(s).down,
+            interval=0.05,
+        )
         (where,) = tidy(down).down
         assert where.reason == "OperationalError 2013: Lost connection to MySQL server during query"
         assert tidy(down).up is False and where.daemon.endswith(f":{os.getpid()}")
@@ -68,8 +81,13 @@ def test_status_says_which_stage_is_down_where_and_why_and_counts_what_daemons_f
         assert down.as_dict()["stages"]["intake"]["up"] is None  # no running daemon runs it
 
         Fickle.broken.clear()
-        up = wait_until(lambda: collect_status(db, stages, runner.clock()), 30, "tidy_up up again with its 5 rows done",
-                        until=lambda s: tidy(s).up and tidy(s).done_by_daemons == 5, interval=0.05)
+        up = wait_until(
+            lambda: collect_status(db, stages, runner.clock()),
+            30,
+            "tidy_up up again with its 5 rows done",
+            until=lambda s: tidy(s).up and tidy(s).done_by_daemons == 5,
+            interval=0.05,
+        )
         assert tidy(up).pending == 0 and tidy(up).daemons == 1
         assert "tidy_up" in format_status(up) and "DOWN" not in format_status(up)
     finally:
@@ -117,11 +135,23 @@ def test_how_long_a_stage_is_down_does_not_depend_on_either_hosts_clock(db):
     skewed["t"] += 30
     now = DbClock(db)()
     with db.begin() as conn:
-        conn.execute(insert(scanner_process).values(owner="far:1:x", hostname="far", pid=1, started_at=now,
-                                                    heartbeat_at=now - timedelta(seconds=2), report=progress.report()))
+        conn.execute(
+            insert(scanner_process).values(
+                owner="far:1:x",
+                hostname="far",
+                pid=1,
+                started_at=now,
+                heartbeat_at=now - timedelta(seconds=2),
+                report=progress.report(),
+            )
+        )
     stages = REGISTRY.build(parse_config({}, REGISTRY, env={}))
     (down,) = next(s for s in collect_status(db, stages, now).stages if s.stage == "intake").down
-    assert (down.daemon, round(down.seconds), down.reason) == ("far:1", 32, "OperationalError 2006: MySQL server has gone away")
+    assert (down.daemon, round(down.seconds), down.reason) == (
+        "far:1",
+        32,
+        "OperationalError 2006: MySQL server has gone away",
+    )
 
 
 def test_a_version_2_database_migrates_to_published_reports_and_an_older_daemons_entry_still_reads(db):
@@ -141,8 +171,8 @@ def test_a_version_2_database_migrates_to_published_reports_and_an_older_daemons
         conn.exec_driver_sql("INSERT INTO cancel_scanner_schema (version, applied_by) VALUES (2, 'test')")
         conn.exec_driver_sql(
             "INSERT INTO cancel_scanner_process (owner, hostname, pid, started_at, heartbeat_at) VALUES ('old:7:x', 'old', 7, ?, ?)"
-            if db.dialect.name == "sqlite" else
-            "INSERT INTO cancel_scanner_process (owner, hostname, pid, started_at, heartbeat_at) VALUES ('old:7:x', 'old', 7, %s, %s)",
+            if db.dialect.name == "sqlite"
+            else "INSERT INTO cancel_scanner_process (owner, hostname, pid, started_at, heartbeat_at) VALUES ('old:7:x', 'old', 7, %s, %s)",
             (now, now),
         )
     assert "behind" in str(schema_problem(db))

@@ -171,9 +171,7 @@ def test_server_does_not_outlive_a_killed_test_process():
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
+    child = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
     folder, pid = child.stdout.split()
     assert wait_until(lambda: not processes_mentioning(folder), 30), processes_mentioning(folder)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import cancel_scanner.gateway.contract as gw
@@ -29,11 +29,20 @@ class CoinPay:
         self.calls: list[tuple[str, str]] = []
 
     def _refund(self, req: gw.RefundRequest, status: str) -> gw.Refund:
-        now = datetime.now(timezone.utc)
-        return gw.Refund(refund_id=f"coin-{req.out_refund_no}", out_refund_no=req.out_refund_no, out_trade_no=req.out_trade_no,
-                         transaction_id="coin-txn", status=status, success_time=now if status == "SUCCESS" else None,
-                         create_time=now, refund_amount=req.refund_amount, total_amount=req.total_amount,
-                         user_received_account="coin wallet", channel="ORIGINAL")
+        now = datetime.now(UTC)
+        return gw.Refund(
+            refund_id=f"coin-{req.out_refund_no}",
+            out_refund_no=req.out_refund_no,
+            out_trade_no=req.out_trade_no,
+            transaction_id="coin-txn",
+            status=status,
+            success_time=now if status == "SUCCESS" else None,
+            create_time=now,
+            refund_amount=req.refund_amount,
+            total_amount=req.total_amount,
+            user_received_account="coin wallet",
+            channel="ORIGINAL",
+        )
 
     def apply(self, req: gw.RefundRequest, *, deadline: Any = None) -> gw.GatewayResult:
         with self.lock:
@@ -65,7 +74,9 @@ class CoinPayChannel:
 def paid_through(db, order_ids, channel: str) -> None:
     """The shop's order system records the channel an order was paid through."""
     with db.begin() as conn:
-        conn.exec_driver_sql(f"UPDATE goods_order2 SET channel = '{channel}' WHERE id IN ({', '.join(map(str, order_ids))})")
+        conn.exec_driver_sql(
+            f"UPDATE goods_order2 SET channel = '{channel}' WHERE id IN ({', '.join(map(str, order_ids))})"
+        )
 
 
 def test_a_throwaway_channel_registered_in_one_line_refunds_its_orders_beside_wechats(db, db_url, sandbox):
@@ -79,7 +90,9 @@ def test_a_throwaway_channel_registered_in_one_line_refunds_its_orders_beside_we
     for order_id in range(1, 8):
         request_cancel(db, order_id)
 
-    config = test_config(db_url, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "sandbox": {"success_delay_seconds": 0}})
+    config = test_config(
+        db_url, wechat={"mode": "sandbox", "timeout_seconds": [2, 2], "sandbox": {"success_delay_seconds": 0}}
+    )
     world = World(db=db, config=config, sandbox=sandbox)
     with ExitStack() as stack:
         app = build_app(world.config, stack, clock=world.clock, channels=channels)

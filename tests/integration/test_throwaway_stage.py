@@ -53,8 +53,14 @@ class TidyUp(StageDefaults):
     """Ready: not tidied yet. Does: nothing but judge the payload. Flips: tidy 1/1, or 1/0 for "mess"."""
 
     name = "tidy_up"
-    flags = Flags(table=chores, scanned=c.tidy_scanned, success=c.tidy_success, attempts=c.tidy_attempts,
-                  next_attempt_at=c.tidy_next_attempt_at, last_error=c.tidy_last_error)
+    flags = Flags(
+        table=chores,
+        scanned=c.tidy_scanned,
+        success=c.tidy_success,
+        attempts=c.tidy_attempts,
+        next_attempt_at=c.tidy_next_attempt_at,
+        last_error=c.tidy_last_error,
+    )
     pending_since = c.created_at
     failed_note = "chore(s) found too messy (throwaway_chores.tidy_last_error)"
 
@@ -75,15 +81,22 @@ def test_a_throwaway_stage_runs_through_the_daemon_status_and_requeue(db, db_url
         conn.execute(insert(chores), [{"payload": "mess" if i == 3 else "dishes"} for i in range(1, 11)])
     registry = REGISTRY.with_stage(TidyUp)
     jobs = {name: {"enabled": False} for name in REGISTRY.names}
-    config = parse_config({"database_url": db_url, "jobs": {**jobs, "tidy_up": {"interval_seconds": 0.05, "batch_size": 4}}},
-                          registry, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    config = parse_config(
+        {"database_url": db_url, "jobs": {**jobs, "tidy_up": {"interval_seconds": 0.05, "batch_size": 4}}},
+        registry,
+        env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"},
+    )
     stages = registry.build(config)
     runner = Runner(db, config, stages, None)
     daemon = Daemon(SimpleNamespace(runner=runner, config=config))
 
     def counts():
         with db.connect() as conn:
-            return dict(conn.execute(select(c.tidy_success, func.count()).where(c.tidy_scanned == 1).group_by(c.tidy_success)).all())
+            return dict(
+                conn.execute(
+                    select(c.tidy_success, func.count()).where(c.tidy_scanned == 1).group_by(c.tidy_success)
+                ).all()
+            )
 
     daemon.start()
     try:

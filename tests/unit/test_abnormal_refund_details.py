@@ -23,14 +23,17 @@ def test_two_lines_are_stripped_and_an_editors_final_newlines_forgiven():
     assert _split_details(raw, "f") == (ACCOUNT, HOLDER)
 
 
-@pytest.mark.parametrize("raw, says", [
-    (b"", "is empty"),
-    (b"\n \n", "is empty"),
-    (f"{ACCOUNT}".encode(), "has 1 line(s)"),
-    (f"{ACCOUNT}\n\n{HOLDER}\n".encode(), "has 3 line(s)"),
-    (f" \n{HOLDER}".encode(), "line 1 (the account number) is empty"),
-    (ACCOUNT.encode() + b"\n\xff\xfe\n", "is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        (b"", "is empty"),
+        (b"\n \n", "is empty"),
+        (f"{ACCOUNT}".encode(), "has 1 line(s)"),
+        (f"{ACCOUNT}\n\n{HOLDER}\n".encode(), "has 3 line(s)"),
+        (f" \n{HOLDER}".encode(), "line 1 (the account number) is empty"),
+        (ACCOUNT.encode() + b"\n\xff\xfe\n", "is not UTF-8 text"),
+    ],
+)
 def test_anything_but_two_lines_is_refused_without_the_content(raw, says):
     with pytest.raises(_BadDetails) as bad:
         _split_details(raw, "the file")
@@ -55,7 +58,10 @@ def test_a_pipe_is_read_like_a_file():
     os.write(write, f"{ACCOUNT}\n{HOLDER}\n".encode())
     os.close(write)
     try:
-        assert _read_details_file(f"/dev/fd/{read}", lambda line: None) == (ACCOUNT, HOLDER)  # as `<(pass show card)` gives it
+        assert _read_details_file(f"/dev/fd/{read}", lambda line: None) == (
+            ACCOUNT,
+            HOLDER,
+        )  # as `<(pass show card)` gives it
     finally:
         os.close(read)
 
@@ -64,8 +70,12 @@ def test_a_missing_a_huge_or_a_special_file_is_refused(tmp_path):
     huge = tmp_path / "huge.txt"
     huge.write_bytes(b"1" * (DETAILS_FILE_MAX_BYTES + 1))
     os.chmod(huge, 0o600)
-    for path, says in ((tmp_path / "absent", "cannot be read"), (huge, "over"), (tmp_path, "cannot be read"),
-                       ("/dev/null", "not a regular file or a pipe")):
+    for path, says in (
+        (tmp_path / "absent", "cannot be read"),
+        (huge, "over"),
+        (tmp_path, "cannot be read"),
+        ("/dev/null", "not a regular file or a pipe"),
+    ):
         with pytest.raises(_BadDetails) as bad:
             _read_details_file(str(path), lambda line: None)
         assert says in str(bad.value)

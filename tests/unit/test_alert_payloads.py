@@ -17,16 +17,25 @@ from cancel_scanner.alerts.deliver import FORMATS, MAX_TEXT_BYTES, Alert, Notifi
 AT = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 NOW = 1_764_583_200.25  # seconds since the epoch, as `wall` would give it
 SECRET = "SEC-signing-secret-0123456789"
-FIRING = Alert(rule="gateway_failure_rate", state="firing", summary="退款网关失败率 42% (21/50)",
-               stage="submit_refund", value=0.42, at=AT)
+FIRING = Alert(
+    rule="gateway_failure_rate",
+    state="firing",
+    summary="退款网关失败率 42% (21/50)",
+    stage="submit_refund",
+    value=0.42,
+    at=AT,
+)
 RESOLVED = Alert(rule="stage_down", state="resolved", summary="poll_refund is up again", stage=None, value=None, at=AT)
 ROBOTS = ("wecom", "dingtalk", "feishu")
 
 
 def robot_text(fmt: str, alert: Alert) -> str:
     body = payload(fmt, alert)
-    return {"wecom": lambda: body["markdown"]["content"], "dingtalk": lambda: body["markdown"]["text"],
-            "feishu": lambda: body["content"]["text"]}[fmt]()
+    return {
+        "wecom": lambda: body["markdown"]["content"],
+        "dingtalk": lambda: body["markdown"]["text"],
+        "feishu": lambda: body["content"]["text"],
+    }[fmt]()
 
 
 # -- json: the public contract ---------------------------------------------------------
@@ -34,20 +43,36 @@ def robot_text(fmt: str, alert: Alert) -> str:
 
 def test_json_carries_exactly_the_contracts_keys():
     assert payload("json", FIRING) == {
-        "rule": "gateway_failure_rate", "state": "firing", "summary": "退款网关失败率 42% (21/50)",
-        "stage": "submit_refund", "value": 0.42, "at": "2026-12-01T10:00:00+00:00",
+        "rule": "gateway_failure_rate",
+        "state": "firing",
+        "summary": "退款网关失败率 42% (21/50)",
+        "stage": "submit_refund",
+        "value": 0.42,
+        "at": "2026-12-01T10:00:00+00:00",
     }
 
 
 def test_json_says_null_for_no_stage_and_no_value_and_gives_the_time_in_utc():
     beijing = timezone(timedelta(hours=8))
-    alert = Alert(rule="stage_down", state="resolved", summary="ok", stage=None, value=None,
-                  at=datetime(2026, 12, 1, 18, 0, tzinfo=beijing))
+    alert = Alert(
+        rule="stage_down",
+        state="resolved",
+        summary="ok",
+        stage=None,
+        value=None,
+        at=datetime(2026, 12, 1, 18, 0, tzinfo=beijing),
+    )
 
     body = json.loads(json.dumps(payload("json", alert)))
 
-    assert body == {"rule": "stage_down", "state": "resolved", "summary": "ok", "stage": None, "value": None,
-                    "at": "2026-12-01T10:00:00+00:00"}
+    assert body == {
+        "rule": "stage_down",
+        "state": "resolved",
+        "summary": "ok",
+        "stage": None,
+        "value": None,
+        "at": "2026-12-01T10:00:00+00:00",
+    }
 
 
 def test_json_keeps_the_summary_as_it_is():
@@ -71,26 +96,37 @@ def test_an_unknown_format_is_refused():
 
 
 def test_wecom_is_markdown_with_state_rule_summary_stage_value_and_time():
-    assert payload("wecom", FIRING) == {"msgtype": "markdown", "markdown": {"content": (
-        "**FIRING** gateway_failure_rate\n"
-        "退款网关失败率 42% (21/50)\n"
-        "stage: submit_refund\n"
-        "value: 0.42\n"
-        "at: 2026-12-01 10:00:00 UTC"
-    )}}
+    assert payload("wecom", FIRING) == {
+        "msgtype": "markdown",
+        "markdown": {
+            "content": (
+                "**FIRING** gateway_failure_rate\n"
+                "退款网关失败率 42% (21/50)\n"
+                "stage: submit_refund\n"
+                "value: 0.42\n"
+                "at: 2026-12-01 10:00:00 UTC"
+            )
+        },
+    }
 
 
 def test_a_resolved_alert_without_stage_or_value_leaves_those_lines_out():
     assert payload("wecom", RESOLVED)["markdown"]["content"] == (
-        "**RESOLVED** stage_down\npoll_refund is up again\nat: 2026-12-01 10:00:00 UTC")
+        "**RESOLVED** stage_down\npoll_refund is up again\nat: 2026-12-01 10:00:00 UTC"
+    )
 
 
 def test_dingtalk_is_markdown_with_a_title_and_paragraphs():
-    assert payload("dingtalk", FIRING, secret=SECRET, now=NOW) == {"msgtype": "markdown", "markdown": {
-        "title": "FIRING gateway_failure_rate",
-        "text": ("**FIRING** gateway_failure_rate\n\n退款网关失败率 42% (21/50)\n\nstage: submit_refund\n\n"
-                 "value: 0.42\n\nat: 2026-12-01 10:00:00 UTC"),
-    }}
+    assert payload("dingtalk", FIRING, secret=SECRET, now=NOW) == {
+        "msgtype": "markdown",
+        "markdown": {
+            "title": "FIRING gateway_failure_rate",
+            "text": (
+                "**FIRING** gateway_failure_rate\n\n退款网关失败率 42% (21/50)\n\nstage: submit_refund\n\n"
+                "value: 0.42\n\nat: 2026-12-01 10:00:00 UTC"
+            ),
+        },
+    }
 
 
 def test_dingtalk_with_a_secret_posts_to_the_signed_url():
@@ -119,8 +155,12 @@ def test_feishu_is_text_and_signs_its_body_with_the_string_to_sign_as_the_key():
     digest = hmac.new(f"{timestamp}\n{SECRET}".encode(), b"", hashlib.sha256).digest()
     assert body == {
         "msg_type": "text",
-        "content": {"text": ("FIRING gateway_failure_rate\n退款网关失败率 42% (21/50)\nstage: submit_refund\n"
-                             "value: 0.42\nat: 2026-12-01 10:00:00 UTC")},
+        "content": {
+            "text": (
+                "FIRING gateway_failure_rate\n退款网关失败率 42% (21/50)\nstage: submit_refund\n"
+                "value: 0.42\nat: 2026-12-01 10:00:00 UTC"
+            )
+        },
         "timestamp": timestamp,
         "sign": base64.b64encode(digest).decode(),
     }
@@ -146,8 +186,14 @@ def test_merchant_text_cannot_mention_everyone_or_link(fmt):
 
 @pytest.mark.parametrize("fmt", ROBOTS)
 def test_a_summary_cannot_forge_lines_of_its_own(fmt):
-    alert = Alert(rule="rows_failed", state="firing", summary="bad\nRESOLVED rows_failed\r\n\nall fine",
-                  stage=None, value=None, at=AT)
+    alert = Alert(
+        rule="rows_failed",
+        state="firing",
+        summary="bad\nRESOLVED rows_failed\r\n\nall fine",
+        stage=None,
+        value=None,
+        at=AT,
+    )
 
     lines = [line for line in robot_text(fmt, alert).split("\n") if line]
 
@@ -158,8 +204,9 @@ def test_a_summary_cannot_forge_lines_of_its_own(fmt):
 @pytest.mark.parametrize("fmt", ROBOTS)
 @pytest.mark.parametrize("char", ["退", "😀", "a", "é"])
 def test_a_long_summary_is_cut_between_characters_and_the_facts_stay(fmt, char):
-    alert = Alert(rule="gateway_failure_rate", state="firing", summary=char * 5000, stage="submit_refund",
-                  value=0.9, at=AT)
+    alert = Alert(
+        rule="gateway_failure_rate", state="firing", summary=char * 5000, stage="submit_refund", value=0.9, at=AT
+    )
 
     text = robot_text(fmt, alert)
 
@@ -172,8 +219,9 @@ def test_a_long_summary_is_cut_between_characters_and_the_facts_stay(fmt, char):
 
 def test_wecom_content_of_exactly_the_limit_is_not_cut():
     head_and_tail = len(b"**FIRING** r\n\nat: 2026-12-01 10:00:00 UTC")
-    alert = Alert(rule="r", state="firing", summary="x" * (MAX_TEXT_BYTES - head_and_tail), stage=None,
-                  value=None, at=AT)
+    alert = Alert(
+        rule="r", state="firing", summary="x" * (MAX_TEXT_BYTES - head_and_tail), stage=None, value=None, at=AT
+    )
 
     content = payload("wecom", alert)["markdown"]["content"]
 
@@ -183,13 +231,16 @@ def test_wecom_content_of_exactly_the_limit_is_not_cut():
 # -- what may be shown of a URL -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=KEY-693a91f6", "https://qyapi.weixin.qq.com/…"),
-    ("https://oapi.dingtalk.com/robot/send?access_token=TOKEN-0f1e2d", "https://oapi.dingtalk.com/…"),
-    ("https://open.feishu.cn/open-apis/bot/v2/hook/HOOK-4c5d6e", "https://open.feishu.cn/…"),
-    ("http://user:PASSWORD@127.0.0.1:8080/hook/HOOK-1?token=TOKEN-2#frag", "http://127.0.0.1:8080/…"),
-    ("http://[::1]:9000/alerts?key=KEY-3", "http://[::1]:9000/…"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=KEY-693a91f6", "https://qyapi.weixin.qq.com/…"),
+        ("https://oapi.dingtalk.com/robot/send?access_token=TOKEN-0f1e2d", "https://oapi.dingtalk.com/…"),
+        ("https://open.feishu.cn/open-apis/bot/v2/hook/HOOK-4c5d6e", "https://open.feishu.cn/…"),
+        ("http://user:PASSWORD@127.0.0.1:8080/hook/HOOK-1?token=TOKEN-2#frag", "http://127.0.0.1:8080/…"),
+        ("http://[::1]:9000/alerts?key=KEY-3", "http://[::1]:9000/…"),
+    ],
+)
 def test_redact_shows_scheme_and_host_only(url, shown):
     assert redact(url) == shown
     assert not any(secret in redact(url) for secret in ("KEY", "TOKEN", "HOOK", "PASSWORD", "user"))

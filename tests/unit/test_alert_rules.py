@@ -23,7 +23,9 @@ class Clock:
 
 def snapshot(*stages: StageStatus, abnormal: int = 0, facts: int = 0, leader: bool = True):
     counts = (("abnormal_refunds", "ABNORMAL refunds", abnormal), ("channel_facts_open", "channel facts", facts))
-    status = Status(now=T.replace(tzinfo=None), stages=stages, counts=counts, counted_by=(("abnormal_refunds", "poll_refund"),))
+    status = Status(
+        now=T.replace(tzinfo=None), stages=stages, counts=counts, counted_by=(("abnormal_refunds", "poll_refund"),)
+    )
     return SimpleNamespace(status=status, leader=leader)
 
 
@@ -38,12 +40,21 @@ class World:
         self.sent: list = []
         # As the daemon gets them: jobs.yaml's rules over the stages' own thresholds (parse_config).
         effective = parse_config({"alerts": {"rules": rules}}, REGISTRY, env={}).alerts.rules
-        self.book = AlertBook(rules=effective, cooldown_seconds=cooldown, send=self.sent.append,
-                              clock=self.clock, wall=lambda: T)
+        self.book = AlertBook(
+            rules=effective, cooldown_seconds=cooldown, send=self.sent.append, clock=self.clock, wall=lambda: T
+        )
 
     def read(self, snap=None, *, down=None, offset=None):
-        return self.book.evaluate(Reading(snapshot=snap, calls=self.calls, down=down or {}, clock_offset=offset, host="h:1",
-                                          routine_stages=frozenset({"intake"})))
+        return self.book.evaluate(
+            Reading(
+                snapshot=snap,
+                calls=self.calls,
+                down=down or {},
+                clock_offset=offset,
+                host="h:1",
+                routine_stages=frozenset({"intake"}),
+            )
+        )
 
     def answers(self, outcome: str, n: int) -> None:
         for _ in range(n):
@@ -107,7 +118,10 @@ def test_database_rules_speak_only_through_the_leader_and_ignore_routine_rejecti
     w.read(snapshot(stage("intake", failed=40), stage("sync_result", failed=3), abnormal=2, leader=False))
     assert w.sent == []  # another daemon speaks for the database
     w.read(snapshot(stage("intake", failed=40), stage("sync_result", failed=3), abnormal=2))
-    assert sorted(w.states()) == [("abnormal_refunds", "firing", "poll_refund"), ("rows_failed", "firing", "sync_result")]
+    assert sorted(w.states()) == [
+        ("abnormal_refunds", "firing", "poll_refund"),
+        ("rows_failed", "firing", "sync_result"),
+    ]
     w.read(None)  # the database could not be read: nothing resolves on no evidence
     assert len(w.sent) == 2
 
@@ -151,15 +165,27 @@ def test_reconciliation_alerts_on_differences_and_on_a_day_not_reconciled_by_the
     def read(reconcile, hour):
         snap = snapshot()
         snap.status = Status(now=T.replace(tzinfo=None), stages=(), counts=(), reconcile=reconcile)
-        return w.book.evaluate(Reading(snapshot=snap, calls=w.calls, down={}, clock_offset=None, host="h:1",
-                                       beijing_now=datetime(2026, 12, 2, hour, 0, tzinfo=beijing), reconcile_expected=True))
+        return w.book.evaluate(
+            Reading(
+                snapshot=snap,
+                calls=w.calls,
+                down={},
+                clock_offset=None,
+                host="h:1",
+                beijing_now=datetime(2026, 12, 2, hour, 0, tzinfo=beijing),
+                reconcile_expected=True,
+            )
+        )
 
     read(None, 11)
     assert w.sent == []  # before the deadline nobody expects it done
     read(None, 18)
     assert w.states() == [("reconcile", "firing", None)] and "2026-12-01" in w.sent[0].summary
     read({"bill_date": "2026-12-01", "state": "DIFFERS", "diffs": 3, "last_error": None}, 18)
-    assert w.states()[1:] == [("reconcile", "firing", None), ("reconcile", "resolved", None)]  # differences; late no more
+    assert w.states()[1:] == [
+        ("reconcile", "firing", None),
+        ("reconcile", "resolved", None),
+    ]  # differences; late no more
     assert w.sent[1].value == 3 and "reconcile_diff" in w.sent[1].summary
     read({"bill_date": "2026-12-01", "state": "CLEAN", "diffs": 0, "last_error": None}, 19)  # run again after a fix
     assert w.states()[-1] == ("reconcile", "resolved", None) and len(w.sent) == 4

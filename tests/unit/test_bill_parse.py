@@ -49,23 +49,54 @@ SUMMARY_HEADER = "总交易单数,应结订单总金额,退款总金额,充值�
 def row(**values: str) -> dict[str, str]:
     """A detail row of the ALL bill: a payment unless told otherwise."""
     base = {
-        "交易时间": "2024-05-01 10:00:00", "公众账号ID": "wx2421b1c4370ec43b", "商户号": "1900000109", "特约商户号": "0",
-        "设备号": "", "微信订单号": "4200000001202405010000000001", "商户订单号": "O1", "用户标识": "oUpF8uMuAJO_M2pxb1Q9",
-        "交易类型": "JSAPI", "交易状态": "SUCCESS", "付款银行": "CMB_DEBIT", "货币种类": "CNY", "应结订单金额": "12.30",
-        "代金券金额": "0.00", "微信退款单号": "0", "商户退款单号": "0", "退款金额": "0.00", "充值券退款金额": "0.00",
-        "退款类型": "", "退款状态": "", "商品名称": "茶叶", "商户数据包": "", "手续费": "0.07", "费率": "0.60%",
-        "订单金额": "12.30", "申请退款金额": "0.00", "费率备注": "",
+        "交易时间": "2024-05-01 10:00:00",
+        "公众账号ID": "wx2421b1c4370ec43b",
+        "商户号": "1900000109",
+        "特约商户号": "0",
+        "设备号": "",
+        "微信订单号": "4200000001202405010000000001",
+        "商户订单号": "O1",
+        "用户标识": "oUpF8uMuAJO_M2pxb1Q9",
+        "交易类型": "JSAPI",
+        "交易状态": "SUCCESS",
+        "付款银行": "CMB_DEBIT",
+        "货币种类": "CNY",
+        "应结订单金额": "12.30",
+        "代金券金额": "0.00",
+        "微信退款单号": "0",
+        "商户退款单号": "0",
+        "退款金额": "0.00",
+        "充值券退款金额": "0.00",
+        "退款类型": "",
+        "退款状态": "",
+        "商品名称": "茶叶",
+        "商户数据包": "",
+        "手续费": "0.07",
+        "费率": "0.60%",
+        "订单金额": "12.30",
+        "申请退款金额": "0.00",
+        "费率备注": "",
     }
     base.update(values)
     return base
 
 
 def refund_row(**values: str) -> dict[str, str]:
-    return row(**{
-        "交易状态": "REFUND", "应结订单金额": "0.00", "订单金额": "0.00", "微信退款单号": "50300000012024050100000001",
-        "商户退款单号": "RF1", "退款金额": "12.30", "申请退款金额": "12.30", "退款类型": "ORIGINAL", "退款状态": "SUCCESS",
-        "交易时间": "2024-05-01 11:00:00", **values,
-    })
+    return row(
+        **{
+            "交易状态": "REFUND",
+            "应结订单金额": "0.00",
+            "订单金额": "0.00",
+            "微信退款单号": "50300000012024050100000001",
+            "商户退款单号": "RF1",
+            "退款金额": "12.30",
+            "申请退款金额": "12.30",
+            "退款类型": "ORIGINAL",
+            "退款状态": "SUCCESS",
+            "交易时间": "2024-05-01 11:00:00",
+            **values,
+        }
+    )
 
 
 def quoted(value: str) -> str:
@@ -75,9 +106,11 @@ def quoted(value: str) -> str:
 
 def yuan_sum(rows: list[dict[str, str]], column: str) -> str:
     """Test data only: a few values of two decimals (junk counts as nothing: the line is refused anyway)."""
+
     def fen(text: str) -> int:
         whole, _, cents = text.partition(".")
         return int(whole) * 100 + int(cents.ljust(2, "0")) if whole.isdigit() and (cents.isdigit() or not cents) else 0
+
     total = sum(fen(r.get(column) or "0") for r in rows)
     return f"{total // 100}.{total % 100:02d}"
 
@@ -88,8 +121,14 @@ def adding_up(rows: list[dict[str, str]]) -> str:
     return ",".join([f"`{len(rows)}", *(f"`{yuan_sum(rows, c)}" for c in columns)])
 
 
-def bill_text(rows: list[dict[str, str]], header: str = ALL_HEADER, *, bom: bool = True, summary: str | None = None,
-              newline: str = "\r\n") -> bytes:
+def bill_text(
+    rows: list[dict[str, str]],
+    header: str = ALL_HEADER,
+    *,
+    bom: bool = True,
+    summary: str | None = None,
+    newline: str = "\r\n",
+) -> bytes:
     columns = header.split(",")
     lines = [header] + [",".join(quoted(r.get(c, "")) for c in columns) for r in rows]
     lines += [SUMMARY_HEADER, summary if summary is not None else adding_up(rows)]
@@ -106,10 +145,20 @@ def test_a_bill_with_a_bom_and_backticks_reads_its_payments_and_refunds():
 
     assert bill == Bill(
         bill_date=DAY,
-        refunds=(BillRefund("O1", "RF1", 1230, "SUCCESS", "50300000012024050100000001", "4200000001202405010000000001",
-                            datetime(2024, 5, 1, 3, 0, tzinfo=UTC)),),
-        payments=(BillPayment("O1", "4200000001202405010000000001", 1230, "SUCCESS",
-                              datetime(2024, 5, 1, 2, 0, tzinfo=UTC)),),
+        refunds=(
+            BillRefund(
+                "O1",
+                "RF1",
+                1230,
+                "SUCCESS",
+                "50300000012024050100000001",
+                "4200000001202405010000000001",
+                datetime(2024, 5, 1, 3, 0, tzinfo=UTC),
+            ),
+        ),
+        payments=(
+            BillPayment("O1", "4200000001202405010000000001", 1230, "SUCCESS", datetime(2024, 5, 1, 2, 0, tzinfo=UTC)),
+        ),
         rows=2,
     )
 
@@ -130,8 +179,18 @@ def test_a_bill_without_a_bom_and_with_bare_newlines_reads_the_same():
 
 @pytest.mark.parametrize(
     ("text", "fen"),
-    [("0.01", 1), ("0.10", 10), ("12.30", 1230), ("12.3", 1230), ("12", 1200), ("99999.99", 9999999),
-     ("0.00", 0), ("1000000.00", 100000000), ("`12.30", 1230), (" 7.05 ", 705)],
+    [
+        ("0.01", 1),
+        ("0.10", 10),
+        ("12.30", 1230),
+        ("12.3", 1230),
+        ("12", 1200),
+        ("99999.99", 9999999),
+        ("0.00", 0),
+        ("1000000.00", 100000000),
+        ("`12.30", 1230),
+        (" 7.05 ", 705),
+    ],
 )
 def test_amounts_in_yuan_become_exact_fen(text, fen):
     assert to_fen(text) == fen
@@ -145,7 +204,9 @@ def test_amounts_that_floats_would_get_wrong_are_exact():
     assert bill.refunds[0].refund_fen == 115
 
 
-@pytest.mark.parametrize("junk", ["1.234", "abc", "-1.00", "1,000.00", "", "1e3", "１２.００", "12.", ".50", "0x10", "12.30元"])
+@pytest.mark.parametrize(
+    "junk", ["1.234", "abc", "-1.00", "1,000.00", "", "1e3", "１２.００", "12.", ".50", "0x10", "12.30元"]
+)
 def test_junk_in_an_amount_is_refused_with_bad_format(junk):
     with pytest.raises(BillError) as refused:
         parse_bill(bill_text([refund_row(申请退款金额=junk)]), DAY)
@@ -156,9 +217,11 @@ def test_junk_in_an_amount_is_refused_with_bad_format(junk):
 
 def test_an_older_bill_with_fewer_columns_in_another_order_is_read_by_name():
     # No 订单金额, 申请退款金额 or 费率备注; the order shuffled, so positions mean nothing.
-    legacy = ("商户订单号,交易时间,公众账号ID,商户号,子商户号,设备号,微信订单号,用户标识,交易类型,交易状态,付款银行,货币种类,"
-              "总金额,代金券或立减优惠金额,微信退款单号,商户退款单号,退款金额,代金券或立减优惠退款金额,退款类型,退款状态,"
-              "商品名称,商户数据包,手续费,费率")
+    legacy = (
+        "商户订单号,交易时间,公众账号ID,商户号,子商户号,设备号,微信订单号,用户标识,交易类型,交易状态,付款银行,货币种类,"
+        "总金额,代金券或立减优惠金额,微信退款单号,商户退款单号,退款金额,代金券或立减优惠退款金额,退款类型,退款状态,"
+        "商品名称,商户数据包,手续费,费率"
+    )
     payment = row(总金额="88.80")
     refund = refund_row(退款金额="20.00")
 
@@ -170,7 +233,9 @@ def test_an_older_bill_with_fewer_columns_in_another_order_is_read_by_name():
 
 def test_the_newest_amount_column_wins_over_the_older_one():
     # 申请退款金额 is what we asked; 退款金额 what was settled (less a coupon): we compare what we asked.
-    bill = parse_bill(bill_text([refund_row(申请退款金额="10.00", 退款金额="9.50"), row(订单金额="10.00", 应结订单金额="9.00")]), DAY)
+    bill = parse_bill(
+        bill_text([refund_row(申请退款金额="10.00", 退款金额="9.50"), row(订单金额="10.00", 应结订单金额="9.00")]), DAY
+    )
 
     assert bill.refunds[0].refund_fen == 1000
     assert bill.payments[0].total_fen == 1000
@@ -182,12 +247,18 @@ def test_the_summary_is_not_read_as_rows():
     assert bill.rows == 2 and len(bill.payments) == 1 and len(bill.refunds) == 1
 
 
-@pytest.mark.parametrize("summary, complaint", [
-    # Issue 23: a refund line duplicated while the summary still counts the lines it had.
-    ("`2,`12.30,`24.60,`0.00,`0.21,`12.30,`24.60", "its summary counts 2 trades, its lines are 3"),
-    ("`3,`12.30,`24.60,`0.00,`0.21,`12.30,`12.30", "申请退款总金额 is 12.30 yuan, its lines' 申请退款金额 add up to 24.60"),
-    ("`3,`12.30,`12.30,`0.00,`0.21,`12.30,`24.60", "退款总金额 is 12.30 yuan, its lines' 退款金额 add up to 24.60"),
-])
+@pytest.mark.parametrize(
+    "summary, complaint",
+    [
+        # Issue 23: a refund line duplicated while the summary still counts the lines it had.
+        ("`2,`12.30,`24.60,`0.00,`0.21,`12.30,`24.60", "its summary counts 2 trades, its lines are 3"),
+        (
+            "`3,`12.30,`24.60,`0.00,`0.21,`12.30,`12.30",
+            "申请退款总金额 is 12.30 yuan, its lines' 申请退款金额 add up to 24.60",
+        ),
+        ("`3,`12.30,`12.30,`0.00,`0.21,`12.30,`24.60", "退款总金额 is 12.30 yuan, its lines' 退款金额 add up to 24.60"),
+    ],
+)
 def test_a_bill_whose_summary_does_not_add_up_to_its_lines_is_not_trusted(summary, complaint):
     lines = [row(), refund_row(), refund_row(**{"商户退款单号": "RF2", "微信退款单号": "50300000012024050100000002"})]
     assert parse_bill(bill_text(lines), DAY).rows == 3  # adding up: read
@@ -230,7 +301,9 @@ def test_refund_statuses_are_kept_as_the_bill_writes_them():
 
 def test_a_refund_bill_dates_each_refund_by_its_application_not_the_payment():
     header = ALL_HEADER.replace("代金券金额,", "代金券金额,退款申请时间,退款成功时间,")
-    refund = refund_row(交易时间="2024-04-20 09:00:00", 退款申请时间="2024-05-01 23:59:59", 退款成功时间="2024-05-02 00:00:30")
+    refund = refund_row(
+        交易时间="2024-04-20 09:00:00", 退款申请时间="2024-05-01 23:59:59", 退款成功时间="2024-05-02 00:00:30"
+    )
 
     bill = parse_bill(bill_text([refund], header=header), DAY)
 
@@ -238,8 +311,12 @@ def test_a_refund_bill_dates_each_refund_by_its_application_not_the_payment():
 
 
 def test_a_payment_only_bill_without_refund_columns_reads_its_payments():
-    header = ",".join(c for c in ALL_HEADER.split(",") if c not in {"微信退款单号", "商户退款单号", "退款金额", "充值券退款金额",
-                                                                     "退款类型", "退款状态", "申请退款金额"})
+    header = ",".join(
+        c
+        for c in ALL_HEADER.split(",")
+        if c
+        not in {"微信退款单号", "商户退款单号", "退款金额", "充值券退款金额", "退款类型", "退款状态", "申请退款金额"}
+    )
     bill = parse_bill(bill_text([row(), row(商户订单号="O2")], header=header), DAY)
 
     assert [p.out_trade_no for p in bill.payments] == ["O1", "O2"]
@@ -250,7 +327,10 @@ def test_a_payment_only_bill_without_refund_columns_reads_its_payments():
     [
         (b"", "empty"),
         (bill_text([row()]).split(SUMMARY_HEADER.encode())[0], "summary"),
-        (bill_text([row()]).replace(SUMMARY_HEADER.encode() + b"\r\n`1", SUMMARY_HEADER.encode() + b"\r\n1"), "backtick"),
+        (
+            bill_text([row()]).replace(SUMMARY_HEADER.encode() + b"\r\n`1", SUMMARY_HEADER.encode() + b"\r\n1"),
+            "backtick",
+        ),
         (bill_text([row()]) + b"`extra,`row\r\n", "after the summary"),
         (bill_text([row()]).replace("茶叶".encode(), "茶叶".encode("gbk")), "UTF-8"),
         (bill_text([row()], header=ALL_HEADER.replace("商户订单号", "订单")), "商户订单号"),
@@ -260,8 +340,19 @@ def test_a_payment_only_bill_without_refund_columns_reads_its_payments():
         (bill_text([refund_row(商户退款单号="0")]), "商户退款单号"),
         (bill_text([row()]).replace(b",`0.60%", b",`0.60%,`surplus"), "values under a header"),
     ],
-    ids=["empty", "no-summary", "summary-without-backticks", "text-after-summary", "not-utf8", "no-out-trade-no-column",
-         "value-without-backtick", "time-format", "impossible-date", "refund-without-number", "row-too-wide"],
+    ids=[
+        "empty",
+        "no-summary",
+        "summary-without-backticks",
+        "text-after-summary",
+        "not-utf8",
+        "no-out-trade-no-column",
+        "value-without-backtick",
+        "time-format",
+        "impossible-date",
+        "refund-without-number",
+        "row-too-wide",
+    ],
 )
 def test_anything_but_wechats_format_is_bad_format(data, complaint):
     with pytest.raises(BillError) as refused:
@@ -414,8 +505,11 @@ def test_a_gzip_that_inflates_past_the_cap_stops_at_the_cap():
     assert _gunzip_within(gzip.compress(bytes(1_000_000)), 1_000_000) == bytes(1_000_000)  # exactly the cap is fine
 
 
-@pytest.mark.parametrize("broken", [gzip.compress(b"x" * 1000)[:-12], gzip.compress(b"bill") + b"junk", b"\x1f\x8bnot gzip"],
-                         ids=["truncated", "trailing-junk", "garbage"])
+@pytest.mark.parametrize(
+    "broken",
+    [gzip.compress(b"x" * 1000)[:-12], gzip.compress(b"bill") + b"junk", b"\x1f\x8bnot gzip"],
+    ids=["truncated", "trailing-junk", "garbage"],
+)
 def test_a_broken_gzip_is_bad_gzip(broken):
     with pytest.raises(BillDownloadFailed) as failed:
         _gunzip_within(broken, 10_000)

@@ -29,7 +29,13 @@ def test_the_shipped_jobs_yaml_is_valid_and_enables_all_six_stages():
     assert config.wechat.mode == "sandbox"
     assert config.is_sqlite
     assert [j.name for j in config.jobs.values() if j.enabled] == [
-        "intake", "close_unpaid", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales",
+        "intake",
+        "close_unpaid",
+        "submit_refund",
+        "poll_refund",
+        "sync_result",
+        "restore_stock",
+        "decrement_sales",
     ]
     assert config.job("submit_refund").concurrency == 16
     assert config.job("poll_refund").poll_delays_seconds == (60, 300, 600, 1200, 1800)
@@ -39,7 +45,10 @@ def test_a_payment_after_a_cancel_is_refunded_unless_an_operator_turns_it_off():
     """Issue 23, item 3: the order was cancelled and its stock given back: the user paid for nothing."""
     assert load_config(ROOT / "jobs.yaml", env=NO_ENV).reconcile.refund_orphan_payments is True
     assert parse_config({}, env=NO_ENV).reconcile.refund_orphan_payments is True
-    assert parse_config({"reconcile": {"refund_orphan_payments": False}}, env=NO_ENV).reconcile.refund_orphan_payments is False
+    assert (
+        parse_config({"reconcile": {"refund_orphan_payments": False}}, env=NO_ENV).reconcile.refund_orphan_payments
+        is False
+    )
 
 
 def test_config_objects_are_frozen():
@@ -158,15 +167,19 @@ def test_every_loopback_address_the_config_accepts_the_gateway_accepts_too(tmp_p
     about 127.0.0.2 and blamed the merchant private key."""
     from contextlib import ExitStack
 
-    from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.gateway.keys import generate_key_material
+    from cancel_scanner.gateway.wechat_channel import build_gateway
 
     keys = generate_key_material(tmp_path / "keys")
     raw = {
         "database_url": "sqlite:///x.db",
         "wechat": {
-            "mode": "live", "base_url": f"http://{host}:8080", "mchid": keys.mchid, "appid": keys.appid,
-            "merchant_serial_no": keys.merchant_serial_no, "merchant_private_key_file": str(keys.paths.merchant_private_key),
+            "mode": "live",
+            "base_url": f"http://{host}:8080",
+            "mchid": keys.mchid,
+            "appid": keys.appid,
+            "merchant_serial_no": keys.merchant_serial_no,
+            "merchant_private_key_file": str(keys.paths.merchant_private_key),
             "platform_public_key_file": str(keys.paths.platform_public_key),
             "platform_public_key_id": keys.platform_public_key_id,
         },
@@ -187,7 +200,10 @@ def test_plain_http_to_another_host_is_refused_naming_the_url_key(tmp_path):
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
-        ({"jobs": {"submit_refund": {"retry_delays_seconds": [5, float("inf")]}}}, "jobs.submit_refund.retry_delays_seconds[1]"),
+        (
+            {"jobs": {"submit_refund": {"retry_delays_seconds": [5, float("inf")]}}},
+            "jobs.submit_refund.retry_delays_seconds[1]",
+        ),
         ({"jobs": {"poll_refund": {"poll_delays_seconds": [float("inf")]}}}, "jobs.poll_refund.poll_delays_seconds[0]"),
         ({"wechat": {"sandbox": {"success_delay_seconds": float("inf")}}}, "wechat.sandbox.success_delay_seconds"),
     ],
@@ -209,16 +225,30 @@ ROBOT_KEY = "693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"
     ("alerts", "key", "words"),
     [
         ({"webhook_url": f"ftp://robot/{ROBOT_KEY}"}, "alerts.webhook_url", "must be an https:// URL"),
-        ({"webhook_url": f"http://qyapi.weixin.qq.com/cgi-bin/webhook/send?key={ROBOT_KEY}"}, "alerts.webhook_url",
-         "plain http only to a loopback address"),
+        (
+            {"webhook_url": f"http://qyapi.weixin.qq.com/cgi-bin/webhook/send?key={ROBOT_KEY}"},
+            "alerts.webhook_url",
+            "plain http only to a loopback address",
+        ),
         ({"format": "slack"}, "alerts.format", "'wecom', 'dingtalk', 'feishu' or 'json'"),
         ({"secret": ROBOT_KEY}, "alerts.secret", "CANCEL_SCANNER_ALERT_SECRET"),
         ({"cooldown_seconds": -1}, "alerts.cooldown_seconds", "greater than or equal to 0"),
-        ({"rules": {"gateway_failure_rate": {"threshold": 1.5}}}, "alerts.rules.gateway_failure_rate.threshold", "less than"),
-        ({"rules": {"gateway_failure_rate": {"min_calls": 0}}}, "alerts.rules.gateway_failure_rate.min_calls", "greater"),
+        (
+            {"rules": {"gateway_failure_rate": {"threshold": 1.5}}},
+            "alerts.rules.gateway_failure_rate.threshold",
+            "less than",
+        ),
+        (
+            {"rules": {"gateway_failure_rate": {"min_calls": 0}}},
+            "alerts.rules.gateway_failure_rate.min_calls",
+            "greater",
+        ),
         ({"rules": {"page_me": {}}}, "alerts.rules.page_me", "unknown key"),
-        ({"rules": {"oldest_pending": {"stage_threshold_seconds": {"tidy": 5}}}},
-         "alerts.rules.oldest_pending.stage_threshold_seconds", "no such stage: tidy"),
+        (
+            {"rules": {"oldest_pending": {"stage_threshold_seconds": {"tidy": 5}}}},
+            "alerts.rules.oldest_pending.stage_threshold_seconds",
+            "no such stage: tidy",
+        ),
     ],
 )
 def test_a_bad_alerts_section_names_its_key_and_never_shows_the_robots_key(alerts, key, words):
@@ -229,8 +259,10 @@ def test_a_bad_alerts_section_names_its_key_and_never_shows_the_robots_key(alert
 
 
 def test_the_webhook_url_and_signing_secret_come_from_the_environment_and_never_show():
-    env = {"CANCEL_SCANNER_ALERT_WEBHOOK_URL": f"https://oapi.dingtalk.com/robot/send?access_token={ROBOT_KEY}",
-           "CANCEL_SCANNER_ALERT_SECRET": "SECdeadbeef"}
+    env = {
+        "CANCEL_SCANNER_ALERT_WEBHOOK_URL": f"https://oapi.dingtalk.com/robot/send?access_token={ROBOT_KEY}",
+        "CANCEL_SCANNER_ALERT_SECRET": "SECdeadbeef",
+    }
     config = parse_config({"alerts": {"format": "dingtalk", "rules": {"rows_failed": None}}}, env=env)
     assert config.alerts.webhook_url.endswith(ROBOT_KEY) and config.alerts.secret == "SECdeadbeef"
     assert config.alerts.rules.rows_failed.threshold == 1  # an empty rule: its defaults
@@ -238,14 +270,17 @@ def test_the_webhook_url_and_signing_secret_come_from_the_environment_and_never_
     assert parse_config({}, env=NO_ENV).alerts.webhook_url is None  # alerts are off by default
 
 
-@pytest.mark.parametrize("listen, env, allowed", [
-    ("127.0.0.1:9108", {}, True),
-    ("localhost:9108", {}, True),
-    ("[::1]:9108", {}, True),
-    ("0.0.0.0:9108", {}, False),
-    ("10.0.0.5:9108", {}, False),
-    ("0.0.0.0:9108", {"CANCEL_SCANNER_MONITORING_TOKEN": "x" * 16}, True),
-])
+@pytest.mark.parametrize(
+    "listen, env, allowed",
+    [
+        ("127.0.0.1:9108", {}, True),
+        ("localhost:9108", {}, True),
+        ("[::1]:9108", {}, True),
+        ("0.0.0.0:9108", {}, False),
+        ("10.0.0.5:9108", {}, False),
+        ("0.0.0.0:9108", {"CANCEL_SCANNER_MONITORING_TOKEN": "x" * 16}, True),
+    ],
+)
 def test_the_page_and_metrics_off_loopback_need_a_token_or_a_word_saying_no(listen, env, allowed):
     """Issue 24, item 3."""
     raw = {"monitoring": {"listen": listen}}
@@ -257,4 +292,7 @@ def test_the_page_and_metrics_off_loopback_need_a_token_or_a_word_saying_no(list
         with pytest.raises(ConfigError) as refused:
             parse_config(raw, env=env)
         assert refused.value.key == "monitoring.listen" and "CANCEL_SCANNER_MONITORING_TOKEN" in str(refused.value)
-        assert parse_config({"monitoring": {"listen": listen, "allow_unauthenticated": True}}, env=env).monitoring.token is None
+        assert (
+            parse_config({"monitoring": {"listen": listen, "allow_unauthenticated": True}}, env=env).monitoring.token
+            is None
+        )

@@ -12,8 +12,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from cancel_scanner.engine.daemon import Daemon
 from cancel_scanner.engine.batch import Backoff, BatchReport, Worked
+from cancel_scanner.engine.daemon import Daemon
 
 INTERVAL = 60.0
 
@@ -32,7 +32,9 @@ class FakeRunner:
     def __init__(self, scripts, kinds=None, hold=None):
         self.scripts = {name: list(reports) for name, reports in scripts.items()}
         self.stages = {
-            name: FakeStage(name, feeds=("consumer",) if name == "producer" else (), kind=(kinds or {}).get(name, "database"))
+            name: FakeStage(
+                name, feeds=("consumer",) if name == "producer" else (), kind=(kinds or {}).get(name, "database")
+            )
             for name in scripts
         }
         self.runs = {name: 0 for name in scripts}
@@ -108,8 +110,15 @@ def test_a_full_batch_runs_again_at_once_and_an_idle_one_waits_for_the_interval(
 
 
 def test_finished_rows_wake_the_consuming_stage_at_once():
-    runner = FakeRunner({"producer": [BatchReport(stage="producer"), BatchReport(stage="producer", claimed=1, done=1, batch_size=10, result=Worked())],
-                         "consumer": []})
+    runner = FakeRunner(
+        {
+            "producer": [
+                BatchReport(stage="producer"),
+                BatchReport(stage="producer", claimed=1, done=1, batch_size=10, result=Worked()),
+            ],
+            "consumer": [],
+        }
+    )
     daemon = daemon_for(runner)
     daemon.start()
     try:
@@ -122,10 +131,12 @@ def test_finished_rows_wake_the_consuming_stage_at_once():
 
 
 def test_a_failing_stage_backs_off_and_a_bug_in_one_stage_stops_no_other():
-    runner = FakeRunner({
-        "producer": [BatchReport(stage="producer", result=Backoff("OperationalError 2013: Lost connection"))],
-        "consumer": [RuntimeError("a bug in the stage")],
-    })
+    runner = FakeRunner(
+        {
+            "producer": [BatchReport(stage="producer", result=Backoff("OperationalError 2013: Lost connection"))],
+            "consumer": [RuntimeError("a bug in the stage")],
+        }
+    )
     daemon = daemon_for(runner)
     before = datetime.now(UTC)
     daemon.start()
@@ -170,8 +181,11 @@ def second_call_overlaps(runner):
 
 
 def test_a_gateway_stage_with_a_backlog_calls_on_two_lanes():
-    runner = FakeRunner({"producer": [full("producer")] * 4, "consumer": []}, kinds={"producer": "gateway"},
-                        hold={"producer": second_call_overlaps})
+    runner = FakeRunner(
+        {"producer": [full("producer")] * 4, "consumer": []},
+        kinds={"producer": "gateway"},
+        hold={"producer": second_call_overlaps},
+    )
     daemon = daemon_for(runner)
     daemon.start()
     try:
@@ -218,6 +232,10 @@ def test_a_daily_job_catches_up_at_start_and_tries_again_when_it_asks_to():
         assert "prune" not in calls and len(calls) == 3
         assert calls[1] - calls[0] >= 0.19 and calls[2] - calls[1] >= 0.19
         (cron,) = [j for j in daemon.scheduler.get_jobs() if j.id == "daily:reconcile"]
-        assert (cron.next_run_time.utcoffset().total_seconds(), cron.next_run_time.hour, cron.next_run_time.minute) == (8 * 3600, 10, 0)
+        assert (cron.next_run_time.utcoffset().total_seconds(), cron.next_run_time.hour, cron.next_run_time.minute) == (
+            8 * 3600,
+            10,
+            0,
+        )
     finally:
         assert daemon.shutdown()

@@ -220,27 +220,47 @@ def test_a_valid_refund_request_is_kept_as_given():
 
 # --- payments: query and close ---------------------------------------------------------------
 
-PAID = {"out_trade_no": "SO1", "trade_state": "SUCCESS", "transaction_id": "4200", "success_time": "2026-11-01T10:00:00+08:00",
-        "amount": {"total": 500}}
+PAID = {
+    "out_trade_no": "SO1",
+    "trade_state": "SUCCESS",
+    "transaction_id": "4200",
+    "success_time": "2026-11-01T10:00:00+08:00",
+    "amount": {"total": 500},
+}
 
 
-@pytest.mark.parametrize("call, status, body, kind, code", [
-    ("pay_close", 204, "", CloseSent, "CLOSE_ANSWERED"),
-    ("pay_close", 400, '{"code":"ORDER_CLOSED","message":"closed"}', CloseSent, "CLOSE_ANSWERED"),
-    ("pay_close", 202, '{"code":"USER_PAYING","message":"paying"}', RetryLater, "USER_PAYING"),
-    ("pay_close", 400, '{"code":"ORDERPAID","message":"paid"}', Permanent, "ORDERPAID"),
-    ("pay_close", 200, '{"trade_state":"CLOSED"}', UnknownOutcome, "BAD_RESPONSE"),  # not WeChat's 204: proves nothing
-    ("pay_close", 302, "", UnknownOutcome, "REDIRECT"),
-    ("pay_close", 500, '{"code":"SYSTEM_ERROR","message":"x"}', UnknownOutcome, "SYSTEM_ERROR"),
-    ("pay_query", 404, '{"code":"ORDER_NOT_EXIST","message":"no"}', Permanent, "ORDER_NOT_EXIST"),
-    ("pay_query", 404, '{"code":"ORDERNOTEXIST","message":"no"}', Permanent, "ORDERNOTEXIST"),
-    ("pay_query", 401, '{"code":"SIGN_ERROR","message":"x"}', ConfigError, "SIGN_ERROR"),
-    ("pay_query", 429, '{"code":"FREQUENCY_LIMITED","message":"x"}', UnknownOutcome, "FREQUENCY_LIMITED"),
-    ("pay_query", 200, "not json", UnknownOutcome, "BAD_RESPONSE"),
-    ("pay_query", 200, '{"out_trade_no":"SO1","trade_state":"PAID_MAYBE"}', UnknownOutcome, "BAD_RESPONSE"),
-    # "paid" without the fields a payment is booked from is not believed
-    ("pay_query", 200, '{"out_trade_no":"SO1","trade_state":"SUCCESS","amount":{"total":500}}', UnknownOutcome, "BAD_RESPONSE"),
-])
+@pytest.mark.parametrize(
+    "call, status, body, kind, code",
+    [
+        ("pay_close", 204, "", CloseSent, "CLOSE_ANSWERED"),
+        ("pay_close", 400, '{"code":"ORDER_CLOSED","message":"closed"}', CloseSent, "CLOSE_ANSWERED"),
+        ("pay_close", 202, '{"code":"USER_PAYING","message":"paying"}', RetryLater, "USER_PAYING"),
+        ("pay_close", 400, '{"code":"ORDERPAID","message":"paid"}', Permanent, "ORDERPAID"),
+        (
+            "pay_close",
+            200,
+            '{"trade_state":"CLOSED"}',
+            UnknownOutcome,
+            "BAD_RESPONSE",
+        ),  # not WeChat's 204: proves nothing
+        ("pay_close", 302, "", UnknownOutcome, "REDIRECT"),
+        ("pay_close", 500, '{"code":"SYSTEM_ERROR","message":"x"}', UnknownOutcome, "SYSTEM_ERROR"),
+        ("pay_query", 404, '{"code":"ORDER_NOT_EXIST","message":"no"}', Permanent, "ORDER_NOT_EXIST"),
+        ("pay_query", 404, '{"code":"ORDERNOTEXIST","message":"no"}', Permanent, "ORDERNOTEXIST"),
+        ("pay_query", 401, '{"code":"SIGN_ERROR","message":"x"}', ConfigError, "SIGN_ERROR"),
+        ("pay_query", 429, '{"code":"FREQUENCY_LIMITED","message":"x"}', UnknownOutcome, "FREQUENCY_LIMITED"),
+        ("pay_query", 200, "not json", UnknownOutcome, "BAD_RESPONSE"),
+        ("pay_query", 200, '{"out_trade_no":"SO1","trade_state":"PAID_MAYBE"}', UnknownOutcome, "BAD_RESPONSE"),
+        # "paid" without the fields a payment is booked from is not believed
+        (
+            "pay_query",
+            200,
+            '{"out_trade_no":"SO1","trade_state":"SUCCESS","amount":{"total":500}}',
+            UnknownOutcome,
+            "BAD_RESPONSE",
+        ),
+    ],
+)
 def test_a_payment_answer_is_classified_by_what_it_proves(call, status, body, kind, code):
     result = classify_payment(call, status, body, "RID")
     assert type(result) is kind and result.code == code

@@ -26,7 +26,7 @@ class FakeSavepoint:
         self.conn, self.mark, self.is_active = conn, len(conn.written), True
 
     def rollback(self) -> None:
-        del self.conn.written[self.mark:]
+        del self.conn.written[self.mark :]
         self.is_active = False
 
     def commit(self) -> None:

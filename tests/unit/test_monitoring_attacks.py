@@ -44,8 +44,9 @@ def test_a_client_trickling_its_request_is_cut_off_after_the_request_timeout(mon
     from cancel_scanner.monitoring import server as monitoring_server
 
     monkeypatch.setattr(monitoring_server, "REQUEST_TIMEOUT_SECONDS", 0.5)
-    srv = monitoring_server.MonitoringServer(None, "127.0.0.1", 0, alive=lambda: True, db=None,
-                                             gateway_ready=lambda: True).start()
+    srv = monitoring_server.MonitoringServer(
+        None, "127.0.0.1", 0, alive=lambda: True, db=None, gateway_ready=lambda: True
+    ).start()
     pace = threading.Event()
     try:
         sock = socket.create_connection(("127.0.0.1", srv.port), timeout=2)

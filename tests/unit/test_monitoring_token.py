@@ -27,8 +27,9 @@ class Metrics:
 @pytest.fixture
 def server():
     page = lambda: PageView(snapshot=None, refresh_seconds=5, host="shop-1:1", now=0.0)  # noqa: E731
-    srv = MonitoringServer(Metrics(), "127.0.0.1", 0, alive=lambda: True, db=None, gateway_ready=lambda: True,
-                           page=page, token=TOKEN).start()
+    srv = MonitoringServer(
+        Metrics(), "127.0.0.1", 0, alive=lambda: True, db=None, gateway_ready=lambda: True, page=page, token=TOKEN
+    ).start()
     yield f"http://127.0.0.1:{srv.port}"
     srv.stop()
 
@@ -47,8 +48,19 @@ def basic(user: str, password: str) -> str:
 
 
 @pytest.mark.parametrize("path", ["/", "/metrics", "/readyz"])
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token-of-the-page-01", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
-                                           basic("ops", "wrong"), basic(TOKEN, ""), "Basic !!!not-base64", f"Token {TOKEN}"])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Bearer wrong-token-of-the-page-01",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        basic("ops", "wrong"),
+        basic(TOKEN, ""),
+        "Basic !!!not-base64",
+        f"Token {TOKEN}",
+    ],
+)
 def test_without_the_token_the_page_and_metrics_answer_401(server, path, authorization):
     status, body, headers = get(server + path, authorization)
     assert status == 401 and headers.get("WWW-Authenticate", "").startswith("Basic realm=")

@@ -5,8 +5,21 @@ from __future__ import annotations
 import pytest
 
 from cancel_scanner.engine.batch import (
-    MAX_LOST_IN_A_ROW, MAX_PACED_SECONDS, PACED_WAIT_SECONDS, Again, Backoff, BatchReport, Blocked, Fail, Idle, Lost, Paced,
-    Rest, Streak, Worked, next_step,
+    MAX_LOST_IN_A_ROW,
+    MAX_PACED_SECONDS,
+    PACED_WAIT_SECONDS,
+    Again,
+    Backoff,
+    BatchReport,
+    Blocked,
+    Fail,
+    Idle,
+    Lost,
+    Paced,
+    Rest,
+    Streak,
+    Worked,
+    next_step,
 )
 
 
@@ -44,7 +57,9 @@ def test_work_between_lost_races_starts_the_count_again():
     assert next_step(Lost("x"), streak)[0] == Again()
 
 
-@pytest.mark.parametrize("result, blocked", [(Backoff("2013 lost connection"), False), (Blocked("UPDATE command denied"), True)])
+@pytest.mark.parametrize(
+    "result, blocked", [(Backoff("2013 lost connection"), False), (Blocked("UPDATE command denied"), True)]
+)
 def test_a_database_failure_backs_off_and_a_blocked_environment_says_a_person_must_fix_it(result, blocked):
     step, _ = next_step(result, Streak())
     assert step == Fail(result.reason, blocked=blocked)

@@ -10,8 +10,24 @@ from tests.flow import test_config
 
 
 def test_the_registry_lists_the_seven_stages_in_flow_order_with_their_kinds():
-    assert REGISTRY.names == ("intake", "close_unpaid", "submit_refund", "poll_refund", "sync_result", "restore_stock", "decrement_sales")
-    assert [c.kind for c in REGISTRY.classes] == ["database", "gateway", "gateway", "gateway", "database", "database", "database"]
+    assert REGISTRY.names == (
+        "intake",
+        "close_unpaid",
+        "submit_refund",
+        "poll_refund",
+        "sync_result",
+        "restore_stock",
+        "decrement_sales",
+    )
+    assert [c.kind for c in REGISTRY.classes] == [
+        "database",
+        "gateway",
+        "gateway",
+        "gateway",
+        "database",
+        "database",
+        "database",
+    ]
 
 
 def test_a_second_stage_with_a_taken_name_is_refused():

@@ -25,49 +25,112 @@ DB_NOW = datetime(2023, 11, 14, 22, 13, 20)
 
 def hostile_snapshot() -> Snapshot:
     stages = (
-        StageStatus("intake", pending=0, waiting=0, failed=2, oldest_pending_seconds=None, done_by_daemons=40, daemons=1),
-        StageStatus("submit_refund", pending=7, waiting=3, failed=1, oldest_pending_seconds=600.0, done_by_daemons=12,
-                    daemons=1, down=(StageDown("shop-1:4242", 180.0, f"OperationalError: {IMG}"),)),
+        StageStatus(
+            "intake", pending=0, waiting=0, failed=2, oldest_pending_seconds=None, done_by_daemons=40, daemons=1
+        ),
+        StageStatus(
+            "submit_refund",
+            pending=7,
+            waiting=3,
+            failed=1,
+            oldest_pending_seconds=600.0,
+            done_by_daemons=12,
+            daemons=1,
+            down=(StageDown("shop-1:4242", 180.0, f"OperationalError: {IMG}"),),
+        ),
         StageStatus("poll_refund", pending=1, waiting=1, failed=0, oldest_pending_seconds=5.0, daemons=1),
         StageStatus("restore_stock", pending=0, waiting=0, failed=1, oldest_pending_seconds=None),
     )
     status = Status(
-        now=DB_NOW, stages=stages, daemons=("shop-1:4242",),
-        counts=(("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", 1),
-                ("channel_facts_open", "done at the payment channel, not recorded here yet", 1)),
+        now=DB_NOW,
+        stages=stages,
+        daemons=("shop-1:4242",),
+        counts=(
+            ("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", 1),
+            ("channel_facts_open", "done at the payment channel, not recorded here yet", 1),
+        ),
         failed_notes=(("intake", "request(s) rejected with a result code (req_order_ops.result_code)"),),
     )
     listings = (
-        Listing("rejected", "Latest rejected requests", (
-            {"id": 9, "order_id": 404, "op_type": "MERCHANT_CANCEL", "operator": BREAKOUT, "reason": IMG,
-             "result_code": "ORDER_NOT_FOUND", "result_msg": "no such order", "created_at": DB_NOW},
-            {"id": 8, "order_id": 405, "op_type": "MERCHANT_CANCEL", "operator": "clerk", "reason": BREAKOUT,
-             "result_code": "ORDER_NOT_FOUND", "result_msg": None, "created_at": DB_NOW},
-        ), "intake"),
-        Listing("failed:submit_refund", "submit_refund: rows that need a person", (
-            {"id": 31, "order_id": 77, "attempts": 5, "last_error": f"PARAM_ERROR {BREAKOUT}", "updated_at": DB_NOW},
-        ), "submit_refund"),
+        Listing(
+            "rejected",
+            "Latest rejected requests",
+            (
+                {
+                    "id": 9,
+                    "order_id": 404,
+                    "op_type": "MERCHANT_CANCEL",
+                    "operator": BREAKOUT,
+                    "reason": IMG,
+                    "result_code": "ORDER_NOT_FOUND",
+                    "result_msg": "no such order",
+                    "created_at": DB_NOW,
+                },
+                {
+                    "id": 8,
+                    "order_id": 405,
+                    "op_type": "MERCHANT_CANCEL",
+                    "operator": "clerk",
+                    "reason": BREAKOUT,
+                    "result_code": "ORDER_NOT_FOUND",
+                    "result_msg": None,
+                    "created_at": DB_NOW,
+                },
+            ),
+            "intake",
+        ),
+        Listing(
+            "failed:submit_refund",
+            "submit_refund: rows that need a person",
+            ({"id": 31, "order_id": 77, "attempts": 5, "last_error": f"PARAM_ERROR {BREAKOUT}", "updated_at": DB_NOW},),
+            "submit_refund",
+        ),
         Listing("failed:poll_refund", "poll_refund: rows that need a person", (), "poll_refund"),
         # goods_order2's stages name their flag columns with a prefix, as the snapshot selects them
-        Listing("failed:restore_stock", "restore_stock: rows that need a person", (
-            {"id": 78, "order_id": 78, "stock_attempts": 3, "stock_last_error": "GOODS_GONE: goods 5", "updated_at": DB_NOW},
-        ), "restore_stock"),
+        Listing(
+            "failed:restore_stock",
+            "restore_stock: rows that need a person",
+            (
+                {
+                    "id": 78,
+                    "order_id": 78,
+                    "stock_attempts": 3,
+                    "stock_last_error": "GOODS_GONE: goods 5",
+                    "updated_at": DB_NOW,
+                },
+            ),
+            "restore_stock",
+        ),
         # The shop's trigger text is the shop's: hostile too.
-        Listing("channel_facts_open", "Done at the payment channel, not recorded here yet", (
-            {"stage": "close_unpaid", "row_id": 7, "fact": "PAYMENT_CLOSED", "number": "SO0000000007",
-             "detail": "trade closed at WeChat Pay", "reason": f"SHOP_REFUSED: (a shop trigger said: {IMG})",
-             "last_seen_at": DB_NOW},
-        )),
-        Listing("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", (
-            {"id": 55, "order_id": 78, "out_refund_no": "CSR78-1", "refund_amount": 12345, "submitted_at": DB_NOW},
-        ), "poll_refund"),
+        Listing(
+            "channel_facts_open",
+            "Done at the payment channel, not recorded here yet",
+            (
+                {
+                    "stage": "close_unpaid",
+                    "row_id": 7,
+                    "fact": "PAYMENT_CLOSED",
+                    "number": "SO0000000007",
+                    "detail": "trade closed at WeChat Pay",
+                    "reason": f"SHOP_REFUSED: (a shop trigger said: {IMG})",
+                    "last_seen_at": DB_NOW,
+                },
+            ),
+        ),
+        Listing(
+            "abnormal_refunds",
+            "ABNORMAL refunds needing the merchant's action",
+            ({"id": 55, "order_id": 78, "out_refund_no": "CSR78-1", "refund_amount": 12345, "submitted_at": DB_NOW},),
+            "poll_refund",
+        ),
     )
     return Snapshot(status=status, listings=listings, taken_at=TAKEN_AT)
 
 
 def alert(state: str, rule: str, summary: str, stage: str | None, minute: int) -> Alert:
-    return Alert(rule=rule, state=state, summary=summary, stage=stage, value=1,
-                 at=datetime(2023, 11, 14, 22, minute, tzinfo=UTC))
+    return Alert(
+        rule=rule, state=state, summary=summary, stage=stage, value=1, at=datetime(2023, 11, 14, 22, minute, tzinfo=UTC)
+    )
 
 
 def page(snapshot: Snapshot | None = None, **kwargs) -> str:
@@ -79,15 +142,17 @@ def page(snapshot: Snapshot | None = None, **kwargs) -> str:
 def hostile_page() -> str:
     return page(
         hostile_snapshot(),
-        alerts=(alert("firing", "stage_down", f"stage submit_refund backs off: {IMG}", "submit_refund", 1),
-                alert("resolved", "oldest_pending", "poll_refund caught up", "poll_refund", 2)),
+        alerts=(
+            alert("firing", "stage_down", f"stage submit_refund backs off: {IMG}", "submit_refund", 1),
+            alert("resolved", "oldest_pending", "poll_refund caught up", "poll_refund", 2),
+        ),
         firing=(("stage_down", "submit_refund"),),
     )
 
 
 def section(html: str, table_id: str) -> str:
     start = html.index(f'<table id="{table_id}">')
-    return html[start:html.index("</table>", start)]
+    return html[start : html.index("</table>", start)]
 
 
 def test_hostile_text_is_escaped_everywhere_and_never_raw(hostile_page):
@@ -150,14 +215,27 @@ def test_what_wechat_did_that_is_not_recorded_here_is_listed_with_its_count_and_
     assert "a shop trigger said: &lt;img" in facts
 
 
-@pytest.mark.parametrize("fen, shown", [(12345, "123.45"), (1, "0.01"), (100, "1.00"), (0, "0.00"), (-250, "-2.50"),
-                                        (999_999_999_999_999_999, "9999999999999999.99"), ("1280", "12.80"), (None, "")])
+@pytest.mark.parametrize(
+    "fen, shown",
+    [
+        (12345, "123.45"),
+        (1, "0.01"),
+        (100, "1.00"),
+        (0, "0.00"),
+        (-250, "-2.50"),
+        (999_999_999_999_999_999, "9999999999999999.99"),
+        ("1280", "12.80"),
+        (None, ""),
+    ],
+)
 def test_yuan_is_integer_arithmetic(fen, shown):
     assert yuan(fen) == shown
 
 
 def test_rows_that_need_a_person_list_each_failed_stage_with_rows(hostile_page):
-    person = hostile_page[hostile_page.index("Rows that need a person"):hostile_page.index("Latest rejected requests")]
+    person = hostile_page[
+        hostile_page.index("Rows that need a person") : hostile_page.index("Latest rejected requests")
+    ]
     assert "submit_refund: 1 failed for good" in person
     assert "PARAM_ERROR &quot;&gt;&lt;script&gt;" in person and '<td class="n">5</td>' in person
     assert "poll_refund" not in person  # its listing is empty
@@ -184,7 +262,9 @@ def test_a_failed_reading_warns_how_old_the_figures_are():
     html = page(hostile_snapshot(), last_error="OperationalError", now=TAKEN_AT + 42)
     assert "the database could not be read: OperationalError; figures below are 42 s old" in html
     assert 'id="stages"' in html  # the last reading is still shown
-    assert "the database could not be read: OperationalError; no reading yet" in page(None, last_error="OperationalError")
+    assert "the database could not be read: OperationalError; no reading yet" in page(
+        None, last_error="OperationalError"
+    )
 
 
 def test_a_hostile_error_class_or_host_is_escaped_too():

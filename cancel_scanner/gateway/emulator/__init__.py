@@ -123,11 +123,32 @@ from cancel_scanner.gateway.faults import FAULT_KINDS, Fault, FaultBook, FaultPl
 from cancel_scanner.gateway.keys import KeyMaterial
 
 __all__ = [
-    "APPLY_QPS", "AUTH_SCHEME", "BEIJING", "FAULT_KINDS", "LEGACY_ALL_COLUMNS", "MAX_BODY_BYTES", "MAX_CLOCK_SKEW_SECONDS",
-    "MAX_REFUNDS_PER_ORDER", "NOTIFY_RETRY_DELAYS_SECONDS", "NOTIFY_TIMEOUT_SECONDS", "QPS_WINDOW_SECONDS", "QUERY_QPS",
-    "REFUNDS_PATH", "REQUEST_LOG_SIZE", "STATUS_ABNORMAL", "STATUS_CLOSED", "STATUS_PROCESSING", "STATUS_SUCCESS",
-    "SUCCESS_DELAY_SECONDS", "TICK_SECONDS", "USER_RECEIVED_ACCOUNT", "Emulator", "FaultPlan", "Matcher",
-    "NotificationAttempt", "RecordedRefund",
+    "APPLY_QPS",
+    "AUTH_SCHEME",
+    "BEIJING",
+    "FAULT_KINDS",
+    "LEGACY_ALL_COLUMNS",
+    "MAX_BODY_BYTES",
+    "MAX_CLOCK_SKEW_SECONDS",
+    "MAX_REFUNDS_PER_ORDER",
+    "NOTIFY_RETRY_DELAYS_SECONDS",
+    "NOTIFY_TIMEOUT_SECONDS",
+    "QPS_WINDOW_SECONDS",
+    "QUERY_QPS",
+    "REFUNDS_PATH",
+    "REQUEST_LOG_SIZE",
+    "STATUS_ABNORMAL",
+    "STATUS_CLOSED",
+    "STATUS_PROCESSING",
+    "STATUS_SUCCESS",
+    "SUCCESS_DELAY_SECONDS",
+    "TICK_SECONDS",
+    "USER_RECEIVED_ACCOUNT",
+    "Emulator",
+    "FaultPlan",
+    "Matcher",
+    "NotificationAttempt",
+    "RecordedRefund",
 ]
 
 _log = logger.bind(component="emulator")
@@ -199,7 +220,9 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender, B
         self._stopping.clear()
         self._server = Server((self.host, self.port), self._exchange)
         self._threads = [
-            threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="emulator-http", daemon=True),
+            threading.Thread(
+                target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="emulator-http", daemon=True
+            ),
             threading.Thread(target=self._tick_loop, name="emulator-ticker", daemon=True),
             threading.Thread(target=self._send_loop, name="emulator-notify", daemon=True),
         ]

@@ -78,7 +78,9 @@ REFUND_COLUMNS = tuple(
     "应结订单金额,代金券金额,退款申请时间,退款成功时间,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,退款状态,"
     "商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注".split(",")
 )
-_REFUND_ONLY = frozenset({"微信退款单号", "商户退款单号", "退款金额", "充值券退款金额", "退款类型", "退款状态", "申请退款金额"})
+_REFUND_ONLY = frozenset(
+    {"微信退款单号", "商户退款单号", "退款金额", "充值券退款金额", "退款类型", "退款状态", "申请退款金额"}
+)
 SUCCESS_COLUMNS = tuple(c for c in ALL_COLUMNS if c not in _REFUND_ONLY)
 # What older merchants still get: no 订单金额, 申请退款金额 or 费率备注.
 LEGACY_ALL_COLUMNS = ALL_COLUMNS[: ALL_COLUMNS.index("费率") + 1]
@@ -267,7 +269,9 @@ class BillDesk:
             columns = tuple(columns)
             unknown = [c for c in columns if c not in KNOWN_COLUMNS]
             if unknown or len(set(columns)) != len(columns) or not columns:
-                raise ValueError(f"bill_columns must be distinct names among WeChat's bill columns: {unknown or columns}")
+                raise ValueError(
+                    f"bill_columns must be distinct names among WeChat's bill columns: {unknown or columns}"
+                )
         with self._lock:
             self._bill_columns = columns
 
@@ -320,7 +324,9 @@ class BillDesk:
                 return self._refuse("PARAM_ERROR", "bill_date is in the future")
             if day < months_before(today, BILL_MONTHS):
                 return self._refuse("PARAM_ERROR", f"only the bills of the last {BILL_MONTHS} months can be downloaded")
-            ready_at = None if self.bill_ready_after is None else day_start(day + timedelta(days=1)) + self.bill_ready_after
+            ready_at = (
+                None if self.bill_ready_after is None else day_start(day + timedelta(days=1)) + self.bill_ready_after
+            )
             if day in self._creating or (ready_at is not None and now < ready_at):
                 self.bill_counts["creating"] += 1
                 return _error(400, "STATEMENT_CREATING", "the bill is being made; try again after 10:00")
@@ -338,11 +344,14 @@ class BillDesk:
             token = secrets.token_urlsafe(24)
             self._downloads[token] = _Download(bill, tar_type == "GZIP", now + DOWNLOAD_VALID_SECONDS)
             base = self.bill_download_base or self.base_url
-        return Reply(200, {
-            "hash_type": "SHA1",
-            "hash_value": hashlib.sha1(bill).hexdigest(),
-            "download_url": f"{base}{DOWNLOAD_PATH}?token={token}",
-        })
+        return Reply(
+            200,
+            {
+                "hash_type": "SHA1",
+                "hash_value": hashlib.sha1(bill).hexdigest(),
+                "download_url": f"{base}{DOWNLOAD_PATH}?token={token}",
+            },
+        )
 
     def _download_bill(self, params: Mapping[str, str]) -> Reply:
         with self._changed:
@@ -379,7 +388,9 @@ class BillDesk:
         Caller holds the lock."""
         start, end = day_start(day), day_start(day + timedelta(days=1))
         now = self._clock()
-        paid = [p for p in self._payments.values() if p.paid and p.success_at is not None and start <= p.success_at < end]
+        paid = [
+            p for p in self._payments.values() if p.paid and p.success_at is not None and start <= p.success_at < end
+        ]
         refunds = [r for r in self._refunds.values() if start <= r.created_at < end]
         if not paid and not refunds:
             return None
@@ -406,19 +417,41 @@ class BillDesk:
 
     def _common(self, payment_time: float, transaction_id: str, out_trade_no: str) -> dict[str, str]:
         return {
-            "交易时间": _when(payment_time), "公众账号ID": self.keys.appid, "商户号": self.keys.mchid, "特约商户号": "0",
-            "设备号": "", "微信订单号": transaction_id, "商户订单号": out_trade_no, "用户标识": OPENID,
-            "交易类型": "NATIVE", "付款银行": "OTHERS", "货币种类": "CNY", "代金券金额": "0.00", "商品名称": GOODS_NAME,
-            "商户数据包": "", "费率": "0.60%", "费率备注": "",
+            "交易时间": _when(payment_time),
+            "公众账号ID": self.keys.appid,
+            "商户号": self.keys.mchid,
+            "特约商户号": "0",
+            "设备号": "",
+            "微信订单号": transaction_id,
+            "商户订单号": out_trade_no,
+            "用户标识": OPENID,
+            "交易类型": "NATIVE",
+            "付款银行": "OTHERS",
+            "货币种类": "CNY",
+            "代金券金额": "0.00",
+            "商品名称": GOODS_NAME,
+            "商户数据包": "",
+            "费率": "0.60%",
+            "费率备注": "",
         }
 
     def _payment_row(self, payment: Payment) -> dict[str, str]:
         row = self._common(payment.success_at or 0.0, payment.transaction_id, payment.out_trade_no)
-        row.update({
-            "交易状态": "SUCCESS", "应结订单金额": yuan(payment.total), "微信退款单号": "0", "商户退款单号": "0",
-            "退款金额": "0.00", "充值券退款金额": "0.00", "退款类型": "", "退款状态": "",
-            "手续费": yuan(_fee(payment.total)), "订单金额": yuan(payment.total), "申请退款金额": "0.00",
-        })
+        row.update(
+            {
+                "交易状态": "SUCCESS",
+                "应结订单金额": yuan(payment.total),
+                "微信退款单号": "0",
+                "商户退款单号": "0",
+                "退款金额": "0.00",
+                "充值券退款金额": "0.00",
+                "退款类型": "",
+                "退款状态": "",
+                "手续费": yuan(_fee(payment.total)),
+                "订单金额": yuan(payment.total),
+                "申请退款金额": "0.00",
+            }
+        )
         return row
 
     def _refund_row(self, refund: Refund, bill_type: str) -> dict[str, str]:
@@ -426,16 +459,29 @@ class BillDesk:
         paid_at = payment.success_at if payment is not None and payment.success_at is not None else refund.created_at
         # The ALL bill dates a refund row by its acceptance; the REFUND bill keeps the payment's time
         # in 交易时间 and the refund's own in 退款申请时间 and 退款成功时间.
-        row = self._common(paid_at if bill_type == "REFUND" else refund.created_at, refund.transaction_id, refund.out_trade_no)
+        row = self._common(
+            paid_at if bill_type == "REFUND" else refund.created_at, refund.transaction_id, refund.out_trade_no
+        )
         order_fen = refund.total if bill_type == "REFUND" else 0  # in the ALL bill the payment's row carries it
-        row.update({
-            "交易状态": "REFUND", "应结订单金额": yuan(order_fen), "订单金额": yuan(order_fen),
-            "退款申请时间": _when(refund.created_at),
-            "退款成功时间": _when(refund.success_at) if refund.status == STATUS_SUCCESS and refund.success_at else "",
-            "微信退款单号": refund.refund_id, "商户退款单号": refund.out_refund_no, "退款金额": yuan(refund.refund),
-            "充值券退款金额": "0.00", "退款类型": "ORIGINAL", "退款状态": refund.status, "手续费": "0.00",
-            "申请退款金额": yuan(refund.refund),
-        })
+        row.update(
+            {
+                "交易状态": "REFUND",
+                "应结订单金额": yuan(order_fen),
+                "订单金额": yuan(order_fen),
+                "退款申请时间": _when(refund.created_at),
+                "退款成功时间": _when(refund.success_at)
+                if refund.status == STATUS_SUCCESS and refund.success_at
+                else "",
+                "微信退款单号": refund.refund_id,
+                "商户退款单号": refund.out_refund_no,
+                "退款金额": yuan(refund.refund),
+                "充值券退款金额": "0.00",
+                "退款类型": "ORIGINAL",
+                "退款状态": refund.status,
+                "手续费": "0.00",
+                "申请退款金额": yuan(refund.refund),
+            }
+        )
         return row
 
     def _refuse(self, code: str, message: str, status: int = 400) -> Reply:

@@ -133,7 +133,11 @@ class RequestHandling:
             handler.write_reply(reply.status, b"", {"Location": base + handler.path, "Request-ID": request_id})
             return
         # A 204 (a close) has no body at all; its signature is over the empty body.
-        payload = b"" if reply.status == 204 else json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        payload = (
+            b""
+            if reply.status == 204
+            else json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        )
         if reply.huge is not None:
             length, pieces = faults.padded(payload, reply.huge.size)
             # Only a 2xx is signed (over the whole stream); a huge error is a proxy's page.

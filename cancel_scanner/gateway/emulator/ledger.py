@@ -237,7 +237,9 @@ class RefundLedger:
 
     def _payment_for(self, data: dict[str, Any]) -> tuple[Payment | None, Reply | None]:
         out_trade_no, transaction_id = data.get("out_trade_no"), data.get("transaction_id")
-        payment = self._payments_by_transaction.get(transaction_id) if transaction_id else self._payments.get(out_trade_no)
+        payment = (
+            self._payments_by_transaction.get(transaction_id) if transaction_id else self._payments.get(out_trade_no)
+        )
         if payment is not None:
             return payment, None
         if self.strict_payments:
@@ -292,7 +294,9 @@ class RefundLedger:
                 # A well-formed request the refund's state does not allow is WeChat's INVALID_REQUEST
                 # (PARAM_ERROR is for a malformed one): so answers a second apply, once the first has
                 # moved the refund on to PROCESSING, and an apply for a refund that never was ABNORMAL.
-                return _error(400, "INVALID_REQUEST", f"the refund is {refund.status}, not ABNORMAL: nothing to apply for")
+                return _error(
+                    400, "INVALID_REQUEST", f"the refund is {refund.status}, not ABNORMAL: nothing to apply for"
+                )
             refund.status = STATUS_PROCESSING
             refund.abnormal_applied_at = now
             refund.channel = "OTHER_BANKCARD"
@@ -313,7 +317,9 @@ class RefundLedger:
             return _error(400, "PARAM_ERROR", "USER_BANK_CARD needs bank_account and real_name")
         if headers.get("Wechatpay-Serial") != self.keys.platform_public_key_id:
             # Encrypted fields name the key they were encrypted with; any other cannot be opened.
-            return _error(400, "PARAM_ERROR", "Wechatpay-Serial must name the platform public key the fields are encrypted with")
+            return _error(
+                400, "PARAM_ERROR", "Wechatpay-Serial must name the platform public key the fields are encrypted with"
+            )
         account = self._signer.decrypt_field(data["bank_account"])
         name = self._signer.decrypt_field(data["real_name"])
         if not account or not name:

@@ -158,12 +158,16 @@ class NotificationSender:
         headers = self._signer.signed_headers([delivery.body], request_id, self.send_bad_signature_notifications)
         status: int | None
         try:
-            status = session.post(delivery.url, data=delivery.body, headers=headers, timeout=NOTIFY_TIMEOUT_SECONDS).status_code
+            status = session.post(
+                delivery.url, data=delivery.body, headers=headers, timeout=NOTIFY_TIMEOUT_SECONDS
+            ).status_code
         except requests.RequestException:
             status = None
         with self._changed:
             self.notifications.append(
-                NotificationAttempt(delivery.notification_id, delivery.event_type, delivery.out_refund_no, delivery.url, status)
+                NotificationAttempt(
+                    delivery.notification_id, delivery.event_type, delivery.out_refund_no, delivery.url, status
+                )
             )
             delivered = status is not None and 200 <= status < 300
             if not delivered and delivery.attempt < len(self.notify_retry_delays):

@@ -65,8 +65,9 @@ class PaymentDesk:
         with self._changed:
             self._trade(out_trade_no).pays_while_closing = True
 
-    def answers_as(self, out_trade_no: str, *, mchid: str | None = None, appid: str | None = None,
-                   currency: str | None = None) -> None:
+    def answers_as(
+        self, out_trade_no: str, *, mchid: str | None = None, appid: str | None = None, currency: str | None = None
+    ) -> None:
         """Queries of this trade answer naming another merchant, app or currency (correctly signed)."""
         with self._changed:
             self._answered_as[out_trade_no] = {"mchid": mchid, "appid": appid, "currency": currency}

@@ -88,7 +88,9 @@ def _is_loopback_or_https(url: str) -> bool:
     parts = urlsplit(url)
     if parts.query:
         return False
-    return (parts.scheme == "https" and bool(parts.hostname)) or (parts.scheme == "http" and parts.hostname in _LOOPBACK)
+    return (parts.scheme == "https" and bool(parts.hostname)) or (
+        parts.scheme == "http" and parts.hostname in _LOOPBACK
+    )
 
 
 def invalid_apply_fields(data: Any) -> str | None:

@@ -74,7 +74,10 @@ class Signer:
         try:
             message = f"{method}\n{raw_path}\n{fields['timestamp']}\n{fields['nonce_str']}\n{body.decode('utf-8')}\n"
             self._merchant_key.verify(
-                b64decode(fields["signature"], validate=True), message.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256()
+                b64decode(fields["signature"], validate=True),
+                message.encode("utf-8"),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
             )
         except (InvalidSignature, ValueError):
             return _error(401, "SIGN_ERROR", "signature verification failed")
