@@ -53,7 +53,7 @@ def serve_notifications(app: App, daemon: Any, stack: ExitStack) -> Any:
         return None
     from cancel_scanner.gateway.notify import NotifyServer
 
-    poll = next(stage for stage in app.runner.stages.values() if stage.takes_notifications)
+    poll: Any = next(stage for stage in app.runner.stages.values() if getattr(stage, "takes_notifications", False))
     host, _, port = listen.rpartition(":")
 
     def on_refund(resource: dict) -> None:
@@ -84,10 +84,7 @@ def build_app(
     stack.callback(db.dispose)
     routed = channels.build(config, stack)
     gateway = routed.gateways.get(DEFAULT_CHANNEL)
-    kwargs = {"hooks": hooks}
-    if clock is not None:
-        kwargs["clock"] = clock
-    runner = Runner(db, config, build_stages(config), routed, **kwargs)
+    runner = Runner(db, config, build_stages(config), routed, hooks=hooks, clock=clock)
     stack.callback(runner.close)
     return App(
         config=config, db=db, gateway=gateway, runner=runner, sandbox=getattr(gateway, "sandbox", None), channels=routed

@@ -11,6 +11,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable
+from typing import NoReturn, cast
 
 import click
 
@@ -125,7 +126,7 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
     from cancel_scanner.gateway.contract import Secret
     from cancel_scanner.operations.abnormal import Applied, BankCard, Refused, apply_abnormal_refund, check_request
 
-    def refuse(code: str, message: str) -> None:
+    def refuse(code: str, message: str) -> NoReturn:
         click.echo(f"refund row {row_id}: refused {code}: {message}", err=True)
         sys.exit(EXIT_CONFIG)
 
@@ -164,6 +165,7 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
     check_schema(cfg, tolerate_outage=False)
     from cancel_scanner.engine.clock import DbClock
     from cancel_scanner.engine.db import engine_for
+    from cancel_scanner.engine.settings import GatewayJobSettings
     from cancel_scanner.gateway.wechat_channel import build_gateway
     from cancel_scanner.scanners.poll_refund import PollRefund
 
@@ -183,7 +185,7 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
                 card=card,
                 by=who,
                 clock=DbClock(db),
-                lease_seconds=cfg.job(PollRefund.name).lease_seconds,
+                lease_seconds=cast(GatewayJobSettings, cfg.job(PollRefund.name)).lease_seconds,
             )
         except Exception as exc:  # noqa: BLE001 - one line for the operator
             click.echo(f"cancel-scanner: abnormal-refund failed: {type(exc).__name__}: {short(exc)}", err=True)

@@ -28,9 +28,10 @@ def command(obj: CliContext, once: bool) -> None:
             fail_config(err)
         check_schema(cfg, tolerate_outage=not once)
         if once:
-            from cancel_scanner.engine.clock import ClockWatch
+            from cancel_scanner.engine.clock import ClockWatch, DbClock
 
-            ClockWatch(app.runner.clock.offset_seconds).check()  # says so if this host's clock is off
+            if isinstance(app.runner.clock, DbClock):
+                ClockWatch(app.runner.clock.offset_seconds).check()  # says so if this host's clock is off
             try:
                 totals = app.runner.run_until_idle()
                 app.runner.release_leases()  # and leave the process registry

@@ -29,11 +29,12 @@ from sqlalchemy import Connection, Engine, Row, select, update
 from cancel_scanner.engine.batch import Backoff, BatchReport, Hooks, Paced
 from cancel_scanner.engine.claim import Claimer
 from cancel_scanner.engine.clock import MIN_CALL_SECONDS
-from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS, JobConfig
+from cancel_scanner.engine.config import LEASE_SAFETY_MARGIN_SECONDS
 from cancel_scanner.engine.facts import resolve_facts
 from cancel_scanner.engine.isolate import isolate
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Done, Failed, Outcome, Retry, clip
 from cancel_scanner.engine.registry import Registry
+from cancel_scanner.engine.settings import GatewayJobSettings
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import GatewayStage
 from cancel_scanner.engine.writes import FlagWriter, is_row_fault
@@ -80,6 +81,9 @@ class GatewayBatch:
     ):
         self.db = db
         self.stage = stage
+        if stage.flags.lease_owner is None or stage.flags.lease_until is None:
+            raise ValueError(f"gateway stage {stage.name} needs lease columns in its flags")
+        self.owner_col, self.until_col = stage.flags.lease_owner, stage.flags.lease_until
         self.gateway = gateway  # calls_within(endpoint, seconds), and whatever the stage's call() uses
         self.claimer = claimer
         self.writer = writer
@@ -92,7 +96,7 @@ class GatewayBatch:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()  # both lanes may make their first call at once
 
-    def run(self, job: JobConfig, clock: Callable[[], datetime], report: BatchReport) -> None:
+    def run(self, job: GatewayJobSettings, clock: Callable[[], datetime], report: BatchReport) -> None:
         stage, registry = self.stage, self.registry
         if not registry.threaded:
             registry.tick()  # no heartbeat thread (run --once, tests): beat and reap before every lease
@@ -162,7 +166,7 @@ class GatewayBatch:
                 self.registry.tick()  # the wait outlived the last beat's window
         return True
 
-    def _budget(self, job: JobConfig, window: float) -> int:
+    def _budget(self, job: GatewayJobSettings, window: float) -> int:
         """Lease no more rows than the pacer can start calls for within ``window`` seconds (the lease or
         the heartbeat window, less the time one call needs) and CLAIM_AHEAD_SECONDS, so N processes at
         any QPS progress and share a backlog to its end."""
@@ -178,7 +182,7 @@ class GatewayBatch:
         ahead = self.gateway.calls_within(endpoint, min(CLAIM_AHEAD_SECONDS, usable)) or 0
         return min(job.batch_size, capacity, max(ahead, 1 if capacity else 0))
 
-    def _lease(self, job: JobConfig, now: datetime, limit: int, owner: str) -> list[Row]:
+    def _lease(self, job: GatewayJobSettings, now: datetime, limit: int, owner: str) -> list[Row]:
         stage = self.stage
         flags = stage.flags
         with self.db.begin() as conn:
@@ -191,8 +195,8 @@ class GatewayBatch:
                     .where(flags.id.in_([r.id for r in rows]))
                     .values(
                         {
-                            flags.lease_owner: owner,
-                            flags.lease_until: now + timedelta(seconds=job.lease_seconds),
+                            self.owner_col: owner,
+                            self.until_col: now + timedelta(seconds=job.lease_seconds),
                             **stage.lease_values(),
                         }
                     )
@@ -210,8 +214,8 @@ class GatewayBatch:
                 update_rows(
                     conn,
                     flags.table,
-                    {r.id: {flags.lease_owner.name: None, flags.lease_until.name: None} for r in rows},
-                    flags.lease_owner == owner,
+                    {r.id: {self.owner_col.name: None, self.until_col.name: None} for r in rows},
+                    self.owner_col == owner,
                 )
         except Exception as exc:  # noqa: BLE001 - the database is the reason: the reaper or lease expiry frees them
             logger.bind(stage=self.stage.name, action="release_failed").debug(
@@ -220,7 +224,9 @@ class GatewayBatch:
 
     # --- 2. the calls ---------------------------------------------------------------------------
 
-    def _call_all(self, job: JobConfig, rows: Sequence[Row], deadline: Callable[[], float]) -> list[tuple[Row, Any]]:
+    def _call_all(
+        self, job: GatewayJobSettings, rows: Sequence[Row], deadline: Callable[[], float]
+    ) -> list[tuple[Row, Any]]:
         stage = self.stage
         log = logger.bind(stage=stage.name)
 
@@ -246,7 +252,7 @@ class GatewayBatch:
 
     def _write_answers(
         self,
-        job: JobConfig,
+        job: GatewayJobSettings,
         ids: list[int],
         results: list[tuple[Row, Any]],
         now: datetime,
@@ -318,7 +324,7 @@ class GatewayBatch:
 
     def _owned_query(self, ids: list[int], owner: str):
         flags = self.stage.flags
-        query = select(flags.table).where(flags.id.in_(ids), flags.lease_owner == owner, flags.scanned == 0)
+        query = select(flags.table).where(flags.id.in_(ids), self.owner_col == owner, flags.scanned == 0)
         return query.with_for_update() if self.mysql else query
 
     def _release_unsent(self, conn: Connection, unsent: list[Row], owner: str, report: BatchReport) -> None:
@@ -328,10 +334,10 @@ class GatewayBatch:
         stage = self.stage
         flags = stage.flags
         values = {
-            row.id: {flags.lease_owner.name: None, flags.lease_until.name: None, **stage.unlease_values(row)}
+            row.id: {self.owner_col.name: None, self.until_col.name: None, **stage.unlease_values(row)}
             for row in unsent
         }
-        update_rows(conn, flags.table, values, flags.lease_owner == owner)
+        update_rows(conn, flags.table, values, self.owner_col == owner)
         report.skipped += len(unsent)
         report.claimed += len(unsent)
         if not self.stopping.is_set():

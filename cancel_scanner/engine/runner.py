@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from loguru import logger
 from sqlalchemy import Column, Engine, update
@@ -42,7 +42,8 @@ from cancel_scanner.engine.db_batch import DatabaseBatch
 from cancel_scanner.engine.errors import describe_db_error, is_environment_db_error, is_lost_race, is_transient_db_error
 from cancel_scanner.engine.gateway_batch import GatewayBatch
 from cancel_scanner.engine.registry import Registry
-from cancel_scanner.engine.stage import Stage
+from cancel_scanner.engine.settings import GatewayJobSettings
+from cancel_scanner.engine.stage import DbStage, GatewayStage, Stage
 from cancel_scanner.engine.writes import FlagWriter, LostClaim
 
 __all__ = ["MAX_LOST_IN_A_ROW", "BatchReport", "Hooks", "LostClaim", "Runner", "utcnow"]
@@ -98,7 +99,7 @@ class Runner:
         self.batches: dict[str, DatabaseBatch | GatewayBatch] = {
             name: GatewayBatch(
                 db,
-                stage,
+                cast(GatewayStage, stage),
                 gateway,
                 claimer=claimer,
                 writer=writer,
@@ -110,7 +111,7 @@ class Runner:
                 mysql=mysql,
             )
             if self._leased(stage)
-            else DatabaseBatch(db, stage, claimer, writer, self.hooks)
+            else DatabaseBatch(db, cast(DbStage, stage), claimer, writer, self.hooks)
             for name, stage in self.stages.items()
         }
 
@@ -130,7 +131,11 @@ class Runner:
 
     def lease_columns(self) -> list[tuple[Column, Column]]:
         """(lease_owner, lease_until) of every gateway stage: what a dead process may still hold."""
-        pairs = {(s.flags.lease_owner, s.flags.lease_until) for s in self.stages.values() if self._leased(s)}
+        pairs = {
+            (s.flags.lease_owner, s.flags.lease_until)
+            for s in self.stages.values()
+            if s.flags.lease_owner is not None and s.flags.lease_until is not None
+        }
         return sorted(pairs, key=lambda pair: (pair[0].table.name, pair[0].name))
 
     def holds_leases(self, name: str) -> bool:
@@ -154,7 +159,7 @@ class Runner:
         batch = self.batches[name]
         try:
             if isinstance(batch, GatewayBatch):
-                batch.run(job, (lambda: now) if now is not None else self.clock, report)
+                batch.run(cast(GatewayJobSettings, job), (lambda: now) if now is not None else self.clock, report)
             else:
                 batch.run(job, now or self.clock(), report)
             if isinstance(report.result, Idle):  # the batch ran to its end (it sets only Paced and Backoff itself)

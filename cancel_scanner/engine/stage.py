@@ -72,6 +72,12 @@ class Stage(Protocol):
     rejections_are_routine: ClassVar[bool] = False
     # Further conditions a 1/0 row meets while it still needs a person (poll_refund: not reissued yet).
     still_failing: ClassVar[tuple] = ()
+    # A bug stays pending instead of ending 1/0; a row whose channel fact was not kept never ends 1/0.
+    bugs_stay_pending: ClassVar[bool] = False
+    fact_stays_pending: ClassVar[bool] = False
+
+    def channel_fact(self, row: Row, result: Any) -> Any:
+        """What the gateway did for ``row`` by ``result`` (an ``engine.facts.Fact``), or None."""
 
     def pending(self) -> list:
         """WHERE clauses for rows this stage will still act on, whenever they are due."""
@@ -220,11 +226,8 @@ class StageRegistry:
 
     def alert_thresholds(self) -> dict[str, float]:
         """The oldest_pending alert thresholds the stages declare for themselves, by stage."""
-        return {
-            cls.name: cls.oldest_pending_alert_seconds
-            for cls in self.classes
-            if getattr(cls, "oldest_pending_alert_seconds", None) is not None
-        }
+        declared = {cls.name: getattr(cls, "oldest_pending_alert_seconds", None) for cls in self.classes}
+        return {name: float(seconds) for name, seconds in declared.items() if seconds is not None}
 
     def settings(self, name: str) -> type:
         return self._by_name(name).settings

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from loguru import logger
@@ -59,7 +60,7 @@ class FlagWriter:
         flags = stage.flags
         release = (
             {flags.lease_owner.name: None, flags.lease_until.name: None}
-            if owner and flags.lease_owner is not None
+            if owner and flags.lease_owner is not None and flags.lease_until is not None
             else {}
         )
         groups: dict[frozenset, dict[int, dict[str, Any]]] = defaultdict(dict)
@@ -110,10 +111,7 @@ class FlagWriter:
             )
             if fact is not None:
                 kept = try_in_savepoint(
-                    conn,
-                    lambda row=row, fact=fact, outcome=outcome: record_fact(
-                        conn, stage.name, row.id, fact, outcome.describe(), now
-                    ),
+                    conn, partial(record_fact, conn, stage.name, row.id, fact, outcome.describe(), now)
                 )
                 if kept is not None and not is_row_fault(kept):
                     raise kept  # the database's failure (a grant missing on channel_fact, a lock wait): the batch's
@@ -138,11 +136,9 @@ class FlagWriter:
         shop rule on the whole row) is left out of claims for a while, and the others are written."""
         for row in rows:
             part = BatchReport(stage=stage.name)
+            one = {row.id: outcomes[row.id]}
             refused = try_in_savepoint(
-                conn,
-                lambda row=row, part=part: self.outcomes(
-                    conn, stage, job, [row], {row.id: outcomes[row.id]}, now, part, owner=owner
-                ),
+                conn, partial(self.outcomes, conn, stage, job, [row], one, now, part, owner=owner)
             )
             if refused is None:
                 report.add(part)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from loguru import logger
 
@@ -110,17 +110,28 @@ def route(gateway: Any, channel: str | None) -> Any:
     return Unserved(channel or DEFAULT_CHANNEL)
 
 
+class Channel(Protocol):
+    """A payment channel's declaration: its name (what rows hold) and how its gateway is built."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def build(cls, config: Any, stack: ExitStack) -> Any:
+        """The channel's gateway for ``config`` (its resources closed by ``stack``), or None when the
+        configuration leaves the channel off."""
+
+
 class ChannelRegistry:
     """The channels a daemon builds, each declared once; ``build`` makes their gateways from the config."""
 
-    def __init__(self, classes: Sequence[type]):
+    def __init__(self, classes: Sequence[type[Channel]]):
         names = [cls.name for cls in classes]
         if len(set(names)) != len(names):
             raise ValueError(f"two payment channels share a name: {names}")
         self.classes = tuple(classes)
         self.names = tuple(names)
 
-    def with_channel(self, cls: type) -> ChannelRegistry:
+    def with_channel(self, cls: type[Channel]) -> ChannelRegistry:
         """This registry with one more channel (a plug-in, a test's throwaway channel)."""
         return ChannelRegistry([*self.classes, cls])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, ClassVar
 
 from loguru import logger
 
@@ -63,9 +63,9 @@ def build_gateway(config: Any, stack: ExitStack) -> Any:
 class WeChatChannel:
     """Orders and refunds whose ``channel`` is ``wechat`` (every row from before channels existed)."""
 
-    name = "wechat"
+    name: ClassVar[str] = "wechat"
 
-    @staticmethod
-    def build(config: Any, stack: ExitStack) -> Any:
+    @classmethod
+    def build(cls, config: Any, stack: ExitStack) -> Any:
         built = build_gateway(config, stack)
         return getattr(built, "gateway", built)  # a Sandbox carries its client; the client knows its sandbox
