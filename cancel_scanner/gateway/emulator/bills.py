@@ -47,13 +47,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from cancel_scanner.gateway import faults
 from cancel_scanner.gateway.emulator.records import BEIJING, STATUS_SUCCESS, Payment, Refund
 from cancel_scanner.gateway.faults import Reply, Trickle
 from cancel_scanner.gateway.faults import error_reply as _error
+from cancel_scanner.gateway.keys import KeyMaterial
 
 BILL_PATH = "/v3/bill/tradebill"
 DOWNLOAD_PATH = "/v3/billdownload/file"
@@ -234,7 +235,7 @@ def _fen(text: str) -> int:
 
 class BillDesk:
     # Provided by the Emulator (and its ledger):
-    keys: Any
+    keys: KeyMaterial
     _lock: threading.RLock
     _changed: threading.Condition
     _stopping: threading.Event
@@ -242,7 +243,10 @@ class BillDesk:
     _payments: dict[str, Payment]
     _refunds: dict[str, Refund]
     _advance: Callable[[Refund, float], bool]
-    base_url: str
+    if TYPE_CHECKING:
+
+        @property
+        def base_url(self) -> str: ...  # the Emulator's, read-only
 
     def _init_bills(self) -> None:
         self.bill_ready_after: float | None = BILL_READY_AFTER_SECONDS

@@ -13,7 +13,7 @@ import random
 import threading
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from loguru import logger
 
@@ -21,7 +21,7 @@ from cancel_scanner.gateway import faults
 from cancel_scanner.gateway.emulator.bills import BILL_CALLS, BILL_PATH, DOWNLOAD_PATH, FileReply
 from cancel_scanner.gateway.emulator.records import forged_refund
 from cancel_scanner.gateway.emulator.server import Handler
-from cancel_scanner.gateway.emulator.signing import Signer
+from cancel_scanner.gateway.emulator.signing import RequestHeaders, Signer
 from cancel_scanner.gateway.faults import ERRORS, Fault, FaultBook, Reply
 from cancel_scanner.gateway.faults import error_reply as _error
 
@@ -53,7 +53,7 @@ class RequestHandling:
     _query_payment: Callable[[str], Reply]
     _close_payment: Callable[[str], Reply]
     _answer_bill: Callable[[str, str], Reply]
-    _apply_abnormal: Callable[[str, Mapping[str, str], bytes], Reply]
+    _apply_abnormal: Callable[[str, RequestHeaders, bytes], Reply]
 
     def _init_requests(
         self, apply_qps: int | None, query_qps: int | None, latency: tuple[float, float] | None, request_log_size: int
@@ -196,7 +196,7 @@ class RequestHandling:
         return "other", None
 
     def _handle(
-        self, kind: str, number: str | None, method: str, raw_path: str, headers: Mapping[str, str], body: bytes
+        self, kind: str, number: str | None, method: str, raw_path: str, headers: RequestHeaders, body: bytes
     ) -> Reply:
         if kind == "other":
             return _error(404, "NOT_FOUND", "no such API in the emulator")

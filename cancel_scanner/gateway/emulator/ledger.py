@@ -29,7 +29,7 @@ from cancel_scanner.gateway.emulator.records import (
     matches,
     refund_json,
 )
-from cancel_scanner.gateway.emulator.signing import Signer
+from cancel_scanner.gateway.emulator.signing import RequestHeaders, Signer
 from cancel_scanner.gateway.faults import ERRORS, Reply
 from cancel_scanner.gateway.faults import error_reply as _error
 from cancel_scanner.gateway.keys import KeyMaterial
@@ -236,16 +236,19 @@ class RefundLedger:
         return Reply(200, refund_json(existing))
 
     def _payment_for(self, data: dict[str, Any]) -> tuple[Payment | None, Reply | None]:
-        out_trade_no, transaction_id = data.get("out_trade_no"), data.get("transaction_id")
-        payment = (
-            self._payments_by_transaction.get(transaction_id) if transaction_id else self._payments.get(out_trade_no)
-        )
+        # invalid_apply_fields let the application through: each is a string or absent, and one is given.
+        out_trade_no: str | None = data.get("out_trade_no")
+        transaction_id: str | None = data.get("transaction_id")
+        trade_key = out_trade_no or transaction_id
+        assert trade_key, "an application names out_trade_no or transaction_id"
+        # Without a transaction_id, trade_key is the out_trade_no.
+        payment = self._payments_by_transaction.get(transaction_id) if transaction_id else self._payments.get(trade_key)
         if payment is not None:
             return payment, None
         if self.strict_payments:
             return None, _error(404, "RESOURCE_NOT_EXISTS", "order does not exist")
         # Lenient default: the first refund of an unknown order says what was paid.
-        return self._add_payment(out_trade_no or transaction_id, data["amount"]["total"], transaction_id), None
+        return self._add_payment(trade_key, data["amount"]["total"], transaction_id), None
 
     def _add_payment(self, out_trade_no: str, total: int, transaction_id: str | None) -> Payment:
         payment = Payment(out_trade_no, total, transaction_id or digits("4200", 28), success_at=self._clock())
@@ -264,7 +267,7 @@ class RefundLedger:
                 self._changed.notify_all()
             return Reply(200, refund_json(refund))
 
-    def _apply_abnormal(self, refund_id: str, headers: Any, body: bytes) -> Reply:
+    def _apply_abnormal(self, refund_id: str, headers: RequestHeaders, body: bytes) -> Reply:
         """apply-abnormal-refund for WeChat's ``refund_id``: an ABNORMAL refund goes on to a bank card,
         PROCESSING again, then SUCCESS after ``success_delay``.
 
@@ -307,7 +310,7 @@ class RefundLedger:
             self._changed.notify_all()
             return Reply(200, refund_json(refund))
 
-    def _open_bank_details(self, number: str, headers: Any, data: dict[str, Any]) -> Reply | None:
+    def _open_bank_details(self, number: str, headers: RequestHeaders, data: dict[str, Any]) -> Reply | None:
         """Check a USER_BANK_CARD call's bank details: the refusal, or None once they decrypt.
         The plain text goes to on_bank_details (if a test set it) and is then dropped."""
         bank_type = data.get("bank_type")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from cancel_scanner.gateway.emulator.records import Payment, digits, payment_json
 from cancel_scanner.gateway.faults import Reply
 from cancel_scanner.gateway.faults import error_reply as _error
+from cancel_scanner.gateway.keys import KeyMaterial
 
 NOT_FOUND = (404, "ORDER_NOT_EXIST", "order does not exist")
 
@@ -26,7 +27,7 @@ class PaymentDesk:
     _clock: Callable[[], float]
     _payments: dict[str, Payment]
     _payments_by_transaction: dict[str, Payment]
-    keys: object
+    keys: KeyMaterial
 
     def _init_payments(self) -> None:
         # "queries", "closes" (calls answered), "refused_after_close" (a user who tried to pay a closed trade)

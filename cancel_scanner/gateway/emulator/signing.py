@@ -11,12 +11,13 @@ import re
 import secrets
 import string
 from base64 import b64decode, b64encode
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from cancel_scanner.gateway.faults import Reply
@@ -29,14 +30,31 @@ MAX_CLOCK_SKEW_SECONDS = 300
 _AUTH_FIELD = re.compile(r'(\w+)="([^"]*)"')
 
 
+class RequestHeaders(Protocol):
+    """A request's headers, looked up by name: the server hands over its handler's http.client.HTTPMessage
+    (case-insensitive, the first of repeated headers); a dict does for tests."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
 def nonce(length: int = 32) -> str:
     return "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(length))
 
 
 @functools.lru_cache(maxsize=8)
-def _load_private_key(pem: str) -> Any:
+def _load_private_key(pem: str) -> RSAPrivateKey:
     # Loading validates the RSA key (~50 ms); tests start an emulator per test with the same keys.
-    return serialization.load_pem_private_key(pem.encode("ascii"), password=None)
+    key = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
+    if not isinstance(key, RSAPrivateKey):
+        raise TypeError(f"the platform private key must be an RSA key ({AUTH_SCHEME}), not {type(key).__name__}")
+    return key
+
+
+def _load_public_key(pem: str) -> RSAPublicKey:
+    key = serialization.load_pem_public_key(pem.encode("ascii"))
+    if not isinstance(key, RSAPublicKey):
+        raise TypeError(f"the merchant public key must be an RSA key ({AUTH_SCHEME}), not {type(key).__name__}")
+    return key
 
 
 class Signer:
@@ -48,11 +66,11 @@ class Signer:
     def __init__(self, keys: KeyMaterial, wire_clock: Callable[[], float]) -> None:
         self._keys = keys
         self._wire_clock = wire_clock
-        self._merchant_key = serialization.load_pem_public_key(keys.merchant_public_key_pem.encode("ascii"))
+        self._merchant_key = _load_public_key(keys.merchant_public_key_pem)
         self._platform_key = _load_private_key(keys.platform_private_key_pem)
 
     def authenticate(
-        self, method: str, raw_path: str, headers: Mapping[str, str], body: bytes, max_clock_skew: float
+        self, method: str, raw_path: str, headers: RequestHeaders, body: bytes, max_clock_skew: float
     ) -> Reply | None:
         """The refusal of a request whose Authorization does not hold, or None if it does."""
         scheme, _, params = (headers.get("Authorization") or "").partition(" ")
