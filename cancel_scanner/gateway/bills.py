@@ -17,8 +17,9 @@ import json
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from loguru import logger
@@ -31,6 +32,7 @@ from cancel_scanner.gateway.contract import (
     DEFAULT_BILL_DOWNLOAD_SECONDS,
     DEFAULT_BILL_MAX_BYTES,
     STATEMENT_CREATING,
+    Accepted,
     BillDownloadFailed,
     BillReady,
     BillResult,
@@ -39,6 +41,11 @@ from cancel_scanner.gateway.contract import (
     RetryLater,
     UnknownOutcome,
 )
+
+if TYPE_CHECKING:
+    import requests
+
+    from cancel_scanner.gateway.ratelimit import RateLimiter
 
 BILL_ENDPOINTS = ("trade_bill", "download_bill")
 GZIP_MAGIC = b"\x1f\x8b"  # a bill asked for as GZIP; a plain one starts with a BOM or its header, never with this
@@ -62,6 +69,7 @@ def classify_bill(http_status: int, body: str | bytes | None, request_id: str | 
                 "BAD_RESPONSE", f"HTTP {http_status} without a readable bill answer: {exc}", request_id
             )
     result = classify(http_status, body, request_id)
+    assert not isinstance(result, Accepted), "classify answers Accepted only to a 2xx"
     if isinstance(result, Permanent) and result.code == STATEMENT_CREATING:
         return RetryLater(result.code, result.message, request_id)
     return result
@@ -126,7 +134,7 @@ class BillClient:
     """Mixed into WeChatPayGateway, which gives it the SDK, the sessions, the pacers and `_call`:
     a bill is one more call of the gateway's, not a client of its own."""
 
-    # Set by WeChatPayGateway.__init__; its _call, _limiter and _session are used as well.
+    # Set by WeChatPayGateway.__init__; its _call, _limiter and _session are used as well (declared below).
     _wxpay: WeChatPay
     _base_url: str
     _public_key_id: str
@@ -134,6 +142,19 @@ class BillClient:
     _min_call_seconds: float
     _closed: bool
     on_answer: Callable[[str, Any], None] | None
+    if TYPE_CHECKING:
+
+        def _call(
+            self,
+            action: Literal["trade_bill"],
+            number: str,
+            send: Callable[[], tuple[int, str | bytes]],
+            deadline: Callable[[], float] | None,
+        ) -> BillResult: ...
+
+        def _limiter(self, endpoint: str) -> RateLimiter: ...
+
+        def _session(self) -> AbstractContextManager[requests.Session]: ...
 
     def trade_bill(
         self, bill_date: date, *, bill_type: str = "ALL", deadline: Callable[[], float] | None = None
@@ -210,15 +231,16 @@ class BillClient:
                     # The SDK signs the path it strips base_url from, and skips verification for a download.
                     status, body = self._wxpay.download_bill(self._base_url + path)
             except Exception as exc:
-                result = classify_exception(exc, capture.request_id)
-                if result is None:
+                failure: UnknownOutcome | NotSent | Permanent | None = classify_exception(exc, capture.request_id)
+                if failure is None:
                     raise
-                if result.code == "ANSWER_TOO_LARGE":  # the same bytes again next time: not worth a retry
-                    result = Permanent("TOO_LARGE", f"{result.message} (max_bytes)", result.request_id)
-                raise BillDownloadFailed(result) from None
+                if failure.code == "ANSWER_TOO_LARGE":  # the same bytes again next time: not worth a retry
+                    failure = Permanent("TOO_LARGE", f"{failure.message} (max_bytes)", failure.request_id)
+                raise BillDownloadFailed(failure) from None
         if 200 <= status < 300:
             return body.encode("utf-8") if isinstance(body, str) else bytes(body)
         result = classify(status, body, capture.request_id)
+        assert not isinstance(result, Accepted), "classify answers Accepted only to a 2xx"
         if isinstance(result, UnknownOutcome) and result.code == "REDIRECT":
             # Where a bill's URL sends us elsewhere, it will again: a person must look, not a retry loop.
             result = Permanent(result.code, result.message, result.request_id)

@@ -39,10 +39,10 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from queue import SimpleQueue
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from loguru import logger
 
@@ -81,10 +81,26 @@ def _describe(exc: BaseException, *, with_message: bool = False) -> str:
     return text + where
 
 
+class HeaderPairs(Protocol):
+    """A notification's headers as (name, value) pairs, names in any case: a Mapping[str, str], or the
+    http.client.HTTPMessage the server parsed (whose items() keeps every header as it came)."""
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
 class NotificationVerifier(Protocol):
     """WeChatPayGateway.parse_notification: the envelope with `resource` decrypted, or None if not authentic."""
 
-    def parse_notification(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | None: ...
+    def parse_notification(self, headers: HeaderPairs, body: bytes) -> dict[str, Any] | None: ...
+
+
+class _Limits(TypedDict):
+    """NotifyServer's limits, as _Transport takes them."""
+
+    idle_timeout: float
+    max_connections: int
+    workers: int
+    max_body: int
 
 
 class _SeenIds:
@@ -505,7 +521,7 @@ class NotifyServer:
         self._clock = clock
         self._max_skew = max_skew_seconds
         self._seen = _SeenIds(dedupe_ids)
-        self._limits = dict(
+        self._limits = _Limits(
             idle_timeout=idle_timeout, max_connections=max_connections, workers=workers, max_body=max_body_bytes
         )
         self._transport: _Transport | None = None
@@ -539,7 +555,7 @@ class NotifyServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _answer(self, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def _answer(self, headers: HeaderPairs, body: bytes) -> tuple[int, str]:
         try:
             return self.handle(headers, body)
         except Exception as exc:  # noqa: BLE001
@@ -547,7 +563,7 @@ class NotifyServer:
             _log.bind(error=_describe(exc)).warning("refund notification could not be handled; WeChat will retry")
             return 500, "internal error"
 
-    def handle(self, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def handle(self, headers: HeaderPairs, body: bytes) -> tuple[int, str]:
         """Decide the answer to one notification: (HTTP status, message). Usable without HTTP."""
         lowered = {str(name).lower(): value for name, value in headers.items()}
         try:

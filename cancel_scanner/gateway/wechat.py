@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, TypeAlias, cast, overload
 from urllib.parse import urlsplit
 
 import requests
@@ -58,6 +58,7 @@ from cancel_scanner.gateway.contract import (
     REFUND_ID_PATTERN,
     TRADE_NOT_FOUND_CODES,
     Accepted,
+    BillResult,
     GatewayResult,
     NoSuchTrade,
     NotSent,
@@ -68,11 +69,17 @@ from cancel_scanner.gateway.contract import (
     Secret,
     UnknownOutcome,
 )
+from cancel_scanner.gateway.notify import HeaderPairs
 from cancel_scanner.gateway.pace_share import PaceShare
 from cancel_scanner.gateway.ratelimit import RateLimiter
 from cancel_scanner.gateway.transport import new_session
 
 LIVE_BASE_URL = "https://api.mch.weixin.qq.com"
+# What _call answers, by its action: a refund call a GatewayResult, a payment call a PaymentResult,
+# trade_bill a BillResult.
+_CallResult: TypeAlias = GatewayResult | PaymentResult | BillResult
+_Send: TypeAlias = Callable[[], tuple[int, str | bytes]]
+_Deadline: TypeAlias = Callable[[], float] | None
 DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)  # connect, read; the SDK's own default is to wait forever
 DEFAULT_APPLY_QPS = 150  # WeChat's per-merchant limits
 DEFAULT_QUERY_QPS = 300
@@ -166,7 +173,7 @@ def _check_abnormal(
             raise ValueError(f"{ABNORMAL_TO_USER} needs {field_name}: 1 to {SECRET_MAX_BYTES} bytes of text")
 
 
-def _canonical_signature_headers(headers: Mapping[str, str]) -> dict[str, str]:
+def _canonical_signature_headers(headers: HeaderPairs) -> dict[str, str]:
     # The SDK looks headers up by exact spelling; servers and frameworks hand them over in any case.
     lowered = {str(k).lower(): v for k, v in headers.items()}
     return {name: lowered[name.lower()] for name in SIGNATURE_HEADERS if name.lower() in lowered}
@@ -387,7 +394,7 @@ class WeChatPayGateway(BillClient):
 
     # -- notifications ---------------------------------------------------------
 
-    def parse_notification(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | None:
+    def parse_notification(self, headers: HeaderPairs, body: bytes) -> dict[str, Any] | None:
         """Verify and decrypt a refund notification; None when it is not provably from WeChat.
 
         Returns the envelope with `resource` decrypted to a dict. Does not check
@@ -422,13 +429,26 @@ class WeChatPayGateway(BillClient):
             with new_session(self._base_url) as session:  # one connection per call, as the SDK does
                 yield session
             return
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = new_session(self._base_url)
+        shared: requests.Session | None = getattr(self._local, "session", None)
+        if shared is None:
+            shared = new_session(self._base_url)
             with self._sessions_lock:
-                self._sessions.append(session)
-            self._local.session = session
-        yield session
+                self._sessions.append(shared)
+            self._local.session = shared
+        yield shared
+
+    @overload
+    def _call(
+        self, action: Literal["apply", "query", "abnormal"], number: str, send: _Send, deadline: _Deadline
+    ) -> GatewayResult: ...
+
+    @overload
+    def _call(
+        self, action: Literal["pay_query", "pay_close"], number: str, send: _Send, deadline: _Deadline
+    ) -> PaymentResult: ...
+
+    @overload
+    def _call(self, action: Literal["trade_bill"], number: str, send: _Send, deadline: _Deadline) -> BillResult: ...
 
     def _call(
         self,
@@ -436,7 +456,7 @@ class WeChatPayGateway(BillClient):
         number: str,
         send: Callable[[], tuple[int, str | bytes]],
         deadline: Callable[[], float] | None,
-    ) -> GatewayResult:
+    ) -> _CallResult:
         if self._closed:
             raise RuntimeError("the gateway is closed")
         started = time.perf_counter()
@@ -446,7 +466,7 @@ class WeChatPayGateway(BillClient):
             # Checked before the SDK signs too: a call that cannot finish costs no RSA signature.
             budget.check_time_left(time.monotonic())
         except CallNotSent as exc:
-            result: GatewayResult = NotSent(exc.code, exc.message)
+            result: _CallResult = NotSent(exc.code, exc.message)
         else:
             result = self._send(action, budget, capture, send)
         about = _answer_is_about(result)
@@ -456,22 +476,24 @@ class WeChatPayGateway(BillClient):
         elif isinstance(result, PaymentState) and (foreign := result.payment.foreign(self._mchid, self._appid)):
             # Signed, and about our number, but not our merchant's money: never booked, never refunded.
             result = Permanent(FOREIGN_PAYMENT, f"{foreign}: not booked; check the trade by hand", result.request_id)
-        log_call(action, number, capture, started, result)
+        # log_call reads only what every result has (its class, code and describe()); its annotation
+        # (gateway.calls) still names the refund calls' GatewayResult alone.
+        log_call(action, number, capture, started, cast(GatewayResult, result))
         if self.on_answer is not None:
             self.on_answer(action, result)
         return result
 
     def _send(
         self, action: str, budget: Budget, capture: Capture, send: Callable[[], tuple[int, str | bytes]]
-    ) -> GatewayResult:
+    ) -> _CallResult:
         with self._session() as session, TRANSPORT.bound(Binding(session, self._public_key_id, budget, capture)):
             try:
                 status, body = send()
             except Exception as exc:
-                result = classify_exception(exc, capture.request_id)
-                if result is None:
+                failure = classify_exception(exc, capture.request_id)
+                if failure is None:
                     raise
-                return result
+                return failure
         if action == "trade_bill":
             return classify_bill(status, body, capture.request_id)
         if action in ("pay_query", "pay_close"):
