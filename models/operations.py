@@ -7,8 +7,9 @@ whole) or their polling indexes (nothing polls an archive), plus ``archived_at``
 from __future__ import annotations
 
 from datetime import date, datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, Date, Index, String, Table, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Date, DefaultClause, Index, String, Table, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from cancel_scanner.models.tables import Base, _created, _updated, oplog, refund_order, req_order_ops
@@ -100,6 +101,15 @@ class ChannelFact(Base):
 channel_fact = ChannelFact.__table__
 
 
+def _archive_default(column: Column[Any]) -> Any:
+    """The constant server default an archive column keeps (``info={"archive_default": True}``), else None."""
+    if not column.info.get("archive_default") or column.server_default is None:
+        return None
+    # A server_default given as text() or a string, as every archive_default column's is, is a DefaultClause.
+    assert isinstance(column.server_default, DefaultClause), f"{column.name}: archive_default needs a DefaultClause"
+    return column.server_default.arg
+
+
 def _archive(live: Table, comment: str, *keys) -> Table:
     """The archive twin of ``live``: its columns and types, its primary key without auto-increment. A
     column the live table gained after its archive existed keeps its constant default
@@ -111,9 +121,7 @@ def _archive(live: Table, comment: str, *keys) -> Table:
             primary_key=c.primary_key,
             autoincrement=False,
             nullable=c.nullable,
-            server_default=c.server_default.arg
-            if c.info.get("archive_default") and c.server_default is not None
-            else None,
+            server_default=_archive_default(c),
         )
         for c in live.columns
     ]

@@ -270,6 +270,7 @@ class Notifier:
     def _post(self, target: SplitResult, body: bytes) -> tuple[int, bytes]:
         # The socket timeout bounds each read; the cut bounds them all together (a trickle resets a timeout).
         kind = http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
+        assert target.hostname, "__init__ refused a webhook URL without a host"
         conn = kind(target.hostname, target.port, timeout=self._timeout)
         cut = _Cut(conn)
         timer = threading.Timer(self._timeout, cut)

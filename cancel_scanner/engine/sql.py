@@ -26,7 +26,8 @@ def by_id(id_column: Column, values: Mapping[int, object], else_=None):
     whens = list(values.items())
     if whens:
         whens += [whens[-1]] * (_bucket(len(whens)) - len(whens))
-    return case(*whens, value=id_column, else_=else_)
+    # SQLAlchemy types whens as (condition, result) pairs; with value= they are (value, result) pairs.
+    return case(*whens, value=id_column, else_=else_)  # type: ignore[arg-type]
 
 
 def _bucket(n: int) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, RowMapping, func, select
 
 from cancel_scanner.engine.status import CHANNEL_FACTS, Status, collect_status
 from cancel_scanner.models import channel_fact
@@ -28,7 +28,8 @@ REQUEST_COLUMNS = ("id", "order_id", "op_type", "operator", "reason", "result_co
 class Listing:
     key: str  # "failed:<stage>", "rejected", or a stage's own (e.g. "abnormal_refunds")
     label: str
-    rows: tuple[Mapping[str, Any], ...]
+    # Rows by column name: SQLAlchemy's RowMappings (whose key type is wider than str) or a stage's own.
+    rows: tuple[Mapping[Any, Any], ...]
     stage: str | None = None
 
 
@@ -49,7 +50,7 @@ class Snapshot:
         return next((s.failed for s in self.status.stages if s.stage == stage), 0)
 
 
-def _failed_rows(conn: Connection, stage: Any, limit: int) -> tuple[Mapping[str, Any], ...]:
+def _failed_rows(conn: Connection, stage: Any, limit: int) -> tuple[RowMapping, ...]:
     flags, table = stage.flags, stage.flags.table
     if stage.rejections_are_routine:
         columns = [table.c[name] for name in REQUEST_COLUMNS if name in table.c]

@@ -189,7 +189,10 @@ def parse_bill(data: bytes, bill_date: date) -> Bill:
                 summary.append(row)
                 continue
             entry = reader.read(row)
-            (refunds if type(entry) is BillRefund else payments).append(entry)
+            if isinstance(entry, BillRefund):
+                refunds.append(entry)
+            else:
+                payments.append(entry)
         _check_summary(summary)
         _check_totals(summary, len(refunds) + len(payments), reader.totals)
     except BillTotalsDiffer as exc:
