@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import database, reporting
-from cancel_scanner.engine.config import parse_config
+from cancel_scanner.config import parse_config
 from cancel_scanner.engine.runner import Runner
 from cancel_scanner.gateway.sandbox import start_sandbox
 from cancel_scanner.scanners import REGISTRY, build_stages

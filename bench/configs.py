@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import yaml
 
 from bench import REPO
-from cancel_scanner.engine.config import Config, parse_config
+from cancel_scanner.config import Config, parse_config
 from cancel_scanner.scanners import REGISTRY
 
 ALLOW_SANDBOX_ENV = {"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}

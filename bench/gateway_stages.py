@@ -124,7 +124,7 @@ def profile_in_process(emulator: EmulatorProcess, url: str, stage: str) -> tuple
     import os
     from contextlib import ExitStack
 
-    from cancel_scanner.engine.config import parse_config
+    from cancel_scanner.config import parse_config
     from cancel_scanner.engine.db import make_engine
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.gateway.wechat_channel import build_gateway

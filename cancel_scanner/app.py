@@ -13,8 +13,8 @@ from typing import Any
 from loguru import logger
 from sqlalchemy import Engine
 
+from cancel_scanner.config import Config
 from cancel_scanner.engine import migrate
-from cancel_scanner.engine.config import Config
 from cancel_scanner.engine.db import engine_for
 from cancel_scanner.engine.runner import Hooks, Runner
 from cancel_scanner.gateway.channels import DEFAULT_CHANNEL, ChannelRegistry, Channels

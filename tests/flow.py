@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, select, text
 
 from cancel_scanner import models
-from cancel_scanner.engine.config import Config, parse_config
+from cancel_scanner.config import Config, parse_config
 from cancel_scanner.engine.runner import Hooks, Runner
 from cancel_scanner.engine.status import collect_status
 from cancel_scanner.scanners import REGISTRY, build_stages

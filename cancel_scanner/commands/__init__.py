@@ -9,6 +9,7 @@ import click
 
 from cancel_scanner.commands import (
     abnormal_refund,
+    config,
     demo,
     emulator,
     initdb,
@@ -31,6 +32,7 @@ COMMANDS: tuple[click.Command, ...] = (
     abnormal_refund.command,
     reconcile.command,
     prune.command,
+    config.command,
     demo.command,
     emulator.command,
 )

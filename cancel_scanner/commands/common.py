@@ -9,7 +9,8 @@ from typing import NoReturn
 
 import click
 
-from cancel_scanner.engine.config import Config, ConfigError, load_config, resolve_config_path
+from cancel_scanner.config import Config, load_config, resolve_config_path
+from cancel_scanner.engine.config import ConfigError
 from cancel_scanner.scanners import REGISTRY
 
 EXIT_OK = 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cancel_scanner.commands.common import EXIT_CONFIG, CliContext
+from cancel_scanner.gateway.wechat_config import DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS
 
 
 @click.command("emulator")
@@ -18,7 +19,7 @@ from cancel_scanner.commands.common import EXIT_CONFIG, CliContext
 )
 @click.option(
     "--success-delay",
-    default=2.0,
+    default=DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS,
     show_default=True,
     type=click.FloatRange(0),
     help="Seconds from PROCESSING to SUCCESS.",

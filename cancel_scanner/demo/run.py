@@ -15,13 +15,13 @@ from typing import TextIO
 from loguru import logger
 from sqlalchemy import Engine, text
 
+from cancel_scanner.config import Config, parse_config
 from cancel_scanner.demo.errors import DemoError
 from cancel_scanner.demo.plan import DEFAULT_ORDERS, REQUEST_WAVES, Plan, plan_demo
 from cancel_scanner.demo.screen import Display, Frame, route_logs
 from cancel_scanner.demo.seed import goods_snapshot, insert_requests, seed_shop
 from cancel_scanner.demo.stages import DEMO_JOBS
 from cancel_scanner.demo.summary import summarize, where_to_look
-from cancel_scanner.engine.config import Config, parse_config
 from cancel_scanner.engine.db import init_schema
 from cancel_scanner.engine.runner import utcnow
 from cancel_scanner.engine.status import Status, collect_status, format_status

@@ -46,11 +46,10 @@ from datetime import datetime, timedelta
 from loguru import logger
 from sqlalchemy import Column, Engine, delete, func, insert, select, update
 
+from cancel_scanner.engine.config import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_TAKEOVER_SECONDS
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.models import scanner_process
 
-DEFAULT_TAKEOVER_SECONDS = 10.0
-DEFAULT_HEARTBEAT_SECONDS = 1.0
 # Covers the heartbeat's own round trip and a survivor's read of the clock.
 HEARTBEAT_MARGIN_SECONDS = 1.5
 

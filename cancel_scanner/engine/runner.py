@@ -36,7 +36,7 @@ from cancel_scanner.engine.batch import (
 )
 from cancel_scanner.engine.claim import Claimer
 from cancel_scanner.engine.clock import DbClock, local_utcnow
-from cancel_scanner.engine.config import Config
+from cancel_scanner.engine.config import EngineConfig
 from cancel_scanner.engine.db import is_mysql
 from cancel_scanner.engine.db_batch import DatabaseBatch
 from cancel_scanner.engine.errors import describe_db_error, is_environment_db_error, is_lost_race, is_transient_db_error
@@ -56,7 +56,7 @@ class Runner:
     def __init__(
         self,
         db: Engine,
-        config: Config,
+        config: EngineConfig,
         stages: Mapping[str, Stage],
         gateway: Any = None,
         *,

@@ -14,13 +14,13 @@ from typing import Any
 from cancel_scanner.engine.clock import MIN_CALL_SECONDS
 from cancel_scanner.gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
-from cancel_scanner.gateway.wechat import (
+from cancel_scanner.gateway.wechat import WeChatPayGateway
+from cancel_scanner.gateway.wechat_config import (
     DEFAULT_APPLY_QPS,
     DEFAULT_PAY_CLOSE_QPS,
     DEFAULT_PAY_QUERY_QPS,
     DEFAULT_QUERY_QPS,
     DEFAULT_TIMEOUT_SECONDS,
-    WeChatPayGateway,
 )
 
 

@@ -73,6 +73,14 @@ from cancel_scanner.gateway.notify import HeaderPairs
 from cancel_scanner.gateway.pace_share import PaceShare
 from cancel_scanner.gateway.ratelimit import RateLimiter
 from cancel_scanner.gateway.transport import new_session
+from cancel_scanner.gateway.wechat_config import (  # the defaults are the `wechat:` section's, declared there
+    APIV3_KEY_BYTES,
+    DEFAULT_APPLY_QPS,
+    DEFAULT_PAY_CLOSE_QPS,
+    DEFAULT_PAY_QUERY_QPS,
+    DEFAULT_QUERY_QPS,
+    DEFAULT_TIMEOUT_SECONDS,
+)
 
 LIVE_BASE_URL = "https://api.mch.weixin.qq.com"
 # What _call answers, by its action: a refund call a GatewayResult, a payment call a PaymentResult,
@@ -80,16 +88,8 @@ LIVE_BASE_URL = "https://api.mch.weixin.qq.com"
 _CallResult: TypeAlias = GatewayResult | PaymentResult | BillResult
 _Send: TypeAlias = Callable[[], tuple[int, str | bytes]]
 _Deadline: TypeAlias = Callable[[], float] | None
-DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)  # connect, read; the SDK's own default is to wait forever
-DEFAULT_APPLY_QPS = 150  # WeChat's per-merchant limits
-DEFAULT_QUERY_QPS = 300
-APIV3_KEY_BYTES = 32
 PACING_HEADROOM = 0.95  # of apply_qps / query_qps; see __init__
 ENDPOINTS = ("apply", "query", "pay_query", "pay_close", "abnormal")
-# WeChat publishes no figure for these two that we could find; a conservative pace of our own,
-# configurable (wechat.pay_query_qps / wechat.pay_close_qps).
-DEFAULT_PAY_QUERY_QPS = 100
-DEFAULT_PAY_CLOSE_QPS = 50
 SIGNATURE_MAX_AGE_SECONDS = 300  # WeChat refuses our signatures 5 minutes off; so do we its
 SIGNATURE_HEADERS = (
     "Wechatpay-Signature",

@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 from loguru import logger
 
-from cancel_scanner.engine.config import ENV_APIV3_KEY, ConfigError
+from cancel_scanner.engine.config import ConfigError
+from cancel_scanner.gateway.wechat_config import ENV_APIV3_KEY
 
 
 def _client_options(wechat: Any) -> dict[str, Any]:

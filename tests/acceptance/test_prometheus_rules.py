@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import cancel_scanner
-from cancel_scanner.engine.config import AlertRules
+from cancel_scanner.alerts.config import AlertRules
 from tests.conftest import IN_CI
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"

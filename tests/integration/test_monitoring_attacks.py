@@ -7,8 +7,8 @@ import time
 import pytest
 from sqlalchemy import event, text
 
+from cancel_scanner.config import parse_config
 from cancel_scanner.engine.clock import DbClock
-from cancel_scanner.engine.config import parse_config
 from cancel_scanner.engine.runner import Runner
 from cancel_scanner.monitoring.snapshot import take_snapshot
 from cancel_scanner.scanners import REGISTRY

@@ -202,8 +202,8 @@ def test_processes_of_one_merchant_configured_with_other_limits_all_pace_at_the_
     """Issue 23, item 5: each process publishes the limits it was configured with; the strictest wins."""
     from loguru import logger
 
+    from cancel_scanner.alerts.config import AlertRules
     from cancel_scanner.alerts.rules import RULES, CallWindow, Reading
-    from cancel_scanner.engine.config import AlertRules
     from cancel_scanner.engine.registry import encode_limits
 
     clock, runner, gateway = setup

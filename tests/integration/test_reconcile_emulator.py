@@ -84,7 +84,7 @@ def test_the_daily_job_waits_while_wechat_makes_the_bill_then_reconciles_once(wo
     from datetime import timedelta
     from types import SimpleNamespace
 
-    from cancel_scanner.engine.config import parse_config
+    from cancel_scanner.config import parse_config
     from cancel_scanner.operations.daily import reconcile_job
     from cancel_scanner.scanners import REGISTRY
 

@@ -12,8 +12,8 @@ import pymysql
 from sqlalchemy import event, insert
 from sqlalchemy.exc import OperationalError
 
+from cancel_scanner.config import parse_config
 from cancel_scanner.engine.clock import DbClock
-from cancel_scanner.engine.config import parse_config
 from cancel_scanner.engine.daemon import Daemon
 from cancel_scanner.engine.runner import Runner
 from cancel_scanner.engine.status import collect_status, format_status

@@ -24,7 +24,7 @@ from sqlalchemy import (
     select,
 )
 
-from cancel_scanner.engine.config import parse_config
+from cancel_scanner.config import parse_config
 from cancel_scanner.engine.daemon import Daemon
 from cancel_scanner.engine.outcome import Done, Failed
 from cancel_scanner.engine.requeue import requeue

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 
 from cancel_scanner.alerts.rules import AlertBook, CallWindow, Reading
-from cancel_scanner.engine.config import parse_config
+from cancel_scanner.config import parse_config
 from cancel_scanner.engine.status import StageStatus, Status
 from cancel_scanner.scanners import REGISTRY
 
