@@ -582,9 +582,28 @@ def test_a_lease_lost_while_the_calls_ran_drops_the_answer_and_the_new_holder_bo
             world.clock.advance(120)  # slow calls: the lease (60 s) is over, a second runner takes the rows
             world.runner(owner="b").run_until_idle(world.clock.now, stages=["close_unpaid"])
 
-    world.runner(Hooks(after_gateway_call=another_runner_takes_over), owner="a").run_stage(
-        "close_unpaid", world.clock.now
+    # One call at a time in the first runner: its other row's calls are never still in flight while the
+    # second runner works (the clock that expired its lease is the database's, not its calls' deadline).
+    from cancel_scanner.engine.runner import Runner
+    from cancel_scanner.scanners import build_stages
+    from tests.flow import test_config
+
+    one_at_a_time = test_config(
+        world.config.database_url, jobs={"close_unpaid": {"concurrency": 1, "lease_seconds": 60}}
     )
+    first = Runner(
+        world.db,
+        one_at_a_time,
+        build_stages(one_at_a_time),
+        world.sandbox.gateway,
+        clock=world.clock,
+        hooks=Hooks(after_gateway_call=another_runner_takes_over),
+        owner="a",
+    )
+    try:
+        first.run_stage("close_unpaid", world.clock.now)
+    finally:
+        first.close()
     world.settle()
     assert events(world, 54) == ["PAYMENT_FOUND"] and goods(world, 54) == (10, 12)
     assert row(world.db, "goods_order2", 55)["order_status"] == "CANCELLED" and goods(world, 55) == (12, 10)
