@@ -20,6 +20,7 @@ from cancel_scanner.commands.common import (
     EXIT_FAILURE,
     ROW_ID,
     CliContext,
+    by_option,
     check_schema,
     fail_config,
     short,
@@ -105,13 +106,7 @@ def _prompt_details() -> tuple[str, str]:
     help="user-bank-card: a file of two lines, the account number then the holder's name ('-': standard"
     " input). Omitted on a terminal: asked for, without echo.",
 )
-@click.option(
-    "--by",
-    "who",
-    default=lambda: os.environ.get("USER", "operator"),
-    show_default="$USER",
-    help="Who sends it (kept in the oplog).",
-)
+@by_option("in the oplog")
 @click.pass_obj
 def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, details_file: str | None, who: str) -> None:
     """Send a refund WeChat Pay reports ABNORMAL (the user's card or account is frozen or closed) on to a

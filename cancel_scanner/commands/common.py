@@ -4,7 +4,9 @@ one-line failure messages. Commands import this module; nothing here imports a c
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import click
@@ -23,6 +25,18 @@ EXIT_NOT_READY = 75  # EX_TEMPFAIL, `reconcile`: WeChat's bill is not ready yet;
 # A row id: a positive BIGINT. Anything else is bad usage (exit 2), said before any row is touched;
 # SQLite cannot even bind a larger int (OverflowError), MariaDB would quietly find nothing.
 ROW_ID = click.IntRange(1, 2**63 - 1)
+
+
+def by_option(kept: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``--by WHO`` (default $USER): who acts, kept where ``kept`` says."""
+    return click.option(
+        "--by",
+        "who",
+        default=lambda: os.environ.get("USER", "operator"),
+        show_default="$USER",
+        help=f"Who acts (kept {kept}).",
+    )
+
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 failure (one line on stderr); 2 bad usage or configuration (one line"

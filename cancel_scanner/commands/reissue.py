@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
-from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, check_schema, short
+from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, by_option, check_schema, short
 
 
 @click.command("reissue")
 @click.argument("order_ids", nargs=-1, required=True, type=ROW_ID)
-@click.option(
-    "--by",
-    "who",
-    default=lambda: os.environ.get("USER", "operator"),
-    show_default="$USER",
-    help="Who reissues (kept in the oplog and on the closed refund).",
-)
+@by_option("in the oplog and on the closed refund")
 @click.option(
     "--reason", "why", default="WeChat Pay closed the refund", show_default=True, help="Why (kept in the oplog)."
 )

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
-from cancel_scanner.commands.common import EXIT_FAILURE, CliContext, short
+from cancel_scanner.commands.common import EXIT_FAILURE, CliContext, by_option, short
 from cancel_scanner.scanners import REGISTRY
 
 
 @click.command("requeue")
 @click.argument("stage", type=click.Choice(list(REGISTRY.names)))
 @click.argument("row_ids", nargs=-1, required=True, type=int)
-@click.option(
-    "--by", "who", default=lambda: os.environ.get("USER", "operator"), help="Who requeues (kept in last_error)."
-)
+@by_option("in last_error")
 @click.pass_obj
 def command(obj: CliContext, stage: str, row_ids: tuple[int, ...], who: str) -> None:
     """Give rows of STAGE that failed for good (X_scanned=1, X_success=0) another go."""
