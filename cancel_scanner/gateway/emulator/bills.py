@@ -41,16 +41,15 @@ import io
 import re
 import secrets
 import threading
-import zlib
 from calendar import monthrange
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from cancel_scanner.gateway import faults
+from cancel_scanner.gateway.emulator.bill_faults import DownloadFault, FileReply, _strike
 from cancel_scanner.gateway.emulator.records import BEIJING, STATUS_SUCCESS, Payment, Refund
 from cancel_scanner.gateway.faults import Reply, Trickle
 from cancel_scanner.gateway.faults import error_reply as _error
@@ -97,7 +96,6 @@ SUMMARY = (
     ("申请退款总金额", "申请退款金额"),
 )
 _AMOUNT_COLUMNS = frozenset(column for _, column in SUMMARY if column)
-DOWNLOAD_FAULTS = frozenset({"bad_hash", "trickle", "huge", "bomb", "redirect", "500", "drop"})
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
@@ -130,81 +128,10 @@ def _fee(fen: int) -> int:
 
 
 @dataclass
-class DownloadFault:
-    kind: str
-    times: int = 1
-    trickle_gap: float = faults.DEFAULT_TRICKLE_GAP_SECONDS
-    trickle_bytes: int | None = None
-    huge_bytes: int = faults.DEFAULT_HUGE_BYTES
-    huge_chunked: bool = False
-    redirect_status: int = 302
-    redirect_to: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in DOWNLOAD_FAULTS:
-            raise ValueError(f"unknown download fault {self.kind!r}; one of {sorted(DOWNLOAD_FAULTS)}")
-        if self.redirect_status not in faults.REDIRECT_STATUSES:
-            raise ValueError(f"redirect_status must be one of {sorted(faults.REDIRECT_STATUSES)}")
-        if self.times < 1 or self.huge_bytes < 0 or self.trickle_gap < 0:
-            raise ValueError("times must be positive; huge_bytes and trickle_gap cannot be negative")
-
-
-@dataclass
-class FileReply(Reply):
-    """A download's answer: bytes rather than a JSON object, and unsigned (WeChat signs no bill).
-    gateway.emulator.exchange hands it to write() instead of signing it."""
-
-    body: bytes = b""
-    pieces: Callable[[], Iterator[bytes]] | None = None  # a huge body, written piece by piece
-    length: int = 0
-    chunked: bool = False
-
-    def write(self, handler: Any, request_id: str, stopping: threading.Event) -> None:
-        headers = {"Content-Type": "application/octet-stream", "Request-ID": request_id}
-        if self.pieces is not None:
-            faults.write_streamed(handler, self.status, headers, self.length, self.pieces(), self.chunked)
-            return
-
-        def write() -> None:
-            handler.write_reply(self.status, self.body, headers)
-
-        if self.trickle is not None:
-            faults.write_trickled(handler, self.trickle, stopping, write)
-        else:
-            write()
-
-
-@dataclass
 class _Download:
     bill: bytes
     gzip: bool
     expires_at: float
-
-
-def _padding(size: int) -> tuple[int, Callable[[], Iterator[bytes]]]:
-    piece = b"x" * faults.PIECE_BYTES
-
-    def pieces() -> Iterator[bytes]:
-        full, rest = divmod(size, len(piece))
-        for _ in range(full):
-            yield piece
-        if rest:
-            yield piece[:rest]
-
-    return size, pieces
-
-
-def _bomb(size: int) -> bytes:
-    """A gzip file that inflates to `size` zero bytes (about size / 1000 bytes itself)."""
-    deflate = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    zeros = bytes(1024 * 1024)
-    out = []
-    left = size
-    while left > 0:
-        out.append(deflate.compress(zeros[: min(left, len(zeros))]))
-        left -= len(zeros)
-    out.append(deflate.flush())
-    return b"".join(out)
 
 
 def render_bill(rows: list[dict[str, str]], columns: tuple[str, ...], *, extra: Sequence[dict[str, str]] = ()) -> bytes:
@@ -502,19 +429,3 @@ def _query_params(raw_path: str) -> tuple[dict[str, str], Reply | None]:
     if any(len(values) != 1 for values in parsed.values()):
         return {}, _error(400, "PARAM_ERROR", "a parameter is given more than once")
     return {name: values[0] for name, values in parsed.items()}, None
-
-
-def _strike(fault: DownloadFault) -> Reply | None:
-    """The answer a download fault gives instead of the bill, or None when it spoils the bill's own."""
-    if fault.kind == "500":
-        return _error(*faults.ERRORS["500"])
-    if fault.kind == "drop":
-        return Reply(drop=True)
-    if fault.kind == "redirect":
-        return Reply(fault.redirect_status, redirect_to=fault.redirect_to)
-    if fault.kind == "huge":
-        length, pieces = _padding(fault.huge_bytes)
-        return FileReply(200, pieces=pieces, length=length, chunked=fault.huge_chunked)
-    if fault.kind == "bomb":
-        return FileReply(200, body=_bomb(fault.huge_bytes))
-    return None
