@@ -15,8 +15,10 @@ def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
     add_order(world.db, 401)
     request_cancel(world.db, 401)
     arrived = threading.Event()
+    checked = threading.Event()  # the notification may come at once: it waits until the test has looked
 
     def on_refund(resource):
+        checked.wait(10)
         with world.db.begin() as conn:
             PollRefund((1,)).poll_soon(conn, resource["out_refund_no"], world.clock.now)
         arrived.set()
@@ -29,6 +31,7 @@ def test_a_notification_brings_the_poll_forward_and_the_poll_settles_it(world):
         scheduled = refunds(world.db)[401]["next_attempt_at"]
         assert scheduled > world.clock.now  # the first poll would be a second later
         assert runner.run_stage("poll_refund", world.clock.now).claimed == 0
+        checked.set()
 
         assert arrived.wait(10), "no notification within 10 s"
         assert refunds(world.db)[401]["next_attempt_at"] == world.clock.now
