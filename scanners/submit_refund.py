@@ -107,7 +107,8 @@ class SubmitRefund(StageDefaults):
     fact_stays_pending = True
     settings = GatewayJobSettings
     endpoint = "apply"
-    flags = Flags.on(refund_order, "submit", leased=True)
+    # submit_sent: set by the engine when the row is leased, before the call ("may have reached WeChat").
+    flags = Flags.on(refund_order, "submit", leased=True, sent="submit_sent")
     feeds = ("poll_refund",)  # an accepted refund is that stage's, due after its first poll delay
 
     pending_since = r.created_at
@@ -142,13 +143,6 @@ class SubmitRefund(StageDefaults):
             .order_by(r.next_attempt_at, r.id)
             .limit(limit)
         )
-
-    def lease_values(self) -> Mapping[str, Any]:
-        # Before the call, not after: a crash between send and answer must leave the mark.
-        return {"submit_sent": 1}
-
-    def unlease_values(self, row: Row) -> Mapping[str, Any]:
-        return {"submit_sent": row.submit_sent}
 
     def not_sent(self, result: Any) -> bool:
         return isinstance(result, Attempt) and isinstance(result.answer, gw.NotSent)

@@ -197,7 +197,7 @@ class GatewayBatch:
                         {
                             self.owner_col: owner,
                             self.until_col: now + timedelta(seconds=job.lease_seconds),
-                            **stage.lease_values(),
+                            **({stage.flags.sent: 1} if stage.flags.sent is not None else {}),
                         }
                     )
                 )
@@ -327,6 +327,11 @@ class GatewayBatch:
         query = select(flags.table).where(flags.id.in_(ids), self.owner_col == owner, flags.scanned == 0)
         return query.with_for_update() if self.mysql else query
 
+    def _as_before(self, row: Row) -> dict[str, Any]:
+        """The "may have gone out" mark of a row whose call never left, as it was before its lease."""
+        sent = self.stage.flags.sent
+        return {sent.name: getattr(row, sent.name)} if sent is not None else {}
+
     def _release_unsent(self, conn: Connection, unsent: list[Row], owner: str, report: BatchReport) -> None:
         """Rows whose call never left: give them back as they were, no attempt spent."""
         if not unsent:
@@ -334,8 +339,7 @@ class GatewayBatch:
         stage = self.stage
         flags = stage.flags
         values = {
-            row.id: {self.owner_col.name: None, self.until_col.name: None, **stage.unlease_values(row)}
-            for row in unsent
+            row.id: {self.owner_col.name: None, self.until_col.name: None, **self._as_before(row)} for row in unsent
         }
         update_rows(conn, flags.table, values, self.owner_col == owner)
         report.skipped += len(unsent)

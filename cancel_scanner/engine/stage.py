@@ -33,13 +33,19 @@ class Flags:
     # Gateway stages only: who is calling the gateway for the row, and until when.
     lease_owner: Column | None = None
     lease_until: Column | None = None
+    # Gateway stages whose call must not be repeated blind: set to 1 when a row is leased, before any
+    # call (a crash between send and answer must leave it), put back as it was when the call never left.
+    # The stage reads it as "an earlier call may have reached the gateway".
+    sent: Column | None = None
 
     @property
     def id(self) -> Column:
         return self.table.c.id
 
     @classmethod
-    def on(cls, table: Table, flag: str = "", *, retry: str = "", leased: bool = False) -> Flags:
+    def on(
+        cls, table: Table, flag: str = "", *, retry: str = "", leased: bool = False, sent: str | None = None
+    ) -> Flags:
         """The columns by the contract's naming: ``<flag>_scanned``/``<flag>_success``, and
         ``<retry>_attempts``/``_next_attempt_at``/``_last_error`` and, leased, ``<retry>_lease_owner``/
         ``_lease_until`` (no prefix: the table's own)."""
@@ -53,6 +59,7 @@ class Flags:
             last_error=c[f"{r}last_error"],
             lease_owner=c[f"{r}lease_owner"] if leased else None,
             lease_until=c[f"{r}lease_until"] if leased else None,
+            sent=c[sent] if sent else None,
         )
 
 
@@ -120,12 +127,6 @@ class GatewayStage(Stage, Protocol):
     def not_sent(self, result: Any) -> bool:
         """True when the result says the call never left (nothing reached the gateway)."""
 
-    def lease_values(self) -> Mapping[str, Any]:
-        """Extra columns set when rows are leased (before any call)."""
-
-    def unlease_values(self, row: Row) -> Mapping[str, Any]:
-        """Columns to restore on a leased row whose call never left (``row`` is as it was before the lease)."""
-
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> Mapping[int, Outcome]:
         """Write what the gateway said; return an outcome for every row id."""
 
@@ -180,18 +181,12 @@ class StageDefaults:
     def finish(self, conn: Connection, rows: Sequence[Row], outcomes: Mapping[int, Outcome], now: datetime) -> None:
         return None
 
-    def lease_values(self) -> Mapping[str, Any]:
-        return {}
-
     def leased_by(self, owner: str) -> list:
         """WHERE clauses for this gateway stage's rows leased to ``owner``. A leased row is always
         pending (the flip releases it), so the count reads the backlog's range of the stage's index,
         never the finished rows, whether or not the lease owner has an index of its own."""
         f = self.flags
         return [*self.index_prefix, f.scanned == 0, f.success == 0, f.lease_owner == owner]
-
-    def unlease_values(self, row: Row) -> Mapping[str, Any]:
-        return {}
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
         return {}
