@@ -96,11 +96,13 @@ def mysql_db(mysql_url):
 
 
 @pytest.fixture
-def sandbox():
-    """The emulator and the real WeChat Pay client over HTTP; refunds succeed on their first poll."""
+def sandbox(key_material):
+    """The emulator and the real WeChat Pay client over HTTP; refunds succeed on their first poll.
+    On the session's keys (no test takes both this and the ``emulator`` fixture)."""
     from cancel_scanner.gateway.sandbox import start_sandbox
 
     sb = start_sandbox(
+        keys=key_material,
         success_delay=0,
         timeout=(2, 2),
         apply_qps=2000,

@@ -72,9 +72,13 @@ def start_sandbox(
     min_call_seconds: float = MIN_CALL_SECONDS,
     pay_query_qps: float | None = DEFAULT_PAY_QUERY_QPS,
     pay_close_qps: float | None = DEFAULT_PAY_CLOSE_QPS,
+    keys: KeyMaterial | None = None,
 ) -> Sandbox:
-    """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both."""
-    keys = generate_key_material()
+    """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both.
+
+    New keys unless ``keys`` are given (the tests pass one set made per session).
+    """
+    keys = keys or generate_key_material()
     emulator = Emulator(
         keys,
         port=port,
