@@ -22,6 +22,40 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ENV_MYSQL_URL = "CANCEL_SCANNER_TEST_MYSQL_URL"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (scripts/test): twice the cores. Most of a test's time is spent waiting on MariaDB,
+    a daemon in a subprocess, an HTTP round trip or a browser, not on this process's CPU."""
+    return 2 * len(os.sched_getaffinity(0))
+
+
+# The Galera tests share the session's one cluster (half a minute to start): one worker runs them all.
+# Their modules also carry pytest.mark.xdist_group("galera"), which --dist loadgroup alone would honour,
+# but pytest-xdist 3.8 marks a group by rewriting item._nodeid, which pytest 9 no longer reads; so the
+# scheduler below groups them by module.
+GALERA_MODULES = ("tests/acceptance/test_galera_cluster.py", "tests/integration/test_galera.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class GaleraTogether(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "galera" if nodeid.split("::")[0] in GALERA_MODULES else super()._split_scope(nodeid)
+
+    return GaleraTogether(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    loose = [item.nodeid for item in items
+             if item.get_closest_marker("galera") and item.nodeid.split("::")[0] not in GALERA_MODULES]
+    if loose:
+        raise pytest.UsageError("Galera tests outside tests/conftest.py's GALERA_MODULES: " + ", ".join(loose))
+
+
 def _unavailable(reason: str):
     if IN_CI:
         pytest.fail(f"MariaDB is required under CI=true: {reason}", pytrace=False)
