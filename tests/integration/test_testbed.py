@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from testsupport.mariadb import MariaDBServer, find_mariadbd
+from testsupport.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,15 +50,6 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline:
             found.append(f"{entry.name}: {cmdline[:200]}")
     return found
-
-
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def count_rows(url: str, table: str) -> int:
@@ -138,7 +130,7 @@ def test_kill_then_start_recovers_committed_rows(server):
 
     server.kill()
     assert not server.running
-    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the killed server's process to be gone")
 
     server.start()
     assert count_rows(url, "t") == 2
@@ -157,7 +149,7 @@ def test_kill_and_cleanup_leave_no_process_or_files():
     finally:
         srv.cleanup()
     assert not folder.exists()
-    assert wait_until(lambda: not processes_mentioning(str(folder)), 10), processes_mentioning(str(folder))
+    wait_until(lambda: processes_mentioning(str(folder)), 10, "no process mentioning the folder", until=lambda found: not found)
 
 
 def test_server_does_not_outlive_a_killed_test_process():
