@@ -85,8 +85,40 @@ def mysql_admin_url():
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def mysql_schemas(mysql_admin_url):
+    """Databases holding the schema, built once and reused while a test leaves their schema as built
+    (testsupport/schema_pool.py): a fresh database and its 13 tables and view per test cost more."""
+    from testsupport.schema_pool import SchemaPool
+
+    def build(url: str) -> None:
+        engine = make_engine(url)
+        try:
+            init_schema(engine)
+        finally:
+            engine.dispose()
+
+    pool = SchemaPool(mysql_admin_url, build)
+    yield pool
+    pool.close()
+
+
+def _wants_schema(request) -> bool:
+    return bool({"db", "mysql_db"} & set(request.fixturenames))
+
+
 @pytest.fixture
-def mysql_url(mysql_admin_url):
+def mysql_url(request, mysql_admin_url):
+    """A database of its own for the test: holding the schema when the test takes ``db`` or
+    ``mysql_db`` (from ``mysql_schemas``), else empty and fresh (initdb, migrate, adoption tests)."""
+    if _wants_schema(request):
+        pool = request.getfixturevalue("mysql_schemas")
+        name = pool.acquire()
+        try:
+            yield pool.url_for(name)
+        finally:
+            pool.release(name)
+        return
     name = f"cs_{uuid.uuid4().hex[:12]}"
     admin = create_engine(mysql_admin_url)
     with admin.begin() as conn:
@@ -112,7 +144,8 @@ def db_url(request):
 
 def _schema_engine(url):
     engine = make_engine(url)
-    init_schema(engine)
+    if engine.dialect.name == "sqlite":
+        init_schema(engine)  # on MariaDB, mysql_url's database from mysql_schemas holds it already
     yield engine
     engine.dispose()
 

@@ -168,6 +168,64 @@ def test_server_does_not_outlive_a_killed_test_process():
     )
     assert child.returncode == -signal.SIGKILL, child.stderr
     folder, pid = child.stdout.split()
-    assert wait_until(lambda: not processes_mentioning(folder), 30), processes_mentioning(folder)
+    wait_until(lambda: processes_mentioning(folder), 30, "no process mentioning the folder", until=lambda found: not found)
     assert not Path(f"/proc/{pid}/cmdline").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert wait_until(lambda: not Path(folder).exists(), 10)
+    wait_until(lambda: not Path(folder).exists(), 10, "the temp folder to be removed")
+
+
+def test_the_schema_pool_hands_a_database_back_as_built_and_never_one_whose_schema_a_test_changed(mysql_admin_url):
+    """testsupport/schema_pool.py, on which every MariaDB test taking ``db`` or ``mysql_db`` relies:
+    a database handed out again has no row a previous test wrote, its AUTO_INCREMENTs start where a
+    fresh one's do and its schema rows are the fresh ones; one whose schema changed is dropped."""
+    from cancel_scanner.engine.db import init_schema, make_engine
+    from testsupport.schema_pool import SchemaPool
+
+    def build(url: str) -> None:
+        engine = make_engine(url)
+        init_schema(engine)
+        engine.dispose()
+
+    def snapshot(engine) -> tuple:
+        with engine.connect() as conn:
+            counts = {t: conn.execute(sa.text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
+                      for t in ("goods", "goods_order2", "req_order_ops", "refund_order")}
+            versions = conn.execute(sa.text("SELECT * FROM cancel_scanner_schema ORDER BY version")).all()
+        return counts, versions
+
+    pool = SchemaPool(mysql_admin_url, build, prefix="cs_pooltest_")
+    try:
+        first = pool.acquire()
+        engine = sa.create_engine(pool.url_for(first))
+        fresh = snapshot(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO goods (id, name, stock, sales) VALUES (1, 'g', 1, 1)"))
+            conn.execute(sa.text("INSERT INTO req_order_ops (order_id, op_type) VALUES (1, 'MERCHANT_CANCEL'), (2, 'MERCHANT_CANCEL')"))
+            conn.execute(sa.text("UPDATE cancel_scanner_schema SET applied_by = 'a test'"))
+        pool.release(first)  # the engine's connection is still open: the pool closes it
+
+        again = pool.acquire()
+        assert again == first and pool.stats == {"built": 1, "reused": 1, "dropped": 0}
+        engine = sa.create_engine(pool.url_for(again))
+        assert snapshot(engine) == fresh
+        with engine.begin() as conn:
+            new_id = conn.execute(sa.text("INSERT INTO req_order_ops (order_id, op_type) VALUES (3, 'MERCHANT_CANCEL')")).lastrowid
+            assert new_id == 1  # as in a fresh database
+            conn.execute(sa.text("ALTER TABLE refund_order DROP INDEX uk_refund_order_out_refund_no"))
+        engine.dispose()
+        pool.release(again)
+        assert pool.stats["dropped"] == 1
+
+        other = pool.acquire()
+        assert other != first and pool.stats["built"] == 2
+        engine = sa.create_engine(pool.url_for(other))
+        counts, versions = snapshot(engine)  # built later: its own applied_at
+        assert (counts, [v[:2] for v in versions]) == (fresh[0], [v[:2] for v in fresh[1]])
+        engine.dispose()
+        pool.release(other)
+    finally:
+        pool.close()
+    admin = sa.create_engine(mysql_admin_url)
+    with admin.connect() as conn:
+        left = conn.execute(sa.text("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'cs_pooltest%'")).all()
+    admin.dispose()
+    assert left == []
