@@ -22,6 +22,43 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ENV_MYSQL_URL = "CANCEL_SCANNER_TEST_MYSQL_URL"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (scripts/test): twice the cores. Most of a test's time is spent waiting on MariaDB,
+    a daemon in a subprocess, an HTTP round trip or a browser, not on this process's CPU."""
+    return 2 * len(os.sched_getaffinity(0))
+
+
+# The Galera tests share the session's one cluster (half a minute to start): one worker runs them all.
+# Their modules also carry pytest.mark.xdist_group("galera"), which --dist loadgroup alone would honour,
+# but pytest-xdist 3.8 marks a group by rewriting item._nodeid, which pytest 9 no longer reads; so the
+# scheduler below groups them by module.
+GALERA_MODULES = ("tests/acceptance/test_galera_cluster.py", "tests/integration/test_galera.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class GaleraTogether(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "galera" if nodeid.split("::")[0] in GALERA_MODULES else super()._split_scope(nodeid)
+
+    return GaleraTogether(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    loose = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("galera") and item.nodeid.split("::")[0] not in GALERA_MODULES
+    ]
+    if loose:
+        raise pytest.UsageError("Galera tests outside tests/conftest.py's GALERA_MODULES: " + ", ".join(loose))
+
+
 def _unavailable(reason: str):
     if IN_CI:
         pytest.fail(f"MariaDB is required under CI=true: {reason}", pytrace=False)
@@ -51,8 +88,40 @@ def mysql_admin_url():
         server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def mysql_schemas(mysql_admin_url):
+    """Databases holding the schema, built once and reused while a test leaves their schema as built
+    (testsupport/schema_pool.py): a fresh database and its 13 tables and view per test cost more."""
+    from testsupport.schema_pool import SchemaPool
+
+    def build(url: str) -> None:
+        engine = make_engine(url)
+        try:
+            init_schema(engine)
+        finally:
+            engine.dispose()
+
+    pool = SchemaPool(mysql_admin_url, build)
+    yield pool
+    pool.close()
+
+
+def _wants_schema(request) -> bool:
+    return bool({"db", "mysql_db"} & set(request.fixturenames))
+
+
 @pytest.fixture
-def mysql_url(mysql_admin_url):
+def mysql_url(request, mysql_admin_url):
+    """A database of its own for the test: holding the schema when the test takes ``db`` or
+    ``mysql_db`` (from ``mysql_schemas``), else empty and fresh (initdb, migrate, adoption tests)."""
+    if _wants_schema(request):
+        pool = request.getfixturevalue("mysql_schemas")
+        name = pool.acquire()
+        try:
+            yield pool.url_for(name)
+        finally:
+            pool.release(name)
+        return
     name = f"cs_{uuid.uuid4().hex[:12]}"
     admin = create_engine(mysql_admin_url)
     with admin.begin() as conn:
@@ -78,7 +147,8 @@ def db_url(request):
 
 def _schema_engine(url):
     engine = make_engine(url)
-    init_schema(engine)
+    if engine.dialect.name == "sqlite":
+        init_schema(engine)  # on MariaDB, mysql_url's database from mysql_schemas holds it already
     yield engine
     engine.dispose()
 
@@ -96,11 +166,13 @@ def mysql_db(mysql_url):
 
 
 @pytest.fixture
-def sandbox():
-    """The emulator and the real WeChat Pay client over HTTP; refunds succeed on their first poll."""
+def sandbox(key_material):
+    """The emulator and the real WeChat Pay client over HTTP; refunds succeed on their first poll.
+    On the session's keys (no test takes both this and the ``emulator`` fixture)."""
     from cancel_scanner.gateway.sandbox import start_sandbox
 
     sb = start_sandbox(
+        keys=key_material,
         success_delay=0,
         timeout=(2, 2),
         apply_qps=2000,

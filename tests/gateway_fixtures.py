@@ -9,16 +9,19 @@ test clock may be moved by hours without tripping the 300 s skew check.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cancel_scanner.gateway.emulator import Emulator
-from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
+from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material, write_key_material
 from cancel_scanner.gateway.sandbox import client_for
 from cancel_scanner.gateway.wechat import WeChatPayGateway
 
@@ -42,9 +45,24 @@ class FakeClock:
             self._now += seconds
 
 
+@functools.cache
+def session_keys() -> KeyMaterial:
+    """One set of key material for the whole test process: two 2048-bit RSA pairs cost a few tenths
+    of a second, and the sandboxes and emulators of a run number in the hundreds. A test that needs
+    keys other than these (a stranger's) still calls generate_key_material() itself."""
+    return generate_key_material()
+
+
+def session_keys_in(directory: Path) -> KeyMaterial:
+    """The session's keys written to ``directory`` as generate_key_material(directory) writes them,
+    with their paths (a live-mode daemon reads them from there)."""
+    keys = session_keys()
+    return replace(keys, paths=write_key_material(keys, Path(directory)))
+
+
 @pytest.fixture(scope="session")
 def key_material() -> KeyMaterial:
-    return generate_key_material()
+    return session_keys()
 
 
 @pytest.fixture

@@ -469,6 +469,10 @@ class MariaDBServer:
             # no resolveip/DNS lookup of the host name (can hang or fail on CI)
             "--skip-name-resolve",
             f"--user={user}",
+            # The bootstrap server's temporary tables in our folder, not the shared /tmp: two
+            # bootstraps at once (parallel test workers) failed there with "Unknown table
+            # 'mysql.tmp_proxies_priv'".
+            f"--tmpdir={self._require_folder() / 'tmp'}",
         ]
         with open(log, "wb") as out:
             try:

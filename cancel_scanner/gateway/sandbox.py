@@ -78,9 +78,13 @@ def start_sandbox(
     pay_query_qps: float | None = DEFAULT_PAY_QUERY_QPS,
     pay_close_qps: float | None = DEFAULT_PAY_CLOSE_QPS,
     qps_shared: bool = True,
+    keys: KeyMaterial | None = None,
 ) -> Sandbox:
-    """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both."""
-    keys = generate_key_material()
+    """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both.
+
+    New keys unless ``keys`` are given (the tests pass one set made per session).
+    """
+    keys = keys or generate_key_material()
     emulator = Emulator(
         keys,
         port=port,

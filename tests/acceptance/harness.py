@@ -28,8 +28,9 @@ from loguru import logger
 from sqlalchemy import Engine, text
 
 from cancel_scanner.gateway.emulator import Emulator, FaultPlan
-from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
+from cancel_scanner.gateway.keys import KeyMaterial
 from cancel_scanner.scanners import REGISTRY
+from tests.gateway_fixtures import session_keys_in
 from testsupport import shop
 from testsupport.processes import DaemonProcess, run_cli, write_config
 from testsupport.waiting import wait_until
@@ -80,7 +81,7 @@ class ExternalEmulator:
         query_qps: int | None = None,
     ) -> ExternalEmulator:
         """``latency``: (low, high) seconds every refund call takes (the emulator's own hook)."""
-        keys = generate_key_material(key_dir)
+        keys = session_keys_in(key_dir)
         emulator = Emulator(
             keys,
             host="127.0.0.1",

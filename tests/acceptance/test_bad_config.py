@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from tests.acceptance import harness
+from tests.gateway_fixtures import session_keys_in
 from testsupport import processes, shop
 from testsupport.waiting import wait_until
 
@@ -43,7 +44,7 @@ def leaked(output: str, keys: KeyMaterial) -> list[str]:
 
 @pytest.fixture
 def keys(tmp_path) -> KeyMaterial:
-    return generate_key_material(tmp_path / "keys")
+    return session_keys_in(tmp_path / "keys")
 
 
 def live_config(database_url: str, keys: KeyMaterial) -> dict[str, Any]:

@@ -17,7 +17,12 @@ from tests.acceptance import harness
 from testsupport import shop
 from testsupport.waiting import wait_until
 
-pytestmark = [pytest.mark.mysql, pytest.mark.galera, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.mysql,
+    pytest.mark.galera,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("galera"),
+]  # one worker, one cluster (scripts/test: --dist loadgroup)
 N = 240
 VICTIM = 1  # the node killed, and the daemon connected to it
 TAKEOVER_BOUND_SECONDS = 30  # takeover_seconds (10) + a heartbeat + a claim round, on two loaded cores

@@ -17,7 +17,11 @@ from cancel_scanner.engine.db import init_schema, make_engine
 from tests.flow import Clock, add_goods, add_order, request_cancel, rows, scalar, test_config
 from testsupport.waiting import wait_until
 
-pytestmark = [pytest.mark.galera, pytest.mark.mysql]
+pytestmark = [
+    pytest.mark.galera,
+    pytest.mark.mysql,
+    pytest.mark.xdist_group("galera"),
+]  # one worker, one cluster (scripts/test: --dist loadgroup)
 
 
 def fetch(url: str, sql: str, sync: bool = True):

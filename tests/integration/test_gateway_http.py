@@ -45,6 +45,7 @@ from cancel_scanner.gateway.keys import generate_key_material
 from cancel_scanner.gateway.transport import new_session, send_within
 from cancel_scanner.gateway.wechat import MAX_ANSWER_BYTES
 from tests.gateway_fixtures import build_gateway
+from testsupport.waiting import wait_until
 
 PAID = 1280
 
@@ -337,17 +338,6 @@ def test_paced_applies_from_several_threads_never_trip_the_limit(make_gateway, e
 # -- bounds: redirects, trickles, floods and deadlines ----------------------------------------
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    """Poll a condition the code under test offers no event for; False when the deadline passes first."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        tick.wait(0.002)
-    return True
-
-
 def vm_rss_mb() -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -585,7 +575,13 @@ def test_a_deadline_that_runs_out_during_the_pacing_wait_stops_the_call_before_i
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(gateway.apply, refund("R1", "O1"), deadline=lambda: lease_until[0])
         # Once R1 has booked the next slot (~0.53 s away), none is left within 0.6 s.
-        assert wait_until(lambda: gateway.calls_within("apply", 0.6) == 0, timeout=0.4)
+        wait_until(
+            lambda: gateway.calls_within("apply", 0.6),
+            5,
+            "R1 to book the next slot (none left within 0.6 s)",
+            until=lambda free: free == 0,
+            interval=0.002,
+        )
         lease_until[0] = time.monotonic()  # the lease on R1's row runs out while it waits
         result = pending.result(timeout=5)
 

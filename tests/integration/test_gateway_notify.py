@@ -26,6 +26,7 @@ import requests
 
 from cancel_scanner.gateway.contract import RefundRequest
 from cancel_scanner.gateway.notify import NOTIFY_PATH, NotifyServer
+from testsupport.waiting import wait_until
 
 DEADLINE_SECONDS = 10
 
@@ -208,15 +209,6 @@ THREAD_BOUND = 40
 SERVE_WITHIN_SECONDS = 5.0
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE_SECONDS, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
 def notify_address(server_url: str) -> tuple[str, int]:
     parts = urlsplit(server_url)
     return parts.hostname or "", parts.port or 80
@@ -309,7 +301,13 @@ def test_past_the_connection_cap_the_longest_idle_are_shed_and_a_notification_st
     idle = open_idle(notify_address(server.url), 40)
     try:
         assert established(idle, DEADLINE_SECONDS) == 40
-        assert wait_until(lambda: sum(peer_closed(s) for s in idle) >= 32), "the server did not shed past its cap"
+        wait_until(
+            lambda: sum(peer_closed(s) for s in idle),
+            DEADLINE_SECONDS,
+            "the server to shed past its cap (32 of 40 closed)",
+            until=lambda closed: closed >= 32,
+            interval=0.02,
+        )
         assert server.open_connections <= 8
         assert threading.active_count() == threads_before  # no thread per connection
 
@@ -321,7 +319,13 @@ def test_past_the_connection_cap_the_longest_idle_are_shed_and_a_notification_st
         for sock in idle:
             sock.close()
     # All but the emulator's kept-alive connection, which waits out the idle timeout (HTTP/1.1 keep-alive).
-    assert wait_until(lambda: server.open_connections <= 1), f"{server.open_connections} connections left"
+    wait_until(
+        lambda: server.open_connections,
+        DEADLINE_SECONDS,
+        "at most one connection left open",
+        until=lambda left: left <= 1,
+        interval=0.02,
+    )
 
 
 def test_a_silent_or_trickling_client_is_cut_off_after_the_idle_timeout_while_others_are_served(
@@ -360,7 +364,13 @@ def test_a_silent_or_trickling_client_is_cut_off_after_the_idle_timeout_while_ot
     trickler = threading.Thread(target=trickle, daemon=True)
     trickler.start()
     try:
-        assert wait_until(lambda: min(sent[1:]) >= 3)
+        wait_until(
+            lambda: min(sent[1:]),
+            DEADLINE_SECONDS,
+            "every trickler to have sent 3 bytes",
+            until=lambda n: n >= 3,
+            interval=0.02,
+        )
 
         apply_and_finish(make_gateway, emulator_clock, server.url)
         assert emulator.wait_for(lambda: attempts(emulator, "R1") == [204], DEADLINE_SECONDS)
@@ -529,8 +539,12 @@ def test_1500_idle_connections_under_a_1024_file_limit_cost_no_threads_and_a_not
 
         for sock in idle:
             sock.close()
-        assert wait_until(lambda: server.open_files() <= files_at_rest + 2), (
-            f"{server.open_files()} files still open after the clients left ({files_at_rest} at rest)"
+        wait_until(
+            server.open_files,
+            DEADLINE_SECONDS,
+            f"the files the clients held closed ({files_at_rest} at rest, 2 more allowed)",
+            until=lambda files: files <= files_at_rest + 2,
+            interval=0.02,
         )
         assert server.status("Threads") < THREAD_BOUND
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pymysql
@@ -14,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from testsupport.mariadb import MariaDBServer, find_mariadbd
+from testsupport.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,15 +49,6 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline:
             found.append(f"{entry.name}: {cmdline[:200]}")
     return found
-
-
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def count_rows(url: str, table: str) -> int:
@@ -138,7 +129,7 @@ def test_kill_then_start_recovers_committed_rows(server):
 
     server.kill()
     assert not server.running
-    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the killed server's process to be gone")
 
     server.start()
     assert count_rows(url, "t") == 2
@@ -157,7 +148,9 @@ def test_kill_and_cleanup_leave_no_process_or_files():
     finally:
         srv.cleanup()
     assert not folder.exists()
-    assert wait_until(lambda: not processes_mentioning(str(folder)), 10), processes_mentioning(str(folder))
+    wait_until(
+        lambda: processes_mentioning(str(folder)), 10, "no process mentioning the folder", until=lambda found: not found
+    )
 
 
 def test_server_does_not_outlive_a_killed_test_process():
@@ -174,6 +167,76 @@ def test_server_does_not_outlive_a_killed_test_process():
     child = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr
     folder, pid = child.stdout.split()
-    assert wait_until(lambda: not processes_mentioning(folder), 30), processes_mentioning(folder)
+    wait_until(
+        lambda: processes_mentioning(folder), 30, "no process mentioning the folder", until=lambda found: not found
+    )
     assert not Path(f"/proc/{pid}/cmdline").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert wait_until(lambda: not Path(folder).exists(), 10)
+    wait_until(lambda: not Path(folder).exists(), 10, "the temp folder to be removed")
+
+
+def test_the_schema_pool_hands_a_database_back_as_built_and_never_one_whose_schema_a_test_changed(mysql_admin_url):
+    """testsupport/schema_pool.py, on which every MariaDB test taking ``db`` or ``mysql_db`` relies:
+    a database handed out again has no row a previous test wrote, its AUTO_INCREMENTs start where a
+    fresh one's do and its schema rows are the fresh ones; one whose schema changed is dropped."""
+    from cancel_scanner.engine.db import init_schema, make_engine
+    from testsupport.schema_pool import SchemaPool
+
+    def build(url: str) -> None:
+        engine = make_engine(url)
+        init_schema(engine)
+        engine.dispose()
+
+    def snapshot(engine) -> tuple:
+        with engine.connect() as conn:
+            counts = {
+                t: conn.execute(sa.text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
+                for t in ("goods", "goods_order2", "req_order_ops", "refund_order")
+            }
+            versions = conn.execute(sa.text("SELECT * FROM cancel_scanner_schema ORDER BY version")).all()
+        return counts, versions
+
+    pool = SchemaPool(mysql_admin_url, build, prefix="cs_pooltest_")
+    try:
+        first = pool.acquire()
+        engine = sa.create_engine(pool.url_for(first))
+        fresh = snapshot(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO goods (id, name, stock, sales) VALUES (1, 'g', 1, 1)"))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO req_order_ops (order_id, op_type) VALUES (1, 'MERCHANT_CANCEL'), (2, 'MERCHANT_CANCEL')"
+                )
+            )
+            conn.execute(sa.text("UPDATE cancel_scanner_schema SET applied_by = 'a test'"))
+        pool.release(first)  # the engine's connection is still open: the pool closes it
+
+        again = pool.acquire()
+        assert again == first and pool.stats == {"built": 1, "reused": 1, "dropped": 0}
+        engine = sa.create_engine(pool.url_for(again))
+        assert snapshot(engine) == fresh
+        with engine.begin() as conn:
+            new_id = conn.execute(
+                sa.text("INSERT INTO req_order_ops (order_id, op_type) VALUES (3, 'MERCHANT_CANCEL')")
+            ).lastrowid
+            assert new_id == 1  # as in a fresh database
+            conn.execute(sa.text("ALTER TABLE refund_order DROP INDEX uk_refund_order_out_refund_no"))
+        engine.dispose()
+        pool.release(again)
+        assert pool.stats["dropped"] == 1
+
+        other = pool.acquire()
+        assert other != first and pool.stats["built"] == 2
+        engine = sa.create_engine(pool.url_for(other))
+        counts, versions = snapshot(engine)  # built later: its own applied_at
+        assert (counts, [v[:2] for v in versions]) == (fresh[0], [v[:2] for v in fresh[1]])
+        engine.dispose()
+        pool.release(other)
+    finally:
+        pool.close()
+    admin = sa.create_engine(mysql_admin_url)
+    with admin.connect() as conn:
+        left = conn.execute(
+            sa.text("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE 'cs_pooltest%'")
+        ).all()
+    admin.dispose()
+    assert left == []

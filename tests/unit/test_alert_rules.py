@@ -9,16 +9,9 @@ from cancel_scanner.alerts.rules import AlertBook, CallWindow, Reading
 from cancel_scanner.config import parse_config
 from cancel_scanner.engine.status import StageStatus, Status
 from cancel_scanner.scanners import REGISTRY
+from tests.gateway_fixtures import FakeClock
 
 T = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def snapshot(*stages: StageStatus, abnormal: int = 0, facts: int = 0, leader: bool = True):
@@ -35,7 +28,7 @@ def stage(name: str, *, failed: int = 0, oldest: float | None = None, pending: i
 
 class World:
     def __init__(self, cooldown: float = 600, **rules) -> None:
-        self.clock = Clock()
+        self.clock = FakeClock(1_000.0)
         self.calls = CallWindow(600, clock=self.clock)
         self.sent: list = []
         # As the daemon gets them: jobs.yaml's rules over the stages' own thresholds (parse_config).
@@ -92,10 +85,10 @@ def test_failures_that_leave_the_window_resolve_the_alert_even_without_new_calls
     w = World(gateway_failure_rate={"threshold": 0.5, "window_seconds": 60, "min_calls": 3})
     w.answers("retry_later", 5)
     w.read()
-    w.clock.t += 30
+    w.clock.advance(30)
     w.read()  # still inside the window
     assert w.states() == [("gateway_failure_rate", "firing", None)]
-    w.clock.t += 61
+    w.clock.advance(61)
     w.read()  # a whole window without a failure (and without calls)
     assert w.states()[-1] == ("gateway_failure_rate", "resolved", None)
 
@@ -104,11 +97,11 @@ def test_a_subject_flapping_within_the_cooldown_costs_two_messages_not_more():
     w = World(cooldown=600, rows_failed={"threshold": 1})
     for _ in range(5):
         w.read(snapshot(stage("submit_refund", failed=1)))
-        w.clock.t += 10
+        w.clock.advance(10)
         w.read(snapshot(stage("submit_refund", failed=0)))
-        w.clock.t += 10
+        w.clock.advance(10)
     assert w.states() == [("rows_failed", "firing", "submit_refund"), ("rows_failed", "resolved", "submit_refund")]
-    w.clock.t += 600  # the cooldown has passed: a new spell is news again
+    w.clock.advance(600)  # the cooldown has passed: a new spell is news again
     w.read(snapshot(stage("submit_refund", failed=2)))
     assert w.states()[-1] == ("rows_failed", "firing", "submit_refund") and w.sent[-1].value == 2
 
@@ -197,6 +190,6 @@ def test_what_wechat_did_that_is_not_recorded_here_fires_through_the_leader_and_
     assert w.sent == []
     w.read(snapshot(stage("close_unpaid"), facts=2))
     assert w.states() == [("channel_facts", "firing", None)] and "SELECT * FROM channel_fact" in w.sent[-1].summary
-    w.clock.t += 700
+    w.clock.advance(700)
     w.read(snapshot(stage("close_unpaid"), facts=0))
     assert w.states()[-1] == ("channel_facts", "resolved", None)

@@ -24,8 +24,10 @@ class Metrics:
         return b"cancel_scanner_pending_rows 0\n"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server():
+    """One server for the module: every test only reads from it, and a stop costs half a second
+    (serve_forever's poll interval), 28 times over when each test had its own."""
     page = lambda: PageView(snapshot=None, refresh_seconds=5, host="shop-1:1", now=0.0)  # noqa: E731
     srv = MonitoringServer(
         Metrics(), "127.0.0.1", 0, alive=lambda: True, db=None, gateway_ready=lambda: True, page=page, token=TOKEN
