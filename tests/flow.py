@@ -23,6 +23,16 @@ from testsupport import shop
 
 T0 = datetime(2026, 11, 1, 12, 0, 0)
 TABLES = ("goods", "goods_order2", "req_order_ops", "refund_order", "goods_order2_oplog")
+# The seven stages, in the order a cancel flows through them: what the registry, jobs.yaml and the summary list.
+STAGES_IN_FLOW_ORDER = (
+    "intake",
+    "close_unpaid",
+    "submit_refund",
+    "poll_refund",
+    "sync_result",
+    "restore_stock",
+    "decrement_sales",
+)
 
 FAST_JOBS = {
     "intake": {"batch_size": 50},

@@ -10,6 +10,7 @@ from cancel_scanner.config import load_config as _load_config
 from cancel_scanner.config import parse_config as _parse_config
 from cancel_scanner.engine.config import ConfigError
 from cancel_scanner.scanners import REGISTRY
+from tests.flow import STAGES_IN_FLOW_ORDER
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_ENV: dict[str, str] = {}
@@ -27,15 +28,7 @@ def test_the_shipped_jobs_yaml_is_valid_and_enables_all_six_stages():
     config = load_config(ROOT / "jobs.yaml", env=NO_ENV)
     assert config.wechat.mode == "sandbox"
     assert config.is_sqlite
-    assert [j.name for j in config.jobs.values() if j.enabled] == [
-        "intake",
-        "close_unpaid",
-        "submit_refund",
-        "poll_refund",
-        "sync_result",
-        "restore_stock",
-        "decrement_sales",
-    ]
+    assert [j.name for j in config.jobs.values() if j.enabled] == list(STAGES_IN_FLOW_ORDER)
     assert config.job("submit_refund").concurrency == 16
     assert config.job("poll_refund").poll_delays_seconds == (60, 300, 600, 1200, 1800)
 

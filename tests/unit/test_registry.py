@@ -6,19 +6,11 @@ import pytest
 
 from cancel_scanner.scanners import REGISTRY
 from cancel_scanner.scanners.intake import Intake
-from tests.flow import test_config
+from tests.flow import STAGES_IN_FLOW_ORDER, test_config
 
 
 def test_the_registry_lists_the_seven_stages_in_flow_order_with_their_kinds():
-    assert REGISTRY.names == (
-        "intake",
-        "close_unpaid",
-        "submit_refund",
-        "poll_refund",
-        "sync_result",
-        "restore_stock",
-        "decrement_sales",
-    )
+    assert REGISTRY.names == STAGES_IN_FLOW_ORDER
     assert [c.kind for c in REGISTRY.classes] == [
         "database",
         "gateway",
