@@ -228,6 +228,9 @@ PAID = {
     "amount": {"total": 500},
 }
 
+# "paid" without the fields a payment is booked from (transaction id, success time)
+PAID_WITHOUT_A_TRANSACTION = '{"out_trade_no":"SO1","trade_state":"SUCCESS","amount":{"total":500}}'
+
 
 @pytest.mark.parametrize(
     "call, status, body, kind, code",
@@ -236,13 +239,8 @@ PAID = {
         ("pay_close", 400, '{"code":"ORDER_CLOSED","message":"closed"}', CloseSent, "CLOSE_ANSWERED"),
         ("pay_close", 202, '{"code":"USER_PAYING","message":"paying"}', RetryLater, "USER_PAYING"),
         ("pay_close", 400, '{"code":"ORDERPAID","message":"paid"}', Permanent, "ORDERPAID"),
-        (
-            "pay_close",
-            200,
-            '{"trade_state":"CLOSED"}',
-            UnknownOutcome,
-            "BAD_RESPONSE",
-        ),  # not WeChat's 204: proves nothing
+        # not WeChat's 204: proves nothing
+        ("pay_close", 200, '{"trade_state":"CLOSED"}', UnknownOutcome, "BAD_RESPONSE"),
         ("pay_close", 302, "", UnknownOutcome, "REDIRECT"),
         ("pay_close", 500, '{"code":"SYSTEM_ERROR","message":"x"}', UnknownOutcome, "SYSTEM_ERROR"),
         ("pay_query", 404, '{"code":"ORDER_NOT_EXIST","message":"no"}', Permanent, "ORDER_NOT_EXIST"),
@@ -251,14 +249,7 @@ PAID = {
         ("pay_query", 429, '{"code":"FREQUENCY_LIMITED","message":"x"}', UnknownOutcome, "FREQUENCY_LIMITED"),
         ("pay_query", 200, "not json", UnknownOutcome, "BAD_RESPONSE"),
         ("pay_query", 200, '{"out_trade_no":"SO1","trade_state":"PAID_MAYBE"}', UnknownOutcome, "BAD_RESPONSE"),
-        # "paid" without the fields a payment is booked from is not believed
-        (
-            "pay_query",
-            200,
-            '{"out_trade_no":"SO1","trade_state":"SUCCESS","amount":{"total":500}}',
-            UnknownOutcome,
-            "BAD_RESPONSE",
-        ),
+        ("pay_query", 200, PAID_WITHOUT_A_TRANSACTION, UnknownOutcome, "BAD_RESPONSE"),  # not believed
     ],
 )
 def test_a_payment_answer_is_classified_by_what_it_proves(call, status, body, kind, code):
