@@ -145,21 +145,29 @@ def test_an_age_under_a_day_is_refused():
 # --- locks: never stalled past the bound ---------------------------------------------------------------
 
 
+def prune_while_another_transaction(db, holds):
+    """One prune run while another connection's open transaction holds what ``holds(connection)`` took;
+    that transaction rolls back after. Returns (the prune's report, the seconds it took)."""
+    holder = db.connect()
+    holder.begin()
+    holds(holder)
+    try:
+        started = time.monotonic()
+        report = prune(db, older_than=AGE, batch_size=BATCH)
+        return report, time.monotonic() - started
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 @pytest.mark.mysql
 def test_a_finished_row_another_transaction_holds_is_skipped_at_once_and_moved_by_the_next_run(mysql_db):
     db = mysql_db
     seeded = seed(db)
     before = snapshot(db)
-    holder = db.connect()
-    holder.begin()
-    holder.execute(text("SELECT id FROM req_order_ops WHERE id = 12 FOR UPDATE"))
-    try:
-        started = time.monotonic()
-        report = prune(db, older_than=AGE, batch_size=BATCH)
-        took = time.monotonic() - started
-    finally:
-        holder.rollback()
-        holder.close()
+    report, took = prune_while_another_transaction(
+        db, lambda holder: holder.execute(text("SELECT id FROM req_order_ops WHERE id = 12 FOR UPDATE"))
+    )
     assert not any(t.put_off for t in report.tables)  # SKIP LOCKED: not one batch waited
     assert took < LOCK_WAIT_SECONDS + 3
     reqs = report.tables[0]
@@ -177,17 +185,12 @@ def test_a_lock_prune_must_wait_for_puts_its_batch_off_within_the_bound(mysql_db
     db = mysql_db
     seeded = seed(db)
     before = snapshot(db)
-    holder = db.connect()
-    holder.begin()
-    row = holder.execute(select(models.req_order_ops).where(models.req_order_ops.c.id == 12)).mappings().one()
-    holder.execute(insert(models.req_order_ops_archive).values(**row))
-    try:
-        started = time.monotonic()
-        report = prune(db, older_than=AGE, batch_size=BATCH)
-        took = time.monotonic() - started
-    finally:
-        holder.rollback()
-        holder.close()
+
+    def archive_row_12(holder):
+        row = holder.execute(select(models.req_order_ops).where(models.req_order_ops.c.id == 12)).mappings().one()
+        holder.execute(insert(models.req_order_ops_archive).values(**row))
+
+    report, took = prune_while_another_transaction(db, archive_row_12)
     reqs = {t.table: t for t in report.tables}["req_order_ops"]
     assert 2 * LOCK_WAIT_SECONDS - 0.5 < took < 2 * LOCK_WAIT_SECONDS + 3  # two waits, each cut at the bound
     assert (reqs.put_off, reqs.left_locked) == (2, BATCH)  # the batch of ids 8..14: tried, tried again, left
