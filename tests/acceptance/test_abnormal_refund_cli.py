@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
-from loguru import logger
 from sqlalchemy import text
 
 from tests.acceptance import harness
 from testsupport import shop
+from testsupport.logs import log_lines
 from testsupport.processes import run_cli, write_config
 from testsupport.waiting import wait_until
 
@@ -41,6 +41,30 @@ def every_table_as_text(db) -> str:
         return "\n".join(repr(tuple(r)) for name in names for r in conn.execute(text(f"SELECT * FROM `{name}`")))
 
 
+def to_the_users_card(daemon, emu, refund_id, card, before=(), after=()):
+    """`cancel-scanner abnormal-refund ROW --to user-bank-card` with the card's details in a file, as an
+    operator types it, against the daemon's config, from the card file's directory; ``before`` and ``after``
+    are further options."""
+    return run_cli(
+        [
+            *before,
+            "abnormal-refund",
+            str(refund_id),
+            "--to",
+            "user-bank-card",
+            "--bank-type",
+            "ICBC_DEBIT",
+            "--bank-details-file",
+            str(card),
+            *after,
+        ],
+        config=daemon.config_path,
+        env=emu.env(),
+        cwd=card.parent,
+        timeout=60,
+    )
+
+
 @pytest.mark.mysql
 @pytest.mark.slow
 def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_and_leaves_no_trace(
@@ -48,19 +72,11 @@ def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_
 ):
     emu = external_emulators(tmp_path / "keys", success_delay=0.2)
     harness.loud_emulator_logs()  # this test reads what the emulator logs, too
-    emulator_lines: list[str] = []
-    sink = logger.add(
-        lambda m: emulator_lines.append(str(m)),
-        level="DEBUG",
-        format="{message} {extra} {exception}",
-        filter="cancel_scanner.gateway.emulator",
-        diagnose=False,
-    )
     opened: list[tuple] = []
     emu.emulator.on_bank_details = lambda number, bank_type, account, name: opened.append(
         (number, bank_type, account == ACCOUNT, name == HOLDER)
     )
-    try:
+    with log_lines("{message} {extra} {exception}", filter="cancel_scanner.gateway.emulator") as emulator_lines:
         shop.insert_goods(mysql_db, {1: (10, 5)})
         order = shop.order_row(ORDER_ID, goods_id=1, quantity=QUANTITY, amount=PAID_FEN)
         shop.insert_orders(mysql_db, [order])
@@ -80,49 +96,13 @@ def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_
         )[0]
         card = details_file(tmp_path, f"{ACCOUNT}\n{HOLDER}\n")
 
-        done = run_cli(
-            [
-                "--log-level",
-                "DEBUG",
-                "abnormal-refund",
-                str(refund["id"]),
-                "--to",
-                "user-bank-card",
-                "--bank-type",
-                "ICBC_DEBIT",
-                "--bank-details-file",
-                str(card),
-                "--by",
-                "ops-lee",
-            ],
-            config=daemon.config_path,
-            env=emu.env(),
-            cwd=tmp_path,
-            timeout=60,
-        )
+        done = to_the_users_card(daemon, emu, refund["id"], card, ["--log-level", "DEBUG"], ["--by", "ops-lee"])
 
         assert done.returncode == 0, done.stderr
         assert f"refund row {refund['id']} ({refund['out_refund_no']}): sent on to the user's bank card" in done.stdout
         harness.wait_settled(mysql_db, SETTLE_SECONDS, [daemon])
-        again = run_cli(
-            [
-                "abnormal-refund",
-                str(refund["id"]),
-                "--to",
-                "user-bank-card",
-                "--bank-type",
-                "ICBC_DEBIT",
-                "--bank-details-file",
-                str(card),
-            ],
-            config=daemon.config_path,
-            env=emu.env(),
-            cwd=tmp_path,
-            timeout=60,
-        )
+        again = to_the_users_card(daemon, emu, refund["id"], card)
         harness.stop_all(daemon, timeout=EXIT_BOUND_SECONDS)
-    finally:
-        logger.remove(sink)
 
     # The daemon followed it to SUCCESS and finished the order; the money moved once, to the card.
     assert again.returncode == 2

@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from loguru import logger
 from sqlalchemy import text
 
 from cancel_scanner.engine.runner import Hooks
@@ -30,6 +29,7 @@ from cancel_scanner.operations.abnormal import (
     check_request,
 )
 from tests.flow import add_goods, add_order, refunds, request_cancel, row, rows
+from testsupport.logs import log_lines
 
 ACCOUNT = "6222020200112233445"
 HOLDER = "李小龙"
@@ -106,12 +106,8 @@ def every_row_as_text(db) -> str:
 @pytest.fixture
 def captured_logs():
     """Every log record of the test, message and bound fields, at DEBUG."""
-    lines: list[str] = []
-    sink = logger.add(
-        lambda m: lines.append(str(m)), level="DEBUG", format="{message} {extra} {exception}", diagnose=False
-    )
-    yield lines
-    logger.remove(sink)
+    with log_lines("{message} {extra} {exception}") as lines:
+        yield lines
 
 
 # -- the way through -------------------------------------------------------------------------------

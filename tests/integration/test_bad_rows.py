@@ -25,6 +25,7 @@ from cancel_scanner.scanners import build_stages
 from tests.flow import T0, row, rows, scalar
 from testsupport import shop
 from testsupport.bad_rows import BAD, CASES, Case, drop_shop_trigger, orders_ready_for, shop_trigger
+from testsupport.logs import log_lines
 
 ORDERS = list(range(1, 11))  # BAD (5) among them
 GOOD = len(ORDERS) - 1
@@ -311,14 +312,8 @@ def test_a_refund_wechat_accepted_never_ends_as_refused_and_is_recorded_once_the
 @pytest.fixture
 def logs():
     """Every log record of the test, with its traceback if any, as the daemon's sink would write it."""
-    from loguru import logger
-
-    lines: list[str] = []
-    sink = logger.add(
-        lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message} {exception}", diagnose=False
-    )
-    yield lines
-    logger.remove(sink)
+    with log_lines("{level} {message} {exception}") as lines:
+        yield lines
 
 
 BAD_NUMBERS = ["SO 000005", "订单000005", "SO.000005", "SO/000005", "SO?000005", "SO5"]
