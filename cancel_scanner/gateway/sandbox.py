@@ -11,17 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cancel_scanner.engine.clock import MIN_CALL_SECONDS
 from cancel_scanner.gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from cancel_scanner.gateway.wechat import WeChatPayGateway
-from cancel_scanner.gateway.wechat_config import (
-    DEFAULT_APPLY_QPS,
-    DEFAULT_PAY_CLOSE_QPS,
-    DEFAULT_PAY_QUERY_QPS,
-    DEFAULT_QUERY_QPS,
-    DEFAULT_TIMEOUT_SECONDS,
-)
 
 
 @dataclass(frozen=True)
@@ -67,22 +59,15 @@ def start_sandbox(
     faults: FaultPlan | None = None,
     port: int = 0,
     *,
-    apply_qps: float | None = DEFAULT_APPLY_QPS,
-    query_qps: float | None = DEFAULT_QUERY_QPS,
     emulator_apply_qps: int | None = APPLY_QPS,
     emulator_query_qps: int | None = QUERY_QPS,
-    timeout: tuple[float, float] = DEFAULT_TIMEOUT_SECONDS,
-    notify_url: str | None = None,
-    reuse_connections: bool = True,
-    min_call_seconds: float = MIN_CALL_SECONDS,
-    pay_query_qps: float | None = DEFAULT_PAY_QUERY_QPS,
-    pay_close_qps: float | None = DEFAULT_PAY_CLOSE_QPS,
-    qps_shared: bool = True,
     keys: KeyMaterial | None = None,
+    **client_options: Any,
 ) -> Sandbox:
     """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both.
 
-    New keys unless ``keys`` are given (the tests pass one set made per session).
+    New keys unless ``keys`` are given (the tests pass one set made per session). ``client_options``
+    are WeChatPayGateway's (apply_qps, timeout, notify_url, qps_shared, ...), with its defaults.
     """
     keys = keys or generate_key_material()
     emulator = Emulator(
@@ -94,19 +79,7 @@ def start_sandbox(
         query_qps=emulator_query_qps,
     ).start()
     try:
-        gateway = client_for(
-            keys,
-            emulator.base_url,
-            timeout=timeout,
-            apply_qps=apply_qps,
-            query_qps=query_qps,
-            notify_url=notify_url,
-            reuse_connections=reuse_connections,
-            min_call_seconds=min_call_seconds,
-            pay_query_qps=pay_query_qps,
-            pay_close_qps=pay_close_qps,
-            qps_shared=qps_shared,
-        )
+        gateway = client_for(keys, emulator.base_url, **client_options)
     except BaseException:
         emulator.stop()
         raise

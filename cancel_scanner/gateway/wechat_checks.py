@@ -7,22 +7,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cancel_scanner.engine.net import is_safe_gateway_url
-from cancel_scanner.gateway.bills import (  # noqa: F401 - GZIP_MAGIC and _gunzip_within are read from here too
-    BILL_ENDPOINTS,
-    GZIP_MAGIC,
-    BillClient,
-    _gunzip_within,
-    classify_bill,
-)
-from cancel_scanner.gateway.calls import (  # noqa: F401 - MAX_ANSWER_BYTES is read from here too
-    MAX_ANSWER_BYTES,
-    TRANSPORT,
-    Binding,
-    Budget,
-    Capture,
-    install_transport,
-    log_call,
-)
 from cancel_scanner.gateway.contract import (
     ABNORMAL_REFUND_TYPES,
     ABNORMAL_TO_USER,
