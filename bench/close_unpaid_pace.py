@@ -100,8 +100,7 @@ def main() -> int:
     report.target(
         "each trade closed once", f"{len(sandbox.emulator.closed_trades)} trades", f"{orders}, once each", closed_once
     )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ slow the next (``wait_for_purge`` also waits for InnoDB's purge to catch up betw
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pymysql
@@ -19,6 +21,18 @@ from testsupport.mariadb import MariaDBServer
 
 PURGE_TIMEOUT_SECONDS = 180.0
 PURGE_IDLE_HISTORY = 200  # undo log records left that we call "purged"
+
+
+@dataclass
+class Seeded:
+    """A fresh database with its rows: its URL, an engine, a raw connection, what the seeding returned and
+    how long it took."""
+
+    url: str
+    engine: Engine
+    conn: pymysql.connections.Connection
+    result: Any
+    seconds: float
 
 
 class Bench:
@@ -47,6 +61,21 @@ class Bench:
         init_schema(engine)
         self._engines.append(engine)
         return url, engine
+
+    def seeded(
+        self, name: str, seed: Callable[[pymysql.connections.Connection], Any], what: str, label: str = ""
+    ) -> Seeded:
+        """A new database ``name`` (as ``database``) and its raw connection, ``seed(conn)`` run on it; says
+        what it seeds and how long that took, each line led by ``[label]`` if given."""
+        url, engine = self.database(name)
+        conn = self.connect(name)
+        lead = f"[{label}] " if label else ""
+        print(f"{lead}seeding {what}", flush=True)
+        started = time.perf_counter()
+        result = seed(conn)
+        seconds = time.perf_counter() - started
+        print(f"{lead}seeded in {seconds:.0f} s", flush=True)
+        return Seeded(url, engine, conn, result, seconds)
 
     def drop(self, name: str) -> None:
         self.server.drop_database(name)

@@ -215,8 +215,7 @@ def main() -> int:
         f"below by (N / 150 applies/s) + 60 s = {n / 150 + 60:.0f} s; the emulator makes refunds SUCCESS "
         f"{SANDBOX_SUCCESS_DELAY_SECONDS:.0f} s after acceptance, 20 ms per call."
     )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

@@ -311,8 +311,7 @@ def main() -> int:
         f"waiting poll_delays_seconds[0]. N = {n:,} rather than 100,000: the stages are paced, so the rate is "
         "reached within seconds and 100,000 would only add 13 minutes of the same."
     )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,11 @@ def main() -> int:
     reps = args.reps or (50 if args.quick else 300)
     seconds = args.seconds or (20.0 if args.quick else 60.0)
     report = reporting.Report(f"Idle cost and table growth: {big_rows:,} vs {small_rows:,} finished rows per table")
+    report.note(
+        "Questions counts every statement a client sent (SELECT, COMMIT, ROLLBACK, SET ...); pool pre-pings are "
+        "COM_PING and not counted. The idle daemon's statements per minute are (stages x 60 / interval) x "
+        "statements per empty poll."
+    )
 
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
@@ -124,14 +129,13 @@ def main() -> int:
         report.machine_before = reporting.machine(bench.server)
         dbs = {}
         for label, rows in (("small", small_rows), ("big", big_rows)):
-            name = f"bench_idle_{label}"
-            url, engine = bench.database(name)
-            conn = bench.connect(name)
-            print(f"[{label}] seeding {rows:,} finished rows per table", flush=True)
-            started = time.perf_counter()
-            seed_finished(conn, rows)
-            print(f"[{label}] seeded in {time.perf_counter() - started:.0f} s", flush=True)
-            dbs[label] = (url, engine, conn)
+            db = bench.seeded(
+                f"bench_idle_{label}",
+                lambda conn, rows=rows: seed_finished(conn, rows),
+                f"{rows:,} finished rows per table",
+                label,
+            )
+            dbs[label] = (db.url, db.engine, db.conn)
         database.wait_for_purge(dbs["big"][2])
 
         # 1. EXPLAIN / ANALYZE of every polling query
@@ -245,13 +249,7 @@ def main() -> int:
         f"<= {POLL_RATIO_TARGET:.0f} x",
         max(r[3] for r in poll_rows) <= POLL_RATIO_TARGET,
     )
-    report.note(
-        "Questions counts every statement a client sent (SELECT, COMMIT, ROLLBACK, SET ...); pool pre-pings are "
-        "COM_PING and not counted. The idle daemon's statements per minute are (stages x 60 / interval) x "
-        "statements per empty poll."
-    )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

@@ -106,8 +106,7 @@ def main() -> int:
         "the engine's compiled cache is SQLAlchemy's LRU of 500 statements per engine; a statement whose shape depends "
         "on the batch (CASE id WHEN ... with one bound parameter per row) takes one entry per distinct size."
     )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

@@ -152,8 +152,7 @@ def main() -> int:
             worst < migrate.LOCK_WAIT_SECONDS,
         )
         conn.close()
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

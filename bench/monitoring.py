@@ -449,16 +449,15 @@ def main() -> int:
         dbs, ranges = {}, {}
         seeded = []
         for label, orders in (("small", small_orders), ("big", big_orders)):
-            name = f"bench_monitoring_{label}"
-            url, engine = bench.database(name)
-            conn = bench.connect(name)
-            print(f"[{label}] seeding {orders:,} orders ({BACKLOG_ROWS} of them the backlog)", flush=True)
-            started = time.perf_counter()
-            ranges[label] = seed_orders(conn, orders)
-            took = time.perf_counter() - started
-            seeded.append(f"{orders:,} orders in {took:.0f} s")
-            print(f"[{label}] seeded in {took:.0f} s", flush=True)
-            dbs[label] = (url, engine, conn)
+            db = bench.seeded(
+                f"bench_monitoring_{label}",
+                lambda conn, orders=orders: seed_orders(conn, orders),
+                f"{orders:,} orders ({BACKLOG_ROWS} of them the backlog)",
+                label,
+            )
+            ranges[label] = db.result
+            seeded.append(f"{orders:,} orders in {db.seconds:.0f} s")
+            dbs[label] = (db.url, db.engine, db.conn)
         database.wait_for_purge(dbs["big"][2])
         config = configs.sandbox(dbs["small"][0])
         stages = build_stages(config)
@@ -688,8 +687,7 @@ def main() -> int:
         + ", ".join(f"{b.name} {b.rows}" for b in BACKLOG)
         + ". The time of a refresh excludes reading the database's clock (one SELECT before each call)."
     )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,11 @@ def main() -> int:
     report = reporting.Report(
         f"prune: {rows:,} finished orders ({rows:,} rows in each of {', '.join(TABLES)}) while the shop writes"
     )
+    report.note(
+        "Each measurement on a fresh database of the same server (testsupport/mariadb.py's settings:"
+        " innodb_flush_log_at_trx_commit=2, 256 MB buffer pool); purge waited for after seeding. The first"
+        " batch of each table is moved in-process (for EXPLAIN) before the timed run, which moves the rest."
+    )
 
     speed_rows, latency_rows, explain_rows, lock_rows = [], [], [], []
     rates, ratios, all_indexed, worst_max = {}, {}, True, 0.0
@@ -178,12 +183,10 @@ def main() -> int:
         report.machine_before = reporting.machine(bench.server)
         for batch in sizes:
             name = f"bench_prune_{batch}"
-            url, engine = bench.database(name)
-            conn = bench.connect(name)
-            print(f"[batch {batch}] seeding {rows:,} finished orders", flush=True)
-            started = time.perf_counter()
-            seed_finished_old(conn, rows)
-            print(f"[batch {batch}] seeded in {time.perf_counter() - started:.0f} s", flush=True)
+            db = bench.seeded(
+                name, lambda conn: seed_finished_old(conn, rows), f"{rows:,} finished orders", f"batch {batch}"
+            )
+            url, engine, conn = db.url, db.engine, db.conn
             database.wait_for_purge(conn)
 
             for row in explain_one_batch(engine, conn, batch):
@@ -309,13 +312,7 @@ def main() -> int:
         "index for every statement",
         all_indexed,
     )
-    report.note(
-        "Each measurement on a fresh database of the same server (testsupport/mariadb.py's settings:"
-        " innodb_flush_log_at_trx_commit=2, 256 MB buffer pool); purge waited for after seeding. The first"
-        " batch of each table is moved in-process (for EXPLAIN) before the timed run, which moves the rest."
-    )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

@@ -283,13 +283,12 @@ def main() -> int:
 
     with database.Bench() as bench:
         report.machine_before = reporting.machine(bench.server)
-        name = "bench_reconcile"
-        _url, engine = bench.database(name)
-        conn = bench.connect(name)
-        print(f"seeding {day_refunds:,} refunds of {bill_date} and {older:,} older", flush=True)
-        started = time.perf_counter()
-        seed_refunds(conn, day_refunds, older, bill_date)
-        print(f"seeded in {time.perf_counter() - started:.0f} s", flush=True)
+        db = bench.seeded(
+            "bench_reconcile",
+            lambda conn: seed_refunds(conn, day_refunds, older, bill_date),
+            f"{day_refunds:,} refunds of {bill_date} and {older:,} older",
+        )
+        engine, conn = db.engine, db.conn
         database.wait_for_purge(conn)
 
         # (a) reading the bill
@@ -482,8 +481,7 @@ def main() -> int:
         " All runs on the same database, each replacing the day's rows; the two instrumented runs came first and"
         " warmed the buffer pool (testsupport/mariadb.py's 256 MB)."
     )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 def _stats(took: list[float], rows: int) -> list:

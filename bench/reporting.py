@@ -115,10 +115,12 @@ class Report:
             lines.append("")
         return "\n".join(lines) + "\n"
 
-    def save(self, args: argparse.Namespace) -> None:
+    def save(self, args: argparse.Namespace) -> int:
+        """Appends this report where ``args`` say (nowhere with --no-results). Returns the script's exit
+        status, 0: a target not met is a figure to report, not a failure of the run."""
         path = results_path(args)
         if path is None:
-            return
+            return 0
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with open(path, "a", encoding="utf-8") as f:
@@ -126,6 +128,7 @@ class Report:
                 f.write("# Benchmark results\n\nAppended by the scripts in bench/ (`bench/run`); newest last.\n\n")
             f.write(self.markdown(command_line()))
         print(f"\nappended to {path}", flush=True)
+        return 0
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

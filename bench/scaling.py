@@ -1054,8 +1054,7 @@ def main() -> int:
         )
     if cluster_missing:
         report.note(f"cluster not measured: this machine lacks {cluster_missing} (`bash scripts/test` installs it)")
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

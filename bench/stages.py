@@ -215,6 +215,12 @@ def main() -> int:
     )
     fleet = f", {args.daemons} daemons at once" if args.daemons > 1 else ""
     report = reporting.Report(f"Database stages: {n:,} rows each ({durability}{fleet})")
+    report.note(
+        "ceiling: one UPDATE of the two flag columns per batch of `batch` ids, autocommit, on a copy of the table; "
+        "baseline: SELECT a batch of ready ids, then UPDATE + COMMIT per row, on another copy; "
+        "daemon: `cancel-scanner run` with only that stage enabled (jobs.yaml defaults), rate = (rows - one batch) / "
+        "(last updated_at - first updated_at) of the flipped rows."
+    )
 
     rows = []
     peak = 0.0
@@ -313,14 +319,7 @@ def main() -> int:
         f"<= {PEAK_RSS_TARGET_MB:.0f} MB",
         peak <= PEAK_RSS_TARGET_MB,
     )
-    report.note(
-        "ceiling: one UPDATE of the two flag columns per batch of `batch` ids, autocommit, on a copy of the table; "
-        "baseline: SELECT a batch of ready ids, then UPDATE + COMMIT per row, on another copy; "
-        "daemon: `cancel-scanner run` with only that stage enabled (jobs.yaml defaults), rate = (rows - one batch) / "
-        "(last updated_at - first updated_at) of the flipped rows."
-    )
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

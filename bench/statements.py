@@ -120,8 +120,7 @@ def main() -> int:
             )
             conn.close()
             bench.drop(name)
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":

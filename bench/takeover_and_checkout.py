@@ -737,8 +737,7 @@ def main() -> int:
                 ]
             )
     report.table("Summary", ["figure", "value"], rows)
-    report.save(args)
-    return 0
+    return report.save(args)
 
 
 if __name__ == "__main__":
