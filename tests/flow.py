@@ -34,6 +34,17 @@ STAGES_IN_FLOW_ORDER = (
     "decrement_sales",
 )
 
+# An order's oplog events, in order, when its first refund was closed and an operator's reissue succeeded
+# (stock and sales follow, one event each).
+REISSUED_REFUND_EVENTS = (
+    "CANCELLED",
+    "REFUND_SUBMITTED",
+    "REFUND_FAILED",
+    "REFUND_REISSUED#2",
+    "REFUND_SUBMITTED#2",
+    "REFUND_SUCCEEDED#2",
+)
+
 FAST_JOBS = {
     "intake": {"batch_size": 50},
     "close_unpaid": {"batch_size": 40, "concurrency": 8, "retry_delays_seconds": [1, 2, 4], "lease_seconds": 60},

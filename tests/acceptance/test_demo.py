@@ -39,16 +39,15 @@ REJECTED_CODES = (
 def run_demo(cwd: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8", "TMPDIR": str(cwd), **(env or {})}
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "cancel_scanner.cli", "demo", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=TIMEOUT_SECONDS,
-    )
+    result = run_command([sys.executable, "-m", "cancel_scanner.cli", "demo", *args], cwd, full_env)
     return result, time.monotonic() - started
+
+
+def run_command(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``command`` run to its end (at most TIMEOUT_SECONDS), its output captured as UTF-8 text."""
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT_SECONDS
+    )
 
 
 def refund_line(summary: str, status: str) -> tuple[int, int]:
@@ -176,15 +175,7 @@ def test_the_hint_the_demo_prints_runs_as_printed_from_the_repository_root(tmp_p
     env = {k: v for k, v in os.environ.items() if k != "CANCEL_SCANNER_DB_URL"}
     env["PATH"] = "/usr/bin:/bin"  # as a newcomer's shell: the virtual environment is not on it
     env["TMPDIR"] = str(tmp_path)
-    demo = subprocess.run(
-        [os.path.relpath(script, REPO), "demo", "--orders", "12", "--seed", "7"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=TIMEOUT_SECONDS,
-    )
+    demo = run_command([os.path.relpath(script, REPO), "demo", "--orders", "12", "--seed", "7"], REPO, env)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     hint = re.search(r"^  (CANCEL_SCANNER_DB_URL=\S+ .+ status)$", demo.stdout, re.MULTILINE)
     assert hint, demo.stdout

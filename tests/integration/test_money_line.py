@@ -49,6 +49,15 @@ def submit(world, runner=None):
         runner.close()
 
 
+def submit_every_attempt(world) -> None:
+    """submit_refund run once more than its max_attempts, a minute apart: every retry a row has, and one beyond."""
+    runner = world.runner()
+    for _ in range(world.config.job("submit_refund").max_attempts + 1):
+        runner.run_stage("submit_refund", world.clock.now)
+        world.clock.advance(60)
+    runner.close()
+
+
 def submit_row(world, order_id: int):
     return refunds(world.db)[order_id]
 
@@ -138,11 +147,7 @@ def test_an_unknown_outcome_is_queried_before_the_row_is_given_up(world):
     """Timeouts and 5xx are re-applied with the same number; the last try asks WeChat's record first."""
     number = cancelled(world, 708)
     world.emulator.fail_next(number, "503", times=1000, after_commit=True)  # created at the first apply
-    runner = world.runner()
-    for _ in range(world.config.job("submit_refund").max_attempts + 1):
-        runner.run_stage("submit_refund", world.clock.now)
-        world.clock.advance(60)
-    runner.close()
+    submit_every_attempt(world)
 
     refund = submit_row(world, 708)
     assert (refund["submit_scanned"], refund["submit_success"], refund["last_error"]) == (1, 1, None)
@@ -155,11 +160,7 @@ def test_a_number_whose_answers_stay_unknown_ends_outcome_unknown_never_rejected
     """Only when the queries cannot tell either (they fail too) does a row end OUTCOME_UNKNOWN."""
     number = cancelled(world, 706)
     world.emulator.fail_next(number, "503", times=1000, after_commit=True, call="any")
-    runner = world.runner()
-    for _ in range(world.config.job("submit_refund").max_attempts + 1):
-        runner.run_stage("submit_refund", world.clock.now)
-        world.clock.advance(60)
-    runner.close()
+    submit_every_attempt(world)
 
     refund = submit_row(world, 706)
     assert (refund["submit_scanned"], refund["submit_success"]) == (1, 0)

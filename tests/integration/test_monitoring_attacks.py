@@ -42,12 +42,17 @@ def _seed_finished(conn) -> None:
         )
 
 
+def default_runner(db):
+    """The stages and a Runner over ``db`` with the default configuration (and no gateway): (stages, runner)."""
+    config = parse_config({"database_url": str(db.url)}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+    stages = REGISTRY.build(config)
+    return stages, Runner(db, config, stages, None)
+
+
 @pytest.mark.mysql
 def test_a_snapshot_reads_no_table_whole_and_counts_the_leases_this_process_holds(mysql_db):
     db = mysql_db
-    config = parse_config({"database_url": str(db.url)}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
-    stages = REGISTRY.build(config)
-    runner = Runner(db, config, stages, None)
+    stages, runner = default_runner(db)
     owner = runner.owner
     with db.begin() as conn:
         _seed_finished(conn)
@@ -109,9 +114,7 @@ def test_stopping_the_watcher_does_not_wait_for_a_reading_stuck_on_the_database(
     from testsupport.waiting import wait_until
 
     db = mysql_db
-    config = parse_config({"database_url": str(db.url)}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
-    stages = REGISTRY.build(config)
-    runner = Runner(db, config, stages, None)
+    stages, runner = default_runner(db)
     blocker = db.connect()
     blocker.exec_driver_sql("LOCK TABLES refund_order WRITE")
     watcher = Watcher(db, stages, runner, 15, takeover_seconds=10)
