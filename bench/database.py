@@ -9,7 +9,7 @@ slow the next (``wait_for_purge`` also waits for InnoDB's purge to catch up betw
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 
 from cancel_scanner.engine.db import init_schema, make_engine
 from testsupport.mariadb import MariaDBServer
+from testsupport.processes import DaemonProcess, process_cpu_seconds
 
 PURGE_TIMEOUT_SECONDS = 180.0
 PURGE_IDLE_HISTORY = 200  # undo log records left that we call "purged"
@@ -93,6 +94,44 @@ def sql(conn: pymysql.connections.Connection, statement: str, params: Any = None
     with conn.cursor() as cur:
         cur.execute(statement, params)
         return list(cur.fetchall()) if cur.description else []
+
+
+def status_counters(conn: pymysql.connections.Connection, names: Iterable[str]) -> dict[str, int]:
+    """The server's global status counters ``names`` (one SHOW GLOBAL STATUS, itself a Question)."""
+    listed = ", ".join(f"'{name}'" for name in names)
+    return {k: int(v) for k, v in sql(conn, f"SHOW GLOBAL STATUS WHERE Variable_name IN ({listed})")}
+
+
+@dataclass
+class Spent:
+    """What a daemon and the server spent over a window, per minute: the status counters (Questions less
+    our own SHOW GLOBAL STATUS) and the CPU seconds of each process."""
+
+    seconds: float  # the window, as measured
+    per_minute: dict[str, float]
+    daemon_cpu: float
+    server_cpu: float
+
+
+def spent_while(
+    conn: pymysql.connections.Connection,
+    counters: Sequence[str],
+    daemon: DaemonProcess,
+    server: MariaDBServer,
+    seconds: float,
+) -> Spent:
+    """Sleeps ``seconds`` and returns what ``daemon`` and ``server`` spent meanwhile (counters read on ``conn``)."""
+
+    def reading() -> tuple[dict[str, int], float, float, float]:
+        return status_counters(conn, counters), daemon.cpu_seconds(), process_cpu_seconds(server.pid), time.monotonic()
+
+    before, cpu_d, cpu_s, t0 = reading()
+    time.sleep(seconds)
+    after, cpu_d1, cpu_s1, t1 = reading()
+    per_minute = 60.0 / (t1 - t0)
+    delta = {k: (after[k] - before[k]) * per_minute for k in counters}
+    delta["Questions"] -= 1 * per_minute  # our own SHOW GLOBAL STATUS
+    return Spent(t1 - t0, delta, (cpu_d1 - cpu_d) * per_minute, (cpu_s1 - cpu_s) * per_minute)
 
 
 def scalar(conn: pymysql.connections.Connection, statement: str, params: Any = None) -> Any:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import OUT_DIR, configs, database, reporting, seed
 from bench.emulator_server import EmulatorProcess
-from testsupport.processes import DaemonProcess, process_cpu_seconds
+from testsupport.processes import DaemonProcess
 
 POLL_RATIO_TARGET = 2.0
 FULL_SCANS = ("ALL", "index")
@@ -90,11 +90,6 @@ def time_empty_polls(runners: dict, stages: list[str], reps: int, warmup: int = 
                 if rep >= warmup:
                     times[(db, stage)].append(took)
     return times
-
-
-def counters(conn) -> dict[str, int]:
-    names = ", ".join(f"'{c}'" for c in COUNTERS)
-    return {k: int(v) for k, v in database.sql(conn, f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")}
 
 
 def main() -> int:
@@ -205,31 +200,17 @@ def main() -> int:
             raw = {"database_url": big_url, "wechat": emulator.wechat(), "jobs": configs.jobs()}
             with DaemonProcess(OUT_DIR, raw, emulator.env(), name="idle") as daemon:
                 time.sleep(6)  # past start-up: every stage has polled a few times
-                before, cpu_d, cpu_s, t0 = (
-                    counters(big_conn),
-                    daemon.cpu_seconds(),
-                    process_cpu_seconds(bench.server.pid),
-                    time.monotonic(),
-                )
-                time.sleep(seconds)
-                after, cpu_d1, cpu_s1, t1 = (
-                    counters(big_conn),
-                    daemon.cpu_seconds(),
-                    process_cpu_seconds(bench.server.pid),
-                    time.monotonic(),
-                )
+                spent = database.spent_while(big_conn, COUNTERS, daemon, bench.server, seconds)
                 rss = daemon.memory_mb()
-        per_minute = 60.0 / (t1 - t0)
-        delta = {k: (after[k] - before[k]) * per_minute for k in COUNTERS}
-        delta["Questions"] -= 1 * per_minute  # our own SHOW GLOBAL STATUS
+        delta = spent.per_minute
         report.table(
-            f"Idle daemon on {big_rows:,} finished rows per table, observed {t1 - t0:.0f} s (per minute)",
+            f"Idle daemon on {big_rows:,} finished rows per table, observed {spent.seconds:.0f} s (per minute)",
             ["figure", "per minute"],
             [
                 ["statements (Questions)", delta["Questions"]],
                 *[[k, delta[k]] for k in COUNTERS[1:]],
-                ["daemon CPU seconds", (cpu_d1 - cpu_d) * per_minute],
-                ["mariadbd CPU seconds", (cpu_s1 - cpu_s) * per_minute],
+                ["daemon CPU seconds", spent.daemon_cpu],
+                ["mariadbd CPU seconds", spent.server_cpu],
                 ["daemon RSS MB (now / peak)", f"{rss['VmRSS']:.0f} / {rss['VmHWM']:.0f}"],
             ],
         )

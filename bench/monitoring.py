@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import OUT_DIR, configs, database, reporting, seed
 from bench.emulator_server import EmulatorProcess
-from testsupport.processes import DaemonProcess, process_cpu_seconds
+from testsupport.processes import DaemonProcess
 from testsupport.waiting import wait_until
 
 REFRESH_TARGET_MS = 50.0
@@ -344,11 +344,6 @@ class Scraper:
             self._stop.wait(SCRAPE_SECONDS)
 
 
-def counters(conn) -> dict[str, int]:
-    names = ", ".join(f"'{c}'" for c in COUNTERS)
-    return {k: int(v) for k, v in database.sql(conn, f"SHOW GLOBAL STATUS WHERE Variable_name IN ({names})")}
-
-
 def listening_port(daemon: DaemonProcess) -> int:
     """The port monitoring.listen 127.0.0.1:0 got, from the daemon's "listening" log record."""
     found = wait_until(
@@ -373,20 +368,8 @@ def idle_window(
         daemon = stack.enter_context(DaemonProcess(OUT_DIR, raw, emulator.env(), name=name))
         scraper = stack.enter_context(Scraper(listening_port(daemon))) if monitoring else None
         time.sleep(SETTLE_SECONDS)
-        before, cpu_d, cpu_s, t0 = (
-            counters(conn),
-            daemon.cpu_seconds(),
-            process_cpu_seconds(bench.server.pid),
-            time.monotonic(),
-        )
         seen_before = set(scraper.refreshed) if scraper else set()
-        time.sleep(seconds)
-        after, cpu_d1, cpu_s1, t1 = (
-            counters(conn),
-            daemon.cpu_seconds(),
-            process_cpu_seconds(bench.server.pid),
-            time.monotonic(),
-        )
+        spent = database.spent_while(conn, COUNTERS, daemon, bench.server, seconds)
         rss = daemon.memory_mb()
         if scraper:
             scraped = {
@@ -395,15 +378,12 @@ def idle_window(
                 "refreshes": len(scraper.refreshed - seen_before),
                 "body": scraper.last_body,
             }
-    per_minute = 60.0 / (t1 - t0)
-    delta = {k: (after[k] - before[k]) * per_minute for k in COUNTERS}
-    delta["Questions"] -= 1 * per_minute  # our own SHOW GLOBAL STATUS
     return {
         "monitoring": monitoring,
-        "seconds": t1 - t0,
-        "per_minute": delta,
-        "daemon_cpu": (cpu_d1 - cpu_d) * per_minute,
-        "server_cpu": (cpu_s1 - cpu_s) * per_minute,
+        "seconds": spent.seconds,
+        "per_minute": spent.per_minute,
+        "daemon_cpu": spent.daemon_cpu,
+        "server_cpu": spent.server_cpu,
         "rss": rss["VmRSS"],
         **scraped,
     }
