@@ -37,8 +37,7 @@ def main() -> int:
     orders = args.orders or (150 if args.quick else 600)
     reporting.quiet_logging()
     report = reporting.Report(f"close_unpaid: {orders} unpaid cancels against a pace of {args.close_qps:g} closes/s")
-    with Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with Bench(report=report) as bench:
         url, db = bench.database("close_pace")
         sandbox = start_sandbox(
             success_delay=0,

@@ -16,6 +16,7 @@ from typing import Any
 import pymysql
 from sqlalchemy import Engine
 
+from bench import reporting
 from cancel_scanner.engine.db import init_schema, make_engine
 from testsupport.mariadb import MariaDBServer
 from testsupport.processes import DaemonProcess, process_cpu_seconds
@@ -39,13 +40,16 @@ class Seeded:
 class Bench:
     """One throwaway MariaDB for a whole script; a fresh database per measurement."""
 
-    def __init__(self, durable: bool = False) -> None:
+    def __init__(self, durable: bool = False, report: reporting.Report | None = None) -> None:
         # durable: fsync the redo log at every commit (production); default: as the tests run it
         self.server = MariaDBServer(fast=not durable)
         self._engines: list[Engine] = []
+        self._report = report  # its machine is read once the server is up
 
     def __enter__(self) -> Bench:
         self.server.start()
+        if self._report is not None:
+            self._report.machine_before = reporting.machine(self.server)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,6 +136,21 @@ def spent_while(
     delta = {k: (after[k] - before[k]) * per_minute for k in counters}
     delta["Questions"] -= 1 * per_minute  # our own SHOW GLOBAL STATUS
     return Spent(t1 - t0, delta, (cpu_d1 - cpu_d) * per_minute, (cpu_s1 - cpu_s) * per_minute)
+
+
+def explain(conn: pymysql.connections.Connection, statement: str, params: Any) -> tuple[list[dict], list[dict]]:
+    """EXPLAIN's and ANALYZE's rows of one statement, each row a dict by column name."""
+
+    def rows(cur: Any) -> list[dict]:
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    with conn.cursor() as cur:
+        cur.execute("EXPLAIN " + statement, params)
+        plan = rows(cur)
+        cur.execute("ANALYZE " + statement, params)
+        analyzed = rows(cur)
+    return plan, analyzed
 
 
 def scalar(conn: pymysql.connections.Connection, statement: str, params: Any = None) -> Any:

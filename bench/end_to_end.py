@@ -55,10 +55,9 @@ def main() -> int:
     report = reporting.Report(f"End to end: {n:,} requests at once, then {trials} single requests on an idle daemon")
 
     with (
-        database.Bench() as bench,
+        database.Bench(report=report) as bench,
         EmulatorProcess(success_delay=SANDBOX_SUCCESS_DELAY_SECONDS, log_name="e2e-emulator") as emulator,
     ):
-        report.machine_before = reporting.machine(bench.server)
         url, _engine = bench.database("bench_e2e")
         conn = bench.connect("bench_e2e")
         seed.goods(conn)

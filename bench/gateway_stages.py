@@ -178,8 +178,10 @@ def main() -> int:
         f"Gateway stages: {n:,} refunds, {args.latency * 1000:.0f} ms per call, limits {WECHAT_APPLY_QPS}/{WECHAT_QUERY_QPS} QPS{settings}"
     )
 
-    with database.Bench() as bench, EmulatorProcess(latency=args.latency, log_name="gateway-emulator") as emulator:
-        report.machine_before = reporting.machine(bench.server)
+    with (
+        database.Bench(report=report) as bench,
+        EmulatorProcess(latency=args.latency, log_name="gateway-emulator") as emulator,
+    ):
         rtt = latency_check(emulator)
         print(f"one call, sequential: {rtt * 1000:.1f} ms (emulator latency {args.latency * 1000:.0f} ms)", flush=True)
         url, _engine = bench.database("bench_gateway")

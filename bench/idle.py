@@ -65,17 +65,6 @@ def polling_queries(config, engine):
         yield name, str(compiled), compiled.params
 
 
-def explain(conn, statement: str, params: dict) -> tuple[list[dict], list[dict]]:
-    with conn.cursor() as cur:
-        cur.execute("EXPLAIN " + statement, params)
-        names = [d[0] for d in cur.description]
-        plan = [dict(zip(names, r)) for r in cur.fetchall()]
-        cur.execute("ANALYZE " + statement, params)
-        names = [d[0] for d in cur.description]
-        analyzed = [dict(zip(names, r)) for r in cur.fetchall()]
-    return plan, analyzed
-
-
 def time_empty_polls(runners: dict, stages: list[str], reps: int, warmup: int = 20) -> dict:
     """Seconds per empty run_stage, by (database, stage); databases and stages interleaved."""
     times = {(db, s): [] for db in runners for s in stages}
@@ -120,8 +109,7 @@ def main() -> int:
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
-    with database.Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with database.Bench(report=report) as bench:
         dbs = {}
         for label, rows in (("small", small_rows), ("big", big_rows)):
             db = bench.seeded(
@@ -139,7 +127,7 @@ def main() -> int:
         for label, (url, engine, conn) in dbs.items():
             config = configs.sandbox(url)
             for stage, statement, params in polling_queries(config, engine):
-                plan, analyzed = explain(conn, statement, params)
+                plan, analyzed = database.explain(conn, statement, params)
                 scans = [r for r in plan if r["type"] in FULL_SCANS]
                 all_indexed &= not scans
                 plans.append(

@@ -54,8 +54,7 @@ def main() -> int:
     from cancel_scanner.scanners import build_stages
 
     rows, peak = [], 0.0
-    with database.Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with database.Bench(report=report) as bench:
         for stage in [s for s in args.stages.split(",") if s]:
             rng = random.Random(args.seed)
             sizes = [rng.randint(1, MAX_BATCH) for _ in range(batches)]

@@ -97,8 +97,7 @@ def main() -> int:
     orders = args.orders or (100_000 if args.quick else 1_000_000)
     reporting.quiet_logging()
     report = reporting.Report(f"migrate adopting a shop's goods_order2 of {orders:,} orders while the shop inserts")
-    with Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with Bench(report=report) as bench:
         url = bench.server.create_database("adopt")
         conn = bench.connect("adopt")
         seeded = time.monotonic()

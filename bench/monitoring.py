@@ -284,13 +284,7 @@ def explain(conn, statement: str, params: object) -> tuple[list[dict], list[dict
     """EXPLAIN's and ANALYZE's rows of one statement, and the statement with its parameters in."""
     with conn.cursor() as cur:
         shown = cur.mogrify(statement, params)
-        cur.execute("EXPLAIN " + statement, params)
-        names = [d[0] for d in cur.description]
-        plan = [dict(zip(names, r)) for r in cur.fetchall()]
-        cur.execute("ANALYZE " + statement, params)
-        names = [d[0] for d in cur.description]
-        analyzed = [dict(zip(names, r)) for r in cur.fetchall()]
-    return plan, analyzed, shown
+    return (*database.explain(conn, statement, params), shown)
 
 
 def summarize(sql_text: str, width: int = 110) -> str:
@@ -424,8 +418,7 @@ def main() -> int:
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
-    with database.Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with database.Bench(report=report) as bench:
         dbs, ranges = {}, {}
         seeded = []
         for label, orders in (("small", small_orders), ("big", big_orders)):

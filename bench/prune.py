@@ -179,8 +179,7 @@ def main() -> int:
 
     speed_rows, latency_rows, explain_rows, lock_rows = [], [], [], []
     rates, ratios, all_indexed, worst_max = {}, {}, True, 0.0
-    with database.Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with database.Bench(report=report) as bench:
         for batch in sizes:
             name = f"bench_prune_{batch}"
             db = bench.seeded(

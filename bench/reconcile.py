@@ -281,8 +281,7 @@ def main() -> int:
         plain = make_bill(bill_date, day_refunds, off_by_a_fen)
         bills[label] = (plain, gzip.compress(plain, compresslevel=GZIP_LEVEL, mtime=0), hashlib.sha1(plain).hexdigest())
 
-    with database.Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with database.Bench(report=report) as bench:
         db = bench.seeded(
             "bench_reconcile",
             lambda conn: seed_refunds(conn, day_refunds, older, bill_date),

@@ -905,8 +905,7 @@ def main() -> int:
     server: dict[str, dict[int, Drain]] = {}
     wire_counts: dict[str, tuple[Batch, Batch]] = {}
     with EmulatorProcess(log_name="scaling-emulator") as emulator:
-        with database.Bench() as bench:
-            report.machine_before = reporting.machine(bench.server)
+        with database.Bench(report=report) as bench:
             for stage in stages:
                 batch = configs.jobs()[stage]["batch_size"]
                 daemon_batch, by_hand = capture_batches(bench, stage, batch)

@@ -224,8 +224,10 @@ def main() -> int:
 
     rows = []
     peak = 0.0
-    with database.Bench(durable=args.durable) as bench, EmulatorProcess(log_name="stages-emulator") as emulator:
-        report.machine_before = reporting.machine(bench.server)
+    with (
+        database.Bench(durable=args.durable, report=report) as bench,
+        EmulatorProcess(log_name="stages-emulator") as emulator,
+    ):
         for stage in stages:
             spec = SPECS[stage]
             batch = configs.jobs()[stage]["batch_size"]

@@ -64,8 +64,7 @@ def main() -> int:
     from cancel_scanner.engine.runner import Runner
     from cancel_scanner.scanners import build_stages
 
-    with database.Bench() as bench:
-        report.machine_before = reporting.machine(bench.server)
+    with database.Bench(report=report) as bench:
         for stage in [s for s in args.stages.split(",") if s]:
             name = f"bench_stmt_{stage}"
             url, engine = bench.database(name)

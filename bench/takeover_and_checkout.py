@@ -667,8 +667,7 @@ def main() -> int:
     key_dir = Path(tempfile.mkdtemp(prefix="bench-takeover-keys-"))
     t_fig = c_fig = None
     try:
-        with database.Bench() as bench:
-            report.machine_before = reporting.machine(bench.server)
+        with database.Bench(report=report) as bench:
             emu = harness.ExternalEmulator.start(key_dir, latency=LATENCY_SECONDS, success_delay=0.2)
             try:
                 if args.only in (None, "takeover"):
