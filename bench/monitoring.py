@@ -202,6 +202,16 @@ def park_backlog(conn, first_backlog_id: int) -> None:
 # --- 1, 2. one refresh, one status, their EXPLAIN -----------------------------------------------
 
 
+def daemon_refresh(engine, stages: dict, now, lease_owner: tuple):
+    """take_snapshot as the daemon's watcher takes it: with its owner and lease columns, so its leases are counted."""
+    from cancel_scanner.monitoring.snapshot import take_snapshot
+
+    owner, leases = lease_owner
+    return take_snapshot(
+        engine, stages, now, takeover_seconds=TAKEOVER_SECONDS, owner=owner, lease_columns=leases, wall_now=time.time()
+    )
+
+
 def time_refreshes(targets: dict, stages: dict, lease_owner: tuple, reps: int, warmup: int) -> dict:
     """Seconds per take_snapshot (without an owner; and as the daemon's watcher takes it, with ``lease_owner``:
     its owner and lease columns, so its leases are counted) and per collect_status, by (database, what);
@@ -210,20 +220,11 @@ def time_refreshes(targets: dict, stages: dict, lease_owner: tuple, reps: int, w
     from cancel_scanner.engine.status import collect_status
     from cancel_scanner.monitoring.snapshot import take_snapshot
 
-    owner, leases = lease_owner
     calls = {
         "refresh": lambda engine, now: take_snapshot(
             engine, stages, now, takeover_seconds=TAKEOVER_SECONDS, owner=None, wall_now=time.time()
         ),
-        "daemon refresh": lambda engine, now: take_snapshot(
-            engine,
-            stages,
-            now,
-            takeover_seconds=TAKEOVER_SECONDS,
-            owner=owner,
-            lease_columns=leases,
-            wall_now=time.time(),
-        ),
+        "daemon refresh": lambda engine, now: daemon_refresh(engine, stages, now, lease_owner),
         "status": lambda engine, now: collect_status(engine, stages, now),
     }
     times = {(db, what): [] for db in targets for what in calls}
@@ -255,7 +256,6 @@ def snapshot_statements(engine, stages: dict, lease_owner: tuple) -> list[tuple[
     from sqlalchemy import event
 
     from cancel_scanner.engine.clock import DbClock
-    from cancel_scanner.monitoring.snapshot import take_snapshot
 
     now = DbClock(engine)()
     sent: list[tuple[str, object]] = []
@@ -263,18 +263,9 @@ def snapshot_statements(engine, stages: dict, lease_owner: tuple) -> list[tuple[
     def capture(_conn, _cursor, statement, parameters, _context, _executemany):
         sent.append((statement, parameters))
 
-    owner, leases = lease_owner
     event.listen(engine, "before_cursor_execute", capture)
     try:
-        take_snapshot(
-            engine,
-            stages,
-            now,
-            takeover_seconds=TAKEOVER_SECONDS,
-            owner=owner,
-            lease_columns=leases,
-            wall_now=time.time(),
-        )
+        daemon_refresh(engine, stages, now, lease_owner)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     return sent

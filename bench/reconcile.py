@@ -194,6 +194,11 @@ class Capture:
         self.count[kind] = self.count.get(kind, 0) + 1
 
 
+def explain_row(archive: str, kind: str, row: dict) -> list:
+    """One row of the EXPLAIN table: the archive's size, the statement's kind, what EXPLAIN says, the verdict."""
+    return [archive, kind, row["table"], row["type"], row["key"], row["rows"], row["Extra"] or "", verdict(kind, row)]
+
+
 def verdict(kind: str, row: dict) -> str:
     """FULL SCAN for a table read whole; an IN list of 1,000 values or more is a temporary table of its own
     (MariaDB's in_predicate_conversion_threshold), read whole by design, then each value by an index."""
@@ -341,18 +346,7 @@ def main() -> int:
                 if verdict(kind, row) == "FULL SCAN":
                     # the empty archive: a full scan of nothing, judged again below on a full archive
                     (empty_scans if "archive" in str(row["table"]) else scans).append(f"{kind} (type {row['type']})")
-                explain_rows.append(
-                    [
-                        "empty",
-                        kind,
-                        row["table"],
-                        row["type"],
-                        row["key"],
-                        row["rows"],
-                        row["Extra"] or "",
-                        verdict(kind, row),
-                    ]
-                )
+                explain_rows.append(explain_row("empty", kind, row))
 
         # (b), (c): the timed runs
         clean_t, result = timed(lambda: run("clean"), args.reps)
@@ -386,18 +380,7 @@ def main() -> int:
             for row in plan:
                 if verdict(kind, row) == "FULL SCAN":
                     scans.append(f"{kind} ({row['table']}, type {row['type']}, archive of {older:,})")
-                explain_rows.append(
-                    [
-                        f"{older:,}",
-                        kind,
-                        row["table"],
-                        row["type"],
-                        row["key"],
-                        row["rows"],
-                        row["Extra"] or "",
-                        verdict(kind, row),
-                    ]
-                )
+                explain_rows.append(explain_row(f"{older:,}", kind, row))
         conn.close()
 
     med = reporting.median
