@@ -41,9 +41,9 @@ def every_table_as_text(db) -> str:
         return "\n".join(repr(tuple(r)) for name in names for r in conn.execute(text(f"SELECT * FROM `{name}`")))
 
 
-def to_the_users_card(daemon, emu, refund_id, card, before=(), after=()):
+def to_the_users_card(config, env, refund_id, card, before=(), after=()):
     """`cancel-scanner abnormal-refund ROW --to user-bank-card` with the card's details in a file, as an
-    operator types it, against the daemon's config, from the card file's directory; ``before`` and ``after``
+    operator types it, with ``config``, from the card file's directory; ``before`` and ``after``
     are further options."""
     return run_cli(
         [
@@ -58,8 +58,8 @@ def to_the_users_card(daemon, emu, refund_id, card, before=(), after=()):
             str(card),
             *after,
         ],
-        config=daemon.config_path,
-        env=emu.env(),
+        config=config,
+        env=env,
         cwd=card.parent,
         timeout=60,
     )
@@ -96,12 +96,14 @@ def test_an_abnormal_refund_sent_to_the_users_bank_card_through_the_cli_settles_
         )[0]
         card = details_file(tmp_path, f"{ACCOUNT}\n{HOLDER}\n")
 
-        done = to_the_users_card(daemon, emu, refund["id"], card, ["--log-level", "DEBUG"], ["--by", "ops-lee"])
+        done = to_the_users_card(
+            daemon.config_path, emu.env(), refund["id"], card, ["--log-level", "DEBUG"], ["--by", "ops-lee"]
+        )
 
         assert done.returncode == 0, done.stderr
         assert f"refund row {refund['id']} ({refund['out_refund_no']}): sent on to the user's bank card" in done.stdout
         harness.wait_settled(mysql_db, SETTLE_SECONDS, [daemon])
-        again = to_the_users_card(daemon, emu, refund["id"], card)
+        again = to_the_users_card(daemon.config_path, emu.env(), refund["id"], card)
         harness.stop_all(daemon, timeout=EXIT_BOUND_SECONDS)
 
     # The daemon followed it to SUCCESS and finished the order; the money moved once, to the card.
@@ -187,22 +189,7 @@ def test_a_bad_bank_details_file_is_refused_in_one_line_that_never_echoes_it(tmp
     config, env = live_config
     card = details_file(tmp_path, content)
 
-    done = run_cli(
-        [
-            "abnormal-refund",
-            "7",
-            "--to",
-            "user-bank-card",
-            "--bank-type",
-            "ICBC_DEBIT",
-            "--bank-details-file",
-            str(card),
-        ],
-        config=config,
-        env=env,
-        cwd=tmp_path,
-        timeout=60,
-    )
+    done = to_the_users_card(config, env, 7, card)
 
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and "refused BAD_BANK_DETAILS" in done.stderr and says in done.stderr
