@@ -10,6 +10,11 @@ A caller with a deadline books a slot only if it is early enough
 (`try_acquire`): a slot booked by a call that then gives up is a slot every
 later caller waits behind for nothing.
 
+Slots are booked ahead, so callers that wake late (a busy machine, a pause) would start together:
+each start is therefore also checked against the starts of the last second (``WINDOW_SECONDS``),
+and no more than floor(qps) + 1 start in any such window, which is what strict pacing lands in
+one of WeChat's one-second windows at most. A late caller waits for the window instead of bursting.
+
 The pace can change while running (`set_qps`: N processes share one
 merchant's limit, and N changes) and can be held (`hold_until`: no slot
 before an instant, while the other processes learn of a newcomer).
@@ -20,11 +25,18 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 # Slots are sums of float intervals; without a little slack, a slot that lands
 # exactly on a horizon could be counted out by rounding.
 _EPSILON = 1e-9
+WINDOW_SECONDS = 1.0  # WeChat counts a merchant's calls per second
+
+
+def window_cap(qps: float | None) -> int | None:
+    """Starts allowed in any one-second window at ``qps``: what strict pacing lands there at most."""
+    return None if qps is None else math.floor(qps + _EPSILON) + 1
 
 
 class RateLimiter:
@@ -48,6 +60,7 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._next_slot: float | None = None
         self._not_before = -math.inf
+        self._starts: deque[float] = deque()  # the start times of the last WINDOW_SECONDS
 
     def set_qps(self, qps: float | None) -> None:
         """Pace at `qps` from the next free slot on (slots already booked keep their time)."""
@@ -90,7 +103,25 @@ class RateLimiter:
         wait = slot - now
         if wait > 0:
             self._sleep(wait)
+        self._start_within_window(slot)
         return slot
+
+    def _start_within_window(self, slot: float) -> None:
+        """Record this start; a caller that woke after its slot (and may start together with others that
+        did) first waits while the last second already holds the window's cap of starts."""
+        while True:
+            with self._lock:
+                cap = window_cap(self.qps)
+                now = self._clock()
+                while self._starts and self._starts[0] <= now - WINDOW_SECONDS:
+                    self._starts.popleft()
+                if cap is None:
+                    return
+                if now <= slot + _EPSILON or len(self._starts) < cap:  # on time: strict pacing keeps the cap
+                    self._starts.append(now)
+                    return
+                wait = self._starts[0] + WINDOW_SECONDS - now
+            self._sleep(max(wait, _EPSILON))
 
     def calls_within(self, seconds: float) -> int | None:
         """How many calls could still start within `seconds` from now, after the slots already booked.

@@ -232,3 +232,58 @@ def test_a_hold_starts_no_call_before_its_end_and_lifting_it_frees_the_slots_aga
     assert limiter.acquire() == pytest.approx(102.0)  # a caller without a deadline waits the hold out
     limiter.hold_until(float("-inf"))
     assert limiter.acquire() == pytest.approx(102.1)
+
+
+class LateWaker(FakeTime):
+    """A busy machine: the callers that booked slots 0.2 s apart are all woken at once, seconds after
+    their slots. Until ``wake_all``, a sleep blocks; after it, a sleep moves the clock on by its length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = threading.Condition()
+        self.sleeping = 0
+        self.awake = False
+
+    def clock(self) -> float:
+        with self.changed:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self.changed:
+            if self.awake:
+                self.now += seconds
+                return
+            self.sleeping += 1
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.awake, timeout=10)
+
+    def wake_all(self, at: float) -> None:
+        with self.changed:
+            self.now, self.awake = at, True
+            self.changed.notify_all()
+
+
+def test_callers_that_wake_late_together_still_start_no_more_than_the_pace_lands_in_one_second():
+    fake = LateWaker()
+    limiter = RateLimiter(5, clock=fake.clock, sleep=fake.sleep)
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        limiter.acquire()
+        with lock:
+            starts.append(fake.clock())  # the instant the call leaves
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    with fake.changed:  # every caller but the first (its slot is now) asleep until its slot
+        assert fake.changed.wait_for(lambda: fake.sleeping == 19, timeout=10)
+    fake.wake_all(at=100.0 + 10)  # all of them, 10 s late: every slot (100.0 .. 103.8) is past
+    for thread in threads:
+        thread.join(10)
+
+    assert len(starts) == 20
+    # Strict pacing at 5/s lands at most 6 starts in any one-second window (floor(5) + 1); waking late
+    # together must not turn the booked slots into a burst.
+    assert max_in_any_second(starts) <= 6
