@@ -57,6 +57,37 @@ def pytest_collection_modifyitems(config, items):
     ]
     if loose:
         raise pytest.UsageError("Galera tests outside tests/conftest.py's GALERA_MODULES: " + ", ".join(loose))
+    # Tests marked `alone` last: by then the other workers are on short tests, so the wait for them is short.
+    items.sort(key=lambda item: item.get_closest_marker("alone") is not None)
+
+
+@pytest.fixture(autouse=True)
+def _alone_when_marked(request, tmp_path_factory):
+    """A test marked ``alone`` runs while no other test of this session runs in another worker: what it
+    asserts is a rate (no 429 from the emulator's one-second windows), which the other workers' load on
+    a two-core machine would bend without anything being wrong. Every other test holds a shared lock
+    for its run; an ``alone`` one takes it exclusively, after a turnstile that stops new tests starting
+    meanwhile (flock gives a waiting writer no priority of its own). Nothing to do without pytest-xdist."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent  # every worker's basetemp is a folder of one run's
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(shared / "alone.turnstile", "a+") as turnstile, open(shared / "alone.lock", "a+") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
 
 
 def _unavailable(reason: str):

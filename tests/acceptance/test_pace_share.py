@@ -10,7 +10,11 @@ import pytest
 from tests.acceptance import harness
 from testsupport.waiting import wait_until
 
-pytestmark = [pytest.mark.mysql, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.mysql,
+    pytest.mark.slow,
+    pytest.mark.alone,
+]  # no 429 at all: alone, not beside 3 other workers
 N = 180
 APPLY_QPS, QUERY_QPS = 20, 40  # the merchant's limits here: the emulator's, and the daemons' configured pace
 

@@ -8,15 +8,15 @@ from tests.unit.test_alert_rules import World, snapshot, stage
 def test_a_subject_that_fires_again_within_the_cooldown_and_stays_firing_is_announced_once_the_cooldown_has_passed():
     w = World(cooldown=600, rows_failed={"threshold": 1})
     w.read(snapshot(stage("submit_refund", failed=1)))
-    w.clock.t += 10
+    w.clock.advance(10)
     w.read(snapshot(stage("submit_refund", failed=0)))  # a person requeued it: resolved
-    w.clock.t += 10
+    w.clock.advance(10)
     w.read(snapshot(stage("submit_refund", failed=3)))  # failing again, within the cooldown: quiet for now
     assert w.states() == [("rows_failed", "firing", "submit_refund"), ("rows_failed", "resolved", "submit_refund")]
-    w.clock.t += 600  # still failing long after: the last word people heard must not stay "RESOLVED"
+    w.clock.advance(600)  # still failing long after: the last word people heard must not stay "RESOLVED"
     w.read(snapshot(stage("submit_refund", failed=3)))
     assert w.states()[-1] == ("rows_failed", "firing", "submit_refund") and w.sent[-1].value == 3
-    w.clock.t += 10
+    w.clock.advance(10)
     w.read(snapshot(stage("submit_refund", failed=3)))
     w.read(snapshot(stage("submit_refund", failed=0)))
     assert w.states()[2:] == [("rows_failed", "firing", "submit_refund"), ("rows_failed", "resolved", "submit_refund")]
