@@ -18,7 +18,7 @@ from cancel_scanner.engine.isolate import isolate, undo
 from cancel_scanner.engine.logs import held_until_commit, release
 from cancel_scanner.engine.outcome import Contended, Later, Outcome
 from cancel_scanner.engine.stage import DbStage
-from cancel_scanner.engine.writes import FlagWriter, LostClaim, is_row_fault
+from cancel_scanner.engine.writes import FlagWriter, LostClaim, Write, is_row_fault
 
 MAX_CONTENTION_ROUNDS = 4  # a batch re-done without newly contended rows at most this often
 
@@ -44,7 +44,7 @@ class DatabaseBatch:
             for part in done.results:
                 report.add(part)
             if done.faults:
-                self.writer.faults(conn, stage, job, [(row, exc, None) for row, exc in done.faults], now, report)
+                self.writer.faults(Write(conn, stage, job, now), [(row, exc, None) for row, exc in done.faults], report)
             if self.hooks.before_commit:
                 self.hooks.before_commit(stage.name, [r.id for r in rows])
 
@@ -74,7 +74,7 @@ class DatabaseBatch:
             with held_until_commit() as events:  # a round undone logs nothing
                 try:
                     outcomes = {**(dict(stage.process(conn, work, now)) if work else {}), **contended}
-                    self.writer.outcomes(conn, stage, job, rows, outcomes, now, attempt)
+                    self.writer.outcomes(Write(conn, stage, job, now), rows, outcomes, attempt)
                     stage.finish(conn, work, outcomes, now)
                 except Contended as busy:
                     savepoint.rollback()

@@ -37,7 +37,7 @@ from cancel_scanner.engine.registry import Registry
 from cancel_scanner.engine.settings import GatewayJobSettings
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import GatewayStage
-from cancel_scanner.engine.writes import FlagWriter, is_row_fault
+from cancel_scanner.engine.writes import FlagWriter, Write, is_row_fault
 
 # A gateway batch leases no more rows than the pacer can start calls for within this long: the rest
 # stay in the shared pool, so N daemons splitting one merchant's pace end a backlog together instead
@@ -262,6 +262,7 @@ class GatewayBatch:
         stage = self.stage
         log = logger.bind(stage=stage.name)
         with self.db.begin() as conn:
+            w = Write(conn, stage, job, now, owner)
             # The fencing check: only rows still leased to this owner. If our lease was released
             # (we were declared dead) or taken over, the other holder's answer wins and ours is dropped.
             owned = {r.id: r for r in conn.execute(self._owned_query(ids, owner)).all()}
@@ -290,7 +291,7 @@ class GatewayBatch:
             def answer(part: list[tuple[Row, Any]]) -> BatchReport:
                 said = dict(stage.apply(conn, part, now))
                 written = BatchReport(stage=stage.name)
-                self.writer.outcomes(conn, stage, job, [row for row, _ in part], said, now, written, owner=owner)
+                self.writer.outcomes(w, [row for row, _ in part], said, written)
                 # What the channel did is recorded now for the rows this try finished (a fact kept by
                 # an earlier try of theirs is closed); a row still pending keeps its fact open.
                 finished = [i for i, o in written.outcomes.items() if isinstance(o, (Done, Failed))]
@@ -303,20 +304,12 @@ class GatewayBatch:
                 report.add(part)
                 outcomes.update(part.outcomes)
             if done.faults:
-                self.writer.faults(
-                    conn,
-                    stage,
-                    job,
-                    [(row, exc, result) for (row, result), exc in done.faults],
-                    now,
-                    report,
-                    owner=owner,
-                )
+                self.writer.faults(w, [(row, exc, result) for (row, result), exc in done.faults], report)
                 outcomes.update(
                     {row.id: report.outcomes[row.id] for (row, _), _ in done.faults if row.id in report.outcomes}
                 )
             if crashed:
-                self.writer.alone(conn, stage, job, [owned[i] for i in crashed], crashed, now, report, owner)
+                self.writer.alone(w, [owned[i] for i in crashed], crashed, report)
                 outcomes.update(crashed)
             self._release_unsent(conn, unsent, owner, report)
             if self.hooks.before_commit:

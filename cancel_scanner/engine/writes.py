@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -38,22 +39,25 @@ def is_row_fault(exc: BaseException) -> bool:
     return not (is_transient_db_error(exc) or is_environment_db_error(exc) or isinstance(exc, LostClaim))
 
 
+@dataclass(frozen=True)
+class Write:
+    """What every flag write of one batch shares: its transaction, stage, job settings and clock;
+    ``owner``: the rows are leased to it (gateway stages), and released."""
+
+    conn: Connection
+    stage: Stage
+    job: JobConfig
+    now: datetime
+    owner: str | None = None
+
+
 class FlagWriter:
     def __init__(self, claimer: Claimer):
         self.claimer = claimer
 
-    def outcomes(
-        self,
-        conn: Connection,
-        stage: Stage,
-        job: JobConfig,
-        rows: Sequence[Row],
-        outcomes: Mapping[int, Outcome],
-        now: datetime,
-        report: BatchReport,
-        owner: str | None = None,
-    ) -> None:
-        """Each row's outcome as its flag flip; ``owner``: the rows are leased to it, and released."""
+    def outcomes(self, w: Write, rows: Sequence[Row], outcomes: Mapping[int, Outcome], report: BatchReport) -> None:
+        """Each row's outcome as its flag flip; rows leased to ``w.owner`` are released."""
+        stage, owner = w.stage, w.owner
         missing = {r.id for r in rows} - set(outcomes)
         if missing:
             raise RuntimeError(f"stage {stage.name} returned no outcome for rows {sorted(missing)[:10]}")
@@ -65,7 +69,7 @@ class FlagWriter:
         )
         groups: dict[frozenset, dict[int, dict[str, Any]]] = defaultdict(dict)
         for row in rows:
-            outcome, values = flip_for(stage, job, outcomes[row.id], getattr(row, flags.attempts.name), now)
+            outcome, values = flip_for(stage, w.job, outcomes[row.id], getattr(row, flags.attempts.name), w.now)
             count_outcome(report, outcome)
             report.outcomes[row.id] = outcome
             log_outcome(stage, row.id, outcomes[row.id], outcome, values)
@@ -78,22 +82,14 @@ class FlagWriter:
         # a column whose value differs between rows is written with CASE id WHEN ... END.
         guard = [flags.scanned == 0] + ([flags.lease_owner == owner] if release else [])
         for members in groups.values():
-            matched = update_rows(conn, flags.table, members, *guard)
+            matched = update_rows(w.conn, flags.table, members, *guard)
             if matched != len(members):
                 raise LostClaim(f"{stage.name}: {len(members)} rows claimed, {matched} still ours")
 
-    def faults(
-        self,
-        conn: Connection,
-        stage: Stage,
-        job: JobConfig,
-        faults: list[tuple[Row, BaseException, Any]],
-        now: datetime,
-        report: BatchReport,
-        owner: str | None = None,
-    ) -> None:
+    def faults(self, w: Write, faults: list[tuple[Row, BaseException, Any]], report: BatchReport) -> None:
         """Rows that failed alone: each its attempt counted and its reason, in a savepoint of its own (a
         shop rule may refuse even that); for a gateway stage, first what the channel did for it."""
+        conn, stage = w.conn, w.stage
         report.one_by_one = True  # the rest of the batch was done without them
         for row, exc, result in faults:
             fact = stage.channel_fact(row, result) if result is not None else None
@@ -111,7 +107,7 @@ class FlagWriter:
             )
             if fact is not None:
                 kept = try_in_savepoint(
-                    conn, partial(record_fact, conn, stage.name, row.id, fact, outcome.describe(), now)
+                    conn, partial(record_fact, conn, stage.name, row.id, fact, outcome.describe(), w.now)
                 )
                 if kept is not None and not is_row_fault(kept):
                     raise kept  # the database's failure (a grant missing on channel_fact, a lock wait): the batch's
@@ -119,33 +115,22 @@ class FlagWriter:
                     logger.opt(exception=kept).bind(
                         stage=stage.name, row_id=row.id, action="fact_lost", fact=fact.fact
                     ).error("{}: could not be kept in channel_fact either", fact.detail)
-            self.alone(conn, stage, job, [row], {row.id: outcome}, now, report, owner)
+            self.alone(w, [row], {row.id: outcome}, report)
 
-    def alone(
-        self,
-        conn: Connection,
-        stage: Stage,
-        job: JobConfig,
-        rows: Sequence[Row],
-        outcomes: Mapping[int, Outcome],
-        now: datetime,
-        report: BatchReport,
-        owner: str | None,
-    ) -> None:
+    def alone(self, w: Write, rows: Sequence[Row], outcomes: Mapping[int, Outcome], report: BatchReport) -> None:
         """Each row's flags in a savepoint of its own: a row whose own flags the database refuses (a
         shop rule on the whole row) is left out of claims for a while, and the others are written."""
+        stage = w.stage
         for row in rows:
             part = BatchReport(stage=stage.name)
             one = {row.id: outcomes[row.id]}
-            refused = try_in_savepoint(
-                conn, partial(self.outcomes, conn, stage, job, [row], one, now, part, owner=owner)
-            )
+            refused = try_in_savepoint(w.conn, partial(self.outcomes, w, [row], one, part))
             if refused is None:
                 report.add(part)
                 continue
             if not is_row_fault(refused):
                 raise refused
-            seconds = float(job.retry_delays_seconds[-1])
+            seconds = float(w.job.retry_delays_seconds[-1])
             self.claimer.quarantine(stage.name, row.id, seconds)
             logger.bind(stage=stage.name, row_id=row.id, action="row_unwritable").error(
                 "its flags cannot be written ({}): left alone for {:g}s",
