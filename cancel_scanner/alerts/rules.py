@@ -131,30 +131,28 @@ def _oldest_pending(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[s
         )
 
 
+def _count(rule: Any, n: int, summary: str, stage: str | None = None) -> Iterator[tuple[str, Condition]]:
+    """One count over the whole database, firing from ``rule.threshold`` on."""
+    yield "", Condition(n >= rule.threshold, n, summary, stage)
+
+
 def _abnormal_refunds(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     n = r.snapshot.status.abnormal_refunds
-    yield (
-        "",
-        Condition(
-            n >= rule.threshold,
-            n,
-            f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act",
-            r.snapshot.status.stage_counting("abnormal_refunds"),
-        ),
+    return _count(
+        rule,
+        n,
+        f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act",
+        r.snapshot.status.stage_counting("abnormal_refunds"),
     )
 
 
 def _channel_facts(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     n = r.snapshot.status.channel_facts_open
-    yield (
-        "",
-        Condition(
-            n >= rule.threshold,
-            n,
-            f"{n} thing(s) WeChat Pay did (a close, a refund) not recorded here yet: the shop's database refused the write"
-            " (SELECT * FROM channel_fact WHERE resolved_at IS NULL)",
-            None,
-        ),
+    return _count(
+        rule,
+        n,
+        f"{n} thing(s) WeChat Pay did (a close, a refund) not recorded here yet: the shop's database refused the write"
+        " (SELECT * FROM channel_fact WHERE resolved_at IS NULL)",
     )
 
 

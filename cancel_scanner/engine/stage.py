@@ -195,6 +195,14 @@ class StageDefaults:
         return {}
 
 
+def distinct_names(classes: Sequence[Any], what: str) -> tuple[str, ...]:
+    """The classes' ``name``s in order; ValueError when two of them (``what``: stages, channels) share one."""
+    names = [cls.name for cls in classes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two {what} share a name: {names}")
+    return tuple(names)
+
+
 class StageRegistry:
     """The stages in flow order, each declared once in its own module. Everything else iterates over this.
 
@@ -205,13 +213,10 @@ class StageRegistry:
     """
 
     def __init__(self, classes: Sequence[type[StageDefaults]]):
-        names = [cls.name for cls in classes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two stages share a name: {names}")
         self.classes = tuple(classes)
-        self.names = tuple(names)
+        self.names = distinct_names(classes, "stages")
         for cls in classes:
-            unknown = set(getattr(cls, "feeds", ())) - set(names)
+            unknown = set(getattr(cls, "feeds", ())) - set(self.names)
             if unknown:
                 raise ValueError(f"stage {cls.name} feeds unknown stages {sorted(unknown)}")
             if cls.kind not in ("database", "gateway"):

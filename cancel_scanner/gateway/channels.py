@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 
 from loguru import logger
 
+from cancel_scanner.engine.stage import distinct_names
 from cancel_scanner.gateway.contract import NotSent
 
 DEFAULT_CHANNEL = "wechat"  # what a row migrated from before channels existed holds
@@ -125,11 +126,8 @@ class ChannelRegistry:
     """The channels a daemon builds, each declared once; ``build`` makes their gateways from the config."""
 
     def __init__(self, classes: Sequence[type[Channel]]):
-        names = [cls.name for cls in classes]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two payment channels share a name: {names}")
         self.classes = tuple(classes)
-        self.names = tuple(names)
+        self.names = distinct_names(classes, "payment channels")
 
     def with_channel(self, cls: type[Channel]) -> ChannelRegistry:
         """This registry with one more channel (a plug-in, a test's throwaway channel)."""
