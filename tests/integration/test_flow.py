@@ -170,10 +170,16 @@ def test_two_hundred_orders_settle_exactly_once_and_a_second_run_changes_nothing
     assert checksum(world.db) == before
 
 
-def test_a_crash_between_the_gateway_answer_and_the_commit_repeats_the_call_with_the_same_number(world):
+def paid_and_cancelled(world, order_id):
+    """One paid order of goods 1, its cancel requested: the number its refund will carry."""
     add_goods(world.db, 1)
-    add_order(world.db, 301)
-    request_cancel(world.db, 301)
+    add_order(world.db, order_id)
+    request_cancel(world.db, order_id)
+    return out_refund_no_for(order_id)
+
+
+def test_a_crash_between_the_gateway_answer_and_the_commit_repeats_the_call_with_the_same_number(world):
+    number = paid_and_cancelled(world, 301)
     world.runner().run_stage("intake", world.clock.now)
 
     def crash(stage, ids):
@@ -189,17 +195,13 @@ def test_a_crash_between_the_gateway_answer_and_the_commit_repeats_the_call_with
     world.clock.advance(world.config.job("submit_refund").lease_seconds + 1)
     world.settle()
 
-    number = out_refund_no_for(301)
     assert world.emulator.refunds_created[number] == 1
     assert world.emulator.requests[("POST", 200)] == 2  # the call was repeated, the money moved once
     assert row(world.db, "goods_order2", 301)["refund_status"] == "REFUNDED"
 
 
 def test_a_lost_answer_is_retried_with_the_same_number_and_never_taken_for_success(world):
-    add_goods(world.db, 1)
-    add_order(world.db, 302)
-    request_cancel(world.db, 302)
-    number = out_refund_no_for(302)
+    number = paid_and_cancelled(world, 302)
     world.emulator.fail_next(number, "500", after_commit=True)  # WeChat recorded it, then answered 500
     runner = world.runner()
     runner.run_stage("intake", world.clock.now)
@@ -272,9 +274,7 @@ def test_a_processing_refund_is_polled_on_schedule_and_an_abnormal_one_waits_for
 
 
 def test_a_daemon_whose_lease_was_taken_over_drops_its_answer_and_the_new_holder_finishes(world):
-    add_goods(world.db, 1)
-    add_order(world.db, 306)
-    request_cancel(world.db, 306)
+    number = paid_and_cancelled(world, 306)
     world.runner().run_stage("intake", world.clock.now)
     lease = world.config.job("submit_refund").lease_seconds
 
@@ -293,17 +293,14 @@ def test_a_daemon_whose_lease_was_taken_over_drops_its_answer_and_the_new_holder
     with world.db.begin() as conn:
         conn.exec_driver_sql("UPDATE refund_order SET lease_owner = NULL")  # "fast" died too; its lease lapses
     world.settle()
-    assert world.emulator.refunds_created[out_refund_no_for(306)] == 1
+    assert world.emulator.refunds_created[number] == 1
     assert row(world.db, "goods_order2", 306)["refund_status"] == "REFUNDED"
 
 
 def test_an_operator_requeues_a_refund_that_gave_up_and_it_completes_with_the_same_number(world):
     from cancel_scanner.engine.requeue import requeue
 
-    add_goods(world.db, 1)
-    add_order(world.db, 307)
-    request_cancel(world.db, 307)
-    number = out_refund_no_for(307)
+    number = paid_and_cancelled(world, 307)
     world.emulator.fail_next(
         number, "503", times=100, after_commit=True, call="any"
     )  # accepted; every answer lost, queries too

@@ -78,13 +78,17 @@ def apply_and_finish(make_gateway, emulator_clock, notify_url: str, number: str 
     emulator_clock.advance(1)  # past success_delay; the emulator's ticker notices and notifies
 
 
+def notified(start_notify_server, make_gateway, emulator_clock, hook: Hook | None = None, **server: Any) -> Hook:
+    """A hook behind a notify server, and one refund (R1) applied and finished, so WeChat announces it."""
+    hook = hook or Hook()
+    apply_and_finish(make_gateway, emulator_clock, start_notify_server(hook, **server).url)
+    return hook
+
+
 def test_a_successful_refund_is_announced_verified_and_decrypted(
     start_notify_server, make_gateway, emulator, emulator_clock
 ):
-    hook = Hook()
-    server = start_notify_server(hook)
-
-    apply_and_finish(make_gateway, emulator_clock, server.url)
+    hook = notified(start_notify_server, make_gateway, emulator_clock)
 
     assert hook.wait_for(lambda: len(hook.received) == 1)
     resource = hook.received[0]
@@ -99,11 +103,9 @@ def test_a_successful_refund_is_announced_verified_and_decrypted(
 def test_a_notification_delivered_twice_reaches_the_hook_once(
     start_notify_server, make_gateway, emulator, emulator_clock
 ):
-    hook = Hook()
-    server = start_notify_server(hook)
     emulator.duplicate_notifications = True
 
-    apply_and_finish(make_gateway, emulator_clock, server.url)
+    hook = notified(start_notify_server, make_gateway, emulator_clock)
 
     assert emulator.wait_for(lambda: attempts(emulator, "R1") == [204, 200], DEADLINE_SECONDS)
     ids = {a.notification_id for a in emulator.notifications}
@@ -138,11 +140,9 @@ def test_closed_and_abnormal_refunds_are_announced_as_such(start_notify_server, 
 def test_a_notification_with_a_bad_signature_is_refused_until_a_genuine_one_comes(
     start_notify_server, make_gateway, emulator, emulator_clock
 ):
-    hook = Hook()
-    server = start_notify_server(hook)
     emulator.send_bad_signature_notifications = True
 
-    apply_and_finish(make_gateway, emulator_clock, server.url)
+    hook = notified(start_notify_server, make_gateway, emulator_clock)
 
     assert emulator.wait_for(lambda: attempts(emulator, "R1")[:1] == [401], DEADLINE_SECONDS)
     assert hook.calls == 0
@@ -155,10 +155,7 @@ def test_a_notification_with_a_bad_signature_is_refused_until_a_genuine_one_come
 
 
 def test_a_stale_notification_is_refused(start_notify_server, make_gateway, emulator, emulator_clock):
-    hook = Hook()
-    server = start_notify_server(hook, clock=lambda: time.time() + 301)
-
-    apply_and_finish(make_gateway, emulator_clock, server.url)
+    hook = notified(start_notify_server, make_gateway, emulator_clock, clock=lambda: time.time() + 301)
 
     assert emulator.wait_for(lambda: len(attempts(emulator, "R1")) >= 2, DEADLINE_SECONDS)
     assert set(attempts(emulator, "R1")) == {401}
@@ -166,10 +163,7 @@ def test_a_stale_notification_is_refused(start_notify_server, make_gateway, emul
 
 
 def test_a_failing_hook_answers_500_and_the_retry_is_taken(start_notify_server, make_gateway, emulator, emulator_clock):
-    hook = Hook(fail_first=1)
-    server = start_notify_server(hook)
-
-    apply_and_finish(make_gateway, emulator_clock, server.url)
+    hook = notified(start_notify_server, make_gateway, emulator_clock, Hook(fail_first=1))
 
     assert hook.wait_for(lambda: len(hook.received) == 1)
     assert emulator.wait_for(lambda: attempts(emulator, "R1") == [500, 204], DEADLINE_SECONDS)

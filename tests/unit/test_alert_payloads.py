@@ -25,7 +25,14 @@ FIRING = Alert(
     value=0.42,
     at=AT,
 )
-RESOLVED = Alert(rule="stage_down", state="resolved", summary="poll_refund is up again", stage=None, value=None, at=AT)
+
+
+def alert(rule: str, state: str, summary: str, stage: str | None = None, value: float | None = None, at=AT) -> Alert:
+    """A test's alert: of no stage, with no value, at AT unless it says otherwise."""
+    return Alert(rule=rule, state=state, summary=summary, stage=stage, value=value, at=at)
+
+
+RESOLVED = alert("stage_down", "resolved", "poll_refund is up again")
 ROBOTS = ("wecom", "dingtalk", "feishu")
 
 
@@ -54,16 +61,9 @@ def test_json_carries_exactly_the_contracts_keys():
 
 def test_json_says_null_for_no_stage_and_no_value_and_gives_the_time_in_utc():
     beijing = timezone(timedelta(hours=8))
-    alert = Alert(
-        rule="stage_down",
-        state="resolved",
-        summary="ok",
-        stage=None,
-        value=None,
-        at=datetime(2026, 12, 1, 18, 0, tzinfo=beijing),
-    )
+    resolved = alert("stage_down", "resolved", "ok", at=datetime(2026, 12, 1, 18, 0, tzinfo=beijing))
 
-    body = json.loads(json.dumps(payload("json", alert)))
+    body = json.loads(json.dumps(payload("json", resolved)))
 
     assert body == {
         "rule": "stage_down",
@@ -76,8 +76,8 @@ def test_json_says_null_for_no_stage_and_no_value_and_gives_the_time_in_utc():
 
 
 def test_json_keeps_the_summary_as_it_is():
-    alert = Alert(rule="r", state="firing", summary="merchant <b>@all</b>\nsecond line", stage=None, value=1, at=AT)
-    assert payload("json", alert)["summary"] == "merchant <b>@all</b>\nsecond line"
+    firing = alert("r", "firing", "merchant <b>@all</b>\nsecond line", value=1)
+    assert payload("json", firing)["summary"] == "merchant <b>@all</b>\nsecond line"
 
 
 def test_an_alert_needs_a_known_state_and_an_aware_time():
@@ -176,9 +176,7 @@ def test_feishu_without_a_secret_carries_no_signature():
 @pytest.mark.parametrize("fmt", ROBOTS)
 def test_merchant_text_cannot_mention_everyone_or_link(fmt):
     summary = 'shop "好物" says @all <@all> <at user_id="all">所有人</at> [click](https://evil.example) ＠ok'
-    alert = Alert(rule="rows_failed", state="firing", summary=summary, stage=None, value=3, at=AT)
-
-    text = robot_text(fmt, alert)
+    text = robot_text(fmt, alert("rows_failed", "firing", summary, value=3))
 
     assert not set("@<>[]") & set(text)
     assert "＠all ＜＠all＞" in text  # still readable, in full-width forms
@@ -186,16 +184,9 @@ def test_merchant_text_cannot_mention_everyone_or_link(fmt):
 
 @pytest.mark.parametrize("fmt", ROBOTS)
 def test_a_summary_cannot_forge_lines_of_its_own(fmt):
-    alert = Alert(
-        rule="rows_failed",
-        state="firing",
-        summary="bad\nRESOLVED rows_failed\r\n\nall fine",
-        stage=None,
-        value=None,
-        at=AT,
-    )
+    forging = alert("rows_failed", "firing", "bad\nRESOLVED rows_failed\r\n\nall fine")
 
-    lines = [line for line in robot_text(fmt, alert).split("\n") if line]
+    lines = [line for line in robot_text(fmt, forging).split("\n") if line]
 
     assert lines[1] == "bad RESOLVED rows_failed all fine"
     assert sum("RESOLVED" in line for line in lines) == 1
@@ -204,11 +195,7 @@ def test_a_summary_cannot_forge_lines_of_its_own(fmt):
 @pytest.mark.parametrize("fmt", ROBOTS)
 @pytest.mark.parametrize("char", ["退", "😀", "a", "é"])
 def test_a_long_summary_is_cut_between_characters_and_the_facts_stay(fmt, char):
-    alert = Alert(
-        rule="gateway_failure_rate", state="firing", summary=char * 5000, stage="submit_refund", value=0.9, at=AT
-    )
-
-    text = robot_text(fmt, alert)
+    text = robot_text(fmt, alert("gateway_failure_rate", "firing", char * 5000, "submit_refund", 0.9))
 
     assert len(text.encode("utf-8")) <= MAX_TEXT_BYTES
     assert text.rstrip("\n").endswith("at: 2026-12-01 10:00:00 UTC")
@@ -219,11 +206,7 @@ def test_a_long_summary_is_cut_between_characters_and_the_facts_stay(fmt, char):
 
 def test_wecom_content_of_exactly_the_limit_is_not_cut():
     head_and_tail = len(b"**FIRING** r\n\nat: 2026-12-01 10:00:00 UTC")
-    alert = Alert(
-        rule="r", state="firing", summary="x" * (MAX_TEXT_BYTES - head_and_tail), stage=None, value=None, at=AT
-    )
-
-    content = payload("wecom", alert)["markdown"]["content"]
+    content = payload("wecom", alert("r", "firing", "x" * (MAX_TEXT_BYTES - head_and_tail)))["markdown"]["content"]
 
     assert len(content.encode()) == MAX_TEXT_BYTES and "…" not in content
 
