@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from cancel_scanner.config import Config, load_config, resolve_config_path
 from cancel_scanner.engine.config import ConfigError
 from cancel_scanner.scanners import REGISTRY
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # anything else: the database down, a call that failed; one line on stderr
@@ -53,6 +57,22 @@ def fail_config(err: ConfigError) -> NoReturn:
 def short(exc: BaseException) -> str:
     """The first line of an exception's text, at most 300 characters."""
     return str(exc).splitlines()[0][:300] if str(exc) else ""
+
+
+@contextmanager
+def database(cfg: Config, failed: Callable[[Exception], str]) -> Iterator[Engine]:
+    """The configured database, disposed of at the end. What the body raises (but an exit) is one
+    line on stderr, ``cancel-scanner: `` and ``failed``'s text, and exit 1."""
+    from cancel_scanner.engine.db import engine_for
+
+    engine = engine_for(cfg)
+    try:
+        yield engine
+    except Exception as exc:  # noqa: BLE001 - the operator needs one readable line, not a traceback
+        click.echo(f"cancel-scanner: {failed(exc)}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        engine.dispose()
 
 
 class CliContext:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, CliContext, short
+from cancel_scanner.commands.common import EXIT_CONFIG, CliContext, database, short
 
 
 @click.command("initdb")
@@ -18,21 +18,13 @@ def command(obj: CliContext) -> None:
     cancel-scanner) is `cancel-scanner migrate`'s: initdb says so and changes nothing.
     """
     from cancel_scanner.app import schema_problem
-    from cancel_scanner.engine.db import engine_for, init_schema
+    from cancel_scanner.engine.db import init_schema
 
     cfg = obj.config()
-    engine = engine_for(cfg)
-    try:
+    with database(cfg, lambda exc: f"initdb failed: {type(exc).__name__}: {short(exc)}") as engine:
         problem = schema_problem(engine)
         if problem is not None and problem.kind != "empty":
             click.echo(f"cancel-scanner: initdb: this database has tables already, {problem}", err=True)
             sys.exit(EXIT_CONFIG)
         tables = init_schema(engine)
-    except SystemExit:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the operator needs one readable line, not a traceback
-        click.echo(f"cancel-scanner: initdb failed: {type(exc).__name__}: {short(exc)}", err=True)
-        sys.exit(EXIT_FAILURE)
-    finally:
-        engine.dispose()
     click.echo(f"schema ready on {engine.url.render_as_string(hide_password=True)}: {', '.join(tables)}")

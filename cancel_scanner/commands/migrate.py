@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cancel_scanner.commands.common import EXIT_BEHIND, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, CliContext, short
+from cancel_scanner.commands.common import EXIT_BEHIND, EXIT_CONFIG, EXIT_OK, CliContext, database, short
 
 
 @click.command("migrate")
@@ -22,37 +22,33 @@ def command(obj: CliContext, show_sql: bool, check: bool) -> None:
     """
     from cancel_scanner.app import migration_plan
     from cancel_scanner.engine import migrate as schema
-    from cancel_scanner.engine.db import engine_for
 
     cfg = obj.config()
-    engine = engine_for(cfg)
-    try:
-        if show_sql or check:
-            plan = migration_plan(engine)
-            if show_sql:
-                click.echo("\n".join(schema.render(plan)))
-            if check:
-                state = "behind" if plan.behind else "at head"
-                click.echo(
-                    f"schema version {plan.current if plan.current is not None else 'none'}, head {plan.head}: {state}",
-                    err=show_sql,
-                )
-                sys.exit(EXIT_BEHIND if plan.behind else EXIT_OK)
-            return
-        with schema.exclusive(engine, say=click.echo):  # planned under the lock: a second migrate finds nothing to do
-            plan = migration_plan(engine)
-            if not plan.behind:
-                click.echo(f"schema at version {plan.head}: nothing to do")
+    with database(cfg, lambda exc: f"migrate failed: {type(exc).__name__}: {short(exc)}") as engine:
+        try:
+            if show_sql or check:
+                plan = migration_plan(engine)
+                if show_sql:
+                    click.echo("\n".join(schema.render(plan)))
+                if check:
+                    state = "behind" if plan.behind else "at head"
+                    click.echo(
+                        f"schema version {plan.current if plan.current is not None else 'none'}, head {plan.head}: {state}",
+                        err=show_sql,
+                    )
+                    sys.exit(EXIT_BEHIND if plan.behind else EXIT_OK)
                 return
-            for note in plan.notes:
-                click.echo(f"note: {note}")
-            schema.apply(engine, plan, say=click.echo)
-    except schema.SchemaRefused as exc:
-        click.echo(f"cancel-scanner: migrate refused: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except Exception as exc:  # noqa: BLE001
-        click.echo(f"cancel-scanner: migrate failed: {type(exc).__name__}: {short(exc)}", err=True)
-        sys.exit(EXIT_FAILURE)
-    finally:
-        engine.dispose()
+            with schema.exclusive(
+                engine, say=click.echo
+            ):  # planned under the lock: a second migrate finds nothing to do
+                plan = migration_plan(engine)
+                if not plan.behind:
+                    click.echo(f"schema at version {plan.head}: nothing to do")
+                    return
+                for note in plan.notes:
+                    click.echo(f"note: {note}")
+                schema.apply(engine, plan, say=click.echo)
+        except schema.SchemaRefused as exc:
+            click.echo(f"cancel-scanner: migrate refused: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
     click.echo(f"schema at version {plan.head}")
