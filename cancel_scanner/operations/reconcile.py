@@ -228,26 +228,40 @@ def _duplicates(bill: Any) -> list[Diff]:
 def _unbooked(conn: Connection, bill: Any) -> list[Diff]:
     """Payments WeChat took for orders still UNPAID here: the notification was lost, and the payment
     side (close_unpaid) has not found it. Each is handed to close_unpaid (unbook_to_close_unpaid)."""
-    paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
-    orders: list[Row] = []
-    for part in _chunks(sorted(paid)):
-        orders += conn.execute(
-            select(o.order_no).where(
-                o.order_no.in_(part), o.order_status == "UNPAID", o.pay_status == 0, o.is_deleted == 0
-            )
-        ).all()
+    paid, orders = _paid_orders(
+        conn, bill, [o.order_no], o.order_status == "UNPAID", o.pay_status == 0, o.is_deleted == 0
+    )
     return [
-        Diff(
+        _paid_diff(
             "UNBOOKED_PAYMENT",
-            order.order_no,
-            f"the user paid {paid[order.order_no].total_fen} fen"
-            f" ({paid[order.order_no].transaction_id}); the order is still UNPAID here: handed to close_unpaid to book it",
-            theirs_fen=paid[order.order_no].total_fen,
-            ours_status="UNPAID",
-            theirs_status="SUCCESS",
+            paid[order.order_no],
+            "UNPAID",
+            "; the order is still UNPAID here: handed to close_unpaid to book it",
         )
         for order in orders
     ]
+
+
+def _paid_orders(conn: Connection, bill: Any, columns: list[Any], *where: Any) -> tuple[dict[str, Any], list[Row]]:
+    """The bill's successful payments by out_trade_no, and ``columns`` of our orders among them that
+    match ``where``."""
+    paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
+    orders: list[Row] = []
+    for part in _chunks(sorted(paid)):
+        orders += conn.execute(select(*columns).where(o.order_no.in_(part), *where)).all()
+    return paid, orders
+
+
+def _paid_diff(kind: str, payment: Any, ours_status: str, why: str) -> Diff:
+    """A payment WeChat took that this database does not show as paid; ``why`` follows its amount."""
+    return Diff(
+        kind,
+        payment.out_trade_no,
+        f"the user paid {payment.total_fen} fen ({payment.transaction_id}){why}",
+        theirs_fen=payment.total_fen,
+        ours_status=ours_status,
+        theirs_status="SUCCESS",
+    )
 
 
 def hand_to_close_unpaid(db: Engine, diffs: Sequence[Diff], now: datetime) -> int:
@@ -287,12 +301,7 @@ def hand_to_close_unpaid(db: Engine, diffs: Sequence[Diff], now: datetime) -> in
 
 
 def _orphans(conn: Connection, bill: Any) -> list[Diff]:
-    paid = {p.out_trade_no: p for p in bill.payments if p.status == "SUCCESS"}
-    orders: list[Row] = []
-    for part in _chunks(sorted(paid)):
-        orders += conn.execute(
-            select(o.id, o.order_no).where(o.order_no.in_(part), o.order_status == "CANCELLED")
-        ).all()
+    paid, orders = _paid_orders(conn, bill, [o.id, o.order_no], o.order_status == "CANCELLED")
     if not orders:
         return []
     with_refund: set[int] = set()
@@ -300,15 +309,7 @@ def _orphans(conn: Connection, bill: Any) -> list[Diff]:
         for part in _chunks([order.id for order in orders]):
             with_refund |= set(conn.execute(select(c.order_id).where(c.order_id.in_(part)).distinct()).scalars())
     return [
-        Diff(
-            "ORPHAN_PAYMENT",
-            order.order_no,
-            f"the user paid {paid[order.order_no].total_fen} fen"
-            f" ({paid[order.order_no].transaction_id}) for an order cancelled here without a refund",
-            theirs_fen=paid[order.order_no].total_fen,
-            ours_status="CANCELLED",
-            theirs_status="SUCCESS",
-        )
+        _paid_diff("ORPHAN_PAYMENT", paid[order.order_no], "CANCELLED", " for an order cancelled here without a refund")
         for order in orders
         if order.id not in with_refund
     ]
