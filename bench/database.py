@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pymysql
@@ -82,6 +82,22 @@ class Bench:
         print(f"{lead}seeded in {seconds:.0f} s", flush=True)
         return Seeded(url, engine, conn, result, seconds)
 
+    def small_and_big(
+        self,
+        prefix: str,
+        sizes: tuple[int, int],
+        seed: Callable[[pymysql.connections.Connection, int], Any],
+        what: Callable[[int], str],
+    ) -> dict[str, Seeded]:
+        """Two databases, ``{prefix}_small`` and ``{prefix}_big``, seeded (as ``seeded``) with ``seed(conn, size)``
+        for the two ``sizes``, the big one's undo log purged."""
+        dbs = {
+            label: self.seeded(f"{prefix}_{label}", lambda conn, size=size: seed(conn, size), what(size), label)
+            for label, size in zip(("small", "big"), sizes, strict=True)
+        }
+        wait_for_purge(dbs["big"].conn)
+        return dbs
+
     def drop(self, name: str) -> None:
         self.server.drop_database(name)
 
@@ -104,6 +120,24 @@ def status_counters(conn: pymysql.connections.Connection, names: Iterable[str]) 
     """The server's global status counters ``names`` (one SHOW GLOBAL STATUS, itself a Question)."""
     listed = ", ".join(f"'{name}'" for name in names)
     return {k: int(v) for k, v in sql(conn, f"SHOW GLOBAL STATUS WHERE Variable_name IN ({listed})")}
+
+
+@dataclass
+class Stall:
+    """A drain's watchdog: ``check`` raises once its count of done rows has not moved for ``seconds``
+    (the run is broken, not slow)."""
+
+    what: str
+    n: int
+    seconds: float
+    last: int = -1  # the count last seen
+    at: float = field(default_factory=time.monotonic)  # when it last moved
+
+    def check(self, done: int, log_path: Any) -> None:
+        if done != self.last:
+            self.last, self.at = done, time.monotonic()
+        elif time.monotonic() - self.at > self.seconds:
+            raise RuntimeError(f"{self.what}: no progress for {self.seconds:.0f} s at {done}/{self.n}; see {log_path}")
 
 
 @dataclass
@@ -151,6 +185,20 @@ def explain(conn: pymysql.connections.Connection, statement: str, params: Any) -
         cur.execute("ANALYZE " + statement, params)
         analyzed = rows(cur)
     return plan, analyzed
+
+
+PLAN_COLUMNS = ("type", "key", "rows (estimate)", "rows read (ANALYZE)", "Extra")
+
+
+def plan_cells(plan: list[dict], analyzed: list[dict]) -> list[str]:
+    """What ``explain`` found, one cell per PLAN_COLUMNS, each naming the statement's tables in turn."""
+    return [
+        " ".join(str(r["type"]) for r in plan),
+        " ".join(str(r["key"]) for r in plan),
+        " ".join(str(r["rows"]) for r in plan),
+        " ".join(str(r.get("r_rows")) for r in analyzed),
+        " ".join(str(r["Extra"] or "") for r in plan),
+    ]
 
 
 def scalar(conn: pymysql.connections.Connection, statement: str, params: Any = None) -> Any:

@@ -79,18 +79,13 @@ def drain(
         "jobs": configs.jobs(enabled=[stage], **{stage: knobs["job"]}),
     }
     done_sql = f"SELECT COUNT(*) FROM refund_order WHERE NOT ({pending_where})"
-    last = {"done": -1, "at": time.monotonic()}
+    stall = database.Stall(stage, n, DRAIN_STALL_SECONDS)
 
     def drained() -> bool:
         done = database.scalar(conn, done_sql)
         if done >= n:
             return True
-        if done != last["done"]:
-            last.update(done=done, at=time.monotonic())
-        elif time.monotonic() - last["at"] > DRAIN_STALL_SECONDS:
-            raise RuntimeError(
-                f"{stage}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {done}/{n}; see {daemon.log_path}"
-            )
+        stall.check(done, daemon.log_path)
         return False
 
     emulator.reset()
@@ -157,8 +152,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=None, help="gateway stages' concurrency (jobs.yaml: 16)")
     p.add_argument("--latency", type=float, default=GATEWAY_LATENCY_SECONDS, help="seconds per call at the emulator")
     p.add_argument("--daemons", type=int, default=1, help="daemons of the one merchant at once (they share its limits)")
-    args = p.parse_args()
-    reporting.quiet_logging()
+    args = reporting.arguments(p)
     n = args.n or (1_000 if args.quick else 20_000)
     job_knobs = {k: v for k, v in (("batch_size", args.batch_size), ("concurrency", args.concurrency)) if v}
     knobs = {"apply_qps": WECHAT_APPLY_QPS * args.pace, "query_qps": WECHAT_QUERY_QPS * args.pace, "job": job_knobs}

@@ -93,8 +93,7 @@ def main() -> int:
     p.add_argument(
         "--seconds", type=float, default=None, help="idle daemon observed this long (default 60; --quick 20)"
     )
-    args = p.parse_args()
-    reporting.quiet_logging()
+    args = reporting.arguments(p)
     big_rows = args.rows or (50_000 if args.quick else 1_000_000)
     small_rows = args.small_rows
     reps = args.reps or (50 if args.quick else 300)
@@ -110,16 +109,10 @@ def main() -> int:
     from cancel_scanner.scanners import build_stages
 
     with database.Bench(report=report) as bench:
-        dbs = {}
-        for label, rows in (("small", small_rows), ("big", big_rows)):
-            db = bench.seeded(
-                f"bench_idle_{label}",
-                lambda conn, rows=rows: seed_finished(conn, rows),
-                f"{rows:,} finished rows per table",
-                label,
-            )
-            dbs[label] = (db.url, db.engine, db.conn)
-        database.wait_for_purge(dbs["big"][2])
+        both = bench.small_and_big(
+            "bench_idle", (small_rows, big_rows), seed_finished, lambda rows: f"{rows:,} finished rows per table"
+        )
+        dbs = {label: (db.url, db.engine, db.conn) for label, db in both.items()}
 
         # 1. EXPLAIN / ANALYZE of every polling query
         plans = []
@@ -135,27 +128,13 @@ def main() -> int:
                         label,
                         stage,
                         " ".join(str(r["table"]) for r in plan),
-                        " ".join(str(r["type"]) for r in plan),
-                        " ".join(str(r["key"]) for r in plan),
-                        " ".join(str(r["rows"]) for r in plan),
-                        " ".join(str(r.get("r_rows")) for r in analyzed),
-                        " ".join(str(r["Extra"] or "") for r in plan),
+                        *database.plan_cells(plan, analyzed),
                         "FULL SCAN" if scans else "index",
                     ]
                 )
         report.table(
             "EXPLAIN of every polling query (the runner's claim, FOR UPDATE SKIP LOCKED)",
-            [
-                "rows/table",
-                "stage",
-                "table",
-                "type",
-                "key",
-                "rows (estimate)",
-                "rows read (ANALYZE)",
-                "Extra",
-                "verdict",
-            ],
+            ["rows/table", "stage", "table", *database.PLAN_COLUMNS, "verdict"],
             [[f"{big_rows if r[0] == 'big' else small_rows:,}", *r[1:]] for r in plans],
         )
 

@@ -41,10 +41,9 @@ def rss_mb() -> float:
 def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=None, help="batches per stage (default 120; --quick 40)")
-    p.add_argument("--stages", default=",".join(seed.DB_STAGES))
+    seed.stages_option(p)
     p.add_argument("--seed", type=int, default=1)
-    args = p.parse_args()
-    reporting.quiet_logging()
+    args = reporting.arguments(p)
     batches = args.batches or (40 if args.quick else 120)
     report = reporting.Report(
         f"Memory: {batches} batches of random size 1..{MAX_BATCH} per database stage, one process"

@@ -395,8 +395,7 @@ def main() -> int:
         help="each idle daemon window (default 60; --quick 30: a multiple of the 15 s refresh)",
     )
     p.add_argument("--skip-daemon", action="store_true", help="only the refresh, status and EXPLAIN measurements")
-    args = p.parse_args()
-    reporting.quiet_logging()
+    args = reporting.arguments(p)
     big_orders = args.orders or (500_000 if args.quick else 5_000_000)
     small_orders = args.small_orders
     seconds = args.seconds or (30.0 if args.quick else 60.0)
@@ -410,19 +409,16 @@ def main() -> int:
     from cancel_scanner.scanners import build_stages
 
     with database.Bench(report=report) as bench:
-        dbs, ranges = {}, {}
-        seeded = []
-        for label, orders in (("small", small_orders), ("big", big_orders)):
-            db = bench.seeded(
-                f"bench_monitoring_{label}",
-                lambda conn, orders=orders: seed_orders(conn, orders),
-                f"{orders:,} orders ({BACKLOG_ROWS} of them the backlog)",
-                label,
-            )
-            ranges[label] = db.result
-            seeded.append(f"{orders:,} orders in {db.seconds:.0f} s")
-            dbs[label] = (db.url, db.engine, db.conn)
-        database.wait_for_purge(dbs["big"][2])
+        sizes = (small_orders, big_orders)
+        both = bench.small_and_big(
+            "bench_monitoring",
+            sizes,
+            seed_orders,
+            lambda orders: f"{orders:,} orders ({BACKLOG_ROWS} of them the backlog)",
+        )
+        dbs = {label: (db.url, db.engine, db.conn) for label, db in both.items()}
+        ranges = {label: db.result for label, db in both.items()}
+        seeded = [f"{orders:,} orders in {db.seconds:.0f} s" for orders, db in zip(sizes, both.values(), strict=True)]
         config = configs.sandbox(dbs["small"][0])
         stages = build_stages(config)
         # The owner and lease columns the daemon's watcher passes (a Runner's own; never registered here).
@@ -499,11 +495,7 @@ def main() -> int:
                 [
                     i,
                     summarize(shown),
-                    " ".join(str(r["type"]) for r in plan),
-                    " ".join(str(r["key"]) for r in plan),
-                    " ".join(str(r["rows"]) for r in plan),
-                    " ".join(str(r.get("r_rows")) for r in analyzed),
-                    " ".join(str(r["Extra"] or "") for r in plan),
+                    *database.plan_cells(plan, analyzed),
                     "FULL SCAN" if growing else "full scan, bounded: one row per running daemon" if scans else "index",
                 ]
             )
@@ -513,16 +505,7 @@ def main() -> int:
         report.table(
             f"EXPLAIN of the {len(sent)} statements one refresh sends as the daemon takes it, at {big_orders:,} orders "
             f"(owner=None sends the first {without_owner}, not the lease counts after them; full text: bench/out/{queries_path.name})",
-            [
-                "#",
-                "statement (columns | table and condition)",
-                "type",
-                "key",
-                "rows (estimate)",
-                "rows read (ANALYZE)",
-                "Extra",
-                "verdict",
-            ],
+            ["#", "statement (columns | table and condition)", *database.PLAN_COLUMNS, "verdict"],
             plans,
         )
 

@@ -50,6 +50,13 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
+def arguments(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """The script's arguments, parsed; the product's logging quieted for its run (``quiet_logging``)."""
+    args = p.parse_args()
+    quiet_logging()
+    return args
+
+
 def quiet_logging() -> None:
     """Warnings and errors only: the product's INFO lines would bury the tables."""
     from loguru import logger

@@ -286,16 +286,11 @@ def _stop(daemon: DaemonProcess) -> None:
 
 
 def _wait_drained(done: Callable[[], int], n: int, fleet: Sequence[DaemonProcess], what: str) -> None:
-    last = {"done": -1, "at": time.monotonic()}
+    stall = database.Stall(what, n, DRAIN_STALL_SECONDS)
 
     def drained() -> bool:
         count = done()
-        if count != last["done"]:
-            last.update(done=count, at=time.monotonic())
-        elif time.monotonic() - last["at"] > DRAIN_STALL_SECONDS:
-            raise RuntimeError(
-                f"{what}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {count}/{n}; see {fleet[0].log_path}"
-            )
+        stall.check(count, fleet[0].log_path)
         return count >= n
 
     wait_until(drained, DRAIN_TIMEOUT_SECONDS, what, interval=0.2, daemons=fleet, error=RuntimeError)
@@ -807,6 +802,16 @@ def cert_failures(cluster: galera.GaleraCluster) -> int:
 # --- the run -----------------------------------------------------------------------------------
 
 
+def checked(stage: str, where: str, k: int, drain: Drain, reference: Drain, more: str) -> Drain:
+    """``k`` daemons' drain on the ``where`` (server, cluster), checked against ``reference`` and said."""
+    check_same(f"{stage}, {k} daemon(s) on the {where}", drain, reference)
+    print(
+        f"[{stage}] {where}, {k} daemon(s): {reporting.fmt(drain.rate)} rows/s, lost claims {drain.lost}, {more}",
+        flush=True,
+    )
+    return drain
+
+
 def run_server(bench, emulator, stage: str, n: int, batch: int) -> tuple[Drain, dict[int, Drain]]:
     """The hand loop, then 1, 2 and 3 daemons, each on a fresh copy of the same seeded rows."""
     name = f"scal_{stage}_hand"
@@ -828,13 +833,7 @@ def run_server(bench, emulator, stage: str, n: int, batch: int) -> tuple[Drain, 
         drain = drain_with_daemons(emulator, [url] * k, conn, stage, n, batch, f"{stage}-server")
         conn.close()
         bench.drop(name)
-        check_same(f"{stage}, {k} daemon(s) on the server", drain, hand)
-        fleets[k] = drain
-        print(
-            f"[{stage}] server, {k} daemon(s): {reporting.fmt(drain.rate)} rows/s, lost claims {drain.lost}, "
-            f"deferred rows {drain.deferred}",
-            flush=True,
-        )
+        fleets[k] = checked(stage, "server", k, drain, hand, f"deferred rows {drain.deferred}")
     return hand, fleets
 
 
@@ -850,13 +849,7 @@ def run_cluster(cluster, emulator, stage: str, n: int, batch: int, reference: Dr
         drain.cert_failures = cert_failures(cluster) - before
         database.sql(conn, f"DROP DATABASE {name}")
         conn.close()
-        check_same(f"{stage}, {k} daemon(s) on the cluster", drain, reference)
-        fleets[k] = drain
-        print(
-            f"[{stage}] cluster, {k} daemon(s): {reporting.fmt(drain.rate)} rows/s, lost claims {drain.lost}, "
-            f"cert failures {drain.cert_failures}",
-            flush=True,
-        )
+        fleets[k] = checked(stage, "cluster", k, drain, reference, f"cert failures {drain.cert_failures}")
     return fleets
 
 
@@ -880,20 +873,16 @@ def scaling_row(stage: str, setup: str, fleets: dict[int, Drain]) -> list:
 def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="rows per stage and measurement (default 30,000; --quick 3,000)")
-    p.add_argument("--stages", default=",".join(seed.DB_STAGES))
+    seed.stages_option(p)
     p.add_argument("--no-cluster", action="store_true", help="only the single server (no Galera cluster)")
     p.add_argument(
         "--show-statements",
         action="store_true",
         help="print one batch of each stage as the daemon and the hand loop send it",
     )
-    args = p.parse_args()
-    reporting.quiet_logging()
+    args = reporting.arguments(p)
     n = args.n or (3_000 if args.quick else 30_000)
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - set(seed.DB_STAGES)
-    if unknown:
-        p.error(f"not database stages: {', '.join(sorted(unknown))}")
+    stages = seed.chosen_stages(p, args)
     cluster_missing = None if args.no_cluster else galera.missing()
     with_cluster = not args.no_cluster and cluster_missing is None
     where = "one server and a 3-node Galera cluster" if with_cluster else "one server"

@@ -7,6 +7,7 @@ share one id; ``ready_for`` seeds what one database stage finds waiting for it.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable, Sequence
 
 from bench.database import sql
@@ -19,6 +20,20 @@ N_GOODS = 1_000
 AMOUNT_SQL = "(100 + (seq * 7919) % 99900)"
 ORDER_NO_SQL = "CONCAT('SO', LPAD(seq, 12, '0'))"
 TRANSACTION_ID_SQL = "CONCAT('4200', LPAD(seq, 24, '0'))"
+
+
+def stages_option(p: argparse.ArgumentParser) -> None:
+    """``--stages``: the database stages to measure, comma-separated (default: all of them)."""
+    p.add_argument("--stages", default=",".join(DB_STAGES))
+
+
+def chosen_stages(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The database stages ``--stages`` names, comma-separated; a name that is not one is a usage error."""
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(DB_STAGES)
+    if unknown:
+        p.error(f"not database stages: {', '.join(sorted(unknown))}")
+    return stages
 
 
 def _chunks(lo: int, hi: int, size: int = SEED_CHUNK_ROWS) -> Iterable[tuple[int, int]]:

@@ -132,18 +132,12 @@ def drain_with_daemon(
     raw = {"database_url": url, "wechat": emulator.wechat(), "jobs": configs.jobs(enabled=[stage])}
     pending_sql = f"SELECT EXISTS (SELECT 1 FROM {spec.table} WHERE {spec.ready_where})"
     done_sql = f"SELECT COUNT(*) FROM {spec.table} WHERE {spec.scanned} = 1"
-    last = {"done": 0, "at": time.monotonic()}
+    stall = database.Stall(stage, n, DRAIN_STALL_SECONDS, last=0)
 
     def drained() -> bool:
         if not database.scalar(conn, pending_sql):
             return True
-        done = database.scalar(conn, done_sql)
-        if done != last["done"]:
-            last.update(done=done, at=time.monotonic())
-        elif time.monotonic() - last["at"] > DRAIN_STALL_SECONDS:
-            raise RuntimeError(
-                f"{stage}: no progress for {DRAIN_STALL_SECONDS:.0f} s at {done}/{n}; see {daemon.log_path}"
-            )
+        stall.check(database.scalar(conn, done_sql), daemon.log_path)
         return False
 
     with ExitStack() as stack:
@@ -190,7 +184,7 @@ def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="rows per stage (default 100,000; --quick 5,000)")
     p.add_argument("--baseline-rows", type=int, default=None, help="rows the naive scanner flips (default 20,000)")
-    p.add_argument("--stages", default=",".join(seed.DB_STAGES))
+    seed.stages_option(p)
     p.add_argument(
         "--profile", action="store_true", help="also drain in-process under pyinstrument (bench/out/profile-*)"
     )
@@ -200,14 +194,10 @@ def main() -> int:
         action="store_true",
         help="fsync the redo log at every commit (innodb_flush_log_at_trx_commit=1) instead of the test bed's =2",
     )
-    args = p.parse_args()
-    reporting.quiet_logging()
+    args = reporting.arguments(p)
     n = args.n or (5_000 if args.quick else 100_000)
     baseline_rows = min(n, args.baseline_rows or (2_000 if args.quick else 20_000))
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - set(seed.DB_STAGES)
-    if unknown:
-        p.error(f"not database stages: {', '.join(sorted(unknown))}")
+    stages = seed.chosen_stages(p, args)
     durability = (
         "durable: innodb_flush_log_at_trx_commit=1"
         if args.durable

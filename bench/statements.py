@@ -52,9 +52,8 @@ def main() -> int:
     p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=None, help="rows seeded per stage (default 100,000; --quick 5,000)")
     p.add_argument("--batches", type=int, default=None, help="batches observed (default 20; --quick 5)")
-    p.add_argument("--stages", default=",".join(seed.DB_STAGES))
-    args = p.parse_args()
-    reporting.quiet_logging()
+    seed.stages_option(p)
+    args = reporting.arguments(p)
     n = args.n or (5_000 if args.quick else 100_000)
     batches = args.batches or (5 if args.quick else 20)
     report = reporting.Report(

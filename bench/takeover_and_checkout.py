@@ -496,6 +496,10 @@ def checkout(
             "restoring" if p["busy"] else "idle",
         ]
 
+    def timings(p: dict, *more: str) -> list:
+        """A phase's checkouts, seconds, p50, p99 and max ms and those over BLOCKED_MS; then ``more`` of its figures."""
+        return [p[k] for k in ("n", "seconds", "p50", "p99", "max", "blocked", *more)]
+
     loop = [phases[k] for k in ("hot idle", "hot busy", "cold busy", "cold idle")]
     report.table(
         f"Checkout `{CHECKOUT_SQL.replace('%s', '?')}` (autocommit) in a loop on one connection, one due every "
@@ -514,21 +518,7 @@ def checkout(
             "rows answered Later (goods busy)",
             "rows restored/s",
         ],
-        [
-            label(p)
-            + [
-                p["n"],
-                p["seconds"],
-                p["p50"],
-                p["p99"],
-                p["max"],
-                p["blocked"],
-                p["batches"],
-                p["later"],
-                p["restored_per_s"],
-            ]
-            for p in loop
-        ],
+        [label(p) + timings(p, "batches", "later", "restored_per_s") for p in loop],
     )
     hi, hb, cb, ci = loop
     fig = {
@@ -569,23 +559,7 @@ def checkout(
                 "rows answered Later (goods busy)",
                 "rows restored/s",
             ],
-            [
-                [
-                    label(p)[1],
-                    p["n"],
-                    p["seconds"],
-                    p["p50"],
-                    p["p99"],
-                    p["max"],
-                    p["blocked"],
-                    p["due_p50"],
-                    p["due_p99"],
-                    p["due_max"],
-                    p["later"],
-                    p["restored_per_s"],
-                ]
-                for p in (si, sb)
-            ]
+            [[label(p)[1], *timings(p, "due_p50", "due_p99", "due_max", "later", "restored_per_s")] for p in (si, sb)]
             + [
                 [
                     "busy / idle (p99)",
@@ -652,8 +626,7 @@ def main() -> int:
         help="connections for the open-loop checkout phases on the hot goods (default 32; 0: skip them)",
     )
     p.add_argument("--only", choices=("takeover", "checkout"), default=None, help="run one of the two measurements")
-    args = p.parse_args()
-    reporting.quiet_logging()
+    args = reporting.arguments(p)
     harness.quiet_emulator_logs()
     kills = args.kills or (3 if args.quick else 10)
     n_orders = args.orders or (80_000 if args.quick else 200_000)
