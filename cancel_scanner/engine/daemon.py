@@ -137,14 +137,7 @@ class Daemon:
                 misfire_grace_time=3_600,
             )
             if daily.catch_up:
-                self.scheduler.add_job(
-                    self._daily_tick,
-                    "date",
-                    args=(daily,),
-                    id=f"daily:{daily.name}:again",
-                    executor="daily",
-                    run_date=_utc() + timedelta(seconds=1),
-                )
+                self._daily_again(daily, 1)
         self.scheduler.start()
         logger.bind(stage="daemon", action="started", owner=self.runner.owner, stages=",".join(self.stages)).info(
             "cancel-scanner running"
@@ -164,17 +157,21 @@ class Daemon:
             again = 1_800.0
         if again is not None and not self.stopping():
             try:
-                self.scheduler.add_job(
-                    self._daily_tick,
-                    "date",
-                    args=(job,),
-                    id=f"daily:{job.name}:again",
-                    executor="daily",
-                    run_date=_utc() + timedelta(seconds=again),
-                    replace_existing=True,
-                )
+                self._daily_again(job, again, replace_existing=True)
             except Exception as exc:  # noqa: BLE001 - the scheduler stops: nothing to reschedule
                 log.debug("not rescheduled: {}", type(exc).__name__)
+
+    def _daily_again(self, job: DailyJob, seconds: float, replace_existing: bool = False) -> None:
+        """``job`` once more, ``seconds`` from now, besides its daily run (a catch-up, or the retry it asked for)."""
+        self.scheduler.add_job(
+            self._daily_tick,
+            "date",
+            args=(job,),
+            id=f"daily:{job.name}:again",
+            executor="daily",
+            run_date=_utc() + timedelta(seconds=seconds),
+            replace_existing=replace_existing,
+        )
 
     def _on_reaped(self, owners: list[str]) -> None:
         # Their leases are free now: take the work over at once rather than at the next interval.
