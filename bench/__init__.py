@@ -4,6 +4,7 @@
 * ``seed``: rows in the state each stage expects, written fast from MariaDB's sequence tables;
 * ``configs``: jobs.yaml's settings, and configurations for a Runner in the benchmark's own process;
 * ``emulator_server``: the WeChat Pay emulator in a process of its own, and ``EmulatorProcess``, its client;
+  ``unlimited_sandbox``, the in-process one with every limit off;
 * ``profiling``: a stage drained in the benchmark's own process, under pyinstrument;
 * ``reporting``: the result options, tables, targets, the machine, statistics, and RESULTS.md.
 

@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import database, reporting
+from bench.emulator_server import unlimited_sandbox
 from cancel_scanner.config import parse_config
 from cancel_scanner.engine.runner import Runner
-from cancel_scanner.gateway.sandbox import start_sandbox
 from cancel_scanner.scanners import REGISTRY, build_stages
 from testsupport.bad_rows import STAGES_BEFORE, _cases, orders_ready_for, shop_trigger
 
@@ -116,17 +116,7 @@ def main() -> None:
     rows = []
     runs = 0
     with database.Bench() as bench:
-        sandbox = start_sandbox(
-            success_delay=0,
-            apply_qps=None,
-            query_qps=None,
-            emulator_apply_qps=None,
-            emulator_query_qps=None,
-            pay_query_qps=None,
-            pay_close_qps=None,
-            timeout=(5, 5),
-        )
-        sandbox.emulator.payment_qps = None  # its payment endpoints' limit too: a batch of 200 in one go
+        sandbox = unlimited_sandbox(timeout=(5, 5))  # the payment endpoints' limit too: a batch of 200 in one go
         try:
             for stage in args.stages.split(","):
                 times: dict[bool, list[float]] = {False: [], True: []}

@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,6 +40,7 @@ from loguru import logger
 from bench import OUT_DIR, REPO
 from cancel_scanner.gateway.emulator import Emulator, FaultPlan
 from cancel_scanner.gateway.keys import generate_key_material
+from cancel_scanner.gateway.sandbox import Sandbox, start_sandbox
 from testsupport.processes import process_cpu_seconds
 
 REQUEST_LOG_ROWS = 2_000_000
@@ -46,6 +48,19 @@ REQUEST_LOG_ROWS = 2_000_000
 WECHAT_APPLY_QPS = 150
 WECHAT_QUERY_QPS = 300
 GATEWAY_LATENCY_SECONDS = 0.020
+
+
+def unlimited_sandbox(**client_options: Any) -> Sandbox:
+    """The in-process sandbox (start_sandbox) with every limit off: the emulator's on refunds and payments,
+    the client's paces (``client_options`` may set them, and the client's other options), answers at once."""
+    sandbox = start_sandbox(
+        success_delay=0,
+        emulator_apply_qps=None,
+        emulator_query_qps=None,
+        **{"apply_qps": None, "query_qps": None, "pay_query_qps": None, "pay_close_qps": None, **client_options},
+    )
+    sandbox.emulator.payment_qps = None
+    return sandbox
 
 
 def _busiest_window(times: list[float], width: float = 1.0) -> int:

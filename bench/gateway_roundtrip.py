@@ -19,22 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from loguru import logger
 
+from bench.emulator_server import unlimited_sandbox
 from cancel_scanner.gateway.contract import Accepted, RefundRequest
-from cancel_scanner.gateway.sandbox import start_sandbox
 
 HUGE_QPS = 1_000_000
 
 
 def run(seconds: float, threads: int, reuse_connections: bool) -> tuple[int, int, float]:
     """Returns (round trips, failures, elapsed seconds)."""
-    sandbox = start_sandbox(
-        success_delay=0.0,
-        apply_qps=HUGE_QPS,
-        query_qps=HUGE_QPS,
-        emulator_apply_qps=None,
-        emulator_query_qps=None,
-        timeout=(5.0, 15.0),
-        reuse_connections=reuse_connections,
+    sandbox = unlimited_sandbox(
+        apply_qps=HUGE_QPS, query_qps=HUGE_QPS, timeout=(5.0, 15.0), reuse_connections=reuse_connections
     )
     numbers = itertools.count()
     counts_lock = threading.Lock()
