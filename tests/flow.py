@@ -73,37 +73,10 @@ def add_goods(db: Engine, goods_id: int, *, stock: int = 100, sales: int = 50, n
     shop.insert_goods_rows(db, [shop.goods_row(goods_id, stock=stock, sales=sales, name=name)])
 
 
-def add_order(
-    db: Engine,
-    order_id: int,
-    *,
-    goods_id: int = 1,
-    quantity: int = 1,
-    amount: int = 1280,
-    paid: bool = True,
-    status: str | None = None,
-    transaction_id: str | None | bool = True,
-    paid_at: datetime | None = None,
-    deleted: bool = False,
-) -> None:
-    """An order as the shop's own order system inserts it: no flag columns; paid a day before T0."""
-    shop.insert_orders(
-        db,
-        [
-            shop.order_row(
-                order_id,
-                goods_id=goods_id,
-                quantity=quantity,
-                amount=amount,
-                paid=paid,
-                status=status,
-                transaction_id=transaction_id or None,
-                paid_at=paid_at,
-                deleted=deleted,
-                now=T0,
-            )
-        ],
-    )
+def add_order(db: Engine, order_id: int, *, transaction_id: str | None | bool = True, **row: Any) -> None:
+    """An order as the shop's own order system inserts it (``shop.order_row``'s options): no flag columns;
+    paid a day before T0. A falsy ``transaction_id`` is none."""
+    shop.insert_orders(db, [shop.order_row(order_id, transaction_id=transaction_id or None, now=T0, **row)])
 
 
 def request_cancel(
