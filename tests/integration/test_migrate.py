@@ -170,15 +170,13 @@ def test_a_shops_database_is_adopted_online_and_the_flow_runs_on_its_old_orders(
         assert "uk_goods_order2_order_no" not in sql  # the shop's own unique key on order_no serves
         migrate.apply(db, the_plan)
 
-        with db.connect() as conn:
-            untouched = conn.execute(
-                text(
-                    "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'NONE' AND stock_scanned = 0 AND stock_success = 0"
-                    " AND sales_scanned = 0 AND sales_success = 0 AND wx_progress_scanned = 0 AND stock_attempts = 0"
-                )
-            ).scalar()
-            assert untouched == SHOP_ORDERS
-            assert conn.execute(text("SELECT COUNT(*) FROM goods_order2")).scalar() == SHOP_ORDERS
+        untouched = scalar_of(
+            db,
+            "SELECT COUNT(*) FROM goods_order2 WHERE refund_status = 'NONE' AND stock_scanned = 0 AND stock_success = 0"
+            " AND sales_scanned = 0 AND sales_success = 0 AND wx_progress_scanned = 0 AND stock_attempts = 0",
+        )
+        assert untouched == SHOP_ORDERS
+        assert scalar_of(db, "SELECT COUNT(*) FROM goods_order2") == SHOP_ORDERS
         with db.connect() as conn:  # goods gained columns and kept its rows
             assert [tuple(r) for r in conn.execute(text("SELECT id, stock, sales FROM goods ORDER BY id"))] == [
                 (1, 500, 40),
