@@ -186,6 +186,7 @@ def test_run_once_exits_0_and_leaves_nothing_ready(tmp_path, mysql_db, mysql_url
     harness.report("issue5 run --once", n=n, paid=paid, seconds=watch.elapsed)
 
 
+@pytest.mark.alone  # APScheduler warns of a run missed when the machine starves the daemon: not beside 3 other workers
 def test_a_busy_healthy_daemon_does_not_warn_about_its_own_scheduling(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
