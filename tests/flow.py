@@ -79,16 +79,10 @@ def add_order(db: Engine, order_id: int, *, transaction_id: str | None | bool = 
     shop.insert_orders(db, [shop.order_row(order_id, transaction_id=transaction_id or None, now=T0, **row)])
 
 
-def request_cancel(
-    db: Engine,
-    order_id: int,
-    *,
-    op_type: str = "MERCHANT_CANCEL",
-    operator: str | None = "clerk-1",
-    reason: str | None = "out of stock",
-) -> int:
-    """What a merchant's tool does: insert four columns, nothing else."""
-    return shop.request_cancel(db, order_id, op_type, operator, reason)
+def request_cancel(db: Engine, order_id: int, **request: Any) -> int:
+    """What a merchant's tool does: insert four columns, nothing else (``shop.request_cancel``'s op_type,
+    operator and reason, by name)."""
+    return shop.request_cancel(db, order_id, **request)
 
 
 def row(db: Engine, table: str, row_id: int) -> Any:
