@@ -118,6 +118,19 @@ def test_kill_9_at_random_moments_and_restart_loses_nothing_and_repeats_nothing(
 TRIO_N = 3000 if harness.SOAK else 600
 
 
+def wait_submitted(db, orders, part: int, seconds: float, what: str, daemons) -> None:
+    """Until one ``part``-th of the paid orders' refunds are submitted, the daemons watched meanwhile."""
+    paid = sum(1 for o in orders if o["pay"])
+    wait_until(
+        lambda: harness.q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1"),
+        seconds,
+        what,
+        until=lambda c: c >= paid // part,
+        daemons=daemons,
+        interval=0.05,
+    )
+
+
 def test_three_daemons_on_the_same_rows_one_killed_midway_never_call_twice_at_once(
     tmp_path, mysql_db, mysql_url, external_emulators, daemons
 ):
@@ -134,15 +147,7 @@ def test_three_daemons_on_the_same_rows_one_killed_midway_never_call_twice_at_on
         d.start()
     cancel_all(mysql_db, orders)
 
-    paid = sum(1 for o in orders if o["pay"])
-    wait_until(
-        lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1"),
-        120,
-        "a third of the refunds submitted",
-        until=lambda c: c >= paid // 3,
-        daemons=trio,
-        interval=0.05,
-    )
+    wait_submitted(mysql_db, orders, 3, 120, "a third of the refunds submitted", trio)
     trio[1].kill9()
     trio[1].start()
     harness.wait_settled(mysql_db, SETTLE_SECONDS, trio)
@@ -239,15 +244,7 @@ class OutageRun:
         self.baseline = harness.Baseline.take(db)
         daemon.start()
         cancel_all(db, orders)
-        paid = sum(1 for o in orders if o["pay"])
-        wait_until(
-            lambda: harness.q_scalar(db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1"),
-            60,
-            "some refunds submitted",
-            until=lambda c: c >= paid // 4,
-            daemons=[daemon],
-            interval=0.05,
-        )
+        wait_submitted(db, orders, 4, 60, "some refunds submitted", [daemon])
 
         self.down_at = shop.utcnow()
         self.server.stop()
