@@ -10,6 +10,15 @@ from sqlalchemy import exc as sa_exc
 # MySQL/MariaDB error numbers that say "try again", not "your data is wrong".
 _TRANSIENT_MYSQL_CODES = {
     1040,  # too many connections
+    1047,  # Galera: "WSREP has not yet prepared node for application use" (a node joining or out of the primary component)
+    1053,  # server shutdown in progress
+    1152,  # aborted connection
+    1158,  # error reading communication packets
+    1159,  # timeout reading communication packets
+    1160,  # error writing communication packets
+    1161,  # timeout writing communication packets
+    1180,  # got error during COMMIT
+    1317,  # query execution was interrupted (the server stopping, KILL QUERY)
     1205,  # lock wait timeout
     1213,  # deadlock
     1927,  # connection was killed (MariaDB)
