@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import time
 from datetime import UTC, date, datetime
 
 import pytest
@@ -362,7 +361,10 @@ def test_anything_but_wechats_format_is_bad_format(data, complaint):
     assert complaint in refused.value.message
 
 
-def test_a_hundred_thousand_rows_parse_in_well_under_a_few_seconds():
+def test_a_hundred_thousand_rows_parse_whole_and_exact():
+    """A big day's bill (100,000 rows, commas and quotes in the goods' names) parses to the fen. How fast
+    is bench/reconcile.py's to measure (target: >= 100,000 rows/s): a wall-clock bound here failed
+    whenever the machine was busy."""
     header = ALL_HEADER.split(",")
     lines = [ALL_HEADER]
     for i in range(50_000):
@@ -373,14 +375,10 @@ def test_a_hundred_thousand_rows_parse_in_well_under_a_few_seconds():
     lines += [SUMMARY_HEADER, f"`100000,`0.00,`615000.00,`0.00,`0.00,`0.00,`{asked // 100}.{asked % 100:02d}"]
     data = (BOM + "\r\n".join(lines) + "\r\n").encode("utf-8")
 
-    started = time.perf_counter()
     bill = parse_bill(data, DAY)
-    elapsed = time.perf_counter() - started
 
     assert bill.rows == 100_000 and len(bill.refunds) == len(bill.payments) == 50_000
     assert bill.refunds[-1].refund_fen == 49_999 and bill.payments[12_345].total_fen == 12_345
-    print(f"100,000 rows ({len(data) / 1e6:.1f} MB) parsed in {elapsed:.2f} s")
-    assert elapsed < 3.0, elapsed
 
 
 # -- the hash --------------------------------------------------------------------------------------
