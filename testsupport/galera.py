@@ -99,6 +99,10 @@ class GaleraCluster:
                 "--wsrep-sst-method=mariabackup",
                 "--wsrep-sst-auth=root:",
                 "--binlog-format=ROW",
+                # A real binary log, as a production node should have: without one (MariaDB's "binlog
+                # emulation"), ROLLBACK TO SAVEPOINT after any earlier statement of the transaction
+                # still replicates the rolled-back rows (reproduced on 10.11.19: docs/concurrency.md).
+                "--log-bin=node-bin",
                 "--innodb-autoinc-lock-mode=2",
                 "--default-storage-engine=InnoDB",
             )
