@@ -145,6 +145,8 @@ def test_three_daemons_on_the_same_rows_one_killed_midway_never_call_twice_at_on
     trio = [daemons(tmp_path / f"d{i}", config, emu.env(), name=f"d{i}") for i in (1, 2, 3)]
     for d in trio:
         d.start()
+    for d in trio:  # all three polling before the work arrives: on a busy machine one started late found none left
+        d.wait_started()
     cancel_all(mysql_db, orders)
 
     wait_submitted(mysql_db, orders, 3, 120, "a third of the refunds submitted", trio)
