@@ -77,7 +77,7 @@ class Config(BaseModel):
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
-    database_url: str = DEFAULT_DATABASE_URL
+    database_url: str = Field(default=DEFAULT_DATABASE_URL, repr=False)  # may hold the password: never in a repr
     wechat: WeChatConfig = WeChatConfig()
     jobs: Mapping[str, JobSettings] = Field(default_factory=lambda: MappingProxyType({}))
     monitoring: MonitoringConfig = MonitoringConfig()

@@ -101,6 +101,9 @@ def _unpaced(_endpoint: str, _seconds: float) -> None:
     return None
 
 
+_LONE_UNSERVED: dict[str, Unserved] = {}
+
+
 def route(gateway: Any, channel: str | None) -> Any:
     """The gateway a row of ``channel`` is called through: from ``Channels``, or a lone gateway (which
     serves the default channel only)."""
@@ -108,7 +111,8 @@ def route(gateway: Any, channel: str | None) -> Any:
         return gateway.channel(channel)
     if (channel or DEFAULT_CHANNEL) == DEFAULT_CHANNEL:
         return gateway
-    return Unserved(channel or DEFAULT_CHANNEL)
+    name = channel or DEFAULT_CHANNEL
+    return _LONE_UNSERVED.setdefault(name, Unserved(name))  # one per name: it warns once, not per call
 
 
 class Channel(Protocol):
