@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from testsupport.mariadb import MariaDBServer, MariaDBUnavailable
+from testsupport.mariadb import MariaDBServer, MariaDBUnavailable, StartedWhileInWith
 
 PROVIDER_PATHS = (
     "/usr/lib/galera/libgalera_smm.so",
@@ -74,10 +74,12 @@ class GaleraNode(MariaDBServer):
         return [base[0], f"--defaults-file={cnf}"]
 
 
-class GaleraCluster:
+class GaleraCluster(StartedWhileInWith):
     """``size`` nodes on loopback; ``start()`` bootstraps the first and joins the others."""
 
-    def __init__(self, size: int = 3, base_dir: Path | None = None, name: str = "cs-test") -> None:
+    def __init__(
+        self, size: int = 3, base_dir: Path | None = None, name: str = "cs-test", log_bin: bool = True
+    ) -> None:
         provider = find_provider()
         if provider is None or missing():
             raise MariaDBUnavailable(f"no Galera cluster here: {missing()} not found")
@@ -102,7 +104,7 @@ class GaleraCluster:
                 # A real binary log, as a production node should have: without one (MariaDB's "binlog
                 # emulation"), ROLLBACK TO SAVEPOINT after any earlier statement of the transaction
                 # still replicates the rolled-back rows (reproduced on 10.11.19: docs/concurrency.md).
-                "--log-bin=node-bin",
+                *(("--log-bin=node-bin",) if log_bin else ()),
                 "--innodb-autoinc-lock-mode=2",
                 "--default-storage-engine=InnoDB",
             )
@@ -192,12 +194,5 @@ class GaleraCluster:
                     raise
         raise AssertionError("unreachable")
 
-    def __enter__(self) -> GaleraCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         self.stop()

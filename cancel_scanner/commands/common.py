@@ -55,7 +55,14 @@ def fail_config(err: ConfigError) -> NoReturn:
 
 
 def short(exc: BaseException) -> str:
-    """The first line of an exception's text, at most 300 characters."""
+    """The first line of an exception's text, at most 300 characters; a database error's code and
+    message only (describe_db_error: never its statement or parameters)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from cancel_scanner.engine.errors import describe_db_error
+
+    if isinstance(exc, DBAPIError):
+        return describe_db_error(exc)[:300]
     return str(exc).splitlines()[0][:300] if str(exc) else ""
 
 

@@ -6,11 +6,13 @@ errors instead of silently clamping to 0), READ COMMITTED (fewer gap locks
 between concurrent claimers) and a short lock wait (a locked row is skipped
 and retried later rather than stalling a whole batch). On a Galera node,
 `wsrep_sync_wait` as configured, so that what we read includes every write the
-cluster committed before (ours included, whichever node took it).
+cluster committed before (ours included, whichever node took it); and a Galera
+node without a binary log is refused (UnsafeGaleraNode).
 """
 
 from __future__ import annotations
 
+import pymysql
 from sqlalchemy import Engine, create_engine, event, inspect, text
 
 from cancel_scanner import models
@@ -24,6 +26,28 @@ _MYSQL_INIT = (
     "sql_mode = 'STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION', "
     f"innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_SECONDS}"
 )
+
+
+UNSAFE_NODE_CODE = 1290  # MariaDB's "running with an option that prevents this statement": an environment error
+
+
+class UnsafeGaleraNode(pymysql.err.OperationalError):
+    """A Galera node running without a binary log (log_bin OFF, MariaDB's "binlog emulation").
+
+    On such a node ROLLBACK TO SAVEPOINT after an earlier statement of the transaction still
+    replicates the rolled-back rows to the other nodes (reproduced on 10.11.19; docs/concurrency.md),
+    and every batch of ours may roll back to a savepoint (goods the shop holds, a row a trigger
+    refuses). So no connection to it is used: raised while connecting, it reaches the caller as the
+    database's own "running with an option" error (1290), which the engine treats as its environment
+    (the stage waits, nothing is written) and the CLI reports in one line.
+    """
+
+    def __init__(self, host: str) -> None:
+        super().__init__(
+            UNSAFE_NODE_CODE,
+            f"Galera node {host} runs without a binary log (log_bin OFF): rolled-back savepoints would "
+            "replicate; start every node with log_bin (docs/concurrency.md)",
+        )
 
 
 def is_mysql(engine: Engine) -> bool:
@@ -67,10 +91,12 @@ def _configure_galera(engine: Engine, sync_wait: int) -> None:
         # Asked once per connection.
         cur = dbapi_conn.cursor()
         try:
-            cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")  # no row on MySQL, OFF on a MariaDB without Galera
-            row = cur.fetchone()
-            on = row is not None and str(row[1]).upper() == "ON"
+            cur.execute("SHOW VARIABLES WHERE Variable_name IN ('wsrep_on', 'log_bin', 'hostname', 'port')")
+            seen = {str(name).lower(): str(value) for name, value in cur.fetchall()}  # no wsrep_on on MySQL
+            on = seen.get("wsrep_on", "").upper() == "ON"
             record.info["galera"] = on
+            if on and seen.get("log_bin", "").upper() != "ON":
+                raise UnsafeGaleraNode(f"{seen.get('hostname', '?')}:{seen.get('port', '?')}")
             if on:
                 cur.execute(f"SET SESSION wsrep_sync_wait = {int(sync_wait)}")
         finally:

@@ -223,3 +223,65 @@ def test_a_survivor_on_a_lagging_node_does_not_take_over_from_a_process_that_bea
     finally:
         a.dispose()
         b.dispose()
+
+
+def test_a_node_without_a_binary_log_is_refused_before_anything_is_written(tmp_path):
+    """MariaDB's binlog emulation (a Galera node with log_bin OFF) replicates rows that ROLLBACK TO
+    SAVEPOINT undid, and every batch may roll back to a savepoint. The daemon must not use such a
+    node at all: no connection, one readable line for the operator, the merchant's request untouched."""
+    from sqlalchemy.exc import OperationalError
+
+    from cancel_scanner.engine.db import UNSAFE_NODE_CODE
+    from cancel_scanner.engine.errors import describe_db_error, mysql_code
+    from cancel_scanner.engine.schema_file import schema_sql, split_sql
+    from testsupport import galera
+    from testsupport.mariadb import MariaDBUnavailable
+    from testsupport.processes import run_cli
+
+    if galera.missing():
+        pytest.fail(f"the Galera test bed needs {galera.missing()}", pytrace=False)
+    try:
+        node = galera.GaleraCluster.started(1, base_dir=tmp_path / "bed", name="cs-nobin", log_bin=False)
+    except MariaDBUnavailable as exc:
+        pytest.fail(f"a one-node cluster did not come up: {exc}", pytrace=False)
+    try:
+        node.create_database("shop")
+        raw = node.nodes[0].connect("shop")
+        try:
+            with raw.cursor() as cur:
+                for stmt in split_sql(schema_sql()):
+                    cur.execute(stmt)
+                cur.execute(
+                    "INSERT INTO req_order_ops (order_id, op_type, operator) VALUES (7, 'MERCHANT_CANCEL', 'ops')"
+                )
+            raw.commit()
+        finally:
+            raw.close()
+        url = node.url_for(0, "shop")
+
+        engine = make_engine(url)
+        try:
+            with pytest.raises(OperationalError) as refused:
+                engine.connect()
+        finally:
+            engine.dispose()
+        assert mysql_code(refused.value) == UNSAFE_NODE_CODE
+        assert "log_bin" in describe_db_error(refused.value)
+
+        config = tmp_path / "jobs.yaml"
+        config.write_text(f"database_url: {url}\nwechat: {{mode: sandbox}}\n")
+        done = run_cli(["run", "--once"], config=config, cwd=tmp_path, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})
+        assert done.returncode == 1, done.stderr
+        said = [line for line in done.stderr.splitlines() if line.startswith("cancel-scanner:")]
+        assert len(said) == 1 and "without a binary log (log_bin OFF)" in said[0], done.stderr
+        assert "Traceback" not in done.stderr
+
+        raw = node.nodes[0].connect("shop")
+        try:
+            with raw.cursor() as cur:
+                cur.execute("SELECT scanned, result_code FROM req_order_ops")
+                assert cur.fetchall() == ((0, None),)
+        finally:
+            raw.close()
+    finally:
+        node.stop()
