@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pymysql
 
@@ -215,7 +216,27 @@ def _install_sigterm_handler() -> None:
 atexit.register(_shutdown_all)
 
 
-class MariaDBServer:
+class StartedWhileInWith:
+    """``with X(...) as x``: ``start()`` on entry; ``release()`` at exit, and when the start fails."""
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            return self.start()
+        except BaseException:
+            self.release()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class MariaDBServer(StartedWhileInWith):
     """A private mariadbd: own temp folder, data directory, socket and port."""
 
     def __init__(
@@ -387,14 +408,8 @@ class MariaDBServer:
         self._port_fixed = self._requested_port is not None
         _LIVE.discard(self)
 
-    def __enter__(self) -> MariaDBServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, *exc_info) -> None:
+    def release(self) -> None:
+        """Stop (if running) and remove everything the server left."""
         try:
             self.stop()
         finally:

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 from cancel_scanner.demo.plan import Plan
 from cancel_scanner.demo.screen import WIDTH, fit, pad
 from cancel_scanner.demo.seed import goods_snapshot
+from cancel_scanner.scanners.intake import MESSAGES
 
 
 def yuan(fen: int) -> str:
@@ -25,16 +26,8 @@ def _rows(db: Engine, sql: str) -> list:
         return list(conn.execute(text(sql)).all())
 
 
-# Rejection codes in the contract's order; anything else after them.
-CODE_ORDER = (
-    "ORDER_NOT_FOUND",
-    "ALREADY_CANCELLED",
-    "ORDER_SHIPPED",
-    "ORDER_DELETED",
-    "UNSUPPORTED_OP",
-    "BAD_AMOUNT",
-    "DUPLICATE_REQUEST",
-)
+# Rejection codes in the contract's order (intake's messages are declared in it); anything else after them.
+CODE_ORDER = tuple(MESSAGES)
 LABEL, COUNT, AMOUNT = 26, 6, 12  # the summary's columns
 
 

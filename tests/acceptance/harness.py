@@ -238,6 +238,11 @@ def q_scalar(db: Engine, sql: str, **params: Any) -> Any:
         return conn.execute(text(sql), params).scalar()
 
 
+def wait_for_count(db: Engine, sql: str, count: int, timeout: float, what: str, daemons: Any = ()) -> None:
+    """Until the single value of ``sql`` (a COUNT) is ``count``; ``wait_until``'s error names ``what``."""
+    wait_until(lambda: q_scalar(db, sql), timeout, what, until=lambda c: c == count, daemons=daemons)
+
+
 # What each stage still has to do, straight from the contract's "picks rows where" column.
 PENDING_SQL = {
     "intake": "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0",

@@ -193,11 +193,12 @@ def test_a_stop_that_runs_out_of_time_never_lets_another_daemon_call_the_same_re
         assert "shutdown_timeout_seconds" in first.log_text()
         return
     shop.insert_requests(mysql_db, [(i, "MERCHANT_CANCEL", "ops", "slow gateway") for i in range(1, 21)])
-    wait_until(
-        lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL"),
+    harness.wait_for_count(
+        mysql_db,
+        "SELECT COUNT(*) FROM refund_order WHERE lease_owner IS NOT NULL",
+        20,
         30,
         "the first daemon to lease all 20 refunds",
-        until=lambda c: c == 20,
         daemons=[first],
     )
     second.start()
@@ -370,13 +371,12 @@ def test_a_hostile_gateway_cannot_make_a_refund_happen_twice_or_a_forged_success
     cancel_all(mysql_db, orders)
 
     abnormal_ids = ",".join(map(str, sorted(abnormal)))
-    wait_until(
-        lambda: harness.q_scalar(
-            mysql_db, f"SELECT COUNT(*) FROM refund_order WHERE wx_status = 'ABNORMAL' AND order_id IN ({abnormal_ids})"
-        ),
+    harness.wait_for_count(
+        mysql_db,
+        f"SELECT COUNT(*) FROM refund_order WHERE wx_status = 'ABNORMAL' AND order_id IN ({abnormal_ids})",
+        len(abnormal),
         SETTLE_SECONDS,
         "the ABNORMAL refunds to be seen",
-        until=lambda c: c == len(abnormal),
         daemons=[daemon],
     )
     status = harness.status_json(daemon.config_path, emu.env(), tmp_path)
@@ -535,11 +535,12 @@ def test_a_catalogue_of_bad_rows_each_gets_its_outcome_and_the_daemon_keeps_runn
     emoji_cut = "a" * 78 + "😀 and more"  # the 80-byte cut falls inside the emoji
     ask(121, "OK", reason=emoji_cut)
 
-    wait_until(
-        lambda: harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0"),
+    harness.wait_for_count(
+        mysql_db,
+        "SELECT COUNT(*) FROM req_order_ops WHERE scanned = 0",
+        0,
         60,
         "the first requests to be handled",
-        until=lambda c: c == 0,
         daemons=[daemon],
     )
     assert harness.q_scalar(mysql_db, f"SELECT result_code FROM req_order_ops WHERE id = {first_105}") == "OK"
