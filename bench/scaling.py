@@ -365,8 +365,21 @@ REFUND_COLUMNS = (
     "attempts",
     "next_attempt_at",
     "submit_sent",
+    "channel",
 )
 OPLOG_COLUMNS = ("order_id", "event", "detail")
+
+
+def _log(cur, events: Sequence[tuple[int, str, str]]) -> None:
+    """The oplog's events, after the daemon's look for any already there (scanners/shop.py: log_events)."""
+    order_ids, names = sorted({e[0] for e in events}), sorted({e[1] for e in events})
+    cur.execute(
+        f"SELECT order_id, event FROM goods_order2_oplog WHERE order_id IN ({_marks(order_ids)}) "
+        f"AND event IN ({_marks(names)})",
+        [*order_ids, *names],
+    )
+    _expect(not cur.fetchall(), "oplog: an event already logged")
+    _insert(cur, "goods_order2_oplog", OPLOG_COLUMNS, events)
 
 
 def hand_intake(cur, now, limit: int) -> int:
@@ -381,8 +394,8 @@ def hand_intake(cur, now, limit: int) -> int:
         return 0
     order_ids = sorted({r[1] for r in requests})
     cur.execute(
-        "SELECT id, order_no, pay_status, transaction_id, paid_at, order_status, total_amount, is_deleted, cancel_requested_at "
-        f"FROM goods_order2 WHERE id IN ({_marks(order_ids)}) FOR UPDATE SKIP LOCKED",
+        "SELECT id, order_no, pay_status, transaction_id, paid_at, order_status, total_amount, is_deleted, cancel_requested_at, "
+        f"close_scanned, close_success, channel FROM goods_order2 WHERE id IN ({_marks(order_ids)}) FOR UPDATE SKIP LOCKED",
         order_ids,
     )
     orders = {row[0]: row for row in cur.fetchall()}
@@ -396,7 +409,9 @@ def hand_intake(cur, now, limit: int) -> int:
     by_source: dict[str, list[int]] = defaultdict(list)
     refunds, events = [], []
     for req_id, order_id, op_type, operator, reason, _attempts in requests:
-        _, order_no, pay_status, transaction_id, paid_at, status, amount, deleted, asked = orders[order_id]
+        _, order_no, pay_status, transaction_id, paid_at, status, amount, deleted, asked, _cs, _cok, channel = orders[
+            order_id
+        ]
         _expect(
             op_type in CANCEL_SOURCES
             and status == "PAID"
@@ -430,6 +445,7 @@ def hand_intake(cur, now, limit: int) -> int:
                 0,
                 now,
                 0,
+                channel,
             )
         )
         events.append((order_id, "CANCELLED", f"req {req_id} {op_type} by {operator or '-'}"))
@@ -442,7 +458,7 @@ def hand_intake(cur, now, limit: int) -> int:
         )
         _expect(changed == len(ids), f"intake: {len(ids)} orders locked, {changed} cancelled")
     _insert(cur, "refund_order", REFUND_COLUMNS, refunds)
-    _insert(cur, "goods_order2_oplog", OPLOG_COLUMNS, events)
+    _log(cur, events)
     ids = [r[0] for r in requests]
     flipped = cur.execute(
         "UPDATE req_order_ops SET scanned=%s, success=%s, result_code=%s, result_msg=%s, scanned_at=%s, attempts=%s, "
@@ -486,7 +502,7 @@ def hand_sync_result(cur, now, limit: int) -> int:
         ["REFUNDED", 1, *params, *ids, "REFUNDING"],
     )
     _expect(changed == len(ids), f"sync_result: {len(ids)} orders locked, {changed} refunded")
-    _insert(cur, "goods_order2_oplog", OPLOG_COLUMNS, events)
+    _log(cur, events)
     ids = [r[0] for r in refunds]
     flipped = cur.execute(
         "UPDATE refund_order SET sync_scanned=%s, sync_success=%s, attempts=%s, next_attempt_at=%s, last_error=%s, "
@@ -545,6 +561,7 @@ def hand_goods_move(move: GoodsMove, cur, now, limit: int) -> int:
     goods_ids = sorted({r[1] for r in rows})
     cur.execute(f"SELECT id, {move.column} FROM goods WHERE id IN ({_marks(goods_ids)})", goods_ids)
     current = dict(cur.fetchall())
+    ids = [r[0] for r in rows]
     deltas: dict[int, int] = defaultdict(int)
     events = []
     for order_id, goods_id, quantity, _attempts in rows:
@@ -555,8 +572,11 @@ def hand_goods_move(move: GoodsMove, cur, now, limit: int) -> int:
         )
         deltas[goods_id] += delta
         events.append((order_id, move.event, f"goods {goods_id} {delta:+d}"))
+    cur.execute(
+        f"SELECT order_id FROM goods_order2_oplog WHERE order_id IN ({_marks(ids)}) AND event = %s", [*ids, move.event]
+    )
+    _expect(not cur.fetchall(), f"{move.event}: already logged")
     _insert(cur, "goods_order2_oplog", OPLOG_COLUMNS, events)
-    ids = [r[0] for r in rows]
     f = move.flag
     flipped = cur.execute(
         f"UPDATE goods_order2 SET {f}_scanned=%s, {f}_success=%s, {f}_attempts=%s, {f}_next_attempt_at=%s, {f}_last_error=%s, "
