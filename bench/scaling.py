@@ -532,7 +532,7 @@ GOODS_MOVES = {
         "stock",
         +1,
         "STOCK_RESTORED",
-        "SELECT id, goods_id, quantity, stock_attempts FROM goods_order2 WHERE stock_scanned = %s AND stock_success = %s "
+        "SELECT id, goods_id, quantity - parts_quantity AS quantity, stock_attempts FROM goods_order2 WHERE stock_scanned = %s AND stock_success = %s "
         "AND order_status = %s AND refund_status IN (%s, %s) AND is_deleted = %s AND (pay_status = %s AND refund_status = %s "
         "OR pay_status = %s AND refund_status = %s) AND (stock_next_attempt_at IS NULL OR stock_next_attempt_at <= %s) "
         "ORDER BY refund_status, id LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -544,7 +544,7 @@ GOODS_MOVES = {
         "sales",
         -1,
         "SALES_DECREMENTED",
-        "SELECT id, goods_id, quantity, sales_attempts FROM goods_order2 WHERE sales_scanned = %s AND sales_success = %s "
+        "SELECT id, goods_id, quantity - parts_quantity AS quantity, sales_attempts FROM goods_order2 WHERE sales_scanned = %s AND sales_success = %s "
         "AND order_status = %s AND refund_status = %s AND is_deleted = %s AND pay_status = %s "
         "AND (sales_next_attempt_at IS NULL OR sales_next_attempt_at <= %s) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
         (0, 0, "CANCELLED", "REFUNDED", 0, 1),

@@ -29,8 +29,28 @@ class Base(DeclarativeBase):
     __table__: ClassVar[Table]
 
 
-def _flag(comment: str) -> Mapped[int]:
-    return mapped_column(Flag, nullable=False, default=0, server_default=text("0"), comment=comment)
+def _flag(comment: str, *, archived: bool = False) -> Mapped[int]:
+    """A 0/1 column; ``archived``: added after its table's archive existed, so the archive keeps its default."""
+    return mapped_column(
+        Flag,
+        nullable=False,
+        default=0,
+        server_default=text("0"),
+        comment=comment,
+        info={"archive_default": True} if archived else {},
+    )
+
+
+def _count(kind, comment: str, *, archived: bool = False) -> Mapped[int]:
+    """A counter from 0 (units, fen, attempts); ``archived`` as for ``_flag``."""
+    return mapped_column(
+        kind,
+        nullable=False,
+        default=0,
+        server_default=text("0"),
+        comment=comment,
+        info={"archive_default": True} if archived else {},
+    )
 
 
 def _channel(comment: str) -> Mapped[str]:
@@ -183,6 +203,19 @@ class GoodsOrder(Base):
     )
     close_lease_until: Mapped[datetime | None] = mapped_column(Timestamp3, comment="close_unpaid: lease expiry (UTC)")
     channel: Mapped[str] = _channel("the payment channel the order was paid (or is to be paid) through: wechat, ...")
+    cancelled_quantity: Mapped[int] = _count(
+        UInt,
+        "intake: units cancelled so far, partial cancels and the cancel of the rest (0 for cancels before schema 8)",
+    )
+    parts_quantity: Mapped[int] = _count(
+        UInt,
+        "intake: units cancelled by partial cancels while the order went on (their stock and sales move with their"
+        " refunds: part_goods; restore_stock and decrement_sales move the rest)",
+    )
+    refunded_amount: Mapped[int] = _count(
+        UInt,
+        "sync_result: fen WeChat confirmed refunded so far, every refund of the order (0 for refunds before schema 8)",
+    )
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -201,6 +234,9 @@ class OrderOpRequest(Base):
     op_type: Mapped[str] = mapped_column(String(32), nullable=False, comment="MERCHANT_CANCEL|USER_CANCEL")
     operator: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(String(255))
+    quantity: Mapped[int | None] = mapped_column(
+        SignedInt, comment="units to cancel; NULL: every unit not yet cancelled (the whole order)"
+    )
     scanned: Mapped[int] = _flag("intake: 0 pending, 1 handled (see success and result_code)")
     success: Mapped[int] = _flag("intake: 1 accepted (result_code OK); 0 with scanned=1 rejected or failed")
     result_code: Mapped[str | None] = mapped_column(String(32), comment="OK or a stable rejection code")
@@ -221,8 +257,7 @@ class RefundOrder(Base):
     __tablename__ = "refund_order"
     __table_args__ = (
         UniqueConstraint("out_refund_no", name="uk_refund_order_out_refund_no"),
-        # One refund per order and sequence number: intake only ever creates seq 1, so a replayed
-        # intake can never create a second refund for the same order.
+        # An order's refunds are numbered 1, 2, ... under its row lock (intake, reissue): never two of one number.
         UniqueConstraint("order_id", "refund_seq", name="uk_refund_order_order_seq"),
         # Stage 2 (submit_refund) polls: submit_scanned=0 AND submit_success=0 AND next_attempt_at<=now
         Index("idx_refund_order_submit_pending", "submit_scanned", "submit_success", "next_attempt_at"),
@@ -236,6 +271,8 @@ class RefundOrder(Base):
         Index("idx_refund_order_lease_owner", "lease_owner"),
         # reconcile finds the refunds WeChat accepted on a day.
         Index("idx_refund_order_submitted_at", "submitted_at"),
+        # part_goods polls: part=1 AND sync_success=1 AND goods_scanned=0 AND goods_success=0
+        Index("idx_refund_order_goods_pending", "part", "sync_success", "goods_scanned", "goods_success"),
         CheckConstraint("refund_amount <= total_amount", name="refund_within_total"),
         {"comment": "One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call."},
     )
@@ -277,6 +314,28 @@ class RefundOrder(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(Timestamp3, comment="when WeChat accepted the refund")
     success_time: Mapped[datetime | None] = mapped_column(Timestamp3, comment="WeChat's success_time (UTC)")
     channel: Mapped[str] = _channel("the payment channel the refund is sent through: the order's")
+    quantity: Mapped[int | None] = mapped_column(
+        UInt, comment="units it pays back; NULL: a refund from before schema 8 (the whole order)"
+    )
+    part: Mapped[int] = _flag(
+        "1: the refund of a partial cancel, the order goes on; 0: the refund of the order's cancel", archived=True
+    )
+    applied_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3,
+        comment="submit_refund: when its first application went out (two of one payment at least"
+        " refund_spacing_seconds apart)",
+    )
+    goods_scanned: Mapped[int] = _flag(
+        "part_goods: 0 pending, 1 finished (see goods_success); a partial cancel's refund only", archived=True
+    )
+    goods_success: Mapped[int] = _flag(
+        "part_goods: 1 its units back in stock and off sales exactly once; 0 with goods_scanned=1 failed", archived=True
+    )
+    goods_attempts: Mapped[int] = _count(SignedInt, "part_goods: failed tries so far", archived=True)
+    goods_next_attempt_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="part_goods: not retried before this time (UTC)"
+    )
+    goods_last_error: Mapped[str | None] = mapped_column(String(255), comment="part_goods: why the last try failed")
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 

@@ -5,16 +5,21 @@ Does: validates the order. A paid order is cancelled, with a ``refund_order`` ro
 ``out_refund_no`` is fixed now, before any call; oplog CANCELLED. An unpaid one is not cancelled
 here: its row says the cancel was asked for (``cancel_requested_at``, ``cancel_source``) and
 close_unpaid settles its payment with WeChat first (the user may have paid, or may be paying).
+A request naming a ``quantity`` below the units left of a paid order is a partial cancel: the
+order stays PAID, its ``cancelled_quantity`` and ``parts_quantity`` grow by that many units in
+one conditional UPDATE (never past ``quantity``), and a refund of the units' share (scanners/parts.py)
+is created with ``part = 1``; oplog PART_CANCELLED. The request for the last units cancels the order.
 Flips: ``req_order_ops.scanned=1, success=1/0`` with ``result_code``/``result_msg``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, insert, or_, select, update
+from sqlalchemy import Connection, Row, func, insert, or_, select, update
 
 from cancel_scanner.engine.errors import SHOP_REFUSED
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
@@ -23,6 +28,7 @@ from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.gateway.channels import DEFAULT_CHANNEL
 from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.models import goods_order2, refund_order, req_order_ops
+from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, part_amount, part_event
 from cancel_scanner.scanners.shop import write_oplog
 
 CANCEL_SOURCES = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER"}
@@ -53,6 +59,20 @@ MESSAGES = {
         "the order's payment fields disagree (pay_status, transaction_id, paid_at, order_status):"
         " not cancelled; correct the order, then send the request again"
     ),
+    # Partial cancels (a request naming a quantity)
+    "BAD_QUANTITY": "quantity must be a whole number of units above 0, or NULL for every unit left",
+    "QUANTITY_EXCEEDS_REMAINING": "quantity is more than the units of the order not yet cancelled: nothing was cancelled",
+    "PARTIAL_UNPAID": (
+        "the order is not paid: a part of it cannot be refunded; change the order in the shop,"
+        " or cancel all of it (quantity NULL)"
+    ),
+    "TOO_MANY_REFUNDS": (
+        f"the payment already has {MAX_REFUNDS_PER_PAYMENT} refunds, WeChat Pay's limit:"
+        " cancel the rest of the order at once, or refund it by hand"
+    ),
+    "PART_AMOUNT_ZERO": (
+        "the units' share of the payment rounds down to 0 fen: nothing to refund; cancel more units at once"
+    ),
 }
 
 
@@ -81,6 +101,8 @@ ORDER_COLUMNS = [
         "close_scanned",
         "close_success",
         "channel",
+        "quantity",
+        "cancelled_quantity",
     )
 ]
 ACCEPTED_PAID = "cancelled; a full refund was started (see refund_order for its progress)"
@@ -88,6 +110,20 @@ ACCEPTED_UNPAID = (
     "accepted; the order shows no payment, so its WeChat payment is being closed first:"
     " it is cancelled (stock restored) once WeChat confirms, or refunded if the user had paid"
 )
+
+
+def accepted_part(units: int, left: int, amount: int, out_refund_no: str) -> str:
+    return (
+        f"{units} unit(s) cancelled, {left} left to ship; a refund of {amount} fen was started"
+        f" ({out_refund_no}, see refund_order)"
+    )
+
+
+def accepted_rest(units: int, amount: int, out_refund_no: str) -> str:
+    return (
+        f"cancelled; its last {units} unit(s) refunded with {amount} fen, the rest of the payment"
+        f" ({out_refund_no}, see refund_order)"
+    )
 
 
 def out_refund_no_for(order_id: int, seq: int = 1) -> str:
@@ -131,7 +167,7 @@ class Intake(StageDefaults):
     def ready(self, now: datetime, limit: int):
         r = req_order_ops.c
         return (
-            select(r.id, r.order_id, r.op_type, r.operator, r.reason, r.attempts)
+            select(r.id, r.order_id, r.op_type, r.operator, r.reason, r.quantity, r.attempts)
             .where(*self.pending(), or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now))
             .order_by(r.id)
             .limit(limit)
@@ -148,10 +184,14 @@ class Intake(StageDefaults):
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
-        wanted = [r for r in rows if r.op_type in CANCEL_SOURCES]
+        wanted = []
         for r in rows:
             if r.op_type not in CANCEL_SOURCES:
                 outcomes[r.id] = reject("UNSUPPORTED_OP")
+            elif r.quantity is not None and r.quantity <= 0:
+                outcomes[r.id] = reject("BAD_QUANTITY")
+            else:
+                wanted.append(r)
         order_ids = sorted({r.order_id for r in wanted})
         if not order_ids:
             return outcomes
@@ -172,9 +212,10 @@ class Intake(StageDefaults):
                 )
             ).scalars()
         )
+        refunds = _refunds_of(conn, [i for i, order in orders.items() if order.pay_status == 1])
 
-        cancels: list[tuple[Row, Row]] = []  # (request, order)
-        seen_in_batch: set[int] = set()
+        cancels: list[Cancel] = []
+        seen_in_batch: dict[int, Cancel] = {}
         for req in wanted:  # rows come in id order: the first request for an order wins
             if req.order_id in busy:
                 # Someone else holds the order row (the shop's own system, or another stage);
@@ -182,9 +223,14 @@ class Intake(StageDefaults):
                 outcomes[req.id] = Later(now + BUSY_RETRY, "ORDER_BUSY: the order row is locked; will retry")
                 continue
             order = orders.get(req.order_id)
+            earlier = seen_in_batch.get(req.order_id)
             if order is None:
                 outcomes[req.id] = reject("ORDER_NOT_FOUND")
-            elif req.order_id in seen_in_batch:
+            elif earlier is not None and earlier.part:
+                # An earlier request of this batch cancelled part of the order: this one is judged on
+                # what is left once that is written, in the next batch (no attempt spent).
+                outcomes[req.id] = Later(now, "ORDER_BUSY: another request for this order comes first; will retry")
+            elif earlier is not None:
                 # The first of this batch cancelled a paid order, or handed an unpaid one to close_unpaid.
                 outcomes[req.id] = (
                     reject("DUPLICATE_REQUEST")
@@ -192,15 +238,23 @@ class Intake(StageDefaults):
                     else Failed("DUPLICATE_REQUEST", CLOSING_FOR_AN_EARLIER_REQUEST)
                 )
             else:
-                outcomes[req.id] = self._judge(order, now, accepted_before)
-                if isinstance(outcomes[req.id], Done):
-                    seen_in_batch.add(req.order_id)
-                    cancels.append((req, order))
-        self._cancel(conn, cancels, now)
+                judged = self._judge(req, order, now, accepted_before, refunds.get(order.id, (0, 0)))
+                if isinstance(judged, Cancel):
+                    seen_in_batch[req.order_id] = judged
+                    cancels.append(judged)
+                    outcomes[req.id] = Done(judged.message)
+                else:
+                    outcomes[req.id] = judged
+        for cancel in self._cancel(conn, cancels, now):
+            # The order changed between the read and the guarded UPDATE (it cannot while we hold its
+            # row, but the guard is what keeps the amounts exact): judged again on a fresh read.
+            outcomes[cancel.req.id] = Later(now, "ORDER_BUSY: the order changed while it was judged; will retry")
         return outcomes
 
     @staticmethod
-    def _judge(order: Row, now: datetime, accepted_before: set[int]) -> Outcome:
+    def _judge(
+        req: Row, order: Row, now: datetime, accepted_before: set[int], refunds: tuple[int, int]
+    ) -> Outcome | Cancel:
         if order.is_deleted:
             return reject("ORDER_DELETED")
         if order.order_status in ("UNPAID", "PAID") and not payment_is_consistent(order):
@@ -218,36 +272,97 @@ class Intake(StageDefaults):
             return reject("ORDER_SHIPPED")
         if order.order_status not in ("UNPAID", "PAID"):
             return reject("BAD_ORDER_STATE")
+        left = order.quantity - order.cancelled_quantity
+        if left < 0 or (left == 0 and order.quantity > 0):
+            return reject("BAD_ORDER_STATE")  # more units cancelled than it has, or all of them and not cancelled
+        units = left if req.quantity is None else req.quantity
+        if units > left:
+            return Failed(
+                "QUANTITY_EXCEEDS_REMAINING",
+                f"{MESSAGES['QUANTITY_EXCEEDS_REMAINING']} ({left} of {order.quantity} left)",
+            )
         if out_trade_no_problem(order.order_no):
             return reject("BAD_ORDER_NO")  # WeChat would refuse the close or the refund: never sent
-        if order.pay_status == 1:
-            if not order.total_amount or not order.transaction_id:
-                return reject("BAD_AMOUNT")
-            if order.paid_at is not None and now - order.paid_at > REFUND_WINDOW:
-                return reject("REFUND_WINDOW_EXPIRED")
-            return Done(ACCEPTED_PAID)
-        return Done(ACCEPTED_UNPAID)
+        if order.pay_status != 1:
+            if units < left:
+                return reject("PARTIAL_UNPAID")
+            return Cancel(req, order, units, 0, 0, ACCEPTED_UNPAID)
+        if not order.total_amount or not order.transaction_id:
+            return reject("BAD_AMOUNT")
+        if order.paid_at is not None and now - order.paid_at > REFUND_WINDOW:
+            return reject("REFUND_WINDOW_EXPIRED")
+        count, last_seq = refunds
+        if count >= MAX_REFUNDS_PER_PAYMENT:
+            return reject("TOO_MANY_REFUNDS")
+        amount = (
+            part_amount(order.total_amount, order.quantity, order.cancelled_quantity, units)
+            if order.quantity > 0
+            else order.total_amount  # an order of no units (a shop's fee, a deposit) is cancelled whole
+        )
+        if amount <= 0:
+            return reject("PART_AMOUNT_ZERO")
+        seq = last_seq + 1
+        if units < left:
+            return Cancel(
+                req,
+                order,
+                units,
+                amount,
+                seq,
+                accepted_part(units, left - units, amount, out_refund_no_for(order.id, seq)),
+            )
+        if order.cancelled_quantity:
+            return Cancel(
+                req, order, units, amount, seq, accepted_rest(units, amount, out_refund_no_for(order.id, seq))
+            )
+        return Cancel(req, order, units, amount, seq, ACCEPTED_PAID)
 
     @staticmethod
-    def _cancel(conn: Connection, cancels: list[tuple[Row, Row]], now: datetime) -> None:
+    def _cancel(conn: Connection, cancels: list[Cancel], now: datetime) -> list[Cancel]:
+        """Write the accepted cancels; the partial ones whose guarded UPDATE found the order changed are returned
+        (nothing of theirs written)."""
         if not cancels:
-            return
+            return []
         o = goods_order2.c
-        paid = [(req, order) for req, order in cancels if order.pay_status == 1]
-        unpaid = [(req, order) for req, order in cancels if order.pay_status != 1]
-        for source in sorted({CANCEL_SOURCES[req.op_type] for req, _ in cancels}):
-            paid_ids = [order.id for req, order in paid if CANCEL_SOURCES[req.op_type] == source]
+        changed = []
+        for cancel in [c for c in cancels if c.part]:
+            # The guard itself: never more units than the order has, counted from what we read.
+            done = conn.execute(
+                update(goods_order2)
+                .where(
+                    o.id == cancel.order.id,
+                    o.order_status == "PAID",
+                    o.is_deleted == 0,
+                    o.cancelled_quantity == cancel.order.cancelled_quantity,
+                    o.cancelled_quantity + cancel.units < o.quantity,
+                )
+                .values(
+                    cancelled_quantity=o.cancelled_quantity + cancel.units,
+                    parts_quantity=o.parts_quantity + cancel.units,
+                )
+            ).rowcount
+            if done != 1:
+                changed.append(cancel)
+        wholes = [c for c in cancels if not c.part]
+        paid = [c for c in wholes if c.order.pay_status == 1]
+        unpaid = [c for c in wholes if c.order.pay_status != 1]
+        for source in sorted({c.source for c in wholes}):
+            paid_ids = [c.order.id for c in paid if c.source == source]
             if paid_ids:
                 _guarded(
                     conn,
                     update(goods_order2)
                     .where(o.id.in_(paid_ids), o.order_status == "PAID", o.is_deleted == 0)
                     .values(
-                        order_status="CANCELLED", cancel_source=source, cancelled_at=now, refund_status="REFUNDING"
+                        order_status="CANCELLED",
+                        cancel_source=source,
+                        cancelled_at=now,
+                        refund_status="REFUNDING",
+                        cancelled_quantity=o.quantity,
                     ),
                     len(paid_ids),
                 )
-            unpaid_ids = [order.id for req, order in unpaid if CANCEL_SOURCES[req.op_type] == source]
+            unpaid_ids = [c.order.id for c in unpaid if c.source == source]
             if unpaid_ids:
                 _guarded(
                     conn,
@@ -256,27 +371,77 @@ class Intake(StageDefaults):
                     .values(cancel_requested_at=now, cancel_source=source),
                     len(unpaid_ids),
                 )
-        if paid:
+        refunding = [c for c in cancels if c.amount and all(c is not x for x in changed)]
+        if refunding:
             conn.execute(
                 insert(refund_order),
                 [
                     refund_row(
-                        order.id,
-                        order.order_no,
-                        order.transaction_id,
-                        order.total_amount,
-                        wechat_reason(req.reason, CANCEL_SOURCES[req.op_type]),
+                        c.order.id,
+                        c.order.order_no,
+                        c.order.transaction_id,
+                        c.amount,
+                        wechat_reason(c.req.reason, c.source),
                         now,
-                        req_id=req.id,
-                        channel=order.channel,
+                        req_id=c.req.id,
+                        seq=c.seq,
+                        channel=c.order.channel,
+                        total=c.order.total_amount,
+                        quantity=c.units,
+                        part=c.part,
                     )
-                    for req, order in paid
+                    for c in refunding
                 ],
             )
         write_oplog(
             conn,
-            ((order.id, "CANCELLED", f"req {req.id} {req.op_type} by {req.operator or '-'}") for req, order in paid),
+            (
+                (
+                    c.order.id,
+                    part_event("PART_CANCELLED", c.seq) if c.part else "CANCELLED",
+                    f"req {c.req.id} {c.req.op_type} by {c.req.operator or '-'}"
+                    + (f": {c.units} of {c.order.quantity} units, {c.amount} fen" if c.part else ""),
+                )
+                for c in refunding
+            ),
         )
+        return changed
+
+
+@dataclass(frozen=True, eq=False)
+class Cancel:
+    """A request intake accepts: ``units`` of ``order``, refunding ``amount`` fen as refund ``seq`` (0: unpaid)."""
+
+    req: Row
+    order: Row
+    units: int
+    amount: int
+    seq: int
+    message: str
+
+    @property
+    def part(self) -> bool:
+        """Some units stay: the order goes on."""
+        return self.units < self.order.quantity - self.order.cancelled_quantity
+
+    @property
+    def source(self) -> str:
+        return CANCEL_SOURCES[self.req.op_type]
+
+
+def _refunds_of(conn: Connection, order_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """Per paid order: how many refunds it has and its highest refund_seq (read under the order's row lock)."""
+    if not order_ids:
+        return {}
+    r = refund_order.c
+    return {
+        order_id: (count, last)
+        for order_id, count, last in conn.execute(
+            select(r.order_id, func.count(), func.max(r.refund_seq))
+            .where(r.order_id.in_(order_ids))
+            .group_by(r.order_id)
+        ).all()
+    }
 
 
 def _guarded(conn: Connection, statement, expected: int) -> None:
@@ -297,9 +462,13 @@ def refund_row(
     req_id: int | None = None,
     seq: int = 1,
     channel: str = DEFAULT_CHANNEL,
+    total: int | None = None,
+    quantity: int | None = None,
+    part: bool = False,
 ) -> dict[str, Any]:
-    """A refund of a paid order (the first unless ``seq`` says): all of what was paid, its number fixed before any call,
-    through the order's payment ``channel``."""
+    """A refund of ``amount`` fen of a paid order (the first unless ``seq`` says), its number fixed before any
+    call, through the order's payment ``channel``. ``total``: what was paid (default ``amount``: all of it);
+    ``quantity``: the units it pays back; ``part``: a partial cancel's refund, the order goes on."""
     return {
         "order_id": order_id,
         "req_id": req_id,
@@ -308,8 +477,10 @@ def refund_row(
         "out_trade_no": out_trade_no,
         "transaction_id": transaction_id,
         "refund_amount": amount,
-        "total_amount": amount,
+        "total_amount": amount if total is None else total,
         "reason": reason,
         "next_attempt_at": now,
         "channel": channel,
+        "quantity": quantity,
+        "part": int(part),
     }

@@ -147,7 +147,8 @@ class GoodsMove(StageDefaults):
     def ready(self, now: datetime, limit: int):
         o, flags = goods_order2.c, self.flags
         return (
-            select(o.id, o.goods_id, o.quantity, flags.attempts)
+            # The units this move owes: the order's, but those a partial cancel's refund moved (part_goods).
+            select(o.id, o.goods_id, (o.quantity - o.parts_quantity).label("quantity"), flags.attempts)
             .where(*self.pending(), or_(flags.next_attempt_at.is_(None), flags.next_attempt_at <= now))
             # In index order: no sort of every pending row, and FOR UPDATE locks only the rows
             # returned, not all it read to sort them.

@@ -3,13 +3,17 @@
 Ready: ``refund_order.progress_scanned = 1, sync_scanned = 0`` (idx_refund_order_sync_pending).
 Does: SUCCESS makes the order REFUNDED with ``refunded_at`` (WeChat's success_time) and writes
 oplog REFUND_SUCCEEDED; CLOSED makes it FAILED and writes REFUND_FAILED (stock and sales are
-then left alone). Sets the order's ``wx_progress_scanned = 1``.
+then left alone). Sets the order's ``wx_progress_scanned = 1``. Every SUCCESS adds its amount to
+the order's ``refunded_amount``. A partial cancel's refund (``part = 1``) leaves the order's state
+as it is (the order goes on): its SUCCESS adds to ``refunded_amount`` and hands its units to
+part_goods; its CLOSED is written to the oplog only, and the part waits for `reissue`.
 Flips: ``sync_scanned=1, sync_success=1``; ``1/0`` if the refund's state is unknown (its poll
 gave up) or the order is no longer REFUNDING, so a person looks before any money state is claimed.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -29,7 +33,7 @@ BUSY_RETRY = timedelta(seconds=1)
 
 class SyncResult(StageDefaults):
     name = "sync_result"
-    feeds = ("restore_stock", "decrement_sales")
+    feeds = ("restore_stock", "decrement_sales", "part_goods")
     flags = Flags.on(refund_order, "sync")
 
     pending_since = r.updated_at
@@ -51,6 +55,7 @@ class SyncResult(StageDefaults):
                 r.success_time,
                 r.attempts,
                 r.last_error,
+                r.part,
             )
             .where(*self.pending())
             .order_by(r.id)
@@ -70,6 +75,7 @@ class SyncResult(StageDefaults):
         busy = set(conn.execute(select(o.id).where(o.id.in_(unlocked))).scalars()) if unlocked else set()
 
         refunded: dict[int, datetime] = {}
+        amounts: dict[int, int] = defaultdict(int)  # fen confirmed, by order
         failed: list[int] = []
         events = []
         for row in rows:
@@ -80,12 +86,14 @@ class SyncResult(StageDefaults):
                 outcomes[row.id] = Later(now + BUSY_RETRY, keep or "ORDER_BUSY: the order row is locked; will retry")
             elif order is None:
                 outcomes[row.id] = Failed("ORDER_NOT_FOUND", f"order {row.order_id} is gone; refund result not written")
-            elif order.refund_status != "REFUNDING":
+            elif order.refund_status != "REFUNDING" and not row.part:
                 outcomes[row.id] = Failed(
                     "ORDER_STATE_CHANGED", f"order refund_status is {order.refund_status}, expected REFUNDING"
                 )
             elif row.progress_success == 1 and row.wx_status == "SUCCESS":
-                refunded[row.order_id] = row.success_time or now
+                amounts[row.order_id] += row.refund_amount
+                if not row.part:
+                    refunded[row.order_id] = row.success_time or now
                 events.append(
                     (
                         row.order_id,
@@ -98,7 +106,8 @@ class SyncResult(StageDefaults):
                 # WeChat said SUCCESS and then something else: neither is written to the order.
                 outcomes[row.id] = Failed(CONFLICTING_ANSWERS, row.last_error[len(CONFLICTING_ANSWERS) + 2 :])
             elif row.progress_success == 0 and row.wx_status == "CLOSED":
-                failed.append(row.order_id)
+                if not row.part:
+                    failed.append(row.order_id)
                 events.append(
                     (
                         row.order_id,
@@ -124,6 +133,12 @@ class SyncResult(StageDefaults):
                 update(goods_order2)
                 .where(o.id.in_(failed), o.refund_status == "REFUNDING")
                 .values(refund_status="FAILED", wx_progress_scanned=1)
+            )
+        if amounts:
+            conn.execute(
+                update(goods_order2)
+                .where(o.id.in_(list(amounts)))
+                .values(refunded_amount=o.refunded_amount + by_id(o.id, dict(amounts), else_=0))
             )
         write_oplog(conn, events)
         return outcomes

@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   close_lease_owner      VARCHAR(64) NULL COMMENT 'close_unpaid: daemon calling WeChat for this order now',
   close_lease_until      DATETIME(3) NULL COMMENT 'close_unpaid: lease expiry (UTC)',
   channel                VARCHAR(16) NOT NULL DEFAULT 'wechat' COMMENT 'the payment channel the order was paid (or is to be paid) through: wechat, ...',
+  cancelled_quantity     INT UNSIGNED NOT NULL DEFAULT 0 COMMENT 'intake: units cancelled so far, partial cancels and the cancel of the rest (0 for cancels before schema 8)',
+  parts_quantity         INT UNSIGNED NOT NULL DEFAULT 0 COMMENT 'intake: units cancelled by partial cancels while the order went on (their stock and sales move with their refunds: part_goods; restore_stock and decrement_sales move the rest)',
+  refunded_amount        INT UNSIGNED NOT NULL DEFAULT 0 COMMENT 'sync_result: fen WeChat confirmed refunded so far, every refund of the order (0 for refunds before schema 8)',
   created_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at             DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_goods_order2 PRIMARY KEY (id),
@@ -90,6 +93,7 @@ CREATE TABLE IF NOT EXISTS req_order_ops (
   op_type          VARCHAR(32) NOT NULL COMMENT 'MERCHANT_CANCEL|USER_CANCEL',
   operator         VARCHAR(64) NULL,
   reason           VARCHAR(255) NULL,
+  quantity         INT NULL COMMENT 'units to cancel; NULL: every unit not yet cancelled (the whole order)',
   scanned          TINYINT NOT NULL DEFAULT 0 COMMENT 'intake: 0 pending, 1 handled (see success and result_code)',
   success          TINYINT NOT NULL DEFAULT 0 COMMENT 'intake: 1 accepted (result_code OK); 0 with scanned=1 rejected or failed',
   result_code      VARCHAR(32) NULL COMMENT 'OK or a stable rejection code',
@@ -136,11 +140,19 @@ CREATE TABLE IF NOT EXISTS refund_order (
   submitted_at      DATETIME(3) NULL COMMENT 'when WeChat accepted the refund',
   success_time      DATETIME(3) NULL COMMENT 'WeChat''s success_time (UTC)',
   channel           VARCHAR(16) NOT NULL DEFAULT 'wechat' COMMENT 'the payment channel the refund is sent through: the order''s',
+  quantity          INT UNSIGNED NULL COMMENT 'units it pays back; NULL: a refund from before schema 8 (the whole order)',
+  part              TINYINT NOT NULL DEFAULT 0 COMMENT '1: the refund of a partial cancel, the order goes on; 0: the refund of the order''s cancel',
+  applied_at        DATETIME(3) NULL COMMENT 'submit_refund: when its first application went out (two of one payment at least refund_spacing_seconds apart)',
+  goods_scanned     TINYINT NOT NULL DEFAULT 0 COMMENT 'part_goods: 0 pending, 1 finished (see goods_success); a partial cancel''s refund only',
+  goods_success     TINYINT NOT NULL DEFAULT 0 COMMENT 'part_goods: 1 its units back in stock and off sales exactly once; 0 with goods_scanned=1 failed',
+  goods_attempts    INT NOT NULL DEFAULT 0 COMMENT 'part_goods: failed tries so far',
+  goods_next_attempt_at DATETIME(3) NULL COMMENT 'part_goods: not retried before this time (UTC)',
+  goods_last_error  VARCHAR(255) NULL COMMENT 'part_goods: why the last try failed',
   created_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
   updated_at        DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
   CONSTRAINT pk_refund_order PRIMARY KEY (id),
   CONSTRAINT uk_refund_order_out_refund_no UNIQUE KEY (out_refund_no),
-  -- intake only creates refund_seq 1, so a replayed intake can never add a second refund to an order
+  -- an order's refunds are numbered 1, 2, ... under its row lock (intake, reissue): never two of one number
   CONSTRAINT uk_refund_order_order_seq UNIQUE KEY (order_id, refund_seq),
   -- submit_refund polls: submit_scanned=0 AND submit_success=0 AND next_attempt_at<=now
   INDEX idx_refund_order_submit_pending (submit_scanned, submit_success, next_attempt_at),
@@ -152,6 +164,8 @@ CREATE TABLE IF NOT EXISTS refund_order (
   INDEX idx_refund_order_lease_owner (lease_owner),
   -- reconcile finds the refunds WeChat accepted on a day
   INDEX idx_refund_order_submitted_at (submitted_at),
+  -- part_goods polls: part=1 AND sync_success=1 AND goods_scanned=0 AND goods_success=0
+  INDEX idx_refund_order_goods_pending (part, sync_success, goods_scanned, goods_success),
   CONSTRAINT ck_refund_order_refund_within_total CHECK (refund_amount <= total_amount)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One row per refund sent to WeChat Pay; out_refund_no is fixed before the first call.';
@@ -255,6 +269,7 @@ CREATE TABLE IF NOT EXISTS req_order_ops_archive (
   op_type          VARCHAR(32) NOT NULL,
   operator         VARCHAR(64) NULL,
   reason           VARCHAR(255) NULL,
+  quantity         INT NULL,
   scanned          TINYINT NOT NULL,
   success          TINYINT NOT NULL,
   result_code      VARCHAR(32) NULL,
@@ -299,6 +314,14 @@ CREATE TABLE IF NOT EXISTS refund_order_archive (
   submitted_at      DATETIME(3) NULL,
   success_time      DATETIME(3) NULL,
   channel           VARCHAR(16) NOT NULL DEFAULT 'wechat',
+  quantity          INT UNSIGNED NULL,
+  part              TINYINT NOT NULL DEFAULT 0,
+  applied_at        DATETIME(3) NULL,
+  goods_scanned     TINYINT NOT NULL DEFAULT 0,
+  goods_success     TINYINT NOT NULL DEFAULT 0,
+  goods_attempts    INT NOT NULL DEFAULT 0,
+  goods_next_attempt_at DATETIME(3) NULL,
+  goods_last_error  VARCHAR(255) NULL,
   created_at        DATETIME(3) NOT NULL,
   updated_at        DATETIME(3) NOT NULL,
   archived_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'moved here (UTC)',
@@ -351,4 +374,4 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'close_unpaid', 'goods_order2', id, id, close_last_error, updated_at
     FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0;
 
-INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (7, 'schema.sql');
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (8, 'schema.sql');

@@ -32,6 +32,7 @@ STAGES_IN_FLOW_ORDER = (
     "sync_result",
     "restore_stock",
     "decrement_sales",
+    "part_goods",
 )
 
 # An order's oplog events, in order, when its first refund was closed and an operator's reissue succeeded

@@ -23,6 +23,9 @@ INSERT_ORDER = text(
 # younger than its payment timeout (30 minutes), so no unpaid order closes unless a test says so.
 ORDER_AGE = timedelta(minutes=10)
 INSERT_REQUEST = text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)")
+INSERT_PART_REQUEST = text(
+    "INSERT INTO req_order_ops (order_id, op_type, operator, reason, quantity) VALUES (:o, :t, :op, :r, :q)"
+)
 
 
 def utcnow() -> datetime:
@@ -111,7 +114,12 @@ def request_cancel(
     op_type: str = "MERCHANT_CANCEL",
     operator: str | None = "clerk-1",
     reason: str | None = "out of stock",
+    quantity: int | None = None,
 ) -> int:
-    """One merchant's cancel request; its id."""
+    """One merchant's cancel request; its id. ``quantity``: a tool of schema 8 that names the units (a fifth column)."""
     with db.begin() as conn:
-        return conn.execute(INSERT_REQUEST, request_row(order_id, op_type, operator, reason)).lastrowid
+        if quantity is None:
+            return conn.execute(INSERT_REQUEST, request_row(order_id, op_type, operator, reason)).lastrowid
+        return conn.execute(
+            INSERT_PART_REQUEST, {**request_row(order_id, op_type, operator, reason), "q": quantity}
+        ).lastrowid

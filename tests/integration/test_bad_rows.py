@@ -404,10 +404,10 @@ def test_a_bug_on_one_request_keeps_it_pending_never_answers_the_merchant_with_i
 
     judge = Intake._judge
 
-    def buggy(order, now, accepted_before):
+    def buggy(req, order, now, *rest):
         if order.id == BAD:
             raise KeyError("a bug the tests put here")
-        return judge(order, now, accepted_before)
+        return judge(req, order, now, *rest)
 
     monkeypatch.setattr(Intake, "_judge", staticmethod(buggy))
     ids = given_ten_orders_ready_for(world, CASES["intake"])

@@ -9,13 +9,14 @@ from cancel_scanner.scanners.intake import Intake
 from tests.flow import STAGES_IN_FLOW_ORDER, test_config
 
 
-def test_the_registry_lists_the_seven_stages_in_flow_order_with_their_kinds():
+def test_the_registry_lists_the_eight_stages_in_flow_order_with_their_kinds():
     assert REGISTRY.names == STAGES_IN_FLOW_ORDER
     assert [c.kind for c in REGISTRY.classes] == [
         "database",
         "gateway",
         "gateway",
         "gateway",
+        "database",
         "database",
         "database",
         "database",

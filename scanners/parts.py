@@ -1,0 +1,38 @@
+"""Partial cancels: what a part of an order refunds, and WeChat's rules for several refunds of one payment.
+
+The amount rule (docs/contract.md, "Partial cancels"): an order of ``quantity`` units paid
+``total_amount`` fen refunds, once ``c`` of its units are cancelled, ``floor(total_amount * c /
+quantity)`` fen in all. A cancel of ``k`` more units therefore refunds
+
+    floor(total_amount * (c + k) / quantity) - floor(total_amount * c / quantity)
+
+fen: each unit's share, with the rounding carried from one part to the next instead of
+being lost, so the refunds of an order never exceed what was paid and add up to exactly
+``total_amount`` once every unit is cancelled (the last part takes the fen the earlier ones
+rounded down). Integers only; no float touches an amount.
+"""
+
+from __future__ import annotations
+
+MAX_REFUNDS_PER_PAYMENT = 50  # WeChat: at most 50 refunds of one payment
+DEFAULT_REFUND_SPACING_SECONDS = 60  # WeChat: two refund applications of one payment at least a minute apart
+
+
+def refunded_for(total_amount: int, quantity: int, cancelled: int) -> int:
+    """Fen refunded in all once ``cancelled`` of the order's ``quantity`` units are cancelled."""
+    if quantity <= 0 or not 0 <= cancelled <= quantity or total_amount < 0:
+        raise ValueError(f"no share of {total_amount} fen for {cancelled} of {quantity} units")
+    return total_amount * cancelled // quantity
+
+
+def part_amount(total_amount: int, quantity: int, cancelled_before: int, units: int) -> int:
+    """Fen a cancel of ``units`` more units refunds, after ``cancelled_before`` were cancelled."""
+    return refunded_for(total_amount, quantity, cancelled_before + units) - refunded_for(
+        total_amount, quantity, cancelled_before
+    )
+
+
+def part_event(event: str, refund_seq: int) -> str:
+    """The oplog event of a partial cancel (``PART_CANCELLED#2``): always numbered by its refund, so a part's
+    events never take the names the order's own cancel writes later (CANCELLED, STOCK_RESTORED, ...)."""
+    return f"{event}#{refund_seq}"

@@ -1,0 +1,188 @@
+"""Partial cancels (issue 26): a request naming a quantity refunds those units' share, gives them back to
+stock, takes them off sales, and the order goes on; the request for the last units cancels the order.
+
+On SQLite and MariaDB, over real HTTP to the emulator."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import insert
+
+from cancel_scanner.models import refund_order
+from cancel_scanner.scanners.intake import out_refund_no_for, refund_row
+from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT
+from tests.flow import T0, add_goods, add_order, request_cancel, row, rows
+
+
+def events(world, order_id):
+    return [
+        r["event"]
+        for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)
+    ]
+
+
+def answer(world, req_id):
+    request = row(world.db, "req_order_ops", req_id)
+    return request["result_code"], request["result_msg"]
+
+
+def test_three_parts_refund_333_333_and_334_fen_and_only_the_last_cancels_the_order(world):
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 7, goods_id=1, quantity=3, amount=1000)
+
+    first = request_cancel(world.db, 7, quantity=1)
+    world.settle()
+    code, message = answer(world, first)
+    assert code == "OK" and "1 unit(s) cancelled, 2 left to ship" in message and "333 fen" in message
+    order = row(world.db, "goods_order2", 7)
+    assert (order["order_status"], order["refund_status"]) == ("PAID", "NONE")  # it ships with the other two
+    assert (order["cancelled_quantity"], order["parts_quantity"], order["refunded_amount"]) == (1, 1, 333)
+    goods = row(world.db, "goods", 1)
+    assert (goods["stock"], goods["sales"]) == (11, 4)
+    assert world.emulator.fen_refunded[order["order_no"]] == 333
+
+    second = request_cancel(world.db, 7, quantity=1)
+    world.settle()
+    assert answer(world, second)[0] == "OK"
+    last = request_cancel(world.db, 7)  # NULL: every unit left
+    world.settle()
+    code, message = answer(world, last)
+    assert code == "OK" and "334 fen" in message
+
+    order = row(world.db, "goods_order2", 7)
+    assert (order["order_status"], order["refund_status"]) == ("CANCELLED", "REFUNDED")
+    assert (order["cancelled_quantity"], order["parts_quantity"], order["refunded_amount"]) == (3, 2, 1000)
+    goods = row(world.db, "goods", 1)
+    assert (goods["stock"], goods["sales"]) == (13, 2)  # each unit back once: two by their parts, one by the order
+    assert world.emulator.fen_refunded[order["order_no"]] == 1000  # exactly what was paid
+    refunds = rows(world.db, "SELECT * FROM refund_order WHERE order_id = 7 ORDER BY refund_seq")
+    assert [(r["refund_seq"], r["part"], r["quantity"], r["refund_amount"], r["total_amount"]) for r in refunds] == [
+        (1, 1, 1, 333, 1000),
+        (2, 1, 1, 333, 1000),
+        (3, 0, 1, 334, 1000),
+    ]
+    assert [world.emulator.refunds_created[out_refund_no_for(7, seq)] for seq in (1, 2, 3)] == [1, 1, 1]
+    assert [(r["goods_scanned"], r["goods_success"]) for r in refunds] == [(1, 1), (1, 1), (0, 0)]
+    assert events(world, 7) == [
+        "PART_CANCELLED#1",
+        "REFUND_SUBMITTED",
+        "REFUND_SUCCEEDED",
+        "PART_STOCK_RESTORED#1",
+        "PART_SALES_DECREMENTED#1",
+        "PART_CANCELLED#2",
+        "REFUND_SUBMITTED#2",
+        "REFUND_SUCCEEDED#2",
+        "PART_STOCK_RESTORED#2",
+        "PART_SALES_DECREMENTED#2",
+        "CANCELLED",
+        "REFUND_SUBMITTED#3",
+        "REFUND_SUCCEEDED#3",
+        "STOCK_RESTORED",
+        "SALES_DECREMENTED",
+    ]
+
+
+def test_a_quantity_naming_every_unit_is_a_whole_cancel_as_before(world):
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 8, goods_id=1, quantity=2, amount=1280)
+    req = request_cancel(world.db, 8, quantity=2)
+    world.settle()
+    assert answer(world, req)[0] == "OK"
+    order = row(world.db, "goods_order2", 8)
+    assert (order["order_status"], order["refund_status"], order["refunded_amount"]) == ("CANCELLED", "REFUNDED", 1280)
+    assert (row(world.db, "goods", 1)["stock"], row(world.db, "goods", 1)["sales"]) == (12, 3)
+    assert events(world, 8)[0] == "CANCELLED"
+
+
+def test_every_request_a_part_cannot_honour_gets_its_own_code_and_nothing_moves(world):
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 1, goods_id=1, quantity=3, amount=900)
+    add_order(world.db, 2, goods_id=1, quantity=3, amount=900, paid=False)
+    add_order(world.db, 3, goods_id=1, quantity=3, amount=900, status="SHIPPED")
+    add_order(world.db, 4, goods_id=1, quantity=3, amount=2)  # 2 fen for 3 units: the first unit's share is 0
+    asked = {
+        "zero": request_cancel(world.db, 1, quantity=0),
+        "negative": request_cancel(world.db, 1, quantity=-2),
+        "too_many": request_cancel(world.db, 1, quantity=4),
+        "unpaid_part": request_cancel(world.db, 2, quantity=1),
+        "shipped_part": request_cancel(world.db, 3, quantity=1),
+        "zero_fen": request_cancel(world.db, 4, quantity=1),
+    }
+    world.settle()
+    codes = {what: answer(world, req) for what, req in asked.items()}
+    assert {what: code for what, (code, _) in codes.items()} == {
+        "zero": "BAD_QUANTITY",
+        "negative": "BAD_QUANTITY",
+        "too_many": "QUANTITY_EXCEEDS_REMAINING",
+        "unpaid_part": "PARTIAL_UNPAID",
+        "shipped_part": "ORDER_SHIPPED",
+        "zero_fen": "PART_AMOUNT_ZERO",
+    }
+    assert "(3 of 3 left)" in codes["too_many"][1]
+    assert all(message and len(message.encode()) <= 255 for _, message in codes.values())
+    assert rows(world.db, "SELECT COUNT(*) AS n FROM refund_order")[0]["n"] == 0
+    assert (row(world.db, "goods", 1)["stock"], row(world.db, "goods", 1)["sales"]) == (10, 5)
+    assert [row(world.db, "goods_order2", i)["cancelled_quantity"] for i in (1, 2, 3, 4)] == [0, 0, 0, 0]
+    assert world.emulator.fen_refunded == {} or sum(world.emulator.fen_refunded.values()) == 0
+
+
+def test_the_fifty_first_refund_of_a_payment_is_refused_at_intake(world):
+    add_goods(world.db, 1)
+    add_order(world.db, 9, goods_id=1, quantity=60, amount=6000)
+    with world.db.begin() as conn:  # fifty refunds already made (finished, as the flow leaves them)
+        conn.execute(
+            insert(refund_order),
+            [
+                {
+                    **refund_row(9, "SO0000000009", "42000000000009", 100, "r", T0, seq=seq, total=6000, quantity=1),
+                    "part": 1,
+                    "submit_scanned": 1,
+                    "submit_success": 1,
+                    "progress_scanned": 1,
+                    "progress_success": 1,
+                    "sync_scanned": 1,
+                    "sync_success": 1,
+                    "goods_scanned": 1,
+                    "goods_success": 1,
+                    "wx_status": "SUCCESS",
+                }
+                for seq in range(1, MAX_REFUNDS_PER_PAYMENT + 1)
+            ],
+        )
+    req = request_cancel(world.db, 9, quantity=1)
+    world.settle()
+    assert answer(world, req)[0] == "TOO_MANY_REFUNDS"
+    assert (
+        rows(world.db, "SELECT COUNT(*) AS n FROM refund_order WHERE order_id = 9")[0]["n"] == MAX_REFUNDS_PER_PAYMENT
+    )
+
+
+def test_two_requests_for_the_last_units_in_one_batch_give_one_acceptance_and_one_refusal(world):
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 5, goods_id=1, quantity=2, amount=1000)
+    first = request_cancel(world.db, 5, quantity=1)
+    world.settle()
+    a = request_cancel(world.db, 5, quantity=1)
+    b = request_cancel(world.db, 5, quantity=1)
+    world.settle()
+    assert [answer(world, r)[0] for r in (first, a, b)] == ["OK", "OK", "DUPLICATE_REQUEST"]
+    order = row(world.db, "goods_order2", 5)
+    assert (order["order_status"], order["cancelled_quantity"], order["refunded_amount"]) == ("CANCELLED", 2, 1000)
+    assert world.emulator.fen_refunded[order["order_no"]] == 1000
+
+
+@pytest.mark.parametrize("units", [1, 2])
+def test_a_part_refund_closed_by_wechat_moves_no_units_and_leaves_the_order_going(world, units):
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 6, goods_id=1, quantity=3, amount=900)
+    world.emulator.close_refunds_for(out_refund_no_for(6, 1))
+    req = request_cancel(world.db, 6, quantity=units)
+    world.settle()
+    assert answer(world, req)[0] == "OK"
+    order = row(world.db, "goods_order2", 6)
+    assert (order["order_status"], order["refund_status"], order["refunded_amount"]) == ("PAID", "NONE", 0)
+    assert order["cancelled_quantity"] == units  # cancelled, waiting for a person: reissue the part
+    assert (row(world.db, "goods", 1)["stock"], row(world.db, "goods", 1)["sales"]) == (10, 5)
+    refund = rows(world.db, "SELECT * FROM refund_order WHERE order_id = 6")[0]
+    assert (refund["wx_status"], refund["goods_scanned"]) == ("CLOSED", 0)
+    assert "REFUND_FAILED" in events(world, 6)
