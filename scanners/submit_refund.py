@@ -14,6 +14,12 @@ a refund found there is recorded as accepted, anything else is retried. An unkno
 out_refund_no, which WeChat refunds at most once; if it must end, it ends ``OUTCOME_UNKNOWN``,
 never as a rejection.
 Credentials refused (401, MCH_NOT_EXISTS) block the stage: no row is at fault.
+
+Several refunds of one payment (partial cancels, a reissue): two first applications of one payment
+go out at least ``refund_spacing_seconds`` apart (WeChat Pay: a minute), decided in the lease's
+transaction under the order's row lock (``admit``), so two daemons cannot both send one; the later
+one waits for its turn (next_attempt_at), no attempt spent. A retry of a number already sent is not
+a new application and never waits.
 """
 
 from __future__ import annotations
@@ -21,23 +27,34 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from sqlalchemy import Connection, Row, or_, select
+from pydantic import Field
+from sqlalchemy import Connection, Row, func, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import OUTCOME_UNKNOWN, Blocked, Done, Failed, Outcome, Retry
-from cancel_scanner.engine.settings import GatewayJobSettings
-from cancel_scanner.engine.sql import update_rows
-from cancel_scanner.engine.stage import Flags, StageDefaults
+from cancel_scanner.engine.settings import GatewayJobSettings, Seconds
+from cancel_scanner.engine.sql import locked, update_rows
+from cancel_scanner.engine.stage import Flags, StageDefaults, Wait
 from cancel_scanner.gateway.channels import route
-from cancel_scanner.models import refund_order
+from cancel_scanner.models import goods_order2, refund_order
+from cancel_scanner.scanners.parts import DEFAULT_REFUND_SPACING_SECONDS
 from cancel_scanner.scanners.shop import refund_event, write_oplog
 
 r = refund_order.c
 MISMATCHED = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund or amount: check by hand")
+
+
+BUSY_RETRY = timedelta(seconds=1)
+
+
+class SubmitSettings(GatewayJobSettings):
+    """How far apart two first applications of refunds of one payment go out (WeChat Pay: a minute)."""
+
+    refund_spacing_seconds: Annotated[Seconds, Field(ge=0)] = DEFAULT_REFUND_SPACING_SECONDS
 
 
 def credentials_refused(result: gw.ConfigError) -> Blocked:
@@ -105,7 +122,7 @@ class SubmitRefund(StageDefaults):
     kind = "gateway"
     # 1/0 here says "WeChat refused the refund": a refund it accepted never ends so, whatever fails here.
     fact_stays_pending = True
-    settings = GatewayJobSettings
+    settings = SubmitSettings
     endpoint = "apply"
     # submit_sent: set by the engine when the row is leased, before the call ("may have reached WeChat").
     flags = Flags.on(refund_order, "submit", leased=True, sent="submit_sent")
@@ -113,16 +130,24 @@ class SubmitRefund(StageDefaults):
 
     pending_since = r.created_at
 
-    def __init__(self, first_poll_delay_seconds: float, max_attempts: int | None = None):
+    def __init__(
+        self,
+        first_poll_delay_seconds: float,
+        max_attempts: int | None = None,
+        refund_spacing_seconds: float = DEFAULT_REFUND_SPACING_SECONDS,
+    ):
         self.first_poll_delay = timedelta(seconds=first_poll_delay_seconds)
         self.max_attempts = max_attempts  # its last try asks WeChat before the row is given up
+        self.spacing = timedelta(seconds=refund_spacing_seconds)
 
     @classmethod
     def from_config(cls, config) -> SubmitRefund:
         (poll,) = cls.feeds
+        job = config.job(cls.name)
         return cls(
             first_poll_delay_seconds=config.job(poll).poll_delays_seconds[0],
-            max_attempts=config.job(cls.name).max_attempts,
+            max_attempts=job.max_attempts,
+            refund_spacing_seconds=job.refund_spacing_seconds,
         )
 
     def handoffs(self) -> Mapping[str, float]:
@@ -143,6 +168,45 @@ class SubmitRefund(StageDefaults):
             .order_by(r.next_attempt_at, r.id)
             .limit(limit)
         )
+
+    def admit(self, conn: Connection, rows: Sequence[Row], now: datetime) -> tuple[list[Row], dict[int, Wait]]:
+        """Every row but the first applications of a payment with several refunds that would go out
+        within ``spacing`` of another; those wait for their turn. Records when first applications go out."""
+        first = [row for row in rows if not row.submit_sent]
+        # A payment's only refund (a whole cancel's first) needs no turn; one of several does, whichever comes first.
+        spaced = [row for row in first if row.part or row.refund_seq > 1]
+        waits: dict[int, Wait] = {}
+        if spaced and self.spacing:
+            o = goods_order2.c
+            order_ids = sorted({row.order_id for row in spaced})
+            # The orders' row locks serialize the turns of one payment between daemons.
+            held = set(conn.execute(locked(conn, select(o.id).where(o.id.in_(order_ids)), skip_locked=True)).scalars())
+            last = dict(
+                conn.execute(
+                    select(r.order_id, func.max(r.applied_at))
+                    .where(r.order_id.in_(list(held)), r.applied_at.is_not(None), r.id.not_in([x.id for x in spaced]))
+                    .group_by(r.order_id)
+                ).all()
+            )
+            for row in first:  # this batch's own first applications take their turns too, in id order
+                if row.order_id in held and not (row.part or row.refund_seq > 1):
+                    last[row.order_id] = now
+            for row in sorted(spaced, key=lambda x: x.id):
+                if row.order_id not in held:
+                    waits[row.id] = Wait(now + BUSY_RETRY, "ORDER_BUSY: the order row is locked; will retry")
+                elif last.get(row.order_id) is not None and now - last[row.order_id] < self.spacing:
+                    turn = last[row.order_id] + self.spacing
+                    waits[row.id] = Wait(
+                        turn,
+                        f"REFUND_SPACING: another refund of this payment went out at {last[row.order_id]:%H:%M:%S};"
+                        f" WeChat Pay wants {self.spacing.total_seconds():g} s between two",
+                    )
+                else:
+                    last[row.order_id] = now
+        applying = [row.id for row in first if row.id not in waits]
+        if applying:
+            conn.execute(update(refund_order).where(r.id.in_(applying), r.applied_at.is_(None)).values(applied_at=now))
+        return [row for row in rows if row.id not in waits], waits
 
     def not_sent(self, result: Any) -> bool:
         return isinstance(result, Attempt) and isinstance(result.answer, gw.NotSent)

@@ -188,7 +188,19 @@ class GatewayBatch:
         with self.db.begin() as conn:
             # Every N-th id, not blocks: a batch of a few seconds of pace inserts nothing whose index
             # neighbours another daemon's rows.
-            rows = self.claimer.claim(conn, stage, now, limit, block=1)
+            rows, waits = stage.admit(conn, self.claimer.claim(conn, stage, now, limit, block=1), now)
+            if waits:
+                update_rows(
+                    conn,
+                    flags.table,
+                    {
+                        row_id: {flags.next_attempt_at.name: wait.at, flags.last_error.name: clip(wait.why)}
+                        for row_id, wait in waits.items()
+                    },
+                )
+                logger.bind(stage=stage.name, action="waiting", rows=len(waits)).debug(
+                    "{} row(s) wait for the channel's rules: {}", len(waits), next(iter(waits.values())).why
+                )
             if rows:
                 conn.execute(
                     update(flags.table)

@@ -114,6 +114,14 @@ class DbStage(Stage, Protocol):
         """
 
 
+@dataclass(frozen=True)
+class Wait:
+    """A claimed row a gateway stage does not call yet: due again ``at``, saying ``why`` (its last_error)."""
+
+    at: datetime
+    why: str
+
+
 class GatewayStage(Stage, Protocol):
     # The gateway endpoint whose pace bounds how many rows one batch may lease ("apply", "query").
     endpoint: ClassVar[str]
@@ -126,6 +134,11 @@ class GatewayStage(Stage, Protocol):
 
     def not_sent(self, result: Any) -> bool:
         """True when the result says the call never left (nothing reached the gateway)."""
+
+    def admit(self, conn: Connection, rows: Sequence[Row], now: datetime) -> tuple[list[Row], Mapping[int, Wait]]:
+        """In the lease's transaction, before any lease: the claimed rows that may be called now, and
+        for the others when to look again and why (the channel's own rules, such as a spacing between
+        calls about one payment). A waiting row keeps its attempts; it is not leased."""
 
     def apply(self, conn: Connection, results: Sequence[tuple[Row, Any]], now: datetime) -> Mapping[int, Outcome]:
         """Write what the gateway said; return an outcome for every row id."""
@@ -153,6 +166,9 @@ class StageDefaults:
     # A row whose channel fact (what the gateway did) could not be written never ends 1/0: for a
     # stage whose 1/0 would say the channel refused.
     fact_stays_pending: ClassVar[bool] = False
+
+    def admit(self, conn: Connection, rows: Sequence[Row], now: datetime) -> tuple[list[Row], Mapping[int, Wait]]:
+        return list(rows), {}
 
     def failed_reason(self) -> Any:
         """What the page and `status` show as a 1/0 row's reason (an SQL expression): its last_error."""

@@ -5,6 +5,8 @@ On SQLite and MariaDB, over real HTTP to the emulator."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 from sqlalchemy import insert
 
@@ -19,6 +21,11 @@ def events(world, order_id):
         r["event"]
         for r in rows(world.db, "SELECT event FROM goods_order2_oplog WHERE order_id = :o ORDER BY id", o=order_id)
     ]
+
+
+def seconds_between(earlier, later) -> float:
+    """Two DATETIME(3) values as the driver returns them (SQLite: text)."""
+    return (datetime.fromisoformat(str(later)) - datetime.fromisoformat(str(earlier))).total_seconds()
 
 
 def answer(world, req_id):
@@ -186,3 +193,36 @@ def test_a_part_refund_closed_by_wechat_moves_no_units_and_leaves_the_order_goin
     refund = rows(world.db, "SELECT * FROM refund_order WHERE order_id = 6")[0]
     assert (refund["wx_status"], refund["goods_scanned"]) == ("CLOSED", 0)
     assert "REFUND_FAILED" in events(world, 6)
+
+
+def test_two_parts_asked_together_go_to_wechat_a_minute_apart_and_the_second_waits_without_failing(world):
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 11, goods_id=1, quantity=4, amount=1000)
+    first = request_cancel(world.db, 11, quantity=1)
+    world.runner().run_stage("intake", world.clock.now)  # the first part is accepted ...
+    second = request_cancel(world.db, 11, quantity=1)
+    world.runner().run_stage("intake", world.clock.now)  # ... and the second, before either is sent
+    assert [answer(world, r)[0] for r in (first, second)] == ["OK", "OK"]
+
+    world.settle(step_seconds=5)
+
+    refunds = rows(world.db, "SELECT * FROM refund_order WHERE order_id = 11 ORDER BY refund_seq")
+    gap = seconds_between(refunds[0]["applied_at"], refunds[1]["applied_at"])
+    assert 60 <= gap <= 70  # its turn, not later than one step of the clock past it
+    assert [r["attempts"] for r in refunds] == [0, 0]  # waiting is not failing
+    assert [r["wx_status"] for r in refunds] == ["SUCCESS", "SUCCESS"]
+    assert world.emulator.fen_refunded["SO0000000011"] == 500
+    assert not any(status == 429 for (_, status) in world.emulator.requests)
+
+
+def test_a_retry_of_a_number_already_sent_never_waits_for_the_spacing(world):
+    add_goods(world.db, 1)
+    add_order(world.db, 12, goods_id=1, quantity=4, amount=1000)
+    request_cancel(world.db, 12, quantity=1)
+    request_cancel(world.db, 12, quantity=1)
+    world.emulator.fail_next(out_refund_no_for(12, 1), "500", after_commit=True)  # accepted, but we hear 500
+    world.settle(step_seconds=5)
+    refunds = rows(world.db, "SELECT * FROM refund_order WHERE order_id = 12 ORDER BY refund_seq")
+    assert [world.emulator.refunds_created[out_refund_no_for(12, s)] for s in (1, 2)] == [1, 1]
+    assert seconds_between(refunds[0]["applied_at"], refunds[1]["applied_at"]) >= 60
+    assert [r["wx_status"] for r in refunds] == ["SUCCESS", "SUCCESS"]
