@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, insert, or_, select, update
 
 from cancel_scanner.engine.errors import SHOP_REFUSED
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
@@ -28,7 +28,7 @@ from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.gateway.channels import DEFAULT_CHANNEL
 from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.models import goods_order2, refund_order, req_order_ops
-from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, part_amount, part_event
+from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, part_amount, part_event, refunds_of
 from cancel_scanner.scanners.shop import write_oplog
 
 CANCEL_SOURCES = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER"}
@@ -212,7 +212,7 @@ class Intake(StageDefaults):
                 )
             ).scalars()
         )
-        refunds = _refunds_of(conn, [i for i, order in orders.items() if order.pay_status == 1])
+        refunds = refunds_of(conn, [i for i, order in orders.items() if order.pay_status == 1])
 
         cancels: list[Cancel] = []
         seen_in_batch: dict[int, Cancel] = {}
@@ -427,21 +427,6 @@ class Cancel:
     @property
     def source(self) -> str:
         return CANCEL_SOURCES[self.req.op_type]
-
-
-def _refunds_of(conn: Connection, order_ids: list[int]) -> dict[int, tuple[int, int]]:
-    """Per paid order: how many refunds it has and its highest refund_seq (read under the order's row lock)."""
-    if not order_ids:
-        return {}
-    r = refund_order.c
-    return {
-        order_id: (count, last)
-        for order_id, count, last in conn.execute(
-            select(r.order_id, func.count(), func.max(r.refund_seq))
-            .where(r.order_id.in_(order_ids))
-            .group_by(r.order_id)
-        ).all()
-    }
 
 
 def _guarded(conn: Connection, statement, expected: int) -> None:

@@ -47,7 +47,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from loguru import logger
-from sqlalchemy import Connection, Engine, Table, and_, delete, insert, not_, select, text
+from sqlalchemy import Connection, Engine, Table, and_, delete, insert, not_, or_, select, text
 from sqlalchemy import exc as sa_exc
 
 from cancel_scanner.engine.clock import read_db_now
@@ -92,6 +92,7 @@ def _settled(cutoff: datetime) -> list:
         r.progress_success == 1,
         r.sync_scanned == 1,
         r.sync_success == 1,
+        or_(r.part == 0, and_(r.goods_scanned == 1, r.goods_success == 1)),  # a part's units moved (part_goods)
         r.lease_owner.is_(None),
         r.updated_at < cutoff,
     ]

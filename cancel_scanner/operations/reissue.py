@@ -4,8 +4,11 @@ WeChat answers a closed ``out_refund_no`` with CLOSED for ever, so trying again 
 number: the order's next ``refund_seq`` (``CSR<order>-<seq>``), for the same amount, sent by the
 daemon's normal flow (submit_refund, poll_refund, sync_result, then stock and sales).
 
-Refused, with a stable code, unless every refund of the order is CLOSED and written back to the
-order (``refund_status`` FAILED): never two live refunds of one order. The check and the writes
+Refused, with a stable code, unless the order has a CLOSED refund not reissued yet, written back to
+the order. The order's own refund (its cancel's) needs ``refund_status`` FAILED and no other refund of
+its cancel live: never two live refunds of one cancel. A partial cancel's CLOSED refund (``part = 1``)
+is reissued for the same units and amount, the order left going; the oldest such refund first. Never
+past WeChat's 50 refunds of one payment (TOO_MANY_REFUNDS). The check and the writes
 are one transaction that first locks the order's row and then its refunds, so a second reissue
 of the same order waits, then finds the new live refund and is refused; the unique key
 (order_id, refund_seq) refuses it as well, whoever writes, on a database without row locks.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +27,7 @@ from cancel_scanner.engine.outcome import clip
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.models import goods_order2, refund_order
 from cancel_scanner.scanners.intake import refund_row
+from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, refunds_of
 from cancel_scanner.scanners.shop import refund_event, write_oplog
 
 o, r = goods_order2.c, refund_order.c
@@ -78,43 +83,44 @@ def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissu
     ).all()
     if not refunds:
         raise _Refusal("NO_REFUND", f"order {order_id} has no refund to reissue")
-    last = refunds[-1]
-    if last.wx_status != "CLOSED" or (last.progress_scanned, last.progress_success) != (1, 0):
-        raise _Refusal(
-            "NOT_CLOSED",
-            f"its last refund {last.out_refund_no} is {last.wx_status or 'not sent yet'}, not CLOSED:"
-            " only a refund WeChat closed is reissued",
-        )
-    live = [f.out_refund_no for f in refunds[:-1] if f.wx_status != "CLOSED"]
-    if live:
-        raise _Refusal("OTHER_REFUND_LIVE", f"refund {live[0]} of the order is not CLOSED")
-    if last.sync_scanned != 1 or order.refund_status != "FAILED":
+    last = _the_closed_one(refunds)
+    if not last.part:
+        live = [f.out_refund_no for f in refunds if not f.part and f is not last and f.wx_status != "CLOSED"]
+        if live:
+            raise _Refusal("OTHER_REFUND_LIVE", f"refund {live[0]} of the order is not CLOSED")
+    if last.sync_scanned != 1 or (not last.part and order.refund_status != "FAILED"):
         raise _Refusal(
             "NOT_SYNCED",
             f"the order's refund_status is {order.refund_status}: wait until the CLOSED result is"
             " written to the order (status shows sync_result pending), then reissue",
         )
-    seq = last.refund_seq + 1
+    count, last_seq = refunds_of(conn, [order.id])[order.id]  # archived ones too
+    if count >= MAX_REFUNDS_PER_PAYMENT:
+        raise _Refusal("TOO_MANY_REFUNDS", f"the payment has {count} refunds, WeChat Pay's limit: refund it by hand")
+    seq = last_seq + 1
     new = refund_row(
         order.id,
         order.order_no,
         last.transaction_id or order.transaction_id,
-        last.total_amount,
+        last.refund_amount,
         last.reason or "",
         now,
         req_id=last.req_id,
         seq=seq,
         channel=last.channel,
+        total=last.total_amount,
+        quantity=last.quantity,
+        part=bool(last.part),
     )
-    new["refund_amount"] = last.refund_amount
     refund_id = conn.execute(insert(refund_order).values(**new)).inserted_primary_key[0]
-    moved = conn.execute(
-        update(goods_order2)
-        .where(o.id == order.id, o.refund_status == "FAILED")
-        .values(refund_status="REFUNDING", wx_progress_scanned=0)
-    ).rowcount
-    if moved != 1:  # the order row is locked by us: anything else is a bug, and rolls back
-        raise RuntimeError(f"reissue: order {order.id} not moved back to REFUNDING")
+    if not last.part:  # a partial cancel's refund leaves the order as it is: it goes on
+        moved = conn.execute(
+            update(goods_order2)
+            .where(o.id == order.id, o.refund_status == "FAILED")
+            .values(refund_status="REFUNDING", wx_progress_scanned=0)
+        ).rowcount
+        if moved != 1:  # the order row is locked by us: anything else is a bug, and rolls back
+            raise RuntimeError(f"reissue: order {order.id} not moved back to REFUNDING")
     conn.execute(
         update(refund_order)
         .where(r.id == last.id)
@@ -131,3 +137,18 @@ def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissu
         ],
     )
     return Reissued(order.id, refund_id, new["out_refund_no"], seq, last.out_refund_no)
+
+
+def _the_closed_one(refunds) -> Any:
+    """The refund to reissue: the first CLOSED one not reissued yet (a partial cancel's, or the order's);
+    or the refusal that says why there is none."""
+    waiting = [f for f in refunds if not (f.last_error or "").startswith(REISSUED)]
+    closed = [f for f in waiting if f.wx_status == "CLOSED" and (f.progress_scanned, f.progress_success) == (1, 0)]
+    if closed:
+        return closed[0]
+    latest = waiting[-1] if waiting else refunds[-1]
+    raise _Refusal(
+        "NOT_CLOSED",
+        f"its last refund {latest.out_refund_no} is {latest.wx_status or 'not sent yet'}, not CLOSED:"
+        " only a refund WeChat closed is reissued",
+    )

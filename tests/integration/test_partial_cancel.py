@@ -226,3 +226,65 @@ def test_a_retry_of_a_number_already_sent_never_waits_for_the_spacing(world):
     assert [world.emulator.refunds_created[out_refund_no_for(12, s)] for s in (1, 2)] == [1, 1]
     assert seconds_between(refunds[0]["applied_at"], refunds[1]["applied_at"]) >= 60
     assert [r["wx_status"] for r in refunds] == ["SUCCESS", "SUCCESS"]
+
+
+def test_a_closed_part_is_reissued_for_the_same_units_and_amount_and_the_order_goes_on(world):
+    from cancel_scanner.operations.reissue import Reissued, reissue
+
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 13, goods_id=1, quantity=3, amount=900)
+    world.emulator.close_refunds_for(out_refund_no_for(13, 1))
+    request_cancel(world.db, 13, quantity=2)
+    world.settle()
+    assert rows(world.db, "SELECT wx_status FROM refund_order WHERE order_id = 13")[0]["wx_status"] == "CLOSED"
+
+    done = reissue(world.db, 13, now=world.clock.now, by="ops", why="closed")
+    assert isinstance(done, Reissued) and done.out_refund_no == out_refund_no_for(13, 2)
+    again = reissue(world.db, 13, now=world.clock.now, by="ops", why="twice")
+    assert again.code == "NOT_CLOSED"  # the new one is live: nothing to reissue
+    world.settle()
+
+    order = row(world.db, "goods_order2", 13)
+    assert (order["order_status"], order["refund_status"], order["refunded_amount"]) == ("PAID", "NONE", 600)
+    new = rows(world.db, "SELECT * FROM refund_order WHERE order_id = 13 AND refund_seq = 2")[0]
+    assert (new["part"], new["quantity"], new["refund_amount"], new["total_amount"]) == (1, 2, 600, 900)
+    assert (row(world.db, "goods", 1)["stock"], row(world.db, "goods", 1)["sales"]) == (12, 3)
+    assert world.emulator.fen_refunded[order["order_no"]] == 600
+
+
+def test_prune_archives_settled_parts_only_and_the_next_part_is_numbered_after_them(world):
+    from datetime import timedelta
+
+    from cancel_scanner.operations.prune import prune
+
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 14, goods_id=1, quantity=4, amount=1000)
+    request_cancel(world.db, 14, quantity=1)
+    world.settle()
+    # a second part whose refund succeeded but whose units part_goods has not moved yet
+    request_cancel(world.db, 14, quantity=1)
+    world.settle()
+    with world.db.begin() as conn:
+        conn.exec_driver_sql("UPDATE refund_order SET goods_scanned = 0, goods_success = 0 WHERE refund_seq = 2")
+    later = world.clock.advance(40 * 86400)
+    prune(world.db, older_than=timedelta(days=30), batch_size=10, now=later)
+    live = [r["refund_seq"] for r in rows(world.db, "SELECT refund_seq FROM refund_order WHERE order_id = 14")]
+    archived = [
+        r["refund_seq"] for r in rows(world.db, "SELECT refund_seq FROM refund_order_archive WHERE order_id = 14")
+    ]
+    assert live == [1, 2] and archived == []  # the order has a part not finished: all of its refunds stay
+    with world.db.begin() as conn:
+        conn.exec_driver_sql("UPDATE refund_order SET goods_scanned = 1, goods_success = 1 WHERE refund_seq = 2")
+    prune(world.db, older_than=timedelta(days=30), batch_size=10, now=world.clock.advance(40 * 86400))
+    archived = [
+        r["refund_seq"] for r in rows(world.db, "SELECT refund_seq FROM refund_order_archive WHERE order_id = 14")
+    ]
+    assert sorted(archived) == [1, 2]
+
+    third = request_cancel(world.db, 14, quantity=1)
+    world.settle()
+    assert answer(world, third)[0] == "OK"
+    (new,) = rows(world.db, "SELECT refund_seq, out_refund_no FROM refund_order WHERE order_id = 14")
+    assert (new["refund_seq"], new["out_refund_no"]) == (3, out_refund_no_for(14, 3))
+    assert world.emulator.refunds_created[out_refund_no_for(14, 3)] == 1
+    assert world.emulator.fen_refunded["SO0000000014"] == 750
