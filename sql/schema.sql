@@ -372,6 +372,9 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
     FROM goods_order2 WHERE sales_scanned = 1 AND sales_success = 0
   UNION ALL
   SELECT 'close_unpaid', 'goods_order2', id, id, close_last_error, updated_at
-    FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0;
+    FROM goods_order2 WHERE close_scanned = 1 AND close_success = 0
+  UNION ALL
+  SELECT 'part_goods', 'refund_order', id, order_id, goods_last_error, updated_at
+    FROM refund_order WHERE goods_scanned = 1 AND goods_success = 0;
 
 INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (8, 'schema.sql');
