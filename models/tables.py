@@ -126,6 +126,8 @@ class GoodsOrder(Base):
         ),
         # The reaper releases a dead process's close leases by owner.
         Index("idx_goods_order2_close_lease_owner", "close_lease_owner"),
+        # The ship timeout (jobs.intake.ship_timeout_hours, off by default) finds PAID orders paid before a cutoff.
+        Index("idx_goods_order2_ship_due", "order_status", "paid_at"),
         {"comment": "One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed."},
     )
 
@@ -149,7 +151,9 @@ class GoodsOrder(Base):
         comment="UNPAID|PAID|SHIPPED|COMPLETED|CANCELLED",
     )
     cancel_source: Mapped[str | None] = mapped_column(
-        String(16), comment="MERCHANT|USER|TIMEOUT: who asked (set with the request; TIMEOUT when nobody did)"
+        String(16),
+        comment="MERCHANT|USER|TIMEOUT|SHIP_TIMEOUT: who asked (set with the request; TIMEOUT when nobody did and it"
+        " was not paid in time, SHIP_TIMEOUT when it was not shipped in time)",
     )
     refund_status: Mapped[str] = mapped_column(
         String(16),
@@ -231,7 +235,11 @@ class OrderOpRequest(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     order_id: Mapped[int] = mapped_column(RefId, nullable=False, comment="goods_order2.id")
-    op_type: Mapped[str] = mapped_column(String(32), nullable=False, comment="MERCHANT_CANCEL|USER_CANCEL")
+    op_type: Mapped[str] = mapped_column(
+        String(32),
+        nullable=False,
+        comment="MERCHANT_CANCEL|USER_CANCEL|SHIP_TIMEOUT_CANCEL (the ship timeout's own)",
+    )
     operator: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(String(255))
     quantity: Mapped[int | None] = mapped_column(

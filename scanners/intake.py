@@ -29,13 +29,18 @@ from cancel_scanner.gateway.channels import DEFAULT_CHANNEL
 from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.models import goods_order2, refund_order, req_order_ops
 from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, part_amount, part_event, refunds_of
+from cancel_scanner.scanners.ship_timeout import SHIP_TIMEOUT_OP, IntakeSettings, ship_due
 from cancel_scanner.scanners.shop import write_oplog
 
-CANCEL_SOURCES = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER"}
+CANCEL_SOURCES = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER", SHIP_TIMEOUT_OP: "SHIP_TIMEOUT"}
 REFUND_WINDOW = timedelta(days=365)  # WeChat refunds only within one year of payment
 BUSY_RETRY = timedelta(seconds=1)
 WECHAT_REASON_MAX_BYTES = 80
-DEFAULT_REASONS = {"MERCHANT": "merchant cancelled the order", "USER": "user cancelled the order"}
+DEFAULT_REASONS = {
+    "MERCHANT": "merchant cancelled the order",
+    "USER": "user cancelled the order",
+    "SHIP_TIMEOUT": "not shipped in time: refunded",
+}
 
 # result codes (stable: merchants' tools match on them) and the messages they read
 OK = "OK"
@@ -159,6 +164,29 @@ class Intake(StageDefaults):
     rejections_are_routine = True
     bugs_stay_pending = True  # a merchant reads result_msg: never an internal error, the request waits
     pending_since = req_order_ops.c.created_at
+    settings = IntakeSettings
+
+    def __init__(self, ship_timeout_hours: float | None = None, ship_warn_hours: float = 12.0):
+        self.ship_timeout_hours = ship_timeout_hours
+        self.ship_warn_hours = ship_warn_hours
+
+    @classmethod
+    def from_config(cls, config) -> Intake:
+        job = config.job(cls.name)
+        return cls(job.ship_timeout_hours, job.ship_warn_hours)
+
+    def status_counts(self, conn: Connection, now: datetime):
+        if self.ship_timeout_hours is None:
+            return ()
+        hours = max(0.0, self.ship_timeout_hours - self.ship_warn_hours)
+        return (
+            (
+                "ship_due",
+                f"paid orders not shipped {hours:g} h after payment (cancelled and refunded at"
+                f" {self.ship_timeout_hours:g} h)",
+                ship_due(conn, now - timedelta(hours=hours)),
+            ),
+        )
 
     def pending(self):
         r = req_order_ops.c

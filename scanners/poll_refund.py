@@ -91,7 +91,7 @@ class PollRefund(StageDefaults):
         )
         return moved
 
-    def status_counts(self, conn: Connection):
+    def status_counts(self, conn: Connection, now: datetime):
         abnormal = conn.execute(
             select(func.count()).select_from(refund_order).where(*self.pending(), r.wx_status == "ABNORMAL")
         ).scalar_one()

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   transaction_id         VARCHAR(32) NULL COMMENT 'WeChat Pay transaction id of the payment',
   paid_at                DATETIME(3) NULL,
   order_status           VARCHAR(16) NOT NULL DEFAULT 'UNPAID' COMMENT 'UNPAID|PAID|SHIPPED|COMPLETED|CANCELLED',
-  cancel_source          VARCHAR(16) NULL COMMENT 'MERCHANT|USER|TIMEOUT: who asked (set with the request; TIMEOUT when nobody did)',
+  cancel_source          VARCHAR(16) NULL COMMENT 'MERCHANT|USER|TIMEOUT|SHIP_TIMEOUT: who asked (set with the request; TIMEOUT when nobody did and it was not paid in time, SHIP_TIMEOUT when it was not shipped in time)',
   refund_status          VARCHAR(16) NOT NULL DEFAULT 'NONE' COMMENT 'NONE|REFUNDING|REFUNDED|FAILED',
   wx_progress_scanned    TINYINT NOT NULL DEFAULT 0 COMMENT '1 once the refund''s final WeChat status was written to this order',
   stock_scanned          TINYINT NOT NULL DEFAULT 0 COMMENT 'restore_stock: 0 pending, 1 finished (see stock_success)',
@@ -83,14 +83,16 @@ CREATE TABLE IF NOT EXISTS goods_order2 (
   -- OR (cancel_requested_at IS NULL AND order_status='UNPAID' AND created_at <= the payment timeout's cutoff))
   INDEX idx_goods_order2_close_pending (close_scanned, close_success, cancel_requested_at, order_status, created_at),
   -- the reaper releases a dead process's close leases by owner (a few rows, never the whole table)
-  INDEX idx_goods_order2_close_lease_owner (close_lease_owner)
+  INDEX idx_goods_order2_close_lease_owner (close_lease_owner),
+  -- the ship timeout (jobs.intake.ship_timeout_hours, off by default) finds PAID orders paid before a cutoff
+  INDEX idx_goods_order2_ship_due (order_status, paid_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One goods line per order. Flags: X_scanned/X_success 0/0 pending, 1/1 done, 1/0 failed.';
 
 CREATE TABLE IF NOT EXISTS req_order_ops (
   id               BIGINT NOT NULL AUTO_INCREMENT,
   order_id         BIGINT NOT NULL COMMENT 'goods_order2.id',
-  op_type          VARCHAR(32) NOT NULL COMMENT 'MERCHANT_CANCEL|USER_CANCEL',
+  op_type          VARCHAR(32) NOT NULL COMMENT 'MERCHANT_CANCEL|USER_CANCEL|SHIP_TIMEOUT_CANCEL (the ship timeout''s own)',
   operator         VARCHAR(64) NULL,
   reason           VARCHAR(255) NULL,
   quantity         INT NULL COMMENT 'units to cancel; NULL: every unit not yet cancelled (the whole order)',

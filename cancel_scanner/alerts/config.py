@@ -67,6 +67,7 @@ class AlertRules(Section):
     oldest_pending: OldestPendingRule = OldestPendingRule()
     abnormal_refunds: CountRule = CountRule()
     channel_facts: CountRule = CountRule()
+    ship_due: CountRule = CountRule()
     stage_down: StageDownRule = StageDownRule()
     config_error: ConfigErrorRule = ConfigErrorRule()
     reconcile: ReconcileRule = ReconcileRule()

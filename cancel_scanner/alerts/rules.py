@@ -156,6 +156,17 @@ def _channel_facts(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[st
     )
 
 
+def _ship_due(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
+    n = r.snapshot.status.count("ship_due")
+    return _count(
+        rule,
+        n,
+        f"{n} paid order(s) not shipped and close to their ship timeout (jobs.intake.ship_timeout_hours):"
+        " ship them, or they are cancelled and refunded at the timeout",
+        r.snapshot.status.stage_counting("ship_due"),
+    )
+
+
 def _stage_down(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
     for stage, (seconds, why) in r.down.items():
         yield (
@@ -240,6 +251,7 @@ RULES: dict[str, tuple[Callable[..., Iterator[tuple[str, Condition]]], bool]] = 
     "oldest_pending": (_oldest_pending, True),
     "abnormal_refunds": (_abnormal_refunds, True),
     "channel_facts": (_channel_facts, True),
+    "ship_due": (_ship_due, True),
     "stage_down": (_stage_down, False),
     "config_error": (_config_error, False),
     "reconcile": (_reconcile, True),

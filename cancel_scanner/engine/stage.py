@@ -98,8 +98,8 @@ class Stage(Protocol):
     def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
         """Extra columns set when a row fails for good (on the polled table)."""
 
-    def status_counts(self, conn: Connection) -> Sequence[tuple[str, str, int]]:
-        """Extra figures for `status`: (key, label, count)."""
+    def status_counts(self, conn: Connection, now: datetime) -> Sequence[tuple[str, str, int]]:
+        """Extra figures for `status`: (key, label, count); ``now`` is the database's time."""
 
 
 class DbStage(Stage, Protocol):
@@ -186,7 +186,7 @@ class StageDefaults:
         """Consumers to wake when rows were finished, and after how many seconds."""
         return {name: 0.0 for name in self.feeds}
 
-    def status_counts(self, conn: Connection) -> Sequence[tuple[str, str, int]]:
+    def status_counts(self, conn: Connection, now: datetime) -> Sequence[tuple[str, str, int]]:
         """Extra figures for `status`: (key, label, count). Each a bounded, indexed query."""
         return ()
 

@@ -76,7 +76,11 @@ class Status:
 
     @property
     def abnormal_refunds(self) -> int:
-        return sum(n for key, _label, n in self.counts if key == "abnormal_refunds")
+        return self.count("abnormal_refunds")
+
+    def count(self, key: str) -> int:
+        """A figure of ``counts`` by its key (0 when no stage counts it)."""
+        return sum(n for k, _label, n in self.counts if k == key)
 
     @property
     def down(self) -> tuple[StageStatus, ...]:
@@ -173,7 +177,7 @@ def collect_status(
     """``now`` is the database's time: pending ages, who is alive, how long a stage has been down."""
     with db.connect() as conn:
         per_stage = [stage_status(conn, stage, now, totals=totals) for stage in stages.values()]
-        by_stage = [(stage.name, c) for stage in stages.values() for c in stage.status_counts(conn)]
+        by_stage = [(stage.name, c) for stage in stages.values() for c in stage.status_counts(conn, now)]
         counts = tuple(c for _name, c in by_stage) + (
             (
                 CHANNEL_FACTS,

@@ -91,6 +91,12 @@ class Metrics:
             "Refunds WeChat Pay reports ABNORMAL, waiting for the merchant",
             registry=r,
         )
+        self.ship_due = Gauge(
+            "cancel_scanner_orders_ship_due",
+            "PAID orders not shipped, within jobs.intake.ship_warn_hours of their ship timeout or past it"
+            " (0 when the ship timeout is off)",
+            registry=r,
+        )
         self.facts = Gauge(
             "cancel_scanner_channel_facts_open",
             "What the payment channel did (a close, a refund) for rows whose write-back here failed,"
@@ -156,6 +162,7 @@ class Metrics:
             self.oldest.labels(s.stage).set(s.oldest_pending_seconds or 0)
             self.failed.labels(s.stage).set(s.failed)
         self.abnormal.set(snapshot.status.abnormal_refunds)
+        self.ship_due.set(snapshot.status.count("ship_due"))
         self.facts.set(snapshot.status.channel_facts_open)
         last = snapshot.status.reconcile
         if last is not None:

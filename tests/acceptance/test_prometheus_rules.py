@@ -31,6 +31,7 @@ SHIPPED_ALERTS = (
     "CancelScannerOldestPending",
     "CancelScannerAbnormalRefunds",
     "CancelScannerChannelFactsOpen",
+    "CancelScannerShipDue",
     "CancelScannerStageDown",
     "CancelScannerConfigError",
     "CancelScannerClockSkew",
@@ -170,6 +171,7 @@ def test_the_thresholds_are_the_daemons_alert_defaults():
     assert f">= {rules.rows_failed.threshold}" in expr_of("CancelScannerRowsFailed")
     assert f">= {rules.abnormal_refunds.threshold}" in expr_of("CancelScannerAbnormalRefunds")
     assert f">= {rules.channel_facts.threshold}" in expr_of("CancelScannerChannelFactsOpen")
+    assert f">= {rules.ship_due.threshold}" in expr_of("CancelScannerShipDue")
 
     oldest = rules.oldest_pending
     pending = expr_of("CancelScannerOldestPending")
