@@ -43,10 +43,9 @@ FINISHED = (
 def back_to_version_7(db) -> None:
     with db.begin() as conn:
         conn.exec_driver_sql("DROP VIEW IF EXISTS v_cancel_scanner_failed")  # it reads part_goods' columns
-        conn.exec_driver_sql(
-            "DROP INDEX idx_refund_order_goods_pending"
-            + (" ON refund_order" if db.dialect.name in ("mysql", "mariadb") else "")
-        )
+        on = db.dialect.name in ("mysql", "mariadb")
+        conn.exec_driver_sql("DROP INDEX idx_refund_order_goods_pending" + (" ON refund_order" if on else ""))
+        conn.exec_driver_sql("DROP INDEX idx_goods_order2_ship_due" + (" ON goods_order2" if on else ""))
         for table, columns in V8_COLUMNS.items():
             for column in columns:
                 conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
