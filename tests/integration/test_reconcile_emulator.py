@@ -113,3 +113,18 @@ def test_the_daily_job_waits_while_wechat_makes_the_bill_then_reconciles_once(wo
         {"database_url": db_url, "reconcile": {"enabled": False}}, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"}
     )
     assert reconcile_job(SimpleNamespace(config=off)) is None
+
+
+def test_a_payment_refunded_in_parts_reconciles_clean_with_two_refunds_on_the_bill(world, today):
+    add_goods(world.db, 1, stock=100, sales=50)
+    add_order(world.db, 1, quantity=3, amount=1000)
+    world.emulator.register_payment("SO0000000001", 1000, "4200000000001")
+    request_cancel(world.db, 1, quantity=1)
+    world.settle()
+    request_cancel(world.db, 1, quantity=1)
+    world.settle()
+    assert scalar(world.db, "SELECT COUNT(*) FROM refund_order WHERE order_id = 1 AND wx_status = 'SUCCESS'") == 2
+
+    result = reconcile_day(world.db, lambda day: fetch_bill(world.sandbox.gateway, day), today, now=world.clock.now)
+    assert (result.state, result.diffs, result.bill_rows) == ("CLEAN", (), 3), result  # one payment, two refunds
+    assert row(world.db, "goods_order2", 1)["refunded_amount"] == 666
