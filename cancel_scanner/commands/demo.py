@@ -19,7 +19,7 @@ from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, C
     help="SQLite file to create; it must not exist yet. Default: demo.db in a new temporary directory,"
     " kept afterwards (with demo.log) so you can inspect it.",
 )
-@click.option("--orders", default=40, show_default=True, type=click.IntRange(12, 500), help="Sample orders to seed.")
+@click.option("--orders", default=40, show_default=True, type=click.IntRange(13, 500), help="Sample orders to seed.")
 @click.option(
     "--seed",
     type=int,

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from cancel_scanner.demo.errors import DemoError
 from cancel_scanner.demo.stages import expected_totals
 
-MIN_ORDERS = 12  # one of each rejected kind, two CLOSED, one ABNORMAL, one lost payment, one unpaid and one paid
+MIN_ORDERS = (
+    13  # one of each rejected kind, two CLOSED, one ABNORMAL, one lost payment, one partial, one unpaid, one paid
+)
 MAX_ORDERS = 500  # beyond this the demo would not settle in seconds on a small machine
 DEFAULT_ORDERS = 40
 REQUEST_WAVES = 4  # merchants' requests arrive in this many bursts (run.WAVE_GAP_SECONDS apart)
@@ -27,7 +29,9 @@ REASONS = ("缺货 out of stock", "customer asked by phone", "地址错误 wrong
 # The order kinds the demo seeds, and what intake must answer for each.
 # "unpaid": NOTPAY at WeChat (closed first, then cancelled); "lost_payment": the user paid, the
 # shop's database never heard (found by close_unpaid, booked, then refunded).
-ACCEPTED_KINDS = ("paid", "unpaid", "lost_payment", "closed", "abnormal")
+# "partial": one unit of three out of stock: its share refunded, the order ships the other two.
+ACCEPTED_KINDS = ("paid", "unpaid", "lost_payment", "closed", "abnormal", "partial")
+PARTIAL_UNITS, PARTIAL_OF = 1, 3
 REJECTED_KINDS = {
     "shipped": "ORDER_SHIPPED",
     "completed": "ORDER_SHIPPED",
@@ -62,7 +66,12 @@ class Order:
     @property
     def refunded(self) -> bool:
         """Money goes back, so stock comes back and sales go down."""
-        return self.kind in ("paid", "abnormal", "lost_payment")
+        return self.kind in ("paid", "abnormal", "lost_payment", "partial")
+
+    @property
+    def units_back(self) -> int:
+        """The units that come back on the shelf and off the sales when it is settled."""
+        return PARTIAL_UNITS if self.kind == "partial" else self.quantity
 
     @property
     def stock_back(self) -> bool:
@@ -81,6 +90,7 @@ class Request:
     operator: str
     reason: str
     expect: str  # the result_code intake must write
+    quantity: int | None = None  # units to cancel (a partial cancel); None: all of them
 
 
 @dataclass
@@ -106,9 +116,9 @@ class Plan:
         after = {g.id: [g.stock, g.sales] for g in self.goods}
         for o in self.orders:
             if o.stock_back:
-                after[o.goods_id][0] += o.quantity
+                after[o.goods_id][0] += o.units_back
             if o.refunded and o.counted_as_sold:
-                after[o.goods_id][1] -= o.quantity  # a lost payment: booked (+) and taken back (-)
+                after[o.goods_id][1] -= o.units_back  # a lost payment: booked (+) and taken back (-)
         return {gid: (s, q) for gid, (s, q) in after.items()}
 
 
@@ -118,7 +128,7 @@ def plan_demo(orders: int, seed: int) -> Plan:
         raise DemoError(f"--orders: must be between {MIN_ORDERS} and {MAX_ORDERS}, got {orders}")
     rng = random.Random(seed)
     catalogue = [Goods(i, name, price, stock, sales) for i, (name, price, stock, sales) in enumerate(GOODS, start=1)]
-    special = list(REJECTED_KINDS) + ["closed", "closed", "abnormal", "lost_payment"]
+    special = list(REJECTED_KINDS) + ["closed", "closed", "abnormal", "lost_payment", "partial"]
     ordinary = orders - len(special)
     unpaid = max(1, round(ordinary * 0.25))
     kinds = special + ["unpaid"] * unpaid + ["paid"] * (ordinary - unpaid)
@@ -128,7 +138,7 @@ def plan_demo(orders: int, seed: int) -> Plan:
     for n, kind in enumerate(kinds):
         order_id = 1001 + n
         g = rng.choice(catalogue)
-        qty = rng.choice((1, 1, 1, 2, 2, 3))
+        qty = PARTIAL_OF if kind == "partial" else rng.choice((1, 1, 1, 2, 2, 3))
         paid = kind not in ("unpaid", "lost_payment", "cancelled_before")
         amount = 0 if kind == "zero_amount" else g.price * qty
         planned.append(Order(order_id, kind, f"SO{order_id:08d}", g.id, qty, amount, paid))
@@ -139,7 +149,14 @@ def plan_demo(orders: int, seed: int) -> Plan:
         if o.kind == "unsupported_op":
             op_type = "PARTIAL_REFUND"
         requests.append(
-            Request(o.id, op_type, rng.choice(OPERATORS), rng.choice(REASONS), REJECTED_KINDS.get(o.kind, "OK"))
+            Request(
+                o.id,
+                op_type,
+                rng.choice(OPERATORS),
+                "缺货 out of stock: 1 unit" if o.kind == "partial" else rng.choice(REASONS),
+                REJECTED_KINDS.get(o.kind, "OK"),
+                PARTIAL_UNITS if o.kind == "partial" else None,
+            )
         )
     unknown_id = 1001 + orders + 500
     requests.append(Request(unknown_id, "MERCHANT_CANCEL", "clerk-li", "typo in the order id", UNKNOWN_ORDER_CODE))

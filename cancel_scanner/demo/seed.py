@@ -61,14 +61,16 @@ def seed_shop(db: Engine, plan: Plan, now: datetime) -> None:
 
 
 def insert_requests(db: Engine, requests: list[Request]) -> None:
-    """What a merchant's tool does: four columns, nothing else."""
+    """What a merchant's tool does: four columns, nothing else (a fifth, quantity, for a partial cancel)."""
     if not requests:
         return
     with db.begin() as conn:
         for r in requests:  # one statement each, so ids follow arrival order
             conn.execute(
-                text("INSERT INTO req_order_ops (order_id, op_type, operator, reason) VALUES (:o, :t, :op, :r)"),
-                {"o": r.order_id, "t": r.op_type, "op": r.operator, "r": r.reason},
+                text(
+                    "INSERT INTO req_order_ops (order_id, op_type, operator, reason, quantity) VALUES (:o, :t, :op, :r, :q)"
+                ),
+                {"o": r.order_id, "t": r.op_type, "op": r.operator, "r": r.reason, "q": r.quantity},
             )
 
 

@@ -15,6 +15,7 @@ DEMO_JOBS = {
     "sync_result": {**_FAST, "batch_size": 20},
     "restore_stock": {**_FAST, "batch_size": 20},
     "decrement_sales": {**_FAST, "batch_size": 20},
+    "part_goods": {**_FAST, "batch_size": 20},
 }
 
 STAGE_FAILED_LABEL = {"intake": "rejected", "poll_refund": "closed"}  # what a 1/0 row of the stage is
@@ -26,18 +27,20 @@ SHORT_NAMES = {
     "sync_result": "sync",
     "restore_stock": "stock",
     "decrement_sales": "sales",
+    "part_goods": "part",
 }
 
 
 def expected_totals(plan: Any) -> dict[str, int]:
     """Rows each stage will finish for ``plan`` (a demo.plan.Plan), for the progress bars."""
-    refunds = sum(1 for o in plan.orders if o.kind in ("paid", "closed", "abnormal", "lost_payment"))
+    refunds = sum(1 for o in plan.orders if o.kind in ("paid", "closed", "abnormal", "lost_payment", "partial"))
     return {
         "intake": len(plan.requests),
         "close_unpaid": sum(1 for o in plan.orders if o.kind in ("unpaid", "lost_payment")),
         "submit_refund": refunds,
         "poll_refund": refunds,
         "sync_result": refunds,
-        "restore_stock": sum(1 for o in plan.orders if o.stock_back),
-        "decrement_sales": sum(1 for o in plan.orders if o.refunded),
+        "restore_stock": sum(1 for o in plan.orders if o.stock_back and o.kind != "partial"),
+        "decrement_sales": sum(1 for o in plan.orders if o.refunded and o.kind != "partial"),
+        "part_goods": sum(1 for o in plan.orders if o.kind == "partial"),
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from cancel_scanner.demo.plan import Plan
+from cancel_scanner.demo.plan import PARTIAL_UNITS, Plan
 from cancel_scanner.demo.screen import WIDTH, fit, pad
 from cancel_scanner.demo.seed import goods_snapshot
 from cancel_scanner.scanners.intake import MESSAGES
@@ -67,6 +67,17 @@ def summarize(db: Engine, plan: Plan, before: dict, emulator, elapsed: float) ->
         add(head + message[0])
         for more in message[1:]:
             add(" " * len(head) + more)
+    for o in plan.orders_of("partial"):
+        part = _rows(
+            db,
+            f"SELECT order_status, cancelled_quantity, quantity, refunded_amount FROM goods_order2 WHERE id = {int(o.id)}",
+        )[0]
+        add(
+            f"  {'partial cancel':{LABEL - 2}}{1:{COUNT}}   order {o.id}: {part.cancelled_quantity} of {part.quantity}"
+            f" units out of stock, {yuan(part.refunded_amount)} refunded; {part.order_status}, it ships the rest"
+        )
+        if (part.order_status, part.cancelled_quantity) != ("PAID", PARTIAL_UNITS):
+            problems.append(f"partial cancel of order {o.id}: {part.order_status}, {part.cancelled_quantity} cancelled")
     got = Counter(r.result_code for r in reqs)
     want = Counter(r.expect for r in plan.requests)
     if got != want:

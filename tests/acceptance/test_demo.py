@@ -136,6 +136,16 @@ def test_demo_with_no_arguments_settles_and_proves_its_numbers(tmp_path):
                 stock_back[goods_id] += qty
             if refund_status == "REFUNDED" and not found:
                 sales_down[goods_id] += qty
+        # A partial cancel: its units came back and off the sales with its own refund, the order still PAID.
+        parts = db_rows(
+            db,
+            "SELECT o.goods_id, r.quantity, o.order_status FROM refund_order r JOIN goods_order2 o ON o.id = r.order_id"
+            " WHERE r.part = 1 AND r.wx_status = 'SUCCESS' AND r.goods_success = 1",
+        )
+        assert [status for *_, status in parts] == ["PAID"], "the demo seeds one partial cancel"
+        for goods_id, units, _status in parts:
+            stock_back[goods_id] += units
+            sales_down[goods_id] += units
         assert any(found for *_, found in accepted), "the demo seeds a lost payment notification"
         assert sum(stock_back.values()) > 0 and sum(sales_down.values()) > 0
         for goods_id, stock, sales in db_rows(db, "SELECT id, stock, sales FROM goods"):
@@ -147,12 +157,12 @@ def test_demo_with_no_arguments_settles_and_proves_its_numbers(tmp_path):
 
 def test_demo_options_db_orders_seed(tmp_path):
     db_file = tmp_path / "mine.db"
-    result, elapsed = run_demo(tmp_path, "--db", str(db_file), "--orders", "12", "--seed", "5")
+    result, elapsed = run_demo(tmp_path, "--db", str(db_file), "--orders", "13", "--seed", "5")
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "seed 5" in result.stdout and "every check passed" in result.stdout
     db = make_engine(f"sqlite:///{db_file}")
     try:
-        assert db_rows(db, "SELECT COUNT(*) FROM goods_order2") == [(12,)]
+        assert db_rows(db, "SELECT COUNT(*) FROM goods_order2") == [(13,)]
         assert pending(db) == {}
     finally:
         db.dispose()
@@ -175,7 +185,7 @@ def test_the_hint_the_demo_prints_runs_as_printed_from_the_repository_root(tmp_p
     env = {k: v for k, v in os.environ.items() if k != "CANCEL_SCANNER_DB_URL"}
     env["PATH"] = "/usr/bin:/bin"  # as a newcomer's shell: the virtual environment is not on it
     env["TMPDIR"] = str(tmp_path)
-    demo = run_command([os.path.relpath(script, REPO), "demo", "--orders", "12", "--seed", "7"], REPO, env)
+    demo = run_command([os.path.relpath(script, REPO), "demo", "--orders", "13", "--seed", "7"], REPO, env)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     hint = re.search(r"^  (CANCEL_SCANNER_DB_URL=\S+ .+ status)$", demo.stdout, re.MULTILINE)
     assert hint, demo.stdout
