@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loguru import logger
 
 from bench import OUT_DIR, REPO
-from cancel_scanner.gateway.emulator import Emulator, FaultPlan
+from cancel_scanner.gateway.emulator import Emulator
 from cancel_scanner.gateway.keys import generate_key_material
 from cancel_scanner.gateway.sandbox import Sandbox, start_sandbox
+from testsupport.emulator_faults import EmulatorFaults, FaultPlan
 from testsupport.processes import process_cpu_seconds
 
 REQUEST_LOG_ROWS = 2_000_000
@@ -116,13 +117,13 @@ def main() -> int:
     logger.add(sys.stderr, level="WARNING")
     key_dir = args.key_dir or Path(tempfile.mkdtemp(prefix="bench-emulator-keys-"))
     keys = generate_key_material(key_dir)
-    faults = FaultPlan(p_slow=1.0, slow_seconds=args.latency, after_commit=0.0, seed=1) if args.latency > 0 else None
+    plan = FaultPlan(p_slow=1.0, slow_seconds=args.latency, after_commit=0.0, seed=1) if args.latency > 0 else None
     emulator = Emulator(
         keys,
         success_delay=args.success_delay,
         apply_qps=args.apply_qps or None,
         query_qps=args.query_qps or None,
-        faults=faults,
+        faults=EmulatorFaults(plan),
         request_log_size=REQUEST_LOG_ROWS,
     )
     emulator.start()

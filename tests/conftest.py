@@ -201,9 +201,11 @@ def sandbox(key_material):
     """The emulator and the real WeChat Pay client over HTTP; refunds succeed on their first poll.
     On the session's keys (no test takes both this and the ``emulator`` fixture)."""
     from cancel_scanner.gateway.sandbox import start_sandbox
+    from testsupport.emulator_faults import EmulatorFaults
 
     sb = start_sandbox(
         keys=key_material,
+        faults=EmulatorFaults(),
         success_delay=0,
         timeout=(2, 2),
         apply_qps=2000,

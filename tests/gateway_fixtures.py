@@ -24,6 +24,7 @@ from cancel_scanner.gateway.emulator import Emulator
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material, write_key_material
 from cancel_scanner.gateway.sandbox import client_for
 from cancel_scanner.gateway.wechat import WeChatPayGateway
+from testsupport.emulator_faults import EmulatorFaults
 
 TEST_TIMEOUT_SECONDS = (1.0, 1.0)  # connect, read: a lost answer fails a test in a second, not fifteen
 STRAY_HOST = "127.0.0.2"  # another loopback host: where a redirect points, and where nothing may arrive
@@ -72,7 +73,8 @@ def emulator_clock() -> FakeClock:
 
 @pytest.fixture
 def emulator(key_material: KeyMaterial, emulator_clock: FakeClock) -> Iterator[Emulator]:
-    with Emulator(key_material, clock=emulator_clock, wire_clock=time.time, success_delay=0.5) as emu:
+    faults = EmulatorFaults()  # fail_next, spoil_next_download, faults.plan (testsupport/emulator_faults.py)
+    with Emulator(key_material, clock=emulator_clock, wire_clock=time.time, success_delay=0.5, faults=faults) as emu:
         yield emu
 
 

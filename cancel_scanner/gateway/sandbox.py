@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cancel_scanner.gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultPlan
+from cancel_scanner.gateway.emulator import APPLY_QPS, QUERY_QPS, SUCCESS_DELAY_SECONDS, Emulator, FaultHooks
 from cancel_scanner.gateway.keys import KeyMaterial, generate_key_material
 from cancel_scanner.gateway.wechat import WeChatPayGateway
 
@@ -56,7 +56,7 @@ def client_for(keys: KeyMaterial, base_url: str, **options: Any) -> WeChatPayGat
 
 def start_sandbox(
     success_delay: float = SUCCESS_DELAY_SECONDS,
-    faults: FaultPlan | None = None,
+    faults: FaultHooks | None = None,
     port: int = 0,
     *,
     emulator_apply_qps: int | None = APPLY_QPS,
@@ -68,6 +68,8 @@ def start_sandbox(
 
     New keys unless ``keys`` are given (the tests pass one set made per session). ``client_options``
     are WeChatPayGateway's (apply_qps, timeout, notify_url, qps_shared, ...), with its defaults.
+    ``faults``: the emulator's fault hooks (gateway.emulator.hooks); the daemon's sandbox mode passes
+    none, the tests pass testsupport.emulator_faults.EmulatorFaults.
     """
     keys = keys or generate_key_material()
     emulator = Emulator(

@@ -27,11 +27,12 @@ from typing import Any
 from loguru import logger
 from sqlalchemy import Engine, text
 
-from cancel_scanner.gateway.emulator import Emulator, FaultPlan
+from cancel_scanner.gateway.emulator import Emulator
 from cancel_scanner.gateway.keys import KeyMaterial
 from cancel_scanner.scanners import REGISTRY
 from tests.gateway_fixtures import session_keys_in
 from testsupport import shop
+from testsupport.emulator_faults import EmulatorFaults, FaultPlan
 from testsupport.processes import DaemonProcess, run_cli, write_config
 from testsupport.waiting import wait_until
 
@@ -87,7 +88,7 @@ class ExternalEmulator:
             host="127.0.0.1",
             latency=latency,
             success_delay=success_delay,
-            faults=faults,
+            faults=EmulatorFaults(faults),
             apply_qps=apply_qps,
             query_qps=query_qps,
         ).start()

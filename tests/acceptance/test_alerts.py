@@ -11,9 +11,9 @@ from datetime import datetime
 
 import pytest
 
-from cancel_scanner.gateway.faults import FaultPlan
 from tests.acceptance import harness
 from testsupport import shop
+from testsupport.emulator_faults import FaultPlan
 from testsupport.waiting import wait_until
 from testsupport.webhook import WebhookReceiver
 
@@ -27,7 +27,7 @@ def test_every_call_failing_then_recovering_sends_one_firing_and_one_resolved_me
 ):
     emu = external_emulators(tmp_path / "keys")
     orders = harness.paid_orders(mysql_db, emu, N)
-    emu.emulator.faults = FaultPlan(p_5xx=1.0)  # WeChat Pay answers every call with a 5xx
+    emu.emulator.faults.plan = FaultPlan(p_5xx=1.0)  # WeChat Pay answers every call with a 5xx
 
     with WebhookReceiver() as robot:
         config = harness.daemon_config(
@@ -53,7 +53,7 @@ def test_every_call_failing_then_recovering_sends_one_firing_and_one_resolved_me
         assert datetime.fromisoformat(firing["at"]).utcoffset().total_seconds() == 0
         assert harness.q_scalar(mysql_db, "SELECT COUNT(*) FROM refund_order WHERE submit_success = 1") == 0
 
-        emu.emulator.faults = None  # WeChat Pay is back
+        emu.emulator.faults.plan = None  # WeChat Pay is back
         harness.wait_settled(mysql_db, 60, [daemon])
         messages = wait_until(robot.bodies, 30, "the resolved message", until=lambda b: len(b) >= 2, daemons=[daemon])
         assert [(m["rule"], m["state"]) for m in messages] == [

@@ -12,9 +12,9 @@ import uuid
 import pytest
 
 from cancel_scanner.engine.db import init_schema, make_engine
-from cancel_scanner.gateway.faults import FaultPlan
 from tests.acceptance import harness
 from testsupport import shop
+from testsupport.emulator_faults import FaultPlan
 from testsupport.waiting import wait_until
 
 pytestmark = [

@@ -21,9 +21,9 @@ import pytest
 from sqlalchemy import text
 
 from cancel_scanner.engine.db import init_schema, make_engine
-from cancel_scanner.gateway.emulator import FaultPlan
 from tests.acceptance import harness
 from testsupport import processes, shop
+from testsupport.emulator_faults import FaultPlan
 from testsupport.waiting import wait_until
 
 pytestmark = [pytest.mark.mysql, pytest.mark.slow]

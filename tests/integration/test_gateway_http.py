@@ -40,11 +40,12 @@ from cancel_scanner.gateway.contract import (
     RetryLater,
     UnknownOutcome,
 )
-from cancel_scanner.gateway.emulator import REFUNDS_PATH, Emulator, FaultPlan
+from cancel_scanner.gateway.emulator import REFUNDS_PATH, Emulator
 from cancel_scanner.gateway.keys import generate_key_material
 from cancel_scanner.gateway.transport import new_session, send_within
 from cancel_scanner.gateway.wechat import MAX_ANSWER_BYTES
 from tests.gateway_fixtures import build_gateway
+from testsupport.emulator_faults import FaultPlan
 from testsupport.waiting import wait_until
 
 PAID = 1280
@@ -195,7 +196,9 @@ def test_a_failed_query_is_unknown(gateway, emulator, kind):
 
 def test_under_random_faults_every_refund_lands_exactly_once(make_gateway, emulator):
     gateway = make_gateway(apply_qps=None, query_qps=None)
-    emulator.faults = FaultPlan(p_5xx=0.25, p_429=0.05, p_drop=0.05, p_bad_signature=0.05, after_commit=0.5, seed=7)
+    emulator.faults.plan = FaultPlan(
+        p_5xx=0.25, p_429=0.05, p_drop=0.05, p_bad_signature=0.05, after_commit=0.5, seed=7
+    )
     results = {}
 
     for i in range(40):

@@ -12,15 +12,14 @@ Choices a test writer should know:
 * Wrong mchid in the Authorization header answers 404 MCH_NOT_EXISTS (the
   client's ConfigError path); wrong serial, signature or a timestamp more
   than `max_clock_skew` seconds from `clock()` answers 401 SIGN_ERROR.
-* Faults (`fail_next`, or a random `FaultPlan`) are described in
-  gateway.faults: errors, slow answers, dropped connections, bad signatures,
-  redirects, answers trickled a byte at a time, huge answers. They strike
-  before the refund is recorded (no money moves: the client's retry creates
-  it) or, with `after_commit`, after it (money moved but the client hears
-  something else: the dangerous case). A "slow" fault before commit means
-  the request sat in a queue: it is still processed after the wait, so the
-  client times out and money moves anyway, which is also what real gateways
-  do.
+* Faults are test code and do not ship: the emulator calls its `faults` hooks
+  (gateway.emulator.hooks; NoFaults by default) and tests pass
+  `faults=testsupport.emulator_faults.EmulatorFaults(plan)`, which implements
+  errors, slow answers, dropped connections, bad signatures, redirects, answers
+  trickled a byte at a time, huge answers and spoiled bill downloads, aimed at
+  one number or drawn from a random `FaultPlan` (described in that module).
+  `fail_next(...)` and `spoil_next_download(...)` here hand their arguments to
+  those hooks, and refuse with a RuntimeError on an emulator built without them.
 * `force_status(out_refund_no, status)` rewrites a recorded refund's status
   (e.g. CLOSED after SUCCESS) for good, so later answers contradict earlier ones.
 * `max_in_flight[out_refund_no]` is the most requests (applies and queries
@@ -66,14 +65,15 @@ Choices a test writer should know:
 The package, one concept a module (all of them log as `gateway.emulator.*`):
 
 * here: `Emulator`, its lifecycle and the controls that span the others;
-* `exchange`: one HTTP exchange (route, latency, authenticate, QPS, faults, answer, count);
+* `exchange`: one HTTP exchange (route, latency, authenticate, QPS, fault hooks, answer, count);
 * `server`: the HTTP server and request handler;
 * `signing`: request authentication, answer and notification signatures;
 * `records` and `ledger`: refunds and payments, their JSON, the status machine;
 * `bills`: the daily bill, made from the ledger's payments and refunds, and its download;
 * `notifications`: encrypted notifications, delivered and retried;
-* `command`: the `serve` entry point (`cancel-scanner emulator`), which builds an Emulator from here;
-* gateway.faults: the faults, how they are drawn and how they strike.
+* `replies`: what an answer is and how its body is written (at once, paced, streamed);
+* `hooks`: the fault hooks' protocol (FaultHooks) and its default (NoFaults);
+* `command`: the `serve` entry point (`cancel-scanner emulator`), which builds an Emulator from here.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ from cancel_scanner.gateway.emulator.exchange import (
     REQUEST_LOG_SIZE,
     RequestHandling,
 )
+from cancel_scanner.gateway.emulator.hooks import FaultHooks, NoFaults
 from cancel_scanner.gateway.emulator.ledger import (
     MAX_REFUNDS_PER_ORDER,
     SUCCESS_DELAY_SECONDS,
@@ -119,14 +120,12 @@ from cancel_scanner.gateway.emulator.records import (
 )
 from cancel_scanner.gateway.emulator.server import MAX_BODY_BYTES, Server
 from cancel_scanner.gateway.emulator.signing import AUTH_SCHEME, MAX_CLOCK_SKEW_SECONDS, Signer
-from cancel_scanner.gateway.faults import FAULT_KINDS, Fault, FaultBook, FaultPlan
 from cancel_scanner.gateway.keys import KeyMaterial
 
 __all__ = [
     "APPLY_QPS",
     "AUTH_SCHEME",
     "BEIJING",
-    "FAULT_KINDS",
     "LEGACY_ALL_COLUMNS",
     "MAX_BODY_BYTES",
     "MAX_CLOCK_SKEW_SECONDS",
@@ -145,7 +144,7 @@ __all__ = [
     "TICK_SECONDS",
     "USER_RECEIVED_ACCOUNT",
     "Emulator",
-    "FaultPlan",
+    "FaultHooks",
     "Matcher",
     "NotificationAttempt",
     "RecordedRefund",
@@ -160,7 +159,7 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender, B
 
     Its controls and readings live with their concept: the refund ones (force_status, close_refunds_for,
     tick, recorded, ...) in gateway.emulator.ledger, the request ones (in_flight, logged_requests,
-    forget_requests) in gateway.emulator.exchange; the fault ones and snapshot() here.
+    forget_requests) in gateway.emulator.exchange; snapshot() and the hand-over to the fault hooks here.
     """
 
     def __init__(
@@ -175,7 +174,7 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender, B
         monotonic: Callable[[], float] = time.monotonic,
         apply_qps: int | None = APPLY_QPS,
         query_qps: int | None = QUERY_QPS,
-        faults: FaultPlan | None = None,
+        faults: FaultHooks | None = None,
         notify_url: str | None = None,
         strict_payments: bool = False,
         min_refund_interval: float | None = None,
@@ -195,7 +194,7 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender, B
         # One lock for all state; the condition wakes wait_for(), the ticker and the sender.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._fault_book = FaultBook(faults)
+        self.faults = faults
         self._init_requests(apply_qps, query_qps, latency, request_log_size)
         self._init_ledger(success_delay, strict_payments, min_refund_interval)
         self._init_payments()
@@ -252,41 +251,42 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender, B
     # -- test controls: faults, and those spanning the mixins -----------------------
 
     @property
-    def faults(self) -> FaultPlan | None:
-        return self._fault_book.plan
+    def faults(self) -> FaultHooks:
+        """The fault hooks (gateway.emulator.hooks) the exchange and the bills call; NoFaults by default."""
+        return self._faults
 
     @faults.setter
-    def faults(self, plan: FaultPlan | None) -> None:
-        with self._lock:
-            self._fault_book.replace_plan(plan)
+    def faults(self, hooks: FaultHooks | None) -> None:
+        if hooks is not None and not isinstance(hooks, FaultHooks):
+            raise TypeError(
+                "faults must implement gateway.emulator.hooks.FaultHooks (e.g. a test's"
+                f" testsupport.emulator_faults.EmulatorFaults(plan)), not {type(hooks).__name__}"
+            )
+        self._faults = hooks if hooks is not None else NoFaults()
 
-    def fail_next(
-        self,
-        out_refund_no: str,
-        kind: str,
-        times: int = 1,
-        *,
-        after_commit: bool = False,
-        call: str = "apply",
-        slow_seconds: float | None = None,
-        **options: Any,
-    ) -> None:
-        """Make the next `times` calls (`call`: apply, query or any) for this number fail with `kind`.
+    def fail_next(self, number: str, kind: str, times: int = 1, **options: Any) -> None:
+        """Test-only: the next `times` calls for this number fail with `kind`. The kinds and options are
+        the fault hooks' (testsupport.emulator_faults, which the package does not ship)."""
+        self._aimed("fail_next")(number, kind, times, **options)
 
-        `options` are the kind's own (gateway.faults): redirect_status, redirect_to,
-        trickle_gap, trickle_bytes, huge_bytes, huge_status, huge_chunked.
-        """
-        if slow_seconds is None:
-            slow_seconds = self._fault_book.slow_seconds
-        fault = Fault(kind, after_commit, slow_seconds, call=call, times=times, **options)
-        with self._lock:
-            self._fault_book.aim(out_refund_no, fault)
+    def spoil_next_download(self, kind: str, times: int = 1, **options: Any) -> None:
+        """Test-only: the next `times` bill downloads fail with `kind` (testsupport.bill_faults)."""
+        self._aimed("spoil_next_download")(kind, times, **options)
+
+    def _aimed(self, control: str) -> Callable[..., None]:
+        aim = getattr(self.faults, control, None)
+        if aim is None:
+            raise RuntimeError(
+                f"Emulator.{control}: this emulator's fault hooks ({type(self.faults).__name__}) cannot aim faults;"
+                " build it with faults=testsupport.emulator_faults.EmulatorFaults() (test code, not shipped)"
+            )
+        return aim
 
     def clear_rules(self) -> None:
-        """Forget the close and abnormal rules and the faults fail_next aimed (not the FaultPlan)."""
+        """Forget the close and abnormal rules and the faults aimed at numbers (the hooks' clear())."""
         with self._lock:
             self._clear_refund_rules()
-            self._fault_book.clear_aimed()
+            self.faults.clear()
 
     def snapshot(self) -> dict[str, dict]:
         """Copies of the counters a test checks and reports, all taken at one instant (under the lock):

@@ -24,11 +24,10 @@ What a test writer should know:
 * The download URL points at `bill_download_base` (None: the emulator itself), with a random
   token valid DOWNLOAD_VALID_SECONDS on `clock`; after that 404 RESOURCE_NOT_EXISTS. The
   download is authenticated like every call, answered unsigned, gzip when the apply asked.
-* `spoil_next_download(kind, times=1, **options)`: "bad_hash" (one amount changed after hashing:
-  only the SHA1 can tell), "trickle" (`trickle_gap`, `trickle_bytes`), "huge" (`huge_bytes` on
-  the wire, `huge_chunked`), "bomb" (a gzip that inflates to `huge_bytes`), "redirect"
-  (`redirect_status`, `redirect_to`), "500", "drop". They strike downloads only; QPS limits and
-  the FaultPlan leave bill calls alone.
+* A download asks the emulator's fault hooks (gateway.emulator.hooks) for a strike; the test-only
+  ones (testsupport/bill_faults.py, through `Emulator.spoil_next_download`) spoil it: a bad hash, a
+  trickle, a huge body, a gzip bomb, a redirect, a 500, a dropped connection. No QPS limit applies
+  to bill calls, and the API calls' faults leave them alone.
 * `bill_counts`: "applied", "downloaded", "creating", "no_statement", "refused" and "spoiled/<kind>".
 """
 
@@ -46,13 +45,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-from cancel_scanner.gateway.emulator.bill_faults import DownloadFault, FileReply, _strike
+from cancel_scanner.gateway.emulator.hooks import FaultHooks
 from cancel_scanner.gateway.emulator.records import BEIJING, STATUS_SUCCESS, Payment, Refund
-from cancel_scanner.gateway.faults import Reply, Trickle
-from cancel_scanner.gateway.faults import error_reply as _error
+from cancel_scanner.gateway.emulator.replies import FileReply, Reply
+from cancel_scanner.gateway.emulator.replies import error_reply as _error
 from cancel_scanner.gateway.keys import KeyMaterial
 
 BILL_PATH = "/v3/bill/tradebill"
@@ -170,6 +169,7 @@ class BillDesk:
     _payments: dict[str, Payment]
     _refunds: dict[str, Refund]
     _advance: Callable[[Refund, float], bool]
+    faults: FaultHooks
     if TYPE_CHECKING:
 
         @property
@@ -183,7 +183,6 @@ class BillDesk:
         self._creating: set[date] = set()
         self._made: dict[tuple[date, str, tuple[str, ...] | None], bytes] = {}
         self._downloads: dict[str, _Download] = {}
-        self._download_faults: list[DownloadFault] = []
         # A bill made from now on repeats its first refund line: "summary_too" (the summary counts
         # it: the bill adds up), "line_only" (the summary does not: it does not add up), or None.
         self.duplicate_refund_line: str | None = None
@@ -215,12 +214,6 @@ class BillDesk:
         """Drop the bills already made: the next apply makes them again from what is recorded now."""
         with self._lock:
             self._made.clear()
-
-    def spoil_next_download(self, kind: str, times: int = 1, **options: Any) -> None:
-        """The next `times` bill downloads fail with `kind` (see the module docstring)."""
-        fault = DownloadFault(kind, times, **options)
-        with self._lock:
-            self._download_faults.append(fault)
 
     def bill_bytes(self, day: date, bill_type: str = "ALL") -> bytes | None:
         """The bill an apply would serve now (made anew, kept nowhere), or None for a day without trades."""
@@ -289,28 +282,13 @@ class BillDesk:
             download = self._downloads.get(params.get("token", ""))
             if download is None or download.expires_at <= self._clock():
                 return self._refuse("RESOURCE_NOT_EXISTS", "the download_url has expired or never existed", 404)
-            fault = self._download_faults[0] if self._download_faults else None
-            if fault is not None:
-                fault.times -= 1
-                if fault.times <= 0:
-                    self._download_faults.pop(0)
-                self.bill_counts[f"spoiled/{fault.kind}"] += 1
-            else:
-                self.bill_counts["downloaded"] += 1
-        body = download.bill
-        if fault is not None:
-            early = _strike(fault)
-            if early is not None:
-                return early
-            if fault.kind == "bad_hash":
-                # A changed amount still parses: only the hash shows the bill is not the one WeChat hashed.
-                body = body.replace(b".00", b".01", 1) if b".00" in body else body + b" "
-        if download.gzip:
-            body = gzip.compress(body, compresslevel=6, mtime=0)
-        reply = FileReply(200, body=body)
-        if fault is not None and fault.kind == "trickle":
-            reply.trickle = Trickle(fault.trickle_gap, fault.trickle_bytes)
-        return reply
+            strike = self.faults.draw_download()
+            self.bill_counts["downloaded" if strike is None else f"spoiled/{strike.label}"] += 1
+
+        def deliver(bill: bytes) -> FileReply:
+            return FileReply(200, body=gzip.compress(bill, compresslevel=6, mtime=0) if download.gzip else bill)
+
+        return deliver(download.bill) if strike is None else strike.answer(download.bill, deliver)
 
     # -- making the bill --------------------------------------------------------------------------
 

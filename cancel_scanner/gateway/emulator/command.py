@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 from cancel_scanner.gateway.emulator.exchange import APPLY_QPS, QUERY_QPS
+from cancel_scanner.gateway.emulator.hooks import FaultHooks
 from cancel_scanner.gateway.emulator.ledger import SUCCESS_DELAY_SECONDS
-from cancel_scanner.gateway.faults import FaultPlan
 from cancel_scanner.gateway.keys import generate_key_material
 
 
@@ -20,9 +20,12 @@ def serve(
     success_delay: float = SUCCESS_DELAY_SECONDS,
     apply_qps: int | None = APPLY_QPS,
     query_qps: int | None = QUERY_QPS,
-    faults: FaultPlan | None = None,
+    faults: FaultHooks | None = None,
 ) -> int:
     """The `cancel-scanner emulator` command: serve until SIGTERM/SIGINT, then stop cleanly and return 0.
+
+    The command passes no `faults` (it answers as WeChat does); a caller may pass fault hooks
+    (gateway.emulator.hooks), e.g. a test's testsupport.emulator_faults.EmulatorFaults.
 
     Prints one line per fact a client needs; key files are named, never shown.
     Must run on the main thread (signal handlers).

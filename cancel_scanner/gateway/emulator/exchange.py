@@ -1,9 +1,10 @@
-"""One HTTP exchange with the emulator: route, delay, authenticate, rate-limit, strike faults, process, answer, count.
+"""One HTTP exchange with the emulator: route, delay, authenticate, rate-limit, fault hooks, process, answer, count.
 
 A mixin of gateway.emulator.Emulator. It keeps the request counters tests read
 (`requests`, `request_log`, `max_in_flight`, `faults_injected`, `last_request_id`),
 the QPS windows and the optional network `latency`; the refund work itself is the
-ledger's (`_apply`, `_query`).
+ledger's (`_apply`, `_query`), and faults come only from the emulator's `faults`
+hooks (gateway.emulator.hooks; none by default).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from cancel_scanner.gateway import faults
-from cancel_scanner.gateway.emulator.bills import BILL_CALLS, BILL_PATH, DOWNLOAD_PATH, FileReply
-from cancel_scanner.gateway.emulator.records import forged_refund
+from cancel_scanner.gateway.emulator.bills import BILL_CALLS, BILL_PATH, DOWNLOAD_PATH
+from cancel_scanner.gateway.emulator.hooks import ApiCall, FaultHooks, Strike
+from cancel_scanner.gateway.emulator.replies import ERRORS, FileReply, Reply, write_paced, write_streamed
+from cancel_scanner.gateway.emulator.replies import error_reply as _error
 from cancel_scanner.gateway.emulator.server import Handler
 from cancel_scanner.gateway.emulator.signing import RequestHeaders, Signer
-from cancel_scanner.gateway.faults import ERRORS, Fault, FaultBook, Reply
-from cancel_scanner.gateway.faults import error_reply as _error
 
 REFUNDS_PATH = "/v3/refund/domestic/refunds"
 ABNORMAL_REFUND_SUFFIX = "/apply-abnormal-refund"  # POST REFUNDS_PATH/{refund_id}/apply-abnormal-refund
@@ -47,7 +47,7 @@ class RequestHandling:
     _clock: Callable[[], float]
     _monotonic: Callable[[], float]
     _signer: Signer
-    _fault_book: FaultBook
+    faults: FaultHooks
     _apply: Callable[[bytes], Reply]
     _query: Callable[[str], Reply]
     _query_payment: Callable[[str], Reply]
@@ -69,7 +69,7 @@ class RequestHandling:
         self._in_flight: Counter[str] = Counter()
         self.max_in_flight: dict[str, int] = {}  # out_refund_no -> most requests for it at once
         self.requests: Counter[tuple[str, int]] = Counter()  # (method, status); status 0 = dropped
-        self.faults_injected: Counter[str] = Counter()  # Fault.label ("500/after", "slow/before") -> times struck
+        self.faults_injected: Counter[str] = Counter()  # Strike.label ("500/after", "slow/before") -> times struck
         # (arrived on `monotonic`, method, call, status), the newest request_log_size of them
         self.request_log: deque[tuple[float, str, str, int]] = deque(maxlen=request_log_size)
         self.last_request_id: str | None = None
@@ -132,28 +132,23 @@ class RequestHandling:
             base = reply.redirect_to or f"http://127.0.0.2:{handler.server.server_address[1]}"
             handler.write_reply(reply.status, b"", {"Location": base + handler.path, "Request-ID": request_id})
             return
-        # A 204 (a close) has no body at all; its signature is over the empty body.
-        payload = (
-            b""
-            if reply.status == 204
-            else json.dumps(reply.payload or {}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        )
-        if reply.huge is not None:
-            length, pieces = faults.padded(payload, reply.huge.size)
-            # Only a 2xx is signed (over the whole stream); a huge error is a proxy's page.
-            if 200 <= reply.status < 300:
-                headers = self._signer.signed_headers(pieces(), request_id)
+        if reply.stream is not None:
+            # A JSON answer's stream is signed over all of it, or goes out unsigned as a proxy's page would.
+            stream = reply.stream
+            if stream.signed:
+                headers = self._signer.signed_headers(stream.pieces(), request_id)
             else:
                 headers = {"Content-Type": "application/json", "Request-ID": request_id}
-            faults.write_streamed(handler, reply.status, headers, length, pieces(), reply.huge.chunked)
+            write_streamed(handler, reply.status, headers, stream)
             return
+        payload = reply.encoded()
         headers = self._signer.signed_headers([payload], request_id, reply.tamper)
 
         def write() -> None:
             handler.write_reply(reply.status, payload, headers)
 
-        if reply.trickle is not None:
-            faults.write_trickled(handler, reply.trickle, self._stopping, write)
+        if reply.pace is not None:
+            write_paced(handler, reply.pace, self._stopping, write)
         else:
             write()
 
@@ -206,34 +201,27 @@ class RequestHandling:
         if refused is not None:
             return refused
         if kind in BILL_CALLS:
-            return self._answer_bill(kind, raw_path)  # gateway.emulator.bills: no QPS window, faults of its own
+            return self._answer_bill(kind, raw_path)  # gateway.emulator.bills: no QPS window, fault hook of its own
         if self._over_limit(kind):
             return _error(*ERRORS["429"])
-        fault = self._draw_fault(kind, number)
-        if fault is not None and not fault.after_commit:
-            # A forged answer only makes sense for an application: a query records nothing to forge.
-            forge = (lambda: forged_refund(body, self._clock)) if kind == "apply" else (lambda: None)
-            early = faults.strike_before(fault, forge, self._stopping)
-            if early is not None:
-                return early
+        strike = self._draw_fault(kind, number)
+        if strike is None:
+            return self._process(kind, number, raw_path, headers, body)
+        call = ApiCall(kind, number, body, self._clock, self._stopping)
+        early = strike.before(call)
+        return early if early is not None else strike.after(call, self._process(kind, number, raw_path, headers, body))
+
+    def _process(self, kind: str, number: str | None, raw_path: str, headers: RequestHeaders, body: bytes) -> Reply:
         if kind == "apply":
-            reply = self._apply(body)
-        elif kind == "query":
-            reply = self._query(number or "")
-        elif kind == "abnormal":
+            return self._apply(body)
+        if kind == "query":
+            return self._query(number or "")
+        if kind == "abnormal":
             path = raw_path.split("?", 1)[0]
-            reply = self._apply_abnormal(path[len(REFUNDS_PATH) + 1 : -len(ABNORMAL_REFUND_SUFFIX)], headers, body)
-        elif kind == "pay_query":
-            reply = self._query_payment(number or "")
-        else:
-            reply = self._close_payment(number or "")
-        # A query records nothing, so a bad signature on it can only tamper the real answer.
-        strike_after = fault is not None and (
-            fault.after_commit or (kind in ("query", "pay_query") and fault.kind == "bad_signature")
-        )
-        if fault is not None and strike_after and 200 <= reply.status < 300:
-            return faults.strike_after(fault, reply)
-        return reply
+            return self._apply_abnormal(path[len(REFUNDS_PATH) + 1 : -len(ABNORMAL_REFUND_SUFFIX)], headers, body)
+        if kind == "pay_query":
+            return self._query_payment(number or "")
+        return self._close_payment(number or "")
 
     def _over_limit(self, kind: str) -> bool:
         """True if this call is over its QPS limit; a call that is not does count towards the window."""
@@ -258,9 +246,9 @@ class RequestHandling:
             delay = self._latency_rng.uniform(*self.latency)
         return self._stopping.wait(delay)
 
-    def _draw_fault(self, kind: str, number: str | None) -> Fault | None:
+    def _draw_fault(self, kind: str, number: str | None) -> Strike | None:
         with self._lock:
-            fault = self._fault_book.draw(kind, number)
-            if fault is not None:
-                self.faults_injected[fault.label] += 1
-            return fault
+            strike = self.faults.draw(kind, number)
+            if strike is not None:
+                self.faults_injected[strike.label] += 1
+            return strike

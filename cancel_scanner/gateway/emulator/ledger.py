@@ -29,9 +29,9 @@ from cancel_scanner.gateway.emulator.records import (
     matches,
     refund_json,
 )
+from cancel_scanner.gateway.emulator.replies import ERRORS, Reply
+from cancel_scanner.gateway.emulator.replies import error_reply as _error
 from cancel_scanner.gateway.emulator.signing import RequestHeaders, Signer
-from cancel_scanner.gateway.faults import ERRORS, Reply
-from cancel_scanner.gateway.faults import error_reply as _error
 from cancel_scanner.gateway.keys import KeyMaterial
 
 SUCCESS_DELAY_SECONDS = 0.5

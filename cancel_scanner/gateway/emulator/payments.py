@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from cancel_scanner.gateway.emulator.records import Payment, digits, payment_json
-from cancel_scanner.gateway.faults import Reply
-from cancel_scanner.gateway.faults import error_reply as _error
+from cancel_scanner.gateway.emulator.replies import Reply
+from cancel_scanner.gateway.emulator.replies import error_reply as _error
 from cancel_scanner.gateway.keys import KeyMaterial
 
 NOT_FOUND = (404, "ORDER_NOT_EXIST", "order does not exist")

@@ -5,7 +5,6 @@ Plain data and pure functions; the state that holds them is gateway.emulator.led
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import string
@@ -157,27 +156,6 @@ def matches(rule: Matcher, refund: Refund) -> bool:
     if callable(rule):
         return bool(rule(refund_json(refund)))
     return rule in (refund.out_trade_no, refund.out_refund_no, refund.transaction_id)
-
-
-def forged_refund(body: bytes, clock: Callable[[], float]) -> dict[str, Any] | None:
-    """A refund object echoing the request that was never recorded; None if the request is malformed."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if invalid_apply_fields(data) is not None:
-        return None
-    forged = Refund(
-        refund_id=digits("50", 32),
-        out_refund_no=data["out_refund_no"],
-        out_trade_no=str(data.get("out_trade_no") or ""),
-        transaction_id=str(data.get("transaction_id") or ""),
-        refund=data["amount"]["refund"],
-        total=data["amount"]["total"],
-        notify_url=None,
-        created_at=clock(),
-    )
-    return refund_json(forged)
 
 
 def payment_json(payment: Payment, mchid: str, appid: str) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from cancel_scanner.gateway.faults import Reply
-from cancel_scanner.gateway.faults import error_reply as _error
+from cancel_scanner.gateway.emulator.replies import Reply
+from cancel_scanner.gateway.emulator.replies import error_reply as _error
 from cancel_scanner.gateway.keys import KeyMaterial
 
 AUTH_SCHEME = "WECHATPAY2-SHA256-RSA2048"

@@ -1,8 +1,16 @@
-"""The emulator's faults: which exist, how they are drawn, and how their odd answers are written.
+"""The WeChat Pay emulator's faults (test code, not shipped): which exist, how they are drawn, how they strike.
+
+EmulatorFaults implements the emulator's fault hooks (cancel_scanner.gateway.emulator.hooks): a
+test builds `Emulator(keys, faults=EmulatorFaults(plan))` (tests/gateway_fixtures.py, the
+`sandbox` fixture and tests/acceptance/harness.py do), then aims faults with
+`emulator.fail_next(...)` or replaces the random plan with `emulator.faults.plan = FaultPlan(...)`.
+The emulator only calls the hooks; the faults, their drawing and their odd answers are all here,
+and the bill download's in testsupport.bill_faults.
 
 Kinds, for `Emulator.fail_next(number, kind, times=1, *, after_commit=False, call="apply", **options)`
 (a FaultPlan draws the first five at random). `call` is "apply", "query", "pay_query" or
-"pay_close" (the number then is an out_trade_no), or "any":
+"pay_close" (the number then is an out_trade_no), or "any" (which also strikes "abnormal", the
+apply-abnormal-refund call):
 
 * "500", "503", "429": an error answer (SYSTEM_ERROR, SERVICE_UNAVAILABLE, FREQUENCY_LIMITED).
 * "slow": the answer waits `slow_seconds`. Before commit the request sat in
@@ -39,11 +47,19 @@ the real answer" rather than "answer instead".
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cancel_scanner.gateway.emulator.hooks import ApiCall
+from cancel_scanner.gateway.emulator.records import Refund, digits, invalid_apply_fields, refund_json
+from cancel_scanner.gateway.emulator.replies import ERRORS, Pace, Reply, Stream, error_reply
+
+if TYPE_CHECKING:
+    from testsupport.bill_faults import DownloadFault
 
 DEFAULT_SLOW_SECONDS = 2.0
 DEFAULT_TRICKLE_GAP_SECONDS = 0.5
@@ -70,16 +86,6 @@ FAULT_KINDS = frozenset(
 BEFORE_COMMIT_ONLY = frozenset({"not_enough", "sign_error", "invalid_request", "order_not_exist"})
 FAULT_CALLS = frozenset({"apply", "query", "pay_query", "pay_close", "any"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-ERRORS = {
-    "500": (500, "SYSTEM_ERROR", "system error, please retry with the same out_refund_no"),
-    "503": (503, "SERVICE_UNAVAILABLE", "service unavailable, please retry"),
-    "429": (429, "FREQUENCY_LIMITED", "requests are too frequent"),
-    "not_enough": (403, "NOT_ENOUGH", "merchant balance is not enough"),
-    "sign_error": (401, "SIGN_ERROR", "signature verification failed"),
-    "invalid_request": (400, "INVALID_REQUEST", "the request does not match the refund on record"),
-    # A payment query or close that wrongly says WeChat never saw the trade (signed, as WeChat's own errors).
-    "order_not_exist": (404, "ORDER_NOT_EXIST", "order does not exist"),
-}
 _RESHAPED = frozenset({"redirect", "trickle", "huge"})  # faults about how an answer is delivered
 _PAD = b"x" * PIECE_BYTES
 
@@ -160,155 +166,160 @@ class Fault:
         """The kind and when it strikes, as the emulator counts it in `faults_injected`: "500/after", "slow/before"."""
         return f"{self.kind}/{'after' if self.after_commit else 'before'}"
 
+    def before(self, call: ApiCall) -> Reply | None:
+        """The answer that replaces processing, or None to process the request anyway (after the fault's effect)."""
+        if self.after_commit:
+            return None
+        if self.kind in ERRORS:
+            return error_reply(*ERRORS[self.kind])
+        if self.kind == "drop":
+            return Reply(drop=True)
+        if self.kind == "slow":
+            # Queued, then processed anyway: the caller has long given up by then.
+            return Reply(drop=True) if call.stopping.wait(self.slow_seconds) else None
+        if self.kind == "bad_signature":
+            # A forged answer only makes sense for an application: a query records nothing to forge.
+            forged = forged_refund(call.body, call.clock) if call.kind == "apply" else None
+            return None if forged is None else Reply(200, forged, tamper=True)
+        if self.kind in _RESHAPED:
+            return self._reshape(error_reply(*ERRORS["500"]))
+        return None
 
-class FaultBook:
-    """The faults waiting to strike: those aimed at one refund number first, else a draw from the plan.
+    def after(self, call: ApiCall, reply: Reply) -> Reply:
+        """Spoil the real (2xx) answer of a request that was processed; any other answer leaves as it is."""
+        # A query records nothing, so a bad signature on it can only tamper the real answer.
+        strikes = self.after_commit or (call.kind in ("query", "pay_query") and self.kind == "bad_signature")
+        if not strikes or not 200 <= reply.status < 300:
+            return reply
+        if self.kind in ERRORS:
+            return error_reply(*ERRORS[self.kind])
+        if self.kind == "drop":
+            return Reply(drop=True)
+        if self.kind == "slow":
+            reply.delay = self.slow_seconds
+        elif self.kind == "bad_signature":
+            reply.tamper = True
+        elif self.kind in _RESHAPED:
+            return self._reshape(reply)
+        return reply
 
-    Not locked: the emulator calls it under its own lock.
+    def _reshape(self, reply: Reply) -> Reply:
+        if self.kind == "redirect":
+            return Reply(self.redirect_status, redirect_to=self.redirect_to)
+        if self.kind == "trickle":
+            reply.pace = Pace(self.trickle_gap, self.trickle_bytes)
+        elif self.kind == "huge":
+            if not 200 <= self.huge_status < 300:
+                reply = error_reply(self.huge_status, "SYSTEM_ERROR", "system error")
+            length, pieces = padded(reply.encoded(), self.huge_bytes)
+            # Only a 2xx is signed (over the whole stream); a huge error is a proxy's page.
+            reply.stream = Stream(length, pieces, chunked=self.huge_chunked, signed=200 <= reply.status < 300)
+        return reply
+
+
+class EmulatorFaults:
+    """The emulator's fault hooks: the faults waiting to strike, those aimed at one number first, else a
+    draw from the plan; and the bill downloads' (testsupport.bill_faults), in the order they were aimed.
+
+    Locked on its own: the emulator calls draw() under its lock, a test aims from its own thread.
     """
 
     def __init__(self, plan: FaultPlan | None = None) -> None:
+        self._lock = threading.Lock()
         self._aimed: dict[str, list[Fault]] = {}
-        self.replace_plan(plan)
-
-    def replace_plan(self, plan: FaultPlan | None) -> None:
-        """Draw from `plan` from now on (None: no random faults), reseeded with its seed."""
+        self._downloads: list[DownloadFault] = []
         self.plan = plan
-        self._rng = random.Random(plan.seed if plan else None)
 
     @property
-    def slow_seconds(self) -> float:
-        """How long a "slow" fault waits unless told: the plan's, else the default."""
-        return self.plan.slow_seconds if self.plan else DEFAULT_SLOW_SECONDS
+    def plan(self) -> FaultPlan | None:
+        """The random faults (None: none); setting it reseeds the draw with the new plan's seed."""
+        return self._plan
 
-    def aim(self, out_refund_no: str, fault: Fault) -> None:
-        """`fault` strikes the next `fault.times` calls of `fault.call` for this number."""
-        self._aimed.setdefault(out_refund_no, []).append(fault)
+    @plan.setter
+    def plan(self, plan: FaultPlan | None) -> None:
+        with self._lock:
+            self._plan = plan
+            self._rng = random.Random(plan.seed if plan else None)
 
-    def clear_aimed(self) -> None:
-        self._aimed.clear()
+    # -- what a test calls (through Emulator.fail_next and Emulator.spoil_next_download) ----------
+
+    def fail_next(
+        self,
+        number: str,
+        kind: str,
+        times: int = 1,
+        *,
+        after_commit: bool = False,
+        call: str = "apply",
+        slow_seconds: float | None = None,
+        **options: Any,
+    ) -> None:
+        """Make the next `times` calls (`call`: apply, query, pay_query, pay_close or any) for this number
+        fail with `kind`. `options` are the kind's own (see the module docstring): redirect_status,
+        redirect_to, trickle_gap, trickle_bytes, huge_bytes, huge_status, huge_chunked."""
+        with self._lock:
+            if slow_seconds is None:
+                slow_seconds = self._plan.slow_seconds if self._plan else DEFAULT_SLOW_SECONDS
+            fault = Fault(kind, after_commit, slow_seconds, call=call, times=times, **options)
+            self._aimed.setdefault(number, []).append(fault)
+
+    def spoil_next_download(self, kind: str, times: int = 1, **options: Any) -> None:
+        """The next `times` bill downloads fail with `kind` (testsupport.bill_faults)."""
+        from testsupport.bill_faults import DownloadFault  # it imports this module's defaults
+
+        fault = DownloadFault(kind, times, **options)
+        with self._lock:
+            self._downloads.append(fault)
+
+    # -- the hooks the emulator calls (cancel_scanner.gateway.emulator.hooks.FaultHooks) -------------
 
     def draw(self, call: str, number: str | None) -> Fault | None:
-        """The fault that strikes this call (apply, query, pay_query, pay_close) for this number, if any."""
-        for fault in self._aimed.get(number or "", []):
-            if fault.call in (call, "any"):
-                fault.times -= 1
-                if fault.times <= 0:
-                    self._aimed[number or ""].remove(fault)
-                return fault
-        return self.plan.draw(self._rng) if self.plan is not None else None
+        """The fault that strikes this call (apply, query, abnormal, pay_query, pay_close) for this number, if any."""
+        with self._lock:
+            aimed = self._aimed.get(number or "", [])
+            for fault in aimed:
+                if fault.call in (call, "any"):
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        aimed.remove(fault)
+                    return fault
+            return self._plan.draw(self._rng) if self._plan is not None else None
+
+    def draw_download(self) -> DownloadFault | None:
+        with self._lock:
+            if not self._downloads:
+                return None
+            fault = self._downloads[0]
+            fault.times -= 1
+            if fault.times <= 0:
+                self._downloads.pop(0)
+            return fault
+
+    def clear(self) -> None:
+        """Forget the faults aimed at numbers (Emulator.clear_rules); not the plan, nor those aimed at downloads."""
+        with self._lock:
+            self._aimed.clear()
 
 
-@dataclass(frozen=True)
-class Trickle:
-    gap: float
-    count: int | None  # None: every byte
-
-
-@dataclass(frozen=True)
-class Huge:
-    size: int
-    chunked: bool
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    payload: dict[str, Any] | None = None
-    tamper: bool = False
-    delay: float = 0.0
-    drop: bool = False
-    redirect_to: str | None = None  # for a 3xx: the Location's base URL (None: the emulator's default)
-    trickle: Trickle | None = None
-    huge: Huge | None = None
-
-
-def error_reply(status: int, code: str, message: str) -> Reply:
-    return Reply(status, {"code": code, "message": message})
-
-
-def strike_before(fault: Fault, forge: Callable[[], dict[str, Any] | None], stopping: threading.Event) -> Reply | None:
-    """The answer that replaces processing, or None to process the request anyway (after the fault's effect)."""
-    if fault.kind in ERRORS:
-        return error_reply(*ERRORS[fault.kind])
-    if fault.kind == "drop":
-        return Reply(drop=True)
-    if fault.kind == "slow":
-        # Queued, then processed anyway: the caller has long given up by then.
-        return Reply(drop=True) if stopping.wait(fault.slow_seconds) else None
-    if fault.kind == "bad_signature":
-        forged = forge()
-        return None if forged is None else Reply(200, forged, tamper=True)
-    if fault.kind in _RESHAPED:
-        return _reshape(fault, error_reply(*ERRORS["500"]))
-    return None
-
-
-def strike_after(fault: Fault, reply: Reply) -> Reply:
-    """Spoil the real (2xx) answer of a request that was processed."""
-    if fault.kind in ERRORS:
-        return error_reply(*ERRORS[fault.kind])
-    if fault.kind == "drop":
-        return Reply(drop=True)
-    if fault.kind == "slow":
-        reply.delay = fault.slow_seconds
-    elif fault.kind == "bad_signature":
-        reply.tamper = True
-    elif fault.kind in _RESHAPED:
-        return _reshape(fault, reply)
-    return reply
-
-
-def _reshape(fault: Fault, reply: Reply) -> Reply:
-    if fault.kind == "redirect":
-        return Reply(fault.redirect_status, redirect_to=fault.redirect_to)
-    if fault.kind == "trickle":
-        reply.trickle = Trickle(fault.trickle_gap, fault.trickle_bytes)
-    elif fault.kind == "huge":
-        if not 200 <= fault.huge_status < 300:
-            reply = error_reply(fault.huge_status, "SYSTEM_ERROR", "system error")
-        reply.huge = Huge(fault.huge_bytes, fault.huge_chunked)
-    return reply
-
-
-# -- writing odd answers ---------------------------------------------------------------
-
-
-class _TrickledWriter:
-    """Stands in for a handler's wfile: the first `count` bytes leave one at a time, `gap` seconds apart."""
-
-    def __init__(self, wfile: Any, trickle: Trickle, stopping: threading.Event) -> None:
-        self._wfile = wfile
-        self._gap = trickle.gap
-        self._left = float("inf") if trickle.count is None else trickle.count
-        self._stopping = stopping
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view and self._left > 0:
-            self._wfile.write(view[:1])
-            self._wfile.flush()
-            view, self._left = view[1:], self._left - 1
-            if self._stopping.wait(self._gap):
-                raise ConnectionAbortedError("the emulator is stopping")
-        if view:
-            self._wfile.write(view)
-        return len(data)
-
-    def flush(self) -> None:
-        self._wfile.flush()
-
-
-def write_trickled(handler: Any, trickle: Trickle, stopping: threading.Event, write: Callable[[], None]) -> None:
-    """Run `write` (which writes the whole answer to handler.wfile) with the bytes trickling out."""
-    real = handler.wfile
-    handler.wfile = _TrickledWriter(real, trickle, stopping)
+def forged_refund(body: bytes, clock: Callable[[], float]) -> dict[str, Any] | None:
+    """A refund object echoing the request that was never recorded; None if the request is malformed."""
     try:
-        write()
-    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-        handler.close_connection = True  # the client gave up waiting: what it should do
-    finally:
-        handler.wfile = real
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if invalid_apply_fields(data) is not None:
+        return None
+    forged = Refund(
+        refund_id=digits("50", 32),
+        out_refund_no=data["out_refund_no"],
+        out_trade_no=str(data.get("out_trade_no") or ""),
+        transaction_id=str(data.get("transaction_id") or ""),
+        refund=data["amount"]["refund"],
+        total=data["amount"]["total"],
+        notify_url=None,
+        created_at=clock(),
+    )
+    return refund_json(forged)
 
 
 def padded(payload: bytes, size: int) -> tuple[int, Callable[[], Iterator[bytes]]]:
@@ -331,25 +342,3 @@ def padded(payload: bytes, size: int) -> tuple[int, Callable[[], Iterator[bytes]
         yield suffix
 
     return len(prefix) + pad + len(suffix), pieces
-
-
-def write_streamed(
-    handler: Any, status: int, headers: dict[str, str], length: int, pieces: Iterator[bytes], chunked: bool
-) -> None:
-    handler.send_response(status)
-    for name, value in headers.items():
-        handler.send_header(name, value)
-    handler.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(length))))
-    handler.end_headers()
-    try:
-        for piece in pieces:
-            if chunked:
-                handler.wfile.write(b"%x\r\n" % len(piece))
-            handler.wfile.write(piece)
-            if chunked:
-                handler.wfile.write(b"\r\n")
-        if chunked:
-            handler.wfile.write(b"0\r\n\r\n")
-        handler.wfile.flush()
-    except (BrokenPipeError, ConnectionResetError):
-        handler.close_connection = True  # the client stopped reading: what it should do
