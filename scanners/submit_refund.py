@@ -49,6 +49,9 @@ MISMATCHED = Failed("MISMATCHED_ANSWER", "WeChat's answer names another refund o
 
 
 BUSY_RETRY = timedelta(seconds=1)
+# A turn is counted from the lease of the payment's previous application, which may leave a moment
+# after it (the pacer's slot): this much more keeps the arrivals at WeChat the spacing apart.
+SPACING_MARGIN = timedelta(seconds=2)
 
 
 class SubmitSettings(GatewayJobSettings):
@@ -194,8 +197,8 @@ class SubmitRefund(StageDefaults):
             for row in sorted(spaced, key=lambda x: x.id):
                 if row.order_id not in held:
                     waits[row.id] = Wait(now + BUSY_RETRY, "ORDER_BUSY: the order row is locked; will retry")
-                elif last.get(row.order_id) is not None and now - last[row.order_id] < self.spacing:
-                    turn = last[row.order_id] + self.spacing
+                elif last.get(row.order_id) is not None and now - last[row.order_id] < self.spacing + SPACING_MARGIN:
+                    turn = last[row.order_id] + self.spacing + SPACING_MARGIN
                     waits[row.id] = Wait(
                         turn,
                         f"REFUND_SPACING: another refund of this payment went out at {last[row.order_id]:%H:%M:%S};"

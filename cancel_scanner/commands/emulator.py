@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from cancel_scanner.commands.common import EXIT_CONFIG, CliContext
-from cancel_scanner.gateway.wechat_config import DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS
+from cancel_scanner.gateway.wechat_config import DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS, WECHAT_REFUND_SPACING_SECONDS
 
 
 @click.command("emulator")
@@ -24,8 +24,17 @@ from cancel_scanner.gateway.wechat_config import DEFAULT_SANDBOX_SUCCESS_DELAY_S
     type=click.FloatRange(0),
     help="Seconds from PROCESSING to SUCCESS.",
 )
+@click.option(
+    "--refund-spacing",
+    default=WECHAT_REFUND_SPACING_SECONDS,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds WeChat wants between two new refunds of one payment (a sooner one is answered 429); 0: any.",
+)
 @click.pass_obj
-def command(obj: CliContext, host: str, port: int, key_dir: Path | None, success_delay: float) -> None:
+def command(
+    obj: CliContext, host: str, port: int, key_dir: Path | None, success_delay: float, refund_spacing: float
+) -> None:
     """Serve the WeChat Pay v3 refund emulator on a loopback port."""
     from cancel_scanner.engine.logs import setup_logging
     from cancel_scanner.engine.net import is_loopback_host
@@ -36,4 +45,6 @@ def command(obj: CliContext, host: str, port: int, key_dir: Path | None, success
     setup_logging(json_lines=bool(obj.log_json), level=obj.log_level or "INFO")
     from cancel_scanner.gateway.emulator.command import serve
 
-    sys.exit(serve(host=host, port=port, key_dir=key_dir, success_delay=success_delay))
+    sys.exit(
+        serve(host=host, port=port, key_dir=key_dir, success_delay=success_delay, refund_spacing=refund_spacing or None)
+    )

@@ -62,6 +62,7 @@ def start_sandbox(
     emulator_apply_qps: int | None = APPLY_QPS,
     emulator_query_qps: int | None = QUERY_QPS,
     keys: KeyMaterial | None = None,
+    refund_spacing: float | None = None,
     **client_options: Any,
 ) -> Sandbox:
     """Start an emulator on 127.0.0.1:port and a gateway that talks to it; close() stops both.
@@ -69,7 +70,8 @@ def start_sandbox(
     New keys unless ``keys`` are given (the tests pass one set made per session). ``client_options``
     are WeChatPayGateway's (apply_qps, timeout, notify_url, qps_shared, ...), with its defaults.
     ``faults``: the emulator's fault hooks (gateway.emulator.hooks); the daemon's sandbox mode passes
-    none, the tests pass testsupport.emulator_faults.EmulatorFaults.
+    none, the tests pass testsupport.emulator_faults.EmulatorFaults. ``refund_spacing``: seconds the
+    emulator wants between two new refunds of one payment, as WeChat does (a minute); None: any.
     """
     keys = keys or generate_key_material()
     emulator = Emulator(
@@ -79,6 +81,7 @@ def start_sandbox(
         faults=faults,
         apply_qps=emulator_apply_qps,
         query_qps=emulator_query_qps,
+        min_refund_interval=refund_spacing,
     ).start()
     try:
         gateway = client_for(keys, emulator.base_url, **client_options)

@@ -31,6 +31,7 @@ def build_gateway(config: Any, stack: ExitStack) -> Any:
         sandbox = start_sandbox(
             success_delay=wechat.sandbox.success_delay_seconds,
             port=wechat.sandbox.port,
+            refund_spacing=wechat.sandbox.refund_spacing_seconds or None,
             **_client_options(wechat),
         )
         stack.callback(sandbox.close)

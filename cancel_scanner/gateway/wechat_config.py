@@ -28,9 +28,15 @@ DEFAULT_TIMEOUT_SECONDS = (5.0, 15.0)  # connect, read; the SDK's own default is
 DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS = 2.0
 
 
+WECHAT_REFUND_SPACING_SECONDS = 60  # WeChat Pay: two refunds of one payment at least a minute apart
+
+
 class SandboxConfig(Section):
     port: Annotated[StrictInt, Field(ge=0, le=65_535)] = 0
     success_delay_seconds: Seconds = DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS
+    # The emulator answers 429 to a new refund of a payment sooner than this after the last one, as
+    # WeChat does (a minute); keep it at or below jobs.submit_refund.refund_spacing_seconds.
+    refund_spacing_seconds: Seconds = WECHAT_REFUND_SPACING_SECONDS
 
 
 class WeChatConfig(Section):

@@ -129,6 +129,9 @@ class ExternalEmulator:
 # --- configuration, the CLI, stopping daemons and the emulator's log -----------------------------
 
 
+REFUND_SPACING_SECONDS = 1.0
+
+
 def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Every stage on a short interval and retry schedule, with attempts enough for hostile runs."""
     common = {
@@ -140,11 +143,13 @@ def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     jobs = {
         "intake": {**common, "batch_size": 200},
         "close_unpaid": {**common, **gateway, "not_found_recheck_seconds": 1},
-        "submit_refund": {**common, **gateway},
+        # WeChat's minute between two refunds of one payment (a reissue, partial cancels), kept short here
+        "submit_refund": {**common, **gateway, "refund_spacing_seconds": REFUND_SPACING_SECONDS},
         "poll_refund": {**common, **gateway, "poll_delays_seconds": list(POLL_DELAYS_SECONDS)},
         "sync_result": {**common, "batch_size": 200},
         "restore_stock": {**common, "batch_size": 200},
         "decrement_sales": {**common, "batch_size": 200},
+        "part_goods": {**common, "batch_size": 200},
     }
     for name, extra in overrides.items():
         jobs[name] = {**jobs[name], **extra}

@@ -172,7 +172,7 @@ def test_the_emulator_the_sandbox_and_the_demo_run_from_the_unpacked_wheel_witho
 
     # `cancel-scanner demo`: the sandbox gateway and the emulator, the whole flow, exits 0 when all checks pass.
     demo = subprocess.run(
-        [sys.executable, "-m", "cancel_scanner.cli", "demo", "--orders", "12", "--seed", "7", "--db", "demo.db"],
+        [sys.executable, "-m", "cancel_scanner.cli", "demo", "--orders", "13", "--seed", "7", "--db", "demo.db"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

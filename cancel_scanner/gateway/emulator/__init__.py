@@ -58,9 +58,11 @@ Choices a test writer should know:
 * A request that names only a transaction_id of an unknown payment, with
   strict_payments off, registers a payment whose out_trade_no is that id.
 * Not emulated: the 6 QPS budget for failed applies, the one-year refund
-  window. The one-minute gap between refunds of one order is off unless
-  `min_refund_interval` is set, because the daemon's tests retry a CLOSED
-  refund with a new number right away.
+  window. The one-minute gap between two new refunds of one order (429
+  FREQUENCY_LIMITED below it) is kept when `min_refund_interval` is set: the
+  daemon's sandbox mode and `cancel-scanner emulator` set it (60 s, or
+  wechat.sandbox.refund_spacing_seconds); tests that move the daemon's clock
+  faster than the emulator's leave it off.
 
 The package, one concept a module (all of them log as `gateway.emulator.*`):
 

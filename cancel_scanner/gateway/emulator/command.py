@@ -21,6 +21,7 @@ def serve(
     apply_qps: int | None = APPLY_QPS,
     query_qps: int | None = QUERY_QPS,
     faults: FaultHooks | None = None,
+    refund_spacing: float | None = None,
 ) -> int:
     """The `cancel-scanner emulator` command: serve until SIGTERM/SIGINT, then stop cleanly and return 0.
 
@@ -36,7 +37,14 @@ def serve(
     keys = generate_key_material(directory)
     assert keys.paths is not None
     emulator = Emulator(
-        keys, host=host, port=port, success_delay=success_delay, apply_qps=apply_qps, query_qps=query_qps, faults=faults
+        keys,
+        host=host,
+        port=port,
+        success_delay=success_delay,
+        apply_qps=apply_qps,
+        query_qps=query_qps,
+        faults=faults,
+        min_refund_interval=refund_spacing,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
