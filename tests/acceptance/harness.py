@@ -80,8 +80,10 @@ class ExternalEmulator:
         success_delay: float = 0.2,
         apply_qps: int | None = None,
         query_qps: int | None = None,
+        refund_spacing: float | None = None,
     ) -> ExternalEmulator:
-        """``latency``: (low, high) seconds every refund call takes (the emulator's own hook)."""
+        """``latency``: (low, high) seconds every refund call takes (the emulator's own hook);
+        ``refund_spacing``: WeChat's minute between two new refunds of one payment, shortened (None: off)."""
         keys = session_keys_in(key_dir)
         emulator = Emulator(
             keys,
@@ -91,6 +93,7 @@ class ExternalEmulator:
             faults=EmulatorFaults(faults),
             apply_qps=apply_qps,
             query_qps=query_qps,
+            min_refund_interval=refund_spacing,
         ).start()
         return cls(emulator=emulator, keys=keys)
 
@@ -261,6 +264,8 @@ PENDING_SQL = {
     " AND is_deleted = 0 AND ((pay_status = 1 AND refund_status = 'REFUNDED') OR (pay_status = 0 AND refund_status = 'NONE'))",
     "decrement_sales": "SELECT COUNT(*) FROM goods_order2 WHERE sales_scanned = 0 AND order_status = 'CANCELLED'"
     " AND is_deleted = 0 AND pay_status = 1 AND refund_status = 'REFUNDED'",
+    "part_goods": "SELECT COUNT(*) FROM refund_order WHERE part = 1 AND sync_success = 1 AND progress_success = 1"
+    " AND goods_scanned = 0",
 }
 
 

@@ -302,6 +302,8 @@ class Emulator(RequestHandling, RefundLedger, PaymentDesk, NotificationSender, B
                 "faults_injected": dict(self.faults_injected),
                 "payment_counts": dict(self.payment_counts),
                 "abnormal_applies": dict(self.abnormal_applies),
+                # out_trade_no -> when each of its refunds was created (the emulator's clock), in order
+                "refunds_at": {no: [r.created_at for r in made] for no, made in self._refunds_by_order.items()},
             }
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
