@@ -26,7 +26,17 @@ FAILED_COLUMNS = ("id", "order_id", "attempts", "last_error", "updated_at")
 FLAG_COLUMNS = ("attempts", "last_error")  # a goods_order2 stage's carry its prefix: stock_attempts, close_last_error
 ABNORMAL_COLUMNS = ("id", "order_id", "out_refund_no", "refund_amount", "submitted_at")
 FACT_COLUMNS = ("stage", "row_id", "fact", "number", "detail", "reason", "last_seen_at")
-REJECTED_COLUMNS = ("id", "order_id", "op_type", "operator", "reason", "result_code", "result_msg", "created_at")
+REJECTED_COLUMNS = (
+    "id",
+    "order_id",
+    "op_type",
+    "quantity",
+    "operator",
+    "reason",
+    "result_code",
+    "result_msg",
+    "created_at",
+)
 CSS = """
 body{font:14px/1.4 monospace;margin:1em 2em;color:#222;background:#fff}
 h1{font-size:1.3em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .4em}h3{font-size:1em;margin:1em 0 .3em}

@@ -21,7 +21,17 @@ from cancel_scanner.models import channel_fact
 
 LIST_LIMIT = 20
 # What a rejected merchant request shows, of the columns its table has.
-REQUEST_COLUMNS = ("id", "order_id", "op_type", "operator", "reason", "result_code", "result_msg", "created_at")
+REQUEST_COLUMNS = (
+    "id",
+    "order_id",
+    "op_type",
+    "quantity",
+    "operator",
+    "reason",
+    "result_code",
+    "result_msg",
+    "created_at",
+)
 
 
 @dataclass(frozen=True)
