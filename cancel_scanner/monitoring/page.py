@@ -20,23 +20,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cancel_scanner.engine.status import CHANNEL_FACTS, format_age, stage_state
+from cancel_scanner.monitoring.snapshot import REQUEST_COLUMNS
 
 TITLE = "cancel-scanner status"
 FAILED_COLUMNS = ("id", "order_id", "attempts", "last_error", "updated_at")
 FLAG_COLUMNS = ("attempts", "last_error")  # a goods_order2 stage's carry its prefix: stock_attempts, close_last_error
 ABNORMAL_COLUMNS = ("id", "order_id", "out_refund_no", "refund_amount", "submitted_at")
 FACT_COLUMNS = ("stage", "row_id", "fact", "number", "detail", "reason", "last_seen_at")
-REJECTED_COLUMNS = (
-    "id",
-    "order_id",
-    "op_type",
-    "quantity",
-    "operator",
-    "reason",
-    "result_code",
-    "result_msg",
-    "created_at",
-)
+REJECTED_COLUMNS = REQUEST_COLUMNS  # what the snapshot reads of a rejected request, all shown
 CSS = """
 body{font:14px/1.4 monospace;margin:1em 2em;color:#222;background:#fff}
 h1{font-size:1.3em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .4em}h3{font-size:1em;margin:1em 0 .3em}

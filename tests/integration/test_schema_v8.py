@@ -8,30 +8,15 @@ from sqlalchemy import inspect
 from tests.flow import add_goods, add_order, request_cancel, row, rows
 from testsupport.migrations import mark_schema_version, migrate_from
 
+FLAG_AND_RETRY = ("scanned", "success", "attempts", "next_attempt_at", "last_error")  # part_goods' own
+
+REFUND_V8 = ("quantity", "part", "applied_at", *(f"goods_{c}" for c in FLAG_AND_RETRY))
 V8_COLUMNS = {
     "req_order_ops": ("quantity",),
     "req_order_ops_archive": ("quantity",),
     "goods_order2": ("cancelled_quantity", "parts_quantity", "refunded_amount"),
-    "refund_order": (
-        "quantity",
-        "part",
-        "applied_at",
-        "goods_scanned",
-        "goods_success",
-        "goods_attempts",
-        "goods_next_attempt_at",
-        "goods_last_error",
-    ),
-    "refund_order_archive": (
-        "quantity",
-        "part",
-        "applied_at",
-        "goods_scanned",
-        "goods_success",
-        "goods_attempts",
-        "goods_next_attempt_at",
-        "goods_last_error",
-    ),
+    "refund_order": REFUND_V8,
+    "refund_order_archive": REFUND_V8,
 }
 FINISHED = (
     "SELECT o.id, o.order_status, o.refund_status, o.stock_scanned, o.stock_success, o.sales_scanned,"

@@ -60,6 +60,7 @@ def hostile_snapshot() -> Snapshot:
                     "id": 9,
                     "order_id": 404,
                     "op_type": "MERCHANT_CANCEL",
+                    "quantity": 2,
                     "operator": BREAKOUT,
                     "reason": IMG,
                     "result_code": "ORDER_NOT_FOUND",
@@ -245,9 +246,12 @@ def test_rows_that_need_a_person_list_each_failed_stage_with_rows(hostile_page):
 
 def test_rejected_requests_show_who_asked_what_and_why_it_was_refused(hostile_page):
     rejected = section(hostile_page, "rejected")
-    for column in ("order_id", "op_type", "operator", "reason", "result_code"):
+    for column in ("order_id", "op_type", "quantity", "operator", "reason", "result_code"):
         assert f"<th>{column}</th>" in rejected
-    assert "<td>404</td><td>MERCHANT_CANCEL</td><td>&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;</td>" in rejected
+    assert (
+        "<td>404</td><td>MERCHANT_CANCEL</td><td>2</td><td>&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;</td>"
+        in rejected
+    )
     assert "<td>&lt;img src=x onerror=alert(1)&gt;</td><td>ORDER_NOT_FOUND</td>" in rejected
     assert rejected.index("<td>9</td>") < rejected.index("<td>8</td>")  # as listed: the latest first
 
