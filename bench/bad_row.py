@@ -108,9 +108,8 @@ def main() -> None:
     p = reporting.parser(__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=None, help="batches of each kind per stage (default 5; --quick 2)")
     p.add_argument("--stages", default=",".join(STAGES_BEFORE), help="comma-separated stage names")
-    args = p.parse_args()
-    repeat = args.repeat or (2 if args.quick else 5)
-    reporting.quiet_logging()
+    args = reporting.arguments(p)  # parsed, the product's logging quieted
+    repeat = reporting.size(args, "repeat", quick=2, full=5)
     report = reporting.Report("One bad row in a batch of 200 (bench/bad_row.py)")
     report.machine_before = reporting.machine()
     rows = []

@@ -33,9 +33,8 @@ def main() -> int:
     p.add_argument("--orders", type=int, default=None)
     p.add_argument("--close-qps", type=float, default=50.0)
     p.add_argument("--query-qps", type=float, default=100.0)
-    args = p.parse_args()
-    orders = args.orders or (150 if args.quick else 600)
-    reporting.quiet_logging()
+    args = reporting.arguments(p)  # parsed, the product's logging quieted
+    orders = reporting.size(args, "orders", quick=150, full=600)
     report = reporting.Report(f"close_unpaid: {orders} unpaid cancels against a pace of {args.close_qps:g} closes/s")
     with Bench(report=report) as bench:
         url, db = bench.database("close_pace")

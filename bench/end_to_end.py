@@ -48,8 +48,8 @@ def main() -> int:
     p.add_argument("--idle-trials", type=int, default=None, help="single requests on the idle daemon (default 10)")
     p.add_argument("--seed", type=int, default=7, help="random phases of the idle trials")
     args = reporting.arguments(p)
-    n = args.n or (500 if args.quick else 20_000)
-    trials = args.idle_trials or (3 if args.quick else 10)
+    n = reporting.size(args, "n", quick=500, full=20_000)
+    trials = reporting.size(args, "idle_trials", quick=3, full=10)
     rng = random.Random(args.seed)
     report = reporting.Report(f"End to end: {n:,} requests at once, then {trials} single requests on an idle daemon")
 

@@ -153,7 +153,7 @@ def main() -> int:
     p.add_argument("--latency", type=float, default=GATEWAY_LATENCY_SECONDS, help="seconds per call at the emulator")
     p.add_argument("--daemons", type=int, default=1, help="daemons of the one merchant at once (they share its limits)")
     args = reporting.arguments(p)
-    n = args.n or (1_000 if args.quick else 20_000)
+    n = reporting.size(args, "n", quick=1_000, full=20_000)
     job_knobs = {k: v for k, v in (("batch_size", args.batch_size), ("concurrency", args.concurrency)) if v}
     knobs = {"apply_qps": WECHAT_APPLY_QPS * args.pace, "query_qps": WECHAT_QUERY_QPS * args.pace, "job": job_knobs}
     job = configs.jobs(**{s: job_knobs for s in ("submit_refund", "poll_refund")})

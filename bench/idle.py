@@ -94,10 +94,10 @@ def main() -> int:
         "--seconds", type=float, default=None, help="idle daemon observed this long (default 60; --quick 20)"
     )
     args = reporting.arguments(p)
-    big_rows = args.rows or (50_000 if args.quick else 1_000_000)
+    big_rows = reporting.size(args, "rows", quick=50_000, full=1_000_000)
     small_rows = args.small_rows
-    reps = args.reps or (50 if args.quick else 300)
-    seconds = args.seconds or (20.0 if args.quick else 60.0)
+    reps = reporting.size(args, "reps", quick=50, full=300)
+    seconds = reporting.size(args, "seconds", quick=20.0, full=60.0)
     report = reporting.Report(f"Idle cost and table growth: {big_rows:,} vs {small_rows:,} finished rows per table")
     report.note(
         "Questions counts every statement a client sent (SELECT, COMMIT, ROLLBACK, SET ...); pool pre-pings are "

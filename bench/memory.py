@@ -44,7 +44,7 @@ def main() -> int:
     seed.stages_option(p)
     p.add_argument("--seed", type=int, default=1)
     args = reporting.arguments(p)
-    batches = args.batches or (40 if args.quick else 120)
+    batches = reporting.size(args, "batches", quick=40, full=120)
     report = reporting.Report(
         f"Memory: {batches} batches of random size 1..{MAX_BATCH} per database stage, one process"
     )

@@ -93,9 +93,8 @@ def main() -> int:
     p.add_argument("--orders", type=int, default=None)
     p.add_argument("--gap-ms", type=float, default=2.0)
     p.add_argument("--idle-seconds", type=float, default=3.0)
-    args = p.parse_args()
-    orders = args.orders or (100_000 if args.quick else 1_000_000)
-    reporting.quiet_logging()
+    args = reporting.arguments(p)  # parsed, the product's logging quieted
+    orders = reporting.size(args, "orders", quick=100_000, full=1_000_000)
     report = reporting.Report(f"migrate adopting a shop's goods_order2 of {orders:,} orders while the shop inserts")
     with Bench(report=report) as bench:
         url = bench.server.create_database("adopt")

@@ -396,9 +396,9 @@ def main() -> int:
     )
     p.add_argument("--skip-daemon", action="store_true", help="only the refresh, status and EXPLAIN measurements")
     args = reporting.arguments(p)
-    big_orders = args.orders or (500_000 if args.quick else 5_000_000)
+    big_orders = reporting.size(args, "orders", quick=500_000, full=5_000_000)
     small_orders = args.small_orders
-    seconds = args.seconds or (30.0 if args.quick else 60.0)
+    seconds = reporting.size(args, "seconds", quick=30.0, full=60.0)
     if small_orders <= BACKLOG_ROWS:
         p.error(f"--small-orders must exceed the backlog's {BACKLOG_ROWS} rows")
     report = reporting.Report(

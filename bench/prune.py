@@ -163,11 +163,10 @@ def main() -> int:
     p.add_argument("--gap-ms", type=float, default=2.0, help="the writer's pause between inserts")
     p.add_argument("--idle-seconds", type=float, default=None, help="the writer alone first (default 10; --quick 5)")
     p.add_argument("--after-seconds", type=float, default=3.0, help="the writer after prune ended")
-    args = p.parse_args()
-    rows = args.rows or (100_000 if args.quick else 1_000_000)
+    args = reporting.arguments(p)  # parsed, the product's logging quieted
+    rows = reporting.size(args, "rows", quick=100_000, full=1_000_000)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
-    idle_seconds = args.idle_seconds or (5.0 if args.quick else 10.0)
-    reporting.quiet_logging()
+    idle_seconds = reporting.size(args, "idle_seconds", quick=5.0, full=10.0)
     report = reporting.Report(
         f"prune: {rows:,} finished orders ({rows:,} rows in each of {', '.join(TABLES)}) while the shop writes"
     )

@@ -263,15 +263,14 @@ def main() -> int:
     )
     p.add_argument("--reps", type=int, default=3, help="runs per measurement, median reported (default 3)")
     p.add_argument("--diff-percent", type=float, default=1.0, help="the bill's rows one fen off in (c) (default 1)")
-    args = p.parse_args()
-    rows = args.rows or (10_000 if args.quick else 100_000)
+    args = reporting.arguments(p)  # parsed, the product's logging quieted
+    rows = reporting.size(args, "rows", quick=10_000, full=100_000)
     older = args.older if args.older is not None else (100_000 if args.quick else 1_000_000)
     day_refunds = rows // 2
     rows = 2 * day_refunds
     planted = max(1, round(rows * args.diff_percent / 100))
     if planted > day_refunds:
         raise SystemExit(f"--diff-percent: {planted} differences, but the bill has {day_refunds} refund rows")
-    reporting.quiet_logging()
     bill_date = datetime.now(BEIJING).date() - timedelta(days=1)
     report = reporting.Report(
         f"reconcile: one day's ALL bill of {rows:,} rows ({day_refunds:,} refunds + {day_refunds:,}"

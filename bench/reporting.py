@@ -50,6 +50,11 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
+def size(args: argparse.Namespace, name: str, *, quick: float, full: float) -> Any:
+    """``--<name>`` as given, else the script's size for a ``--quick`` or a full run."""
+    return getattr(args, name) or (quick if args.quick else full)
+
+
 def arguments(p: argparse.ArgumentParser) -> argparse.Namespace:
     """The script's arguments, parsed; the product's logging quieted for its run (``quiet_logging``)."""
     args = p.parse_args()

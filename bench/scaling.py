@@ -901,7 +901,7 @@ def main() -> int:
         help="print one batch of each stage as the daemon and the hand loop send it",
     )
     args = reporting.arguments(p)
-    n = args.n or (3_000 if args.quick else 30_000)
+    n = reporting.size(args, "n", quick=3_000, full=30_000)
     stages = seed.chosen_stages(p, args)
     cluster_missing = None if args.no_cluster else galera.missing()
     with_cluster = not args.no_cluster and cluster_missing is None

@@ -195,8 +195,8 @@ def main() -> int:
         help="fsync the redo log at every commit (innodb_flush_log_at_trx_commit=1) instead of the test bed's =2",
     )
     args = reporting.arguments(p)
-    n = args.n or (5_000 if args.quick else 100_000)
-    baseline_rows = min(n, args.baseline_rows or (2_000 if args.quick else 20_000))
+    n = reporting.size(args, "n", quick=5_000, full=100_000)
+    baseline_rows = min(n, reporting.size(args, "baseline_rows", quick=2_000, full=20_000))
     stages = seed.chosen_stages(p, args)
     durability = (
         "durable: innodb_flush_log_at_trx_commit=1"

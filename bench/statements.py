@@ -54,8 +54,8 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=None, help="batches observed (default 20; --quick 5)")
     seed.stages_option(p)
     args = reporting.arguments(p)
-    n = args.n or (5_000 if args.quick else 100_000)
-    batches = args.batches or (5 if args.quick else 20)
+    n = reporting.size(args, "n", quick=5_000, full=100_000)
+    batches = reporting.size(args, "batches", quick=5, full=20)
     report = reporting.Report(
         f"Server time per statement in one batch: {batches} batches of each database stage, {n:,} rows seeded"
     )

@@ -628,9 +628,9 @@ def main() -> int:
     p.add_argument("--only", choices=("takeover", "checkout"), default=None, help="run one of the two measurements")
     args = reporting.arguments(p)
     harness.quiet_emulator_logs()
-    kills = args.kills or (3 if args.quick else 10)
-    n_orders = args.orders or (80_000 if args.quick else 200_000)
-    seconds = args.seconds or (4.0 if args.quick else 10.0)
+    kills = reporting.size(args, "kills", quick=3, full=10)
+    n_orders = reporting.size(args, "orders", quick=80_000, full=200_000)
+    seconds = reporting.size(args, "seconds", quick=4.0, full=10.0)
     gap = args.gap_ms / 1000
     report = reporting.Report(
         f"Takeover after kill -9 ({kills} kills); a checkout on a goods row restore_stock is restoring"

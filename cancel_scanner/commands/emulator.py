@@ -11,25 +11,21 @@ from cancel_scanner.commands.common import EXIT_CONFIG, CliContext
 from cancel_scanner.gateway.wechat_config import DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS, WECHAT_REFUND_SPACING_SECONDS
 
 
+def _seconds(name: str, default: float, text: str):
+    return click.option(name, default=default, show_default=True, type=click.FloatRange(0), help=text)
+
+
 @click.command("emulator")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to listen on.")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option(
     "--key-dir", type=click.Path(file_okay=False, path_type=Path), help="Where to write generated key material."
 )
-@click.option(
-    "--success-delay",
-    default=DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="Seconds from PROCESSING to SUCCESS.",
-)
-@click.option(
+@_seconds("--success-delay", DEFAULT_SANDBOX_SUCCESS_DELAY_SECONDS, "Seconds from PROCESSING to SUCCESS.")
+@_seconds(
     "--refund-spacing",
-    default=WECHAT_REFUND_SPACING_SECONDS,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="Seconds WeChat wants between two new refunds of one payment (a sooner one is answered 429); 0: any.",
+    WECHAT_REFUND_SPACING_SECONDS,
+    "Seconds WeChat wants between two new refunds of one payment (a sooner one is answered 429); 0: any.",
 )
 @click.pass_obj
 def command(
@@ -45,6 +41,4 @@ def command(
     setup_logging(json_lines=bool(obj.log_json), level=obj.log_level or "INFO")
     from cancel_scanner.gateway.emulator.command import serve
 
-    sys.exit(
-        serve(host=host, port=port, key_dir=key_dir, success_delay=success_delay, refund_spacing=refund_spacing or None)
-    )
+    sys.exit(serve(host, port, key_dir, success_delay=success_delay, min_refund_interval=refund_spacing or None))

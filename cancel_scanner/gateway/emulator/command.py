@@ -6,27 +6,18 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
-from cancel_scanner.gateway.emulator.exchange import APPLY_QPS, QUERY_QPS
-from cancel_scanner.gateway.emulator.hooks import FaultHooks
-from cancel_scanner.gateway.emulator.ledger import SUCCESS_DELAY_SECONDS
 from cancel_scanner.gateway.keys import generate_key_material
 
 
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 0,
-    key_dir: Path | None = None,
-    success_delay: float = SUCCESS_DELAY_SECONDS,
-    apply_qps: int | None = APPLY_QPS,
-    query_qps: int | None = QUERY_QPS,
-    faults: FaultHooks | None = None,
-    refund_spacing: float | None = None,
-) -> int:
+def serve(host: str = "127.0.0.1", port: int = 0, key_dir: Path | None = None, **options: Any) -> int:
     """The `cancel-scanner emulator` command: serve until SIGTERM/SIGINT, then stop cleanly and return 0.
 
-    The command passes no `faults` (it answers as WeChat does); a caller may pass fault hooks
-    (gateway.emulator.hooks), e.g. a test's testsupport.emulator_faults.EmulatorFaults.
+    ``options`` are the Emulator's (success_delay, apply_qps, query_qps, min_refund_interval, faults),
+    with its defaults (WeChat's limits among them). The command passes no `faults` (it
+    answers as WeChat does); a caller may pass fault hooks (gateway.emulator.hooks), e.g. a test's
+    testsupport.emulator_faults.EmulatorFaults.
 
     Prints one line per fact a client needs; key files are named, never shown.
     Must run on the main thread (signal handlers).
@@ -36,16 +27,7 @@ def serve(
     directory = Path(key_dir) if key_dir is not None else Path(tempfile.mkdtemp(prefix="cancel-scanner-emulator-"))
     keys = generate_key_material(directory)
     assert keys.paths is not None
-    emulator = Emulator(
-        keys,
-        host=host,
-        port=port,
-        success_delay=success_delay,
-        apply_qps=apply_qps,
-        query_qps=query_qps,
-        faults=faults,
-        min_refund_interval=refund_spacing,
-    )
+    emulator = Emulator(keys, host=host, port=port, **options)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
