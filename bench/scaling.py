@@ -366,6 +366,11 @@ REFUND_COLUMNS = (
     "next_attempt_at",
     "submit_sent",
     "channel",
+    "quantity",
+    "part",
+    "goods_scanned",
+    "goods_success",
+    "goods_attempts",
 )
 OPLOG_COLUMNS = ("order_id", "event", "detail")
 
@@ -384,7 +389,7 @@ def _log(cur, events: Sequence[tuple[int, str, str]]) -> None:
 
 def hand_intake(cur, now, limit: int) -> int:
     cur.execute(
-        "SELECT id, order_id, op_type, operator, reason, attempts FROM req_order_ops "
+        "SELECT id, order_id, op_type, operator, reason, quantity, attempts FROM req_order_ops "
         "WHERE scanned = %s AND success = %s AND (next_attempt_at IS NULL OR next_attempt_at <= %s) "
         "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
         (0, 0, now, limit),
@@ -395,7 +400,7 @@ def hand_intake(cur, now, limit: int) -> int:
     order_ids = sorted({r[1] for r in requests})
     cur.execute(
         "SELECT id, order_no, pay_status, transaction_id, paid_at, order_status, total_amount, is_deleted, cancel_requested_at, "
-        f"close_scanned, close_success, channel FROM goods_order2 WHERE id IN ({_marks(order_ids)}) FOR UPDATE SKIP LOCKED",
+        f"close_scanned, close_success, channel, quantity, cancelled_quantity FROM goods_order2 WHERE id IN ({_marks(order_ids)}) FOR UPDATE SKIP LOCKED",
         order_ids,
     )
     orders = {row[0]: row for row in cur.fetchall()}
@@ -406,12 +411,32 @@ def hand_intake(cur, now, limit: int) -> int:
         len(orders) == len(order_ids) == len(requests) and not cur.fetchall(),
         "intake: orders busy, missing or asked twice",
     )
+    for table in ("refund_order", "refund_order_archive"):  # numbering and WeChat's 50: none refunded yet
+        cur.execute(
+            f"SELECT order_id, COUNT(*) AS count_1, MAX(refund_seq) AS max_1 FROM {table} "
+            f"WHERE order_id IN ({_marks(order_ids)}) GROUP BY order_id",
+            order_ids,
+        )
+        _expect(not cur.fetchall(), "intake: an order refunded before")
     by_source: dict[str, list[int]] = defaultdict(list)
     refunds, events = [], []
-    for req_id, order_id, op_type, operator, reason, _attempts in requests:
-        _, order_no, pay_status, transaction_id, paid_at, status, amount, deleted, asked, _cs, _cok, channel = orders[
-            order_id
-        ]
+    for req_id, order_id, op_type, operator, reason, quantity, _attempts in requests:
+        (
+            _,
+            order_no,
+            pay_status,
+            transaction_id,
+            paid_at,
+            status,
+            amount,
+            deleted,
+            asked,
+            _cs,
+            _cok,
+            channel,
+            units,
+            done,
+        ) = orders[order_id]
         _expect(
             op_type in CANCEL_SOURCES
             and status == "PAID"
@@ -420,6 +445,8 @@ def hand_intake(cur, now, limit: int) -> int:
             and asked is None
             and amount
             and transaction_id
+            and quantity is None
+            and done == 0
             and now - paid_at <= REFUND_WINDOW,
             f"intake: order {order_id} not a plain paid order",
         )
@@ -446,6 +473,11 @@ def hand_intake(cur, now, limit: int) -> int:
                 now,
                 0,
                 channel,
+                units,
+                0,
+                0,
+                0,
+                0,
             )
         )
         events.append((order_id, "CANCELLED", f"req {req_id} {op_type} by {operator or '-'}"))
@@ -453,6 +485,7 @@ def hand_intake(cur, now, limit: int) -> int:
         ids = by_source[source]
         changed = cur.execute(
             "UPDATE goods_order2 SET order_status=%s, cancel_source=%s, refund_status=%s, cancelled_at=%s, "
+            "cancelled_quantity=quantity, "
             f"updated_at=CURRENT_TIMESTAMP(3) WHERE id IN ({_marks(ids)}) AND order_status = %s AND is_deleted = %s",
             ["CANCELLED", source, "REFUNDING", now, *ids, "PAID", 0],
         )
@@ -472,7 +505,7 @@ def hand_intake(cur, now, limit: int) -> int:
 def hand_sync_result(cur, now, limit: int) -> int:
     cur.execute(
         "SELECT id, order_id, refund_seq, out_refund_no, refund_amount, wx_status, progress_success, success_time, attempts, "
-        "last_error FROM refund_order WHERE progress_scanned = %s AND sync_scanned = %s AND sync_success = %s "
+        "last_error, part FROM refund_order WHERE progress_scanned = %s AND sync_scanned = %s AND sync_success = %s "
         "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
         (1, 0, 0, limit),
     )
@@ -487,12 +520,30 @@ def hand_sync_result(cur, now, limit: int) -> int:
     orders = dict(cur.fetchall())
     _expect(len(orders) == len(order_ids) == len(refunds), "sync_result: orders busy, missing or refunded twice")
     refunded, events = {}, []
-    for _id, order_id, refund_seq, out_refund_no, amount, wx_status, progress_success, success_time, _a, _e in refunds:
+    amounts: dict[int, int] = {}
+    for (
+        _id,
+        order_id,
+        refund_seq,
+        out_refund_no,
+        amount,
+        wx_status,
+        progress_success,
+        success_time,
+        _a,
+        _e,
+        part,
+    ) in refunds:
         _expect(
-            orders[order_id] == "REFUNDING" and progress_success == 1 and wx_status == "SUCCESS" and refund_seq == 1,
+            orders[order_id] == "REFUNDING"
+            and progress_success == 1
+            and wx_status == "SUCCESS"
+            and refund_seq == 1
+            and not part,
             f"sync_result: refund of order {order_id} is not a first refund that succeeded",
         )
         refunded[order_id] = success_time or now
+        amounts[order_id] = amount
         events.append((order_id, "REFUND_SUCCEEDED", f"{out_refund_no} {amount} fen"))
     whens, params = _whens(refunded)
     ids = list(refunded)
@@ -502,6 +553,12 @@ def hand_sync_result(cur, now, limit: int) -> int:
         ["REFUNDED", 1, *params, *ids, "REFUNDING"],
     )
     _expect(changed == len(ids), f"sync_result: {len(ids)} orders locked, {changed} refunded")
+    whens, params = _whens(amounts)
+    cur.execute(
+        f"UPDATE goods_order2 SET refunded_amount=(refunded_amount + CASE id {whens} ELSE %s END), "
+        f"updated_at=CURRENT_TIMESTAMP(3) WHERE id IN ({_marks(list(amounts))})",
+        [*params, 0, *amounts],
+    )
     _log(cur, events)
     ids = [r[0] for r in refunds]
     flipped = cur.execute(

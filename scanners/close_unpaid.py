@@ -324,7 +324,9 @@ class CloseUnpaid(StageDefaults):
         done = conn.execute(
             update(goods_order2)
             .where(o.id == order.id, o.order_status == "PAID")
-            .values(order_status="CANCELLED", cancelled_at=now, refund_status="REFUNDING")
+            .values(
+                order_status="CANCELLED", cancelled_at=now, refund_status="REFUNDING", cancelled_quantity=o.quantity
+            )
         ).rowcount
         if done != 1:
             return Done("ALREADY_SETTLED")  # shipped or cancelled by someone else meanwhile: not ours to refund
@@ -341,6 +343,7 @@ class CloseUnpaid(StageDefaults):
                     DEFAULT_REASONS.get(source, DEFAULT_REASONS["MERCHANT"]),
                     now,
                     channel=order.channel,
+                    quantity=order.quantity,
                 )
             ],
         )
@@ -370,7 +373,13 @@ class CloseUnpaid(StageDefaults):
         conn.execute(
             update(goods_order2)
             .where(o.id == order.id, o.order_status == "UNPAID", o.pay_status == 0)
-            .values(order_status="CANCELLED", cancel_source=source, cancelled_at=now, refund_status="NONE")
+            .values(
+                order_status="CANCELLED",
+                cancel_source=source,
+                cancelled_at=now,
+                refund_status="NONE",
+                cancelled_quantity=o.quantity,
+            )
         )
         events = [(order.id, event, f"closed at WeChat ({source})")] if event else []
         why = "WeChat closed the payment" if event else "WeChat never saw a payment for it"

@@ -14,7 +14,7 @@ from sqlalchemy import Column, Connection, Row, insert, or_, select, update
 
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Contended, Done, Failed, Outcome, clip
-from cancel_scanner.engine.sql import by_id, locked
+from cancel_scanner.engine.sql import IntCase, locked
 from cancel_scanner.engine.stage import StageDefaults
 from cancel_scanner.models import goods, goods_order2, oplog
 
@@ -116,7 +116,7 @@ def adjust_goods(conn: Connection, column: Column, deltas: Mapping[int, int]) ->
         conn.execute(
             update(goods)
             .where(goods.c.id.in_(list(deltas)))
-            .values({column: column + by_id(goods.c.id, dict(deltas), else_=0)})
+            .values({column: column + IntCase(goods.c.id, dict(deltas))})
         )
 
 

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, Row, select, update
 
 from cancel_scanner.engine.outcome import Done, Failed, Later, Outcome
-from cancel_scanner.engine.sql import by_id, locked
+from cancel_scanner.engine.sql import IntCase, by_id, locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.models import goods_order2, refund_order
 from cancel_scanner.scanners.poll_refund import CONFLICTING_ANSWERS
@@ -138,7 +138,7 @@ class SyncResult(StageDefaults):
             conn.execute(
                 update(goods_order2)
                 .where(o.id.in_(list(amounts)))
-                .values(refunded_amount=o.refunded_amount + by_id(o.id, dict(amounts), else_=0))
+                .values(refunded_amount=o.refunded_amount + IntCase(o.id, dict(amounts)))
             )
         write_oplog(conn, events)
         return outcomes

@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Column, Connection, Select, case, literal, update
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.types import BigInteger
 
 
 def locked(conn: Connection, query: Select, *, skip_locked: bool = False) -> Select:
@@ -28,6 +31,33 @@ def by_id(id_column: Column, values: Mapping[int, object], else_=None):
         whens += [whens[-1]] * (_bucket(len(whens)) - len(whens))
     # SQLAlchemy types whens as (condition, result) pairs; with value= they are (value, result) pairs.
     return case(*whens, value=id_column, else_=else_)  # type: ignore[arg-type]
+
+
+class IntCase(ColumnElement[int]):
+    """``CASE id WHEN 1 THEN -2 ... ELSE 0 END`` with its integers written in the statement.
+
+    For the per-row deltas of one UPDATE (a goods row's stock, an order's refunded amount): built in a
+    fraction of ``case()``'s time (no bound parameter per WHEN), and only ever integers, checked here,
+    so nothing a merchant wrote can reach the SQL. Never cached (``inherit_cache = False``): every
+    batch's list differs, and a small UPDATE compiles in well under a millisecond.
+    """
+
+    inherit_cache = False
+    type = BigInteger()
+
+    def __init__(self, column: Column, values: Mapping[int, int], else_: int = 0) -> None:
+        if not values:
+            raise ValueError("IntCase needs at least one WHEN")
+        for key, value in (*values.items(), (0, else_)):
+            if type(key) is not int or type(value) is not int:
+                raise TypeError(f"IntCase takes integers only: {key!r} -> {value!r}")
+        self.column, self.values, self.else_ = column, dict(values), else_
+
+
+@compiles(IntCase)
+def _compile_int_case(element: IntCase, compiler: Any, **kw: Any) -> str:
+    whens = " ".join(f"WHEN {key} THEN {value}" for key, value in element.values.items())
+    return f"CASE {compiler.process(element.column, **kw)} {whens} ELSE {element.else_} END"
 
 
 def _bucket(n: int) -> int:
