@@ -15,7 +15,7 @@ and an order with a ship-timeout request already, or any request still pending, 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, StrictFloat, StrictInt
 from sqlalchemy import Connection, Engine, and_, exists, func, insert, or_, select
@@ -81,3 +81,25 @@ def request_cancels(db: Engine, now: datetime, timeout_hours: float, *, batch: i
         inserted += len(due)
         if len(due) < batch:
             return inserted
+
+
+def daily_job(app: Any) -> Any:
+    """The daemon's job (engine.daemon.DailyJob) that asks every few minutes, and at start; None when off."""
+    settings = app.config.job("intake")
+    if settings.ship_timeout_hours is None or not settings.enabled:
+        return None
+    from loguru import logger
+
+    from cancel_scanner.engine.daemon import DailyJob
+
+    def run() -> float:
+        asked = request_cancels(app.db, app.runner.clock(), settings.ship_timeout_hours)
+        if asked:
+            logger.bind(stage="ship_timeout", action="ship_timeout_requests", requests=asked).warning(
+                "{} order(s) not shipped within {:g} h of payment: cancel requests inserted",
+                asked,
+                settings.ship_timeout_hours,
+            )
+        return CHECK_EVERY_SECONDS
+
+    return DailyJob("ship_timeout", "00:00", run, catch_up=True)

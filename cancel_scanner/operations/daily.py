@@ -10,6 +10,8 @@ from cancel_scanner.engine.daemon import DailyJob
 
 def jobs(app: Any) -> list[DailyJob]:
     """Every daily job ``app``'s configuration asks for."""
+    from cancel_scanner.scanners.ship_timeout import daily_job as ship_timeout_job
+
     found = (make(app) for make in (reconcile_job, prune_job, ship_timeout_job))
     return [job for job in found if job is not None]
 
@@ -81,26 +83,3 @@ def prune_job(app: Any) -> DailyJob | None:
         return None
 
     return DailyJob("prune", settings.at, run)
-
-
-def ship_timeout_job(app: Any) -> DailyJob | None:
-    """With ``jobs.intake.ship_timeout_hours``: every few minutes (and at start), a cancel request for each
-    PAID order not shipped within that many hours of its payment (scanners/ship_timeout.py)."""
-    settings = app.config.job("intake")
-    if settings.ship_timeout_hours is None or not settings.enabled:
-        return None
-    from loguru import logger
-
-    from cancel_scanner.scanners.ship_timeout import CHECK_EVERY_SECONDS, request_cancels
-
-    def run() -> float:
-        asked = request_cancels(app.db, app.runner.clock(), settings.ship_timeout_hours)
-        if asked:
-            logger.bind(stage="ship_timeout", action="ship_timeout_requests", requests=asked).warning(
-                "{} order(s) not shipped within {:g} h of payment: cancel requests inserted",
-                asked,
-                settings.ship_timeout_hours,
-            )
-        return CHECK_EVERY_SECONDS
-
-    return DailyJob("ship_timeout", "00:00", run, catch_up=True)

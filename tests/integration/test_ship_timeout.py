@@ -99,3 +99,22 @@ def test_off_by_default_nothing_is_counted_or_asked(world):
     assert "ship_due" not in {
         key for key, _label, _n in collect_status(world.db, build_stages(world.config), T0).counts
     }
+
+
+def test_the_daemon_runs_it_at_start_and_every_few_minutes_only_when_it_is_configured(world):
+    from types import SimpleNamespace
+
+    from cancel_scanner.operations.daily import jobs
+    from cancel_scanner.scanners.ship_timeout import CHECK_EVERY_SECONDS
+
+    w = shipping_world(world)
+    seed(w.db)
+    off = SimpleNamespace(config=world.config, db=world.db, runner=SimpleNamespace(clock=world.clock))
+    assert "ship_timeout" not in [job.name for job in jobs(off)]  # off by default
+
+    app = SimpleNamespace(config=w.config, db=w.db, runner=SimpleNamespace(clock=w.clock))
+    (job,) = [job for job in jobs(app) if job.name == "ship_timeout"]
+    assert job.catch_up  # once right after the daemon starts
+    assert job.run() == CHECK_EVERY_SECONDS  # and again this long after
+    asked = rows(w.db, "SELECT order_id FROM req_order_ops WHERE op_type = :t ORDER BY order_id", t=SHIP_TIMEOUT_OP)
+    assert [r["order_id"] for r in asked] == [1, 5, 7]  # 5 has no request of its own in this test
