@@ -51,7 +51,7 @@ from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.gateway.channels import route
 from cancel_scanner.models import goods, goods_order2, refund_order
 from cancel_scanner.scanners.intake import DEFAULT_REASONS, refund_row
-from cancel_scanner.scanners.shop import adjust_goods, lock_goods, write_oplog
+from cancel_scanner.scanners.shop import adjust_goods, cancelled, lock_goods, write_oplog
 from cancel_scanner.scanners.submit_refund import outcome_for
 
 o = goods_order2.c
@@ -322,11 +322,7 @@ class CloseUnpaid(StageDefaults):
     def _paid_cancel(self, conn: Connection, order: Row, payment: gw.Payment, now: datetime) -> Outcome:
         source = order.cancel_source or "MERCHANT"
         done = conn.execute(
-            update(goods_order2)
-            .where(o.id == order.id, o.order_status == "PAID")
-            .values(
-                order_status="CANCELLED", cancelled_at=now, refund_status="REFUNDING", cancelled_quantity=o.quantity
-            )
+            update(goods_order2).where(o.id == order.id, o.order_status == "PAID").values(cancelled(now, "REFUNDING"))
         ).rowcount
         if done != 1:
             return Done("ALREADY_SETTLED")  # shipped or cancelled by someone else meanwhile: not ours to refund
@@ -373,13 +369,7 @@ class CloseUnpaid(StageDefaults):
         conn.execute(
             update(goods_order2)
             .where(o.id == order.id, o.order_status == "UNPAID", o.pay_status == 0)
-            .values(
-                order_status="CANCELLED",
-                cancel_source=source,
-                cancelled_at=now,
-                refund_status="NONE",
-                cancelled_quantity=o.quantity,
-            )
+            .values(cancelled(now, "NONE", cancel_source=source))
         )
         events = [(order.id, event, f"closed at WeChat ({source})")] if event else []
         why = "WeChat closed the payment" if event else "WeChat never saw a payment for it"

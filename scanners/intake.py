@@ -30,7 +30,7 @@ from cancel_scanner.gateway.contract import out_trade_no_problem
 from cancel_scanner.models import goods_order2, refund_order, req_order_ops
 from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, part_amount, part_event, refunds_of
 from cancel_scanner.scanners.ship_timeout import SHIP_TIMEOUT_OP, IntakeSettings, ship_due
-from cancel_scanner.scanners.shop import write_oplog
+from cancel_scanner.scanners.shop import cancelled, write_oplog
 
 CANCEL_SOURCES = {"MERCHANT_CANCEL": "MERCHANT", "USER_CANCEL": "USER", SHIP_TIMEOUT_OP: "SHIP_TIMEOUT"}
 REFUND_WINDOW = timedelta(days=365)  # WeChat refunds only within one year of payment
@@ -381,13 +381,7 @@ class Intake(StageDefaults):
                     conn,
                     update(goods_order2)
                     .where(o.id.in_(paid_ids), o.order_status == "PAID", o.is_deleted == 0)
-                    .values(
-                        order_status="CANCELLED",
-                        cancel_source=source,
-                        cancelled_at=now,
-                        refund_status="REFUNDING",
-                        cancelled_quantity=o.quantity,
-                    ),
+                    .values(cancelled(now, "REFUNDING", cancel_source=source)),
                     len(paid_ids),
                 )
             unpaid_ids = [c.order.id for c in unpaid if c.source == source]

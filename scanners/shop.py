@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sqlalchemy import Column, Connection, Row, insert, or_, select, update
 
@@ -57,6 +57,14 @@ def write_oplog(conn: Connection, events: Iterable[tuple[int, str, str | None]],
     if new:
         conn.execute(insert(oplog), new)
     return len(new)
+
+
+def cancelled(now: datetime, refund_status: str, **more: Any) -> dict[str, Any]:
+    """An order's columns once it is cancelled, all of its units (``more``: its cancel_source, ...)."""
+    o = goods_order2.c
+    return {"order_status": "CANCELLED", "cancelled_at": now, "refund_status": refund_status, **more} | {
+        "cancelled_quantity": o.quantity
+    }
 
 
 def refund_event(event: str, refund_seq: int) -> str:

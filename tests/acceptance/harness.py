@@ -159,6 +159,13 @@ def fast_jobs(**overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return jobs
 
 
+def batches(*, intake: int, gateway: int) -> dict[str, dict[str, Any]]:
+    """``fast_jobs`` with intake's batch size and the refund stages' (submit_refund, poll_refund)."""
+    return fast_jobs(
+        intake={"batch_size": intake}, submit_refund={"batch_size": gateway}, poll_refund={"batch_size": gateway}
+    )
+
+
 def daemon_config(
     database_url: str,
     emulator: ExternalEmulator,

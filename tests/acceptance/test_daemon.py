@@ -83,10 +83,7 @@ def test_sigterm_in_the_middle_of_a_large_batch_stops_in_time_and_a_restart_fini
     emu = external_emulators(tmp_path / "keys", latency=(0.02, 0.05))
     orders = seed_shop(mysql_db, n)
     baseline = harness.Baseline.take(mysql_db)
-    jobs = harness.fast_jobs(
-        intake={"batch_size": 500}, submit_refund={"batch_size": 200}, poll_refund={"batch_size": 200}
-    )
-    config = harness.daemon_config(mysql_url, emu, jobs=jobs)
+    config = harness.daemon_config(mysql_url, emu, jobs=harness.batches(intake=500, gateway=200))
     daemon = daemons(tmp_path, config, emu.env())
     shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "bulk-tool", "warehouse fire") for o in orders])
     daemon.start()

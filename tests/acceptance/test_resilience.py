@@ -138,10 +138,7 @@ def test_three_daemons_on_the_same_rows_one_killed_midway_never_call_twice_at_on
     emu = external_emulators(tmp_path / "keys", latency=(0.02, 0.05))
     orders = seed(mysql_db, TRIO_N)
     baseline = harness.Baseline.take(mysql_db)
-    jobs = harness.fast_jobs(
-        submit_refund={"batch_size": 50}, poll_refund={"batch_size": 50}, intake={"batch_size": 100}
-    )
-    config = harness.daemon_config(mysql_url, emu, jobs=jobs)
+    config = harness.daemon_config(mysql_url, emu, jobs=harness.batches(intake=100, gateway=50))
     trio = [daemons(tmp_path / f"d{i}", config, emu.env(), name=f"d{i}") for i in (1, 2, 3)]
     for d in trio:
         d.start()
