@@ -133,6 +133,8 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
             secret=alerts.secret,
             timeout_seconds=alerts.timeout_seconds,
             on_result=lambda outcome: metrics.alert_messages.labels(outcome).inc(),
+            locale=app.config.locale,
+            timezone=app.config.display_timezone,
         ).start()
         stack.callback(notifier.stop)
         book = AlertBook(rules=rules, cooldown_seconds=alerts.cooldown_seconds, send=notifier.send)
@@ -163,6 +165,8 @@ def serve_monitoring(app: App, daemon: Any, stack: ExitStack) -> Any:
             last_error=watcher.last_error,
             alerts=book.recent() if book else (),
             firing=tuple(book.firing()) if book else (),
+            locale=app.config.locale,
+            timezone=app.config.display_timezone,
         )
 
     host, _, port = listen.rpartition(":")

@@ -38,6 +38,7 @@ from cancel_scanner.engine.config import (
 )
 from cancel_scanner.engine.settings import GatewayJobSettings, JobSettings, validate_job
 from cancel_scanner.gateway.wechat_config import WeChatConfig, check_live
+from cancel_scanner.i18n import DEFAULT_DISPLAY_TIMEZONE, DEFAULT_LOCALE, Locale
 from cancel_scanner.monitoring.config import MonitoringConfig, monitoring_section
 from cancel_scanner.operations.config import PruneConfig, ReconcileConfig
 
@@ -70,6 +71,20 @@ class _TopLevel(Section):
     takeover_seconds: Annotated[StrictFloat | StrictInt, Field(ge=3, le=3_600)] = DEFAULT_TAKEOVER_SECONDS
     heartbeat_seconds: Annotated[StrictFloat | StrictInt, Field(ge=0.1, le=600)] = DEFAULT_HEARTBEAT_SECONDS
     wsrep_sync_wait: Annotated[StrictInt, Field(ge=0, le=15)] = DEFAULT_WSREP_SYNC_WAIT
+    # what people read (result_msg, the page, status, alerts): zh_CN or en; logs stay English
+    locale: Locale = DEFAULT_LOCALE
+    display_timezone: Text = DEFAULT_DISPLAY_TIMEZONE  # times shown to people; stored times stay UTC
+
+    @field_validator("display_timezone")
+    @classmethod
+    def _known_zone(cls, zone: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"not a time zone this machine knows (e.g. Asia/Shanghai): {zone!r}") from None
+        return zone
 
 
 class Config(BaseModel):
@@ -90,6 +105,8 @@ class Config(BaseModel):
     takeover_seconds: float = DEFAULT_TAKEOVER_SECONDS
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     wsrep_sync_wait: int = DEFAULT_WSREP_SYNC_WAIT
+    locale: str = DEFAULT_LOCALE
+    display_timezone: str = DEFAULT_DISPLAY_TIMEZONE
     source: str = Field(default="<defaults>", exclude=True)
 
     @field_validator("jobs", mode="after")
@@ -141,6 +158,8 @@ def parse_config(
                 "takeover_seconds",
                 "heartbeat_seconds",
                 "wsrep_sync_wait",
+                "locale",
+                "display_timezone",
             )
         },
     }

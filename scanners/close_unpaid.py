@@ -49,6 +49,7 @@ from cancel_scanner.engine.settings import GatewayJobSettings, Seconds
 from cancel_scanner.engine.sql import locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.gateway.channels import route
+from cancel_scanner.i18n import N_
 from cancel_scanner.models import goods, goods_order2, refund_order
 from cancel_scanner.scanners.intake import DEFAULT_REASONS, refund_row
 from cancel_scanner.scanners.shop import adjust_goods, cancelled, lock_goods, write_oplog
@@ -98,7 +99,7 @@ class CloseUnpaid(StageDefaults):
     endpoint = "pay_query"  # two queries per close: the query pace bounds a batch
     feeds = ("submit_refund", "restore_stock")
     flags = Flags.on(goods_order2, "close", retry="close", leased=True)
-    failed_note = "unpaid order(s) WeChat's answer left for a person (close_last_error)"
+    failed_note = N_("unpaid order(s) WeChat's answer left for a person (close_last_error)")
     index_prefix = ()  # the flags lead idx_goods_order2_close_pending: done/failed counted from it alone
     pending_since = o.created_at
 

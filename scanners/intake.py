@@ -27,6 +27,7 @@ from cancel_scanner.engine.sql import locked
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.gateway.channels import DEFAULT_CHANNEL
 from cancel_scanner.gateway.contract import out_trade_no_problem
+from cancel_scanner.i18n import DEFAULT_LOCALE, N_, Phrase, render, yuan
 from cancel_scanner.models import goods_order2, refund_order, req_order_ops
 from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, part_amount, part_event, refunds_of
 from cancel_scanner.scanners.ship_timeout import SHIP_TIMEOUT_OP, IntakeSettings, ship_due
@@ -45,48 +46,54 @@ DEFAULT_REASONS = {
 # result codes (stable: merchants' tools match on them) and the messages they read
 OK = "OK"
 MESSAGES = {
-    "ORDER_NOT_FOUND": "no order with this order_id",
-    "ALREADY_CANCELLED": "the order was already cancelled",
-    "ORDER_SHIPPED": "the order has shipped or completed: use after-sales, not cancel",
-    "ORDER_DELETED": "the order is deleted",
-    "UNSUPPORTED_OP": "op_type must be MERCHANT_CANCEL or USER_CANCEL",
-    "BAD_AMOUNT": "the order is marked paid but has amount 0 or no payment record: not refundable, check the order",
-    "DUPLICATE_REQUEST": "another request already cancelled this order",
-    "BAD_ORDER_STATE": "the order's status is not one the scanner knows: check the order",
-    "REFUND_WINDOW_EXPIRED": "paid more than a year ago: WeChat Pay no longer accepts a refund",
-    "BAD_ORDER_NO": (
+    "ORDER_NOT_FOUND": N_("no order with this order_id"),
+    "ALREADY_CANCELLED": N_("the order was already cancelled"),
+    "ORDER_SHIPPED": N_("the order has shipped or completed: use after-sales, not cancel"),
+    "ORDER_DELETED": N_("the order is deleted"),
+    "UNSUPPORTED_OP": N_("op_type must be MERCHANT_CANCEL or USER_CANCEL"),
+    "BAD_AMOUNT": N_("the order is marked paid but has amount 0 or no payment record: not refundable, check the order"),
+    "DUPLICATE_REQUEST": N_("another request already cancelled this order"),
+    "BAD_ORDER_STATE": N_("the order's status is not one the scanner knows: check the order"),
+    "REFUND_WINDOW_EXPIRED": N_("paid more than a year ago: WeChat Pay no longer accepts a refund"),
+    "BAD_ORDER_NO": N_(
         "the order's order_no is not one WeChat Pay accepts (6 to 32 letters, digits or _ - | *):"
         " not cancelled; nothing was sent to WeChat"
     ),
     # Given up after the retries: the shop's database (a trigger, a constraint) refused to change the order.
-    "SHOP_REFUSED": "the shop's database refused to change this order",
-    "INCONSISTENT_PAYMENT": (
+    "SHOP_REFUSED": N_("the shop's database refused to change this order"),
+    "INCONSISTENT_PAYMENT": N_(
         "the order's payment fields disagree (pay_status, transaction_id, paid_at, order_status):"
         " not cancelled; correct the order, then send the request again"
     ),
     # Partial cancels (a request naming a quantity)
-    "BAD_QUANTITY": "quantity must be a whole number of units above 0, or NULL for every unit left",
-    "QUANTITY_EXCEEDS_REMAINING": "quantity is more than the units of the order not yet cancelled: nothing was cancelled",
-    "PARTIAL_UNPAID": (
+    "BAD_QUANTITY": N_("quantity must be a whole number of units above 0, or NULL for every unit left"),
+    "QUANTITY_EXCEEDS_REMAINING": N_(
+        "quantity is more than the units of the order not yet cancelled: nothing was cancelled"
+    ),
+    "PARTIAL_UNPAID": N_(
         "the order is not paid: a part of it cannot be refunded; change the order in the shop,"
         " or cancel all of it (quantity NULL)"
     ),
-    "TOO_MANY_REFUNDS": (
-        f"the payment already has {MAX_REFUNDS_PER_PAYMENT} refunds, WeChat Pay's limit:"
+    "TOO_MANY_REFUNDS": N_(
+        "the payment already has 50 refunds, WeChat Pay's limit:"
         " cancel the rest of the order at once, or refund it by hand"
     ),
-    "PART_AMOUNT_ZERO": (
+    "PART_AMOUNT_ZERO": N_(
         "the units' share of the payment rounds down to 0 fen: nothing to refund; cancel more units at once"
     ),
 }
 
 
+UNITS_LEFT = N_(
+    "quantity is more than the units of the order not yet cancelled: nothing was cancelled ({left} of {quantity} left)"
+)
+
 # A second cancel of an unpaid order whose first is with close_unpaid: not "already cancelled".
-CLOSING_FOR_AN_EARLIER_REQUEST = (
+CLOSING_FOR_AN_EARLIER_REQUEST = N_(
     "an earlier request for this order is still closing its WeChat payment; the order is not cancelled yet:"
     " that request's result says how it ends"
 )
-CLOSE_FAILED_BEFORE = (
+CLOSE_FAILED_BEFORE = N_(
     "an earlier request for this order could not close its WeChat payment and needs a person"
     " (goods_order2.close_last_error); the order is still unpaid, not cancelled"
 )
@@ -110,24 +117,37 @@ ORDER_COLUMNS = [
         "cancelled_quantity",
     )
 ]
-ACCEPTED_PAID = "cancelled; a full refund was started (see refund_order for its progress)"
-ACCEPTED_UNPAID = (
+ACCEPTED_PAID = N_("cancelled; a full refund was started (see refund_order for its progress)")
+ACCEPTED_UNPAID = N_(
     "accepted; the order shows no payment, so its WeChat payment is being closed first:"
     " it is cancelled (stock restored) once WeChat confirms, or refunded if the user had paid"
 )
 
 
 def accepted_part(units: int, left: int, amount: int, out_refund_no: str) -> str:
-    return (
-        f"{units} unit(s) cancelled, {left} left to ship; a refund of {amount} fen was started"
-        f" ({out_refund_no}, see refund_order)"
+    return Phrase(
+        N_(
+            "{units} unit(s) cancelled, {left} left to ship; a refund of {yuan} ({amount} fen) was started"
+            " ({out_refund_no}, see refund_order)"
+        ),
+        units=units,
+        left=left,
+        yuan=yuan(amount),
+        amount=amount,
+        out_refund_no=out_refund_no,
     )
 
 
 def accepted_rest(units: int, amount: int, out_refund_no: str) -> str:
-    return (
-        f"cancelled; its last {units} unit(s) refunded with {amount} fen, the rest of the payment"
-        f" ({out_refund_no}, see refund_order)"
+    return Phrase(
+        N_(
+            "cancelled; its last {units} unit(s) refunded with {yuan} ({amount} fen), the rest of the payment"
+            " ({out_refund_no}, see refund_order)"
+        ),
+        units=units,
+        yuan=yuan(amount),
+        amount=amount,
+        out_refund_no=out_refund_no,
     )
 
 
@@ -152,6 +172,11 @@ def payment_is_consistent(order: Row) -> bool:
     return False
 
 
+def fit(message: str, width: int = 255) -> str:
+    """result_msg is VARCHAR(255) characters; cut on a character, never mid-way through one."""
+    return message[:width]
+
+
 def reject(code: str) -> Failed:
     return Failed(code, MESSAGES[code])
 
@@ -160,33 +185,34 @@ class Intake(StageDefaults):
     name = "intake"
     flags = Flags.on(req_order_ops)
     feeds = ("submit_refund", "close_unpaid")
-    failed_note = "request(s) rejected with a result code (req_order_ops.result_code)"
+    failed_note = N_("request(s) rejected with a result code (req_order_ops.result_code)")
     rejections_are_routine = True
     bugs_stay_pending = True  # a merchant reads result_msg: never an internal error, the request waits
     pending_since = req_order_ops.c.created_at
     settings = IntakeSettings
 
-    def __init__(self, ship_timeout_hours: float | None = None, ship_warn_hours: float = 12.0):
+    def __init__(
+        self, ship_timeout_hours: float | None = None, ship_warn_hours: float = 12.0, locale: str = DEFAULT_LOCALE
+    ):
         self.ship_timeout_hours = ship_timeout_hours
         self.ship_warn_hours = ship_warn_hours
+        self.locale = locale  # the merchant reads result_msg in it
 
     @classmethod
     def from_config(cls, config) -> Intake:
         job = config.job(cls.name)
-        return cls(job.ship_timeout_hours, job.ship_warn_hours)
+        return cls(job.ship_timeout_hours, job.ship_warn_hours, config.locale)
 
     def status_counts(self, conn: Connection, now: datetime):
         if self.ship_timeout_hours is None:
             return ()
         hours = max(0.0, self.ship_timeout_hours - self.ship_warn_hours)
-        return (
-            (
-                "ship_due",
-                f"paid orders not shipped {hours:g} h after payment (cancelled and refunded at"
-                f" {self.ship_timeout_hours:g} h)",
-                ship_due(conn, now - timedelta(hours=hours)),
-            ),
+        label = Phrase(
+            N_("paid orders not shipped {hours} h after payment (cancelled and refunded at {timeout} h)"),
+            hours=f"{hours:g}",
+            timeout=f"{self.ship_timeout_hours:g}",
         )
+        return (("ship_due", label, ship_due(conn, now - timedelta(hours=hours))),)
 
     def pending(self):
         r = req_order_ops.c
@@ -202,13 +228,14 @@ class Intake(StageDefaults):
         )
 
     def done_values(self, outcome: Done, now: datetime) -> Mapping[str, Any]:
-        return {"result_code": OK, "result_msg": outcome.detail, "scanned_at": now}
+        return {"result_code": OK, "result_msg": fit(render(outcome.detail or "", self.locale)), "scanned_at": now}
 
     def failed_values(self, outcome: Failed, now: datetime) -> Mapping[str, Any]:
         message = outcome.message
         if outcome.code == SHOP_REFUSED and message.startswith(f"{SHOP_REFUSED}: "):
             message = message[len(SHOP_REFUSED) + 2 :]  # the code has its own column; the shop's reason is the message
-        return {"result_code": outcome.code[:32], "result_msg": message[:255], "scanned_at": now}
+            return {"result_code": outcome.code[:32], "result_msg": fit(message), "scanned_at": now}
+        return {"result_code": outcome.code[:32], "result_msg": fit(render(message, self.locale)), "scanned_at": now}
 
     def process(self, conn: Connection, rows: Sequence[Row], now: datetime) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}

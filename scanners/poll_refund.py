@@ -29,6 +29,7 @@ from cancel_scanner.engine.settings import Delays, GatewayJobSettings
 from cancel_scanner.engine.sql import update_rows
 from cancel_scanner.engine.stage import Flags, StageDefaults
 from cancel_scanner.gateway.channels import route
+from cancel_scanner.i18n import N_
 from cancel_scanner.models import refund_order
 from cancel_scanner.scanners.submit_refund import MISMATCHED, matches, outcome_for
 
@@ -95,7 +96,7 @@ class PollRefund(StageDefaults):
         abnormal = conn.execute(
             select(func.count()).select_from(refund_order).where(*self.pending(), r.wx_status == "ABNORMAL")
         ).scalar_one()
-        return (("abnormal_refunds", "ABNORMAL refunds needing the merchant's action", abnormal),)
+        return (("abnormal_refunds", N_("ABNORMAL refunds needing the merchant's action"), abnormal),)
 
     def attention(self, conn: Connection, limit: int):
         found = (

@@ -62,6 +62,8 @@ def test_config(db_url: str, jobs: dict | None = None, **top: Any) -> Config:
         "database_url": db_url,
         "wechat": {"mode": "sandbox", "timeout_seconds": [2, 2]},
         "jobs": {**FAST_JOBS, **(jobs or {})},
+        # the tests that read human text read it in English; those about the language set their own
+        "locale": "en",
         **top,
     }
     return parse_config(raw, REGISTRY, env={"CANCEL_SCANNER_ALLOW_SANDBOX": "1"})

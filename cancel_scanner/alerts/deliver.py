@@ -38,6 +38,8 @@ from urllib.parse import SplitResult, quote_plus, urlsplit
 
 from loguru import logger
 
+from cancel_scanner.i18n import N_, local_time, render, tr
+
 FORMATS = ("wecom", "dingtalk", "feishu", "json")
 STATES = ("firing", "resolved")
 MAX_TEXT_BYTES = 4096  # WeCom's markdown limit; DingTalk's and Feishu's are larger, so one cap serves all three
@@ -70,25 +72,38 @@ class Alert:
             raise ValueError("alert time must be timezone-aware")
 
 
-def payload(fmt: str, alert: Alert, *, secret: str | None = None, now: float | None = None) -> dict:
-    """The JSON body to POST for `fmt`. Feishu signs its body (`now`: seconds since the epoch, for the sign)."""
+def payload(
+    fmt: str,
+    alert: Alert,
+    *,
+    secret: str | None = None,
+    now: float | None = None,
+    locale: str = "en",
+    timezone: str = "UTC",
+) -> dict:
+    """The JSON body to POST for `fmt`. Feishu signs its body (`now`: seconds since the epoch, for the sign).
+
+    The robots' text is in ``locale`` with its time on ``timezone``'s clock; the `json` format keeps its
+    keys, rule, state and UTC time in every language (only its summary is in ``locale``)."""
     _check_format(fmt)
     if fmt == "json":
         value = None if isinstance(alert.value, float) and not math.isfinite(alert.value) else alert.value
         return {
             "rule": alert.rule,
             "state": alert.state,
-            "summary": alert.summary,
+            "summary": render(alert.summary, locale),
             "stage": alert.stage,
             "value": value,
             "at": alert.at.astimezone(UTC).isoformat(),
         }
+    shown = {"locale": locale, "timezone": timezone}
     if fmt == "wecom":
-        return {"msgtype": "markdown", "markdown": {"content": _text(alert, sep="\n", bold=True)}}
+        return {"msgtype": "markdown", "markdown": {"content": _text(alert, sep="\n", bold=True, **shown)}}
     if fmt == "dingtalk":
-        title = _cut_utf8(f"{_state_word(alert)} {_neutral(alert.rule)}", MAX_TITLE_BYTES)
-        return {"msgtype": "markdown", "markdown": {"title": title, "text": _text(alert, sep="\n\n", bold=True)}}
-    body: dict = {"msg_type": "text", "content": {"text": _text(alert, sep="\n", bold=False)}}
+        title = _cut_utf8(f"{_state_word(alert, locale)} {_neutral(alert.rule)}", MAX_TITLE_BYTES)
+        text = _text(alert, sep="\n\n", bold=True, **shown)
+        return {"msgtype": "markdown", "markdown": {"title": title, "text": text}}
+    body: dict = {"msg_type": "text", "content": {"text": _text(alert, sep="\n", bold=False, **shown)}}
     if secret:
         # Feishu's scheme: the string to sign is the HMAC's key, and the message is empty.
         timestamp = str(int(time.time() if now is None else now))
@@ -144,6 +159,8 @@ class Notifier:
         on_result: Callable[[str], None] | None = None,
         wall: Callable[[], float] = time.time,
         retry_delays_seconds: Sequence[float] = RETRY_DELAYS_SECONDS,
+        locale: str = "en",
+        timezone: str = "UTC",
     ) -> None:
         _check_format(fmt)
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
@@ -151,6 +168,7 @@ class Notifier:
         if timeout_seconds <= 0 or queue_size < 1:
             raise ValueError("timeout_seconds must be positive and queue_size at least 1")
         self._url, self._fmt, self._secret = url, fmt, secret
+        self._shown = {"locale": locale, "timezone": timezone}  # the robots' language and clock
         self._timeout = float(timeout_seconds)
         self._queue_size = queue_size
         self._on_result = on_result
@@ -259,7 +277,7 @@ class Notifier:
     def _attempt(self, alert: Alert) -> str:
         """One POST; "" when the robot took it, else the cause (a status, an errcode or an exception's class)."""
         now = self._wall()
-        body = json.dumps(payload(self._fmt, alert, secret=self._secret, now=now)).encode()
+        body = json.dumps(payload(self._fmt, alert, secret=self._secret, now=now, **self._shown)).encode()
         target = urlsplit(target_url(self._fmt, self._url, secret=self._secret, now=now))
         try:
             status, answer = self._post(target, body)
@@ -351,19 +369,22 @@ def _judge(fmt: str, status: int, answer: bytes) -> str:
     return "" if code == 0 else f"errcode {code}"
 
 
-def _text(alert: Alert, *, sep: str, bold: bool) -> str:
+def _text(alert: Alert, *, sep: str, bold: bool, locale: str = "en", timezone: str = "UTC") -> str:
     """The robots' text: FIRING/RESOLVED and the rule, then summary, stage, value, time; at most MAX_TEXT_BYTES."""
-    state = f"**{_state_word(alert)}**" if bold else _state_word(alert)
+    t = tr(locale)
+    word = _state_word(alert, locale)
+    state = f"**{word}**" if bold else word
     head = f"{state} {_neutral(alert.rule)}"
-    tail = [] if alert.stage is None else [f"stage: {_neutral(alert.stage)}"]
-    tail += [] if alert.value is None else [f"value: {alert.value}"]
-    tail += [f"at: {alert.at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"]
+    tail = [] if alert.stage is None else [t(N_("stage: {stage}")).format(stage=_neutral(alert.stage))]
+    tail += [] if alert.value is None else [t(N_("value: {value}")).format(value=alert.value)]
+    tail += [t(N_("at: {time}")).format(time=local_time(alert.at, timezone))]
+    summary = _neutral(render(alert.summary, locale))
     room = MAX_TEXT_BYTES - len(sep.join([head, "", *tail]).encode())  # the summary gives way, not the facts
-    return _cut_utf8(sep.join([head, _cut_utf8(_neutral(alert.summary), room), *tail]), MAX_TEXT_BYTES)
+    return _cut_utf8(sep.join([head, _cut_utf8(summary, room), *tail]), MAX_TEXT_BYTES)
 
 
-def _state_word(alert: Alert) -> str:
-    return "FIRING" if alert.state == "firing" else "RESOLVED"
+def _state_word(alert: Alert, locale: str = "en") -> str:
+    return tr(locale)(N_("FIRING") if alert.state == "firing" else N_("RESOLVED"))
 
 
 def _neutral(text: str) -> str:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timezone
 from typing import Any
 
 from cancel_scanner.alerts.deliver import Alert
+from cancel_scanner.i18n import N_, Phrase
 
 FAILURE_OUTCOMES = frozenset({"unknown", "retry_later", "config_error"})  # no usable answer; "permanent" is one
 HISTORY_SIZE = 50
@@ -94,8 +95,19 @@ def _gateway_failure_rate(rule: Any, r: Reading, firing: set[str]) -> Iterator[t
         Condition(
             still,
             round(rate, 4),
-            f"{r.host}: {failures} of {total} WeChat Pay calls in the last {rule.window_seconds:g} s got no usable answer"
-            f" ({rate:.0%}; alert at {rule.threshold:.0%} of at least {rule.min_calls} calls)",
+            Phrase(
+                N_(
+                    "{host}: {failures} of {total} WeChat Pay calls in the last {window} s got no usable answer"
+                    " ({rate}; alert at {threshold} of at least {min_calls} calls)"
+                ),
+                host=r.host,
+                failures=failures,
+                total=total,
+                window=f"{rule.window_seconds:g}",
+                rate=f"{rate:.0%}",
+                threshold=f"{rule.threshold:.0%}",
+                min_calls=rule.min_calls,
+            ),
         ),
     )
 
@@ -109,8 +121,14 @@ def _rows_failed(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str,
             Condition(
                 s.failed >= rule.threshold,
                 s.failed,
-                f"{s.failed} {s.stage} row(s) failed for good and need a person (cancel-scanner status;"
-                " SELECT * FROM v_cancel_scanner_failed)",
+                Phrase(
+                    N_(
+                        "{failed} {stage} row(s) failed for good and need a person (cancel-scanner status;"
+                        " SELECT * FROM v_cancel_scanner_failed)"
+                    ),
+                    failed=s.failed,
+                    stage=s.stage,
+                ),
                 s.stage,
             ),
         )
@@ -125,7 +143,13 @@ def _oldest_pending(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[s
             Condition(
                 age > limit,
                 round(age, 1),
-                f"{s.stage}: the oldest pending row has waited {age:.0f} s (alert above {limit:g} s); {s.pending} pending",
+                Phrase(
+                    N_("{stage}: the oldest pending row has waited {age} s (alert above {limit} s); {pending} pending"),
+                    stage=s.stage,
+                    age=f"{age:.0f}",
+                    limit=f"{limit:g}",
+                    pending=s.pending,
+                ),
                 s.stage,
             ),
         )
@@ -141,7 +165,9 @@ def _abnormal_refunds(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple
     return _count(
         rule,
         n,
-        f"{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act",
+        Phrase(
+            N_("{n} refund(s) ABNORMAL at WeChat Pay (the user's card frozen or closed): the merchant must act"), n=n
+        ),
         r.snapshot.status.stage_counting("abnormal_refunds"),
     )
 
@@ -151,8 +177,13 @@ def _channel_facts(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[st
     return _count(
         rule,
         n,
-        f"{n} thing(s) WeChat Pay did (a close, a refund) not recorded here yet: the shop's database refused the write"
-        " (SELECT * FROM channel_fact WHERE resolved_at IS NULL)",
+        Phrase(
+            N_(
+                "{n} thing(s) WeChat Pay did (a close, a refund) not recorded here yet: the shop's database refused"
+                " the write (SELECT * FROM channel_fact WHERE resolved_at IS NULL)"
+            ),
+            n=n,
+        ),
     )
 
 
@@ -161,8 +192,13 @@ def _ship_due(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Co
     return _count(
         rule,
         n,
-        f"{n} paid order(s) not shipped and close to their ship timeout (jobs.intake.ship_timeout_hours):"
-        " ship them, or they are cancelled and refunded at the timeout",
+        Phrase(
+            N_(
+                "{n} paid order(s) not shipped and close to their ship timeout (jobs.intake.ship_timeout_hours):"
+                " ship them, or they are cancelled and refunded at the timeout"
+            ),
+            n=n,
+        ),
         r.snapshot.status.stage_counting("ship_due"),
     )
 
@@ -174,12 +210,21 @@ def _stage_down(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, 
             Condition(
                 seconds >= rule.for_seconds,
                 round(seconds, 1),
-                f"{r.host}: stage {stage} has been backing off for {seconds:.0f} s: {why or 'failing'}",
+                Phrase(
+                    N_("{host}: stage {stage} has been backing off for {seconds} s: {why}"),
+                    host=r.host,
+                    stage=stage,
+                    seconds=f"{seconds:.0f}",
+                    why=why or "failing",
+                ),
                 stage,
             ),
         )
     for stage in firing - set(r.down):  # up again
-        yield stage, Condition(False, 0, f"{r.host}: stage {stage} runs again", stage)
+        yield (
+            stage,
+            Condition(False, 0, Phrase(N_("{host}: stage {stage} runs again"), host=r.host, stage=stage), stage),
+        )
 
 
 def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, Condition]]:
@@ -189,8 +234,15 @@ def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str
         Condition(
             n > 0,
             n,
-            f"{r.host}: WeChat Pay answered {n} call(s) in the last {rule.window_seconds:g} s with a configuration error"
-            " (SIGN_ERROR, a certificate or key problem): check the merchant's keys and this host's clock",
+            Phrase(
+                N_(
+                    "{host}: WeChat Pay answered {n} call(s) in the last {window} s with a configuration error"
+                    " (SIGN_ERROR, a certificate or key problem): check the merchant's keys and this host's clock"
+                ),
+                host=r.host,
+                n=n,
+                window=f"{rule.window_seconds:g}",
+            ),
         ),
     )
     yield (
@@ -198,7 +250,9 @@ def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str
         Condition(
             r.pace_disagreement is not None,
             1 if r.pace_disagreement else 0,
-            f"{r.host}: {r.pace_disagreement or 'the merchant processes agree on its limits'}",
+            Phrase(N_("{host}: the limits differ: {what}"), host=r.host, what=r.pace_disagreement)
+            if r.pace_disagreement
+            else Phrase(N_("{host}: the merchant processes agree on its limits"), host=r.host),
         ),
     )
     if r.clock_offset is not None:
@@ -208,8 +262,15 @@ def _config_error(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str
             Condition(
                 abs(off) > rule.clock_skew_seconds,
                 round(off, 3),
-                f"{r.host}: this host's clock is {off:+.1f} s off the database's (alert above {rule.clock_skew_seconds:g} s;"
-                " WeChat Pay refuses signatures 300 s off): fix NTP",
+                Phrase(
+                    N_(
+                        "{host}: this host's clock is {off} s off the database's (alert above {limit} s;"
+                        " WeChat Pay refuses signatures 300 s off): fix NTP"
+                    ),
+                    host=r.host,
+                    off=f"{off:+.1f}",
+                    limit=f"{rule.clock_skew_seconds:g}",
+                ),
             ),
         )
 
@@ -221,15 +282,21 @@ def _reconcile(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, C
     now = r.beijing_now or datetime.now(timezone(timedelta(hours=8)))
     yesterday = str((now - timedelta(days=1)).date())
     if last is not None and last["state"] in ("DIFFERS", "FAILED"):
-        why = (
-            f"{last['diffs']} difference(s) with WeChat Pay's bill (SELECT * FROM reconcile_diff WHERE bill_date ="
-            f" '{last['bill_date']}')"
+        said = (
+            Phrase(
+                N_(
+                    "reconciliation of {day}: {diffs} difference(s) with WeChat Pay's bill"
+                    " (SELECT * FROM reconcile_diff WHERE bill_date = '{day}')"
+                ),
+                day=last["bill_date"],
+                diffs=last["diffs"],
+            )
             if last["state"] == "DIFFERS"
-            else f"failed: {last['last_error']}"
+            else Phrase(N_("reconciliation of {day}: failed: {error}"), day=last["bill_date"], error=last["last_error"])
         )
-        yield "result", Condition(True, last["diffs"], f"reconciliation of {last['bill_date']}: {why}")
+        yield "result", Condition(True, last["diffs"], said)
     else:
-        yield "result", Condition(False, 0, "reconciliation found no difference")
+        yield "result", Condition(False, 0, N_("reconciliation found no difference"))
     done = last is not None and last["bill_date"] >= yesterday and last["state"] in ("CLEAN", "DIFFERS", "NO_BILL")
     late = r.reconcile_expected and now.strftime("%H:%M") >= rule.deadline and not done
     yield (
@@ -237,9 +304,15 @@ def _reconcile(rule: Any, r: Reading, firing: set[str]) -> Iterator[tuple[str, C
         Condition(
             late,
             0,
-            f"yesterday ({yesterday}) is not reconciled yet at {rule.deadline} Beijing time"
-            f" (last: {last['bill_date'] + ' ' + last['state'] if last else 'never'}):"
-            " cancel-scanner reconcile --date " + yesterday,
+            Phrase(
+                N_(
+                    "yesterday ({day}) is not reconciled yet at {deadline} Beijing time (last: {last}):"
+                    " cancel-scanner reconcile --date {day}"
+                ),
+                day=yesterday,
+                deadline=rule.deadline,
+                last=last["bill_date"] + " " + last["state"] if last else "-",
+            ),
         ),
     )
 

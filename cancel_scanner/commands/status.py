@@ -46,4 +46,4 @@ def command(obj: CliContext, as_json: bool, totals: bool) -> None:
         sys.exit(EXIT_FAILURE)
     finally:
         db.dispose()
-    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_status(report))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_status(report, cfg.locale))

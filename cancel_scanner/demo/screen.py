@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -17,34 +16,11 @@ from loguru import logger
 
 from cancel_scanner.demo.stages import SHORT_NAMES, STAGE_FAILED_LABEL
 from cancel_scanner.engine.status import Status
+from cancel_scanner.i18n import cells, fit, pad  # noqa: F401 - the screen helpers, shared with `status`
 
 PLAIN_LINE_EVERY_SECONDS = 1.0  # without a terminal: one progress line a second at most
 BAR_CELLS = 16
 WIDTH = 80
-
-
-def cells(s: str) -> int:
-    """Terminal columns ``s`` takes: CJK characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in s)
-
-
-def fit(s: str, width: int) -> str:
-    """Cut ``s`` to ``width`` columns, marking the cut."""
-    if cells(s) <= width:
-        return s
-    out, used = [], 0
-    for ch in s:
-        w = cells(ch)
-        if used + w > width - 1:
-            break
-        out.append(ch)
-        used += w
-    return "".join(out) + "…"
-
-
-def pad(s: str, width: int) -> str:
-    s = fit(s, width)
-    return s + " " * (width - cells(s))
 
 
 @dataclass

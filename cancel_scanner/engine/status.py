@@ -20,6 +20,7 @@ from cancel_scanner.engine.facts import open_facts
 from cancel_scanner.engine.progress import read_report
 from cancel_scanner.engine.registry import DEFAULT_TAKEOVER_SECONDS
 from cancel_scanner.engine.stage import Stage
+from cancel_scanner.i18n import N_, pad, render, tr
 from cancel_scanner.models import reconcile_run, scanner_process
 
 CHANNEL_FACTS = "channel_facts_open"  # what a payment channel did that is not recorded here yet
@@ -181,8 +182,9 @@ def collect_status(
         counts = tuple(c for _name, c in by_stage) + (
             (
                 CHANNEL_FACTS,
-                "done at the payment channel, not recorded here yet (SELECT * FROM channel_fact"
-                " WHERE resolved_at IS NULL)",
+                N_(
+                    "done at the payment channel, not recorded here yet (SELECT * FROM channel_fact WHERE resolved_at IS NULL)"
+                ),
                 open_facts(conn),
             ),
         )
@@ -225,40 +227,54 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def stage_state(s: StageStatus) -> str:
+def stage_state(s: StageStatus, locale: str = "en") -> str:
+    t = tr(locale)
     if s.up is None:
-        return "not running"
+        return t(N_("not running"))
     if not s.down:
-        return "up" if s.daemons == 1 else f"up ({s.daemons} daemons)"
+        return t(N_("up")) if s.daemons == 1 else t(N_("up ({daemons} daemons)")).format(daemons=s.daemons)
     worst = max(s.down, key=lambda d: d.seconds)
-    where = "" if s.daemons == 1 else f" on {len(s.down)} of {s.daemons} daemons"
-    return f"DOWN{where} for {format_age(worst.seconds)}: {worst.reason or 'failing'}"
+    reason = worst.reason or t(N_("failing"))
+    if s.daemons == 1:
+        return t(N_("DOWN for {age}: {reason}")).format(age=format_age(worst.seconds), reason=reason)
+    return t(N_("DOWN on {down} of {daemons} daemons for {age}: {reason}")).format(
+        down=len(s.down), daemons=s.daemons, age=format_age(worst.seconds), reason=reason
+    )
 
 
-def format_status(status: Status) -> str:
-    done_label = "done" if status.totals else "done*"
-    lines = [f"{'stage':16} {'pending':>8} {'waiting':>8} {'failed':>8} {done_label:>10}  {'oldest':>7}  state"]
+def format_status(status: Status, locale: str = "en") -> str:
+    """What `status` prints, in ``locale`` (codes, stage names and SQL stay as they are)."""
+    t = tr(locale)
+    done_label = t(N_("done")) if status.totals else t(N_("done")) + "*"
+    head = [pad(t(N_("stage")), 16)] + [pad(t(w), 8, right=True) for w in (N_("pending"), N_("waiting"), N_("failed"))]
+    oldest, state = pad(t(N_("oldest")), 7, right=True), t(N_("state"))
+    lines = [" ".join([*head, pad(done_label, 10, right=True)]) + f"  {oldest}  {state}"]
     for s in status.stages:
         done = s.done if status.totals else s.done_by_daemons
         lines.append(
             f"{s.stage:16} {s.pending:8d} {s.waiting:8d} {s.failed:8d} {done:10d}  {format_age(s.oldest_pending_seconds):>7}"
-            f"  {stage_state(s)}"
+            f"  {stage_state(s, locale)}"
         )
     if not status.daemons:
-        lines.append("no cancel-scanner daemon is running (none has beaten in the last takeover_seconds)")
+        lines.append(t(N_("no cancel-scanner daemon is running (none has beaten in the last takeover_seconds)")))
     if not status.totals:
         lines.append(
-            "* done: rows the running daemons finished since they started (`status --totals` counts the tables: slow on large ones)"
+            t(
+                N_(
+                    "* done: rows the running daemons finished since they started"
+                    " (`status --totals` counts the tables: slow on large ones)"
+                )
+            )
         )
     for _key, label, n in status.counts:
         if n:
-            lines.append(f"{label}: {n}")
+            lines.append(f"{render(label, locale)}: {n}")
     if status.reconcile:
         rec = status.reconcile
-        line = f"reconciliation of {rec['bill_date']}: {rec['state']}"
+        line = t(N_("reconciliation of {day}: {state}")).format(day=rec["bill_date"], state=rec["state"])
         if rec["state"] == "DIFFERS":
-            line += (
-                f", {rec['diffs']} difference(s) (SELECT * FROM reconcile_diff WHERE bill_date = '{rec['bill_date']}')"
+            line += t(N_(", {diffs} difference(s) (SELECT * FROM reconcile_diff WHERE bill_date = '{day}')")).format(
+                diffs=rec["diffs"], day=rec["bill_date"]
             )
         elif rec["state"] in ("WAITING", "FAILED") and rec["last_error"]:
             line += f" ({rec['last_error']})"
@@ -266,11 +282,15 @@ def format_status(status: Status) -> str:
     noted = dict(status.failed_notes)
     for s in status.stages:
         if s.failed and s.stage in noted:
-            lines.append(f"{s.stage} failed = {s.failed} {noted[s.stage]}")
+            lines.append(f"{s.stage} failed = {s.failed} {t(noted[s.stage])}")
     failed = sum(s.failed for s in status.stages if s.stage not in noted)
     if failed:
         lines.append(
-            f"{failed} row(s) failed for good and need a person: their reason is in last_error"
-            " (on MySQL, SELECT * FROM v_cancel_scanner_failed)"
+            t(
+                N_(
+                    "{failed} row(s) failed for good and need a person: their reason is in last_error"
+                    " (on MySQL, SELECT * FROM v_cancel_scanner_failed)"
+                )
+            ).format(failed=failed)
         )
     return "\n".join(lines)

@@ -15,14 +15,36 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cancel_scanner.engine.status import CHANNEL_FACTS, format_age, stage_state
+from cancel_scanner.i18n import HTML_LANG, N_, local_time, tr
+from cancel_scanner.i18n import render as in_language
 from cancel_scanner.monitoring.snapshot import REQUEST_COLUMNS
 
-TITLE = "cancel-scanner status"
+TITLE = N_("cancel-scanner status")
+# The language and the time zone of the page being rendered (render sets them, for every helper below).
+_LOCALE: ContextVar[str] = ContextVar("locale", default="en")
+_ZONE: ContextVar[str] = ContextVar("zone", default="UTC")
+
+
+def _t(message: str, **values: Any) -> str:
+    """A marked message in the page's language, its values put in (not escaped: the caller escapes)."""
+    return tr(_LOCALE.get())(message).format(**values)
+
+
+def _said(tag: str, message: str, **values: Any) -> str:
+    """``<tag>`` around a marked message in the page's language, escaped."""
+    return f"<{tag}>{_e(_t(message, **values))}</{tag}>"
+
+
+def _cols(*names: str) -> tuple[str, ...]:
+    return tuple(_t(n) for n in names)
+
+
 FAILED_COLUMNS = ("id", "order_id", "attempts", "last_error", "updated_at")
 FLAG_COLUMNS = ("attempts", "last_error")  # a goods_order2 stage's carry its prefix: stock_attempts, close_last_error
 ABNORMAL_COLUMNS = ("id", "order_id", "out_refund_no", "refund_amount", "submitted_at")
@@ -48,6 +70,8 @@ class PageView:
     alerts: Sequence[Any] = ()  # alert messages, newest last
     firing: Sequence[tuple[str, str]] = ()  # (rule, subject) firing now
     extra: dict[str, Any] = field(default_factory=dict)
+    locale: str = "en"  # what the page's words are in (the daemon passes config.locale)
+    timezone: str = "UTC"  # the clock its times are shown in (the daemon passes config.display_timezone)
 
 
 def _e(value: Any) -> str:
@@ -55,7 +79,8 @@ def _e(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        value = value.isoformat(sep=" ", timespec="seconds")
+        zone = _ZONE.get()  # stored UTC, shown on the reader's clock (as stored on UTC's)
+        value = value.isoformat(sep=" ", timespec="seconds") if zone == "UTC" else local_time(value, zone)
     return html.escape(str(value), quote=True)
 
 
@@ -74,7 +99,7 @@ def yuan(fen: Any) -> str:
 
 
 def _wall(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return local_time(epoch, _ZONE.get())
 
 
 def _table(
@@ -100,11 +125,11 @@ def _table(
 
 def _more(count: int, rows: Sequence[Any]) -> str:
     """Listings are bounded (snapshot.LIST_LIMIT): say so when the count is larger than the list."""
-    return f"; the first {_e(len(rows))} shown" if count > len(rows) else ""
+    return _e(_t(N_("; the first {n} shown"), n=len(rows))) if count > len(rows) else ""
 
 
-def _none(what: str = "none") -> str:
-    return f'<p class="muted">{_e(what)}</p>'
+def _none(what: str = N_("none")) -> str:
+    return f'<p class="muted">{_e(_t(what))}</p>'
 
 
 def _listing_rows(
@@ -126,22 +151,27 @@ def _unprefixed(row: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _header(view: PageView) -> str:
     snap = view.snapshot
-    parts = [f"<h1>cancel-scanner on {_e(view.host)}</h1>"]
+    parts = [_said("h1", N_("cancel-scanner on {host}"), host=view.host)]
     if snap is None:
-        cause = f"the database could not be read: {view.last_error}; " if view.last_error else ""
-        parts.append(f'<p class="warn">{_e(cause)}no reading yet</p>')
+        cause = _t(N_("the database could not be read: {error}; "), error=view.last_error) if view.last_error else ""
+        nothing = _t(N_("no reading yet"))
+        parts.append(f'<p class="warn">{_e(cause)}{_e(nothing)}</p>')
         return "".join(parts)
     age = max(0, round(view.now - snap.taken_at))
     if view.last_error:
-        parts.append(
-            f'<p class="warn">the database could not be read: {_e(view.last_error)};'
-            f" figures below are {_e(age)} s old</p>"
+        said = _t(
+            N_("the database could not be read: {error}; figures below are {age} s old"), error=view.last_error, age=age
         )
-    daemons = ", ".join(snap.status.daemons) or "none (no daemon has beaten within takeover_seconds)"
-    parts.append(
-        f"<p>snapshot taken {_e(age)} s ago ({_e(_wall(snap.taken_at))}); refreshes every"
-        f" {_e(_refresh(view))} s<br>running daemons: {_e(daemons)}</p>"
+        parts.append(f'<p class="warn">{_e(said)}</p>')
+    daemons = ", ".join(snap.status.daemons) or _t(N_("none (no daemon has beaten within takeover_seconds)"))
+    taken = _t(
+        N_("snapshot taken {age} s ago ({at}); refreshes every {refresh} s"),
+        age=age,
+        at=_wall(snap.taken_at),
+        refresh=_refresh(view),
     )
+    running = _t(N_("running daemons: {daemons}"), daemons=daemons)
+    parts.append(f"<p>{_e(taken)}<br>{_e(running)}</p>")
     return "".join(parts)
 
 
@@ -155,53 +185,68 @@ def _stages(snap: Any) -> str:
             s.failed,
             s.done_by_daemons,
             format_age(s.oldest_pending_seconds),
-            stage_state(s),
+            stage_state(s, _LOCALE.get()),
         ]
         for s in stages
     ]
-    columns = ("stage", "pending", "waiting", "failed", "done by running daemons", "oldest pending", "state")
+    columns = _cols(
+        N_("stage"),
+        N_("pending"),
+        N_("waiting"),
+        N_("failed"),
+        N_("done by running daemons"),
+        N_("oldest pending"),
+        N_("state"),
+    )
     table = _table(
         columns, rows, table_id="stages", row_class=lambda i: "down" if stages[i].down else None, numeric=columns[1:5]
     )
-    return f"<h2>Stages</h2>{table}"
+    return _said("h2", N_("Stages")) + table
 
 
 def _down(snap: Any) -> str:
-    rows = [[s.stage, d.daemon, format_age(d.seconds), d.reason or "failing"] for s in snap.status.down for d in s.down]
-    body = _table(("stage", "daemon", "for", "reason"), rows, table_id="down") if rows else _none()
-    return f"<h2>Stages down</h2>{body}"
+    rows = [
+        [s.stage, d.daemon, format_age(d.seconds), d.reason or _t(N_("failing"))]
+        for s in snap.status.down
+        for d in s.down
+    ]
+    columns = _cols(N_("stage"), N_("daemon"), N_("for"), N_("reason"))
+    body = _table(columns, rows, table_id="down") if rows else _none()
+    return _said("h2", N_("Stages down")) + body
 
 
 def _alerts(view: PageView) -> str:
-    firing = _table(("rule", "subject"), view.firing, table_id="firing") if view.firing else _none()
+    firing = _table(_cols(N_("rule"), N_("subject")), view.firing, table_id="firing") if view.firing else _none()
     recent = list(reversed(view.alerts))
-    rows = [[a.at, a.state, a.rule, a.stage, a.summary] for a in recent]
+    rows = [[a.at, a.state, a.rule, a.stage, in_language(a.summary, _LOCALE.get())] for a in recent]
     history = (
         _table(
-            ("time", "state", "rule", "stage", "summary"),
+            _cols(N_("time"), N_("state"), N_("rule"), N_("stage"), N_("summary")),
             rows,
             table_id="alerts",
             row_class=lambda i: "firing" if recent[i].state == "firing" else None,
         )
         if rows
-        else _none("no alert message since this daemon started")
+        else _none(N_("no alert message since this daemon started"))
     )
-    return f"<h2>Alerts firing now</h2>{firing}<h2>Recent alert messages</h2>{history}"
+    return _said("h2", N_("Alerts firing now")) + firing + _said("h2", N_("Recent alert messages")) + history
 
 
 def _abnormal(snap: Any) -> str:
     listing = snap.listing("abnormal_refunds")
     rows = listing.rows if listing else ()
     count = snap.status.abnormal_refunds
-    head = f"<h2>ABNORMAL refunds: {_e(count)}</h2>"
+    head = _said("h2", N_("ABNORMAL refunds: {count}"), count=count)
     if not rows:
         return head + _none()
-    note = f"<p>the merchant must act (the user's card is frozen or closed){_more(count, rows)}</p>"
+    must = _t(N_("the merchant must act (the user’s card is frozen or closed)"))
+    note = f"<p>{_e(must)}{_more(count, rows)}</p>"
+    amount = _t(N_("amount (yuan)"))
     table = _table(
-        ("id", "order_id", "out_refund_no", "amount (yuan)", "submitted_at"),
+        ("id", "order_id", "out_refund_no", amount, "submitted_at"),
         _listing_rows(rows, ABNORMAL_COLUMNS, {"refund_amount": yuan}),
         table_id="abnormal",
-        numeric=("amount (yuan)",),
+        numeric=(amount,),
     )
     return head + note + table
 
@@ -210,25 +255,28 @@ def _facts(snap: Any) -> str:
     listing = snap.listing(CHANNEL_FACTS)
     rows = listing.rows if listing else ()
     count = snap.status.channel_facts_open
-    head = f"<h2>Done at WeChat Pay, not recorded here yet: {_e(count)}</h2>"
+    head = _said("h2", N_("Done at WeChat Pay, not recorded here yet: {count}"), count=count)
     if not rows:
         return head + _none()
-    note = (
-        f"<p>the shop's database refused the write (a trigger or a constraint): lift or fix the shop's rule and"
-        f" the row is written by itself{_more(count, rows)}</p>"
+    said = _t(
+        N_(
+            "the shop’s database refused the write (a trigger or a constraint): lift or fix the shop’s rule and"
+            " the row is written by itself"
+        )
     )
+    note = f"<p>{_e(said)}{_more(count, rows)}</p>"
     return head + note + _table(FACT_COLUMNS, _listing_rows(rows, FACT_COLUMNS), table_id="facts")
 
 
 def _failed(snap: Any) -> str:
     listings = [item for item in snap.listings if item.key.startswith("failed:") and item.rows]
-    parts = ["<h2>Rows that need a person</h2>"]
+    parts = [_said("h2", N_("Rows that need a person"))]
     if not listings:
         return parts[0] + _none()
     notes = dict(snap.status.failed_notes)
     for item in listings:
         stage = item.stage or item.key.removeprefix("failed:")
-        note = notes.get(stage, "failed for good: the reason is in last_error")
+        note = _t(notes.get(stage, N_("failed for good: the reason is in last_error")))
         count = snap.failed(stage)
         parts.append(f"<h3>{_e(stage)}: {_e(count)} {_e(note)}{_more(count, item.rows)}</h3>")
         rows = [_unprefixed(row) for row in item.rows]
@@ -240,7 +288,7 @@ def _rejected(snap: Any) -> str:
     listing = snap.listing("rejected")
     rows = listing.rows if listing else ()
     body = _table(REJECTED_COLUMNS, _listing_rows(rows, REJECTED_COLUMNS), table_id="rejected") if rows else _none()
-    return f"<h2>Latest rejected requests</h2>{body}"
+    return _said("h2", N_("Latest rejected requests")) + body
 
 
 def _refresh(view: PageView) -> int:
@@ -248,6 +296,15 @@ def _refresh(view: PageView) -> int:
 
 
 def render(view: PageView) -> str:
+    shown, zone = _LOCALE.set(view.locale), _ZONE.set(view.timezone)
+    try:
+        return _render(view)
+    finally:
+        _LOCALE.reset(shown)
+        _ZONE.reset(zone)
+
+
+def _render(view: PageView) -> str:
     sections = [_header(view)]
     if view.snapshot is not None:
         sections += [_stages(view.snapshot), _down(view.snapshot)]
@@ -255,8 +312,8 @@ def render(view: PageView) -> str:
     if view.snapshot is not None:
         sections += [_abnormal(view.snapshot), _facts(view.snapshot), _failed(view.snapshot), _rejected(view.snapshot)]
     return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<!doctype html><html lang="{HTML_LANG[view.locale]}"><head><meta charset="utf-8">'
         f'<meta http-equiv="refresh" content="{_refresh(view)}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(TITLE)}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n"
+        f"<title>{_e(_t(TITLE))}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n"
     )

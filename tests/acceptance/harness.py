@@ -177,6 +177,7 @@ def daemon_config(
     return {
         "database_url": database_url,
         "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_SECONDS,
+        "locale": "en",  # the scenarios read result_msg in English; tests/.../test_language.py reads Chinese
         "wechat": emulator.wechat_config(**(wechat or {})),
         "jobs": dict(jobs or fast_jobs()),
         # The daily reconciliation has tests of its own; elsewhere it would add a bill download at each start.

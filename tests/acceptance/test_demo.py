@@ -193,4 +193,4 @@ def test_the_hint_the_demo_prints_runs_as_printed_from_the_repository_root(tmp_p
         hint.group(1), shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS
     )
     assert status.returncode == 0, (hint.group(1), status.stderr)
-    assert "intake" in status.stdout and "pending" in status.stdout
+    assert "intake" in status.stdout and "待处理" in status.stdout  # the default language: Chinese
