@@ -102,6 +102,29 @@ def test_the_packaged_schema_is_sql_schema_sql(wheel):
     assert wheel.read("cancel_scanner/engine/data/schema.sql") == (REPO / "sql" / "schema.sql").read_bytes()
 
 
+def test_the_wheel_carries_the_compiled_catalogs_and_speaks_chinese_from_them_without_babel(wheel, tmp_path):
+    names = set(wheel.namelist())
+    for locale in ("zh_CN", "en"):
+        assert f"cancel_scanner/locale/{locale}/LC_MESSAGES/cancel_scanner.mo" in names
+    site = tmp_path / "site"
+    wheel.extractall(site)
+    probe = (
+        "import sys; sys.modules['babel'] = None;"  # the .mo is read by the standard library's gettext alone
+        "from cancel_scanner.i18n import render; from cancel_scanner.scanners.intake import MESSAGES;"
+        "print(render(MESSAGES['ORDER_SHIPPED'], 'zh_CN'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "订单已发货或已完成：请走售后流程，不能取消"
+
+
 def test_the_commands_run_from_the_unpacked_wheel_alone(wheel, tmp_path):
     site = tmp_path / "site"
     wheel.extractall(site)
