@@ -26,8 +26,15 @@ from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, C
     default=None,
     help="Seed of the sample data (default: a new one each run; the summary names it).",
 )
+@click.option(
+    "--locale",
+    type=click.Choice(["zh_CN", "en"]),
+    default="zh_CN",
+    show_default=True,
+    help="The language of the screen and of the merchants' answers (result_msg).",
+)
 @click.pass_obj
-def command(obj: CliContext, db_path: Path | None, orders: int, seed: int | None) -> None:
+def command(obj: CliContext, db_path: Path | None, orders: int, seed: int | None, locale: str) -> None:
     """The embedded default: SQLite + sandbox gateway + sample orders, the whole flow.
 
     Needs no server, no credentials and no jobs.yaml (it does not read one). Logs go
@@ -38,7 +45,12 @@ def command(obj: CliContext, db_path: Path | None, orders: int, seed: int | None
 
     try:
         ok = run_demo(
-            db_path=db_path, orders=orders, seed=seed, log_json=bool(obj.log_json), log_level=obj.log_level or "INFO"
+            db_path=db_path,
+            orders=orders,
+            seed=seed,
+            log_json=bool(obj.log_json),
+            log_level=obj.log_level or "INFO",
+            locale=locale,
         )
     except DemoError as err:
         click.echo(f"cancel-scanner: {err}", err=True)

@@ -25,6 +25,7 @@ from cancel_scanner.demo.summary import summarize, where_to_look
 from cancel_scanner.engine.db import init_schema
 from cancel_scanner.engine.runner import utcnow
 from cancel_scanner.engine.status import Status, collect_status, format_status
+from cancel_scanner.i18n import DEFAULT_LOCALE, N_, tr
 from cancel_scanner.scanners import REGISTRY
 
 SETTLE_DEADLINE_SECONDS = 25.0
@@ -33,10 +34,11 @@ WAVE_GAP_SECONDS = 0.4  # the plan's REQUEST_WAVES bursts of merchants' requests
 MERCHANT_REACTION_SECONDS = 0.5  # how long the merchant takes to fix an ABNORMAL refund
 
 
-def demo_config(db_url: str) -> Config:
+def demo_config(db_url: str, locale: str = DEFAULT_LOCALE) -> Config:
     """Built here, never read from jobs.yaml: the demo must work with no configuration at all."""
     raw = {
         "database_url": db_url,
+        "locale": locale,
         "shutdown_timeout_seconds": 5,
         "wechat": {"mode": "sandbox", "timeout_seconds": [2, 5], "sandbox": {"success_delay_seconds": 1}},
         "jobs": DEMO_JOBS,
@@ -84,8 +86,9 @@ def run_demo(
     log_level: str = "INFO",
     deadline_seconds: float = SETTLE_DEADLINE_SECONDS,
     clock: Callable[[], float] = time.monotonic,
+    locale: str = DEFAULT_LOCALE,
 ) -> bool:
-    """Run the demo; True when everything settled and every check held."""
+    """Run the demo, its screen in ``locale``; True when everything settled and every check held."""
     from cancel_scanner.app import build_app
     from cancel_scanner.engine.daemon import Daemon
 
@@ -95,8 +98,9 @@ def run_demo(
     plan = plan_demo(orders, seed)
     db_file, log_path = prepare_paths(db_path)
     db_url = f"sqlite:///{db_file}"
-    config = demo_config(db_url)
-    display = Display(out, tty)
+    config = demo_config(db_url, locale)
+    t = tr(locale)
+    display = Display(out, tty, locale)
     started = clock()
 
     with ExitStack() as stack:
@@ -117,10 +121,11 @@ def run_demo(
             emulator.abnormal_for(o.order_no)
 
         display.say(
-            f"cancel-scanner demo: {len(plan.orders)} orders of {len(plan.goods)} goods, "
-            f"{len(plan.requests)} cancel requests (seed {seed})"
+            t(
+                N_("cancel-scanner demo: {orders} orders of {goods} goods, {requests} cancel requests (seed {seed})")
+            ).format(orders=len(plan.orders), goods=len(plan.goods), requests=len(plan.requests), seed=seed)
         )
-        display.say(f"  database {db_file}")
+        display.say("  " + t(N_("database {path}")).format(path=db_file))
         display.start()
         stack.callback(display.finish)
         daemon = Daemon(app)
@@ -129,7 +134,7 @@ def run_demo(
             settled, status, elapsed = _watch(app, plan, display, emulator, started, deadline_seconds, clock)
         except KeyboardInterrupt:
             display.finish()
-            out.write(f"\ninterrupted; the database is {db_file}\n")
+            out.write("\n" + t(N_("interrupted; the database is {path}")).format(path=db_file) + "\n")
             return False
         finally:
             daemon.shutdown()
@@ -140,9 +145,9 @@ def run_demo(
             out.write(f"\ndatabase {db_file}\nlog      {log_path}\n")
             out.flush()
             return False
-        summary, ok = summarize(app.db, plan, before, emulator, elapsed)
+        summary, ok = summarize(app.db, plan, before, emulator, elapsed, locale)
         out.write("\n" + summary)
-        out.write(where_to_look(db_file, log_path, display.warnings))
+        out.write(where_to_look(db_file, log_path, display.warnings, locale))
         out.flush()
         return ok
 

@@ -16,7 +16,7 @@ from loguru import logger
 
 from cancel_scanner.demo.stages import SHORT_NAMES, STAGE_FAILED_LABEL
 from cancel_scanner.engine.status import Status
-from cancel_scanner.i18n import cells, fit, pad  # noqa: F401 - the screen helpers, shared with `status`
+from cancel_scanner.i18n import N_, cells, fit, pad, tr  # noqa: F401 - the screen helpers, shared with `status`
 
 PLAIN_LINE_EVERY_SECONDS = 1.0  # without a terminal: one progress line a second at most
 BAR_CELLS = 16
@@ -40,9 +40,10 @@ class Display:
     Log records and notes are printed above the block, so they never tear it.
     """
 
-    def __init__(self, out: TextIO, tty: bool):
+    def __init__(self, out: TextIO, tty: bool, locale: str = "en"):
         self.out = out
         self.tty = tty
+        self.locale = locale
         self._lock = threading.Lock()
         self._drawn = 0
         self._last_plain = -PLAIN_LINE_EVERY_SECONDS
@@ -100,7 +101,7 @@ class Display:
         with self._lock:
             if self.tty:
                 self._erase()
-                self._block = render_block(frame)
+                self._block = render_block(frame, self.locale)
                 self._draw()
                 return
             body = render_plain(frame)
@@ -117,21 +118,22 @@ def _bar(done: int, total: int) -> str:
     return "█" * filled + "░" * (BAR_CELLS - filled)
 
 
-def render_block(f: Frame) -> list[str]:
-    lines = [
-        f"cancel-scanner demo  {f.elapsed:5.1f}s   merchants' requests arrived {f.inserted}/{f.total_requests}",
-        "",
-    ]
+def render_block(f: Frame, locale: str = "en") -> list[str]:
+    t = tr(locale)
+    arrived = t(N_("merchants' requests arrived {n}/{total}")).format(n=f.inserted, total=f.total_requests)
+    lines = [f"cancel-scanner demo  {f.elapsed:5.1f}s   {arrived}", ""]
+    done, pending = t(N_("done")), t(N_("pending"))
     for s in f.status.stages:
         finished = (s.done or 0) + s.failed  # the demo collects with totals=True: done is counted
         total = max(f.expected.get(s.stage, 0), finished + s.pending)
-        label = STAGE_FAILED_LABEL.get(s.stage, "failed")
+        label = t(STAGE_FAILED_LABEL.get(s.stage, N_("failed")))
         lines.append(
             f"  {s.stage:16}{_bar(finished, total)} {finished:3}/{total:<3}"
-            f"  done {s.done:<3} {label:>8} {s.failed:<3} pending {s.pending}"
+            f"  {done} {s.done:<3} {pad(label, 8, right=True)} {s.failed:<3} {pending} {s.pending}"
         )
     states = "  ".join(f"{k} {v}" for k, v in sorted(f.wx.items()) if k)
-    lines += ["", f"  WeChat Pay sandbox: {f.created} refunds created   {states}"]
+    created = t(N_("WeChat Pay sandbox: {n} refunds created")).format(n=f.created)
+    lines += ["", f"  {created}   {states}"]
     return lines
 
 

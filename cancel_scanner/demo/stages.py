@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cancel_scanner.i18n import N_
+
 _FAST = {"interval_seconds": 0.3, "retry_delays_seconds": [0.5, 1]}
 DEMO_JOBS = {
     "intake": {**_FAST, "batch_size": 10},
@@ -18,7 +20,7 @@ DEMO_JOBS = {
     "part_goods": {**_FAST, "batch_size": 20},
 }
 
-STAGE_FAILED_LABEL = {"intake": "rejected", "poll_refund": "closed"}  # what a 1/0 row of the stage is
+STAGE_FAILED_LABEL = {"intake": N_("rejected"), "poll_refund": N_("closed")}  # what a 1/0 row of the stage is
 SHORT_NAMES = {
     "intake": "in",
     "close_unpaid": "close",

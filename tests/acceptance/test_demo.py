@@ -39,7 +39,9 @@ REJECTED_CODES = (
 def run_demo(cwd: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8", "TMPDIR": str(cwd), **(env or {})}
     started = time.monotonic()
-    result = run_command([sys.executable, "-m", "cancel_scanner.cli", "demo", *args], cwd, full_env)
+    # the checks below read the English screen; test_the_demo_speaks_chinese_by_default reads the default
+    language = () if "--locale" in args else ("--locale", "en")
+    result = run_command([sys.executable, "-m", "cancel_scanner.cli", "demo", *language, *args], cwd, full_env)
     return result, time.monotonic() - started
 
 
@@ -194,3 +196,15 @@ def test_the_hint_the_demo_prints_runs_as_printed_from_the_repository_root(tmp_p
     )
     assert status.returncode == 0, (hint.group(1), status.stderr)
     assert "intake" in status.stdout and "待处理" in status.stdout  # the default language: Chinese
+
+
+def test_the_demo_speaks_chinese_by_default_and_its_checks_are_the_same(tmp_path):
+    result, _elapsed = run_demo(tmp_path, "--orders", "13", "--seed", "5", "--locale", "zh_CN")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "撤单申请" in out and "退款（按微信状态）" in out and "所有检查均通过" in out
+    assert "没有重复退款：每个 out_refund_no 只创建一次" in out
+    assert (
+        "ORDER_NOT_FOUND" in out and "找不到该订单（order_id 不存在）" in out
+    )  # the code stays; its message is Chinese
+    assert "every check passed" not in out
