@@ -25,6 +25,7 @@ from cancel_scanner.commands.common import (
     fail_config,
     short,
 )
+from cancel_scanner.i18n import N_, tr
 
 TO_CHOICES = {"merchant-bank-card": "MERCHANT_BANK_CARD", "user-bank-card": "USER_BANK_CARD"}
 DETAILS_FILE_MAX_BYTES = 4096  # two short lines; anything larger is the wrong file
@@ -186,10 +187,16 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
             click.echo(f"cancel-scanner: abnormal-refund failed: {type(exc).__name__}: {short(exc)}", err=True)
             sys.exit(EXIT_FAILURE)
     if isinstance(result, Applied):
-        where = "the merchant's bank card" if result.to == "MERCHANT_BANK_CARD" else "the user's bank card"
+        t = tr(cfg.locale)
+        where = t(N_("the merchant's bank card") if result.to == "MERCHANT_BANK_CARD" else N_("the user's bank card"))
+        said = t(
+            N_(
+                "refund row {row} ({number}): sent on to {where}; WeChat says {status}, the daemon follows it to SUCCESS"
+            )
+        )
         click.echo(
-            f"refund row {row_id} ({result.out_refund_no}): sent on to {where}; WeChat says {result.wx_status},"
-            " the daemon follows it to SUCCESS" + (f" ({result.note})" if result.note else "")
+            said.format(row=row_id, number=result.out_refund_no, where=where, status=result.wx_status)
+            + (f" ({result.note})" if result.note else "")
         )
         return
     if isinstance(result, Refused):

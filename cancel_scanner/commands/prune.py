@@ -11,6 +11,7 @@ from datetime import timedelta
 import click
 
 from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, CliContext, check_schema, short
+from cancel_scanner.i18n import N_, tr
 
 _AGE = re.compile(r"^\s*(\d{1,6})\s*([dhm])\s*$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
@@ -117,5 +118,7 @@ def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | N
     finally:
         signal.signal(signal.SIGINT, previous)
         db.dispose()
-    total = f"{'would move' if dry_run else 'moved'} {report.moved:,} rows"
-    click.echo(f"prune: {total}" + ("; stopped before the end: run again for the rest" if report.stopped else ""))
+    t = tr(cfg.locale)
+    total = t(N_("would move {n} rows") if dry_run else N_("moved {n} rows")).format(n=f"{report.moved:,}")
+    stopped = t(N_("; stopped before the end: run again for the rest")) if report.stopped else ""
+    click.echo(f"prune: {total}{stopped}")

@@ -16,6 +16,7 @@ from cancel_scanner.commands.common import (
     check_schema,
     short,
 )
+from cancel_scanner.i18n import N_, tr
 
 
 def yesterday_in_beijing() -> date:
@@ -92,11 +93,13 @@ def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) 
     if result.state == "FAILED":
         click.echo(f"{bill_date}: reconciliation failed: {result.message}", err=True)
         sys.exit(EXIT_FAILURE)
-    click.echo(f"{bill_date}: {result.state}, {result.bill_rows} bill row(s), {len(result.diffs)} difference(s)")
+    t = tr(cfg.locale)
+    said = t(N_("{day}: {state}, {rows} bill row(s), {diffs} difference(s)"))
+    click.echo(said.format(day=bill_date, state=result.state, rows=result.bill_rows, diffs=len(result.diffs)))
     for kind, n in sorted(result.counts.items()):
         click.echo(f"  {kind}: {n}")
     for number in result.refunded_orphans:
-        click.echo(f"  refund opened for the orphan payment of {number}")
+        click.echo("  " + t(N_("refund opened for the orphan payment of {number}")).format(number=number))
     if result.diffs:
         click.echo(f"  SELECT * FROM reconcile_diff WHERE bill_date = '{bill_date}'")
         sys.exit(EXIT_DIFFERS)

@@ -7,6 +7,7 @@ import sys
 import click
 
 from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, by_option, check_schema, short
+from cancel_scanner.i18n import N_, render, tr
 
 
 @click.command("reissue")
@@ -30,17 +31,22 @@ def command(obj: CliContext, order_ids: tuple[int, ...], who: str, why: str) -> 
     cfg = obj.config()
     check_schema(cfg, tolerate_outage=False)
     db = engine_for(cfg)
-    refused = 0
+    refused, t = 0, tr(cfg.locale)
     try:
         for order_id in dict.fromkeys(order_ids):  # each once, in the order given
             result = reissue(db, order_id, now=DbClock(db)(), by=who, why=why)
             if isinstance(result, Refused):
                 refused += 1
-                click.echo(f"order {order_id}: refused {result.code}: {result.message}", err=True)
-            else:
+                said = t(N_("order {order}: refused {code}: {message}"))
                 click.echo(
-                    f"order {order_id}: reissued as {result.out_refund_no} (refund row {result.refund_id},"
-                    f" replaces {result.replaces})"
+                    said.format(order=order_id, code=result.code, message=render(result.message, cfg.locale)), err=True
+                )
+            else:
+                said = t(N_("order {order}: reissued as {number} (refund row {row}, replaces {replaces})"))
+                click.echo(
+                    said.format(
+                        order=order_id, number=result.out_refund_no, row=result.refund_id, replaces=result.replaces
+                    )
                 )
     except Exception as exc:  # noqa: BLE001 - one line for the operator
         click.echo(f"cancel-scanner: reissue failed: {type(exc).__name__}: {short(exc)}", err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cancel_scanner.commands.common import CliContext, by_option, database, short
+from cancel_scanner.i18n import N_, tr
 from cancel_scanner.scanners import REGISTRY
 
 
@@ -22,4 +23,5 @@ def command(obj: CliContext, stage: str, row_ids: tuple[int, ...], who: str) -> 
     cfg = obj.config()
     with database(cfg, lambda exc: f"requeue failed: {short(exc)}") as db:
         count = requeue_rows(db, build_stages(cfg)[stage], row_ids, DbClock(db)(), who)
-    click.echo(f"{stage}: {count} of {len(set(row_ids))} row(s) requeued (only rows that had failed for good are)")
+    said = tr(cfg.locale)(N_("{stage}: {count} of {asked} row(s) requeued (only rows that had failed for good are)"))
+    click.echo(said.format(stage=stage, count=count, asked=len(set(row_ids))))

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cancel_scanner.engine.outcome import clip
 from cancel_scanner.engine.sql import locked
+from cancel_scanner.i18n import N_, Phrase
 from cancel_scanner.models import goods_order2, refund_order
 from cancel_scanner.scanners.intake import refund_row
 from cancel_scanner.scanners.parts import MAX_REFUNDS_PER_PAYMENT, refunds_of
@@ -66,7 +67,9 @@ def reissue(db: Engine, order_id: int, *, now: datetime, by: str, why: str) -> R
     except IntegrityError:
         # (order_id, refund_seq) or the oplog key: another reissue of this order committed first.
         return Refused(
-            order_id, "CONCURRENT_REISSUE", "another reissue of this order was written at the same moment; see status"
+            order_id,
+            "CONCURRENT_REISSUE",
+            N_("another reissue of this order was written at the same moment; see status"),
         )
 
 
@@ -77,26 +80,36 @@ def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissu
         )
     ).first()
     if order is None:
-        raise _Refusal("ORDER_NOT_FOUND", f"order {order_id} does not exist")
+        raise _Refusal("ORDER_NOT_FOUND", Phrase(N_("order {order} does not exist"), order=order_id))
     refunds = conn.execute(
         locked(conn, select(refund_order).where(r.order_id == order_id).order_by(r.refund_seq))
     ).all()
     if not refunds:
-        raise _Refusal("NO_REFUND", f"order {order_id} has no refund to reissue")
+        raise _Refusal("NO_REFUND", Phrase(N_("order {order} has no refund to reissue"), order=order_id))
     last = _the_closed_one(refunds)
     if not last.part:
         live = [f.out_refund_no for f in refunds if not f.part and f is not last and f.wx_status != "CLOSED"]
         if live:
-            raise _Refusal("OTHER_REFUND_LIVE", f"refund {live[0]} of the order is not CLOSED")
+            raise _Refusal(
+                "OTHER_REFUND_LIVE", Phrase(N_("refund {number} of the order is not CLOSED"), number=live[0])
+            )
     if last.sync_scanned != 1 or (not last.part and order.refund_status != "FAILED"):
         raise _Refusal(
             "NOT_SYNCED",
-            f"the order's refund_status is {order.refund_status}: wait until the CLOSED result is"
-            " written to the order (status shows sync_result pending), then reissue",
+            Phrase(
+                N_(
+                    "the order's refund_status is {status}: wait until the CLOSED result is"
+                    " written to the order (status shows sync_result pending), then reissue"
+                ),
+                status=order.refund_status,
+            ),
         )
     count, last_seq = refunds_of(conn, [order.id])[order.id]  # archived ones too
     if count >= MAX_REFUNDS_PER_PAYMENT:
-        raise _Refusal("TOO_MANY_REFUNDS", f"the payment has {count} refunds, WeChat Pay's limit: refund it by hand")
+        raise _Refusal(
+            "TOO_MANY_REFUNDS",
+            Phrase(N_("the payment has {count} refunds, WeChat Pay's limit: refund it by hand"), count=count),
+        )
     seq = last_seq + 1
     new = refund_row(
         order.id,
@@ -149,6 +162,9 @@ def _the_closed_one(refunds) -> Any:
     latest = waiting[-1] if waiting else refunds[-1]
     raise _Refusal(
         "NOT_CLOSED",
-        f"its last refund {latest.out_refund_no} is {latest.wx_status or 'not sent yet'}, not CLOSED:"
-        " only a refund WeChat closed is reissued",
+        Phrase(
+            N_("its last refund {number} is {status}, not CLOSED: only a refund WeChat closed is reissued"),
+            number=latest.out_refund_no,
+            status=latest.wx_status or "not sent yet",
+        ),
     )

@@ -27,7 +27,9 @@ def table_lines(stdout: str, verb: str) -> dict[str, tuple[int, int]]:
 def test_prune_dry_run_then_prune_then_an_age_under_a_day_refused(tmp_path, mysql_db, mysql_url):
     seeded = seed(mysql_db)
     before, shop = snapshot(mysql_db), shop_bytes(mysql_db)
-    config = write_config(tmp_path / "jobs.yaml", {"database_url": mysql_url, "prune": {"batch_size": 7}})
+    config = write_config(
+        tmp_path / "jobs.yaml", {"database_url": mysql_url, "prune": {"batch_size": 7}, "locale": "en"}
+    )  # its lines read in English
     expected = {name: len(seeded.moves[name]) for name in TABLES}
 
     dry = run_cli(["prune", "--older-than", "90d", "--dry-run"], config=config, env=ENV, cwd=tmp_path)
@@ -77,7 +79,7 @@ def test_ctrl_c_stops_prune_after_the_batch_in_hand_and_a_rerun_finishes(tmp_pat
 
     seeded = seed(mysql_db, finished_orders=2000)
     before = snapshot(mysql_db)
-    config = write_config(tmp_path / "jobs.yaml", {"database_url": mysql_url})
+    config = write_config(tmp_path / "jobs.yaml", {"database_url": mysql_url, "locale": "en"})  # read in English
     proc = subprocess.Popen(
         [sys.executable, str(CLI), "--config", str(config), "prune", "--older-than", "90d", "--batch-size", "1"],
         cwd=tmp_path,
