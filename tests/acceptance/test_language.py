@@ -66,3 +66,38 @@ def test_the_default_language_is_chinese_on_the_page_in_status_and_in_result_msg
     assert "intake" in shown.stdout and "正常" in shown.stdout
     daemon.sigterm()
     assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
+
+
+def test_a_wecom_alert_from_a_daemon_on_defaults_is_chinese_on_beijing_time(
+    tmp_path, mysql_db, mysql_url, external_emulators, daemons
+):
+    from testsupport.emulator_faults import FaultPlan
+    from testsupport.webhook import WebhookReceiver
+
+    emu = external_emulators(tmp_path / "keys")
+    orders = harness.paid_orders(mysql_db, emu, 4)
+    emu.emulator.faults.plan = FaultPlan(p_5xx=1.0)  # every call answered 5xx: the failure-rate alert fires
+    with WebhookReceiver() as robot:
+        config = harness.daemon_config(
+            mysql_url,
+            emu,
+            monitoring={"refresh_seconds": 1},
+            alerts={
+                "webhook_url": f"{robot.url}/cgi-bin/webhook/send?key=k",
+                "format": "wecom",
+                "rules": {"gateway_failure_rate": {"threshold": 0.5, "window_seconds": 10, "min_calls": 3}},
+            },
+        )
+        del config["locale"]  # the default
+        daemon = daemons(tmp_path, config, emu.env())
+        daemon.start()
+        daemon.wait_started()
+        shop.insert_requests(mysql_db, [(o["id"], "MERCHANT_CANCEL", "clerk", "r") for o in orders])
+        (firing,) = wait_until(robot.bodies, 60, "the firing message", until=bool, daemons=[daemon])
+        emu.emulator.faults.plan = None
+        daemon.sigterm()
+        assert daemon.wait(harness.SHUTDOWN_TIMEOUT_SECONDS + 3) == 0
+    content = firing["markdown"]["content"]
+    assert content.startswith("**告警** gateway_failure_rate")  # the rule's name is a name, in every language
+    assert "次微信支付调用中有" in content and "未得到可用答复" in content
+    assert re.search(r"时间：\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+08:00", content), content
