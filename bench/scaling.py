@@ -589,7 +589,7 @@ GOODS_MOVES = {
         "stock",
         +1,
         "STOCK_RESTORED",
-        "SELECT id, goods_id, quantity - parts_quantity AS quantity, stock_attempts FROM goods_order2 WHERE stock_scanned = %s AND stock_success = %s "
+        "SELECT id, goods_id, CAST(quantity AS SIGNED INTEGER) - CAST(parts_quantity AS SIGNED INTEGER) AS quantity, stock_attempts FROM goods_order2 WHERE stock_scanned = %s AND stock_success = %s "
         "AND order_status = %s AND refund_status IN (%s, %s) AND is_deleted = %s AND (pay_status = %s AND refund_status = %s "
         "OR pay_status = %s AND refund_status = %s) AND (stock_next_attempt_at IS NULL OR stock_next_attempt_at <= %s) "
         "ORDER BY refund_status, id LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -601,7 +601,7 @@ GOODS_MOVES = {
         "sales",
         -1,
         "SALES_DECREMENTED",
-        "SELECT id, goods_id, quantity - parts_quantity AS quantity, sales_attempts FROM goods_order2 WHERE sales_scanned = %s AND sales_success = %s "
+        "SELECT id, goods_id, CAST(quantity AS SIGNED INTEGER) - CAST(parts_quantity AS SIGNED INTEGER) AS quantity, sales_attempts FROM goods_order2 WHERE sales_scanned = %s AND sales_success = %s "
         "AND order_status = %s AND refund_status = %s AND is_deleted = %s AND pay_status = %s "
         "AND (sales_next_attempt_at IS NULL OR sales_next_attempt_at <= %s) ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
         (0, 0, "CANCELLED", "REFUNDED", 0, 1),

@@ -220,6 +220,11 @@ class GoodsOrder(Base):
         UInt,
         "sync_result: fen WeChat confirmed refunded so far, every refund of the order (0 for refunds before schema 8)",
     )
+    refund_turn_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3,
+        comment="submit_refund: when a refund of this payment with others last went out (the next waits"
+        " refund_spacing_seconds)",
+    )
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -329,9 +334,7 @@ class RefundOrder(Base):
         "1: the refund of a partial cancel, the order goes on; 0: the refund of the order's cancel", archived=True
     )
     applied_at: Mapped[datetime | None] = mapped_column(
-        Timestamp3,
-        comment="submit_refund: when its first application went out (two of one payment at least"
-        " refund_spacing_seconds apart)",
+        Timestamp3, comment="submit_refund: when it was last leased to go out to the payment channel"
     )
     goods_scanned: Mapped[int] = _flag(
         "part_goods: 0 pending, 1 finished (see goods_success); a partial cancel's refund only", archived=True

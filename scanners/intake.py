@@ -347,7 +347,8 @@ class Intake(StageDefaults):
         if order.paid_at is not None and now - order.paid_at > REFUND_WINDOW:
             return reject("REFUND_WINDOW_EXPIRED")
         count, last_seq = refunds
-        if count >= MAX_REFUNDS_PER_PAYMENT:
+        # WeChat's 50 refunds of a payment: a part may take the 49th at most, the 50th is kept for the rest
+        if count >= (MAX_REFUNDS_PER_PAYMENT - 1 if units < left else MAX_REFUNDS_PER_PAYMENT):
             return reject("TOO_MANY_REFUNDS")
         amount = (
             part_amount(order.total_amount, order.quantity, order.cancelled_quantity, units)

@@ -42,7 +42,14 @@ class IntakeSettings(JobSettings):
 def _unshipped(paid_before: datetime) -> list:
     """PAID orders paid before the cutoff with no ship-timeout request and no request still pending."""
     asked = exists().where(q.order_id == o.id, or_(q.op_type == SHIP_TIMEOUT_OP, and_(q.scanned == 0, q.success == 0)))
-    return [o.order_status == "PAID", o.pay_status == 1, o.is_deleted == 0, o.paid_at <= paid_before, ~asked]
+    return [
+        o.order_status == "PAID",
+        o.pay_status == 1,
+        o.is_deleted == 0,
+        o.cancel_requested_at.is_(None),  # a cancel close_unpaid is still settling is that request's
+        o.paid_at <= paid_before,
+        ~asked,
+    ]
 
 
 def ship_due(conn: Connection, paid_before: datetime) -> int:
@@ -65,6 +72,20 @@ def request_cancels(db: Engine, now: datetime, timeout_hours: float, *, batch: i
                     skip_locked=True,
                 )
             ).all()
+            found = len(due)
+            if due:
+                # Read again now that we hold them: the locking read's own look at req_order_ops may predate a
+                # request another daemon committed just before it let go of the order (READ COMMITTED reads per
+                # statement), so an order it asked for would be asked twice.
+                asked = set(
+                    conn.execute(
+                        select(q.order_id).where(
+                            q.order_id.in_([order.id for order in due]),
+                            or_(q.op_type == SHIP_TIMEOUT_OP, and_(q.scanned == 0, q.success == 0)),
+                        )
+                    ).scalars()
+                )
+                due = [order for order in due if order.id not in asked]
             if due:
                 conn.execute(
                     insert(req_order_ops),
@@ -79,7 +100,7 @@ def request_cancels(db: Engine, now: datetime, timeout_hours: float, *, batch: i
                     ],
                 )
         inserted += len(due)
-        if len(due) < batch:
+        if found < batch:
             return inserted
 
 

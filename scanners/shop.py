@@ -10,13 +10,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Column, Connection, Row, insert, or_, select, update
+from sqlalchemy import Column, Connection, Row, cast, insert, or_, select, update
 
 from cancel_scanner.engine.logs import EventLog
 from cancel_scanner.engine.outcome import Contended, Done, Failed, Outcome, clip
 from cancel_scanner.engine.sql import IntCase, locked
 from cancel_scanner.engine.stage import StageDefaults
 from cancel_scanner.models import goods, goods_order2, oplog
+from cancel_scanner.models.types import SignedInt
 
 ALREADY_LOGGED = "ALREADY_LOGGED"
 
@@ -156,7 +157,13 @@ class GoodsMove(StageDefaults):
         o, flags = goods_order2.c, self.flags
         return (
             # The units this move owes: the order's, but those a partial cancel's refund moved (part_goods).
-            select(o.id, o.goods_id, (o.quantity - o.parts_quantity).label("quantity"), flags.attempts)
+            # Signed: a shop that lowered quantity below the parts fails that row (below), not the claim (error 1690).
+            select(
+                o.id,
+                o.goods_id,
+                (cast(o.quantity, SignedInt) - cast(o.parts_quantity, SignedInt)).label("quantity"),
+                flags.attempts,
+            )
             .where(*self.pending(), or_(flags.next_attempt_at.is_(None), flags.next_attempt_at <= now))
             # In index order: no sort of every pending row, and FOR UPDATE locks only the rows
             # returned, not all it read to sort them.
@@ -185,6 +192,12 @@ class GoodsMove(StageDefaults):
                     ALREADY_LOGGED,
                     f"the oplog already has {self.event} for this order, not written by this"
                     f" stage: {self.not_moved} again; check goods {row.goods_id} by hand",
+                )
+                continue
+            if row.quantity < 0:
+                outcomes[row.id] = Failed(
+                    "QUANTITY_BELOW_PARTS",
+                    f"the order's quantity is below the units its partial cancels moved; {self.not_moved}, check it",
                 )
                 continue
             if row.goods_id not in current:

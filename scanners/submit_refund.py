@@ -15,11 +15,10 @@ out_refund_no, which WeChat refunds at most once; if it must end, it ends ``OUTC
 never as a rejection.
 Credentials refused (401, MCH_NOT_EXISTS) block the stage: no row is at fault.
 
-Several refunds of one payment (partial cancels, a reissue): two first applications of one payment
-go out at least ``refund_spacing_seconds`` apart (WeChat Pay: a minute), decided in the lease's
-transaction under the order's row lock (``admit``), so two daemons cannot both send one; the later
-one waits for its turn (next_attempt_at), no attempt spent. A retry of a number already sent is not
-a new application and never waits.
+Several refunds of one payment (partial cancels, a reissue): two applications of one payment go out
+at least ``refund_spacing_seconds`` apart (WeChat Pay: a minute), decided in the lease's transaction
+by a guarded write on the order (``goods_order2.refund_turn_at``, ``admit``), so two daemons cannot
+both send one; the later one waits for its turn (next_attempt_at), no attempt spent.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import Field
-from sqlalchemy import Connection, Row, func, or_, select, update
+from sqlalchemy import Connection, Row, or_, select, update
 
 import cancel_scanner.gateway.contract as gw
 from cancel_scanner.engine.facts import Fact
@@ -173,43 +172,53 @@ class SubmitRefund(StageDefaults):
         )
 
     def admit(self, conn: Connection, rows: Sequence[Row], now: datetime) -> tuple[list[Row], dict[int, Wait]]:
-        """Every row but the first applications of a payment with several refunds that would go out
-        within ``spacing`` of another; those wait for their turn. Records when first applications go out."""
-        first = [row for row in rows if not row.submit_sent]
+        """Every row but those of a payment with several refunds whose turn has not come: one application of
+        such a payment at most every ``spacing`` (+ SPACING_MARGIN), counted from the last lease of any of
+        its refunds, retries included (a lease released unsent, or a daemon killed before its call, may still
+        have sent nothing: the time of its next lease is what counts).
+
+        The turn is a guarded write on the order (``refund_turn_at``): two daemons, on one server or on two
+        Galera nodes, cannot both take it (one waits for the row lock and finds it taken, or loses
+        certification and its lease rolls back). Rows that took a turn are called first in their batch."""
         # A payment's only refund (a whole cancel's first) needs no turn; one of several does, whichever comes first.
-        spaced = [row for row in first if row.part or row.refund_seq > 1]
+        spaced = [row for row in rows if row.part or row.refund_seq > 1]
         waits: dict[int, Wait] = {}
+        gap = self.spacing + SPACING_MARGIN
         if spaced and self.spacing:
             o = goods_order2.c
             order_ids = sorted({row.order_id for row in spaced})
-            # The orders' row locks serialize the turns of one payment between daemons.
             held = set(conn.execute(locked(conn, select(o.id).where(o.id.in_(order_ids)), skip_locked=True)).scalars())
-            last = dict(
-                conn.execute(
-                    select(r.order_id, func.max(r.applied_at))
-                    .where(r.order_id.in_(list(held)), r.applied_at.is_not(None), r.id.not_in([x.id for x in spaced]))
-                    .group_by(r.order_id)
-                ).all()
-            )
-            for row in first:  # this batch's own first applications take their turns too, in id order
-                if row.order_id in held and not (row.part or row.refund_seq > 1):
-                    last[row.order_id] = now
+            taken: set[int] = set()
             for row in sorted(spaced, key=lambda x: x.id):
                 if row.order_id not in held:
                     waits[row.id] = Wait(now + BUSY_RETRY, "ORDER_BUSY: the order row is locked; will retry")
-                elif last.get(row.order_id) is not None and now - last[row.order_id] < self.spacing + SPACING_MARGIN:
-                    turn = last[row.order_id] + self.spacing + SPACING_MARGIN
-                    waits[row.id] = Wait(
-                        turn,
-                        f"REFUND_SPACING: another refund of this payment went out at {last[row.order_id]:%H:%M:%S};"
-                        f" WeChat Pay wants {self.spacing.total_seconds():g} s between two",
-                    )
-                else:
-                    last[row.order_id] = now
-        applying = [row.id for row in first if row.id not in waits]
-        if applying:
-            conn.execute(update(refund_order).where(r.id.in_(applying), r.applied_at.is_(None)).values(applied_at=now))
-        return [row for row in rows if row.id not in waits], waits
+                    continue
+                took = (
+                    row.order_id not in taken
+                    and conn.execute(
+                        update(goods_order2)
+                        .where(o.id == row.order_id, or_(o.refund_turn_at.is_(None), o.refund_turn_at <= now - gap))
+                        .values(refund_turn_at=now)
+                    ).rowcount
+                )
+                if took:
+                    taken.add(row.order_id)
+                    continue
+                last = (
+                    now
+                    if row.order_id in taken
+                    else conn.execute(select(o.refund_turn_at).where(o.id == row.order_id)).scalar_one()
+                )
+                waits[row.id] = Wait(
+                    last + gap,
+                    f"REFUND_SPACING: another refund of this payment went out at {last:%H:%M:%S};"
+                    f" WeChat Pay wants {self.spacing.total_seconds():g} s between two",
+                )
+        leasing = [row.id for row in rows if row.id not in waits]
+        if leasing:  # the latest moment each may go out: this lease
+            conn.execute(update(refund_order).where(r.id.in_(leasing)).values(applied_at=now))
+        turns = {row.id for row in spaced}
+        return sorted((row for row in rows if row.id not in waits), key=lambda row: row.id not in turns), waits
 
     def not_sent(self, result: Any) -> bool:
         return isinstance(result, Attempt) and isinstance(result.answer, gw.NotSent)

@@ -105,7 +105,7 @@ def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissu
             ),
         )
     count, last_seq = refunds_of(conn, [order.id])[order.id]  # archived ones too
-    if count >= MAX_REFUNDS_PER_PAYMENT:
+    if count >= (MAX_REFUNDS_PER_PAYMENT - 1 if last.part else MAX_REFUNDS_PER_PAYMENT):  # the last: the order's
         raise _Refusal(
             "TOO_MANY_REFUNDS",
             Phrase(N_("the payment has {count} refunds, WeChat Pay's limit: refund it by hand"), count=count),
@@ -152,10 +152,18 @@ def _reissue(conn, order_id: int, *, now: datetime, by: str, why: str) -> Reissu
     return Reissued(order.id, refund_id, new["out_refund_no"], seq, last.out_refund_no)
 
 
+def _replaced(refund: Any, refunds: Any) -> bool:
+    """A later refund of the same request exists: ``refund`` was reissued already, whatever its last_error says
+    now (a requeue rewrites it). Each request's refunds share its req_id; a reissue copies it."""
+    return refund.req_id is not None and any(
+        f.req_id == refund.req_id and f.refund_seq > refund.refund_seq for f in refunds
+    )
+
+
 def _the_closed_one(refunds) -> Any:
     """The refund to reissue: the first CLOSED one not reissued yet (a partial cancel's, or the order's);
     or the refusal that says why there is none."""
-    waiting = [f for f in refunds if not (f.last_error or "").startswith(REISSUED)]
+    waiting = [f for f in refunds if not (f.last_error or "").startswith(REISSUED) and not _replaced(f, refunds)]
     closed = [f for f in waiting if f.wx_status == "CLOSED" and (f.progress_scanned, f.progress_success) == (1, 0)]
     if closed:
         return closed[0]

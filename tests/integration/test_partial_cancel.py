@@ -288,3 +288,74 @@ def test_prune_archives_settled_parts_only_and_the_next_part_is_numbered_after_t
     assert (new["refund_seq"], new["out_refund_no"]) == (3, out_refund_no_for(14, 3))
     assert world.emulator.refunds_created[out_refund_no_for(14, 3)] == 1
     assert world.emulator.fen_refunded["SO0000000014"] == 750
+
+
+def test_a_part_reissued_once_is_never_reissued_again_even_after_its_closed_refund_is_requeued(world):
+    from cancel_scanner.engine.requeue import requeue
+    from cancel_scanner.operations.reissue import Refused, reissue
+    from cancel_scanner.scanners import build_stages
+
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 15, goods_id=1, quantity=3, amount=1000)
+    world.emulator.close_refunds_for(out_refund_no_for(15, 1))
+    request_cancel(world.db, 15, quantity=1)
+    world.settle()
+    reissue(world.db, 15, now=world.clock.now, by="ops", why="closed")
+    world.settle()
+    closed = rows(world.db, "SELECT id FROM refund_order WHERE order_id = 15 AND refund_seq = 1")[0]["id"]
+    # an operator gives the CLOSED refund "another go": it is CLOSED again, and its REISSUED note is gone
+    requeue(world.db, build_stages(world.config)["poll_refund"], [closed], world.clock.now, "ops")
+    world.settle()
+    again = reissue(world.db, 15, now=world.clock.now, by="ops", why="twice")
+    assert isinstance(again, Refused) and again.code == "NOT_CLOSED"
+    assert rows(world.db, "SELECT COUNT(*) AS n FROM refund_order WHERE order_id = 15")[0]["n"] == 2
+    assert world.emulator.fen_refunded["SO0000000015"] == 333  # one unit paid back once
+    assert (row(world.db, "goods", 1)["stock"], row(world.db, "goods", 1)["sales"]) == (11, 4)
+
+
+def test_parts_leave_wechats_fiftieth_refund_for_the_rest_of_the_order(world):
+    add_goods(world.db, 1)
+    add_order(world.db, 16, goods_id=1, quantity=60, amount=6000)
+    with world.db.begin() as conn:
+        conn.execute(
+            insert(refund_order),
+            [
+                {
+                    **refund_row(16, "SO0000000016", "42000000000016", 100, "r", T0, seq=seq, total=6000, quantity=1),
+                    "part": 1,
+                    "wx_status": "SUCCESS",
+                    **{f: 1 for f in ("submit_scanned", "submit_success", "progress_scanned", "progress_success")},
+                    **{f: 1 for f in ("sync_scanned", "sync_success", "goods_scanned", "goods_success")},
+                }
+                for seq in range(1, MAX_REFUNDS_PER_PAYMENT)  # 49
+            ],
+        )
+        conn.exec_driver_sql("UPDATE goods_order2 SET cancelled_quantity = 49, parts_quantity = 49 WHERE id = 16")
+    part = request_cancel(world.db, 16, quantity=1)
+    world.settle()
+    assert answer(world, part)[0] == "TOO_MANY_REFUNDS"  # a 50th part would leave the rest uncancellable
+    rest = request_cancel(world.db, 16)
+    world.settle()
+    assert answer(world, rest)[0] == "OK"
+    order = row(world.db, "goods_order2", 16)
+    assert (order["order_status"], order["cancelled_quantity"]) == ("CANCELLED", 60)
+    assert world.emulator.fen_refunded["SO0000000016"] == 6000 - 4900  # the rest: 11 units of 100 fen
+
+
+def test_a_shop_that_lowered_quantity_below_the_parts_fails_that_order_only(world):
+    add_goods(world.db, 1, stock=10, sales=5)
+    add_order(world.db, 17, goods_id=1, quantity=3, amount=900)
+    add_order(world.db, 18, goods_id=1, quantity=2, amount=900)
+    request_cancel(world.db, 17, quantity=2)
+    world.settle()
+    request_cancel(world.db, 17)
+    request_cancel(world.db, 18)
+    world.runner().run_stage("intake", world.clock.now)  # both cancels accepted ...
+    with world.db.begin() as conn:  # the shop rewrites the order meanwhile: 1 unit, though 2 were cancelled in part
+        conn.exec_driver_sql("UPDATE goods_order2 SET quantity = 1 WHERE id = 17")
+    world.settle()
+    assert row(world.db, "goods_order2", 17)["stock_last_error"].startswith("QUANTITY_BELOW_PARTS")
+    assert (row(world.db, "goods_order2", 18)["stock_success"], row(world.db, "goods_order2", 18)["sales_success"]) == (
+        1,
+        1,
+    )

@@ -14,7 +14,7 @@ REFUND_V8 = ("quantity", "part", "applied_at", *(f"goods_{c}" for c in FLAG_AND_
 V8_COLUMNS = {
     "req_order_ops": ("quantity",),
     "req_order_ops_archive": ("quantity",),
-    "goods_order2": ("cancelled_quantity", "parts_quantity", "refunded_amount"),
+    "goods_order2": ("cancelled_quantity", "parts_quantity", "refunded_amount", "refund_turn_at"),
     "refund_order": REFUND_V8,
     "refund_order_archive": REFUND_V8,
 }
