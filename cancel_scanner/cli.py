@@ -21,10 +21,18 @@ from cancel_scanner.commands.common import EXIT_CODES_HELP, CliContext
 @click.option(
     "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False), default=None
 )
+@click.option(
+    "--operator",
+    metavar="NAME",
+    default=None,
+    help="Who is acting: kept with each action recorded in operator_action (requeue, reissue, abnormal-refund, ...).",
+)
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, log_json: bool | None, log_level: str | None) -> None:
+def main(
+    ctx: click.Context, config_path: str | None, log_json: bool | None, log_level: str | None, operator: str | None
+) -> None:
     """cancel-scanner: merchants' cancel requests to WeChat Pay refunds, stock and sales, exactly once."""
-    ctx.obj = CliContext(config_path, log_json, log_level.upper() if log_level else None)
+    ctx.obj = CliContext(config_path, log_json, log_level.upper() if log_level else None, operator)
 
 
 for _command in COMMANDS:

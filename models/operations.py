@@ -48,6 +48,38 @@ class ReconcileDiff(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class OperatorAction(Base):
+    __tablename__ = "operator_action"
+    __table_args__ = (
+        Index("idx_operator_action_started_at", "started_at"),
+        Index("idx_operator_action_command", "command", "started_at"),
+        {
+            "comment": "Every operator action: the command, its arguments (no secret), who, where, when, and what"
+            " it changed."
+        },
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    command: Mapped[str] = mapped_column(
+        String(32), nullable=False, comment="requeue|reissue|abnormal-refund|reconcile|prune|migrate"
+    )
+    arguments: Mapped[str | None] = mapped_column(
+        String(1000), comment="its arguments, name=value, secrets and bank details never written"
+    )
+    os_user: Mapped[str] = mapped_column(String(64), nullable=False, comment="the operating system user who ran it")
+    host: Mapped[str] = mapped_column(String(64), nullable=False, comment="the host it ran on")
+    operator: Mapped[str | None] = mapped_column(String(64), comment="--operator NAME, when given")
+    started_at: Mapped[datetime] = mapped_column(Timestamp3, nullable=False, comment="when it started (UTC)")
+    ended_at: Mapped[datetime | None] = mapped_column(
+        Timestamp3, comment="when it ended (UTC); NULL: still running, or killed"
+    )
+    outcome: Mapped[str | None] = mapped_column(String(16), comment="ok|refused|failed|interrupted (exit 0, 2, other)")
+    exit_code: Mapped[int | None] = mapped_column(SignedInt)
+    changed: Mapped[str | None] = mapped_column(String(1000), comment="what it changed, in a line")
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
 class ReconcileRun(Base):
     __tablename__ = "reconcile_run"
     __table_args__ = ({"comment": "One row per reconciled day: how the last reconciliation of that day ended."},)
@@ -148,4 +180,5 @@ oplog_archive = _archive(
 )
 reconcile_diff = ReconcileDiff.__table__
 reconcile_run = ReconcileRun.__table__
+operator_action = OperatorAction.__table__
 ARCHIVES = {req_order_ops: req_order_ops_archive, refund_order: refund_order_archive, oplog: oplog_archive}

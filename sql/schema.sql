@@ -244,6 +244,27 @@ CREATE TABLE IF NOT EXISTS reconcile_run (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
   COMMENT='One row per reconciled day: how the last reconciliation of that day ended.';
 
+-- Every operator action (issue 28): who ran which command with what, when, and what it changed.
+CREATE TABLE IF NOT EXISTS operator_action (
+  id           BIGINT NOT NULL AUTO_INCREMENT,
+  command      VARCHAR(32) NOT NULL COMMENT 'requeue|reissue|abnormal-refund|reconcile|prune|migrate',
+  arguments    VARCHAR(1000) NULL COMMENT 'its arguments, name=value, secrets and bank details never written',
+  os_user      VARCHAR(64) NOT NULL COMMENT 'the operating system user who ran it',
+  host         VARCHAR(64) NOT NULL COMMENT 'the host it ran on',
+  operator     VARCHAR(64) NULL COMMENT '--operator NAME, when given',
+  started_at   DATETIME(3) NOT NULL COMMENT 'when it started (UTC)',
+  ended_at     DATETIME(3) NULL COMMENT 'when it ended (UTC); NULL: still running, or killed',
+  outcome      VARCHAR(16) NULL COMMENT 'ok|refused|failed|interrupted (exit 0, 2, other)',
+  exit_code    INT NULL,
+  changed      VARCHAR(1000) NULL COMMENT 'what it changed, in a line',
+  created_at   DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) COMMENT 'row inserted (UTC)',
+  updated_at   DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3) COMMENT 'row last changed (UTC)',
+  CONSTRAINT pk_operator_action PRIMARY KEY (id),
+  INDEX idx_operator_action_started_at (started_at),
+  INDEX idx_operator_action_command (command, started_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+  COMMENT='Every operator action: the command, its arguments (no secret), who, where, when, and what it changed.';
+
 -- What a payment channel did for a row whose write-back here failed (a shop trigger refused it, a
 -- constraint): kept on a table of ours, so it is never lost, until the row's stage records it.
 CREATE TABLE IF NOT EXISTS channel_fact (
@@ -380,4 +401,4 @@ CREATE OR REPLACE VIEW v_cancel_scanner_failed AS
   SELECT 'part_goods', 'refund_order', id, order_id, goods_last_error, updated_at
     FROM refund_order WHERE goods_scanned = 1 AND goods_success = 0;
 
-INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (8, 'schema.sql');
+INSERT IGNORE INTO cancel_scanner_schema (version, applied_by) VALUES (9, 'schema.sql');

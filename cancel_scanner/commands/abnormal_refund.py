@@ -20,6 +20,7 @@ from cancel_scanner.commands.common import (
     EXIT_FAILURE,
     ROW_ID,
     CliContext,
+    audited,
     by_option,
     check_schema,
     fail_config,
@@ -109,6 +110,7 @@ def _prompt_details() -> tuple[str, str]:
 )
 @by_option("in the oplog")
 @click.pass_obj
+@audited("abnormal-refund")
 def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, details_file: str | None, who: str) -> None:
     """Send a refund WeChat Pay reports ABNORMAL (the user's card or account is frozen or closed) on to a
     bank card. WeChat moves it back to PROCESSING; the daemon follows it to SUCCESS and finishes the order.

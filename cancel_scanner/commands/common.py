@@ -4,11 +4,12 @@ one-line failure messages. Commands import this module; nothing here imports a c
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -85,10 +86,14 @@ def database(cfg: Config, failed: Callable[[Exception], str]) -> Iterator[Engine
 class CliContext:
     """The group's options, and the configuration read once, on first use."""
 
-    def __init__(self, config_path: str | None, log_json: bool | None, log_level: str | None):
+    def __init__(
+        self, config_path: str | None, log_json: bool | None, log_level: str | None, operator: str | None = None
+    ):
         self.config_path = config_path
         self.log_json = log_json
         self.log_level = log_level
+        self.operator = operator  # --operator NAME: kept with every action recorded in operator_action
+        self.action: Any = None  # the running command's record (audited), for it to say what it changed
         self._config: Config | None = None
 
     def config(self) -> Config:
@@ -132,3 +137,27 @@ def check_schema(cfg: Config, *, tolerate_outage: bool) -> None:
     if problem:
         click.echo(f"cancel-scanner: database_url: {problem}", err=True)
         sys.exit(EXIT_CONFIG)
+
+
+def audited(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Record the command in ``operator_action`` (cancel_scanner/operations/audit.py): put under
+    ``@click.pass_obj``; the command may set ``obj.action.changed``."""
+
+    def wrap(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def run(obj: CliContext, **params: Any) -> None:
+            from cancel_scanner.engine.db import engine_for
+            from cancel_scanner.operations.audit import recorded
+
+            cfg = obj.config()
+            db = engine_for(cfg)
+            try:
+                with recorded(db, name, params, obj.operator) as action:
+                    obj.action = action
+                    command(obj, **params)
+            finally:
+                db.dispose()
+
+        return run
+
+    return wrap

@@ -6,13 +6,14 @@ import sys
 
 import click
 
-from cancel_scanner.commands.common import EXIT_BEHIND, EXIT_CONFIG, EXIT_OK, CliContext, database, short
+from cancel_scanner.commands.common import EXIT_BEHIND, EXIT_CONFIG, EXIT_OK, CliContext, audited, database, short
 
 
 @click.command("migrate")
 @click.option("--sql", "show_sql", is_flag=True, help="Print the statements (with what each locks) and change nothing.")
 @click.option("--check", is_flag=True, help="Change nothing; exit 3 when the database is behind, 0 when it is at head.")
 @click.pass_obj
+@audited("migrate")
 def command(obj: CliContext, show_sql: bool, check: bool) -> None:
     """Bring the database to this cancel-scanner's schema: add what is missing, never drop.
 

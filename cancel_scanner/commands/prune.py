@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import click
 
-from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, CliContext, check_schema, short
+from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, CliContext, audited, check_schema, short
 from cancel_scanner.i18n import N_, tr
 
 _AGE = re.compile(r"^\s*(\d{1,6})\s*([dhm])\s*$")
@@ -49,6 +49,7 @@ def parse_age(value: str) -> timedelta:
     help="Stop a table after this many rows (default 1,000,000); run again for the rest.",
 )
 @click.pass_obj
+@audited("prune")
 def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | None, max_rows: int | None) -> None:
     """Move finished rows older than AGE from req_order_ops, refund_order and goods_order2_oplog into
     their _archive tables, a batch per transaction; goods_order2 is never touched.

@@ -13,6 +13,7 @@ from cancel_scanner.commands.common import (
     EXIT_FAILURE,
     EXIT_NOT_READY,
     CliContext,
+    audited,
     check_schema,
     short,
 )
@@ -39,6 +40,7 @@ def yesterday_in_beijing() -> date:
     help="Refund payments for orders cancelled without a refund (default: reconcile.refund_orphan_payments).",
 )
 @click.pass_obj
+@audited("reconcile")
 def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) -> None:
     """Download WeChat Pay's ALL bill of a day, check its SHA1, and compare it with the tables: refunds
     WeChat has that we do not, ours it does not list (the days either side searched too), amounts

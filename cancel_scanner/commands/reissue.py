@@ -6,7 +6,16 @@ import sys
 
 import click
 
-from cancel_scanner.commands.common import EXIT_CONFIG, EXIT_FAILURE, ROW_ID, CliContext, by_option, check_schema, short
+from cancel_scanner.commands.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    ROW_ID,
+    CliContext,
+    audited,
+    by_option,
+    check_schema,
+    short,
+)
 from cancel_scanner.i18n import N_, render, tr
 
 
@@ -17,6 +26,7 @@ from cancel_scanner.i18n import N_, render, tr
     "--reason", "why", default="WeChat Pay closed the refund", show_default=True, help="Why (kept in the oplog)."
 )
 @click.pass_obj
+@audited("reissue")
 def command(obj: CliContext, order_ids: tuple[int, ...], who: str, why: str) -> None:
     """After WeChat Pay CLOSED an order's refund: a new refund with the next refund_seq and its own
     out_refund_no, the order back to REFUNDING; the daemon sends and follows it.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cancel_scanner.commands.common import CliContext, by_option, database, short
+from cancel_scanner.commands.common import CliContext, audited, by_option, database, short
 from cancel_scanner.i18n import N_, tr
 from cancel_scanner.scanners import REGISTRY
 
@@ -14,6 +14,7 @@ from cancel_scanner.scanners import REGISTRY
 @click.argument("row_ids", nargs=-1, required=True, type=int)
 @by_option("in last_error")
 @click.pass_obj
+@audited("requeue")
 def command(obj: CliContext, stage: str, row_ids: tuple[int, ...], who: str) -> None:
     """Give rows of STAGE that failed for good (X_scanned=1, X_success=0) another go."""
     from cancel_scanner.engine.clock import DbClock
