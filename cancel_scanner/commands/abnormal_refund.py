@@ -189,6 +189,7 @@ def command(obj: CliContext, row_id: int, to: str, bank_type: str | None, detail
             click.echo(f"cancel-scanner: abnormal-refund failed: {type(exc).__name__}: {short(exc)}", err=True)
             sys.exit(EXIT_FAILURE)
     if isinstance(result, Applied):
+        obj.changed(f"refund row {row_id} ({result.out_refund_no}) sent on to {result.to}")
         t = tr(cfg.locale)
         where = t(N_("the merchant's bank card") if result.to == "MERCHANT_BANK_CARD" else N_("the user's bank card"))
         said = t(

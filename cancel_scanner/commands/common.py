@@ -96,6 +96,11 @@ class CliContext:
         self.action: Any = None  # the running command's record (audited), for it to say what it changed
         self._config: Config | None = None
 
+    def changed(self, what: str) -> None:
+        """Add a line to what the running command changed (its operator_action row), in English: a record."""
+        if self.action is not None:
+            self.action.changed = f"{self.action.changed}; {what}" if self.action.changed else what
+
     def config(self) -> Config:
         if self._config is None:
             try:

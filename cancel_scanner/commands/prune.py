@@ -122,4 +122,8 @@ def command(obj: CliContext, older_than: str, dry_run: bool, batch_size: int | N
     t = tr(cfg.locale)
     total = t(N_("would move {n} rows") if dry_run else N_("moved {n} rows")).format(n=f"{report.moved:,}")
     stopped = t(N_("; stopped before the end: run again for the rest")) if report.stopped else ""
+    if not dry_run:
+        obj.changed(
+            f"moved {report.moved} row(s) into the archives" + (" (stopped before the end)" if report.stopped else "")
+        )
     click.echo(f"prune: {total}{stopped}")

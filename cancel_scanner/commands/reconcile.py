@@ -97,6 +97,10 @@ def command(obj: CliContext, day: datetime | None, refund_orphans: bool | None) 
         sys.exit(EXIT_FAILURE)
     t = tr(cfg.locale)
     said = t(N_("{day}: {state}, {rows} bill row(s), {diffs} difference(s)"))
+    obj.changed(
+        f"{bill_date}: {result.state}, {len(result.diffs)} difference(s)"
+        + (f", refunds opened for {len(result.refunded_orphans)} orphan payment(s)" if result.refunded_orphans else "")
+    )
     click.echo(said.format(day=bill_date, state=result.state, rows=result.bill_rows, diffs=len(result.diffs)))
     for kind, n in sorted(result.counts.items()):
         click.echo(f"  {kind}: {n}")

@@ -52,6 +52,7 @@ def command(obj: CliContext, order_ids: tuple[int, ...], who: str, why: str) -> 
                     said.format(order=order_id, code=result.code, message=render(result.message, cfg.locale)), err=True
                 )
             else:
+                obj.changed(f"order {order_id}: {result.out_refund_no} replaces {result.replaces}")
                 said = t(N_("order {order}: reissued as {number} (refund row {row}, replaces {replaces})"))
                 click.echo(
                     said.format(

@@ -25,4 +25,5 @@ def command(obj: CliContext, stage: str, row_ids: tuple[int, ...], who: str) -> 
     with database(cfg, lambda exc: f"requeue failed: {short(exc)}") as db:
         count = requeue_rows(db, build_stages(cfg)[stage], row_ids, DbClock(db)(), who)
     said = tr(cfg.locale)(N_("{stage}: {count} of {asked} row(s) requeued (only rows that had failed for good are)"))
+    obj.changed(f"{stage}: {count} row(s) requeued")
     click.echo(said.format(stage=stage, count=count, asked=len(set(row_ids))))

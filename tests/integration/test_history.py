@@ -49,6 +49,9 @@ def test_the_story_of_an_order_in_time_order_with_the_actions_that_named_it(tmp_
     assert f"refund {out_refund_no_for(21, 1)} #1 (part): 300 fen of 900, WeChat CLOSED" in text
     assert "reissue order_ids=21" in text and "by alice: ok" in text
     assert "order_ids=121" not in text  # another order's action
+    with world.db.connect() as conn:
+        changed = conn.exec_driver_sql("SELECT changed FROM operator_action WHERE operator = 'alice'").scalar()
+    assert changed == f"order 21: {out_refund_no_for(21, 2)} replaces {out_refund_no_for(21, 1)}"
     assert lines[-1] == "pending now: nothing"
 
     as_json = json.loads(cli(tmp_path, world, "history", "--json", "SO0000000021").output)

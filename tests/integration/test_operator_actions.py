@@ -45,6 +45,7 @@ def test_each_command_leaves_a_row_saying_who_ran_what_when_and_how_it_ended(tmp
     )
     assert all(a["started_at"] and a["ended_at"] for a in actions)
     assert actions[1]["operator"] is None and "row_ids=5,6" in actions[1]["arguments"]
+    assert actions[1]["changed"] == "submit_refund: 0 row(s) requeued" and reissued["changed"] is None
 
 
 def test_bank_details_never_reach_the_record(tmp_path):
