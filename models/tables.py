@@ -29,20 +29,9 @@ class Base(DeclarativeBase):
     __table__: ClassVar[Table]
 
 
-def _flag(comment: str, *, archived: bool = False) -> Mapped[int]:
-    """A 0/1 column; ``archived``: added after its table's archive existed, so the archive keeps its default."""
-    return mapped_column(
-        Flag,
-        nullable=False,
-        default=0,
-        server_default=text("0"),
-        comment=comment,
-        info={"archive_default": True} if archived else {},
-    )
-
-
 def _count(kind, comment: str, *, archived: bool = False) -> Mapped[int]:
-    """A counter from 0 (units, fen, attempts); ``archived`` as for ``_flag``."""
+    """A counter from 0 (units, fen, attempts); ``archived``: added after its table's archive existed, so
+    the archive keeps its default."""
     return mapped_column(
         kind,
         nullable=False,
@@ -51,6 +40,11 @@ def _count(kind, comment: str, *, archived: bool = False) -> Mapped[int]:
         comment=comment,
         info={"archive_default": True} if archived else {},
     )
+
+
+def _flag(comment: str, *, archived: bool = False) -> Mapped[int]:
+    """A 0/1 column: a counter of the Flag type."""
+    return _count(Flag, comment, archived=archived)
 
 
 def _channel(comment: str) -> Mapped[str]:

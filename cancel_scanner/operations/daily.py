@@ -10,7 +10,7 @@ from cancel_scanner.engine.daemon import DailyJob
 
 def jobs(app: Any) -> list[DailyJob]:
     """Every daily job ``app``'s configuration asks for."""
-    from cancel_scanner.scanners.ship_timeout import daily_job as ship_timeout_job
+    from cancel_scanner.operations.ship_timeout import daily_job as ship_timeout_job
 
     found = (make(app) for make in (reconcile_job, prune_job, ship_timeout_job))
     return [job for job in found if job is not None]

@@ -28,6 +28,34 @@ def seconds_between(earlier, later) -> float:
     return (datetime.fromisoformat(str(later)) - datetime.fromisoformat(str(earlier))).total_seconds()
 
 
+def finished_parts(db, order_id: int, n: int) -> None:
+    """``n`` one-unit parts of 100 fen of an order paid 6000, refunded and settled, as the flow leaves them."""
+    done = ("submit", "progress", "sync", "goods")
+    with db.begin() as conn:
+        conn.execute(
+            insert(refund_order),
+            [
+                {
+                    **refund_row(
+                        order_id,
+                        f"SO{order_id:010d}",
+                        f"4200{order_id:012d}",
+                        100,
+                        "r",
+                        T0,
+                        seq=seq,
+                        total=6000,
+                        quantity=1,
+                    ),
+                    "part": 1,
+                    "wx_status": "SUCCESS",
+                    **{f"{flag}_{half}": 1 for flag in done for half in ("scanned", "success")},
+                }
+                for seq in range(1, n + 1)
+            ],
+        )
+
+
 def answer(world, req_id):
     request = row(world.db, "req_order_ops", req_id)
     return request["result_code"], request["result_msg"]
@@ -136,26 +164,7 @@ def test_every_request_a_part_cannot_honour_gets_its_own_code_and_nothing_moves(
 def test_the_fifty_first_refund_of_a_payment_is_refused_at_intake(world):
     add_goods(world.db, 1)
     add_order(world.db, 9, goods_id=1, quantity=60, amount=6000)
-    with world.db.begin() as conn:  # fifty refunds already made (finished, as the flow leaves them)
-        conn.execute(
-            insert(refund_order),
-            [
-                {
-                    **refund_row(9, "SO0000000009", "42000000000009", 100, "r", T0, seq=seq, total=6000, quantity=1),
-                    "part": 1,
-                    "submit_scanned": 1,
-                    "submit_success": 1,
-                    "progress_scanned": 1,
-                    "progress_success": 1,
-                    "sync_scanned": 1,
-                    "sync_success": 1,
-                    "goods_scanned": 1,
-                    "goods_success": 1,
-                    "wx_status": "SUCCESS",
-                }
-                for seq in range(1, MAX_REFUNDS_PER_PAYMENT + 1)
-            ],
-        )
+    finished_parts(world.db, 9, MAX_REFUNDS_PER_PAYMENT)  # fifty refunds already made, as the flow leaves them
     req = request_cancel(world.db, 9, quantity=1)
     world.settle()
     assert answer(world, req)[0] == "TOO_MANY_REFUNDS"
@@ -316,20 +325,8 @@ def test_a_part_reissued_once_is_never_reissued_again_even_after_its_closed_refu
 def test_parts_leave_wechats_fiftieth_refund_for_the_rest_of_the_order(world):
     add_goods(world.db, 1)
     add_order(world.db, 16, goods_id=1, quantity=60, amount=6000)
+    finished_parts(world.db, 16, MAX_REFUNDS_PER_PAYMENT - 1)  # 49
     with world.db.begin() as conn:
-        conn.execute(
-            insert(refund_order),
-            [
-                {
-                    **refund_row(16, "SO0000000016", "42000000000016", 100, "r", T0, seq=seq, total=6000, quantity=1),
-                    "part": 1,
-                    "wx_status": "SUCCESS",
-                    **{f: 1 for f in ("submit_scanned", "submit_success", "progress_scanned", "progress_success")},
-                    **{f: 1 for f in ("sync_scanned", "sync_success", "goods_scanned", "goods_success")},
-                }
-                for seq in range(1, MAX_REFUNDS_PER_PAYMENT)  # 49
-            ],
-        )
         conn.exec_driver_sql("UPDATE goods_order2 SET cancelled_quantity = 49, parts_quantity = 49 WHERE id = 16")
     part = request_cancel(world.db, 16, quantity=1)
     world.settle()

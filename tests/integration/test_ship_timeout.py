@@ -8,8 +8,9 @@ import threading
 from datetime import timedelta
 
 from cancel_scanner.engine.status import collect_status
+from cancel_scanner.operations.ship_timeout import request_cancels
 from cancel_scanner.scanners import build_stages
-from cancel_scanner.scanners.ship_timeout import SHIP_TIMEOUT_OP, request_cancels
+from cancel_scanner.scanners.ship_timeout import SHIP_TIMEOUT_OP
 from tests.flow import T0, World, add_goods, add_order, request_cancel, row, rows, test_config
 
 TIMEOUT, WARN = 72, 12
@@ -105,7 +106,7 @@ def test_the_daemon_runs_it_at_start_and_every_few_minutes_only_when_it_is_confi
     from types import SimpleNamespace
 
     from cancel_scanner.operations.daily import jobs
-    from cancel_scanner.scanners.ship_timeout import CHECK_EVERY_SECONDS
+    from cancel_scanner.operations.ship_timeout import CHECK_EVERY_SECONDS
 
     w = shipping_world(world)
     seed(w.db)
